@@ -1,0 +1,71 @@
+"""The one block-hash chain of kvweave.
+
+A full block of `block_size` tokens is identified by
+    hash(parent_hash, token_ids, extra_keys)
+so a block hash names the whole prefix that ends with that block (as in vLLM's prefix cache).
+`extra_keys` carries what must separate caches that hold the same tokens: the model, the tenant
+namespace (tenants never share KV), adapters. The worker's block manager, the KV store and the
+router all hash with these functions, so a hash means the same thing in every process.
+
+Hashes are 16-byte BLAKE2b digests: stable across processes and Python versions (unlike
+`hash()`), and cheap (~1 us per block).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import NewType
+
+import numpy as np
+
+BlockHash = NewType("BlockHash", bytes)
+
+HASH_BYTES = 16
+# Parent of the first block: a fixed seed, so an empty prefix hashes the same everywhere.
+ROOT_HASH = BlockHash(hashlib.blake2b(b"kvweave-root", digest_size=HASH_BYTES).digest())
+
+
+def encode_extra_keys(extra_keys: Sequence[str | int]) -> bytes:
+    """Stable byte form of extra keys (model name, tenant namespace, ...)."""
+    return "\x1f".join(str(k) for k in extra_keys).encode()
+
+
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra: bytes = b"") -> BlockHash:
+    """Hash of one block given its parent's hash, its token ids and encoded extra keys."""
+    h = hashlib.blake2b(parent or ROOT_HASH, digest_size=HASH_BYTES)
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    if extra:
+        h.update(b"\x00")
+        h.update(extra)
+    return BlockHash(h.digest())
+
+
+def hash_blocks(
+    token_ids: Sequence[int],
+    block_size: int,
+    extra: bytes = b"",
+    parent: BlockHash | None = None,
+    start_block: int = 0,
+) -> list[BlockHash]:
+    """Hashes of the full blocks of `token_ids`, from block `start_block` on.
+
+    `parent` is the hash of block `start_block - 1` (None when starting at block 0), which lets a
+    caller extend a chain it already has without rehashing it.
+    """
+    assert block_size > 0
+    arr = np.asarray(token_ids, dtype=np.int64)
+    hashes: list[BlockHash] = []
+    for i in range(start_block, len(arr) // block_size):
+        parent = hash_block(parent, arr[i * block_size:(i + 1) * block_size], extra)
+        hashes.append(parent)
+    return hashes
+
+
+def hash_chunk(token_ids: Sequence[int], extra: bytes = b"") -> BlockHash:
+    """Hash of a reusable chunk (position independent: no parent)."""
+    h = hashlib.blake2b(b"kvweave-chunk", digest_size=HASH_BYTES)
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    if extra:
+        h.update(b"\x00")
+        h.update(extra)
+    return BlockHash(h.digest())

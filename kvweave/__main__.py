@@ -1,0 +1,5 @@
+import sys
+
+from kvweave.cli import main
+
+sys.exit(main())

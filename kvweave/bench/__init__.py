@@ -1,0 +1,12 @@
+"""`kvweave bench NAME`: benchmarks that measure their baseline in the same run."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from kvweave.bench import engine
+
+    p = sub.add_parser("bench", help="run a benchmark (reports ratios against a baseline from the same run)")
+    bsub = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)
+    engine.add_parser(bsub)

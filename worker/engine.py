@@ -1,0 +1,185 @@
+"""The in-process engine: step() = schedule -> run -> postprocess (as in nano-vllm).
+
+`LLMEngine` is synchronous and single-threaded; `AsyncEngine` (worker/async_engine.py) runs it
+in a background thread and streams outputs to asyncio callers.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.keys import encode_extra_keys
+from worker.block_manager import BlockManager
+from worker.config import ConfigError
+from worker.loader import load_checkpoint
+from worker.model import Transformer
+from worker.model_runner import ModelRunner
+from worker.output import OutputProcessor, RequestOutput
+from worker.request import Request, RequestStatus
+from worker.sampling import InvalidRequestError, SamplingParams
+from worker.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+Prompt = str | list[int] | dict
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m"
+    """Built-in model name, Hugging Face checkpoint folder or .gguf file."""
+    dtype: str = "auto"
+    """auto | bfloat16 | float16 | float32 (auto: bf16 where the CPU has bf16 instructions)."""
+    block_size: int = 16
+    kv_cache_gb: float = 1.0
+    """Memory for the paged KV cache."""
+    num_blocks: int | None = None
+    """Exact number of KV blocks (overrides kv_cache_gb)."""
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+    """Context length; defaults to the model's."""
+    num_threads: int | None = None
+    """torch intra-op threads (default: torch's choice)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; valid: auto, {', '.join(DTYPES)}")
+        if self.block_size <= 0 or self.kv_cache_gb <= 0:
+            raise ConfigError("block_size and kv_cache_gb must be positive")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.set_flush_denormal(True)  # denormals made this model's CPU forward up to 20x slower
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.dtype = resolve_dtype(config.dtype)
+        ckpt = load_checkpoint(config.model)
+        self.args, self.tokenizer = ckpt.args, ckpt.tokenizer
+        self.max_model_len = min(config.max_model_len or self.args.max_seq_len, self.args.max_seq_len)
+        self.args.max_seq_len = self.max_model_len
+        self.model = Transformer(self.args, self.dtype)
+        self.model.load_weights(ckpt.weights)
+        self.model.eval()
+        del ckpt
+        num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_gb)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                    config.enable_chunked_prefill, self.max_model_len)
+        eos = frozenset(self.args.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        self.scheduler = Scheduler(sched_cfg, self.block_manager, eos)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+        self.model_name = self.args.name
+        logger.info("engine ready: model=%s dtype=%s blocks=%d", self.model_name, self.dtype, num_blocks)
+
+    def _blocks_for(self, gb: float) -> int:
+        a = self.args
+        per_block = 2 * a.n_layers * self.config.block_size * a.n_kv_heads * a.head_dim * self.dtype.itemsize
+        return max(1, int(gb * 2**30 // per_block))
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt given as text, token ids, or {"messages": [...]} / {"prompt": str}."""
+        if isinstance(prompt, dict):
+            if "messages" in prompt:
+                return self.tokenizer.encode_chat(prompt["messages"])
+            if "prompt" in prompt:
+                return self.encode_prompt(prompt["prompt"])
+            if "prompt_token_ids" in prompt:
+                return self.encode_prompt(prompt["prompt_token_ids"])
+            raise InvalidRequestError("a prompt object needs 'prompt', 'messages' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise InvalidRequestError(f"prompt must be a string, a list of token ids or messages, got {type(prompt).__name__}")
+
+    def validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt has {len(token_ids)} tokens, but the context length is "
+                                      f"{self.max_model_len} (at least one token must be generated)")
+        vocab = self.args.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
+                    cache_namespace: str = "") -> str:
+        """Validate and queue a request; raises InvalidRequestError naming the problem."""
+        params = params or SamplingParams()
+        params.validate()
+        token_ids = self.encode_prompt(prompt)
+        self.validate_prompt(token_ids)
+        req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
+        if req_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {req_id!r} is already in use")
+        extra = encode_extra_keys((self.model_name, cache_namespace))
+        req = Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic())
+        self.outputs.add_request(req)
+        self.scheduler.add_request(req)
+        return req_id
+
+    def abort_request(self, req_id: str) -> RequestOutput | None:
+        req = self.scheduler.finish(req_id, RequestStatus.FINISHED_ABORTED)
+        return self.outputs.take_output(req) if req is not None else None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        reqs = self.scheduler.requests
+        params = {s.req_id: reqs[s.req_id].params for s in sched_out.scheduled}
+        gens = {s.req_id: reqs[s.req_id].generator for s in sched_out.scheduled}
+        result = self.runner.execute(sched_out, params, gens)
+        outputs = []
+        for req in self.scheduler.update_from_output(sched_out, result.sampled):
+            stop = self.outputs.process_token(req, result.logprobs.get(req.req_id))
+            if stop is not None and not req.status.finished:
+                req.stop_reason = stop
+                self.scheduler.finish(req.req_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(self.outputs.take_output(req))
+        return outputs
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run a batch to completion; results in input order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.req_id] = out
+        return [final[i] for i in ids]
+

@@ -1,0 +1,55 @@
+"""The one mapping of CLI flags and KVWEAVE_* environment variables onto EngineConfig."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from worker.engine import EngineConfig
+
+HELP = {
+    "model": "built-in model name (smollm2-135m), Hugging Face checkpoint folder, or .gguf file",
+    "dtype": "auto | bfloat16 | float16 | float32 (auto: bf16 on CPUs with bf16 instructions, else fp32)",
+    "block_size": "tokens per KV block",
+    "kv_cache_gb": "memory for the paged KV cache, GiB",
+    "num_blocks": "exact number of KV blocks (overrides --kv-cache-gb)",
+    "max_num_seqs": "cap on running requests",
+    "max_num_batched_tokens": "token budget of one engine step (decodes + prefill chunks)",
+    "enable_chunked_prefill": "split long prompts across steps (stall-free batching)",
+    "enable_prefix_caching": "reuse the KV of cached prompt prefixes",
+    "max_model_len": "context length (default: the model's)",
+    "num_threads": "torch CPU threads (default: all cores)",
+}
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get("KVWEAVE_" + name.upper())
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per EngineConfig field; KVWEAVE_<FIELD> environment variables set defaults."""
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kind = type(default) if default is not None else int  # the optional fields are counts
+        env = _env(f.name)
+        if kind is bool:
+            value = _parse_bool(env) if env is not None else default
+            group.add_argument(flag, type=_parse_bool, default=value, metavar="BOOL",
+                               help=f"{HELP[f.name]} (default: {value})")
+        else:
+            value = kind(env) if env is not None else default
+            group.add_argument(flag, type=kind, default=value, help=f"{HELP[f.name]} (default: {value})")
+
+
+def engine_config_from_args(ns: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineConfig)})

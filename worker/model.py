@@ -1,0 +1,174 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Qwen2, Mistral) in the shape of gpt-fast's model.py.
+
+Tokens of a whole batch are flattened into one [T, dim] tensor (no padding). Attention is
+delegated to an `AttentionBackend` that the caller builds per forward: the model runner passes
+one that reads and writes the paged KV cache; `forward_reference` passes a plain causal one.
+Weights use Hugging Face names (see `load_weights`); q/k/v and gate/up are fused at load time.
+Parallelism is applied from outside the model code.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.config import ModelArgs
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, n_heads, hd], k/v [T, n_kv_heads, hd] of the new tokens -> [T, n_heads * hd]."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse RoPE frequencies, with Llama-3 scaling when configured."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    sc = args.rope_scaling
+    if sc and sc.get("rope_type", sc.get("type")) == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old_len = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_len, head_dim] (Hugging Face half-split layout)."""
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_inv_freq(args))
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, hd]; cos/sin [T, hd] (float32)."""
+    half = x.shape[-1] // 2
+    x32 = x.float()
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer, self.args = layer, args
+        hd = args.head_dim
+        self.q_size, self.kv_size = args.n_heads * hd, args.n_kv_heads * hd
+        self.qkv_proj = nn.Linear(args.dim, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        hd = self.args.head_dim
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(-1, self.args.n_heads, hd), cos, sin)
+        k = apply_rope(k.view(-1, self.args.n_kv_heads, hd), cos, sin)
+        return self.o_proj(backend.attend(self.layer, q, k, v.view(-1, self.args.n_kv_heads, hd)))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.hidden_dim = args.hidden_dim
+        self.gate_up_proj = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.hidden_dim, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.args, self.dtype = args, dtype
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_cos_sin(args, args.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.to(dtype)
+        self.rope_cos, self.rope_sin = cos, sin  # stay float32
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        """Hidden states [T, dim] for flat token ids and positions [T]."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.embed_tokens(token_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, backend)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def forward_reference(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [T, vocab] of one sequence by a plain full-sequence causal forward (no cache)."""
+        positions = torch.arange(len(token_ids))
+        return self.compute_logits(self.forward(token_ids, positions, CausalAttention(self.args)))
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face Llama-named weights, fusing q/k/v and gate/up."""
+        w = {k.removeprefix("model."): v for k, v in weights.items()}
+        own = {"embed_tokens.weight": w.pop("embed_tokens.weight"), "norm.weight": w.pop("norm.weight")}
+        own["lm_head.weight"] = w.pop("lm_head.weight", own["embed_tokens.weight"])
+        for i in range(self.args.n_layers):
+            p = f"layers.{i}."
+            for name in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                         "self_attn.o_proj.weight", "mlp.down_proj.weight"):
+                own[p + name] = w.pop(p + name)
+            own[p + "self_attn.qkv_proj.weight"] = torch.cat(
+                [w.pop(f"{p}self_attn.{n}_proj.weight") for n in "qkv"])
+            if self.args.attention_bias:
+                own[p + "self_attn.qkv_proj.bias"] = torch.cat([w.pop(f"{p}self_attn.{n}_proj.bias") for n in "qkv"])
+            own[p + "mlp.gate_up_proj.weight"] = torch.cat(
+                [w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])
+        w = {k: v for k, v in w.items() if "rotary_emb" not in k}
+        if w:
+            raise ValueError(f"unexpected weights in checkpoint: {sorted(w)[:5]}")
+        self.load_state_dict({k: v.to(self.dtype) for k, v in own.items()}, strict=True)
+
+
+class CausalAttention:
+    """Attention over the new tokens only: one sequence, causal (used by `forward_reference`)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        self.group = args.n_heads // args.n_kv_heads
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        k, v = k.repeat_interleave(self.group, 1), v.repeat_interleave(self.group, 1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out[0].transpose(0, 1).reshape(q.shape[2], -1)
