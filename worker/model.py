@@ -30,9 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -52,18 +50,18 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_cos_sin(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_len, head_dim] (Hugging Face half-split layout)."""
+    """cos/sin tables [max_len, head_dim // 2], float32."""
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_inv_freq(args))
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    return freqs.cos().float(), freqs.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, hd]; cos/sin [T, hd] (float32)."""
-    half = x.shape[-1] // 2
-    x32 = x.float()
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    """Rotate x [T, heads, hd] (Hugging Face half-split layout); cos/sin [T, 1, hd // 2] float32.
+
+    Computed in float32 whatever the model dtype: bf16 tables lose positional precision.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -76,11 +74,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-        hd = self.args.head_dim
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(-1, self.args.n_heads, hd), cos, sin)
-        k = apply_rope(k.view(-1, self.args.n_kv_heads, hd), cos, sin)
-        return self.o_proj(backend.attend(self.layer, q, k, v.view(-1, self.args.n_kv_heads, hd)))
+        a, hd = self.args, self.args.head_dim
+        qkv = self.qkv_proj(x)
+        # q and k are adjacent in the fused output: rotate both in one pass.
+        qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(-1, a.n_heads + a.n_kv_heads, hd), cos, sin)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, a.n_kv_heads, hd)
+        return self.o_proj(backend.attend(self.layer, qk[:, :a.n_heads], qk[:, a.n_heads:], v))
 
 
 class MLP(nn.Module):
@@ -124,7 +123,7 @@ class Transformer(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         """Hidden states [T, dim] for flat token ids and positions [T]."""
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        cos, sin = self.rope_cos[positions, None], self.rope_sin[positions, None]
         x = self.embed_tokens(token_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, backend)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.attention import AttentionMetadata, PagedAttention, PrefillSeq, kv_cache_shape
+from worker.attention import AttentionMetadata, PagedAttention, PrefillSeq, decode_kernel_for, kv_cache_shape
 from worker.model import Transformer
 from worker.sampling import SampleResult, SamplingParams, sample
 from worker.scheduler import ScheduledRequest, SchedulerOutput
@@ -52,10 +52,10 @@ class ModelRunner:
             offset += n
         meta = AttentionMetadata(torch.cat(slot_mapping), len(decodes), prefills=prefills)
         if decodes:
-            meta.decode_slots, meta.decode_bias = self._decode_gather(decodes)
+            self._decode_metadata(meta, decodes)
         return torch.tensor(token_ids, dtype=torch.long), torch.cat(positions), meta
 
-    def _decode_gather(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_metadata(self, meta: AttentionMetadata, decodes: list[ScheduledRequest]) -> None:
         bs = self.block_size
         ctx_lens = torch.tensor([s.start_pos + 1 for s in decodes])
         max_len = int(ctx_lens.max())
@@ -64,10 +64,12 @@ class ModelRunner:
         for i, s in enumerate(decodes):
             n = min(len(s.block_table), max_blocks)
             bt[i, :n] = torch.tensor(s.block_table[:n])
-        slots = (bt[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len].contiguous()
-        pad = torch.arange(max_len)[None, :] >= ctx_lens[:, None]
-        bias = torch.zeros(pad.shape, dtype=self.model.dtype).masked_fill_(pad, float("-inf"))
-        return slots, bias[:, None, None, :]
+        meta.decode_block_tables, meta.decode_context_lens = bt, ctx_lens
+        if decode_kernel_for(self.kv_cache) is None:  # the torch path gathers padded contexts
+            slots = (bt[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len].contiguous()
+            pad = torch.arange(max_len)[None, :] >= ctx_lens[:, None]
+            bias = torch.zeros(pad.shape, dtype=self.model.dtype).masked_fill_(pad, float("-inf"))
+            meta.decode_slots, meta.decode_bias = slots, bias[None, :, None, :]
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, params: dict[str, SamplingParams],
@@ -75,7 +77,7 @@ class ModelRunner:
         if not out.scheduled:
             return RunnerOutput({}, {})
         token_ids, positions, meta = self._build_metadata(out.scheduled)
-        backend = PagedAttention(self.kv_cache, meta, self.model.args.n_heads)
+        backend = PagedAttention(self.kv_cache, meta, self.model.args.n_heads, self.block_size)
         hidden = self.model(token_ids, positions, backend)
         rows, req_ids, offset = [], [], 0
         for s in out.scheduled:

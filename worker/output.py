@@ -73,6 +73,8 @@ class OutputProcessor:
         """The request's output with the delta since the last take."""
         st, out = self.states[req.req_id], self.outputs[req.req_id]
         finished = req.status.finished
+        if finished and not isinstance(req.stop_reason, str):
+            st.text += st.detok.flush()  # a stop string already cut the text
         end = len(st.text) if finished else max(st.num_emitted, len(st.text) - st.hold)
         delta = RequestOutput(
             req.req_id, req.prompt_token_ids, list(out.token_ids), st.text[:end],

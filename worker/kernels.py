@@ -1,0 +1,39 @@
+"""Optional compiled CPU kernels, built on first use with torch's C++ extension loader.
+
+The build is cached (under `KVWEAVE_KERNEL_DIR`, default `~/.cache/kvweave/kernels`) and takes
+about a minute once. Where it cannot be built (no compiler, `KVWEAVE_KERNELS=0`), callers fall
+back to the pure-torch path, which computes the same thing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+_SRC = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_module: ModuleType | None = None
+_tried = False
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The compiled kernel module, or None when unavailable (disabled, or the build failed)."""
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("KVWEAVE_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = Path(os.environ.get("KVWEAVE_KERNEL_DIR", Path.home() / ".cache" / "kvweave" / "kernels"))
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _module = load(name="kvweave_cpu_kernels", sources=[str(_SRC)], build_directory=str(build_dir),
+                       extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, a build error: the torch path still works
+        logger.warning("CPU kernels unavailable, using the torch path: %s", e)
+        _module = None
+    return _module
