@@ -327,3 +327,86 @@ def hf_checkpoint_writer():
 def gguf_checkpoint_writer():
     """`write_gguf_checkpoint`, for tests that need a GGUF of a variant."""
     return write_gguf_checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine builders
+# ---------------------------------------------------------------------------------------------
+
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 64}
+"""Llama-3 scaling that changes most of a 16-dim head's frequencies (wavelengths above 16 tokens)."""
+
+TINY_VARIANTS: dict[str, dict] = {
+    "gqa": {},  # 4 query heads, 2 KV heads, tied embeddings
+    "mha": {"n_kv_heads": 4},
+    "mqa": {"n_kv_heads": 1},
+    "qwen2-bias": {"attention_bias": True},
+    "untied": {"tie": False},
+    "llama3-rope": {"rope_scaling": LLAMA3_ROPE_SCALING},
+}
+"""Tiny architectures the engine must serve exactly like the reference forward."""
+
+
+def write_lively_checkpoint(path: Path, *, attn_scale: float = 3.0, **kwargs) -> Path:
+    """`write_hf_checkpoint` with the attention projections scaled up by `attn_scale`.
+
+    With `write_hf_checkpoint`'s weights the residual stream is dominated by the current token's
+    embedding, so greedy decoding repeats one token whatever the context: a broken KV cache would
+    go unnoticed. Scaled attention makes the next token depend on the earlier ones.
+    """
+    path = write_hf_checkpoint(path, **kwargs)
+    weights = load_file(str(path / "model.safetensors"))
+    for name, tensor in weights.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+            weights[name] = tensor * attn_scale
+    save_file(weights, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_variant(tmp_path_factory: pytest.TempPathFactory):
+    """`get(name)` -> folder of the lively tiny checkpoint `TINY_VARIANTS[name]`, written once."""
+    folders: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in folders:
+            seed = list(TINY_VARIANTS).index(name) + 1
+            folders[name] = write_lively_checkpoint(tmp_path_factory.mktemp("models") / f"tiny-{name}",
+                                                    seed=seed, **TINY_VARIANTS[name])
+        return folders[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_factory(tiny_hf_model: Path):
+    """`make(model=None, **config)` -> a new float32 `LLMEngine` (default model: `tiny_hf_model`).
+
+    A fresh engine per call, so no test sees another's prefix cache. `num_blocks` defaults to 256
+    (the default `kv_cache_gb` would allocate 1 GiB for a tiny model); `num_threads` to 1 (tiny
+    matmuls gain nothing from more threads, and spinning OpenMP workers on a busy machine made
+    them ~100x slower).
+    """
+    from worker.engine import EngineConfig, LLMEngine
+
+    def make(model: Path | str | None = None, **config) -> LLMEngine:
+        config = {"dtype": "float32", "num_blocks": 256, "block_size": 16, "num_threads": 1} | config
+        return LLMEngine(EngineConfig(model=str(model or tiny_hf_model), **config))
+
+    return make
+
+
+def build_request(req_id: str, prompt_token_ids: list[int], *, cache_extra: bytes = b"", **params):
+    """A `Request` for driving the scheduler directly; `params` go to SamplingParams (greedy by default)."""
+    from worker.request import Request
+    from worker.sampling import SamplingParams
+
+    params = {"temperature": 0.0, "ignore_eos": True} | params
+    return Request(req_id, list(prompt_token_ids), SamplingParams(**params), cache_extra=cache_extra)
+
+
+@pytest.fixture(scope="session")
+def make_request():
+    """`build_request`, for scheduler tests."""
+    return build_request

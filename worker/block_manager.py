@@ -171,16 +171,21 @@ class BlockManager:
         if end <= start:
             return
         hashes = self.block_hashes(req_id, token_ids, extra)
-        stored: list[BlockHash] = []
+        run: list[BlockHash] = []  # one BlockStored per contiguous run of newly cached blocks
         for i in range(start, end):
             block, h = blocks[i], hashes[i]
             if block.block_hash is None and h not in self.cached_blocks:
                 block.block_hash = h
                 self.cached_blocks[h] = block
-                stored.append(h)
+                if not run:
+                    parent = hashes[i - 1] if i else None
+                run.append(h)
+            elif run:
+                self.events.append(BlockStored(run, parent))
+                run = []
+        if run:
+            self.events.append(BlockStored(run, parent))
         self.req_num_cached[req_id] = end
-        if stored:
-            self.events.append(BlockStored(stored, hashes[start - 1] if start else None))
 
     def free(self, req_id: str) -> None:
         """Release the request's blocks, tail first so that shared heads are evicted last."""

@@ -21,6 +21,7 @@ from worker.model_runner import ModelRunner
 from worker.output import OutputProcessor, RequestOutput
 from worker.request import Request, RequestStatus
 from worker.sampling import InvalidRequestError, SamplingParams
+from worker.tokenizer import InvalidMessagesError, TokenizerError
 from worker.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -84,13 +85,15 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype)
         ckpt = load_checkpoint(config.model)
         self.args, self.tokenizer = ckpt.args, ckpt.tokenizer
-        self.max_model_len = min(config.max_model_len or self.args.max_seq_len, self.args.max_seq_len)
+        num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_gb)
+        # A request must fit in the KV cache on its own, or it could never be scheduled.
+        self.max_model_len = min(config.max_model_len or self.args.max_seq_len, self.args.max_seq_len,
+                                 num_blocks * config.block_size)
         self.args.max_seq_len = self.max_model_len
         self.model = Transformer(self.args, self.dtype)
         self.model.load_weights(ckpt.weights)
         self.model.eval()
         del ckpt
-        num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_gb)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                     config.enable_chunked_prefill, self.max_model_len)
@@ -111,7 +114,10 @@ class LLMEngine:
         """Token ids of a prompt given as text, token ids, or {"messages": [...]} / {"prompt": str}."""
         if isinstance(prompt, dict):
             if "messages" in prompt:
-                return self.tokenizer.encode_chat(prompt["messages"])
+                try:
+                    return self.tokenizer.encode_chat(prompt["messages"])
+                except (InvalidMessagesError, TokenizerError) as e:
+                    raise InvalidRequestError(str(e)) from e
             if "prompt" in prompt:
                 return self.encode_prompt(prompt["prompt"])
             if "prompt_token_ids" in prompt:
@@ -165,9 +171,12 @@ class LLMEngine:
         outputs = []
         for req in self.scheduler.update_from_output(sched_out, result.sampled):
             stop = self.outputs.process_token(req, result.logprobs.get(req.req_id))
-            if stop is not None and not req.status.finished:
+            if stop is not None:
                 req.stop_reason = stop
-                self.scheduler.finish(req.req_id, RequestStatus.FINISHED_STOPPED)
+                if req.status.finished:  # the same token also reached max_tokens
+                    req.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.finish(req.req_id, RequestStatus.FINISHED_STOPPED)
             outputs.append(self.outputs.take_output(req))
         return outputs
 

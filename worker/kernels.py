@@ -6,6 +6,7 @@ back to the pure-torch path, which computes the same thing.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -13,7 +14,8 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-_SRC = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp")]
 _module: ModuleType | None = None
 _tried = False
 
@@ -29,9 +31,11 @@ def cpu_kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        build_dir = Path(os.environ.get("KVWEAVE_KERNEL_DIR", Path.home() / ".cache" / "kvweave" / "kernels"))
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*_SOURCES, _CSRC / "common.h"])).hexdigest()
+        base = Path(os.environ.get("KVWEAVE_KERNEL_DIR", Path.home() / ".cache" / "kvweave" / "kernels"))
+        build_dir = base / digest[:16]  # a source change always builds afresh
         build_dir.mkdir(parents=True, exist_ok=True)
-        _module = load(name="kvweave_cpu_kernels", sources=[str(_SRC)], build_directory=str(build_dir),
+        _module = load(name="kvweave_cpu_kernels", sources=[str(p) for p in _SOURCES], build_directory=str(build_dir),
                        extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: the torch path still works
         logger.warning("CPU kernels unavailable, using the torch path: %s", e)

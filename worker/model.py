@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker import ops
 from worker.config import ModelArgs
 
 
@@ -29,8 +30,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Normalize x; with a residual, first add x to it and return (normed, new residual)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -50,18 +54,9 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_cos_sin(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_len, head_dim // 2], float32."""
+    """cos/sin tables [max_len, head_dim // 2], float32 (bf16 tables lose positional precision)."""
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_inv_freq(args))
     return freqs.cos().float(), freqs.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, hd] (Hugging Face half-split layout); cos/sin [T, 1, hd // 2] float32.
-
-    Computed in float32 whatever the model dtype: bf16 tables lose positional precision.
-    """
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -76,8 +71,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         a, hd = self.args, self.args.head_dim
         qkv = self.qkv_proj(x)
-        # q and k are adjacent in the fused output: rotate both in one pass.
-        qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(-1, a.n_heads + a.n_kv_heads, hd), cos, sin)
+        # q and k are adjacent in the fused output: rotate both in one pass, in place.
+        qk = qkv[:, :self.q_size + self.kv_size].view(-1, a.n_heads + a.n_kv_heads, hd)
+        ops.rope_(qk, cos, sin)
         v = qkv[:, self.q_size + self.kv_size:].view(-1, a.n_kv_heads, hd)
         return self.o_proj(backend.attend(self.layer, qk[:, :a.n_heads], qk[:, a.n_heads:], v))
 
@@ -85,13 +81,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.hidden_dim = args.hidden_dim
         self.gate_up_proj = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.hidden_dim, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -102,9 +96,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's layout: the residual add is fused into the next norm; returns (x, residual)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Transformer(nn.Module):
@@ -123,11 +124,11 @@ class Transformer(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         """Hidden states [T, dim] for flat token ids and positions [T]."""
-        cos, sin = self.rope_cos[positions, None], self.rope_sin[positions, None]
-        x = self.embed_tokens(token_ids)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x, residual = self.embed_tokens(token_ids), None
         for layer in self.layers:
-            x = layer(x, cos, sin, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, backend)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

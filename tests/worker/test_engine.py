@@ -1,0 +1,486 @@
+"""LLMEngine end to end: its greedy output must equal a plain greedy loop over the reference forward.
+
+The reference (`Transformer.forward_reference`) runs the whole growing sequence through a causal
+forward with no KV cache, paging, batching or chunking, so any bug in those shows up as a
+different token or logprob. The tiny checkpoints are "lively" (see `write_lively_checkpoint`):
+their greedy output depends on the context, so a wrong KV block or position changes the tokens.
+
+Logprob tolerance: 1e-4 (absolute) in float32. The engine attends over gathered paged KV in
+batches of other requests' tokens, the reference over one contiguous sequence; the two sum in
+different orders, which moves these 2-layer models' log-probabilities by ~1e-6. 1e-4 leaves a
+wide margin for that, while a KV-cache bug (wrong block, slot, position or mask) moves them by
+more than 1e-2.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from worker.engine import EngineConfig, LLMEngine, Prompt
+from worker.output import RequestOutput
+from worker.request import Request
+from worker.sampling import InvalidRequestError, SamplingParams
+
+LOGPROB_TOL = 1e-4
+ENGINE_CASES = [
+    ("gqa", 4), ("gqa", 16), ("mha", 16), ("mqa", 4), ("qwen2-bias", 16), ("untied", 4), ("llama3-rope", 16),
+]
+"""(tiny architecture from conftest.TINY_VARIANTS, block size)."""
+
+
+def greedy(max_tokens: int, logprobs: int = 0) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
+
+
+def random_prompts(lengths: list[int], vocab_size: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]  # 0-2 are special
+
+
+def reference_greedy(engine: LLMEngine, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and the log-softmax row each was taken from, by full forwards of the growing sequence."""
+    seq, tokens, rows = list(prompt_ids), [], []
+    for _ in range(max_tokens):
+        logits = engine.model.forward_reference(torch.tensor(seq))[-1]
+        tokens.append(int(logits.argmax()))
+        rows.append(logits.log_softmax(-1))
+        seq.append(tokens[-1])
+    return tokens, rows
+
+
+def assert_matches_reference(engine: LLMEngine, prompt_ids: list[int], out: RequestOutput, max_tokens: int) -> None:
+    ref_tokens, ref_rows = reference_greedy(engine, prompt_ids, max_tokens)
+    assert out.finish_reason == "length"
+    assert out.token_ids == ref_tokens, f"prompt of {len(prompt_ids)} tokens"
+    ref_lps = [float(row[t]) for row, t in zip(ref_rows, ref_tokens)]
+    assert [lp for lp, _ in out.logprobs] == pytest.approx(ref_lps, abs=LOGPROB_TOL)
+
+
+def serve(engine: LLMEngine, arrivals: list[tuple[int, Prompt, SamplingParams]],
+          ) -> tuple[list[RequestOutput], list[Request], dict[str, int]]:
+    """Add each request at its step and run to completion.
+
+    Returns the final outputs and the Request objects (in arrival-list order), and the step at
+    which each request got its first token.
+    """
+    order = sorted(range(len(arrivals)), key=lambda i: arrivals[i][0])
+    ids: list[str] = [""] * len(arrivals)
+    reqs: list[Request | None] = [None] * len(arrivals)
+    final: dict[str, RequestOutput] = {}
+    first_token_step: dict[str, int] = {}
+    step = 0
+    while order or engine.has_unfinished():
+        while order and arrivals[order[0]][0] <= step:
+            i = order.pop(0)
+            ids[i] = engine.add_request(arrivals[i][1], arrivals[i][2])
+            reqs[i] = engine.scheduler.requests[ids[i]]
+        for out in engine.step():
+            first_token_step.setdefault(out.req_id, step)
+            if out.finished:
+                final[out.req_id] = out
+        step += 1
+        assert step < 2000, "the engine made no progress"
+    return [final[i] for i in ids], reqs, {ids[i]: first_token_step[ids[i]] for i in range(len(ids))}
+
+
+@pytest.fixture(params=ENGINE_CASES, ids=[f"{name}-bs{bs}" for name, bs in ENGINE_CASES])
+def engine_case(request, tiny_model_variant, tiny_engine_factory):
+    """`make(**config)` -> engine on the case's architecture and block size."""
+    name, block_size = request.param
+
+    def make(**config) -> LLMEngine:
+        return tiny_engine_factory(tiny_model_variant(name), block_size=block_size, **config)
+
+    return make
+
+
+def test_batch_of_different_lengths(engine_case) -> None:
+    engine = engine_case()
+    lengths, max_tokens = [1, 5, 13, 30, 47], [8, 3, 12, 6, 10]
+    prompts = random_prompts(lengths, engine.args.vocab_size, seed=1)
+    outs = engine.generate(prompts, [greedy(n) for n in max_tokens])
+    for prompt, out, n in zip(prompts, outs, max_tokens):
+        assert out.prompt_token_ids == prompt and out.num_prompt_tokens == len(prompt)
+        assert_matches_reference(engine, prompt, out, n)
+
+
+def test_chunked_prefill_mixed_with_decodes(engine_case) -> None:
+    engine = engine_case(max_num_batched_tokens=8)
+    lengths = [30, 3, 17, 9, 41]
+    prompts = random_prompts(lengths, engine.args.vocab_size, seed=2)
+    arrivals = [(0, prompts[0], greedy(6)), (0, prompts[1], greedy(12)), (2, prompts[2], greedy(7)),
+                (5, prompts[3], greedy(9)), (6, prompts[4], greedy(5))]
+    outs, _, first_step = serve(engine, arrivals)
+    for (added, prompt, params), out in zip(arrivals, outs):
+        assert_matches_reference(engine, prompt, out, params.max_tokens)
+        # Sanity of the scenario: a prompt needs at least ceil(len / 8) steps before its first token.
+        assert first_step[out.req_id] - added + 1 >= math.ceil(len(prompt) / 8)
+
+
+def test_preemption_when_blocks_run_out(engine_case) -> None:
+    probe = engine_case()
+    block_size = probe.config.block_size
+    lengths, max_tokens = [10, 14, 7, 12], 10
+    # Room for the largest request alone plus one block, but not for all of them at once.
+    need = [math.ceil((n + max_tokens) / block_size) for n in lengths]
+    num_blocks = max(need) + 1
+    assert sum(need) > num_blocks
+    engine = engine_case(num_blocks=num_blocks)
+    prompts = random_prompts(lengths, engine.args.vocab_size, seed=3)
+    outs, reqs, _ = serve(engine, [(0, p, greedy(max_tokens)) for p in prompts])
+    assert sum(r.num_preemptions for r in reqs) > 0
+    for prompt, out in zip(prompts, outs):
+        assert_matches_reference(engine, prompt, out, max_tokens)
+    assert engine.block_manager.num_free_blocks == num_blocks
+
+
+def test_prefix_cache_hits(engine_case) -> None:
+    engine = engine_case()
+    bs = engine.config.block_size
+    prefix, tail_a, tail_b = random_prompts([37, 5, 3], engine.args.vocab_size, seed=4)
+    first = prefix + tail_a
+    (out1,) = engine.generate([first], greedy(8))
+    assert out1.num_cached_tokens == 0
+    assert_matches_reference(engine, first, out1, 8)
+    continuation = first + out1.token_ids  # a next turn: its cached blocks include generated tokens
+    prompts = [prefix + tail_b, first, continuation]
+    outs = engine.generate(prompts, greedy(6))
+    assert [o.num_cached_tokens for o in outs] == [
+        37 // bs * bs,                        # the shared prefix's full blocks
+        (len(first) - 1) // bs * bs,          # the same prompt: all but the block of its last token
+        (len(continuation) - 1) // bs * bs,   # prompt + output of the first request
+    ]
+    for prompt, out in zip(prompts, outs):
+        assert_matches_reference(engine, prompt, out, 6)
+
+
+def test_prefix_cache_is_per_namespace_and_can_be_disabled(tiny_model_variant, tiny_engine_factory) -> None:
+    model = tiny_model_variant("gqa")
+    engine = tiny_engine_factory(model, block_size=4)
+    prompt = random_prompts([21], engine.args.vocab_size, seed=5)[0]
+    engine.add_request(prompt, greedy(3), cache_namespace="tenant-a")
+    while engine.has_unfinished():
+        engine.step()
+    for namespace, expected in [("tenant-b", 0), ("tenant-a", 20)]:
+        engine.add_request(prompt, greedy(3), req_id=namespace, cache_namespace=namespace)
+        (out,) = [o for o in _run(engine) if o.finished]
+        assert out.num_cached_tokens == expected, namespace
+    off = tiny_engine_factory(model, block_size=4, enable_prefix_caching=False)
+    assert [o.num_cached_tokens for o in off.generate([prompt, prompt], greedy(3))] == [0, 0]
+    (again,) = off.generate([prompt], greedy(3))
+    assert again.num_cached_tokens == 0
+    assert_matches_reference(off, prompt, again, 3)
+
+
+def _run(engine: LLMEngine) -> list[RequestOutput]:
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    return outs
+
+
+def test_preemption_without_prefix_caching(tiny_model_variant, tiny_engine_factory) -> None:
+    engine = tiny_engine_factory(tiny_model_variant("gqa"), block_size=4, num_blocks=7,
+                                 enable_prefix_caching=False)
+    prompts = random_prompts([10, 14, 7], engine.args.vocab_size, seed=6)
+    outs, reqs, _ = serve(engine, [(0, p, greedy(10)) for p in prompts])
+    assert sum(r.num_preemptions for r in reqs) > 0
+    for prompt, out in zip(prompts, outs):
+        assert_matches_reference(engine, prompt, out, 10)
+
+
+def test_logprobs_with_alternatives(tiny_model_variant, tiny_engine_factory) -> None:
+    engine = tiny_engine_factory(tiny_model_variant("untied"), block_size=4)
+    prompts = random_prompts([9, 22], engine.args.vocab_size, seed=7)
+    outs = engine.generate(prompts, greedy(6, logprobs=3))
+    for prompt, out in zip(prompts, outs):
+        ref_tokens, ref_rows = reference_greedy(engine, prompt, 6)
+        assert out.token_ids == ref_tokens
+        assert len(out.logprobs) == 6
+        for (lp, alts), tok, row in zip(out.logprobs, ref_tokens, ref_rows):
+            top = row.topk(3)
+            assert lp == pytest.approx(float(row[tok]), abs=LOGPROB_TOL)
+            assert list(alts) == top.indices.tolist()
+            assert list(alts.values()) == pytest.approx(top.values.tolist(), abs=LOGPROB_TOL)
+    (plain,) = engine.generate([prompts[0]], SamplingParams(max_tokens=2, temperature=0))
+    assert plain.logprobs is None
+
+
+def test_context_length_ends_generation(tiny_model_variant, tiny_engine_factory) -> None:
+    engine = tiny_engine_factory(tiny_model_variant("gqa"), block_size=4, max_model_len=40)
+    prompt = random_prompts([35], engine.args.vocab_size, seed=8)[0]
+    (out,) = engine.generate([prompt], greedy(20))
+    ref_tokens, _ = reference_greedy(engine, prompt, 5)
+    assert (out.token_ids, out.finish_reason) == (ref_tokens, "length")
+
+
+def test_seeded_sampling_is_independent_of_the_batch(tiny_model_variant, tiny_engine_factory) -> None:
+    model = tiny_model_variant("gqa")
+    prompt = random_prompts([12], 500, seed=9)[0]
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=42, ignore_eos=True)
+    (alone,) = tiny_engine_factory(model).generate([prompt], params)
+    others = random_prompts([5, 30], 500, seed=10)
+    batch = tiny_engine_factory(model).generate(
+        [others[0], prompt, others[1]],
+        [SamplingParams(max_tokens=7, temperature=0.8, seed=1), params, SamplingParams(max_tokens=12)])
+    assert batch[1].token_ids == alone.token_ids
+    (other_seed,) = tiny_engine_factory(model).generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=1.0, seed=43, ignore_eos=True))
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_encode_prompt_forms(tiny_engine_factory) -> None:
+    engine = tiny_engine_factory()
+    ids = engine.tokenizer.encode("Hello world", add_special_tokens=True)
+    assert engine.encode_prompt("Hello world") == ids
+    assert engine.encode_prompt({"prompt": "Hello world"}) == ids
+    assert engine.encode_prompt([5, 6, 7]) == [5, 6, 7]
+    assert engine.encode_prompt({"prompt_token_ids": [5, 6]}) == [5, 6]
+    messages = [{"role": "user", "content": "hi"}]
+    assert engine.encode_prompt({"messages": messages}) == engine.tokenizer.encode_chat(messages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming, stop conditions and finish reasons
+# ---------------------------------------------------------------------------------------------
+
+STOP_PROMPT = "Hello world! hello World?"
+
+
+@pytest.fixture
+def lively_engine(tiny_model_variant, tiny_engine_factory) -> LLMEngine:
+    return tiny_engine_factory(tiny_model_variant("gqa"), block_size=4)
+
+
+def stream(engine: LLMEngine, prompt: Prompt, params: SamplingParams) -> list[RequestOutput]:
+    engine.add_request(prompt, params)
+    return _run(engine)
+
+
+def expected_stop(engine: LLMEngine, ref_tokens: list[int], stop: str) -> tuple[list[int], str]:
+    """Tokens up to the one that completes `stop`, and the text before it."""
+    for k in range(1, len(ref_tokens) + 1):
+        text = engine.tokenizer.decode(ref_tokens[:k])
+        if stop in text:
+            return ref_tokens[:k], text[:text.index(stop)]
+    raise AssertionError(f"test setup: {stop!r} is not in the reference text {text!r}")
+
+
+def test_streamed_deltas_add_up_to_the_final_output(lively_engine) -> None:
+    outs = stream(lively_engine, STOP_PROMPT, greedy(24))
+    final = outs[-1]
+    assert [o.finished for o in outs] == [False] * 23 + [True]
+    assert all(len(o.new_token_ids) == 1 for o in outs)
+    assert [t for o in outs for t in o.new_token_ids] == final.token_ids
+    assert "".join(o.new_text for o in outs) == final.text
+    assert final.text == lively_engine.tokenizer.decode(final.token_ids)
+    assert all(o.text == "".join(p.new_text for p in outs[:i + 1]) for i, o in enumerate(outs))
+    assert_matches_reference(lively_engine, lively_engine.encode_prompt(STOP_PROMPT), final, 24)
+
+
+@pytest.mark.parametrize("stop", ["ore", "e he", "'re", "St"])
+def test_stop_string_ends_generation_and_is_excluded(lively_engine, stop: str) -> None:
+    prompt_ids = lively_engine.encode_prompt(STOP_PROMPT)
+    ref_tokens, _ = reference_greedy(lively_engine, prompt_ids, 24)
+    tokens, text = expected_stop(lively_engine, ref_tokens, stop)
+    outs = stream(lively_engine, STOP_PROMPT, SamplingParams(max_tokens=24, temperature=0, stop=[stop]))
+    final = outs[-1]
+    assert (final.token_ids, final.text) == (tokens, text)
+    assert (final.finish_reason, final.stop_reason) == ("stop", stop)
+    assert "".join(o.new_text for o in outs) == text  # no part of the stop string was streamed
+
+
+def test_the_earliest_of_several_stop_strings_wins(lively_engine) -> None:
+    prompt_ids = lively_engine.encode_prompt(STOP_PROMPT)
+    ref_tokens, _ = reference_greedy(lively_engine, prompt_ids, 24)
+    tokens, text = expected_stop(lively_engine, ref_tokens, "ve")
+    (out,) = lively_engine.generate([STOP_PROMPT], SamplingParams(max_tokens=24, temperature=0,
+                                                                 stop=["'re", "ve", "zzz"]))
+    assert (out.token_ids, out.text, out.stop_reason) == (tokens, text, "ve")
+
+
+def test_stop_string_on_the_last_allowed_token_is_a_stop(lively_engine) -> None:
+    prompt_ids = lively_engine.encode_prompt(STOP_PROMPT)
+    ref_tokens, _ = reference_greedy(lively_engine, prompt_ids, 24)
+    tokens, text = expected_stop(lively_engine, ref_tokens, "ore")
+    (out,) = lively_engine.generate([STOP_PROMPT], SamplingParams(max_tokens=len(tokens), temperature=0,
+                                                                 stop=["ore"]))
+    assert (out.token_ids, out.text) == (tokens, text)
+    assert (out.finish_reason, out.stop_reason) == ("stop", "ore")
+
+
+def test_stop_token_id_ends_generation(lively_engine) -> None:
+    prompt_ids = lively_engine.encode_prompt(STOP_PROMPT)
+    ref_tokens, _ = reference_greedy(lively_engine, prompt_ids, 24)
+    stop_tok = ref_tokens[5]
+    k = ref_tokens.index(stop_tok) + 1
+    (out,) = lively_engine.generate([STOP_PROMPT], SamplingParams(max_tokens=24, temperature=0,
+                                                                 stop_token_ids=[stop_tok]))
+    assert out.token_ids == ref_tokens[:k]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_tok)
+
+
+def test_eos_ends_generation_with_stop(lively_engine) -> None:
+    # On this seeded checkpoint the greedy continuation of this prompt reaches <|im_end|> (eos).
+    prompt = "Retrieved documents"
+    eos = lively_engine.tokenizer.eos_token_ids[0]
+    ref_tokens, _ = reference_greedy(lively_engine, lively_engine.encode_prompt(prompt), 32)
+    assert eos in ref_tokens, "test setup: the reference continuation has no eos"
+    k = ref_tokens.index(eos) + 1
+    (out,) = lively_engine.generate([prompt], SamplingParams(max_tokens=32, temperature=0))
+    assert out.token_ids == ref_tokens[:k]
+    assert (out.finish_reason, out.stop_reason) == ("stop", None)
+    assert out.text == lively_engine.tokenizer.decode(ref_tokens[:k])  # eos is special: not in the text
+    (ignored,) = lively_engine.generate([prompt], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    assert (ignored.token_ids, ignored.finish_reason) == (ref_tokens, "length")
+
+
+def test_eos_from_the_model_config(tiny_model_variant, tiny_engine_factory, tmp_path) -> None:
+    """Any id in config.json's eos_token_id list ends generation."""
+    folder = shutil.copytree(tiny_model_variant("gqa"), tmp_path / "tiny-eos")
+    engine = tiny_engine_factory(folder, block_size=4)
+    ref_tokens, _ = reference_greedy(engine, engine.encode_prompt(STOP_PROMPT), 12)
+    eos = ref_tokens[6]
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = [2, eos]
+    (folder / "config.json").write_text(json.dumps(config))
+    engine = tiny_engine_factory(folder, block_size=4)
+    (out,) = engine.generate([STOP_PROMPT], SamplingParams(max_tokens=12, temperature=0))
+    assert out.token_ids == ref_tokens[:ref_tokens.index(eos) + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_max_tokens_ends_with_length(lively_engine) -> None:
+    (out,) = lively_engine.generate([STOP_PROMPT], SamplingParams(max_tokens=5, temperature=0))
+    assert (len(out.token_ids), out.finish_reason, out.stop_reason) == (5, "length", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid and aborted requests do not disturb the others
+# ---------------------------------------------------------------------------------------------
+
+
+def invalid_requests(engine: LLMEngine) -> list[tuple[Prompt, SamplingParams | None, str]]:
+    bad_params = SamplingParams()
+    bad_params.max_tokens = 0  # changed after construction; add_request validates again
+    vocab, ctx = engine.args.vocab_size, engine.max_model_len
+    return [
+        ("", None, "empty"),
+        ([], None, "empty"),
+        ([5] * ctx, None, "context length"),
+        ([5, 6], bad_params, "max_tokens"),
+        ([5, vocab], None, "token ids"),
+        ([-1, 5], None, "token ids"),
+        ([5, "6"], None, "prompt must be"),
+        ([True, 5], None, "prompt must be"),
+        (3.5, None, "prompt must be"),
+        ({"text": "hi"}, None, "prompt"),
+    ]
+
+
+def test_invalid_requests_are_rejected_and_the_others_still_served(lively_engine) -> None:
+    engine = lively_engine
+    prompts = random_prompts([7, 19], engine.args.vocab_size, seed=11)
+    a = engine.add_request(prompts[0], greedy(6), req_id="a")
+    for prompt, params, match in invalid_requests(engine):
+        with pytest.raises(InvalidRequestError, match=match):
+            engine.add_request(prompt, params)
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request(prompts[1], greedy(6), req_id="a")
+    assert list(engine.scheduler.requests) == [a]
+    engine.step()
+    b = engine.add_request(prompts[1], greedy(6), req_id="b")
+    with pytest.raises(InvalidRequestError):
+        engine.add_request([5] * engine.max_model_len, greedy(2))
+    final = {o.req_id: o for o in _run(engine) if o.finished}
+    assert sorted(final) == [a, b]
+    assert_matches_reference(engine, prompts[0], final[a], 6)
+    assert_matches_reference(engine, prompts[1], final[b], 6)
+    # The longest valid prompt leaves room for one token.
+    (last,) = engine.generate([[5] * (engine.max_model_len - 1)], greedy(4))
+    assert (len(last.token_ids), last.finish_reason) == (1, "length")
+
+
+def test_invalid_messages_raise_invalid_request_error(lively_engine) -> None:
+    """add_request promises InvalidRequestError for any bad input, chat messages included."""
+    for messages in ([{"role": "user"}], "hi", [{"role": "", "content": "x"}]):
+        with pytest.raises(InvalidRequestError):
+            lively_engine.add_request({"messages": messages}, greedy(2))
+    assert not lively_engine.has_unfinished()
+
+
+def test_abort_mid_generation(lively_engine) -> None:
+    engine = lively_engine
+    prompts = random_prompts([7, 19, 11], engine.args.vocab_size, seed=12)
+    ids = [engine.add_request(p, greedy(10)) for p in prompts]
+    seen: dict[str, list[RequestOutput]] = {i: [] for i in ids}
+    for _ in range(3):
+        for o in engine.step():
+            seen[o.req_id].append(o)
+    aborted = engine.abort_request(ids[1])
+    assert aborted.finished and aborted.finish_reason == "abort"
+    assert aborted.token_ids == [t for o in seen[ids[1]] for t in o.new_token_ids]
+    assert len(aborted.token_ids) == 3
+    assert engine.abort_request(ids[1]) is None
+    assert engine.abort_request("no-such-request") is None
+    assert engine.block_manager.get_block_table(ids[1]) == []
+    for o in _run(engine):
+        assert o.req_id != ids[1]
+        seen[o.req_id].append(o)
+    for i in (0, 2):
+        assert_matches_reference(engine, prompts[i], seen[ids[i]][-1], 10)
+    assert engine.abort_request(ids[0]) is None  # already finished
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_abort_of_a_waiting_request(tiny_model_variant, tiny_engine_factory) -> None:
+    engine = tiny_engine_factory(tiny_model_variant("gqa"), block_size=4, max_num_seqs=1)
+    prompts = random_prompts([6, 8], engine.args.vocab_size, seed=13)
+    a = engine.add_request(prompts[0], greedy(4))
+    b = engine.add_request(prompts[1], greedy(4))
+    engine.step()
+    aborted = engine.abort_request(b)
+    assert (aborted.token_ids, aborted.text, aborted.finish_reason) == ([], "", "abort")
+    final = [o for o in _run(engine) if o.finished]
+    assert [o.req_id for o in final] == [a]
+    assert_matches_reference(engine, prompts[0], final[0], 4)
+
+
+def test_a_request_larger_than_the_kv_cache_does_not_hang(tiny_model_variant, tiny_engine_factory) -> None:
+    """2 blocks of 4 tokens hold 8 tokens: the engine's context is effectively 8 tokens."""
+    engine = tiny_engine_factory(tiny_model_variant("gqa"), block_size=4, num_blocks=2)
+    with pytest.raises(InvalidRequestError):
+        engine.add_request(list(range(3, 13)), greedy(2))  # 10 prompt tokens can never be scheduled
+    engine.add_request(list(range(3, 9)), greedy(10))  # 6 prompt tokens: it may grow to 8
+    for _ in range(50):
+        if not engine.has_unfinished():
+            break
+        outs = engine.step()
+    assert not engine.has_unfinished(), "the request can never get the blocks it waits for"
+    assert outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The real default model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_greedy_matches_reference(default_model_path) -> None:
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", dtype="float32", num_blocks=64, block_size=16,
+                                   num_threads=1))
+    prompts = ["The capital of France is", "def fibonacci(n):",
+               {"messages": [{"role": "user", "content": "What is 2+2?"}]}]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0))
+    for prompt, out in zip(prompts, outs):
+        prompt_ids = engine.encode_prompt(prompt)
+        ref_tokens, ref_rows = reference_greedy(engine, prompt_ids, 16)
+        assert out.token_ids == ref_tokens
+        # 30 layers: summation-order differences reach ~2e-5 here, hence 1e-3.
+        assert [lp for lp, _ in out.logprobs] == pytest.approx(
+            [float(row[t]) for row, t in zip(ref_rows, ref_tokens)], abs=1e-3)
+    assert "Paris" in outs[0].text  # a trained model, loaded correctly

@@ -1,0 +1,15 @@
+#include <torch/extension.h>
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor block_tables, torch::Tensor context_lens,
+                               int64_t block_size, double scale);
+void rope_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_and_mul(torch::Tensor in);
+void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "paged decode attention (CPU)");
+  m.def("rope_inplace", &rope_inplace, "RoPE in place on [T, H, hd]");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("add_rms_norm", &add_rms_norm, "residual += x; x = rms_norm(residual) * weight");
+}
