@@ -11,7 +11,7 @@ their slots, then:
   a matmul-based kernel in the model dtype is ~2x faster than SDPA for these shapes in bf16, and
   the heads-first layout ~2.5x faster than a tokens-first one.
 - prefill chunks are attended one sequence at a time with SDPA on 4-D tensors (the fused CPU
-  kernel), `is_causal` when the chunk starts at position 0 (1.7x faster than a mask), otherwise
+  kernel; `enable_gqa` is 2-3x faster than expanding the KV heads), `is_causal` when the chunk starts at position 0 (1.7x faster than a mask), otherwise
   with an explicit mask over the cached context plus the chunk.
 """
 from __future__ import annotations
@@ -112,12 +112,10 @@ class PagedAttention:
         else:
             k4, v4 = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         q4 = q.transpose(0, 1)[None]
-        k4, v4 = k4.repeat_interleave(self.group, 1), v4.repeat_interleave(self.group, 1)
-        if p.start_pos == 0:
-            o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)
-        else:
+        mask = None
+        if p.start_pos > 0:
             total = p.start_pos + p.num_new
-            rows = torch.arange(p.start_pos, total)[:, None]
-            mask = torch.arange(total)[None, :] <= rows
-            o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask)
+            mask = torch.arange(total)[None, :] <= torch.arange(p.start_pos, total)[:, None]
+        o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.group > 1)
         return o[0].transpose(0, 1).reshape(p.num_new, -1)

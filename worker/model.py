@@ -169,6 +169,5 @@ class CausalAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
-        k, v = k.repeat_interleave(self.group, 1), v.repeat_interleave(self.group, 1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.group > 1)
         return out[0].transpose(0, 1).reshape(q.shape[2], -1)
