@@ -142,18 +142,26 @@ class LLMEngine:
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
                     cache_namespace: str = "") -> str:
         """Validate and queue a request; raises InvalidRequestError naming the problem."""
+        return self.submit(self.make_request(prompt, params, req_id, cache_namespace))
+
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
+                     cache_namespace: str = "") -> Request:
+        """Tokenize and validate a request without touching engine state (safe from any thread)."""
         params = params or SamplingParams()
         params.validate()
         token_ids = self.encode_prompt(prompt)
         self.validate_prompt(token_ids)
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
-        if req_id in self.scheduler.requests:
-            raise InvalidRequestError(f"request id {req_id!r} is already in use")
         extra = encode_extra_keys((self.model_name, cache_namespace))
-        req = Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic())
+        return Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic())
+
+    def submit(self, req: Request) -> str:
+        """Queue a request built by `make_request`."""
+        if req.req_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {req.req_id!r} is already in use")
         self.outputs.add_request(req)
         self.scheduler.add_request(req)
-        return req_id
+        return req.req_id
 
     def abort_request(self, req_id: str) -> RequestOutput | None:
         req = self.scheduler.finish(req_id, RequestStatus.FINISHED_ABORTED)
