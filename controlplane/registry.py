@@ -1,0 +1,89 @@
+"""Cluster membership in Redis: workers register under a lease and heartbeat; the router lists them.
+
+Layout: `kvweave:worker:<id>` holds the worker's JSON description with a TTL of one lease;
+`kvweave:workers` is the set of ids that ever registered. A worker that stops heartbeating
+disappears when its key expires (within one lease); `list_workers` also drops its id from the set.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+WORKERS_SET = "kvweave:workers"
+ROLES = ("colocated", "prefill", "decode", "encode")
+
+
+def worker_key(worker_id: str) -> str:
+    return f"kvweave:worker:{worker_id}"
+
+
+@dataclass
+class WorkerLoad:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_queued_prefill_tokens: int = 0
+    num_kv_blocks_used: int = 0
+    num_kv_blocks_total: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.num_kv_blocks_used / self.num_kv_blocks_total if self.num_kv_blocks_total else 0.0
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    address: str
+    """host:port of the worker's gRPC service."""
+    model: str
+    role: str = "colocated"
+    max_num_seqs: int = 64
+    max_model_len: int = 2048
+    block_size: int = 16
+    metrics_port: int = 0
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    updated_at: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "WorkerInfo":
+        d = json.loads(text)
+        d["load"] = WorkerLoad(**d.get("load", {}))
+        return cls(**d)
+
+
+class Registry:
+    """Reads and writes membership through a `redis.asyncio.Redis` client."""
+
+    def __init__(self, redis, lease_s: float = 3.0) -> None:
+        assert lease_s > 0
+        self.redis = redis
+        self.lease_ms = int(lease_s * 1000)
+
+    async def heartbeat(self, info: WorkerInfo) -> None:
+        """Register or renew: one round trip."""
+        info.updated_at = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(worker_key(info.worker_id), info.to_json(), px=self.lease_ms)
+            pipe.sadd(WORKERS_SET, info.worker_id)
+            await pipe.execute()
+
+    async def deregister(self, worker_id: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(worker_key(worker_id))
+            pipe.srem(WORKERS_SET, worker_id)
+            await pipe.execute()
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Live workers (two round trips); ids whose lease expired are dropped from the set."""
+        ids = sorted(m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(WORKERS_SET))
+        if not ids:
+            return []
+        values = await self.redis.mget([worker_key(i) for i in ids])
+        dead = [i for i, v in zip(ids, values) if v is None]
+        if dead:
+            await self.redis.srem(WORKERS_SET, *dead)
+        return [WorkerInfo.from_json(v) for v in values if v is not None]
