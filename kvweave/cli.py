@@ -5,15 +5,25 @@ import argparse
 import logging
 import sys
 
-from kvweave import bench, generate_cmd
+import importlib
+
+# Each module defines add_parser(subparsers) and sets `func` on its subcommand.
+COMMAND_MODULES = ("kvweave.generate_cmd", "worker.server", "controlplane.router_main", "controlplane.serve",
+                   "kvweave.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvweave", description="kvweave: LLM serving that never computes the same KV twice")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    generate_cmd.add_parser(sub)
-    bench.add_parser(sub)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # TODO(serving-path): every command module exists once the serving path lands
+        module.add_parser(sub)
     return parser
 
 
