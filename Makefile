@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, gguf, tokenizers; print('torch', torch.__version__)"
 	touch $(STAMP)
 
+# An embedded cluster (Redis, 2 workers, the router) answering through the SDK and the OpenAI API.
 run: setup
-	$(VENV)/bin/kvweave generate --input examples/demo_prompts.jsonl --max-tokens 64
+	$(PY) examples/demo.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -110,3 +110,78 @@ def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def spawn(args: list[str], log_path: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `args` in its own session (so Ctrl-C reaches only us), stdout and stderr to `log_path`."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env if env is not None else child_env(), start_new_session=True)
+    logger.info("started pid %d: %s", proc.pid, " ".join(args))
+    return proc
+
+
+def stop_process_groups(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
+    """SIGTERM each process's group, SIGKILL them after `timeout`; reaps the processes.
+
+    For children started by `spawn` (each pid is its group's id): whatever they started dies too.
+    All are signalled first and waited for together, so stopping N processes takes one timeout.
+    """
+    for proc in procs:
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("pid %d ignored SIGTERM for %.0f s; killing it", proc.pid, timeout)
+        _signal_group(proc.pid, signal.SIGKILL)  # stragglers of the group, and the process if still there
+        proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tail(path: str | Path, num_lines: int = 20) -> str:
+    """The last lines of a log file ("" when it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-num_lines:])
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: [state, ppid, pgrp, ...]; None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (zombies count as gone). Linux only."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def descendants(pid: int) -> set[int]:
+    """Live processes below `pid` in the process tree (children, grandchildren, ...). Linux only."""
+    parent_of = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None and fields[0] not in ("Z", "X"):
+            parent_of[int(entry)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, ppid in parent_of.items() if ppid in frontier} - found
+        found |= frontier
+    return found

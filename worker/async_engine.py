@@ -6,6 +6,12 @@ hand the request over through a queue; outputs come back to each caller's asynci
 `call_soon_threadsafe`. A caller that stops listening (cancelled, or the stream closed) aborts
 its request. A failure inside a step fails the requests in flight with an error and the loop
 keeps serving new ones.
+
+For the worker server, the engine thread also publishes after every loop turn (a) a load snapshot,
+an immutable `WorkerLoad` swapped in by reference, and (b) the block manager's KV events, appended
+to a bounded deque that one consumer drains with `take_kv_events`. `get_cached_hashes` computes a
+full snapshot of the prefix cache inside the engine thread and, in the same turn, drops the events
+still pending, so "snapshot, then the events taken after it" is always the exact cache state.
 """
 from __future__ import annotations
 
@@ -13,15 +19,22 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from controlplane.registry import WorkerLoad
+from kvstore.keys import BlockHash
+from worker.block_manager import BlockRemoved, BlockStored
 from worker.engine import LLMEngine, Prompt
 from worker.output import RequestOutput
-from worker.request import Request
+from worker.request import Request, RequestStatus
 from worker.sampling import InvalidRequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+MAX_PENDING_KV_EVENTS = 100_000
+"""Past this many undrained events (a stalled publisher) they are dropped for a snapshot."""
 
 
 @dataclass(slots=True)
@@ -31,10 +44,15 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, enable_kv_events: bool = False) -> None:
+        """`enable_kv_events`: keep KV events for `take_kv_events` (else they are discarded)."""
         self.engine = engine
+        self.enable_kv_events = enable_kv_events
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
+        self._kv_events: deque[BlockStored | BlockRemoved] = deque()
+        self._kv_events_dropped = False
+        self._load = compute_load(engine)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvweave-engine", daemon=True)
         self._thread.start()
@@ -65,8 +83,35 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(("abort", req.req_id))
 
-    def abort(self, req_id: str) -> None:
+    def abort(self, req_id: str) -> bool:
+        """Abort a request; returns whether it was in flight (its stream then ends with "abort")."""
+        found = req_id in self._streams
         self._commands.put(("abort", req_id))
+        return found
+
+    def get_load(self) -> WorkerLoad:
+        """The load after the engine thread's latest turn (safe from any thread; do not mutate)."""
+        return self._load
+
+    def take_kv_events(self) -> list[BlockStored | BlockRemoved] | None:
+        """The KV events since the last take, in order; None when some had to be dropped (too many
+        piled up), in which case the caller must publish `get_cached_hashes` instead. One consumer."""
+        if self._kv_events_dropped:
+            return None  # until get_cached_hashes resets it in the engine thread
+        events = []
+        try:
+            while self._kv_events:
+                events.append(self._kv_events.popleft())
+        except IndexError:  # cleared by a concurrent snapshot
+            pass
+        return events
+
+    async def get_cached_hashes(self) -> list[BlockHash]:
+        """Every block hash the prefix cache holds now; pending KV events are dropped (computed in
+        the engine thread, so later `take_kv_events` results apply on top of this snapshot)."""
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("snapshot", future))
+        return await future
 
     def shutdown(self) -> None:
         self._stopped.set()
@@ -89,6 +134,29 @@ class AsyncEngine:
             out = self.engine.abort_request(arg)
             if out is not None:
                 self._deliver(arg, out)
+        elif cmd == "snapshot":
+            self._snapshot(arg)
+
+    def _snapshot(self, future: asyncio.Future) -> None:
+        self.engine.block_manager.take_events()
+        self._kv_events.clear()
+        self._kv_events_dropped = False
+        hashes = list(self.engine.block_manager.cached_blocks)
+        try:
+            future.get_loop().call_soon_threadsafe(_set_result, future, hashes)
+        except RuntimeError:  # the caller's loop is closed: nobody is waiting
+            pass
+
+    def _publish(self) -> None:
+        """Engine thread, after each turn: swap in the load and hand over the KV events."""
+        events = self.engine.block_manager.take_events()
+        if events and self.enable_kv_events and not self._kv_events_dropped:
+            if len(self._kv_events) + len(events) > MAX_PENDING_KV_EVENTS:
+                logger.warning("%d KV events not taken; dropping them for a snapshot", len(self._kv_events))
+                self._kv_events_dropped = True
+            else:
+                self._kv_events.extend(events)
+        self._load = compute_load(self.engine)
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -101,6 +169,7 @@ class AsyncEngine:
                 pass
             if self.engine.has_unfinished():
                 self._step()
+            self._publish()
 
     def _step(self) -> None:
         try:
@@ -113,3 +182,23 @@ class AsyncEngine:
             return
         for out in outputs:
             self._deliver(out.req_id, out)
+
+
+def _set_result(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def compute_load(engine: LLMEngine) -> WorkerLoad:
+    """What the engine is busy with. Queued prefill tokens: the known tokens not yet computed of
+    every waiting or running request, except a decoding request's one newest token."""
+    sched, bm = engine.scheduler, engine.block_manager
+    queued = 0
+    for req in (*sched.waiting, *sched.running):
+        pending = req.num_tokens - req.num_computed_tokens
+        if req.status == RequestStatus.RUNNING and pending == 1 and req.num_output_tokens:
+            pending = 0
+        queued += max(pending, 0)
+    return WorkerLoad(num_running=len(sched.running), num_waiting=len(sched.waiting),
+                      num_queued_prefill_tokens=queued,
+                      num_kv_blocks_used=bm.num_blocks - bm.num_free_blocks, num_kv_blocks_total=bm.num_blocks)

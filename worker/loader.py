@@ -98,8 +98,7 @@ def load_checkpoint(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
     """Load config, weights (cast to `dtype`) and tokenizer of a built-in name, HF folder or GGUF file."""
     start = time.perf_counter()
     path = resolve_model(name_or_path)
-    is_builtin = str(name_or_path).lower() in BUILTIN_MODELS
-    name = str(name_or_path).lower() if is_builtin else (path.stem if path.is_file() else path.name)
+    name = model_name(name_or_path, path)
     ckpt = _load_gguf(path, name) if path.is_file() else _load_hf_folder(path, name)
     ckpt.weights = {key: value.to(dtype) for key, value in _checked_weights(ckpt.args, ckpt.weights).items()}
     logger.info(
@@ -107,6 +106,39 @@ def load_checkpoint(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
         name, path, ckpt.args.n_layers, ckpt.args.dim, len(ckpt.weights), dtype, time.perf_counter() - start,
     )
     return ckpt
+
+
+def model_name(name_or_path: str, path: Path) -> str:
+    """The short name of a model (used in hashes, logs and /v1/models): built-in name or file/folder name."""
+    if str(name_or_path).lower() in BUILTIN_MODELS:
+        return str(name_or_path).lower()
+    return path.stem if path.is_file() else path.name
+
+
+@dataclass
+class LoadedTokenizer:
+    """What a router needs from a checkpoint, without its weights."""
+
+    name: str
+    tokenizer: Tokenizer
+    max_seq_len: int
+    """The model's context length."""
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> LoadedTokenizer:
+    """Tokenizer, name and context length of a built-in name, HF folder or GGUF file (no weights read)."""
+    path = resolve_model(name_or_path)
+    name = model_name(name_or_path, path)
+    if path.is_file():
+        try:
+            reader = GGUFReader(path)
+        except (ValueError, OSError) as exc:
+            raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from exc
+        arch = gguf_field_value(reader.fields, "general.architecture")
+        max_seq_len = int(gguf_field_value(reader.fields, f"{arch}.context_length", 2048))
+        return LoadedTokenizer(name, Tokenizer.from_gguf(reader.fields), max_seq_len)
+    cfg = _read_json(path / "config.json", required=True)
+    return LoadedTokenizer(name, _hf_tokenizer(path), int(cfg.get("max_position_embeddings", 2048)))
 
 
 def expected_weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

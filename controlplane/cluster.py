@@ -1,0 +1,307 @@
+"""An embedded kvweave cluster on this machine: Redis, N workers and the router, started and stopped together.
+
+    with LocalCluster(workers=2, model="smollm2-135m") as cluster:
+        client = kvweave.Client(cluster.grpc_target)
+
+Workers run as local processes (`launcher="local"`) or as Ray actors (`launcher="ray"`, see
+`controlplane.ray_launcher`); the router and, when no `redis_url` is given, a private
+redis-server run as local processes. Every child runs in its own process group with its output in
+a log file; `stop` terminates the groups (SIGTERM, then SIGKILL) so nothing is left behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controlplane.procs import LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail
+
+logger = logging.getLogger(__name__)
+
+LAUNCHERS = ("local", "ray")
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start (a child exited, or it was not ready in time); the message has its logs."""
+
+
+@dataclass
+class ClusterConfig:
+    workers: int = 2
+    """Number of workers."""
+    model: str = "smollm2-135m"
+    """Model of every worker and of the router's tokenizer."""
+    host: str = LOCALHOST
+    """Interface the router and local workers bind to."""
+    port: int = 0
+    """Router gRPC port (0: a free port)."""
+    http_port: int = 0
+    """Router OpenAI HTTP port (0: a free port)."""
+    redis_url: str | None = None
+    """An existing Redis; None starts a private redis-server."""
+    policy: str | None = None
+    """Routing policy (None: the router's default)."""
+    launcher: str = "local"
+    """local (worker processes) | ray (worker actors)."""
+    ray_address: str | None = None
+    """Ray cluster to join (None: start a local one); its nodes must reach `redis_url`."""
+    ray_temp_dir: str | None = None
+    """Temp dir of a local Ray cluster (keep it short: Ray's socket paths must fit 107 bytes)."""
+    gpus_per_worker: float = 0.0
+    """GPUs each Ray worker actor reserves."""
+    cpus_per_worker: float = 1.0
+    """CPUs each Ray worker actor reserves."""
+    lease_s: float | None = None
+    """Workers' registry lease (None: the worker's default)."""
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Engine settings of every worker, by EngineConfig field name (e.g. {"num_blocks": 256})."""
+    startup_timeout: float = 300.0
+    """Seconds to wait for every worker and the router to be ready."""
+    log_dir: str | None = None
+    """Folder for the children's logs (None: a temp folder removed on stop)."""
+    log_level: str | None = None
+    """--log-level of the children."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"unknown launcher {self.launcher!r}; valid: {', '.join(LAUNCHERS)}")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker < 0 or self.startup_timeout <= 0:
+            raise ValueError("gpus_per_worker and cpus_per_worker must be >= 0, startup_timeout > 0")
+        if "model" in self.engine_args:
+            raise ValueError("give the model as `model`, not in engine_args")
+
+
+def engine_flags(engine_args: dict[str, Any]) -> list[str]:
+    """EngineConfig field values as the worker's command-line flags."""
+    flags: list[str] = []
+    for name, value in engine_args.items():
+        if value is not None:
+            flags += ["--" + name.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def kvweave_command(config: ClusterConfig, *args: str) -> list[str]:
+    """`python -m kvweave [--log-level L] ARGS...` with this interpreter."""
+    level = ["--log-level", config.log_level] if config.log_level else []
+    return [sys.executable, "-m", "kvweave", *level, *args]
+
+
+def run_sync(coro) -> Any:
+    """Run a coroutine to completion, also when called from inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+class LocalCluster:
+    """Redis + workers + router on this machine; a context manager. See `ClusterConfig` for the options."""
+
+    def __init__(self, config: ClusterConfig | None = None, **options: Any) -> None:
+        self.config = config or ClusterConfig(**options)
+        self.redis: RedisServer | None = None
+        self.router: subprocess.Popen | None = None
+        self.workers = None  # a LocalWorkers or RayWorkers
+        self._log_dir: Path | None = None
+        self._own_log_dir = False
+        self.port = self.config.port or free_port()
+        self.http_port = self.config.http_port or free_port()
+
+    # -- endpoints -------------------------------------------------------------------------------
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.config.host}:{self.http_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return self.config.redis_url or self.redis.url
+
+    @property
+    def worker_ids(self) -> list[str]:
+        return list(self.workers.worker_ids)
+
+    @property
+    def worker_addresses(self) -> dict[str, str]:
+        """worker id -> host:port of its gRPC service."""
+        return dict(self.workers.addresses)
+
+    @property
+    def log_dir(self) -> Path:
+        return self._log_dir
+
+    def pids(self) -> list[int]:
+        """Every local child process (Redis, router, worker processes)."""
+        procs = [self.redis.proc if self.redis else None, self.router, *getattr(self.workers, "procs", [])]
+        return [p.pid for p in procs if p is not None]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> "LocalCluster":
+        """Start everything and wait until ready; on failure stops what started and raises ClusterError."""
+        try:
+            self._open_log_dir()
+            if self.config.redis_url is None:
+                if self.config.ray_address:
+                    logger.warning("the private Redis listens on %s only: Ray workers on other nodes need "
+                                   "--redis-url", LOCALHOST)
+                self.redis = RedisServer().start()
+            self.router = spawn(self._router_command(), self._log_dir / "router.log", self._env())
+            self.workers = self._make_workers()
+            self.workers.start()
+            run_sync(self._wait_ready())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _open_log_dir(self) -> None:
+        if self.config.log_dir:
+            self._log_dir = Path(self.config.log_dir)
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self._log_dir, self._own_log_dir = Path(tempfile.mkdtemp(prefix="kvweave-cluster-")), True
+
+    def _env(self) -> dict[str, str]:
+        return child_env(PYTHONUNBUFFERED="1")
+
+    def _router_command(self) -> list[str]:
+        c = self.config
+        args = ["router", "--host", c.host, "--port", str(self.port), "--http-port", str(self.http_port),
+                "--redis-url", self.redis_url, "--model", c.model, *(["--policy", c.policy] if c.policy else []),
+                *(["--lease-s", str(c.lease_s)] if c.lease_s else [])]
+        return kvweave_command(c, *args)
+
+    def _make_workers(self):
+        ids = [f"worker-{i}" if self.config.redis_url is None else f"worker-{i}-{secrets.token_hex(3)}"
+               for i in range(self.config.workers)]
+        if self.config.launcher == "ray":
+            from controlplane.ray_launcher import RayWorkers
+
+            return RayWorkers(self.config, ids, self.redis_url)
+        return LocalWorkers(self.config, ids, self.redis_url, self._log_dir, self._env())
+
+    def router_alive(self) -> bool:
+        return self.router is not None and self.router.poll() is None
+
+    def check(self) -> str | None:
+        """None while the router and every worker run, else what died, with its last log lines."""
+        if self.router is not None and self.router.poll() is not None:
+            return f"router exited with {self.router.returncode}:\n{tail(self._log_dir / 'router.log')}"
+        return self.workers.check() if self.workers is not None else None
+
+    async def _wait_ready(self) -> None:
+        import redis.asyncio as aioredis
+
+        from controlplane.registry import Registry
+
+        deadline = time.monotonic() + self.config.startup_timeout
+        client = aioredis.Redis.from_url(self.redis_url)
+        try:
+            registry, wanted = Registry(client), set(self.workers.worker_ids)
+            while True:
+                if (failure := self.check()) is not None:
+                    raise ClusterError(failure)
+                live = {w.worker_id: w.address for w in await registry.list_workers()}
+                if wanted <= live.keys() and self._router_ready():
+                    self.workers.addresses = {i: live[i] for i in self.workers.worker_ids}
+                    return
+                if time.monotonic() > deadline:
+                    raise ClusterError(self._not_ready_message(wanted - live.keys()))
+                await asyncio.sleep(0.2)
+        finally:
+            await client.aclose()
+
+    def _router_ready(self) -> bool:
+        """The router's /health is ok and it sees every worker (when /health says how many it sees)."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/health", timeout=2) as resp:
+                body = resp.read()
+        except OSError:
+            return False
+        try:
+            seen = json.loads(body).get("workers")
+        except (ValueError, AttributeError):
+            return True
+        return not isinstance(seen, int) or seen >= self.config.workers
+
+    def _not_ready_message(self, missing: set[str]) -> str:
+        what = f"workers not registered: {', '.join(sorted(missing))}" if missing else "router /health not ok"
+        return (f"cluster not ready within {self.config.startup_timeout:.0f} s ({what})\n"
+                f"router log:\n{tail(self._log_dir / 'router.log')}\n{self.workers.logs()}")
+
+    def stop(self) -> None:
+        """Stop the router, the workers and Redis; idempotent."""
+        if self.router is not None:
+            stop_process_groups([self.router])
+            self.router = None
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        if self._own_log_dir and self._log_dir is not None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            self._log_dir = None
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class LocalWorkers:
+    """N `kvweave worker` processes on free ports."""
+
+    def __init__(self, config: ClusterConfig, worker_ids: list[str], redis_url: str, log_dir: Path,
+                 env: dict[str, str]) -> None:
+        self.config, self.worker_ids, self.redis_url = config, worker_ids, redis_url
+        self.log_dir, self.env = log_dir, env
+        self.procs: list[subprocess.Popen] = []
+        self.addresses: dict[str, str] = {}
+
+    def _command(self, worker_id: str, port: int) -> list[str]:
+        c = self.config
+        args = ["worker", "--model", c.model, "--host", c.host, "--port", str(port), "--redis-url", self.redis_url,
+                "--worker-id", worker_id, *(["--lease-s", str(c.lease_s)] if c.lease_s else []),
+                *engine_flags(c.engine_args)]
+        return kvweave_command(c, *args)
+
+    def start(self) -> None:
+        for worker_id in self.worker_ids:
+            port = free_port(self.config.host)
+            self.procs.append(spawn(self._command(worker_id, port), self.log_dir / f"{worker_id}.log", self.env))
+            self.addresses[worker_id] = f"{self.config.host}:{port}"
+
+    def check(self) -> str | None:
+        for worker_id, proc in zip(self.worker_ids, self.procs):
+            if proc.poll() is not None:
+                return f"worker {worker_id} exited with {proc.returncode}:\n{tail(self.log_dir / f'{worker_id}.log')}"
+        return None
+
+    def logs(self) -> str:
+        return "\n".join(f"{i} log:\n{tail(self.log_dir / f'{i}.log')}" for i in self.worker_ids)
+
+    def stop(self) -> None:
+        stop_process_groups(self.procs)

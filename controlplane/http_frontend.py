@@ -1,0 +1,179 @@
+"""The router's OpenAI-compatible HTTP server (aiohttp).
+
+Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` as server-sent events,
+`data: {...}` chunks ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics.
+Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status
+(the table in controlplane/errors.py; 413 for a body over `max_body_bytes`, 404 for an unknown
+route); never a traceback. An error after an event stream has started is sent as a last
+`data: {"error": ...}` event before `data: [DONE]`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+
+from aiohttp import web
+
+from controlplane.errors import error_status, public_message
+from controlplane.metrics import CONTENT_TYPE
+from controlplane.openai_api import (
+    OpenAIRequestError, ResponseOptions, chunk_json, error_json, logprobs_json, parse_chat, parse_completion,
+    response_json,
+)
+from controlplane.router import Delta, GenerateInput, Router
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+_ROUTER = web.AppKey("router", Router)
+_MAX_BODY = web.AppKey("max_body_bytes", int)
+
+
+def json_error(status: int, message: str, err_type: str, param: str | None = None, code=None) -> web.Response:
+    return web.json_response(error_json(message, err_type, param, code), status=status)
+
+
+def _exception_response(e: Exception) -> web.Response:
+    status = error_status(e)
+    if status.label == "error":
+        logger.error("request failed", exc_info=e)
+    return json_error(status.http_status, public_message(e), status.type, getattr(e, "param", None))
+
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[_MAX_BODY]
+        return json_error(413, f"request body is larger than the limit of {limit} bytes",
+                          "invalid_request_error", code="request_too_large")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        err_type = "not_found_error" if e.status == 404 else "invalid_request_error"
+        return json_error(e.status, f"{request.method} {request.path}: {e.reason}", err_type)
+    except Exception as e:
+        return _exception_response(e)
+
+
+async def _read_json(request: web.Request) -> dict:
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OpenAIRequestError(f"malformed JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise OpenAIRequestError("the JSON body must be an object")
+    return body
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    router = request.app[_ROUTER]
+    inp, opts = parse_completion(await _read_json(request), router.model.name)
+    return await _respond(request, router, inp, opts)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    router = request.app[_ROUTER]
+    inp, opts = parse_chat(await _read_json(request), router.model.name)
+    return await _respond(request, router, inp, opts)
+
+
+async def _respond(request: web.Request, router: Router, inp: GenerateInput, opts: ResponseOptions) -> web.StreamResponse:
+    stream = router.generate(inp)
+    async with contextlib.aclosing(stream):
+        first = await anext(stream)  # errors before the first delta become a plain error response
+        if opts.stream:
+            return await _stream_events(request, router, opts, first, stream)
+        deltas = [first] + [d async for d in stream]
+    last = deltas[-1]
+    logprobs = logprobs_json(opts, router.tokenizer, [lp for d in deltas for lp in d.logprobs])
+    body = response_json(opts, "".join(d.text for d in deltas), last.finish_reason, last.usage, logprobs)
+    return web.json_response(body)
+
+
+async def _stream_events(request: web.Request, router: Router, opts: ResponseOptions, first: Delta,
+                         stream) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    try:
+        if opts.chat:
+            await _send(resp, chunk_json(opts, "", role=True))
+        offset, delta = 0, first
+        while True:
+            logprobs = logprobs_json(opts, router.tokenizer, delta.logprobs, offset)
+            offset += len(delta.text)
+            if delta.text or delta.finished or logprobs:
+                await _send(resp, chunk_json(opts, delta.text, delta.finish_reason, logprobs))
+            if delta.finished:
+                break
+            delta = await anext(stream)
+        if opts.include_usage:
+            await _send(resp, chunk_json(opts, None, usage=delta.usage))
+        await resp.write(b"data: [DONE]\n\n")
+    except ConnectionResetError:
+        pass  # the client went away (closing the stream aborts the request)
+    except Exception as e:
+        await _send_error(resp, e)
+    return resp
+
+
+async def _send_error(resp: web.StreamResponse, e: Exception) -> None:
+    """An error after the event stream started: one error event, then [DONE]."""
+    status = error_status(e)
+    if status.label == "error":
+        logger.error("request failed mid-stream", exc_info=e)
+    with contextlib.suppress(ConnectionResetError):
+        await _send(resp, error_json(public_message(e), status.type, code=status.http_status))
+        await resp.write(b"data: [DONE]\n\n")
+
+
+async def _send(resp: web.StreamResponse, obj: dict) -> None:
+    await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+
+async def models(request: web.Request) -> web.Response:
+    router = request.app[_ROUTER]
+    data = [{"id": m.id, "object": "model", "created": 0, "owned_by": "kvweave", "max_model_len": m.max_model_len,
+             "num_workers": m.num_workers} for m in router.list_models()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    router = request.app[_ROUTER]
+    return web.json_response({"status": "ok", "workers": len(router.pool.eligible()),
+                              "requests_in_flight": router.num_inflight})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[_ROUTER].metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors])
+    app[_ROUTER] = router
+    app[_MAX_BODY] = max_body_bytes
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def start_http_server(router: Router, host: str = "127.0.0.1", port: int = 0,
+                            max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> tuple[web.AppRunner, int]:
+    """Serve the OpenAI API on host:port (0 picks a free port); returns the runner (`await
+    runner.cleanup()` stops it) and the bound port. Raises OSError when the port cannot be bound."""
+    runner = web.AppRunner(build_app(router, max_body_bytes), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    return runner, bound

@@ -1,0 +1,59 @@
+"""Prometheus metrics of the router, in their own CollectorRegistry (so several routers, or a router
+and a worker, can live in one process, as in the tests).
+
+Names follow vLLM's and Dynamo's conventions under the `kvweave_router_` prefix.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from controlplane.registry import ROLES
+
+STAGES = ("tokenize", "hash", "index_lookup", "scoring", "decision")
+"""Router stages timed per request; `decision` = hash + index lookup + scoring."""
+
+_STAGE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("kvweave_router_requests", "Requests by final status "
+                                "(ok, invalid, overloaded, no_worker, worker_error, cancelled)", ["status"], registry=r)
+        self.in_flight = Gauge("kvweave_router_requests_in_flight", "Requests admitted and not finished", registry=r)
+        self.ttft = Histogram("kvweave_router_time_to_first_token_seconds", "Time to first token seen by the router",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("kvweave_router_inter_token_latency_seconds", "Time between streamed deltas",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("kvweave_router_e2e_request_latency_seconds", "Request latency end to end",
+                             buckets=_E2E_BUCKETS, registry=r)
+        self.stage = Histogram("kvweave_router_stage_seconds", "Router overhead per stage", ["stage"],
+                               buckets=_STAGE_BUCKETS, registry=r)
+        self.workers = Gauge("kvweave_router_healthy_workers", "Workers with a live lease, by role", ["role"],
+                             registry=r)
+        self.decisions = Counter("kvweave_router_routing_decisions", "Routing decisions by policy and worker",
+                                 ["policy", "worker"], registry=r)
+        self.retries = Counter("kvweave_router_retries", "Requests retried on another worker before their "
+                               "first token", registry=r)
+        self.prompt_tokens = Counter("kvweave_router_prompt_tokens", "Prompt tokens routed", registry=r)
+        self.generation_tokens = Counter("kvweave_router_generation_tokens", "Tokens streamed back", registry=r)
+        self.predicted_hit_tokens = Counter("kvweave_router_predicted_prefix_hit_tokens",
+                                            "Prompt tokens the chosen worker held per the KV index", registry=r)
+        self.cached_tokens = Counter("kvweave_router_cached_tokens", "Prompt tokens the workers served from "
+                                     "their prefix cache (from usage)", registry=r)
+        # One child per stage, resolved once: labels() costs more than observe() on the hot path.
+        self.stages = {name: self.stage.labels(name) for name in STAGES}
+
+    def set_workers(self, counts: dict[str, int]) -> None:
+        """Live workers per role (every role is reported, 0 when none)."""
+        for role in ROLES:
+            self.workers.labels(role).set(counts.get(role, 0))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,211 @@
+"""OpenAI wire format: request bodies -> `GenerateInput`, results -> response and chunk objects.
+
+Pure functions, no I/O (the aiohttp side is controlplane/http_frontend.py). Field mapping:
+max_tokens / max_completion_tokens, temperature, top_p, n (must be 1), stop (str or list), seed,
+logprobs (completions: int; chat: bool + top_logprobs), stream, stream_options.include_usage;
+`user` is ignored; extensions: top_k, ignore_eos, min_tokens, stop_token_ids, session_id.
+Features we do not implement (penalties, logit_bias, tools, echo, best_of > 1, suffix) are
+rejected with a 400 rather than silently ignored.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from controlplane.router import GenerateInput, TokenLogprob, Usage
+from worker.sampling import InvalidRequestError, SamplingParams
+from worker.tokenizer import Tokenizer
+
+_UNSUPPORTED_IF_SET = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None,
+                       "tool_choice": None, "functions": None, "echo": False, "suffix": None, "best_of": 1}
+
+
+class OpenAIRequestError(InvalidRequestError):
+    """A malformed or unsupported field; `param` names it (OpenAI's error `param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(slots=True)
+class ResponseOptions:
+    """How to shape the response of one request."""
+
+    chat: bool
+    model: str
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None
+    """Top alternatives asked for (0: only the sampled token's logprob); None: no logprobs."""
+    req_id: str = ""
+    created: int = 0
+
+
+def parse_completion(body: dict, default_model: str) -> tuple[GenerateInput, ResponseOptions]:
+    prompt = _completion_prompt(body.get("prompt"))
+    max_tokens = _opt(body, "max_tokens", int)
+    params = _sampling(body, logprobs=_opt(body, "logprobs", int), max_tokens=16 if max_tokens is None else max_tokens)
+    inp = GenerateInput(prompt=prompt, params=params)
+    return _finish(body, inp, ResponseOptions(chat=False, model="", logprobs=params.logprobs), default_model, "cmpl")
+
+
+def parse_chat(body: dict, default_model: str) -> tuple[GenerateInput, ResponseOptions]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIRequestError("'messages' is required: a non-empty list of {'role', 'content'} objects", "messages")
+    max_tokens = _opt(body, "max_completion_tokens", int)
+    max_tokens = _opt(body, "max_tokens", int) if max_tokens is None else max_tokens
+    logprobs = None
+    if _opt(body, "logprobs", bool):
+        logprobs = _opt(body, "top_logprobs", int) or 0
+    params = _sampling(body, logprobs=logprobs, max_tokens=max_tokens or 16)
+    inp = GenerateInput(messages=[_message(m, i) for i, m in enumerate(messages)], params=params,
+                        auto_max_tokens=max_tokens is None)
+    return _finish(body, inp, ResponseOptions(chat=True, model="", logprobs=logprobs), default_model, "chatcmpl")
+
+
+def _finish(body: dict, inp: GenerateInput, opts: ResponseOptions, default_model: str,
+            prefix: str) -> tuple[GenerateInput, ResponseOptions]:
+    for name, neutral in _UNSUPPORTED_IF_SET.items():
+        if body.get(name) not in (None, neutral) and body.get(name) != {} and body.get(name) != []:
+            raise OpenAIRequestError(f"'{name}' is not supported by kvweave", name)
+    if _opt(body, "n", int) not in (None, 1):
+        raise OpenAIRequestError("only n=1 is supported", "n")
+    inp.model = _opt(body, "model", str) or ""
+    inp.session_id = _opt(body, "session_id", str) or ""
+    inp.req_id = f"{prefix}-{uuid.uuid4().hex}"
+    opts.model = inp.model or default_model
+    opts.stream = bool(_opt(body, "stream", bool))
+    stream_options = _opt(body, "stream_options", dict) or {}
+    opts.include_usage = bool(stream_options.get("include_usage")) if opts.stream else True
+    opts.req_id, opts.created = inp.req_id, int(time.time())
+    return inp, opts
+
+
+def _opt(body: dict, name: str, kind: type):
+    """body[name] if present and not null, checked to be of `kind` (ints accepted for floats)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise OpenAIRequestError(f"'{name}' must be {_KIND_NAMES[kind]}, got {type(value).__name__}", name)
+    return value
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", dict: "an object",
+               list: "a list"}
+
+
+def _sampling(body: dict, logprobs: int | None, max_tokens: int) -> SamplingParams:
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise OpenAIRequestError("'stop' must be a string or a list of strings", "stop")
+    fields = {"max_tokens": max_tokens, "stop": stop or [], "logprobs": logprobs}
+    for name, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("seed", int),
+                       ("ignore_eos", bool), ("min_tokens", int), ("stop_token_ids", list)):
+        value = _opt(body, name, kind)
+        if value is not None:
+            fields[name] = float(value) if kind is float else value
+    return SamplingParams(**fields)  # validates: InvalidRequestError names the field
+
+
+def _completion_prompt(prompt) -> str | list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        return prompt
+    if prompt is None:
+        raise OpenAIRequestError("'prompt' is required", "prompt")
+    raise OpenAIRequestError("'prompt' must be a string or a list of token ids (batches of several prompts "
+                             "are not supported)", "prompt")
+
+
+def _message(message, i: int) -> dict:
+    """A chat message with its content flattened to text (content parts of type "text" are joined)."""
+    if not isinstance(message, dict):
+        raise OpenAIRequestError(f"messages[{i}] must be an object", "messages")
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise OpenAIRequestError(f"messages[{i}]: only text content parts are supported", "messages")
+        content = "".join(p["text"] for p in content)
+    elif content is None and message.get("role") == "assistant":
+        content = ""
+    return {**message, "content": content}
+
+
+# ------------------------------------------------------------------------------------ responses
+
+def usage_json(usage: Usage | None) -> dict | None:
+    if usage is None:
+        return None
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+def logprobs_json(opts: ResponseOptions, tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob],
+                  text_offset: int = 0) -> dict | None:
+    if opts.logprobs is None:
+        return None
+    tokens = [tokenizer.decode([lp.token_id], skip_special_tokens=False) for lp in logprobs]
+    if opts.chat:
+        return {"content": [
+            {"token": tok, "logprob": lp.logprob, "bytes": list(tok.encode()),
+             "top_logprobs": [_top_entry(tokenizer, i, v) for i, v in lp.top_logprobs.items()]}
+            for tok, lp in zip(tokens, logprobs)]}
+    offsets, pos = [], text_offset
+    for tok in tokens:
+        offsets.append(pos)
+        pos += len(tok)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{tokenizer.decode([i], skip_special_tokens=False): v for i, v in lp.top_logprobs.items()}
+                             for lp in logprobs],
+            "text_offset": offsets}
+
+
+def _top_entry(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict:
+    tok = tokenizer.decode([token_id], skip_special_tokens=False)
+    return {"token": tok, "logprob": logprob, "bytes": list(tok.encode())}
+
+
+def response_json(opts: ResponseOptions, text: str, finish_reason: str | None, usage: Usage | None,
+                  logprobs: dict | None) -> dict:
+    """The non-streaming response object."""
+    if opts.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"id": opts.req_id, "object": "chat.completion" if opts.chat else "text_completion",
+            "created": opts.created, "model": opts.model, "choices": [choice], "usage": usage_json(usage)}
+
+
+def chunk_json(opts: ResponseOptions, text: str | None, finish_reason: str | None = None,
+               logprobs: dict | None = None, usage: Usage | None = None, role: bool = False) -> dict:
+    """One streamed chunk; `text=None` with `usage` makes the final usage-only chunk (no choices)."""
+    chunk = {"id": opts.req_id, "object": "chat.completion.chunk" if opts.chat else "text_completion",
+             "created": opts.created, "model": opts.model, "choices": []}
+    if text is not None:
+        if opts.chat:
+            delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+            chunk["choices"].append({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+        else:
+            chunk["choices"].append({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
+    if usage is not None or (opts.include_usage and text is None):
+        chunk["usage"] = usage_json(usage)
+    return chunk
+
+
+def error_json(message: str, err_type: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}

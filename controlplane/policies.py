@@ -1,0 +1,222 @@
+"""Routing policies: pick one worker from a snapshot of workers, their load and their cache hits.
+
+Plain objects with no I/O, so a simulator can replay a trace through the very objects the router
+uses. The router fills `WorkerState.num_hit_blocks` from one KV-index lookup when the policy's
+`needs_index` is set, and skips the lookup otherwise.
+
+`prefix_aware` is Dynamo's KV-router cost with SGLang's cache-aware fallback:
+    cost(w) = prefill_weight * uncached_prefill_tokens(w)
+            + num_queued_prefill_tokens(w) + decode_weight * num_running(w)
+lowest cost wins; ties go to the emptiest KV cache (so unrelated prompts spread their prefixes),
+then rotate. When the busiest worker has more than `balance_abs_threshold` requests beyond the
+idlest AND more than `balance_rel_threshold` times as many, cache affinity is ignored and the
+least-loaded worker wins (SGLang's cache-aware router does the same with the same two knobs).
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from kvstore.keys import BlockHash
+
+logger = logging.getLogger(__name__)
+
+
+class PolicyError(ValueError):
+    """An unknown policy name or an invalid policy option; the message lists what is valid."""
+
+
+@dataclass(slots=True)
+class RouteRequest:
+    """What a policy knows about the request being placed."""
+
+    num_prompt_tokens: int
+    block_hashes: Sequence[BlockHash] = ()
+    """Hashes of the prompt's full blocks (empty when the policy does not need the index)."""
+    session_id: str = ""
+    req_id: str = ""
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """One eligible worker as a policy sees it."""
+
+    worker_id: str
+    num_running: int = 0
+    num_waiting: int = 0
+    num_queued_prefill_tokens: int = 0
+    num_kv_blocks_used: int = 0
+    num_kv_blocks_total: int = 0
+    num_hit_blocks: int = 0
+    """Leading prompt blocks this worker holds (from the KV index)."""
+    block_size: int = 16
+
+    @property
+    def num_requests(self) -> int:
+        return self.num_running + self.num_waiting
+
+    @property
+    def kv_usage(self) -> float:
+        return self.num_kv_blocks_used / self.num_kv_blocks_total if self.num_kv_blocks_total else 0.0
+
+
+@dataclass(slots=True)
+class Decision:
+    worker_id: str
+    policy: str
+    reason: str = ""
+    """Why this worker: "cost", "imbalance", "sticky", "rotation", "least_loaded"."""
+    costs: dict[str, float] = field(default_factory=dict)
+    """Per worker score (lower is better), where the policy scores; logged at debug level."""
+
+
+class Policy(ABC):
+    name: ClassVar[str]
+    needs_index: ClassVar[bool] = False
+
+    @abstractmethod
+    def pick(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
+        """Choose one of `workers` (never empty)."""
+
+
+class _Rotation:
+    """Spreads ties: each pick starts its scan one position further on."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def argmin(self, workers: Sequence[WorkerState], key) -> WorkerState:
+        n = len(workers)
+        start = self._next % n
+        self._next += 1
+        best, best_key = None, None
+        for i in range(n):
+            w = workers[(start + i) % n]
+            k = key(w)
+            if best is None or k < best_key:
+                best, best_key = w, k
+        return best
+
+
+class RoundRobinPolicy(Policy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def pick(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
+        w = workers[self._next % len(workers)]
+        self._next += 1
+        return Decision(w.worker_id, self.name, "rotation")
+
+
+class LeastLoadedPolicy(Policy):
+    """Fewest running + waiting requests, then fewest queued prefill tokens; ties rotate."""
+
+    name = "least_loaded"
+
+    def __init__(self) -> None:
+        self._rotation = _Rotation()
+
+    def pick(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
+        w = self._rotation.argmin(workers, _load_key)
+        return Decision(w.worker_id, self.name, "least_loaded")
+
+
+def _load_key(w: WorkerState) -> tuple[int, int]:
+    return (w.num_requests, w.num_queued_prefill_tokens)
+
+
+class PrefixAwarePolicy(Policy):
+    name = "prefix_aware"
+    needs_index = True
+
+    def __init__(self, prefill_weight: float = 1.0, decode_weight: float = 16.0,
+                 balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5) -> None:
+        """prefill_weight: cost per uncached prompt token; decode_weight: cost of one running
+        request in prefill-token units; the thresholds trigger the least-loaded fallback."""
+        if prefill_weight < 0 or decode_weight < 0:
+            raise PolicyError("prefill_weight and decode_weight must be >= 0")
+        if balance_abs_threshold < 0 or balance_rel_threshold < 1.0:
+            raise PolicyError("balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1")
+        self.prefill_weight = prefill_weight
+        self.decode_weight = decode_weight
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+        self._rotation = _Rotation()
+
+    def pick(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
+        if self._imbalanced(workers):
+            w = self._rotation.argmin(workers, _load_key)
+            return Decision(w.worker_id, self.name, "imbalance")
+        costs = {w.worker_id: self.cost(request, w) for w in workers}
+        w = self._rotation.argmin(workers, lambda w: (costs[w.worker_id], w.kv_usage))
+        return Decision(w.worker_id, self.name, "cost", costs)
+
+    def cost(self, request: RouteRequest, w: WorkerState) -> float:
+        uncached = max(0, request.num_prompt_tokens - w.num_hit_blocks * w.block_size)
+        return (self.prefill_weight * uncached + w.num_queued_prefill_tokens
+                + self.decode_weight * w.num_running)
+
+    def _imbalanced(self, workers: Sequence[WorkerState]) -> bool:
+        loads = [w.num_requests for w in workers]
+        lo, hi = min(loads), max(loads)
+        return hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold
+
+
+class SessionPolicy(Policy):
+    """Requests of one session stay on one worker; new sessions, requests without a session and
+    sessions whose worker is gone go to the fallback policy. Remembers the `max_sessions` most
+    recently used sessions."""
+
+    name = "session"
+    needs_index = True
+
+    def __init__(self, max_sessions: int = 100_000, fallback: str = "prefix_aware", **fallback_config) -> None:
+        if max_sessions <= 0:
+            raise PolicyError(f"max_sessions must be positive, got {max_sessions}")
+        if fallback == self.name:
+            raise PolicyError("the session policy cannot fall back to itself")
+        self.max_sessions = max_sessions
+        self.fallback = make_policy(fallback, **fallback_config)
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+
+    def pick(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
+        sid = request.session_id
+        if sid:
+            worker_id = self._sessions.get(sid)
+            if worker_id is not None and any(w.worker_id == worker_id for w in workers):
+                self._sessions.move_to_end(sid)
+                return Decision(worker_id, self.name, "sticky")
+        decision = self.fallback.pick(request, workers)
+        if sid:
+            self._remember(sid, decision.worker_id)
+        return Decision(decision.worker_id, self.name, f"new:{decision.reason}", decision.costs)
+
+    def _remember(self, session_id: str, worker_id: str) -> None:
+        self._sessions[session_id] = worker_id
+        self._sessions.move_to_end(session_id)
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+
+
+POLICIES: dict[str, type[Policy]] = {
+    p.name: p for p in (PrefixAwarePolicy, RoundRobinPolicy, LeastLoadedPolicy, SessionPolicy)
+}
+DEFAULT_POLICY = PrefixAwarePolicy.name
+
+
+def make_policy(name: str, **config) -> Policy:
+    """Build a policy by name; raises PolicyError naming the valid names or options."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise PolicyError(f"unknown routing policy {name!r}; valid: {', '.join(POLICIES)}")
+    try:
+        return cls(**config)
+    except TypeError as exc:
+        raise PolicyError(f"invalid options for policy {name!r}: {exc}") from exc
+

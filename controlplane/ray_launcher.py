@@ -1,0 +1,175 @@
+"""Workers as Ray actors: each actor runs `worker.server.run_worker` in its own process and registers in
+the cluster's Redis like any worker, so the router needs nothing Ray-specific.
+
+With `ray_address` the actors go to that Ray cluster (each reserving `gpus_per_worker` GPUs, so Ray
+places them on GPU nodes and sets CUDA_VISIBLE_DEVICES); they bind all interfaces and advertise
+their node's IP. Without it a local Ray cluster is started on 127.0.0.1 (no dashboard, token
+authentication disabled, `ray_temp_dir` as its temp dir) and shut down on `stop`; there the
+actors bind `host`. kvweave must be importable on the Ray nodes (installed, or shipped with a
+runtime_env in `ray.init` by whoever connects).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+from typing import Any
+
+from controlplane.cluster import ClusterError
+
+logger = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 30.0
+_RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class RayStartError(ClusterError):
+    """Ray could not start or connect (so no worker was created)."""
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Keep a local Ray cluster on 127.0.0.1.
+
+    On Linux, Ray replaces a loopback `_node_ip_address` by the machine's routable IP and its GCS,
+    raylet and workers listen on all interfaces, with authentication disabled here. Ray keeps to
+    loopback where it believes multi-node clusters are unsupported: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    (read when ray is imported, hence also the constant). Only the start needs it; both are restored.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_RAY_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTER_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[_RAY_CLUSTER_ENV] = saved_env
+
+
+class WorkerActor:
+    """An async Ray actor serving one worker; `start` returns once it is registered."""
+
+    def __init__(self) -> None:
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self, engine_args: dict[str, Any], options: dict[str, Any]) -> tuple[str, str]:
+        """Load the model and serve; returns (worker id, address). Raises the worker's start error."""
+        from worker.engine import EngineConfig
+        from worker.server import WorkerOptions, run_worker
+
+        if options.get("advertise_host") == "<node-ip>":
+            import ray
+
+            options = options | {"advertise_host": ray.util.get_node_ip_address()}
+        ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(run_worker(
+            EngineConfig(**engine_args), WorkerOptions(**options), self._stop,
+            lambda server: ready.set_result((server.worker_id, server.address))))
+        await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            self._task.result()  # raises why the worker could not start
+            raise RuntimeError("the worker exited before it was ready")
+        return ready.result()
+
+    async def stop(self) -> None:
+        """Deregister and shut the engine down (the worker's own clean stop)."""
+        if self._stop is not None:
+            self._stop.set()
+            await self._task
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayWorkers:
+    """N `WorkerActor`s in a Ray cluster (a local one unless `config.ray_address`)."""
+
+    def __init__(self, config, worker_ids: list[str], redis_url: str) -> None:
+        self.config, self.worker_ids, self.redis_url = config, worker_ids, redis_url
+        self.addresses: dict[str, str] = {}
+        self.actors: list = []
+        self._started_ray = False
+        self._failure: str | None = None
+        self._refs: list = []
+
+    def _init_ray(self) -> None:
+        import ray
+
+        c = self.config
+        if ray.is_initialized():
+            return
+        try:
+            if c.ray_address:
+                ray.init(address=c.ray_address, logging_level=logging.WARNING)
+            else:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                num_cpus = max(os.cpu_count() or 1, math.ceil(c.workers * c.cpus_per_worker))
+                with _loopback_only():
+                    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                             _temp_dir=c.ray_temp_dir, logging_level=logging.WARNING, log_to_driver=False)
+        except Exception as e:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
+            raise RayStartError(f"cannot start Ray{' at ' + c.ray_address if c.ray_address else ''}: {e}") from e
+        self._started_ray = True
+
+    def _worker_options(self, worker_id: str) -> dict[str, Any]:
+        c = self.config
+        remote = bool(c.ray_address)
+        options = {"host": "0.0.0.0" if remote else c.host, "port": 0, "redis_url": self.redis_url,
+                   "worker_id": worker_id, "advertise_host": "<node-ip>" if remote else None}
+        return options | ({"lease_s": c.lease_s, "heartbeat_s": min(1.0, c.lease_s / 3)} if c.lease_s else {})
+
+    def start(self) -> None:
+        """Create the actors and start their workers; `check` reports a failed start."""
+        import ray
+
+        self._init_ray()
+        actor_cls = ray.remote(num_cpus=self.config.cpus_per_worker, num_gpus=self.config.gpus_per_worker)(WorkerActor)
+        engine_args = {"model": self.config.model, **self.config.engine_args}
+        for worker_id in self.worker_ids:
+            actor = actor_cls.options(name=f"kvweave-{worker_id}").remote()
+            self.actors.append(actor)
+            self._refs.append(actor.start.remote(engine_args, self._worker_options(worker_id)))
+
+    def check(self) -> str | None:
+        """None while every actor's start is pending or succeeded, else why one failed."""
+        import ray
+
+        if self._failure is not None:
+            return self._failure
+        done, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0)
+        for worker_id, ref in zip(self.worker_ids, self._refs):
+            if ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as e:  # RayActorError, or RayTaskError wrapping the worker's error
+                    cause = getattr(e, "cause", None) or e
+                    self._failure = f"worker {worker_id} (Ray actor) failed: {type(cause).__name__}: {cause}"
+        return self._failure
+
+    def logs(self) -> str:
+        return "(Ray worker logs are in the Ray session's logs folder)"
+
+    def stop(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        stops = [actor.stop.remote() for actor in self.actors]
+        try:
+            ray.wait(stops, num_returns=len(stops), timeout=STOP_TIMEOUT_S)
+        except Exception as e:  # an actor that already died
+            logger.warning("stopping Ray workers: %s", e)
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False

@@ -1,0 +1,332 @@
+"""The control-plane router: tokenize, validate, place, forward, stream back.
+
+Per request: tokenize with the model's tokenizer (as the engine's `encode_prompt` does), validate
+(empty, over the context length, sampling parameters), hash the prompt's full blocks with the
+workers' chain (`kvstore.keys`, salted with (model, tenant) exactly as the engine salts them),
+look up in ONE Redis round trip which worker holds how many leading blocks
+(controlplane/prefix_index.py; only when the policy needs it), let the policy pick, and stream the worker's deltas back. A failure before
+the first token is retried on another worker (at most `max_attempts` workers); after it the
+client gets `WorkerFailedError`. Each stage's time is a histogram (`kvweave_router_stage_seconds`).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+import grpc
+import redis.asyncio
+
+from controlplane.errors import NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status
+from controlplane.metrics import RouterMetrics
+from controlplane.policies import DEFAULT_POLICY, RouteRequest, make_policy
+from controlplane.prefix_index import PrefixIndex
+from controlplane.registry import Registry
+from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogprob, Usage
+from controlplane.worker_pool import PoolWorker, WorkerPool
+from kvstore.keys import encode_extra_keys, hash_blocks
+from kvweave.convert import finish_reason_from_proto, sampling_to_proto
+from kvweave.v1 import worker_pb2
+from worker.loader import DEFAULT_MODEL, LoadedTokenizer, load_tokenizer
+from worker.sampling import InvalidRequestError, SamplingParams
+from worker.tokenizer import InvalidMessagesError, TokenizerError
+
+logger = logging.getLogger(__name__)
+
+_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                          grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+_QUARANTINE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+"""Connection-level failures: stop sending to that worker for a lease (it is probably gone)."""
+_MAX_TOKEN_ID = 2**31 - 1
+
+__all__ = ["Router", "RouterConfig", "GenerateInput", "Delta", "Usage", "TokenLogprob", "ModelCard",
+           "InvalidRequestError", "NoWorkerError", "OverloadedError", "UnknownModelError", "WorkerFailedError",
+           "error_status"]
+
+
+@dataclass
+class RouterConfig:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    model: str = DEFAULT_MODEL
+    """Built-in model name, HF folder or .gguf: gives the tokenizer and the model name workers serve."""
+    policy: str = DEFAULT_POLICY
+    policy_config: dict = field(default_factory=dict)
+    """Keyword options of the policy (e.g. prefill_weight for prefix_aware)."""
+    max_inflight: int = 1024
+    """Admission control: requests beyond this many in flight get OverloadedError (429)."""
+    lease_s: float = 3.0
+    """The workers' registry lease; also how long a worker that failed a call is skipped."""
+    refresh_s: float = 0.5
+    """How often the registry is re-read."""
+    max_attempts: int = 3
+    """Workers tried per request before its first token."""
+    index_mediums: tuple[str, ...] = ("device",)
+    """KV-index tiers that count as cache hits."""
+
+    def __post_init__(self) -> None:
+        if self.max_inflight <= 0 or self.max_attempts <= 0:
+            raise ValueError("max_inflight and max_attempts must be positive")
+        if self.lease_s <= 0 or self.refresh_s <= 0:
+            raise ValueError("lease_s and refresh_s must be positive")
+
+
+@dataclass(slots=True)
+class _Request:
+    req_id: str
+    token_ids: list[int]
+    session_id: str
+    tenant: str
+    message: worker_pb2.WorkerGenerateRequest
+    arrival: float
+    """perf_counter() when the router got the request (TTFT counts from here)."""
+    call: grpc.aio.UnaryStreamCall | None = None
+    aborted: bool = False
+
+
+class _WorkerFailure(Exception):
+    """A worker failed before the first token: try another one."""
+
+
+class Router:
+    def __init__(self, config: RouterConfig, model: LoadedTokenizer | None = None) -> None:
+        """`model`: an already loaded tokenizer (else loaded from config.model)."""
+        self.config = config
+        self.policy = make_policy(config.policy, **config.policy_config)
+        self.model = model or load_tokenizer(config.model)
+        self.tokenizer = self.model.tokenizer
+        self.metrics = RouterMetrics()
+        self.redis = redis.asyncio.Redis.from_url(config.redis_url)
+        self.prefix_index = PrefixIndex(self.redis)
+        self.pool = WorkerPool(Registry(self.redis, config.lease_s), self.model.name, config.refresh_s,
+                               self.metrics.set_workers)
+        self.model_names = frozenset({self.model.name, config.model})
+        self._extra_cache: dict[str, bytes] = {}
+        self._active: dict[str, _Request] = {}
+
+    async def start(self) -> None:
+        """Read the registry once and start watching it."""
+        await self.pool.start()
+
+    async def stop(self) -> None:
+        for req in list(self._active.values()):
+            self._cancel(req)
+        await self.pool.close()
+        await self.redis.aclose()
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._active)
+
+    def list_models(self) -> list[ModelCard]:
+        workers = self.pool.eligible()
+        max_len = max((w.info.max_model_len for w in workers), default=self.model.max_seq_len)
+        return [ModelCard(self.model.name, max_len, len(workers))]
+
+    def abort(self, req_id: str) -> bool:
+        """Stop a request; its stream ends with finish_reason "abort". False if unknown."""
+        req = self._active.get(req_id)
+        if req is None:
+            return False
+        req.aborted = True
+        self._cancel(req)
+        return True
+
+    async def generate(self, inp: GenerateInput) -> AsyncIterator[Delta]:
+        """Stream a request's deltas. Raises InvalidRequestError, OverloadedError, NoWorkerError
+        before the first delta, WorkerFailedError after it."""
+        start, status = time.perf_counter(), "cancelled"
+        try:
+            if len(self._active) >= self.config.max_inflight:
+                raise OverloadedError(f"the router has {len(self._active)} requests in flight (limit "
+                                      f"{self.config.max_inflight}); retry later")
+            req = self._prepare(inp, start)
+            self._active[req.req_id] = req
+            self.metrics.in_flight.inc()
+            try:
+                async with contextlib.aclosing(self._dispatch(req)) as deltas:
+                    async for delta in deltas:
+                        if delta.finished:  # the consumer may stop iterating after the last delta
+                            status = "ok"
+                            self.metrics.e2e.observe(time.perf_counter() - start)
+                        yield delta
+            finally:
+                self.metrics.in_flight.dec()
+                del self._active[req.req_id]
+        except Exception as e:
+            status = error_status(e).label
+            raise
+        finally:
+            self.metrics.requests.labels(status).inc()
+
+    def encode(self, inp: GenerateInput) -> list[int]:
+        """Token ids of the prompt, as the engine's encode_prompt makes them."""
+        if inp.messages is not None:
+            try:
+                return self.tokenizer.encode_chat(inp.messages)
+            except (InvalidMessagesError, TokenizerError) as e:
+                raise InvalidRequestError(str(e)) from e
+        prompt = inp.prompt
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, list) and all(type(t) is int and 0 <= t <= _MAX_TOKEN_ID for t in prompt):
+            return prompt
+        raise InvalidRequestError("prompt must be a string or a list of non-negative token ids")
+
+    # -------------------------------------------------------------------------------- phases
+
+    def _prepare(self, inp: GenerateInput, arrival: float) -> _Request:
+        if inp.model and inp.model not in self.model_names:
+            raise UnknownModelError(f"model {inp.model!r} is not served here; available: {self.model.name}")
+        t0 = time.perf_counter()
+        token_ids = self.encode(inp)
+        self.metrics.stages["tokenize"].observe(time.perf_counter() - t0)
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty")
+        max_len = self.list_models()[0].max_model_len
+        if len(token_ids) >= max_len:
+            raise InvalidRequestError(f"prompt has {len(token_ids)} tokens, but the context length is {max_len} "
+                                      "(at least one token must be generated)")
+        params = inp.params or SamplingParams()
+        if inp.auto_max_tokens:
+            params = replace(params, max_tokens=max_len - len(token_ids))
+        params.validate()
+        req_id = inp.req_id or f"rtr-{uuid.uuid4().hex}"
+        if req_id in self._active:
+            raise InvalidRequestError(f"request id {req_id!r} is already in use")
+        message = worker_pb2.WorkerGenerateRequest(request_id=req_id, prompt_token_ids=token_ids,
+                                                   sampling=sampling_to_proto(params), cache_namespace=inp.tenant)
+        self.metrics.prompt_tokens.inc(len(token_ids))
+        return _Request(req_id, token_ids, inp.session_id, inp.tenant, message, arrival)
+
+    async def _dispatch(self, req: _Request) -> AsyncIterator[Delta]:
+        workers = [w for w in self.pool.eligible() if w.info.max_model_len > len(req.token_ids)]
+        if not workers:
+            raise NoWorkerError(f"no worker serving {self.model.name} is available")
+        t0 = time.perf_counter()
+        hits = await self._lookup(req, workers)
+        failed: dict[str, str] = {}
+        for attempt in range(min(self.config.max_attempts, len(workers))):
+            candidates = [w for w in workers if w.worker_id not in failed]
+            worker, num_hit_blocks = self._pick(req, candidates, hits)
+            if attempt == 0:
+                self.metrics.stages["decision"].observe(time.perf_counter() - t0)
+            else:
+                self.metrics.retries.inc()
+            try:
+                async with contextlib.aclosing(self._stream(req, worker, num_hit_blocks)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+                return
+            except _WorkerFailure as e:
+                failed[worker.worker_id] = str(e)
+                logger.warning("request %s failed on worker %s before its first token: %s", req.req_id,
+                               worker.worker_id, e)
+        raise NoWorkerError(f"request failed on {len(failed)} worker(s) before its first token: "
+                            + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+
+    async def _lookup(self, req: _Request, workers: list[PoolWorker]) -> dict[str, int]:
+        """Leading blocks of the prompt each worker holds: one Redis round trip (per block size)."""
+        if not self.policy.needs_index:
+            return {}
+        t0 = time.perf_counter()
+        extra = self._extra_cache.get(req.tenant)
+        if extra is None:
+            extra = self._extra_cache.setdefault(req.tenant, encode_extra_keys((self.model.name, req.tenant)))
+        by_size: dict[int, list[str]] = {}
+        for w in workers:
+            by_size.setdefault(w.info.block_size, []).append(w.worker_id)
+        chains = {size: hash_blocks(req.token_ids, size, extra) for size in by_size}
+        t1 = time.perf_counter()
+        self.metrics.stages["hash"].observe(t1 - t0)
+        mediums = self.config.index_mediums
+        try:
+            lookups = [self.prefix_index.leading_hits(chains[size], ids, mediums) for size, ids in by_size.items()]
+            found = [await lookups[0]] if len(lookups) == 1 else await asyncio.gather(*lookups)
+        except (redis.RedisError, OSError) as e:
+            logger.warning("KV index lookup failed, routing without cache hits: %s", e)
+            return {}
+        self.metrics.stages["index_lookup"].observe(time.perf_counter() - t1)
+        return {k: v for hits in found for k, v in hits.items()}
+
+    def _pick(self, req: _Request, workers: list[PoolWorker], hits: dict[str, int]) -> tuple[PoolWorker, int]:
+        t0 = time.perf_counter()
+        states = [w.state(hits.get(w.worker_id, 0)) for w in workers]
+        decision = self.policy.pick(RouteRequest(len(req.token_ids), (), req.session_id, req.req_id), states)
+        self.metrics.stages["scoring"].observe(time.perf_counter() - t0)
+        logger.debug("route %s -> %s (%s, %s) costs=%s hits=%s", req.req_id, decision.worker_id, decision.policy,
+                     decision.reason, decision.costs, hits)
+        self.metrics.decisions.labels(decision.policy, decision.worker_id).inc()
+        worker = next(w for w in workers if w.worker_id == decision.worker_id)
+        return worker, hits.get(worker.worker_id, 0)
+
+    async def _stream(self, req: _Request, worker: PoolWorker, num_hit_blocks: int) -> AsyncIterator[Delta]:
+        """Forward to one worker; raises _WorkerFailure when it fails before the first token."""
+        num_prefill = max(0, len(req.token_ids) - num_hit_blocks * worker.info.block_size)
+        self.metrics.predicted_hit_tokens.inc(len(req.token_ids) - num_prefill)
+        worker.num_local_waiting += 1
+        worker.num_local_prefill_tokens += num_prefill
+        started, last = False, req.arrival
+        req.call = worker.stub.Generate(req.message)
+        try:
+            async for resp in req.call:
+                now = time.perf_counter()
+                if not started:
+                    started = True
+                    worker.num_local_waiting -= 1
+                    worker.num_local_prefill_tokens -= num_prefill
+                    worker.num_local_running += 1
+                    self.metrics.ttft.observe(now - last)
+                else:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                yield self._delta(req, worker, resp)
+        except grpc.aio.AioRpcError as e:
+            self._on_rpc_error(e, req, worker, started)
+        except asyncio.CancelledError:
+            if not req.aborted:
+                raise
+            yield Delta(req.req_id, worker.worker_id, "", [], True, "abort")
+        finally:
+            if started:
+                worker.num_local_running -= 1
+            else:
+                worker.num_local_waiting -= 1
+                worker.num_local_prefill_tokens -= num_prefill
+            self._cancel(req)
+
+    def _on_rpc_error(self, e: grpc.aio.AioRpcError, req: _Request, worker: PoolWorker, started: bool) -> None:
+        code, details = e.code(), e.details() or e.code().name
+        if code == grpc.StatusCode.INVALID_ARGUMENT and not started:
+            raise InvalidRequestError(details) from None
+        if code in _QUARANTINE_CODES:
+            self.pool.quarantine(worker.worker_id, self.config.lease_s)
+        if started:
+            raise WorkerFailedError(f"worker {worker.worker_id} failed after the request started streaming "
+                                    f"({code.name}: {details}); the request was not retried") from None
+        if code not in _RETRY_CODES:
+            raise WorkerFailedError(f"worker {worker.worker_id} rejected the request ({code.name}: {details})") from None
+        raise _WorkerFailure(f"{code.name}: {details}") from None
+
+    def _delta(self, req: _Request, worker: PoolWorker, resp: worker_pb2.WorkerGenerateResponse) -> Delta:
+        delta = Delta(req.req_id, worker.worker_id, resp.text, list(resp.token_ids))
+        self.metrics.generation_tokens.inc(len(delta.token_ids))
+        if resp.logprobs:
+            delta.logprobs = [TokenLogprob(lp.token_id, lp.logprob, dict(lp.top_logprobs)) for lp in resp.logprobs]
+        if resp.finished:
+            delta.finished = True
+            delta.finish_reason = finish_reason_from_proto(resp.finish_reason)
+            delta.stop_reason = resp.stop_reason
+            u = resp.usage
+            delta.usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+            self.metrics.cached_tokens.inc(u.cached_tokens)
+        return delta
+
+    @staticmethod
+    def _cancel(req: _Request) -> None:
+        if req.call is not None and not req.call.done():
+            req.call.cancel()
+

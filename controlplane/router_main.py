@@ -1,0 +1,161 @@
+"""`kvweave router`: the router with its gRPC and OpenAI HTTP frontends, in one process.
+
+In-process use (launchers, tests):
+    server = RouterServer(RouterConfig(redis_url=url, model=m), ServeOptions(grpc_port=0, http_port=0))
+    await server.start()            # server.grpc_port / server.http_port are the bound ports
+    ...
+    await server.stop()
+or `await run_router(config, options, stop_event, on_ready)` to serve until the event is set.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import redis
+from aiohttp import web
+
+from controlplane.grpc_frontend import start_grpc_server
+from controlplane.http_frontend import DEFAULT_MAX_BODY_BYTES, start_http_server
+from controlplane.policies import DEFAULT_POLICY, POLICIES, PolicyError
+from controlplane.router import Router, RouterConfig
+from worker.loader import DEFAULT_MODEL
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    grpc_port: int = 0
+    """0 picks a free port."""
+    http_port: int = 0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """Larger HTTP request bodies get 413."""
+    grace_s: float = 5.0
+    """How long gRPC calls in flight may take to finish at shutdown."""
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+        if self.max_body_bytes <= 0:
+            raise ValueError("max_body_bytes must be positive")
+
+
+class RouterServer:
+    """Router + gRPC frontend + HTTP frontend."""
+
+    def __init__(self, config: RouterConfig, options: ServeOptions | None = None, router: Router | None = None) -> None:
+        """`router`: an already built Router to serve (else built from `config`, loading the tokenizer)."""
+        self.config = config
+        self.options = options or ServeOptions()
+        self.router = router
+        self.grpc_port = 0
+        self.http_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.options.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.options.host}:{self.http_port}"
+
+    async def start(self) -> None:
+        """Load the tokenizer, watch the registry, serve both frontends. Raises OSError (port taken),
+        PolicyError, ModelNotFoundError / CheckpointError, or redis errors (Redis unreachable)."""
+        o = self.options
+        try:
+            if self.router is None:
+                self.router = await asyncio.to_thread(Router, self.config)
+            await self.router.start()
+            self._grpc, self.grpc_port = await start_grpc_server(self.router, o.host, o.grpc_port)
+            self._http, self.http_port = await start_http_server(self.router, o.host, o.http_port, o.max_body_bytes)
+        except BaseException:
+            await self.stop()
+            raise
+        logger.info("router serving %s: grpc %s, http %s", self.router.model.name, self.grpc_address, self.http_url)
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        if self._grpc is not None:
+            await self._grpc.stop(self.options.grace_s)
+            self._grpc = None
+        if self.router is not None:
+            await self.router.stop()
+
+
+async def run_router(config: RouterConfig, options: ServeOptions, stop: asyncio.Event | None = None,
+                     on_ready: Callable[[RouterServer], None] | None = None) -> None:
+    """Serve until `stop` is set (or this task is cancelled), then stop cleanly."""
+    server = RouterServer(config, options)
+    await server.start()
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await server.stop()
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("router", help="route requests to workers (gRPC + OpenAI-compatible HTTP)",
+                       description="Serve kvweave.v1.Inference and the OpenAI API, placing each request on "
+                                   "a worker found in the Redis registry.")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default: 0)")
+    p.add_argument("--http-port", type=int, default=0, help="HTTP port; 0 picks a free one (default: 0)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="registry and KV index")
+    p.add_argument("--policy", default=DEFAULT_POLICY, help=f"routing policy: {', '.join(POLICIES)} "
+                                                            f"(default: {DEFAULT_POLICY})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or path; gives the tokenizer "
+                                                          f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--max-inflight", type=int, default=RouterConfig.max_inflight,
+                   help="requests in flight before 429 / RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--lease-s", type=float, default=RouterConfig.lease_s,
+                   help="the workers' registry lease, seconds (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest HTTP request body (default: 4 MiB)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = RouterConfig(redis_url=args.redis_url, model=args.model, policy=args.policy,
+                              max_inflight=args.max_inflight, lease_s=args.lease_s)
+        options = ServeOptions(host=args.host, grpc_port=args.port, http_port=args.http_port,
+                               max_body_bytes=args.max_body_bytes)
+        if config.policy not in POLICIES:
+            raise PolicyError(f"unknown routing policy {config.policy!r}; valid: {', '.join(POLICIES)}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(config, options))
+    except (OSError, ValueError, redis.RedisError) as e:  # port taken, Redis unreachable, model not found
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config: RouterConfig, options: ServeOptions) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def ready(server: RouterServer) -> None:
+        print(f"kvweave router ready: grpc {server.grpc_address} http {server.http_url}", flush=True)
+
+    await run_router(config, options, stop, ready)

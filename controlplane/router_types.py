@@ -1,0 +1,60 @@
+"""Plain data the frontends exchange with the router (protobuf and JSON stay in the frontends)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from worker.sampling import SamplingParams
+
+
+@dataclass
+class GenerateInput:
+    """One request as the frontends hand it over: a text or token-id prompt, or chat messages."""
+
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None
+    params: SamplingParams | None = None
+    model: str = ""
+    """Empty: the router's model."""
+    req_id: str = ""
+    session_id: str = ""
+    tenant: str = ""
+    """Cache namespace: tenants never share KV."""
+    auto_max_tokens: bool = False
+    """Generate up to the context length when set (OpenAI chat's default); params.max_tokens otherwise."""
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float]
+
+
+@dataclass(slots=True)
+class Delta:
+    """New text and tokens since the previous delta; the last has finished=True and the usage."""
+
+    req_id: str
+    worker_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    """"stop", "length" or "abort" on the last delta."""
+    stop_reason: str = ""
+    usage: Usage | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ModelCard:
+    id: str
+    max_model_len: int
+    num_workers: int

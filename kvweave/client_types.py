@@ -1,0 +1,244 @@
+"""The SDK's plain data: results, errors, and the one conversion to and from the protobuf messages.
+
+Protobuf stays in this module and `kvweave.client`; users see the dataclasses below.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from kvweave.v1 import common_pb2, inference_pb2
+
+FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+                  common_pb2.FINISH_REASON_ABORT: "abort"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+class KVWeaveError(Exception):
+    """An RPC failed; `code` is the gRPC status code and `message` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class InvalidRequest(KVWeaveError):
+    """The request was rejected as invalid (INVALID_ARGUMENT)."""
+
+
+class Unavailable(KVWeaveError):
+    """No server or worker could take the request (UNAVAILABLE), after the retries."""
+
+
+class Overloaded(KVWeaveError):
+    """The cluster's admission queue is full (RESOURCE_EXHAUSTED); try again later."""
+
+
+class Timeout(KVWeaveError):
+    """The request's deadline passed (DEADLINE_EXCEEDED)."""
+
+
+ERROR_TYPES: dict[grpc.StatusCode, type[KVWeaveError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Timeout,
+}
+
+
+def error_from_rpc(err: grpc.RpcError) -> KVWeaveError:
+    """The typed exception for a failed call (a plain KVWeaveError for unmapped codes)."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    message = (err.details() if hasattr(err, "details") else None) or str(err)
+    return ERROR_TYPES.get(code, KVWeaveError)(code, message)
+
+
+def invalid(message: str) -> InvalidRequest:
+    return InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Usage:
+    """Token accounting of one request."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens served from prefix-cached blocks."""
+    chunk_reused_tokens: int = 0
+    """Prompt tokens served from chunk-caches."""
+    recomputed_tokens: int = 0
+    """Of the chunk-reused tokens, those recomputed."""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class GenerateDelta:
+    """One streamed piece of a completion: the text and token ids new since the previous delta."""
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    """"stop", "length" or "abort" on the last delta, else None."""
+    stop_reason: str | None
+    """The stop string or stop token id that ended the request, if any."""
+    usage: Usage | None
+    """Set on the last delta."""
+    worker_id: str
+    request_id: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole completion, as `complete` and `chat` return it."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage | None
+    worker_id: str
+    request_id: str = ""
+    stop_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    id: str
+    max_model_len: int
+    num_workers: int
+
+
+@dataclass(slots=True)
+class Segment:
+    """One piece of a segmented prompt; `reusable` marks a chunk whose KV may be reused anywhere."""
+    text: str
+    reusable: bool = False
+
+
+class CompletionBuilder:
+    """Accumulates deltas into a `Completion`."""
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self.completion = Completion(text="", token_ids=[], finish_reason=None, usage=None, worker_id="")
+
+    def add(self, delta: GenerateDelta) -> None:
+        c = self.completion
+        self._texts.append(delta.text)
+        c.token_ids.extend(delta.token_ids)
+        c.logprobs.extend(delta.logprobs)
+        c.worker_id = delta.worker_id or c.worker_id
+        c.request_id = delta.request_id or c.request_id
+        if delta.finished:
+            c.finish_reason, c.stop_reason, c.usage = delta.finish_reason, delta.stop_reason, delta.usage
+
+    def build(self) -> Completion:
+        self.completion.text = "".join(self._texts)
+        return self.completion
+
+
+# ---------------------------------------------------------------------------------------------
+# Protobuf conversion
+# ---------------------------------------------------------------------------------------------
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+                   "ignore_eos", "logprobs", "min_tokens")
+
+
+def sampling_to_proto(params: Mapping[str, Any]) -> common_pb2.SamplingParams:
+    """Unset (None) parameters stay unset, so the server's defaults apply."""
+    msg = common_pb2.SamplingParams()
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name == "stop":
+            msg.stop.extend([value] if isinstance(value, str) else list(value))
+        elif name == "stop_token_ids":
+            msg.stop_token_ids.extend(int(t) for t in value)
+        else:
+            setattr(msg, name, value)
+    return msg
+
+
+def _messages_to_proto(messages: Iterable[Mapping[str, str] | Any]) -> common_pb2.ChatMessages:
+    out = common_pb2.ChatMessages()
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else (m.role, m.content)
+        out.messages.add(role=role, content=content)
+    return out
+
+
+def _segments_to_proto(segments: Iterable[Segment | Mapping[str, Any] | str]) -> common_pb2.Segments:
+    out = common_pb2.Segments()
+    for s in segments:
+        if isinstance(s, str):
+            s = Segment(s)
+        elif isinstance(s, Mapping):
+            s = Segment(s["text"], bool(s.get("reusable", False)))
+        out.segments.add(text=s.text, reusable=s.reusable)
+    return out
+
+
+def build_request(*, prompt: str | None, messages: Sequence | None, token_ids: Sequence[int] | None,
+                  segments: Sequence | None, sampling: Mapping[str, Any], session_id: str | None,
+                  tenant: str | None, request_id: str | None, model: str | None) -> inference_pb2.GenerateRequest:
+    """A GenerateRequest from exactly one prompt form; raises InvalidRequest otherwise."""
+    given = [name for name, v in (("prompt", prompt), ("messages", messages), ("token_ids", token_ids),
+                                  ("segments", segments)) if v is not None]
+    if len(given) != 1:
+        raise invalid(f"give exactly one of prompt, messages, token_ids, segments (got {given or 'none'})")
+    try:
+        req = inference_pb2.GenerateRequest(request_id=request_id or "", model=model or "",
+                                            session_id=session_id or "", tenant=tenant or "",
+                                            sampling=sampling_to_proto(sampling))
+        if prompt is not None:
+            req.text = prompt
+        elif messages is not None:
+            req.chat.CopyFrom(_messages_to_proto(messages))
+        elif token_ids is not None:
+            req.token_ids.ids.extend(int(t) for t in token_ids)
+        else:
+            req.segments.CopyFrom(_segments_to_proto(segments))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise invalid(f"malformed request: {e}") from e
+    return req
+
+
+def _usage_from_proto(u: common_pb2.Usage) -> Usage:
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                 cached_tokens=u.cached_tokens, chunk_reused_tokens=u.chunk_reused_tokens,
+                 recomputed_tokens=u.recomputed_tokens)
+
+
+def delta_from_proto(msg: inference_pb2.GenerateResponse) -> GenerateDelta:
+    return GenerateDelta(
+        text=msg.text, token_ids=list(msg.token_ids), finished=msg.finished,
+        finish_reason=FINISH_REASONS.get(msg.finish_reason), stop_reason=msg.stop_reason or None,
+        usage=_usage_from_proto(msg.usage) if msg.HasField("usage") else None,
+        worker_id=msg.worker_id, request_id=msg.request_id,
+        logprobs=[TokenLogprob(lp.token_id, lp.logprob, dict(lp.top_logprobs)) for lp in msg.logprobs])
+
+
+def models_from_proto(msg: inference_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(m.id, m.max_model_len, m.num_workers) for m in msg.models]

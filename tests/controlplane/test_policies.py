@@ -1,0 +1,144 @@
+"""Routing policies on hand-built worker states: exact picks."""
+from __future__ import annotations
+
+import pytest
+
+from controlplane.policies import (
+    POLICIES, Decision, PolicyError, PrefixAwarePolicy, RouteRequest, SessionPolicy, WorkerState, make_policy,
+)
+
+
+def workers(*specs: dict) -> list[WorkerState]:
+    return [WorkerState(worker_id=f"w{i}", **spec) for i, spec in enumerate(specs)]
+
+
+def picks(policy, request: RouteRequest, states: list[WorkerState], n: int) -> list[str]:
+    return [policy.pick(request, states).worker_id for _ in range(n)]
+
+
+REQ = RouteRequest(num_prompt_tokens=256)
+
+
+def test_round_robin_cycles():
+    assert picks(make_policy("round_robin"), REQ, workers({}, {}, {}), 7) == ["w0", "w1", "w2", "w0", "w1", "w2", "w0"]
+
+
+def test_round_robin_ignores_load():
+    states = workers({"num_running": 50}, {})
+    assert picks(make_policy("round_robin"), REQ, states, 2) == ["w0", "w1"]
+
+
+def test_least_loaded_fewest_requests_then_queued_prefill():
+    policy = make_policy("least_loaded")
+    states = workers({"num_running": 3}, {"num_running": 1, "num_waiting": 1}, {"num_waiting": 4})
+    assert policy.pick(REQ, states).worker_id == "w1"
+    states = workers({"num_running": 2, "num_queued_prefill_tokens": 900}, {"num_running": 2, "num_queued_prefill_tokens": 100})
+    assert policy.pick(REQ, states).worker_id == "w1"
+
+
+def test_least_loaded_spreads_ties():
+    assert sorted(picks(make_policy("least_loaded"), REQ, workers({}, {}, {}), 3)) == ["w0", "w1", "w2"]
+
+
+def test_prefix_aware_picks_the_holder():
+    policy = make_policy("prefix_aware")
+    states = workers({}, {"num_hit_blocks": 12}, {"num_hit_blocks": 3})
+    decision = policy.pick(RouteRequest(num_prompt_tokens=16 * 14), states)
+    assert decision.worker_id == "w1"
+    assert decision.reason == "cost"
+    assert decision.costs == {"w0": 224.0, "w1": 32.0, "w2": 176.0}
+
+
+def test_prefix_aware_holder_wins_despite_a_little_load():
+    states = workers({"num_running": 2, "num_hit_blocks": 12}, {})
+    assert make_policy("prefix_aware").pick(RouteRequest(num_prompt_tokens=224), states).worker_id == "w0"
+
+
+def test_prefix_aware_queued_prefill_outweighs_a_small_hit():
+    states = workers({"num_hit_blocks": 1, "num_queued_prefill_tokens": 4000}, {})
+    assert make_policy("prefix_aware").pick(RouteRequest(num_prompt_tokens=224), states).worker_id == "w1"
+
+
+def test_prefix_aware_spreads_unrelated_requests():
+    policy = make_policy("prefix_aware")
+    assert sorted(picks(policy, REQ, workers({}, {}, {}, {}), 4)) == ["w0", "w1", "w2", "w3"]
+
+
+def test_prefix_aware_tie_prefers_emptier_cache():
+    states = workers({"num_kv_blocks_used": 90, "num_kv_blocks_total": 100},
+                     {"num_kv_blocks_used": 10, "num_kv_blocks_total": 100})
+    assert picks(make_policy("prefix_aware"), REQ, states, 2) == ["w1", "w1"]
+
+
+def test_prefix_aware_falls_back_on_imbalance():
+    policy = PrefixAwarePolicy(balance_abs_threshold=8, balance_rel_threshold=1.5)
+    request = RouteRequest(num_prompt_tokens=16 * 64)
+    held = {"num_hit_blocks": 64}
+    # 20 vs 2 requests: both thresholds exceeded -> least loaded, whatever the cache says.
+    decision = policy.pick(request, workers({"num_running": 20, **held}, {"num_running": 2}))
+    assert (decision.worker_id, decision.reason) == ("w1", "imbalance")
+    # 10 vs 3: absolute gap 7 <= 8 -> the holder.
+    assert policy.pick(request, workers({"num_running": 10, **held}, {"num_running": 3})).worker_id == "w0"
+    # 60 vs 50: gap 10 > 8 but 60 <= 1.5 * 50 -> the holder.
+    assert policy.pick(request, workers({"num_running": 60, **held}, {"num_running": 50})).worker_id == "w0"
+
+
+def test_session_is_sticky():
+    policy = make_policy("session")
+    first = policy.pick(RouteRequest(256, session_id="s1"), workers({}, {}))
+    # Later the other worker holds the prefix and is idle: the session still stays.
+    states = workers({"num_running": 5}, {"num_hit_blocks": 16})
+    for w in states:
+        w.num_running = 5 if w.worker_id == first.worker_id else 0
+    decision = policy.pick(RouteRequest(256, session_id="s1"), states)
+    assert (decision.worker_id, decision.reason) == (first.worker_id, "sticky")
+
+
+def test_session_falls_back_when_its_worker_is_gone():
+    policy = make_policy("session", fallback="least_loaded")
+    assert policy.pick(RouteRequest(256, session_id="s1"), workers({}, {"num_running": 1})).worker_id == "w0"
+    remaining = [WorkerState("w1", num_running=1), WorkerState("w2", num_running=3)]
+    decision = policy.pick(RouteRequest(256, session_id="s1"), remaining)
+    assert (decision.worker_id, decision.reason) == ("w1", "new:least_loaded")
+    # ... and the session now sticks to its new worker.
+    assert policy.pick(RouteRequest(256, session_id="s1"), remaining + [WorkerState("w0")]).worker_id == "w1"
+
+
+def test_session_without_id_uses_fallback():
+    policy = make_policy("session")
+    decision = policy.pick(RouteRequest(224), workers({}, {"num_hit_blocks": 12}))
+    assert decision.worker_id == "w1"
+    assert decision.reason == "new:cost"
+
+
+def test_session_map_is_bounded():
+    policy = SessionPolicy(max_sessions=2, fallback="round_robin")
+    states = workers({}, {})
+    for sid in ("a", "b", "c"):
+        policy.pick(RouteRequest(16, session_id=sid), states)
+    assert list(policy._sessions) == ["b", "c"]
+
+
+def test_unknown_policy_lists_valid_names():
+    with pytest.raises(PolicyError) as exc:
+        make_policy("fastest")
+    for name in POLICIES:
+        assert name in str(exc.value)
+
+
+def test_bad_policy_options_are_typed_errors():
+    with pytest.raises(PolicyError, match="prefix_aware"):
+        make_policy("prefix_aware", prefill_wieght=2.0)
+    with pytest.raises(PolicyError):
+        make_policy("prefix_aware", balance_rel_threshold=0.5)
+    with pytest.raises(PolicyError):
+        make_policy("session", fallback="session")
+
+
+def test_needs_index():
+    assert {name for name, cls in POLICIES.items() if cls.needs_index} == {"prefix_aware", "session"}
+
+
+def test_decision_is_plain_data():
+    d = make_policy("round_robin").pick(REQ, workers({}))
+    assert d == Decision("w0", "round_robin", "rotation", {})

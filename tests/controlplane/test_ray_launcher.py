@@ -1,0 +1,65 @@
+"""The Ray launcher on a real local Ray cluster (127.0.0.1, token auth off, temp dir under the test's
+folder): a tiny worker runs as a Ray actor, registers in Redis, and serves through the router.
+
+Ray starts slowly, so the module shares one cluster; it skips when Ray cannot start here.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import kvweave
+from controlplane.cluster import LocalCluster
+from controlplane.procs import pid_alive
+
+ENGINE_ARGS = {"dtype": "float32", "num_blocks": 64, "num_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tiny_hf_model, tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from controlplane.ray_launcher import RayStartError
+
+    assert not ray.is_initialized()
+    cluster = LocalCluster(workers=1, model=str(tiny_hf_model), engine_args=ENGINE_ARGS, launcher="ray",
+                           ray_temp_dir=str(tmp_path_factory.mktemp("ray")), startup_timeout=240)
+    try:
+        cluster.start()
+    except RayStartError as e:
+        pytest.skip(f"Ray cannot start here: {e}")
+    yield cluster
+    cluster.stop()
+
+
+def actor_pids(cluster: LocalCluster) -> list[int]:
+    import ray
+
+    return ray.get([actor.pid.remote() for actor in cluster.workers.actors])
+
+
+def test_ray_actor_worker_serves_through_the_router(ray_cluster) -> None:
+    import ray
+
+    assert ray.util.get_node_ip_address() == "127.0.0.1"  # the local Ray cluster stays on loopback
+    (pid,) = actor_pids(ray_cluster)
+    assert pid != os.getpid() and pid not in ray_cluster.pids()  # a Ray worker process, not ours
+    assert len(ray_cluster.pids()) == 2  # only Redis and the router are local children
+    (worker_id,) = ray_cluster.worker_ids
+    assert ray_cluster.worker_addresses[worker_id].startswith("127.0.0.1:")
+    with kvweave.Client(ray_cluster.grpc_target, timeout=60) as client:
+        completion = client.complete("Hello", max_tokens=3, ignore_eos=True)
+    assert (completion.worker_id, completion.usage.completion_tokens) == (worker_id, 3)
+
+
+def test_stop_shuts_down_the_actors_and_ray(ray_cluster) -> None:
+    import ray
+
+    pids = actor_pids(ray_cluster)
+    ray_cluster.stop()
+    assert not ray.is_initialized()
+    deadline = time.monotonic() + 30  # Ray reaps its worker processes asynchronously
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if pid_alive(p)]

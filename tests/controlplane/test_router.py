@@ -1,0 +1,265 @@
+"""The router end to end over real sockets: real Redis, 2 real gRPC workers on a tiny model, gRPC clients."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from controlplane.procs import stop_process
+from kvstore.index import KVIndex
+from kvstore.keys import encode_extra_keys, hash_blocks
+from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from worker.sampling import SamplingParams
+
+MODEL = "tiny-gqa"
+
+
+def stub_for(router) -> inference_pb2_grpc.InferenceStub:
+    return inference_pb2_grpc.InferenceStub(grpc.insecure_channel(router.grpc_address))
+
+
+def greedy(max_tokens: int = 8) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def token_prompt(token_ids: list[int], max_tokens: int = 8, **fields) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=token_ids), sampling=greedy(max_tokens),
+                                         **fields)
+
+
+def generate(stub, request: inference_pb2.GenerateRequest) -> tuple[list[int], str, inference_pb2.GenerateResponse]:
+    """(token ids, text, last message) of one request."""
+    token_ids, text, last = [], "", None
+    for msg in stub.Generate(request, timeout=60):
+        token_ids += msg.token_ids
+        text += msg.text
+        last = msg
+    return token_ids, text, last
+
+
+def prompt_ids(seed: int, n: int, vocab: int = 200) -> list[int]:
+    return [(seed * 7919 + i * 104729) % (vocab - 10) + 5 for i in range(n)]
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def wait_indexed(cluster, router, token_ids: list[int], worker_id: str) -> None:
+    """Until the KV index says `worker_id` holds every full block of `token_ids`."""
+    hashes = hash_blocks(token_ids, 16, encode_extra_keys((MODEL, "")))
+
+    def held() -> bool:
+        found = cluster.run(KVIndex(router.router.redis).lookup(hashes, [worker_id]))
+        return all(found[(worker_id, "device")])
+    wait_until(held)
+
+
+# -------------------------------------------------------------------------------- serving
+
+def test_greedy_output_equals_the_engine(cluster, tiny_engine_factory, tiny_model_variant):
+    router = cluster.add_router()
+    engine = tiny_engine_factory(tiny_model_variant("gqa"))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    stub = stub_for(router)
+    for prompt in ("The quick brown fox", prompt_ids(1, 40)):
+        expected = engine.generate([prompt], params)[0]
+        field = {"text": prompt} if isinstance(prompt, str) else {"token_ids": common_pb2.TokenIds(ids=prompt)}
+        request = inference_pb2.GenerateRequest(model=MODEL, sampling=greedy(12), **field)
+        token_ids, text, last = generate(stub, request)
+        assert token_ids == expected.token_ids
+        assert text == expected.text
+        assert last.finished and last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert last.usage.prompt_tokens == len(expected.prompt_token_ids)
+        assert last.usage.completion_tokens == 12
+        assert last.worker_id in ("w0", "w1")
+
+
+def test_chat_prompt_equals_the_engine(cluster, tiny_engine_factory, tiny_model_variant):
+    router = cluster.add_router()
+    engine = tiny_engine_factory(tiny_model_variant("gqa"))
+    messages = [{"role": "user", "content": "Hello there"}]
+    expected = engine.generate([{"messages": messages}], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
+    chat = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(**m) for m in messages])
+    token_ids, text, _ = generate(stub_for(router), inference_pb2.GenerateRequest(chat=chat, sampling=greedy(6)))
+    assert (token_ids, text) == (expected.token_ids, expected.text)
+
+
+def test_prefix_aware_follows_the_cache_and_spreads_unrelated(cluster):
+    router = cluster.add_router("prefix_aware")
+    stub = stub_for(router)
+    prefix = prompt_ids(2, 160)  # 10 full blocks
+    _, _, first = generate(stub, token_prompt(prefix + [7, 8, 9], max_tokens=2))
+    holder = first.worker_id
+    wait_indexed(cluster, router, prefix, holder)
+    for i in range(4):
+        _, _, last = generate(stub, token_prompt(prefix + prompt_ids(100 + i, 20), max_tokens=2))
+        assert last.worker_id == holder
+        assert last.usage.cached_tokens >= 160
+    unrelated = [generate(stub, token_prompt(prompt_ids(200 + i, 40), max_tokens=2))[2].worker_id for i in range(4)]
+    assert set(unrelated) == {"w0", "w1"}
+
+
+def test_round_robin_alternates(cluster):
+    stub = stub_for(cluster.add_router("round_robin"))
+    prompt = prompt_ids(3, 40)
+    workers = [generate(stub, token_prompt(prompt, max_tokens=1))[2].worker_id for _ in range(4)]
+    assert workers[0] != workers[1]
+    assert workers == workers[:2] * 2
+
+
+def test_least_loaded_avoids_the_busy_worker(cluster):
+    router = cluster.add_router("least_loaded")
+    stub = stub_for(router)
+    long_stream = stub.Generate(token_prompt(prompt_ids(4, 20), max_tokens=2000, request_id="long-1"), timeout=60)
+    busy = next(long_stream).worker_id
+    try:
+        for i in range(3):
+            assert generate(stub, token_prompt(prompt_ids(300 + i, 20), max_tokens=2))[2].worker_id != busy
+    finally:
+        long_stream.cancel()
+
+
+def test_session_policy_sticks(cluster):
+    stub = stub_for(cluster.add_router("session", fallback="round_robin"))
+    sessions = {sid: set() for sid in ("alice", "bob")}
+    for i in range(3):
+        for sid in sessions:
+            sessions[sid].add(generate(stub, token_prompt(prompt_ids(i, 20), max_tokens=1, session_id=sid))[2].worker_id)
+    assert all(len(w) == 1 for w in sessions.values())
+    assert sessions["alice"] != sessions["bob"]
+
+
+def test_abort_ends_the_stream(cluster):
+    router = cluster.add_router()
+    stub = stub_for(router)
+    stream = stub.Generate(token_prompt(prompt_ids(5, 20), max_tokens=2000, request_id="to-abort"), timeout=60)
+    next(stream)
+    assert stub.Abort(common_pb2.AbortRequest(request_id="to-abort")).found
+    last = list(stream)[-1]
+    assert last.finished and last.finish_reason == common_pb2.FINISH_REASON_ABORT
+    assert not stub.Abort(common_pb2.AbortRequest(request_id="to-abort")).found
+    wait_until(lambda: router.router.num_inflight == 0)
+
+
+def test_list_models_health_reflection_and_stage_metrics(cluster):
+    router = cluster.add_router()
+    channel = grpc.insecure_channel(router.grpc_address)
+    models = inference_pb2_grpc.InferenceStub(channel).ListModels(inference_pb2.ListModelsRequest()).models
+    assert [(m.id, m.max_model_len, m.num_workers) for m in models] == [(MODEL, 512, 2)]
+    for service in ("", "kvweave.v1.Inference"):
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    generate(inference_pb2_grpc.InferenceStub(channel), token_prompt(prompt_ids(6, 40), max_tokens=1))
+    text = router.router.metrics.exposition().decode()
+    for stage in ("tokenize", "hash", "index_lookup", "scoring", "decision"):
+        assert f'kvweave_router_stage_seconds_count{{stage="{stage}"}} 1.0' in text
+    assert 'kvweave_router_healthy_workers{role="colocated"} 2.0' in text
+    assert 'kvweave_router_requests_total{status="ok"} 1.0' in text
+
+
+# -------------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("request_fields, message", [
+    ({}, "no prompt"),
+    ({"text": ""}, "empty"),
+    ({"token_ids": common_pb2.TokenIds(ids=list(range(1, 600)))}, "context length"),
+    ({"text": "hi", "sampling": common_pb2.SamplingParams(temperature=-1.0)}, "temperature"),
+    ({"text": "hi", "sampling": common_pb2.SamplingParams(top_p=1.5)}, "top_p"),
+    ({"text": "hi", "model": "gpt-4"}, "not served"),
+    ({"chat": common_pb2.ChatMessages()}, "messages"),
+])
+def test_invalid_requests_get_invalid_argument(cluster, request_fields, message):
+    stub = stub_for(cluster.routers[0] if cluster.routers else cluster.add_router())
+    with pytest.raises(grpc.RpcError) as exc:
+        generate(stub, inference_pb2.GenerateRequest(**request_fields))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in exc.value.details()
+    assert "Traceback" not in exc.value.details()
+    generate(stub, token_prompt(prompt_ids(7, 20), max_tokens=1))  # still serving
+
+
+def test_admission_control(cluster):
+    stub = stub_for(cluster.add_router(max_inflight=1))
+    long_stream = stub.Generate(token_prompt(prompt_ids(8, 20), max_tokens=2000), timeout=60)
+    next(long_stream)
+    with pytest.raises(grpc.RpcError) as exc:
+        generate(stub, token_prompt(prompt_ids(9, 20), max_tokens=1))
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    long_stream.cancel()
+    wait_until(lambda: cluster.routers[-1].router.num_inflight == 0)
+    generate(stub, token_prompt(prompt_ids(9, 20), max_tokens=1))
+
+
+def test_no_worker_is_unavailable(make_cluster):
+    c = make_cluster(num_workers=0)
+    stub = stub_for(c.add_router())
+    with pytest.raises(grpc.RpcError) as exc:
+        generate(stub, token_prompt(prompt_ids(10, 20)))
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    c.add_worker("late")  # the router picks it up from the registry
+    wait_until(lambda: c.routers[0].router.pool.eligible())
+    assert generate(stub, token_prompt(prompt_ids(10, 20)))[2].worker_id == "late"
+
+
+def test_dead_worker_is_retried_before_the_first_token(make_cluster):
+    c = make_cluster()
+    router = c.add_router("round_robin")
+    stub = stub_for(router)
+    c.kill_worker(c.workers[0])  # its lease is still live: the router still lists it
+    assert len(router.router.pool.eligible()) == 2
+    workers = [generate(stub, token_prompt(prompt_ids(i, 20), max_tokens=2))[2].worker_id for i in range(4)]
+    assert workers == ["w1"] * 4
+    assert router.router.metrics.retries._value.get() >= 1
+    wait_until(lambda: list(router.router.pool.workers) == ["w1"], timeout=5)  # the lease ran out
+
+
+def test_worker_dying_mid_stream_is_a_clear_error(make_cluster):
+    c = make_cluster()
+    router = c.add_router("round_robin")
+    stub = stub_for(router)
+    stream = stub.Generate(token_prompt(prompt_ids(11, 20), max_tokens=2000), timeout=60)
+    victim = next(stream).worker_id
+    c.kill_worker(next(w for w in c.workers if w.worker_id == victim))
+    with pytest.raises(grpc.RpcError) as exc:
+        list(stream)
+    assert exc.value.code() == grpc.StatusCode.INTERNAL
+    assert "after the request started streaming" in exc.value.details()
+    assert generate(stub, token_prompt(prompt_ids(12, 20), max_tokens=2))[2].worker_id != victim
+
+
+# -------------------------------------------------------------------------------- process
+
+def test_router_command_serves_and_stops_on_sigterm(cluster):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvweave", "router", "--port", "0", "--http-port", "0", "--redis-url",
+         cluster.redis_url, "--model", str(cluster.model), "--policy", "round_robin"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("kvweave router ready: grpc 127.0.0.1:"), proc.stderr.read() if not line else line
+        grpc_address = line.split()[4]
+        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(grpc_address))
+        wait_until(lambda: stub.ListModels(inference_pb2.ListModelsRequest()).models[0].num_workers == 2)
+        assert generate(stub, token_prompt(prompt_ids(13, 20), max_tokens=2))[0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        stop_process(proc)
+
+
+def test_router_command_rejects_unknown_policy(capsys):
+    from kvweave.cli import build_parser
+
+    args = build_parser().parse_args(["router", "--policy", "fastest"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "prefix_aware" in err and "round_robin" in err

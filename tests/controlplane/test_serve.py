@@ -1,0 +1,143 @@
+"""The local launcher: `LocalCluster` and `kvweave serve` with real processes (Redis, tiny workers, router).
+
+The module's cluster is shared by the tests in order: serving, then a worker killed with SIGKILL,
+then `stop` leaving no process behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+import kvweave
+from controlplane.cluster import ClusterError, LocalCluster, run_sync
+from controlplane.procs import descendants, pid_alive
+
+ENGINE_ARGS = {"dtype": "float32", "num_blocks": 64, "num_threads": 1}
+ENGINE_FLAGS = ["--dtype", "float32", "--num-blocks", "64", "--num-threads", "1"]
+LEASE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_hf_model):
+    c = LocalCluster(workers=2, model=str(tiny_hf_model), engine_args=ENGINE_ARGS, lease_s=LEASE_S,
+                     policy="round_robin", startup_timeout=120)
+    c.start()
+    yield c
+    c.stop()
+
+
+def registered_ids(redis_url: str) -> set[str]:
+    import redis.asyncio as aioredis
+
+    from controlplane.registry import Registry
+
+    async def ids() -> set[str]:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return {w.worker_id for w in await Registry(client).list_workers()}
+        finally:
+            await client.aclose()
+
+    return run_sync(ids())
+
+
+def post_json(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def test_cluster_serves_grpc_and_http_on_both_workers(cluster) -> None:
+    assert registered_ids(cluster.redis_url) == set(cluster.worker_ids)
+    assert sorted(cluster.worker_addresses) == sorted(cluster.worker_ids)
+    with kvweave.Client(cluster.grpc_target, timeout=60) as client:
+        served_by = {client.complete("Hello", max_tokens=3, ignore_eos=True).worker_id for _ in range(4)}
+    assert served_by == set(cluster.worker_ids)  # round_robin
+    body = post_json(f"{cluster.http_url}/v1/completions",
+                     {"model": cluster.config.model, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+    assert body["usage"]["completion_tokens"] == 3 and body["choices"][0]["finish_reason"] == "length"
+
+
+def test_sigkilled_worker_leaves_the_registry_and_the_cluster_keeps_serving(cluster) -> None:
+    victim_id, survivor_id = cluster.worker_ids
+    victim = cluster.workers.procs[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    deadline = time.monotonic() + 3 * LEASE_S  # the lease, with room for a loaded machine
+    while victim_id in registered_ids(cluster.redis_url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert registered_ids(cluster.redis_url) == {survivor_id}
+    assert f"worker {victim_id} exited" in cluster.check()
+    with kvweave.Client(cluster.grpc_target, timeout=60) as client:
+        for _ in range(3):
+            completion = client.complete("Hello", max_tokens=3, ignore_eos=True)
+            assert (completion.worker_id, completion.finish_reason) == (survivor_id, "length")
+
+
+def test_stop_leaves_no_process_behind(cluster) -> None:
+    pids = cluster.pids()
+    assert len(pids) == 4  # redis, router, 2 workers (one already dead)
+    tree = set(pids).union(*(descendants(p) for p in pids))
+    cluster.stop()
+    assert not [p for p in tree if pid_alive(p)]
+
+
+def test_startup_failure_names_the_worker_and_cleans_up(tiny_hf_model) -> None:
+    before = descendants(os.getpid())
+    with pytest.raises(ClusterError, match=r"(?s)worker worker-0 exited with 2.*unknown dtype 'float7'"):
+        LocalCluster(workers=1, model=str(tiny_hf_model), engine_args=ENGINE_ARGS | {"dtype": "float7"}).start()
+    assert descendants(os.getpid()) <= before
+
+
+def read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def wait_for_line(lines: queue.Queue, prefix: str, proc: subprocess.Popen, timeout: float = 120.0) -> list[str]:
+    """Lines read until one starting with `prefix` (inclusive)."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            assert proc.poll() is None, f"kvweave serve exited with {proc.returncode}: {seen}"
+            continue
+        seen.append(line.rstrip("\n"))
+        if line.strip().startswith(prefix):
+            return seen
+    raise AssertionError(f"no {prefix!r} line within {timeout} s: {seen}")
+
+
+def test_serve_command_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_hf_model) -> None:
+    cmd = [sys.executable, "-m", "kvweave", "serve", "--workers", "1", "--model", str(tiny_hf_model),
+           "--port", "0", "--http-port", "0", *ENGINE_FLAGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        out = wait_for_line(lines, "logs", proc)
+        assert out[0].startswith("kvweave cluster ready: 1 worker")
+        endpoints = dict(line.split(None, 1) for line in out[1:])
+        assert endpoints["http"].startswith("http://127.0.0.1:") and endpoints["redis"].startswith("redis://")
+        assert endpoints["worker"].startswith("worker-0 127.0.0.1:")
+        children = descendants(proc.pid)
+        assert len(children) >= 3  # redis, router, worker
+        with kvweave.Client(endpoints["grpc"], timeout=60) as client:
+            assert client.complete("Hello", max_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        assert not [p for p in children if pid_alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,330 @@
+"""`kvweave worker`: serve one engine over gRPC and keep the cluster informed through Redis.
+
+The process serves `kvweave.v1.Worker` (worker/service.py), the standard `grpc.health.v1` health
+service (SERVING once the engine is loaded, NOT_SERVING while shutting down) and server
+reflection. With a Redis URL it also:
+- heartbeats its registry entry (`controlplane.registry`) with its current load every
+  `heartbeat_s`, under a lease of `lease_s`, and refreshes its KV-index entries' TTL with it;
+- publishes its prefix cache to the KV index (`kvstore.index`): the engine's KV events are
+  drained every ~100 ms and written as one pipeline per batch; after a lapsed lease (the entry
+  was gone at a heartbeat), a Redis failure, or at first registration, a full snapshot replaces
+  the worker's index entries instead.
+Stopping (SIGTERM / SIGINT): NOT_SERVING, stop accepting calls, deregister, clear the index,
+let calls in flight finish within a grace period, shut the engine down.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controlplane.registry import ROLES, Registry, WorkerInfo, worker_key
+from kvstore.index import KVIndex
+from kvweave.v1 import worker_pb2_grpc
+from worker.async_engine import AsyncEngine
+from worker.engine import EngineConfig, LLMEngine
+from worker.service import SERVICE_NAME, WorkerService
+
+logger = logging.getLogger(__name__)
+
+KV_FLUSH_S = 0.1
+"""How often KV events are drained and written to the index."""
+
+
+class WorkerStartError(RuntimeError):
+    """The worker cannot start (Redis unreachable, model not loadable, port taken); says why."""
+
+
+@dataclass
+class WorkerOptions:
+    host: str = "127.0.0.1"
+    """Interface to bind."""
+    port: int = 0
+    """0 picks a free port."""
+    redis_url: str | None = None
+    """Registry and KV index; None serves without registering."""
+    role: str = "colocated"
+    worker_id: str | None = None
+    """Default: <hostname>-<port>."""
+    lease_s: float = 3.0
+    """A worker that stops heartbeating leaves the registry (and the index) after this long."""
+    heartbeat_s: float = 1.0
+    advertise_host: str | None = None
+    """Host others dial; default: `host`, or this machine's address when `host` is a wildcard."""
+    grace_s: float = 5.0
+    """How long calls in flight may take to finish at shutdown."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}; valid: {', '.join(ROLES)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.lease_s <= 0 or self.heartbeat_s <= 0:
+            raise ValueError("lease_s and heartbeat_s must be positive")
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be shorter than lease_s ({self.lease_s})")
+        if self.grace_s < 0:
+            raise ValueError("grace_s must be >= 0")
+
+
+def _advertise_host(host: str) -> str:
+    if host not in ("", "0.0.0.0", "::", "[::]"):
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class WorkerServer:
+    """One worker: engine, gRPC server, and (with a Redis URL) registration and KV publishing."""
+
+    def __init__(self, engine_config: EngineConfig, options: WorkerOptions, engine: LLMEngine | None = None) -> None:
+        """`engine`: an already loaded engine to serve (else one is built from `engine_config`)."""
+        self.engine_config = engine_config
+        self.options = options
+        self.worker_id = options.worker_id or ""
+        self.address = ""
+        self.engine: AsyncEngine | None = None
+        self._llm = engine
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._redis = None
+        self._registry: Registry | None = None
+        self._index: KVIndex | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._need_snapshot = True
+
+    async def start(self) -> str:
+        """Load, serve, register; returns the advertised host:port. Raises WorkerStartError."""
+        try:
+            if self.options.redis_url:
+                await self._connect_redis()
+            llm = self._llm or await self._load_engine()
+            self.engine = AsyncEngine(llm, enable_kv_events=self._redis is not None)
+            await self._start_grpc()
+            if self._redis is not None:
+                await self._heartbeat_once()
+                await self._publish_once()
+                self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="kvweave-heartbeat"),
+                               asyncio.create_task(self._publish_loop(), name="kvweave-kv-publisher")]
+            for service in ("", SERVICE_NAME):
+                await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        except BaseException:
+            await self._close()
+            raise
+        logger.info("worker %s serving %s on %s", self.worker_id, llm.model_name, self.address)
+        return self.address
+
+    async def stop(self) -> None:
+        """NOT_SERVING, stop accepting, deregister, clear the index, grace-stop, shut the engine down."""
+        if self._stopping.is_set():
+            return
+        await self._health.enter_graceful_shutdown()
+        self._stopping.set()
+        server_stopped = asyncio.ensure_future(self._server.stop(self.options.grace_s)) if self._server else None
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+        await self._leave_cluster()
+        if server_stopped is not None:
+            await server_stopped
+            self._server = None
+        await self._close()
+        logger.info("worker %s stopped", self.worker_id)
+
+    async def _connect_redis(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        url = self.options.redis_url
+        try:
+            self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=3.0, socket_timeout=5.0)
+            await self._redis.ping()
+        except (RedisError, OSError, ValueError) as e:
+            raise WorkerStartError(f"cannot reach Redis at {url}: {e}") from e
+        self._registry = Registry(self._redis, self.options.lease_s)
+        self._index = KVIndex(self._redis, self.options.lease_s)
+
+    async def _load_engine(self) -> LLMEngine:
+        try:
+            return await asyncio.to_thread(LLMEngine, self.engine_config)
+        except (ValueError, OSError) as e:  # ConfigError, ModelNotFoundError, CheckpointError
+            raise WorkerStartError(f"cannot load model {self.engine_config.model!r}: {e}") from e
+
+    async def _start_grpc(self) -> None:
+        o = self.options
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a taken port must fail
+        try:
+            port = self._server.add_insecure_port(f"{o.host}:{o.port}")
+        except RuntimeError as e:
+            raise WorkerStartError(f"cannot listen on {o.host}:{o.port}: {e}") from e
+        if not port:
+            raise WorkerStartError(f"cannot listen on {o.host}:{o.port}")
+        self.address = f"{o.advertise_host or _advertise_host(o.host)}:{port}"
+        self.worker_id = self.worker_id or f"{socket.gethostname()}-{port}"
+        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(self.engine, self.worker_id), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self._server)
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.start()
+
+    def _info(self) -> WorkerInfo:
+        llm, cfg = self.engine.engine, self.engine.engine.config
+        return WorkerInfo(worker_id=self.worker_id, address=self.address, model=llm.model_name,
+                          role=self.options.role, max_num_seqs=cfg.max_num_seqs,
+                          max_model_len=llm.max_model_len, block_size=cfg.block_size,
+                          load=self.engine.get_load())
+
+    async def _heartbeat_once(self) -> None:
+        """Renew the lease; a missing entry (first registration, lapsed lease) asks for a snapshot."""
+        from redis.exceptions import RedisError
+
+        try:
+            existed = await self._redis.exists(worker_key(self.worker_id))
+            await self._registry.heartbeat(self._info())
+            await self._index.refresh(self.worker_id)
+        except (RedisError, OSError) as e:
+            logger.warning("worker %s: heartbeat failed: %s", self.worker_id, e)
+            return
+        if not existed:
+            logger.info("worker %s registered at %s", self.worker_id, self.address)
+            self._need_snapshot = True
+
+    async def _publish_once(self) -> None:
+        """Write the pending KV events (one pipeline), or a full snapshot when one is due."""
+        from redis.exceptions import RedisError
+
+        try:
+            if self._need_snapshot:
+                self._need_snapshot = False
+                hashes = await self.engine.get_cached_hashes()
+                await self._index.replace(self.worker_id, "device", hashes)
+                return
+            events = self.engine.take_kv_events()
+            if events is None:
+                self._need_snapshot = True
+            elif events:
+                await self._index.apply_events(self.worker_id, events)
+        except (RedisError, OSError) as e:
+            logger.warning("worker %s: KV index update failed (%s); will publish a snapshot", self.worker_id, e)
+            self._need_snapshot = True
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stopping.is_set():
+            await _sleep_or_stop(self._stopping, self.options.heartbeat_s)
+            if not self._stopping.is_set():
+                await self._heartbeat_once()
+
+    async def _publish_loop(self) -> None:
+        while not self._stopping.is_set():
+            await _sleep_or_stop(self._stopping, KV_FLUSH_S)
+            if not self._stopping.is_set():
+                await self._publish_once()
+
+    async def _leave_cluster(self) -> None:
+        if self._redis is None:
+            return
+        from redis.exceptions import RedisError
+
+        try:
+            await self._registry.deregister(self.worker_id)
+            await self._index.clear(self.worker_id)
+        except (RedisError, OSError) as e:
+            logger.warning("worker %s: could not deregister (%s); the lease will expire", self.worker_id, e)
+
+    async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            await self._server.stop(0)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+            self.engine = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+
+async def run_worker(engine_config: EngineConfig, options: WorkerOptions, stop: asyncio.Event | None = None,
+                     on_ready: Callable[[WorkerServer], None] | None = None) -> None:
+    """Serve until `stop` is set (or this task is cancelled), then stop cleanly.
+
+    `on_ready(server)` is called once serving and registered (`server.address`, `server.worker_id`).
+    Raises WorkerStartError when the worker cannot start.
+    """
+    server = WorkerServer(engine_config, options)
+    await server.start()
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await server.stop()
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from worker.engine_args import add_engine_args
+
+    p = sub.add_parser("worker", help="serve one engine over gRPC and register it in Redis",
+                       description="Serve kvweave.v1.Worker, grpc.health.v1 and reflection; with --redis-url, "
+                                   "register under a lease and publish the prefix cache to the KV index.")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default: 0)")
+    p.add_argument("--redis-url", default=None, help="registry and KV index (default: serve without registering)")
+    p.add_argument("--role", default="colocated", choices=ROLES, help="worker role (default: colocated)")
+    p.add_argument("--worker-id", default=None, help="id in the registry (default: <hostname>-<port>)")
+    p.add_argument("--lease-s", type=float, default=3.0, help="registration lease, seconds (default: 3)")
+    p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat interval, seconds (default: 1)")
+    p.add_argument("--advertise-host", default=None, help="host others dial (default: --host)")
+    p.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace for calls in flight (default: 5)")
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from worker.engine_args import engine_config_from_args
+
+    try:
+        engine_config = engine_config_from_args(args)
+        options = WorkerOptions(host=args.host, port=args.port, redis_url=args.redis_url, role=args.role,
+                                worker_id=args.worker_id, lease_s=args.lease_s, heartbeat_s=args.heartbeat_s,
+                                advertise_host=args.advertise_host, grace_s=args.grace_s)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(engine_config, options))
+    except WorkerStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(engine_config: EngineConfig, options: WorkerOptions) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def ready(server: WorkerServer) -> None:
+        print(f"kvweave worker {server.worker_id} ready on {server.address}", flush=True)
+
+    await run_worker(engine_config, options, stop, ready)

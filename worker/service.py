@@ -1,0 +1,107 @@
+"""The worker's gRPC service (`kvweave.v1.Worker`) over an `AsyncEngine`, for grpc.aio.
+
+Token ids in, token deltas out. Protobuf stops here: requests become `SamplingParams` and
+token-id lists, `RequestOutput`s become `WorkerGenerateResponse`s.
+
+Cache namespaces: the request's `cache_namespace` goes to the engine unchanged, which salts the
+block-hash chain with `encode_extra_keys((engine.model_name, cache_namespace))`. A router that
+computes `kvstore.keys.hash_blocks(token_ids, block_size, encode_extra_keys((model_name,
+tenant)))` (with the `model` and `block_size` of the worker's registry entry) therefore gets
+exactly the hashes this worker publishes to the KV index.
+
+Errors: invalid input (InvalidRequestError and any other ValueError from validation) ends the
+call with INVALID_ARGUMENT and the message; anything else with INTERNAL and a short message,
+never a traceback. A client that cancels its stream aborts the request.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+
+import grpc
+
+from controlplane.registry import WorkerLoad
+from kvweave.convert import finish_reason_to_proto, sampling_from_proto, stop_reason_to_proto
+from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from worker.async_engine import AsyncEngine
+from worker.output import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+_MAX_ERROR_CHARS = 300
+
+
+def load_to_proto(load: WorkerLoad) -> worker_pb2.Load:
+    return worker_pb2.Load(
+        num_running=load.num_running, num_waiting=load.num_waiting,
+        num_queued_prefill_tokens=load.num_queued_prefill_tokens,
+        num_kv_blocks_used=load.num_kv_blocks_used, num_kv_blocks_total=load.num_kv_blocks_total)
+
+
+def load_from_proto(msg: worker_pb2.Load) -> WorkerLoad:
+    return WorkerLoad(msg.num_running, msg.num_waiting, msg.num_queued_prefill_tokens,
+                      msg.num_kv_blocks_used, msg.num_kv_blocks_total)
+
+
+def logprobs_to_proto(token_ids: list[int], logprobs: list[tuple[float, dict[int, float]]]
+                      ) -> list[common_pb2.TokenLogprob]:
+    return [common_pb2.TokenLogprob(token_id=tok, logprob=lp, top_logprobs=top)
+            for tok, (lp, top) in zip(token_ids, logprobs)]
+
+
+def output_to_proto(out: RequestOutput) -> worker_pb2.WorkerGenerateResponse:
+    """One streamed delta; the finishing one also carries the finish reason and the usage."""
+    msg = worker_pb2.WorkerGenerateResponse(token_ids=out.new_token_ids, text=out.new_text)
+    if out.logprobs is not None and out.new_token_ids:
+        start = len(out.token_ids) - len(out.new_token_ids)
+        msg.logprobs.extend(logprobs_to_proto(out.new_token_ids, out.logprobs[start:]))
+    if out.finished:
+        msg.finished = True
+        msg.finish_reason = finish_reason_to_proto(out.finish_reason)
+        msg.stop_reason = stop_reason_to_proto(out.stop_reason)
+        msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=out.num_prompt_tokens,
+                                            completion_tokens=len(out.token_ids),
+                                            cached_tokens=out.num_cached_tokens))
+    return msg
+
+
+def _short(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    """`kvweave.v1.Worker` over one AsyncEngine."""
+
+    def __init__(self, engine: AsyncEngine, worker_id: str) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+
+    async def Generate(self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext):
+        req_id = request.request_id or f"anon-{uuid.uuid4().hex}"
+        code, message, started = None, "", False
+        try:
+            params = sampling_from_proto(request.sampling if request.HasField("sampling") else None)
+            stream = self.engine.generate(list(request.prompt_token_ids), params, req_id, request.cache_namespace)
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    started = True
+                    yield output_to_proto(out)
+        except Exception as e:
+            # Validation (InvalidRequestError and the engine's other ValueErrors) happens before
+            # the first output; any failure after it is the server's.
+            if isinstance(e, ValueError) and not started:
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, _short(e)
+            else:
+                logger.exception("request %s failed", req_id)
+                code, message = grpc.StatusCode.INTERNAL, f"internal error: {_short(e)}"
+        if code is not None:
+            await context.abort(code, message)
+
+    async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortResponse:
+        return common_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+
+    async def GetLoad(self, request: worker_pb2.GetLoadRequest, context) -> worker_pb2.GetLoadResponse:
+        return worker_pb2.GetLoadResponse(worker_id=self.worker_id, load=load_to_proto(self.engine.get_load()))
