@@ -85,6 +85,8 @@ class _Request:
     """perf_counter() when the router got the request (TTFT counts from here)."""
     call: grpc.aio.UnaryStreamCall | None = None
     aborted: bool = False
+    block_hashes: list = field(default_factory=list)
+    """The prompt's block-hash chain (for the policy; empty when it does not use the index)."""
 
 
 class _WorkerFailure(Exception):
@@ -99,7 +101,7 @@ class Router:
         self.model = model or load_tokenizer(config.model)
         self.tokenizer = self.model.tokenizer
         self.metrics = RouterMetrics()
-        self.redis = redis.asyncio.Redis.from_url(config.redis_url)
+        self.redis = redis.asyncio.Redis.from_url(config.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
         self.prefix_index = PrefixIndex(self.redis)
         self.pool = WorkerPool(Registry(self.redis, config.lease_s), self.model.name, config.refresh_s,
                                self.metrics.set_workers)
@@ -240,6 +242,7 @@ class Router:
         for w in workers:
             by_size.setdefault(w.info.block_size, []).append(w.worker_id)
         chains = {size: hash_blocks(req.token_ids, size, extra) for size in by_size}
+        req.block_hashes = chains[workers[0].info.block_size]
         t1 = time.perf_counter()
         self.metrics.stages["hash"].observe(t1 - t0)
         mediums = self.config.index_mediums
@@ -255,7 +258,7 @@ class Router:
     def _pick(self, req: _Request, workers: list[PoolWorker], hits: dict[str, int]) -> tuple[PoolWorker, int]:
         t0 = time.perf_counter()
         states = [w.state(hits.get(w.worker_id, 0)) for w in workers]
-        decision = self.policy.pick(RouteRequest(len(req.token_ids), (), req.session_id, req.req_id), states)
+        decision = self.policy.pick(RouteRequest(len(req.token_ids), req.block_hashes, req.session_id, req.req_id), states)
         self.metrics.stages["scoring"].observe(time.perf_counter() - t0)
         logger.debug("route %s -> %s (%s, %s) costs=%s hits=%s", req.req_id, decision.worker_id, decision.policy,
                      decision.reason, decision.costs, hits)
@@ -267,6 +270,9 @@ class Router:
         """Forward to one worker; raises _WorkerFailure when it fails before the first token."""
         num_prefill = max(0, len(req.token_ids) - num_hit_blocks * worker.info.block_size)
         self.metrics.predicted_hit_tokens.inc(len(req.token_ids) - num_prefill)
+        if req.aborted:  # aborted while being placed
+            yield Delta(req.req_id, worker.worker_id, "", [], True, "abort")
+            return
         worker.num_local_waiting += 1
         worker.num_local_prefill_tokens += num_prefill
         started, last = False, req.arrival

@@ -143,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         asyncio.run(_serve(config, options))
-    except (OSError, ValueError, redis.RedisError) as e:  # port taken, Redis unreachable, model not found
+    except redis.RedisError as e:
+        print(f"error: cannot reach Redis at {config.redis_url}: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:  # port taken, model not found
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

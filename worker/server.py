@@ -21,12 +21,14 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
+import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.exceptions import RedisError
 
 from controlplane.registry import ROLES, Registry, WorkerInfo, worker_key
 from kvstore.index import KVIndex
@@ -122,8 +124,8 @@ class WorkerServer:
             if self._redis is not None:
                 await self._heartbeat_once()
                 await self._publish_once()
-                self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="kvweave-heartbeat"),
-                               asyncio.create_task(self._publish_loop(), name="kvweave-kv-publisher")]
+                self._tasks = [asyncio.create_task(self._every(self.options.heartbeat_s, self._heartbeat_once)),
+                               asyncio.create_task(self._every(KV_FLUSH_S, self._publish_once))]
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
@@ -149,9 +151,6 @@ class WorkerServer:
         logger.info("worker %s stopped", self.worker_id)
 
     async def _connect_redis(self) -> None:
-        import redis.asyncio as aioredis
-        from redis.exceptions import RedisError
-
         url = self.options.redis_url
         try:
             self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=3.0, socket_timeout=5.0)
@@ -195,8 +194,6 @@ class WorkerServer:
 
     async def _heartbeat_once(self) -> None:
         """Renew the lease; a missing entry (first registration, lapsed lease) asks for a snapshot."""
-        from redis.exceptions import RedisError
-
         try:
             existed = await self._redis.exists(worker_key(self.worker_id))
             await self._registry.heartbeat(self._info())
@@ -210,8 +207,6 @@ class WorkerServer:
 
     async def _publish_once(self) -> None:
         """Write the pending KV events (one pipeline), or a full snapshot when one is due."""
-        from redis.exceptions import RedisError
-
         try:
             if self._need_snapshot:
                 self._need_snapshot = False
@@ -227,23 +222,20 @@ class WorkerServer:
             logger.warning("worker %s: KV index update failed (%s); will publish a snapshot", self.worker_id, e)
             self._need_snapshot = True
 
-    async def _heartbeat_loop(self) -> None:
+    async def _every(self, seconds: float, step: Callable[[], Awaitable[None]]) -> None:
         while not self._stopping.is_set():
-            await _sleep_or_stop(self._stopping, self.options.heartbeat_s)
-            if not self._stopping.is_set():
-                await self._heartbeat_once()
-
-    async def _publish_loop(self) -> None:
-        while not self._stopping.is_set():
-            await _sleep_or_stop(self._stopping, KV_FLUSH_S)
-            if not self._stopping.is_set():
-                await self._publish_once()
+            await _sleep_or_stop(self._stopping, seconds)
+            if self._stopping.is_set():
+                return
+            try:
+                await step()
+            except Exception:  # a bug must not silently end the heartbeat (the worker would vanish)
+                logger.exception("worker %s: %s failed", self.worker_id, step.__name__)
+                self._need_snapshot = True
 
     async def _leave_cluster(self) -> None:
         if self._redis is None:
             return
-        from redis.exceptions import RedisError
-
         try:
             await self._registry.deregister(self.worker_id)
             await self._index.clear(self.worker_id)
@@ -255,6 +247,7 @@ class WorkerServer:
             task.cancel()
         if self._server is not None:
             await self._server.stop(0)
+            self._server = None
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
             self.engine = None

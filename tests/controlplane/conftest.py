@@ -75,6 +75,10 @@ class LocalCluster:
             await worker._server.stop(None)
         self.run(crash())
 
+    def num_worker_requests(self) -> int:
+        """Requests the workers' engines still hold."""
+        return sum(w.engine.num_requests for w in self.workers if w.engine is not None)
+
     def stop(self) -> None:
         for server in [*self.routers, *self.workers]:
             try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 
-import requests
 import openai
 import pytest
 
@@ -33,26 +35,48 @@ def expected(tiny_engine_factory, tiny_model_variant):
     return lambda prompt, n: engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
 
 
-def post(router, path: str, body, **kwargs) -> requests.Response:
-    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return requests.post(router.http_url + path, data=data, headers={"Content-Type": "application/json"},
-                         timeout=60, **kwargs)
+@dataclass
+class Response:
+    status_code: int
+    text: str
+    headers: dict
+
+    def json(self):
+        return json.loads(self.text)
 
 
-def get(router, path: str) -> requests.Response:
-    return requests.get(router.http_url + path, timeout=60)
+def call(router, method: str, path: str, body=None) -> Response:
+    """One HTTP request with the standard library (error statuses are returned, not raised)."""
+    data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(router.http_url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return Response(resp.status, resp.read().decode(), dict(resp.headers))
+    except urllib.error.HTTPError as e:
+        return Response(e.code, e.read().decode(), dict(e.headers))
+
+
+def post(router, path: str, body) -> Response:
+    return call(router, "POST", path, body)
+
+
+def get(router, path: str) -> Response:
+    return call(router, "GET", path)
 
 
 def stream_lines(router, body: dict):
     """The `data: ...` lines of a streamed completion, as they arrive."""
-    with requests.post(router.http_url + "/v1/completions", json=body, stream=True, timeout=60) as resp:
-        assert resp.status_code == 200, resp.text
-        for line in resp.iter_lines(decode_unicode=True):
+    request = urllib.request.Request(router.http_url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        for raw in resp:
+            line = raw.decode().rstrip("\r\n")
             if line.startswith("data: "):
                 yield line
 
 
-def assert_openai_error(resp: requests.Response, status: int, message: str, param: str | None = None) -> None:
+def assert_openai_error(resp: Response, status: int, message: str, param: str | None = None) -> None:
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -141,7 +165,7 @@ def test_models_health_metrics(router, client):
     health = get(router, "/health").json()
     assert health["status"] == "ok" and health["workers"] == 2
     metrics = get(router, "/metrics")
-    assert metrics.headers["content-type"].startswith("text/plain")
+    assert metrics.headers["Content-Type"].startswith("text/plain")
     assert "kvweave_router_stage_seconds_bucket" in metrics.text
     assert "kvweave_router_time_to_first_token_seconds" in metrics.text
 
@@ -195,8 +219,9 @@ def test_overload_is_429(cluster):
     assert_openai_error(post(router, "/v1/completions", {"prompt": "hi"}), 429, "in flight")
     stream.close()  # the client goes away: its request is aborted and the router admits again
     deadline = time.monotonic() + 10
-    while router.router.num_inflight and time.monotonic() < deadline:
+    while (router.router.num_inflight or cluster.num_worker_requests()) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert cluster.num_worker_requests() == 0
     assert post(router, "/v1/completions", {"prompt": "hi", "max_tokens": 1}).status_code == 200
 
 

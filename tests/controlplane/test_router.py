@@ -53,9 +53,9 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def wait_indexed(cluster, router, token_ids: list[int], worker_id: str) -> None:
+def wait_indexed(cluster, router, token_ids: list[int], worker_id: str, tenant: str = "") -> None:
     """Until the KV index says `worker_id` holds every full block of `token_ids`."""
-    hashes = hash_blocks(token_ids, 16, encode_extra_keys((MODEL, "")))
+    hashes = hash_blocks(token_ids, 16, encode_extra_keys((MODEL, tenant)))
 
     def held() -> bool:
         found = cluster.run(KVIndex(router.router.redis).lookup(hashes, [worker_id]))
@@ -108,6 +108,17 @@ def test_prefix_aware_follows_the_cache_and_spreads_unrelated(cluster):
     assert set(unrelated) == {"w0", "w1"}
 
 
+def test_tenants_never_share_cache(cluster):
+    router = cluster.add_router("prefix_aware")
+    stub = stub_for(router)
+    prefix = prompt_ids(20, 96)
+    holder = generate(stub, token_prompt(prefix + [5], max_tokens=1, tenant="acme"))[2].worker_id
+    wait_indexed(cluster, router, prefix, holder, tenant="acme")
+    assert generate(stub, token_prompt(prefix + [6], max_tokens=1, tenant="other"))[2].usage.cached_tokens == 0
+    last = generate(stub, token_prompt(prefix + [6], max_tokens=1, tenant="acme"))[2]
+    assert last.worker_id == holder and last.usage.cached_tokens == 96
+
+
 def test_round_robin_alternates(cluster):
     stub = stub_for(cluster.add_router("round_robin"))
     prompt = prompt_ids(3, 40)
@@ -126,6 +137,7 @@ def test_least_loaded_avoids_the_busy_worker(cluster):
             assert generate(stub, token_prompt(prompt_ids(300 + i, 20), max_tokens=2))[2].worker_id != busy
     finally:
         long_stream.cancel()
+    wait_until(lambda: cluster.num_worker_requests() == 0)  # the client's cancel reached the worker
 
 
 def test_session_policy_sticks(cluster):
@@ -147,7 +159,7 @@ def test_abort_ends_the_stream(cluster):
     last = list(stream)[-1]
     assert last.finished and last.finish_reason == common_pb2.FINISH_REASON_ABORT
     assert not stub.Abort(common_pb2.AbortRequest(request_id="to-abort")).found
-    wait_until(lambda: router.router.num_inflight == 0)
+    wait_until(lambda: router.router.num_inflight == 0 and cluster.num_worker_requests() == 0)
 
 
 def test_list_models_health_reflection_and_stage_metrics(cluster):
@@ -263,3 +275,14 @@ def test_router_command_rejects_unknown_policy(capsys):
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "prefix_aware" in err and "round_robin" in err
+
+
+@pytest.mark.parametrize("fixture", ["tiny_hf_model", "tiny_gguf_model"])
+def test_router_tokenizer_matches_the_engine_without_loading_weights(request, fixture):
+    from worker.loader import load_checkpoint, load_tokenizer
+
+    path = str(request.getfixturevalue(fixture))
+    light, full = load_tokenizer(path), load_checkpoint(path)
+    assert (light.name, light.max_seq_len) == (full.args.name, full.args.max_seq_len)
+    text = "<|im_start|>user\nHello 123 world<|im_end|>"
+    assert light.tokenizer.encode(text, True) == full.tokenizer.encode(text, True)

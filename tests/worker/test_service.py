@@ -158,6 +158,9 @@ async def test_abort_ends_the_stream_with_abort(engine):
     async with serving(engine) as (stub, server):
         call = stub.Generate(_request(PROMPTS[1], LONG, req_id="long-1"))
         first = await call.read()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _collect(stub, _request(PROMPTS[0], req_id="long-1"))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in use" in info.value.details()
         assert (await stub.Abort(common_pb2.AbortRequest(request_id="long-1"))).found
         rest = await _read_rest(call)
         assert not (await stub.Abort(common_pb2.AbortRequest(request_id="long-1"))).found
