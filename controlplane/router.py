@@ -4,7 +4,7 @@ Per request: tokenize with the model's tokenizer (as the engine's `encode_prompt
 (empty, over the context length, sampling parameters), hash the prompt's full blocks with the
 workers' chain (`kvstore.keys`, salted with (model, tenant) exactly as the engine salts them),
 look up in ONE Redis round trip which worker holds how many leading blocks
-(controlplane/prefix_index.py; only when the policy needs it), let the policy pick, and stream the worker's deltas back. A failure before
+(`KVIndex.leading_hits`; only when the policy needs it), let the policy pick, and stream the worker's deltas back. A failure before
 the first token is retried on another worker (at most `max_attempts` workers); after it the
 client gets `WorkerFailedError`. Each stage's time is a histogram (`kvweave_router_stage_seconds`).
 """
@@ -24,10 +24,10 @@ import redis.asyncio
 from controlplane.errors import NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status
 from controlplane.metrics import RouterMetrics
 from controlplane.policies import DEFAULT_POLICY, RouteRequest, make_policy
-from controlplane.prefix_index import PrefixIndex
 from controlplane.registry import Registry
 from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogprob, Usage
 from controlplane.worker_pool import PoolWorker, WorkerPool
+from kvstore.index import KVIndex
 from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.convert import finish_reason_from_proto, sampling_to_proto
 from kvweave.v1 import worker_pb2
@@ -102,7 +102,7 @@ class Router:
         self.tokenizer = self.model.tokenizer
         self.metrics = RouterMetrics()
         self.redis = redis.asyncio.Redis.from_url(config.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
-        self.prefix_index = PrefixIndex(self.redis)
+        self.kv_index = KVIndex(self.redis)
         self.pool = WorkerPool(Registry(self.redis, config.lease_s), self.model.name, config.refresh_s,
                                self.metrics.set_workers)
         self.model_names = frozenset({self.model.name, config.model})
@@ -247,7 +247,7 @@ class Router:
         self.metrics.stages["hash"].observe(t1 - t0)
         mediums = self.config.index_mediums
         try:
-            lookups = [self.prefix_index.leading_hits(chains[size], ids, mediums) for size, ids in by_size.items()]
+            lookups = [self.kv_index.leading_hits(chains[size], ids, mediums) for size, ids in by_size.items()]
             found = [await lookups[0]] if len(lookups) == 1 else await asyncio.gather(*lookups)
         except (redis.RedisError, OSError) as e:
             logger.warning("KV index lookup failed, routing without cache hits: %s", e)

@@ -1,11 +1,10 @@
-"""PrefixIndex against a real Redis: it must agree with KVIndex.lookup + prefix_hits."""
+"""KVIndex.leading_hits against a real Redis: it must agree with KVIndex.lookup + prefix_hits."""
 from __future__ import annotations
 
 import asyncio
 
 import redis.asyncio as aioredis
 
-from controlplane.prefix_index import PrefixIndex
 from kvstore.index import KVIndex, prefix_hits
 
 
@@ -16,7 +15,7 @@ def hashes(n: int, tag: int = 0) -> list[bytes]:
 async def _check(url: str) -> None:
     client = aioredis.Redis.from_url(url)
     try:
-        index, probe = KVIndex(client), PrefixIndex(client)
+        index = probe = KVIndex(client)
         prompt = hashes(9000)  # more than one Lua slice of 4000
         await index.replace("a", "device", prompt[:5])
         await index.replace("b", "device", prompt[:3] + prompt[4:8])  # a hole at block 3
