@@ -19,6 +19,8 @@ HELP = {
     "enable_prefix_caching": "reuse the KV of cached prompt prefixes",
     "max_model_len": "context length (default: the model's)",
     "num_threads": "torch CPU threads (default: all cores)",
+    "attention_cost_len": "context length at which a prefill token's attention costs as much as the rest of "
+                          "its forward; deep prefill chunks are shortened by it (default: from the model; 0: off)",
 }
 
 

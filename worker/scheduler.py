@@ -2,7 +2,11 @@
 
 Each step has a token budget (`max_num_batched_tokens`). Running requests are served first, decodes
 before prefill chunks, so ongoing decodes never stall behind a long prompt; waiting requests then
-fill what is left of the budget with prefill chunks. When blocks run out, the most recently
+fill what is left of the budget with prefill chunks. A chunk deep into a long prompt also attends
+to everything before it, so with `attention_cost_len` = L a chunk of n tokens starting at position
+p costs n * (1 + (p + n/2) / L) budget tokens (L: the context length at which a token's attention
+costs as much as its projections and MLP); later chunks get shorter and every step stays about as
+long as the first, which is what bounds inter-token latency. When blocks run out, the most recently
 admitted running request is preempted by recompute (its blocks freed, its progress reset; the
 prefix cache usually gives most of it back when it resumes). The output of `schedule` is plain
 data; only `update_from_output` changes request state.
@@ -10,6 +14,7 @@ data; only `update_from_output` changes request state.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -29,6 +34,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     """Split long prompts across steps; when off, a prompt is prefilled in one step."""
     max_model_len: int = 2048
+    attention_cost_len: int = 0
+    """Context length at which a prefill token's attention costs as much as the rest of its
+    forward; prefill chunks are charged for their attention (see above). 0: count tokens only."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -97,7 +105,9 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new, cost = self._chunk(req.num_computed_tokens, req.num_tokens - req.num_computed_tokens, budget)
+            if num_new == 0:
+                continue
             while not self.block_manager.allocate_slots(req.req_id, req.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 budget += self._preempt(victim, out)
@@ -106,7 +116,7 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue
             out.scheduled.append(self._make_scheduled(req, num_new))
-            budget -= num_new
+            budget -= cost
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -117,7 +127,9 @@ class Scheduler:
             num_new = req.num_tokens - num_hit_tokens
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
-            num_new = min(num_new, budget)
+            num_new, cost = self._chunk(num_hit_tokens, num_new, budget)
+            if num_new == 0:
+                break
             if not bm.allocate_slots(req.req_id, num_hit_tokens + num_new, hits):
                 break
             self.waiting.popleft()
@@ -127,7 +139,19 @@ class Scheduler:
                 req.num_cached_tokens = num_hit_tokens
             self.running.append(req)
             out.scheduled.append(self._make_scheduled(req, num_new))
-            budget -= num_new
+            budget -= cost
+
+    def _chunk(self, start: int, num_left: int, budget: int) -> tuple[int, int]:
+        """Tokens to compute from `start` within `budget`, and the budget they use."""
+        n = min(num_left, budget)
+        L = self.config.attention_cost_len
+        if n <= 1 or not L or not self.config.enable_chunked_prefill:
+            return n, n
+        # Largest n with n * (1 + (start + n / 2) / L) <= budget.
+        a = 1 + start / L
+        n = min(n, int(L * (math.sqrt(a * a + 2 * budget / L) - a)))
+        n = max(n, min(num_left, 1))
+        return n, max(n, math.ceil(n * (1 + (start + n / 2) / L)))
 
     def _make_scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
         start = req.num_computed_tokens

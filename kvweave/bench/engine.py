@@ -71,6 +71,11 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _paired(ours: list[float], theirs: list[float], higher_is_better: bool) -> float:
+    """Median of the per-repeat ratios: steadier than the ratio of medians when the machine's load shifts."""
+    return round(median([a / b if higher_is_better else b / a for a, b in zip(ours, theirs)]), 3)
+
+
 def _params(n: int):
     from worker.sampling import SamplingParams
 
@@ -176,7 +181,7 @@ def bench_throughput(ctx: BenchContext, sequential: bool) -> Result:
     baseline = "hf generate, one at a time" if sequential else f"hf generate, padded batches of {batch}"
     extra = {"num_requests": len(prompts), "output_tokens": useful, "hf_raw_tok_per_s": round(median(raw), 2),
              "runs": [round(x, 2) for x in ours], "baseline_runs": [round(x, 2) for x in theirs],
-             "hf_agreeing_first_tokens": agree}
+             "paired_ratio_median": _paired(ours, theirs, True), "hf_agreeing_first_tokens": agree}
     return Result(name, median(ours), "tok/s", baseline, median(theirs), True, extra)
 
 
@@ -224,7 +229,8 @@ def bench_itl(ctx: BenchContext) -> Result:
         ctx.log(f"ITL {r + 1}/{c.repeats}: p99 chunked {p99s[-1]:.1f} ms vs whole-prompt {base_p99s[-1]:.1f} ms "
                 f"(p50 {p50s[-1]:.1f} vs {base_p50s[-1]:.1f})")
     extra = {"p50_ms": round(median(p50s), 2), "baseline_p50_ms": round(median(base_p50s), 2),
-             "num_samples": n, "runs": [round(x, 2) for x in p99s], "baseline_runs": [round(x, 2) for x in base_p99s]}
+             "num_samples": n, "runs": [round(x, 2) for x in p99s], "baseline_runs": [round(x, 2) for x in base_p99s],
+             "paired_ratio_median": _paired(p99s, base_p99s, False)}
     return Result("itl_p99_chunked_prefill", median(p99s), "ms", "no chunked prefill", median(base_p99s), False, extra)
 
 
@@ -255,7 +261,8 @@ def bench_ttft(ctx: BenchContext) -> Result:
         warm.append(ms)
         ctx.log(f"TTFT {r + 1}: {warm[-1]:.1f} ms with {num_cached} cached tokens vs {cold[-1]:.1f} ms cold")
     extra = {"prompt_tokens": c.ttft_prompt_len, "cached_tokens": num_cached,
-             "runs": [round(x, 2) for x in warm], "baseline_runs": [round(x, 2) for x in cold]}
+             "runs": [round(x, 2) for x in warm], "baseline_runs": [round(x, 2) for x in cold],
+             "paired_ratio_median": _paired(warm, cold, False)}
     return Result("ttft_prefix_hit", median(warm), "ms", "same prompt, prefix cache reset", median(cold), False, extra)
 
 

@@ -273,3 +273,26 @@ def test_context_length_ends_a_request(make_request) -> None:
     drive(sched, req, [5, 6, 7, 8])
     assert req.output_token_ids == [5, 6]
     assert req.status == RequestStatus.FINISHED_LENGTH
+
+
+def test_deep_prefill_chunks_are_charged_for_their_attention(make_request):
+    """With attention_cost_len L, a chunk of n tokens at position p costs n * (1 + (p + n/2) / L)."""
+    from worker.block_manager import BlockManager
+    from worker.scheduler import Scheduler, SchedulerConfig
+
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=100, max_model_len=4096, attention_cost_len=200)
+    sched = Scheduler(cfg, BlockManager(num_blocks=64, block_size=16))
+    sched.add_request(make_request("long", list(range(1, 601))))
+    sizes = []
+    for _ in range(20):
+        out = sched.schedule()
+        if not out.scheduled or out.scheduled[0].sample:
+            break
+        s = out.scheduled[0]
+        n, p = len(s.token_ids), s.start_pos
+        assert n * (1 + (p + n / 2) / 200) <= 100 + 1e-9
+        sizes.append(n)
+        sched.update_from_output(out, {})
+    # n = floor(L * (sqrt(a^2 + 2B/L) - a)), a = 1 + p/L: p=0 -> 82, p=82 -> 63, p=145 -> 53, ...
+    assert sizes[:3] == [82, 63, 53]
+    assert sizes == sorted(sizes, reverse=True)

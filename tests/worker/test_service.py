@@ -207,7 +207,7 @@ async def test_get_load_reports_running_requests_and_blocks(engine):
 
 
 def test_queued_prefill_tokens_count_uncomputed_prompt_tokens(tiny_engine_factory):
-    engine = tiny_engine_factory(max_num_batched_tokens=32)
+    engine = tiny_engine_factory(max_num_batched_tokens=32, attention_cost_len=0)  # chunks count tokens only
     engine.add_request(list(range(3, 43)), GREEDY)  # 40 tokens
     engine.add_request(list(range(50, 80)), GREEDY)  # 30 tokens
     loads = [compute_load(engine)]
