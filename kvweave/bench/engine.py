@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from kvweave.bench.report import Result, median, percentile, render, write_json
+from kvweave.bench.report import Result, median, metric_list_type, percentile, render, write_json
 
 METRICS = ("throughput_vs_hf", "throughput_vs_hf_sequential", "itl_p99_chunked_prefill", "ttft_prefix_hit")
 
@@ -287,14 +287,6 @@ def run_benchmark(model: str, dtype: str, cfg: BenchConfig, metrics: list[str], 
     return config, results
 
 
-def _metric_list(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in METRICS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown metric(s) {bad}; valid: {', '.join(METRICS)}")
-    return names
-
-
 def add_parser(bsub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("engine", help="engine throughput, ITL and TTFT against HF transformers and ablations")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -302,7 +294,7 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                    help="model dtype of kvweave and the HF baseline alike (default: auto)")
     p.add_argument("--repeats", type=int, default=None, help="repetitions per metric (default: 3, quick: 1)")
-    p.add_argument("--metrics", type=_metric_list, default=list(METRICS),
+    p.add_argument("--metrics", type=metric_list_type(METRICS), default=list(METRICS),
                    help=f"comma-separated subset of: {', '.join(METRICS)}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for both sides (default: torch's)")
     p.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)

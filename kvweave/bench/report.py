@@ -71,3 +71,17 @@ def write_json(path: str, name: str, config: dict, results: list[Result]) -> Non
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
+
+
+def metric_list_type(valid: tuple[str, ...]):
+    """An argparse type for `--metrics a,b`: the names, each one of `valid`."""
+    import argparse
+
+    def parse(text: str) -> list[str]:
+        names = [m.strip() for m in text.split(",") if m.strip()]
+        bad = [m for m in names if m not in valid]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown metric(s) {bad}; valid: {', '.join(valid)}")
+        return names
+
+    return parse

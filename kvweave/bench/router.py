@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvweave.bench.report import Result, median, percentile, render, write_json
+from kvweave.bench.report import Result, median, metric_list_type, percentile, render, write_json
 
 METRICS = ("router_overhead_p99", "routing_decisions_per_s", "prefix_hit_rate_mooncake")
 DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
@@ -447,19 +447,11 @@ def run_benchmark(cfg: BenchConfig, metrics: list[str], model: str | None, trace
     return config, results
 
 
-def _metric_list(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in METRICS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown metric(s) {bad}; valid: {', '.join(METRICS)}")
-    return names
-
-
 def add_parser(bsub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("router", help="router overhead and decision rate; prefix_aware's hit rate on a trace")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="smaller index, fewer requests: under a minute")
-    p.add_argument("--metrics", type=_metric_list, default=list(METRICS),
+    p.add_argument("--metrics", type=metric_list_type(METRICS), default=list(METRICS),
                    help=f"comma-separated subset of: {', '.join(METRICS)}")
     p.add_argument("--model", default=None,
                    help="worker model (default: a tiny random-weight Llama written to a temp dir)")

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from kvweave.bench.engine import METRICS, QUICK, _metric_list, fit_context
+from kvweave.bench.engine import METRICS, QUICK, fit_context
+from kvweave.bench.report import metric_list_type
 from kvweave.cli import main
 
 
@@ -43,7 +44,7 @@ def test_bench_engine_runs_a_subset_of_metrics(tiny_hf_model, tmp_path):
 
 def test_unknown_metric_names_the_valid_ones():
     with pytest.raises(argparse.ArgumentTypeError, match="itl_p99_chunked_prefill"):
-        _metric_list("throughput_vs_hf,bogus")
+        metric_list_type(METRICS)("throughput_vs_hf,bogus")
 
 
 def test_fit_context_shrinks_lengths_to_a_short_context():
