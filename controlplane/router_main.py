@@ -24,6 +24,7 @@ from aiohttp import web
 from controlplane.grpc_frontend import start_grpc_server
 from controlplane.http_frontend import DEFAULT_MAX_BODY_BYTES, start_http_server
 from controlplane.policies import DEFAULT_POLICY, POLICIES, PolicyError
+from controlplane.procs import serve_until
 from controlplane.router import Router, RouterConfig
 from worker.loader import DEFAULT_MODEL
 
@@ -99,14 +100,7 @@ class RouterServer:
 async def run_router(config: RouterConfig, options: ServeOptions, stop: asyncio.Event | None = None,
                      on_ready: Callable[[RouterServer], None] | None = None) -> None:
     """Serve until `stop` is set (or this task is cancelled), then stop cleanly."""
-    server = RouterServer(config, options)
-    await server.start()
-    try:
-        if on_ready is not None:
-            on_ready(server)
-        await (stop or asyncio.Event()).wait()
-    finally:
-        await server.stop()
+    await serve_until(RouterServer(config, options), stop, on_ready)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

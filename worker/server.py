@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
+from controlplane.procs import serve_until
 from controlplane.registry import ROLES, Registry, WorkerInfo, worker_key
 from kvstore.index import KVIndex
 from kvweave.v1 import worker_pb2_grpc
@@ -263,14 +264,7 @@ async def run_worker(engine_config: EngineConfig, options: WorkerOptions, stop: 
     `on_ready(server)` is called once serving and registered (`server.address`, `server.worker_id`).
     Raises WorkerStartError when the worker cannot start.
     """
-    server = WorkerServer(engine_config, options)
-    await server.start()
-    try:
-        if on_ready is not None:
-            on_ready(server)
-        await (stop or asyncio.Event()).wait()
-    finally:
-        await server.stop()
+    await serve_until(WorkerServer(engine_config, options), stop, on_ready)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
