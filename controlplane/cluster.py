@@ -84,6 +84,14 @@ class ClusterConfig:
             raise ValueError("give the model as `model`, not in engine_args")
 
 
+def worker_engine_args(engine_args: dict[str, Any], worker_id: str) -> dict[str, Any]:
+    """One worker's engine settings: an SSD cache directory is split per worker (a slab file
+    belongs to one process)."""
+    if engine_args.get("ssd_cache_dir"):
+        return {**engine_args, "ssd_cache_dir": str(Path(engine_args["ssd_cache_dir"]) / worker_id)}
+    return engine_args
+
+
 def engine_flags(engine_args: dict[str, Any]) -> list[str]:
     """EngineConfig field values as the worker's command-line flags."""
     flags: list[str] = []
@@ -285,7 +293,7 @@ class LocalWorkers:
         c = self.config
         args = ["worker", "--model", c.model, "--host", c.host, "--port", str(port), "--redis-url", self.redis_url,
                 "--worker-id", worker_id, *(["--lease-s", str(c.lease_s)] if c.lease_s else []),
-                *engine_flags(c.engine_args)]
+                *engine_flags(worker_engine_args(c.engine_args, worker_id))]
         return kvweave_command(c, *args)
 
     def start(self) -> None:

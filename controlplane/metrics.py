@@ -50,6 +50,11 @@ class RouterMetrics:
         # One child per stage, resolved once: labels() costs more than observe() on the hot path.
         self.stages = {name: self.stage.labels(name) for name in STAGES}
 
+    def watch_workers(self, workers) -> None:
+        """Also report the KV figures the workers publish with their heartbeats (`workers()` ->
+        the live `WorkerInfo`s): prefix-cache query and hit tokens per source, entries per tier."""
+        self.registry.register(_WorkerKVCollector(workers))
+
     def set_workers(self, counts: dict[str, int]) -> None:
         """Live workers per role (every role is reported, 0 when none)."""
         for role in ROLES:
@@ -57,3 +62,32 @@ class RouterMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WorkerKVCollector:
+    """Per-worker KV-cache figures from the registry, read at scrape time."""
+
+    def __init__(self, workers) -> None:
+        self.workers = workers
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        queries = CounterMetricFamily("kvweave_worker_prefix_cache_query_tokens",
+                                      "Prompt tokens looked up in a worker's prefix cache", labels=["worker"])
+        hits = CounterMetricFamily("kvweave_worker_prefix_cache_hit_tokens",
+                                   "Prompt tokens served instead of computed, by source (device, dram, ssd, peer)",
+                                   labels=["worker", "source"])
+        entries = GaugeMetricFamily("kvweave_worker_kv_entries", "KV blocks a worker holds, by tier",
+                                    labels=["worker", "tier"])
+        for info in self.workers():
+            load = info.load
+            queries.add_metric([info.worker_id], load.prefix_query_tokens)
+            for source, n in load.prefix_hit_tokens.items():
+                hits.add_metric([info.worker_id, source], n)
+            for tier, n in load.kv_entries.items():
+                entries.add_metric([info.worker_id, tier], n)
+        yield from (queries, hits, entries)

@@ -5,9 +5,14 @@ uses. The router fills `WorkerState.num_hit_blocks` from one KV-index lookup whe
 `needs_index` is set, and skips the lookup otherwise.
 
 `prefix_aware` is Dynamo's KV-router cost with SGLang's cache-aware fallback:
-    cost(w) = prefill_weight * uncached_prefill_tokens(w)      (defaults: 8 and 512, tuned by replaying
+    cost(w) = prefill_weight * prefill_work(w)                 (defaults: 8 and 512, tuned by replaying
             + num_queued_prefill_tokens(w)                      the Mooncake trace in `kvweave bench
             + decode_weight * num_running(w)                    router`; 1 and 16 reached 0.66x the shared cache)
+prefill_work(w), in tokens of recompute, is tier-aware when the index gave the worker's per-block
+tier codes (`WorkerState.hit_tiers`, from `KVIndex.leading_tiers`): a prompt token found in tier
+t costs kv_costs_ms[t] / kv_costs_ms["recompute"] tokens (a device hit ~0, DRAM and SSD their load
+time, a block only a peer holds its transfer time), a token nobody holds costs 1. The per-token
+costs are the worker's own measurements (registered with its heartbeat), else `DEFAULT_KV_COSTS_MS`.
 lowest cost wins; ties go to the emptiest KV cache (so unrelated prompts spread their prefixes),
 then rotate. When the busiest worker has more than `balance_abs_threshold` requests beyond the
 idlest AND more than `balance_rel_threshold` times as many, cache affinity is ignored and the
@@ -25,6 +30,11 @@ from typing import ClassVar
 from kvstore.keys import BlockHash
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_KV_COSTS_MS = {"device": 0.0, "dram": 0.002, "ssd": 0.02, "peer": 0.03, "recompute": 1.0}
+"""ms per prompt token by source, for workers that have not published measurements."""
+TIER_CODES = {ord("1"): "device", ord("2"): "dram", ord("3"): "ssd", ord("0"): "peer"}
+"""`KVIndex.leading_tiers` codes for the mediums (device, dram, ssd), in that order."""
 
 
 class PolicyError(ValueError):
@@ -54,6 +64,10 @@ class WorkerState:
     num_kv_blocks_total: int = 0
     num_hit_blocks: int = 0
     """Leading prompt blocks this worker holds (from the KV index)."""
+    hit_tiers: bytes = b""
+    """Per block of the run some worker holds, where this worker gets it (KVIndex.leading_tiers codes)."""
+    kv_costs_ms: dict[str, float] | None = None
+    """This worker's measured ms per token by source and for recompute (None: defaults)."""
     block_size: int = 16
 
     @property
@@ -159,14 +173,28 @@ class PrefixAwarePolicy(Policy):
         return Decision(w.worker_id, self.name, "cost", costs)
 
     def cost(self, request: RouteRequest, w: WorkerState) -> float:
-        uncached = max(0, request.num_prompt_tokens - w.num_hit_blocks * w.block_size)
-        return (self.prefill_weight * uncached + w.num_queued_prefill_tokens
+        return (self.prefill_weight * prefill_work(request.num_prompt_tokens, w) + w.num_queued_prefill_tokens
                 + self.decode_weight * w.num_running)
 
     def _imbalanced(self, workers: Sequence[WorkerState]) -> bool:
         loads = [w.num_requests for w in workers]
         lo, hi = min(loads), max(loads)
         return hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold
+
+
+def prefill_work(num_prompt_tokens: int, w: WorkerState) -> float:
+    """Prefill work on `w` in recompute-token units (see the module docstring)."""
+    codes = w.hit_tiers
+    if not codes:
+        return float(max(0, num_prompt_tokens - w.num_hit_blocks * w.block_size))
+    costs = w.kv_costs_ms or DEFAULT_KV_COSTS_MS
+    recompute = costs.get("recompute") or DEFAULT_KV_COSTS_MS["recompute"]
+    work = max(0, num_prompt_tokens - len(codes) * w.block_size)
+    for code, source in TIER_CODES.items():
+        n = codes.count(code)
+        if n:
+            work += n * w.block_size * costs.get(source, DEFAULT_KV_COSTS_MS[source]) / recompute
+    return work
 
 
 class SessionPolicy(Policy):

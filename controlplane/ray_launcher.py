@@ -17,7 +17,7 @@ import math
 import os
 from typing import Any
 
-from controlplane.cluster import ClusterError
+from controlplane.cluster import ClusterError, worker_engine_args
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ class RayWorkers:
         for worker_id in self.worker_ids:
             actor = actor_cls.options(name=f"kvweave-{worker_id}").remote()
             self.actors.append(actor)
-            self._refs.append(actor.start.remote(engine_args, self._worker_options(worker_id)))
+            self._refs.append(actor.start.remote(worker_engine_args(engine_args, worker_id),
+                                                 self._worker_options(worker_id)))
 
     def check(self) -> str | None:
         """None while every actor's start is pending or succeeded, else why one failed."""

@@ -25,6 +25,12 @@ class WorkerLoad:
     num_queued_prefill_tokens: int = 0
     num_kv_blocks_used: int = 0
     num_kv_blocks_total: int = 0
+    prefix_query_tokens: int = 0
+    """Prompt tokens looked up in the prefix cache since the worker started."""
+    prefix_hit_tokens: dict[str, int] = field(default_factory=dict)
+    """Of those, the tokens each source served: device, dram, ssd, peer."""
+    kv_entries: dict[str, int] = field(default_factory=dict)
+    """KV entries held now per tier."""
 
     @property
     def kv_usage(self) -> float:
@@ -42,6 +48,9 @@ class WorkerInfo:
     max_model_len: int = 2048
     block_size: int = 16
     metrics_port: int = 0
+    kv_costs_ms: dict[str, float] = field(default_factory=dict)
+    """Measured ms per prompt token to get its KV from each source (device, dram, ssd, peer) or to
+    compute it (recompute); the router's cost model uses them."""
     load: WorkerLoad = field(default_factory=WorkerLoad)
     updated_at: float = 0.0
 

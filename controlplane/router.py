@@ -3,8 +3,8 @@
 Per request: tokenize with the model's tokenizer (as the engine's `encode_prompt` does), validate
 (empty, over the context length, sampling parameters), hash the prompt's full blocks with the
 workers' chain (`kvstore.keys`, salted with (model, tenant) exactly as the engine salts them),
-look up in ONE Redis round trip which worker holds how many leading blocks
-(`KVIndex.leading_hits`; only when the policy needs it), let the policy pick, and stream the worker's deltas back. A failure before
+look up in ONE Redis round trip which worker holds which leading blocks in which tier
+(`KVIndex.leading_tiers`; only when the policy needs it), let the policy pick, and stream the worker's deltas back. A failure before
 the first token is retried on another worker (at most `max_attempts` workers); after it the
 client gets `WorkerFailedError`. Each stage's time is a histogram (`kvweave_router_stage_seconds`).
 """
@@ -27,7 +27,7 @@ from controlplane.policies import DEFAULT_POLICY, RouteRequest, make_policy
 from controlplane.registry import Registry
 from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogprob, Usage
 from controlplane.worker_pool import PoolWorker, WorkerPool
-from kvstore.index import KVIndex
+from kvstore.index import MEDIUMS, KVIndex, local_run
 from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.convert import finish_reason_from_proto, sampling_to_proto
 from kvweave.v1 import worker_pb2
@@ -64,8 +64,8 @@ class RouterConfig:
     """How often the registry is re-read."""
     max_attempts: int = 3
     """Workers tried per request before its first token."""
-    index_mediums: tuple[str, ...] = ("device",)
-    """KV-index tiers that count as cache hits."""
+    index_mediums: tuple[str, ...] = MEDIUMS
+    """KV-index tiers that count as cache hits (fastest first)."""
 
     def __post_init__(self) -> None:
         if self.max_inflight <= 0 or self.max_attempts <= 0:
@@ -105,6 +105,7 @@ class Router:
         self.kv_index = KVIndex(self.redis)
         self.pool = WorkerPool(Registry(self.redis, config.lease_s), self.model.name, config.refresh_s,
                                self.metrics.set_workers)
+        self.metrics.watch_workers(lambda: [w.info for w in self.pool.workers.values()])
         self.model_names = frozenset({self.model.name, config.model})
         self._extra_cache: dict[str, bytes] = {}
         self._active: dict[str, _Request] = {}
@@ -230,8 +231,9 @@ class Router:
         raise NoWorkerError(f"request failed on {len(failed)} worker(s) before its first token: "
                             + "; ".join(f"{k}: {v}" for k, v in failed.items()))
 
-    async def _lookup(self, req: _Request, workers: list[PoolWorker]) -> dict[str, int]:
-        """Leading blocks of the prompt each worker holds: one Redis round trip (per block size)."""
+    async def _lookup(self, req: _Request, workers: list[PoolWorker]) -> dict[str, bytes]:
+        """Per worker, the tier of each leading block of the prompt (codes of `KVIndex.leading_tiers`):
+        one Redis round trip (per block size)."""
         if not self.policy.needs_index:
             return {}
         t0 = time.perf_counter()
@@ -247,7 +249,7 @@ class Router:
         self.metrics.stages["hash"].observe(t1 - t0)
         mediums = self.config.index_mediums
         try:
-            lookups = [self.kv_index.leading_hits(chains[size], ids, mediums) for size, ids in by_size.items()]
+            lookups = [self.kv_index.leading_tiers(chains[size], ids, mediums) for size, ids in by_size.items()]
             found = [await lookups[0]] if len(lookups) == 1 else await asyncio.gather(*lookups)
         except (redis.RedisError, OSError) as e:
             logger.warning("KV index lookup failed, routing without cache hits: %s", e)
@@ -255,16 +257,16 @@ class Router:
         self.metrics.stages["index_lookup"].observe(time.perf_counter() - t1)
         return {k: v for hits in found for k, v in hits.items()}
 
-    def _pick(self, req: _Request, workers: list[PoolWorker], hits: dict[str, int]) -> tuple[PoolWorker, int]:
+    def _pick(self, req: _Request, workers: list[PoolWorker], hits: dict[str, bytes]) -> tuple[PoolWorker, int]:
         t0 = time.perf_counter()
-        states = [w.state(hits.get(w.worker_id, 0)) for w in workers]
+        states = [w.state(hits.get(w.worker_id, b"")) for w in workers]
         decision = self.policy.pick(RouteRequest(len(req.token_ids), req.block_hashes, req.session_id, req.req_id), states)
         self.metrics.stages["scoring"].observe(time.perf_counter() - t0)
         logger.debug("route %s -> %s (%s, %s) costs=%s hits=%s", req.req_id, decision.worker_id, decision.policy,
                      decision.reason, decision.costs, hits)
         self.metrics.decisions.labels(decision.policy, decision.worker_id).inc()
         worker = next(w for w in workers if w.worker_id == decision.worker_id)
-        return worker, hits.get(worker.worker_id, 0)
+        return worker, local_run(hits.get(worker.worker_id, b""))
 
     async def _stream(self, req: _Request, worker: PoolWorker, num_hit_blocks: int) -> AsyncIterator[Delta]:
         """Forward to one worker; raises _WorkerFailure when it fails before the first token."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from controlplane.policies import WorkerState
+from kvstore.index import local_run
 from controlplane.registry import Registry, WorkerInfo
 from kvweave.v1 import worker_pb2_grpc
 
@@ -42,7 +43,8 @@ class PoolWorker:
     def worker_id(self) -> str:
         return self.info.worker_id
 
-    def state(self, num_hit_blocks: int = 0) -> WorkerState:
+    def state(self, hit_tiers: bytes = b"") -> WorkerState:
+        """`hit_tiers`: this worker's codes from `KVIndex.leading_tiers`."""
         load = self.info.load
         return WorkerState(
             self.info.worker_id,
@@ -51,7 +53,9 @@ class PoolWorker:
             num_queued_prefill_tokens=max(load.num_queued_prefill_tokens, self.num_local_prefill_tokens),
             num_kv_blocks_used=load.num_kv_blocks_used,
             num_kv_blocks_total=load.num_kv_blocks_total,
-            num_hit_blocks=num_hit_blocks,
+            num_hit_blocks=local_run(hit_tiers),
+            hit_tiers=hit_tiers,
+            kv_costs_ms=self.info.kv_costs_ms,
             block_size=self.info.block_size,
         )
 

@@ -1,53 +1,75 @@
-"""The KV index in Redis: which worker holds which block, in which medium (tier).
+"""The KV index in Redis: which worker holds which KV entry, in which tier, how big, last used when.
 
-Layout: one Redis set per (worker, medium), `kvweave:kv:<worker_id>:<medium>`, of 16-byte block
-hashes. Workers apply their KV events (stored / removed) in batches, one pipeline per batch, and
-refresh the sets' TTL with their lease, so a dead worker's entries vanish with it. A lookup asks
-every (worker, medium) set about all of a request's hashes (SMISMEMBER) in ONE pipelined round
-trip. Redis never holds KV bytes. The router's hot path uses `leading_hits`, which counts each
-worker's unbroken run of leading blocks inside Redis (a Lua script), so the reply is one integer
-per worker instead of one per block and worker: with redis-py's pure-Python reply parser that is
-~0.25 ms instead of ~1 ms for a 1k-token prompt over 4 workers; sending the hashes as one
-concatenated argument took the router from 4.7k to 5.6k decisions/s.
+Layout: one Redis hash per (worker, tier), `kvweave:kv:<worker_id>:<tier>` (tier = medium:
+device, dram, ssd), whose fields are the entries' 16-byte key hashes (`KVKey.hash`, which already
+commits to model, namespace and kind) and whose values are `b"<nbytes>:<last access, unix ms>"`.
+Workers apply their KV events (stored / removed / touched) in batches, one pipeline per batch, and
+refresh the hashes' TTL with their lease, so a dead worker's entries vanish with it. Redis never
+holds KV bytes.
+
+Reads, each ONE round trip:
+- `locate`: for every key, the (worker, tier, nbytes, last access) that hold it (HMGET per
+  (worker, tier) in one pipeline);
+- `leading_tiers` (the router's hot path, a Lua script): for the longest run of leading blocks
+  that SOME worker holds, a string per worker with one code per block: b"0" not held by this
+  worker (a peer has it), b"1".. the index+1 of the fastest of `mediums` holding it. Counting codes
+  (`bytes.count`) gives a worker's per-tier hits and peer blocks with no Python loop; replies are
+  one bulk string per worker, and the hashes go as ONE concatenated argument (packing arguments
+  was most of the client's cost: 4.7k -> 5.6k routing decisions/s).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from kvstore.keys import HASH_BYTES, BlockHash
 
 MEDIUMS = ("device", "dram", "ssd")
 _BATCH = 1000
 
-# KEYS: `m` sets per worker (its mediums), worker after worker. ARGV[1] = m, ARGV[2] = the
-# prompt's block hashes in order, concatenated (one argument instead of one per block: packing
-# arguments is most of the client's cost). Returns per worker the number of leading blocks found
-# in any of its sets. Hashes go to SMISMEMBER in slices (Lua's unpack has a stack limit of ~8k
-# values), and a worker's scan stops at its first miss.
-_LEADING_HITS_LUA = """
+# KEYS: `m` hashes per worker (its tiers, fastest first), worker after worker. ARGV[1] = m, ARGV[2]
+# = the prompt's block hashes in order, concatenated, ARGV[3] = hash size. HMGET goes in slices
+# (Lua's unpack has a stack limit of ~8k values); tiers are read slowest first so the fastest wins.
+_LEADING_TIERS_LUA = """
 local m = tonumber(ARGV[1])
 local blob = ARGV[2]
 local size = tonumber(ARGV[3])
+local n = #blob / size
 local hashes = {}
-for i = 1, #blob / size do hashes[i] = string.sub(blob, (i - 1) * size + 1, i * size) end
-local out = {}
-for w = 0, #KEYS / m - 1 do
-  local count, start, done = 0, 1, false
-  while start <= #hashes and not done do
-    local stop = math.min(start + 3999, #hashes)
-    local held = {}
-    for k = 1, m do held[k] = redis.call('SMISMEMBER', KEYS[w * m + k], unpack(hashes, start, stop)) end
-    for j = 1, stop - start + 1 do
-      local any = false
-      for k = 1, m do
-        if held[k][j] == 1 then any = true; break end
+for i = 1, n do hashes[i] = string.sub(blob, (i - 1) * size + 1, i * size) end
+local nw = #KEYS / m
+local codes = {}
+for w = 1, nw do
+  local c = {}
+  for i = 1, n do c[i] = 0 end
+  for k = m, 1, -1 do
+    local start = 1
+    while start <= n do
+      local stop = math.min(start + 3999, n)
+      local held = redis.call('HMGET', KEYS[(w - 1) * m + k], unpack(hashes, start, stop))
+      for j = 1, stop - start + 1 do
+        if held[j] then c[start + j - 1] = k end
       end
-      if not any then done = true; break end
-      count = count + 1
+      start = stop + 1
     end
-    start = stop + 1
   end
-  out[w + 1] = count
+  codes[w] = c
+end
+local run = 0
+for i = 1, n do
+  local any = false
+  for w = 1, nw do
+    if codes[w][i] > 0 then any = true; break end
+  end
+  if not any then break end
+  run = i
+end
+local out = {}
+for w = 1, nw do
+  local parts = {}
+  for i = 1, run do parts[i] = string.char(48 + codes[w][i]) end
+  out[w] = table.concat(parts)
 end
 return out
 """
@@ -57,36 +79,56 @@ def index_key(worker_id: str, medium: str = "device") -> str:
     return f"kvweave:kv:{worker_id}:{medium}"
 
 
+@dataclass(frozen=True, slots=True)
+class Location:
+    worker_id: str
+    medium: str
+    nbytes: int
+    last_access_ms: int
+
+
+def _value(nbytes: int, now_ms: int) -> bytes:
+    return b"%d:%d" % (nbytes, now_ms)
+
+
 class KVIndex:
     """Writes and reads the index through a `redis.asyncio.Redis` client."""
 
     def __init__(self, redis, lease_s: float = 3.0) -> None:
         self.redis = redis
         self.lease_ms = int(lease_s * 1000)
-        self._leading_hits = redis.register_script(_LEADING_HITS_LUA)
+        self._leading_tiers = redis.register_script(_LEADING_TIERS_LUA)
 
-    async def apply_events(self, worker_id: str, events: Iterable) -> None:
-        """Apply BlockStored / BlockRemoved events (worker.block_manager) in one pipeline."""
+    async def apply_events(self, worker_id: str, events: Iterable, entry_bytes: int = 0) -> None:
+        """Apply KV events in one pipeline: BlockStored / BlockTouched set the entry (size
+        `entry_bytes`, last access now), BlockRemoved deletes it. Events name their medium."""
+        now = int(time.time() * 1000)
+        value = _value(entry_bytes, now)
         async with self.redis.pipeline(transaction=False) as pipe:
             touched = set()
             for ev in events:
                 key = index_key(worker_id, ev.medium)
                 touched.add(key)
-                op = pipe.sadd if type(ev).__name__ == "BlockStored" else pipe.srem
-                for i in range(0, len(ev.block_hashes), _BATCH):
-                    op(key, *ev.block_hashes[i:i + _BATCH])
+                hashes = ev.block_hashes
+                for i in range(0, len(hashes), _BATCH):
+                    part = hashes[i:i + _BATCH]
+                    if type(ev).__name__ == "BlockRemoved":
+                        pipe.hdel(key, *part)
+                    else:
+                        pipe.hset(key, mapping=dict.fromkeys(part, value))
             for key in touched:
                 pipe.pexpire(key, self.lease_ms)
             if touched:
                 await pipe.execute()
 
-    async def replace(self, worker_id: str, medium: str, hashes: Sequence[BlockHash]) -> None:
-        """Publish a full snapshot (after a restart or a lapsed lease)."""
+    async def replace(self, worker_id: str, medium: str, hashes: Sequence[BlockHash], entry_bytes: int = 0) -> None:
+        """Publish a full snapshot of one tier (after a restart or a lapsed lease)."""
         key = index_key(worker_id, medium)
+        value = _value(entry_bytes, int(time.time() * 1000))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             for i in range(0, len(hashes), _BATCH):
-                pipe.sadd(key, *hashes[i:i + _BATCH])
+                pipe.hset(key, mapping=dict.fromkeys(hashes[i:i + _BATCH], value))
             pipe.pexpire(key, self.lease_ms)
             await pipe.execute()
 
@@ -99,27 +141,58 @@ class KVIndex:
     async def clear(self, worker_id: str) -> None:
         await self.redis.delete(*(index_key(worker_id, m) for m in MEDIUMS))
 
+    async def locate(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str],
+                     mediums: Sequence[str] = MEDIUMS) -> list[list[Location]]:
+        """For each of `hashes`: every (worker, tier) holding it, fastest tier first. One round trip."""
+        out: list[list[Location]] = [[] for _ in hashes]
+        if not hashes or not worker_ids:
+            return out
+        pairs = [(w, m) for w in worker_ids for m in mediums]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for w, m in pairs:
+                pipe.hmget(index_key(w, m), list(hashes))
+            results = await pipe.execute()
+        for (w, m), values in zip(pairs, results):
+            for i, v in enumerate(values):
+                if v is not None:
+                    nbytes, _, last = v.partition(b":")
+                    out[i].append(Location(w, m, int(nbytes or 0), int(last or 0)))
+        rank = {m: i for i, m in enumerate(MEDIUMS)}
+        for holders in out:
+            holders.sort(key=lambda loc: rank.get(loc.medium, len(rank)))
+        return out
+
     async def lookup(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str],
                      mediums: Sequence[str] = ("device",)) -> dict[tuple[str, str], list[bool]]:
-        """For each (worker, medium): which of `hashes` it holds. One round trip."""
+        """For each (worker, tier): which of `hashes` it holds. One round trip."""
         if not hashes or not worker_ids:
             return {}
         pairs = [(w, m) for w in worker_ids for m in mediums]
         async with self.redis.pipeline(transaction=False) as pipe:
             for w, m in pairs:
-                pipe.smismember(index_key(w, m), list(hashes))
+                pipe.hmget(index_key(w, m), list(hashes))
             results = await pipe.execute()
-        return {pair: [bool(x) for x in res] for pair, res in zip(pairs, results)}
+        return {pair: [v is not None for v in res] for pair, res in zip(pairs, results)}
 
+    async def leading_tiers(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str],
+                            mediums: Sequence[str] = MEDIUMS) -> dict[str, bytes]:
+        """Per worker, one code per block of the leading run that some worker holds (see above)."""
+        if not hashes or not worker_ids:
+            return {}
+        keys = [index_key(w, m) for w in worker_ids for m in mediums]
+        codes = await self._leading_tiers(keys=keys, args=[len(mediums), b"".join(hashes), HASH_BYTES])
+        return dict(zip(worker_ids, codes))
 
     async def leading_hits(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str],
                            mediums: Sequence[str] = ("device",)) -> dict[str, int]:
         """For each worker: the number of leading `hashes` it holds in any of `mediums`. One round trip."""
-        if not hashes or not worker_ids:
-            return {}
-        keys = [index_key(w, m) for w in worker_ids for m in mediums]
-        counts = await self._leading_hits(keys=keys, args=[len(mediums), b"".join(hashes), HASH_BYTES])
-        return dict(zip(worker_ids, (int(c) for c in counts)))
+        return {w: local_run(c) for w, c in (await self.leading_tiers(hashes, worker_ids, mediums)).items()}
+
+
+def local_run(codes: bytes) -> int:
+    """Leading blocks a worker holds itself, from its `leading_tiers` codes."""
+    i = codes.find(b"0")
+    return len(codes) if i < 0 else i
 
 
 def prefix_hits(held: Sequence[bool]) -> int:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NewType
+from urllib.parse import quote, unquote
 
 import numpy as np
 
@@ -77,3 +79,49 @@ def hash_chunk(token_ids: Sequence[int], extra: bytes = b"") -> BlockHash:
         h.update(b"\x00")
         h.update(extra)
     return BlockHash(h.digest())
+
+
+KINDS = ("block", "chunk")
+
+
+@dataclass(frozen=True, slots=True)
+class KVKey:
+    """The identity of one stored KV entry: a prefix block or a reusable chunk.
+
+    `hash` already commits to the model and the namespace (they are the extra keys of the chain,
+    see `encode_extra_keys`) and to the kind (chunks hash with their own seed), so the 16-byte
+    `hash` alone is what tiers, the index and transfers use as the entry's id; the other fields
+    name the entry for people and for checks. `str(key)` is the stable string form
+    `<kind>:<model>:<namespace>:<hex hash>` (model and namespace percent-encoded).
+    """
+
+    model: str
+    namespace: str
+    kind: str
+    hash: BlockHash
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"KV key kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.hash, bytes) or len(self.hash) != HASH_BYTES:
+            raise ValueError(f"KV key hash must be {HASH_BYTES} bytes")
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{quote(self.model, safe='')}:{quote(self.namespace, safe='')}:{self.hash.hex()}"
+
+    @classmethod
+    def parse(cls, text: str) -> "KVKey":
+        parts = text.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"not a KV key: {text!r} (expected kind:model:namespace:hash)")
+        kind, model, namespace, hexhash = parts
+        try:
+            digest = bytes.fromhex(hexhash)
+        except ValueError as e:
+            raise ValueError(f"not a KV key: {text!r} (bad hash)") from e
+        return cls(unquote(model), unquote(namespace), kind, BlockHash(digest))
+
+    @property
+    def extra(self) -> bytes:
+        """The encoded extra keys this key's hash chain was salted with."""
+        return encode_extra_keys((self.model, self.namespace))

@@ -8,10 +8,14 @@ its request. A failure inside a step fails the requests in flight with an error 
 keeps serving new ones.
 
 For the worker server, the engine thread also publishes after every loop turn (a) a load snapshot,
-an immutable `WorkerLoad` swapped in by reference, and (b) the block manager's KV events, appended
-to a bounded deque that one consumer drains with `take_kv_events`. `get_cached_hashes` computes a
-full snapshot of the prefix cache inside the engine thread and, in the same turn, drops the events
-still pending, so "snapshot, then the events taken after it" is always the exact cache state.
+an immutable `WorkerLoad` swapped in by reference, and (b) the KV events of every tier (device,
+DRAM, SSD), appended to a bounded deque that one consumer drains with `take_kv_events`.
+`get_cached_hashes` computes a full snapshot of every tier inside the engine thread and, in the
+same turn, drops the events still pending, so "snapshot, then the events taken after it" is
+always the exact cache state. `export` copies KV blocks out for a peer inside the engine thread
+(between steps), so a block is never read while it is being reused. An optional `prefetch`
+coroutine runs for each request before it enters the engine (worker/kv_prefetch.py stages KV
+from SSD and peers there, so the engine thread never waits on I/O).
 """
 from __future__ import annotations
 
@@ -20,12 +24,14 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from controlplane.registry import WorkerLoad
 from kvstore.keys import BlockHash
-from worker.block_manager import BlockRemoved, BlockStored
+from kvstore.codec import KVLayout
+from kvstore.events import BlockRemoved, BlockStored
+from kvstore.transfer import KVLayoutMismatchError
 from worker.engine import LLMEngine, Prompt
 from worker.output import RequestOutput
 from worker.request import Request, RequestStatus
@@ -53,6 +59,8 @@ class AsyncEngine:
         self._kv_events: deque[BlockStored | BlockRemoved] = deque()
         self._kv_events_dropped = False
         self._load = compute_load(engine)
+        self.prefetch: Callable[[Request], Awaitable[None]] | None = None
+        """Runs for each request before it is queued (stages KV it can reuse)."""
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvweave-engine", daemon=True)
         self._thread.start()
@@ -69,9 +77,11 @@ class AsyncEngine:
             raise InvalidRequestError(f"request id {req.req_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[req.req_id] = stream
-        self._commands.put(("add", req))
         finished = False
         try:
+            if self.prefetch is not None:
+                await self.prefetch(req)
+            self._commands.put(("add", req))
             while not finished:
                 out = await stream.queue.get()
                 if isinstance(out, Exception):
@@ -106,17 +116,27 @@ class AsyncEngine:
             pass
         return events
 
-    async def get_cached_hashes(self) -> list[BlockHash]:
-        """Every block hash the prefix cache holds now; pending KV events are dropped (computed in
+    async def get_cached_hashes(self) -> dict[str, list[BlockHash]]:
+        """Every key each tier holds now, by medium; pending KV events are dropped (computed in
         the engine thread, so later `take_kv_events` results apply on top of this snapshot)."""
         future = asyncio.get_running_loop().create_future()
         self._commands.put(("snapshot", future))
+        return await future
+
+    async def export(self, keys: list[bytes], layout: KVLayout):
+        """The leading `keys` this worker holds in any tier, as one tensor [n, *layout.shape], or
+        None (a KVSource for kvstore.transfer). KVLayoutMismatchError when `layout` is not this engine's."""
+        if layout != self.engine.connector.layout:
+            raise KVLayoutMismatchError(f"this worker holds KV blocks of {self.engine.connector.layout}, asked for {layout}")
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("export", (keys, future)))
         return await future
 
     def shutdown(self) -> None:
         self._stopped.set()
         self._commands.put(("wake", None))
         self._thread.join(timeout=30)
+        self.engine.close()
 
     def _deliver(self, req_id: str, item: RequestOutput | Exception) -> None:
         stream = self._streams.get(req_id)
@@ -135,21 +155,21 @@ class AsyncEngine:
             if out is not None:
                 self._deliver(arg, out)
         elif cmd == "snapshot":
-            self._snapshot(arg)
-
-    def _snapshot(self, future: asyncio.Future) -> None:
-        self.engine.block_manager.take_events()
-        self._kv_events.clear()
-        self._kv_events_dropped = False
-        hashes = list(self.engine.block_manager.cached_blocks)
-        try:
-            future.get_loop().call_soon_threadsafe(_set_result, future, hashes)
-        except RuntimeError:  # the caller's loop is closed: nobody is waiting
-            pass
+            self.engine.take_kv_events()
+            self._kv_events.clear()
+            self._kv_events_dropped = False
+            _resolve(arg, self.engine.connector.snapshot())
+        elif cmd == "export":
+            keys, future = arg
+            try:
+                _resolve(future, self.engine.connector.export(keys))
+            except Exception as e:  # never take the engine thread down for a peer's request
+                logger.exception("KV export failed")
+                _resolve(future, e)
 
     def _publish(self) -> None:
         """Engine thread, after each turn: swap in the load and hand over the KV events."""
-        events = self.engine.block_manager.take_events()
+        events = self.engine.take_kv_events()
         if events and self.enable_kv_events and not self._kv_events_dropped:
             if len(self._kv_events) + len(events) > MAX_PENDING_KV_EVENTS:
                 logger.warning("%d KV events not taken; dropping them for a snapshot", len(self._kv_events))
@@ -184,9 +204,18 @@ class AsyncEngine:
             self._deliver(out.req_id, out)
 
 
-def _set_result(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
+def _resolve(future: asyncio.Future, value) -> None:
+    """Complete a caller's future from the engine thread (an exception value is raised there)."""
+    def done() -> None:
+        if not future.done():
+            if isinstance(value, BaseException):
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+    try:
+        future.get_loop().call_soon_threadsafe(done)
+    except RuntimeError:  # the caller's loop is closed: nobody is waiting
+        pass
 
 
 def compute_load(engine: LLMEngine) -> WorkerLoad:
@@ -199,6 +228,12 @@ def compute_load(engine: LLMEngine) -> WorkerLoad:
         if req.status == RequestStatus.RUNNING and pending == 1 and req.num_output_tokens:
             pending = 0
         queued += max(pending, 0)
+    stats, conn = engine.connector.stats, engine.connector
+    entries = {"device": len(bm.cached_blocks)}
+    if conn.store is not None:
+        entries.update((t.name, len(t)) for t in conn.store.tiers)
     return WorkerLoad(num_running=len(sched.running), num_waiting=len(sched.waiting),
                       num_queued_prefill_tokens=queued,
-                      num_kv_blocks_used=bm.num_blocks - bm.num_free_blocks, num_kv_blocks_total=bm.num_blocks)
+                      num_kv_blocks_used=bm.num_blocks - bm.num_free_blocks, num_kv_blocks_total=bm.num_blocks,
+                      prefix_query_tokens=stats.query_tokens, prefix_hit_tokens=dict(stats.hit_tokens),
+                      kv_entries=entries)

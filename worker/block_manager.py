@@ -10,20 +10,22 @@ What the cache holds is reported as KV events (stored / removed), taken by `take
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
+from collections.abc import Callable
+from kvstore.events import BlockRemoved, BlockStored
 from kvstore.keys import BlockHash, hash_blocks
 
 logger = logging.getLogger(__name__)
 
 
 class Block:
-    __slots__ = ("block_id", "ref_cnt", "block_hash", "prev", "next")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "depth", "prev", "next")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_cnt = 0
         self.block_hash: BlockHash | None = None
+        self.depth = 0
+        """Index of the block in the prompt it was cached for (deeper blocks cost more to recompute)."""
         self.prev: Block | None = None
         self.next: Block | None = None
 
@@ -65,19 +67,6 @@ class FreeBlockQueue:
         return ids
 
 
-@dataclass(slots=True)
-class BlockStored:
-    block_hashes: list[BlockHash]
-    parent_hash: BlockHash | None
-    medium: str = "device"
-
-
-@dataclass(slots=True)
-class BlockRemoved:
-    block_hashes: list[BlockHash]
-    medium: str = "device"
-
-
 class BlockManager:
     """Owns block ids, ref counts and the prefix cache; knows nothing about tensors."""
 
@@ -92,6 +81,8 @@ class BlockManager:
         self.req_hashes: dict[str, list[BlockHash]] = {}
         self.req_num_cached: dict[str, int] = {}
         self.events: list[BlockStored | BlockRemoved] = []
+        self.on_evict: Callable[[Block], None] | None = None
+        """Called with a cached block just before it is reused for something else (its KV still intact)."""
 
     @property
     def num_blocks(self) -> int:
@@ -155,6 +146,8 @@ class BlockManager:
     def _take_free_block(self) -> Block:
         block = self.free_queue.popleft()
         if block.block_hash is not None:
+            if self.on_evict is not None:
+                self.on_evict(block)
             del self.cached_blocks[block.block_hash]
             self.events.append(BlockRemoved([block.block_hash]))
             block.block_hash = None
@@ -176,6 +169,7 @@ class BlockManager:
             block, h = blocks[i], hashes[i]
             if block.block_hash is None and h not in self.cached_blocks:
                 block.block_hash = h
+                block.depth = i
                 self.cached_blocks[h] = block
                 if not run:
                     parent = hashes[i - 1] if i else None
@@ -196,6 +190,33 @@ class BlockManager:
                 self.free_queue.append(block)
         self.req_hashes.pop(req_id, None)
         self.req_num_cached.pop(req_id, None)
+
+    def touch(self, block: Block) -> None:
+        """A cached block was used: an unreferenced one moves to the back of the eviction queue."""
+        if block.ref_cnt == 0 and block.prev is not None:
+            self.free_queue.remove(block)
+            self.free_queue.append(block)
+
+    def cache_free_block(self, block_hash: BlockHash, depth: int = 0) -> Block | None:
+        """Take a free block (evicting its old content) and cache it under `block_hash`, unreferenced
+        and most recently used; the caller writes its KV. None when every block is in use."""
+        if self.num_free_blocks == 0:
+            return None
+        block = self._take_free_block()
+        block.ref_cnt, block.block_hash, block.depth = 0, block_hash, depth
+        self.cached_blocks[block_hash] = block
+        self.free_queue.append(block)
+        self.events.append(BlockStored([block_hash], None))
+        return block
+
+    def uncache(self, block_hash: BlockHash) -> bool:
+        """Forget a cached block (its KV is no longer trusted or wanted)."""
+        block = self.cached_blocks.pop(block_hash, None)
+        if block is None:
+            return False
+        block.block_hash = None
+        self.events.append(BlockRemoved([block_hash]))
+        return True
 
     def get_block_table(self, req_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req_id, [])]

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.keys import encode_extra_keys
+from kvstore.manager import StoreConfig, TierManager
+from kvstore.tier import TierConfigError
 from worker.block_manager import BlockManager
 from worker.config import ConfigError
+from worker.kv_connector import KVConnector, block_layout
 from worker.loader import load_checkpoint
 from worker.model import Transformer
 from worker.model_runner import ModelRunner
@@ -28,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 Prompt = str | list[int] | dict
+MIN_PREFILL_TO_MEASURE = 32
+"""Steps with at least this many prefill tokens measure the per-token cost of computing KV."""
 
 
 @dataclass
@@ -52,6 +57,14 @@ class EngineConfig:
     attention_cost_len: int | None = None
     """Context length at which a prefill token's attention costs as much as the rest of its forward,
     used to shorten deep prefill chunks (None: derived from the model; 0: count tokens only)."""
+    dram_cache_gb: float | None = None
+    """Host-memory KV tier behind the device cache, GiB (None: none)."""
+    ssd_cache_gb: float | None = None
+    """SSD KV tier, GiB (None: none; needs ssd_cache_dir)."""
+    ssd_cache_dir: str | None = None
+    """Directory of the SSD tier's slab file (kept across restarts)."""
+    kv_eviction_policy: str = "lru"
+    """Eviction policy of the host tiers: lru | cost_aware."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -60,6 +73,11 @@ class EngineConfig:
             raise ConfigError("block_size and kv_cache_gb must be positive")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
+        try:
+            self.store_config = StoreConfig(self.dram_cache_gb, self.ssd_cache_gb, self.ssd_cache_dir,
+                                            self.kv_eviction_policy)
+        except TierConfigError as e:
+            raise ConfigError(str(e)) from e
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -114,8 +132,15 @@ class LLMEngine:
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                     config.enable_chunked_prefill, self.max_model_len, cost_len)
         eos = frozenset(self.args.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        self.scheduler = Scheduler(sched_cfg, self.block_manager, eos)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.store = None
+        if config.store_config.enabled:
+            try:
+                self.store = TierManager(block_layout(self.runner.kv_cache, config.block_size), config.store_config)
+            except TierConfigError as e:
+                raise ConfigError(str(e)) from e
+        self.connector = KVConnector(self.block_manager, self.runner.kv_cache, self.store, cost_len)
+        self.scheduler = Scheduler(sched_cfg, self.block_manager, eos, self.connector)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.model_name = self.args.name
@@ -183,6 +208,15 @@ class LLMEngine:
         req = self.scheduler.finish(req_id, RequestStatus.FINISHED_ABORTED)
         return self.outputs.take_output(req) if req is not None else None
 
+    def take_kv_events(self) -> list:
+        """KV events of every tier since the last take (device, then host tiers)."""
+        return self.block_manager.take_events() + self.connector.take_events()
+
+    def close(self) -> None:
+        """Release the host tiers (the SSD tier's file)."""
+        if self.store is not None:
+            self.store.close()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -191,7 +225,11 @@ class LLMEngine:
         reqs = self.scheduler.requests
         params = {s.req_id: reqs[s.req_id].params for s in sched_out.scheduled}
         gens = {s.req_id: reqs[s.req_id].generator for s in sched_out.scheduled}
+        t0 = time.perf_counter()
         result = self.runner.execute(sched_out, params, gens)
+        num_prefill = sum(len(s.token_ids) for s in sched_out.scheduled if len(s.token_ids) > 1)
+        if num_prefill >= MIN_PREFILL_TO_MEASURE:
+            self.connector.record_cost("recompute", time.perf_counter() - t0, num_prefill)
         outputs = []
         for req in self.scheduler.update_from_output(sched_out, result.sampled):
             stop = self.outputs.process_token(req, result.logprobs.get(req.req_id))

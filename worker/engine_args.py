@@ -21,14 +21,20 @@ HELP = {
     "num_threads": "torch CPU threads (default: all cores)",
     "attention_cost_len": "context length at which a prefill token's attention costs as much as the rest of "
                           "its forward; deep prefill chunks are shortened by it (default: from the model; 0: off)",
+    "dram_cache_gb": "host-memory KV tier behind the device cache, GiB (default: none)",
+    "ssd_cache_gb": "SSD KV tier, GiB; needs --ssd-cache-dir (default: none)",
+    "ssd_cache_dir": "directory of the SSD tier's slab file, kept across restarts",
+    "kv_eviction_policy": "eviction policy of the host KV tiers: lru | cost_aware",
 }
+TYPES = {"dram_cache_gb": float, "ssd_cache_gb": float, "ssd_cache_dir": str}
+"""Types of the optional fields that are not counts."""
 
 
 def _env(name: str) -> str | None:
     return os.environ.get("KVWEAVE_" + name.upper())
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -42,11 +48,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        kind = type(default) if default is not None else int  # the optional fields are counts
+        kind = TYPES.get(f.name) or (type(default) if default is not None else int)
         env = _env(f.name)
         if kind is bool:
-            value = _parse_bool(env) if env is not None else default
-            group.add_argument(flag, type=_parse_bool, default=value, metavar="BOOL",
+            value = parse_bool(env) if env is not None else default
+            group.add_argument(flag, type=parse_bool, default=value, metavar="BOOL",
                                help=f"{HELP[f.name]} (default: {value})")
         else:
             value = kind(env) if env is not None else default

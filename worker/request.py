@@ -47,6 +47,8 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
+    kv_staged: dict = field(default_factory=dict)
+    """Block hash -> (KV tensor, source) read for this request while it waited (SSD, peer)."""
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -73,8 +73,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), connector=None) -> None:
+        """`connector` (worker.kv_connector.KVConnector): onboards prefix blocks held outside the
+        device (host tiers, staged from peers) when a request is admitted."""
         self.config = config
+        self.connector = connector
         self.eos_token_ids = eos_token_ids
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
@@ -124,19 +127,28 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit_tokens = bm.get_computed_blocks(req.req_id, req.all_token_ids, req.cache_extra)
-            num_new = req.num_tokens - num_hit_tokens
+            num_ext = 0
+            if self.connector is not None and bm.enable_prefix_caching:
+                max_blocks = (req.num_tokens - 1) // bm.block_size  # at least one token is computed
+                num_ext = self.connector.num_external_blocks(req, len(hits), max_blocks)
+            num_cached = num_hit_tokens + num_ext * bm.block_size
+            num_new = req.num_tokens - num_cached
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
-            num_new, cost = self._chunk(num_hit_tokens, num_new, budget)
+            num_new, cost = self._chunk(num_cached, num_new, budget)
             if num_new == 0:
                 break
-            if not bm.allocate_slots(req.req_id, num_hit_tokens + num_new, hits):
+            if not bm.allocate_slots(req.req_id, num_cached + num_new, hits):
                 break
+            if num_ext:  # a block that fails to load ends the run; the chunk then starts earlier
+                num_cached = num_hit_tokens + self.connector.load_external(req, len(hits), num_ext) * bm.block_size
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_hit_tokens
+            req.num_computed_tokens = num_cached
             if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_hit_tokens
+                req.num_cached_tokens = num_cached
+                if self.connector is not None:
+                    self.connector.record_admission(req, num_hit_tokens)
             self.running.append(req)
             out.scheduled.append(self._make_scheduled(req, num_new))
             budget -= cost

@@ -5,10 +5,12 @@ service (SERVING once the engine is loaded, NOT_SERVING while shutting down) and
 reflection. With a Redis URL it also:
 - heartbeats its registry entry (`controlplane.registry`) with its current load every
   `heartbeat_s`, under a lease of `lease_s`, and refreshes its KV-index entries' TTL with it;
-- publishes its prefix cache to the KV index (`kvstore.index`): the engine's KV events are
-  drained every ~100 ms and written as one pipeline per batch; after a lapsed lease (the entry
-  was gone at a heartbeat), a Redis failure, or at first registration, a full snapshot replaces
-  the worker's index entries instead.
+- publishes what every KV tier (device, DRAM, SSD) holds to the KV index (`kvstore.index`): the
+  engine's KV events are drained every ~100 ms and written as one pipeline per batch; after a
+  lapsed lease (the entry was gone at a heartbeat), a Redis failure, or at first registration, a
+  full snapshot replaces the worker's index entries instead;
+- fetches the prefix blocks a request lacks from the peers that hold them (worker/kv_prefetch.py),
+  and serves its own blocks to peers (`kvweave.v1.KVTransfer`, kvstore/transfer.py).
 Stopping (SIGTERM / SIGINT): NOT_SERVING, stop accepting calls, deregister, clear the index,
 let calls in flight finish within a grace period, shut the engine down.
 """
@@ -33,9 +35,13 @@ from redis.exceptions import RedisError
 from controlplane.procs import serve_until
 from controlplane.registry import ROLES, Registry, WorkerInfo, worker_key
 from kvstore.index import KVIndex
+from kvstore.transfer import GRPC_OPTIONS as TRANSFER_GRPC_OPTIONS
+from kvstore.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
+from kvstore.transfer import KVTransferService, TransferClient
 from kvweave.v1 import worker_pb2_grpc
 from worker.async_engine import AsyncEngine
 from worker.engine import EngineConfig, LLMEngine
+from worker.kv_prefetch import KVPrefetcher
 from worker.service import SERVICE_NAME, WorkerService
 
 logger = logging.getLogger(__name__)
@@ -66,6 +72,10 @@ class WorkerOptions:
     """Host others dial; default: `host`, or this machine's address when `host` is a wildcard."""
     grace_s: float = 5.0
     """How long calls in flight may take to finish at shutdown."""
+    peer_fetch: bool = True
+    """Fetch prefix blocks from peers that hold them (needs a Redis URL)."""
+    kv_transfer_timeout_s: float = 5.0
+    """Deadline of one fetch from a peer; past it the blocks are computed instead."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -78,6 +88,8 @@ class WorkerOptions:
             raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be shorter than lease_s ({self.lease_s})")
         if self.grace_s < 0:
             raise ValueError("grace_s must be >= 0")
+        if self.kv_transfer_timeout_s <= 0:
+            raise ValueError("kv_transfer_timeout_s must be positive")
 
 
 def _advertise_host(host: str) -> str:
@@ -113,6 +125,9 @@ class WorkerServer:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._need_snapshot = True
+        self._peers: dict[str, str] = {}
+        self._transfer_client: TransferClient | None = None
+        self.prefetcher: KVPrefetcher | None = None
 
     async def start(self) -> str:
         """Load, serve, register; returns the advertised host:port. Raises WorkerStartError."""
@@ -121,6 +136,12 @@ class WorkerServer:
                 await self._connect_redis()
             llm = self._llm or await self._load_engine()
             self.engine = AsyncEngine(llm, enable_kv_events=self._redis is not None)
+            peers = self._index is not None and self.options.peer_fetch
+            if peers or llm.store is not None:
+                self._transfer_client = TransferClient()
+                self.prefetcher = KVPrefetcher(llm, self._index if peers else None, (lambda: self._peers) if peers else None,
+                                               self._transfer_client, self.options.kv_transfer_timeout_s)
+                self.engine.prefetch = self.prefetcher
             await self._start_grpc()
             if self._redis is not None:
                 await self._heartbeat_once()
@@ -169,7 +190,7 @@ class WorkerServer:
 
     async def _start_grpc(self) -> None:
         o = self.options
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a taken port must fail
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *TRANSFER_GRPC_OPTIONS])  # a taken port must fail
         try:
             port = self._server.add_insecure_port(f"{o.host}:{o.port}")
         except RuntimeError as e:
@@ -179,8 +200,9 @@ class WorkerServer:
         self.address = f"{o.advertise_host or _advertise_host(o.host)}:{port}"
         self.worker_id = self.worker_id or f"{socket.gethostname()}-{port}"
         worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(self.engine, self.worker_id), self._server)
+        KVTransferService(self.engine).add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        names = (SERVICE_NAME, TRANSFER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -191,7 +213,7 @@ class WorkerServer:
         return WorkerInfo(worker_id=self.worker_id, address=self.address, model=llm.model_name,
                           role=self.options.role, max_num_seqs=cfg.max_num_seqs,
                           max_model_len=llm.max_model_len, block_size=cfg.block_size,
-                          load=self.engine.get_load())
+                          kv_costs_ms=dict(llm.connector.costs_ms), load=self.engine.get_load())
 
     async def _heartbeat_once(self) -> None:
         """Renew the lease; a missing entry (first registration, lapsed lease) asks for a snapshot."""
@@ -205,20 +227,28 @@ class WorkerServer:
         if not existed:
             logger.info("worker %s registered at %s", self.worker_id, self.address)
             self._need_snapshot = True
+        if self.prefetcher is not None and self.prefetcher.peers is not None:
+            try:
+                model = self.engine.engine.model_name
+                self._peers = {w.worker_id: w.address for w in await self._registry.list_workers()
+                               if w.model == model and w.worker_id != self.worker_id}
+            except (RedisError, OSError) as e:
+                logger.warning("worker %s: listing peers failed: %s", self.worker_id, e)
 
     async def _publish_once(self) -> None:
         """Write the pending KV events (one pipeline), or a full snapshot when one is due."""
         try:
+            entry_bytes = self.engine.engine.connector.layout.nbytes
             if self._need_snapshot:
                 self._need_snapshot = False
-                hashes = await self.engine.get_cached_hashes()
-                await self._index.replace(self.worker_id, "device", hashes)
+                for medium, hashes in (await self.engine.get_cached_hashes()).items():
+                    await self._index.replace(self.worker_id, medium, hashes, entry_bytes)
                 return
             events = self.engine.take_kv_events()
             if events is None:
                 self._need_snapshot = True
             elif events:
-                await self._index.apply_events(self.worker_id, events)
+                await self._index.apply_events(self.worker_id, events, entry_bytes)
         except (RedisError, OSError) as e:
             logger.warning("worker %s: KV index update failed (%s); will publish a snapshot", self.worker_id, e)
             self._need_snapshot = True
@@ -249,6 +279,9 @@ class WorkerServer:
         if self._server is not None:
             await self._server.stop(0)
             self._server = None
+        if self._transfer_client is not None:
+            await self._transfer_client.close()
+            self._transfer_client = None
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
             self.engine = None
@@ -268,7 +301,7 @@ async def run_worker(engine_config: EngineConfig, options: WorkerOptions, stop: 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worker.engine_args import add_engine_args
+    from worker.engine_args import parse_bool, add_engine_args
 
     p = sub.add_parser("worker", help="serve one engine over gRPC and register it in Redis",
                        description="Serve kvweave.v1.Worker, grpc.health.v1 and reflection; with --redis-url, "
@@ -282,6 +315,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat interval, seconds (default: 1)")
     p.add_argument("--advertise-host", default=None, help="host others dial (default: --host)")
     p.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace for calls in flight (default: 5)")
+    p.add_argument("--peer-fetch", type=parse_bool, default=True, metavar="BOOL",
+                   help="fetch prefix KV blocks from peer workers that hold them (default: true; needs --redis-url)")
+    p.add_argument("--kv-transfer-timeout-s", type=float, default=5.0,
+                   help="deadline of one KV fetch from a peer; past it the blocks are computed (default: 5)")
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -293,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
         engine_config = engine_config_from_args(args)
         options = WorkerOptions(host=args.host, port=args.port, redis_url=args.redis_url, role=args.role,
                                 worker_id=args.worker_id, lease_s=args.lease_s, heartbeat_s=args.heartbeat_s,
-                                advertise_host=args.advertise_host, grace_s=args.grace_s)
+                                advertise_host=args.advertise_host, grace_s=args.grace_s,
+                                peer_fetch=args.peer_fetch, kv_transfer_timeout_s=args.kv_transfer_timeout_s)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

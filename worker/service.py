@@ -37,12 +37,15 @@ def load_to_proto(load: WorkerLoad) -> worker_pb2.Load:
     return worker_pb2.Load(
         num_running=load.num_running, num_waiting=load.num_waiting,
         num_queued_prefill_tokens=load.num_queued_prefill_tokens,
-        num_kv_blocks_used=load.num_kv_blocks_used, num_kv_blocks_total=load.num_kv_blocks_total)
+        num_kv_blocks_used=load.num_kv_blocks_used, num_kv_blocks_total=load.num_kv_blocks_total,
+        prefix_query_tokens=load.prefix_query_tokens, prefix_hit_tokens=load.prefix_hit_tokens,
+        kv_entries=load.kv_entries)
 
 
 def load_from_proto(msg: worker_pb2.Load) -> WorkerLoad:
     return WorkerLoad(msg.num_running, msg.num_waiting, msg.num_queued_prefill_tokens,
-                      msg.num_kv_blocks_used, msg.num_kv_blocks_total)
+                      msg.num_kv_blocks_used, msg.num_kv_blocks_total, msg.prefix_query_tokens,
+                      dict(msg.prefix_hit_tokens), dict(msg.kv_entries))
 
 
 def logprobs_to_proto(token_ids: list[int], logprobs: list[tuple[float, dict[int, float]]]

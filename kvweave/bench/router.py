@@ -90,10 +90,10 @@ class _StageTee:
 class _AnsweredIndex:
     """A KV index whose lookups return a recorded answer without I/O (the no-Redis baseline)."""
 
-    def __init__(self, hits: dict[str, int]) -> None:
+    def __init__(self, hits: dict[str, bytes]) -> None:
         self.hits = hits
 
-    async def leading_hits(self, hashes, worker_ids, mediums=("device",)) -> dict[str, int]:
+    async def leading_tiers(self, hashes, worker_ids, mediums=()) -> dict[str, bytes]:
         return self.hits
 
 
@@ -262,8 +262,8 @@ class RouterBench:
         saved = self.router.kv_index
         if not with_redis:
             workers = self.router.pool.eligible()
-            self.router.kv_index = _AnsweredIndex(await saved.leading_hits(
-                self.prompt_hashes, [w.worker_id for w in workers]))
+            self.router.kv_index = _AnsweredIndex(await saved.leading_tiers(
+                self.prompt_hashes, [w.worker_id for w in workers], self.router.config.index_mediums))
         cpus = os.sched_getaffinity(0)
         os.sched_setaffinity(0, {max(cpus)})  # this thread only (Linux): the event loop's
         counts = [0] * concurrency

@@ -142,3 +142,23 @@ def test_needs_index():
 def test_decision_is_plain_data():
     d = make_policy("round_robin").pick(REQ, workers({}))
     assert d == Decision("w0", "round_robin", "rotation", {})
+
+
+def test_prefix_aware_cost_uses_the_tier_of_each_block():
+    from controlplane.policies import DEFAULT_KV_COSTS_MS, prefill_work
+
+    policy = make_policy("prefix_aware")
+    # 8 leading blocks of a 160-token prompt: on the device, in DRAM, on SSD, only on a peer.
+    device, dram, ssd, peer = (WorkerState(f"w{c}", hit_tiers=c * 8) for c in (b"1", b"2", b"3", b"0"))
+    assert prefill_work(160, device) == 32
+    assert prefill_work(160, dram) == pytest.approx(32 + 128 * DEFAULT_KV_COSTS_MS["dram"])
+    assert prefill_work(160, peer) == pytest.approx(32 + 128 * DEFAULT_KV_COSTS_MS["peer"])
+    costs = [policy.cost(RouteRequest(160), w) for w in (device, dram, ssd, peer)]
+    assert costs == sorted(costs) and len(set(costs)) == 4
+    # A worker's own measurements replace the defaults: a slow disk loses to recomputing elsewhere.
+    slow_disk = WorkerState("slow", hit_tiers=b"33333333", kv_costs_ms={"ssd": 2.0, "recompute": 1.0})
+    nothing = WorkerState("none", hit_tiers=b"00000000", kv_costs_ms={"peer": 0.5, "recompute": 1.0})
+    assert policy.pick(RouteRequest(160), [slow_disk, nothing]).worker_id == "none"
+    # Mixed codes count each block by its own tier.
+    mixed = WorkerState("m", hit_tiers=b"1120", kv_costs_ms={"dram": 0.1, "peer": 0.5, "recompute": 1.0})
+    assert prefill_work(64, mixed) == pytest.approx(16 * 0.1 + 16 * 0.5)

@@ -177,6 +177,14 @@ def test_list_models_health_reflection_and_stage_metrics(cluster):
     assert 'kvweave_router_healthy_workers{role="colocated"} 2.0' in text
     assert 'kvweave_router_requests_total{status="ok"} 1.0' in text
 
+    def worker_queries() -> float:  # the workers' KV figures arrive with their heartbeats
+        text = router.router.metrics.exposition().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("kvweave_worker_prefix_cache_query_tokens_total{"))
+
+    wait_until(lambda: worker_queries() == 40)
+    assert 'kvweave_worker_kv_entries{tier="device"' in router.router.metrics.exposition().decode()
+
 
 # -------------------------------------------------------------------------------- errors
 

@@ -1,11 +1,11 @@
-"""KVIndex.leading_hits against a real Redis: it must agree with KVIndex.lookup + prefix_hits."""
+"""The KV index against a real Redis: leading runs agree with lookups; tiers, sizes and leases."""
 from __future__ import annotations
 
 import asyncio
 
 import redis.asyncio as aioredis
 
-from kvstore.index import KVIndex, prefix_hits
+from kvstore.index import KVIndex, local_run, prefix_hits
 
 
 def hashes(n: int, tag: int = 0) -> list[bytes]:
@@ -35,3 +35,40 @@ async def _check(url: str) -> None:
 
 def test_leading_hits_match_the_kv_index(redis_url):
     asyncio.run(_check(redis_url))
+
+
+async def _check_tiers_and_locations(url: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        index = KVIndex(client, lease_s=0.3)
+        p = hashes(6, tag=7)
+        await index.replace("a", "device", p[:2], entry_bytes=100)
+        await index.replace("a", "ssd", p[:4], entry_bytes=100)  # blocks 0-1 also on device: device wins
+        await index.replace("b", "dram", p[2:5], entry_bytes=200)
+        # The run every worker can draw on ends where nobody holds a block (block 5).
+        codes = await index.leading_tiers(p, ["a", "b", "c"])
+        assert codes == {"a": b"11330", "b": b"00222", "c": b"00000"}
+        assert {w: local_run(c) for w, c in codes.items()} == {"a": 4, "b": 0, "c": 0}
+        located = await index.locate(p, ["a", "b", "c"])
+        assert [[(loc.worker_id, loc.medium, loc.nbytes) for loc in holders] for holders in located] == [
+            [("a", "device", 100), ("a", "ssd", 100)],
+            [("a", "device", 100), ("a", "ssd", 100)],
+            [("b", "dram", 200), ("a", "ssd", 100)],
+            [("b", "dram", 200), ("a", "ssd", 100)],
+            [("b", "dram", 200)],
+            [],
+        ]
+        assert all(loc.last_access_ms > 0 for holders in located for loc in holders)
+        # Only "b" refreshes its lease: "a" disappears from lookups once its lease is over.
+        for _ in range(4):
+            await asyncio.sleep(0.15)
+            await index.refresh("b")
+        located = await index.locate(p, ["a", "b"])
+        assert [[loc.worker_id for loc in holders] for holders in located] == [[], [], ["b"], ["b"], ["b"], []]
+        assert await index.leading_tiers(p, ["a", "b"]) == {"a": b"", "b": b""}
+    finally:
+        await client.aclose()
+
+
+def test_leading_tiers_locations_and_lease(redis_url):
+    asyncio.run(_check_tiers_and_locations(redis_url))

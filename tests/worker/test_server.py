@@ -155,7 +155,7 @@ def test_worker_process_sigkill_and_sigterm(redis_url, tiny_hf_model):
         assert sorted(_worker_ids(redis_url)) == ["w-kill", "w-term"]
         for address, worker_id in zip(addresses, ("w-kill", "w-term")):
             _generate(address)
-            assert _poll(lambda: sync_redis.scard(index_key(worker_id)) == 3, timeout=5)
+            assert _poll(lambda: sync_redis.hlen(index_key(worker_id)) == 3, timeout=5)
 
         killed.send_signal(signal.SIGKILL)
         killed.wait(timeout=10)

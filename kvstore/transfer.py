@@ -1,0 +1,566 @@
+"""Node-to-node KV transfer over gRPC (`kvweave.v1.KVTransfer`, proto/kvweave/v1/kvtransfer.proto).
+
+Wire format. The caller sends the keys it wants (16-byte block hashes, in prompt order), the
+layout it expects (dtype code and entry shape; dim 1 is the layer) and a maximum piece size. The
+server streams back a `FetchHeader` (n, the length of the leading run of requested keys it holds:
+it stops at the first it lacks; and the layout), then the data layer by layer: layer l is the n
+entries' slices [:, :, l] stacked as [n, shape[0], *shape[2:]], contiguous, cut into `LayerChunk`s
+of at most max_chunk_bytes, each carrying its layer, its byte offset within the layer and the
+XXH3-64 of its data. Layers go in order, the pieces of a layer in offset order. The server gathers
+a layer only when it is about to send it and yields one piece at a time, so HTTP/2 flow control
+bounds its memory.
+
+Validation. The server answers INVALID_ARGUMENT to a malformed request (a key that is not 16
+bytes, more than `max_keys` keys, an unknown dtype, a shape without a layer dim) and
+FAILED_PRECONDITION when it holds entries of another layout. The client (`fetch_kv`) checks
+everything it receives: the first message is a header announcing at most the requested count and
+exactly the requested layout; each piece belongs to the layer being received (layers strictly in
+order), starts where the previous piece ended, fits in the layer and matches its checksum; the
+stream ends exactly when the last layer is complete. Any violation, gRPC error or the deadline of
+the whole call raises `TransferError` naming the peer: partial or unverified KV is never returned.
+
+Copies. Data messages are encoded by hand (`encode_chunk`, one copy of the data instead of
+protobuf's three) and decoded in place (`decode_response`); both are plain protobuf on the wire,
+so any client or server built from the .proto interoperates. Pieces are written straight into the
+preallocated output through a uint8 view. Both ends use `GRPC_OPTIONS` (message-size limits): a
+server that adds `KVTransferService` (with `add_to_server`) should be created with them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import OrderedDict
+from typing import Protocol
+
+import grpc
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+
+from kvstore.codec import DTYPE_CODES, DTYPES_BY_CODE, MAX_DIMS, KVLayout, as_bytes, checksum
+from kvstore.keys import HASH_BYTES
+from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""gRPC send/receive limit on both ends."""
+MAX_CHUNK_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+"""Largest data piece (leaves room for the message's other fields)."""
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024 - 4096
+"""4 MiB less room for the framing: a piece fits gRPC's default 4 MiB receive limit even on a channel
+created without GRPC_OPTIONS."""
+DEFAULT_MAX_KEYS = 4096
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+"""Channel/server options for KV transfer (servers adding KVTransferService should use them)."""
+SERVICE_NAME = kvtransfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name
+FETCH_METHOD = f"/{SERVICE_NAME}/Fetch"
+_MAX_ERROR_CHARS = 300
+
+
+class TransferError(RuntimeError):
+    """A fetch failed (gRPC error, deadline, or a peer that broke the protocol); says which peer and why."""
+
+
+class KVLayoutMismatchError(ValueError):
+    """A source holds entries of another layout than the one requested."""
+
+
+def layout_to_proto(layout: KVLayout) -> kvtransfer_pb2.KVLayoutProto:
+    return kvtransfer_pb2.KVLayoutProto(dtype=DTYPE_CODES[layout.dtype], shape=[int(d) for d in layout.shape])
+
+
+def layout_from_proto(msg: kvtransfer_pb2.KVLayoutProto) -> KVLayout:
+    """The layout of `msg`; ValueError if the dtype is unknown or the shape has no layer dim."""
+    if msg.dtype not in DTYPES_BY_CODE:
+        raise ValueError(f"unknown dtype code {msg.dtype}; valid: {sorted(DTYPES_BY_CODE)}")
+    shape = tuple(msg.shape)
+    if not 2 <= len(shape) <= MAX_DIMS:
+        raise ValueError(f"entry shape must have 2-{MAX_DIMS} dims (dim 1 is the layer), got {list(shape)}")
+    return KVLayout(DTYPES_BY_CODE[msg.dtype], shape)
+
+
+def _layer_geometry(layout: KVLayout) -> tuple[int, int, int]:
+    """(n_layers, rows per entry and layer (shape[0]), bytes per row (shape[2:] x itemsize))."""
+    row_bytes = layout.dtype.itemsize
+    for d in layout.shape[2:]:
+        row_bytes *= d
+    return layout.shape[1], layout.shape[0], row_bytes
+
+
+def _short(e: BaseException | str) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------------------------
+
+class KVSource(Protocol):
+    """What a KVTransferService serves from (a worker's KV cache, a store tier, a dict in tests)."""
+
+    async def export(self, keys: list[bytes], layout: KVLayout) -> torch.Tensor | None:
+        """A tensor [n, *layout.shape] of the entries of the leading n keys held (None or n = 0 when
+        the first is not). It must be a consistent snapshot: it is read while it is streamed.
+        May raise KVLayoutMismatchError when the held entries have another layout."""
+        ...
+
+
+class TensorSource:
+    """A KVSource over a dict key -> entry tensor (tests, benchmarks). All entries share one layout."""
+
+    def __init__(self, entries: dict[bytes, torch.Tensor] | None = None, layout: KVLayout | None = None) -> None:
+        self.layout = layout
+        self.entries: dict[bytes, torch.Tensor] = {}
+        for key, entry in (entries or {}).items():
+            self.put(key, entry)
+
+    def put(self, key: bytes, entry: torch.Tensor) -> None:
+        if len(key) != HASH_BYTES:
+            raise ValueError(f"key must be {HASH_BYTES} bytes, got {len(key)}")
+        entry = entry.detach().cpu().contiguous()
+        layout = KVLayout.of(entry)
+        if self.layout is None:
+            self.layout = layout
+        elif layout != self.layout:
+            raise ValueError(f"entry layout {layout} differs from the source's {self.layout}")
+        self.entries[key] = entry
+
+    async def export(self, keys: list[bytes], layout: KVLayout) -> torch.Tensor | None:
+        if self.layout is not None and layout != self.layout:
+            raise KVLayoutMismatchError(f"holds entries of layout {self.layout}, not {layout}")
+        run = []
+        for key in keys:
+            entry = self.entries.get(key)
+            if entry is None:
+                break
+            run.append(entry)
+        if not run:
+            return None
+        out = torch.empty((len(run), *layout.shape), dtype=layout.dtype)
+        out_bytes = out.view(torch.uint8).numpy().reshape(len(run), -1)  # numpy: see _LayerGather
+        for i, entry in enumerate(run):
+            out_bytes[i] = np.frombuffer(as_bytes(entry), dtype=np.uint8)
+        return out
+
+
+class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
+    """`kvweave.v1.KVTransfer` over a KVSource. Add it with `add_to_server`, which serves data
+    messages encoded by `encode_chunk`; the generated `add_KVTransferServicer_to_server` works too,
+    with `Fetch` building protobuf messages (the same bytes on the wire, three more copies)."""
+
+    def __init__(self, source: KVSource, max_keys: int = DEFAULT_MAX_KEYS,
+                 default_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        if max_keys <= 0:
+            raise ValueError("max_keys must be positive")
+        if not 0 < default_chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"default_chunk_bytes must be in [1, {MAX_CHUNK_BYTES}]")
+        self.source = source
+        self.max_keys = max_keys
+        self.default_chunk_bytes = default_chunk_bytes
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        handlers = {"Fetch": grpc.unary_stream_rpc_method_handler(
+            self._fetch_encoded, request_deserializer=kvtransfer_pb2.FetchRequest.FromString,
+            response_serializer=_serialize_response)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    def _parse(self, request: kvtransfer_pb2.FetchRequest) -> tuple[list[bytes], KVLayout, int]:
+        keys = list(request.keys)
+        if len(keys) > self.max_keys:
+            raise ValueError(f"too many keys: {len(keys)} (at most {self.max_keys} per fetch)")
+        for i, key in enumerate(keys):
+            if len(key) != HASH_BYTES:
+                raise ValueError(f"key {i} has {len(key)} bytes, keys are {HASH_BYTES}-byte block hashes")
+        if not request.HasField("layout"):
+            raise ValueError("request has no layout")
+        layout = layout_from_proto(request.layout)
+        chunk = min(request.max_chunk_bytes or self.default_chunk_bytes, MAX_CHUNK_BYTES)
+        return keys, layout, chunk
+
+    async def _export(self, keys: list[bytes], layout: KVLayout
+                      ) -> tuple[torch.Tensor | None, grpc.StatusCode | None, str]:
+        """(entries or None, None, "") or (None, error code, message)."""
+        if not keys:
+            return None, None, ""
+        try:
+            entries = await self.source.export(keys, layout)
+        except KVLayoutMismatchError as e:
+            return None, grpc.StatusCode.FAILED_PRECONDITION, f"layout mismatch: {_short(e)}"
+        except Exception as e:
+            logger.exception("KV export of %d keys failed", len(keys))
+            return None, grpc.StatusCode.INTERNAL, f"internal error: {_short(e)}"
+        if entries is None or (entries.dim() >= 1 and entries.shape[0] == 0):  # holds none
+            return None, None, ""
+        if entries.dtype != layout.dtype or tuple(entries.shape[1:]) != layout.shape:
+            held = f"{str(entries.dtype).removeprefix('torch.')}{list(entries.shape[1:])}"
+            return None, grpc.StatusCode.FAILED_PRECONDITION, (f"layout mismatch: holds entries of layout {held}, "
+                                                               f"not {layout}")
+        if entries.shape[0] > len(keys):
+            return None, grpc.StatusCode.INTERNAL, (f"internal error: the source returned {entries.shape[0]} "
+                                                    f"entries for {len(keys)} keys")
+        return entries, None, ""
+
+    async def Fetch(self, request: kvtransfer_pb2.FetchRequest, context: grpc.aio.ServicerContext):
+        async for msg in self._stream(request, context, _proto_chunk):
+            yield msg
+
+    async def _fetch_encoded(self, request: kvtransfer_pb2.FetchRequest, context: grpc.aio.ServicerContext):
+        async for msg in self._stream(request, context, encode_chunk):
+            yield msg
+
+    async def _stream(self, request: kvtransfer_pb2.FetchRequest, context: grpc.aio.ServicerContext, encode):
+        try:
+            keys, layout, chunk = self._parse(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _short(e))
+        entries, code, message = await self._export(keys, layout)
+        if code is not None:
+            await context.abort(code, message)
+        n = 0 if entries is None else entries.shape[0]
+        yield kvtransfer_pb2.FetchResponse(
+            header=kvtransfer_pb2.FetchHeader(num_entries=n, layout=layout_to_proto(layout)))
+        if n == 0:
+            return
+        layers = _LayerGather(entries)
+        for layer in range(layout.shape[1]):
+            data = layers.gather(layer)  # built now, when it is sent
+            for offset in range(0, len(data), chunk):
+                yield encode(layer, offset, data[offset:offset + chunk])
+
+
+class _LayerGather:
+    """The contiguous bytes of entries[:, :, layer], gathered one layer at a time into one reused
+    buffer (valid until the next `gather`: fresh buffers would be faulted in page by page, which
+    costs more than the copy). CPU tensors are copied with numpy, whose copies stay fast when torch's
+    OpenMP threads would compete for busy cores; other devices through torch, a layer at a time."""
+
+    def __init__(self, entries: torch.Tensor) -> None:
+        self.entries = entries.detach()
+        self.array = self.buffer = None
+        if self.entries.device.type == "cpu":
+            # [n, shape[0], n_layers, *shape[2:], itemsize] as uint8, over the same memory
+            self.array = self.entries.unsqueeze(-1).view(torch.uint8).numpy()
+            self.buffer = np.empty(self.array[:, :, 0].shape, dtype=np.uint8)
+
+    def gather(self, layer: int) -> memoryview:
+        if self.array is None:
+            return as_bytes(self.entries[:, :, layer])
+        np.copyto(self.buffer, self.array[:, :, layer])
+        return memoryview(self.buffer.reshape(-1))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_chunk(layer: int, offset: int, data) -> bytes:
+    """The serialized FetchResponse{chunk: LayerChunk{layer, offset, data, checksum}}, built with one
+    copy of `data` (protobuf would copy it three times: into bytes, into the message, out of it)."""
+    inner = (b"\x08" + _varint(layer) + b"\x10" + _varint(offset) + b"\x21" + struct.pack("<Q", checksum(data))
+             + b"\x1a" + _varint(len(data)))
+    return b"".join((b"\x12", _varint(len(inner) + len(data)), inner, data))
+
+
+def _proto_chunk(layer: int, offset: int, data) -> kvtransfer_pb2.FetchResponse:
+    return kvtransfer_pb2.FetchResponse(chunk=kvtransfer_pb2.LayerChunk(
+        layer=layer, offset=offset, data=bytes(data), checksum=checksum(data)))
+
+
+def _serialize_response(msg) -> bytes:
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+async def serve_transfer(source: KVSource, host: str = "127.0.0.1", port: int = 0,
+                         **service_kwargs) -> tuple[grpc.aio.Server, int]:
+    """A started grpc.aio server with only a KVTransferService over `source`; (server, bound port)."""
+    server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
+    KVTransferService(source, **service_kwargs).add_to_server(server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise RuntimeError(f"cannot listen on {host}:{port}")
+    await server.start()
+    return server, bound
+
+
+# ---------------------------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------------------------
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 64:
+            raise ValueError("varint longer than 64 bits")
+
+
+def _fields(buf: bytes, pos: int, end: int):
+    """(field number, wire type, value) of the protobuf fields in buf[pos:end]; a length-delimited
+    field's value is its (start, end) in buf."""
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(buf, pos)
+        elif wire_type == 1:
+            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+        elif wire_type == 2:
+            size, pos = _read_varint(buf, pos)
+            value, pos = (pos, pos + size), pos + size
+        elif wire_type == 5:
+            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > end:
+            raise ValueError("truncated field")
+        yield field, wire_type, value
+
+
+def decode_response(buf: bytes):
+    """A serialized FetchResponse as ("header", FetchHeader), ("chunk", layer, offset, (start, end) of
+    the data in buf, checksum) or ("empty",); ValueError when malformed. The data is not copied."""
+    kind = ("empty",)
+    for field, wire_type, value in _fields(buf, 0, len(buf)):
+        if field == 1 and wire_type == 2:  # oneof: the last one wins
+            try:
+                kind = ("header", kvtransfer_pb2.FetchHeader.FromString(buf[value[0]:value[1]]))
+            except DecodeError as e:
+                raise ValueError(f"bad header: {e}") from None
+        elif field == 2 and wire_type == 2:
+            layer = offset = data_checksum = 0
+            data = (value[0], value[0])
+            for f, wt, v in _fields(buf, value[0], value[1]):
+                if (f, wt) == (1, 0):
+                    layer = v
+                elif (f, wt) == (2, 0):
+                    offset = v
+                elif (f, wt) == (3, 2):
+                    data = v
+                elif (f, wt) == (4, 1):
+                    data_checksum = v
+                elif f in (1, 2, 3, 4):
+                    raise ValueError(f"LayerChunk field {f} has wire type {wt}")
+            kind = ("chunk", layer, offset, data, data_checksum)
+        elif field in (1, 2):
+            raise ValueError(f"FetchResponse field {field} has wire type {wire_type}")
+    return kind
+
+
+_KIND_NAMES = {"header": "a header", "chunk": "a data piece", "empty": "an empty message"}
+
+
+class _Receiver:
+    """Checks each message of a Fetch stream and writes its data into the preallocated output."""
+
+    def __init__(self, peer: str, requested: int, layout: KVLayout, out: torch.Tensor | None) -> None:
+        self.peer = peer
+        self.requested = requested
+        self.layout = layout
+        self.given_out = out
+        self.n_layers, self.rows_per_entry, self.row_bytes = _layer_geometry(layout)
+        self.out: torch.Tensor | None = None
+        self.rows: np.ndarray | None = None  # uint8 view of out: [n * shape[0], n_layers, row_bytes]
+        self.layer_bytes = 0
+        self.layer = 0
+        self.received = 0  # bytes of the current layer
+
+    def fail(self, problem: str) -> TransferError:
+        return TransferError(f"KV fetch from {self.peer}: {problem}")
+
+    def receive(self, buf: bytes) -> None:
+        try:
+            msg = decode_response(buf)
+        except ValueError as e:
+            raise self.fail(f"malformed message: {e}") from None
+        if self.out is None:
+            if msg[0] != "header":
+                raise self.fail(f"the first message is {_KIND_NAMES[msg[0]]}, not the header")
+            self._header(msg[1])
+        elif msg[0] != "chunk":
+            raise self.fail(f"sent {_KIND_NAMES[msg[0]]} after the header")
+        else:
+            self._chunk(buf, *msg[1:])
+
+    def _header(self, header: kvtransfer_pb2.FetchHeader) -> None:
+        n = header.num_entries
+        if n > self.requested:
+            raise self.fail(f"announced {n} entries for {self.requested} requested keys")
+        try:
+            layout = layout_from_proto(header.layout)
+        except ValueError as e:
+            raise self.fail(f"announced an invalid layout: {e}") from None
+        if layout != self.layout:
+            raise self.fail(f"announced layout {layout}, requested {self.layout}")
+        if self.given_out is None:
+            self.out = torch.empty((n, *self.layout.shape), dtype=self.layout.dtype)
+        else:
+            self.out = self.given_out[:n]
+        if n:
+            self.rows = self.out.view(torch.uint8).numpy().reshape(n * self.rows_per_entry, self.n_layers,
+                                                                    self.row_bytes)
+            self.layer_bytes = n * self.rows_per_entry * self.row_bytes
+        else:
+            self.layer = self.n_layers  # nothing follows
+
+    def _chunk(self, buf: bytes, layer: int, offset: int, span: tuple[int, int], data_checksum: int) -> None:
+        if self.layer >= self.n_layers:
+            raise self.fail(f"sent data for layer {layer} after the last layer was complete")
+        if layer != self.layer:
+            raise self.fail(f"sent layer {layer} while layer {self.layer} was incomplete "
+                            f"({self.received} of {self.layer_bytes} bytes)")
+        size = span[1] - span[0]
+        if offset != self.received:
+            raise self.fail(f"layer {layer}: piece at offset {offset}, expected {self.received}")
+        if size == 0 or offset + size > self.layer_bytes:
+            raise self.fail(f"layer {layer}: a piece of {size} bytes at offset {offset} "
+                            f"does not fit the layer's {self.layer_bytes} bytes")
+        if checksum(memoryview(buf)[span[0]:span[1]]) != data_checksum:
+            raise self.fail(f"layer {layer}: checksum mismatch in the piece at offset {offset}")
+        self._write(np.frombuffer(buf, dtype=np.uint8, count=size, offset=span[0]), offset)
+        self.received += size
+        if self.received == self.layer_bytes:
+            self.layer += 1
+            self.received = 0
+
+    def _write(self, src: np.ndarray, offset: int) -> None:
+        """Copy `src` (bytes [offset, offset + len) of the current layer) into the output."""
+        dst, rb = self.rows[:, self.layer, :], self.row_bytes
+        row, col = divmod(offset, rb)
+        pos, size = 0, len(src)
+        if col:
+            k = min(rb - col, size)
+            dst[row, col:col + k] = src[:k]
+            pos, row = k, row + 1
+        full = (size - pos) // rb
+        if full:
+            dst[row:row + full] = src[pos:pos + full * rb].reshape(full, rb)
+            pos, row = pos + full * rb, row + full
+        if pos < size:
+            dst[row, :size - pos] = src[pos:]
+
+    def result(self) -> torch.Tensor:
+        if self.out is None:
+            raise self.fail("the stream ended without a header")
+        if self.layer < self.n_layers:
+            raise self.fail(f"the stream ended at layer {self.layer} of {self.n_layers} "
+                            f"({self.received} of {self.layer_bytes} bytes of it)")
+        return self.out
+
+
+def _check_args(keys: list[bytes], layout: KVLayout, timeout_s: float, max_chunk_bytes: int,
+                out: torch.Tensor | None) -> None:
+    for i, key in enumerate(keys):
+        if not isinstance(key, bytes) or len(key) != HASH_BYTES:
+            raise ValueError(f"key {i} is not a {HASH_BYTES}-byte block hash")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    if not 0 <= max_chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"max_chunk_bytes must be in [0, {MAX_CHUNK_BYTES}], got {max_chunk_bytes}")
+    if out is not None and (out.dtype != layout.dtype or tuple(out.shape[1:]) != layout.shape
+                            or out.shape[0] < len(keys) or out.device.type != "cpu" or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous CPU tensor of >= {len(keys)} entries of layout {layout}, "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}")
+
+
+async def _fetch(channel: grpc.aio.Channel, peer: str, keys: list[bytes], layout: KVLayout, timeout_s: float,
+                 max_chunk_bytes: int, out: torch.Tensor | None) -> torch.Tensor:
+    keys = list(keys)
+    _check_args(keys, layout, timeout_s, max_chunk_bytes, out)
+    if not keys:
+        return torch.empty((0, *layout.shape), dtype=layout.dtype) if out is None else out[:0]
+    request = kvtransfer_pb2.FetchRequest(keys=keys, layout=layout_to_proto(layout), max_chunk_bytes=max_chunk_bytes)
+    receiver = _Receiver(peer, len(keys), layout, out)
+    # Raw responses (no deserializer): decode_response reads the data in place.
+    method = channel.unary_stream(FETCH_METHOD, request_serializer=kvtransfer_pb2.FetchRequest.SerializeToString,
+                                  response_deserializer=None)
+    call = method(request, timeout=timeout_s)
+    try:
+        async for buf in call:
+            receiver.receive(buf)
+        return receiver.result()
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise receiver.fail(f"no complete answer within the {timeout_s:g} s deadline") from None
+        raise receiver.fail(f"{e.code().name}: {_short(e.details() or 'no details')}") from None
+    except BaseException:  # a protocol violation, a cancellation: stop the peer's stream
+        call.cancel()
+        raise
+
+
+def _channel_target(channel: grpc.aio.Channel) -> str:
+    try:  # grpc.aio exposes no public accessor for the target
+        target = channel._channel.target
+        return target.decode() if isinstance(target, bytes) else str(target)
+    except Exception:
+        return "the peer"
+
+
+class TransferClient:
+    """Fetches KV from peers, reusing one grpc.aio channel per address (at most `max_channels`,
+    least recently used closed first). Channels belong to the event loop that created them."""
+
+    def __init__(self, max_channels: int = 64) -> None:
+        if max_channels <= 0:
+            raise ValueError("max_channels must be positive")
+        self.max_channels = max_channels
+        self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+        self._closing: set[asyncio.Task] = set()
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is not None:
+            self._channels.move_to_end(address)
+            return channel
+        channel = self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        while len(self._channels) > self.max_channels:
+            _, old = self._channels.popitem(last=False)
+            task = asyncio.ensure_future(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return channel
+
+    async def fetch_kv(self, address: str, keys: list[bytes], layout: KVLayout, timeout_s: float,
+                       max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, *layout.shape]: the entries of the leading n of `keys` that the peer at `address` holds
+        (n may be 0), every byte verified, within `timeout_s` for the whole call. Raises
+        TransferError (ValueError for bad arguments).
+
+        `out`: a contiguous CPU tensor [>= len(keys), *layout.shape] to receive into (a reused
+        staging buffer saves faulting in fresh memory); the result is then out[:n]. After a
+        TransferError its contents are unspecified."""
+        return await _fetch(self.channel(address), address, keys, layout, timeout_s, max_chunk_bytes, out)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), OrderedDict()
+        await asyncio.gather(*(c.close() for c in channels), *self._closing, return_exceptions=True)
+
+
+async def fetch_kv(channel_or_address: grpc.aio.Channel | str, keys: list[bytes], layout: KVLayout,
+                   timeout_s: float, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """`TransferClient.fetch_kv` over a given channel (create it with GRPC_OPTIONS), or, given an
+    address, over a channel opened for this call only."""
+    if isinstance(channel_or_address, str):
+        async with grpc.aio.insecure_channel(channel_or_address, options=GRPC_OPTIONS) as channel:
+            return await _fetch(channel, channel_or_address, keys, layout, timeout_s, max_chunk_bytes, out)
+    return await _fetch(channel_or_address, _channel_target(channel_or_address), keys, layout, timeout_s,
+                        max_chunk_bytes, out)

@@ -1,0 +1,519 @@
+"""`kvweave bench kvstore`: the tiered KV store against this machine's limits, measured in the same run.
+
+Entries are KV blocks of the default model (SmolLM2-135M, bf16, 16 tokens: [2, 30, 3, 16, 64],
+368,640 bytes); each figure is the median of `repeats` runs over `total_mb` of distinct entries.
+- dram_tier_put / dram_tier_get: `DRAMTier.put` of every entry, and `get` of every entry into a
+  preallocated destination (as onboarding into the KV cache does), against one plain memory copy
+  (`Tensor.copy_`) of the same number of bytes.
+- ssd_tier_write / ssd_tier_read: `SSDTier.put` / `get` (checksummed slots, O_DIRECT where the
+  filesystem allows) against raw sequential `pwrite` / `pread` of the same bytes in 4 MiB pieces
+  with the same flags (O_DIRECT bypasses the page cache; without it the cache is dropped with
+  fsync + POSIX_FADV_DONTNEED before reads).
+- transfer_node_to_node: `TransferClient.fetch_kv` of every entry from a peer process serving
+  them (kvstore.transfer) against a raw loopback TCP socket between two processes carrying the same
+  bytes into a preallocated buffer.
+- index_lookups_per_s: the router's index lookup (`KVIndex.leading_tiers`) for a 1k-token prompt
+  over 4 workers x 3 tiers each holding `index_entries` keys, 16 lookups in flight, against
+  unpipelined PINGs on one connection (one round trip each) with 16 in flight.
+- index_round_trips_per_request: Redis replies read per routed request (the router's lookup and
+  the worker's `locate`), counted on the client connection; target 1.
+- onboard_vs_recompute_512: the engine (default model) loading 512 tokens (32 blocks) of KV from
+  the DRAM tier, and from the SSD tier, into its KV cache (`KVConnector.load_external`), against
+  computing the same 512 tokens' KV (a prefill forward of 512 tokens). `extra` has the TTFT of a
+  513-token request whose first 512 tokens come from each tier against a cold one.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import multiprocessing as mp
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvweave.bench.report import Result, median, metric_list_type, render, write_json
+
+METRICS = ("dram_tier_put", "dram_tier_get", "ssd_tier_write", "ssd_tier_read", "transfer_node_to_node",
+           "index_lookups_per_s", "index_round_trips_per_request", "onboard_vs_recompute_512")
+BLOCK_SHAPE = (2, 30, 3, 16, 64)
+GB = 1e9
+RAW_PIECE = 4 * 2**20
+LOOKUP_CONCURRENCY = 16
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    total_mb: int = 256
+    repeats: int = 3
+    index_entries: int = 100_000
+    """Keys per (worker, tier) in the index."""
+    lookup_seconds: float = 2.0
+    model: str = "smollm2-135m"
+
+
+QUICK = BenchConfig(total_mb=64, repeats=2, index_entries=10_000, lookup_seconds=0.5)
+
+
+def _layout():
+    from kvstore.codec import KVLayout
+
+    return KVLayout(torch.bfloat16, BLOCK_SHAPE)
+
+
+def _entries(total_mb: int) -> tuple[list[bytes], torch.Tensor]:
+    layout = _layout()
+    n = max(1, total_mb * 2**20 // layout.nbytes)
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn((n, *layout.shape), generator=gen).to(layout.dtype)
+    keys = [i.to_bytes(16, "big") for i in range(n)]
+    return keys, values
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _rate(nbytes: int, seconds: list[float]) -> float:
+    return nbytes / median(seconds) / GB
+
+
+# ------------------------------------------------------------------------------------- DRAM
+
+def bench_dram(cfg: BenchConfig) -> list[Result]:
+    from kvstore.dram import DRAMTier
+
+    keys, values = _entries(cfg.total_mb)
+    layout, n = _layout(), len(keys)
+    nbytes = n * layout.nbytes
+    src, dst = values.view(-1).view(torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    dst.fill_(1)
+    outs = torch.empty_like(values)
+    outs.view(-1).view(torch.uint8).fill_(1)
+    memcpy, put, get = [], [], []
+    for _ in range(cfg.repeats):
+        tier = DRAMTier(layout, nbytes)
+        memcpy.append(_timed(lambda: dst.copy_(src)))
+        put.append(_timed(lambda: [tier.put(k, v) for k, v in zip(keys, values)]))
+        get.append(_timed(lambda: [tier.get(k, o) for k, o in zip(keys, outs)]))
+        assert torch.equal(outs.view(torch.int16), values.view(torch.int16))
+        tier.close()
+    base = _rate(nbytes, memcpy)
+    info = {"entries": n, "entry_bytes": layout.nbytes}
+    return [Result("dram_tier_put", _rate(nbytes, put), "GB/s", "memcpy", base, extra=info),
+            Result("dram_tier_get", _rate(nbytes, get), "GB/s", "memcpy", base,
+                   extra={**info, "note": "get into a preallocated destination"})]
+
+
+# -------------------------------------------------------------------------------------- SSD
+
+def _raw_file_io(path: str, nbytes: int, direct: bool) -> tuple[float, float]:
+    """Seconds to overwrite then read `nbytes` of a file sequentially in 4 MiB pieces (O_DIRECT when
+    `direct`); the file is written once first, as the tier's slab is."""
+    import mmap
+
+    buf = mmap.mmap(-1, RAW_PIECE)
+    buf.write(os.urandom(RAW_PIECE))
+    flags = os.O_RDWR | os.O_CREAT | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o644)
+    view = memoryview(buf)
+
+    def write_all() -> float:
+        t0 = time.perf_counter()
+        for off in range(0, nbytes, RAW_PIECE):
+            os.pwrite(fd, view, off)
+        if not direct:
+            os.fsync(fd)
+        return time.perf_counter() - t0
+
+    try:
+        write_all()
+        write_s = write_all()
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        for off in range(0, nbytes, RAW_PIECE):
+            os.preadv(fd, [view], off)
+        read_s = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(path)
+        view.release()
+        buf.close()
+    return write_s, read_s
+
+
+def bench_ssd(cfg: BenchConfig, directory: str | None) -> list[Result]:
+    """Steady state, as a worker's slab lives: the tier is filled once, then every measured put of a
+    new entry evicts an old one and overwrites its slot."""
+    from kvstore.ssd import SSDTier
+
+    keys, values = _entries(cfg.total_mb)
+    layout, n = _layout(), len(keys)
+    nbytes = n * layout.nbytes
+    outs = torch.empty_like(values)
+    raw_w, raw_r, put, get = [], [], [], []
+    direct = True
+    with tempfile.TemporaryDirectory(prefix="kvweave-bench-ssd-", dir=directory) as tmp:
+        tier = SSDTier(layout, n * tier_slot_bytes(layout), tmp)
+        direct = tier.direct_io
+        for k, v in zip(keys, values):  # fill: the slab's first pass
+            tier.put(b"fill" + k[4:], v)
+        try:
+            for r in range(cfg.repeats):
+                run_keys = [bytes([r + 1]) + k[1:] for k in keys]
+                put.append(_timed(lambda: [tier.put(k, v) for k, v in zip(run_keys, values)]))
+                if not direct:
+                    os.fsync(tier._fd)
+                    os.posix_fadvise(tier._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                get.append(_timed(lambda: [tier.get(k, o) for k, o in zip(run_keys, outs)]))
+                assert torch.equal(outs.view(torch.int16), values.view(torch.int16))
+                w, rd = _raw_file_io(os.path.join(tmp, f"raw{r}.bin"), nbytes, direct)
+                raw_w.append(w)
+                raw_r.append(rd)
+        finally:
+            tier.close()
+    mode = "O_DIRECT" if direct else "buffered, cache dropped"
+    info = {"entries": n, "entry_bytes": layout.nbytes, "io": mode}
+    return [Result("ssd_tier_write", _rate(nbytes, put), "GB/s", f"raw sequential write ({mode})",
+                   _rate(nbytes, raw_w), extra=info),
+            Result("ssd_tier_read", _rate(nbytes, get), "GB/s", f"raw sequential read ({mode})",
+                   _rate(nbytes, raw_r), extra=info)]
+
+
+def tier_slot_bytes(layout) -> int:
+    from kvstore.ssd import slot_size
+
+    return slot_size(layout)
+
+
+# --------------------------------------------------------------------------------- transfer
+
+def _serve_entries(total_mb: int, conn) -> None:
+    from kvstore.transfer import TensorSource, serve_transfer
+
+    keys, values = _entries(total_mb)
+
+    async def main() -> None:
+        source = TensorSource(dict(zip(keys, values)), _layout())
+        server, port = await serve_transfer(source)
+        conn.send(port)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        await server.stop(0)
+
+    asyncio.run(main())
+
+
+def _socket_sender(port: int, nbytes: int) -> None:
+    payload = memoryview(os.urandom(RAW_PIECE))
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        sent = 0
+        while sent < nbytes:
+            chunk = payload[:min(RAW_PIECE, nbytes - sent)]
+            s.sendall(chunk)
+            sent += len(chunk)
+        s.recv(1)
+
+
+def _raw_socket(nbytes: int, ctx) -> float:
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        proc = ctx.Process(target=_socket_sender, args=(srv.getsockname()[1], nbytes))
+        proc.start()
+        conn, _ = srv.accept()
+        with conn:
+            got = 0
+            t0 = time.perf_counter()
+            while got < nbytes:
+                got += conn.recv_into(view[got:])
+            seconds = time.perf_counter() - t0
+            conn.sendall(b"x")
+        proc.join()
+    return seconds
+
+
+def bench_transfer(cfg: BenchConfig) -> list[Result]:
+    from kvstore.transfer import TransferClient
+
+    keys, values = _entries(cfg.total_mb)
+    layout, n = _layout(), len(keys)
+    nbytes = n * layout.nbytes
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve_entries, args=(cfg.total_mb, child))
+    proc.start()
+    try:
+        port = parent.recv()
+
+        async def fetch_all() -> list[float]:
+            client = TransferClient()
+            try:
+                await client.fetch_kv(f"127.0.0.1:{port}", keys[:4], layout, 30.0)  # connect
+                times = []
+                for _ in range(cfg.repeats):
+                    t0 = time.perf_counter()
+                    got = await client.fetch_kv(f"127.0.0.1:{port}", keys, layout, 60.0)
+                    times.append(time.perf_counter() - t0)
+                    assert got.shape[0] == n and torch.equal(got.view(torch.int16), values.view(torch.int16))
+                return times
+            finally:
+                await client.close()
+
+        grpc_times = asyncio.run(fetch_all())
+    finally:
+        parent.send("stop")
+        proc.join(timeout=30)
+    raw = [_raw_socket(nbytes, ctx) for _ in range(cfg.repeats)]
+    return [Result("transfer_node_to_node", _rate(nbytes, grpc_times), "GB/s", "raw loopback TCP socket",
+                   _rate(nbytes, raw), extra={"entries": n, "entry_bytes": layout.nbytes})]
+
+
+# ------------------------------------------------------------------------------------ index
+
+class _CountingReplies:
+    """Counts the replies a redis.asyncio client reads (one per round trip, pipelines included)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __enter__(self):
+        from redis.asyncio.connection import AbstractConnection
+
+        self._cls, self._orig = AbstractConnection, AbstractConnection.read_response
+        counter = self
+
+        async def read_response(conn, *args, **kwargs):
+            counter.count += 1
+            return await counter._orig(conn, *args, **kwargs)
+
+        AbstractConnection.read_response = read_response
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cls.read_response = self._orig
+
+
+async def _index_bench(cfg: BenchConfig, url: str) -> list[Result]:
+    import random
+
+    import redis.asyncio as aioredis
+
+    from kvstore.index import MEDIUMS, KVIndex
+    from kvstore.keys import encode_extra_keys, hash_blocks
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        index = KVIndex(client, lease_s=3600)
+        rng = random.Random(0)
+        prompt = hash_blocks([rng.randrange(50_000) for _ in range(1024)], 16, encode_extra_keys(("bench", "")))
+        workers = [f"w{i}" for i in range(4)]
+        for w in workers:
+            for m in MEDIUMS:
+                held = [rng.randbytes(16) for _ in range(cfg.index_entries)]
+                if w == "w0" and m == "dram":
+                    held += prompt[:48]
+                if w == "w1" and m == "device":
+                    held += prompt[:16]
+                await index.replace(w, m, held, 368_640)
+        codes = await index.leading_tiers(prompt, workers)
+        assert codes["w0"] == b"2" * 48 and codes["w1"] == b"1" * 16 + b"0" * 32, codes
+
+        async def rate(op) -> float:
+            deadline = time.perf_counter() + cfg.lookup_seconds
+            counts = [0] * LOOKUP_CONCURRENCY
+
+            async def loop(i: int) -> None:
+                while time.perf_counter() < deadline:
+                    await op()
+                    counts[i] += 1
+            t0 = time.perf_counter()
+            await asyncio.gather(*(loop(i) for i in range(LOOKUP_CONCURRENCY)))
+            return sum(counts) / (time.perf_counter() - t0)
+
+        lookups, pings = [], []
+        for _ in range(cfg.repeats):
+            lookups.append(await rate(lambda: index.leading_tiers(prompt, workers)))
+            pings.append(await rate(client.ping))
+        # Round trips per request: the router's lookup and the worker's peer lookup.
+        requests = 50
+        with _CountingReplies() as router_count:
+            for _ in range(requests):
+                await index.leading_tiers(prompt, workers)
+        with _CountingReplies() as worker_count:
+            for _ in range(requests):
+                await index.locate(prompt[16:], workers)
+        per_request = router_count.count / requests
+        info = {"prompt_blocks": len(prompt), "workers": len(workers), "tiers": len(MEDIUMS),
+                "keys_per_worker_tier": cfg.index_entries, "in_flight": LOOKUP_CONCURRENCY}
+        return [Result("index_lookups_per_s", median(lookups), "1/s", "redis PING (one round trip)",
+                       median(pings), extra=info),
+                Result("index_round_trips_per_request", per_request, "count", "target", 1.0,
+                       higher_is_better=False,
+                       extra={"worker_locate_round_trips": worker_count.count / requests})]
+    finally:
+        await client.aclose()
+
+
+def bench_index(cfg: BenchConfig) -> list[Result]:
+    from controlplane.procs import RedisServer
+
+    with RedisServer().start() as server:
+        return asyncio.run(_index_bench(cfg, server.url))
+
+
+# ---------------------------------------------------------------------------------- onboard
+
+def bench_onboard(cfg: BenchConfig, directory: str | None) -> list[Result]:
+    import random
+
+    from worker.engine import EngineConfig, LLMEngine
+    from worker.request import Request
+    from worker.sampling import SamplingParams
+
+    ntok = 512
+    with tempfile.TemporaryDirectory(prefix="kvweave-bench-onboard-", dir=directory) as tmp:
+        engine = LLMEngine(EngineConfig(model=cfg.model, kv_cache_gb=0.25, dram_cache_gb=0.25, ssd_cache_gb=0.25,
+                                        ssd_cache_dir=tmp, max_num_batched_tokens=1024))
+        try:
+            return _onboard(engine, cfg, ntok, random.Random(0), Request, SamplingParams)
+        finally:
+            engine.close()
+
+
+def _onboard(engine, cfg, ntok, rng, Request, SamplingParams) -> list[Result]:
+    conn, store, bs = engine.connector, engine.store, engine.config.block_size
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    vocab = engine.args.vocab_size
+
+    def prompt() -> list[int]:
+        return [rng.randrange(100, vocab) for _ in range(ntok + 1)]
+
+    def ttft(tokens) -> float:
+        t0 = time.perf_counter()
+        engine.generate([tokens], one)
+        return time.perf_counter() - t0
+
+    def onboard_seconds(tokens, tier: str) -> float:
+        """Load the prompt's 32 blocks from `tier` into fresh device blocks (the scheduler's call)."""
+        req = Request("onboard", tokens, one, cache_extra=engine.make_request(tokens).cache_extra)
+        hashes = engine.block_manager.block_hashes(req.req_id, tokens, req.cache_extra)[:ntok // bs]
+        assert all(store.where(h) == tier for h in hashes), [store.where(h) for h in hashes]
+        assert engine.block_manager.allocate_slots(req.req_id, ntok)
+        t0 = time.perf_counter()
+        loaded = conn.load_external(req, 0, len(hashes))
+        seconds = time.perf_counter() - t0
+        assert loaded == len(hashes)
+        engine.block_manager.free(req.req_id)
+        engine.block_manager.req_hashes.pop(req.req_id, None)
+        return seconds
+
+    def evict_device() -> None:
+        engine.block_manager.reset_prefix_cache()
+
+    def place(tokens, tier: str) -> None:
+        """Compute the prompt, then move its blocks to `tier` only."""
+        engine.generate([tokens], one)
+        hashes = engine.block_manager.block_hashes("place", tokens, engine.make_request(tokens).cache_extra)[:ntok // bs]
+        engine.block_manager.req_hashes.pop("place", None)
+        for h in hashes:
+            block = engine.block_manager.cached_blocks[h]
+            value = conn.device.view(block.block_id)
+            for t in store.tiers:
+                if t.name == tier:
+                    t.put(h, value.clone())
+                else:
+                    t.remove(h)
+        evict_device()
+
+    recompute, loads, ttfts = [], {"dram": [], "ssd": []}, {"dram": [], "ssd": [], "cold": []}
+    ttft(prompt())  # warm up
+    for _ in range(cfg.repeats):
+        cold = prompt()
+        ttfts["cold"].append(ttft(cold))
+        evict_device()
+        recompute.append(_prefill_seconds(engine, prompt()[:ntok]))
+        for tier in ("dram", "ssd"):
+            tokens = prompt()
+            place(tokens, tier)
+            loads[tier].append(onboard_seconds(tokens, tier))
+            place(tokens, tier)
+            ttfts[tier].append(ttft(tokens))
+            evict_device()
+    base = median(recompute) * 1000
+    results = []
+    for tier in ("dram", "ssd"):
+        results.append(Result(f"onboard_vs_recompute_512_{tier}", median(loads[tier]) * 1000, "ms",
+                              "recompute 512 tokens", base, higher_is_better=False,
+                              extra={"ttft_ms": round(median(ttfts[tier]) * 1000, 1),
+                                     "ttft_cold_ms": round(median(ttfts["cold"]) * 1000, 1)}))
+    return results
+
+
+def _prefill_seconds(engine, tokens: list[int]) -> float:
+    """One forward computing the KV of `tokens` (as the engine's prefill step runs it)."""
+    from worker.scheduler import ScheduledRequest, SchedulerOutput
+    from worker.sampling import SamplingParams
+
+    bm = engine.block_manager
+    assert bm.allocate_slots("prefill-bench", len(tokens))
+    sched = SchedulerOutput([ScheduledRequest("prefill-bench", tokens, 0, bm.get_block_table("prefill-bench"), True)])
+    params = {"prefill-bench": SamplingParams(temperature=0.0, max_tokens=1)}
+    t0 = time.perf_counter()
+    engine.runner.execute(sched, params, {"prefill-bench": None})
+    seconds = time.perf_counter() - t0
+    bm.free("prefill-bench")
+    return seconds
+
+
+# ------------------------------------------------------------------------------------- main
+
+def run_benchmark(cfg: BenchConfig, metrics: list[str], directory: str | None = None) -> tuple[dict, list[Result]]:
+    results: list[Result] = []
+    wanted = set(metrics)
+    if wanted & {"dram_tier_put", "dram_tier_get"}:
+        results += [r for r in bench_dram(cfg) if r.metric in wanted]
+    if wanted & {"ssd_tier_write", "ssd_tier_read"}:
+        results += [r for r in bench_ssd(cfg, directory) if r.metric in wanted]
+    if "transfer_node_to_node" in wanted:
+        results += bench_transfer(cfg)
+    if wanted & {"index_lookups_per_s", "index_round_trips_per_request"}:
+        results += [r for r in bench_index(cfg) if r.metric in wanted]
+    if "onboard_vs_recompute_512" in wanted:
+        results += bench_onboard(cfg, directory)
+    config = dataclasses.asdict(cfg) | {"entry_shape": list(BLOCK_SHAPE), "entry_dtype": "bfloat16",
+                                        "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    return config, results
+
+
+def add_parser(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("kvstore", help="KV store tiers, transfer, index and onboarding against this machine's limits")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--quick", action="store_true", help="less data, fewer repeats: well under a minute")
+    p.add_argument("--metrics", type=metric_list_type(METRICS), default=list(METRICS),
+                   help=f"comma-separated subset of: {', '.join(METRICS)}")
+    p.add_argument("--dir", default=None, help="where the SSD files go (default: the system temp dir)")
+    p.add_argument("--model", default=None, help="model of onboard_vs_recompute_512 (default: smollm2-135m)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = QUICK if args.quick else BenchConfig()
+    if args.model:
+        cfg = dataclasses.replace(cfg, model=args.model)
+    if args.dir and not os.path.isdir(args.dir):
+        print(f"error: --dir {args.dir} is not a directory", file=__import__("sys").stderr)
+        return 2
+    config, results = run_benchmark(cfg, args.metrics, args.dir)
+    print(render("kvstore", config, results))
+    if args.json:
+        write_json(args.json, "kvstore", config, results)
+    return 0

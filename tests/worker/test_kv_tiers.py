@@ -1,0 +1,123 @@
+"""The engine over the tiered store: evicted blocks are offloaded (device -> DRAM -> SSD) and
+onboarded again instead of recomputed; the output always equals a cold run."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvstore.codec import HEADER_BYTES
+from kvstore.keys import encode_extra_keys, hash_blocks
+from worker.config import ConfigError
+from worker.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+BS = 16
+
+
+def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 250) for _ in range(length)] for _ in range(n)]
+
+
+def gb(engine_factory, entries: int) -> float:
+    probe = engine_factory(num_blocks=8)
+    return entries * probe.connector.layout.nbytes / 2**30
+
+
+def run(engine, prompt):
+    return engine.generate([prompt], GREEDY)[0]
+
+
+def flood(engine, n: int = 6, seed: int = 99) -> None:
+    """Unrelated prompts that take every device block, evicting what was cached."""
+    for p in prompts(n, 100, seed):
+        run(engine, p)
+
+
+@pytest.fixture
+def cold(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    return lambda prompt: run(engine, prompt).token_ids
+
+
+def test_dram_tier_serves_evicted_blocks(tiny_engine_factory, cold):
+    engine = tiny_engine_factory(num_blocks=12, dram_cache_gb=gb(tiny_engine_factory, 64))
+    (prompt,) = prompts(1, 100, seed=1)  # 6 full blocks (the 7th is partial)
+    first = run(engine, prompt)
+    flood(engine)
+    head = hash_blocks(prompt, BS, encode_extra_keys((engine.model_name, "")))
+    assert not any(engine.connector.device.contains(h) for h in head)
+    assert all(engine.store.where(h) == "dram" for h in head)
+    again = run(engine, prompt)
+    assert again.token_ids == first.token_ids == cold(prompt)
+    assert again.num_cached_tokens == 96
+    stats = engine.connector.stats
+    assert stats.hit_tokens["dram"] >= 96 and stats.hit_tokens["ssd"] == 0
+    events = engine.take_kv_events()
+    assert any(ev.medium == "dram" and type(ev).__name__ == "BlockStored" for ev in events)
+
+
+def test_blocks_demoted_to_ssd_come_back(tiny_engine_factory, cold, tmp_path):
+    engine = tiny_engine_factory(num_blocks=12, dram_cache_gb=gb(tiny_engine_factory, 4),
+                                 ssd_cache_gb=gb(tiny_engine_factory, 256), ssd_cache_dir=str(tmp_path))
+    (prompt,) = prompts(1, 100, seed=2)
+    run(engine, prompt)
+    flood(engine)  # DRAM holds 4 entries: the prompt's blocks went on to SSD
+    again = run(engine, prompt)
+    assert again.token_ids == cold(prompt) and again.num_cached_tokens == 96
+    assert engine.connector.stats.hit_tokens["ssd"] > 0
+    engine.close()
+
+
+def test_ssd_cache_survives_a_restart_and_damage_is_recomputed(tiny_engine_factory, cold, tmp_path):
+    cfg = dict(num_blocks=12, ssd_cache_gb=gb(tiny_engine_factory, 256), ssd_cache_dir=str(tmp_path))
+    a, b = prompts(2, 100, seed=3)
+    engine = tiny_engine_factory(**cfg)
+    run(engine, a)
+    run(engine, b)
+    flood(engine)
+    engine.close()
+
+    restarted = tiny_engine_factory(**cfg)
+    assert len(restarted.store.tier("ssd")) >= 12
+    out = run(restarted, a)
+    assert out.token_ids == cold(a) and out.num_cached_tokens == 96
+    assert restarted.connector.stats.hit_tokens["ssd"] == 96
+    restarted.close()
+
+    # Flip payload bytes of every entry on disk: nothing damaged may be used, b is recomputed.
+    (slab,) = tmp_path.glob("*.bin")
+    data = bytearray(slab.read_bytes())
+    probe = tiny_engine_factory(**cfg)
+    slot_bytes, tier_keys = probe.store.tier("ssd").slot_bytes, probe.store.tier("ssd").keys()
+    probe.close()
+    for off in range(0, len(data) - slot_bytes + 1, slot_bytes):
+        data[off + HEADER_BYTES + 7] ^= 0xFF
+    slab.write_bytes(bytes(data))
+    damaged = tiny_engine_factory(**cfg)
+    out = run(damaged, b)
+    assert out.token_ids == cold(b)
+    assert out.num_cached_tokens == 0 and damaged.connector.stats.hit_tokens["ssd"] == 0
+    assert damaged.store.tier("ssd").stats.corrupt == 6  # b's blocks, read in one batch: all caught
+    assert len(damaged.store.tier("ssd")) == len(tier_keys) - 6  # ... and dropped
+    damaged.close()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"dram_cache_gb": 0}, "dram-cache-gb must be positive"),
+    ({"dram_cache_gb": -1.0}, "dram-cache-gb must be positive"),
+    ({"ssd_cache_gb": 1.0}, "needs ssd-cache-dir"),
+    ({"ssd_cache_dir": "/tmp"}, "ssd-cache-gb is not"),
+    ({"kv_eviction_policy": "mru"}, "unknown eviction policy"),
+])
+def test_bad_store_config(tiny_engine_factory, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_engine_factory(**bad)
+
+
+def test_unwritable_ssd_dir_is_a_config_error(tiny_engine_factory, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(ConfigError, match=str(not_a_dir)):
+        tiny_engine_factory(ssd_cache_gb=0.01, ssd_cache_dir=str(not_a_dir / "sub"))
