@@ -90,7 +90,8 @@ class KVTier(ABC):
         costs = self._check_batch(keys, values, costs)
         return sum(self.put(k, v, c) for k, v, c in zip(keys, values, costs))
 
-    def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+    def get_many(self, keys: Sequence[bytes],
+                 outs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
         """`get` of each in turn (into `outs[i]` when given)."""
         if outs is None:
             return [self.get(k) for k in keys]

@@ -8,6 +8,10 @@ class ConfigError(ValueError):
     """A model or engine configuration value is invalid."""
 
 
+class StoreConfigError(ConfigError):
+    """The KV store's tiers cannot be built as configured (capacity, cache directory)."""
+
+
 @dataclass
 class ModelArgs:
     """Architecture of a Llama-family decoder (Llama 2/3, SmolLM2, Qwen2, Mistral)."""

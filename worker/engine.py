@@ -16,7 +16,7 @@ from kvstore.keys import encode_extra_keys
 from kvstore.manager import StoreConfig, TierManager
 from kvstore.tier import TierConfigError
 from worker.block_manager import BlockManager
-from worker.config import ConfigError
+from worker.config import ConfigError, StoreConfigError
 from worker.kv_connector import KVConnector, block_layout
 from worker.loader import load_checkpoint
 from worker.model import Transformer
@@ -77,7 +77,7 @@ class EngineConfig:
             self.store_config = StoreConfig(self.dram_cache_gb, self.ssd_cache_gb, self.ssd_cache_dir,
                                             self.kv_eviction_policy)
         except TierConfigError as e:
-            raise ConfigError(str(e)) from e
+            raise StoreConfigError(str(e)) from e
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -138,7 +138,7 @@ class LLMEngine:
             try:
                 self.store = TierManager(block_layout(self.runner.kv_cache, config.block_size), config.store_config)
             except TierConfigError as e:
-                raise ConfigError(str(e)) from e
+                raise StoreConfigError(str(e)) from e
         self.connector = KVConnector(self.block_manager, self.runner.kv_cache, self.store, cost_len)
         self.scheduler = Scheduler(sched_cfg, self.block_manager, eos, self.connector)
         self.outputs = OutputProcessor(self.tokenizer)

@@ -104,6 +104,8 @@ class DeviceTier(KVTier):
         return True
 
     def get(self, key: bytes, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        if out is not None:
+            self._check_value(out)
         block = self.bm.cached_blocks.get(key)
         if block is None:
             self.stats.misses += 1

@@ -75,7 +75,7 @@ class KVPrefetcher:
             where = store.where(hashes[i])
             if where is None:
                 break
-            if where != store.tiers[0].name:
+            if where == "ssd":
                 on_ssd.append(hashes[i])
             i += 1
         if on_ssd:

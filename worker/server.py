@@ -40,6 +40,7 @@ from kvstore.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
 from kvstore.transfer import KVTransferService, TransferClient
 from kvweave.v1 import worker_pb2_grpc
 from worker.async_engine import AsyncEngine
+from worker.config import StoreConfigError
 from worker.engine import EngineConfig, LLMEngine
 from worker.kv_prefetch import KVPrefetcher
 from worker.service import SERVICE_NAME, WorkerService
@@ -185,6 +186,8 @@ class WorkerServer:
     async def _load_engine(self) -> LLMEngine:
         try:
             return await asyncio.to_thread(LLMEngine, self.engine_config)
+        except StoreConfigError as e:
+            raise WorkerStartError(f"cannot open the KV store: {e}") from e
         except (ValueError, OSError) as e:  # ConfigError, ModelNotFoundError, CheckpointError
             raise WorkerStartError(f"cannot load model {self.engine_config.model!r}: {e}") from e
 

@@ -21,8 +21,9 @@ from kvstore.eviction import CostAwarePolicy, EvictionPolicy, LRUPolicy
 from kvstore.ssd import SSDTier, slot_size
 from kvstore.tier import KVTier, TierConfigError
 
-BF16 = KVLayout(torch.bfloat16, (2, 3, 4, 8))
-F32 = KVLayout(torch.float32, (2, 5, 7))
+# Block layouts of a paged KV cache: [K/V, layers, KV heads, block size, head dim].
+BF16 = KVLayout(torch.bfloat16, (2, 3, 2, 4, 8))
+F32 = KVLayout(torch.float32, (2, 1, 5, 2, 7))
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,41 @@ class TierKind:
     entry_bytes: Callable[[KVLayout], int]
 
 
+def _device_tier(layout: KVLayout, capacity_bytes: float, policy: EvictionPolicy | None, scratch: Path) -> KVTier:
+    """The engine's paged KV cache (block manager + cache tensor) seen as a tier; it evicts in the
+    block manager's LRU order, so a cost-aware policy does not apply to it."""
+    from worker.block_manager import BlockManager
+    from worker.kv_connector import DeviceTier
+
+    if policy is not None and not isinstance(policy, LRUPolicy):
+        raise ValueError("the device tier evicts in the block manager's LRU order")
+    num_blocks = int(capacity_bytes // layout.nbytes) if capacity_bytes > 0 else 0
+    if num_blocks < 1:
+        raise TierConfigError(f"device cache capacity {capacity_bytes} holds no block of {layout}")
+    two, n_layers, n_kv_heads, block_size, head_dim = layout.shape
+    cache = torch.zeros((two, n_layers, n_kv_heads, num_blocks * block_size, head_dim), dtype=layout.dtype)
+    return DeviceTier(BlockManager(num_blocks, block_size), cache)
+
+
 TIER_KINDS: dict[str, TierKind] = {
+    "device": TierKind(_device_tier, lambda layout: layout.nbytes),
     "dram": TierKind(lambda layout, cap, policy, scratch: DRAMTier(layout, cap, policy=policy),
                      lambda layout: layout.nbytes),
     "ssd": TierKind(lambda layout, cap, policy, scratch: SSDTier(layout, cap, scratch, policy=policy), slot_size),
 }
 
 
+POLICY_KINDS = [k for k in TIER_KINDS if k != "device"]
+"""Tiers with a pluggable eviction policy (the device tier evicts in the block manager's LRU order)."""
+
+
 @pytest.fixture(params=list(TIER_KINDS))
 def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=POLICY_KINDS)
+def policy_kind(request) -> str:
     return request.param
 
 
@@ -98,7 +125,7 @@ def test_round_trip_exact_bytes(kind, make_tier, layout):
 
 def test_non_contiguous_value_is_stored_in_layout_order(kind, make_tier):
     tier = make_tier(kind, BF16, 2)
-    value = random_entry(KVLayout(BF16.dtype, (8, 4, 3, 2)), torch.Generator().manual_seed(2)).permute(3, 2, 1, 0)
+    value = random_entry(KVLayout(BF16.dtype, (8, 4, 2, 3, 2)), torch.Generator().manual_seed(2)).permute(4, 3, 2, 1, 0)
     assert not value.is_contiguous()
     tier.put(key(1), value)
     assert same_bytes(tier.get(key(1)), value)
@@ -128,8 +155,55 @@ def test_batched_operations(kind, make_tier):
     assert tier.contains_many(keys) == [True] * 4 + [False] * 2
     got = tier.get_many([keys[2], keys[5], keys[0]])
     assert same_bytes(got[0], values[2]) and got[1] is None and same_bytes(got[2], values[0])
+
+    outs = [torch.empty(F32.shape, dtype=F32.dtype) for _ in range(4)]
+    got = tier.get_many([keys[3], keys[5], keys[1], keys[3]], outs)
+    assert got[0] is outs[0] and got[1] is None and got[2] is outs[2] and got[3] is outs[3]
+    assert same_bytes(outs[0], values[3]) and same_bytes(outs[2], values[1]) and same_bytes(outs[3], values[3])
+    got = tier.get_many([keys[0], keys[1]], [None, outs[1]])  # None: a new tensor
+    assert same_bytes(got[0], values[0]) and got[1] is outs[1] and same_bytes(outs[1], values[1])
+    assert tier.stats.hits == 7 and tier.stats.misses == 2
+    with pytest.raises(ValueError, match="holds"):
+        tier.get_many([keys[0]], [torch.empty(F32.shape, dtype=torch.float16)])
+    with pytest.raises(ValueError):
+        tier.get_many([keys[0], keys[1]], outs[:1])
+
     assert tier.remove_many([keys[1], keys[5], keys[2]]) == 2
     assert tier.contains_many(keys) == [True, False, False, True, False, False]
+
+
+@pytest.mark.parametrize("policy", [LRUPolicy, CostAwarePolicy], ids=lambda p: p.name)
+def test_batched_operations_act_as_a_loop_of_single_ones(policy_kind, make_tier, policy):
+    """put_many/get_many against put/get in a loop, on two tiers fed the same: same results, same
+    eviction order (hooks included), same contents and counts. The batch overflows the tier."""
+    gen = torch.Generator().manual_seed(10)
+    values = {key(i): random_entry(BF16, gen) for i in range(12)}
+    tiers = [make_tier(policy_kind, BF16, 4, policy()) for _ in range(2)]
+    seen: list[list] = [[], []]
+    for tier, log in zip(tiers, seen):
+        tier.on_evict = lambda k, v, log=log: log.append(("evict", k, v.clone()))
+        tier.on_drop = lambda k, log=log: log.append(("drop", k))
+        for i in (0, 1, 2):
+            tier.put(key(i), values[key(i)])
+        tier.get(key(0))
+    batch = [key(i) for i in (3, 1, 4, 5, 3, 6, 7, 8, 9, 10)]  # 1 held, 3 repeated; 0 goes early
+    costs = [float(1 + i % 3) for i in range(len(batch))]
+    batched, looped = tiers
+    assert batched.put_many(batch, [values[k] for k in batch], costs) == sum(
+        looped.put(k, values[k], c) for k, c in zip(batch, costs))
+    reads = [key(i) for i in (9, 0, 10, 7, 9, 11)]
+    got = batched.get_many(reads)
+    expected = [looped.get(k) for k in reads]
+    assert [g is None for g in got] == [e is None for e in expected]
+    assert all(same_bytes(g, values[k]) for g, k in zip(got, reads) if g is not None)
+    batched.put_many([key(11)], [values[key(11)]])  # evicts by the recency the reads left
+    looped.put(key(11), values[key(11)])
+    for field in ("hits", "misses", "puts", "evictions", "corrupt"):
+        assert getattr(batched.stats, field) == getattr(looped.stats, field), field
+    assert [e[:2] for e in seen[0]] == [e[:2] for e in seen[1]] and len(seen[0]) == 2 * batched.stats.evictions >= 14
+    assert all(same_bytes(e[2], values[e[1]]) for e in seen[0] if e[0] == "evict")
+    assert sorted(batched.keys()) == sorted(looped.keys())
+    assert all(same_bytes(batched.get(k), values[k]) for k in batched.keys())
 
 
 def test_capacity_is_never_exceeded(kind, make_tier):
@@ -174,11 +248,11 @@ def test_eviction_goes_on_when_the_hook_fails(kind, make_tier):
     assert tier.keys() == [key(2)] and tier.stats.evictions == 1
 
 
-def test_cost_aware_keeps_an_expensive_hot_entry(kind, make_tier):
+def test_cost_aware_keeps_an_expensive_hot_entry(policy_kind, make_tier):
     gen = torch.Generator().manual_seed(8)
     expensive = random_entry(BF16, gen)
     for policy, kept in ((CostAwarePolicy(), True), (LRUPolicy(), False)):
-        tier = make_tier(kind, BF16, 3, policy)
+        tier = make_tier(policy_kind, BF16, 3, policy)
         assert tier.policy is policy
         evicted: list[bytes] = []
         tier.on_evict = lambda k, v: evicted.append(k)
@@ -200,11 +274,17 @@ def test_wrong_layout_is_refused(kind, make_tier):
     with pytest.raises(ValueError, match="holds"):
         tier.put(key(1), torch.zeros(BF16.shape, dtype=torch.float16))
     with pytest.raises(ValueError, match="holds"):
-        tier.put(key(1), torch.zeros((2, 3, 4, 9), dtype=torch.bfloat16))
+        tier.put(key(1), torch.zeros((2, 3, 2, 4, 9), dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="holds"):
         tier.put(key(1), torch.zeros(BF16.nbytes // 2, dtype=torch.bfloat16))  # same bytes, other shape
     assert len(tier) == 0 and tier.stats.puts == 0
-    tier.put(key(1), torch.ones(BF16.shape, dtype=torch.bfloat16))
+    good = torch.ones(BF16.shape, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="holds"):  # checked before anything is stored
+        tier.put_many([key(1), key(2)], [good, torch.zeros(BF16.shape, dtype=torch.float16)])
+    with pytest.raises(ValueError):
+        tier.put_many([key(1), key(2)], [good])
+    assert len(tier) == 0 and tier.stats.puts == 0
+    tier.put(key(1), good)
     with pytest.raises(ValueError, match="holds"):
         tier.get(key(1), out=torch.empty(BF16.shape, dtype=torch.float32))
 

@@ -121,3 +121,25 @@ def test_unwritable_ssd_dir_is_a_config_error(tiny_engine_factory, tmp_path):
     not_a_dir.write_text("x")
     with pytest.raises(ConfigError, match=str(not_a_dir)):
         tiny_engine_factory(ssd_cache_gb=0.01, ssd_cache_dir=str(not_a_dir / "sub"))
+
+
+@pytest.mark.asyncio
+async def test_async_engine_stages_ssd_blocks_before_admission(tiny_engine_factory, cold, tmp_path):
+    """Through the AsyncEngine with its prefetcher: SSD blocks are read while the request waits
+    (staged on it), then copied in at admission."""
+    from worker.async_engine import AsyncEngine
+    from worker.kv_prefetch import KVPrefetcher
+
+    engine = tiny_engine_factory(num_blocks=12, ssd_cache_gb=gb(tiny_engine_factory, 64), ssd_cache_dir=str(tmp_path))
+    (prompt,) = prompts(1, 100, seed=4)
+    run(engine, prompt)
+    flood(engine)
+    prefetcher = KVPrefetcher(engine)
+    async_engine = AsyncEngine(engine)
+    async_engine.prefetch = prefetcher
+    try:
+        outs = [out async for out in async_engine.generate(prompt, GREEDY)]
+    finally:
+        async_engine.shutdown()
+    assert outs[-1].token_ids == cold(prompt) and outs[-1].num_cached_tokens == 96
+    assert prefetcher.stats.ssd_blocks == 6 and engine.connector.stats.hit_tokens["ssd"] == 96

@@ -179,11 +179,18 @@ def test_worker_process_sigkill_and_sigterm(redis_url, tiny_hf_model):
 
 def test_bad_flags_fail_with_a_message(tiny_hf_model, tmp_path):
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
     cases = [
         (_worker_args(tiny_hf_model, "--role", "bogus"), "invalid choice: 'bogus'"),
         (_worker_args(tiny_hf_model, "--redis-url", dead_redis), "cannot reach Redis"),
         (_worker_args(tmp_path / "no-such-model"), "cannot load model"),
         (_worker_args(tiny_hf_model, "--lease-s", "1", "--heartbeat-s", "2"), "heartbeat_s"),
+        (_worker_args(tiny_hf_model, "--dram-cache-gb", "0"), "dram-cache-gb must be positive"),
+        (_worker_args(tiny_hf_model, "--ssd-cache-gb", "-2", "--ssd-cache-dir", str(tmp_path)), "ssd-cache-gb must be positive"),
+        (_worker_args(tiny_hf_model, "--ssd-cache-gb", "1", "--ssd-cache-dir", str(not_a_dir / "sub")),
+         "cannot open the KV store: SSD cache directory"),
+        (_worker_args(tiny_hf_model, "--kv-transfer-timeout-s", "0"), "kv_transfer_timeout_s must be positive"),
     ]
     procs = [subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for args, _ in cases]
