@@ -34,7 +34,8 @@ the fourth; more parallel raw I/O did not make this disk faster.
 
 Nothing is fsynced: this is a cache. A write torn by a crash leaves a slot whose header checksum
 (which covers the key and the payload checksum) or payload checksum fails, so it is never served.
-A removed or evicted slot gets its header zeroed, so a restart does not bring it back.
+A removed slot gets its header zeroed, so a restart does not bring it back (an evicted slot is
+overwritten by the entry that evicted it).
 
 At start the map is rebuilt from the headers alone (one 4 KiB read per slot): slots whose header
 decodes, with this layout, are adopted; damaged ones are erased with a warning; a slot cut short by

@@ -1,6 +1,16 @@
-"""Node-to-node KV transfer over gRPC (`kvweave.v1.KVTransfer`, proto/kvweave/v1/kvtransfer.proto).
+"""Node-to-node KV transfer: the gRPC service (`kvweave.v1.KVTransfer`, proto/kvweave/v1/kvtransfer.proto)
+and `TransferClient`, which fetches over a peer's raw TCP data plane (kvstore/tcp_transfer.py: the
+default; ~2.5x the throughput of the gRPC stream here) or over the gRPC `Fetch` stream described here.
 
-Wire format. The caller sends the keys it wants (16-byte block hashes, in prompt order), the
+Transports. A peer serves `KVTransfer` on its one advertised address; `DataPort` answers the port
+of its `KVDataServer` on the same host (0: none). `TransferClient(transport="auto")` asks once per
+address, caches the port and fetches over TCP, falling back to `Fetch` when the peer has no data
+plane (DataPort answers 0 or UNIMPLEMENTED). Both transports carry the same layer-major data,
+answer the same errors (named by the same gRPC status names) and are checked as strictly.
+`serve_transfer` starts both servers; a worker adds `KVTransferService(source, data_server)` to its
+own grpc.aio server.
+
+Fetch wire format. The caller sends the keys it wants (16-byte block hashes, in prompt order), the
 layout it expects (dtype code and entry shape; dim 1 is the layer) and a maximum piece size. The
 server streams back a `FetchHeader` (n, the length of the leading run of requested keys it holds:
 it stops at the first it lacks; and the layout), then the data layer by layer: layer l is the n
@@ -74,14 +84,20 @@ def layout_to_proto(layout: KVLayout) -> kvtransfer_pb2.KVLayoutProto:
     return kvtransfer_pb2.KVLayoutProto(dtype=DTYPE_CODES[layout.dtype], shape=[int(d) for d in layout.shape])
 
 
-def layout_from_proto(msg: kvtransfer_pb2.KVLayoutProto) -> KVLayout:
-    """The layout of `msg`; ValueError if the dtype is unknown or the shape has no layer dim."""
-    if msg.dtype not in DTYPES_BY_CODE:
-        raise ValueError(f"unknown dtype code {msg.dtype}; valid: {sorted(DTYPES_BY_CODE)}")
-    shape = tuple(msg.shape)
+def layout_from_code(dtype_code: int, shape) -> KVLayout:
+    """The layout of a dtype code and shape off the wire; ValueError if the dtype is unknown or the
+    shape has no layer dim (both transports validate with this)."""
+    if dtype_code not in DTYPES_BY_CODE:
+        raise ValueError(f"unknown dtype code {dtype_code}; valid: {sorted(DTYPES_BY_CODE)}")
+    shape = tuple(shape)
     if not 2 <= len(shape) <= MAX_DIMS:
         raise ValueError(f"entry shape must have 2-{MAX_DIMS} dims (dim 1 is the layer), got {list(shape)}")
-    return KVLayout(DTYPES_BY_CODE[msg.dtype], shape)
+    return KVLayout(DTYPES_BY_CODE[dtype_code], shape)
+
+
+def layout_from_proto(msg: kvtransfer_pb2.KVLayoutProto) -> KVLayout:
+    """The layout of `msg`; ValueError if the dtype is unknown or the shape has no layer dim."""
+    return layout_from_code(msg.dtype, msg.shape)
 
 
 def _layer_geometry(layout: KVLayout) -> tuple[int, int, int]:
@@ -90,6 +106,33 @@ def _layer_geometry(layout: KVLayout) -> tuple[int, int, int]:
     for d in layout.shape[2:]:
         row_bytes *= d
     return layout.shape[1], layout.shape[0], row_bytes
+
+
+def layer_major(entries: torch.Tensor) -> torch.Tensor | None:
+    """`entries` [n, s0, n_layers, ...] as the contiguous layer-major tensor [n_layers, n, s0, ...] it
+    is a view of, or None when it is not one (then a layer must be gathered before it is sent)."""
+    if entries.dim() < 3:
+        return None
+    lm = entries.movedim(2, 0)
+    return lm if lm.is_contiguous() else None
+
+
+def empty_layer_major(n: int, layout: KVLayout) -> torch.Tensor:
+    """Uninitialised entries [n, *layout.shape] stored layer-major (see `layer_major`): each layer of
+    the wire format is one contiguous slice, so it is received in place, without a staging copy."""
+    shape = (layout.shape[1], n, layout.shape[0], *layout.shape[2:])
+    data = np.empty(n * layout.nbytes, dtype=np.uint8)
+    return torch.from_numpy(data).view(layout.dtype).view(shape).movedim(0, 2)
+
+
+def empty_entries(n: int, layout: KVLayout) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor [n, *layout.shape]. Its memory comes from numpy, which
+    advises the kernel to back large allocations with huge pages (MADV_HUGEPAGE): writing a fresh
+    100 MB tensor costs ~4x less than torch.empty's 4 KiB page faults."""
+    if n == 0:
+        return torch.empty((0, *layout.shape), dtype=layout.dtype)
+    data = np.empty(n * layout.nbytes, dtype=np.uint8)
+    return torch.from_numpy(data).view(layout.dtype).view(n, *layout.shape)
 
 
 def _short(e: BaseException | str) -> str:
@@ -112,7 +155,10 @@ class KVSource(Protocol):
 
 
 class TensorSource:
-    """A KVSource over a dict key -> entry tensor (tests, benchmarks). All entries share one layout."""
+    """A KVSource over a dict key -> entry tensor (tests, benchmarks). All entries share one layout.
+    The tensors are served as given, without copies: do not modify them in place while they are
+    served. A run of entries that lie one after another in one storage (the rows of one tensor)
+    is exported as a view of it; others are copied into one tensor."""
 
     def __init__(self, entries: dict[bytes, torch.Tensor] | None = None, layout: KVLayout | None = None) -> None:
         self.layout = layout
@@ -142,34 +188,77 @@ class TensorSource:
             run.append(entry)
         if not run:
             return None
-        out = torch.empty((len(run), *layout.shape), dtype=layout.dtype)
+        first, nbytes = run[0], layout.nbytes
+        storage, start = first.untyped_storage().data_ptr(), first.data_ptr()
+        if all(e.untyped_storage().data_ptr() == storage and e.data_ptr() == start + i * nbytes
+               for i, e in enumerate(run)):
+            return first.as_strided((len(run), *layout.shape), (first.numel(), *first.stride()),
+                                    first.storage_offset())
+        out = empty_entries(len(run), layout)
         out_bytes = out.view(torch.uint8).numpy().reshape(len(run), -1)  # numpy: see _LayerGather
         for i, entry in enumerate(run):
             out_bytes[i] = np.frombuffer(as_bytes(entry), dtype=np.uint8)
         return out
 
 
+async def export_entries(source: KVSource, keys: list[bytes], layout: KVLayout
+                         ) -> tuple[torch.Tensor | None, tuple[str, str] | None]:
+    """(entries or None when none are held, None) or (None, (gRPC status name, message)): what
+    `source` exports for a valid request, checked the same way for both transports."""
+    if not keys:
+        return None, None
+    try:
+        entries = await source.export(keys, layout)
+    except KVLayoutMismatchError as e:
+        return None, ("FAILED_PRECONDITION", f"layout mismatch: {_short(e)}")
+    except Exception as e:
+        logger.exception("KV export of %d keys failed", len(keys))
+        return None, ("INTERNAL", f"internal error: {_short(e)}")
+    if entries is None or (entries.dim() >= 1 and entries.shape[0] == 0):  # holds none
+        return None, None
+    if entries.dtype != layout.dtype or tuple(entries.shape[1:]) != layout.shape:
+        held = f"{str(entries.dtype).removeprefix('torch.')}{list(entries.shape[1:])}"
+        return None, ("FAILED_PRECONDITION", f"layout mismatch: holds entries of layout {held}, not {layout}")
+    if entries.shape[0] > len(keys):
+        return None, ("INTERNAL", f"internal error: the source returned {entries.shape[0]} entries for "
+                                  f"{len(keys)} keys")
+    return entries, None
+
+
 class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
     """`kvweave.v1.KVTransfer` over a KVSource. Add it with `add_to_server`, which serves data
     messages encoded by `encode_chunk`; the generated `add_KVTransferServicer_to_server` works too,
-    with `Fetch` building protobuf messages (the same bytes on the wire, three more copies)."""
+    with `Fetch` building protobuf messages (the same bytes on the wire, three more copies).
 
-    def __init__(self, source: KVSource, max_keys: int = DEFAULT_MAX_KEYS,
+    `data_server`: the started KVDataServer (kvstore.tcp_transfer) over the same source, whose port
+    `DataPort` announces so that clients fetch over TCP; None: DataPort answers 0 (Fetch only)."""
+
+    def __init__(self, source: KVSource, data_server=None, max_keys: int = DEFAULT_MAX_KEYS,
                  default_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         if max_keys <= 0:
             raise ValueError("max_keys must be positive")
         if not 0 < default_chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"default_chunk_bytes must be in [1, {MAX_CHUNK_BYTES}]")
         self.source = source
+        self.data_server = data_server
         self.max_keys = max_keys
         self.default_chunk_bytes = default_chunk_bytes
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        handlers = {"Fetch": grpc.unary_stream_rpc_method_handler(
-            self._fetch_encoded, request_deserializer=kvtransfer_pb2.FetchRequest.FromString,
-            response_serializer=_serialize_response)}
+        handlers = {
+            "Fetch": grpc.unary_stream_rpc_method_handler(
+                self._fetch_encoded, request_deserializer=kvtransfer_pb2.FetchRequest.FromString,
+                response_serializer=_serialize_response),
+            "DataPort": grpc.unary_unary_rpc_method_handler(
+                self.DataPort, request_deserializer=kvtransfer_pb2.DataPortRequest.FromString,
+                response_serializer=kvtransfer_pb2.DataPortResponse.SerializeToString),
+        }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    async def DataPort(self, request: kvtransfer_pb2.DataPortRequest, context: grpc.aio.ServicerContext
+                       ) -> kvtransfer_pb2.DataPortResponse:
+        return kvtransfer_pb2.DataPortResponse(port=self.data_server.port if self.data_server is not None else 0)
 
     def _parse(self, request: kvtransfer_pb2.FetchRequest) -> tuple[list[bytes], KVLayout, int]:
         keys = list(request.keys)
@@ -184,29 +273,6 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
         chunk = min(request.max_chunk_bytes or self.default_chunk_bytes, MAX_CHUNK_BYTES)
         return keys, layout, chunk
 
-    async def _export(self, keys: list[bytes], layout: KVLayout
-                      ) -> tuple[torch.Tensor | None, grpc.StatusCode | None, str]:
-        """(entries or None, None, "") or (None, error code, message)."""
-        if not keys:
-            return None, None, ""
-        try:
-            entries = await self.source.export(keys, layout)
-        except KVLayoutMismatchError as e:
-            return None, grpc.StatusCode.FAILED_PRECONDITION, f"layout mismatch: {_short(e)}"
-        except Exception as e:
-            logger.exception("KV export of %d keys failed", len(keys))
-            return None, grpc.StatusCode.INTERNAL, f"internal error: {_short(e)}"
-        if entries is None or (entries.dim() >= 1 and entries.shape[0] == 0):  # holds none
-            return None, None, ""
-        if entries.dtype != layout.dtype or tuple(entries.shape[1:]) != layout.shape:
-            held = f"{str(entries.dtype).removeprefix('torch.')}{list(entries.shape[1:])}"
-            return None, grpc.StatusCode.FAILED_PRECONDITION, (f"layout mismatch: holds entries of layout {held}, "
-                                                               f"not {layout}")
-        if entries.shape[0] > len(keys):
-            return None, grpc.StatusCode.INTERNAL, (f"internal error: the source returned {entries.shape[0]} "
-                                                    f"entries for {len(keys)} keys")
-        return entries, None, ""
-
     async def Fetch(self, request: kvtransfer_pb2.FetchRequest, context: grpc.aio.ServicerContext):
         async for msg in self._stream(request, context, _proto_chunk):
             yield msg
@@ -220,9 +286,9 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
             keys, layout, chunk = self._parse(request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _short(e))
-        entries, code, message = await self._export(keys, layout)
-        if code is not None:
-            await context.abort(code, message)
+        entries, error = await export_entries(self.source, keys, layout)
+        if error is not None:
+            await context.abort(grpc.StatusCode[error[0]], error[1])
         n = 0 if entries is None else entries.shape[0]
         yield kvtransfer_pb2.FetchResponse(
             header=kvtransfer_pb2.FetchHeader(num_entries=n, layout=layout_to_proto(layout)))
@@ -239,21 +305,43 @@ class _LayerGather:
     """The contiguous bytes of entries[:, :, layer], gathered one layer at a time into one reused
     buffer (valid until the next `gather`: fresh buffers would be faulted in page by page, which
     costs more than the copy). CPU tensors are copied with numpy, whose copies stay fast when torch's
-    OpenMP threads would compete for busy cores; other devices through torch, a layer at a time."""
+    OpenMP threads would compete for busy cores; other devices through torch, a layer at a time.
 
-    def __init__(self, entries: torch.Tensor) -> None:
+    `headroom`: bytes left free before the layer's data in the buffer (for a frame header); `gather`
+    then returns them too. `buffer`: a uint8 array to reuse when it is large enough (`.buffer` is
+    the one in use)."""
+
+    def __init__(self, entries: torch.Tensor, headroom: int = 0, buffer: np.ndarray | None = None) -> None:
         self.entries = entries.detach()
-        self.array = self.buffer = None
+        self.headroom = headroom
+        self.array = None
+        n_layers, rows, row_bytes = _layer_geometry(KVLayout(self.entries.dtype, tuple(self.entries.shape[1:])))
+        self.layer_bytes = self.entries.shape[0] * rows * row_bytes
+        self.layers = layer_major(self.entries) if self.entries.device.type == "cpu" else None
+        """Set when every layer is already contiguous: `layer` returns it without a copy."""
         if self.entries.device.type == "cpu":
             # [n, shape[0], n_layers, *shape[2:], itemsize] as uint8, over the same memory
             self.array = self.entries.unsqueeze(-1).view(torch.uint8).numpy()
-            self.buffer = np.empty(self.array[:, :, 0].shape, dtype=np.uint8)
+        elif headroom == 0:
+            self.buffer = None
+            return
+        size = headroom + self.layer_bytes
+        self.buffer = buffer if buffer is not None and len(buffer) >= size else np.empty(size, dtype=np.uint8)
+
+    def layer(self, i: int) -> memoryview | None:
+        """Layer `i`'s bytes in place, when the entries are stored layer-major (else None)."""
+        return None if self.layers is None else as_bytes(self.layers[i])
 
     def gather(self, layer: int) -> memoryview:
-        if self.array is None:
+        if self.buffer is None:
             return as_bytes(self.entries[:, :, layer])
-        np.copyto(self.buffer, self.array[:, :, layer])
-        return memoryview(self.buffer.reshape(-1))
+        out = self.buffer[:self.headroom + self.layer_bytes]
+        data = out[self.headroom:]
+        if self.array is None:
+            np.copyto(data, np.frombuffer(as_bytes(self.entries[:, :, layer]), dtype=np.uint8))
+        else:
+            np.copyto(data.reshape(self.array[:, :, layer].shape), self.array[:, :, layer])
+        return memoryview(out)
 
 
 def _varint(value: int) -> bytes:
@@ -282,16 +370,53 @@ def _serialize_response(msg) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
-async def serve_transfer(source: KVSource, host: str = "127.0.0.1", port: int = 0,
-                         **service_kwargs) -> tuple[grpc.aio.Server, int]:
-    """A started grpc.aio server with only a KVTransferService over `source`; (server, bound port)."""
-    server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
-    KVTransferService(source, **service_kwargs).add_to_server(server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if not bound:
-        raise RuntimeError(f"cannot listen on {host}:{port}")
-    await server.start()
-    return server, bound
+class TransferServer:
+    """What `serve_transfer` starts: a grpc.aio server with a KVTransferService and, unless
+    disabled, the KVDataServer it announces. `stop` stops both."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, port: int, data_server=None) -> None:
+        self.grpc_server = grpc_server
+        self.port = port
+        self.data_server = data_server
+
+    @property
+    def data_port(self) -> int:
+        return self.data_server.port if self.data_server is not None else 0
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop both servers; responses in flight get up to `grace` seconds (None: none)."""
+        stopping = [self.grpc_server.stop(grace)]
+        if self.data_server is not None:
+            stopping.append(self.data_server.stop(grace))
+        await asyncio.gather(*stopping)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.grpc_server.wait_for_termination(timeout)
+
+
+async def serve_transfer(source: KVSource, host: str = "127.0.0.1", port: int = 0, data_plane: bool = True,
+                         **service_kwargs) -> tuple[TransferServer, int]:
+    """(started TransferServer, bound gRPC port): a grpc.aio server with only a KVTransferService
+    over `source` and, when `data_plane`, a KVDataServer on a free port of the same host that
+    DataPort announces. `await server.stop(grace)` stops both."""
+    data_server = None
+    if data_plane:
+        from kvstore.tcp_transfer import KVDataServer
+
+        data_server = KVDataServer(source, host, max_keys=service_kwargs.get("max_keys", DEFAULT_MAX_KEYS))
+        await data_server.start()
+    try:
+        server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
+        KVTransferService(source, data_server, **service_kwargs).add_to_server(server)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if not bound:
+            raise RuntimeError(f"cannot listen on {host}:{port}")
+        await server.start()
+    except BaseException:
+        if data_server is not None:
+            await data_server.stop()
+        raise
+    return TransferServer(server, bound, data_server), bound
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +536,7 @@ class _Receiver:
         if layout != self.layout:
             raise self.fail(f"announced layout {layout}, requested {self.layout}")
         if self.given_out is None:
-            self.out = torch.empty((n, *self.layout.shape), dtype=self.layout.dtype)
+            self.out = empty_entries(n, self.layout)
         else:
             self.out = self.given_out[:n]
         if n:
@@ -514,16 +639,45 @@ def _channel_target(channel: grpc.aio.Channel) -> str:
         return "the peer"
 
 
-class TransferClient:
-    """Fetches KV from peers, reusing one grpc.aio channel per address (at most `max_channels`,
-    least recently used closed first). Channels belong to the event loop that created them."""
+TRANSPORTS = ("auto", "tcp", "grpc")
+DATA_PORT_METHOD = f"/{SERVICE_NAME}/DataPort"
 
-    def __init__(self, max_channels: int = 64) -> None:
+
+def _data_host(address: str) -> str | None:
+    """The host of a plain "host:port" / "[v6]:port" gRPC address, bracketed for an IPv6 literal;
+    None for other target forms (a scheme, a unix socket), which are fetched over gRPC."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in address or host in ("unix", "unix-abstract"):
+        return None
+    return host
+
+
+class TransferClient:
+    """Fetches KV from peers by their gRPC address, over the peer's TCP data plane
+    (kvstore.tcp_transfer) or the gRPC Fetch stream:
+
+    - transport "auto" (default): asks the peer's `DataPort` once per address (the answer is cached)
+      and fetches over TCP when it has a data plane, else (DataPort answers 0 or UNIMPLEMENTED) over gRPC;
+    - "tcp": over the data plane only (TransferError for a peer without one);
+    - "grpc": over the Fetch stream only.
+
+    Reuses one grpc.aio channel per address and up to `max_idle_connections` data connections per
+    peer (for at most `max_channels` addresses, least recently used closed first). Channels and
+    connections belong to the event loop that created them."""
+
+    def __init__(self, max_channels: int = 64, transport: str = "auto", max_idle_connections: int = 4) -> None:
+        from kvstore.tcp_transfer import KVDataClient
+
         if max_channels <= 0:
             raise ValueError("max_channels must be positive")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.max_channels = max_channels
+        self.transport = transport
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
+        self._data_ports: OrderedDict[str, int] = OrderedDict()  # address -> data port (0: none)
+        self.data_client = KVDataClient(max_peers=max_channels, max_idle_per_peer=max_idle_connections)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -538,27 +692,78 @@ class TransferClient:
             task.add_done_callback(self._closing.discard)
         return channel
 
+    async def data_address(self, address: str, timeout_s: float) -> str | None:
+        """"host:port" of the data plane of the peer at `address` (None: it has none), asked with
+        `DataPort` the first time and cached. TransferError when the peer cannot be asked."""
+        port = self._data_ports.get(address)
+        host = _data_host(address)
+        if port is None and host is not None:
+            method = self.channel(address).unary_unary(
+                DATA_PORT_METHOD, request_serializer=kvtransfer_pb2.DataPortRequest.SerializeToString,
+                response_deserializer=kvtransfer_pb2.DataPortResponse.FromString)
+            try:
+                port = (await method(kvtransfer_pb2.DataPortRequest(), timeout=timeout_s)).port
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    problem = (f"no complete answer within the {timeout_s:.3g} s deadline"
+                               if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                               else f"{e.code().name}: {_short(e.details() or 'no details')}")
+                    raise TransferError(f"KV fetch from {address}: asking for its data port: {problem}") from None
+                port = 0
+            self._data_ports[address] = port
+            while len(self._data_ports) > self.max_channels:
+                self._data_ports.popitem(last=False)
+        if port:
+            self._data_ports.move_to_end(address)
+            return f"{host}:{port}"
+        return None
+
     async def fetch_kv(self, address: str, keys: list[bytes], layout: KVLayout, timeout_s: float,
                        max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[n, *layout.shape]: the entries of the leading n of `keys` that the peer at `address` holds
-        (n may be 0), every byte verified, within `timeout_s` for the whole call. Raises
-        TransferError (ValueError for bad arguments).
+        """[n, *layout.shape]: the entries of the leading n of `keys` that the peer at `address` (its
+        gRPC address) holds (n may be 0), every byte verified, within `timeout_s` for the whole call.
+        Raises TransferError (ValueError for bad arguments).
 
         `out`: a contiguous CPU tensor [>= len(keys), *layout.shape] to receive into (a reused
         staging buffer saves faulting in fresh memory); the result is then out[:n]. After a
-        TransferError its contents are unspecified."""
+        TransferError its contents are unspecified. `max_chunk_bytes`: the gRPC transport's piece
+        size (the data plane sends whole layers)."""
+        keys = list(keys)
+        _check_args(keys, layout, timeout_s, max_chunk_bytes, out)
+        if not keys:
+            return torch.empty((0, *layout.shape), dtype=layout.dtype) if out is None else out[:0]
+        if self.transport != "grpc":
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout_s
+            data_address = await self.data_address(address, timeout_s)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TransferError(f"KV fetch from {address}: no complete answer within the {timeout_s:g} s deadline")
+            if data_address is not None:
+                from kvstore.tcp_transfer import DataPlaneUnreachableError
+
+                try:
+                    return await self.data_client.fetch_kv(data_address, keys, layout, remaining, out, peer=address)
+                except DataPlaneUnreachableError:
+                    self._data_ports.pop(address, None)  # ask again next time: the peer may have restarted
+                    raise
+            if self.transport == "tcp":
+                raise TransferError(f"KV fetch from {address}: the peer has no TCP data plane")
+            timeout_s = remaining
         return await _fetch(self.channel(address), address, keys, layout, timeout_s, max_chunk_bytes, out)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), OrderedDict()
+        self._data_ports.clear()
+        await self.data_client.close()
         await asyncio.gather(*(c.close() for c in channels), *self._closing, return_exceptions=True)
 
 
 async def fetch_kv(channel_or_address: grpc.aio.Channel | str, keys: list[bytes], layout: KVLayout,
                    timeout_s: float, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """`TransferClient.fetch_kv` over a given channel (create it with GRPC_OPTIONS), or, given an
-    address, over a channel opened for this call only."""
+    """`TransferClient.fetch_kv` over gRPC only (the Fetch stream), over a given channel (create it
+    with GRPC_OPTIONS) or, given an address, over a channel opened for this call only."""
     if isinstance(channel_or_address, str):
         async with grpc.aio.insecure_channel(channel_or_address, options=GRPC_OPTIONS) as channel:
             return await _fetch(channel, channel_or_address, keys, layout, timeout_s, max_chunk_bytes, out)

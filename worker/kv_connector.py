@@ -25,6 +25,7 @@ import torch
 from kvstore.codec import KVLayout
 from kvstore.keys import BlockHash
 from kvstore.manager import TierManager
+from kvstore.transfer import empty_layer_major
 from kvstore.tier import KVTier, TierStats
 from worker.block_manager import Block, BlockManager
 from worker.request import Request
@@ -210,8 +211,9 @@ class KVConnector:
     # ------------------------------------------------------------------ peers
 
     def export(self, keys: Sequence[bytes]) -> torch.Tensor | None:
-        """[n, *layout.shape]: the leading `keys` this worker holds in any tier (engine thread)."""
-        out = torch.empty((len(keys), *self.layout.shape), dtype=self.layout.dtype)
+        """[n, *layout.shape]: the leading `keys` this worker holds in any tier (engine thread),
+        stored layer-major so that the transfer sends each layer in place."""
+        out = empty_layer_major(len(keys), self.layout)
         n = 0
         for key in keys:
             if self.device.get(key, out[n]) is None:

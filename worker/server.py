@@ -10,7 +10,9 @@ reflection. With a Redis URL it also:
   lapsed lease (the entry was gone at a heartbeat), a Redis failure, or at first registration, a
   full snapshot replaces the worker's index entries instead;
 - fetches the prefix blocks a request lacks from the peers that hold them (worker/kv_prefetch.py),
-  and serves its own blocks to peers (`kvweave.v1.KVTransfer`, kvstore/transfer.py).
+  and serves its own blocks to peers: `kvweave.v1.KVTransfer` on the gRPC port (control, and a
+  streaming fallback), the bulk bytes over a raw TCP data plane on a second port that the
+  `DataPort` call names (kvstore/transfer.py, kvstore/tcp_transfer.py).
 Stopping (SIGTERM / SIGINT): NOT_SERVING, stop accepting calls, deregister, clear the index,
 let calls in flight finish within a grace period, shut the engine down.
 """
@@ -37,6 +39,7 @@ from controlplane.registry import ROLES, Registry, WorkerInfo, worker_key
 from kvstore.index import KVIndex
 from kvstore.transfer import GRPC_OPTIONS as TRANSFER_GRPC_OPTIONS
 from kvstore.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
+from kvstore.tcp_transfer import KVDataServer
 from kvstore.transfer import KVTransferService, TransferClient
 from kvweave.v1 import worker_pb2_grpc
 from worker.async_engine import AsyncEngine
@@ -128,6 +131,7 @@ class WorkerServer:
         self._need_snapshot = True
         self._peers: dict[str, str] = {}
         self._transfer_client: TransferClient | None = None
+        self._data_server: KVDataServer | None = None
         self.prefetcher: KVPrefetcher | None = None
 
     async def start(self) -> str:
@@ -164,12 +168,17 @@ class WorkerServer:
         await self._health.enter_graceful_shutdown()
         self._stopping.set()
         server_stopped = asyncio.ensure_future(self._server.stop(self.options.grace_s)) if self._server else None
+        data_stopped = (asyncio.ensure_future(self._data_server.stop(self.options.grace_s))
+                        if self._data_server else None)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
         await self._leave_cluster()
         if server_stopped is not None:
             await server_stopped
             self._server = None
+        if data_stopped is not None:
+            await data_stopped
+            self._data_server = None
         await self._close()
         logger.info("worker %s stopped", self.worker_id)
 
@@ -203,7 +212,12 @@ class WorkerServer:
         self.address = f"{o.advertise_host or _advertise_host(o.host)}:{port}"
         self.worker_id = self.worker_id or f"{socket.gethostname()}-{port}"
         worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(self.engine, self.worker_id), self._server)
-        KVTransferService(self.engine).add_to_server(self._server)
+        self._data_server = KVDataServer(self.engine, o.host)  # the bulk KV data plane (raw TCP)
+        try:
+            await self._data_server.start()
+        except OSError as e:
+            raise WorkerStartError(f"cannot listen for KV data on {o.host}: {e}") from e
+        KVTransferService(self.engine, self._data_server).add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = (SERVICE_NAME, TRANSFER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
@@ -282,6 +296,9 @@ class WorkerServer:
         if self._server is not None:
             await self._server.stop(0)
             self._server = None
+        if self._data_server is not None:
+            await self._data_server.stop()
+            self._data_server = None
         if self._transfer_client is not None:
             await self._transfer_client.close()
             self._transfer_client = None

@@ -11,9 +11,11 @@ Entries are KV blocks of the default model (SmolLM2-135M, bf16, 16 tokens: [2, 3
   same bytes in 4 MiB pieces over a file written once before, with the same flags (O_DIRECT
   bypasses the page cache; without it the cache is dropped with fsync + POSIX_FADV_DONTNEED
   before reads). `extra` has the rate of one entry per call.
-- transfer_node_to_node: `TransferClient.fetch_kv` of every entry from a peer process serving
-  them (kvstore.transfer) against a raw loopback TCP socket between two processes carrying the same
-  bytes into a preallocated buffer.
+- transfer_node_to_node: `TransferClient.fetch_kv` of every entry (verified, layer by layer) from
+  a peer process serving them (kvstore.transfer: the raw TCP data plane that `DataPort` names)
+  into a preallocated output, against a raw loopback TCP socket between two processes carrying
+  the same bytes into a preallocated buffer. `extra`: the same into a fresh output tensor (on
+  this VM, first touches of fresh memory cost more than the transfer), and over the gRPC stream.
 - index_lookups_per_s: the router's index lookup (`KVIndex.leading_tiers`) for a 1k-token prompt
   over 4 workers x 3 tiers each holding `index_entries` keys, 16 lookups in flight, against
   unpipelined PINGs on one connection (one round trip each) with 16 in flight.
@@ -205,13 +207,30 @@ def tier_slot_bytes(layout) -> int:
 
 # --------------------------------------------------------------------------------- transfer
 
+class _LayerMajorSource:
+    """Serves a fixed set of entries stored layer-major, as a worker's export builds them."""
+
+    def __init__(self, keys: list[bytes], values: torch.Tensor) -> None:
+        from kvstore.transfer import empty_layer_major
+
+        self.index = {k: i for i, k in enumerate(keys)}
+        self.entries = empty_layer_major(len(keys), _layout())
+        self.entries.copy_(values)
+
+    async def export(self, keys, layout):
+        n = 0
+        while n < len(keys) and self.index.get(keys[n]) == n:
+            n += 1
+        return self.entries[:n] if n else None
+
+
 def _serve_entries(total_mb: int, conn) -> None:
-    from kvstore.transfer import TensorSource, serve_transfer
+    from kvstore.transfer import serve_transfer
 
     keys, values = _entries(total_mb)
 
     async def main() -> None:
-        source = TensorSource(dict(zip(keys, values)), _layout())
+        source = _LayerMajorSource(keys, values)
         server, port = await serve_transfer(source)
         conn.send(port)
         await asyncio.get_running_loop().run_in_executor(None, conn.recv)
@@ -264,27 +283,33 @@ def bench_transfer(cfg: BenchConfig) -> list[Result]:
     try:
         port = parent.recv()
 
-        async def fetch_all() -> list[float]:
-            client = TransferClient()
+        async def fetch_all(transport: str, into: torch.Tensor | None) -> list[float]:
+            client = TransferClient(transport=transport)
             try:
                 await client.fetch_kv(f"127.0.0.1:{port}", keys[:4], layout, 30.0)  # connect
                 times = []
                 for _ in range(cfg.repeats):
                     t0 = time.perf_counter()
-                    got = await client.fetch_kv(f"127.0.0.1:{port}", keys, layout, 60.0)
+                    got = await client.fetch_kv(f"127.0.0.1:{port}", keys, layout, 60.0, out=into)
                     times.append(time.perf_counter() - t0)
                     assert got.shape[0] == n and torch.equal(got.view(torch.int16), values.view(torch.int16))
+                    del got
                 return times
             finally:
                 await client.close()
 
-        grpc_times = asyncio.run(fetch_all())
+        out = torch.zeros_like(values)  # received into memory already touched, as the raw baseline does
+        tcp_times = asyncio.run(fetch_all("auto", out))
+        fresh_times = asyncio.run(fetch_all("auto", None))
+        grpc_times = asyncio.run(fetch_all("grpc", out))
     finally:
         parent.send("stop")
         proc.join(timeout=30)
     raw = [_raw_socket(nbytes, ctx) for _ in range(cfg.repeats)]
-    return [Result("transfer_node_to_node", _rate(nbytes, grpc_times), "GB/s", "raw loopback TCP socket",
-                   _rate(nbytes, raw), extra={"entries": n, "entry_bytes": layout.nbytes})]
+    return [Result("transfer_node_to_node", _rate(nbytes, tcp_times), "GB/s", "raw loopback TCP socket",
+                   _rate(nbytes, raw), extra={"entries": n, "entry_bytes": layout.nbytes, "transport": "tcp data plane",
+                                              "fresh_output_gb_s": round(_rate(nbytes, fresh_times), 3),
+                                              "grpc_stream_gb_s": round(_rate(nbytes, grpc_times), 3)})]
 
 
 # ------------------------------------------------------------------------------------ index

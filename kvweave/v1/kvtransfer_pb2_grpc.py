@@ -40,6 +40,11 @@ class KVTransferStub:
                 request_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.FetchRequest.SerializeToString,
                 response_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.FetchResponse.FromString,
                 _registered_method=True)
+        self.DataPort = channel.unary_unary(
+                '/kvweave.v1.KVTransfer/DataPort',
+                request_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.DataPortRequest.SerializeToString,
+                response_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.DataPortResponse.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -53,6 +58,13 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DataPort(self, request, context):
+        """The TCP port of this server's KV data plane, on the host of this service's address.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +72,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.FetchRequest.FromString,
                     response_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.FetchResponse.SerializeToString,
+            ),
+            'DataPort': grpc.unary_unary_rpc_method_handler(
+                    servicer.DataPort,
+                    request_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.DataPortRequest.FromString,
+                    response_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.DataPortResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +107,33 @@ class KVTransfer:
             '/kvweave.v1.KVTransfer/Fetch',
             kvweave_dot_v1_dot_kvtransfer__pb2.FetchRequest.SerializeToString,
             kvweave_dot_v1_dot_kvtransfer__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DataPort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvweave.v1.KVTransfer/DataPort',
+            kvweave_dot_v1_dot_kvtransfer__pb2.DataPortRequest.SerializeToString,
+            kvweave_dot_v1_dot_kvtransfer__pb2.DataPortResponse.FromString,
             options,
             channel_credentials,
             insecure,

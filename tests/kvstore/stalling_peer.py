@@ -1,14 +1,17 @@
 """A KVTransfer peer that claims every requested key, sends the header and layer 0, then stalls.
 
-Run as a script: prints its port on the first line, then one line ("sent layer 0") each time it
-has sent a first layer, and keeps the stream open forever: tests kill -9 it mid-transfer and
-check that the fetching side gives up with an error instead of hanging or using partial KV.
+Run as a script: prints its (gRPC) port on the first line, then one line ("sent layer 0") each
+time it has sent a first layer, and keeps the stream open forever: tests kill -9 it mid-transfer
+and check that the fetching side gives up with an error instead of hanging or using partial KV.
+With `--tcp` it also serves a TCP data plane (kvstore/tcp_transfer.py) that DataPort announces,
+and stalls there the same way (without it, DataPort is UNIMPLEMENTED: a peer without one).
 Only grpc, the generated stubs and xxhash are imported (no torch), so it starts in a fraction of
 a second. Layer 0 is zeros with valid checksums: it passes every check the client makes.
 """
 from __future__ import annotations
 
 import asyncio
+import struct
 import sys
 from pathlib import Path
 
@@ -22,32 +25,72 @@ from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc  # noqa: E402
 ITEMSIZE_BY_DTYPE_CODE = {1: 2, 2: 2, 3: 4, 4: 1, 5: 1}  # kvstore.codec.DTYPE_CODES
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # kvstore.transfer.MAX_MESSAGE_BYTES
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024 - 4096  # kvstore.transfer.DEFAULT_CHUNK_BYTES
+# kvstore.tcp_transfer framing: request, header and layer frame
+TCP_REQUEST = struct.Struct("<4sHBB6II")
+TCP_HEADER = struct.Struct("<4sHBBB3x6II")
+TCP_LAYER = struct.Struct("<4sIQQ")
+
+
+def layer_bytes(n: int, dtype_code: int, shape: list[int]) -> int | None:
+    itemsize = ITEMSIZE_BY_DTYPE_CODE.get(dtype_code)
+    if itemsize is None or len(shape) < 2:
+        return None
+    size = n * shape[0] * itemsize
+    for d in shape[2:]:
+        size *= d
+    return size
 
 
 class StallingPeer(kvtransfer_pb2_grpc.KVTransferServicer):
+    def __init__(self, data_port: int | None = None) -> None:
+        self.data_port = data_port
+
+    async def DataPort(self, request, context):
+        if self.data_port is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no data plane")
+        return kvtransfer_pb2.DataPortResponse(port=self.data_port)
+
     async def Fetch(self, request, context):
-        shape, itemsize = list(request.layout.shape), ITEMSIZE_BY_DTYPE_CODE.get(request.layout.dtype)
-        if not request.keys or itemsize is None or len(shape) < 2:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stalling peer: bad request")
         n = len(request.keys)
+        size = layer_bytes(n, request.layout.dtype, list(request.layout.shape))
+        if not n or size is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stalling peer: bad request")
         yield kvtransfer_pb2.FetchResponse(header=kvtransfer_pb2.FetchHeader(num_entries=n, layout=request.layout))
-        layer_bytes = n * shape[0] * itemsize
-        for d in shape[2:]:
-            layer_bytes *= d
         chunk = request.max_chunk_bytes or DEFAULT_CHUNK_BYTES
-        for offset in range(0, layer_bytes, chunk):
-            data = bytes(min(chunk, layer_bytes - offset))
+        for offset in range(0, size, chunk):
+            data = bytes(min(chunk, size - offset))
             yield kvtransfer_pb2.FetchResponse(chunk=kvtransfer_pb2.LayerChunk(
                 layer=0, offset=offset, data=data, checksum=xxhash.xxh3_64_intdigest(data)))
         print("sent layer 0", flush=True)
         await asyncio.Event().wait()  # stall with the stream open
 
 
+async def stall_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer the first request on a data connection with a header and layer 0, then stall."""
+    magic, _, dtype, ndim, *rest = TCP_REQUEST.unpack(await reader.readexactly(TCP_REQUEST.size))
+    n, shape = rest[-1], list(rest[:ndim])
+    await reader.readexactly(16 * n)
+    size = layer_bytes(n, dtype, shape)
+    if magic != b"KVWQ" or not n or size is None:
+        writer.close()
+        return
+    data = bytes(size)
+    writer.write(TCP_HEADER.pack(b"KVWR", 1, 0, dtype, ndim, *rest[:6], n))
+    writer.write(TCP_LAYER.pack(b"KVWL", 0, size, xxhash.xxh3_64_intdigest(data)) + data)
+    await writer.drain()
+    print("sent layer 0", flush=True)
+    await asyncio.Event().wait()  # stall with the connection open
+
+
 async def main() -> None:
+    data_port = None
+    if "--tcp" in sys.argv[1:]:
+        data_server = await asyncio.start_server(stall_tcp, "127.0.0.1", 0)
+        data_port = data_server.sockets[0].getsockname()[1]
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
-    kvtransfer_pb2_grpc.add_KVTransferServicer_to_server(StallingPeer(), server)
+    kvtransfer_pb2_grpc.add_KVTransferServicer_to_server(StallingPeer(data_port), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)

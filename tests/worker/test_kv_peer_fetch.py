@@ -1,6 +1,7 @@
 """Two real worker processes and a real Redis: a worker without a prompt's blocks fetches them from
 the peer that holds them (found through the KV index) instead of computing them, and its greedy
-output equals a full recompute; a peer that dies mid-transfer only costs the recompute."""
+output equals a full recompute; a peer that dies mid-transfer (over the TCP data plane, or over the
+gRPC stream of a peer without one) only costs the recompute."""
 from __future__ import annotations
 
 import asyncio
@@ -103,10 +104,11 @@ async def _all_on(index: KVIndex, hashes, worker: str) -> bool:
 
 
 @pytest.mark.asyncio
-async def test_peer_killed_mid_transfer_falls_back_to_recompute(redis_url, two_workers, cold_output):
+@pytest.mark.parametrize("plane", [[], ["--tcp"]], ids=["grpc-stream", "tcp-data-plane"])
+async def test_peer_killed_mid_transfer_falls_back_to_recompute(redis_url, two_workers, cold_output, plane):
     cold_tokens, model = cold_output
     _, b = two_workers
-    peer = subprocess.Popen([sys.executable, str(REPO / "tests" / "kvstore" / "stalling_peer.py")],
+    peer = subprocess.Popen([sys.executable, str(REPO / "tests" / "kvstore" / "stalling_peer.py"), *plane],
                             cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = aioredis.Redis.from_url(redis_url)
     try:

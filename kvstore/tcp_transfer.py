@@ -1,0 +1,553 @@
+"""Node-to-node KV transfer over a raw TCP data plane: the default transport for bulk KV.
+
+gRPC (kvstore/transfer.py) stays the control plane and the fallback transport: a worker serves
+`KVTransfer` on its advertised address, and `KVTransfer.DataPort` names the port of its
+`KVDataServer` on the same host (0 when it has none). `TransferClient` asks once per address and
+then fetches over TCP; this module holds both ends of the data plane.
+
+Wire format (little-endian, fixed-size frames; one connection carries any number of requests,
+one after another: a client pools connections).
+
+  request   magic "KVWQ", u16 version (1), u8 dtype code, u8 ndim, u32 shape[6] (unused dims 0),
+            u32 n keys (36 bytes), then n 16-byte keys (block hashes, in prompt order)
+  header    magic "KVWR", u16 version, u8 status, u8 dtype code, u8 ndim, 3 zero bytes,
+            u32 shape[6], u32 value (40 bytes). Status 0 (OK): value is n, the length of the
+            leading run of requested keys the server holds, and the layout is the requested one.
+            Otherwise (1 INVALID_ARGUMENT: a malformed request; 2 FAILED_PRECONDITION: entries of
+            another layout; 3 INTERNAL) value is the length of the UTF-8 message that follows.
+  layer     (n > 0, one per layer, in order) magic "KVWL", u32 layer, u64 byte length, u64
+            XXH3-64 of the data (24 bytes), then the data: entries[:, :, layer] stacked as
+            [n, shape[0], *shape[2:]], contiguous (the layer-major layout of the gRPC path).
+
+The server validates requests as the gRPC service does (same limits and messages) and answers
+an error with a header; after a request it cannot resynchronise on (bad magic or version, too
+many keys) it closes the connection. It gathers a layer only when it is about to send it, into
+one buffer (kept for the connection's next request when it is small), and sends it without
+further copies (`loop.sock_sendall` of a memoryview waits until the kernel took every byte): its
+memory stays at one layer per connection.
+
+The client (`KVDataClient.fetch_kv`) checks everything it receives, as the gRPC client does: a
+header announcing at most the requested count and exactly the requested layout, layers strictly
+in order, each of exactly the layer's length and matching its checksum. Every layer is received
+with `loop.sock_recv_into` into a staging buffer kept with the connection (no bytes objects per
+piece), verified, then copied into the preallocated output with numpy. Any violation, socket
+error or the deadline of the whole call raises `TransferError` naming the peer, closes that
+connection (a connection in an unknown state is never reused) and returns no partial KV.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from kvstore.codec import DTYPE_CODES, MAX_DIMS, KVLayout, checksum
+from kvstore.keys import HASH_BYTES
+from kvstore.transfer import (DEFAULT_MAX_KEYS, KVSource, TransferError, _check_args, _layer_geometry, _LayerGather,
+                              _short, empty_entries, empty_layer_major, export_entries, layout_from_code)
+
+logger = logging.getLogger(__name__)
+
+REQUEST_MAGIC = b"KVWQ"
+RESPONSE_MAGIC = b"KVWR"
+LAYER_MAGIC = b"KVWL"
+PROTOCOL_VERSION = 1
+REQUEST = struct.Struct(f"<4sHBB{MAX_DIMS}II")
+"""magic, version, dtype code, ndim, shape[MAX_DIMS], number of keys; the keys follow."""
+HEADER = struct.Struct(f"<4sHBBB3x{MAX_DIMS}II")
+"""magic, version, status, dtype code, ndim, shape[MAX_DIMS], n entries (OK) or message length."""
+LAYER = struct.Struct("<4sIQQ")
+"""magic, layer, byte length, XXH3-64; the data follows."""
+STATUS_OK = 0
+STATUS_CODES = {"INVALID_ARGUMENT": 1, "FAILED_PRECONDITION": 2, "INTERNAL": 3}
+"""Error statuses, named as the gRPC codes the gRPC transport answers with in the same cases."""
+STATUS_NAMES = {v: k for k, v in STATUS_CODES.items()}
+MAX_ERROR_MESSAGE_BYTES = 4096
+KEEP_BUFFER_BYTES = 8 * 1024 * 1024
+"""Layer buffers up to this size stay with a connection between requests (larger ones are freed)."""
+_NO_SHAPE = (0,) * MAX_DIMS
+
+
+class DataPlaneUnreachableError(TransferError):
+    """No connection could be opened to the peer's data port (it may have restarted elsewhere)."""
+
+
+class _Closed(Exception):
+    """The peer closed the connection; `got` bytes of the awaited span had arrived."""
+
+    def __init__(self, got: int) -> None:
+        super().__init__(got)
+        self.got = got
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from `sock`; _Closed when the peer closes first."""
+    got, size = 0, len(view)
+    while got < size:
+        n = await loop.sock_recv_into(sock, view[got:])
+        if n == 0:
+            raise _Closed(got)
+        got += n
+
+
+def _pack_shape(layout: KVLayout) -> tuple[int, ...]:
+    return tuple(layout.shape) + (0,) * (MAX_DIMS - len(layout.shape))
+
+
+def encode_request(keys: list[bytes], layout: KVLayout) -> bytes:
+    return b"".join((REQUEST.pack(REQUEST_MAGIC, PROTOCOL_VERSION, DTYPE_CODES[layout.dtype], len(layout.shape),
+                                  *_pack_shape(layout), len(keys)), *keys))
+
+
+def encode_header(n: int, layout: KVLayout) -> bytes:
+    return HEADER.pack(RESPONSE_MAGIC, PROTOCOL_VERSION, STATUS_OK, DTYPE_CODES[layout.dtype], len(layout.shape),
+                       *_pack_shape(layout), n)
+
+
+def encode_error(status: str, message: str) -> bytes:
+    data = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_BYTES]
+    return HEADER.pack(RESPONSE_MAGIC, PROTOCOL_VERSION, STATUS_CODES[status], 0, 0, *_NO_SHAPE, len(data)) + data
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"; ValueError otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"not a host:port address: {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------------------------
+
+class _BadRequest(Exception):
+    """A malformed request: answered INVALID_ARGUMENT; `resync` says whether the connection can go on."""
+
+    def __init__(self, message: str, resync: bool) -> None:
+        super().__init__(message)
+        self.resync = resync
+
+
+class KVDataServer:
+    """Serves a KVSource over the TCP data plane. `await start()` binds `host` (a free port by
+    default) and returns the port; `await stop()` closes it. Give it to `KVTransferService`
+    (`KVTransferService(source, data_server)`) so that `DataPort` tells clients where it is."""
+
+    def __init__(self, source: KVSource, host: str = "127.0.0.1", port: int = 0, max_keys: int = DEFAULT_MAX_KEYS,
+                 write_timeout_s: float = 60.0, backlog: int = 128) -> None:
+        if max_keys <= 0:
+            raise ValueError("max_keys must be positive")
+        if not write_timeout_s > 0:
+            raise ValueError("write_timeout_s must be positive")
+        self.source = source
+        self.host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        self.requested_port = port
+        self.max_keys = max_keys
+        self.write_timeout_s = write_timeout_s
+        self.backlog = backlog
+        self.port = 0
+        """The bound port once started (0 before and after)."""
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._connections: dict[asyncio.Task, socket.socket] = {}
+        self._busy: set[asyncio.Task] = set()  # connections answering a request
+        self._idle_changed = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> int:
+        if self._listener is not None:
+            raise RuntimeError("the KV data server is already started")
+        self._stopping = False
+        infos = socket.getaddrinfo(self.host or None, self.requested_port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        if not infos:
+            raise OSError(f"cannot resolve {self.host!r}")
+        if not self.host:  # every interface: one dual-stack socket where IPv6 is available
+            infos.sort(key=lambda info: info[0] != socket.AF_INET6)
+        family, type_, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and not self.host:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(sockaddr)
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._listener = sock
+        self.port = sock.getsockname()[1]
+        self._accepting = asyncio.create_task(self._accept_loop(sock))
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting and close idle connections; let the answers in flight finish for up to
+        `grace` seconds (None or 0: abort them), then close every connection."""
+        if self._listener is None:
+            return
+        listener, self._listener, self.port = self._listener, None, 0
+        self._stopping = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+            self._accepting = None
+        listener.close()
+        for task in self._connections:
+            if task not in self._busy:
+                task.cancel()
+        if grace:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            while self._busy and loop.time() < deadline:
+                self._idle_changed.clear()
+                try:
+                    await asyncio.wait_for(self._idle_changed.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> "KVDataServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:  # e.g. out of file descriptors: keep serving the others
+                logger.warning("KV data server: accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._serve_connection(sock))
+            self._connections[task] = sock
+            task.add_done_callback(self._connection_done)
+
+    def _connection_done(self, task: asyncio.Task) -> None:
+        sock = self._connections.pop(task, None)
+        if sock is not None:
+            sock.close()
+        self._busy.discard(task)
+        self._idle_changed.set()
+
+    async def _serve_connection(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        head = memoryview(bytearray(REQUEST.size))
+        buffer: list[np.ndarray | None] = [None]  # the layer buffer, reused by the next request if small
+        try:
+            while not self._stopping:
+                try:
+                    await _recv_exactly(loop, sock, head)
+                except _Closed:
+                    return  # the client is done (between requests) or gone
+                self._busy.add(task)
+                try:
+                    if not await self._serve_request(loop, sock, head, buffer):
+                        await self._linger(loop, sock)
+                        return
+                finally:
+                    self._busy.discard(task)
+                    self._idle_changed.set()
+                    if buffer[0] is not None and len(buffer[0]) > KEEP_BUFFER_BYTES:
+                        buffer[0] = None
+        except (OSError, _Closed, TimeoutError) as e:  # the client went away or stopped reading
+            logger.debug("KV data server: connection closed: %s", e)
+        except Exception:
+            logger.exception("KV data server: connection failed")
+
+    async def _read_request(self, loop, sock: socket.socket, head: memoryview) -> tuple[list[bytes], KVLayout]:
+        magic, version, dtype, ndim, *rest = REQUEST.unpack(head)
+        shape, n = rest[:MAX_DIMS], rest[MAX_DIMS]
+        if magic != REQUEST_MAGIC:
+            raise _BadRequest("not a KV data request (bad magic)", resync=False)
+        if version != PROTOCOL_VERSION:
+            raise _BadRequest(f"unsupported protocol version {version} (this server speaks {PROTOCOL_VERSION})",
+                              resync=False)
+        if n > self.max_keys:
+            raise _BadRequest(f"too many keys: {n} (at most {self.max_keys} per fetch)", resync=False)
+        data = bytearray(n * HASH_BYTES)
+        await _recv_exactly(loop, sock, memoryview(data))
+        keys = [bytes(data[i:i + HASH_BYTES]) for i in range(0, len(data), HASH_BYTES)]
+        if not 0 <= ndim <= MAX_DIMS or any(shape[ndim:]):
+            raise _BadRequest(f"malformed shape: ndim {ndim}, dims {list(shape)}", resync=True)
+        try:
+            layout = layout_from_code(dtype, shape[:ndim])
+        except ValueError as e:
+            raise _BadRequest(_short(e), resync=True) from None
+        return keys, layout
+
+    async def _linger(self, loop, sock: socket.socket) -> None:
+        """Before closing a connection the client may still be writing to: send FIN after the error
+        answer and discard what arrives until the client closes (for up to a second), so that the
+        close does not reset the connection before the client has read the answer."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(1.0):
+                while await loop.sock_recv(sock, 65536):
+                    pass
+        except (OSError, TimeoutError):
+            pass
+
+    async def _send(self, loop, sock: socket.socket, data) -> None:
+        async with asyncio.timeout(self.write_timeout_s):
+            await loop.sock_sendall(sock, data)
+
+    async def _serve_request(self, loop, sock: socket.socket, head: memoryview, buffer: list) -> bool:
+        """Answer one request; False when the connection must close."""
+        try:
+            keys, layout = await self._read_request(loop, sock, head)
+        except _BadRequest as e:
+            await self._send(loop, sock, encode_error("INVALID_ARGUMENT", str(e)))
+            return e.resync
+        entries, error = await export_entries(self.source, keys, layout)
+        if error is not None:
+            await self._send(loop, sock, encode_error(*error))
+            return True
+        n = 0 if entries is None else entries.shape[0]
+        await self._send(loop, sock, encode_header(n, layout))
+        if n == 0:
+            return True
+        layers = _LayerGather(entries, headroom=LAYER.size, buffer=buffer[0])
+        buffer[0] = layers.buffer
+        for layer in range(layout.shape[1]):
+            data = layers.layer(layer)
+            if data is not None:  # stored layer-major: sent in place
+                await self._send(loop, sock, LAYER.pack(LAYER_MAGIC, layer, len(data), checksum(data)))
+                await self._send(loop, sock, data)
+                continue
+            framed = layers.gather(layer)  # LAYER.size bytes of room, then the layer's data
+            data = framed[LAYER.size:]
+            LAYER.pack_into(framed, 0, LAYER_MAGIC, layer, len(data), checksum(data))
+            await self._send(loop, sock, framed)
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------------------------
+
+class _Connection:
+    __slots__ = ("sock", "staging", "head")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.staging: np.ndarray | None = None  # uint8, reused for every layer (and fetch, if small)
+        self.head = bytearray(max(HEADER.size, LAYER.size))
+
+    def staging_for(self, nbytes: int) -> np.ndarray:
+        if self.staging is None or len(self.staging) < nbytes:
+            self.staging = np.empty(nbytes, dtype=np.uint8)
+        return self.staging[:nbytes]
+
+    def reusable(self) -> bool:
+        """Open, and nothing unread on it (a peer that sent more than its answer, or closed)."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)  # b"": closed; data: out of step
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            pass
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class KVDataClient:
+    """Fetches KV from peers' data servers, keeping up to `max_idle_per_peer` open connections per
+    data address (for at most `max_peers` addresses, least recently used dropped first). Used by
+    `TransferClient`; use it directly given a data address ("host:port" of a KVDataServer)."""
+
+    def __init__(self, max_peers: int = 64, max_idle_per_peer: int = 4) -> None:
+        if max_peers <= 0 or max_idle_per_peer < 0:
+            raise ValueError("max_peers must be positive and max_idle_per_peer not negative")
+        self.max_peers = max_peers
+        self.max_idle_per_peer = max_idle_per_peer
+        self._idle: OrderedDict[str, list[_Connection]] = OrderedDict()
+
+    def idle_connections(self, address: str) -> int:
+        return len(self._idle.get(address, ()))
+
+    def _take(self, address: str) -> _Connection | None:
+        idle = self._idle.get(address)
+        while idle:
+            conn = idle.pop()
+            if conn.reusable():
+                return conn
+            conn.close()
+        return None
+
+    def _give_back(self, address: str, conn: _Connection) -> None:
+        idle = self._idle.setdefault(address, [])
+        self._idle.move_to_end(address)
+        if len(idle) >= self.max_idle_per_peer or not conn.reusable():
+            conn.close()
+        else:
+            idle.append(conn)
+        while len(self._idle) > self.max_peers:
+            _, old = self._idle.popitem(last=False)
+            for c in old:
+                c.close()
+
+    async def _connect(self, loop, address: str, peer: str) -> _Connection:
+        try:
+            host, port = _split_host_port(address)
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, ValueError) as e:
+            raise DataPlaneUnreachableError(f"KV fetch from {peer}: cannot resolve data address {address}: "
+                                            f"{_short(e)}") from None
+        error: BaseException | None = None
+        for family, type_, proto, _, sockaddr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, sockaddr)
+                return _Connection(sock)
+            except OSError as e:
+                sock.close()
+                error = e
+            except BaseException:
+                sock.close()
+                raise
+        raise DataPlaneUnreachableError(f"KV fetch from {peer}: cannot connect to data address {address}: "
+                                        f"{_short(error or 'no address')}")
+
+    async def fetch_kv(self, address: str, keys: list[bytes], layout: KVLayout, timeout_s: float,
+                       out: torch.Tensor | None = None, *, peer: str | None = None) -> torch.Tensor:
+        """[n, *layout.shape]: the entries of the leading n of `keys` held by the data server at
+        `address`, every byte verified, within `timeout_s` for the whole call (connecting
+        included). Raises TransferError naming `peer` (default: `address`); ValueError for bad
+        arguments. `out` as for `TransferClient.fetch_kv`."""
+        keys = list(keys)
+        _check_args(keys, layout, timeout_s, 0, out)
+        peer = peer or address
+        if not keys:
+            return torch.empty((0, *layout.shape), dtype=layout.dtype) if out is None else out[:0]
+        loop = asyncio.get_running_loop()
+        conn: _Connection | None = None
+        deadline = asyncio.timeout(timeout_s)
+        try:
+            async with deadline:
+                conn = self._take(address) or await self._connect(loop, address, peer)
+                result = await _Exchange(conn, peer, keys, layout, out).run(loop)
+        except BaseException as e:
+            if conn is not None:
+                conn.close()
+            if isinstance(e, TimeoutError) and deadline.expired():
+                raise TransferError(f"KV fetch from {peer}: no complete answer within the {timeout_s:.3g} s "
+                                    f"deadline") from None
+            if isinstance(e, OSError):
+                raise TransferError(f"KV fetch from {peer}: connection to {address} failed: {_short(e)}") from None
+            raise
+        if conn.staging is not None and len(conn.staging) > KEEP_BUFFER_BYTES:
+            conn.staging = None
+        self._give_back(address, conn)
+        return result
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, OrderedDict()
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+
+class _Exchange:
+    """One request and its checked answer on one connection."""
+
+    def __init__(self, conn: _Connection, peer: str, keys: list[bytes], layout: KVLayout,
+                 out: torch.Tensor | None) -> None:
+        self.conn, self.peer, self.keys, self.layout, self.given_out = conn, peer, keys, layout, out
+        self.n_layers, self.rows_per_entry, self.row_bytes = _layer_geometry(layout)
+        self.layer = 0
+        self.what = "the header"
+
+    def fail(self, problem: str) -> TransferError:
+        return TransferError(f"KV fetch from {self.peer}: {problem}")
+
+    async def _recv(self, loop, view: memoryview) -> None:
+        try:
+            await _recv_exactly(loop, self.conn.sock, view)
+        except _Closed as e:
+            raise self.fail(f"the connection closed during {self.what} ({e.got} of {len(view)} bytes)") from None
+
+    async def run(self, loop) -> torch.Tensor:
+        conn, layout = self.conn, self.layout
+        await loop.sock_sendall(conn.sock, encode_request(self.keys, layout))
+        head = memoryview(conn.head)[:HEADER.size]
+        await self._recv(loop, head)
+        magic, version, status, dtype, ndim, *rest = HEADER.unpack(head)
+        shape, value = rest[:MAX_DIMS], rest[MAX_DIMS]
+        if magic != RESPONSE_MAGIC:
+            raise self.fail("the answer is not a KV data header (bad magic)")
+        if version != PROTOCOL_VERSION:
+            raise self.fail(f"answered with protocol version {version}, not {PROTOCOL_VERSION}")
+        if status != STATUS_OK:
+            if value > MAX_ERROR_MESSAGE_BYTES:
+                raise self.fail(f"status {status} with an error message of {value} bytes")
+            message = bytearray(value)
+            self.what = "the error message"
+            await self._recv(loop, memoryview(message))
+            name = STATUS_NAMES.get(status, f"status {status}")
+            raise self.fail(f"{name}: {_short(message.decode('utf-8', 'replace') or 'no details')}")
+        n = value
+        if n > len(self.keys):
+            raise self.fail(f"announced {n} entries for {len(self.keys)} requested keys")
+        if dtype != DTYPE_CODES[layout.dtype] or ndim != len(layout.shape) or tuple(shape) != _pack_shape(layout):
+            try:
+                announced = str(layout_from_code(dtype, shape[:ndim])) if ndim <= MAX_DIMS else None
+            except ValueError:
+                announced = None
+            raise self.fail(f"announced layout {announced or f'(dtype {dtype}, dims {list(shape)[:ndim]})'}, "
+                            f"requested {layout}")
+        if n == 0:
+            return empty_entries(0, layout) if self.given_out is None else self.given_out[:0]
+        rows = n * self.rows_per_entry
+        layer_bytes = rows * self.row_bytes
+        if self.given_out is None:  # received in place, layer by layer, into a layer-major tensor
+            out = empty_layer_major(n, layout)
+            layers = out.movedim(2, 0).view(torch.uint8).numpy().reshape(self.n_layers, layer_bytes)
+            dst = staging = src = None
+        else:
+            out = self.given_out[:n]
+            dst = out.view(torch.uint8).numpy().reshape(rows, self.n_layers, self.row_bytes)
+            staging = conn.staging_for(layer_bytes)
+            src = staging.reshape(rows, self.row_bytes)
+        frame = memoryview(conn.head)[:LAYER.size]
+        for layer in range(self.n_layers):
+            self.what = f"the frame of layer {layer}"
+            await self._recv(loop, frame)
+            magic, index, length, data_checksum = LAYER.unpack(frame)
+            if magic != LAYER_MAGIC:
+                raise self.fail(f"layer {layer}: not a layer frame (bad magic)")
+            if index != layer:
+                raise self.fail(f"sent layer {index} while layer {layer} was expected")
+            if length != layer_bytes:
+                raise self.fail(f"layer {layer}: announced {length} bytes, the layer has {layer_bytes}")
+            self.what = f"layer {layer}"
+            data = memoryview(staging if dst is not None else layers[layer])
+            await self._recv(loop, data)
+            if checksum(data) != data_checksum:
+                raise self.fail(f"layer {layer}: checksum mismatch")
+            if dst is not None:
+                np.copyto(dst[:, layer], src)  # numpy: torch's threads are slower on busy cores
+        return out
