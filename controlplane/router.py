@@ -247,15 +247,25 @@ class Router:
         req.block_hashes = chains[workers[0].info.block_size]
         t1 = time.perf_counter()
         self.metrics.stages["hash"].observe(t1 - t0)
-        mediums = self.config.index_mediums
+        tiers = self._worker_tiers(workers)
         try:
-            lookups = [self.kv_index.leading_tiers(chains[size], ids, mediums) for size, ids in by_size.items()]
+            lookups = [self.kv_index.leading_tiers(chains[size], {w: tiers[w] for w in ids})
+                       for size, ids in by_size.items()]
             found = [await lookups[0]] if len(lookups) == 1 else await asyncio.gather(*lookups)
         except (redis.RedisError, OSError) as e:
             logger.warning("KV index lookup failed, routing without cache hits: %s", e)
             return {}
         self.metrics.stages["index_lookup"].observe(time.perf_counter() - t1)
         return {k: v for hits in found for k, v in hits.items()}
+
+    def _worker_tiers(self, workers: list[PoolWorker]) -> dict[str, tuple[str, ...]]:
+        """The index tiers worth asking about per worker: the device, and the configured host tiers
+        its heartbeat says hold something."""
+        out = {}
+        for w in workers:
+            held = w.info.load.kv_entries
+            out[w.worker_id] = tuple(m for m in self.config.index_mediums if m == "device" or held.get(m))
+        return out
 
     def _pick(self, req: _Request, workers: list[PoolWorker], hits: dict[str, bytes]) -> tuple[PoolWorker, int]:
         t0 = time.perf_counter()

@@ -10,17 +10,19 @@ holds KV bytes.
 Reads, each ONE round trip:
 - `locate`: for every key, the (worker, tier, nbytes, last access) that hold it (HMGET per
   (worker, tier) in one pipeline);
-- `leading_tiers` (the router's hot path, a Lua script): for the longest run of leading blocks
-  that SOME worker holds, a string per worker with one code per block: b"0" not held by this
-  worker (a peer has it), b"1".. the index+1 of the fastest of `mediums` holding it. Counting codes
+- `leading_tiers` (the router's hot path, a Lua script): for the longest leading run of blocks
+  that one worker holds (in any of its tiers), a string per worker with one code per block:
+  b"1".. the index+1 of the fastest of `mediums` holding it, for the worker's own leading run,
+  then b"0" up to the longest run: blocks it would fetch from that peer (a worker fetches what
+  it lacks from the one peer with the longest run, worker/kv_prefetch.py). Counting codes
   (`bytes.count`) gives a worker's per-tier hits and peer blocks with no Python loop; replies are
-  one bulk string per worker, and the hashes go as ONE concatenated argument (packing arguments
-  was most of the client's cost: 4.7k -> 5.6k routing decisions/s).
+  one bulk string per worker, each worker's scan stops at its first miss, and the hashes go as ONE
+  concatenated argument (packing arguments was most of the client's cost).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvstore.keys import HASH_BYTES, BlockHash
@@ -28,49 +30,64 @@ from kvstore.keys import HASH_BYTES, BlockHash
 MEDIUMS = ("device", "dram", "ssd")
 _BATCH = 1000
 
-# KEYS: `m` hashes per worker (its tiers, fastest first), worker after worker. ARGV[1] = m, ARGV[2]
-# = the prompt's block hashes in order, concatenated, ARGV[3] = hash size. HMGET goes in slices
-# (Lua's unpack has a stack limit of ~8k values); tiers are read slowest first so the fastest wins.
+# KEYS: each worker's tier hashes (fastest first), worker after worker. ARGV[1] = per worker, how
+# many tiers it has (one digit each), ARGV[2] = the prompt's block hashes in order, concatenated,
+# ARGV[3] = hash size, ARGV[4] = per key, its tier's code (one digit: 1 device, 2 dram, 3 ssd).
+# Per worker, blocks are checked slice by slice (16, then 128, 1024, 4000: Lua's unpack has a stack
+# limit of ~8k values), each tier only for the blocks the faster tiers lacked, and the scan stops
+# at the worker's first miss. Only the tiers a worker has are passed (each HMGET costs ~15 us).
 _LEADING_TIERS_LUA = """
-local m = tonumber(ARGV[1])
+local counts = ARGV[1]
 local blob = ARGV[2]
 local size = tonumber(ARGV[3])
+local tiers = ARGV[4]
 local n = #blob / size
 local hashes = {}
 for i = 1, n do hashes[i] = string.sub(blob, (i - 1) * size + 1, i * size) end
-local nw = #KEYS / m
-local codes = {}
+local nw = #counts
+local codes, runs, run, base = {}, {}, 0, 0
 for w = 1, nw do
-  local c = {}
-  for i = 1, n do c[i] = 0 end
-  for k = m, 1, -1 do
-    local start = 1
-    while start <= n do
-      local stop = math.min(start + 3999, n)
-      local held = redis.call('HMGET', KEYS[(w - 1) * m + k], unpack(hashes, start, stop))
-      for j = 1, stop - start + 1 do
-        if held[j] then c[start + j - 1] = k end
+  local m = tonumber(string.sub(counts, w, w))
+  local first = string.sub(tiers, base + 1, base + 1)
+  local c, count, start, slice, done = {}, 0, 1, 16, false
+  while start <= n and not done do
+    local stop = math.min(start + slice - 1, n)
+    local held = redis.call('HMGET', KEYS[base + 1], unpack(hashes, start, stop))
+    local pending = nil
+    for j = 1, stop - start + 1 do
+      if held[j] then
+        held[j] = first
+      else
+        pending = pending or {}
+        pending[#pending + 1] = j
       end
-      start = stop + 1
     end
+    if pending then
+      for k = base + 2, base + m do
+        local args, still, code = {}, {}, string.sub(tiers, k, k)
+        for p = 1, #pending do args[p] = hashes[start + pending[p] - 1] end
+        local more = redis.call('HMGET', KEYS[k], unpack(args))
+        for p = 1, #pending do
+          if more[p] then held[pending[p]] = code else still[#still + 1] = pending[p] end
+        end
+        pending = still
+        if #pending == 0 then break end
+      end
+    end
+    for j = 1, stop - start + 1 do
+      if not held[j] then done = true; break end
+      count = count + 1
+      c[count] = held[j]
+    end
+    start = stop + 1
+    slice = math.min(slice * 8, 4000)
   end
-  codes[w] = c
-end
-local run = 0
-for i = 1, n do
-  local any = false
-  for w = 1, nw do
-    if codes[w][i] > 0 then any = true; break end
-  end
-  if not any then break end
-  run = i
+  codes[w], runs[w] = table.concat(c), count
+  if count > run then run = count end
+  base = base + m
 end
 local out = {}
-for w = 1, nw do
-  local parts = {}
-  for i = 1, run do parts[i] = string.char(48 + codes[w][i]) end
-  out[w] = table.concat(parts)
-end
+for w = 1, nw do out[w] = codes[w] .. string.rep('0', run - runs[w]) end
 return out
 """
 
@@ -174,14 +191,23 @@ class KVIndex:
             results = await pipe.execute()
         return {pair: [v is not None for v in res] for pair, res in zip(pairs, results)}
 
-    async def leading_tiers(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str],
+    async def leading_tiers(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str] | Mapping[str, Sequence[str]],
                             mediums: Sequence[str] = MEDIUMS) -> dict[str, bytes]:
-        """Per worker, one code per block of the leading run that some worker holds (see above)."""
+        """Per worker, one code per block of the longest leading run one worker holds (see above):
+        b"1" device, b"2" dram, b"3" ssd, b"0" from a peer. `worker_ids` may map each worker to
+        the tiers it has (fastest first); otherwise every worker is asked about `mediums`."""
         if not hashes or not worker_ids:
             return {}
-        keys = [index_key(w, m) for w in worker_ids for m in mediums]
-        codes = await self._leading_tiers(keys=keys, args=[len(mediums), b"".join(hashes), HASH_BYTES])
-        return dict(zip(worker_ids, codes))
+        tiers = worker_ids if isinstance(worker_ids, Mapping) else dict.fromkeys(worker_ids, mediums)
+        keys, codes = [], []
+        for w, ms in tiers.items():
+            if len(ms) > 9:
+                raise ValueError("at most 9 tiers per worker")
+            keys += [index_key(w, m) for m in ms]
+            codes += [str(MEDIUMS.index(m) + 1) for m in ms]
+        counts = "".join(str(len(ms)) for ms in tiers.values())
+        replies = await self._leading_tiers(keys=keys, args=[counts, b"".join(hashes), HASH_BYTES, "".join(codes)])
+        return dict(zip(tiers, replies))
 
     async def leading_hits(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str],
                            mediums: Sequence[str] = ("device",)) -> dict[str, int]:

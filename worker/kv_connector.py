@@ -213,9 +213,15 @@ class KVConnector:
     def export(self, keys: Sequence[bytes]) -> torch.Tensor | None:
         """[n, *layout.shape]: the leading `keys` this worker holds in any tier (engine thread),
         stored layer-major so that the transfer sends each layer in place."""
-        out = empty_layer_major(len(keys), self.layout)
+        held = 0
+        while held < len(keys) and (self.device.contains(keys[held])
+                                    or (self.store is not None and self.store.contains(keys[held]))):
+            held += 1
+        if not held:
+            return None
+        out = empty_layer_major(held, self.layout)
         n = 0
-        for key in keys:
+        for key in keys[:held]:
             if self.device.get(key, out[n]) is None:
                 if self.store is None or self.store.load(key, out[n])[0] is None:
                     break

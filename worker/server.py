@@ -248,7 +248,7 @@ class WorkerServer:
             try:
                 model = self.engine.engine.model_name
                 self._peers = {w.worker_id: w.address for w in await self._registry.list_workers()
-                               if w.model == model and w.worker_id != self.worker_id}
+                               if w.model == model and w.worker_id != self.worker_id and w.address != self.address}
             except (RedisError, OSError) as e:
                 logger.warning("worker %s: listing peers failed: %s", self.worker_id, e)
 

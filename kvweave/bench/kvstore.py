@@ -401,7 +401,7 @@ async def _index_bench(cfg: BenchConfig, url: str) -> list[Result]:
 def bench_index(cfg: BenchConfig) -> list[Result]:
     from controlplane.procs import RedisServer
 
-    with RedisServer().start() as server:
+    with RedisServer() as server:
         return asyncio.run(_index_bench(cfg, server.url))
 
 

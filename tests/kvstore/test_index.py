@@ -45,10 +45,13 @@ async def _check_tiers_and_locations(url: str) -> None:
         await index.replace("a", "device", p[:2], entry_bytes=100)
         await index.replace("a", "ssd", p[:4], entry_bytes=100)  # blocks 0-1 also on device: device wins
         await index.replace("b", "dram", p[2:5], entry_bytes=200)
-        # The run every worker can draw on ends where nobody holds a block (block 5).
+        # "a" holds the longest leading run (4 blocks); the others would fetch it from "a".
         codes = await index.leading_tiers(p, ["a", "b", "c"])
-        assert codes == {"a": b"11330", "b": b"00222", "c": b"00000"}
+        assert codes == {"a": b"1133", "b": b"0000", "c": b"0000"}
         assert {w: local_run(c) for w, c in codes.items()} == {"a": 4, "b": 0, "c": 0}
+        await index.replace("d", "dram", p[:1], entry_bytes=100)
+        assert (await index.leading_tiers(p, ["a", "d"]))["d"] == b"2000"
+        await index.clear("d")
         located = await index.locate(p, ["a", "b", "c"])
         assert [[(loc.worker_id, loc.medium, loc.nbytes) for loc in holders] for holders in located] == [
             [("a", "device", 100), ("a", "ssd", 100)],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from kvstore.codec import HEADER_BYTES
 from kvstore.keys import encode_extra_keys, hash_blocks
@@ -143,3 +144,21 @@ async def test_async_engine_stages_ssd_blocks_before_admission(tiny_engine_facto
         async_engine.shutdown()
     assert outs[-1].token_ids == cold(prompt) and outs[-1].num_cached_tokens == 96
     assert prefetcher.stats.ssd_blocks == 6 and engine.connector.stats.hit_tokens["ssd"] == 96
+
+
+def test_export_takes_the_leading_run_from_every_tier(tiny_engine_factory):
+    from kvstore.transfer import layer_major
+
+    engine = tiny_engine_factory(num_blocks=12, dram_cache_gb=gb(tiny_engine_factory, 64))
+    a, b = prompts(2, 100, seed=5)
+    extra = encode_extra_keys((engine.model_name, ""))
+    run(engine, a)
+    flood(engine)  # a's blocks now live in DRAM only
+    run(engine, b)  # b's on the device
+    ha, hb = hash_blocks(a, BS, extra), hash_blocks(b, BS, extra)
+    assert all(engine.store.where(h) == "dram" for h in ha) and all(engine.connector.device.contains(h) for h in hb)
+    expected = [engine.store.tier("dram").get(h) for h in ha[:3]] + [engine.connector.device.get(h) for h in hb[:2]]
+    out = engine.connector.export(ha[:3] + hb[:2] + [b"\x00" * 16] + ha[3:])
+    assert out.shape == (5, *engine.connector.layout.shape) and layer_major(out) is not None
+    assert all(torch.equal(o, e) for o, e in zip(out, expected))
+    assert engine.connector.export([b"\x00" * 16] + ha) is None
