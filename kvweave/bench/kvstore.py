@@ -19,8 +19,8 @@ Entries are KV blocks of the default model (SmolLM2-135M, bf16, 16 tokens: [2, 3
 - index_lookups_per_s: the router's index lookup (`KVIndex.leading_tiers`) for a 1k-token prompt
   over 4 workers x 3 tiers each holding `index_entries` keys, 16 lookups in flight, against
   unpipelined PINGs on one connection (one round trip each) with 16 in flight.
-- index_round_trips_per_request: Redis replies read per routed request (the router's lookup and
-  the worker's `locate`), counted on the client connection; target 1.
+- index_round_trips_per_request: Redis round trips (writes on the client connection) per routed
+  request for the router's lookup; `extra` has the worker's `locate` of the blocks it lacks; target 1.
 - onboard_vs_recompute_512: the engine (default model) loading 512 tokens (32 blocks) of KV from
   the DRAM tier, and from the SSD tier, into its KV cache (`KVConnector.load_external`), against
   computing the same 512 tokens' KV (a prefill forward of 512 tokens). `extra` has the TTFT of a
@@ -314,8 +314,9 @@ def bench_transfer(cfg: BenchConfig) -> list[Result]:
 
 # ------------------------------------------------------------------------------------ index
 
-class _CountingReplies:
-    """Counts the replies a redis.asyncio client reads (one per round trip, pipelines included)."""
+class _CountingRoundTrips:
+    """Counts the writes a redis.asyncio client makes: one per round trip (a pipeline packs all
+    its commands into one write, then reads all the replies)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -323,18 +324,18 @@ class _CountingReplies:
     def __enter__(self):
         from redis.asyncio.connection import AbstractConnection
 
-        self._cls, self._orig = AbstractConnection, AbstractConnection.read_response
+        self._cls, self._orig = AbstractConnection, AbstractConnection.send_packed_command
         counter = self
 
-        async def read_response(conn, *args, **kwargs):
+        async def send_packed_command(conn, *args, **kwargs):
             counter.count += 1
             return await counter._orig(conn, *args, **kwargs)
 
-        AbstractConnection.read_response = read_response
+        AbstractConnection.send_packed_command = send_packed_command
         return self
 
     def __exit__(self, *exc) -> None:
-        self._cls.read_response = self._orig
+        self._cls.send_packed_command = self._orig
 
 
 async def _index_bench(cfg: BenchConfig, url: str) -> list[Result]:
@@ -380,10 +381,10 @@ async def _index_bench(cfg: BenchConfig, url: str) -> list[Result]:
             pings.append(await rate(client.ping))
         # Round trips per request: the router's lookup and the worker's peer lookup.
         requests = 50
-        with _CountingReplies() as router_count:
+        with _CountingRoundTrips() as router_count:
             for _ in range(requests):
                 await index.leading_tiers(prompt, workers)
-        with _CountingReplies() as worker_count:
+        with _CountingRoundTrips() as worker_count:
             for _ in range(requests):
                 await index.locate(prompt[16:], workers)
         per_request = router_count.count / requests
