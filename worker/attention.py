@@ -33,6 +33,10 @@ class PrefillSeq:
     """Tokens already in the cache before this chunk."""
     context_slots: torch.Tensor | None
     """Slots of positions [0, start_pos + num_new) when start_pos > 0."""
+    positions: torch.Tensor | None = None
+    """Positions of the new tokens when they are not contiguous (selective recomputation of reused
+    chunk caches): each attends to the context positions up to its own; `context_slots` then
+    covers [0, max position]."""
 
 
 @dataclass(slots=True)
@@ -106,14 +110,16 @@ class PagedAttention:
         return torch.matmul(probs, v).transpose(0, 1).reshape(b, nh * hd)
 
     def _prefill(self, p: PrefillSeq, q, k, v, k_cache, v_cache) -> torch.Tensor:
-        if p.start_pos > 0:
+        if p.start_pos > 0 or p.positions is not None:
             k4 = k_cache.index_select(1, p.context_slots)[None]
             v4 = v_cache.index_select(1, p.context_slots)[None]
         else:
             k4, v4 = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         q4 = q.transpose(0, 1)[None]
         mask = None
-        if p.start_pos > 0:
+        if p.positions is not None:
+            mask = torch.arange(p.context_slots.numel())[None, :] <= p.positions[:, None]
+        elif p.start_pos > 0:
             total = p.start_pos + p.num_new
             mask = torch.arange(total)[None, :] <= torch.arange(p.start_pos, total)[:, None]
         o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=mask is None,
