@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.codec import KVLayout
+from kvstore.events import BlockTouched
 from kvstore.keys import BlockHash
 from kvstore.manager import TierManager
 from kvstore.transfer import empty_layer_major
@@ -205,8 +206,12 @@ class KVConnector:
         return n
 
     def record_admission(self, req: Request, num_device_tokens: int) -> None:
+        """Count a request's first admission; its device hits refresh their last access in the index."""
         self.stats.query_tokens += req.num_prompt_tokens
         self.stats.hit_tokens["device"] += num_device_tokens
+        if num_device_tokens:
+            hashes = self.bm.req_hashes.get(req.req_id, [])[:num_device_tokens // self.block_size]
+            self.bm.events.append(BlockTouched(list(hashes)))
 
     # ------------------------------------------------------------------ peers
 

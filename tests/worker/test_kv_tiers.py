@@ -162,3 +162,14 @@ def test_export_takes_the_leading_run_from_every_tier(tiny_engine_factory):
     assert out.shape == (5, *engine.connector.layout.shape) and layer_major(out) is not None
     assert all(torch.equal(o, e) for o, e in zip(out, expected))
     assert engine.connector.export([b"\x00" * 16] + ha) is None
+
+
+def test_device_hits_are_reported_as_touched(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    (prompt,) = prompts(1, 100, seed=6)
+    run(engine, prompt)
+    engine.take_kv_events()
+    assert run(engine, prompt).num_cached_tokens == 96
+    touched = [ev for ev in engine.take_kv_events() if type(ev).__name__ == "BlockTouched"]
+    head = hash_blocks(prompt, BS, encode_extra_keys((engine.model_name, "")))
+    assert [(ev.block_hashes, ev.medium) for ev in touched] == [(head, "device")]
