@@ -11,10 +11,11 @@ once, at positions [base, base + n). Placed at position p of another prompt:
   first). With every token selected this is exactly a full prefill (the test of the mechanism).
 
 This module holds the mechanism over an engine's paged KV cache: `compute_chunk_cache`,
-`place_chunk_cache` (copy + re-rotate), `recompute_positions` (the sparse prefill) and
-`blended_prefill_logits`, which builds a prompt from computed text and chunk-caches. Choosing the
-tokens to recompute (CacheBlend's KV deviation, Cache-Craft's per-chunk scores), the store of
-chunk-caches and the request API come on top of it.
+`place_chunk_cache` (copy + re-rotate), the sparse prefill of chosen positions,
+`deviation_select` (CacheBlend: recompute the first layers of every reused token, keep the tokens
+whose values there moved most) and `blended_prefill_logits`, which builds a prompt from computed
+text and chunk-caches. Cache-Craft's per-chunk scores, the store of chunk-caches, the engine's
+scheduling of such requests and the request API come on top of it.
 """
 from __future__ import annotations
 
@@ -60,10 +61,12 @@ class _Sequence:
         return self.block_table[positions // self.bs] * self.bs + positions % self.bs
 
     @torch.inference_mode()
-    def forward(self, token_ids: Sequence[int], positions: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    def forward(self, token_ids: Sequence[int], positions: torch.Tensor, sparse: bool = False,
+                num_layers: int | None = None) -> torch.Tensor | None:
         """Compute and store the KV of `token_ids` at `positions` (sorted); each attends to every
         position up to its own (`sparse`: through the per-position mask even when they are
-        contiguous). Returns the last token's logits."""
+        contiguous). Returns the last token's logits (with `num_layers`: only the first layers'
+        KV is computed, and nothing is returned)."""
         n = len(token_ids)
         contiguous = not sparse and bool(n == 1 or torch.all(positions[1:] - positions[:-1] == 1))
         start = int(positions[0])
@@ -75,8 +78,8 @@ class _Sequence:
             seq = PrefillSeq(0, n, start, self.slots(torch.arange(int(positions[-1]) + 1)), positions)
         meta = AttentionMetadata(self.slots(positions), 0, prefills=[seq])
         backend = PagedAttention(self.runner.kv_cache, meta, self.model.args.n_heads, self.bs)
-        hidden = self.model(torch.tensor(list(token_ids), dtype=torch.long), positions, backend)
-        return self.model.compute_logits(hidden[-1:])[0]
+        hidden = self.model(torch.tensor(list(token_ids), dtype=torch.long), positions, backend, num_layers)
+        return None if hidden is None else self.model.compute_logits(hidden[-1:])[0]
 
     def read(self, start: int, n: int) -> torch.Tensor:
         """The KV of positions [start, start + n): [2, n_layers, n_kv_heads, n, head_dim] (a copy)."""
@@ -111,9 +114,30 @@ Selector = Callable[[int, ChunkCache], Sequence[int]]
 """(position of the chunk in the prompt, the chunk) -> offsets within the chunk to recompute."""
 
 
-def blended_prefill_logits(engine, pieces: Sequence[Piece], select: Selector) -> torch.Tensor:
+def deviation_select(seq: _Sequence, positions: list[int], token_ids: list[int], ratio: float,
+                     layer: int = 1) -> list[int]:
+    """CacheBlend's selection: recompute layers 0..`layer` for every reused token (their KV there is
+    then fresh), and pick the `ratio` share of tokens whose value vectors at `layer` moved most from
+    the cached ones (L2 over heads). Returns the chosen positions, sorted."""
+    pos = torch.tensor(positions)
+    slots = seq.slots(pos)
+    cached = seq.runner.kv_cache[1, layer][:, slots].float().clone()
+    seq.forward(token_ids, pos, sparse=True, num_layers=layer + 1)
+    fresh = seq.runner.kv_cache[1, layer][:, slots].float()
+    deviation = (fresh - cached).pow(2).sum(dim=(0, 2))
+    k = min(len(positions), max(0, round(ratio * len(positions))))
+    chosen = torch.topk(deviation, k).indices if k else torch.empty(0, dtype=torch.long)
+    return sorted(positions[i] for i in chosen.tolist())
+
+
+def blended_prefill_logits(engine, pieces: Sequence[Piece], select: Selector | None = None,
+                           deviation_ratio: float | None = None, deviation_layer: int = 1) -> torch.Tensor:
     """Logits after the last token of a prompt made of computed text (token id lists) and
-    chunk-caches, recomputing the tokens `select` picks in each chunk. The last piece must be text."""
+    chunk-caches, recomputing the tokens `select` picks in each chunk, or (`deviation_ratio`) the
+    share CacheBlend's KV-deviation selection picks among the reused tokens before each text piece.
+    The last piece must be text."""
+    if (select is None) == (deviation_ratio is None):
+        raise ValueError("give exactly one of select and deviation_ratio")
     if not pieces or isinstance(pieces[-1], ChunkCache):
         raise ValueError("the prompt must end with text to compute (e.g. the question)")
     total = sum(len(p.token_ids) if isinstance(p, ChunkCache) else len(p) for p in pieces)
@@ -123,11 +147,16 @@ def blended_prefill_logits(engine, pieces: Sequence[Piece], select: Selector) ->
         for i, piece in enumerate(pieces):
             if isinstance(piece, ChunkCache):
                 place_chunk_cache(engine, seq, piece, pos)
-                for off in sorted(set(select(pos, piece))):
+                offsets = range(len(piece.token_ids)) if select is None else sorted(set(select(pos, piece)))
+                for off in offsets:
                     selected_pos.append(pos + off)
                     selected_tok.append(piece.token_ids[off])
                 pos += len(piece.token_ids)
                 continue
+            if selected_pos and deviation_ratio is not None:  # narrow the reused tokens to the most deviant
+                token_at = dict(zip(selected_pos, selected_tok))
+                selected_pos = deviation_select(seq, selected_pos, selected_tok, deviation_ratio, deviation_layer)
+                selected_tok = [token_at[p] for p in selected_pos]
             if selected_pos:  # recompute the chunks' selected tokens before the text that follows
                 seq.forward(selected_tok, torch.tensor(selected_pos), sparse=True)
                 selected_pos, selected_tok = [], []

@@ -122,13 +122,15 @@ class Transformer(nn.Module):
         self.to(dtype)
         self.rope_cos, self.rope_sin = cos, sin  # stay float32
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-        """Hidden states [T, dim] for flat token ids and positions [T]."""
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
+                num_layers: int | None = None) -> torch.Tensor | None:
+        """Hidden states [T, dim] for flat token ids and positions [T]. With `num_layers`, only the
+        first layers run (writing their KV through `backend`) and nothing is returned."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x, residual = self.embed_tokens(token_ids), None
-        for layer in self.layers:
+        for layer in self.layers if num_layers is None else self.layers[:num_layers]:
             x, residual = layer(x, residual, cos, sin, backend)
-        return self.norm(x, residual)[0]
+        return self.norm(x, residual)[0] if num_layers is None else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

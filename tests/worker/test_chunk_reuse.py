@@ -67,3 +67,46 @@ def test_a_prompt_must_end_with_text(engine):
     cache = ChunkCache([5, 6], torch.zeros(1))
     with pytest.raises(ValueError, match="end with text"):
         blended_prefill_logits(engine, [[1, 2], cache], lambda pos, c: ())
+
+
+def _kl(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="sum"))
+
+
+def test_deviation_selection(engine):
+    instruction, caches, question, full = _prompt(engine)
+    pieces = [instruction, *caches, question]
+    # Everything selected: exact again, now through the layer-1 pass and the selection.
+    everything = blended_prefill_logits(engine, pieces, deviation_ratio=1.0)
+    torch.testing.assert_close(everything, full, atol=1e-4, rtol=1e-4)
+    naive = blended_prefill_logits(engine, pieces, lambda pos, c: ())
+    blended = blended_prefill_logits(engine, pieces, deviation_ratio=0.3)
+    assert _kl(blended, full) < _kl(naive, full)
+    with pytest.raises(ValueError, match="exactly one"):
+        blended_prefill_logits(engine, pieces)
+
+
+def test_deviation_select_picks_the_most_deviant_tokens(engine):
+    from worker.chunk_reuse import _Sequence, deviation_select, place_chunk_cache
+
+    instruction, caches, question, _ = _prompt(engine)
+    seq = _Sequence(engine, len(instruction) + 85 + len(question), "probe")
+    try:
+        seq.forward(instruction, torch.arange(len(instruction)))
+        pos = len(instruction)
+        positions, toks = [], []
+        for cache in caches:
+            place_chunk_cache(engine, seq, cache, pos)
+            positions += range(pos, pos + len(cache.token_ids))
+            toks += cache.token_ids
+            pos += len(cache.token_ids)
+        cached_v = seq.runner.kv_cache[1, 1][:, seq.slots(torch.tensor(positions))].float().clone()
+        chosen = deviation_select(seq, positions, toks, ratio=0.25)
+        fresh_v = seq.runner.kv_cache[1, 1][:, seq.slots(torch.tensor(positions))].float()
+        deviation = (fresh_v - cached_v).pow(2).sum(dim=(0, 2))
+        expected = sorted(positions[i] for i in torch.topk(deviation, round(0.25 * len(positions))).indices.tolist())
+        assert chosen == expected and len(chosen) == 21
+        # A chunk computed on its own has its first token deviate most (it lost the context before it).
+        assert positions[0] in chosen
+    finally:
+        seq.free()
