@@ -27,14 +27,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from kvstore.index import DEFAULT_COSTS_MS, TIER_CODES
 from kvstore.keys import BlockHash
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KV_COSTS_MS = {"device": 0.0, "dram": 0.002, "ssd": 0.02, "peer": 0.03, "recompute": 1.0}
-"""ms per prompt token by source, for workers that have not published measurements."""
-TIER_CODES = {ord("1"): "device", ord("2"): "dram", ord("3"): "ssd", ord("0"): "peer"}
-"""`KVIndex.leading_tiers` codes for the mediums (device, dram, ssd), in that order."""
+DEFAULT_KV_COSTS_MS = DEFAULT_COSTS_MS
 
 
 class PolicyError(ValueError):

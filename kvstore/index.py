@@ -28,6 +28,13 @@ from dataclasses import dataclass
 from kvstore.keys import HASH_BYTES, BlockHash
 
 MEDIUMS = ("device", "dram", "ssd")
+TIER_CODES = {ord(str(i + 1)): m for i, m in enumerate(MEDIUMS)} | {ord("0"): "peer"}
+"""`leading_tiers` code (a byte) -> where the block comes from."""
+DEFAULT_COSTS_MS = {"device": 0.0, "dram": 0.002, "ssd": 0.02, "peer": 0.03, "recompute": 1.0}
+"""Milliseconds per prompt token to get its KV from each source, or to compute it, until a worker
+has measured its own. From `kvweave bench kvstore` / `bench engine` on the 2-core development
+machine: DRAM 1.3 ms and SSD 10 ms per 512 tokens, recompute ~470 ms per 512 tokens; peer: the
+transfer's ~0.008 ms per token plus the per-fetch index lookup and connection, rounded up."""
 _BATCH = 1000
 
 # KEYS: each worker's tier hashes (fastest first), worker after worker. ARGV[1] = per worker, how
@@ -164,12 +171,7 @@ class KVIndex:
         out: list[list[Location]] = [[] for _ in hashes]
         if not hashes or not worker_ids:
             return out
-        pairs = [(w, m) for w in worker_ids for m in mediums]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for w, m in pairs:
-                pipe.hmget(index_key(w, m), list(hashes))
-            results = await pipe.execute()
-        for (w, m), values in zip(pairs, results):
+        for (w, m), values in (await self._hmget(hashes, worker_ids, mediums)).items():
             for i, v in enumerate(values):
                 if v is not None:
                     nbytes, _, last = v.partition(b":")
@@ -184,12 +186,18 @@ class KVIndex:
         """For each (worker, tier): which of `hashes` it holds. One round trip."""
         if not hashes or not worker_ids:
             return {}
+        found = await self._hmget(hashes, worker_ids, mediums)
+        return {pair: [v is not None for v in values] for pair, values in found.items()}
+
+    async def _hmget(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str],
+                     mediums: Sequence[str]) -> dict[tuple[str, str], list]:
+        """(worker, tier) -> the index values of `hashes` there (None where absent): one pipeline."""
         pairs = [(w, m) for w in worker_ids for m in mediums]
         async with self.redis.pipeline(transaction=False) as pipe:
             for w, m in pairs:
                 pipe.hmget(index_key(w, m), list(hashes))
             results = await pipe.execute()
-        return {pair: [v is not None for v in res] for pair, res in zip(pairs, results)}
+        return dict(zip(pairs, results))
 
     async def leading_tiers(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str] | Mapping[str, Sequence[str]],
                             mediums: Sequence[str] = MEDIUMS) -> dict[str, bytes]:

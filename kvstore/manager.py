@@ -131,20 +131,10 @@ class TierManager:
         return n
 
     def load(self, key: bytes, out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, str | None]:
-        """(the entry, the tier it came from), or (None, None) when no tier holds a valid copy.
-        An entry found below the first tier is promoted into it."""
-        with self._lock:
-            for i, tier in enumerate(self.tiers):
-                if not tier.contains(key):
-                    continue
-                value = tier.get(key, out)
-                if value is None:  # damaged: the tier dropped it; a lower tier may still have it
-                    continue
-                self._events.append(BlockTouched([key], tier.name))
-                if i > 0 and self.tiers[0].put(key, value):
-                    self._events.append(BlockStored([key], None, self.tiers[0].name))
-                return value, tier.name
-        return None, None
+        """(the entry, the tier it came from), or (None, None) when no tier holds a valid copy (a
+        damaged copy is dropped and the next tier tried). An entry found below the first tier is
+        promoted into it."""
+        return self.load_many([key], None if out is None else [out])[0]
 
     def load_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor] | None = None
                   ) -> list[tuple[torch.Tensor | None, str | None]]:

@@ -24,6 +24,7 @@ import torch
 
 from kvstore.codec import KVLayout
 from kvstore.events import BlockTouched
+from kvstore.index import DEFAULT_COSTS_MS
 from kvstore.keys import BlockHash
 from kvstore.manager import TierManager
 from kvstore.transfer import empty_layer_major
@@ -34,9 +35,6 @@ from worker.request import Request
 logger = logging.getLogger(__name__)
 
 SOURCES = ("device", "dram", "ssd", "peer")
-DEFAULT_COSTS_MS = {"device": 0.0, "dram": 0.002, "ssd": 0.02, "peer": 0.03, "recompute": 1.0}
-"""Milliseconds per token to get a prompt token's KV from each source, or to compute it, before
-this worker has measured its own (figures of `kvweave bench kvstore` and `bench engine` here)."""
 COST_EMA = 0.2
 
 
