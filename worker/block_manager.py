@@ -96,9 +96,13 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def block_hashes(self, req_id: str, token_ids: list[int], extra: bytes) -> list[BlockHash]:
-        """The hashes of the request's full blocks, extended incrementally as tokens arrive."""
-        hashes = self.req_hashes.setdefault(req_id, [])
+    def block_hashes(self, req_id: str, token_ids: list[int], extra: bytes,
+                     known: list[BlockHash] | None = None) -> list[BlockHash]:
+        """The hashes of the request's full blocks, extended incrementally as tokens arrive
+        (`known`: leading hashes computed before, e.g. while the request waited)."""
+        hashes = self.req_hashes.get(req_id)
+        if hashes is None:
+            hashes = self.req_hashes[req_id] = list(known or ())
         n_full = len(token_ids) // self.block_size
         if len(hashes) < n_full:
             parent = hashes[-1] if hashes else None
@@ -106,13 +110,14 @@ class BlockManager:
                                       parent=parent, start_block=len(hashes)))
         return hashes
 
-    def get_computed_blocks(self, req_id: str, token_ids: list[int], extra: bytes) -> tuple[list[Block], int]:
+    def get_computed_blocks(self, req_id: str, token_ids: list[int], extra: bytes,
+                            known: list[BlockHash] | None = None) -> tuple[list[Block], int]:
         """Longest run of leading cached blocks; at least one token is always left to compute."""
         if not self.enable_prefix_caching:
             return [], 0
         hits: list[Block] = []
         max_blocks = (len(token_ids) - 1) // self.block_size
-        for h in self.block_hashes(req_id, token_ids, extra)[:max_blocks]:
+        for h in self.block_hashes(req_id, token_ids, extra, known)[:max_blocks]:
             block = self.cached_blocks.get(h)
             if block is None:
                 break

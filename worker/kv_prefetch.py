@@ -64,7 +64,7 @@ class KVPrefetcher:
         n_blocks = (req.num_prompt_tokens - 1) // bs  # at least one token is always computed
         if n_blocks <= 0:
             return
-        hashes = hash_blocks(req.prompt_token_ids[:n_blocks * bs], bs, req.cache_extra)
+        hashes = req.block_hashes = hash_blocks(req.prompt_token_ids[:n_blocks * bs], bs, req.cache_extra)
         cached = engine.block_manager.cached_blocks
         i = 0
         while i < n_blocks and hashes[i] in cached:

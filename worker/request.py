@@ -47,6 +47,8 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
+    block_hashes: list = field(default_factory=list)
+    """Leading block hashes computed before admission (by the KV prefetcher), reused by the block manager."""
     kv_staged: dict = field(default_factory=dict)
     """Block hash -> (KV tensor, source) read for this request while it waited (SSD, peer)."""
 

@@ -126,7 +126,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            hits, num_hit_tokens = bm.get_computed_blocks(req.req_id, req.all_token_ids, req.cache_extra)
+            hits, num_hit_tokens = bm.get_computed_blocks(req.req_id, req.all_token_ids, req.cache_extra,
+                                                          req.block_hashes)
             num_ext = 0
             if self.connector is not None and bm.enable_prefix_caching:
                 max_blocks = (req.num_tokens - 1) // bm.block_size  # at least one token is computed

@@ -237,3 +237,14 @@ def test_reset_prefix_cache_forgets_every_hash() -> None:
     assert all(b.block_hash is None for b in bm.blocks)
     assert bm.get_computed_blocks("b", PREFIX + [1], EXTRA) == ([], 0)
     assert bm.num_free_blocks == 8
+
+
+def test_hashes_known_before_admission_are_used_not_recomputed() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    run_prefill(bm, "a", PREFIX + [1, 2, 3])
+    known = hash_blocks(PREFIX, 4, EXTRA)
+    hits, n = bm.get_computed_blocks("b", PREFIX + [4, 5], EXTRA, known=known)
+    assert n == 8 and bm.req_hashes["b"] == known
+    # The chain continues from the known hashes: a wrong known hash misses (it was trusted, not redone).
+    hits, n = bm.get_computed_blocks("c", PREFIX + [4, 5], EXTRA, known=[b"\0" * 16])
+    assert n == 0 and bm.req_hashes["c"][0] == b"\0" * 16 and len(bm.req_hashes["c"]) == 2
