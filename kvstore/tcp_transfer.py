@@ -47,8 +47,9 @@ import torch
 
 from kvstore.codec import DTYPE_CODES, MAX_DIMS, KVLayout, checksum
 from kvstore.keys import HASH_BYTES
-from kvstore.transfer import (DEFAULT_MAX_KEYS, KVSource, TransferError, _check_args, _layer_geometry, _LayerGather,
-                              _short, empty_entries, empty_layer_major, export_entries, layout_from_code)
+from kvstore.transfer import DEFAULT_MAX_KEYS, _check_args
+from kvstore.transfer_source import (KVSource, TransferError, _layer_geometry, _LayerGather, _short, empty_entries,
+                                     empty_layer_major, export_entries, layout_from_code)
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from controlplane.registry import WorkerLoad
 from kvstore.keys import BlockHash
 from kvstore.codec import KVLayout
 from kvstore.events import BlockRemoved, BlockStored
-from kvstore.transfer import KVLayoutMismatchError
+from kvstore.transfer_source import KVLayoutMismatchError
 from worker.engine import LLMEngine, Prompt
 from worker.output import RequestOutput
 from worker.request import Request, RequestStatus

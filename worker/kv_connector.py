@@ -27,7 +27,7 @@ from kvstore.events import BlockTouched
 from kvstore.index import DEFAULT_COSTS_MS
 from kvstore.keys import BlockHash
 from kvstore.manager import TierManager
-from kvstore.transfer import empty_layer_major
+from kvstore.transfer_source import empty_layer_major
 from kvstore.tier import KVTier, TierStats
 from worker.block_manager import Block, BlockManager
 from worker.request import Request

@@ -211,7 +211,7 @@ class _LayerMajorSource:
     """Serves a fixed set of entries stored layer-major, as a worker's export builds them."""
 
     def __init__(self, keys: list[bytes], values: torch.Tensor) -> None:
-        from kvstore.transfer import empty_layer_major
+        from kvstore.transfer_source import empty_layer_major
 
         self.index = {k: i for i, k in enumerate(keys)}
         self.entries = empty_layer_major(len(keys), _layout())

@@ -147,7 +147,7 @@ async def test_async_engine_stages_ssd_blocks_before_admission(tiny_engine_facto
 
 
 def test_export_takes_the_leading_run_from_every_tier(tiny_engine_factory):
-    from kvstore.transfer import layer_major
+    from kvstore.transfer_source import layer_major
 
     engine = tiny_engine_factory(num_blocks=12, dram_cache_gb=gb(tiny_engine_factory, 64))
     a, b = prompts(2, 100, seed=5)
