@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from controlplane.registry import WorkerLoad
@@ -70,9 +70,11 @@ class AsyncEngine:
         return len(self._streams)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
-                       cache_namespace: str = "") -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs (each with the new delta); raises InvalidRequestError at once."""
-        req = self.engine.make_request(prompt, params, req_id, cache_namespace)
+                       cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = ()
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (each with the new delta); raises InvalidRequestError at once.
+        `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks."""
+        req = self.engine.make_request(prompt, params, req_id, cache_namespace, chunk_spans)
         if req.req_id in self._streams:
             raise InvalidRequestError(f"request id {req.req_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())

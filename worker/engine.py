@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,8 @@ class EngineConfig:
     """Directory of the SSD tier's slab file (kept across restarts)."""
     kv_eviction_policy: str = "lru"
     """Eviction policy of the host tiers: lru | cost_aware."""
+    max_chunks_per_request: int = 64
+    """Most reusable chunks one request may carry."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -73,6 +76,8 @@ class EngineConfig:
             raise ConfigError("block_size and kv_cache_gb must be positive")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.max_chunks_per_request < 1:
+            raise ConfigError(f"max_chunks_per_request must be positive, got {self.max_chunks_per_request}")
         try:
             self.store_config = StoreConfig(self.dram_cache_gb, self.ssd_cache_gb, self.ssd_cache_dir,
                                             self.kv_eviction_policy)
@@ -180,21 +185,44 @@ class LLMEngine:
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
 
+    def validate_chunk_spans(self, spans: Sequence[tuple[int, int]], num_tokens: int) -> list[tuple[int, int]]:
+        """Reusable chunks as (start, length) token spans of the prompt: sorted, disjoint, non-empty,
+        inside the prompt, at most `max_chunks_per_request` of them."""
+        out = [(int(a), int(n)) for a, n in spans]
+        limit = self.config.max_chunks_per_request
+        if len(out) > limit:
+            raise InvalidRequestError(f"the request has {len(out)} reusable chunks; at most {limit} are allowed")
+        end = 0
+        for i, (start, n) in enumerate(out):
+            if n <= 0:
+                raise InvalidRequestError(f"reusable chunk {i} is empty")
+            if start < end:
+                raise InvalidRequestError(f"reusable chunk {i} starts at token {start}, before the end of the "
+                                          f"previous one ({end}): chunks must be sorted and disjoint")
+            if start + n > num_tokens:
+                raise InvalidRequestError(f"reusable chunk {i} ends at token {start + n}, past the end of the "
+                                          f"{num_tokens}-token prompt")
+            end = start + n
+        return out
+
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
-                    cache_namespace: str = "") -> str:
+                    cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = ()) -> str:
         """Validate and queue a request; raises InvalidRequestError naming the problem."""
-        return self.submit(self.make_request(prompt, params, req_id, cache_namespace))
+        return self.submit(self.make_request(prompt, params, req_id, cache_namespace, chunk_spans))
 
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
-                     cache_namespace: str = "") -> Request:
-        """Tokenize and validate a request without touching engine state (safe from any thread)."""
+                     cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = ()) -> Request:
+        """Tokenize and validate a request without touching engine state (safe from any thread).
+        `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks."""
         params = params or SamplingParams()
         params.validate()
         token_ids = self.encode_prompt(prompt)
         self.validate_prompt(token_ids)
+        spans = self.validate_chunk_spans(chunk_spans, len(token_ids))
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         extra = encode_extra_keys((self.model_name, cache_namespace))
-        return Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic())
+        return Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic(),
+                       chunk_spans=spans)
 
     def submit(self, req: Request) -> str:
         """Queue a request built by `make_request`."""

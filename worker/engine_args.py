@@ -25,6 +25,7 @@ HELP = {
     "ssd_cache_gb": "SSD KV tier, GiB; needs --ssd-cache-dir (default: none)",
     "ssd_cache_dir": "directory of the SSD tier's slab file, kept across restarts",
     "kv_eviction_policy": "eviction policy of the host KV tiers: lru | cost_aware",
+    "max_chunks_per_request": "most reusable chunks (documents) one request may carry",
 }
 TYPES = {"dram_cache_gb": float, "ssd_cache_gb": float, "ssd_cache_dir": str}
 """Types of the optional fields that are not counts."""

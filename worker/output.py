@@ -23,6 +23,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[tuple[float, dict[int, float]]] | None = None
     error: str | None = None
+    num_chunk_reused_tokens: int = 0
+    """Prompt tokens served from chunk-caches; `num_recomputed_tokens` of them were recomputed."""
+    num_recomputed_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -80,7 +83,8 @@ class OutputProcessor:
             req.req_id, req.prompt_token_ids, list(out.token_ids), st.text[:end],
             out.new_token_ids, st.text[st.num_emitted:end], finished, req.status.finish_reason,
             req.stop_reason, max(req.num_cached_tokens, 0),
-            list(out.logprobs) if out.logprobs is not None else None)
+            list(out.logprobs) if out.logprobs is not None else None,
+            num_chunk_reused_tokens=req.num_chunk_reused_tokens, num_recomputed_tokens=req.num_recomputed_tokens)
         st.num_emitted = end
         out.new_token_ids = []
         if finished:

@@ -51,6 +51,15 @@ class Request:
     """Leading block hashes computed before admission (by the KV prefetcher), reused by the block manager."""
     kv_staged: dict = field(default_factory=dict)
     """Block hash -> (KV tensor, source) read for this request while it waited (SSD, peer)."""
+    chunk_spans: list[tuple[int, int]] = field(default_factory=list)
+    """(start, length) of each reusable chunk in the prompt (sorted, disjoint): text whose KV may come
+    from a chunk-cache at any position (retrieved documents, tool outputs)."""
+    chunk_staged: dict = field(default_factory=dict)
+    """Chunk index -> chunk-cache read for this request while it waited."""
+    num_chunk_reused_tokens: int = 0
+    """Prompt tokens whose KV came from chunk-caches (recomputed ones included)."""
+    num_recomputed_tokens: int = 0
+    """Of those, the tokens recomputed in their new context."""
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
