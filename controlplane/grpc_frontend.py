@@ -32,9 +32,10 @@ def input_from_proto(msg: inference_pb2.GenerateRequest) -> GenerateInput:
     elif kind == "token_ids":
         inp.prompt = list(msg.token_ids.ids)
     elif kind == "chat":
-        inp.messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
+        inp.messages = [{"role": m.role, "content": m.content} | ({"kvweave": {"document": True}} if m.document else {})
+                        for m in msg.chat.messages]
     elif kind == "segments":
-        inp.prompt = "".join(s.text for s in msg.segments.segments)  # chunk-aware reuse comes later
+        inp.segments = [(s.text, s.reusable) for s in msg.segments.segments]
     else:
         raise InvalidRequestError("the request has no prompt (text, chat, token_ids or segments)")
     inp.params = sampling_from_proto(msg.sampling if msg.HasField("sampling") else None)
@@ -53,9 +54,10 @@ def delta_to_proto(delta: Delta) -> inference_pb2.GenerateResponse:
         msg.finish_reason = finish_reason_to_proto(delta.finish_reason)
         msg.stop_reason = delta.stop_reason
         if delta.usage is not None:
-            msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=delta.usage.prompt_tokens,
-                                                completion_tokens=delta.usage.completion_tokens,
-                                                cached_tokens=delta.usage.cached_tokens))
+            u = delta.usage
+            msg.usage.CopyFrom(common_pb2.Usage(
+                prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
+                chunk_reused_tokens=u.chunk_reused_tokens, recomputed_tokens=u.recomputed_tokens))
     return msg
 
 

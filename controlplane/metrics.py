@@ -45,6 +45,9 @@ class RouterMetrics:
         self.generation_tokens = Counter("kvweave_router_generation_tokens", "Tokens streamed back", registry=r)
         self.predicted_hit_tokens = Counter("kvweave_router_predicted_prefix_hit_tokens",
                                             "Prompt tokens the chosen worker held per the KV index", registry=r)
+        self.predicted_chunk_hit_tokens = Counter("kvweave_router_predicted_chunk_hit_tokens",
+                                                  "Tokens of reusable chunks (beyond its prefix hit) whose cache the "
+                                                  "chosen worker held per the KV index", registry=r)
         self.cached_tokens = Counter("kvweave_router_cached_tokens", "Prompt tokens the workers served from "
                                      "their prefix cache (from usage)", registry=r)
         # One child per stage, resolved once: labels() costs more than observe() on the hot path.

@@ -3,7 +3,12 @@
 Pure functions, no I/O (the aiohttp side is controlplane/http_frontend.py). Field mapping:
 max_tokens / max_completion_tokens, temperature, top_p, n (must be 1), stop (str or list), seed,
 logprobs (completions: int; chat: bool + top_logprobs), stream, stream_options.include_usage;
-`user` is ignored; extensions: top_k, ignore_eos, min_tokens, stop_token_ids, session_id.
+`user` is ignored; extensions: top_k, ignore_eos, min_tokens, stop_token_ids, session_id, and
+reusable chunks (KV that may be reused wherever the text appears): `/v1/completions` takes
+`"kvweave": {"chunks": [str | {"text": str, "reusable": bool}, ...]}` followed by the optional
+string `prompt`; chat messages mark documents with `"kvweave": {"document": true}` or content parts
+`{"type": "document", "text": ...}` (worker/segments.py). Usage adds `"kvweave": {"computed_tokens",
+"prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens"}`.
 Features we do not implement (penalties, logit_bias, tools, echo, best_of > 1, suffix) are
 rejected with a 400 rather than silently ignored.
 """
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 
 from controlplane.router import GenerateInput, TokenLogprob, Usage
 from worker.sampling import InvalidRequestError, SamplingParams
+from worker.segments import CHAT_EXTENSION, flatten_messages
 from worker.tokenizer import Tokenizer
 
 _UNSUPPORTED_IF_SET = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None,
@@ -45,10 +51,13 @@ class ResponseOptions:
 
 
 def parse_completion(body: dict, default_model: str) -> tuple[GenerateInput, ResponseOptions]:
-    prompt = _completion_prompt(body.get("prompt"))
+    segments = _chunk_segments(body)
     max_tokens = _opt(body, "max_tokens", int)
     params = _sampling(body, logprobs=_opt(body, "logprobs", int), max_tokens=16 if max_tokens is None else max_tokens)
-    inp = GenerateInput(prompt=prompt, params=params)
+    if segments is None:
+        inp = GenerateInput(prompt=_completion_prompt(body.get("prompt")), params=params)
+    else:
+        inp = GenerateInput(segments=segments, params=params)
     return _finish(body, inp, ResponseOptions(chat=False, model="", logprobs=params.logprobs), default_model, "cmpl")
 
 
@@ -62,8 +71,12 @@ def parse_chat(body: dict, default_model: str) -> tuple[GenerateInput, ResponseO
     if _opt(body, "logprobs", bool):
         logprobs = _opt(body, "top_logprobs", int) or 0
     params = _sampling(body, logprobs=logprobs, max_tokens=max_tokens or 16)
-    inp = GenerateInput(messages=[_message(m, i) for i, m in enumerate(messages)], params=params,
-                        auto_max_tokens=max_tokens is None)
+    messages = [_message(m, i) for i, m in enumerate(messages)]
+    try:
+        flatten_messages(messages)  # the document marks, checked here to name the param
+    except InvalidRequestError as e:
+        raise OpenAIRequestError(str(e), "messages") from None
+    inp = GenerateInput(messages=messages, params=params, auto_max_tokens=max_tokens is None)
     return _finish(body, inp, ResponseOptions(chat=True, model="", logprobs=logprobs), default_model, "chatcmpl")
 
 
@@ -130,16 +143,57 @@ def _completion_prompt(prompt) -> str | list[int]:
                              "are not supported)", "prompt")
 
 
+def _chunk_segments(body: dict) -> list[tuple[str, bool]] | None:
+    """The segments of `"kvweave": {"chunks": [...]}` followed by `prompt`, or None without chunks."""
+    ext = _opt(body, CHAT_EXTENSION, dict)
+    if ext is None:
+        return None
+    unknown = sorted(set(ext) - {"chunks"})
+    if unknown:
+        raise OpenAIRequestError(f"'kvweave': unknown field(s) {', '.join(unknown)} (supported: chunks)", "kvweave")
+    chunks = ext.get("chunks")
+    if chunks is None:
+        return None
+    if not isinstance(chunks, list) or not chunks:
+        raise OpenAIRequestError("'kvweave.chunks' must be a non-empty list of strings or "
+                                 "{'text': str, 'reusable': bool} objects", "kvweave.chunks")
+    segments = []
+    for i, chunk in enumerate(chunks):
+        where = f"kvweave.chunks[{i}]"
+        reusable = True
+        if isinstance(chunk, dict):
+            unknown = sorted(set(chunk) - {"text", "reusable"})
+            if unknown:
+                raise OpenAIRequestError(f"{where}: unknown field(s) {', '.join(unknown)}", "kvweave.chunks")
+            reusable = chunk.get("reusable", True)
+            if not isinstance(reusable, bool):
+                raise OpenAIRequestError(f"{where}: 'reusable' must be a boolean, got {type(reusable).__name__}",
+                                         "kvweave.chunks")
+            chunk = chunk.get("text")
+        if not isinstance(chunk, str):
+            raise OpenAIRequestError(f"{where} must be a string or an object with a string 'text', got "
+                                     f"{type(chunk).__name__}", "kvweave.chunks")
+        if not chunk:
+            raise OpenAIRequestError(f"{where} has an empty text", "kvweave.chunks")
+        segments.append((chunk, reusable))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if prompt is not None and not isinstance(prompt, str):
+        raise OpenAIRequestError("with 'kvweave.chunks', 'prompt' must be a string (the text after the chunks)",
+                                 "prompt")
+    if prompt:
+        segments.append((prompt, False))
+    return segments
+
+
 def _message(message, i: int) -> dict:
-    """A chat message with its content flattened to text (content parts of type "text" are joined)."""
+    """A chat message as the router takes it: content a string or a list of "text" / "document" parts
+    (checked by `flatten_messages`); an assistant's null content becomes ""."""
     if not isinstance(message, dict):
         raise OpenAIRequestError(f"messages[{i}] must be an object", "messages")
     content = message.get("content")
-    if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise OpenAIRequestError(f"messages[{i}]: only text content parts are supported", "messages")
-        content = "".join(p["text"] for p in content)
-    elif content is None and message.get("role") == "assistant":
+    if content is None and message.get("role") == "assistant":
         content = ""
     return {**message, "content": content}
 
@@ -151,7 +205,10 @@ def usage_json(usage: Usage | None) -> dict | None:
         return None
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "kvweave": {"computed_tokens": usage.computed_tokens, "prefix_reused_tokens": usage.cached_tokens,
+                        "chunk_reused_tokens": usage.chunk_reused_tokens,
+                        "recomputed_tokens": usage.recomputed_tokens}}
 
 
 def logprobs_json(opts: ResponseOptions, tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob],

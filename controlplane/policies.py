@@ -1,8 +1,8 @@
 """Routing policies: pick one worker from a snapshot of workers, their load and their cache hits.
 
 Plain objects with no I/O, so a simulator can replay a trace through the very objects the router
-uses. The router fills `WorkerState.num_hit_blocks` from one KV-index lookup when the policy's
-`needs_index` is set, and skips the lookup otherwise.
+uses. The router fills `WorkerState.num_hit_blocks` (and `hit_tiers`, `chunk_tiers`) from one
+KV-index lookup when the policy's `needs_index` is set, and skips the lookup otherwise.
 
 `prefix_aware` is Dynamo's KV-router cost with SGLang's cache-aware fallback:
     cost(w) = prefill_weight * prefill_work(w)                 (defaults: 8 and 512, tuned by replaying
@@ -17,6 +17,17 @@ lowest cost wins; ties go to the emptiest KV cache (so unrelated prompts spread 
 then rotate. When the busiest worker has more than `balance_abs_threshold` requests beyond the
 idlest AND more than `balance_rel_threshold` times as many, cache affinity is ignored and the
 least-loaded worker wins (SGLang's cache-aware router does the same with the same two knobs).
+
+`chunk_aware` (the default) is prefix_aware whose prefill work also counts the request's reusable
+chunks (`RouteRequest.chunk_spans`; where each worker gets each chunk's cache is
+`WorkerState.chunk_tiers`, from `KVIndex.route_tiers`): a chunk token beyond the prefix run that
+the worker holds in tier t costs kv_costs_ms[t] / kv_costs_ms["recompute"] + recompute_ratio
+(the share of a reused chunk's tokens recomputed to restore cross-chunk attention, CacheBlend's
+budget, default 0.15), one only a peer holds costs the peer's cost + recompute_ratio, one nobody
+holds costs 1, as does every other token:
+    chunk_work(w) = prefill_work(w) - sum over chunks c that w can get, of
+                    tokens(c beyond the prefix run) * (1 - cost(source) / cost(recompute) - recompute_ratio)
+With no chunks it decides exactly as prefix_aware.
 """
 from __future__ import annotations
 
@@ -48,6 +59,8 @@ class RouteRequest:
     """Hashes of the prompt's full blocks (empty when the policy does not need the index)."""
     session_id: str = ""
     req_id: str = ""
+    chunk_spans: Sequence[tuple[int, int]] = ()
+    """The prompt's reusable chunks as (start, length) token spans, sorted and disjoint."""
 
 
 @dataclass(slots=True)
@@ -67,6 +80,9 @@ class WorkerState:
     kv_costs_ms: dict[str, float] | None = None
     """This worker's measured ms per token by source and for recompute (None: defaults)."""
     block_size: int = 16
+    chunk_tiers: bytes = b""
+    """Per chunk of the request, where this worker gets its cache (KVIndex.route_tiers codes: a
+    TIER_CODES code, or b"-" when nobody holds it); empty when the request has no chunks."""
 
     @property
     def num_requests(self) -> int:
@@ -171,8 +187,11 @@ class PrefixAwarePolicy(Policy):
         return Decision(w.worker_id, self.name, "cost", costs)
 
     def cost(self, request: RouteRequest, w: WorkerState) -> float:
-        return (self.prefill_weight * prefill_work(request.num_prompt_tokens, w) + w.num_queued_prefill_tokens
+        return (self.prefill_weight * self.prefill_work(request, w) + w.num_queued_prefill_tokens
                 + self.decode_weight * w.num_running)
+
+    def prefill_work(self, request: RouteRequest, w: WorkerState) -> float:
+        return prefill_work(request.num_prompt_tokens, w)
 
     def _imbalanced(self, workers: Sequence[WorkerState]) -> bool:
         loads = [w.num_requests for w in workers]
@@ -180,19 +199,69 @@ class PrefixAwarePolicy(Policy):
         return hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold
 
 
+class ChunkAwarePolicy(PrefixAwarePolicy):
+    """prefix_aware whose prefill work also counts the reusable chunks each worker can get (see the
+    module docstring); with no chunks it decides exactly as prefix_aware."""
+
+    name = "chunk_aware"
+
+    def __init__(self, prefill_weight: float = 8.0, decode_weight: float = 512.0, balance_abs_threshold: int = 32,
+                 balance_rel_threshold: float = 1.5, recompute_ratio: float = 0.15) -> None:
+        """recompute_ratio: share of a reused chunk's tokens the worker recomputes (CacheBlend's budget)."""
+        super().__init__(prefill_weight, decode_weight, balance_abs_threshold, balance_rel_threshold)
+        if not 0.0 <= recompute_ratio <= 1.0:
+            raise PolicyError(f"recompute_ratio must be in [0, 1], got {recompute_ratio}")
+        self.recompute_ratio = recompute_ratio
+
+    def prefill_work(self, request: RouteRequest, w: WorkerState) -> float:
+        return chunk_prefill_work(request, w, self.recompute_ratio)
+
+
+def _unit_costs(w: WorkerState) -> tuple[dict[str, float], float]:
+    costs = w.kv_costs_ms or DEFAULT_KV_COSTS_MS
+    return costs, costs.get("recompute") or DEFAULT_KV_COSTS_MS["recompute"]
+
+
 def prefill_work(num_prompt_tokens: int, w: WorkerState) -> float:
     """Prefill work on `w` in recompute-token units (see the module docstring)."""
     codes = w.hit_tiers
     if not codes:
         return float(max(0, num_prompt_tokens - w.num_hit_blocks * w.block_size))
-    costs = w.kv_costs_ms or DEFAULT_KV_COSTS_MS
-    recompute = costs.get("recompute") or DEFAULT_KV_COSTS_MS["recompute"]
+    costs, recompute = _unit_costs(w)
     work = max(0, num_prompt_tokens - len(codes) * w.block_size)
     for code, source in TIER_CODES.items():
         n = codes.count(code)
         if n:
             work += n * w.block_size * costs.get(source, DEFAULT_KV_COSTS_MS[source]) / recompute
     return work
+
+
+def chunk_prefill_work(request: RouteRequest, w: WorkerState, recompute_ratio: float) -> float:
+    """`prefill_work`, with each chunk token beyond the prefix run (the blocks `hit_tiers` prices)
+    that `w` can get (its own tier or a peer) costing that source's per-token cost plus
+    `recompute_ratio` instead of a full recompute."""
+    work = prefill_work(request.num_prompt_tokens, w)
+    if not w.chunk_tiers:
+        return work
+    costs, recompute = _unit_costs(w)
+    run_end = (len(w.hit_tiers) if w.hit_tiers else w.num_hit_blocks) * w.block_size
+    for (start, n), code in zip(request.chunk_spans, w.chunk_tiers):
+        source = TIER_CODES.get(code)
+        outside = min(start + n, request.num_prompt_tokens) - max(start, run_end)
+        if source is not None and outside > 0:
+            reuse = costs.get(source, DEFAULT_KV_COSTS_MS[source]) / recompute + recompute_ratio
+            work -= outside * (1.0 - reuse)
+    return work
+
+
+def held_chunk_tokens(request: RouteRequest, w: WorkerState) -> int:
+    """Chunk tokens beyond `w`'s own prefix hit whose cache `w` holds in one of its tiers."""
+    run_end = w.num_hit_blocks * w.block_size
+    held = 0
+    for (start, n), code in zip(request.chunk_spans, w.chunk_tiers):
+        if code in TIER_CODES and TIER_CODES[code] != "peer":
+            held += max(0, min(start + n, request.num_prompt_tokens) - max(start, run_end))
+    return held
 
 
 class SessionPolicy(Policy):
@@ -203,7 +272,7 @@ class SessionPolicy(Policy):
     name = "session"
     needs_index = True
 
-    def __init__(self, max_sessions: int = 100_000, fallback: str = "prefix_aware", **fallback_config) -> None:
+    def __init__(self, max_sessions: int = 100_000, fallback: str = "chunk_aware", **fallback_config) -> None:
         if max_sessions <= 0:
             raise PolicyError(f"max_sessions must be positive, got {max_sessions}")
         if fallback == self.name:
@@ -232,9 +301,9 @@ class SessionPolicy(Policy):
 
 
 POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (PrefixAwarePolicy, RoundRobinPolicy, LeastLoadedPolicy, SessionPolicy)
+    p.name: p for p in (ChunkAwarePolicy, PrefixAwarePolicy, RoundRobinPolicy, LeastLoadedPolicy, SessionPolicy)
 }
-DEFAULT_POLICY = PrefixAwarePolicy.name
+DEFAULT_POLICY = ChunkAwarePolicy.name
 
 
 def make_policy(name: str, **config) -> Policy:

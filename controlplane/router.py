@@ -23,17 +23,18 @@ import redis.asyncio
 
 from controlplane.errors import NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status
 from controlplane.metrics import RouterMetrics
-from controlplane.policies import DEFAULT_POLICY, RouteRequest, make_policy
+from controlplane.policies import DEFAULT_POLICY, RouteRequest, held_chunk_tokens, make_policy
 from controlplane.registry import Registry
 from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogprob, Usage
 from controlplane.worker_pool import PoolWorker, WorkerPool
-from kvstore.index import MEDIUMS, KVIndex, local_run
+from kvstore.chunks import chunk_block_keys, chunk_hash
+from kvstore.index import MEDIUMS, KVIndex
 from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.convert import finish_reason_from_proto, sampling_to_proto
-from kvweave.v1 import worker_pb2
+from kvweave.v1 import common_pb2, worker_pb2
 from worker.loader import DEFAULT_MODEL, LoadedTokenizer, load_tokenizer
 from worker.sampling import InvalidRequestError, SamplingParams
-from worker.tokenizer import InvalidMessagesError, TokenizerError
+from worker.segments import encode_chat_documents, encode_segments, split_on_separator
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,19 @@ class RouterConfig:
     """Workers tried per request before its first token."""
     index_mediums: tuple[str, ...] = MEDIUMS
     """KV-index tiers that count as cache hits (fastest first)."""
+    chunk_separator: str | None = None
+    """Splits plain text prompts: the pieces strictly between two separators are reusable chunks
+    (None: plain prompts are not split)."""
+    max_chunks_per_request: int = 64
+    """Most reusable chunks one request may carry."""
 
     def __post_init__(self) -> None:
         if self.max_inflight <= 0 or self.max_attempts <= 0:
             raise ValueError("max_inflight and max_attempts must be positive")
+        if self.max_chunks_per_request <= 0:
+            raise ValueError("max_chunks_per_request must be positive")
+        if self.chunk_separator == "":
+            raise ValueError("chunk_separator must be a non-empty string (or None)")
         if self.lease_s <= 0 or self.refresh_s <= 0:
             raise ValueError("lease_s and refresh_s must be positive")
 
@@ -87,6 +97,8 @@ class _Request:
     aborted: bool = False
     block_hashes: list = field(default_factory=list)
     """The prompt's block-hash chain (for the policy; empty when it does not use the index)."""
+    chunk_spans: list[tuple[int, int]] = field(default_factory=list)
+    """(start, length) token spans of the prompt's reusable chunks (sorted, disjoint)."""
 
 
 class _WorkerFailure(Exception):
@@ -166,18 +178,37 @@ class Router:
             self.metrics.requests.labels(status).inc()
 
     def encode(self, inp: GenerateInput) -> list[int]:
-        """Token ids of the prompt, as the engine's encode_prompt makes them."""
+        """Token ids of the prompt, as the engine's encode_prompt makes them (see `encode_prompt`)."""
+        return self.encode_prompt(inp)[0]
+
+    def encode_prompt(self, inp: GenerateInput) -> tuple[list[int], list[tuple[int, int]]]:
+        """(token ids, reusable chunk spans) of the prompt: chat messages (documents become chunks),
+        segments (reusable ones become chunks, worker/segments.py), a text (split at
+        `config.chunk_separator` when it holds one) or token ids (no chunks)."""
+        given = [name for name in ("prompt", "messages", "segments") if getattr(inp, name) is not None]
+        if len(given) > 1:
+            raise InvalidRequestError(f"give one prompt form, not {' and '.join(given)}")
         if inp.messages is not None:
-            try:
-                return self.tokenizer.encode_chat(inp.messages)
-            except (InvalidMessagesError, TokenizerError) as e:
-                raise InvalidRequestError(str(e)) from e
+            return encode_chat_documents(self.tokenizer, inp.messages)
+        if inp.segments is not None:
+            return encode_segments(self.tokenizer, inp.segments)
         prompt = inp.prompt
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
+            sep = self.config.chunk_separator
+            if sep and sep in prompt:
+                return encode_segments(self.tokenizer, split_on_separator(prompt, sep))
+            return self.tokenizer.encode(prompt, add_special_tokens=True), []
         if isinstance(prompt, list) and all(type(t) is int and 0 <= t <= _MAX_TOKEN_ID for t in prompt):
-            return prompt
+            return prompt, []
         raise InvalidRequestError("prompt must be a string or a list of non-negative token ids")
+
+    def _check_chunks(self, spans: list[tuple[int, int]], max_len: int) -> None:
+        limit = self.config.max_chunks_per_request
+        if len(spans) > limit:
+            raise InvalidRequestError(f"the request has {len(spans)} reusable chunks; at most {limit} are allowed")
+        for i, (_, n) in enumerate(spans):
+            if n > max_len:
+                raise InvalidRequestError(f"reusable chunk {i} has {n} tokens, more than the context length {max_len}")
 
     # -------------------------------------------------------------------------------- phases
 
@@ -185,11 +216,12 @@ class Router:
         if inp.model and inp.model not in self.model_names:
             raise UnknownModelError(f"model {inp.model!r} is not served here; available: {self.model.name}")
         t0 = time.perf_counter()
-        token_ids = self.encode(inp)
+        token_ids, spans = self.encode_prompt(inp)
         self.metrics.stages["tokenize"].observe(time.perf_counter() - t0)
         if not token_ids:
             raise InvalidRequestError("prompt is empty")
         max_len = self.list_models()[0].max_model_len
+        self._check_chunks(spans, max_len)
         if len(token_ids) >= max_len:
             raise InvalidRequestError(f"prompt has {len(token_ids)} tokens, but the context length is {max_len} "
                                       "(at least one token must be generated)")
@@ -201,9 +233,10 @@ class Router:
         if req_id in self._active:
             raise InvalidRequestError(f"request id {req_id!r} is already in use")
         message = worker_pb2.WorkerGenerateRequest(request_id=req_id, prompt_token_ids=token_ids,
-                                                   sampling=sampling_to_proto(params), cache_namespace=inp.tenant)
+                                                   sampling=sampling_to_proto(params), cache_namespace=inp.tenant,
+                                                   chunks=[common_pb2.ChunkSpan(start=a, length=n) for a, n in spans])
         self.metrics.prompt_tokens.inc(len(token_ids))
-        return _Request(req_id, token_ids, inp.session_id, inp.tenant, message, arrival)
+        return _Request(req_id, token_ids, inp.session_id, inp.tenant, message, arrival, chunk_spans=spans)
 
     async def _dispatch(self, req: _Request) -> AsyncIterator[Delta]:
         workers = [w for w in self.pool.eligible() if w.info.max_model_len > len(req.token_ids)]
@@ -231,9 +264,9 @@ class Router:
         raise NoWorkerError(f"request failed on {len(failed)} worker(s) before its first token: "
                             + "; ".join(f"{k}: {v}" for k, v in failed.items()))
 
-    async def _lookup(self, req: _Request, workers: list[PoolWorker]) -> dict[str, bytes]:
-        """Per worker, the tier of each leading block of the prompt (codes of `KVIndex.leading_tiers`):
-        one Redis round trip (per block size)."""
+    async def _lookup(self, req: _Request, workers: list[PoolWorker]) -> dict[str, tuple[bytes, bytes]]:
+        """Per worker, (the tier of each leading block of the prompt, where it gets each reusable
+        chunk): the codes of `KVIndex.route_tiers`, one Redis round trip (per block size)."""
         if not self.policy.needs_index:
             return {}
         t0 = time.perf_counter()
@@ -245,18 +278,27 @@ class Router:
             by_size.setdefault(w.info.block_size, []).append(w.worker_id)
         chains = {size: hash_blocks(req.token_ids, size, extra) for size in by_size}
         req.block_hashes = chains[workers[0].info.block_size]
+        chunks = [req.token_ids[a:a + n] for a, n in req.chunk_spans]
+        chunk_keys = [(chunk_hash(c, extra), len(c)) for c in chunks]
         t1 = time.perf_counter()
         self.metrics.stages["hash"].observe(t1 - t0)
         tiers = self._worker_tiers(workers)
         try:
-            lookups = [self.kv_index.leading_tiers(chains[size], {w: tiers[w] for w in ids})
-                       for size, ids in by_size.items()]
+            if chunks:
+                lookups = [self.kv_index.route_tiers(chains[size], {w: tiers[w] for w in ids},
+                                                     [chunk_block_keys(k, n, size) for k, n in chunk_keys])
+                           for size, ids in by_size.items()]
+            else:  # the prefix-only lookup (what `kvweave bench router` replays without Redis)
+                lookups = [self.kv_index.leading_tiers(chains[size], {w: tiers[w] for w in ids})
+                           for size, ids in by_size.items()]
             found = [await lookups[0]] if len(lookups) == 1 else await asyncio.gather(*lookups)
         except (redis.RedisError, OSError) as e:
             logger.warning("KV index lookup failed, routing without cache hits: %s", e)
             return {}
         self.metrics.stages["index_lookup"].observe(time.perf_counter() - t1)
-        return {k: v for hits in found for k, v in hits.items()}
+        if not chunks:
+            return {k: (v, b"") for hits in found for k, v in hits.items()}
+        return {k: (v, chunk_codes[k]) for prefix, chunk_codes in found for k, v in prefix.items()}
 
     def _worker_tiers(self, workers: list[PoolWorker]) -> dict[str, tuple[str, ...]]:
         """The index tiers worth asking about per worker: the device, and the configured host tiers
@@ -267,16 +309,25 @@ class Router:
             out[w.worker_id] = tuple(m for m in self.config.index_mediums if m == "device" or held.get(m))
         return out
 
-    def _pick(self, req: _Request, workers: list[PoolWorker], hits: dict[str, bytes]) -> tuple[PoolWorker, int]:
+    def _pick(self, req: _Request, workers: list[PoolWorker],
+              hits: dict[str, tuple[bytes, bytes]]) -> tuple[PoolWorker, int]:
         t0 = time.perf_counter()
-        states = [w.state(hits.get(w.worker_id, b"")) for w in workers]
-        decision = self.policy.pick(RouteRequest(len(req.token_ids), req.block_hashes, req.session_id, req.req_id), states)
+        states = []
+        for w in workers:
+            prefix, chunks = hits.get(w.worker_id, (b"", b""))
+            state = w.state(prefix)
+            state.chunk_tiers = chunks
+            states.append(state)
+        request = RouteRequest(len(req.token_ids), req.block_hashes, req.session_id, req.req_id, req.chunk_spans)
+        decision = self.policy.pick(request, states)
         self.metrics.stages["scoring"].observe(time.perf_counter() - t0)
         logger.debug("route %s -> %s (%s, %s) costs=%s hits=%s", req.req_id, decision.worker_id, decision.policy,
                      decision.reason, decision.costs, hits)
         self.metrics.decisions.labels(decision.policy, decision.worker_id).inc()
-        worker = next(w for w in workers if w.worker_id == decision.worker_id)
-        return worker, local_run(hits.get(worker.worker_id, b""))
+        i = next(i for i, w in enumerate(workers) if w.worker_id == decision.worker_id)
+        if req.chunk_spans:
+            self.metrics.predicted_chunk_hit_tokens.inc(held_chunk_tokens(request, states[i]))
+        return workers[i], states[i].num_hit_blocks
 
     async def _stream(self, req: _Request, worker: PoolWorker, num_hit_blocks: int) -> AsyncIterator[Delta]:
         """Forward to one worker; raises _WorkerFailure when it fails before the first token."""
@@ -339,7 +390,8 @@ class Router:
             delta.finish_reason = finish_reason_from_proto(resp.finish_reason)
             delta.stop_reason = resp.stop_reason
             u = resp.usage
-            delta.usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+            delta.usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.chunk_reused_tokens,
+                                u.recomputed_tokens)
             self.metrics.cached_tokens.inc(u.cached_tokens)
         return delta
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -103,6 +104,20 @@ async def run_router(config: RouterConfig, options: ServeOptions, stop: asyncio.
     await serve_until(RouterServer(config, options), stop, on_ready)
 
 
+CHUNK_SEPARATOR_ENV = "KVWEAVE_CHUNK_SEPARATOR"
+MAX_CHUNKS_ENV = "KVWEAVE_MAX_CHUNKS_PER_REQUEST"
+"""Environment defaults of --chunk-separator and --max-chunks-per-request (`kvweave serve` passes them so)."""
+
+
+def add_chunk_separator_arg(p: argparse.ArgumentParser) -> None:
+    """`--chunk-separator`, shared by `kvweave router` and `kvweave serve`."""
+    p.add_argument("--chunk-separator", default=os.environ.get(CHUNK_SEPARATOR_ENV) or None, metavar="TEXT",
+                   help="split plain text prompts at TEXT (removed): the pieces strictly between two separators "
+                        "are reusable chunks whose KV may be reused wherever they appear, the first and last "
+                        f"pieces are not; for clients that cannot send segments (default: none, prompts are not "
+                        f"split; env {CHUNK_SEPARATOR_ENV})")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("router", help="route requests to workers (gRPC + OpenAI-compatible HTTP)",
                        description="Serve kvweave.v1.Inference and the OpenAI API, placing each request on "
@@ -121,13 +136,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the workers' registry lease, seconds (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest HTTP request body (default: 4 MiB)")
+    add_chunk_separator_arg(p)
+    p.add_argument("--max-chunks-per-request", type=int,
+                   default=int(os.environ.get(MAX_CHUNKS_ENV) or RouterConfig.max_chunks_per_request),
+                   help="most reusable chunks (segments, documents) one request may carry; more is a 400 / "
+                        f"INVALID_ARGUMENT (default: %(default)s; env {MAX_CHUNKS_ENV})")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         config = RouterConfig(redis_url=args.redis_url, model=args.model, policy=args.policy,
-                              max_inflight=args.max_inflight, lease_s=args.lease_s)
+                              max_inflight=args.max_inflight, lease_s=args.lease_s,
+                              chunk_separator=args.chunk_separator,
+                              max_chunks_per_request=args.max_chunks_per_request)
         options = ServeOptions(host=args.host, grpc_port=args.port, http_port=args.http_port,
                                max_body_bytes=args.max_body_bytes)
         if config.policy not in POLICIES:

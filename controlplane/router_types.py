@@ -8,10 +8,16 @@ from worker.sampling import SamplingParams
 
 @dataclass
 class GenerateInput:
-    """One request as the frontends hand it over: a text or token-id prompt, or chat messages."""
+    """One request as the frontends hand it over: a text or token-id prompt, segments, or chat messages.
+
+    Exactly one of `prompt`, `segments`, `messages` is set. `segments` are (text, reusable) pairs:
+    reusable ones are chunks whose KV may be reused wherever they appear. Chat messages may mark
+    documents (`{"kvweave": {"document": true}}` on a message, or content parts of type "document"),
+    see worker/segments.py."""
 
     prompt: str | list[int] | None = None
     messages: list[dict] | None = None
+    segments: list[tuple[str, bool]] | None = None
     params: SamplingParams | None = None
     model: str = ""
     """Empty: the router's model."""
@@ -28,6 +34,16 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    """Prompt tokens served from prefix-cached blocks."""
+    chunk_reused_tokens: int = 0
+    """Prompt tokens served from chunk-caches (reusable chunks), recomputed ones included."""
+    recomputed_tokens: int = 0
+    """Of the chunk-reused tokens, those recomputed in their new context."""
+
+    @property
+    def computed_tokens(self) -> int:
+        """Prompt tokens the worker computed: the prompt less what was reused, plus the recomputed."""
+        return self.prompt_tokens - self.cached_tokens - self.chunk_reused_tokens + self.recomputed_tokens
 
 
 @dataclass(slots=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import time
@@ -16,6 +17,7 @@ class _Terminated(Exception):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from controlplane.router_main import add_chunk_separator_arg
     from worker.engine_args import add_engine_args
 
     p = sub.add_parser(
@@ -39,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--startup-timeout", type=float, default=300.0,
                    help="seconds to wait for the cluster to be ready (default: 300)")
     p.add_argument("--log-dir", help="folder for the children's logs (default: a temp folder, removed at exit)")
+    add_chunk_separator_arg(p)
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -89,12 +92,26 @@ def _supervise(cluster: LocalCluster) -> int:
             print(f"warning: {failure}\nthe router keeps serving with the other workers", file=sys.stderr, flush=True)
 
 
+def router_env(args: argparse.Namespace) -> dict[str, str]:
+    """The router settings `kvweave serve` hands its router through the environment."""
+    from controlplane.router_main import CHUNK_SEPARATOR_ENV, MAX_CHUNKS_ENV
+
+    env = {MAX_CHUNKS_ENV: str(args.max_chunks_per_request)}
+    if args.chunk_separator:
+        env[CHUNK_SEPARATOR_ENV] = args.chunk_separator
+    return env
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.chunk_separator == "":
+        print("error: --chunk-separator must not be empty", file=sys.stderr)
+        return 2
     try:
         cluster = LocalCluster(config_from_args(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    os.environ.update(router_env(args))  # the router process inherits them
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cluster.start()

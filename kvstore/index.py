@@ -17,7 +17,13 @@ Reads, each ONE round trip:
   it lacks from the one peer with the longest run, worker/kv_prefetch.py). Counting codes
   (`bytes.count`) gives a worker's per-tier hits and peer blocks with no Python loop; replies are
   one bulk string per worker, each worker's scan stops at its first miss, and the hashes go as ONE
-  concatenated argument (packing arguments was most of the client's cost).
+  concatenated argument (packing arguments was most of the client's cost);
+- `route_tiers` (the same script, same round trip): `leading_tiers`' codes plus, per reusable
+  chunk of the request (its entry keys, `kvstore.chunks.chunk_block_keys`), per worker, where the
+  worker would get the chunk: b"2"/b"3" the slowest tier among its entries when the worker holds
+  all of them (each entry counted in the fastest of its tiers holding it), b"0" when another worker
+  holds all of them, b"-" when nobody does. Chunks are looked for in `CHUNK_MEDIUMS` (the
+  host tiers, where workers keep chunk-caches) among the tiers each worker is asked about.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from kvstore.keys import HASH_BYTES, BlockHash
 MEDIUMS = ("device", "dram", "ssd")
 TIER_CODES = {ord(str(i + 1)): m for i, m in enumerate(MEDIUMS)} | {ord("0"): "peer"}
 """`leading_tiers` code (a byte) -> where the block comes from."""
+CHUNK_MEDIUMS = ("dram", "ssd")
+"""Tiers that hold chunk-caches."""
 DEFAULT_COSTS_MS = {"device": 0.0, "dram": 0.002, "ssd": 0.02, "peer": 0.03, "recompute": 1.0}
 """Milliseconds per prompt token to get its KV from each source, or to compute it, until a worker
 has measured its own. From `kvweave bench kvstore` / `bench engine` on the 2-core development
@@ -43,6 +51,12 @@ _BATCH = 1000
 # Per worker, blocks are checked slice by slice (16, then 128, 1024, 4000: Lua's unpack has a stack
 # limit of ~8k values), each tier only for the blocks the faster tiers lacked, and the scan stops
 # at the worker's first miss. Only the tiers a worker has are passed (each HMGET costs ~15 us).
+# Chunks (`route_tiers` only): ARGV[5] = every chunk's entry hashes, chunk after chunk,
+# concatenated; ARGV[6] = each chunk's number of entries, space-separated; ARGV[7] = per key, "1"
+# if chunk entries are looked for there. Per worker, one HMGET per such tier (in slices of 4000)
+# over the entries its faster tiers lacked; a chunk's code is the slowest of its entries' fastest
+# tiers. The reply then also has, after the nw prefix strings, one string per worker with a code
+# per chunk: its own tier code, else "0" when another worker holds every entry, else "-".
 _LEADING_TIERS_LUA = """
 local counts = ARGV[1]
 local blob = ARGV[2]
@@ -95,6 +109,52 @@ for w = 1, nw do
 end
 local out = {}
 for w = 1, nw do out[w] = codes[w] .. string.rep('0', run - runs[w]) end
+if #ARGV < 5 then return out end
+local entries, ce = {}, #ARGV[5] / size
+for i = 1, ce do entries[i] = string.sub(ARGV[5], (i - 1) * size + 1, i * size) end
+local sizes = {}
+for s in string.gmatch(ARGV[6], '%d+') do sizes[#sizes + 1] = tonumber(s) end
+local mask, nc = ARGV[7], #sizes
+local own, anyone = {}, {}
+base = 0
+for w = 1, nw do
+  local m = tonumber(string.sub(counts, w, w))
+  local held, pending = {}, {}
+  for i = 1, ce do pending[i] = i end
+  for k = base + 1, base + m do
+    if #pending == 0 then break end
+    if string.sub(mask, k, k) == '1' then
+      local code, still = string.sub(tiers, k, k), {}
+      for s = 1, #pending, 4000 do
+        local e, args = math.min(s + 3999, #pending), {}
+        for p = s, e do args[p - s + 1] = entries[pending[p]] end
+        local found = redis.call('HMGET', KEYS[k], unpack(args))
+        for p = s, e do
+          if found[p - s + 1] then held[pending[p]] = code else still[#still + 1] = pending[p] end
+        end
+      end
+      pending = still
+    end
+  end
+  local mine, first = {}, 1
+  for j = 1, nc do
+    local code, ok = nil, sizes[j] > 0
+    for i = first, first + sizes[j] - 1 do
+      local h = held[i]
+      if not h then ok = false; break end
+      if code == nil or h > code then code = h end
+    end
+    if ok then mine[j] = code; anyone[j] = true end
+    first = first + sizes[j]
+  end
+  own[w] = mine
+  base = base + m
+end
+for w = 1, nw do
+  local c = {}
+  for j = 1, nc do c[j] = own[w][j] or (anyone[j] and '0') or '-' end
+  out[nw + w] = table.concat(c)
+end
 return out
 """
 
@@ -207,20 +267,46 @@ class KVIndex:
         if not hashes or not worker_ids:
             return {}
         tiers = worker_ids if isinstance(worker_ids, Mapping) else dict.fromkeys(worker_ids, mediums)
-        keys, codes = [], []
-        for w, ms in tiers.items():
-            if len(ms) > 9:
-                raise ValueError("at most 9 tiers per worker")
-            keys += [index_key(w, m) for m in ms]
-            codes += [str(MEDIUMS.index(m) + 1) for m in ms]
-        counts = "".join(str(len(ms)) for ms in tiers.values())
-        replies = await self._leading_tiers(keys=keys, args=[counts, b"".join(hashes), HASH_BYTES, "".join(codes)])
+        keys, counts, codes = _script_keys(tiers)
+        replies = await self._leading_tiers(keys=keys, args=[counts, b"".join(hashes), HASH_BYTES, codes])
         return dict(zip(tiers, replies))
+
+    async def route_tiers(self, hashes: Sequence[BlockHash], worker_tiers: Mapping[str, Sequence[str]],
+                          chunks: Sequence[Sequence[bytes]], chunk_mediums: Sequence[str] = CHUNK_MEDIUMS,
+                          ) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        """The router's lookup, ONE round trip: (per worker, `leading_tiers`' codes of `hashes`; per
+        worker, one code per chunk of `chunks` (each the entry keys of one chunk-cache): b"1".."3"
+        the slowest tier among the entries it holds all of, b"0" another worker holds all of them,
+        b"-" nobody does or the chunk has no entries). `worker_tiers` maps each worker to the tiers
+        it has (fastest first); chunks are looked for in those of them that are in `chunk_mediums`."""
+        if not worker_tiers:
+            return {}, {}
+        if not chunks:
+            return await self.leading_tiers(hashes, worker_tiers), dict.fromkeys(worker_tiers, b"")
+        keys, counts, codes = _script_keys(worker_tiers)
+        mask = "".join("1" if m in chunk_mediums else "0" for ms in worker_tiers.values() for m in ms)
+        entries = b"".join(k for chunk in chunks for k in chunk)
+        sizes = " ".join(str(len(chunk)) for chunk in chunks)
+        replies = await self._leading_tiers(keys=keys, args=[counts, b"".join(hashes), HASH_BYTES, codes,
+                                                             entries, sizes, mask])
+        n = len(worker_tiers)
+        return dict(zip(worker_tiers, replies[:n])), dict(zip(worker_tiers, replies[n:]))
 
     async def leading_hits(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str],
                            mediums: Sequence[str] = ("device",)) -> dict[str, int]:
         """For each worker: the number of leading `hashes` it holds in any of `mediums`. One round trip."""
         return {w: local_run(c) for w, c in (await self.leading_tiers(hashes, worker_ids, mediums)).items()}
+
+
+def _script_keys(tiers: Mapping[str, Sequence[str]]) -> tuple[list[str], str, str]:
+    """The script's KEYS (each worker's tier hashes), per worker its number of tiers, per key its code."""
+    keys, codes = [], []
+    for w, ms in tiers.items():
+        if len(ms) > 9:
+            raise ValueError("at most 9 tiers per worker")
+        keys += [index_key(w, m) for m in ms]
+        codes += [str(MEDIUMS.index(m) + 1) for m in ms]
+    return keys, "".join(str(len(ms)) for ms in tiers.values()), "".join(codes)
 
 
 def local_run(codes: bytes) -> int:

@@ -110,8 +110,11 @@ class _ClientBase:
 GENERATE_DOC = """Stream a completion as `GenerateDelta`s; the last one has `finished`, `finish_reason` and `usage`.
 
 Give exactly one prompt form: `prompt` (text), `messages` (chat, [{"role", "content"}]), `token_ids`,
-or `segments` (`Segment`s, {"text", "reusable"} dicts or strings; reusable segments are chunks whose
-KV may be reused wherever they appear). Sampling parameters left as None take the server's
+or `segments` (`Segment`s, {"text", "reusable"} dicts or strings (not reusable); reusable segments are
+chunks whose KV may be reused wherever they appear). A chat message marked
+`{"kvweave": {"document": True}}` is such a chunk too. The last delta's `usage` counts the prompt
+tokens reused from the prefix cache (`cached_tokens`) and from chunk-caches (`chunk_reused_tokens`,
+of which `recomputed_tokens` were recomputed). Sampling parameters left as None take the server's
 defaults. `session_id` keeps a session on one worker, `tenant` selects the cache namespace,
 `request_id` names the request (for `abort`), `model` is optional when the cluster serves one model.
 `timeout` overrides the client's deadline for this call.

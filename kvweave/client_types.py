@@ -181,22 +181,49 @@ def sampling_to_proto(params: Mapping[str, Any]) -> common_pb2.SamplingParams:
     return msg
 
 
-def _messages_to_proto(messages: Iterable[Mapping[str, str] | Any]) -> common_pb2.ChatMessages:
+def _messages_to_proto(messages: Iterable[Mapping[str, Any] | Any]) -> common_pb2.ChatMessages:
+    """A message marked `{"kvweave": {"document": True}}` is a document (a reusable chunk)."""
     out = common_pb2.ChatMessages()
-    for m in messages:
+    for i, m in enumerate(messages):
         role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else (m.role, m.content)
-        out.messages.add(role=role, content=content)
+        options = (m.get("kvweave") if isinstance(m, Mapping) else None) or {}
+        document = options.get("document", False) if isinstance(options, Mapping) else options
+        if not isinstance(document, bool):
+            raise invalid(f"messages[{i}]['kvweave'] must be {{'document': bool}}, got {options!r}")
+        if not isinstance(content, str):
+            raise invalid(f"messages[{i}]: content must be a string over gRPC (got {type(content).__name__}); "
+                          "mark a whole message as a document with {'kvweave': {'document': True}}")
+        out.messages.add(role=role, content=content, document=document)
     return out
 
 
 def _segments_to_proto(segments: Iterable[Segment | Mapping[str, Any] | str]) -> common_pb2.Segments:
+    """Checked here so that mistakes fail at once with a message naming the segment."""
+    if isinstance(segments, (str, bytes, Mapping, Segment)):
+        raise invalid("segments must be a list of Segment, {'text', 'reusable'} dicts or strings")
     out = common_pb2.Segments()
-    for s in segments:
+    for i, s in enumerate(segments):
         if isinstance(s, str):
-            s = Segment(s)
+            text, reusable = s, False
+        elif isinstance(s, Segment):
+            text, reusable = s.text, s.reusable
         elif isinstance(s, Mapping):
-            s = Segment(s["text"], bool(s.get("reusable", False)))
-        out.segments.add(text=s.text, reusable=s.reusable)
+            unknown = sorted(set(s) - {"text", "reusable"})
+            if unknown:
+                raise invalid(f"segment {i}: unknown key(s) {', '.join(map(str, unknown))} (expected text, reusable)")
+            text, reusable = s.get("text"), s.get("reusable", False)
+        else:
+            raise invalid(f"segment {i} must be a Segment, a {{'text', 'reusable'}} dict or a string, "
+                          f"got {type(s).__name__}")
+        if not isinstance(text, str):
+            raise invalid(f"segment {i}: text must be a string, got {type(text).__name__}")
+        if not text:
+            raise invalid(f"segment {i} has an empty text")
+        if not isinstance(reusable, bool):
+            raise invalid(f"segment {i}: reusable must be a boolean, got {type(reusable).__name__}")
+        out.segments.add(text=text, reusable=reusable)
+    if not out.segments:
+        raise invalid("segments must not be empty")
     return out
 
 

@@ -1,6 +1,7 @@
 """The worker's gRPC service (`kvweave.v1.Worker`) over an `AsyncEngine`, for grpc.aio.
 
-Token ids in, token deltas out. Protobuf stops here: requests become `SamplingParams` and
+Token ids in (with the (start, length) spans of the prompt's reusable chunks, validated by the
+engine), token deltas out. Protobuf stops here: requests become `SamplingParams` and
 token-id lists, `RequestOutput`s become `WorkerGenerateResponse`s.
 
 Cache namespaces: the request's `cache_namespace` goes to the engine unchanged, which salts the
@@ -66,7 +67,9 @@ def output_to_proto(out: RequestOutput) -> worker_pb2.WorkerGenerateResponse:
         msg.stop_reason = stop_reason_to_proto(out.stop_reason)
         msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=out.num_prompt_tokens,
                                             completion_tokens=len(out.token_ids),
-                                            cached_tokens=out.num_cached_tokens))
+                                            cached_tokens=out.num_cached_tokens,
+                                            chunk_reused_tokens=out.num_chunk_reused_tokens,
+                                            recomputed_tokens=out.num_recomputed_tokens))
     return msg
 
 
@@ -87,7 +90,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         code, message, started = None, "", False
         try:
             params = sampling_from_proto(request.sampling if request.HasField("sampling") else None)
-            stream = self.engine.generate(list(request.prompt_token_ids), params, req_id, request.cache_namespace)
+            chunk_spans = [(c.start, c.length) for c in request.chunks]
+            stream = self.engine.generate(list(request.prompt_token_ids), params, req_id, request.cache_namespace,
+                                          chunk_spans)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     started = True

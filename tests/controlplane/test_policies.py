@@ -136,7 +136,7 @@ def test_bad_policy_options_are_typed_errors():
 
 
 def test_needs_index():
-    assert {name for name, cls in POLICIES.items() if cls.needs_index} == {"prefix_aware", "session"}
+    assert {name for name, cls in POLICIES.items() if cls.needs_index} == {"chunk_aware", "prefix_aware", "session"}
 
 
 def test_decision_is_plain_data():
