@@ -37,6 +37,8 @@ class PrefillSeq:
     """Positions of the new tokens when they are not contiguous (selective recomputation of reused
     chunk caches): each attends to the context positions up to its own; `context_slots` then
     covers [0, max position]."""
+    correction: object | None = None
+    """A `worker.chunk_blend.ChunkCorrection` applied at every layer before the new KV is written."""
 
 
 @dataclass(slots=True)
@@ -78,6 +80,10 @@ class PagedAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
+        for p in self.meta.prefills:
+            if p.correction is not None:
+                sl = slice(p.offset, p.offset + p.num_new)
+                p.correction.apply(k_cache, v_cache, k[sl], v[sl], self.meta.slot_mapping[sl])
         k_cache.index_copy_(1, self.meta.slot_mapping, k.transpose(0, 1))
         v_cache.index_copy_(1, self.meta.slot_mapping, v.transpose(0, 1))
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])

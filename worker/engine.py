@@ -17,6 +17,7 @@ from kvstore.keys import encode_extra_keys
 from kvstore.manager import StoreConfig, TierManager
 from kvstore.tier import TierConfigError
 from worker.block_manager import BlockManager
+from worker.chunk_blend import ChunkBlender, stage_local_chunks
 from worker.config import ConfigError, StoreConfigError
 from worker.kv_connector import KVConnector, block_layout
 from worker.loader import load_checkpoint
@@ -68,6 +69,11 @@ class EngineConfig:
     """Eviction policy of the host tiers: lru | cost_aware."""
     max_chunks_per_request: int = 64
     """Most reusable chunks one request may carry."""
+    chunk_recompute_ratio: float = 0.08
+    """Share of each reused chunk's tokens recomputed in the new context (its first tokens and an
+    evenly spaced sample)."""
+    chunk_correction: bool = True
+    """Correct the rest of each reused chunk by the mean deviation of its recomputed sample."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -76,6 +82,8 @@ class EngineConfig:
             raise ConfigError("block_size and kv_cache_gb must be positive")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
+        if not 0.0 <= self.chunk_recompute_ratio <= 1.0:
+            raise ConfigError(f"chunk_recompute_ratio must be in [0, 1], got {self.chunk_recompute_ratio}")
         if self.max_chunks_per_request < 1:
             raise ConfigError(f"max_chunks_per_request must be positive, got {self.max_chunks_per_request}")
         try:
@@ -145,7 +153,10 @@ class LLMEngine:
             except TierConfigError as e:
                 raise StoreConfigError(str(e)) from e
         self.connector = KVConnector(self.block_manager, self.runner.kv_cache, self.store, cost_len)
-        self.scheduler = Scheduler(sched_cfg, self.block_manager, eos, self.connector)
+        self.blender = ChunkBlender(self.runner.kv_cache, self.block_manager, self.model, self.store,
+                                    config.chunk_recompute_ratio, config.max_num_batched_tokens,
+                                    config.chunk_correction)
+        self.scheduler = Scheduler(sched_cfg, self.block_manager, eos, self.connector, self.blender)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.model_name = self.args.name
@@ -228,6 +239,8 @@ class LLMEngine:
         """Queue a request built by `make_request`."""
         if req.req_id in self.scheduler.requests:
             raise InvalidRequestError(f"request id {req.req_id!r} is already in use")
+        if req.chunk_spans and not req.chunks_looked_up:
+            stage_local_chunks(self.store, req, self.config.block_size)
         self.outputs.add_request(req)
         self.scheduler.add_request(req)
         return req.req_id

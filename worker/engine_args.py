@@ -26,6 +26,8 @@ HELP = {
     "ssd_cache_dir": "directory of the SSD tier's slab file, kept across restarts",
     "kv_eviction_policy": "eviction policy of the host KV tiers: lru | cost_aware",
     "max_chunks_per_request": "most reusable chunks (documents) one request may carry",
+    "chunk_recompute_ratio": "share of each reused chunk-cache's tokens recomputed in the new context",
+    "chunk_correction": "correct the rest of each reused chunk by the mean deviation of its recomputed tokens",
 }
 TYPES = {"dram_cache_gb": float, "ssd_cache_gb": float, "ssd_cache_dir": str}
 """Types of the optional fields that are not counts."""

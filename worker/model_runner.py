@@ -37,13 +37,21 @@ class ModelRunner:
 
     def _build_metadata(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         token_ids, positions, slot_mapping, prefills = [], [], [], []
-        decodes = [s for s in scheduled if len(s.token_ids) == 1]
+        decodes = [s for s in scheduled if s.is_decode]
         offset = 0
         for s in scheduled:
             n = len(s.token_ids)
-            pos = torch.arange(s.start_pos, s.start_pos + n)
             bt = torch.tensor(s.block_table, dtype=torch.long)
             token_ids.extend(s.token_ids)
+            if s.positions is not None:  # a sparse piece of a chunk blend
+                pos = torch.tensor(s.positions)
+                positions.append(pos)
+                slot_mapping.append(self._slots(bt, pos))
+                ctx = self._slots(bt, torch.arange(int(pos[-1]) + 1))
+                prefills.append(PrefillSeq(offset, n, s.start_pos, ctx, pos, s.correction))
+                offset += n
+                continue
+            pos = torch.arange(s.start_pos, s.start_pos + n)
             positions.append(pos)
             slot_mapping.append(self._slots(bt, pos))
             if n > 1:

@@ -60,6 +60,13 @@ class Request:
     """Prompt tokens whose KV came from chunk-caches (recomputed ones included)."""
     num_recomputed_tokens: int = 0
     """Of those, the tokens recomputed in their new context."""
+    blend: object | None = None
+    """The chunk blend in progress (worker.chunk_blend.BlendPlan) while its pieces run."""
+    num_exact_tokens: int | None = None
+    """Leading tokens whose KV is exact (None: all); only those may enter the prefix cache."""
+    chunks_stored: bool = False
+    chunks_looked_up: bool = False
+    """The local store was asked for this request's chunk-caches (by the prefetcher or at submit)."""
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -58,6 +58,14 @@ class ScheduledRequest:
     block_table: list[int]
     sample: bool
     """This step reaches the end of the known tokens: sample the next one."""
+    positions: list[int] | None = None
+    """Positions of the tokens when they are a sparse piece of a chunk blend (not contiguous)."""
+    correction: object | None = None
+    """The piece's chunk correction (worker.chunk_blend.ChunkCorrection)."""
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.token_ids) == 1 and self.positions is None
 
 
 @dataclass
@@ -73,11 +81,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 eos_token_ids: frozenset[int] = frozenset(), connector=None) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), connector=None, blender=None) -> None:
         """`connector` (worker.kv_connector.KVConnector): onboards prefix blocks held outside the
         device (host tiers, staged from peers) when a request is admitted."""
         self.config = config
         self.connector = connector
+        self.blender = blender
+        """worker.chunk_blend.ChunkBlender: blends staged chunk-caches into requests at admission."""
         self.eos_token_ids = eos_token_ids
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
@@ -97,7 +107,7 @@ class Scheduler:
         budget = self._schedule_running(out, budget)
         if not out.preempted_req_ids:
             self._schedule_waiting(out, budget)
-        out.scheduled.sort(key=lambda s: len(s.token_ids) != 1)
+        out.scheduled.sort(key=lambda s: not s.is_decode)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -108,6 +118,11 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if req.blend is not None:  # its slots were allocated at admission
+                piece = self._blend_piece(req)
+                out.scheduled.append(piece)
+                budget -= len(piece.token_ids)
+                continue
             num_new, cost = self._chunk(req.num_computed_tokens, req.num_tokens - req.num_computed_tokens, budget)
             if num_new == 0:
                 continue
@@ -134,15 +149,19 @@ class Scheduler:
                 num_ext = self.connector.num_external_blocks(req, len(hits), max_blocks)
             num_cached = num_hit_tokens + num_ext * bm.block_size
             num_new = req.num_tokens - num_cached
-            if num_new > budget and not self.config.enable_chunked_prefill:
+            plan = self.blender.plan(req, num_cached) if self.blender is not None else None
+            if num_new > budget and not self.config.enable_chunked_prefill and plan is None:
                 break
             num_new, cost = self._chunk(num_cached, num_new, budget)
             if num_new == 0:
                 break
-            if not bm.allocate_slots(req.req_id, num_cached + num_new, hits):
+            if not bm.allocate_slots(req.req_id, max(num_cached + num_new, plan.end if plan else 0), hits):
                 break
             if num_ext:  # a block that fails to load ends the run; the chunk then starts earlier
-                num_cached = num_hit_tokens + self.connector.load_external(req, len(hits), num_ext) * bm.block_size
+                loaded = num_hit_tokens + self.connector.load_external(req, len(hits), num_ext) * bm.block_size
+                if plan is not None and loaded != num_cached:
+                    plan = self.blender.plan(req, loaded)  # ends where it did: it has the same last chunk
+                num_cached = loaded
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_cached
@@ -151,8 +170,14 @@ class Scheduler:
                 if self.connector is not None:
                     self.connector.record_admission(req, num_hit_tokens)
             self.running.append(req)
-            out.scheduled.append(self._make_scheduled(req, num_new))
-            budget -= cost
+            if plan is not None:
+                self.blender.admit(req, plan)
+                piece = self._blend_piece(req)
+                out.scheduled.append(piece)
+                budget -= len(piece.token_ids)
+            else:
+                out.scheduled.append(self._make_scheduled(req, num_new))
+                budget -= cost
 
     def _chunk(self, start: int, num_left: int, budget: int) -> tuple[int, int]:
         """Tokens to compute from `start` within `budget`, and the budget they use."""
@@ -165,6 +190,19 @@ class Scheduler:
         n = min(n, int(L * (math.sqrt(a * a + 2 * budget / L) - a)))
         n = max(n, min(num_left, 1))
         return n, max(n, math.ceil(n * (1 + (start + n / 2) / L)))
+
+    def _blend_piece(self, req: Request) -> ScheduledRequest:
+        """The next sparse piece of the request's chunk blend (worker.chunk_blend)."""
+        positions, correction, last = self.blender.next_piece(req)
+        return ScheduledRequest(
+            req_id=req.req_id,
+            token_ids=[req.all_token_ids[q] for q in positions],
+            start_pos=positions[0],
+            block_table=self.block_manager.get_block_table(req.req_id),
+            sample=last and req.blend.end == req.num_tokens,
+            positions=positions,
+            correction=correction,
+        )
 
     def _make_scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
         start = req.num_computed_tokens
@@ -186,6 +224,8 @@ class Scheduler:
         self.block_manager.free(req.req_id)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.blend = None  # planned again at re-admission
+        req.num_exact_tokens = None
         req.num_preemptions += 1
         self.waiting.appendleft(req)
         return given_back
@@ -197,9 +237,21 @@ class Scheduler:
             req = self.requests.get(s.req_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted during the step
-            req.num_computed_tokens += len(s.token_ids)
-            self.block_manager.cache_full_blocks(req.req_id, req.all_token_ids, req.num_computed_tokens,
-                                                 req.cache_extra)
+            if s.positions is not None:  # a blend piece: the request moves on once all have run
+                req.blend.next_piece += 1
+                if req.blend.next_piece < len(req.blend.pieces):
+                    continue
+                req.num_computed_tokens = req.blend.end
+                req.blend = None
+            else:
+                req.num_computed_tokens += len(s.token_ids)
+            exact = req.num_computed_tokens if req.num_exact_tokens is None else \
+                min(req.num_computed_tokens, req.num_exact_tokens)
+            self.block_manager.cache_full_blocks(req.req_id, req.all_token_ids, exact, req.cache_extra)
+            if req.chunk_spans and not req.chunks_stored and req.num_computed_tokens >= req.num_prompt_tokens:
+                req.chunks_stored = True
+                if self.blender is not None:
+                    self.blender.store_new_chunks(req)
             if s.sample:
                 req.append_output_token(sampled[s.req_id])
                 self._check_stop(req)
