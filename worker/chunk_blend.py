@@ -104,6 +104,8 @@ class BlendPlan:
 
 def select_offsets(n: int, ratio: float) -> list[int]:
     """The chunk's first CHUNK_START_TOKENS tokens, then evenly spaced ones up to ratio x n in all."""
+    if ratio <= 0:
+        return []
     k = min(n, max(CHUNK_START_TOKENS, math.ceil(ratio * n)))
     head = list(range(min(n, CHUNK_START_TOKENS)))
     rest = k - len(head)
@@ -127,12 +129,12 @@ def plan_blend(spans: list[tuple[int, int]], staged: dict[int, torch.Tensor], st
         reused.update(range(p.start, p.start + p.kv.shape[3]))
         reused.difference_update(p.start + o for o in p.selected)
     positions = [q for q in range(start, end) if q not in reused]
-    if end == num_tokens and positions[-1] != end - 1:  # the prompt ends in a chunk: its last logits
+    if end == num_tokens and (not positions or positions[-1] != end - 1):  # ends in a chunk: its logits
         positions.append(end - 1)
     plan = BlendPlan(positions, end, placed)
     # Pieces of about `piece_tokens`, cut only outside a placed chunk (its sample feeds one correction).
     chunk_of = {p.start + o: p.index for p in placed for o in p.selected}
-    lo = 0
+    lo = 0  # (no positions at all: nothing to run, the request goes on from `end`)
     for hi in range(1, len(positions) + 1):
         at_end = hi == len(positions)
         inside = not at_end and chunk_of.get(positions[hi - 1]) is not None and \

@@ -62,11 +62,11 @@ class _Sequence:
 
     @torch.inference_mode()
     def forward(self, token_ids: Sequence[int], positions: torch.Tensor, sparse: bool = False,
-                num_layers: int | None = None) -> torch.Tensor | None:
+                num_layers: int | None = None, correction=None, last: int = 0) -> torch.Tensor | None:
         """Compute and store the KV of `token_ids` at `positions` (sorted); each attends to every
         position up to its own (`sparse`: through the per-position mask even when they are
         contiguous). Returns the last token's logits (with `num_layers`: only the first layers'
-        KV is computed, and nothing is returned)."""
+        KV is computed, and nothing is returned; with `last`, the logits of that many trailing tokens)."""
         n = len(token_ids)
         contiguous = not sparse and bool(n == 1 or torch.all(positions[1:] - positions[:-1] == 1))
         start = int(positions[0])
@@ -75,11 +75,13 @@ class _Sequence:
         elif contiguous:
             seq = PrefillSeq(0, n, start, self.slots(torch.arange(start + n)))
         else:
-            seq = PrefillSeq(0, n, start, self.slots(torch.arange(int(positions[-1]) + 1)), positions)
+            seq = PrefillSeq(0, n, start, self.slots(torch.arange(int(positions[-1]) + 1)), positions, correction)
         meta = AttentionMetadata(self.slots(positions), 0, prefills=[seq])
         backend = PagedAttention(self.runner.kv_cache, meta, self.model.args.n_heads, self.bs)
         hidden = self.model(torch.tensor(list(token_ids), dtype=torch.long), positions, backend, num_layers)
-        return None if hidden is None else self.model.compute_logits(hidden[-1:])[0]
+        if hidden is None:
+            return None
+        return self.model.compute_logits(hidden[-last:]) if last else self.model.compute_logits(hidden[-1:])[0]
 
     def read(self, start: int, n: int) -> torch.Tensor:
         """The KV of positions [start, start + n): [2, n_layers, n_kv_heads, n, head_dim] (a copy)."""

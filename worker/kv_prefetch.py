@@ -8,10 +8,15 @@ thread never waits on disk or network; other requests keep running meanwhile):
    on the request (DRAM blocks are copied at admission, a memcpy);
 3. the blocks after that: the KV index says which peers hold them (one Redis round trip); the
    peer with the longest leading run sends them over kvstore.transfer (layer by layer, verified)
-   and they are staged too.
+   and they are staged too;
+4. the request's reusable chunks (`Request.chunk_spans`): the chunk-caches the local host tiers hold
+   are read in a thread; for the chunks still missing, the index says which peers hold all of a
+   chunk's entries (one Redis round trip for every chunk), and each chosen peer sends the entries
+   of all the chunks it serves in one transfer. They are staged on `Request.chunk_staged` and
+   blended in at admission (worker/chunk_blend.py).
 The engine copies staged blocks into the request's blocks when it admits it (worker/kv_connector.py).
-A failed read or transfer only means those blocks are computed: the request itself never fails
-here.
+A failed read or transfer only means those blocks (or chunks) are computed: the request itself
+never fails here.
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvstore.index import KVIndex
+from kvstore.chunks import chunk_block_keys, chunk_hash, join_chunk
+from kvstore.index import CHUNK_MEDIUMS, KVIndex
 from kvstore.keys import hash_blocks
 from kvstore.transfer import TransferClient, TransferError
+from worker.chunk_blend import stage_local_chunks
 from worker.engine import LLMEngine
 from worker.request import Request
 
@@ -37,6 +44,10 @@ class PrefetchStats:
     peer_bytes: int = 0
     peer_seconds: float = 0.0
     peer_failures: int = 0
+    chunk_local: int = 0
+    """Chunk-caches staged from this worker's host tiers."""
+    chunk_peer: int = 0
+    """Chunk-caches fetched from peers."""
 
 
 class KVPrefetcher:
@@ -57,13 +68,20 @@ class KVPrefetcher:
             logger.exception("KV prefetch for %s failed; its blocks will be computed", req.req_id)
 
     async def _prefetch(self, req: Request) -> None:
-        engine = self.engine
-        if not engine.block_manager.enable_prefix_caching:
+        if not self.engine.block_manager.enable_prefix_caching:
             return
+        covered = await self._stage_blocks(req)
+        if req.chunk_spans:
+            await self._stage_chunks(req, covered)
+
+    async def _stage_blocks(self, req: Request) -> int:
+        """Stage the prompt's prefix blocks; returns how many leading prompt tokens they (and the
+        device's cache) are expected to cover."""
+        engine = self.engine
         bs = engine.config.block_size
         n_blocks = (req.num_prompt_tokens - 1) // bs  # at least one token is always computed
         if n_blocks <= 0:
-            return
+            return 0
         hashes = req.block_hashes = hash_blocks(req.prompt_token_ids[:n_blocks * bs], bs, req.cache_extra)
         cached = engine.block_manager.cached_blocks
         i = 0
@@ -83,7 +101,8 @@ class KVPrefetcher:
             await asyncio.to_thread(self._read_host, req, on_ssd)
             engine.connector.record_cost("ssd", time.perf_counter() - t0, len(on_ssd) * bs)
         if i < n_blocks and self.index is not None and self.peers is not None:
-            await self._fetch_from_peers(req, hashes[i:])
+            i += await self._fetch_from_peers(req, hashes[i:])
+        return i * bs
 
     def _read_host(self, req: Request, keys: list[bytes]) -> None:
         for key, (value, source) in zip(keys, self.engine.store.load_many(keys)):
@@ -92,10 +111,11 @@ class KVPrefetcher:
             req.kv_staged[key] = (value, source)
             self.stats.ssd_blocks += 1
 
-    async def _fetch_from_peers(self, req: Request, keys: list[bytes]) -> None:
+    async def _fetch_from_peers(self, req: Request, keys: list[bytes]) -> int:
+        """Stage the leading run of `keys` the best peer holds; returns how many were staged."""
         peers = self.peers()
         if not peers:
-            return
+            return 0
         located = await self.index.locate(keys, list(peers))
         runs: dict[str, int] = dict.fromkeys(peers, 0)
         for w in peers:
@@ -108,7 +128,7 @@ class KVPrefetcher:
         best = max(runs, key=runs.get)
         n = runs[best]
         if n == 0:
-            return
+            return 0
         t0 = time.perf_counter()
         try:
             kv = await self.client.fetch_kv(peers[best], keys[:n], self.engine.connector.layout, self.timeout_s)
@@ -116,7 +136,7 @@ class KVPrefetcher:
             self.stats.peer_failures += 1
             logger.warning("request %s: fetching %d KV blocks from %s failed, computing them instead: %s",
                            req.req_id, n, best, e)
-            return
+            return 0
         seconds = time.perf_counter() - t0
         self.stats.peer_seconds += seconds
         if kv.shape[0]:
@@ -127,3 +147,71 @@ class KVPrefetcher:
             req.kv_staged[key] = (value, "peer")
         logger.debug("request %s: %d KV blocks from %s in %.1f ms", req.req_id, kv.shape[0], best,
                      (time.perf_counter() - t0) * 1000)
+        return kv.shape[0]
+
+    # ------------------------------------------------------------------ chunk-caches
+
+    async def _stage_chunks(self, req: Request, covered: int) -> None:
+        """Stage the request's chunk-caches: the local host tiers' first, then the peers' for the
+        chunks still missing that start at or after `covered` (earlier ones are prefix-cached)."""
+        bs = self.engine.config.block_size
+        self.stats.chunk_local += await asyncio.to_thread(stage_local_chunks, self.engine.store, req, bs)
+        missing = [i for i, (s, _) in enumerate(req.chunk_spans) if i not in req.chunk_staged and s >= covered]
+        if missing and self.index is not None and self.peers is not None:
+            await self._fetch_chunks_from_peers(req, missing)
+
+    async def _fetch_chunks_from_peers(self, req: Request, missing: list[int]) -> None:
+        peers = self.peers()
+        if not peers:
+            return
+        bs = self.engine.config.block_size
+        keys: dict[int, list[bytes]] = {}
+        for i in missing:
+            s, n = req.chunk_spans[i]
+            keys[i] = chunk_block_keys(chunk_hash(req.prompt_token_ids[s:s + n], req.cache_extra), n, bs)
+        located = await self.index.locate([k for i in missing for k in keys[i]], list(peers), CHUNK_MEDIUMS)
+        holders: dict[int, set[str]] = {}
+        at = 0
+        for i in missing:
+            held = set(peers)
+            for locs in located[at:at + len(keys[i])]:
+                held &= {loc.worker_id for loc in locs}
+            at += len(keys[i])
+            if held:
+                holders[i] = held
+        # Each chunk from the peer that holds the most of them: as few transfers as possible.
+        count = {w: sum(w in h for h in holders.values()) for w in peers}
+        plan: dict[str, list[int]] = {}
+        for i, held in holders.items():
+            plan.setdefault(max(sorted(held), key=count.get), []).append(i)
+        await asyncio.gather(*(self._fetch_chunks(req, w, peers[w], chunks, keys) for w, chunks in plan.items()))
+
+    async def _fetch_chunks(self, req: Request, worker: str, address: str, chunks: list[int],
+                            keys: dict[int, list[bytes]]) -> None:
+        """One transfer of every entry of `chunks` from one peer; stages the chunks it got whole."""
+        flat = [k for i in chunks for k in keys[i]]
+        t0 = time.perf_counter()
+        try:
+            kv = await self.client.fetch_kv(address, flat, self.engine.connector.layout, self.timeout_s)
+        except (TransferError, ValueError) as e:
+            self.stats.peer_failures += 1
+            logger.warning("request %s: fetching %d chunk-caches from %s failed, computing them instead: %s",
+                           req.req_id, len(chunks), worker, e)
+            return
+        seconds = time.perf_counter() - t0
+        self.stats.peer_seconds += seconds
+        self.stats.peer_bytes += kv.numel() * kv.element_size()
+        at, tokens = 0, 0
+        for i in chunks:
+            m = len(keys[i])
+            if at + m > kv.shape[0]:  # the peer no longer holds all of it (leading entries only)
+                break
+            n = req.chunk_spans[i][1]
+            req.chunk_staged[i] = join_chunk(kv[at:at + m], n)
+            self.stats.chunk_peer += 1
+            tokens += n
+            at += m
+        if tokens:
+            self.engine.connector.record_cost("peer", seconds, tokens)
+        logger.debug("request %s: %d of %d chunk-caches from %s in %.1f ms", req.req_id,
+                     sum(i in req.chunk_staged for i in chunks), len(chunks), worker, seconds * 1000)

@@ -172,9 +172,13 @@ class Scheduler:
             self.running.append(req)
             if plan is not None:
                 self.blender.admit(req, plan)
-                piece = self._blend_piece(req)
-                out.scheduled.append(piece)
-                budget -= len(piece.token_ids)
+                if plan.pieces:
+                    piece = self._blend_piece(req)
+                    out.scheduled.append(piece)
+                    budget -= len(piece.token_ids)
+                else:  # nothing to recompute before `end`: the rest is scheduled from there next step
+                    req.blend = None
+                    req.num_computed_tokens = plan.end
             else:
                 out.scheduled.append(self._make_scheduled(req, num_new))
                 budget -= cost

@@ -5,10 +5,11 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from kvweave.bench import engine, kvstore, router
+    from kvweave.bench import engine, kvstore, rag, router
 
     p = sub.add_parser("bench", help="run a benchmark (reports ratios against a baseline from the same run)")
     bsub = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)
     engine.add_parser(bsub)
     router.add_parser(bsub)
     kvstore.add_parser(bsub)
+    rag.add_parser(bsub)
