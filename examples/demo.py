@@ -1,5 +1,6 @@
 """`make run`: an embedded kvweave cluster (Redis, 2 workers, the router) on this machine, a short demo
-through the kvweave SDK (a streamed chat, a completion) and through the OpenAI API with the official
+through the kvweave SDK (a streamed chat, a completion, two prompts sharing documents as reusable
+chunks) and through the OpenAI API with the official
 `openai` client (a chat completion, then the same streamed), then everything stops.
 """
 from __future__ import annotations
@@ -17,6 +18,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PRIMES = [{"role": "user", "content": "Name three prime numbers."}]
 HAIKU = [{"role": "user", "content": "Write a haiku about the sea."}]
 PROMPT = "The three primary colors are"
+DOCS = ["Passage: The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889 for the World's Fair.\n",
+        "Passage: Mount Everest, on the border of Nepal and China, is Earth's highest mountain above sea level.\n"]
+RAG_INSTRUCTION = "Answer the question from the passages.\n"
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,6 +44,20 @@ def sdk_demo(target: str, max_tokens: int) -> None:
               f"  ({completion.finish_reason}, worker {completion.worker_id})")
 
 
+def rag_demo(target: str) -> None:
+    """The same two documents in two prompts, in a different order: the second reuses their KV."""
+    with kvweave.Client(target, timeout=120) as client:
+        for docs, question in ((DOCS, "When was the Eiffel Tower completed?"),
+                               (DOCS[::-1], "Where is Mount Everest?")):
+            segments = [RAG_INSTRUCTION, *(kvweave.Segment(d, reusable=True) for d in docs),
+                        f"Question: {question}\nAnswer:"]
+            c = client.complete(None, segments=segments, max_tokens=16, temperature=0)
+            u = c.usage
+            print(f"\n[SDK] documents as reusable chunks: {question}\n  {c.text.strip()!r}\n"
+                  f"  ({u.prompt_tokens} prompt tokens: {u.chunk_reused_tokens} from chunk-caches, "
+                  f"{u.recomputed_tokens} of them recomputed; worker {c.worker_id})")
+
+
 def openai_demo(http_url: str, model: str, max_tokens: int) -> None:
     client = OpenAI(base_url=f"{http_url}/v1", api_key="unused", timeout=120)
     reply = client.chat.completions.create(model=model, messages=PRIMES, max_tokens=max_tokens, temperature=0)
@@ -58,7 +76,7 @@ def main() -> int:
     args = parse_args()
     start = time.monotonic()
     # One torch thread per worker: the workers share the machine's cores.
-    engine_args = {"kv_cache_gb": args.kv_cache_gb, "num_threads": 1}
+    engine_args = {"kv_cache_gb": args.kv_cache_gb, "num_threads": 1, "dram_cache_gb": args.kv_cache_gb}
     print(f"starting a cluster: Redis, {args.workers} workers ({args.model}), the router ...", flush=True)
     try:
         with LocalCluster(workers=args.workers, model=args.model, engine_args=engine_args) as cluster:
@@ -67,6 +85,7 @@ def main() -> int:
             for worker_id, address in cluster.worker_addresses.items():
                 print(f"  {worker_id} at {address}")
             sdk_demo(cluster.grpc_target, args.max_tokens)
+            rag_demo(cluster.grpc_target)
             with kvweave.Client(cluster.grpc_target) as client:
                 model = client.list_models()[0].id
             openai_demo(cluster.http_url, model, args.max_tokens)

@@ -165,8 +165,9 @@ class Client(_ClientBase):
             time.sleep(delay)
             attempt += 1
 
-    def complete(self, prompt: str, **kwargs: Any) -> Completion:
-        """Generate from a text prompt and return the whole `Completion` (keywords as `generate`)."""
+    def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """Generate from a text prompt (or `segments=`, `token_ids=`) and return the whole `Completion`
+        (keywords as `generate`)."""
         builder = CompletionBuilder()
         for delta in self.generate(prompt, **kwargs):
             builder.add(delta)
@@ -258,8 +259,9 @@ class AsyncClient(_ClientBase):
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def complete(self, prompt: str, **kwargs: Any) -> Completion:
-        """Generate from a text prompt and return the whole `Completion` (keywords as `generate`)."""
+    async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """Generate from a text prompt (or `segments=`, `token_ids=`) and return the whole `Completion`
+        (keywords as `generate`)."""
         builder = CompletionBuilder()
         async for delta in self.generate(prompt, **kwargs):
             builder.add(delta)

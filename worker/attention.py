@@ -116,6 +116,8 @@ class PagedAttention:
         return torch.matmul(probs, v).transpose(0, 1).reshape(b, nh * hd)
 
     def _prefill(self, p: PrefillSeq, q, k, v, k_cache, v_cache) -> torch.Tensor:
+        if p.positions is None and p.start_pos > 0 and p.num_new >= SPLIT_MIN_NEW and _flash_cpu(q):
+            return self._prefill_split(p, q, k, v, k_cache, v_cache)
         if p.start_pos > 0 or p.positions is not None:
             k4 = k_cache.index_select(1, p.context_slots)[None]
             v4 = v_cache.index_select(1, p.context_slots)[None]
@@ -131,3 +133,30 @@ class PagedAttention:
         o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.group > 1)
         return o[0].transpose(0, 1).reshape(p.num_new, -1)
+
+    def _prefill_split(self, p: PrefillSeq, q, k, v, k_cache, v_cache) -> torch.Tensor:
+        """A long chunk after cached context, without a mask: attention over the context (no mask)
+        and over the chunk itself (causal) as two flash calls, merged by their log-sum-exps.
+        The masked call this replaces runs the unfused math path (~1.8x slower at 6k tokens)."""
+        ctx = p.context_slots[:p.start_pos]
+        q4 = q.transpose(0, 1)[None]
+        kc = k_cache.index_select(1, ctx).repeat_interleave(self.group, 0)[None]
+        vc = v_cache.index_select(1, ctx).repeat_interleave(self.group, 0)[None]
+        kn = k.transpose(0, 1).repeat_interleave(self.group, 0)[None]
+        vn = v.transpose(0, 1).repeat_interleave(self.group, 0)[None]
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        o1, lse1 = flash(q4, kc, vc, 0.0, False, scale=self.scale)
+        o2, lse2 = flash(q4, kn, vn, 0.0, True, scale=self.scale)
+        m = torch.maximum(lse1, lse2)
+        w1, w2 = (lse1 - m).exp_().unsqueeze(-1), (lse2 - m).exp_().unsqueeze(-1)
+        o = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+        return o[0].to(q.dtype).transpose(0, 1).reshape(p.num_new, -1)
+
+
+SPLIT_MIN_NEW = 512
+"""New tokens from which a prefill chunk after cached context takes the split path."""
+
+
+def _flash_cpu(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+

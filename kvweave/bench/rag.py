@@ -167,9 +167,13 @@ def _replan(plan, start: int):
 
 # ------------------------------------------------------------------------------ engine runs
 
-def _ttft(engine, tokens: list[int], namespace: str, spans=()) -> tuple[float, object]:
+def _ttft(engine, tokens: list[int], namespace: str, spans=(), keep_cache: bool = False) -> tuple[float, object]:
+    """Time to the first token of one request alone. The device prefix cache is emptied first
+    (unless `keep_cache`), so that no request pays for evicting (and demoting) another's blocks."""
     from worker.sampling import SamplingParams
 
+    if not keep_cache:
+        engine.block_manager.reset_prefix_cache()
     t0 = time.perf_counter()
     rid = engine.add_request(tokens, SamplingParams(max_tokens=1, temperature=0.0), cache_namespace=namespace,
                              chunk_spans=spans)
@@ -200,7 +204,34 @@ def _store_caches(engine, q: Question, caches, namespace: str) -> None:
             raise RuntimeError("the DRAM tier is too small for the chunk-caches")
 
 
-METHODS = ("full", "prefix_caching", "naive", "cacheblend", "chunk_start", "kvweave")
+METHODS = ("full", "prefix_caching", "naive", "cacheblend", "chunk_start", "kvweave", "naive_in_context",
+           "kvweave_in_context")
+"""`*_in_context`: the same, with chunk-caches kept from an earlier prompt that had the same passages in
+another order (computed in context, re-based to position 0), instead of computed on their own."""
+
+
+def in_context_caches(engine, q: "Question", seed: int) -> list[torch.Tensor]:
+    """Each passage's KV from the prompt instruction + the passages in a shuffled order, re-based to 0."""
+    import random
+
+    from worker.chunk_reuse import _Sequence, rotate_keys_
+    from worker.model import rope_inv_freq
+
+    order = list(range(len(q.chunks)))
+    random.Random(seed).shuffle(order)
+    tokens = q.prefix + sum((q.chunks[i] for i in order), [])
+    seq = _Sequence(engine, len(tokens), "rag-in-context")
+    try:
+        seq.forward(tokens, torch.arange(len(tokens)))
+        out, pos = {}, len(q.prefix)
+        for i in order:
+            kv = seq.read(pos, len(q.chunks[i]))
+            rotate_keys_(kv[0], -pos, rope_inv_freq(engine.args))
+            out[i] = kv
+            pos += len(q.chunks[i])
+        return [out[i] for i in range(len(q.chunks))]
+    finally:
+        seq.free()
 
 
 def run_benchmark(cfg: RagConfig) -> tuple[dict, list[Result]]:
@@ -234,7 +265,7 @@ def run_benchmark(cfg: RagConfig) -> tuple[dict, list[Result]]:
         t, _ = _ttft(engine, q.tokens, f"full-{qi}")
         sums["full"]["ttft"] += t
         _ttft(engine, q.prefix + q.chunks[0][:1], f"prefix-{qi}")
-        t, out = _ttft(engine, q.tokens, f"prefix-{qi}")
+        t, out = _ttft(engine, q.tokens, f"prefix-{qi}", keep_cache=True)
         sums["prefix_caching"]["ttft"] += t
         num_prefix_hit = out.num_cached_tokens
         for method, r in (("naive", 0.0), ("kvweave", ratio)):
@@ -263,6 +294,11 @@ def run_benchmark(cfg: RagConfig) -> tuple[dict, list[Result]]:
             a, kl = kl_and_agreement(full_logits, logits)
             sums[method]["agree"] += a
             sums[method]["kl"] += kl
+        in_context = in_context_caches(engine, q, qi)
+        for method in ("naive", "kvweave"):
+            a, kl = kl_and_agreement(full_logits, _probe_logits(engine, q, answer, method, ratio, in_context))
+            sums[method + "_in_context"]["agree"] += a
+            sums[method + "_in_context"]["kl"] += kl
         sums["prefix_caching"]["agree"] += 1.0  # the same computation as full prefill
         # Prefill FLOPs.
         n, P = len(q.tokens), len(q.prefix)
@@ -276,6 +312,8 @@ def run_benchmark(cfg: RagConfig) -> tuple[dict, list[Result]]:
         sums["prefix_caching"]["flops"] += prefill_flops(args, range(num_prefix_hit, n))
         sums["naive"]["flops"] += prefill_flops(args, qpos)
         sums["kvweave"]["flops"] += prefill_flops(args, sel) + prefill_flops(args, qpos)
+        sums["kvweave_in_context"]["flops"] += prefill_flops(args, sel) + prefill_flops(args, qpos)
+        sums["naive_in_context"]["flops"] += prefill_flops(args, qpos)
         sums["chunk_start"]["flops"] += prefill_flops(args, first) + prefill_flops(args, qpos)
         cb_sel = reused[::max(1, len(reused) // max(n_cb, 1))][:n_cb]  # spread like its choices
         sums["cacheblend"]["flops"] += (prefill_flops(args, reused, layers=2) + prefill_flops(args, cb_sel)

@@ -38,6 +38,7 @@ def test_rag_benchmark_reports_every_method(tiny_hf_model, dataset):
     # Compute: reuse does a fraction of full prefill; prefix caching skips only the instruction.
     g = {m: methods[m]["prefill_gflops"] for m in METHODS}
     assert g["naive"] < g["kvweave"] < g["prefix_caching"] < g["full"]
+    assert g["kvweave_in_context"] == g["kvweave"] and g["naive_in_context"] == g["naive"]
     assert g["cacheblend"] > g["chunk_start"]  # its layer-0/1 pass over every reused token
     assert by_name["prefill_compute_vs_full"].ratio > 1
     assert config["questions"] == 2 and config["docs"] == 2

@@ -75,3 +75,32 @@ def test_decode_attention_matches_torch(dtype, group, no_kernels):
     no_kernels()
     out_torch = PagedAttention(cache, meta, n_kv * group, bs).attend(0, q, k_new, v_new)
     torch.testing.assert_close(out_kernel, out_torch, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_prefill_after_context_split_path_matches_masked(dtype):
+    """A long chunk after cached context runs as two unmasked flash calls merged by log-sum-exp:
+    it must equal the masked attention over the whole context."""
+    from worker import attention
+    from worker.attention import PrefillSeq
+
+    torch.manual_seed(0)
+    n_kv, group, hd, bs = 2, 3, 16, 16
+    start, n = 100, attention.SPLIT_MIN_NEW + 20
+    total = start + n
+    cache = torch.zeros(kv_cache_shape(1, -(-total // bs) + 1, bs, n_kv, hd), dtype=dtype)
+    cache[:, 0, :, :start] = torch.randn(2, n_kv, start, hd, dtype=dtype)
+    q = torch.randn(n, n_kv * group, hd, dtype=dtype)
+    k, v = torch.randn(n, n_kv, hd, dtype=dtype), torch.randn(n, n_kv, hd, dtype=dtype)
+    slots = torch.arange(total)
+    outs = []
+    for split in (True, False):
+        old = attention.SPLIT_MIN_NEW
+        attention.SPLIT_MIN_NEW = n if split else n + 1
+        try:
+            meta = AttentionMetadata(slots[start:], 0, prefills=[PrefillSeq(0, n, start, slots)])
+            outs.append(PagedAttention(cache.clone(), meta, n_kv * group, bs).attend(0, q, k, v))
+        finally:
+            attention.SPLIT_MIN_NEW = old
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=tol, rtol=tol)
