@@ -31,6 +31,10 @@ from worker.chunk_reuse import rotate_keys_
 
 CHUNK_START_TOKENS = 4
 """Leading tokens of every placed chunk that are always recomputed."""
+CHUNK_CACHE_MODES = ("standalone", "in_context")
+"""How a first-seen chunk gets its cache: computed on its own after the prompt's leading text
+(one extra prefill of the chunk; reused with the dense correction), or its KV in the prompt it came
+in, re-based (free; reused without the correction, which measured worse on such caches)."""
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -132,17 +136,22 @@ def plan_blend(spans: list[tuple[int, int]], staged: dict[int, torch.Tensor], st
     if end == num_tokens and (not positions or positions[-1] != end - 1):  # ends in a chunk: its logits
         positions.append(end - 1)
     plan = BlendPlan(positions, end, placed)
-    # Pieces of about `piece_tokens`, cut only outside a placed chunk (its sample feeds one correction).
-    chunk_of = {p.start + o: p.index for p in placed for o in p.selected}
-    lo = 0  # (no positions at all: nothing to run, the request goes on from `end`)
-    for hi in range(1, len(positions) + 1):
+    _add_pieces(plan, 0, piece_tokens)
+    return plan
+
+
+def _add_pieces(plan: BlendPlan, lo: int, piece_tokens: int) -> None:
+    """Pieces of about `piece_tokens` over plan.positions[lo:], cut only outside a placed chunk
+    (its sample feeds one correction). No positions: nothing to run, the request goes on from `end`."""
+    positions = plan.positions
+    chunk_of = {p.start + o: p.index for p in plan.placed for o in p.selected}
+    for hi in range(lo + 1, len(positions) + 1):
         at_end = hi == len(positions)
         inside = not at_end and chunk_of.get(positions[hi - 1]) is not None and \
             chunk_of.get(positions[hi - 1]) == chunk_of.get(positions[hi])
         if at_end or (hi - lo >= piece_tokens and not inside):
             plan.pieces.append((lo, hi))
             lo = hi
-    return plan
 
 
 def place_chunks(kv_cache: torch.Tensor, plan: BlendPlan, slots_of, inv_freq: torch.Tensor) -> None:
@@ -212,14 +221,21 @@ class ChunkBlender:
     chunk-caches, hands out its pieces with their corrections, and stores the chunks it computed."""
 
     def __init__(self, kv_cache: torch.Tensor, block_manager, model, store=None, ratio: float = 0.08,
-                 piece_tokens: int = 512, correct: bool = True) -> None:
+                 piece_tokens: int = 512, correct: bool = True, mode: str = "standalone", submit=None) -> None:
+        """`mode`: how first-seen chunks get their cache (CHUNK_CACHE_MODES); `submit(request)` queues
+        an engine-made request (standalone mode computes each new chunk with one)."""
         from worker.model import rope_inv_freq
 
+        if mode not in CHUNK_CACHE_MODES:
+            raise ValueError(f"unknown chunk cache mode {mode!r}; valid: {', '.join(CHUNK_CACHE_MODES)}")
         self.kv_cache, self.bm, self.store = kv_cache, block_manager, store
-        self.ratio, self.piece_tokens, self.correct = ratio, piece_tokens, correct
+        self.ratio, self.piece_tokens, self.mode, self.submit = ratio, piece_tokens, mode, submit
+        self.correct = correct and mode == "standalone"
         self.inv_freq = rope_inv_freq(model.args)
         self.cos, self.sin = model.rope_cos, model.rope_sin
         self.num_stored = 0
+        self.pending: set[bytes] = set()
+        """Keys of chunks an engine-made request is computing."""
 
     def slots_of(self, req):
         bs = self.bm.block_size
@@ -247,7 +263,10 @@ class ChunkBlender:
         return plan.positions[lo:hi], corr, plan.next_piece == len(plan.pieces) - 1
 
     def store_new_chunks(self, req) -> None:
-        """Keep the chunks this request computed (in its context, re-based to position 0)."""
+        """Once a request's prompt is computed: keep the caches of the chunks it had none for. In
+        `in_context` mode (and for the engine's own chunk requests) they are its KV re-based to
+        position 0; in `standalone` mode each is computed by an engine-made request of the prompt's
+        leading text (before its first chunk, usually cached) followed by the chunk alone."""
         if self.store is None or not req.chunk_spans:
             return
         from kvstore.chunks import chunk_block_keys, chunk_hash, store_chunk
@@ -257,9 +276,34 @@ class ChunkBlender:
                 for i, (s, n) in enumerate(req.chunk_spans) if i not in req.chunk_staged}
         held = {i for i, key in keys.items()
                 if self.store.contains(chunk_block_keys(key, req.chunk_spans[i][1], bs)[0])}
+        if self.mode == "standalone" and not req.internal:
+            for i, key in keys.items():
+                if i not in held and key not in self.pending and self.submit is not None:
+                    self.pending.add(key)
+                    self.submit(self._chunk_request(req, i))
+            return
         for i, kv in chunk_caches_to_store(self.kv_cache, req.chunk_spans, set(req.chunk_staged) | held,
                                            self.slots_of(req), self.inv_freq):
             n = req.chunk_spans[i][1]
             key = keys[i]
+            self.pending.discard(key)
             if store_chunk(self.store, key, kv, self.bm.block_size, cost=float(n)):
                 self.num_stored += 1
+
+    def _chunk_request(self, req, i: int):
+        from worker.request import Request
+        from worker.sampling import SamplingParams
+
+        s, n = req.chunk_spans[i]
+        lead = req.prompt_token_ids[:req.chunk_spans[0][0]]
+        self._num_requests = getattr(self, "_num_requests", 0) + 1
+        return Request(f"chunk-cache-{self._num_requests}", [*lead, *req.prompt_token_ids[s:s + n]],
+                       SamplingParams(max_tokens=1, temperature=0.0), cache_extra=req.cache_extra,
+                       arrival_time=req.arrival_time, chunk_spans=[(len(lead), n)], internal=True)
+
+    def forget(self, req) -> None:
+        """An engine-made chunk request ended without storing (aborted): its chunk may be asked again."""
+        from kvstore.chunks import chunk_hash
+
+        for s, n in req.chunk_spans:
+            self.pending.discard(chunk_hash(req.prompt_token_ids[s:s + n], req.cache_extra))

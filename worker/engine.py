@@ -17,7 +17,7 @@ from kvstore.keys import encode_extra_keys
 from kvstore.manager import StoreConfig, TierManager
 from kvstore.tier import TierConfigError
 from worker.block_manager import BlockManager
-from worker.chunk_blend import ChunkBlender, stage_local_chunks
+from worker.chunk_blend import CHUNK_CACHE_MODES, ChunkBlender, stage_local_chunks
 from worker.config import ConfigError, StoreConfigError
 from worker.kv_connector import KVConnector, block_layout
 from worker.loader import load_checkpoint
@@ -73,7 +73,10 @@ class EngineConfig:
     """Share of each reused chunk's tokens recomputed in the new context (its first tokens and an
     evenly spaced sample)."""
     chunk_correction: bool = True
-    """Correct the rest of each reused chunk by the mean deviation of its recomputed sample."""
+    """Correct the rest of each reused chunk by the mean deviation of its recomputed sample
+    (standalone chunk-caches)."""
+    chunk_cache_mode: str = "standalone"
+    """How first-seen chunks get their cache: standalone | in_context (worker.chunk_blend)."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -82,6 +85,9 @@ class EngineConfig:
             raise ConfigError("block_size and kv_cache_gb must be positive")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.chunk_cache_mode not in CHUNK_CACHE_MODES:
+            raise ConfigError(f"unknown chunk_cache_mode {self.chunk_cache_mode!r}; valid: "
+                              f"{', '.join(CHUNK_CACHE_MODES)}")
         if not 0.0 <= self.chunk_recompute_ratio <= 1.0:
             raise ConfigError(f"chunk_recompute_ratio must be in [0, 1], got {self.chunk_recompute_ratio}")
         if self.max_chunks_per_request < 1:
@@ -155,7 +161,7 @@ class LLMEngine:
         self.connector = KVConnector(self.block_manager, self.runner.kv_cache, self.store, cost_len)
         self.blender = ChunkBlender(self.runner.kv_cache, self.block_manager, self.model, self.store,
                                     config.chunk_recompute_ratio, config.max_num_batched_tokens,
-                                    config.chunk_correction)
+                                    config.chunk_correction, config.chunk_cache_mode, self._submit_internal)
         self.scheduler = Scheduler(sched_cfg, self.block_manager, eos, self.connector, self.blender)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -245,8 +251,15 @@ class LLMEngine:
         self.scheduler.add_request(req)
         return req.req_id
 
+    def _submit_internal(self, req: Request) -> None:
+        """Queue an engine-made request (a chunk-cache to compute); its output goes nowhere."""
+        self.outputs.add_request(req)
+        self.scheduler.add_request(req)
+
     def abort_request(self, req_id: str) -> RequestOutput | None:
         req = self.scheduler.finish(req_id, RequestStatus.FINISHED_ABORTED)
+        if req is not None and req.internal:
+            self.blender.forget(req)
         return self.outputs.take_output(req) if req is not None else None
 
     def take_kv_events(self) -> list:
@@ -280,7 +293,9 @@ class LLMEngine:
                     req.status = RequestStatus.FINISHED_STOPPED
                 else:
                     self.scheduler.finish(req.req_id, RequestStatus.FINISHED_STOPPED)
-            outputs.append(self.outputs.take_output(req))
+            out = self.outputs.take_output(req)
+            if not req.internal:
+                outputs.append(out)
         return outputs
 
     def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,

@@ -27,7 +27,11 @@ HELP = {
     "kv_eviction_policy": "eviction policy of the host KV tiers: lru | cost_aware",
     "max_chunks_per_request": "most reusable chunks (documents) one request may carry",
     "chunk_recompute_ratio": "share of each reused chunk-cache's tokens recomputed in the new context",
-    "chunk_correction": "correct the rest of each reused chunk by the mean deviation of its recomputed tokens",
+    "chunk_correction": "correct the rest of each reused chunk by the mean deviation of its recomputed tokens "
+                        "(standalone chunk-caches)",
+    "chunk_cache_mode": "how a first-seen chunk gets its cache: standalone (computed alone after the prompt's "
+                        "leading text: one extra prefill, best reuse quality) | in_context (its KV in the prompt "
+                        "it came in: free)",
 }
 TYPES = {"dram_cache_gb": float, "ssd_cache_gb": float, "ssd_cache_dir": str}
 """Types of the optional fields that are not counts."""

@@ -65,6 +65,8 @@ class Request:
     num_exact_tokens: int | None = None
     """Leading tokens whose KV is exact (None: all); only those may enter the prefix cache."""
     chunks_stored: bool = False
+    internal: bool = False
+    """Made by the engine to compute a chunk-cache: no caller sees its output."""
     chunks_looked_up: bool = False
     """The local store was asked for this request's chunk-caches (by the prefetcher or at submit)."""
 

@@ -262,3 +262,34 @@ async def test_prefetcher_stages_local_chunks_before_admission(make):
     assert prefetcher.stats.chunk_local == 2 and prefetcher.stats.chunk_peer == 0
     assert outs[-1].num_chunk_reused_tokens == len(A) + len(B)
     assert_same_output(outs[-1], serve_one(make(), prompt))
+
+
+@pytest.mark.parametrize("mode", ["standalone", "in_context"])
+def test_what_a_first_seen_chunk_stores(make, mode):
+    """standalone: the chunk computed alone after the prompt's leading text (by an engine-made
+    request no caller sees); in_context: its KV in the prompt it came in. Both re-based to 0."""
+    from kvstore.chunks import load_chunk
+    from kvstore.keys import encode_extra_keys
+    from worker.chunk_reuse import compute_chunk_cache, rotate_keys_
+    from worker.model import rope_inv_freq
+
+    engine = make(256, chunk_cache_mode=mode)
+    prompt, spans = build(I1, (A,), (B,), Q1)
+    req = engine.make_request(prompt, GREEDY, chunk_spans=spans)
+    engine.submit(req)
+    seen = set()
+    while engine.has_unfinished():
+        seen.update(out.req_id for out in engine.step())
+    assert seen == {req.req_id}  # the engine's own chunk requests stream nothing
+    assert engine.blender.num_stored == 2 and not engine.blender.pending
+    extra = encode_extra_keys((engine.model_name, ""))
+    stored = load_chunk(engine.store, chunk_hash(B, extra), len(B), BS)
+    inv = rope_inv_freq(engine.args)
+    if mode == "standalone":
+        expected = compute_chunk_cache(engine, B, prefix=I1).kv
+        rotate_keys_(expected[0], -len(I1), inv)
+    else:
+        expected = compute_chunk_cache(engine, B, prefix=I1 + A).kv  # B came after I1 and A
+        rotate_keys_(expected[0], -len(I1 + A), inv)
+    torch.testing.assert_close(stored, expected, atol=1e-4, rtol=1e-4)
+    assert engine.blender.correct == (mode == "standalone")  # in-context caches are reused uncorrected

@@ -30,7 +30,7 @@ from worker.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_server import _ready_address, _worker_args  # noqa: E402
+from test_server import _ready_address, _worker_args, stop_workers  # noqa: E402
 
 BS = 16
 DRAM_ENTRIES = 256
@@ -113,18 +113,6 @@ def _start(model: Path, redis_url: str, worker_id: str, entry_bytes: int) -> sub
                             text=True)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
-
-
 @pytest.fixture
 def start_workers(redis_url, model, reference):
     procs: list[subprocess.Popen] = []
@@ -135,7 +123,7 @@ def start_workers(redis_url, model, reference):
         return [_ready_address(p) for p in new]
 
     yield start
-    _stop(procs)
+    stop_workers(procs)
 
 
 @pytest.mark.asyncio

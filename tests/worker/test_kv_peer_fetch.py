@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPT = [(i * 37) % 240 + 5 for i in range(100)]  # 6 full blocks of 16; the 7th is computed
 SAMPLING = common_pb2.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_server import _ready_address, _start_worker  # noqa: E402
+from test_server import _ready_address, _start_worker, stop_workers  # noqa: E402
 
 
 async def _generate(address: str, prompt=PROMPT) -> list[worker_pb2.WorkerGenerateResponse]:
@@ -64,15 +64,7 @@ def two_workers(redis_url, tiny_hf_model):
     try:
         yield [_ready_address(p) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate()
+        stop_workers(procs)
 
 
 @pytest.mark.asyncio

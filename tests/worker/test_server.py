@@ -113,6 +113,19 @@ def _start_worker(model: Path, redis_url: str, worker_id: str) -> subprocess.Pop
                             text=True)
 
 
+def stop_workers(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every worker process still running, then wait (kill after 30 s)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+
+
 def _ready_address(proc: subprocess.Popen, timeout: float = 120.0) -> str:
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     line = proc.stdout.readline() if ready else ""
