@@ -22,9 +22,9 @@ least-loaded worker wins (SGLang's cache-aware router does the same with the sam
 chunks (`RouteRequest.chunk_spans`; where each worker gets each chunk's cache is
 `WorkerState.chunk_tiers`, from `KVIndex.route_tiers`): a chunk token beyond the prefix run that
 the worker holds in tier t costs kv_costs_ms[t] / kv_costs_ms["recompute"] + recompute_ratio
-(the share of a reused chunk's tokens recomputed to restore cross-chunk attention, CacheBlend's
-budget, default 0.15), one only a peer holds costs the peer's cost + recompute_ratio, one nobody
-holds costs 1, as does every other token:
+(the share of a reused chunk's tokens recomputed in the new context, default 0.08 as the workers'
+--chunk-recompute-ratio), one only a peer holds costs the peer's cost + recompute_ratio, one
+nobody holds costs 1, as does every other token:
     chunk_work(w) = prefill_work(w) - sum over chunks c that w can get, of
                     tokens(c beyond the prefix run) * (1 - cost(source) / cost(recompute) - recompute_ratio)
 With no chunks it decides exactly as prefix_aware.
@@ -206,7 +206,7 @@ class ChunkAwarePolicy(PrefixAwarePolicy):
     name = "chunk_aware"
 
     def __init__(self, prefill_weight: float = 8.0, decode_weight: float = 512.0, balance_abs_threshold: int = 32,
-                 balance_rel_threshold: float = 1.5, recompute_ratio: float = 0.15) -> None:
+                 balance_rel_threshold: float = 1.5, recompute_ratio: float = 0.08) -> None:
         """recompute_ratio: share of a reused chunk's tokens the worker recomputes (CacheBlend's budget)."""
         super().__init__(prefill_weight, decode_weight, balance_abs_threshold, balance_rel_threshold)
         if not 0.0 <= recompute_ratio <= 1.0:

@@ -36,8 +36,8 @@ def test_prefers_the_worker_holding_the_chunk():
     decision = make_policy("chunk_aware").pick(CHUNKED, workers({"chunk_tiers": b"2"}, {"chunk_tiers": b"0"}, {}))
     assert (decision.worker_id, decision.reason, decision.policy) == ("w0", "cost", "chunk_aware")
     assert decision.costs == pytest.approx({
-        "w0": 8 * (400 - 256 * (1 - DRAM - 0.15)),  # 1463.3: its tier's cost + 15% recomputed
-        "w1": 8 * (400 - 256 * (1 - PEER - 0.15)),  # 1520.6: the transfer instead of the load
+        "w0": 8 * (400 - 256 * (1 - DRAM - 0.08)),  # its tier's cost + 8% recomputed (the workers' default)
+        "w1": 8 * (400 - 256 * (1 - PEER - 0.08)),  # the transfer instead of the load
         "w2": 8 * 400.0,
     })
     # prefix_aware sees no difference between them.
