@@ -54,8 +54,9 @@ def rag_demo(target: str) -> None:
             c = client.complete(None, segments=segments, max_tokens=16, temperature=0)
             u = c.usage
             print(f"\n[SDK] documents as reusable chunks: {question}\n  {c.text.strip()!r}\n"
-                  f"  ({u.prompt_tokens} prompt tokens: {u.chunk_reused_tokens} from chunk-caches, "
-                  f"{u.recomputed_tokens} of them recomputed; worker {c.worker_id})")
+                  f"  ({u.prompt_tokens} prompt tokens: {u.cached_tokens} from the prefix cache, "
+                  f"{u.chunk_reused_tokens} from chunk-caches ({u.recomputed_tokens} of them recomputed); "
+                  f"worker {c.worker_id})")
 
 
 def openai_demo(http_url: str, model: str, max_tokens: int) -> None:
