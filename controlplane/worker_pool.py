@@ -72,6 +72,7 @@ class WorkerPool:
         """Every live worker (any model or role), by id."""
         self._quarantined: dict[str, float] = {}
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     async def start(self) -> None:
         await self.refresh()
@@ -79,15 +80,19 @@ class WorkerPool:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            self._closing = True
+            # The refresh loop may swallow one cancellation (redis-py's asyncio client can absorb
+            # a CancelledError that lands inside a command): cancel until it has really ended.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
             self._task = None
         for w in self.workers.values():
             await w.channel.close()
         self.workers.clear()
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.refresh_s)
             try:
                 await self.refresh()
