@@ -317,7 +317,7 @@ def run_benchmark(cfg: RagConfig) -> tuple[dict, list[Result]]:
             sums[method + "_in_context"]["kl"] += kl
         sums["prefix_caching"]["agree"] += 1.0  # the same computation as full prefill
         # Prefill FLOPs.
-        n, P = len(q.tokens), len(q.prefix)
+        n = len(q.tokens)
         qpos = range(n - len(q.question), n)
         from worker.chunk_blend import select_offsets
         sel = [s + o for s, m in q.spans for o in select_offsets(m, ratio)]

@@ -30,7 +30,7 @@ from worker.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_server import _ready_address, _worker_args, stop_workers  # noqa: E402
+from test_server import _ready_address, _worker_args, start_stalling_peer, stop_workers  # noqa: E402
 
 BS = 16
 DRAM_ENTRIES = 256
@@ -159,8 +159,7 @@ async def test_worker_fetches_chunk_caches_from_the_peer(redis_url, start_worker
 async def test_peer_killed_mid_chunk_transfer_falls_back_to_computing(redis_url, start_workers, reference, plane):
     ref_tokens, ref_logprobs, model_name, _ = reference
     (b,) = start_workers("w-b")
-    peer = subprocess.Popen([sys.executable, str(REPO / "tests" / "kvstore" / "stalling_peer.py"), *plane],
-                            cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peer = start_stalling_peer(plane)
     client = aioredis.Redis.from_url(redis_url)
     try:
         port = int(peer.stdout.readline().strip())

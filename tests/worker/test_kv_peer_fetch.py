@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,18 +14,16 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from controlplane.procs import child_env
 from controlplane.registry import Registry, WorkerInfo
 from kvstore.index import KVIndex
 from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.sampling import SamplingParams
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPT = [(i * 37) % 240 + 5 for i in range(100)]  # 6 full blocks of 16; the 7th is computed
 SAMPLING = common_pb2.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_server import _ready_address, _start_worker, stop_workers  # noqa: E402
+from test_server import _ready_address, _start_worker, start_stalling_peer, stop_workers  # noqa: E402
 
 
 async def _generate(address: str, prompt=PROMPT) -> list[worker_pb2.WorkerGenerateResponse]:
@@ -100,8 +97,7 @@ async def _all_on(index: KVIndex, hashes, worker: str) -> bool:
 async def test_peer_killed_mid_transfer_falls_back_to_recompute(redis_url, two_workers, cold_output, plane):
     cold_tokens, model = cold_output
     _, b = two_workers
-    peer = subprocess.Popen([sys.executable, str(REPO / "tests" / "kvstore" / "stalling_peer.py"), *plane],
-                            cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peer = start_stalling_peer(plane)
     client = aioredis.Redis.from_url(redis_url)
     try:
         port = int(peer.stdout.readline().strip())

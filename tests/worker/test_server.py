@@ -113,6 +113,13 @@ def _start_worker(model: Path, redis_url: str, worker_id: str) -> subprocess.Pop
                             text=True)
 
 
+def start_stalling_peer(plane: list[str]) -> subprocess.Popen:
+    """tests/kvstore/stalling_peer.py: a peer that streams KV slowly (its port on its first stdout line,
+    a line per layer sent); `plane` is [] (the gRPC stream) or ["--tcp"] (the TCP data plane)."""
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "kvstore" / "stalling_peer.py"), *plane],
+                            cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def stop_workers(procs: list[subprocess.Popen]) -> None:
     """SIGTERM every worker process still running, then wait (kill after 30 s)."""
     for p in procs:
