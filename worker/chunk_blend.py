@@ -22,12 +22,18 @@ With every token selected this is exactly a full prefill (tests).
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from kvstore.chunks import chunk_block_keys, chunk_hash, load_chunk, store_chunk
 from worker.chunk_reuse import rotate_keys_
+from worker.model import rope_inv_freq
+from worker.request import Request
+from worker.sampling import SamplingParams
 
 CHUNK_START_TOKENS = 4
 """Leading tokens of every placed chunk that are always recomputed."""
@@ -120,9 +126,11 @@ def select_offsets(n: int, ratio: float) -> list[int]:
 
 
 def plan_blend(spans: list[tuple[int, int]], staged: dict[int, torch.Tensor], start: int, num_tokens: int,
-               ratio: float, piece_tokens: int) -> BlendPlan | None:
-    """The blend of the staged chunks that lie after `start` (tokens already cached), or None."""
-    placed = [PlacedChunk(i, s, staged[i], select_offsets(n, ratio))
+               ratio: float, piece_tokens: int,
+               select: Callable[[int, float], list[int]] = select_offsets) -> BlendPlan | None:
+    """The blend of the staged chunks that lie after `start` (tokens already cached), or None.
+    `select(n, ratio)`: the offsets recomputed in a chunk of n tokens."""
+    placed = [PlacedChunk(i, s, staged[i], select(n, ratio))
               for i, (s, n) in enumerate(spans) if i in staged and s >= start and staged[i].shape[3] == n]
     if not placed:
         return None
@@ -200,8 +208,6 @@ def chunk_caches_to_store(kv_cache: torch.Tensor, spans: list[tuple[int, int]], 
 
 def stage_local_chunks(store, req, block_size: int) -> int:
     """Stage on the request the chunk-caches the local store holds (any host tier); returns how many."""
-    from kvstore.chunks import chunk_hash, load_chunk
-
     req.chunks_looked_up = True
     if store is None:
         return 0
@@ -224,8 +230,6 @@ class ChunkBlender:
                  piece_tokens: int = 512, correct: bool = True, mode: str = "standalone", submit=None) -> None:
         """`mode`: how first-seen chunks get their cache (CHUNK_CACHE_MODES); `submit(request)` queues
         an engine-made request (standalone mode computes each new chunk with one)."""
-        from worker.model import rope_inv_freq
-
         if mode not in CHUNK_CACHE_MODES:
             raise ValueError(f"unknown chunk cache mode {mode!r}; valid: {', '.join(CHUNK_CACHE_MODES)}")
         self.kv_cache, self.bm, self.store = kv_cache, block_manager, store
@@ -236,6 +240,7 @@ class ChunkBlender:
         self.num_stored = 0
         self.pending: set[bytes] = set()
         """Keys of chunks an engine-made request is computing."""
+        self._request_ids = itertools.count(1)
 
     def slots_of(self, req):
         bs = self.bm.block_size
@@ -269,8 +274,6 @@ class ChunkBlender:
         leading text (before its first chunk, usually cached) followed by the chunk alone."""
         if self.store is None or not req.chunk_spans:
             return
-        from kvstore.chunks import chunk_block_keys, chunk_hash, store_chunk
-
         bs = self.bm.block_size
         keys = {i: chunk_hash(req.prompt_token_ids[s:s + n], req.cache_extra)
                 for i, (s, n) in enumerate(req.chunk_spans) if i not in req.chunk_staged}
@@ -291,19 +294,13 @@ class ChunkBlender:
                 self.num_stored += 1
 
     def _chunk_request(self, req, i: int):
-        from worker.request import Request
-        from worker.sampling import SamplingParams
-
         s, n = req.chunk_spans[i]
         lead = req.prompt_token_ids[:req.chunk_spans[0][0]]
-        self._num_requests = getattr(self, "_num_requests", 0) + 1
-        return Request(f"chunk-cache-{self._num_requests}", [*lead, *req.prompt_token_ids[s:s + n]],
+        return Request(f"chunk-cache-{next(self._request_ids)}", [*lead, *req.prompt_token_ids[s:s + n]],
                        SamplingParams(max_tokens=1, temperature=0.0), cache_extra=req.cache_extra,
                        arrival_time=req.arrival_time, chunk_spans=[(len(lead), n)], internal=True)
 
     def forget(self, req) -> None:
         """An engine-made chunk request ended without storing (aborted): its chunk may be asked again."""
-        from kvstore.chunks import chunk_hash
-
         for s, n in req.chunk_spans:
             self.pending.discard(chunk_hash(req.prompt_token_ids[s:s + n], req.cache_extra))

@@ -114,7 +114,7 @@ class Question:
 
 def _probe_logits(engine, q: Question, answer: list[int], method: str, ratio: float, caches) -> torch.Tensor:
     """Teacher-forced logits [len(answer), V] of a method on the probe path."""
-    from worker.chunk_blend import piece_correction, place_chunks, plan_blend
+    from worker.chunk_blend import piece_correction, place_chunks, plan_blend, select_offsets
     from worker.chunk_reuse import _Sequence, deviation_select
     from worker.model import rope_inv_freq
 
@@ -128,11 +128,8 @@ def _probe_logits(engine, q: Question, answer: list[int], method: str, ratio: fl
         staged = {i: c for i, c in enumerate(caches)}
         if method in ("naive", "chunk_start", "kvweave"):
             r = 0.0 if method == "naive" else ratio
-            plan = plan_blend(q.spans, staged, len(q.prefix), len(q.tokens), r, 1 << 30)
-            if method == "chunk_start":  # the first tokens of every chunk instead of an even sample
-                for p in plan.placed:
-                    p.selected = list(range(min(len(p.selected), p.kv.shape[3])))
-                plan = _replan(plan, len(q.prefix))
+            select = _chunk_start if method == "chunk_start" else select_offsets
+            plan = plan_blend(q.spans, staged, len(q.prefix), len(q.tokens), r, 1 << 30, select)
             place_chunks(engine.runner.kv_cache, plan, seq.slots, rope_inv_freq(engine.args))
             if plan.positions:
                 corr = None
@@ -156,15 +153,11 @@ def _probe_logits(engine, q: Question, answer: list[int], method: str, ratio: fl
         seq.free()
 
 
-def _replan(plan, start: int):
-    from worker.chunk_blend import BlendPlan
+def _chunk_start(n: int, ratio: float) -> list[int]:
+    """The chunk-start baseline: as many tokens as kvweave's default selection, all from the start."""
+    from worker.chunk_blend import select_offsets
 
-    reused = set()
-    for p in plan.placed:
-        reused.update(range(p.start, p.start + p.kv.shape[3]))
-        reused.difference_update(p.start + o for o in p.selected)
-    positions = [x for x in range(start, plan.end) if x not in reused]
-    return BlendPlan(positions, plan.end, plan.placed, [(0, len(positions))])
+    return list(range(len(select_offsets(n, ratio))))
 
 
 # ------------------------------------------------------------------------------ engine runs
@@ -264,6 +257,7 @@ def in_context_caches(engine, q: "Question", seed: int) -> list[torch.Tensor]:
 
 
 def run_benchmark(cfg: RagConfig) -> tuple[dict, list[Result]]:
+    from worker.chunk_blend import select_offsets
     from worker.engine import EngineConfig, LLMEngine
 
     torch.set_flush_denormal(True)
@@ -319,9 +313,8 @@ def run_benchmark(cfg: RagConfig) -> tuple[dict, list[Result]]:
         # Prefill FLOPs.
         n = len(q.tokens)
         qpos = range(n - len(q.question), n)
-        from worker.chunk_blend import select_offsets
         sel = [s + o for s, m in q.spans for o in select_offsets(m, ratio)]
-        first = [s + o for s, m in q.spans for o in range(min(m, len(select_offsets(m, ratio))))]
+        first = [s + o for s, m in q.spans for o in _chunk_start(m, ratio)]
         reused = [p for s, m in q.spans for p in range(s, s + m)]
         n_cb = round(ratio * len(reused))
         sums["full"]["flops"] += prefill_flops(args, range(n))
