@@ -127,6 +127,7 @@ class LocalCluster:
         self.workers = None  # a LocalWorkers or RayWorkers
         self._log_dir: Path | None = None
         self._own_log_dir = False
+        self._worker_metrics_urls: dict[str, str] = {}
         self.port = self.config.port or free_port()
         self.http_port = self.config.http_port or free_port()
 
@@ -152,6 +153,11 @@ class LocalCluster:
     def worker_addresses(self) -> dict[str, str]:
         """worker id -> host:port of its gRPC service."""
         return dict(self.workers.addresses)
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """"router" and each worker id -> the URL of its Prometheus metrics (workers: as registered)."""
+        return {"router": f"{self.http_url}/metrics", **self._worker_metrics_urls}
 
     @property
     def log_dir(self) -> Path:
@@ -229,9 +235,11 @@ class LocalCluster:
             while True:
                 if (failure := self.check()) is not None:
                     raise ClusterError(failure)
-                live = {w.worker_id: w.address for w in await registry.list_workers()}
+                live = {w.worker_id: w for w in await registry.list_workers()}
                 if wanted <= live.keys() and self._router_ready():
-                    self.workers.addresses = {i: live[i] for i in self.workers.worker_ids}
+                    self.workers.addresses = {i: live[i].address for i in self.workers.worker_ids}
+                    self._worker_metrics_urls = {i: f"http://{live[i].metrics_target}/metrics"
+                                                 for i in self.workers.worker_ids if live[i].metrics_target}
                     return
                 if time.monotonic() > deadline:
                     raise ClusterError(self._not_ready_message(wanted - live.keys()))
@@ -289,17 +297,19 @@ class LocalWorkers:
         self.procs: list[subprocess.Popen] = []
         self.addresses: dict[str, str] = {}
 
-    def _command(self, worker_id: str, port: int) -> list[str]:
+    def _command(self, worker_id: str, port: int, metrics_port: int) -> list[str]:
         c = self.config
         args = ["worker", "--model", c.model, "--host", c.host, "--port", str(port), "--redis-url", self.redis_url,
-                "--worker-id", worker_id, *(["--lease-s", str(c.lease_s)] if c.lease_s else []),
+                "--worker-id", worker_id, "--metrics-port", str(metrics_port),
+                *(["--lease-s", str(c.lease_s)] if c.lease_s else []),
                 *engine_flags(worker_engine_args(c.engine_args, worker_id))]
         return kvweave_command(c, *args)
 
     def start(self) -> None:
         for worker_id in self.worker_ids:
-            port = free_port(self.config.host)
-            self.procs.append(spawn(self._command(worker_id, port), self.log_dir / f"{worker_id}.log", self.env))
+            port, metrics_port = free_port(self.config.host), free_port(self.config.host)
+            self.procs.append(spawn(self._command(worker_id, port, metrics_port), self.log_dir / f"{worker_id}.log",
+                                    self.env))
             self.addresses[worker_id] = f"{self.config.host}:{port}"
 
     def check(self) -> str | None:

@@ -66,9 +66,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.router = router
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            inp = input_from_proto(request)
+        except InvalidRequestError as e:
+            self.router.metrics.count_invalid()
+            await context.abort(error_status(e).grpc_code, public_message(e))
         failure: Exception | None = None
         try:
-            async with contextlib.aclosing(self.router.generate(input_from_proto(request))) as deltas:
+            async with contextlib.aclosing(self.router.generate(inp)) as deltas:
                 async for delta in deltas:
                     yield delta_to_proto(delta)
         except Exception as e:

@@ -1,7 +1,9 @@
 """The router's OpenAI-compatible HTTP server (aiohttp).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` as server-sent events,
-`data: {...}` chunks ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics.
+`data: {...}` chunks ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (the
+router's Prometheus metrics), GET /metrics/targets (every live worker's metrics endpoint in
+Prometheus's HTTP service-discovery format, docs/metrics.md).
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status
 (the table in controlplane/errors.py; 413 for a body over `max_body_bytes`, 404 for an unknown
 route); never a traceback. An error after an event stream has started is sent as a last
@@ -22,6 +24,7 @@ from controlplane.openai_api import (
     response_json,
 )
 from controlplane.router import Delta, GenerateInput, Router
+from worker.sampling import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +74,23 @@ async def _read_json(request: web.Request) -> dict:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     router = request.app[_ROUTER]
-    inp, opts = parse_completion(await _read_json(request), router.model.name)
+    inp, opts = await _parse(request, router, parse_completion)
     return await _respond(request, router, inp, opts)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     router = request.app[_ROUTER]
-    inp, opts = parse_chat(await _read_json(request), router.model.name)
+    inp, opts = await _parse(request, router, parse_chat)
     return await _respond(request, router, inp, opts)
+
+
+async def _parse(request: web.Request, router: Router, parse) -> tuple[GenerateInput, ResponseOptions]:
+    """The body as the router's input; a body rejected here never reaches the router, so it is counted here."""
+    try:
+        return parse(await _read_json(request), router.model.name)
+    except (InvalidRequestError, web.HTTPRequestEntityTooLarge):
+        router.metrics.count_invalid()
+        raise
 
 
 async def _respond(request: web.Request, router: Router, inp: GenerateInput, opts: ResponseOptions) -> web.StreamResponse:
@@ -151,6 +163,14 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[_ROUTER].metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 
+async def metrics_targets(request: web.Request) -> web.Response:
+    """Prometheus http_sd: one target group per live worker that serves metrics."""
+    groups = [{"targets": [w.info.metrics_target],
+               "labels": {"worker": w.worker_id, "role": w.info.role, "model": w.info.model}}
+              for w in request.app[_ROUTER].pool.workers.values() if w.info.metrics_target]
+    return web.json_response(groups)
+
+
 def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors])
     app[_ROUTER] = router
@@ -160,6 +180,7 @@ def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> w
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics/targets", metrics_targets)
     return app
 
 

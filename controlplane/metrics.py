@@ -1,7 +1,9 @@
 """Prometheus metrics of the router, in their own CollectorRegistry (so several routers, or a router
 and a worker, can live in one process, as in the tests).
 
-Names follow vLLM's and Dynamo's conventions under the `kvweave_router_` prefix.
+Names follow vLLM's and Dynamo's conventions under the `kvweave_router_` prefix; the workers'
+own metrics (`kvweave_worker_*`) are in worker/metrics.py and share the latency buckets defined
+here. Every metric is described in docs/metrics.md.
 """
 from __future__ import annotations
 
@@ -9,14 +11,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controlplane.registry import ROLES
+from controlplane.router_types import Usage
 
 STAGES = ("tokenize", "hash", "index_lookup", "scoring", "decision")
 """Router stages timed per request; `decision` = hash + index lookup + scoring."""
 
 _STAGE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
-_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
-_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+"""Latency buckets (seconds) of the router's and the workers' TTFT, inter-token and end-to-end histograms."""
+
+REQUEST_STATUSES = ("ok", "invalid", "overloaded", "no_worker", "worker_error", "error", "cancelled")
+"""`status` values of kvweave_router_requests_total: ok, cancelled (the client went away first), and
+the labels of controlplane/errors.py's table. Each starts at 0, so that rates of a status never
+seen yet are 0 rather than missing."""
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -24,15 +33,17 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class RouterMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("kvweave_router_requests", "Requests by final status "
-                                "(ok, invalid, overloaded, no_worker, worker_error, cancelled)", ["status"], registry=r)
+        self.requests = Counter("kvweave_router_requests", f"Requests by final status ({', '.join(REQUEST_STATUSES)})",
+                                ["status"], registry=r)
+        for status in REQUEST_STATUSES:
+            self.requests.labels(status)
         self.in_flight = Gauge("kvweave_router_requests_in_flight", "Requests admitted and not finished", registry=r)
         self.ttft = Histogram("kvweave_router_time_to_first_token_seconds", "Time to first token seen by the router",
-                              buckets=_TTFT_BUCKETS, registry=r)
+                              buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("kvweave_router_inter_token_latency_seconds", "Time between streamed deltas",
-                             buckets=_ITL_BUCKETS, registry=r)
+                             buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("kvweave_router_e2e_request_latency_seconds", "Request latency end to end",
-                             buckets=_E2E_BUCKETS, registry=r)
+                             buckets=E2E_BUCKETS, registry=r)
         self.stage = Histogram("kvweave_router_stage_seconds", "Router overhead per stage", ["stage"],
                                buckets=_STAGE_BUCKETS, registry=r)
         self.workers = Gauge("kvweave_router_healthy_workers", "Workers with a live lease, by role", ["role"],
@@ -41,8 +52,10 @@ class RouterMetrics:
                                  ["policy", "worker"], registry=r)
         self.retries = Counter("kvweave_router_retries", "Requests retried on another worker before their "
                                "first token", registry=r)
-        self.prompt_tokens = Counter("kvweave_router_prompt_tokens", "Prompt tokens routed", registry=r)
-        self.generation_tokens = Counter("kvweave_router_generation_tokens", "Tokens streamed back", registry=r)
+        self.prompt_tokens = Counter("kvweave_router_prompt_tokens", "Prompt tokens of the requests that "
+                                     "finished (from their usage)", registry=r)
+        self.generation_tokens = Counter("kvweave_router_generation_tokens", "Generated tokens of the requests "
+                                         "that finished (from their usage)", registry=r)
         self.predicted_hit_tokens = Counter("kvweave_router_predicted_prefix_hit_tokens",
                                             "Prompt tokens the chosen worker held per the KV index", registry=r)
         self.predicted_chunk_hit_tokens = Counter("kvweave_router_predicted_chunk_hit_tokens",
@@ -50,13 +63,26 @@ class RouterMetrics:
                                                   "chosen worker held per the KV index", registry=r)
         self.cached_tokens = Counter("kvweave_router_cached_tokens", "Prompt tokens the workers served from "
                                      "their prefix cache (from usage)", registry=r)
+        self.chunk_reused_tokens = Counter("kvweave_router_chunk_reused_tokens", "Prompt tokens the workers "
+                                           "served from chunk-caches, recomputed ones included (from usage)",
+                                           registry=r)
+        self.recomputed_tokens = Counter("kvweave_router_recomputed_tokens", "Chunk-reused prompt tokens the "
+                                         "workers recomputed in their new context (from usage)", registry=r)
         # One child per stage, resolved once: labels() costs more than observe() on the hot path.
         self.stages = {name: self.stage.labels(name) for name in STAGES}
 
-    def watch_workers(self, workers) -> None:
-        """Also report the KV figures the workers publish with their heartbeats (`workers()` ->
-        the live `WorkerInfo`s): prefix-cache query and hit tokens per source, entries per tier."""
-        self.registry.register(_WorkerKVCollector(workers))
+    def count_invalid(self) -> None:
+        """A request a frontend rejected before handing it to the router (malformed input): the
+        router's `generate` counts every other request."""
+        self.requests.labels("invalid").inc()
+
+    def count_usage(self, usage: Usage) -> None:
+        """Count a finished request's usage: what its client saw."""
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.generation_tokens.inc(usage.completion_tokens)
+        self.cached_tokens.inc(usage.cached_tokens)
+        self.chunk_reused_tokens.inc(usage.chunk_reused_tokens)
+        self.recomputed_tokens.inc(usage.recomputed_tokens)
 
     def set_workers(self, counts: dict[str, int]) -> None:
         """Live workers per role (every role is reported, 0 when none)."""
@@ -65,32 +91,3 @@ class RouterMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class _WorkerKVCollector:
-    """Per-worker KV-cache figures from the registry, read at scrape time."""
-
-    def __init__(self, workers) -> None:
-        self.workers = workers
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        queries = CounterMetricFamily("kvweave_worker_prefix_cache_query_tokens",
-                                      "Prompt tokens looked up in a worker's prefix cache", labels=["worker"])
-        hits = CounterMetricFamily("kvweave_worker_prefix_cache_hit_tokens",
-                                   "Prompt tokens served instead of computed, by source (device, dram, ssd, peer)",
-                                   labels=["worker", "source"])
-        entries = GaugeMetricFamily("kvweave_worker_kv_entries", "KV blocks a worker holds, by tier",
-                                    labels=["worker", "tier"])
-        for info in self.workers():
-            load = info.load
-            queries.add_metric([info.worker_id], load.prefix_query_tokens)
-            for source, n in load.prefix_hit_tokens.items():
-                hits.add_metric([info.worker_id, source], n)
-            for tier, n in load.kv_entries.items():
-                entries.add_metric([info.worker_id, tier], n)
-        yield from (queries, hits, entries)

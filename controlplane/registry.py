@@ -48,11 +48,17 @@ class WorkerInfo:
     max_model_len: int = 2048
     block_size: int = 16
     metrics_port: int = 0
+    """Port of the worker's Prometheus metrics (HTTP GET /metrics) on the host of `address`; 0: none."""
     kv_costs_ms: dict[str, float] = field(default_factory=dict)
     """Measured ms per prompt token to get its KV from each source (device, dram, ssd, peer) or to
     compute it (recompute); the router's cost model uses them."""
     load: WorkerLoad = field(default_factory=WorkerLoad)
     updated_at: float = 0.0
+
+    @property
+    def metrics_target(self) -> str | None:
+        """host:port of the worker's Prometheus metrics, or None when it serves none."""
+        return f"{self.address.rsplit(':', 1)[0]}:{self.metrics_port}" if self.metrics_port else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

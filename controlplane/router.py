@@ -117,7 +117,6 @@ class Router:
         self.kv_index = KVIndex(self.redis)
         self.pool = WorkerPool(Registry(self.redis, config.lease_s), self.model.name, config.refresh_s,
                                self.metrics.set_workers)
-        self.metrics.watch_workers(lambda: [w.info for w in self.pool.workers.values()])
         self.model_names = frozenset({self.model.name, config.model})
         self._extra_cache: dict[str, bytes] = {}
         self._active: dict[str, _Request] = {}
@@ -235,7 +234,6 @@ class Router:
         message = worker_pb2.WorkerGenerateRequest(request_id=req_id, prompt_token_ids=token_ids,
                                                    sampling=sampling_to_proto(params), cache_namespace=inp.tenant,
                                                    chunks=[common_pb2.ChunkSpan(start=a, length=n) for a, n in spans])
-        self.metrics.prompt_tokens.inc(len(token_ids))
         return _Request(req_id, token_ids, inp.session_id, inp.tenant, message, arrival, chunk_spans=spans)
 
     async def _dispatch(self, req: _Request) -> AsyncIterator[Delta]:
@@ -382,7 +380,6 @@ class Router:
 
     def _delta(self, req: _Request, worker: PoolWorker, resp: worker_pb2.WorkerGenerateResponse) -> Delta:
         delta = Delta(req.req_id, worker.worker_id, resp.text, list(resp.token_ids))
-        self.metrics.generation_tokens.inc(len(delta.token_ids))
         if resp.logprobs:
             delta.logprobs = [TokenLogprob(lp.token_id, lp.logprob, dict(lp.top_logprobs)) for lp in resp.logprobs]
         if resp.finished:
@@ -392,7 +389,7 @@ class Router:
             u = resp.usage
             delta.usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.chunk_reused_tokens,
                                 u.recomputed_tokens)
-            self.metrics.cached_tokens.inc(u.cached_tokens)
+            self.metrics.count_usage(delta.usage)
         return delta
 
     @staticmethod

@@ -70,6 +70,7 @@ def format_endpoints(cluster: LocalCluster) -> str:
              f"  http    {cluster.http_url}/v1",
              f"  redis   {cluster.redis_url}"]
     lines += [f"  worker  {worker_id} {address}" for worker_id, address in cluster.worker_addresses.items()]
+    lines += [f"  metrics {name} {url}" for name, url in cluster.metrics_urls.items()]
     lines.append(f"  logs    {cluster.log_dir}")
     return "\n".join(lines)
 

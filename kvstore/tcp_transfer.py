@@ -40,7 +40,9 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -139,10 +141,13 @@ class _BadRequest(Exception):
 class KVDataServer:
     """Serves a KVSource over the TCP data plane. `await start()` binds `host` (a free port by
     default) and returns the port; `await stop()` closes it. Give it to `KVTransferService`
-    (`KVTransferService(source, data_server)`) so that `DataPort` tells clients where it is."""
+    (`KVTransferService(source, data_server)`) so that `DataPort` tells clients where it is.
+    `on_served(nbytes, seconds)`: called after each request answered in full (KV bytes sent, time
+    from the request to the last byte)."""
 
     def __init__(self, source: KVSource, host: str = "127.0.0.1", port: int = 0, max_keys: int = DEFAULT_MAX_KEYS,
-                 write_timeout_s: float = 60.0, backlog: int = 128) -> None:
+                 write_timeout_s: float = 60.0, backlog: int = 128,
+                 on_served: Callable[[int, float], None] | None = None) -> None:
         if max_keys <= 0:
             raise ValueError("max_keys must be positive")
         if not write_timeout_s > 0:
@@ -153,6 +158,7 @@ class KVDataServer:
         self.max_keys = max_keys
         self.write_timeout_s = write_timeout_s
         self.backlog = backlog
+        self.on_served = on_served
         self.port = 0
         """The bound port once started (0 before and after)."""
         self._listener: socket.socket | None = None
@@ -314,6 +320,7 @@ class KVDataServer:
 
     async def _serve_request(self, loop, sock: socket.socket, head: memoryview, buffer: list) -> bool:
         """Answer one request; False when the connection must close."""
+        t0 = time.perf_counter()
         try:
             keys, layout = await self._read_request(loop, sock, head)
         except _BadRequest as e:
@@ -325,8 +332,14 @@ class KVDataServer:
             return True
         n = 0 if entries is None else entries.shape[0]
         await self._send(loop, sock, encode_header(n, layout))
-        if n == 0:
-            return True
+        if n:
+            await self._send_layers(loop, sock, entries, layout, buffer)
+        if self.on_served is not None:
+            self.on_served(entries.numel() * entries.element_size() if n else 0, time.perf_counter() - t0)
+        return True
+
+    async def _send_layers(self, loop, sock: socket.socket, entries: torch.Tensor, layout: KVLayout,
+                           buffer: list) -> None:
         layers = _LayerGather(entries, headroom=LAYER.size, buffer=buffer[0])
         buffer[0] = layers.buffer
         for layer in range(layout.shape[1]):
@@ -339,7 +352,6 @@ class KVDataServer:
             data = framed[LAYER.size:]
             LAYER.pack_into(framed, 0, LAYER_MAGIC, layer, len(data), checksum(data))
             await self._send(loop, sock, framed)
-        return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -75,10 +77,13 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
     with `Fetch` building protobuf messages (the same bytes on the wire, three more copies).
 
     `data_server`: the started KVDataServer (kvstore.tcp_transfer) over the same source, whose port
-    `DataPort` announces so that clients fetch over TCP; None: DataPort answers 0 (Fetch only)."""
+    `DataPort` announces so that clients fetch over TCP; None: DataPort answers 0 (Fetch only).
+    `on_served(nbytes, seconds)`: called after each fetch answered in full (KV bytes sent, time
+    from the request to the last piece)."""
 
     def __init__(self, source: KVSource, data_server=None, max_keys: int = DEFAULT_MAX_KEYS,
-                 default_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 default_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 on_served: Callable[[int, float], None] | None = None) -> None:
         if max_keys <= 0:
             raise ValueError("max_keys must be positive")
         if not 0 < default_chunk_bytes <= MAX_CHUNK_BYTES:
@@ -87,6 +92,7 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
         self.data_server = data_server
         self.max_keys = max_keys
         self.default_chunk_bytes = default_chunk_bytes
+        self.on_served = on_served
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -126,6 +132,7 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
             yield msg
 
     async def _stream(self, request: kvtransfer_pb2.FetchRequest, context: grpc.aio.ServicerContext, encode):
+        t0 = time.perf_counter()
         try:
             keys, layout, chunk = self._parse(request)
         except ValueError as e:
@@ -136,13 +143,14 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
         n = 0 if entries is None else entries.shape[0]
         yield kvtransfer_pb2.FetchResponse(
             header=kvtransfer_pb2.FetchHeader(num_entries=n, layout=layout_to_proto(layout)))
-        if n == 0:
-            return
-        layers = _LayerGather(entries)
-        for layer in range(layout.shape[1]):
-            data = layers.gather(layer)  # built now, when it is sent
-            for offset in range(0, len(data), chunk):
-                yield encode(layer, offset, data[offset:offset + chunk])
+        if n:
+            layers = _LayerGather(entries)
+            for layer in range(layout.shape[1]):
+                data = layers.gather(layer)  # built now, when it is sent
+                for offset in range(0, len(data), chunk):
+                    yield encode(layer, offset, data[offset:offset + chunk])
+        if self.on_served is not None:
+            self.on_served(entries.numel() * entries.element_size() if n else 0, time.perf_counter() - t0)
 
 
 

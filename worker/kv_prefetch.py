@@ -16,7 +16,8 @@ thread never waits on disk or network; other requests keep running meanwhile):
    blended in at admission (worker/chunk_blend.py).
 The engine copies staged blocks into the request's blocks when it admits it (worker/kv_connector.py).
 A failed read or transfer only means those blocks (or chunks) are computed: the request itself
-never fails here.
+never fails here. Each transfer from a peer (its bytes and time, or its failure) is also reported to
+the worker's metrics (worker/metrics.py) when it has them.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from kvstore.keys import hash_blocks
 from kvstore.transfer import TransferClient, TransferError
 from worker.chunk_blend import stage_local_chunks
 from worker.engine import LLMEngine
+from worker.metrics import WorkerMetrics
 from worker.request import Request
 
 logger = logging.getLogger(__name__)
@@ -53,12 +55,13 @@ class PrefetchStats:
 class KVPrefetcher:
     def __init__(self, engine: LLMEngine, index: KVIndex | None = None,
                  peers: Callable[[], dict[str, str]] | None = None, client: TransferClient | None = None,
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, metrics: WorkerMetrics | None = None) -> None:
         """`peers()`: worker id -> address of the other workers serving this model."""
         self.engine = engine
         self.index, self.peers = index, peers
         self.client = client or TransferClient()
         self.timeout_s = timeout_s
+        self.metrics = metrics
         self.stats = PrefetchStats()
 
     async def __call__(self, req: Request) -> None:
@@ -133,21 +136,32 @@ class KVPrefetcher:
         try:
             kv = await self.client.fetch_kv(peers[best], keys[:n], self.engine.connector.layout, self.timeout_s)
         except (TransferError, ValueError) as e:
-            self.stats.peer_failures += 1
+            self._failed()
             logger.warning("request %s: fetching %d KV blocks from %s failed, computing them instead: %s",
                            req.req_id, n, best, e)
             return 0
         seconds = time.perf_counter() - t0
-        self.stats.peer_seconds += seconds
+        self._fetched(kv, seconds)
         if kv.shape[0]:
             self.engine.connector.record_cost("peer", seconds, kv.shape[0] * self.engine.config.block_size)
         self.stats.peer_blocks += kv.shape[0]
-        self.stats.peer_bytes += kv.numel() * kv.element_size()
         for key, value in zip(keys, kv):
             req.kv_staged[key] = (value, "peer")
         logger.debug("request %s: %d KV blocks from %s in %.1f ms", req.req_id, kv.shape[0], best,
                      (time.perf_counter() - t0) * 1000)
         return kv.shape[0]
+
+    def _fetched(self, kv, seconds: float) -> None:
+        nbytes = kv.numel() * kv.element_size()
+        self.stats.peer_bytes += nbytes
+        self.stats.peer_seconds += seconds
+        if self.metrics is not None:
+            self.metrics.kv_transferred("in", nbytes, seconds)
+
+    def _failed(self) -> None:
+        self.stats.peer_failures += 1
+        if self.metrics is not None:
+            self.metrics.kv_transfer_failed()
 
     # ------------------------------------------------------------------ chunk-caches
 
@@ -194,13 +208,12 @@ class KVPrefetcher:
         try:
             kv = await self.client.fetch_kv(address, flat, self.engine.connector.layout, self.timeout_s)
         except (TransferError, ValueError) as e:
-            self.stats.peer_failures += 1
+            self._failed()
             logger.warning("request %s: fetching %d chunk-caches from %s failed, computing them instead: %s",
                            req.req_id, len(chunks), worker, e)
             return
         seconds = time.perf_counter() - t0
-        self.stats.peer_seconds += seconds
-        self.stats.peer_bytes += kv.numel() * kv.element_size()
+        self._fetched(kv, seconds)
         at, tokens = 0, 0
         for i in chunks:
             m = len(keys[i])

@@ -13,6 +13,9 @@ reflection. With a Redis URL it also:
   and serves its own blocks to peers: `kvweave.v1.KVTransfer` on the gRPC port (control, and a
   streaming fallback), the bulk bytes over a raw TCP data plane on a second port that the
   `DataPort` call names (kvstore/transfer.py, kvstore/tcp_transfer.py).
+Unless disabled (`metrics_port` -1), it serves its Prometheus metrics over HTTP (GET /metrics, GET
+/health; worker/metrics.py, docs/metrics.md) on a third port, named in its registry entry
+(`WorkerInfo.metrics_port`) so that the router can list it for Prometheus.
 Stopping (SIGTERM / SIGINT): NOT_SERVING, stop accepting calls, deregister, clear the index,
 let calls in flight finish within a grace period, shut the engine down.
 """
@@ -27,9 +30,11 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import redis.asyncio as aioredis
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
@@ -46,6 +51,7 @@ from worker.async_engine import AsyncEngine
 from worker.config import StoreConfigError
 from worker.engine import EngineConfig, LLMEngine
 from worker.kv_prefetch import KVPrefetcher
+from worker.metrics import WorkerMetrics, start_metrics_server
 from worker.service import SERVICE_NAME, WorkerService
 
 logger = logging.getLogger(__name__)
@@ -80,12 +86,16 @@ class WorkerOptions:
     """Fetch prefix blocks from peers that hold them (needs a Redis URL)."""
     kv_transfer_timeout_s: float = 5.0
     """Deadline of one fetch from a peer; past it the blocks are computed instead."""
+    metrics_port: int = 0
+    """HTTP port of GET /metrics on `host`; 0 picks a free port, -1 serves no metrics."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"unknown role {self.role!r}; valid: {', '.join(ROLES)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], or -1 for none; got {self.metrics_port}")
         if self.lease_s <= 0 or self.heartbeat_s <= 0:
             raise ValueError("lease_s and heartbeat_s must be positive")
         if self.heartbeat_s >= self.lease_s:
@@ -133,6 +143,17 @@ class WorkerServer:
         self._transfer_client: TransferClient | None = None
         self._data_server: KVDataServer | None = None
         self.prefetcher: KVPrefetcher | None = None
+        self.metrics = WorkerMetrics()
+        self.metrics_port = 0
+        """The bound port of GET /metrics once started (0: none)."""
+        self._metrics_http: web.AppRunner | None = None
+
+    @property
+    def metrics_url(self) -> str | None:
+        """http://host:port/metrics on the advertised host, once started (None: no metrics served)."""
+        if not self.metrics_port:
+            return None
+        return f"http://{self.address.rsplit(':', 1)[0]}:{self.metrics_port}/metrics"
 
     async def start(self) -> str:
         """Load, serve, register; returns the advertised host:port. Raises WorkerStartError."""
@@ -145,9 +166,12 @@ class WorkerServer:
             if peers or llm.store is not None:
                 self._transfer_client = TransferClient()
                 self.prefetcher = KVPrefetcher(llm, self._index if peers else None, (lambda: self._peers) if peers else None,
-                                               self._transfer_client, self.options.kv_transfer_timeout_s)
+                                               self._transfer_client, self.options.kv_transfer_timeout_s, self.metrics)
                 self.engine.prefetch = self.prefetcher
             await self._start_grpc()
+            self.metrics.watch(self.engine, self.worker_id, self.options.role)
+            if self.options.metrics_port >= 0:
+                await self._start_metrics()
             if self._redis is not None:
                 await self._heartbeat_once()
                 await self._publish_once()
@@ -211,13 +235,15 @@ class WorkerServer:
             raise WorkerStartError(f"cannot listen on {o.host}:{o.port}")
         self.address = f"{o.advertise_host or _advertise_host(o.host)}:{port}"
         self.worker_id = self.worker_id or f"{socket.gethostname()}-{port}"
-        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(self.engine, self.worker_id), self._server)
-        self._data_server = KVDataServer(self.engine, o.host)  # the bulk KV data plane (raw TCP)
+        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(self.engine, self.worker_id, self.metrics),
+                                                     self._server)
+        served = partial(self.metrics.kv_transferred, "out")
+        self._data_server = KVDataServer(self.engine, o.host, on_served=served)  # the bulk KV data plane (raw TCP)
         try:
             await self._data_server.start()
         except OSError as e:
             raise WorkerStartError(f"cannot listen for KV data on {o.host}: {e}") from e
-        KVTransferService(self.engine, self._data_server).add_to_server(self._server)
+        KVTransferService(self.engine, self._data_server, on_served=served).add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = (SERVICE_NAME, TRANSFER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
@@ -225,11 +251,19 @@ class WorkerServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
 
+    async def _start_metrics(self) -> None:
+        o = self.options
+        try:
+            self._metrics_http, self.metrics_port = await start_metrics_server(
+                self.metrics, o.host, o.metrics_port, lambda: self.engine is not None and not self._stopping.is_set())
+        except OSError as e:
+            raise WorkerStartError(f"cannot serve metrics on {o.host}:{o.metrics_port}: {e}") from e
+
     def _info(self) -> WorkerInfo:
         llm, cfg = self.engine.engine, self.engine.engine.config
         return WorkerInfo(worker_id=self.worker_id, address=self.address, model=llm.model_name,
                           role=self.options.role, max_num_seqs=cfg.max_num_seqs,
-                          max_model_len=llm.max_model_len, block_size=cfg.block_size,
+                          max_model_len=llm.max_model_len, block_size=cfg.block_size, metrics_port=self.metrics_port,
                           kv_costs_ms=dict(llm.connector.costs_ms), load=self.engine.get_load())
 
     async def _heartbeat_once(self) -> None:
@@ -302,6 +336,10 @@ class WorkerServer:
         if self._transfer_client is not None:
             await self._transfer_client.close()
             self._transfer_client = None
+        if self._metrics_http is not None:
+            await self._metrics_http.cleanup()
+            self._metrics_http = None
+            self.metrics_port = 0
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
             self.engine = None
@@ -339,6 +377,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fetch prefix KV blocks from peer workers that hold them (default: true; needs --redis-url)")
     p.add_argument("--kv-transfer-timeout-s", type=float, default=5.0,
                    help="deadline of one KV fetch from a peer; past it the blocks are computed (default: 5)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="HTTP port of the Prometheus metrics (GET /metrics) on --host; 0 picks a free one, "
+                        "-1 serves none (default: 0)")
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -351,7 +392,8 @@ def run(args: argparse.Namespace) -> int:
         options = WorkerOptions(host=args.host, port=args.port, redis_url=args.redis_url, role=args.role,
                                 worker_id=args.worker_id, lease_s=args.lease_s, heartbeat_s=args.heartbeat_s,
                                 advertise_host=args.advertise_host, grace_s=args.grace_s,
-                                peer_fetch=args.peer_fetch, kv_transfer_timeout_s=args.kv_transfer_timeout_s)
+                                peer_fetch=args.peer_fetch, kv_transfer_timeout_s=args.kv_transfer_timeout_s,
+                                metrics_port=args.metrics_port)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -370,6 +412,7 @@ async def _serve(engine_config: EngineConfig, options: WorkerOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     def ready(server: WorkerServer) -> None:
-        print(f"kvweave worker {server.worker_id} ready on {server.address}", flush=True)
+        metrics = f" metrics {server.metrics_url}" if server.metrics_url else ""
+        print(f"kvweave worker {server.worker_id} ready on {server.address}{metrics}", flush=True)
 
     await run_worker(engine_config, options, stop, ready)

@@ -13,6 +13,9 @@ exactly the hashes this worker publishes to the KV index.
 Errors: invalid input (InvalidRequestError and any other ValueError from validation) ends the
 call with INVALID_ARGUMENT and the message; anything else with INTERNAL and a short message,
 never a traceback. A client that cancels its stream aborts the request.
+
+Metrics (worker/metrics.py): every call is counted by its final status (the finish reason, abort
+also when its client cancelled, invalid, error), with its tokens and latencies from its arrival here.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from controlplane.registry import WorkerLoad
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto, stop_reason_to_proto
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.async_engine import AsyncEngine
+from worker.metrics import WorkerMetrics
 from worker.output import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -81,30 +85,39 @@ def _short(e: BaseException) -> str:
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """`kvweave.v1.Worker` over one AsyncEngine."""
 
-    def __init__(self, engine: AsyncEngine, worker_id: str) -> None:
+    def __init__(self, engine: AsyncEngine, worker_id: str, metrics: WorkerMetrics | None = None) -> None:
+        """`metrics`: where calls are counted (default: a registry of its own)."""
         self.engine = engine
         self.worker_id = worker_id
+        self.metrics = metrics or WorkerMetrics()
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext):
+        chunk_spans = [(c.start, c.length) for c in request.chunks]
+        measured = self.metrics.request(len(request.prompt_token_ids), sum(n for _, n in chunk_spans))
         req_id = request.request_id or f"anon-{uuid.uuid4().hex}"
         code, message, started = None, "", False
+        status = "abort"  # unless it finishes: the client went away first
         try:
             params = sampling_from_proto(request.sampling if request.HasField("sampling") else None)
-            chunk_spans = [(c.start, c.length) for c in request.chunks]
             stream = self.engine.generate(list(request.prompt_token_ids), params, req_id, request.cache_namespace,
                                           chunk_spans)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     started = True
+                    measured.output(out)
+                    if out.finished:
+                        status = out.finish_reason
                     yield output_to_proto(out)
         except Exception as e:
             # Validation (InvalidRequestError and the engine's other ValueErrors) happens before
             # the first output; any failure after it is the server's.
             if isinstance(e, ValueError) and not started:
-                code, message = grpc.StatusCode.INVALID_ARGUMENT, _short(e)
+                status, code, message = "invalid", grpc.StatusCode.INVALID_ARGUMENT, _short(e)
             else:
                 logger.exception("request %s failed", req_id)
-                code, message = grpc.StatusCode.INTERNAL, f"internal error: {_short(e)}"
+                status, code, message = "error", grpc.StatusCode.INTERNAL, f"internal error: {_short(e)}"
+        finally:
+            measured.finish(status)
         if code is not None:
             await context.abort(code, message)
 

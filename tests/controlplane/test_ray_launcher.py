@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 
 import pytest
 
@@ -48,6 +49,9 @@ def test_ray_actor_worker_serves_through_the_router(ray_cluster) -> None:
     assert len(ray_cluster.pids()) == 2  # only Redis and the router are local children
     (worker_id,) = ray_cluster.worker_ids
     assert ray_cluster.worker_addresses[worker_id].startswith("127.0.0.1:")
+    metrics_url = ray_cluster.metrics_urls[worker_id]  # the port the actor's worker registered
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        assert metrics_url.startswith("http://127.0.0.1:") and b"kvweave_worker_info" in resp.read()
     with kvweave.Client(ray_cluster.grpc_target, timeout=60) as client:
         completion = client.complete("Hello", max_tokens=3, ignore_eos=True)
     assert (completion.worker_id, completion.usage.completion_tokens) == (worker_id, 3)

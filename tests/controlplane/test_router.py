@@ -176,17 +176,7 @@ def test_list_models_health_reflection_and_stage_metrics(cluster):
         assert f'kvweave_router_stage_seconds_count{{stage="{stage}"}} 1.0' in text
     assert 'kvweave_router_healthy_workers{role="colocated"} 2.0' in text
     assert 'kvweave_router_requests_total{status="ok"} 1.0' in text
-
-    def worker_queries() -> float:  # the workers' KV figures arrive with their heartbeats
-        text = router.router.metrics.exposition().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("kvweave_worker_prefix_cache_query_tokens_total{"))
-
-    def engines_queries() -> int:
-        return sum(w.engine.get_load().prefix_query_tokens for w in cluster.workers if w.engine is not None)
-
-    wait_until(lambda: worker_queries() == engines_queries() >= 40)
-    assert 'kvweave_worker_kv_entries{tier="device"' in router.router.metrics.exposition().decode()
+    assert "kvweave_worker_" not in text  # the workers serve their own metrics (tests/controlplane/test_metrics.py)
 
 
 # -------------------------------------------------------------------------------- errors

@@ -65,6 +65,14 @@ def test_cluster_serves_grpc_and_http_on_both_workers(cluster) -> None:
     body = post_json(f"{cluster.http_url}/v1/completions",
                      {"model": cluster.config.model, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
     assert body["usage"]["completion_tokens"] == 3 and body["choices"][0]["finish_reason"] == "length"
+    urls = cluster.metrics_urls  # the router's and every worker's, each answering
+    assert sorted(urls) == sorted(["router", *cluster.worker_ids])
+    for name, url in urls.items():
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200 and (b"kvweave_router_" if name == "router" else b"kvweave_worker_") in resp.read()
+    with urllib.request.urlopen(f"{cluster.http_url}/metrics/targets", timeout=10) as resp:
+        targets = {g["labels"]["worker"]: g["targets"][0] for g in json.loads(resp.read())}
+    assert {w: f"http://{t}/metrics" for w, t in targets.items()} == {w: urls[w] for w in cluster.worker_ids}
 
 
 def test_sigkilled_worker_leaves_the_registry_and_the_cluster_keeps_serving(cluster) -> None:
@@ -130,6 +138,9 @@ def test_serve_command_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_hf_mod
         endpoints = dict(line.split(None, 1) for line in out[1:])
         assert endpoints["http"].startswith("http://127.0.0.1:") and endpoints["redis"].startswith("redis://")
         assert endpoints["worker"].startswith("worker-0 127.0.0.1:")
+        metrics = dict(line.split()[1:] for line in out[1:] if line.startswith("  metrics "))
+        assert sorted(metrics) == ["router", "worker-0"]
+        assert all(url.startswith("http://127.0.0.1:") and url.endswith("/metrics") for url in metrics.values())
         children = descendants(proc.pid)
         assert len(children) >= 3  # redis, router, worker
         with kvweave.Client(endpoints["grpc"], timeout=60) as client:

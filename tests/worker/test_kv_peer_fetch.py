@@ -1,7 +1,8 @@
 """Two real worker processes and a real Redis: a worker without a prompt's blocks fetches them from
 the peer that holds them (found through the KV index) instead of computing them, and its greedy
 output equals a full recompute; a peer that dies mid-transfer (over the TCP data plane, or over the
-gRPC stream of a peer without one) only costs the recompute."""
+gRPC stream of a peer without one) only costs the recompute. Both workers' metrics count the transfer
+(bytes and time, in and out) or its failure."""
 from __future__ import annotations
 
 import asyncio
@@ -24,6 +25,7 @@ PROMPT = [(i * 37) % 240 + 5 for i in range(100)]  # 6 full blocks of 16; the 7t
 SAMPLING = common_pb2.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_server import _ready_address, _start_worker, start_stalling_peer, stop_workers  # noqa: E402
+from test_worker_metrics import scrape  # noqa: E402
 
 
 async def _generate(address: str, prompt=PROMPT) -> list[worker_pb2.WorkerGenerateResponse]:
@@ -46,6 +48,16 @@ async def _until(check, timeout: float = 10.0):
 
 def _tokens(messages) -> list[int]:
     return [t for m in messages for t in m.token_ids]
+
+
+async def _metrics(redis_url: str, worker_id: str) -> dict:
+    """The worker's /metrics samples, found through its registry entry."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        (info,) = [w for w in await Registry(client).list_workers() if w.worker_id == worker_id]
+    finally:
+        await client.aclose()
+    return (await asyncio.to_thread(scrape, f"http://{info.metrics_target}/metrics"))[1]
 
 
 @pytest.fixture
@@ -82,6 +94,13 @@ async def test_request_fetches_its_prefix_from_the_peer(redis_url, two_workers, 
         assert second[-1].usage.cached_tokens == 96  # 6 blocks from the peer, 4 tokens computed
         load = await _load(b)
         assert dict(load.prefix_hit_tokens)["peer"] == 96 and load.prefix_query_tokens == 100
+        fetched, served = await _metrics(redis_url, "w-b"), await _metrics(redis_url, "w-a")
+        nbytes, count = "kvweave_worker_kv_transfer_bytes_total", "kvweave_worker_kv_transfer_seconds_count"
+        assert fetched[(nbytes, (("direction", "in"),))] == served[(nbytes, (("direction", "out"),))] > 0
+        assert fetched[(count, (("direction", "in"),))] == served[(count, (("direction", "out"),))] == 1
+        assert fetched[(nbytes, (("direction", "in"),))] % 6 == 0  # 6 blocks of one size
+        assert fetched[("kvweave_worker_prefix_cache_hit_tokens_total", (("source", "peer"),))] == 96
+        assert fetched[("kvweave_worker_kv_transfer_failures_total", ())] == 0
         # The fetched blocks are now w-b's own, and indexed as such.
         assert await _until(lambda: _all_on(index, hashes, "w-b"))
     finally:
@@ -119,6 +138,9 @@ async def test_peer_killed_mid_transfer_falls_back_to_recompute(redis_url, two_w
         assert _tokens(out) == cold_tokens and out[-1].usage.cached_tokens == 0
         load = await _load(b)
         assert dict(load.prefix_hit_tokens).get("peer", 0) == 0
+        metrics = await _metrics(redis_url, "w-b")
+        assert metrics[("kvweave_worker_kv_transfer_failures_total", ())] == 1
+        assert metrics[("kvweave_worker_kv_transfer_bytes_total", (("direction", "in"),))] == 0
     finally:
         await client.aclose()
         peer.kill()

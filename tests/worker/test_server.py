@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -133,13 +134,18 @@ def stop_workers(procs: list[subprocess.Popen]) -> None:
             p.communicate()
 
 
-def _ready_address(proc: subprocess.Popen, timeout: float = 120.0) -> str:
+def _ready_line(proc: subprocess.Popen, timeout: float = 120.0) -> str:
+    """`kvweave worker ID ready on HOST:PORT metrics URL`."""
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     line = proc.stdout.readline() if ready else ""
     if not line.startswith("kvweave worker "):
         proc.kill()
         raise AssertionError(f"worker not ready: {line!r} {proc.communicate()[1][-2000:]}")
-    return line.split(" ready on ")[1].strip()
+    return line.strip()
+
+
+def _ready_address(proc: subprocess.Popen, timeout: float = 120.0) -> str:
+    return _ready_line(proc, timeout).split(" ready on ")[1].split()[0]
 
 
 def _poll(check, timeout: float):
@@ -170,8 +176,12 @@ def test_worker_process_sigkill_and_sigterm(redis_url, tiny_hf_model):
     killed, stopped = _start_worker(tiny_hf_model, redis_url, "w-kill"), _start_worker(tiny_hf_model, redis_url, "w-term")
     sync_redis = redis.Redis.from_url(redis_url)
     try:
-        addresses = [_ready_address(killed), _ready_address(stopped)]
+        lines = [_ready_line(killed), _ready_line(stopped)]
+        addresses = [line.split(" ready on ")[1].split()[0] for line in lines]
         assert addresses[0].startswith("127.0.0.1:")
+        metrics_url = lines[1].split(" metrics ")[1]
+        with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+            assert metrics_url.startswith("http://127.0.0.1:") and b'worker="w-term"' in resp.read()
         assert sorted(_worker_ids(redis_url)) == ["w-kill", "w-term"]
         for address, worker_id in zip(addresses, ("w-kill", "w-term")):
             _generate(address)
@@ -211,6 +221,7 @@ def test_bad_flags_fail_with_a_message(tiny_hf_model, tmp_path):
         (_worker_args(tiny_hf_model, "--ssd-cache-gb", "1", "--ssd-cache-dir", str(not_a_dir / "sub")),
          "cannot open the KV store: SSD cache directory"),
         (_worker_args(tiny_hf_model, "--kv-transfer-timeout-s", "0"), "kv_transfer_timeout_s must be positive"),
+        (_worker_args(tiny_hf_model, "--metrics-port", "-2"), "metrics_port must be in"),
     ]
     procs = [subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for args, _ in cases]
