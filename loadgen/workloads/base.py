@@ -1,0 +1,54 @@
+"""Helpers shared by the workloads: default data paths, option checks, seeded random streams."""
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from loadgen.types import WorkloadError
+
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
+"""`../shared/data` next to the repository root (the checkout's parent holds `shared/`)."""
+DEFAULT_DATASETS = {
+    "rag": DATA_DIR / "rag" / "musique_dev.json",
+    "mooncake": DATA_DIR / "traces" / "mooncake_conversation.jsonl",
+    "azure": DATA_DIR / "traces" / "azure2023_conv.csv",
+}
+"""The file each file-based workload reads when --dataset is not given."""
+
+
+def at_least(value: int | float, minimum: int | float, option: str) -> None:
+    """A WorkloadError unless value >= minimum (and a finite number)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
+        raise WorkloadError(f"{option} must be at least {minimum}, got {value}")
+
+
+def parse_token_range(text: str) -> tuple[int, int]:
+    """`LO:HI` -> (lo, hi): token ids are drawn from [lo, hi), 0 <= lo < hi."""
+    lo_text, sep, hi_text = str(text).partition(":")
+    try:
+        lo, hi = int(lo_text), int(hi_text)
+    except ValueError:
+        lo = hi = None
+    if not sep or lo is None:
+        raise WorkloadError(f"--token-range must be LO:HI with integers LO < HI, got {text!r}")
+    if lo < 0 or lo >= hi:
+        raise WorkloadError(f"--token-range {text!r}: need 0 <= LO < HI")
+    return lo, hi
+
+
+def make_rng(seed: int, stream: str, *keys: int) -> np.random.Generator:
+    """A PCG64 generator for (seed, stream name, keys): independent streams per workload and item."""
+    return np.random.default_rng([seed, zlib.crc32(stream.encode()), *keys])
+
+
+def random_tokens(rng: np.random.Generator, n: int, token_range: tuple[int, int]) -> tuple[int, ...]:
+    """`n` token ids drawn uniformly from [lo, hi)."""
+    return tuple(rng.integers(token_range[0], token_range[1], size=n).tolist())
+
+
+def given(value: int | None, default: int) -> int:
+    """An option whose default depends on the workload: its value, or `default` when not given."""
+    return default if value is None else value

@@ -1,0 +1,95 @@
+"""Token-id workloads with no dataset: `random` and `prefix-repetition` (the shapes of vLLM's
+random and prefix-repetition benchmark datasets). Both are endless."""
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Iterator
+
+from loadgen.types import Session, Turn, WorkloadError
+from loadgen.workloads.base import at_least, given, make_rng, parse_token_range, random_tokens
+
+
+class RandomWorkload:
+    """One-turn requests of random token ids; lengths fixed or uniform in [L*(1-r), L*(1+r)]."""
+
+    name = "random"
+    summary = "random token prompts, fixed or ranged input/output lengths"
+    default_output_len = 128
+
+    def __init__(self, *, input_len: int = 256, output_len: int = 128, range_ratio: float = 0.0,
+                 token_range: tuple[int, int] = (1000, 30000), seed: int = 0) -> None:
+        at_least(input_len, 1, "--input-len")
+        at_least(output_len, 1, "--output-len")
+        at_least(seed, 0, "--seed")
+        if not 0.0 <= range_ratio < 1.0:
+            raise WorkloadError(f"--range-ratio must be in [0, 1), got {range_ratio}")
+        self.input_len, self.output_len, self.range_ratio = input_len, output_len, range_ratio
+        self.token_range, self.seed = token_range, seed
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RandomWorkload:
+        return cls(input_len=args.input_len, output_len=given(args.output_len, cls.default_output_len),
+                   range_ratio=args.range_ratio, token_range=parse_token_range(args.token_range),
+                   seed=args.seed)
+
+    def _bounds(self, length: int) -> tuple[int, int]:
+        """Inclusive length range for a nominal length (vLLM: int(L*(1-r)) .. int(L*(1+r))), at least 1."""
+        return max(1, int(length * (1 - self.range_ratio))), max(1, int(length * (1 + self.range_ratio)))
+
+    def sessions(self) -> Iterator[Session]:
+        rng = make_rng(self.seed, self.name)
+        in_lo, in_hi = self._bounds(self.input_len)
+        out_lo, out_hi = self._bounds(self.output_len)
+        for i in itertools.count():
+            n_in = int(rng.integers(in_lo, in_hi + 1))
+            n_out = int(rng.integers(out_lo, out_hi + 1))
+            yield Session(f"{self.name}-{i}", [Turn(max_tokens=n_out,
+                                                    token_ids=random_tokens(rng, n_in, self.token_range))])
+
+
+class PrefixRepetitionWorkload:
+    """One-turn requests: one of `num_prefixes` fixed random prefixes, then a fresh random suffix.
+
+    Prefixes are used equally: each round of `num_prefixes` requests uses every prefix once, in a
+    shuffled order. Distinct prefixes start with distinct tokens (when the token range allows), so
+    requests with different prefixes share no leading tokens.
+    """
+
+    name = "prefix-repetition"
+    summary = "shared random prefixes + fresh random suffixes (vLLM's prefix-repetition shape)"
+    default_output_len = 128
+
+    def __init__(self, *, prefix_len: int = 256, suffix_len: int = 64, num_prefixes: int = 4,
+                 output_len: int = 128, token_range: tuple[int, int] = (1000, 30000), seed: int = 0) -> None:
+        at_least(prefix_len, 1, "--prefix-len")
+        at_least(suffix_len, 0, "--suffix-len")
+        at_least(num_prefixes, 1, "--num-prefixes")
+        at_least(output_len, 1, "--output-len")
+        at_least(seed, 0, "--seed")
+        self.prefix_len, self.suffix_len, self.num_prefixes = prefix_len, suffix_len, num_prefixes
+        self.output_len, self.token_range, self.seed = output_len, token_range, seed
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PrefixRepetitionWorkload:
+        return cls(prefix_len=args.prefix_len, suffix_len=args.suffix_len, num_prefixes=args.num_prefixes,
+                   output_len=given(args.output_len, cls.default_output_len),
+                   token_range=parse_token_range(args.token_range), seed=args.seed)
+
+    def prefixes(self) -> list[tuple[int, ...]]:
+        """The `num_prefixes` prefixes of this seed."""
+        rng = make_rng(self.seed, self.name, 0)
+        lo, hi = self.token_range
+        firsts = rng.choice(hi - lo, size=self.num_prefixes, replace=self.num_prefixes > hi - lo) + lo
+        return [(int(first),) + random_tokens(rng, self.prefix_len - 1, self.token_range) for first in firsts]
+
+    def sessions(self) -> Iterator[Session]:
+        prefixes = self.prefixes()
+        rng = make_rng(self.seed, self.name, 1)
+        i = 0
+        while True:
+            for k in rng.permutation(self.num_prefixes).tolist():
+                tokens = prefixes[k] + random_tokens(rng, self.suffix_len, self.token_range)
+                yield Session(f"{self.name}-{i}", [Turn(max_tokens=self.output_len, token_ids=tokens)],
+                              tags={"prefix": k})
+                i += 1
