@@ -9,7 +9,7 @@ import importlib
 
 # Each module defines add_parser(subparsers) and sets `func` on its subcommand.
 COMMAND_MODULES = ("kvweave.generate_cmd", "worker.server", "controlplane.router_main", "controlplane.serve",
-                   "kvweave.bench")
+                   "kvweave.bench", "loadgen.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
