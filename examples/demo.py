@@ -1,7 +1,9 @@
 """`make run`: an embedded kvweave cluster (Redis, 2 workers, the router) on this machine, a short demo
 through the kvweave SDK (a streamed chat, a completion, two prompts sharing documents as reusable
 chunks) and through the OpenAI API with the official
-`openai` client (a chat completion, then the same streamed), then everything stops.
+`openai` client (a chat completion, then the same streamed), a short `kvweave loadgen` run (RAG
+questions whose passages recur in other orders, as reusable chunks) with its summary, then
+everything stops.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from openai import OpenAI
 
 import kvweave
 from controlplane.cluster import ClusterError, LocalCluster
+from kvweave.cli import main as kvweave_main
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PRIMES = [{"role": "user", "content": "Name three prime numbers."}]
@@ -29,6 +32,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="number of workers (default: 2)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens per answer (default: 48)")
     p.add_argument("--kv-cache-gb", type=float, default=0.25, help="KV cache per worker (default: 0.25)")
+    p.add_argument("--loadgen-requests", type=int, default=24,
+                   help="requests of the closing loadgen run, 0 to skip it (default: 24)")
     return p.parse_args()
 
 
@@ -73,6 +78,15 @@ def openai_demo(http_url: str, model: str, max_tokens: int) -> None:
     print()
 
 
+def loadgen_demo(target: str, num_requests: int) -> int:
+    """`kvweave loadgen` against the cluster: popular MuSiQue questions, passages shuffled per request."""
+    argv = ["loadgen", "--url", target, "--workload", "rag", "--num-docs", "3", "--max-doc-words", "60",
+            "--shuffle-docs", "--popularity-skew", "1.5", "--output-len", "8", "--num-requests", str(num_requests),
+            "--request-rate", "4", "--max-concurrency", "4", "--no-progress"]
+    print(f"\n[loadgen] kvweave {' '.join(argv)}", flush=True)
+    return kvweave_main(argv)
+
+
 def main() -> int:
     args = parse_args()
     start = time.monotonic()
@@ -90,6 +104,8 @@ def main() -> int:
             with kvweave.Client(cluster.grpc_target) as client:
                 model = client.list_models()[0].id
             openai_demo(cluster.http_url, model, args.max_tokens)
+            if args.loadgen_requests and loadgen_demo(cluster.grpc_target, args.loadgen_requests) != 0:
+                return 1
             print("\nstopping the cluster ...", flush=True)
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
