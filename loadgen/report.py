@@ -108,6 +108,11 @@ def format_summary(result: dict) -> str:
     row("Chunk-reused tokens:", f"{result.get('total_chunk_reused_tokens', 0)} "
                                 f"({result.get('chunk_reuse_ratio', 0.0):.1%} of input)")
     row("Recomputed tokens:", result.get("total_recomputed_tokens", 0))
+    by_worker = result.get("requests_by_worker") or {}
+    if by_worker:
+        lines.append(f"{'Successful requests per worker':-^{WIDTH}}")
+        for worker, count in by_worker.items():
+            row(f"{worker}:", count)
     errors = result.get("errors_by_kind") or {}
     if errors:
         lines.append(f"{'Errors':-^{WIDTH}}")

@@ -119,6 +119,7 @@ def compute_stats(records: Sequence[RequestRecord], *, start: float, duration: f
         "total_recomputed_tokens": sum(r.recomputed_tokens for r in ok),
         "prefix_reuse_ratio": cached / total_in if total_in else 0.0,
         "chunk_reuse_ratio": chunk_reused / total_in if total_in else 0.0,
+        "requests_by_worker": dict(sorted(Counter(r.worker_id for r in ok if r.worker_id).items())),
         "input_lens": [r.prompt_tokens for r in records],
         "output_lens": [r.output_tokens if r.ok else 0 for r in records],
         "ttfts": [r.ttft if r.ok else 0.0 for r in records],
@@ -126,5 +127,6 @@ def compute_stats(records: Sequence[RequestRecord], *, start: float, duration: f
         "e2els": [r.latency if r.ok else 0.0 for r in records],
         "start_times": [r.start - start for r in records],
         "errors": ["" if r.ok else f"{r.error}: {r.message}" for r in records],
+        "worker_ids": [r.worker_id or "" for r in records],
     }
     return result

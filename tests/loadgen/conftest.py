@@ -69,7 +69,8 @@ class LoadgenCluster:
         return self.router.http_url
 
     def counters(self) -> dict[str, float]:
-        """The router's request and token counters: ok / invalid / ... requests, prompt and generation tokens."""
+        """The router's request and token counters: ok / invalid / ... requests, prompt and generation tokens,
+        and routing decisions per worker ("decisions:<worker id>")."""
         with urllib.request.urlopen(self.http_url + "/metrics", timeout=10) as resp:
             text = resp.read().decode()
         out: dict[str, float] = {}
@@ -79,6 +80,9 @@ class LoadgenCluster:
                     out[sample.labels["status"]] = sample.value
                 elif sample.name in ("kvweave_router_prompt_tokens_total", "kvweave_router_generation_tokens_total"):
                     out[sample.name.split("_")[2]] = sample.value
+                elif sample.name == "kvweave_router_routing_decisions_total":
+                    key = f"decisions:{sample.labels['worker']}"
+                    out[key] = out.get(key, 0.0) + sample.value
         return out
 
     def stop(self) -> None:
