@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import json
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from controlplane.policies import Policy, RouteRequest, WorkerState, make_policy
 from kvstore.keys import BlockHash, hash_block
 from kvweave.bench.report import Result
+from loadgen.traces import read_mooncake
 
 TRACE_BLOCK_TOKENS = 512
 """Tokens per hash id in the Mooncake traces."""
@@ -84,17 +84,10 @@ class SimResult:
 
 
 def load_trace(path: str | Path, limit: int | None = None, offset: int = 0) -> list[TraceRequest]:
-    """`limit` requests of a Mooncake JSONL trace, from request number `offset` on."""
-    out: list[TraceRequest] = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if limit is not None and len(out) >= limit:
-                break
-            if i >= offset and line.strip():
-                d = json.loads(line)
-                out.append(TraceRequest(float(d["timestamp"]), int(d["input_length"]), int(d["output_length"]),
-                                        tuple(int(h) for h in d["hash_ids"])))
-    return out
+    """`limit` requests of a Mooncake JSONL trace, from request number `offset` on (parsed and
+    checked by `loadgen.traces.read_mooncake`)."""
+    records = read_mooncake(path)[offset:None if limit is None else offset + limit]
+    return [TraceRequest(r.timestamp_s * 1000.0, r.input_length, r.output_length, r.hash_ids) for r in records]
 
 
 def chain_hashes(hash_ids: Sequence[int]) -> list[BlockHash]:
