@@ -64,6 +64,8 @@ class ClusterConfig:
     """CPUs each Ray worker actor reserves."""
     lease_s: float | None = None
     """Workers' registry lease (None: the worker's default)."""
+    peer_fetch: bool = True
+    """Workers fetch the KV they lack from peers that hold it (`kvweave worker --peer-fetch`)."""
     engine_args: dict[str, Any] = field(default_factory=dict)
     """Engine settings of every worker, by EngineConfig field name (e.g. {"num_blocks": 256})."""
     startup_timeout: float = 300.0
@@ -302,6 +304,7 @@ class LocalWorkers:
         args = ["worker", "--model", c.model, "--host", c.host, "--port", str(port), "--redis-url", self.redis_url,
                 "--worker-id", worker_id, "--metrics-port", str(metrics_port),
                 *(["--lease-s", str(c.lease_s)] if c.lease_s else []),
+                *([] if c.peer_fetch else ["--peer-fetch", "false"]),
                 *engine_flags(worker_engine_args(c.engine_args, worker_id))]
         return kvweave_command(c, *args)
 

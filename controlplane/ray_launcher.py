@@ -123,7 +123,8 @@ class RayWorkers:
         c = self.config
         remote = bool(c.ray_address)
         options = {"host": "0.0.0.0" if remote else c.host, "port": 0, "redis_url": self.redis_url,
-                   "worker_id": worker_id, "advertise_host": "<node-ip>" if remote else None}
+                   "worker_id": worker_id, "advertise_host": "<node-ip>" if remote else None,
+                   "peer_fetch": c.peer_fetch}
         return options | ({"lease_s": c.lease_s, "heartbeat_s": min(1.0, c.lease_s / 3)} if c.lease_s else {})
 
     def start(self) -> None:

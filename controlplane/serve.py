@@ -18,7 +18,7 @@ class _Terminated(Exception):
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from controlplane.router_main import add_chunk_separator_arg
-    from worker.engine_args import add_engine_args
+    from worker.engine_args import add_engine_args, parse_bool
 
     p = sub.add_parser(
         "serve", help="start a cluster on this machine: Redis, N workers and the router",
@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray worker actor (default: 0)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray worker actor (default: 1)")
     p.add_argument("--lease-s", type=float, help="workers' registry lease in seconds (default: the worker's)")
+    p.add_argument("--peer-fetch", type=parse_bool, default=True, metavar="BOOL",
+                   help="workers fetch the KV blocks and chunk-caches they lack from peers that hold them "
+                        "(default: true)")
     p.add_argument("--startup-timeout", type=float, default=300.0,
                    help="seconds to wait for the cluster to be ready (default: 300)")
     p.add_argument("--log-dir", help="folder for the children's logs (default: a temp folder, removed at exit)")
@@ -59,7 +62,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         workers=args.workers, model=args.model, host=args.host, port=args.port, http_port=args.http_port,
         redis_url=args.redis_url, policy=args.policy, launcher=args.launcher, ray_address=args.ray_address,
         ray_temp_dir=args.ray_temp_dir, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-        lease_s=args.lease_s, engine_args=changed_engine_args(args), startup_timeout=args.startup_timeout,
+        lease_s=args.lease_s, peer_fetch=args.peer_fetch, engine_args=changed_engine_args(args),
+        startup_timeout=args.startup_timeout,
         log_dir=args.log_dir, log_level=args.log_level)
 
 

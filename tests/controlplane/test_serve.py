@@ -152,3 +152,17 @@ def test_serve_command_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_hf_mod
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_passes_peer_fetch_to_its_workers(tmp_path) -> None:
+    from controlplane.cluster import LocalWorkers
+    from controlplane.serve import config_from_args
+    from kvweave.cli import build_parser
+
+    parser = build_parser()
+    for flag, expected in ((["--peer-fetch", "false"], False), ([], True)):
+        config = config_from_args(parser.parse_args(["serve", "--workers", "2", *flag]))
+        assert config.peer_fetch is expected
+        command = LocalWorkers(config, ["w0"], "redis://127.0.0.1:1/0", tmp_path, {})._command("w0", 1234, 1235)
+        worker_args = parser.parse_args(command[command.index("kvweave") + 1:])
+        assert worker_args.command == "worker" and worker_args.peer_fetch is expected
