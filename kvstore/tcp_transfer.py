@@ -3,7 +3,8 @@
 gRPC (kvstore/transfer.py) stays the control plane and the fallback transport: a worker serves
 `KVTransfer` on its advertised address, and `KVTransfer.DataPort` names the port of its
 `KVDataServer` on the same host (0 when it has none). `TransferClient` asks once per address and
-then fetches over TCP; this module holds both ends of the data plane.
+then fetches over TCP. This module holds the wire format and the server; kvstore/tcp_client.py
+the client.
 
 Wire format (little-endian, fixed-size frames; one connection carries any number of requests,
 one after another: a client pools connections).
@@ -26,7 +27,7 @@ one buffer (kept for the connection's next request when it is small), and sends 
 further copies (`loop.sock_sendall` of a memoryview waits until the kernel took every byte): its
 memory stays at one layer per connection.
 
-The client (`KVDataClient.fetch_kv`) checks everything it receives, as the gRPC client does: a
+The client (`KVDataClient.fetch_kv`, in kvstore/tcp_client.py) checks everything it receives, as the gRPC client does: a
 header announcing at most the requested count and exactly the requested layout, layers strictly
 in order, each of exactly the layer's length and matching its checksum. Every layer is received
 with `loop.sock_recv_into` into a staging buffer kept with the connection (no bytes objects per
@@ -41,7 +42,6 @@ import logging
 import socket
 import struct
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -49,9 +49,8 @@ import torch
 
 from kvstore.codec import DTYPE_CODES, MAX_DIMS, KVLayout, checksum
 from kvstore.keys import HASH_BYTES
-from kvstore.transfer import DEFAULT_MAX_KEYS, _check_args
-from kvstore.transfer_source import (KVSource, TransferError, _layer_geometry, _LayerGather, _short, empty_entries,
-                                     empty_layer_major, export_entries, layout_from_code)
+from kvstore.transfer import DEFAULT_MAX_KEYS
+from kvstore.transfer_source import KVSource, TransferError, _LayerGather, _short, export_entries, layout_from_code
 
 logger = logging.getLogger(__name__)
 
@@ -352,215 +351,3 @@ class KVDataServer:
             data = framed[LAYER.size:]
             LAYER.pack_into(framed, 0, LAYER_MAGIC, layer, len(data), checksum(data))
             await self._send(loop, sock, framed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Client
-# ---------------------------------------------------------------------------------------------
-
-class _Connection:
-    __slots__ = ("sock", "staging", "head")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.staging: np.ndarray | None = None  # uint8, reused for every layer (and fetch, if small)
-        self.head = bytearray(max(HEADER.size, LAYER.size))
-
-    def staging_for(self, nbytes: int) -> np.ndarray:
-        if self.staging is None or len(self.staging) < nbytes:
-            self.staging = np.empty(nbytes, dtype=np.uint8)
-        return self.staging[:nbytes]
-
-    def reusable(self) -> bool:
-        """Open, and nothing unread on it (a peer that sent more than its answer, or closed)."""
-        try:
-            self.sock.recv(1, socket.MSG_PEEK)  # b"": closed; data: out of step
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            pass
-        return False
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class KVDataClient:
-    """Fetches KV from peers' data servers, keeping up to `max_idle_per_peer` open connections per
-    data address (for at most `max_peers` addresses, least recently used dropped first). Used by
-    `TransferClient`; use it directly given a data address ("host:port" of a KVDataServer)."""
-
-    def __init__(self, max_peers: int = 64, max_idle_per_peer: int = 4) -> None:
-        if max_peers <= 0 or max_idle_per_peer < 0:
-            raise ValueError("max_peers must be positive and max_idle_per_peer not negative")
-        self.max_peers = max_peers
-        self.max_idle_per_peer = max_idle_per_peer
-        self._idle: OrderedDict[str, list[_Connection]] = OrderedDict()
-
-    def idle_connections(self, address: str) -> int:
-        return len(self._idle.get(address, ()))
-
-    def _take(self, address: str) -> _Connection | None:
-        idle = self._idle.get(address)
-        while idle:
-            conn = idle.pop()
-            if conn.reusable():
-                return conn
-            conn.close()
-        return None
-
-    def _give_back(self, address: str, conn: _Connection) -> None:
-        idle = self._idle.setdefault(address, [])
-        self._idle.move_to_end(address)
-        if len(idle) >= self.max_idle_per_peer or not conn.reusable():
-            conn.close()
-        else:
-            idle.append(conn)
-        while len(self._idle) > self.max_peers:
-            _, old = self._idle.popitem(last=False)
-            for c in old:
-                c.close()
-
-    async def _connect(self, loop, address: str, peer: str) -> _Connection:
-        try:
-            host, port = _split_host_port(address)
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, ValueError) as e:
-            raise DataPlaneUnreachableError(f"KV fetch from {peer}: cannot resolve data address {address}: "
-                                            f"{_short(e)}") from None
-        error: BaseException | None = None
-        for family, type_, proto, _, sockaddr in infos:
-            sock = socket.socket(family, type_, proto)
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await loop.sock_connect(sock, sockaddr)
-                return _Connection(sock)
-            except OSError as e:
-                sock.close()
-                error = e
-            except BaseException:
-                sock.close()
-                raise
-        raise DataPlaneUnreachableError(f"KV fetch from {peer}: cannot connect to data address {address}: "
-                                        f"{_short(error or 'no address')}")
-
-    async def fetch_kv(self, address: str, keys: list[bytes], layout: KVLayout, timeout_s: float,
-                       out: torch.Tensor | None = None, *, peer: str | None = None) -> torch.Tensor:
-        """[n, *layout.shape]: the entries of the leading n of `keys` held by the data server at
-        `address`, every byte verified, within `timeout_s` for the whole call (connecting
-        included). Raises TransferError naming `peer` (default: `address`); ValueError for bad
-        arguments. `out` as for `TransferClient.fetch_kv`."""
-        keys = list(keys)
-        _check_args(keys, layout, timeout_s, 0, out)
-        peer = peer or address
-        if not keys:
-            return torch.empty((0, *layout.shape), dtype=layout.dtype) if out is None else out[:0]
-        loop = asyncio.get_running_loop()
-        conn: _Connection | None = None
-        deadline = asyncio.timeout(timeout_s)
-        try:
-            async with deadline:
-                conn = self._take(address) or await self._connect(loop, address, peer)
-                result = await _Exchange(conn, peer, keys, layout, out).run(loop)
-        except BaseException as e:
-            if conn is not None:
-                conn.close()
-            if isinstance(e, TimeoutError) and deadline.expired():
-                raise TransferError(f"KV fetch from {peer}: no complete answer within the {timeout_s:.3g} s "
-                                    f"deadline") from None
-            if isinstance(e, OSError):
-                raise TransferError(f"KV fetch from {peer}: connection to {address} failed: {_short(e)}") from None
-            raise
-        if conn.staging is not None and len(conn.staging) > KEEP_BUFFER_BYTES:
-            conn.staging = None
-        self._give_back(address, conn)
-        return result
-
-    async def close(self) -> None:
-        idle, self._idle = self._idle, OrderedDict()
-        for conns in idle.values():
-            for conn in conns:
-                conn.close()
-
-
-class _Exchange:
-    """One request and its checked answer on one connection."""
-
-    def __init__(self, conn: _Connection, peer: str, keys: list[bytes], layout: KVLayout,
-                 out: torch.Tensor | None) -> None:
-        self.conn, self.peer, self.keys, self.layout, self.given_out = conn, peer, keys, layout, out
-        self.n_layers, self.rows_per_entry, self.row_bytes = _layer_geometry(layout)
-        self.layer = 0
-        self.what = "the header"
-
-    def fail(self, problem: str) -> TransferError:
-        return TransferError(f"KV fetch from {self.peer}: {problem}")
-
-    async def _recv(self, loop, view: memoryview) -> None:
-        try:
-            await _recv_exactly(loop, self.conn.sock, view)
-        except _Closed as e:
-            raise self.fail(f"the connection closed during {self.what} ({e.got} of {len(view)} bytes)") from None
-
-    async def run(self, loop) -> torch.Tensor:
-        conn, layout = self.conn, self.layout
-        await loop.sock_sendall(conn.sock, encode_request(self.keys, layout))
-        head = memoryview(conn.head)[:HEADER.size]
-        await self._recv(loop, head)
-        magic, version, status, dtype, ndim, *rest = HEADER.unpack(head)
-        shape, value = rest[:MAX_DIMS], rest[MAX_DIMS]
-        if magic != RESPONSE_MAGIC:
-            raise self.fail("the answer is not a KV data header (bad magic)")
-        if version != PROTOCOL_VERSION:
-            raise self.fail(f"answered with protocol version {version}, not {PROTOCOL_VERSION}")
-        if status != STATUS_OK:
-            if value > MAX_ERROR_MESSAGE_BYTES:
-                raise self.fail(f"status {status} with an error message of {value} bytes")
-            message = bytearray(value)
-            self.what = "the error message"
-            await self._recv(loop, memoryview(message))
-            name = STATUS_NAMES.get(status, f"status {status}")
-            raise self.fail(f"{name}: {_short(message.decode('utf-8', 'replace') or 'no details')}")
-        n = value
-        if n > len(self.keys):
-            raise self.fail(f"announced {n} entries for {len(self.keys)} requested keys")
-        if dtype != DTYPE_CODES[layout.dtype] or ndim != len(layout.shape) or tuple(shape) != _pack_shape(layout):
-            try:
-                announced = str(layout_from_code(dtype, shape[:ndim])) if ndim <= MAX_DIMS else None
-            except ValueError:
-                announced = None
-            raise self.fail(f"announced layout {announced or f'(dtype {dtype}, dims {list(shape)[:ndim]})'}, "
-                            f"requested {layout}")
-        if n == 0:
-            return empty_entries(0, layout) if self.given_out is None else self.given_out[:0]
-        rows = n * self.rows_per_entry
-        layer_bytes = rows * self.row_bytes
-        if self.given_out is None:  # received in place, layer by layer, into a layer-major tensor
-            out = empty_layer_major(n, layout)
-            layers = out.movedim(2, 0).view(torch.uint8).numpy().reshape(self.n_layers, layer_bytes)
-            dst = staging = src = None
-        else:
-            out = self.given_out[:n]
-            dst = out.view(torch.uint8).numpy().reshape(rows, self.n_layers, self.row_bytes)
-            staging = conn.staging_for(layer_bytes)
-            src = staging.reshape(rows, self.row_bytes)
-        frame = memoryview(conn.head)[:LAYER.size]
-        for layer in range(self.n_layers):
-            self.what = f"the frame of layer {layer}"
-            await self._recv(loop, frame)
-            magic, index, length, data_checksum = LAYER.unpack(frame)
-            if magic != LAYER_MAGIC:
-                raise self.fail(f"layer {layer}: not a layer frame (bad magic)")
-            if index != layer:
-                raise self.fail(f"sent layer {index} while layer {layer} was expected")
-            if length != layer_bytes:
-                raise self.fail(f"layer {layer}: announced {length} bytes, the layer has {layer_bytes}")
-            self.what = f"layer {layer}"
-            data = memoryview(staging if dst is not None else layers[layer])
-            await self._recv(loop, data)
-            if checksum(data) != data_checksum:
-                raise self.fail(f"layer {layer}: checksum mismatch")
-            if dst is not None:
-                np.copyto(dst[:, layer], src)  # numpy: torch's threads are slower on busy cores
-        return out

@@ -1,5 +1,5 @@
 """Node-to-node KV transfer: the gRPC service (`kvweave.v1.KVTransfer`, proto/kvweave/v1/kvtransfer.proto)
-and `TransferClient`, which fetches over a peer's raw TCP data plane (kvstore/tcp_transfer.py: the
+and `TransferClient`, which fetches over a peer's raw TCP data plane (kvstore/tcp_transfer.py, tcp_client.py: the
 default; ~2.5x the throughput of the gRPC stream here) or over the gRPC `Fetch` stream described here.
 
 Transports. A peer serves `KVTransfer` on its one advertised address; `DataPort` answers the port
@@ -383,7 +383,7 @@ class TransferClient:
     connections belong to the event loop that created them."""
 
     def __init__(self, max_channels: int = 64, transport: str = "auto", max_idle_connections: int = 4) -> None:
-        from kvstore.tcp_transfer import KVDataClient
+        from kvstore.tcp_client import KVDataClient
 
         if max_channels <= 0:
             raise ValueError("max_channels must be positive")
