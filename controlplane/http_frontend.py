@@ -102,7 +102,8 @@ async def _respond(request: web.Request, router: Router, inp: GenerateInput, opt
         deltas = [first] + [d async for d in stream]
     last = deltas[-1]
     logprobs = logprobs_json(opts, router.tokenizer, [lp for d in deltas for lp in d.logprobs])
-    body = response_json(opts, "".join(d.text for d in deltas), last.finish_reason, last.usage, logprobs)
+    body = response_json(opts, "".join(d.text for d in deltas), last.finish_reason, last.usage, logprobs,
+                         last.worker_id)
     return web.json_response(body)
 
 
@@ -123,7 +124,7 @@ async def _stream_events(request: web.Request, router: Router, opts: ResponseOpt
                 break
             delta = await anext(stream)
         if opts.include_usage:
-            await _send(resp, chunk_json(opts, None, usage=delta.usage))
+            await _send(resp, chunk_json(opts, None, usage=delta.usage, worker_id=delta.worker_id))
         await resp.write(b"data: [DONE]\n\n")
     except ConnectionResetError:
         pass  # the client went away (closing the stream aborts the request)

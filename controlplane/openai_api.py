@@ -8,7 +8,7 @@ reusable chunks (KV that may be reused wherever the text appears): `/v1/completi
 `"kvweave": {"chunks": [str | {"text": str, "reusable": bool}, ...]}` followed by the optional
 string `prompt`; chat messages mark documents with `"kvweave": {"document": true}` or content parts
 `{"type": "document", "text": ...}` (worker/segments.py). Usage adds `"kvweave": {"computed_tokens",
-"prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens"}`.
+"prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens", "worker_id"}`.
 Features we do not implement (penalties, logit_bias, tools, echo, best_of > 1, suffix) are
 rejected with a 400 rather than silently ignored.
 """
@@ -200,15 +200,17 @@ def _message(message, i: int) -> dict:
 
 # ------------------------------------------------------------------------------------ responses
 
-def usage_json(usage: Usage | None) -> dict | None:
+def usage_json(usage: Usage | None, worker_id: str = "") -> dict | None:
+    """OpenAI's usage object plus kvweave's block (token accounting and the worker that served)."""
     if usage is None:
         return None
+    kvweave = {"computed_tokens": usage.computed_tokens, "prefix_reused_tokens": usage.cached_tokens,
+               "chunk_reused_tokens": usage.chunk_reused_tokens, "recomputed_tokens": usage.recomputed_tokens}
+    if worker_id:
+        kvweave["worker_id"] = worker_id
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-            "kvweave": {"computed_tokens": usage.computed_tokens, "prefix_reused_tokens": usage.cached_tokens,
-                        "chunk_reused_tokens": usage.chunk_reused_tokens,
-                        "recomputed_tokens": usage.recomputed_tokens}}
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}, "kvweave": kvweave}
 
 
 def logprobs_json(opts: ResponseOptions, tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob],
@@ -237,7 +239,7 @@ def _top_entry(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict:
 
 
 def response_json(opts: ResponseOptions, text: str, finish_reason: str | None, usage: Usage | None,
-                  logprobs: dict | None) -> dict:
+                  logprobs: dict | None, worker_id: str = "") -> dict:
     """The non-streaming response object."""
     if opts.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
@@ -245,11 +247,13 @@ def response_json(opts: ResponseOptions, text: str, finish_reason: str | None, u
     else:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {"id": opts.req_id, "object": "chat.completion" if opts.chat else "text_completion",
-            "created": opts.created, "model": opts.model, "choices": [choice], "usage": usage_json(usage)}
+            "created": opts.created, "model": opts.model, "choices": [choice],
+            "usage": usage_json(usage, worker_id)}
 
 
 def chunk_json(opts: ResponseOptions, text: str | None, finish_reason: str | None = None,
-               logprobs: dict | None = None, usage: Usage | None = None, role: bool = False) -> dict:
+               logprobs: dict | None = None, usage: Usage | None = None, role: bool = False,
+               worker_id: str = "") -> dict:
     """One streamed chunk; `text=None` with `usage` makes the final usage-only chunk (no choices)."""
     chunk = {"id": opts.req_id, "object": "chat.completion.chunk" if opts.chat else "text_completion",
              "created": opts.created, "model": opts.model, "choices": []}
@@ -260,7 +264,7 @@ def chunk_json(opts: ResponseOptions, text: str | None, finish_reason: str | Non
         else:
             chunk["choices"].append({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
     if usage is not None or (opts.include_usage and text is None):
-        chunk["usage"] = usage_json(usage)
+        chunk["usage"] = usage_json(usage, worker_id)
     return chunk
 
 

@@ -295,6 +295,7 @@ class OpenAIBackend(Backend):
             kvweave = usage.get("kvweave") or {}
             record.chunk_reused_tokens = kvweave.get("chunk_reused_tokens") or 0
             record.recomputed_tokens = kvweave.get("recomputed_tokens") or 0
+            record.worker_id = kvweave.get("worker_id") or record.worker_id
 
     async def close(self) -> None:
         if self._session is not None:

@@ -127,7 +127,9 @@ def check_usage(usage, prompt_tokens: int) -> None:
 
 def check_usage_json(usage: dict, prompt_tokens: int) -> None:
     ext = usage["kvweave"]
-    assert set(ext) == {"computed_tokens", "prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens"}
+    assert set(ext) == {"computed_tokens", "prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens",
+                        "worker_id"}
+    assert ext["worker_id"] in {"w0", "w1"}  # the serving worker (tests/controlplane/conftest.py names them)
     assert usage["prompt_tokens"] == prompt_tokens
     assert ext["prefix_reused_tokens"] == usage["prompt_tokens_details"]["cached_tokens"]
     assert ext["computed_tokens"] == (prompt_tokens - ext["prefix_reused_tokens"] - ext["chunk_reused_tokens"]

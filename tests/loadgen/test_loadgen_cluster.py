@@ -91,10 +91,10 @@ def test_workload_counts_agree_with_the_workload_and_the_router(cluster, tmp_pat
     assert delta["ok"] == result["completed"]
     assert delta["prompt"] == result["total_input_tokens"]
     assert delta["generation"] == result["total_output_tokens"]
-    if backend == "grpc":  # the SDK names the worker that served each request
-        decisions = {k.split(":", 1)[1]: v for k, v in delta.items() if k.startswith("decisions:") and v}
-        assert result["requests_by_worker"] == decisions
-        assert sum(result["requests_by_worker"].values()) == n
+    # Both backends learn the serving worker (the SDK's deltas, the usage's kvweave.worker_id).
+    decisions = {k.split(":", 1)[1]: v for k, v in delta.items() if k.startswith("decisions:") and v}
+    assert result["requests_by_worker"] == decisions
+    assert sum(result["requests_by_worker"].values()) == n
     assert len(result["ttfts"]) == len(result["start_times"]) == n
     assert 0 < result["mean_ttft_ms"] <= result["mean_e2el_ms"]
     assert result["config"]["workload"] == workload and result["backend"] == backend
