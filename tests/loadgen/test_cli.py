@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from controlplane.procs import free_port
 from kvweave.cli import main
+from loadgen_helpers import interrupt_loadgen
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = ["--token-range", "10:500", "--input-len", "8", "--output-len", "3"]
 USAGE = {"prompt_tokens": 7, "prompt_tokens_details": {"cached_tokens": 4},
          "kvweave": {"chunk_reused_tokens": 2, "recomputed_tokens": 1}}
@@ -216,23 +211,10 @@ def test_malformed_trace_exits_2(tmp_path, capsys) -> None:
 def test_sigterm_stops_a_run_cleanly(fake_openai, tmp_path) -> None:
     server, url = fake_openai(["ok"])
     out = tmp_path / "terminated.json"
-    cmd = [sys.executable, "-m", "kvweave", "loadgen", "--backend", "openai", "--url", url, "--request-rate", "20",
-           "--num-requests", "100000", "--json", str(out), *TINY]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while len(server.requests) < 3:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no request arrived within 30 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 143, stderr
+    args = ["--backend", "openai", "--url", url, "--request-rate", "20", "--num-requests", "100000",
+            "--json", str(out), *TINY]
+    rc, stdout, stderr, _ = interrupt_loadgen(args, lambda: len(server.requests) >= 3, signal.SIGTERM)
+    assert rc == 143, stderr
     assert "Traceback" not in stderr and "interrupted by SIGTERM" in stdout
     result = json.loads(out.read_text())
     assert result["completed"] >= 2 and result["interrupted"] == "SIGTERM"

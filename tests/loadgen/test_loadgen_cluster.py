@@ -7,19 +7,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from kvweave.cli import main
+from loadgen_helpers import interrupt_loadgen
 from loadgen.workloads import add_workload_arguments, build_workload
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = ["--token-range", "10:500"]
 """Token ids within the tiny model's vocabulary (512)."""
 STATUSES = ("ok", "invalid", "overloaded", "no_worker", "worker_error", "error", "cancelled")
@@ -162,25 +159,12 @@ def test_requests_the_server_rejects_are_counted_by_kind(cluster, tmp_path, caps
 def test_ctrl_c_stops_the_run_and_keeps_what_it_measured(cluster, tmp_path) -> None:
     out = tmp_path / "interrupted.json"
     before = cluster.counters()
-    cmd = [sys.executable, "-m", "kvweave", "loadgen", *target(cluster, "grpc"), "--request-rate", "20",
-           "--num-requests", "100000", "--json", str(out), "--no-progress", *WORKLOADS["random"]]
-    env = os.environ | {"PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while counter_deltas(cluster, before, 0).get("ok", 0) < 3:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no request completed within 30 s"
-            time.sleep(0.1)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert time.monotonic() - sent < 5
-    assert proc.returncode == 130, stderr
+    args = [*target(cluster, "grpc"), "--request-rate", "20", "--num-requests", "100000", "--json", str(out),
+            "--no-progress", *WORKLOADS["random"]]
+    rc, stdout, stderr, seconds = interrupt_loadgen(
+        args, lambda: counter_deltas(cluster, before, 0).get("ok", 0) >= 3, signal.SIGINT)
+    assert seconds < 5
+    assert rc == 130, stderr
     assert "Traceback" not in stderr
     result = json.loads(out.read_text())
     assert result["completed"] >= 3 and result["interrupted"] == "SIGINT"

@@ -1,0 +1,33 @@
+"""Helpers shared by the loadgen tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def interrupt_loadgen(args: list[str], ready: Callable[[], bool], sig: int) -> tuple[int, str, str, float]:
+    """Run `kvweave loadgen ARGS` as a subprocess, send it `sig` once `ready()` holds (within 30 s);
+    (exit code, stdout, stderr, seconds from the signal to the exit)."""
+    proc = subprocess.Popen([sys.executable, "-m", "kvweave", "loadgen", *args], cwd=REPO,
+                            env=os.environ | {"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run was not ready to interrupt within 30 s"
+            time.sleep(0.05)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=15)
+        return proc.returncode, stdout, stderr, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
