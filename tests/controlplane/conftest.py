@@ -1,110 +1,26 @@
-"""A local cluster for router tests: real Redis, real gRPC workers on the tiny model, real routers.
-
-Everything asynchronous (workers, routers) runs in one event loop in a background thread, so tests
-can use blocking clients (the official `openai` client, sync gRPC stubs) from the test thread.
-"""
+"""Fixtures of the router tests: an in-process cluster (tests/inprocess_cluster.py) on a lively tiny model."""
 from __future__ import annotations
 
-import asyncio
-import itertools
-import logging
-import threading
-from pathlib import Path
-
 import pytest
-import redis
 
-from controlplane.router import Router, RouterConfig
-from controlplane.router_main import RouterServer, ServeOptions
-from worker.engine import EngineConfig
-from worker.loader import load_tokenizer
-from worker.server import WorkerOptions, WorkerServer
-
-logger = logging.getLogger(__name__)
-
-_DB = itertools.count(1)  # each cluster gets its own Redis database
-LEASE_S = 1.0
-
-
-class LocalCluster:
-    def __init__(self, redis_base_url: str, model: Path, num_workers: int = 2, **engine_config) -> None:
-        self.redis_url = redis_base_url.rsplit("/", 1)[0] + f"/{next(_DB) % 16}"
-        redis.Redis.from_url(self.redis_url).flushdb()
-        self.model = model
-        self.engine_config = {"dtype": "float32", "num_blocks": 256, "block_size": 16, "num_threads": 1,
-                              "max_num_batched_tokens": 256} | engine_config
-        self.num_workers = num_workers
-        self.workers: list[WorkerServer] = []
-        self.routers: list[RouterServer] = []
-        self.tokenizer = load_tokenizer(str(model))
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-cluster", daemon=True)
-
-    def run(self, coro, timeout: float = 120.0):
-        """Run `coro` in the cluster's loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self) -> "LocalCluster":
-        self._thread.start()
-        for i in range(self.num_workers):
-            self.add_worker(f"w{i}")
-        return self
-
-    def add_worker(self, worker_id: str) -> WorkerServer:
-        options = WorkerOptions(redis_url=self.redis_url, worker_id=worker_id, lease_s=LEASE_S, heartbeat_s=0.2,
-                                grace_s=0.5)
-        server = WorkerServer(EngineConfig(model=str(self.model), **self.engine_config), options)
-        self.run(server.start())
-        self.workers.append(server)
-        return server
-
-    def add_router(self, policy: str = "prefix_aware", max_inflight: int = 64, **policy_config) -> RouterServer:
-        config = RouterConfig(redis_url=self.redis_url, model=str(self.model), policy=policy,
-                              policy_config=policy_config, max_inflight=max_inflight, lease_s=LEASE_S,
-                              refresh_s=0.1)
-        server = RouterServer(config, ServeOptions(grace_s=0.5), Router(config, self.tokenizer))
-        self.run(server.start())
-        self.routers.append(server)
-        return server
-
-    def kill_worker(self, worker: WorkerServer) -> None:
-        """Stop serving at once, as a crash would: no deregistration, the lease runs out on its own."""
-        async def crash() -> None:
-            for task in worker._tasks:
-                task.cancel()
-            await worker._server.stop(None)
-        self.run(crash())
-
-    def num_worker_requests(self) -> int:
-        """Requests the workers' engines still hold."""
-        return sum(w.engine.num_requests for w in self.workers if w.engine is not None)
-
-    def stop(self) -> None:
-        for server in [*self.routers, *self.workers]:
-            try:
-                self.run(server.stop(), timeout=30)
-            except Exception:  # keep stopping the rest; the failure is in the log
-                logger.exception("stopping %r failed", server)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=30)
-        self.loop.close()
+from tests.inprocess_cluster import InProcessCluster
 
 
 @pytest.fixture(scope="module")
 def cluster(redis_server, tiny_model_variant):
     """Two workers on a lively tiny model (greedy output depends on the context), shared by a module."""
-    c = LocalCluster(redis_server.url, tiny_model_variant("gqa")).start()
+    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa")).start()
     yield c
     c.stop()
 
 
 @pytest.fixture
 def make_cluster(redis_server, tiny_model_variant):
-    """`make(num_workers=2)` -> a fresh LocalCluster for tests that break things; stopped afterwards."""
-    made: list[LocalCluster] = []
+    """`make(num_workers=2)` -> a fresh InProcessCluster for tests that break things; stopped afterwards."""
+    made: list[InProcessCluster] = []
 
-    def make(num_workers: int = 2, **engine_config) -> LocalCluster:
-        made.append(LocalCluster(redis_server.url, tiny_model_variant("gqa"), num_workers, **engine_config).start())
+    def make(num_workers: int = 2, **engine_config) -> InProcessCluster:
+        made.append(InProcessCluster(redis_server.url, tiny_model_variant("gqa"), num_workers, **engine_config).start())
         return made[-1]
 
     yield make
