@@ -4,7 +4,8 @@ One file per layout (`kvweave-slab-<dtype>-<shape>.bin`), so models with differe
 share a directory without seeing each other's entries. Slot `i` sits at `i * slot_bytes`, where
 `slot_bytes` is the 128-byte header plus the payload rounded up to 4 KiB; the file is preallocated
 (`posix_fallocate`, or `ftruncate` where the filesystem cannot), so a put never grows it. An
-exclusive `flock` keeps a second tier (in this process or another) off a file in use.
+exclusive `flock` keeps a second tier (in this process or another) off a file in use (the file's
+opening, locking and O_DIRECT I/O: kvstore/slab.py).
 
 I/O bypasses the page cache (O_DIRECT) where the filesystem allows: cached KV would otherwise
 double-count against the DRAM tier and evict it. O_DIRECT needs aligned buffers, offsets and
@@ -47,12 +48,11 @@ a restart, eviction order starts from slot order.
 from __future__ import annotations
 
 import errno
-import fcntl
 import heapq
 import logging
 import mmap
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -62,6 +62,7 @@ import torch
 from kvstore.codec import HEADER_BYTES, CorruptEntryError, KVLayout, checksum, decode_header, encode_header, verify
 from kvstore.dram import copy_in, copy_out
 from kvstore.eviction import EvictionPolicy
+from kvstore.slab import SlabFile
 from kvstore.tier import SlotTier, TierConfigError, capacity_entries
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,6 @@ def slot_size(layout: KVLayout) -> int:
 
 
 class SSDTier(SlotTier):
-    _fd = -1
     _executor: ThreadPoolExecutor | None = None
     _executor_pid = -1
     io_parts = 4
@@ -114,7 +114,7 @@ class SSDTier(SlotTier):
         super().__init__("ssd", layout, capacity, policy)
         self.directory = Path(directory)
         self.path = slab_path(directory, layout)
-        self.direct_io = False
+        self._file: SlabFile | None = None
         private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # not shared with a forked child
         self._buf = mmap.mmap(-1, self.slot_bytes, flags=private)  # page aligned, reused by every read and write
         self._view = memoryview(self._buf)
@@ -135,7 +135,7 @@ class SSDTier(SlotTier):
                                 for j in range(self.batch_slots)]
         self._batch_errors: list[CorruptEntryError | None] = [None] * self.batch_slots
         try:
-            self._open(use_direct_io is not False)
+            self._file = SlabFile(self.directory, self.path, use_direct_io is not False)
             self._load()
         except BaseException:
             self.close()
@@ -143,44 +143,16 @@ class SSDTier(SlotTier):
 
     # --- setup ------------------------------------------------------------------------------
 
-    def _open(self, direct: bool) -> None:
-        where = f"SSD cache directory {str(self.directory)!r}"
-        if self.directory.exists() and not self.directory.is_dir():
-            raise TierConfigError(f"{where} is not a directory")
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TierConfigError(f"{where} cannot be created: {e.strerror or e}") from e
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        try:
-            if direct and hasattr(os, "O_DIRECT"):
-                try:
-                    self._fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
-                    self.direct_io = True
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    logger.info("%s does not support O_DIRECT; using buffered I/O", self.directory)
-            if self._fd < 0:
-                self._fd = os.open(self.path, flags, 0o644)
-        except OSError as e:  # opening for writing is the write probe (a read-only mount fails it, even for root)
-            raise TierConfigError(f"{where} is not writable: cannot open {self.path.name}: {e.strerror or e}") from e
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise TierConfigError(f"{self.path} is in use by another SSD tier (another process, "
-                                  f"or a tier of this one not closed)") from e
-
     def _load(self) -> None:
         """Adopt the entries the file holds, erase damaged and cut-short slots, size the file."""
-        size = os.fstat(self._fd).st_size
+        size = self._file.size()
         whole = min(self.capacity, size // self.slot_bytes)
         head = self._view[:ALIGN]
         found: dict[bytes, int] = {}
         stale: list[int] = []
         damaged = duplicates = 0
         for slot in range(whole):
-            self._pread(head, slot * self.slot_bytes)
+            self._file.pread(head, slot * self.slot_bytes)
             try:
                 header = decode_header(head)
             except CorruptEntryError:
@@ -211,49 +183,28 @@ class SSDTier(SlotTier):
         if size > want:
             logger.info("SSD tier %s: capacity shrank to %d entries; dropping the slots past it", self.path,
                         self.capacity)
-            os.ftruncate(self._fd, want)
+            os.ftruncate(self._file.fd, want)
         elif size < want:
             try:
-                os.posix_fallocate(self._fd, 0, want)
+                os.posix_fallocate(self._file.fd, 0, want)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise TierConfigError(f"SSD cache directory {str(self.directory)!r} has no room for "
                                           f"{want / 2**30:.2f} GiB ({self.capacity} entries of {self.layout})") from e
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                     raise
-                os.ftruncate(self._fd, want)  # sparse: blocks are allocated on first write
+                os.ftruncate(self._file.fd, want)  # sparse: blocks are allocated on first write
 
     # --- slot I/O ---------------------------------------------------------------------------
-
-    def _io(self, op: Callable[[int, memoryview, int], int], buf: memoryview, offset: int) -> int:
-        if self._fd < 0:
-            raise ValueError(f"SSD tier {self.path} is closed")
-        try:
-            return op(self._fd, buf, offset)
-        except OSError as e:
-            if e.errno != errno.EINVAL or not self.direct_io:
-                raise
-        logger.warning("SSD tier %s: O_DIRECT I/O refused; falling back to buffered I/O", self.path)
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        self.direct_io = False
-        return op(self._fd, buf, offset)
-
-    def _pread(self, buf: memoryview, offset: int) -> int:
-        return self._io(lambda fd, b, off: os.preadv(fd, [b], off), buf, offset)
-
-    def _pwrite(self, buf: memoryview, offset: int) -> None:
-        n = self._io(os.pwrite, buf, offset)
-        if n != len(buf):
-            raise OSError(errno.EIO, f"short write to {self.path} ({n} of {len(buf)} bytes)")
 
     def _write_slot(self, slot: int, key: bytes, value: torch.Tensor) -> None:
         copy_in(self._payload, value)
         self._view[:HEADER_BYTES] = encode_header(key, self.layout, checksum(self._payload))
-        self._pwrite(self._view, slot * self.slot_bytes)
+        self._file.pwrite(self._view, slot * self.slot_bytes)
 
     def _read_slot(self, slot: int, key: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
         try:
-            n = self._pread(self._view, slot * self.slot_bytes)
+            n = self._file.pread(self._view, slot * self.slot_bytes)
         except OSError as e:
             if e.errno != errno.EIO:
                 raise
@@ -454,7 +405,7 @@ class SSDTier(SlotTier):
         sb = self.slot_bytes
         for first, count in _runs(slots):
             start = (base + first) * sb
-            self._pwrite(self._batch_view[start:start + count * sb], slots[first] * sb)
+            self._file.pwrite(self._batch_view[start:start + count * sb], slots[first] * sb)
             done.append(count)
 
     def _read_runs(self, base: int, slots: Sequence[int]) -> None:
@@ -467,7 +418,7 @@ class SSDTier(SlotTier):
         cannot be read whole gets its CorruptEntryError in `_batch_errors`."""
         sb = self.slot_bytes
         try:
-            n = self._pread(self._batch_view[first * sb:(first + count) * sb], slot * sb)
+            n = self._file.pread(self._batch_view[first * sb:(first + count) * sb], slot * sb)
         except OSError as e:
             if e.errno != errno.EIO:
                 raise
@@ -490,17 +441,17 @@ class SSDTier(SlotTier):
         return self._executor
 
     def _erase_slot(self, slot: int) -> None:
-        self._pwrite(memoryview(self._zeros), slot * self.slot_bytes)
+        self._file.pwrite(memoryview(self._zeros), slot * self.slot_bytes)
 
     def close(self) -> None:
         with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)  # also releases the flock
-                self._fd = -1
+            if self._file is not None:
+                self._file.close()  # also releases the flock
             if self._executor is not None:  # idle: batched I/O runs under the lock
                 self._executor.shutdown(wait=False)
                 self._executor = None
 
-    def __del__(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
+    @property
+    def direct_io(self) -> bool:
+        """Whether the slab file's I/O bypasses the page cache (O_DIRECT) now."""
+        return self._file is not None and self._file.direct_io

@@ -178,8 +178,8 @@ def bench_ssd(cfg: BenchConfig, directory: str | None) -> list[Result]:
                 put.append(_timed(lambda: [tier.put_many(run_keys[i:i + SSD_BATCH], values[i:i + SSD_BATCH])
                                            for i in range(0, n, SSD_BATCH)]))
                 if not direct:
-                    os.fsync(tier._fd)
-                    os.posix_fadvise(tier._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.fsync(tier._file.fd)
+                    os.posix_fadvise(tier._file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 get.append(_timed(lambda: [tier.get_many(run_keys[i:i + SSD_BATCH], outs[i:i + SSD_BATCH])
                                            for i in range(0, n, SSD_BATCH)]))
                 assert torch.equal(outs.view(torch.int16), values.view(torch.int16))

@@ -248,10 +248,10 @@ def test_o_direct_is_used_where_the_filesystem_allows(tmp_path):
         pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
     tier = open_tier(tmp_path)
     assert tier.direct_io
-    assert fcntl.fcntl(tier._fd, fcntl.F_GETFL) & os.O_DIRECT
+    assert fcntl.fcntl(tier._file.fd, fcntl.F_GETFL) & os.O_DIRECT
     tier.close()
     tier = open_tier(tmp_path / "buffered", use_direct_io=False)
-    assert not tier.direct_io and not fcntl.fcntl(tier._fd, fcntl.F_GETFL) & os.O_DIRECT
+    assert not tier.direct_io and not fcntl.fcntl(tier._file.fd, fcntl.F_GETFL) & os.O_DIRECT
     tier.close()
 
 
@@ -292,7 +292,7 @@ class IOCounter:
 
     def _counted(self, real, log: list[int], tier: SSDTier):
         def io(fd, data, offset, *rest):
-            if fd != tier._fd:
+            if fd != tier._file.fd:
                 return real(fd, data, offset, *rest)
             size = sum(len(memoryview(b)) for b in data) if isinstance(data, list) else len(memoryview(data))
             if log is self.writes and len(log) == self.fail_write:
