@@ -31,19 +31,7 @@ from pathlib import Path
 from controlplane.policies import Policy, RouteRequest, WorkerState, make_policy
 from kvstore.keys import BlockHash, hash_block
 from kvweave.bench.report import Result
-from loadgen.traces import read_mooncake
-
-TRACE_BLOCK_TOKENS = 512
-"""Tokens per hash id in the Mooncake traces."""
-
-
-@dataclass(frozen=True, slots=True)
-class TraceRequest:
-    timestamp_ms: float
-    input_length: int
-    output_length: int
-    hash_ids: tuple[int, ...]
-
+from loadgen.traces import MOONCAKE_BLOCK_TOKENS, MooncakeRecord, read_mooncake
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -52,7 +40,7 @@ class SimConfig:
     """Blocks each worker's LRU cache holds (1000 x 512 tokens)."""
     ms_per_token: float = 1.0
     """How long each uncached prompt token and each output token occupies a worker."""
-    block_size: int = TRACE_BLOCK_TOKENS
+    block_size: int = MOONCAKE_BLOCK_TOKENS
 
     def __post_init__(self) -> None:
         if self.num_workers <= 0 or self.capacity_blocks <= 0 or self.block_size <= 0:
@@ -83,11 +71,10 @@ class SimResult:
         return max(n) / (sum(n) / len(n)) if n and sum(n) else 1.0
 
 
-def load_trace(path: str | Path, limit: int | None = None, offset: int = 0) -> list[TraceRequest]:
+def load_trace(path: str | Path, limit: int | None = None, offset: int = 0) -> list[MooncakeRecord]:
     """`limit` requests of a Mooncake JSONL trace, from request number `offset` on (parsed and
     checked by `loadgen.traces.read_mooncake`)."""
-    records = read_mooncake(path)[offset:None if limit is None else offset + limit]
-    return [TraceRequest(r.timestamp_s * 1000.0, r.input_length, r.output_length, r.hash_ids) for r in records]
+    return read_mooncake(path)[offset:None if limit is None else offset + limit]
 
 
 def chain_hashes(hash_ids: Sequence[int]) -> list[BlockHash]:
@@ -153,7 +140,7 @@ class _WorkerLoad:
         heapq.heappush(self._ends, (prefill_end + num_output * ms_per_token, w, -1))
 
 
-def simulate(requests: Sequence[TraceRequest], policy: Policy, cfg: SimConfig = SimConfig(),
+def simulate(requests: Sequence[MooncakeRecord], policy: Policy, cfg: SimConfig = SimConfig(),
              hashes: Sequence[Sequence[BlockHash]] | None = None, name: str = "") -> SimResult:
     """Route every request with `policy` over `cfg.num_workers` simulated workers."""
     hashes = hashes if hashes is not None else [chain_hashes(r.hash_ids) for r in requests]
@@ -165,7 +152,7 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, cfg: SimConfig = 
     reasons: Counter[str] = Counter()
     running_seen = 0
     for i, (req, chain) in enumerate(zip(requests, hashes)):
-        load.advance(req.timestamp_ms)
+        load.advance(req.timestamp_s * 1000.0)
         hits = [c.leading_hits(chain) for c in caches]
         states = [WorkerState(ids[w], num_running=load.num_running[w],
                               num_queued_prefill_tokens=load.num_prefill_tokens[w], num_kv_blocks_used=len(caches[w]),
@@ -180,13 +167,13 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, cfg: SimConfig = 
         result.requests_per_worker[w] += 1
         caches[w].insert(chain)
         uncached = max(0, req.input_length - hits[w] * cfg.block_size)
-        load.add(req.timestamp_ms, w, uncached, req.output_length, cfg.ms_per_token)
+        load.add(req.timestamp_s * 1000.0, w, uncached, req.output_length, cfg.ms_per_token)
     result.reasons = dict(reasons)
     result.mean_running = running_seen / len(requests) if requests else 0.0
     return result
 
 
-def simulate_shared(requests: Sequence[TraceRequest], capacity_blocks: int | None,
+def simulate_shared(requests: Sequence[MooncakeRecord], capacity_blocks: int | None,
                     hashes: Sequence[Sequence[BlockHash]] | None = None, name: str = "shared_lru") -> SimResult:
     """One cache serving every request; `capacity_blocks=None`: unbounded (nothing is ever evicted)."""
     hashes = hashes if hashes is not None else [chain_hashes(r.hash_ids) for r in requests]
@@ -219,7 +206,7 @@ class Target:
         return ratio >= self.min_hit_ratio and imbalance <= self.max_imbalance
 
 
-def search_knobs(requests: Sequence[TraceRequest], hashes: Sequence[Sequence[BlockHash]], cfgs: Sequence[SimConfig],
+def search_knobs(requests: Sequence[MooncakeRecord], hashes: Sequence[Sequence[BlockHash]], cfgs: Sequence[SimConfig],
                  prefill_weights: Sequence[float] = (1, 2, 4, 8, 16),
                  decode_weights: Sequence[float] = (16, 64, 128, 256, 512),
                  balance: Sequence[tuple[int, float]] = BALANCE_GRID, target: Target = Target()) -> list[dict]:

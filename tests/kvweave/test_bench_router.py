@@ -8,21 +8,22 @@ import pytest
 
 from controlplane.policies import make_policy
 from kvweave.bench.mooncake_sim import (
-    LRUBlockCache, SimConfig, TraceRequest, chain_hashes, load_trace, num_unique_blocks, simulate, simulate_shared,
+    LRUBlockCache, SimConfig, chain_hashes, load_trace, num_unique_blocks, simulate, simulate_shared,
 )
 from kvweave.bench.router import DEFAULT_TRACE
 from kvweave.cli import main
+from loadgen.traces import MooncakeRecord
 
 SLICE = 200
 needs_trace = pytest.mark.skipif(not DEFAULT_TRACE.exists(), reason=f"{DEFAULT_TRACE} not present")
 
 
 @pytest.fixture(scope="module")
-def trace() -> list[TraceRequest]:
+def trace() -> list[MooncakeRecord]:
     return load_trace(DEFAULT_TRACE, SLICE)
 
 
-def unbounded_hits(requests: list[TraceRequest]) -> list[int]:
+def unbounded_hits(requests: list[MooncakeRecord]) -> list[int]:
     """Per request: its leading blocks whose ids any earlier request had (no cache can do better)."""
     seen, out = set(), []
     for r in requests:
@@ -34,8 +35,8 @@ def unbounded_hits(requests: list[TraceRequest]) -> list[int]:
     return out
 
 
-def req(*ids: int, ts: float = 0.0) -> TraceRequest:
-    return TraceRequest(ts, 512 * len(ids), 8, ids)
+def req(*ids: int, ts: float = 0.0) -> MooncakeRecord:
+    return MooncakeRecord(0, ts / 1000.0, 512 * len(ids), 8, ids)
 
 
 def test_chain_keeps_shared_prefixes_and_separates_different_ones():
