@@ -2,7 +2,8 @@
 
 - Capacities per tier (`StoreConfig`: `dram_cache_gb`, `ssd_cache_gb`, `ssd_cache_dir`), one
   eviction policy per tier (`lru` or `cost_aware`, see kvstore/eviction.py).
-- Demotion: the engine offloads a block the device evicts into the first host tier (`offload`);
+- Write-through: the engine's KV connector copies every block it caches into the first host tier
+  (`offload_many`, batched, off the engine thread), so a device eviction only drops a block;
   a full DRAM tier demotes its victim to SSD (the tier's `on_evict` hook); the last tier drops.
 - Promotion: an entry read from SSD is also put in DRAM, so a popular entry climbs back.
 - Events: every store and drop is recorded as a KV event (`BlockStored` / `BlockRemoved` with the
@@ -110,6 +111,22 @@ class TierManager:
             if stored:
                 self._events.append(BlockStored([key], None, tier.name))
             return stored
+
+    def offload_many(self, keys: Sequence[bytes], values: Sequence[torch.Tensor],
+                     costs: Sequence[float] | None = None) -> int:
+        """`offload` of many entries with one batched put; returns how many the first tier holds."""
+        if not self.tiers:
+            return 0
+        with self._lock:
+            tier = self.tiers[0]
+            fresh = [i for i, k in enumerate(keys) if not tier.contains(k)]
+            if fresh:
+                tier.put_many([keys[i] for i in fresh], [values[i] for i in fresh],
+                              [costs[i] for i in fresh] if costs is not None else None)
+                stored = [keys[i] for i in fresh if tier.contains(keys[i])]
+                if stored:
+                    self._events.append(BlockStored(stored, None, tier.name))
+            return sum(tier.contains(k) for k in keys)
 
     def where(self, key: bytes) -> str | None:
         """The fastest tier holding `key`, or None."""

@@ -33,6 +33,7 @@ from kvstore.codec import KVLayout
 from kvstore.events import BlockRemoved, BlockStored
 from kvstore.transfer_source import KVLayoutMismatchError
 from worker.engine import LLMEngine, Prompt
+from worker.kv_connector_worker import StagedKV
 from worker.output import RequestOutput
 from worker.request import Request, RequestStatus
 from worker.sampling import InvalidRequestError, SamplingParams
@@ -59,8 +60,9 @@ class AsyncEngine:
         self._kv_events: deque[BlockStored | BlockRemoved] = deque()
         self._kv_events_dropped = False
         self._load = compute_load(engine)
-        self.prefetch: Callable[[Request], Awaitable[None]] | None = None
-        """Runs for each request before it is queued (stages KV it can reuse)."""
+        self._idle = True
+        self.prefetch: Callable[[Request], Awaitable[StagedKV]] | None = None
+        """Runs for each request before it is queued; stages KV it can reuse."""
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvweave-engine", daemon=True)
         self._thread.start()
@@ -81,9 +83,8 @@ class AsyncEngine:
         self._streams[req.req_id] = stream
         finished = False
         try:
-            if self.prefetch is not None:
-                await self.prefetch(req)
-            self._commands.put(("add", req))
+            staged = await self.prefetch(req) if self.prefetch is not None else None
+            self._commands.put(("add", (req, staged)))
             while not finished:
                 out = await stream.queue.get()
                 if isinstance(out, Exception):
@@ -100,6 +101,12 @@ class AsyncEngine:
         found = req_id in self._streams
         self._commands.put(("abort", req_id))
         return found
+
+    @property
+    def idle(self) -> bool:
+        """After the engine thread's latest turn: no request in flight and no KV job unfinished
+        (write-through saves, chunk-caches being stored)."""
+        return self._idle and not self._streams
 
     def get_load(self) -> WorkerLoad:
         """The load after the engine thread's latest turn (safe from any thread; do not mutate)."""
@@ -147,9 +154,9 @@ class AsyncEngine:
 
     def _apply(self, cmd: str, arg) -> None:
         if cmd == "add":
-            req: Request = arg
+            req, staged = arg
             try:
-                self.engine.submit(req)
+                self.engine.submit(req, staged)
             except ValueError as e:
                 self._deliver(req.req_id, e)
         elif cmd == "abort":
@@ -179,6 +186,7 @@ class AsyncEngine:
             else:
                 self._kv_events.extend(events)
         self._load = compute_load(self.engine)
+        self._idle = not self.engine.has_unfinished()
 
     def _run(self) -> None:
         while not self._stopped.is_set():

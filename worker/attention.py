@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from worker.chunk_kv import ChunkCorrection
 from worker.kernels import cpu_kernels
 
 
@@ -37,8 +38,12 @@ class PrefillSeq:
     """Positions of the new tokens when they are not contiguous (selective recomputation of reused
     chunk caches): each attends to the context positions up to its own; `context_slots` then
     covers [0, max position]."""
-    correction: object | None = None
-    """A `worker.chunk_blend.ChunkCorrection` applied at every layer before the new KV is written."""
+    correction: ChunkCorrection | None = None
+    """Applied at every layer before the new KV is written (a blend piece, worker/chunk_kv.py)."""
+    score_layer: int | None = None
+    """Record, at this layer, each new token's squared distance between its fresh value vectors and
+    the cached ones it replaces (CacheBlend's deviation) into `scores`."""
+    scores: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -55,6 +60,12 @@ class AttentionMetadata:
     decode_bias: torch.Tensor | None = None
     """[1, B, 1, L_max] additive mask: 0 for context, -inf for padding."""
     prefills: list[PrefillSeq] = field(default_factory=list)
+
+
+def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The cache slot of each position of a request, from its block table (slot = block_id *
+    block_size + offset in the block)."""
+    return block_table[positions // block_size] * block_size + positions % block_size
 
 
 def kv_cache_shape(n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int) -> tuple:
@@ -81,6 +92,10 @@ class PagedAttention:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
         for p in self.meta.prefills:
+            if p.score_layer == layer:
+                sl = slice(p.offset, p.offset + p.num_new)
+                cached = v_cache.index_select(1, self.meta.slot_mapping[sl]).transpose(0, 1).float()
+                p.scores = (v[sl].float() - cached).pow(2).sum(dim=(1, 2))
             if p.correction is not None:
                 sl = slice(p.offset, p.offset + p.num_new)
                 p.correction.apply(k_cache, v_cache, k[sl], v[sl], self.meta.slot_mapping[sl])
@@ -126,10 +141,11 @@ class PagedAttention:
         q4 = q.transpose(0, 1)[None]
         mask = None
         if p.positions is not None:
-            mask = torch.arange(p.context_slots.numel())[None, :] <= p.positions[:, None]
+            mask = torch.arange(p.context_slots.numel(), device=q.device)[None, :] <= p.positions[:, None]
         elif p.start_pos > 0:
             total = p.start_pos + p.num_new
-            mask = torch.arange(total)[None, :] <= torch.arange(p.start_pos, total)[:, None]
+            mask = torch.arange(total, device=q.device)[None, :] <= \
+                torch.arange(p.start_pos, total, device=q.device)[:, None]
         o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.group > 1)
         return o[0].transpose(0, 1).reshape(p.num_new, -1)

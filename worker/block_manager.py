@@ -159,15 +159,17 @@ class BlockManager:
         block.ref_cnt = 1
         return block
 
-    def cache_full_blocks(self, req_id: str, token_ids: list[int], num_computed_tokens: int, extra: bytes) -> None:
-        """Register the request's newly computed full blocks in the prefix cache."""
+    def cache_full_blocks(self, req_id: str, token_ids: list[int], num_computed_tokens: int, extra: bytes
+                          ) -> list[Block]:
+        """Register the request's newly computed full blocks in the prefix cache; returns them."""
         if not self.enable_prefix_caching:
-            return
+            return []
         blocks = self.req_blocks[req_id]
         start = self.req_num_cached.get(req_id, 0)
         end = num_computed_tokens // self.block_size
         if end <= start:
-            return
+            return []
+        cached: list[Block] = []
         hashes = self.block_hashes(req_id, token_ids, extra)
         run: list[BlockHash] = []  # one BlockStored per contiguous run of newly cached blocks
         for i in range(start, end):
@@ -176,6 +178,7 @@ class BlockManager:
                 block.block_hash = h
                 block.depth = i
                 self.cached_blocks[h] = block
+                cached.append(block)
                 if not run:
                     parent = hashes[i - 1] if i else None
                 run.append(h)
@@ -185,6 +188,7 @@ class BlockManager:
         if run:
             self.events.append(BlockStored(run, parent))
         self.req_num_cached[req_id] = end
+        return cached
 
     def free(self, req_id: str) -> None:
         """Release the request's blocks, tail first so that shared heads are evicted last."""
@@ -195,6 +199,23 @@ class BlockManager:
                 self.free_queue.append(block)
         self.req_hashes.pop(req_id, None)
         self.req_num_cached.pop(req_id, None)
+
+    def hold(self, block_ids: list[int]) -> None:
+        """One more reference to each block (a KV connector job reading or writing it)."""
+        for i in block_ids:
+            block = self.blocks[i]
+            if block.ref_cnt == 0:
+                self.free_queue.remove(block)
+            block.ref_cnt += 1
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop a `hold`; a block nobody references goes back to the free queue (most recent last)."""
+        for i in block_ids:
+            block = self.blocks[i]
+            block.ref_cnt -= 1
+            assert block.ref_cnt >= 0
+            if block.ref_cnt == 0:
+                self.free_queue.append(block)
 
     def touch(self, block: Block) -> None:
         """A cached block was used: an unreferenced one moves to the back of the eviction queue."""

@@ -1,115 +1,146 @@
-"""Chunk-cache reuse inside the engine: plan, place, recompute a sample, correct the rest.
+"""Chunk-cache reuse, the scheduler's side: which chunks to place, which tokens to recompute, in
+which pieces, and which chunks to store. Plain data only; the KV moves in the KV connector's
+worker side and the runner (worker/chunk_kv.py holds the tensor operations).
 
 A request's reusable chunks (`Request.chunk_spans`) whose chunk-caches were staged before admission
-(`Request.chunk_staged`, by the KV prefetcher) are blended into its KV instead of being computed:
+(`Request.kv.staged_chunks`) are blended into its KV instead of being computed:
 1. plan (`plan_blend`): after the request's cached prefix, every staged chunk is placed; the
    positions to compute are the text between and after the chunks up to the last placed one,
    every token of chunks without a cache, and of each placed chunk a sample: its first
    `CHUNK_START_TOKENS` tokens (they lost the context before them most) and evenly spaced tokens
    for the rest of the chunk's budget (`chunk_recompute_ratio`);
-2. place (`place_chunks`): each cache is copied into the request's blocks with its keys re-rotated
-   to the chunk's new position (RoPE by the position delta, `chunk_reuse.rotate_keys_`);
+2. place: the connector copies each cache into the request's blocks with its keys re-rotated to
+   the chunk's new position (RoPE by the position delta);
 3. recompute: the positions run through every layer as sparse prefill pieces (each attends to
-   every position up to its own), batched with the other requests' work;
-4. correct (`ChunkCorrection`): at every layer, the sampled tokens' fresh K and V are compared with
-   their cached K and V; each chunk's mean deviation (per KV head, keys un-rotated) is added to the
-   chunk's other tokens before attention runs. The deviation of a reused chunk from a full prefill
-   is dense and has a large shared part (attention to documents it did not see when cached), which
-   a sparse recompute alone cannot fix and this dense, nearly free correction does.
+   every position up to its own), batched with the other requests' work under the step's token
+   budget (`next_piece`; a piece is never cut inside a chunk's sample, which feeds one correction);
+4. correct: at every layer, the sampled tokens' fresh K and V are compared with their cached K and
+   V; each chunk's mean deviation (per KV head, keys un-rotated) is added to the chunk's other
+   tokens before attention runs (`CorrectionGroup`, applied by worker/chunk_kv.py). The deviation
+   of a reused chunk from a full prefill is dense and has a large shared part (attention to
+   documents it did not see when cached), which a sparse recompute alone cannot fix and this
+   dense, nearly free correction does.
+Which tokens a placed chunk recomputes (`CHUNK_SELECTIONS`): `kvweave` (above: chunk starts and an
+even sample, corrected), `chunk_start` (as many tokens, all from the chunk's start) or `deviation`
+(CacheBlend's: a first pass runs every reused token through layers 0..DEVIATION_LAYER, and the
+`chunk_recompute_ratio` share of them whose values moved most there from the cached ones are
+recomputed; their early layers are fresh already).
 The rest of the prompt (e.g. the question) is then computed as usual. Chunks computed for the first
-time are stored (`chunk_caches_to_store`) re-based to position 0, under the chunk's hash.
-With every token selected this is exactly a full prefill (tests).
+time are stored re-based to position 0, under the chunk's hash: in `standalone` mode each is
+computed on its own by an engine-made request (`chunk_request_tokens`), in `in_context` mode its KV
+in the prompt it came in is kept. With every token selected a blend is exactly a full prefill (tests).
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from kvstore.chunks import chunk_block_keys, chunk_hash, load_chunk, store_chunk
-from worker.chunk_reuse import rotate_keys_
-from worker.model import rope_inv_freq
-from worker.request import Request
-from worker.sampling import SamplingParams
+from kvstore.chunks import chunk_block_keys, chunk_hash
 
 CHUNK_START_TOKENS = 4
 """Leading tokens of every placed chunk that are always recomputed."""
+CHUNK_SELECTIONS = ("kvweave", "chunk_start", "deviation")
+"""Which tokens of a placed chunk are recomputed (see the module docstring)."""
+DEVIATION_LAYER = 1
+"""The layer whose value deviation ranks tokens in the `deviation` selection (CacheBlend's choice)."""
 CHUNK_CACHE_MODES = ("standalone", "in_context")
 """How a first-seen chunk gets its cache: computed on its own after the prompt's leading text
 (one extra prefill of the chunk; reused with the dense correction), or its KV in the prompt it came
 in, re-based (free; reused without the correction, which measured worse on such caches)."""
 
 
-def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [T, H, D] (half-split layout) by per-row angles given as cos/sin [T, D/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-
-
-@dataclass
-class _Group:
-    sample_rows: torch.Tensor
-    """Rows (within the piece) of the chunk's sampled tokens used to estimate its deviation."""
-    other_slots: torch.Tensor
-    other_cos: torch.Tensor
-    other_sin: torch.Tensor
-
-
-class ChunkCorrection:
-    """The dense correction of one sparse prefill piece (see the module docstring), applied by the
-    attention backend at every layer before the piece's fresh KV is written."""
-
-    def __init__(self, groups: list[_Group], cos: torch.Tensor, sin: torch.Tensor) -> None:
-        self.groups, self.cos, self.sin = groups, cos, sin
-        """cos/sin [T, D/2] of the piece's positions (to un-rotate the key deviations)."""
-
-    def apply(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              slots: torch.Tensor) -> None:
-        """k, v [T, H, D]: the piece's fresh KV at this layer; slots [T]: where it goes."""
-        old_k = k_cache.index_select(1, slots).transpose(0, 1).float()
-        old_v = v_cache.index_select(1, slots).transpose(0, 1).float()
-        dk = rope_rotate(k.float() - old_k, self.cos, -self.sin)  # back to position 0
-        dv = v.float() - old_v
-        for g in self.groups:
-            mk, mv = dk[g.sample_rows].mean(0), dv[g.sample_rows].mean(0)  # [H, D]
-            n = g.other_slots.numel()
-            add_k = rope_rotate(mk.expand(n, -1, -1), g.other_cos, g.other_sin)
-            k_cache.index_add_(1, g.other_slots, add_k.transpose(0, 1).to(k_cache.dtype))
-            v_cache.index_add_(1, g.other_slots, mv.expand(n, -1, -1).transpose(0, 1).to(v_cache.dtype))
-
-
-@dataclass
+@dataclass(slots=True)
 class PlacedChunk:
     index: int
+    """Index of the chunk in the request's chunk spans."""
     start: int
-    kv: torch.Tensor
-    """[2, L, H, n, D], keys rotated for positions 0..n-1."""
+    num_tokens: int
     selected: list[int]
     """Offsets within the chunk recomputed in place."""
+
+
+@dataclass(slots=True)
+class CorrectionGroup:
+    """One placed chunk's correction inside a piece (see the module docstring)."""
+
+    sample_rows: list[int]
+    """Rows (within the piece) of the chunk's sampled tokens that estimate its deviation."""
+    other_positions: list[int]
+    """Positions of the chunk's tokens that keep their cached KV and receive the correction."""
+
+
+@dataclass(slots=True)
+class BlendPiece:
+    """One scheduled piece of a blend: sparse positions, attended per position."""
+
+    positions: list[int]
+    groups: list[CorrectionGroup]
+    sample: bool
+    """The piece ends the prompt: sample the next token."""
+    score_layer: int | None = None
+    """A scoring pass (`deviation` selection): run the positions through layers 0..score_layer only
+    and return each one's value deviation at that layer."""
 
 
 @dataclass
 class BlendPlan:
     positions: list[int]
     """Every position computed in the blend, sorted."""
+    start: int
+    """Tokens cached before the blend."""
     end: int
     """The blend covers [start, end): the request continues normally from there."""
     placed: list[PlacedChunk]
-    pieces: list[tuple[int, int]] = field(default_factory=list)
-    """[lo, hi) ranges of `positions`, one per scheduled piece (a placed chunk's sample stays in one)."""
-    next_piece: int = 0
+    ends_prompt: bool = False
+    """`end` is the end of the prompt (the last piece samples)."""
+    correct: bool = True
+    """Apply the dense correction (standalone chunk-caches)."""
+    score_ratio: float | None = None
+    """`deviation` selection: the share of reused tokens to recompute, chosen by a scoring pass
+    that has not run yet (None: the selection is made)."""
+    cursor: int = 0
+    """Positions before this index have been scheduled."""
+    num_pieces: int = 0
 
     @property
     def num_reused(self) -> int:
-        return sum(p.kv.shape[3] for p in self.placed)
+        return sum(p.num_tokens for p in self.placed)
 
     @property
     def num_recomputed(self) -> int:
         return sum(len(p.selected) for p in self.placed)
+
+    @property
+    def done(self) -> bool:
+        return self.score_ratio is None and self.cursor >= len(self.positions)
+
+    def reused_positions(self) -> list[int]:
+        return [p.start + o for p in self.placed for o in range(p.num_tokens)]
+
+    def apply_scores(self, scores: list[float]) -> None:
+        """`deviation` selection: recompute the reused tokens that moved most (`scores` follows
+        `reused_positions`)."""
+        reused = self.reused_positions()
+        k = min(len(reused), round(self.score_ratio * len(reused)))
+        chosen = set(sorted(range(len(reused)), key=lambda i: -scores[i])[:k])
+        at = 0
+        for p in self.placed:
+            p.selected = [o for o in range(p.num_tokens) if at + o in chosen]
+            at += p.num_tokens
+        self.positions = sorted(set(self.positions) | {reused[i] for i in chosen})
+        self.score_ratio = None
+
+    @property
+    def ready(self) -> bool:
+        """Nothing left to compute before `end` (the request goes on from there)."""
+        return self.score_ratio is None and not self.positions
+
+    def recompute_from(self, loaded: int) -> None:
+        """Also compute [loaded, start): the prefix load before the blend came up short."""
+        assert self.cursor == 0 and loaded <= self.start
+        self.positions[:0] = range(loaded, self.start)
+        self.start = loaded
 
 
 def select_offsets(n: int, ratio: float) -> list[int]:
@@ -125,180 +156,159 @@ def select_offsets(n: int, ratio: float) -> list[int]:
     return head + sorted({len(head) + int(i * step + step / 2) for i in range(rest)})
 
 
-def plan_blend(spans: list[tuple[int, int]], staged: dict[int, torch.Tensor], start: int, num_tokens: int,
-               ratio: float, piece_tokens: int,
-               select: Callable[[int, float], list[int]] = select_offsets) -> BlendPlan | None:
-    """The blend of the staged chunks that lie after `start` (tokens already cached), or None.
-    `select(n, ratio)`: the offsets recomputed in a chunk of n tokens."""
-    placed = [PlacedChunk(i, s, staged[i], select(n, ratio))
-              for i, (s, n) in enumerate(spans) if i in staged and s >= start and staged[i].shape[3] == n]
+def chunk_start_offsets(n: int, ratio: float) -> list[int]:
+    """As many tokens as `select_offsets` picks, all from the chunk's start."""
+    return list(range(len(select_offsets(n, ratio))))
+
+
+SELECTORS: dict[str, Callable[[int, float], list[int]]] = {
+    "kvweave": select_offsets, "chunk_start": chunk_start_offsets, "deviation": lambda n, ratio: []}
+
+
+def plan_blend(spans: list[tuple[int, int]], staged: set[int], start: int, num_tokens: int, ratio: float,
+               correct: bool = True, selection: str = "kvweave") -> BlendPlan | None:
+    """The blend of the staged chunks that lie after `start` (tokens already cached), or None."""
+    select = SELECTORS[selection]
+    placed = [PlacedChunk(i, s, n, select(n, ratio)) for i, (s, n) in enumerate(spans) if i in staged and s >= start]
     if not placed:
         return None
     last = placed[-1]
-    end = last.start + last.kv.shape[3]
+    end = last.start + last.num_tokens
     reused = set()
     for p in placed:
-        reused.update(range(p.start, p.start + p.kv.shape[3]))
+        reused.update(range(p.start, p.start + p.num_tokens))
         reused.difference_update(p.start + o for o in p.selected)
     positions = [q for q in range(start, end) if q not in reused]
     if end == num_tokens and (not positions or positions[-1] != end - 1):  # ends in a chunk: its logits
         positions.append(end - 1)
-    plan = BlendPlan(positions, end, placed)
-    _add_pieces(plan, 0, piece_tokens)
-    return plan
+    return BlendPlan(positions, start, end, placed, ends_prompt=end == num_tokens, correct=correct,
+                     score_ratio=ratio if selection == "deviation" and ratio > 0 else None)
 
 
-def _add_pieces(plan: BlendPlan, lo: int, piece_tokens: int) -> None:
-    """Pieces of about `piece_tokens` over plan.positions[lo:], cut only outside a placed chunk
-    (its sample feeds one correction). No positions: nothing to run, the request goes on from `end`."""
-    positions = plan.positions
+def next_piece(plan: BlendPlan, budget: int, alone: bool) -> BlendPiece | None:
+    """The next piece of at most `budget` positions, cut only outside a placed chunk's sample; None
+    when the smallest such piece does not fit, unless `alone` (nothing else runs this step: a piece
+    larger than the whole step budget still has to run)."""
+    if plan.score_ratio is not None:
+        return BlendPiece(plan.reused_positions(), [], False, score_layer=DEVIATION_LAYER)
+    positions, lo = plan.positions, plan.cursor
+    if lo >= len(positions):
+        return None
     chunk_of = {p.start + o: p.index for p in plan.placed for o in p.selected}
-    for hi in range(lo + 1, len(positions) + 1):
-        at_end = hi == len(positions)
-        inside = not at_end and chunk_of.get(positions[hi - 1]) is not None and \
+    hi, best = lo, None
+    while hi < len(positions):
+        hi += 1
+        inside = hi < len(positions) and chunk_of.get(positions[hi - 1]) is not None and \
             chunk_of.get(positions[hi - 1]) == chunk_of.get(positions[hi])
-        if at_end or (hi - lo >= piece_tokens and not inside):
-            plan.pieces.append((lo, hi))
-            lo = hi
+        if inside:
+            continue
+        if hi - lo > budget:
+            break
+        best = hi
+    if best is None:
+        if not alone:
+            return None
+        best = hi
+    plan.cursor = best
+    plan.num_pieces += 1
+    piece = positions[lo:best]
+    groups = correction_groups(plan, piece) if plan.correct else []
+    return BlendPiece(piece, groups, plan.ends_prompt and best == len(positions))
 
 
-def place_chunks(kv_cache: torch.Tensor, plan: BlendPlan, slots_of, inv_freq: torch.Tensor) -> None:
-    """Copy the placed chunk-caches into the request's slots, keys re-rotated to their positions."""
-    for p in plan.placed:
-        n = p.kv.shape[3]
-        kv = p.kv.to(kv_cache.dtype, copy=True)
-        rotate_keys_(kv[0], p.start, inv_freq)
-        kv_cache[:, :, :, slots_of(torch.arange(p.start, p.start + n))] = kv
-
-
-def piece_correction(plan: BlendPlan, lo: int, hi: int, slots_of, cos_table: torch.Tensor,
-                     sin_table: torch.Tensor) -> ChunkCorrection | None:
-    """The correction of piece [lo, hi) of the plan: one group per placed chunk sampled in it."""
-    positions = plan.positions[lo:hi]
-    row = {q: r for r, q in enumerate(positions)}
+def correction_groups(plan: BlendPlan, piece: list[int]) -> list[CorrectionGroup]:
+    """One group per placed chunk sampled (past its head) in the piece."""
+    row = {q: r for r, q in enumerate(piece)}
     groups = []
     for p in plan.placed:
-        n = p.kv.shape[3]
         rows = [row[p.start + o] for o in p.selected if o >= CHUNK_START_TOKENS and p.start + o in row]
         if not rows:
             continue
         chosen = set(p.selected)
-        others = torch.tensor([p.start + o for o in range(n) if o not in chosen], dtype=torch.long)
-        if not others.numel():
-            continue
-        groups.append(_Group(torch.tensor(rows), slots_of(others), cos_table[others], sin_table[others]))
-    if not groups:
-        return None
-    pos = torch.tensor(positions)
-    return ChunkCorrection(groups, cos_table[pos], sin_table[pos])
+        others = [p.start + o for o in range(p.num_tokens) if o not in chosen]
+        if others:
+            groups.append(CorrectionGroup(rows, others))
+    return groups
 
 
-def chunk_caches_to_store(kv_cache: torch.Tensor, spans: list[tuple[int, int]], skip: set[int], slots_of,
-                          inv_freq: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(chunk index, KV [2, L, H, n, D] re-based to position 0) of the chunks computed in context."""
-    out = []
-    for i, (s, n) in enumerate(spans):
-        if i in skip:
-            continue
-        kv = kv_cache[:, :, :, slots_of(torch.arange(s, s + n))].clone()
-        rotate_keys_(kv[0], -s, inv_freq)
-        out.append((i, kv))
-    return out
+def chunk_request_tokens(prompt_token_ids: list[int], spans: list[tuple[int, int]], i: int
+                         ) -> tuple[list[int], tuple[int, int]]:
+    """A standalone chunk-cache's request: the prompt's leading text (before its first chunk, usually
+    a cached instruction) then chunk i alone; returns its tokens and the chunk's span in them."""
+    s, n = spans[i]
+    lead = prompt_token_ids[:spans[0][0]]
+    return [*lead, *prompt_token_ids[s:s + n]], (len(lead), n)
 
 
-def stage_local_chunks(store, req, block_size: int) -> int:
-    """Stage on the request the chunk-caches the local store holds (any host tier); returns how many."""
-    req.chunks_looked_up = True
-    if store is None:
-        return 0
-    found = 0
-    for i, (s, n) in enumerate(req.chunk_spans):
-        if i in req.chunk_staged:
-            continue
-        kv = load_chunk(store, chunk_hash(req.prompt_token_ids[s:s + n], req.cache_extra), n, block_size)
-        if kv is not None:
-            req.chunk_staged[i] = kv
-            found += 1
-    return found
+@dataclass
+class ChunkSave:
+    """A chunk computed in a request's context whose KV is to be stored, re-based to position 0."""
+
+    key: bytes
+    start: int
+    num_tokens: int
+
+
+@dataclass
+class ChunkDecision:
+    """What to do with the chunks a request computed itself (`ChunkBlender.new_chunks`)."""
+
+    saves: list[ChunkSave] = field(default_factory=list)
+    requests: list[int] = field(default_factory=list)
+    """Chunk indexes to compute with a standalone engine-made request each."""
 
 
 class ChunkBlender:
-    """The scheduler's side of chunk reuse: plans a request's blend at admission, places its
-    chunk-caches, hands out its pieces with their corrections, and stores the chunks it computed."""
+    """Plans each request's blend at admission and decides what happens to the chunks it computed."""
 
-    def __init__(self, kv_cache: torch.Tensor, block_manager, model, store=None, ratio: float = 0.08,
-                 piece_tokens: int = 512, correct: bool = True, mode: str = "standalone", submit=None) -> None:
-        """`mode`: how first-seen chunks get their cache (CHUNK_CACHE_MODES); `submit(request)` queues
-        an engine-made request (standalone mode computes each new chunk with one)."""
+    def __init__(self, block_size: int, ratio: float = 0.08, correct: bool = True, mode: str = "standalone",
+                 store_contains: Callable[[bytes], bool] | None = None, selection: str = "kvweave") -> None:
+        """`store_contains(key)`: whether the local host tiers hold an entry (None: no host tiers,
+        so no chunk is ever stored)."""
         if mode not in CHUNK_CACHE_MODES:
             raise ValueError(f"unknown chunk cache mode {mode!r}; valid: {', '.join(CHUNK_CACHE_MODES)}")
-        self.kv_cache, self.bm, self.store = kv_cache, block_manager, store
-        self.ratio, self.piece_tokens, self.mode, self.submit = ratio, piece_tokens, mode, submit
+        if selection not in CHUNK_SELECTIONS:
+            raise ValueError(f"unknown chunk selection {selection!r}; valid: {', '.join(CHUNK_SELECTIONS)}")
+        self.block_size, self.ratio, self.mode, self.selection = block_size, ratio, mode, selection
         self.correct = correct and mode == "standalone"
-        self.inv_freq = rope_inv_freq(model.args)
-        self.cos, self.sin = model.rope_cos, model.rope_sin
+        self.store_contains = store_contains
         self.num_stored = 0
+        """Chunk-caches stored so far (counted when their save finishes)."""
         self.pending: set[bytes] = set()
         """Keys of chunks an engine-made request is computing."""
-        self._request_ids = itertools.count(1)
-
-    def slots_of(self, req):
-        bs = self.bm.block_size
-        bt = torch.tensor(self.bm.get_block_table(req.req_id), dtype=torch.long)
-        return lambda pos: bt[pos // bs] * bs + pos % bs
 
     def plan(self, req, start: int) -> BlendPlan | None:
-        if not req.chunk_staged:
+        if not req.kv.staged_chunks:
             return None
-        return plan_blend(req.chunk_spans, req.chunk_staged, start, req.num_prompt_tokens, self.ratio,
-                          self.piece_tokens)
+        return plan_blend(req.chunk_spans, req.kv.staged_chunks, start, req.num_prompt_tokens, self.ratio,
+                          self.correct, self.selection)
 
-    def admit(self, req, plan: BlendPlan) -> None:
-        place_chunks(self.kv_cache, plan, self.slots_of(req), self.inv_freq)
-        req.blend = plan
-        req.num_chunk_reused_tokens = plan.num_reused
-        req.num_recomputed_tokens = plan.num_recomputed
-        req.num_exact_tokens = plan.placed[0].start
-
-    def next_piece(self, req) -> tuple[list[int], ChunkCorrection | None, bool]:
-        """(positions, correction, last piece) of the request's next blend piece."""
-        plan = req.blend
-        lo, hi = plan.pieces[plan.next_piece]
-        corr = piece_correction(plan, lo, hi, self.slots_of(req), self.cos, self.sin) if self.correct else None
-        return plan.positions[lo:hi], corr, plan.next_piece == len(plan.pieces) - 1
-
-    def store_new_chunks(self, req) -> None:
+    def new_chunks(self, req) -> ChunkDecision:
         """Once a request's prompt is computed: keep the caches of the chunks it had none for. In
         `in_context` mode (and for the engine's own chunk requests) they are its KV re-based to
-        position 0; in `standalone` mode each is computed by an engine-made request of the prompt's
-        leading text (before its first chunk, usually cached) followed by the chunk alone."""
-        if self.store is None or not req.chunk_spans:
-            return
-        bs = self.bm.block_size
-        keys = {i: chunk_hash(req.prompt_token_ids[s:s + n], req.cache_extra)
-                for i, (s, n) in enumerate(req.chunk_spans) if i not in req.chunk_staged}
-        held = {i for i, key in keys.items()
-                if self.store.contains(chunk_block_keys(key, req.chunk_spans[i][1], bs)[0])}
-        if self.mode == "standalone" and not req.internal:
-            for i, key in keys.items():
-                if i not in held and key not in self.pending and self.submit is not None:
+        position 0; in `standalone` mode each is computed by an engine-made request."""
+        out = ChunkDecision()
+        if self.store_contains is None or not req.chunk_spans:
+            return out
+        bs = self.block_size
+        for i, (s, n) in enumerate(req.chunk_spans):
+            if i in req.kv.staged_chunks:
+                continue
+            key = chunk_hash(req.prompt_token_ids[s:s + n], req.cache_extra)
+            if self.store_contains(chunk_block_keys(key, n, bs)[0]):
+                continue
+            if self.mode == "standalone" and not req.internal:
+                if key not in self.pending:
                     self.pending.add(key)
-                    self.submit(self._chunk_request(req, i))
-            return
-        for i, kv in chunk_caches_to_store(self.kv_cache, req.chunk_spans, set(req.chunk_staged) | held,
-                                           self.slots_of(req), self.inv_freq):
-            n = req.chunk_spans[i][1]
-            key = keys[i]
-            self.pending.discard(key)
-            if store_chunk(self.store, key, kv, self.bm.block_size, cost=float(n)):
-                self.num_stored += 1
+                    out.requests.append(i)
+            else:
+                out.saves.append(ChunkSave(key, s, n))
+        return out
 
-    def _chunk_request(self, req, i: int):
-        s, n = req.chunk_spans[i]
-        lead = req.prompt_token_ids[:req.chunk_spans[0][0]]
-        return Request(f"chunk-cache-{next(self._request_ids)}", [*lead, *req.prompt_token_ids[s:s + n]],
-                       SamplingParams(max_tokens=1, temperature=0.0), cache_extra=req.cache_extra,
-                       arrival_time=req.arrival_time, chunk_spans=[(len(lead), n)], internal=True)
+    def stored(self, key: bytes, ok: bool) -> None:
+        """A chunk save finished (ok: the store kept it)."""
+        self.pending.discard(key)
+        self.num_stored += ok
 
     def forget(self, req) -> None:
         """An engine-made chunk request ended without storing (aborted): its chunk may be asked again."""

@@ -1,7 +1,11 @@
 """The in-process engine: step() = schedule -> run -> postprocess (as in nano-vllm).
 
+One step: apply what the KV connector finished since the last step, schedule (plain data, with
+the connector's jobs), start the connector's jobs (off this thread), run the model, apply the
+results, and end the requests that are done (one place: `_postprocess` with output.check_stop).
 `LLMEngine` is synchronous and single-threaded; `AsyncEngine` (worker/async_engine.py) runs it
-in a background thread and streams outputs to asyncio callers.
+in a background thread and streams outputs to asyncio callers. The engine runs on any torch
+device (`EngineConfig.device`); nothing here assumes the CPU.
 """
 from __future__ import annotations
 
@@ -17,13 +21,14 @@ from kvstore.keys import encode_extra_keys
 from kvstore.manager import StoreConfig, TierManager
 from kvstore.tier import TierConfigError
 from worker.block_manager import BlockManager
-from worker.chunk_blend import CHUNK_CACHE_MODES, ChunkBlender, stage_local_chunks
+from worker.chunk_blend import CHUNK_CACHE_MODES, CHUNK_SELECTIONS, ChunkBlender
 from worker.config import ConfigError, StoreConfigError
-from worker.kv_connector import KVConnector, block_layout
+from worker.kv_connector import KVConnector
+from worker.kv_connector_worker import KVConnectorWorker, StagedKV, block_layout, stage_local_chunks
 from worker.loader import load_checkpoint
-from worker.model import Transformer
+from worker.model import Transformer, rope_inv_freq
 from worker.model_runner import ModelRunner
-from worker.output import OutputProcessor, RequestOutput
+from worker.output import OutputProcessor, RequestOutput, check_stop
 from worker.request import Request, RequestStatus
 from worker.sampling import InvalidRequestError, SamplingParams
 from worker.tokenizer import InvalidMessagesError, TokenizerError
@@ -35,6 +40,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 Prompt = str | list[int] | dict
 MIN_PREFILL_TO_MEASURE = 32
 """Steps with at least this many prefill tokens measure the per-token cost of computing KV."""
+IDLE_WAIT_S = 0.01
+"""With nothing to run but KV in flight, a step waits this long at most for a job to finish."""
 
 
 @dataclass
@@ -42,7 +49,9 @@ class EngineConfig:
     model: str = "smollm2-135m"
     """Built-in model name, Hugging Face checkpoint folder or .gguf file."""
     dtype: str = "auto"
-    """auto | bfloat16 | float16 | float32 (auto: bf16 where the CPU has bf16 instructions)."""
+    """auto | bfloat16 | float16 | float32 (auto: bf16 where the device has bf16 support)."""
+    device: str = "auto"
+    """Torch device of the model and the KV cache: auto (cuda when present, else cpu), cpu, cuda, cuda:N."""
     block_size: int = 16
     kv_cache_gb: float = 1.0
     """Memory for the paged KV cache."""
@@ -77,8 +86,15 @@ class EngineConfig:
     (standalone chunk-caches)."""
     chunk_cache_mode: str = "standalone"
     """How first-seen chunks get their cache: standalone | in_context (worker.chunk_blend)."""
+    chunk_selection: str = "kvweave"
+    """Which tokens of a reused chunk are recomputed: kvweave | chunk_start | deviation (CacheBlend)."""
 
     def __post_init__(self) -> None:
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError) as e:
+                raise ConfigError(f"unknown device {self.device!r}: {e}") from e
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; valid: auto, {', '.join(DTYPES)}")
         if self.block_size <= 0 or self.kv_cache_gb <= 0:
@@ -88,6 +104,9 @@ class EngineConfig:
         if self.chunk_cache_mode not in CHUNK_CACHE_MODES:
             raise ConfigError(f"unknown chunk_cache_mode {self.chunk_cache_mode!r}; valid: "
                               f"{', '.join(CHUNK_CACHE_MODES)}")
+        if self.chunk_selection not in CHUNK_SELECTIONS:
+            raise ConfigError(f"unknown chunk_selection {self.chunk_selection!r}; valid: "
+                              f"{', '.join(CHUNK_SELECTIONS)}")
         if not 0.0 <= self.chunk_recompute_ratio <= 1.0:
             raise ConfigError(f"chunk_recompute_ratio must be in [0, 1], got {self.chunk_recompute_ratio}")
         if self.max_chunks_per_request < 1:
@@ -99,10 +118,19 @@ class EngineConfig:
             raise StoreConfigError(str(e)) from e
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device = torch.device("cpu")) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if _cpu_has_bf16() else torch.float32
 
@@ -132,41 +160,48 @@ class LLMEngine:
         torch.set_flush_denormal(True)  # denormals made this model's CPU forward up to 20x slower
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.dtype = resolve_dtype(config.dtype)
-        ckpt = load_checkpoint(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        ckpt = load_checkpoint(config.model, self.dtype)
         self.args, self.tokenizer = ckpt.args, ckpt.tokenizer
         num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_gb)
         # A request must fit in the KV cache on its own, or it could never be scheduled.
         self.max_model_len = min(config.max_model_len or self.args.max_seq_len, self.args.max_seq_len,
                                  num_blocks * config.block_size)
         self.args.max_seq_len = self.max_model_len
-        self.model = Transformer(self.args, self.dtype)
-        self.model.load_weights(ckpt.weights)
+        with torch.device("meta"):  # no host copy of random weights: the checkpoint's go straight in
+            self.model = Transformer(self.args, self.dtype)
+        self.model.load_weights(ckpt.weights, self.device)
         self.model.eval()
         del ckpt
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        bs = config.block_size
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         cost_len = config.attention_cost_len
         if cost_len is None:
             cost_len = attention_cost_len(self.args)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                    config.enable_chunked_prefill, self.max_model_len, cost_len)
-        eos = frozenset(self.args.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+                                    config.enable_chunked_prefill, self.max_model_len, cost_len, self.args.n_layers)
+        self.eos_token_ids = frozenset(self.args.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        self.runner = ModelRunner(self.model, num_blocks, bs, self.device)
         self.store = None
         if config.store_config.enabled:
             try:
-                self.store = TierManager(block_layout(self.runner.kv_cache, config.block_size), config.store_config)
+                self.store = TierManager(block_layout(self.runner.kv_cache, bs), config.store_config)
             except TierConfigError as e:
                 raise StoreConfigError(str(e)) from e
-        self.connector = KVConnector(self.block_manager, self.runner.kv_cache, self.store, cost_len)
-        self.blender = ChunkBlender(self.runner.kv_cache, self.block_manager, self.model, self.store,
-                                    config.chunk_recompute_ratio, config.max_num_batched_tokens,
-                                    config.chunk_correction, config.chunk_cache_mode, self._submit_internal)
-        self.scheduler = Scheduler(sched_cfg, self.block_manager, eos, self.connector, self.blender)
+        contains = self.store.contains if self.store is not None else None
+        sched_connector = KVConnector(self.block_manager, contains, cost_len)
+        self.connector = KVConnectorWorker(self.block_manager, self.runner.kv_cache, self.store,
+                                           rope_inv_freq(self.args), sched_connector.stats)
+        """The KV connector's worker role (moves KV); the scheduler holds its scheduler role."""
+        self.blender = ChunkBlender(bs, config.chunk_recompute_ratio, config.chunk_correction,
+                                    config.chunk_cache_mode, contains, config.chunk_selection)
+        self.scheduler = Scheduler(sched_cfg, self.block_manager, sched_connector, self.blender)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.model_name = self.args.name
-        logger.info("engine ready: model=%s dtype=%s blocks=%d", self.model_name, self.dtype, num_blocks)
+        logger.info("engine ready: model=%s device=%s dtype=%s blocks=%d", self.model_name, self.device,
+                    self.dtype, num_blocks)
 
     def _blocks_for(self, gb: float) -> int:
         a = self.args
@@ -228,9 +263,11 @@ class LLMEngine:
         return self.submit(self.make_request(prompt, params, req_id, cache_namespace, chunk_spans))
 
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
-                     cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = ()) -> Request:
+                     cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = (),
+                     prompt_logits: int = 0) -> Request:
         """Tokenize and validate a request without touching engine state (safe from any thread).
-        `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks."""
+        `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks;
+        `prompt_logits`: also return the logits of the prompt's last positions (final output)."""
         params = params or SamplingParams()
         params.validate()
         token_ids = self.encode_prompt(prompt)
@@ -238,69 +275,79 @@ class LLMEngine:
         spans = self.validate_chunk_spans(chunk_spans, len(token_ids))
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         extra = encode_extra_keys((self.model_name, cache_namespace))
+        if not 0 <= prompt_logits <= len(token_ids):
+            raise InvalidRequestError(f"prompt_logits must be in [0, {len(token_ids)}], got {prompt_logits}")
         return Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic(),
-                       chunk_spans=spans)
+                       chunk_spans=spans, num_prompt_logits=prompt_logits)
 
-    def submit(self, req: Request) -> str:
-        """Queue a request built by `make_request`."""
+    def submit(self, req: Request, staged: StagedKV | None = None) -> str:
+        """Queue a request built by `make_request`, with the KV staged for it before admission
+        (worker/kv_prefetch.py; without it, the local host tiers' chunk-caches are looked up here)."""
         if req.req_id in self.scheduler.requests:
             raise InvalidRequestError(f"request id {req.req_id!r} is already in use")
-        if req.chunk_spans and not req.chunks_looked_up:
-            stage_local_chunks(self.store, req, self.config.block_size)
+        staged = staged or StagedKV()
+        if req.chunk_spans and not req.kv.chunks_looked_up:
+            stage_local_chunks(self.store, req, staged, self.config.block_size)
+        req.kv.staged_blocks = {h: source for h, (_, source) in staged.blocks.items()}
+        req.kv.staged_chunks = set(staged.chunks)
+        self.connector.stage(req.req_id, staged)
         self.outputs.add_request(req)
         self.scheduler.add_request(req)
         return req.req_id
 
-    def _submit_internal(self, req: Request) -> None:
-        """Queue an engine-made request (a chunk-cache to compute); its output goes nowhere."""
-        self.outputs.add_request(req)
-        self.scheduler.add_request(req)
-
     def abort_request(self, req_id: str) -> RequestOutput | None:
         req = self.scheduler.finish(req_id, RequestStatus.FINISHED_ABORTED)
-        if req is not None and req.internal:
-            self.blender.forget(req)
-        return self.outputs.take_output(req) if req is not None else None
+        if req is None or req.internal:
+            return None
+        return self.outputs.take_output(req)
 
     def take_kv_events(self) -> list:
         """KV events of every tier since the last take (device, then host tiers)."""
         return self.block_manager.take_events() + self.connector.take_events()
 
     def close(self) -> None:
-        """Release the host tiers (the SSD tier's file)."""
+        """Finish the connector's jobs and release the host tiers (the SSD tier's file)."""
+        self.connector.close()
         if self.store is not None:
             self.store.close()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests in flight, or KV jobs (loads, write-through saves) not yet finished."""
+        return self.scheduler.has_unfinished() or self.scheduler.connector.has_pending
 
     def step(self) -> list[RequestOutput]:
+        self.scheduler.update_from_connector_output(self.connector.get_finished())
         sched_out = self.scheduler.schedule()
-        reqs = self.scheduler.requests
-        params = {s.req_id: reqs[s.req_id].params for s in sched_out.scheduled}
-        gens = {s.req_id: reqs[s.req_id].generator for s in sched_out.scheduled}
+        self.connector.start_load_kv(sched_out.kv_connector_metadata)
+        if not sched_out.num_scheduled_tokens:
+            self.runner.execute(sched_out)  # applies finished and preempted requests
+            self.connector.wait(IDLE_WAIT_S)  # only KV in flight: wait for it, briefly
+            return []
         t0 = time.perf_counter()
-        result = self.runner.execute(sched_out, params, gens)
-        num_prefill = sum(len(s.token_ids) for s in sched_out.scheduled if len(s.token_ids) > 1)
+        result = self.runner.execute(sched_out)
+        num_prefill = sum(n for n in sched_out.num_scheduled_tokens.values() if n > 1)
         if num_prefill >= MIN_PREFILL_TO_MEASURE:
             self.connector.record_cost("recompute", time.perf_counter() - t0, num_prefill)
+        for req_id, (positions, logits) in result.prompt_logits.items():
+            self.outputs.add_prompt_logits(req_id, positions, logits)
         outputs = []
-        for req in self.scheduler.update_from_output(sched_out, result.sampled):
-            stop = self.outputs.process_token(req, result.logprobs.get(req.req_id))
-            if stop is not None:
-                req.stop_reason = stop
-                if req.status.finished:  # the same token also reached max_tokens
-                    req.status = RequestStatus.FINISHED_STOPPED
-                else:
-                    self.scheduler.finish(req.req_id, RequestStatus.FINISHED_STOPPED)
-            out = self.outputs.take_output(req)
-            if not req.internal:
+        for req in self.scheduler.update_from_output(sched_out, result.sampled, result.blend_scores):
+            out = self._postprocess(req, result.logprobs.get(req.req_id))
+            if out is not None:
                 outputs.append(out)
         return outputs
 
+    def _postprocess(self, req: Request, logprob) -> RequestOutput | None:
+        """Detokenize the request's new token and end the request if it is done (the one place)."""
+        stop_string = None if req.internal else self.outputs.process_token(req, logprob)
+        status = check_stop(req, self.eos_token_ids, self.max_model_len, stop_string)
+        if status is not None:
+            self.scheduler.finish(req.req_id, status)
+        return None if req.internal else self.outputs.take_output(req)
+
     def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
-        """Run a batch to completion; results in input order."""
+        """Run a batch to completion (KV saves included); results in input order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         final: dict[str, RequestOutput] = {}

@@ -9,7 +9,8 @@ from worker.engine import EngineConfig
 
 HELP = {
     "model": "built-in model name (smollm2-135m), Hugging Face checkpoint folder, or .gguf file",
-    "dtype": "auto | bfloat16 | float16 | float32 (auto: bf16 on CPUs with bf16 instructions, else fp32)",
+    "dtype": "auto | bfloat16 | float16 | float32 (auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32)",
+    "device": "torch device of the model and KV cache: auto (cuda when present, else cpu) | cpu | cuda | cuda:N",
     "block_size": "tokens per KV block",
     "kv_cache_gb": "memory for the paged KV cache, GiB",
     "num_blocks": "exact number of KV blocks (overrides --kv-cache-gb)",
@@ -29,6 +30,8 @@ HELP = {
     "chunk_recompute_ratio": "share of each reused chunk-cache's tokens recomputed in the new context",
     "chunk_correction": "correct the rest of each reused chunk by the mean deviation of its recomputed tokens "
                         "(standalone chunk-caches)",
+    "chunk_selection": "which tokens of a reused chunk are recomputed: kvweave (chunk starts + an even sample, "
+                       "with the dense correction) | chunk_start | deviation (CacheBlend's layer-1 value deviation)",
     "chunk_cache_mode": "how a first-seen chunk gets its cache: standalone (computed alone after the prompt's "
                         "leading text: one extra prefill, best reuse quality) | in_context (its KV in the prompt "
                         "it came in: free)",

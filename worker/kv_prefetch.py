@@ -12,9 +12,10 @@ thread never waits on disk or network; other requests keep running meanwhile):
 4. the request's reusable chunks (`Request.chunk_spans`): the chunk-caches the local host tiers hold
    are read in a thread; for the chunks still missing, the index says which peers hold all of a
    chunk's entries (one Redis round trip for every chunk), and each chosen peer sends the entries
-   of all the chunks it serves in one transfer. They are staged on `Request.chunk_staged` and
-   blended in at admission (worker/chunk_blend.py).
-The engine copies staged blocks into the request's blocks when it admits it (worker/kv_connector.py).
+   of all the chunks it serves in one transfer. They are staged too, and blended in at admission
+   (worker/chunk_blend.py).
+What is staged (`StagedKV`) is handed to the engine with the request; the KV connector copies it into
+the request's blocks when it admits it (worker/kv_connector_worker.py).
 A failed read or transfer only means those blocks (or chunks) are computed: the request itself
 never fails here. Each transfer from a peer (its bytes and time, or its failure) is also reported to
 the worker's metrics (worker/metrics.py) when it has them.
@@ -31,8 +32,8 @@ from kvstore.chunks import chunk_block_keys, chunk_hash, join_chunk
 from kvstore.index import CHUNK_MEDIUMS, KVIndex
 from kvstore.keys import hash_blocks
 from kvstore.transfer import TransferClient, TransferError
-from worker.chunk_blend import stage_local_chunks
 from worker.engine import LLMEngine
+from worker.kv_connector_worker import StagedKV, stage_local_chunks
 from worker.metrics import WorkerMetrics
 from worker.request import Request
 
@@ -64,20 +65,22 @@ class KVPrefetcher:
         self.metrics = metrics
         self.stats = PrefetchStats()
 
-    async def __call__(self, req: Request) -> None:
+    async def __call__(self, req: Request) -> StagedKV:
+        staged = StagedKV()
         try:
-            await self._prefetch(req)
+            await self._prefetch(req, staged)
         except Exception:  # staging is an optimization: never fail the request for it
             logger.exception("KV prefetch for %s failed; its blocks will be computed", req.req_id)
+        return staged
 
-    async def _prefetch(self, req: Request) -> None:
+    async def _prefetch(self, req: Request, staged: StagedKV) -> None:
         if not self.engine.block_manager.enable_prefix_caching:
             return
-        covered = await self._stage_blocks(req)
+        covered = await self._stage_blocks(req, staged)
         if req.chunk_spans:
-            await self._stage_chunks(req, covered)
+            await self._stage_chunks(req, staged, covered)
 
-    async def _stage_blocks(self, req: Request) -> int:
+    async def _stage_blocks(self, req: Request, staged: StagedKV) -> int:
         """Stage the prompt's prefix blocks; returns how many leading prompt tokens they (and the
         device's cache) are expected to cover."""
         engine = self.engine
@@ -101,20 +104,20 @@ class KVPrefetcher:
             i += 1
         if on_ssd:
             t0 = time.perf_counter()
-            await asyncio.to_thread(self._read_host, req, on_ssd)
+            await asyncio.to_thread(self._read_host, staged, on_ssd)
             engine.connector.record_cost("ssd", time.perf_counter() - t0, len(on_ssd) * bs)
         if i < n_blocks and self.index is not None and self.peers is not None:
-            i += await self._fetch_from_peers(req, hashes[i:])
+            i += await self._fetch_from_peers(req, staged, hashes[i:])
         return i * bs
 
-    def _read_host(self, req: Request, keys: list[bytes]) -> None:
+    def _read_host(self, staged: StagedKV, keys: list[bytes]) -> None:
         for key, (value, source) in zip(keys, self.engine.store.load_many(keys)):
             if value is None:
                 return
-            req.kv_staged[key] = (value, source)
+            staged.blocks[key] = (value, source)
             self.stats.ssd_blocks += 1
 
-    async def _fetch_from_peers(self, req: Request, keys: list[bytes]) -> int:
+    async def _fetch_from_peers(self, req: Request, staged: StagedKV, keys: list[bytes]) -> int:
         """Stage the leading run of `keys` the best peer holds; returns how many were staged."""
         peers = self.peers()
         if not peers:
@@ -146,7 +149,7 @@ class KVPrefetcher:
             self.engine.connector.record_cost("peer", seconds, kv.shape[0] * self.engine.config.block_size)
         self.stats.peer_blocks += kv.shape[0]
         for key, value in zip(keys, kv):
-            req.kv_staged[key] = (value, "peer")
+            staged.blocks[key] = (value, "peer")
         logger.debug("request %s: %d KV blocks from %s in %.1f ms", req.req_id, kv.shape[0], best,
                      (time.perf_counter() - t0) * 1000)
         return kv.shape[0]
@@ -165,16 +168,16 @@ class KVPrefetcher:
 
     # ------------------------------------------------------------------ chunk-caches
 
-    async def _stage_chunks(self, req: Request, covered: int) -> None:
+    async def _stage_chunks(self, req: Request, staged: StagedKV, covered: int) -> None:
         """Stage the request's chunk-caches: the local host tiers' first, then the peers' for the
         chunks still missing that start at or after `covered` (earlier ones are prefix-cached)."""
         bs = self.engine.config.block_size
-        self.stats.chunk_local += await asyncio.to_thread(stage_local_chunks, self.engine.store, req, bs)
-        missing = [i for i, (s, _) in enumerate(req.chunk_spans) if i not in req.chunk_staged and s >= covered]
+        self.stats.chunk_local += await asyncio.to_thread(stage_local_chunks, self.engine.store, req, staged, bs)
+        missing = [i for i, (s, _) in enumerate(req.chunk_spans) if i not in staged.chunks and s >= covered]
         if missing and self.index is not None and self.peers is not None:
-            await self._fetch_chunks_from_peers(req, missing)
+            await self._fetch_chunks_from_peers(req, staged, missing)
 
-    async def _fetch_chunks_from_peers(self, req: Request, missing: list[int]) -> None:
+    async def _fetch_chunks_from_peers(self, req: Request, staged: StagedKV, missing: list[int]) -> None:
         peers = self.peers()
         if not peers:
             return
@@ -198,9 +201,9 @@ class KVPrefetcher:
         plan: dict[str, list[int]] = {}
         for i, held in holders.items():
             plan.setdefault(max(sorted(held), key=count.get), []).append(i)
-        await asyncio.gather(*(self._fetch_chunks(req, w, peers[w], chunks, keys) for w, chunks in plan.items()))
+        await asyncio.gather(*(self._fetch_chunks(req, staged, w, peers[w], chunks, keys) for w, chunks in plan.items()))
 
-    async def _fetch_chunks(self, req: Request, worker: str, address: str, chunks: list[int],
+    async def _fetch_chunks(self, req: Request, staged: StagedKV, worker: str, address: str, chunks: list[int],
                             keys: dict[int, list[bytes]]) -> None:
         """One transfer of every entry of `chunks` from one peer; stages the chunks it got whole."""
         flat = [k for i in chunks for k in keys[i]]
@@ -220,11 +223,11 @@ class KVPrefetcher:
             if at + m > kv.shape[0]:  # the peer no longer holds all of it (leading entries only)
                 break
             n = req.chunk_spans[i][1]
-            req.chunk_staged[i] = join_chunk(kv[at:at + m], n)
+            staged.chunks[i] = join_chunk(kv[at:at + m], n)
             self.stats.chunk_peer += 1
             tokens += n
             at += m
         if tokens:
             self.engine.connector.record_cost("peer", seconds, tokens)
         logger.debug("request %s: %d of %d chunk-caches from %s in %.1f ms", req.req_id,
-                     sum(i in req.chunk_staged for i in chunks), len(chunks), worker, seconds * 1000)
+                     sum(i in staged.chunks for i in chunks), len(chunks), worker, seconds * 1000)

@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse RoPE frequencies, with Llama-3 scaling when configured."""
     hd = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device="cpu") / hd))
     sc = args.rope_scaling
     if sc and sc.get("rope_type", sc.get("type")) == "llama3":
         factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
@@ -55,7 +55,7 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 def rope_cos_sin(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [max_len, head_dim // 2], float32 (bf16 tables lose positional precision)."""
-    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_inv_freq(args))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), rope_inv_freq(args))
     return freqs.cos().float(), freqs.sin().float()
 
 
@@ -110,17 +110,20 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32) -> None:
+        """Build under `with torch.device("meta"):` to allocate nothing until `load_weights`."""
         super().__init__()
         self.args, self.dtype = args, dtype
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin = rope_cos_sin(args, args.max_seq_len)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
         self.to(dtype)
-        self.rope_cos, self.rope_sin = cos, sin  # stay float32
+        # float32 tables (bf16 loses positional precision), computed on the host, moved with the weights.
+        self.rope_cos, self.rope_sin = rope_cos_sin(args, args.max_seq_len)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
                 num_layers: int | None = None) -> torch.Tensor | None:
@@ -138,11 +141,16 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward_reference(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits [T, vocab] of one sequence by a plain full-sequence causal forward (no cache)."""
-        positions = torch.arange(len(token_ids))
+        positions = torch.arange(len(token_ids), device=token_ids.device)
         return self.compute_logits(self.forward(token_ids, positions, CausalAttention(self.args)))
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load Hugging Face Llama-named weights, fusing q/k/v and gate/up."""
+    def load_weights(self, weights: dict[str, torch.Tensor], device: torch.device | str | None = None) -> None:
+        """Load Hugging Face Llama-named weights, fusing q/k/v and gate/up, in the model's dtype on
+        `device` (default: where the model is; a model built on the meta device takes the loaded
+        tensors as its parameters, with no other copy)."""
+        device = torch.device(device) if device is not None else self.device
+        if device.type == "meta":
+            raise ValueError("load_weights needs a real device for a model built on the meta device")
         w = {k.removeprefix("model."): v for k, v in weights.items()}
         own = {"embed_tokens.weight": w.pop("embed_tokens.weight"), "norm.weight": w.pop("norm.weight")}
         own["lm_head.weight"] = w.pop("lm_head.weight", own["embed_tokens.weight"])
@@ -160,7 +168,9 @@ class Transformer(nn.Module):
         w = {k: v for k, v in w.items() if "rotary_emb" not in k}
         if w:
             raise ValueError(f"unexpected weights in checkpoint: {sorted(w)[:5]}")
-        self.load_state_dict({k: v.to(self.dtype) for k, v in own.items()}, strict=True)
+        self.load_state_dict({k: v.to(device=device, dtype=self.dtype) for k, v in own.items()}, strict=True,
+                             assign=True)
+        self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
 
 
 class CausalAttention:

@@ -1,18 +1,24 @@
 """Model runner: turns a SchedulerOutput into batch tensors, runs the forward, samples.
 
-It holds the model and the KV cache tensors and never decides policy.
+It holds the model, the KV cache and its own copy of each scheduled request's state (tokens, block
+table, sampling parameters, seeded generator), updated from the scheduler's diffs as in vLLM v1,
+and never decides policy. A step's flat inputs (token ids, positions, slot mapping) are written
+into one persistent host buffer and reach the device in one copy (none on the CPU).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from worker.attention import AttentionMetadata, PagedAttention, PrefillSeq, decode_kernel_for, kv_cache_shape
+from worker.chunk_blend import BlendPiece
+from worker.chunk_kv import ChunkCorrection
 from worker.model import Transformer
-from worker.sampling import SampleResult, SamplingParams, sample
-from worker.scheduler import ScheduledRequest, SchedulerOutput
+from worker.sampling import SampleResult, SamplingParams, SamplingTensors, sample
+from worker.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -21,83 +27,186 @@ logger = logging.getLogger(__name__)
 class RunnerOutput:
     sampled: dict[str, int]
     logprobs: dict[str, tuple[float, dict[int, float]]]
+    prompt_logits: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)
+    """Requests that asked for prompt logits: (positions, float32 logits [n, vocab] on the host)."""
+    blend_scores: dict[str, list[float]] = field(default_factory=dict)
+    """Blends' scoring passes: the deviation of each position of the piece."""
+
+
+@dataclass(slots=True)
+class CachedRequestState:
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    params: SamplingParams
+    prompt_logits: range = range(0)
+    """Prompt positions whose logits are returned."""
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu") -> None:
         self.model, self.block_size = model, block_size
+        self.device = torch.device(device)
         a = model.args
         self.kv_cache = torch.zeros(kv_cache_shape(a.n_layers, num_blocks, block_size, a.n_kv_heads, a.head_dim),
-                                    dtype=model.dtype)
-        logger.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks, block_size,
-                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+                                    dtype=model.dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens, %.2f GiB on %s", num_blocks, block_size,
+                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.device)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        """Seeded requests' generators, kept across preemption (dropped when the request finishes)."""
+        self._host = torch.empty(0, dtype=torch.long)
+        self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
 
-    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
+    # ------------------------------------------------------------------ state
 
-    def _build_metadata(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        token_ids, positions, slot_mapping, prefills = [], [], [], []
-        decodes = [s for s in scheduled if s.is_decode]
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for req_id in out.finished_req_ids:
+            self.requests.pop(req_id, None)
+            self.generators.pop(req_id, None)
+        for req_id in out.preempted_req_ids:
+            self.requests.pop(req_id, None)
+        for new in out.scheduled_new_reqs:
+            wanted = range(new.num_prompt_tokens - new.num_prompt_logits, new.num_prompt_tokens)
+            self.requests[new.req_id] = CachedRequestState(list(new.token_ids), list(new.block_ids),
+                                                           new.num_computed_tokens, new.params, wanted)
+            if new.params.seed is not None and new.req_id not in self.generators:
+                self.generators[new.req_id] = torch.Generator(self.device).manual_seed(new.params.seed)
+        cached = out.scheduled_cached_reqs
+        for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
+            state = self.requests[req_id]
+            state.block_ids.extend(block_ids)
+            state.num_computed_tokens = num_computed
+
+    # ------------------------------------------------------------------ inputs
+
+    def _positions(self, req_id: str, n: int, piece: BlendPiece | None) -> np.ndarray:
+        if piece is not None:
+            return np.asarray(piece.positions, dtype=np.int64)
+        start = self.requests[req_id].num_computed_tokens
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def _slots(self, block_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return block_ids[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def _prepare_inputs(self, items: list[tuple[str, int, BlendPiece | None]]
+                        ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list]:
+        """Flat inputs of a forward over `items` (request, tokens, blend piece), decodes first;
+        returns (token ids, positions, attention metadata, row to sample per item or None)."""
+        total = sum(n for _, n, _ in items)
+        if self._host.numel() < 3 * total:
+            self._host = torch.empty(max(3 * total, 2 * self._host.numel()), dtype=torch.long,
+                                     pin_memory=self.device.type == "cuda")
+        host = self._host.numpy()
+        ids, pos, slots = host[:total], host[total:2 * total], host[2 * total:3 * total]
+        tables, prefill_info, decode_rows, sample_rows = {}, [], [], []
+        self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
         offset = 0
-        for s in scheduled:
-            n = len(s.token_ids)
-            bt = torch.tensor(s.block_table, dtype=torch.long)
-            token_ids.extend(s.token_ids)
-            if s.positions is not None:  # a sparse piece of a chunk blend
-                pos = torch.tensor(s.positions)
-                positions.append(pos)
-                slot_mapping.append(self._slots(bt, pos))
-                ctx = self._slots(bt, torch.arange(int(pos[-1]) + 1))
-                prefills.append(PrefillSeq(offset, n, s.start_pos, ctx, pos, s.correction))
-                offset += n
-                continue
-            pos = torch.arange(s.start_pos, s.start_pos + n)
-            positions.append(pos)
-            slot_mapping.append(self._slots(bt, pos))
-            if n > 1:
-                ctx = self._slots(bt, torch.arange(s.start_pos + n)) if s.start_pos else None
-                prefills.append(PrefillSeq(offset, n, s.start_pos, ctx))
+        for req_id, n, piece in items:
+            state = self.requests[req_id]
+            p = self._positions(req_id, n, piece)
+            table = tables[req_id] = np.asarray(state.block_ids, dtype=np.int64)
+            ids[offset:offset + n] = np.asarray(state.token_ids, dtype=np.int64)[p]
+            pos[offset:offset + n] = p
+            slots[offset:offset + n] = self._slots(table, p)
+            if piece is None and n == 1:
+                decode_rows.append((req_id, int(p[0]) + 1))
+            else:
+                prefill_info.append((req_id, offset, n, p, piece))
+            if state.prompt_logits:
+                self._want_logits(req_id, state.prompt_logits, p, offset)
+            sample = piece.sample if piece is not None else int(p[-1]) + 1 == len(state.token_ids)
+            sample_rows.append(offset + n - 1 if sample else None)
             offset += n
-        meta = AttentionMetadata(torch.cat(slot_mapping), len(decodes), prefills=prefills)
-        if decodes:
-            self._decode_metadata(meta, decodes)
-        return torch.tensor(token_ids, dtype=torch.long), torch.cat(positions), meta
+        flat = self._host[:3 * total].to(self.device, non_blocking=True)
+        token_ids, positions, slot_mapping = flat[:total], flat[total:2 * total], flat[2 * total:]
+        meta = AttentionMetadata(slot_mapping, len(decode_rows),
+                                 prefills=[self._prefill_seq(tables[r], o, n, p, pc) for r, o, n, p, pc in prefill_info])
+        if decode_rows:
+            self._decode_metadata(meta, [tables[r] for r, _ in decode_rows], [c for _, c in decode_rows])
+        return token_ids, positions, meta, sample_rows
 
-    def _decode_metadata(self, meta: AttentionMetadata, decodes: list[ScheduledRequest]) -> None:
+    def _want_logits(self, req_id: str, wanted: range, p: np.ndarray, offset: int) -> None:
+        """Rows of the step whose logits the request asked for (its last prompt positions)."""
+        rows = [(int(q), offset + i) for i, q in enumerate(p) if q in wanted]
+        if rows:
+            self._logit_rows[req_id] = ([q for q, _ in rows], [r for _, r in rows])
+
+    def _prefill_seq(self, table: np.ndarray, offset: int, n: int, p: np.ndarray, piece: BlendPiece | None) -> PrefillSeq:
+        start = int(p[0])
+        to_device = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        if piece is None:
+            ctx = to_device(self._slots(table, np.arange(start + n))) if start else None
+            return PrefillSeq(offset, n, start, ctx)
+        ctx = to_device(self._slots(table, np.arange(int(p[-1]) + 1)))
+        positions = to_device(p)
+        if piece.score_layer is not None:
+            return PrefillSeq(offset, n, start, ctx, positions, score_layer=piece.score_layer)
+        correction = None
+        if piece.groups:
+            device_table = to_device(table)
+            correction = ChunkCorrection(
+                piece.groups, positions,
+                lambda q: device_table[q // self.block_size] * self.block_size + q % self.block_size,
+                self.model.rope_cos, self.model.rope_sin)
+        return PrefillSeq(offset, n, start, ctx, positions, correction)
+
+    def _decode_metadata(self, meta: AttentionMetadata, tables: list[np.ndarray], ctx_lens: list[int]) -> None:
         bs = self.block_size
-        ctx_lens = torch.tensor([s.start_pos + 1 for s in decodes])
-        max_len = int(ctx_lens.max())
+        max_len = max(ctx_lens)
         max_blocks = -(-max_len // bs)
-        bt = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
-        for i, s in enumerate(decodes):
-            n = min(len(s.block_table), max_blocks)
-            bt[i, :n] = torch.tensor(s.block_table[:n])
-        meta.decode_block_tables, meta.decode_context_lens = bt, ctx_lens
+        bt = np.zeros((len(tables), max_blocks), dtype=np.int64)
+        for i, t in enumerate(tables):
+            n = min(len(t), max_blocks)
+            bt[i, :n] = t[:n]
+        block_tables = torch.from_numpy(bt).to(self.device)
+        lens = torch.tensor(ctx_lens, dtype=torch.long, device=self.device)
+        meta.decode_block_tables, meta.decode_context_lens = block_tables, lens
         if decode_kernel_for(self.kv_cache) is None:  # the torch path gathers padded contexts
-            slots = (bt[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len].contiguous()
-            pad = torch.arange(max_len)[None, :] >= ctx_lens[:, None]
-            bias = torch.zeros(pad.shape, dtype=self.model.dtype).masked_fill_(pad, float("-inf"))
-            meta.decode_slots, meta.decode_bias = slots, bias[None, :, None, :]
+            ar = torch.arange(max_len, device=self.device)
+            slots = (block_tables[:, :, None] * bs + torch.arange(bs, device=self.device)).view(len(tables), -1)
+            pad = ar[None, :] >= lens[:, None]
+            bias = torch.zeros(pad.shape, dtype=self.model.dtype, device=self.device).masked_fill_(pad, float("-inf"))
+            meta.decode_slots, meta.decode_bias = slots[:, :max_len].contiguous(), bias[None, :, None, :]
+
+    # ------------------------------------------------------------------ step
+
+    def _score(self, req_id: str, piece: BlendPiece) -> list[float]:
+        """A blend's scoring pass: its positions through layers 0..score_layer alone."""
+        token_ids, positions, meta, _ = self._prepare_inputs([(req_id, len(piece.positions), piece)])
+        backend = PagedAttention(self.kv_cache, meta, self.model.args.n_heads, self.block_size)
+        self.model(token_ids, positions, backend, num_layers=piece.score_layer + 1)
+        return meta.prefills[0].scores.tolist()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, params: dict[str, SamplingParams],
-                generators: dict[str, torch.Generator | None]) -> RunnerOutput:
-        if not out.scheduled:
-            return RunnerOutput({}, {})
-        token_ids, positions, meta = self._build_metadata(out.scheduled)
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self._update_states(out)
+        items = [(r, n, out.blend_pieces.get(r)) for r, n in out.num_scheduled_tokens.items()]
+        result = RunnerOutput({}, {})
+        for req_id, _, piece in items:
+            if piece is not None and piece.score_layer is not None:
+                result.blend_scores[req_id] = self._score(req_id, piece)
+        items = [it for it in items if it[0] not in result.blend_scores]
+        if not items:
+            return result
+        token_ids, positions, meta, sample_rows = self._prepare_inputs(items)
         backend = PagedAttention(self.kv_cache, meta, self.model.args.n_heads, self.block_size)
         hidden = self.model(token_ids, positions, backend)
-        rows, req_ids, offset = [], [], 0
-        for s in out.scheduled:
-            offset += len(s.token_ids)
-            if s.sample:
-                rows.append(offset - 1)
-                req_ids.append(s.req_id)
-        if not rows:
-            return RunnerOutput({}, {})
-        logits = self.model.compute_logits(hidden[torch.tensor(rows)])
-        res: SampleResult = sample(logits, [params[r] for r in req_ids], [generators[r] for r in req_ids])
-        logprobs = {}
+        result.prompt_logits = {
+            r: (pos, self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).cpu())
+            for r, (pos, rows) in self._logit_rows.items()}
+        req_ids = [r for (r, _, _), row in zip(items, sample_rows) if row is not None]
+        if not req_ids:
+            return result
+        rows = torch.tensor([row for row in sample_rows if row is not None], device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        params = [self.requests[r].params for r in req_ids]
+        res: SampleResult = sample(logits, params, [self.generators.get(r) for r in req_ids],
+                                   SamplingTensors.from_params(params, self.device))
+        for r, tok in zip(req_ids, res.token_ids):
+            self.requests[r].token_ids.append(tok)
         if res.logprobs is not None:
-            logprobs = {r: lp for r, lp in zip(req_ids, res.logprobs) if lp is not None}
-        return RunnerOutput(dict(zip(req_ids, res.token_ids)), logprobs)
+            result.logprobs = {r: lp for r, lp in zip(req_ids, res.logprobs) if lp is not None}
+        result.sampled = dict(zip(req_ids, res.token_ids))
+        return result

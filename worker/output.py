@@ -1,9 +1,12 @@
-"""Turns new tokens into streamed text: incremental detokenization and stop strings."""
+"""Turns new tokens into streamed text (incremental detokenization, stop strings) and decides when a
+request ends (`check_stop`: the one place that does)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker.request import Request
+import torch
+
+from worker.request import Request, RequestStatus
 from worker.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -26,10 +29,33 @@ class RequestOutput:
     num_chunk_reused_tokens: int = 0
     """Prompt tokens served from chunk-caches; `num_recomputed_tokens` of them were recomputed."""
     num_recomputed_tokens: int = 0
+    prompt_logits: torch.Tensor | None = None
+    """Float32 logits [n, vocab] of the prompt's last n positions, on the final output, when the
+    request asked for them (`LLMEngine.make_request(prompt_logits=n)`)."""
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+
+def check_stop(req: Request, eos_token_ids: frozenset[int], max_model_len: int, stop_string: str | None = None
+               ) -> RequestStatus | None:
+    """Whether the request's newest token ends it: EOS or a stop token id (once `min_tokens` are
+    out; the token id becomes the stop reason), a stop string (matched by the output processor; the
+    reason), else the length limits. Sets `req.stop_reason`."""
+    p, tok = req.params, req.output_token_ids[-1]
+    if req.num_output_tokens >= p.min_tokens:
+        if not p.ignore_eos and tok in eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if tok in p.stop_token_ids:
+            req.stop_reason = tok
+            return RequestStatus.FINISHED_STOPPED
+    if stop_string is not None:
+        req.stop_reason = stop_string
+        return RequestStatus.FINISHED_STOPPED
+    if req.num_output_tokens >= p.max_tokens or req.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None
 
 
 class _RequestText:
@@ -49,11 +75,18 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.states: dict[str, _RequestText] = {}
         self.outputs: dict[str, RequestOutput] = {}
+        self.prompt_logits: dict[str, dict[int, torch.Tensor]] = {}
 
     def add_request(self, req: Request) -> None:
         self.states[req.req_id] = _RequestText(self.tokenizer, req.params.stop)
         lp = [] if req.params.logprobs is not None else None
         self.outputs[req.req_id] = RequestOutput(req.req_id, req.prompt_token_ids, logprobs=lp)
+
+    def add_prompt_logits(self, req_id: str, positions: list[int], logits: torch.Tensor) -> None:
+        """Keep prompt logits computed this step (a recomputed position replaces the earlier row)."""
+        if req_id in self.states:
+            rows = self.prompt_logits.setdefault(req_id, {})
+            rows.update(zip(positions, logits))
 
     def process_token(self, req: Request, logprob=None) -> str | None:
         """Detokenize the request's newest token; returns a matched stop string, if any."""
@@ -84,10 +117,14 @@ class OutputProcessor:
             out.new_token_ids, st.text[st.num_emitted:end], finished, req.status.finish_reason,
             req.stop_reason, max(req.num_cached_tokens, 0),
             list(out.logprobs) if out.logprobs is not None else None,
-            num_chunk_reused_tokens=req.num_chunk_reused_tokens, num_recomputed_tokens=req.num_recomputed_tokens)
+            num_chunk_reused_tokens=req.chunks.num_reused_tokens,
+            num_recomputed_tokens=req.chunks.num_recomputed_tokens)
         st.num_emitted = end
         out.new_token_ids = []
         if finished:
             self.states.pop(req.req_id)
             self.outputs.pop(req.req_id)
+            rows = self.prompt_logits.pop(req.req_id, None)
+            if rows:
+                delta.prompt_logits = torch.stack([rows[p] for p in sorted(rows)])
         return delta

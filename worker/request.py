@@ -1,22 +1,29 @@
-"""Request state inside the engine."""
+"""Request state inside the engine.
+
+A request holds no tensors: KV staged for it before admission (prefix blocks read from SSD or a
+peer, chunk-caches) is handed to the worker side of the KV connector when it is submitted
+(worker/kv_connector_worker.py), and the request keeps only what the scheduler decides with (which
+block hashes and which chunks are staged, `KVTransferState`).
+"""
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
+from worker.chunk_blend import BlendPlan
 from worker.sampling import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
     WAITING = 0
-    RUNNING = 1
-    PREEMPTED = 2
+    WAITING_FOR_KV = 1
+    """Blocks allocated; the KV connector is loading or placing its KV (the step goes on without it)."""
+    RUNNING = 2
+    PREEMPTED = 3
     # Everything after this point is finished.
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH = 4
-    FINISHED_ABORTED = 5
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
 
     @property
     def finished(self) -> bool:
@@ -29,6 +36,34 @@ class RequestStatus(enum.IntEnum):
 
 
 @dataclass
+class KVTransferState:
+    """What the scheduler knows of a request's KV outside the device."""
+
+    staged_blocks: dict[bytes, str] = field(default_factory=dict)
+    """Block hash -> source ("ssd", "peer") of prefix blocks staged before admission."""
+    staged_chunks: set[int] = field(default_factory=set)
+    """Indexes of the request's chunks whose chunk-caches are staged."""
+    chunks_looked_up: bool = False
+    """The local store was asked for this request's chunk-caches (by the prefetcher or at submit)."""
+    num_loading_tokens: int = 0
+    """While WAITING_FOR_KV: the request's tokens computed once the connector's load finishes."""
+
+
+@dataclass
+class ChunkState:
+    """A request's reusable chunks and what their reuse did."""
+
+    num_reused_tokens: int = 0
+    """Prompt tokens whose KV came from chunk-caches (recomputed ones included)."""
+    num_recomputed_tokens: int = 0
+    """Of those, the tokens recomputed in their new context."""
+    num_exact_tokens: int | None = None
+    """Leading tokens whose KV is exact (None: all); only those may enter the prefix cache."""
+    stored: bool = False
+    """The chunks computed for this request were handed to the store (or to chunk requests)."""
+
+
+@dataclass
 class Request:
     req_id: str
     prompt_token_ids: list[int]
@@ -38,6 +73,13 @@ class Request:
     arrival_time: float = 0.0
     priority: int = 0
     """Lower runs first among waiting requests of the same arrival order (hook for later policies)."""
+    chunk_spans: list[tuple[int, int]] = field(default_factory=list)
+    """(start, length) of each reusable chunk in the prompt (sorted, disjoint): text whose KV may come
+    from a chunk-cache at any position (retrieved documents, tool outputs)."""
+    internal: bool = False
+    """Made by the engine to compute a chunk-cache: no caller sees its output."""
+    num_prompt_logits: int = 0
+    """Return the logits of the prompt's last positions too (teacher forcing: `kvweave bench rag`)."""
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -46,34 +88,15 @@ class Request:
     """Prompt tokens served from the prefix cache at first scheduling (-1 before)."""
     num_preemptions: int = 0
     stop_reason: int | str | None = None
-    generator: torch.Generator | None = None
     block_hashes: list = field(default_factory=list)
     """Leading block hashes computed before admission (by the KV prefetcher), reused by the block manager."""
-    kv_staged: dict = field(default_factory=dict)
-    """Block hash -> (KV tensor, source) read for this request while it waited (SSD, peer)."""
-    chunk_spans: list[tuple[int, int]] = field(default_factory=list)
-    """(start, length) of each reusable chunk in the prompt (sorted, disjoint): text whose KV may come
-    from a chunk-cache at any position (retrieved documents, tool outputs)."""
-    chunk_staged: dict = field(default_factory=dict)
-    """Chunk index -> chunk-cache read for this request while it waited."""
-    num_chunk_reused_tokens: int = 0
-    """Prompt tokens whose KV came from chunk-caches (recomputed ones included)."""
-    num_recomputed_tokens: int = 0
-    """Of those, the tokens recomputed in their new context."""
-    blend: object | None = None
+    kv: KVTransferState = field(default_factory=KVTransferState)
+    chunks: ChunkState = field(default_factory=ChunkState)
+    blend: BlendPlan | None = None
     """The chunk blend in progress (worker.chunk_blend.BlendPlan) while its pieces run."""
-    num_exact_tokens: int | None = None
-    """Leading tokens whose KV is exact (None: all); only those may enter the prefix cache."""
-    chunks_stored: bool = False
-    internal: bool = False
-    """Made by the engine to compute a chunk-cache: no caller sees its output."""
-    chunks_looked_up: bool = False
-    """The local store was asked for this request's chunk-caches (by the prefetcher or at submit)."""
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -8,19 +8,30 @@ p costs n * (1 + (p + n/2) / L) budget tokens (L: the context length at which a 
 costs as much as its projections and MLP); later chunks get shorter and every step stays about as
 long as the first, which is what bounds inter-token latency. When blocks run out, the most recently
 admitted running request is preempted by recompute (its blocks freed, its progress reset; the
-prefix cache usually gives most of it back when it resumes). The output of `schedule` is plain
-data; only `update_from_output` changes request state.
+prefix cache usually gives most of it back when it resumes).
+
+The scheduler only decides. `schedule` returns plain data (worker/scheduler_output.py) with the KV
+connector's jobs; a request whose KV must first be loaded or placed waits (WAITING_FOR_KV) without
+holding up the step. `update_from_connector_output` and `update_from_output` are the only methods
+that apply results to request state; `finish` is called by the engine, which decides when a
+request ends (worker/output.py `check_stop`).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from worker.block_manager import BlockManager
+from worker.chunk_blend import BlendPiece, BlendPlan, ChunkBlender, chunk_request_tokens, next_piece
 from worker.config import ConfigError
+from worker.kv_connector import KVConnector
 from worker.request import Request, RequestStatus
+from worker.sampling import SamplingParams
+from worker.scheduler_output import (CachedRequestData, KVConnectorOutput, LoadResult, NewRequestData,
+                                     SchedulerOutput)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +48,9 @@ class SchedulerConfig:
     attention_cost_len: int = 0
     """Context length at which a prefill token's attention costs as much as the rest of its
     forward; prefill chunks are charged for their attention (see above). 0: count tokens only."""
+    num_layers: int = 0
+    """The model's layers, to charge a partial pass (a blend's scoring pass) for the layers it runs
+    (0: charge full tokens)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -48,51 +62,44 @@ class SchedulerConfig:
             self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
 
 
-@dataclass(slots=True)
-class ScheduledRequest:
-    req_id: str
-    token_ids: list[int]
-    """Tokens whose KV is computed this step."""
-    start_pos: int
-    """Position of the first of them (= tokens already computed)."""
-    block_table: list[int]
-    sample: bool
-    """This step reaches the end of the known tokens: sample the next one."""
-    positions: list[int] | None = None
-    """Positions of the tokens when they are a sparse piece of a chunk blend (not contiguous)."""
-    correction: object | None = None
-    """The piece's chunk correction (worker.chunk_blend.ChunkCorrection)."""
+class _Batch:
+    """The step being built: tokens per request (and blend pieces), in scheduling order."""
 
-    @property
-    def is_decode(self) -> bool:
-        return len(self.token_ids) == 1 and self.positions is None
+    def __init__(self, budget: int) -> None:
+        self.budget = self.full_budget = budget
+        self.items: list[tuple[Request, int, BlendPiece | None]] = []
+        self.preempted: list[str] = []
 
+    def add(self, req: Request, num_tokens: int, cost: int, piece: BlendPiece | None = None) -> None:
+        self.items.append((req, num_tokens, piece))
+        self.budget -= cost
 
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    """Decodes (one token) first, then prefill chunks."""
-    preempted_req_ids: list[str] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.scheduled)
+    def drop(self, req: Request) -> int:
+        """Unschedule a request; returns the budget it used (tokens)."""
+        given = sum(n for r, n, _ in self.items if r is req)
+        self.items = [it for it in self.items if it[0] is not req]
+        return given
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 eos_token_ids: frozenset[int] = frozenset(), connector=None, blender=None) -> None:
-        """`connector` (worker.kv_connector.KVConnector): onboards prefix blocks held outside the
-        device (host tiers, staged from peers) when a request is admitted."""
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, connector: KVConnector | None = None,
+                 blender: ChunkBlender | None = None) -> None:
+        """`connector`: the KV connector's scheduler role (loads from host tiers and staged KV, saves);
+        `blender`: chunk-cache reuse (plans blends, decides which chunks to store)."""
         self.config = config
         self.connector = connector
         self.blender = blender
-        """worker.chunk_blend.ChunkBlender: blends staged chunk-caches into requests at admission."""
-        self.eos_token_ids = eos_token_ids
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        """Admitted requests in admission order, those waiting for their KV included."""
         self.requests: dict[str, Request] = {}
+        self._finished_req_ids: set[str] = set()
+        self._runner_blocks: dict[str, int] = {}
+        """Blocks the runner knows of each request it holds state for."""
+        self._runner_known: set[str] = set()
+        """Requests the runner has seen (a preempted one keeps its generator there until it finishes)."""
+        self._chunk_ids = itertools.count(1)
 
     def add_request(self, req: Request) -> None:
         self.requests[req.req_id] = req
@@ -101,87 +108,91 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget)
-        if not out.preempted_req_ids:
-            self._schedule_waiting(out, budget)
-        out.scheduled.sort(key=lambda s: not s.is_decode)
-        return out
+    # ------------------------------------------------------------------ schedule
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def schedule(self) -> SchedulerOutput:
+        batch = _Batch(self.config.max_num_batched_tokens)
+        self._schedule_running(batch)
+        if not batch.preempted:
+            self._schedule_waiting(batch)
+        return self._build_output(batch)
+
+    def _schedule_running(self, batch: _Batch) -> None:
         # Decodes first, then running prefills, each in admission order.
         order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens != 1)
         for req in order:
-            if budget <= 0:
+            if batch.budget <= 0:
                 break
             if req.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+                continue  # preempted earlier in this loop, or waiting for its KV
             if req.blend is not None:  # its slots were allocated at admission
-                piece = self._blend_piece(req)
-                out.scheduled.append(piece)
-                budget -= len(piece.token_ids)
+                piece = next_piece(req.blend, batch.budget, alone=not batch.items)
+                if piece is not None:
+                    cost = self._piece_cost(piece)
+                    if cost <= batch.budget or not batch.items:
+                        batch.add(req, len(piece.positions), cost, piece)
                 continue
-            num_new, cost = self._chunk(req.num_computed_tokens, req.num_tokens - req.num_computed_tokens, budget)
+            num_new, cost = self._chunk(req.num_computed_tokens, req.num_tokens - req.num_computed_tokens, batch.budget)
             if num_new == 0:
                 continue
             while not self.block_manager.allocate_slots(req.req_id, req.num_computed_tokens + num_new):
                 victim = self.running[-1]
-                budget += self._preempt(victim, out)
+                batch.budget += self._preempt(victim, batch)
                 if victim is req:
                     break
-            if req.status != RequestStatus.RUNNING:
-                continue
-            out.scheduled.append(self._make_scheduled(req, num_new))
-            budget -= cost
-        return budget
+            if req.status == RequestStatus.RUNNING:
+                batch.add(req, num_new, cost)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, batch: _Batch) -> None:
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and batch.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit_tokens = bm.get_computed_blocks(req.req_id, req.all_token_ids, req.cache_extra,
                                                           req.block_hashes)
+            max_cached_blocks = (req.num_prompt_tokens - req.num_prompt_logits) // bm.block_size
+            if req.num_prompt_logits:  # the positions whose logits it asked for must be computed
+                hits = hits[:max_cached_blocks]
+                num_hit_tokens = len(hits) * bm.block_size
             num_ext = 0
             if self.connector is not None and bm.enable_prefix_caching:
-                max_blocks = (req.num_tokens - 1) // bm.block_size  # at least one token is computed
-                num_ext = self.connector.num_external_blocks(req, len(hits), max_blocks)
-            num_cached = num_hit_tokens + num_ext * bm.block_size
-            num_new = req.num_tokens - num_cached
+                num_ext = self.connector.get_num_new_matched_tokens(req, len(hits), max_cached_blocks)
+            num_cached = num_hit_tokens + num_ext
             plan = self.blender.plan(req, num_cached) if self.blender is not None else None
-            if num_new > budget and not self.config.enable_chunked_prefill and plan is None:
+            num_new = req.num_tokens - num_cached
+            if num_new > batch.budget and not self.config.enable_chunked_prefill and plan is None:
                 break
-            num_new, cost = self._chunk(num_cached, num_new, budget)
+            num_new, cost = self._chunk(num_cached, num_new, batch.budget)
             if num_new == 0:
                 break
             if not bm.allocate_slots(req.req_id, max(num_cached + num_new, plan.end if plan else 0), hits):
                 break
-            if num_ext:  # a block that fails to load ends the run; the chunk then starts earlier
-                loaded = num_hit_tokens + self.connector.load_external(req, len(hits), num_ext) * bm.block_size
-                if plan is not None and loaded != num_cached:
-                    plan = self.blender.plan(req, loaded)  # ends where it did: it has the same last chunk
-                num_cached = loaded
             self.waiting.popleft()
+            self.running.append(req)
+            req.kv.staged_blocks.clear()  # consumed by this load (or never needed)
+            if req.num_cached_tokens < 0 and self.connector is not None:
+                self.connector.record_admission(req, num_hit_tokens)
+            if num_ext or plan is not None:
+                self._start_kv_load(req, num_hit_tokens, num_ext, plan)
+                continue
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_cached
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
-                if self.connector is not None:
-                    self.connector.record_admission(req, num_hit_tokens)
-            self.running.append(req)
-            if plan is not None:
-                self.blender.admit(req, plan)
-                if plan.pieces:
-                    piece = self._blend_piece(req)
-                    out.scheduled.append(piece)
-                    budget -= len(piece.token_ids)
-                else:  # nothing to recompute before `end`: the rest is scheduled from there next step
-                    req.blend = None
-                    req.num_computed_tokens = plan.end
-            else:
-                out.scheduled.append(self._make_scheduled(req, num_new))
-                budget -= cost
+            batch.add(req, num_new, cost)
+
+    def _start_kv_load(self, req: Request, num_hit_tokens: int, num_ext: int, plan: BlendPlan | None) -> None:
+        """The connector loads the request's external blocks and places its chunks; it waits."""
+        req.status = RequestStatus.WAITING_FOR_KV
+        req.num_computed_tokens = num_hit_tokens
+        req.kv.num_loading_tokens = num_hit_tokens + num_ext
+        req.blend = plan
+        self.connector.update_state_after_alloc(req, num_hit_tokens, num_ext, plan)
+
+    def _piece_cost(self, piece: BlendPiece) -> int:
+        n, layers = len(piece.positions), self.config.num_layers
+        if piece.score_layer is None or not layers:
+            return n
+        return math.ceil(n * (piece.score_layer + 1) / layers)
 
     def _chunk(self, start: int, num_left: int, budget: int) -> tuple[int, int]:
         """Tokens to compute from `start` within `budget`, and the budget they use."""
@@ -195,93 +206,155 @@ class Scheduler:
         n = max(n, min(num_left, 1))
         return n, max(n, math.ceil(n * (1 + (start + n / 2) / L)))
 
-    def _blend_piece(self, req: Request) -> ScheduledRequest:
-        """The next sparse piece of the request's chunk blend (worker.chunk_blend)."""
-        positions, correction, last = self.blender.next_piece(req)
-        return ScheduledRequest(
-            req_id=req.req_id,
-            token_ids=[req.all_token_ids[q] for q in positions],
-            start_pos=positions[0],
-            block_table=self.block_manager.get_block_table(req.req_id),
-            sample=last and req.blend.end == req.num_tokens,
-            positions=positions,
-            correction=correction,
-        )
-
-    def _make_scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
-        start = req.num_computed_tokens
-        return ScheduledRequest(
-            req_id=req.req_id,
-            token_ids=req.all_token_ids[start:start + num_new],
-            start_pos=start,
-            block_table=self.block_manager.get_block_table(req.req_id),
-            sample=start + num_new == req.num_tokens,
-        )
-
-    def _preempt(self, req: Request, out: SchedulerOutput) -> int:
+    def _preempt(self, req: Request, batch: _Batch) -> int:
         """Preempt by recompute; returns the budget given back if it was already scheduled."""
         logger.debug("preempting %s (%d tokens computed)", req.req_id, req.num_computed_tokens)
-        out.preempted_req_ids.append(req.req_id)
-        given_back = sum(len(s.token_ids) for s in out.scheduled if s.req_id == req.req_id)
-        out.scheduled = [s for s in out.scheduled if s.req_id != req.req_id]
+        batch.preempted.append(req.req_id)
+        given_back = batch.drop(req)
         self.running.remove(req)
-        self.block_manager.free(req.req_id)
+        self._release(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.blend = None  # planned again at re-admission
-        req.num_exact_tokens = None
+        req.chunks.num_exact_tokens = None
         req.num_preemptions += 1
         self.waiting.appendleft(req)
         return given_back
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Apply one step's results; return the requests that got a new token."""
+    def _build_output(self, batch: _Batch) -> SchedulerOutput:
+        out = SchedulerOutput(preempted_req_ids=batch.preempted)
+        items = sorted(batch.items, key=lambda it: not (it[1] == 1 and it[2] is None))  # decodes first
+        cached = CachedRequestData()
+        for req, n, piece in items:
+            out.num_scheduled_tokens[req.req_id] = n
+            if piece is not None:
+                out.blend_pieces[req.req_id] = piece
+            block_ids = self.block_manager.get_block_table(req.req_id)
+            known = self._runner_blocks.get(req.req_id)
+            if known is None:
+                out.scheduled_new_reqs.append(NewRequestData(req.req_id, list(req.all_token_ids), block_ids,
+                                                             req.num_computed_tokens, req.params,
+                                                             req.num_prompt_tokens, req.num_prompt_logits))
+            else:
+                cached.req_ids.append(req.req_id)
+                cached.new_block_ids.append(block_ids[known:])
+                cached.num_computed_tokens.append(req.num_computed_tokens)
+            self._runner_blocks[req.req_id] = len(block_ids)
+            self._runner_known.add(req.req_id)
+        out.scheduled_cached_reqs = cached
+        out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
+        if self.connector is not None:
+            out.kv_connector_metadata = self.connector.build_connector_meta()
+        return out
+
+    # ------------------------------------------------------------------ results
+
+    def update_from_connector_output(self, out: KVConnectorOutput) -> None:
+        """Apply what the connector finished: loaded requests run from where their KV ends."""
+        if self.connector is None:
+            return
+        for req_id, result in self.connector.update_connector_output(out).items():
+            req = self.requests.get(req_id)
+            if req is None or req.status != RequestStatus.WAITING_FOR_KV:
+                continue  # aborted or preempted while loading
+            self._loaded(req, result)
+        for key, _, ok in out.saved_chunks:
+            if self.blender is not None:
+                self.blender.stored(key, ok)
+
+    def _loaded(self, req: Request, result: LoadResult) -> None:
+        bs = self.block_manager.block_size
+        loaded = req.num_computed_tokens + result.num_blocks * bs
+        for source, n in result.sources.items():
+            self.connector.stats.hit_tokens[source] += n * bs
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = loaded
+        plan = req.blend
+        if plan is not None and not result.placed:
+            logger.warning("request %s: chunk-caches could not be placed; computing them", req.req_id)
+            plan = req.blend = None
+        if plan is not None:
+            if loaded < plan.start:
+                plan.recompute_from(loaded)
+            req.chunks.num_reused_tokens = plan.num_reused
+            req.chunks.num_recomputed_tokens = plan.num_recomputed
+            req.chunks.num_exact_tokens = plan.placed[0].start
+            loaded = plan.start
+            if plan.ready:  # nothing to recompute: the request goes on from the blend's end
+                req.blend = None
+                loaded = plan.end
+        req.num_computed_tokens = loaded
+        req.status = RequestStatus.RUNNING
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
+                           blend_scores: dict[str, list[float]] | None = None) -> list[Request]:
+        """Apply one step's results (sampled tokens, and the scores of blends' scoring passes);
+        return the requests that got a new token."""
         updated = []
-        for s in out.scheduled:
-            req = self.requests.get(s.req_id)
+        for req_id, n in out.num_scheduled_tokens.items():
+            req = self.requests.get(req_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted during the step
-            if s.positions is not None:  # a blend piece: the request moves on once all have run
-                req.blend.next_piece += 1
-                if req.blend.next_piece < len(req.blend.pieces):
+            piece = out.blend_pieces.get(req_id)
+            if piece is not None and piece.score_layer is not None:  # the selection is made now
+                req.blend.apply_scores(blend_scores[req_id])
+                req.chunks.num_recomputed_tokens = req.blend.num_recomputed
+                continue
+            if piece is not None:  # a blend piece: the request moves on once all have run
+                if not req.blend.done:
                     continue
                 req.num_computed_tokens = req.blend.end
                 req.blend = None
             else:
-                req.num_computed_tokens += len(s.token_ids)
-            exact = req.num_computed_tokens if req.num_exact_tokens is None else \
-                min(req.num_computed_tokens, req.num_exact_tokens)
-            self.block_manager.cache_full_blocks(req.req_id, req.all_token_ids, exact, req.cache_extra)
-            if req.chunk_spans and not req.chunks_stored and req.num_computed_tokens >= req.num_prompt_tokens:
-                req.chunks_stored = True
-                if self.blender is not None:
-                    self.blender.store_new_chunks(req)
-            if s.sample:
-                req.append_output_token(sampled[s.req_id])
-                self._check_stop(req)
+                req.num_computed_tokens += n
+            self._cache_blocks(req)
+            if req_id in sampled:
+                req.append_output_token(sampled[req_id])
                 updated.append(req)
         return updated
 
-    def _check_stop(self, req: Request) -> None:
-        p, tok = req.params, req.output_token_ids[-1]
-        if req.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and tok in self.eos_token_ids:
-                return self.finish(req.req_id, RequestStatus.FINISHED_STOPPED)
-            if tok in p.stop_token_ids:
-                req.stop_reason = tok
-                return self.finish(req.req_id, RequestStatus.FINISHED_STOPPED)
-        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
-            self.finish(req.req_id, RequestStatus.FINISHED_LENGTH)
+    def _cache_blocks(self, req: Request) -> None:
+        exact = req.num_computed_tokens if req.chunks.num_exact_tokens is None else \
+            min(req.num_computed_tokens, req.chunks.num_exact_tokens)
+        cached = self.block_manager.cache_full_blocks(req.req_id, req.all_token_ids, exact, req.cache_extra)
+        if cached and self.connector is not None:
+            self.connector.on_blocks_cached(cached)
+        if req.chunk_spans and not req.chunks.stored and req.num_computed_tokens >= req.num_prompt_tokens:
+            req.chunks.stored = True
+            if self.blender is not None:
+                self._store_new_chunks(req)
+
+    def _store_new_chunks(self, req: Request) -> None:
+        decision = self.blender.new_chunks(req)
+        for save in decision.saves:
+            self.connector.save_chunk(req, save)
+        for i in decision.requests:
+            tokens, span = chunk_request_tokens(req.prompt_token_ids, req.chunk_spans, i)
+            self.add_request(Request(f"chunk-cache-{next(self._chunk_ids)}", tokens,
+                                     SamplingParams(max_tokens=1, temperature=0.0), cache_extra=req.cache_extra,
+                                     arrival_time=req.arrival_time, chunk_spans=[span], internal=True))
 
     def finish(self, req_id: str, status: RequestStatus) -> Request | None:
         """Finish (or abort) a request and free its blocks; None when unknown or done."""
         req = self.requests.pop(req_id, None)
         if req is None:
             return None
-        if req.status == RequestStatus.RUNNING:
+        if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status = status
-        self.block_manager.free(req.req_id)
+        self._release(req)
+        if req_id in self._runner_known:
+            self._runner_known.discard(req_id)
+            self._finished_req_ids.add(req_id)
+        if req.internal and status == RequestStatus.FINISHED_ABORTED and self.blender is not None:
+            self.blender.forget(req)
+        if self.connector is not None:
+            self.connector.request_finished(req_id)
         return req
+
+    def _release(self, req: Request) -> None:
+        """Free the request's blocks (preemption or end); the runner forgets its blocks."""
+        self.block_manager.free(req.req_id)
+        self._runner_blocks.pop(req.req_id, None)

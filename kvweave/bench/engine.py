@@ -9,6 +9,9 @@ Metrics (BENCHMARKS.md format, medians over repeats, ratios higher-is-better):
   arriving (a new one whenever none is prefilling), chunked prefill (Sarathi-Serve's stall-free
   batching) against the same engine prefilling whole prompts.
 - ttft_prefix_hit: TTFT of a prompt whose head is in the prefix cache against the same prompt cold.
+- prefill_under_eviction: a long prompt's prefill when every block it allocates evicts a cached one
+  (the device cache full of another prompt's blocks, behind a small DRAM tier and an SSD tier),
+  against the same prefill on an emptied device cache; KV jobs left in flight are drained between runs.
 Times are taken in-process from `add_request` and `step()` return times.
 """
 from __future__ import annotations
@@ -23,7 +26,8 @@ from dataclasses import dataclass
 
 from kvweave.bench.report import Result, median, metric_list_type, percentile, render, write_json
 
-METRICS = ("throughput_vs_hf", "throughput_vs_hf_sequential", "itl_p99_chunked_prefill", "ttft_prefix_hit")
+METRICS = ("throughput_vs_hf", "throughput_vs_hf_sequential", "itl_p99_chunked_prefill", "ttft_prefix_hit",
+           "prefill_under_eviction")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class BenchConfig:
     itl_num_arrivals: int = 6
     ttft_prompt_len: int = 1024
     ttft_cached_len: int = 960
+    eviction_prompt_len: int = 6144
     max_num_batched_tokens: int = 512
     repeats: int = 3
     seed: int = 0
@@ -47,12 +52,13 @@ class BenchConfig:
 
 QUICK = BenchConfig(num_requests=16, prompt_len=(32, 128), output_len=(8, 32), hf_batch_size=8, num_sequential=4,
                     itl_num_decodes=8, itl_decode_prompt_len=64, itl_prompt_len=1024, itl_num_arrivals=2,
-                    ttft_prompt_len=512, ttft_cached_len=448, repeats=1)
+                    ttft_prompt_len=512, ttft_cached_len=448, eviction_prompt_len=1024, repeats=1)
 
 
 def fit_context(cfg: BenchConfig, max_len: int, block_size: int = 16) -> BenchConfig:
     """Scale every length down so the longest prompt takes at most half of a short context (tiny models)."""
-    longest = max(cfg.prompt_len[1] + cfg.output_len[1], cfg.itl_prompt_len, cfg.ttft_prompt_len)
+    longest = max(cfg.prompt_len[1] + cfg.output_len[1], cfg.itl_prompt_len, cfg.ttft_prompt_len,
+                  cfg.eviction_prompt_len)
     if 2 * longest <= max_len:
         return cfg
     f = (max_len // 2) / longest
@@ -64,7 +70,8 @@ def fit_context(cfg: BenchConfig, max_len: int, block_size: int = 16) -> BenchCo
     return dataclasses.replace(
         cfg, prompt_len=(s(cfg.prompt_len[0]), s(cfg.prompt_len[1])),
         output_len=(s(cfg.output_len[0]), s(cfg.output_len[1])), itl_decode_prompt_len=s(cfg.itl_decode_prompt_len),
-        itl_prompt_len=s(cfg.itl_prompt_len), ttft_prompt_len=s(cfg.ttft_prompt_len), ttft_cached_len=cached)
+        itl_prompt_len=s(cfg.itl_prompt_len), ttft_prompt_len=s(cfg.ttft_prompt_len), ttft_cached_len=cached,
+        eviction_prompt_len=s(cfg.eviction_prompt_len))
 
 
 def _stderr(msg: str) -> None:
@@ -266,6 +273,47 @@ def bench_ttft(ctx: BenchContext) -> Result:
     return Result("ttft_prefix_hit", median(warm), "ms", "same prompt, prefix cache reset", median(cold), False, extra)
 
 
+def drain(eng) -> None:
+    """Run the engine until nothing is left in flight (write-through KV saves included)."""
+    while eng.has_unfinished():
+        eng.step()
+
+
+def bench_eviction(ctx: BenchContext) -> Result:
+    import tempfile
+
+    from worker.engine import EngineConfig, LLMEngine
+
+    c = ctx.cfg
+    n = c.eviction_prompt_len
+    bs = 16
+    num_blocks = -(-n // bs) + 8  # the prompt fills the device cache
+    per_block = ctx.engine().connector.layout.nbytes
+    with tempfile.TemporaryDirectory(prefix="kvweave-bench-evict-") as tmp:
+        ctx.log(f"loading an engine with {num_blocks} device blocks, a small DRAM tier and an SSD tier")
+        eng = LLMEngine(EngineConfig(model=ctx.model, dtype=ctx.dtype_name, num_blocks=num_blocks, block_size=bs,
+                                     max_num_batched_tokens=c.max_num_batched_tokens,
+                                     dram_cache_gb=num_blocks * per_block / 4 / 2**30,
+                                     ssd_cache_gb=4 * num_blocks * per_block / 2**30, ssd_cache_dir=tmp))
+        ttft(eng, ctx.random_prompt(eng, 32))  # warm-up
+        drain(eng)
+        full, empty = [], []
+        for r in range(c.repeats):
+            eng.block_manager.reset_prefix_cache()
+            empty.append(ttft(eng, ctx.random_prompt(eng, n))[0])
+            drain(eng)  # the device cache now holds that prompt's blocks: each new block evicts one
+            full.append(ttft(eng, ctx.random_prompt(eng, n))[0])
+            drain(eng)
+            ctx.log(f"prefill under eviction {r + 1}/{c.repeats}: {full[-1]:.0f} ms with a full device cache vs "
+                    f"{empty[-1]:.0f} ms with an empty one")
+        eng.close()
+    extra = {"prompt_tokens": n, "device_blocks": num_blocks, "runs": [round(x, 1) for x in full],
+             "baseline_runs": [round(x, 1) for x in empty], "paired_ratio_median": _paired(full, empty, False),
+             "target": "ratio >= 0.91 (full cache <= 1.1x the empty one)"}
+    return Result("prefill_under_eviction", median(full), "ms", "same prefill, device cache emptied first",
+                  median(empty), False, extra)
+
+
 def run_benchmark(model: str, dtype: str, cfg: BenchConfig, metrics: list[str], quick: bool = False,
                   progress=_stderr) -> tuple[dict, list[Result]]:
     """Run the chosen metrics; returns the report's config and results."""
@@ -274,7 +322,8 @@ def run_benchmark(model: str, dtype: str, cfg: BenchConfig, metrics: list[str], 
     cfg = ctx.cfg = fit_context(cfg, ctx.engine().max_model_len)
     runners = {"throughput_vs_hf": lambda: bench_throughput(ctx, sequential=False),
                "throughput_vs_hf_sequential": lambda: bench_throughput(ctx, sequential=True),
-               "itl_p99_chunked_prefill": lambda: bench_itl(ctx), "ttft_prefix_hit": lambda: bench_ttft(ctx)}
+               "itl_p99_chunked_prefill": lambda: bench_itl(ctx), "ttft_prefix_hit": lambda: bench_ttft(ctx),
+               "prefill_under_eviction": lambda: bench_eviction(ctx)}
     results = []
     for m in metrics:
         ctx.log(f"metric {m}")

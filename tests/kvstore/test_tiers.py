@@ -36,7 +36,7 @@ def _device_tier(layout: KVLayout, capacity_bytes: float, policy: EvictionPolicy
     """The engine's paged KV cache (block manager + cache tensor) seen as a tier; it evicts in the
     block manager's LRU order, so a cost-aware policy does not apply to it."""
     from worker.block_manager import BlockManager
-    from worker.kv_connector import DeviceTier
+    from worker.kv_connector_worker import DeviceTier
 
     if policy is not None and not isinstance(policy, LRUPolicy):
         raise ValueError("the device tier evicts in the block manager's LRU order")

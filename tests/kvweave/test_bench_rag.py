@@ -26,15 +26,23 @@ def dataset(tmp_path):
 
 def test_rag_benchmark_reports_every_method(tiny_hf_model, dataset):
     config, results = run_benchmark(RagConfig(model=str(tiny_hf_model), dtype="float32", dataset=str(dataset),
-                                              questions=1, docs=2, threads=1, f1_questions=2))
+                                              questions=1, question_offset=0, docs=2, threads=1, f1_questions=2))
     by_name = {r.metric: r for r in results}
-    assert set(by_name) == {"ttft_vs_full_prefill", "prefill_compute_vs_prefix_caching", "prefill_compute_vs_full",
-                            "quality_agreement", "quality_kl", "kl_vs_cacheblend", "answer_f1"}
+    assert set(by_name) == {"ttft_vs_full_prefill", "ttft_with_cache_build", "prefill_compute_vs_prefix_caching",
+                            "prefill_compute_vs_full", "quality_agreement", "quality_kl", "kl_vs_cacheblend",
+                            "answer_f1"}
     methods = by_name["quality_agreement"].extra["by_method"]
     assert set(methods) == set(METHODS)
     assert methods["full"]["agreement"] == 1.0 and methods["full"]["kl"] == 0.0
     for m in METHODS:
         assert 0.0 <= methods[m]["agreement"] <= 1.0 and methods[m]["kl"] >= 0.0
+        assert methods[m]["ttft_ms"] > 0
+    # Each arm really reused the caches, with the share its selection asks for (through the engine).
+    assert methods["naive"]["recomputed_share"] == 0.0 == methods["naive_in_context"]["recomputed_share"]
+    assert 0.0 < methods["kvweave"]["recomputed_share"] < 0.5
+    assert methods["cacheblend"]["recomputed_share"] > methods["cacheblend_same_share"]["recomputed_share"] > 0
+    assert config["question_offset"] == 0 and not config["questions_held_out"]
+    assert by_name["ttft_with_cache_build"].extra["standalone_cache_build_ms"] > 0
     # Compute: reuse does a fraction of full prefill; prefix caching skips only the instruction.
     g = {m: methods[m]["prefill_gflops"] for m in METHODS}
     assert g["naive"] < g["kvweave"] < g["prefix_caching"] < g["full"]

@@ -94,8 +94,9 @@ def assert_same_output(out, ref) -> None:
         assert list(top.values()) == pytest.approx(list(ref_top.values()), abs=1e-4)
 
 
-def test_full_recompute_of_reused_chunks_equals_full_prefill(make):
-    engine = make(256, chunk_recompute_ratio=1.0)
+@pytest.mark.parametrize("selection", ["kvweave", "chunk_start", "deviation"])
+def test_full_recompute_of_reused_chunks_equals_full_prefill(make, selection):
+    engine = make(256, chunk_recompute_ratio=1.0, chunk_selection=selection)
     first = serve_one(engine, *build(I1, (A,), (B,), Q1))
     assert first.num_chunk_reused_tokens == 0 and engine.blender.num_stored == 2
     prompt, spans = build(I2, (B,), (A,), Q2)  # other order, after another instruction
@@ -120,6 +121,24 @@ def test_small_ratio_reuses_most_tokens(make):
     assert out.num_recomputed_tokens == expected
     assert 0.1 * out.num_chunk_reused_tokens <= out.num_recomputed_tokens < 0.15 * out.num_chunk_reused_tokens
     assert len(out.token_ids) == GREEDY.max_tokens
+
+
+def test_deviation_selection_recomputes_the_tokens_that_moved_most(make):
+    """CacheBlend's selection: a scoring pass over every reused token (layers 0..1), then the share
+    whose layer-1 values moved most is recomputed through every layer."""
+    from worker.chunk_blend import BlendPlan, PlacedChunk
+
+    plan = BlendPlan([50, 51], 0, 50, [PlacedChunk(0, 0, 10, []), PlacedChunk(1, 10, 40, [])], score_ratio=0.08)
+    scores = [0.0] * 50
+    scores[3], scores[12], scores[30], scores[49] = 5.0, 9.0, 7.0, 8.0
+    plan.apply_scores(scores)
+    assert [p.selected for p in plan.placed] == [[3], [2, 20, 39]]  # the 4 (8% of 50) that moved most
+    assert plan.positions == [3, 12, 30, 49, 50, 51] and plan.score_ratio is None
+    engine = make(256, chunk_recompute_ratio=0.2, chunk_selection="deviation")
+    serve_one(engine, *build(I1, (A,), (B,), Q1))
+    out = serve_one(engine, *build(I2, (B,), (A,), Q2))
+    assert out.num_chunk_reused_tokens == len(A) + len(B)
+    assert out.num_recomputed_tokens == round(0.2 * (len(A) + len(B)))
 
 
 @pytest.mark.parametrize("tail", [[Q2], []], ids=["question-after", "ends-in-chunk"])
@@ -219,8 +238,8 @@ def test_blend_in_pieces_and_under_preemption_is_exact(make):
 
     def watch(reqs):
         for r in reqs:
-            if r.blend is not None:
-                pieces[r.req_id] = len(r.blend.pieces)
+            if r.blend is not None:  # pieces so far, plus one more while positions are left
+                pieces[r.req_id] = max(pieces.get(r.req_id, 0), r.blend.num_pieces + (not r.blend.done))
 
     results = serve(engine, prompts, params, on_step=watch)
     assert pieces and max(pieces.values()) >= 2  # a blend ran in several pieces

@@ -138,6 +138,23 @@ def test_preemption_when_blocks_run_out(engine_case) -> None:
     assert engine.block_manager.num_free_blocks == num_blocks
 
 
+def test_prompt_logits_are_the_reference_logits_of_the_last_positions(engine_case) -> None:
+    """Teacher forcing through the serving path (what `kvweave bench rag` measures with): the logits
+    of a prompt's last positions, computed in several prefill chunks, equal a full causal forward's."""
+    engine = engine_case(max_num_batched_tokens=8)
+    prompt = random_prompts([29], engine.args.vocab_size, seed=11)[0]
+    rid = engine.submit(engine.make_request(prompt, greedy(2), prompt_logits=12))
+    final = None
+    while engine.has_unfinished():
+        final = next((o for o in engine.step() if o.req_id == rid and o.finished), final)
+    reference = engine.model.forward_reference(torch.tensor(prompt))
+    assert final.prompt_logits.shape == (12, engine.args.vocab_size)
+    torch.testing.assert_close(final.prompt_logits, reference[-12:].float(), atol=2e-2, rtol=2e-2)
+    assert final.prompt_logits[-1].argmax().item() == final.token_ids[0]
+    with pytest.raises(InvalidRequestError, match="prompt_logits"):
+        engine.make_request(prompt, greedy(2), prompt_logits=30)
+
+
 def test_prefix_cache_hits(engine_case) -> None:
     engine = engine_case()
     bs = engine.config.block_size

@@ -9,8 +9,10 @@ import pytest
 
 from worker.block_manager import BlockManager
 from worker.config import ConfigError
+from worker.output import check_stop
 from worker.request import Request, RequestStatus
-from worker.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from worker.scheduler import Scheduler, SchedulerConfig
+from worker.scheduler_output import SchedulerOutput
 
 
 def fake_next_token(tokens: list[int]) -> int:
@@ -28,33 +30,79 @@ def make_scheduler(num_blocks: int = 64, block_size: int = 4, **config) -> Sched
     return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, block_size))
 
 
-def check_invariants(sched: Scheduler, out: SchedulerOutput) -> None:
-    assert out.num_tokens <= sched.config.max_num_batched_tokens
+class RunnerView:
+    """What a model runner knows, rebuilt from the scheduler's outputs alone (new requests in full,
+    running ones as diffs), to check that those outputs are enough."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.blocks: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
+
+    def apply(self, out: SchedulerOutput) -> None:
+        for req_id in [*out.finished_req_ids, *out.preempted_req_ids]:
+            self.tokens.pop(req_id, None)
+        for new in out.scheduled_new_reqs:
+            self.tokens[new.req_id], self.blocks[new.req_id] = list(new.token_ids), list(new.block_ids)
+            self.computed[new.req_id] = new.num_computed_tokens
+        c = out.scheduled_cached_reqs
+        for req_id, blocks, n in zip(c.req_ids, c.new_block_ids, c.num_computed_tokens):
+            self.blocks[req_id].extend(blocks)
+            self.computed[req_id] = n
+
+
+def runner_view(sched: Scheduler) -> RunnerView:
+    if not hasattr(sched, "runner_view"):
+        sched.runner_view = RunnerView()
+    return sched.runner_view
+
+
+def scheduled(sched: Scheduler, out: SchedulerOutput) -> list[tuple[str, int, int, bool]]:
+    """(req id, first position, tokens, samples) of each scheduled request, from the runner's view."""
+    view = runner_view(sched)
+    view.apply(out)
+    return [(r, view.computed[r], n, view.computed[r] + n == len(view.tokens[r]))
+            for r, n in out.num_scheduled_tokens.items()]
+
+
+def check_invariants(sched: Scheduler, out: SchedulerOutput) -> list[tuple[str, int, int, bool]]:
+    assert out.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
     assert len(sched.running) <= sched.config.max_num_seqs
-    is_decode = [len(s.token_ids) == 1 for s in out.scheduled]
+    is_decode = [n == 1 for n in out.num_scheduled_tokens.values()]
     assert is_decode == sorted(is_decode, reverse=True), "decodes must come before prefill chunks"
-    assert len({s.req_id for s in out.scheduled}) == len(out.scheduled)
-    for s in out.scheduled:
-        req = sched.requests[s.req_id]
+    view = runner_view(sched)
+    items = scheduled(sched, out)
+    for req_id, start, n, sample in items:
+        req = sched.requests[req_id]
         assert req.status == RequestStatus.RUNNING
-        assert s.start_pos == req.num_computed_tokens
-        assert s.token_ids == req.all_token_ids[s.start_pos:s.start_pos + len(s.token_ids)]
-        assert s.sample == (s.start_pos + len(s.token_ids) == req.num_tokens)
-        assert len(s.block_table) * sched.block_manager.block_size >= s.start_pos + len(s.token_ids)
-        assert s.block_table == sched.block_manager.get_block_table(s.req_id)
+        assert start == req.num_computed_tokens
+        assert view.tokens[req_id] == req.all_token_ids  # the diffs kept the runner in sync
+        assert sample == (start + n == req.num_tokens)
+        assert len(view.blocks[req_id]) * sched.block_manager.block_size >= start + n
+        assert view.blocks[req_id] == sched.block_manager.get_block_table(req_id)
+    return items
+
+
+def finish_if_done(sched: Scheduler, req: Request, eos: frozenset[int] = frozenset()) -> None:
+    status = check_stop(req, eos, sched.config.max_model_len)
+    if status is not None:
+        sched.finish(req.req_id, status)
 
 
 def step(sched: Scheduler) -> SchedulerOutput:
     """One schedule -> fake forward -> update cycle; checks the scheduler's invariants."""
     out = sched.schedule()
-    check_invariants(sched, out)
-    sampled = {s.req_id: fake_next_token(sched.requests[s.req_id].all_token_ids) for s in out.scheduled if s.sample}
-    sched.update_from_output(out, sampled)
+    items = check_invariants(sched, out)
+    sampled = {r: fake_next_token(sched.requests[r].all_token_ids) for r, _, _, sample in items if sample}
+    for req in sched.update_from_output(out, sampled):
+        runner_view(sched).tokens[req.req_id].append(req.output_token_ids[-1])
+        finish_if_done(sched, req)
+    out.items = items
     return out
 
 
 def summary(out: SchedulerOutput) -> list[tuple[str, int, int, bool]]:
-    return [(s.req_id, s.start_pos, len(s.token_ids), s.sample) for s in out.scheduled]
+    return out.items
 
 
 def run_to_completion(sched: Scheduler, max_steps: int = 500) -> list[SchedulerOutput]:
@@ -86,11 +134,11 @@ def test_token_budget_is_respected_and_filled(make_request) -> None:
     for r in reqs:
         sched.add_request(r)
     outs = run_to_completion(sched)
-    assert all(o.num_tokens <= 16 for o in outs)
+    assert all(o.total_num_scheduled_tokens <= 16 for o in outs)
     total_work = sum(lengths) + 4 * len(reqs)  # every prompt token + 4 decodes each
-    assert sum(o.num_tokens for o in outs) == total_work
+    assert sum(o.total_num_scheduled_tokens for o in outs) == total_work
     # While there is prefill work left, the budget is used in full.
-    assert [o.num_tokens for o in outs[:4]] == [16, 16, 16, 16]
+    assert [o.total_num_scheduled_tokens for o in outs[:4]] == [16, 16, 16, 16]
     for r, n in zip(reqs, lengths):
         assert r.output_token_ids == fake_greedy(prompt(n, 10 * int(r.req_id[1:])), 5)
         assert r.status == RequestStatus.FINISHED_LENGTH
@@ -119,7 +167,7 @@ def test_chunked_prefill_splits_a_long_prompt_across_steps(make_request) -> None
     for expected in [("a", 0, 8, False), ("a", 8, 8, False), ("a", 16, 4, True), ("a", 20, 1, True)]:
         out = step(sched)
         assert summary(out) == [expected]
-        tables.append(out.scheduled[0].block_table)
+        tables.append(list(runner_view(sched).blocks["a"]))
     assert tables == [[0, 1], [0, 1, 2, 3], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5]]
     assert req.output_token_ids == fake_greedy(prompt(20), 2)
     assert sched.block_manager.num_free_blocks == 64
@@ -142,7 +190,7 @@ def test_max_num_seqs_caps_running_requests(make_request) -> None:
     reqs = [make_request(f"r{i}", prompt(4, 10 * i), max_tokens=3) for i in range(4)]
     for r in reqs:
         sched.add_request(r)
-    scheduled_ids = [[s.req_id for s in step(sched).scheduled] for _ in range(6)]
+    scheduled_ids = [list(step(sched).num_scheduled_tokens) for _ in range(6)]
     assert scheduled_ids == [["r0", "r1"]] * 3 + [["r2", "r3"]] * 3
     assert not sched.has_unfinished()
     for i, r in enumerate(reqs):
@@ -158,7 +206,7 @@ def test_preemption_by_recompute_when_blocks_run_out(make_request) -> None:
     sched.add_request(b)
     for _ in range(3):
         out = step(sched)
-        assert [s.req_id for s in out.scheduled] == ["a", "b"] and out.preempted_req_ids == []
+        assert list(out.num_scheduled_tokens) == ["a", "b"] and out.preempted_req_ids == []
     assert (bm.get_block_table("a"), bm.get_block_table("b")) == ([0, 1], [2, 3])
     # a needs a third block for its 9th token: b, the most recently admitted, is preempted.
     out = step(sched)
@@ -172,8 +220,8 @@ def test_preemption_by_recompute_when_blocks_run_out(make_request) -> None:
     assert bm.free_queue.block_ids() == [2]
     # b waits until a finishes, then resumes from the cached head of its own sequence.
     outs = run_to_completion(sched)
-    resumed = next(s for o in outs for s in o.scheduled if s.req_id == "b")
-    assert (resumed.start_pos, len(resumed.token_ids), resumed.sample) == (4, 5, True)
+    resumed = next(s for o in outs for s in o.items if s[0] == "b")
+    assert resumed == ("b", 4, 5, True)
     assert a.output_token_ids == fake_greedy(prompt(6), 6)
     assert b.output_token_ids == fake_greedy(prompt(6, 60), 6)
     assert (a.status, b.status) == (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_LENGTH)
@@ -209,7 +257,7 @@ def test_abort_of_waiting_and_running_requests_frees_blocks(make_request) -> Non
     assert sched.block_manager.get_block_table("a") == []
     assert sched.finish("a", RequestStatus.FINISHED_ABORTED) is None
     assert not sched.has_unfinished()
-    assert sched.schedule().scheduled == []
+    assert sched.schedule().num_scheduled_tokens == {}
 
 
 def test_abort_between_schedule_and_update(make_request) -> None:
@@ -241,14 +289,15 @@ def test_abort_of_a_preempted_request(make_request) -> None:
     assert sched.block_manager.num_free_blocks == 4
 
 
-def drive(sched: Scheduler, req: Request, tokens: list[int]) -> None:
+def drive(sched: Scheduler, req: Request, tokens: list[int], eos: frozenset[int] = frozenset()) -> None:
     """Feed `tokens` as the model's samples until the request finishes or they run out."""
     sched.add_request(req)
     for tok in tokens:
         if req.status.finished:
             return
         out = sched.schedule()
-        sched.update_from_output(out, {req.req_id: tok})
+        for r in sched.update_from_output(out, {req.req_id: tok}):
+            finish_if_done(sched, r, eos)
 
 
 @pytest.mark.parametrize("params, tokens, expected_outputs, status, stop_reason", [
@@ -259,9 +308,9 @@ def drive(sched: Scheduler, req: Request, tokens: list[int]) -> None:
     ({"max_tokens": 2}, [5, 6, 7], [5, 6], RequestStatus.FINISHED_LENGTH, None),
 ])
 def test_stop_conditions(make_request, params, tokens, expected_outputs, status, stop_reason) -> None:
-    sched = Scheduler(SchedulerConfig(), BlockManager(16, 4), eos_token_ids=frozenset({2}))
+    sched = Scheduler(SchedulerConfig(), BlockManager(16, 4))
     req = make_request("a", prompt(5), **params)
-    drive(sched, req, tokens)
+    drive(sched, req, tokens, eos=frozenset({2}))
     assert req.output_token_ids == expected_outputs
     assert (req.status, req.stop_reason) == (status, stop_reason)
     assert sched.block_manager.num_free_blocks == 16
@@ -286,10 +335,9 @@ def test_deep_prefill_chunks_are_charged_for_their_attention(make_request):
     sizes = []
     for _ in range(20):
         out = sched.schedule()
-        if not out.scheduled or out.scheduled[0].sample:
+        (_, p, n, sample), = scheduled(sched, out)
+        if sample:
             break
-        s = out.scheduled[0]
-        n, p = len(s.token_ids), s.start_pos
         assert n * (1 + (p + n / 2) / 200) <= 100 + 1e-9
         sizes.append(n)
         sched.update_from_output(out, {})

@@ -59,10 +59,9 @@ def chunked(*parts) -> worker_pb2.WorkerGenerateRequest:
 
 
 async def until_idle(server: WorkerServer) -> None:
-    """The engine holds nothing (the engine's own chunk-cache requests included)."""
+    """The engine holds nothing (the engine's own chunk-cache requests and KV saves included)."""
     for _ in range(500):
-        load = server.engine.get_load()
-        if server.engine.num_requests == 0 and load.num_running + load.num_waiting == 0:
+        if server.engine.idle:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the engine did not become idle")
