@@ -48,12 +48,13 @@ CASES = {
     "llama-theta-500k": (LlamaConfig, {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
     **{f"llama-{name}": (LlamaConfig, {"rope_parameters": rope}) for name, rope in SCALED_ROPE.items()},
     "llama-head-dim-untied": (LlamaConfig, {"head_dim": 32, "tie_word_embeddings": False}),
-    "mistral-no-window": (MistralConfig, {"sliding_window": None}),
+    "mistral-no-window-head-dim": (MistralConfig, {"sliding_window": None, "head_dim": 32}),
     "mistral-window-beyond-context": (MistralConfig, {"sliding_window": 4096}),
     "qwen2": (Qwen2Config, {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
     "qwen2-window-off": (Qwen2Config, {"use_sliding_window": False, "sliding_window": 16}),
     "qwen2-window-unused": (Qwen2Config, {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2}),
     "qwen2-yarn": (Qwen2Config, {"rope_parameters": YARN}),
+    "qwen2-head-dim-untied": (Qwen2Config, {"head_dim": 8, "tie_word_embeddings": False}),
 }
 """Name -> (transformers config class, fields beyond SIZES)."""
 
