@@ -149,8 +149,6 @@ def hf_rope(cfg: dict) -> tuple[float, dict | None]:
     _check_partial_rotary(rope.pop("partial_rotary_factor", None), f"{key}.partial_rotary_factor")
     kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
     rope.pop("type", None)
-    if kind == "default":
-        return theta, checked_rope_scaling({"rope_type": kind, **rope}, key)
     if kind in ("llama3", "yarn"):
         # transformers: a top-level original_max_position_embeddings wins, else max_position_embeddings
         top = cfg.get("original_max_position_embeddings")
