@@ -119,6 +119,32 @@ def write_hf_checkpoint(
     return path
 
 
+def write_transformers_checkpoint(path: Path, config, *, seed: int = 0, attn_scale: float = 3.0) -> Path:
+    """A folder saved by transformers itself (`save_pretrained`) from `config` (e.g. a `LlamaConfig`),
+    with the tiny tokenizer and random weights of the sizes `_random_weights` uses; the attention
+    projections are scaled by `attn_scale` so that positions, hence RoPE, matter (see
+    `write_lively_checkpoint`)."""
+    from transformers import AutoModelForCausalLM
+
+    config.vocab_size = tiny_vocab_size()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif "embed_tokens" in name or "lm_head" in name:
+                param.copy_(0.3 * noise)
+            elif "self_attn" in name:
+                param.copy_(0.1 * attn_scale * noise)
+            else:
+                param.copy_(0.1 * noise)
+    model.save_pretrained(path)
+    write_tokenizer_files(Path(path))
+    return Path(path)
+
+
 def _random_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     dim, hidden, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -321,6 +347,12 @@ def default_checkpoint(default_model_path: Path):
 def hf_checkpoint_writer():
     """`write_hf_checkpoint`, for tests that need a variant of the tiny model."""
     return write_hf_checkpoint
+
+
+@pytest.fixture(scope="session")
+def transformers_checkpoint_writer():
+    """`write_transformers_checkpoint`, for tests that compare against transformers' own forward."""
+    return write_transformers_checkpoint
 
 
 @pytest.fixture(scope="session")

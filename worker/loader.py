@@ -57,6 +57,8 @@ _GGUF_LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _GGUF_IGNORED = ("rope_freqs.weight",)  # read into ModelArgs.rope_scaling instead
+_GGUF_UNMAPPED_ROPE_KEYS = ("attn_factor", "yarn_log_multiplier", "yarn_ext_factor", "yarn_attn_factor",
+                            "yarn_beta_fast", "yarn_beta_slow")
 _REQUIRED = object()
 
 
@@ -179,8 +181,13 @@ def _checked_weights(args: ModelArgs, weights: dict[str, torch.Tensor]) -> dict[
     if wrong:
         raise CheckpointError(f"{args.name}: tensor shapes do not match the config: {'; '.join(wrong[:5])}")
     extra = sorted(set(weights) - set(expected))
-    if extra:
-        logger.debug("%s: ignoring %d unused tensors, e.g. %s", args.name, len(extra), extra[:5])
+    harmless = [k for k in extra if k.endswith("rotary_emb.inv_freq") or k == "lm_head.weight"]  # tied: unused
+    if harmless:
+        logger.debug("%s: ignoring %d unused tensors, e.g. %s", args.name, len(harmless), harmless[:5])
+    unknown = sorted(set(extra) - set(harmless))
+    if unknown:
+        logger.warning("%s: ignoring %d tensors the model code does not use, e.g. %s",
+                       args.name, len(unknown), unknown[:5])
     return {key: weights[key] for key in expected}
 
 
@@ -299,6 +306,10 @@ def _gguf_model_args(fields: dict[str, Any], arch: str, tensors: dict[str, Any],
     n_heads = int(meta("attention.head_count"))
     dim = int(meta("embedding_length"))
     head_dim = int(meta("attention.key_length", 0)) or dim // n_heads
+    rope_dims = int(meta("rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise CheckpointError(f"GGUF metadata {arch}.rope.dimension_count {rope_dims} != head size {head_dim}: "
+                              "partial RoPE is not supported")
     rope_theta = float(meta("rope.freq_base", 10000.0))
     embed = tensors.get("token_embd.weight")
     tokens = fields.get("tokenizer.ggml.tokens")
@@ -335,9 +346,13 @@ def _gguf_rope_scaling(
     kind = gguf_field_value(fields, f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
+    for key in _GGUF_UNMAPPED_ROPE_KEYS:  # llama.cpp's own yarn knobs: no HF equivalent is derived
+        if gguf_field_value(fields, f"{arch}.rope.scaling.{key}") is not None:
+            raise CheckpointError(f"GGUF metadata {arch}.rope.scaling.{key} is not supported")
     scaling = {"rope_type": kind, "factor": float(gguf_field_value(fields, f"{arch}.rope.scaling.factor", 1.0))}
-    if original_ctx:
-        scaling["original_max_position_embeddings"] = int(original_ctx)
+    if original_ctx or kind == "yarn":  # yarn's default, as transformers': the context length
+        scaling["original_max_position_embeddings"] = int(original_ctx or gguf_field_value(
+            fields, f"{arch}.context_length", 2048))
     return scaling  # ModelArgs rejects the types the model code does not implement
 
 

@@ -38,11 +38,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse RoPE frequencies, with Llama-3 scaling when configured."""
+    """Inverse RoPE frequencies [head_dim // 2], float64, scaled as `args.rope_scaling` says.
+
+    The types follow transformers' `modeling_rope_utils`: linear divides every frequency by
+    `factor`; llama3 divides the low frequencies by `factor` and blends a middle band; yarn
+    (arXiv:2309.00071) ramps per dimension from interpolation (/ factor) to extrapolation between the
+    dimensions that turn `beta_slow` and `beta_fast` times over `original_max_position_embeddings`.
+    """
     hd = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device="cpu") / hd))
-    sc = args.rope_scaling
-    if sc and sc.get("rope_type", sc.get("type")) == "llama3":
+    sc = args.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        return inv_freq / sc["factor"]
+    if kind == "llama3":
         factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
         old_len = sc.get("original_max_position_embeddings", 8192)
         wavelen = 2 * math.pi / inv_freq
@@ -50,13 +59,50 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
         scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
         mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
         inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    if kind == "yarn":
+        inv_freq = _yarn_inv_freq(inv_freq, args.rope_theta, hd, sc)
     return inv_freq
 
 
+def _yarn_inv_freq(inv_freq: torch.Tensor, base: float, hd: int, sc: dict) -> torch.Tensor:
+    def correction_dim(num_rotations: float) -> float:
+        """The dimension whose wavelength turns `num_rotations` times over the original context."""
+        old_len = sc["original_max_position_embeddings"]
+        return hd * math.log(old_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(sc.get("beta_fast") or 32), correction_dim(sc.get("beta_slow") or 1)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    ramp = ((torch.arange(hd // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+    return inv_freq / sc["factor"] * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_factor(args: ModelArgs) -> float:
+    """The factor yarn applies to cos/sin (so q.k scales by its square); 1 for the other types."""
+    sc = args.rope_scaling or {}
+    if sc.get("rope_type", sc.get("type")) != "yarn":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = sc["factor"]
+    if sc.get("mscale") and sc.get("mscale_all_dim"):
+        return mscale(factor, sc["mscale"]) / mscale(factor, sc["mscale_all_dim"])
+    return mscale(factor)
+
+
 def rope_cos_sin(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_len, head_dim // 2], float32 (bf16 tables lose positional precision)."""
+    """cos/sin tables [max_len, head_dim // 2], float32 (bf16 tables lose positional precision),
+    times yarn's attention factor. Computed on the host (also under a meta-device model build)."""
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), rope_inv_freq(args))
-    return freqs.cos().float(), freqs.sin().float()
+    scale = rope_attention_factor(args)
+    return (freqs.cos() * scale).float(), (freqs.sin() * scale).float()
 
 
 class Attention(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from worker.attention import AttentionMetadata, PagedAttention, PrefillSeq, decode_kernel_for, kv_cache_shape
 from worker.chunk_blend import BlendPiece
 from worker.chunk_kv import ChunkCorrection
-from worker.model import Transformer
+from worker.model import Transformer, rope_attention_factor
 from worker.sampling import SampleResult, SamplingParams, SamplingTensors, sample
 from worker.scheduler_output import SchedulerOutput
 
@@ -58,6 +58,9 @@ class ModelRunner:
         """Seeded requests' generators, kept across preemption (dropped when the request finishes)."""
         self._host = torch.empty(0, dtype=torch.long)
         self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
+        m = rope_attention_factor(model.args)  # the tables carry yarn's factor; corrections need pure rotations
+        self._rot_cos, self._rot_sin = (model.rope_cos, model.rope_sin) if m == 1 else \
+            (model.rope_cos / m, model.rope_sin / m)
 
     # ------------------------------------------------------------------ state
 
@@ -102,6 +105,9 @@ class ModelRunner:
         ids, pos, slots = host[:total], host[total:2 * total], host[2 * total:3 * total]
         tables, prefill_info, decode_rows, sample_rows = {}, [], [], []
         self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
+        m = rope_attention_factor(model.args)  # the tables carry yarn's factor; corrections need pure rotations
+        self._rot_cos, self._rot_sin = (model.rope_cos, model.rope_sin) if m == 1 else \
+            (model.rope_cos / m, model.rope_sin / m)
         offset = 0
         for req_id, n, piece in items:
             state = self.requests[req_id]
@@ -149,7 +155,7 @@ class ModelRunner:
             correction = ChunkCorrection(
                 piece.groups, positions,
                 lambda q: device_table[q // self.block_size] * self.block_size + q % self.block_size,
-                self.model.rope_cos, self.model.rope_sin)
+                self._rot_cos, self._rot_sin)
         return PrefillSeq(offset, n, start, ctx, positions, correction)
 
     def _decode_metadata(self, meta: AttentionMetadata, tables: list[np.ndarray], ctx_lens: list[int]) -> None:

@@ -193,8 +193,8 @@ def test_not_a_gguf(tmp_path: Path) -> None:
 
 
 def test_unsupported_rope_scaling_type(tmp_path: Path, hf_checkpoint_writer) -> None:
-    folder = hf_checkpoint_writer(tmp_path / "yarn", rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    with pytest.raises(ConfigError, match="yarn"):
+    folder = hf_checkpoint_writer(tmp_path / "longrope", rope_scaling={"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(ConfigError, match="rope_scaling.rope_type 'longrope'"):
         load_checkpoint(str(folder))
 
 
