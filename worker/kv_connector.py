@@ -49,7 +49,7 @@ class KVConnector:
     @property
     def has_pending(self) -> bool:
         """Jobs recorded or in flight."""
-        return self._num_jobs > 0 or bool(self._meta)
+        return self._num_jobs > 0 or self._meta.has_jobs
 
     def block_cost(self, index: int) -> float:
         """Recompute cost of block `index` of a prompt (deeper blocks attend to more context)."""

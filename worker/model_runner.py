@@ -104,10 +104,7 @@ class ModelRunner:
         host = self._host.numpy()
         ids, pos, slots = host[:total], host[total:2 * total], host[2 * total:3 * total]
         tables, prefill_info, decode_rows, sample_rows = {}, [], [], []
-        self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
-        m = rope_attention_factor(model.args)  # the tables carry yarn's factor; corrections need pure rotations
-        self._rot_cos, self._rot_sin = (model.rope_cos, model.rope_sin) if m == 1 else \
-            (model.rope_cos / m, model.rope_sin / m)
+        self._logit_rows = {}
         offset = 0
         for req_id, n, piece in items:
             state = self.requests[req_id]

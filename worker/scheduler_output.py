@@ -90,8 +90,9 @@ class KVConnectorMetadata:
     finished_req_ids: list[str] = field(default_factory=list)
     """Requests gone: the connector drops what it staged for them."""
 
-    def __bool__(self) -> bool:
-        return bool(self.loads or self.saves or self.chunk_saves or self.finished_req_ids)
+    @property
+    def has_jobs(self) -> bool:
+        return bool(self.loads or self.saves or self.chunk_saves)
 
 
 @dataclass(slots=True)
