@@ -295,7 +295,7 @@ def bench_eviction(ctx: BenchContext) -> Result:
                                      max_num_batched_tokens=c.max_num_batched_tokens,
                                      dram_cache_gb=num_blocks * per_block / 4 / 2**30,
                                      ssd_cache_gb=4 * num_blocks * per_block / 2**30, ssd_cache_dir=tmp))
-        ttft(eng, ctx.random_prompt(eng, 32))  # warm-up
+        ttft(eng, ctx.random_prompt(eng, n))  # warm-up: the first long prefill allocates
         drain(eng)
         full, empty = [], []
         for r in range(c.repeats):

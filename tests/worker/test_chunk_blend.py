@@ -9,6 +9,7 @@ model a chunk's deviation has almost no shared part for the correction to recove
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 
@@ -274,6 +275,8 @@ async def test_prefetcher_stages_local_chunks_before_admission(make):
         prompt, spans = build(I1, (A,), (B,), Q1)
         [_ async for _ in async_engine.generate(prompt, GREEDY, chunk_spans=spans)]
         assert prefetcher.stats.chunk_local == 0
+        while not async_engine.idle:  # the engine stores the new chunks' caches after the request
+            await asyncio.sleep(0.01)
         prompt, spans = build(I2, (B,), (A,), Q2)
         outs = [out async for out in async_engine.generate(prompt, GREEDY, chunk_spans=spans)]
     finally:
@@ -287,9 +290,10 @@ async def test_prefetcher_stages_local_chunks_before_admission(make):
 def test_what_a_first_seen_chunk_stores(make, mode):
     """standalone: the chunk computed alone after the prompt's leading text (by an engine-made
     request no caller sees); in_context: its KV in the prompt it came in. Both re-based to 0."""
+    from tests.kv_reference import reference_kv
     from kvstore.chunks import load_chunk
     from kvstore.keys import encode_extra_keys
-    from worker.chunk_reuse import compute_chunk_cache, rotate_keys_
+    from worker.chunk_kv import rotate_keys_
     from worker.model import rope_inv_freq
 
     engine = make(256, chunk_cache_mode=mode)
@@ -303,12 +307,8 @@ def test_what_a_first_seen_chunk_stores(make, mode):
     assert engine.blender.num_stored == 2 and not engine.blender.pending
     extra = encode_extra_keys((engine.model_name, ""))
     stored = load_chunk(engine.store, chunk_hash(B, extra), len(B), BS)
-    inv = rope_inv_freq(engine.args)
-    if mode == "standalone":
-        expected = compute_chunk_cache(engine, B, prefix=I1).kv
-        rotate_keys_(expected[0], -len(I1), inv)
-    else:
-        expected = compute_chunk_cache(engine, B, prefix=I1 + A).kv  # B came after I1 and A
-        rotate_keys_(expected[0], -len(I1 + A), inv)
-    torch.testing.assert_close(stored, expected, atol=1e-4, rtol=1e-4)
+    before = I1 if mode == "standalone" else I1 + A  # in context, B came after I1 and A
+    expected = reference_kv(engine.model, before + B)[:, :, :, len(before):]
+    rotate_keys_(expected[0], -len(before), rope_inv_freq(engine.args))
+    torch.testing.assert_close(stored, expected, atol=1e-4, rtol=1e-4)  # float32 engines
     assert engine.blender.correct == (mode == "standalone")  # in-context caches are reused uncorrected
