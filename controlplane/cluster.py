@@ -228,7 +228,7 @@ class LocalCluster:
     async def _wait_ready(self) -> None:
         import redis.asyncio as aioredis
 
-        from controlplane.registry import Registry
+        from kvweave.registry import Registry
 
         deadline = time.monotonic() + self.config.startup_timeout
         client = aioredis.Redis.from_url(self.redis_url)

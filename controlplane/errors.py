@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from worker.sampling import InvalidRequestError
+from kvweave.errors import InvalidRequestError
 
 
 class RouterError(Exception):

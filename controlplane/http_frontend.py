@@ -18,13 +18,13 @@ import logging
 from aiohttp import web
 
 from controlplane.errors import error_status, public_message
-from controlplane.metrics import CONTENT_TYPE
+from kvweave.metrics import CONTENT_TYPE
 from controlplane.openai_api import (
     OpenAIRequestError, ResponseOptions, chunk_json, error_json, logprobs_json, parse_chat, parse_completion,
     response_json,
 )
 from controlplane.router import Delta, GenerateInput, Router
-from worker.sampling import InvalidRequestError
+from kvweave.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controlplane.router import GenerateInput, TokenLogprob, Usage
-from worker.sampling import InvalidRequestError, SamplingParams
-from worker.segments import CHAT_EXTENSION, flatten_messages
-from worker.tokenizer import Tokenizer
+from kvweave.errors import InvalidRequestError
+from kvweave.sampling_params import SamplingParams
+from kvweave.segments import CHAT_EXTENSION, flatten_messages
+from kvweave.tokenizer import Tokenizer
 
 _UNSUPPORTED_IF_SET = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None,
                        "tool_choice": None, "functions": None, "echo": False, "suffix": None, "best_of": 1}

@@ -24,17 +24,18 @@ import redis.asyncio
 from controlplane.errors import NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status
 from controlplane.metrics import RouterMetrics
 from controlplane.policies import DEFAULT_POLICY, RouteRequest, held_chunk_tokens, make_policy
-from controlplane.registry import Registry
+from kvweave.registry import Registry
 from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogprob, Usage
 from controlplane.worker_pool import PoolWorker, WorkerPool
-from kvstore.chunks import chunk_block_keys, chunk_hash
 from kvstore.index import MEDIUMS, KVIndex
-from kvstore.keys import encode_extra_keys, hash_blocks
+from kvstore.keys import chunk_block_keys, chunk_hash, encode_extra_keys, hash_blocks
 from kvweave.convert import finish_reason_from_proto, sampling_to_proto
 from kvweave.v1 import common_pb2, worker_pb2
-from worker.loader import DEFAULT_MODEL, LoadedTokenizer, load_tokenizer
-from worker.sampling import InvalidRequestError, SamplingParams
-from worker.segments import encode_chat_documents, encode_segments, split_on_separator
+from kvweave.defaults import DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST, REGISTRY_LEASE_S
+from kvweave.errors import InvalidRequestError
+from kvweave.model_files import LoadedTokenizer, load_tokenizer
+from kvweave.sampling_params import SamplingParams
+from kvweave.segments import encode_chat_documents, encode_segments, split_on_separator
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class RouterConfig:
     """Keyword options of the policy (e.g. prefill_weight for prefix_aware)."""
     max_inflight: int = 1024
     """Admission control: requests beyond this many in flight get OverloadedError (429)."""
-    lease_s: float = 3.0
+    lease_s: float = REGISTRY_LEASE_S
     """The workers' registry lease; also how long a worker that failed a call is skipped."""
     refresh_s: float = 0.5
     """How often the registry is re-read."""
@@ -70,7 +71,7 @@ class RouterConfig:
     chunk_separator: str | None = None
     """Splits plain text prompts: the pieces strictly between two separators are reusable chunks
     (None: plain prompts are not split)."""
-    max_chunks_per_request: int = 64
+    max_chunks_per_request: int = MAX_CHUNKS_PER_REQUEST
     """Most reusable chunks one request may carry."""
 
     def __post_init__(self) -> None:

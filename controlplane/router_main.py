@@ -25,9 +25,9 @@ from aiohttp import web
 from controlplane.grpc_frontend import start_grpc_server
 from controlplane.http_frontend import DEFAULT_MAX_BODY_BYTES, start_http_server
 from controlplane.policies import DEFAULT_POLICY, POLICIES, PolicyError
-from controlplane.procs import serve_until
+from kvweave.serving import serve_until
 from controlplane.router import Router, RouterConfig
-from worker.loader import DEFAULT_MODEL
+from kvweave.defaults import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 

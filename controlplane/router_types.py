@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 
 @dataclass

@@ -9,7 +9,7 @@ significant digits, so 0.9 sent by a client arrives as 0.9 (not 0.89999997615814
 from __future__ import annotations
 
 from kvweave.v1 import common_pb2
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 FINISH_REASONS: dict[str | None, int] = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.chunks import chunk_block_keys, chunk_hash, load_chunk, store_chunk
+from kvstore.chunks import load_chunk, store_chunk
+from kvstore.keys import chunk_block_keys, chunk_hash
 from worker.chunk_reuse import rotate_keys_
 from worker.model import rope_inv_freq
 from worker.request import Request
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 CHUNK_START_TOKENS = 4
 """Leading tokens of every placed chunk that are always recomputed."""

@@ -11,7 +11,8 @@ import torch
 
 from worker.attention import AttentionMetadata, PagedAttention, PrefillSeq, decode_kernel_for, kv_cache_shape
 from worker.model import Transformer
-from worker.sampling import SampleResult, SamplingParams, sample
+from kvweave.sampling_params import SamplingParams
+from worker.sampling import SampleResult, sample
 from worker.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from worker.request import Request
-from worker.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvweave.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass

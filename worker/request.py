@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

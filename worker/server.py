@@ -3,7 +3,7 @@
 The process serves `kvweave.v1.Worker` (worker/service.py), the standard `grpc.health.v1` health
 service (SERVING once the engine is loaded, NOT_SERVING while shutting down) and server
 reflection. With a Redis URL it also:
-- heartbeats its registry entry (`controlplane.registry`) with its current load every
+- heartbeats its registry entry (`kvweave.registry`) with its current load every
   `heartbeat_s`, under a lease of `lease_s`, and refreshes its KV-index entries' TTL with it;
 - publishes what every KV tier (device, DRAM, SSD) holds to the KV index (`kvstore.index`): the
   engine's KV events are drained every ~100 ms and written as one pipeline per batch; after a
@@ -39,8 +39,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
-from controlplane.procs import serve_until
-from controlplane.registry import ROLES, Registry, WorkerInfo, worker_key
+from kvweave.defaults import REGISTRY_LEASE_S
+from kvweave.registry import ROLES, Registry, WorkerInfo, worker_key
+from kvweave.serving import serve_until
 from kvstore.index import KVIndex
 from kvstore.transfer import GRPC_OPTIONS as TRANSFER_GRPC_OPTIONS
 from kvstore.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
@@ -75,7 +76,7 @@ class WorkerOptions:
     role: str = "colocated"
     worker_id: str | None = None
     """Default: <hostname>-<port>."""
-    lease_s: float = 3.0
+    lease_s: float = REGISTRY_LEASE_S
     """A worker that stops heartbeating leaves the registry (and the index) after this long."""
     heartbeat_s: float = 1.0
     advertise_host: str | None = None

@@ -77,7 +77,7 @@ def _paired(ours: list[float], theirs: list[float], higher_is_better: bool) -> f
 
 
 def _params(n: int):
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
@@ -303,7 +303,7 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from worker.config import ConfigError
-    from worker.loader import CheckpointError, ModelNotFoundError
+    from kvweave.model_files import CheckpointError, ModelNotFoundError
 
     import torch
 

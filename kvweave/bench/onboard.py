@@ -21,7 +21,7 @@ def bench_onboard(cfg: BenchConfig, directory: str | None) -> list[Result]:
 
     from worker.engine import EngineConfig, LLMEngine
     from worker.request import Request
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     ntok = 512
     with tempfile.TemporaryDirectory(prefix="kvweave-bench-onboard-", dir=directory) as tmp:
@@ -105,7 +105,7 @@ def _onboard(engine, cfg, ntok, rng, Request, SamplingParams) -> list[Result]:
 def _prefill_seconds(engine, tokens: list[int]) -> float:
     """One forward computing the KV of `tokens` (as the engine's prefill step runs it)."""
     from worker.scheduler import ScheduledRequest, SchedulerOutput
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     bm = engine.block_manager
     assert bm.allocate_slots("prefill-bench", len(tokens))

@@ -165,7 +165,7 @@ def _chunk_start(n: int, ratio: float) -> list[int]:
 def _ttft(engine, tokens: list[int], namespace: str, spans=(), keep_cache: bool = False) -> tuple[float, object]:
     """Time to the first token of one request alone. The device prefix cache is emptied first
     (unless `keep_cache`), so that no request pays for evicting (and demoting) another's blocks."""
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     if not keep_cache:
         engine.block_manager.reset_prefix_cache()
@@ -179,7 +179,7 @@ def _ttft(engine, tokens: list[int], namespace: str, spans=(), keep_cache: bool 
 
 
 def _generate(engine, tokens: list[int], namespace: str, spans=()) -> list[int]:
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     rid = engine.add_request(tokens, SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0),
                              cache_namespace=namespace, chunk_spans=spans)
@@ -190,8 +190,8 @@ def _generate(engine, tokens: list[int], namespace: str, spans=()) -> list[int]:
 
 
 def _store_caches(engine, q: Question, caches, namespace: str) -> None:
-    from kvstore.chunks import chunk_hash, store_chunk
-    from kvstore.keys import encode_extra_keys
+    from kvstore.chunks import store_chunk
+    from kvstore.keys import chunk_hash, encode_extra_keys
 
     extra = encode_extra_keys((engine.model_name, namespace))
     for c, kv in zip(q.chunks, caches):

@@ -186,7 +186,7 @@ class RouterBench:
         self.server = RouterServer(config, ServeOptions(), router)
 
     async def _register(self) -> None:
-        from controlplane.registry import Registry, WorkerInfo
+        from kvweave.registry import Registry, WorkerInfo
 
         engine = self.worker.engine.engine
         registry = Registry(self.redis, lease_s=3600)
@@ -301,7 +301,7 @@ class RouterBench:
 
         from kvweave.convert import sampling_to_proto
         from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-        from worker.sampling import SamplingParams
+        from kvweave.sampling_params import SamplingParams
 
         self._worker_request, self._router_request = worker_pb2.WorkerGenerateRequest, inference_pb2.GenerateRequest
 
@@ -340,7 +340,7 @@ class RouterBench:
 
 def _input(prompt):
     from controlplane.router_types import GenerateInput
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     return GenerateInput(prompt=prompt, params=SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
 

@@ -1,7 +1,7 @@
 """Prompts with reusable chunks end to end: a real router (gRPC + HTTP) in front of 2 real workers on
 the tiny model and a real Redis. Each worker's engine records the request it was handed (token ids
 and chunk spans, through the engine's pre-admission hook), so the tests check what reached the
-engine against `worker.segments`; bad inputs must be a clear 400 / INVALID_ARGUMENT while the
+engine against `kvweave.segments`; bad inputs must be a clear 400 / INVALID_ARGUMENT while the
 cluster keeps serving."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from controlplane.procs import child_env, stop_process
 from controlplane.router import Router, RouterConfig
 from controlplane.router_main import RouterServer, ServeOptions
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from worker.segments import encode_chat_documents, encode_segments, split_on_separator
+from kvweave.segments import encode_chat_documents, encode_segments, split_on_separator
 
 DOC_A = "Retrieved documents, system prompts and tool outputs recur across requests."
 DOC_B = "The quick brown fox jumps over the lazy dog."

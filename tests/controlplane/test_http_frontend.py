@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 MODEL = "tiny-gqa"
 PROMPT = "The quick brown fox"

@@ -14,7 +14,7 @@ from controlplane.procs import stop_process
 from kvstore.index import KVIndex
 from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 MODEL = "tiny-gqa"
 
@@ -280,7 +280,8 @@ def test_router_command_rejects_unknown_policy(capsys):
 
 @pytest.mark.parametrize("fixture", ["tiny_hf_model", "tiny_gguf_model"])
 def test_router_tokenizer_matches_the_engine_without_loading_weights(request, fixture):
-    from worker.loader import load_checkpoint, load_tokenizer
+    from kvweave.model_files import load_tokenizer
+    from worker.loader import load_checkpoint
 
     path = str(request.getfixturevalue(fixture))
     light, full = load_tokenizer(path), load_checkpoint(path)

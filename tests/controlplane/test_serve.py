@@ -38,7 +38,7 @@ def cluster(tiny_hf_model):
 def registered_ids(redis_url: str) -> set[str]:
     import redis.asyncio as aioredis
 
-    from controlplane.registry import Registry
+    from kvweave.registry import Registry
 
     async def ids() -> set[str]:
         client = aioredis.Redis.from_url(redis_url)

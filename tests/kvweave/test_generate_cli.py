@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvweave.cli import main
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 ENGINE_FLAGS = ["--dtype", "float32", "--num-blocks", "128", "--num-threads", "1"]
 

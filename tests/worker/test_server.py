@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from controlplane.procs import child_env, free_port
-from controlplane.registry import Registry, worker_key
+from kvweave.registry import Registry, worker_key
 from kvstore.index import KVIndex, index_key
 from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc

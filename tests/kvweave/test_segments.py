@@ -10,9 +10,9 @@ import pytest
 import tokenizers
 from tokenizers import normalizers, processors
 
-from worker.sampling import InvalidRequestError
-from worker.segments import encode_chat_documents, encode_segments, flatten_messages, split_on_separator
-from worker.tokenizer import Tokenizer
+from kvweave.errors import InvalidRequestError
+from kvweave.segments import encode_chat_documents, encode_segments, flatten_messages, split_on_separator
+from kvweave.tokenizer import Tokenizer
 
 DOC_A = "Retrieved documents, system prompts and tool outputs recur across requests."
 DOC_B = "The quick brown fox jumps over the lazy dog."

@@ -19,8 +19,8 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from worker.sampling import InvalidRequestError
-from worker.tokenizer import InvalidMessagesError, Tokenizer, TokenizerError
+from kvweave.errors import InvalidRequestError
+from kvweave.tokenizer import InvalidMessagesError, Tokenizer, TokenizerError
 
 Segments = Sequence[tuple[str, bool]]
 Span = tuple[int, int]
