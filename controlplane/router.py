@@ -53,6 +53,7 @@ __all__ = ["Router", "RouterConfig", "GenerateInput", "Delta", "Usage", "TokenLo
 @dataclass
 class RouterConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the worker registry and the KV index."""
     model: str = DEFAULT_MODEL
     """Built-in model name, HF folder or .gguf: gives the tokenizer and the model name workers serve."""
     policy: str = DEFAULT_POLICY

@@ -17,6 +17,9 @@ from kvweave.defaults import BLOCK_SIZE, REGISTRY_LEASE_S
 
 WORKERS_SET = "kvweave:workers"
 ROLES = ("colocated", "prefill", "decode", "encode")
+NODE_IP = "<node-ip>"
+"""An `advertise_host` a launcher gives a worker it places on a remote node: advertise that node's IP
+(found where the worker runs, e.g. by Ray), not a wildcard bind address."""
 
 
 def worker_key(worker_id: str) -> str:

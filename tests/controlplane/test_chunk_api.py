@@ -343,21 +343,21 @@ def test_separator_router_limits(sep_router):
 # -------------------------------------------------------------------------------- the CLI
 
 def test_cli_flags():
-    from controlplane.serve import router_env
-    from kvweave.cli import build_parser
+    from cli.main import build_parser
+    from cli.serve import router_env
 
-    args = build_parser().parse_args(["router", "--chunk-separator", SEP, "--max-chunks-per-request", "8"])
+    args = build_parser("router").parse_args(["router", "--chunk-separator", SEP, "--max-chunks-per-request", "8"])
     assert (args.chunk_separator, args.max_chunks_per_request) == (SEP, 8)
-    assert build_parser().parse_args(["router"]).chunk_separator is None
-    serve = build_parser().parse_args(["serve", "--chunk-separator", SEP, "--max-chunks-per-request", "8"])
+    assert build_parser("router").parse_args(["router"]).chunk_separator is None
+    serve = build_parser("serve").parse_args(["serve", "--chunk-separator", SEP, "--max-chunks-per-request", "8"])
     assert router_env(serve) == {"KVWEAVE_CHUNK_SEPARATOR": SEP, "KVWEAVE_MAX_CHUNKS_PER_REQUEST": "8"}
-    assert "KVWEAVE_CHUNK_SEPARATOR" not in router_env(build_parser().parse_args(["serve"]))
+    assert "KVWEAVE_CHUNK_SEPARATOR" not in router_env(build_parser("serve").parse_args(["serve"]))
 
 
 def test_router_process_takes_the_separator_from_its_environment(cluster, seen, tok):
     """How `kvweave serve` configures its router: KVWEAVE_CHUNK_SEPARATOR in the child's environment."""
     env = child_env(KVWEAVE_CHUNK_SEPARATOR=SEP)
-    proc = subprocess.Popen([sys.executable, "-m", "kvweave", "router", "--port", "0", "--http-port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "router", "--port", "0", "--http-port", "0",
                              "--redis-url", cluster.redis_url, "--model", str(cluster.model)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -253,7 +253,7 @@ def test_worker_dying_mid_stream_is_a_clear_error(make_cluster):
 
 def test_router_command_serves_and_stops_on_sigterm(cluster):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvweave", "router", "--port", "0", "--http-port", "0", "--redis-url",
+        [sys.executable, "-m", "cli", "router", "--port", "0", "--http-port", "0", "--redis-url",
          cluster.redis_url, "--model", str(cluster.model), "--policy", "round_robin"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -270,9 +270,9 @@ def test_router_command_serves_and_stops_on_sigterm(cluster):
 
 
 def test_router_command_rejects_unknown_policy(capsys):
-    from kvweave.cli import build_parser
+    from cli.main import build_parser
 
-    args = build_parser().parse_args(["router", "--policy", "fastest"])
+    args = build_parser("router").parse_args(["router", "--policy", "fastest"])
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "prefix_aware" in err and "round_robin" in err

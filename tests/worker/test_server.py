@@ -1,5 +1,5 @@
 """The worker server with a real Redis: health, reflection, registration, KV index publishing,
-lapsed leases, and the real `python -m kvweave worker` process (ready line, SIGKILL, SIGTERM,
+lapsed leases, and the real `python -m cli worker` process (ready line, SIGKILL, SIGTERM,
 bad flags)."""
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ async def test_serves_registers_publishes_and_leaves(redis_url, tiny_engine_fact
 
 
 def _worker_args(model: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kvweave", "worker", "--model", str(model), "--port", "0",
+    return [sys.executable, "-m", "cli", "worker", "--model", str(model), "--port", "0",
             "--num-blocks", "64", "--num-threads", "1", "--dtype", "float32", *extra]
 
 

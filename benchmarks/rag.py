@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvweave.bench.report import Result, render, write_json
+from benchmarks.report import Result, render, write_json
 
 DEFAULT_DATASET = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "rag",
                                "musique_dev.json")

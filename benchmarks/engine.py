@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from kvweave.bench.report import Result, median, metric_list_type, percentile, render, write_json
+from benchmarks.report import Result, median, metric_list_type, percentile, render, write_json
 
 METRICS = ("throughput_vs_hf", "throughput_vs_hf_sequential", "itl_p99_chunked_prefill", "ttft_prefix_hit")
 
@@ -114,7 +114,7 @@ class BenchContext:
 
     def hf(self):
         if self._hf is None:
-            from kvweave.bench.hf_baseline import load_hf_model
+            from benchmarks.hf_baseline import load_hf_model
 
             self.log(f"loading Hugging Face transformers baseline ({self.dtype_name}, sdpa)")
             self._hf = load_hf_model(self.model, self.dtype)
@@ -146,7 +146,7 @@ def kv_serve(eng, prompts: list[list[int]], max_tokens: list[int], one_at_a_time
 
 def check_hf_agreement(ctx: BenchContext, prompt: list[int], n: int = 8) -> int:
     """Leading greedy tokens on which kvweave and HF agree (bf16 near-ties can flip later ones)."""
-    from kvweave.bench.hf_baseline import generate_padded
+    from benchmarks.hf_baseline import generate_padded
 
     eng = ctx.engine()
     eng.block_manager.reset_prefix_cache()
@@ -160,7 +160,7 @@ def check_hf_agreement(ctx: BenchContext, prompt: list[int], n: int = 8) -> int:
 
 
 def bench_throughput(ctx: BenchContext, sequential: bool) -> Result:
-    from kvweave.bench.hf_baseline import run_batched
+    from benchmarks.hf_baseline import run_batched
 
     c = ctx.cfg
     prompts, max_tokens = ctx.requests()

@@ -18,7 +18,7 @@ figures):
   router serving concurrent requests runs it; the one-at-a-time rate is in `extra`), the
   event-loop thread pinned to one core, against the same with the Redis round trip replaced by
   its answer.
-- prefix_hit_rate_mooncake: kvweave/bench/mooncake_sim.py replays the trace through the real
+- prefix_hit_rate_mooncake: benchmarks/mooncake_sim.py replays the trace through the real
   policy objects; hit rate against one shared LRU cache of the combined capacity.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvweave.bench.report import Result, median, metric_list_type, percentile, render, write_json
+from benchmarks.report import Result, median, metric_list_type, percentile, render, write_json
 
 DECISION_CONCURRENCY = 16
 """Decisions in flight for routing_decisions_per_s: a router interleaves the requests it serves,
@@ -451,7 +451,7 @@ def run_benchmark(cfg: BenchConfig, metrics: list[str], model: str | None, trace
         config, results = asyncio.run(_run_cluster_metrics(cfg, model, metrics, log))
     if "prefix_hit_rate_mooncake" in metrics:
         log("metric prefix_hit_rate_mooncake")
-        from kvweave.bench.mooncake_sim import SimConfig, bench_mooncake
+        from benchmarks.mooncake_sim import SimConfig, bench_mooncake
 
         sim_cfg = SimConfig(cfg.sim_workers, cfg.sim_capacity_blocks, cfg.sim_ms_per_token)
         results += bench_mooncake(trace, cfg.trace_requests, sim_cfg, log)

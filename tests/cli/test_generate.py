@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvweave.cli import main
+from cli.main import main
 from kvweave.sampling_params import SamplingParams
 
 ENGINE_FLAGS = ["--dtype", "float32", "--num-blocks", "128", "--num-threads", "1"]
