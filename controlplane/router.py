@@ -182,23 +182,26 @@ class Router:
         """Token ids of the prompt, as the engine's encode_prompt makes them (see `encode_prompt`)."""
         return self.encode_prompt(inp)[0]
 
-    def encode_prompt(self, inp: GenerateInput) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_prompt(self, inp: GenerateInput, add_special_tokens: bool = True, add_generation_prompt: bool = True
+                      ) -> tuple[list[int], list[tuple[int, int]]]:
         """(token ids, reusable chunk spans) of the prompt: chat messages (documents become chunks),
-        segments (reusable ones become chunks, worker/segments.py), a text (split at
-        `config.chunk_separator` when it holds one) or token ids (no chunks)."""
+        segments (reusable ones become chunks, kvweave/segments.py), a text (split at
+        `config.chunk_separator` when it holds one) or token ids (no chunks). Generation uses the
+        defaults; /tokenize may ask for a text without special tokens or a chat without the
+        generation prompt."""
         given = [name for name in ("prompt", "messages", "segments") if getattr(inp, name) is not None]
         if len(given) > 1:
             raise InvalidRequestError(f"give one prompt form, not {' and '.join(given)}")
         if inp.messages is not None:
-            return encode_chat_documents(self.tokenizer, inp.messages)
+            return encode_chat_documents(self.tokenizer, inp.messages, add_generation_prompt)
         if inp.segments is not None:
-            return encode_segments(self.tokenizer, inp.segments)
+            return encode_segments(self.tokenizer, inp.segments, add_special_tokens)
         prompt = inp.prompt
         if isinstance(prompt, str):
             sep = self.config.chunk_separator
             if sep and sep in prompt:
-                return encode_segments(self.tokenizer, split_on_separator(prompt, sep))
-            return self.tokenizer.encode(prompt, add_special_tokens=True), []
+                return encode_segments(self.tokenizer, split_on_separator(prompt, sep), add_special_tokens)
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), []
         if isinstance(prompt, list) and all(type(t) is int and 0 <= t <= _MAX_TOKEN_ID for t in prompt):
             return prompt, []
         raise InvalidRequestError("prompt must be a string or a list of non-negative token ids")
@@ -213,9 +216,13 @@ class Router:
 
     # -------------------------------------------------------------------------------- phases
 
+    def check_model(self, model: str) -> None:
+        """UnknownModelError unless `model` is empty (the router's) or a name of the router's model."""
+        if model and model not in self.model_names:
+            raise UnknownModelError(f"model {model!r} is not served here; available: {self.model.name}")
+
     def _prepare(self, inp: GenerateInput, arrival: float) -> _Request:
-        if inp.model and inp.model not in self.model_names:
-            raise UnknownModelError(f"model {inp.model!r} is not served here; available: {self.model.name}")
+        self.check_model(inp.model)
         t0 = time.perf_counter()
         token_ids, spans = self.encode_prompt(inp)
         self.metrics.stages["tokenize"].observe(time.perf_counter() - t0)
