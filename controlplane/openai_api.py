@@ -7,7 +7,7 @@ logprobs (completions: int; chat: bool + top_logprobs), stream, stream_options.i
 reusable chunks (KV that may be reused wherever the text appears): `/v1/completions` takes
 `"kvweave": {"chunks": [str | {"text": str, "reusable": bool}, ...]}` followed by the optional
 string `prompt`; chat messages mark documents with `"kvweave": {"document": true}` or content parts
-`{"type": "document", "text": ...}` (worker/segments.py). Usage adds `"kvweave": {"computed_tokens",
+`{"type": "document", "text": ...}` (kvweave/segments.py). Usage adds `"kvweave": {"computed_tokens",
 "prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens", "worker_id"}`.
 Features we do not implement (penalties, logit_bias, tools, echo, best_of > 1, suffix) are
 rejected with a 400 rather than silently ignored.

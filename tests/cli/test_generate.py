@@ -1,4 +1,4 @@
-"""`kvweave generate`, run in-process through `kvweave.cli.main` on the tiny model."""
+"""`kvweave generate`, run in-process through `cli.main.main` on the tiny model."""
 from __future__ import annotations
 
 import json

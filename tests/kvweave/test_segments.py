@@ -1,4 +1,4 @@
-"""Segment tokenization (worker/segments.py) on the tiny trained tokenizer: spans index exactly the
+"""Segment tokenization (kvweave/segments.py) on the tiny trained tokenizer: spans index exactly the
 chunk's tokens (decoded back to the chunk's text), special tokens only where the tokenizer's normal
 encode puts them, the separator split, chat documents, and every invalid input's message."""
 from __future__ import annotations
