@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.report import Result, render, write_json
 
-DEFAULT_DATASET = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "rag",
+DEFAULT_DATASET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rag",
                                "musique_dev.json")
 PREFIX = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nYou will be asked a "
           "question after reading several passages. Please directly answer the question based on the given "

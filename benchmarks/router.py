@@ -42,7 +42,7 @@ DECISION_CONCURRENCY = 16
 """Decisions in flight for routing_decisions_per_s: a router interleaves the requests it serves,
 so one decision's Redis round trip overlaps the others' hashing and scoring."""
 METRICS = ("router_overhead_p99", "routing_decisions_per_s", "prefix_hit_rate_mooncake")
-DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
 DECISION_TARGET_MS = 1.0
 DECISIONS_TARGET_PER_S = 5000.0
 
@@ -99,7 +99,7 @@ class _AnsweredIndex:
 
 def tiny_checkpoint(folder: Path, max_len: int = 2048) -> Path:
     """The test suite's tiny random-weight Llama (tests/conftest.py's builder), context `max_len`."""
-    builders = Path(__file__).resolve().parents[2] / "tests" / "conftest.py"
+    builders = Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
     if not builders.exists():
         raise FileNotFoundError(f"{builders} not found (not a source checkout): pass --model")
     spec = importlib.util.spec_from_file_location("_kvweave_test_builders", builders)
