@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from controlplane.cluster import LocalCluster
-from controlplane.cluster_config import ClusterConfig, ClusterError
+from controlplane.cluster_config import LAUNCHERS, ClusterConfig, ClusterError
 from controlplane.router import RouterConfig
 from kvweave.config_flags import add_config_args, config_kwargs, env_name
 
@@ -38,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Starts a private redis-server (unless --redis-url), N workers (local processes, or Ray actors "
                     "with --launcher ray) and the router; waits until all are ready, prints the endpoints, and "
                     "stops everything on Ctrl-C or SIGTERM. Engine flags are passed on to every worker.")
-    add_config_args(p, ClusterConfig, exclude=CLUSTER_FLAGS_EXCLUDED, defaults=SERVE_DEFAULTS)
+    add_config_args(p, ClusterConfig, exclude=CLUSTER_FLAGS_EXCLUDED, defaults=SERVE_DEFAULTS,
+                    choices={"launcher": LAUNCHERS})
     add_config_args(p.add_argument_group("router"), RouterConfig, only=["chunk_separator"])
     add_engine_args(p)
     p.set_defaults(func=run)

@@ -92,13 +92,14 @@ def _default(f: dataclasses.Field, kind: type, defaults: Mapping[str, Any]) -> A
 def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
                     only: Iterable[str] | None = None, exclude: Iterable[str] = (),
                     defaults: Mapping[str, Any] | None = None, help: Mapping[str, str] | None = None,
-                    flags: Mapping[str, str] | None = None) -> None:
+                    flags: Mapping[str, str] | None = None, choices: Mapping[str, Iterable] | None = None) -> None:
     """Add one flag per field of `cls` (see the module docstring).
 
     `only` / `exclude`: which fields; `defaults`: this command's defaults where they differ from the
     dataclass's; `help`: help texts that replace the field docstrings; `flags`: flag names that
-    differ from `--field-name` (e.g. {"grpc_port": "--port"})."""
-    defaults, flags = defaults or {}, flags or {}
+    differ from `--field-name` (e.g. {"grpc_port": "--port"}); `choices`: the valid values of fields
+    that take one of a few (argparse rejects the others)."""
+    defaults, flags, choices = defaults or {}, flags or {}, choices or {}
     docs = {**field_docs(cls), **(help or {})}
     for f, kind in flag_fields(cls, only, exclude):
         default = _default(f, kind, defaults)
@@ -107,7 +108,8 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
         flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
         parser.add_argument(flag, dest=f.name, default=default, help=f"{text} ({suffix})" if text else suffix,
                             type=parse_bool if kind is bool else kind,
-                            metavar="BOOL" if kind is bool else flag.lstrip("-").replace("-", "_").upper())
+                            metavar="BOOL" if kind is bool else flag.lstrip("-").replace("-", "_").upper(),
+                            **({"choices": list(choices[f.name])} if f.name in choices else {}))
 
 
 def config_kwargs(cls: type, ns: argparse.Namespace, only: Iterable[str] | None = None,

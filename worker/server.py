@@ -368,7 +368,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="serve one engine over gRPC and register it in Redis",
                        description="Serve kvweave.v1.Worker, grpc.health.v1 and reflection; with --redis-url, "
                                    "register under a lease and publish the prefix cache to the KV index.")
-    add_config_args(p, WorkerOptions)
+    add_config_args(p, WorkerOptions, choices={"role": ROLES})
     add_engine_args(p)
     p.set_defaults(func=run)
 
