@@ -3,10 +3,12 @@
     with LocalCluster(workers=2, model="smollm2-135m") as cluster:
         client = kvweave.Client(cluster.grpc_target)
 
-Workers run as local processes (`launcher="local"`) or as Ray actors (`launcher="ray"`, see
-`controlplane.ray_launcher`); the router and, when no `redis_url` is given, a private
-redis-server run as local processes. Every child runs in its own process group with its output in
-a log file; `stop` terminates the groups (SIGTERM, then SIGKILL) so nothing is left behind.
+Workers run as local `kvweave worker` processes (`launcher="local"`) or as Ray actors
+(`launcher="ray"`, see `controlplane.ray_launcher`; the caller passes the actor class that runs a
+worker, `worker.ray_actor.WorkerActor`, since the control plane never imports the worker); the
+router and, when no `redis_url` is given, a private redis-server run as local processes. Every
+child runs in its own process group with its output in a log file; `stop` terminates the groups
+(SIGTERM, then SIGKILL) so nothing is left behind.
 """
 from __future__ import annotations
 
@@ -17,97 +19,16 @@ import logging
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controlplane.cluster_config import ClusterConfig, ClusterError, cli_command, engine_flags, worker_engine_args
 from controlplane.procs import LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail
 
 logger = logging.getLogger(__name__)
-
-LAUNCHERS = ("local", "ray")
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not start (a child exited, or it was not ready in time); the message has its logs."""
-
-
-@dataclass
-class ClusterConfig:
-    workers: int = 2
-    """Number of workers."""
-    model: str = "smollm2-135m"
-    """Model of every worker and of the router's tokenizer."""
-    host: str = LOCALHOST
-    """Interface the router and local workers bind to."""
-    port: int = 0
-    """Router gRPC port (0: a free port)."""
-    http_port: int = 0
-    """Router OpenAI HTTP port (0: a free port)."""
-    redis_url: str | None = None
-    """An existing Redis; None starts a private redis-server."""
-    policy: str | None = None
-    """Routing policy (None: the router's default)."""
-    launcher: str = "local"
-    """local (worker processes) | ray (worker actors)."""
-    ray_address: str | None = None
-    """Ray cluster to join (None: start a local one); its nodes must reach `redis_url`."""
-    ray_temp_dir: str | None = None
-    """Temp dir of a local Ray cluster (keep it short: Ray's socket paths must fit 107 bytes)."""
-    gpus_per_worker: float = 0.0
-    """GPUs each Ray worker actor reserves."""
-    cpus_per_worker: float = 1.0
-    """CPUs each Ray worker actor reserves."""
-    lease_s: float | None = None
-    """Workers' registry lease (None: the worker's default)."""
-    peer_fetch: bool = True
-    """Workers fetch the KV they lack from peers that hold it (`kvweave worker --peer-fetch`)."""
-    engine_args: dict[str, Any] = field(default_factory=dict)
-    """Engine settings of every worker, by EngineConfig field name (e.g. {"num_blocks": 256})."""
-    startup_timeout: float = 300.0
-    """Seconds to wait for every worker and the router to be ready."""
-    log_dir: str | None = None
-    """Folder for the children's logs (None: a temp folder removed on stop)."""
-    log_level: str | None = None
-    """--log-level of the children."""
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.launcher not in LAUNCHERS:
-            raise ValueError(f"unknown launcher {self.launcher!r}; valid: {', '.join(LAUNCHERS)}")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker < 0 or self.startup_timeout <= 0:
-            raise ValueError("gpus_per_worker and cpus_per_worker must be >= 0, startup_timeout > 0")
-        if "model" in self.engine_args:
-            raise ValueError("give the model as `model`, not in engine_args")
-
-
-def worker_engine_args(engine_args: dict[str, Any], worker_id: str) -> dict[str, Any]:
-    """One worker's engine settings: an SSD cache directory is split per worker (a slab file
-    belongs to one process)."""
-    if engine_args.get("ssd_cache_dir"):
-        return {**engine_args, "ssd_cache_dir": str(Path(engine_args["ssd_cache_dir"]) / worker_id)}
-    return engine_args
-
-
-def engine_flags(engine_args: dict[str, Any]) -> list[str]:
-    """EngineConfig field values as the worker's command-line flags."""
-    flags: list[str] = []
-    for name, value in engine_args.items():
-        if value is not None:
-            flags += ["--" + name.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
-    return flags
-
-
-def kvweave_command(config: ClusterConfig, *args: str) -> list[str]:
-    """`python -m kvweave [--log-level L] ARGS...` with this interpreter."""
-    level = ["--log-level", config.log_level] if config.log_level else []
-    return [sys.executable, "-m", "kvweave", *level, *args]
-
 
 def run_sync(coro) -> Any:
     """Run a coroutine to completion, also when called from inside a running event loop."""
@@ -122,8 +43,14 @@ def run_sync(coro) -> Any:
 class LocalCluster:
     """Redis + workers + router on this machine; a context manager. See `ClusterConfig` for the options."""
 
-    def __init__(self, config: ClusterConfig | None = None, **options: Any) -> None:
+    def __init__(self, config: ClusterConfig | None = None, *, ray_actor: type | None = None, **options: Any) -> None:
+        """`ray_actor`: with launcher="ray", the Ray actor class that runs one worker
+        (`worker.ray_actor.WorkerActor`)."""
         self.config = config or ClusterConfig(**options)
+        if self.config.launcher == "ray" and ray_actor is None:
+            raise ValueError("launcher 'ray' needs ray_actor, the actor class that runs a worker "
+                             "(worker.ray_actor.WorkerActor)")
+        self.ray_actor = ray_actor
         self.redis: RedisServer | None = None
         self.router: subprocess.Popen | None = None
         self.workers = None  # a LocalWorkers or RayWorkers
@@ -205,7 +132,7 @@ class LocalCluster:
         args = ["router", "--host", c.host, "--port", str(self.port), "--http-port", str(self.http_port),
                 "--redis-url", self.redis_url, "--model", c.model, *(["--policy", c.policy] if c.policy else []),
                 *(["--lease-s", str(c.lease_s)] if c.lease_s else [])]
-        return kvweave_command(c, *args)
+        return cli_command(c, *args)
 
     def _make_workers(self):
         ids = [f"worker-{i}" if self.config.redis_url is None else f"worker-{i}-{secrets.token_hex(3)}"
@@ -213,7 +140,7 @@ class LocalCluster:
         if self.config.launcher == "ray":
             from controlplane.ray_launcher import RayWorkers
 
-            return RayWorkers(self.config, ids, self.redis_url)
+            return RayWorkers(self.config, ids, self.redis_url, self.ray_actor)
         return LocalWorkers(self.config, ids, self.redis_url, self._log_dir, self._env())
 
     def router_alive(self) -> bool:
@@ -228,7 +155,7 @@ class LocalCluster:
     async def _wait_ready(self) -> None:
         import redis.asyncio as aioredis
 
-        from controlplane.registry import Registry
+        from kvweave.registry import Registry
 
         deadline = time.monotonic() + self.config.startup_timeout
         client = aioredis.Redis.from_url(self.redis_url)
@@ -306,7 +233,7 @@ class LocalWorkers:
                 *(["--lease-s", str(c.lease_s)] if c.lease_s else []),
                 *([] if c.peer_fetch else ["--peer-fetch", "false"]),
                 *engine_flags(worker_engine_args(c.engine_args, worker_id))]
-        return kvweave_command(c, *args)
+        return cli_command(c, *args)
 
     def start(self) -> None:
         for worker_id in self.worker_ids:

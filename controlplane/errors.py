@@ -1,6 +1,6 @@
 """The router's typed errors and the one table that maps them to HTTP and gRPC statuses.
 
-Invalid input is `worker.sampling.InvalidRequestError` everywhere (router, engine, worker), so the
+Invalid input is `kvweave.errors.InvalidRequestError` everywhere (router, engine, worker), so the
 same exception means 400 / INVALID_ARGUMENT whichever layer found the problem.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from worker.sampling import InvalidRequestError
+from kvweave.errors import InvalidRequestError
 
 
 class RouterError(Exception):

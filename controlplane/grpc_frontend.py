@@ -16,7 +16,7 @@ from controlplane.errors import error_status, public_message
 from controlplane.router import Delta, GenerateInput, Router
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from worker.sampling import InvalidRequestError
+from kvweave.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

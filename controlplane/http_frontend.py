@@ -1,9 +1,10 @@
 """The router's OpenAI-compatible HTTP server (aiohttp).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` as server-sent events,
-`data: {...}` chunks ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (the
-router's Prometheus metrics), GET /metrics/targets (every live worker's metrics endpoint in
-Prometheus's HTTP service-discovery format, docs/metrics.md).
+`data: {...}` chunks ending with `data: [DONE]`), GET /v1/models, vLLM's POST /tokenize (-> {"count",
+"max_model_len", "tokens"}: the ids the router would send a worker) and POST /detokenize (->
+{"prompt"}), GET /health, GET /metrics (the router's Prometheus metrics), GET /metrics/targets
+(every live worker's metrics endpoint in Prometheus's HTTP service-discovery format, docs/metrics.md).
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status
 (the table in controlplane/errors.py; 413 for a body over `max_body_bytes`, 404 for an unknown
 route); never a traceback. An error after an event stream has started is sent as a last
@@ -18,13 +19,13 @@ import logging
 from aiohttp import web
 
 from controlplane.errors import error_status, public_message
-from controlplane.metrics import CONTENT_TYPE
 from controlplane.openai_api import (
     OpenAIRequestError, ResponseOptions, chunk_json, error_json, logprobs_json, parse_chat, parse_completion,
-    response_json,
+    parse_detokenize, parse_tokenize, response_json,
 )
 from controlplane.router import Delta, GenerateInput, Router
-from worker.sampling import InvalidRequestError
+from kvweave.errors import InvalidRequestError
+from kvweave.metrics import CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,26 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+async def tokenize(request: web.Request) -> web.Response:
+    router = request.app[_ROUTER]
+    req = parse_tokenize(await _read_json(request))
+    router.check_model(req.inp.model)
+    token_ids = router.encode_prompt(req.inp, req.add_special_tokens, req.add_generation_prompt)[0]
+    return web.json_response({"count": len(token_ids), "max_model_len": router.list_models()[0].max_model_len,
+                              "tokens": token_ids})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    router = request.app[_ROUTER]
+    model, token_ids = parse_detokenize(await _read_json(request))
+    router.check_model(model)
+    vocab_size = router.tokenizer.vocab_size
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise OpenAIRequestError(f"token id {bad[0]} is not in the vocabulary (ids are 0..{vocab_size - 1})", "tokens")
+    return web.json_response({"prompt": router.tokenizer.decode(token_ids, skip_special_tokens=False)})
+
+
 async def health(request: web.Request) -> web.Response:
     router = request.app[_ROUTER]
     return web.json_response({"status": "ok", "workers": len(router.pool.eligible()),
@@ -179,6 +200,8 @@ def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> w
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/metrics/targets", metrics_targets)

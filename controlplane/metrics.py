@@ -2,32 +2,26 @@
 and a worker, can live in one process, as in the tests).
 
 Names follow vLLM's and Dynamo's conventions under the `kvweave_router_` prefix; the workers'
-own metrics (`kvweave_worker_*`) are in worker/metrics.py and share the latency buckets defined
-here. Every metric is described in docs/metrics.md.
+own metrics (`kvweave_worker_*`) are in worker/metrics.py and share the latency buckets of
+kvweave/metrics.py. Every metric is described in docs/metrics.md.
 """
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from controlplane.registry import ROLES
 from controlplane.router_types import Usage
+from kvweave.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
+from kvweave.registry import ROLES
 
 STAGES = ("tokenize", "hash", "index_lookup", "scoring", "decision")
 """Router stages timed per request; `decision` = hash + index lookup + scoring."""
 
 _STAGE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
-TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
-ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
-"""Latency buckets (seconds) of the router's and the workers' TTFT, inter-token and end-to-end histograms."""
 
 REQUEST_STATUSES = ("ok", "invalid", "overloaded", "no_worker", "worker_error", "error", "cancelled")
 """`status` values of kvweave_router_requests_total: ok, cancelled (the client went away first), and
 the labels of controlplane/errors.py's table. Each starts at 0, so that rates of a status never
 seen yet are 0 rather than missing."""
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class RouterMetrics:

@@ -7,10 +7,14 @@ logprobs (completions: int; chat: bool + top_logprobs), stream, stream_options.i
 reusable chunks (KV that may be reused wherever the text appears): `/v1/completions` takes
 `"kvweave": {"chunks": [str | {"text": str, "reusable": bool}, ...]}` followed by the optional
 string `prompt`; chat messages mark documents with `"kvweave": {"document": true}` or content parts
-`{"type": "document", "text": ...}` (worker/segments.py). Usage adds `"kvweave": {"computed_tokens",
+`{"type": "document", "text": ...}` (kvweave/segments.py). Usage adds `"kvweave": {"computed_tokens",
 "prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens", "worker_id"}`.
 Features we do not implement (penalties, logit_bias, tools, echo, best_of > 1, suffix) are
 rejected with a 400 rather than silently ignored.
+
+vLLM's /tokenize and /detokenize (`vllm bench serve` calls them): `parse_tokenize` takes
+{"model", "prompt": str, "add_special_tokens" (default true)} or {"model", "messages",
+"add_generation_prompt" (default true)}; `parse_detokenize` takes {"model", "tokens": [int]}.
 """
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controlplane.router import GenerateInput, TokenLogprob, Usage
-from worker.sampling import InvalidRequestError, SamplingParams
-from worker.segments import CHAT_EXTENSION, flatten_messages
-from worker.tokenizer import Tokenizer
+from kvweave.errors import InvalidRequestError
+from kvweave.sampling_params import SamplingParams
+from kvweave.segments import CHAT_EXTENSION, flatten_messages
+from kvweave.tokenizer import Tokenizer
 
 _UNSUPPORTED_IF_SET = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None,
                        "tool_choice": None, "functions": None, "echo": False, "suffix": None, "best_of": 1}
@@ -62,22 +67,55 @@ def parse_completion(body: dict, default_model: str) -> tuple[GenerateInput, Res
 
 
 def parse_chat(body: dict, default_model: str) -> tuple[GenerateInput, ResponseOptions]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise OpenAIRequestError("'messages' is required: a non-empty list of {'role', 'content'} objects", "messages")
+    messages = _messages(body)
     max_tokens = _opt(body, "max_completion_tokens", int)
     max_tokens = _opt(body, "max_tokens", int) if max_tokens is None else max_tokens
     logprobs = None
     if _opt(body, "logprobs", bool):
         logprobs = _opt(body, "top_logprobs", int) or 0
     params = _sampling(body, logprobs=logprobs, max_tokens=max_tokens or 16)
-    messages = [_message(m, i) for i, m in enumerate(messages)]
-    try:
-        flatten_messages(messages)  # the document marks, checked here to name the param
-    except InvalidRequestError as e:
-        raise OpenAIRequestError(str(e), "messages") from None
     inp = GenerateInput(messages=messages, params=params, auto_max_tokens=max_tokens is None)
     return _finish(body, inp, ResponseOptions(chat=True, model="", logprobs=logprobs), default_model, "chatcmpl")
+
+
+@dataclass(slots=True)
+class TokenizeRequest:
+    inp: GenerateInput
+    """The prompt (a string) or the chat messages, and the model named (empty: the router's)."""
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+def parse_tokenize(body: dict) -> TokenizeRequest:
+    """A /tokenize body: a text prompt, or chat messages rendered with the chat template (which
+    places the special tokens itself, so add_special_tokens must not be true with messages)."""
+    model = _opt(body, "model", str) or ""
+    if body.get("messages") is not None:
+        if body.get("prompt") is not None:
+            raise OpenAIRequestError("give 'prompt' or 'messages', not both", "prompt")
+        if _opt(body, "add_special_tokens", bool):
+            raise OpenAIRequestError("'add_special_tokens' with 'messages' is not supported: the chat template "
+                                     "places the special tokens", "add_special_tokens")
+        for name in ("continue_final_message", "tools", "chat_template"):
+            if body.get(name) not in (None, False, []):
+                raise OpenAIRequestError(f"'{name}' is not supported by kvweave", name)
+        add_generation_prompt = _opt(body, "add_generation_prompt", bool)
+        return TokenizeRequest(GenerateInput(messages=_messages(body), model=model), add_special_tokens=False,
+                               add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise OpenAIRequestError("'prompt' must be a string (or give 'messages')", "prompt")
+    add_special_tokens = _opt(body, "add_special_tokens", bool)
+    return TokenizeRequest(GenerateInput(prompt=prompt, model=model),
+                           add_special_tokens=True if add_special_tokens is None else add_special_tokens)
+
+
+def parse_detokenize(body: dict) -> tuple[str, list[int]]:
+    """(model named or "", token ids) of a /detokenize body."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+        raise OpenAIRequestError("'tokens' must be a list of integer token ids", "tokens")
+    return _opt(body, "model", str) or "", tokens
 
 
 def _finish(body: dict, inp: GenerateInput, opts: ResponseOptions, default_model: str,
@@ -185,6 +223,19 @@ def _chunk_segments(body: dict) -> list[tuple[str, bool]] | None:
     if prompt:
         segments.append((prompt, False))
     return segments
+
+
+def _messages(body: dict) -> list[dict]:
+    """body["messages"] as the router takes them, their document marks checked (to name the param)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIRequestError("'messages' is required: a non-empty list of {'role', 'content'} objects", "messages")
+    messages = [_message(m, i) for i, m in enumerate(messages)]
+    try:
+        flatten_messages(messages)
+    except InvalidRequestError as e:
+        raise OpenAIRequestError(str(e), "messages") from None
+    return messages
 
 
 def _message(message, i: int) -> dict:

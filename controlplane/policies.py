@@ -23,7 +23,7 @@ chunks (`RouteRequest.chunk_spans`; where each worker gets each chunk's cache is
 `WorkerState.chunk_tiers`, from `KVIndex.route_tiers`): a chunk token beyond the prefix run that
 the worker holds in tier t costs kv_costs_ms[t] / kv_costs_ms["recompute"] + recompute_ratio
 (the share of a reused chunk's tokens recomputed in the new context, default 0.08 as the workers'
---chunk-recompute-ratio), one only a peer holds costs the peer's cost + recompute_ratio, one
+--chunk-recompute-ratio: both are kvweave.defaults.CHUNK_RECOMPUTE_RATIO), one only a peer holds costs the peer's cost + recompute_ratio, one
 nobody holds costs 1, as does every other token:
     chunk_work(w) = prefill_work(w) - sum over chunks c that w can get, of
                     tokens(c beyond the prefix run) * (1 - cost(source) / cost(recompute) - recompute_ratio)
@@ -40,6 +40,7 @@ from typing import ClassVar
 
 from kvstore.index import DEFAULT_COSTS_MS, TIER_CODES
 from kvstore.keys import BlockHash
+from kvweave.defaults import BLOCK_SIZE, CHUNK_RECOMPUTE_RATIO
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class WorkerState:
     """Per block of the run some worker holds, where this worker gets it (KVIndex.leading_tiers codes)."""
     kv_costs_ms: dict[str, float] | None = None
     """This worker's measured ms per token by source and for recompute (None: defaults)."""
-    block_size: int = 16
+    block_size: int = BLOCK_SIZE
     chunk_tiers: bytes = b""
     """Per chunk of the request, where this worker gets its cache (KVIndex.route_tiers codes: a
     TIER_CODES code, or b"-" when nobody holds it); empty when the request has no chunks."""
@@ -206,7 +207,8 @@ class ChunkAwarePolicy(PrefixAwarePolicy):
     name = "chunk_aware"
 
     def __init__(self, prefill_weight: float = 8.0, decode_weight: float = 512.0, balance_abs_threshold: int = 32,
-                 balance_rel_threshold: float = 1.5, recompute_ratio: float = 0.08) -> None:
+                 balance_rel_threshold: float = 1.5,
+                 recompute_ratio: float = CHUNK_RECOMPUTE_RATIO) -> None:
         """recompute_ratio: share of a reused chunk's tokens the worker recomputes (CacheBlend's budget)."""
         super().__init__(prefill_weight, decode_weight, balance_abs_threshold, balance_rel_threshold)
         if not 0.0 <= recompute_ratio <= 1.0:

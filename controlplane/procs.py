@@ -185,17 +185,3 @@ def descendants(pid: int) -> set[int]:
         frontier = {p for p, ppid in parent_of.items() if ppid in frontier} - found
         found |= frontier
     return found
-
-
-async def serve_until(server, stop=None, on_ready=None) -> None:
-    """Start `server` (anything with async start/stop), call `on_ready(server)`, serve until the
-    `stop` event is set or the task is cancelled, then stop it cleanly."""
-    import asyncio
-
-    await server.start()
-    try:
-        if on_ready is not None:
-            on_ready(server)
-        await (stop or asyncio.Event()).wait()
-    finally:
-        await server.stop()

@@ -1,5 +1,8 @@
-"""Workers as Ray actors: each actor runs `worker.server.run_worker` in its own process and registers in
-the cluster's Redis like any worker, so the router needs nothing Ray-specific.
+"""Workers as Ray actors: each actor runs one worker in its own process and registers in the cluster's
+Redis like any worker, so the router needs nothing Ray-specific. The actor class comes from the
+caller (`worker.ray_actor.WorkerActor`, passed down by the `kvweave serve` command): it gets the
+engine settings and the worker options as plain dicts, and the control plane never imports the
+worker.
 
 With `ray_address` the actors go to that Ray cluster (each reserving `gpus_per_worker` GPUs, so Ray
 places them on GPU nodes and sets CUDA_VISIBLE_DEVICES); they bind all interfaces and advertise
@@ -10,14 +13,14 @@ runtime_env in `ray.init` by whoever connects).
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import os
 from typing import Any
 
-from controlplane.cluster import ClusterError, worker_engine_args
+from controlplane.cluster_config import ClusterConfig, ClusterError, worker_engine_args
+from kvweave.registry import NODE_IP
 
 logger = logging.getLogger(__name__)
 
@@ -52,48 +55,17 @@ def _loopback_only():
             os.environ[_RAY_CLUSTER_ENV] = saved_env
 
 
-class WorkerActor:
-    """An async Ray actor serving one worker; `start` returns once it is registered."""
-
-    def __init__(self) -> None:
-        self._stop: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-
-    async def start(self, engine_args: dict[str, Any], options: dict[str, Any]) -> tuple[str, str]:
-        """Load the model and serve; returns (worker id, address). Raises the worker's start error."""
-        from worker.engine import EngineConfig
-        from worker.server import WorkerOptions, run_worker
-
-        if options.get("advertise_host") == "<node-ip>":
-            import ray
-
-            options = options | {"advertise_host": ray.util.get_node_ip_address()}
-        ready: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(run_worker(
-            EngineConfig(**engine_args), WorkerOptions(**options), self._stop,
-            lambda server: ready.set_result((server.worker_id, server.address))))
-        await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
-        if not ready.done():
-            self._task.result()  # raises why the worker could not start
-            raise RuntimeError("the worker exited before it was ready")
-        return ready.result()
-
-    async def stop(self) -> None:
-        """Deregister and shut the engine down (the worker's own clean stop)."""
-        if self._stop is not None:
-            self._stop.set()
-            await self._task
-
-    def pid(self) -> int:
-        return os.getpid()
-
-
 class RayWorkers:
-    """N `WorkerActor`s in a Ray cluster (a local one unless `config.ray_address`)."""
+    """N actors of `actor_cls` in a Ray cluster (a local one unless `config.ray_address`).
 
-    def __init__(self, config, worker_ids: list[str], redis_url: str) -> None:
+    `actor_cls` has async `start(engine_args: dict, options: dict) -> (worker id, address)` (load the
+    model, serve, register), `stop()` and `pid()`: `worker.ray_actor.WorkerActor`. `options` are
+    `worker.server.WorkerOptions` fields; an `advertise_host` of `kvweave.registry.NODE_IP` asks the
+    actor to advertise its node's IP."""
+
+    def __init__(self, config: ClusterConfig, worker_ids: list[str], redis_url: str, actor_cls: type) -> None:
         self.config, self.worker_ids, self.redis_url = config, worker_ids, redis_url
+        self.actor_cls = actor_cls
         self.addresses: dict[str, str] = {}
         self.actors: list = []
         self._started_ray = False
@@ -123,7 +95,7 @@ class RayWorkers:
         c = self.config
         remote = bool(c.ray_address)
         options = {"host": "0.0.0.0" if remote else c.host, "port": 0, "redis_url": self.redis_url,
-                   "worker_id": worker_id, "advertise_host": "<node-ip>" if remote else None,
+                   "worker_id": worker_id, "advertise_host": NODE_IP if remote else None,
                    "peer_fetch": c.peer_fetch}
         return options | ({"lease_s": c.lease_s, "heartbeat_s": min(1.0, c.lease_s / 3)} if c.lease_s else {})
 
@@ -132,7 +104,7 @@ class RayWorkers:
         import ray
 
         self._init_ray()
-        actor_cls = ray.remote(num_cpus=self.config.cpus_per_worker, num_gpus=self.config.gpus_per_worker)(WorkerActor)
+        actor_cls = ray.remote(num_cpus=self.config.cpus_per_worker, num_gpus=self.config.gpus_per_worker)(self.actor_cls)
         engine_args = {"model": self.config.model, **self.config.engine_args}
         for worker_id in self.worker_ids:
             actor = actor_cls.options(name=f"kvweave-{worker_id}").remote()

@@ -24,17 +24,18 @@ import redis.asyncio
 from controlplane.errors import NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status
 from controlplane.metrics import RouterMetrics
 from controlplane.policies import DEFAULT_POLICY, RouteRequest, held_chunk_tokens, make_policy
-from controlplane.registry import Registry
+from kvweave.registry import Registry
 from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogprob, Usage
 from controlplane.worker_pool import PoolWorker, WorkerPool
-from kvstore.chunks import chunk_block_keys, chunk_hash
 from kvstore.index import MEDIUMS, KVIndex
-from kvstore.keys import encode_extra_keys, hash_blocks
+from kvstore.keys import chunk_block_keys, chunk_hash, encode_extra_keys, hash_blocks
 from kvweave.convert import finish_reason_from_proto, sampling_to_proto
 from kvweave.v1 import common_pb2, worker_pb2
-from worker.loader import DEFAULT_MODEL, LoadedTokenizer, load_tokenizer
-from worker.sampling import InvalidRequestError, SamplingParams
-from worker.segments import encode_chat_documents, encode_segments, split_on_separator
+from kvweave.defaults import DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST, REGISTRY_LEASE_S
+from kvweave.errors import InvalidRequestError
+from kvweave.model_files import LoadedTokenizer, load_tokenizer
+from kvweave.sampling_params import SamplingParams
+from kvweave.segments import encode_chat_documents, encode_segments, split_on_separator
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ __all__ = ["Router", "RouterConfig", "GenerateInput", "Delta", "Usage", "TokenLo
 @dataclass
 class RouterConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the worker registry and the KV index."""
     model: str = DEFAULT_MODEL
     """Built-in model name, HF folder or .gguf: gives the tokenizer and the model name workers serve."""
     policy: str = DEFAULT_POLICY
@@ -59,7 +61,7 @@ class RouterConfig:
     """Keyword options of the policy (e.g. prefill_weight for prefix_aware)."""
     max_inflight: int = 1024
     """Admission control: requests beyond this many in flight get OverloadedError (429)."""
-    lease_s: float = 3.0
+    lease_s: float = REGISTRY_LEASE_S
     """The workers' registry lease; also how long a worker that failed a call is skipped."""
     refresh_s: float = 0.5
     """How often the registry is re-read."""
@@ -70,7 +72,7 @@ class RouterConfig:
     chunk_separator: str | None = None
     """Splits plain text prompts: the pieces strictly between two separators are reusable chunks
     (None: plain prompts are not split)."""
-    max_chunks_per_request: int = 64
+    max_chunks_per_request: int = MAX_CHUNKS_PER_REQUEST
     """Most reusable chunks one request may carry."""
 
     def __post_init__(self) -> None:
@@ -180,23 +182,26 @@ class Router:
         """Token ids of the prompt, as the engine's encode_prompt makes them (see `encode_prompt`)."""
         return self.encode_prompt(inp)[0]
 
-    def encode_prompt(self, inp: GenerateInput) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_prompt(self, inp: GenerateInput, add_special_tokens: bool = True, add_generation_prompt: bool = True
+                      ) -> tuple[list[int], list[tuple[int, int]]]:
         """(token ids, reusable chunk spans) of the prompt: chat messages (documents become chunks),
-        segments (reusable ones become chunks, worker/segments.py), a text (split at
-        `config.chunk_separator` when it holds one) or token ids (no chunks)."""
+        segments (reusable ones become chunks, kvweave/segments.py), a text (split at
+        `config.chunk_separator` when it holds one) or token ids (no chunks). Generation uses the
+        defaults; /tokenize may ask for a text without special tokens or a chat without the
+        generation prompt."""
         given = [name for name in ("prompt", "messages", "segments") if getattr(inp, name) is not None]
         if len(given) > 1:
             raise InvalidRequestError(f"give one prompt form, not {' and '.join(given)}")
         if inp.messages is not None:
-            return encode_chat_documents(self.tokenizer, inp.messages)
+            return encode_chat_documents(self.tokenizer, inp.messages, add_generation_prompt)
         if inp.segments is not None:
-            return encode_segments(self.tokenizer, inp.segments)
+            return encode_segments(self.tokenizer, inp.segments, add_special_tokens)
         prompt = inp.prompt
         if isinstance(prompt, str):
             sep = self.config.chunk_separator
             if sep and sep in prompt:
-                return encode_segments(self.tokenizer, split_on_separator(prompt, sep))
-            return self.tokenizer.encode(prompt, add_special_tokens=True), []
+                return encode_segments(self.tokenizer, split_on_separator(prompt, sep), add_special_tokens)
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), []
         if isinstance(prompt, list) and all(type(t) is int and 0 <= t <= _MAX_TOKEN_ID for t in prompt):
             return prompt, []
         raise InvalidRequestError("prompt must be a string or a list of non-negative token ids")
@@ -211,9 +216,13 @@ class Router:
 
     # -------------------------------------------------------------------------------- phases
 
+    def check_model(self, model: str) -> None:
+        """UnknownModelError unless `model` is empty (the router's) or a name of the router's model."""
+        if model and model not in self.model_names:
+            raise UnknownModelError(f"model {model!r} is not served here; available: {self.model.name}")
+
     def _prepare(self, inp: GenerateInput, arrival: float) -> _Request:
-        if inp.model and inp.model not in self.model_names:
-            raise UnknownModelError(f"model {inp.model!r} is not served here; available: {self.model.name}")
+        self.check_model(inp.model)
         t0 = time.perf_counter()
         token_ids, spans = self.encode_prompt(inp)
         self.metrics.stages["tokenize"].observe(time.perf_counter() - t0)

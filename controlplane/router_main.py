@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -24,10 +23,10 @@ from aiohttp import web
 
 from controlplane.grpc_frontend import start_grpc_server
 from controlplane.http_frontend import DEFAULT_MAX_BODY_BYTES, start_http_server
-from controlplane.policies import DEFAULT_POLICY, POLICIES, PolicyError
-from controlplane.procs import serve_until
+from controlplane.policies import POLICIES, PolicyError
 from controlplane.router import Router, RouterConfig
-from worker.loader import DEFAULT_MODEL
+from kvweave.config_flags import add_config_args, config_kwargs
+from kvweave.serving import serve_until
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +34,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ServeOptions:
     host: str = "127.0.0.1"
+    """Interface to bind."""
     grpc_port: int = 0
-    """0 picks a free port."""
+    """Port of the gRPC API (kvweave.v1.Inference); 0 picks a free port."""
     http_port: int = 0
+    """Port of the OpenAI-compatible HTTP API; 0 picks a free port."""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     """Larger HTTP request bodies get 413."""
     grace_s: float = 5.0
@@ -104,54 +105,28 @@ async def run_router(config: RouterConfig, options: ServeOptions, stop: asyncio.
     await serve_until(RouterServer(config, options), stop, on_ready)
 
 
-CHUNK_SEPARATOR_ENV = "KVWEAVE_CHUNK_SEPARATOR"
-MAX_CHUNKS_ENV = "KVWEAVE_MAX_CHUNKS_PER_REQUEST"
-"""Environment defaults of --chunk-separator and --max-chunks-per-request (`kvweave serve` passes them so)."""
-
-
-def add_chunk_separator_arg(p: argparse.ArgumentParser) -> None:
-    """`--chunk-separator`, shared by `kvweave router` and `kvweave serve`."""
-    p.add_argument("--chunk-separator", default=os.environ.get(CHUNK_SEPARATOR_ENV) or None, metavar="TEXT",
-                   help="split plain text prompts at TEXT (removed): the pieces strictly between two separators "
-                        "are reusable chunks whose KV may be reused wherever they appear, the first and last "
-                        f"pieces are not; for clients that cannot send segments (default: none, prompts are not "
-                        f"split; env {CHUNK_SEPARATOR_ENV})")
+ROUTER_HELP = {
+    "policy": f"routing policy: {', '.join(POLICIES)}",
+    "chunk_separator": "split plain text prompts at this text (removed): the pieces strictly between two "
+                       "separators are reusable chunks whose KV may be reused wherever they appear, the first and "
+                       "last pieces are not; for clients that cannot send segments (None: prompts are not split)",
+}
+"""Help texts written for the command line where a field's docstring speaks of the code."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("router", help="route requests to workers (gRPC + OpenAI-compatible HTTP)",
                        description="Serve kvweave.v1.Inference and the OpenAI API, placing each request on "
                                    "a worker found in the Redis registry.")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default: 0)")
-    p.add_argument("--http-port", type=int, default=0, help="HTTP port; 0 picks a free one (default: 0)")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="registry and KV index")
-    p.add_argument("--policy", default=DEFAULT_POLICY, help=f"routing policy: {', '.join(POLICIES)} "
-                                                            f"(default: {DEFAULT_POLICY})")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or path; gives the tokenizer "
-                                                          f"(default: {DEFAULT_MODEL})")
-    p.add_argument("--max-inflight", type=int, default=RouterConfig.max_inflight,
-                   help="requests in flight before 429 / RESOURCE_EXHAUSTED (default: %(default)s)")
-    p.add_argument("--lease-s", type=float, default=RouterConfig.lease_s,
-                   help="the workers' registry lease, seconds (default: %(default)s)")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                   help="largest HTTP request body (default: 4 MiB)")
-    add_chunk_separator_arg(p)
-    p.add_argument("--max-chunks-per-request", type=int,
-                   default=int(os.environ.get(MAX_CHUNKS_ENV) or RouterConfig.max_chunks_per_request),
-                   help="most reusable chunks (segments, documents) one request may carry; more is a 400 / "
-                        f"INVALID_ARGUMENT (default: %(default)s; env {MAX_CHUNKS_ENV})")
+    add_config_args(p, ServeOptions, flags={"grpc_port": "--port"})
+    add_config_args(p, RouterConfig, help=ROUTER_HELP)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = RouterConfig(redis_url=args.redis_url, model=args.model, policy=args.policy,
-                              max_inflight=args.max_inflight, lease_s=args.lease_s,
-                              chunk_separator=args.chunk_separator,
-                              max_chunks_per_request=args.max_chunks_per_request)
-        options = ServeOptions(host=args.host, grpc_port=args.port, http_port=args.http_port,
-                               max_body_bytes=args.max_body_bytes)
+        config = RouterConfig(**config_kwargs(RouterConfig, args))
+        options = ServeOptions(**config_kwargs(ServeOptions, args))
         if config.policy not in POLICIES:
             raise PolicyError(f"unknown routing policy {config.policy!r}; valid: {', '.join(POLICIES)}")
     except ValueError as e:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 
 @dataclass
@@ -13,7 +13,7 @@ class GenerateInput:
     Exactly one of `prompt`, `segments`, `messages` is set. `segments` are (text, reusable) pairs:
     reusable ones are chunks whose KV may be reused wherever they appear. Chat messages may mark
     documents (`{"kvweave": {"document": true}}` on a message, or content parts of type "document"),
-    see worker/segments.py."""
+    see kvweave/segments.py."""
 
     prompt: str | list[int] | None = None
     messages: list[dict] | None = None

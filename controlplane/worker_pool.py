@@ -18,7 +18,7 @@ import grpc
 
 from controlplane.policies import WorkerState
 from kvstore.index import local_run
-from controlplane.registry import Registry, WorkerInfo
+from kvweave.registry import Registry, WorkerInfo
 from kvweave.v1 import worker_pb2_grpc
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ import time
 from openai import OpenAI
 
 import kvweave
-from controlplane.cluster import ClusterError, LocalCluster
-from kvweave.cli import main as kvweave_main
+from cli.main import main as kvweave_main
+from controlplane.cluster import LocalCluster
+from controlplane.cluster_config import ClusterError
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PRIMES = [{"role": "user", "content": "Name three prime numbers."}]

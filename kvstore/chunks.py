@@ -3,33 +3,21 @@
 A chunk of n tokens is stored as ceil(n / block_size) entries of the tiers' block layout
 ([2, n_layers, n_kv_heads, block_size, head_dim], the last one zero-padded), so the same slots,
 eviction, index and transfer serve prefix blocks and chunks alike. Entry i of a chunk has the key
-BLAKE2b(chunk hash, i): the chunk hash (`chunk_hash`) covers the chunk's token ids, the model and
-namespace (extra keys) and the tokens it was computed after (empty for a standalone cache), so
-two caches of the same text computed in different contexts never collide; n is known to whoever
-asks (it has the token ids), so nothing else needs storing.
+BLAKE2b(chunk hash, i): the chunk hash covers the chunk's token ids, the model and namespace
+(extra keys) and the tokens it was computed after (empty for a standalone cache), so two caches
+of the same text computed in different contexts never collide; n is known to whoever asks (it has
+the token ids), so nothing else needs storing. The keys (`chunk_hash`, `chunk_block_keys`) are in
+kvstore/keys.py with the block-hash chain, torch-free, so the router computes them too; this
+module holds the tensors.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
 
-from kvstore.keys import HASH_BYTES, BlockHash, hash_chunk
+from kvstore.keys import chunk_block_keys
 from kvstore.manager import TierManager
-
-
-def chunk_hash(token_ids: Sequence[int], extra: bytes = b"", context: Sequence[int] = ()) -> BlockHash:
-    """The key of a chunk's cache: its tokens, the extra keys, and the tokens it was computed after."""
-    if not context:
-        return hash_chunk(token_ids, extra)
-    return hash_chunk(token_ids, extra + b"\x00after\x00" + hash_chunk(context, extra))
-
-
-def chunk_block_keys(key: bytes, num_tokens: int, block_size: int) -> list[bytes]:
-    """Keys of the entries holding a chunk of `num_tokens` tokens."""
-    n = -(-num_tokens // block_size)
-    return [hashlib.blake2b(key + i.to_bytes(4, "little"), digest_size=HASH_BYTES).digest() for i in range(n)]
 
 
 def split_chunk(kv: torch.Tensor, block_size: int) -> list[torch.Tensor]:

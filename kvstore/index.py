@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvstore.keys import HASH_BYTES, BlockHash
+from kvweave.defaults import REGISTRY_LEASE_S
 
 MEDIUMS = ("device", "dram", "ssd")
 TIER_CODES = {ord(str(i + 1)): m for i, m in enumerate(MEDIUMS)} | {ord("0"): "peer"}
@@ -178,7 +179,7 @@ def _value(nbytes: int, now_ms: int) -> bytes:
 class KVIndex:
     """Writes and reads the index through a `redis.asyncio.Redis` client."""
 
-    def __init__(self, redis, lease_s: float = 3.0) -> None:
+    def __init__(self, redis, lease_s: float = REGISTRY_LEASE_S) -> None:
         self.redis = redis
         self.lease_ms = int(lease_s * 1000)
         self._leading_tiers = redis.register_script(_LEADING_TIERS_LUA)

@@ -81,6 +81,19 @@ def hash_chunk(token_ids: Sequence[int], extra: bytes = b"") -> BlockHash:
     return BlockHash(h.digest())
 
 
+def chunk_hash(token_ids: Sequence[int], extra: bytes = b"", context: Sequence[int] = ()) -> BlockHash:
+    """The key of a chunk's cache: its tokens, the extra keys, and the tokens it was computed after."""
+    if not context:
+        return hash_chunk(token_ids, extra)
+    return hash_chunk(token_ids, extra + b"\x00after\x00" + hash_chunk(context, extra))
+
+
+def chunk_block_keys(key: bytes, num_tokens: int, block_size: int) -> list[bytes]:
+    """Keys of the entries holding a chunk of `num_tokens` tokens."""
+    n = -(-num_tokens // block_size)
+    return [hashlib.blake2b(key + i.to_bytes(4, "little"), digest_size=HASH_BYTES).digest() for i in range(n)]
+
+
 KINDS = ("block", "chunk")
 
 

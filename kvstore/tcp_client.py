@@ -1,5 +1,5 @@
 """The client end of the raw TCP KV data plane: `KVDataClient` fetches KV from peers'
-`KVDataServer`s (kvstore/tcp_transfer.py, which also documents the wire format and the checks),
+`KVDataServer`s (kvstore/tcp_transfer.py, which documents the checks; the wire format is kvstore/tcp_wire.py),
 pooling connections per data address.
 """
 from __future__ import annotations
@@ -12,12 +12,15 @@ import numpy as np
 import torch
 
 from kvstore.codec import DTYPE_CODES, MAX_DIMS, KVLayout, checksum
-from kvstore.tcp_transfer import (HEADER, KEEP_BUFFER_BYTES, LAYER, LAYER_MAGIC, MAX_ERROR_MESSAGE_BYTES,
-                                  PROTOCOL_VERSION, RESPONSE_MAGIC, STATUS_NAMES, STATUS_OK, DataPlaneUnreachableError,
-                                  _Closed, _pack_shape, _recv_exactly, _split_host_port, encode_request)
-from kvstore.transfer import _check_args
-from kvstore.transfer_source import (TransferError, _layer_geometry, _short, empty_entries, empty_layer_major,
-                                     layout_from_code)
+from kvstore.tcp_wire import (HEADER, KEEP_BUFFER_BYTES, LAYER, LAYER_MAGIC, MAX_ERROR_MESSAGE_BYTES, PROTOCOL_VERSION,
+                              RESPONSE_MAGIC, STATUS_NAMES, STATUS_OK, ConnectionClosed, encode_request, pack_shape,
+                              recv_exactly, split_host_port)
+from kvstore.transfer_source import (TransferError, check_fetch_args, empty_entries, empty_layer_major, layer_geometry,
+                                     layout_from_code, short_message)
+
+
+class DataPlaneUnreachableError(TransferError):
+    """No connection could be opened to the peer's data port (it may have restarted elsewhere)."""
 
 
 class _Connection:
@@ -85,11 +88,11 @@ class KVDataClient:
 
     async def _connect(self, loop, address: str, peer: str) -> _Connection:
         try:
-            host, port = _split_host_port(address)
+            host, port = split_host_port(address)
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, ValueError) as e:
             raise DataPlaneUnreachableError(f"KV fetch from {peer}: cannot resolve data address {address}: "
-                                            f"{_short(e)}") from None
+                                            f"{short_message(e)}") from None
         error: BaseException | None = None
         for family, type_, proto, _, sockaddr in infos:
             sock = socket.socket(family, type_, proto)
@@ -105,7 +108,7 @@ class KVDataClient:
                 sock.close()
                 raise
         raise DataPlaneUnreachableError(f"KV fetch from {peer}: cannot connect to data address {address}: "
-                                        f"{_short(error or 'no address')}")
+                                        f"{short_message(error or 'no address')}")
 
     async def fetch_kv(self, address: str, keys: list[bytes], layout: KVLayout, timeout_s: float,
                        out: torch.Tensor | None = None, *, peer: str | None = None) -> torch.Tensor:
@@ -114,7 +117,7 @@ class KVDataClient:
         included). Raises TransferError naming `peer` (default: `address`); ValueError for bad
         arguments. `out` as for `TransferClient.fetch_kv`."""
         keys = list(keys)
-        _check_args(keys, layout, timeout_s, 0, out)
+        check_fetch_args(keys, layout, timeout_s, out)
         peer = peer or address
         if not keys:
             return torch.empty((0, *layout.shape), dtype=layout.dtype) if out is None else out[:0]
@@ -132,7 +135,7 @@ class KVDataClient:
                 raise TransferError(f"KV fetch from {peer}: no complete answer within the {timeout_s:.3g} s "
                                     f"deadline") from None
             if isinstance(e, OSError):
-                raise TransferError(f"KV fetch from {peer}: connection to {address} failed: {_short(e)}") from None
+                raise TransferError(f"KV fetch from {peer}: connection to {address} failed: {short_message(e)}") from None
             raise
         if conn.staging is not None and len(conn.staging) > KEEP_BUFFER_BYTES:
             conn.staging = None
@@ -152,7 +155,7 @@ class _Exchange:
     def __init__(self, conn: _Connection, peer: str, keys: list[bytes], layout: KVLayout,
                  out: torch.Tensor | None) -> None:
         self.conn, self.peer, self.keys, self.layout, self.given_out = conn, peer, keys, layout, out
-        self.n_layers, self.rows_per_entry, self.row_bytes = _layer_geometry(layout)
+        self.n_layers, self.rows_per_entry, self.row_bytes = layer_geometry(layout)
         self.layer = 0
         self.what = "the header"
 
@@ -161,8 +164,8 @@ class _Exchange:
 
     async def _recv(self, loop, view: memoryview) -> None:
         try:
-            await _recv_exactly(loop, self.conn.sock, view)
-        except _Closed as e:
+            await recv_exactly(loop, self.conn.sock, view)
+        except ConnectionClosed as e:
             raise self.fail(f"the connection closed during {self.what} ({e.got} of {len(view)} bytes)") from None
 
     async def run(self, loop) -> torch.Tensor:
@@ -183,11 +186,11 @@ class _Exchange:
             self.what = "the error message"
             await self._recv(loop, memoryview(message))
             name = STATUS_NAMES.get(status, f"status {status}")
-            raise self.fail(f"{name}: {_short(message.decode('utf-8', 'replace') or 'no details')}")
+            raise self.fail(f"{name}: {short_message(message.decode('utf-8', 'replace') or 'no details')}")
         n = value
         if n > len(self.keys):
             raise self.fail(f"announced {n} entries for {len(self.keys)} requested keys")
-        if dtype != DTYPE_CODES[layout.dtype] or ndim != len(layout.shape) or tuple(shape) != _pack_shape(layout):
+        if dtype != DTYPE_CODES[layout.dtype] or ndim != len(layout.shape) or tuple(shape) != pack_shape(layout):
             try:
                 announced = str(layout_from_code(dtype, shape[:ndim])) if ndim <= MAX_DIMS else None
             except ValueError:

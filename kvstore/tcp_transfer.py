@@ -3,22 +3,8 @@
 gRPC (kvstore/transfer.py) stays the control plane and the fallback transport: a worker serves
 `KVTransfer` on its advertised address, and `KVTransfer.DataPort` names the port of its
 `KVDataServer` on the same host (0 when it has none). `TransferClient` asks once per address and
-then fetches over TCP. This module holds the wire format and the server; kvstore/tcp_client.py
-the client.
-
-Wire format (little-endian, fixed-size frames; one connection carries any number of requests,
-one after another: a client pools connections).
-
-  request   magic "KVWQ", u16 version (1), u8 dtype code, u8 ndim, u32 shape[6] (unused dims 0),
-            u32 n keys (36 bytes), then n 16-byte keys (block hashes, in prompt order)
-  header    magic "KVWR", u16 version, u8 status, u8 dtype code, u8 ndim, 3 zero bytes,
-            u32 shape[6], u32 value (40 bytes). Status 0 (OK): value is n, the length of the
-            leading run of requested keys the server holds, and the layout is the requested one.
-            Otherwise (1 INVALID_ARGUMENT: a malformed request; 2 FAILED_PRECONDITION: entries of
-            another layout; 3 INTERNAL) value is the length of the UTF-8 message that follows.
-  layer     (n > 0, one per layer, in order) magic "KVWL", u32 layer, u64 byte length, u64
-            XXH3-64 of the data (24 bytes), then the data: entries[:, :, layer] stacked as
-            [n, shape[0], *shape[2:]], contiguous (the layer-major layout of the gRPC path).
+then fetches over TCP. This module holds the server; the wire format is kvstore/tcp_wire.py,
+the client kvstore/tcp_client.py.
 
 The server validates requests as the gRPC service does (same limits and messages) and answers
 an error with a header; after a request it cannot resynchronise on (bad magic or version, too
@@ -40,89 +26,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from kvstore.codec import DTYPE_CODES, MAX_DIMS, KVLayout, checksum
+from kvstore.codec import MAX_DIMS, KVLayout, checksum
 from kvstore.keys import HASH_BYTES
-from kvstore.transfer import DEFAULT_MAX_KEYS
-from kvstore.transfer_source import KVSource, TransferError, _LayerGather, _short, export_entries, layout_from_code
+from kvstore.tcp_wire import (KEEP_BUFFER_BYTES, LAYER, LAYER_MAGIC, PROTOCOL_VERSION, REQUEST, REQUEST_MAGIC,
+                              ConnectionClosed, encode_error, encode_header, recv_exactly)
+from kvstore.transfer_source import (DEFAULT_MAX_KEYS, KVSource, LayerGather, export_entries, layout_from_code,
+                                     short_message)
 
 logger = logging.getLogger(__name__)
-
-REQUEST_MAGIC = b"KVWQ"
-RESPONSE_MAGIC = b"KVWR"
-LAYER_MAGIC = b"KVWL"
-PROTOCOL_VERSION = 1
-REQUEST = struct.Struct(f"<4sHBB{MAX_DIMS}II")
-"""magic, version, dtype code, ndim, shape[MAX_DIMS], number of keys; the keys follow."""
-HEADER = struct.Struct(f"<4sHBBB3x{MAX_DIMS}II")
-"""magic, version, status, dtype code, ndim, shape[MAX_DIMS], n entries (OK) or message length."""
-LAYER = struct.Struct("<4sIQQ")
-"""magic, layer, byte length, XXH3-64; the data follows."""
-STATUS_OK = 0
-STATUS_CODES = {"INVALID_ARGUMENT": 1, "FAILED_PRECONDITION": 2, "INTERNAL": 3}
-"""Error statuses, named as the gRPC codes the gRPC transport answers with in the same cases."""
-STATUS_NAMES = {v: k for k, v in STATUS_CODES.items()}
-MAX_ERROR_MESSAGE_BYTES = 4096
-KEEP_BUFFER_BYTES = 8 * 1024 * 1024
-"""Layer buffers up to this size stay with a connection between requests (larger ones are freed)."""
-_NO_SHAPE = (0,) * MAX_DIMS
-
-
-class DataPlaneUnreachableError(TransferError):
-    """No connection could be opened to the peer's data port (it may have restarted elsewhere)."""
-
-
-class _Closed(Exception):
-    """The peer closed the connection; `got` bytes of the awaited span had arrived."""
-
-    def __init__(self, got: int) -> None:
-        super().__init__(got)
-        self.got = got
-
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
-    """Fill `view` from `sock`; _Closed when the peer closes first."""
-    got, size = 0, len(view)
-    while got < size:
-        n = await loop.sock_recv_into(sock, view[got:])
-        if n == 0:
-            raise _Closed(got)
-        got += n
-
-
-def _pack_shape(layout: KVLayout) -> tuple[int, ...]:
-    return tuple(layout.shape) + (0,) * (MAX_DIMS - len(layout.shape))
-
-
-def encode_request(keys: list[bytes], layout: KVLayout) -> bytes:
-    return b"".join((REQUEST.pack(REQUEST_MAGIC, PROTOCOL_VERSION, DTYPE_CODES[layout.dtype], len(layout.shape),
-                                  *_pack_shape(layout), len(keys)), *keys))
-
-
-def encode_header(n: int, layout: KVLayout) -> bytes:
-    return HEADER.pack(RESPONSE_MAGIC, PROTOCOL_VERSION, STATUS_OK, DTYPE_CODES[layout.dtype], len(layout.shape),
-                       *_pack_shape(layout), n)
-
-
-def encode_error(status: str, message: str) -> bytes:
-    data = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_BYTES]
-    return HEADER.pack(RESPONSE_MAGIC, PROTOCOL_VERSION, STATUS_CODES[status], 0, 0, *_NO_SHAPE, len(data)) + data
-
-
-def _split_host_port(address: str) -> tuple[str, int]:
-    """("host", port) of "host:port" or "[v6]:port"; ValueError otherwise."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"not a host:port address: {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +179,8 @@ class KVDataServer:
         try:
             while not self._stopping:
                 try:
-                    await _recv_exactly(loop, sock, head)
-                except _Closed:
+                    await recv_exactly(loop, sock, head)
+                except ConnectionClosed:
                     return  # the client is done (between requests) or gone
                 self._busy.add(task)
                 try:
@@ -275,7 +192,7 @@ class KVDataServer:
                     self._idle_changed.set()
                     if buffer[0] is not None and len(buffer[0]) > KEEP_BUFFER_BYTES:
                         buffer[0] = None
-        except (OSError, _Closed, TimeoutError) as e:  # the client went away or stopped reading
+        except (OSError, ConnectionClosed, TimeoutError) as e:  # the client went away or stopped reading
             logger.debug("KV data server: connection closed: %s", e)
         except Exception:
             logger.exception("KV data server: connection failed")
@@ -291,14 +208,14 @@ class KVDataServer:
         if n > self.max_keys:
             raise _BadRequest(f"too many keys: {n} (at most {self.max_keys} per fetch)", resync=False)
         data = bytearray(n * HASH_BYTES)
-        await _recv_exactly(loop, sock, memoryview(data))
+        await recv_exactly(loop, sock, memoryview(data))
         keys = [bytes(data[i:i + HASH_BYTES]) for i in range(0, len(data), HASH_BYTES)]
         if not 0 <= ndim <= MAX_DIMS or any(shape[ndim:]):
             raise _BadRequest(f"malformed shape: ndim {ndim}, dims {list(shape)}", resync=True)
         try:
             layout = layout_from_code(dtype, shape[:ndim])
         except ValueError as e:
-            raise _BadRequest(_short(e), resync=True) from None
+            raise _BadRequest(short_message(e), resync=True) from None
         return keys, layout
 
     async def _linger(self, loop, sock: socket.socket) -> None:
@@ -339,7 +256,7 @@ class KVDataServer:
 
     async def _send_layers(self, loop, sock: socket.socket, entries: torch.Tensor, layout: KVLayout,
                            buffer: list) -> None:
-        layers = _LayerGather(entries, headroom=LAYER.size, buffer=buffer[0])
+        layers = LayerGather(entries, headroom=LAYER.size, buffer=buffer[0])
         buffer[0] = layers.buffer
         for layer in range(layout.shape[1]):
             data = layers.layer(layer)

@@ -48,9 +48,10 @@ import torch
 
 from kvstore.codec import KVLayout, checksum
 from kvstore.keys import HASH_BYTES
-from kvstore.transfer_source import (KVSource, TransferError, _layer_geometry, _LayerGather, _short, empty_entries,
-                                     export_entries, layout_from_proto, layout_to_proto)
-from kvstore.transfer_wire import _proto_chunk, _serialize_response, decode_response, encode_chunk
+from kvstore.transfer_source import (DEFAULT_MAX_KEYS, KVSource, LayerGather, TransferError, check_fetch_args,
+                                     empty_entries, export_entries, layer_geometry, layout_from_proto,
+                                     layout_to_proto, short_message)
+from kvstore.transfer_wire import decode_response, encode_chunk, proto_chunk, serialize_response
 from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,6 @@ MAX_CHUNK_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024 - 4096
 """4 MiB less room for the framing: a piece fits gRPC's default 4 MiB receive limit even on a channel
 created without GRPC_OPTIONS."""
-DEFAULT_MAX_KEYS = 4096
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -98,7 +98,7 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
         handlers = {
             "Fetch": grpc.unary_stream_rpc_method_handler(
                 self._fetch_encoded, request_deserializer=kvtransfer_pb2.FetchRequest.FromString,
-                response_serializer=_serialize_response),
+                response_serializer=serialize_response),
             "DataPort": grpc.unary_unary_rpc_method_handler(
                 self.DataPort, request_deserializer=kvtransfer_pb2.DataPortRequest.FromString,
                 response_serializer=kvtransfer_pb2.DataPortResponse.SerializeToString),
@@ -124,7 +124,7 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
         return keys, layout, chunk
 
     async def Fetch(self, request: kvtransfer_pb2.FetchRequest, context: grpc.aio.ServicerContext):
-        async for msg in self._stream(request, context, _proto_chunk):
+        async for msg in self._stream(request, context, proto_chunk):
             yield msg
 
     async def _fetch_encoded(self, request: kvtransfer_pb2.FetchRequest, context: grpc.aio.ServicerContext):
@@ -136,7 +136,7 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
         try:
             keys, layout, chunk = self._parse(request)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _short(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, short_message(e))
         entries, error = await export_entries(self.source, keys, layout)
         if error is not None:
             await context.abort(grpc.StatusCode[error[0]], error[1])
@@ -144,7 +144,7 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
         yield kvtransfer_pb2.FetchResponse(
             header=kvtransfer_pb2.FetchHeader(num_entries=n, layout=layout_to_proto(layout)))
         if n:
-            layers = _LayerGather(entries)
+            layers = LayerGather(entries)
             for layer in range(layout.shape[1]):
                 data = layers.gather(layer)  # built now, when it is sent
                 for offset in range(0, len(data), chunk):
@@ -218,7 +218,7 @@ class _Receiver:
         self.requested = requested
         self.layout = layout
         self.given_out = out
-        self.n_layers, self.rows_per_entry, self.row_bytes = _layer_geometry(layout)
+        self.n_layers, self.rows_per_entry, self.row_bytes = layer_geometry(layout)
         self.out: torch.Tensor | None = None
         self.rows: np.ndarray | None = None  # uint8 view of out: [n * shape[0], n_layers, row_bytes]
         self.layer_bytes = 0
@@ -310,17 +310,9 @@ class _Receiver:
 
 def _check_args(keys: list[bytes], layout: KVLayout, timeout_s: float, max_chunk_bytes: int,
                 out: torch.Tensor | None) -> None:
-    for i, key in enumerate(keys):
-        if not isinstance(key, bytes) or len(key) != HASH_BYTES:
-            raise ValueError(f"key {i} is not a {HASH_BYTES}-byte block hash")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    check_fetch_args(keys, layout, timeout_s, out)
     if not 0 <= max_chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"max_chunk_bytes must be in [0, {MAX_CHUNK_BYTES}], got {max_chunk_bytes}")
-    if out is not None and (out.dtype != layout.dtype or tuple(out.shape[1:]) != layout.shape
-                            or out.shape[0] < len(keys) or out.device.type != "cpu" or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous CPU tensor of >= {len(keys)} entries of layout {layout}, "
-                         f"got {out.dtype} {list(out.shape)} on {out.device}")
 
 
 async def _fetch(channel: grpc.aio.Channel, peer: str, keys: list[bytes], layout: KVLayout, timeout_s: float,
@@ -342,7 +334,7 @@ async def _fetch(channel: grpc.aio.Channel, peer: str, keys: list[bytes], layout
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise receiver.fail(f"no complete answer within the {timeout_s:g} s deadline") from None
-        raise receiver.fail(f"{e.code().name}: {_short(e.details() or 'no details')}") from None
+        raise receiver.fail(f"{e.code().name}: {short_message(e.details() or 'no details')}") from None
     except BaseException:  # a protocol violation, a cancellation: stop the peer's stream
         call.cancel()
         raise
@@ -424,7 +416,7 @@ class TransferClient:
                 if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                     problem = (f"no complete answer within the {timeout_s:.3g} s deadline"
                                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                               else f"{e.code().name}: {_short(e.details() or 'no details')}")
+                               else f"{e.code().name}: {short_message(e.details() or 'no details')}")
                     raise TransferError(f"KV fetch from {address}: asking for its data port: {problem}") from None
                 port = 0
             self._data_ports[address] = port
@@ -457,7 +449,7 @@ class TransferClient:
             if remaining <= 0:
                 raise TransferError(f"KV fetch from {address}: no complete answer within the {timeout_s:g} s deadline")
             if data_address is not None:
-                from kvstore.tcp_transfer import DataPlaneUnreachableError
+                from kvstore.tcp_client import DataPlaneUnreachableError
 
                 try:
                     return await self.data_client.fetch_kv(data_address, keys, layout, remaining, out, peer=address)

@@ -1,7 +1,8 @@
 """What both KV transports (kvstore/transfer.py: gRPC; kvstore/tcp_transfer.py: raw TCP) share:
 the errors, the layout as it travels, layer-major storage (each layer of the wire format one
 contiguous slice, so it is sent and received in place), the source a server exports from and the
-checks on what it exports, and the gathering of a layer from entry-major tensors.
+checks on what it exports, the checks a client makes before a fetch, the server's key limit, and
+the gathering of a layer from entry-major tensors.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from kvweave.v1 import kvtransfer_pb2
 logger = logging.getLogger(__name__)
 
 _MAX_ERROR_CHARS = 300
+DEFAULT_MAX_KEYS = 4096
+"""Most keys one fetch may ask for, on both transports' servers."""
 
 
 class TransferError(RuntimeError):
@@ -48,7 +51,7 @@ def layout_from_proto(msg: kvtransfer_pb2.KVLayoutProto) -> KVLayout:
     return layout_from_code(msg.dtype, msg.shape)
 
 
-def _layer_geometry(layout: KVLayout) -> tuple[int, int, int]:
+def layer_geometry(layout: KVLayout) -> tuple[int, int, int]:
     """(n_layers, rows per entry and layer (shape[0]), bytes per row (shape[2:] x itemsize))."""
     row_bytes = layout.dtype.itemsize
     for d in layout.shape[2:]:
@@ -83,9 +86,24 @@ def empty_entries(n: int, layout: KVLayout) -> torch.Tensor:
     return torch.from_numpy(data).view(layout.dtype).view(n, *layout.shape)
 
 
-def _short(e: BaseException | str) -> str:
+def short_message(e: BaseException | str) -> str:
+    """An error's text cut to a length fit for a status message or a log line."""
     text = str(e) or type(e).__name__
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
+
+
+def check_fetch_args(keys: list[bytes], layout: KVLayout, timeout_s: float, out: torch.Tensor | None) -> None:
+    """What both transports' clients check before a fetch: 16-byte keys, a positive deadline, and an
+    `out` tensor (when given) that can hold the entries of `layout`. ValueError otherwise."""
+    for i, key in enumerate(keys):
+        if not isinstance(key, bytes) or len(key) != HASH_BYTES:
+            raise ValueError(f"key {i} is not a {HASH_BYTES}-byte block hash")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    if out is not None and (out.dtype != layout.dtype or tuple(out.shape[1:]) != layout.shape
+                            or out.shape[0] < len(keys) or out.device.type != "cpu" or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous CPU tensor of >= {len(keys)} entries of layout {layout}, "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}")
 
 
 class KVSource(Protocol):
@@ -139,7 +157,7 @@ class TensorSource:
             return first.as_strided((len(run), *layout.shape), (first.numel(), *first.stride()),
                                     first.storage_offset())
         out = empty_entries(len(run), layout)
-        out_bytes = out.view(torch.uint8).numpy().reshape(len(run), -1)  # numpy: see _LayerGather
+        out_bytes = out.view(torch.uint8).numpy().reshape(len(run), -1)  # numpy: see LayerGather
         for i, entry in enumerate(run):
             out_bytes[i] = np.frombuffer(as_bytes(entry), dtype=np.uint8)
         return out
@@ -154,10 +172,10 @@ async def export_entries(source: KVSource, keys: list[bytes], layout: KVLayout
     try:
         entries = await source.export(keys, layout)
     except KVLayoutMismatchError as e:
-        return None, ("FAILED_PRECONDITION", f"layout mismatch: {_short(e)}")
+        return None, ("FAILED_PRECONDITION", f"layout mismatch: {short_message(e)}")
     except Exception as e:
         logger.exception("KV export of %d keys failed", len(keys))
-        return None, ("INTERNAL", f"internal error: {_short(e)}")
+        return None, ("INTERNAL", f"internal error: {short_message(e)}")
     if entries is None or (entries.dim() >= 1 and entries.shape[0] == 0):  # holds none
         return None, None
     if entries.dtype != layout.dtype or tuple(entries.shape[1:]) != layout.shape:
@@ -169,7 +187,7 @@ async def export_entries(source: KVSource, keys: list[bytes], layout: KVLayout
     return entries, None
 
 
-class _LayerGather:
+class LayerGather:
     """The contiguous bytes of entries[:, :, layer], gathered one layer at a time into one reused
     buffer (valid until the next `gather`: fresh buffers would be faulted in page by page, which
     costs more than the copy). CPU tensors are copied with numpy, whose copies stay fast when torch's
@@ -183,7 +201,7 @@ class _LayerGather:
         self.entries = entries.detach()
         self.headroom = headroom
         self.array = None
-        n_layers, rows, row_bytes = _layer_geometry(KVLayout(self.entries.dtype, tuple(self.entries.shape[1:])))
+        n_layers, rows, row_bytes = layer_geometry(KVLayout(self.entries.dtype, tuple(self.entries.shape[1:])))
         self.layer_bytes = self.entries.shape[0] * rows * row_bytes
         self.layers = layer_major(self.entries) if self.entries.device.type == "cpu" else None
         """Set when every layer is already contiguous: `layer` returns it without a copy."""

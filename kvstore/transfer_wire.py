@@ -32,12 +32,14 @@ def encode_chunk(layer: int, offset: int, data) -> bytes:
     return b"".join((b"\x12", _varint(len(inner) + len(data)), inner, data))
 
 
-def _proto_chunk(layer: int, offset: int, data) -> kvtransfer_pb2.FetchResponse:
+def proto_chunk(layer: int, offset: int, data) -> kvtransfer_pb2.FetchResponse:
+    """The same piece as a protobuf message (for servers whose serializer is protobuf's)."""
     return kvtransfer_pb2.FetchResponse(chunk=kvtransfer_pb2.LayerChunk(
         layer=layer, offset=offset, data=bytes(data), checksum=checksum(data)))
 
 
-def _serialize_response(msg) -> bytes:
+def serialize_response(msg) -> bytes:
+    """The Fetch stream's serializer: pieces from `encode_chunk` are already bytes."""
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 

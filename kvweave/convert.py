@@ -1,7 +1,7 @@
 """Protobuf <-> internal dataclasses for what the router and the worker both convert.
 
 Protobuf stays at the process edges: the worker service and the router call these, everything
-behind them sees `worker.sampling.SamplingParams` and plain strings.
+behind them sees `kvweave.sampling_params.SamplingParams` and plain strings.
 
 Floats travel as float32 in `kvweave.v1.SamplingParams`; they are read back rounded to 7
 significant digits, so 0.9 sent by a client arrives as 0.9 (not 0.8999999761581421).
@@ -9,7 +9,7 @@ significant digits, so 0.9 sent by a client arrives as 0.9 (not 0.89999997615814
 from __future__ import annotations
 
 from kvweave.v1 import common_pb2
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 FINISH_REASONS: dict[str | None, int] = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,

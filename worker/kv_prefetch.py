@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvstore.chunks import chunk_block_keys, chunk_hash, join_chunk
+from kvstore.chunks import join_chunk
 from kvstore.index import CHUNK_MEDIUMS, KVIndex
-from kvstore.keys import hash_blocks
+from kvstore.keys import chunk_block_keys, chunk_hash, hash_blocks
 from kvstore.transfer import TransferClient, TransferError
 from worker.engine import LLMEngine
 from worker.kv_connector_worker import StagedKV, stage_local_chunks

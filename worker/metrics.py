@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from controlplane.metrics import CONTENT_TYPE, E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
+from kvweave.metrics import CONTENT_TYPE, E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
 from worker.async_engine import AsyncEngine
 from worker.kv_connector import SOURCES
 from worker.output import RequestOutput

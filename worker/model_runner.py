@@ -17,7 +17,8 @@ from worker.attention import AttentionMetadata, PagedAttention, PrefillSeq, deco
 from worker.chunk_blend import BlendPiece
 from worker.chunk_kv import ChunkCorrection
 from worker.model import Transformer, rope_attention_factor
-from worker.sampling import SampleResult, SamplingParams, SamplingTensors, sample
+from kvweave.sampling_params import SamplingParams
+from worker.sampling import SampleResult, SamplingTensors, sample
 from worker.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)

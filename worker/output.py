@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from worker.request import Request, RequestStatus
-from worker.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvweave.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 
 from worker.chunk_blend import BlendPlan
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

@@ -29,7 +29,7 @@ from worker.chunk_blend import BlendPiece, BlendPlan, ChunkBlender, chunk_reques
 from worker.config import ConfigError
 from worker.kv_connector import KVConnector
 from worker.request import Request, RequestStatus
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 from worker.scheduler_output import (CachedRequestData, KVConnectorOutput, LoadResult, NewRequestData,
                                      SchedulerOutput)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from worker.chunk_blend import BlendPiece
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)

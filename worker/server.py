@@ -3,7 +3,7 @@
 The process serves `kvweave.v1.Worker` (worker/service.py), the standard `grpc.health.v1` health
 service (SERVING once the engine is loaded, NOT_SERVING while shutting down) and server
 reflection. With a Redis URL it also:
-- heartbeats its registry entry (`controlplane.registry`) with its current load every
+- heartbeats its registry entry (`kvweave.registry`) with its current load every
   `heartbeat_s`, under a lease of `lease_s`, and refreshes its KV-index entries' TTL with it;
 - publishes what every KV tier (device, DRAM, SSD) holds to the KV index (`kvstore.index`): the
   engine's KV events are drained every ~100 ms and written as one pipeline per batch; after a
@@ -39,8 +39,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
-from controlplane.procs import serve_until
-from controlplane.registry import ROLES, Registry, WorkerInfo, worker_key
+from kvweave.config_flags import add_config_args, config_kwargs
+from kvweave.defaults import REGISTRY_LEASE_S
+from kvweave.registry import ROLES, Registry, WorkerInfo, worker_key
+from kvweave.serving import serve_until
 from kvstore.index import KVIndex
 from kvstore.transfer import GRPC_OPTIONS as TRANSFER_GRPC_OPTIONS
 from kvstore.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
@@ -73,11 +75,13 @@ class WorkerOptions:
     redis_url: str | None = None
     """Registry and KV index; None serves without registering."""
     role: str = "colocated"
+    """colocated | prefill | decode | encode."""
     worker_id: str | None = None
     """Default: <hostname>-<port>."""
-    lease_s: float = 3.0
+    lease_s: float = REGISTRY_LEASE_S
     """A worker that stops heartbeating leaves the registry (and the index) after this long."""
     heartbeat_s: float = 1.0
+    """How often the worker renews its registration and its KV-index entries."""
     advertise_host: str | None = None
     """Host others dial; default: `host`, or this machine's address when `host` is a wildcard."""
     grace_s: float = 5.0
@@ -359,27 +363,12 @@ async def run_worker(engine_config: EngineConfig, options: WorkerOptions, stop: 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worker.engine_args import parse_bool, add_engine_args
+    from worker.engine_args import add_engine_args
 
     p = sub.add_parser("worker", help="serve one engine over gRPC and register it in Redis",
                        description="Serve kvweave.v1.Worker, grpc.health.v1 and reflection; with --redis-url, "
                                    "register under a lease and publish the prefix cache to the KV index.")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default: 0)")
-    p.add_argument("--redis-url", default=None, help="registry and KV index (default: serve without registering)")
-    p.add_argument("--role", default="colocated", choices=ROLES, help="worker role (default: colocated)")
-    p.add_argument("--worker-id", default=None, help="id in the registry (default: <hostname>-<port>)")
-    p.add_argument("--lease-s", type=float, default=3.0, help="registration lease, seconds (default: 3)")
-    p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat interval, seconds (default: 1)")
-    p.add_argument("--advertise-host", default=None, help="host others dial (default: --host)")
-    p.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace for calls in flight (default: 5)")
-    p.add_argument("--peer-fetch", type=parse_bool, default=True, metavar="BOOL",
-                   help="fetch prefix KV blocks from peer workers that hold them (default: true; needs --redis-url)")
-    p.add_argument("--kv-transfer-timeout-s", type=float, default=5.0,
-                   help="deadline of one KV fetch from a peer; past it the blocks are computed (default: 5)")
-    p.add_argument("--metrics-port", type=int, default=0,
-                   help="HTTP port of the Prometheus metrics (GET /metrics) on --host; 0 picks a free one, "
-                        "-1 serves none (default: 0)")
+    add_config_args(p, WorkerOptions, choices={"role": ROLES})
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -389,11 +378,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         engine_config = engine_config_from_args(args)
-        options = WorkerOptions(host=args.host, port=args.port, redis_url=args.redis_url, role=args.role,
-                                worker_id=args.worker_id, lease_s=args.lease_s, heartbeat_s=args.heartbeat_s,
-                                advertise_host=args.advertise_host, grace_s=args.grace_s,
-                                peer_fetch=args.peer_fetch, kv_transfer_timeout_s=args.kv_transfer_timeout_s,
-                                metrics_port=args.metrics_port)
+        options = WorkerOptions(**config_kwargs(WorkerOptions, args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import uuid
 
 import grpc
 
-from controlplane.registry import WorkerLoad
+from kvweave.registry import WorkerLoad
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto, stop_reason_to_proto
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.async_engine import AsyncEngine

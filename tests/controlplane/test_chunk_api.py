@@ -1,7 +1,7 @@
 """Prompts with reusable chunks end to end: a real router (gRPC + HTTP) in front of 2 real workers on
 the tiny model and a real Redis. Each worker's engine records the request it was handed (token ids
 and chunk spans, through the engine's pre-admission hook), so the tests check what reached the
-engine against `worker.segments`; bad inputs must be a clear 400 / INVALID_ARGUMENT while the
+engine against `kvweave.segments`; bad inputs must be a clear 400 / INVALID_ARGUMENT while the
 cluster keeps serving."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from controlplane.procs import child_env, stop_process
 from controlplane.router import Router, RouterConfig
 from controlplane.router_main import RouterServer, ServeOptions
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from worker.segments import encode_chat_documents, encode_segments, split_on_separator
+from kvweave.segments import encode_chat_documents, encode_segments, split_on_separator
 
 DOC_A = "Retrieved documents, system prompts and tool outputs recur across requests."
 DOC_B = "The quick brown fox jumps over the lazy dog."
@@ -343,21 +343,21 @@ def test_separator_router_limits(sep_router):
 # -------------------------------------------------------------------------------- the CLI
 
 def test_cli_flags():
-    from controlplane.serve import router_env
-    from kvweave.cli import build_parser
+    from cli.main import build_parser
+    from cli.serve import router_env
 
-    args = build_parser().parse_args(["router", "--chunk-separator", SEP, "--max-chunks-per-request", "8"])
+    args = build_parser("router").parse_args(["router", "--chunk-separator", SEP, "--max-chunks-per-request", "8"])
     assert (args.chunk_separator, args.max_chunks_per_request) == (SEP, 8)
-    assert build_parser().parse_args(["router"]).chunk_separator is None
-    serve = build_parser().parse_args(["serve", "--chunk-separator", SEP, "--max-chunks-per-request", "8"])
+    assert build_parser("router").parse_args(["router"]).chunk_separator is None
+    serve = build_parser("serve").parse_args(["serve", "--chunk-separator", SEP, "--max-chunks-per-request", "8"])
     assert router_env(serve) == {"KVWEAVE_CHUNK_SEPARATOR": SEP, "KVWEAVE_MAX_CHUNKS_PER_REQUEST": "8"}
-    assert "KVWEAVE_CHUNK_SEPARATOR" not in router_env(build_parser().parse_args(["serve"]))
+    assert "KVWEAVE_CHUNK_SEPARATOR" not in router_env(build_parser("serve").parse_args(["serve"]))
 
 
 def test_router_process_takes_the_separator_from_its_environment(cluster, seen, tok):
     """How `kvweave serve` configures its router: KVWEAVE_CHUNK_SEPARATOR in the child's environment."""
     env = child_env(KVWEAVE_CHUNK_SEPARATOR=SEP)
-    proc = subprocess.Popen([sys.executable, "-m", "kvweave", "router", "--port", "0", "--http-port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "router", "--port", "0", "--http-port", "0",
                              "--redis-url", cluster.redis_url, "--model", str(cluster.model)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

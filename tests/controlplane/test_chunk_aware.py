@@ -127,15 +127,15 @@ DOC = ("Retrieved documents, system prompts and tool outputs recur across reques
 
 
 async def _route(redis_url: str, model) -> None:
-    from controlplane.registry import Registry, WorkerInfo, WorkerLoad
+    from kvweave.registry import Registry, WorkerInfo, WorkerLoad
     from controlplane.router import Router, RouterConfig
     from controlplane.router_types import GenerateInput
-    from kvstore.chunks import chunk_block_keys, chunk_hash
+    from kvstore.keys import chunk_block_keys, chunk_hash
     from kvstore.index import KVIndex
     from kvstore.keys import encode_extra_keys
     from worker.engine import EngineConfig
-    from worker.loader import load_tokenizer
-    from worker.sampling import SamplingParams
+    from kvweave.model_files import load_tokenizer
+    from kvweave.sampling_params import SamplingParams
     from worker.server import WorkerOptions, WorkerServer
 
     worker = WorkerServer(EngineConfig(model=str(model), dtype="float32", num_blocks=256, block_size=16,

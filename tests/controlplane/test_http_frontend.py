@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 MODEL = "tiny-gqa"
 PROMPT = "The quick brown fox"
@@ -245,3 +245,60 @@ def test_stream_error_after_first_token_is_an_event(make_cluster):
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2][len("data: "):])["error"]
     assert "after the request started streaming" in error["message"]
+
+
+# -------------------------------------------------------------------------------- vLLM's /tokenize, /detokenize
+
+def test_tokenize_prompt_is_what_the_router_sends(router, client, cluster):
+    tok = cluster.tokenizer.tokenizer
+    max_model_len = get(router, "/v1/models").json()["data"][0]["max_model_len"]
+    resp = post(router, "/tokenize", {"model": MODEL, "prompt": PROMPT})
+    assert resp.status_code == 200, resp.text
+    ids = tok.encode(PROMPT, add_special_tokens=True)
+    assert resp.json() == {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+    usage = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1).usage
+    assert usage.prompt_tokens == len(ids)
+    plain = post(router, "/tokenize", {"prompt": PROMPT, "add_special_tokens": False}).json()
+    assert plain["tokens"] == tok.encode(PROMPT, add_special_tokens=False)
+
+
+def test_tokenize_chat_renders_the_template(router, client, cluster):
+    tok = cluster.tokenizer.tokenizer
+    resp = post(router, "/tokenize", {"model": MODEL, "messages": MESSAGES})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["tokens"] == tok.encode_chat(MESSAGES, add_generation_prompt=True)
+    usage = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1).usage
+    assert usage.prompt_tokens == resp.json()["count"]
+    bare = post(router, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == tok.encode_chat(MESSAGES, add_generation_prompt=False)
+
+
+def test_detokenize_round_trips(router, cluster):
+    ids = cluster.tokenizer.tokenizer.encode(PROMPT, add_special_tokens=False)
+    resp = post(router, "/detokenize", {"model": MODEL, "tokens": ids})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"prompt": PROMPT}
+    assert post(router, "/detokenize", {"tokens": []}).json() == {"prompt": ""}
+
+
+@pytest.mark.parametrize("path, body, message, param", [
+    ("/tokenize", {"model": "gpt-4", "prompt": "hi"}, "not served", None),
+    ("/tokenize", {"model": MODEL}, "'prompt' must be a string", "prompt"),
+    ("/tokenize", {"prompt": [1, 2]}, "'prompt' must be a string", "prompt"),
+    ("/tokenize", {"prompt": "hi", "add_special_tokens": "yes"}, "must be a boolean", "add_special_tokens"),
+    ("/tokenize", {"prompt": "hi", "messages": MESSAGES}, "not both", "prompt"),
+    ("/tokenize", {"messages": []}, "'messages' is required", "messages"),
+    ("/tokenize", {"messages": [{"role": "user"}]}, "content", None),
+    ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": 1}, "must be a boolean", "add_generation_prompt"),
+    ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, "not supported", "add_special_tokens"),
+    ("/tokenize", b"{not json", "malformed JSON", None),
+    ("/detokenize", {"model": "gpt-4", "tokens": [1]}, "not served", None),
+    ("/detokenize", {"model": MODEL}, "'tokens' must be a list", "tokens"),
+    ("/detokenize", {"tokens": [1, "2"]}, "'tokens' must be a list", "tokens"),
+    ("/detokenize", {"tokens": [1.0]}, "'tokens' must be a list", "tokens"),
+    ("/detokenize", {"tokens": [True]}, "'tokens' must be a list", "tokens"),
+    ("/detokenize", {"tokens": [-1]}, "not in the vocabulary", "tokens"),
+    ("/detokenize", {"tokens": [10**9]}, "not in the vocabulary", "tokens"),
+])
+def test_tokenize_and_detokenize_reject_bad_input_with_400(router, path, body, message, param):
+    assert_openai_error(post(router, path, body), 400, message, param)

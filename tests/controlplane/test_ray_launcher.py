@@ -22,9 +22,11 @@ ENGINE_ARGS = {"dtype": "float32", "num_blocks": 64, "num_threads": 1}
 def ray_cluster(tiny_hf_model, tmp_path_factory):
     ray = pytest.importorskip("ray")
     from controlplane.ray_launcher import RayStartError
+    from worker.ray_actor import WorkerActor
 
     assert not ray.is_initialized()
     cluster = LocalCluster(workers=1, model=str(tiny_hf_model), engine_args=ENGINE_ARGS, launcher="ray",
+                           ray_actor=WorkerActor,
                            ray_temp_dir=str(tmp_path_factory.mktemp("ray")), startup_timeout=240)
     try:
         cluster.start()

@@ -14,7 +14,7 @@ from controlplane.procs import stop_process
 from kvstore.index import KVIndex
 from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 MODEL = "tiny-gqa"
 
@@ -253,7 +253,7 @@ def test_worker_dying_mid_stream_is_a_clear_error(make_cluster):
 
 def test_router_command_serves_and_stops_on_sigterm(cluster):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvweave", "router", "--port", "0", "--http-port", "0", "--redis-url",
+        [sys.executable, "-m", "cli", "router", "--port", "0", "--http-port", "0", "--redis-url",
          cluster.redis_url, "--model", str(cluster.model), "--policy", "round_robin"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -270,9 +270,9 @@ def test_router_command_serves_and_stops_on_sigterm(cluster):
 
 
 def test_router_command_rejects_unknown_policy(capsys):
-    from kvweave.cli import build_parser
+    from cli.main import build_parser
 
-    args = build_parser().parse_args(["router", "--policy", "fastest"])
+    args = build_parser("router").parse_args(["router", "--policy", "fastest"])
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "prefix_aware" in err and "round_robin" in err
@@ -280,7 +280,8 @@ def test_router_command_rejects_unknown_policy(capsys):
 
 @pytest.mark.parametrize("fixture", ["tiny_hf_model", "tiny_gguf_model"])
 def test_router_tokenizer_matches_the_engine_without_loading_weights(request, fixture):
-    from worker.loader import load_checkpoint, load_tokenizer
+    from kvweave.model_files import load_tokenizer
+    from worker.loader import load_checkpoint
 
     path = str(request.getfixturevalue(fixture))
     light, full = load_tokenizer(path), load_checkpoint(path)

@@ -17,7 +17,7 @@ import pytest
 from controlplane.errors import NoWorkerError, OverloadedError, WorkerFailedError, error_status
 from controlplane.metrics import REQUEST_STATUSES
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from worker.sampling import InvalidRequestError
+from kvweave.errors import InvalidRequestError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker"))
 from test_worker_metrics import promtool_check, scrape  # noqa: E402

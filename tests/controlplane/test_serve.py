@@ -18,7 +18,8 @@ import urllib.request
 import pytest
 
 import kvweave
-from controlplane.cluster import ClusterError, LocalCluster, run_sync
+from controlplane.cluster import LocalCluster, run_sync
+from controlplane.cluster_config import ClusterError
 from controlplane.procs import descendants, pid_alive
 
 ENGINE_ARGS = {"dtype": "float32", "num_blocks": 64, "num_threads": 1}
@@ -38,7 +39,7 @@ def cluster(tiny_hf_model):
 def registered_ids(redis_url: str) -> set[str]:
     import redis.asyncio as aioredis
 
-    from controlplane.registry import Registry
+    from kvweave.registry import Registry
 
     async def ids() -> set[str]:
         client = aioredis.Redis.from_url(redis_url)
@@ -127,7 +128,7 @@ def wait_for_line(lines: queue.Queue, prefix: str, proc: subprocess.Popen, timeo
 
 
 def test_serve_command_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_hf_model) -> None:
-    cmd = [sys.executable, "-m", "kvweave", "serve", "--workers", "1", "--model", str(tiny_hf_model),
+    cmd = [sys.executable, "-m", "cli", "serve", "--workers", "1", "--model", str(tiny_hf_model),
            "--port", "0", "--http-port", "0", *ENGINE_FLAGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
@@ -155,14 +156,14 @@ def test_serve_command_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_hf_mod
 
 
 def test_serve_passes_peer_fetch_to_its_workers(tmp_path) -> None:
+    from cli.main import build_parser
+    from cli.serve import config_from_args
     from controlplane.cluster import LocalWorkers
-    from controlplane.serve import config_from_args
-    from kvweave.cli import build_parser
 
-    parser = build_parser()
+    parser = build_parser("all")
     for flag, expected in ((["--peer-fetch", "false"], False), ([], True)):
         config = config_from_args(parser.parse_args(["serve", "--workers", "2", *flag]))
         assert config.peer_fetch is expected
         command = LocalWorkers(config, ["w0"], "redis://127.0.0.1:1/0", tmp_path, {})._command("w0", 1234, 1235)
-        worker_args = parser.parse_args(command[command.index("kvweave") + 1:])
+        worker_args = parser.parse_args(command[command.index("cli") + 1:])
         assert worker_args.command == "worker" and worker_args.peer_fetch is expected

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from controlplane.registry import Registry
+from kvweave.registry import Registry
 from controlplane.worker_pool import WorkerPool
 
 

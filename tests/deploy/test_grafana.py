@@ -23,7 +23,7 @@ import pytest
 
 from controlplane.cluster import LocalCluster
 from controlplane.procs import free_port, spawn, stop_process_groups, tail
-from kvweave.cli import main as kvweave_main
+from cli.main import main as kvweave_main
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))

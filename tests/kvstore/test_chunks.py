@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.chunks import chunk_block_keys, chunk_hash, load_chunk, store_chunk
+from kvstore.chunks import load_chunk, store_chunk
+from kvstore.keys import chunk_block_keys, chunk_hash
 from kvstore.codec import KVLayout
 from kvstore.manager import StoreConfig, TierManager
 

@@ -5,7 +5,7 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from kvstore.chunks import chunk_block_keys, chunk_hash
+from kvstore.keys import chunk_block_keys, chunk_hash
 from kvstore.index import MEDIUMS, KVIndex
 
 BS = 16

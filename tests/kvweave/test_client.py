@@ -14,7 +14,7 @@ from controlplane.cluster import LocalCluster
 from controlplane.procs import free_port
 from kvweave import client as client_module
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 ENGINE_ARGS = {"dtype": "float32", "num_blocks": 128, "num_threads": 1}
 PROMPT = "The quick brown fox"

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def interrupt_loadgen(args: list[str], ready: Callable[[], bool], sig: int) -> tuple[int, str, str, float]:
     """Run `kvweave loadgen ARGS` as a subprocess, send it `sig` once `ready()` holds (within 30 s);
     (exit code, stdout, stderr, seconds from the signal to the exit)."""
-    proc = subprocess.Popen([sys.executable, "-m", "kvweave", "loadgen", *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "loadgen", *args], cwd=REPO,
                             env=os.environ | {"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

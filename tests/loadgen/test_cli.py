@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from controlplane.procs import free_port
-from kvweave.cli import main
+from cli.main import main
 from loadgen_helpers import interrupt_loadgen
 
 TINY = ["--token-range", "10:500", "--input-len", "8", "--output-len", "3"]

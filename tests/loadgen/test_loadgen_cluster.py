@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvweave.cli import main
+from cli.main import main
 from loadgen_helpers import interrupt_loadgen
 from loadgen.workloads import add_workload_arguments, build_workload
 

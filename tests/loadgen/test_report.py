@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kvweave.cli import main
+from cli.main import main
 from loadgen.plots import write_plots
 from loadgen.records import RequestRecord
 from loadgen.report import ReportError, build_result, format_comparison, format_summary, load_result, write_json

@@ -4,7 +4,8 @@ import asyncio
 import pytest
 
 from worker.async_engine import AsyncEngine
-from worker.sampling import InvalidRequestError, SamplingParams
+from kvweave.errors import InvalidRequestError
+from kvweave.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42], list(range(100, 140))]

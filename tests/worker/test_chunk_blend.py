@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvstore.chunks import chunk_block_keys, chunk_hash
+from kvstore.keys import chunk_block_keys, chunk_hash
 from worker.chunk_blend import CHUNK_START_TOKENS
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 BS = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=5)

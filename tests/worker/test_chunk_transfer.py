@@ -21,12 +21,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from controlplane.procs import child_env
-from controlplane.registry import Registry, WorkerInfo
-from kvstore.chunks import chunk_block_keys, chunk_hash
+from kvweave.registry import Registry, WorkerInfo
+from kvstore.keys import chunk_block_keys, chunk_hash
 from kvstore.index import CHUNK_MEDIUMS, KVIndex
 from kvstore.keys import encode_extra_keys
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -23,7 +23,8 @@ import torch
 from worker.engine import EngineConfig, LLMEngine, Prompt
 from worker.output import RequestOutput
 from worker.request import Request
-from worker.sampling import InvalidRequestError, SamplingParams
+from kvweave.errors import InvalidRequestError
+from kvweave.sampling_params import SamplingParams
 
 LOGPROB_TOL = 1e-4
 ENGINE_CASES = [

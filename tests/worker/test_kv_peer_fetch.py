@@ -15,11 +15,11 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from controlplane.registry import Registry, WorkerInfo
+from kvweave.registry import Registry, WorkerInfo
 from kvstore.index import KVIndex
 from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 PROMPT = [(i * 37) % 240 + 5 for i in range(100)]  # 6 full blocks of 16; the 7th is computed
 SAMPLING = common_pb2.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

@@ -10,7 +10,7 @@ import torch
 from kvstore.codec import HEADER_BYTES
 from kvstore.keys import encode_extra_keys, hash_blocks
 from worker.config import ConfigError
-from worker.sampling import SamplingParams
+from kvweave.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 BS = 16

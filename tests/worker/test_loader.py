@@ -11,15 +11,8 @@ import pytest
 import torch
 
 from worker.config import ConfigError, ModelArgs
-from worker.loader import (
-    BUILTIN_MODELS,
-    CheckpointError,
-    LoadedCheckpoint,
-    ModelNotFoundError,
-    expected_weight_shapes,
-    load_checkpoint,
-    resolve_model,
-)
+from kvweave.model_files import BUILTIN_MODELS, CheckpointError, ModelNotFoundError, resolve_model
+from worker.loader import LoadedCheckpoint, expected_weight_shapes, load_checkpoint
 
 SHARED_ARGS = [f.name for f in fields(ModelArgs) if f.name not in ("norm_eps", "name")]
 

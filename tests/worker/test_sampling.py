@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from worker.sampling import InvalidRequestError, SamplingParams, _filter_top_k_top_p, sample
+from kvweave.errors import InvalidRequestError
+from kvweave.sampling_params import SamplingParams
+from worker.sampling import _filter_top_k_top_p, sample
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
 """A hand-made distribution: cumulative 0.5, 0.8, 0.95, 1.0."""

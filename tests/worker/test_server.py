@@ -1,5 +1,5 @@
 """The worker server with a real Redis: health, reflection, registration, KV index publishing,
-lapsed leases, and the real `python -m kvweave worker` process (ready line, SIGKILL, SIGTERM,
+lapsed leases, and the real `python -m cli worker` process (ready line, SIGKILL, SIGTERM,
 bad flags)."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from controlplane.procs import child_env, free_port
-from controlplane.registry import Registry, worker_key
+from kvweave.registry import Registry, worker_key
 from kvstore.index import KVIndex, index_key
 from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -103,7 +103,7 @@ async def test_serves_registers_publishes_and_leaves(redis_url, tiny_engine_fact
 
 
 def _worker_args(model: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kvweave", "worker", "--model", str(model), "--port", "0",
+    return [sys.executable, "-m", "cli", "worker", "--model", str(model), "--port", "0",
             "--num-blocks", "64", "--num-threads", "1", "--dtype", "float32", *extra]
 
 

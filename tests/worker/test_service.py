@@ -15,7 +15,8 @@ from kvweave.convert import (finish_reason_from_proto, finish_reason_to_proto, s
                              sampling_to_proto)
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.async_engine import compute_load
-from worker.sampling import InvalidRequestError, SamplingParams
+from kvweave.errors import InvalidRequestError
+from kvweave.sampling_params import SamplingParams
 from worker.server import WorkerOptions, WorkerServer
 
 PROMPTS = [list(range(3, 40)), [7, 9, 11, 13, 200, 300, 17, 19, 23] * 3, list(range(100, 150, 2))]

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvweave.bench.report import Result, render, write_json
+from benchmarks.report import Result, render, write_json
 
-DEFAULT_DATASET = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "rag",
+DEFAULT_DATASET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rag",
                                "musique_dev.json")
 PREFIX = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nYou will be asked a "
           "question after reading several passages. Please directly answer the question based on the given "
@@ -186,7 +186,7 @@ class Question:
 # ------------------------------------------------------------------------------ engine runs
 
 def _params(n: int):
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=n > 1)
 
@@ -243,8 +243,8 @@ def build_in_context(engine, q: Question, namespace: str, seed: int) -> None:
 
 def copy_chunks(src, dst, q: Question, namespace: str) -> None:
     """Hand the passages' chunk-caches from one engine's store to another's (as a peer transfer)."""
-    from kvstore.chunks import chunk_hash, load_chunk, store_chunk
-    from kvstore.keys import encode_extra_keys
+    from kvstore.chunks import load_chunk, store_chunk
+    from kvstore.keys import chunk_hash, encode_extra_keys
 
     extra = encode_extra_keys((src.model_name, namespace))
     bs = src.config.block_size

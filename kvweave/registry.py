@@ -3,6 +3,9 @@
 Layout: `kvweave:worker:<id>` holds the worker's JSON description with a TTL of one lease;
 `kvweave:workers` is the set of ids that ever registered. A worker that stops heartbeating
 disappears when its key expires (within one lease); `list_workers` also drops its id from the set.
+
+Workers write it and the router reads it, so it sits in the shared bottom layer with the types
+both sides exchange through it (`WorkerInfo`, `WorkerLoad`, `ROLES`).
 """
 from __future__ import annotations
 
@@ -10,8 +13,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+from kvweave.defaults import BLOCK_SIZE, REGISTRY_LEASE_S
+
 WORKERS_SET = "kvweave:workers"
 ROLES = ("colocated", "prefill", "decode", "encode")
+NODE_IP = "<node-ip>"
+"""An `advertise_host` a launcher gives a worker it places on a remote node: advertise that node's IP
+(found where the worker runs, e.g. by Ray), not a wildcard bind address."""
 
 
 def worker_key(worker_id: str) -> str:
@@ -46,7 +54,7 @@ class WorkerInfo:
     role: str = "colocated"
     max_num_seqs: int = 64
     max_model_len: int = 2048
-    block_size: int = 16
+    block_size: int = BLOCK_SIZE
     metrics_port: int = 0
     """Port of the worker's Prometheus metrics (HTTP GET /metrics) on the host of `address`; 0: none."""
     kv_costs_ms: dict[str, float] = field(default_factory=dict)
@@ -73,7 +81,7 @@ class WorkerInfo:
 class Registry:
     """Reads and writes membership through a `redis.asyncio.Redis` client."""
 
-    def __init__(self, redis, lease_s: float = 3.0) -> None:
+    def __init__(self, redis, lease_s: float = REGISTRY_LEASE_S) -> None:
         assert lease_s > 0
         self.redis = redis
         self.lease_ms = int(lease_s * 1000)

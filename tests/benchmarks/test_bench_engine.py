@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from kvweave.bench.engine import METRICS, QUICK, fit_context
-from kvweave.bench.report import metric_list_type
-from kvweave.cli import main
+from benchmarks.engine import METRICS, QUICK, fit_context
+from benchmarks.report import metric_list_type
+from cli.main import main
 
 
 def test_bench_engine_writes_the_benchmarks_json(tiny_hf_model, tmp_path, capsys):

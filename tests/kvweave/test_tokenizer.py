@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader
 
-from worker.tokenizer import (
+from kvweave.tokenizer import (
     SUPPORTED_GGUF_PRES,
     IncrementalDetokenizer,
     InvalidMessagesError,

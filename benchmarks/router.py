@@ -18,7 +18,7 @@ figures):
   router serving concurrent requests runs it; the one-at-a-time rate is in `extra`), the
   event-loop thread pinned to one core, against the same with the Redis round trip replaced by
   its answer.
-- prefix_hit_rate_mooncake: kvweave/bench/mooncake_sim.py replays the trace through the real
+- prefix_hit_rate_mooncake: benchmarks/mooncake_sim.py replays the trace through the real
   policy objects; hit rate against one shared LRU cache of the combined capacity.
 """
 from __future__ import annotations
@@ -36,13 +36,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvweave.bench.report import Result, median, metric_list_type, percentile, render, write_json
+from benchmarks.report import Result, median, metric_list_type, percentile, render, write_json
 
 DECISION_CONCURRENCY = 16
 """Decisions in flight for routing_decisions_per_s: a router interleaves the requests it serves,
 so one decision's Redis round trip overlaps the others' hashing and scoring."""
 METRICS = ("router_overhead_p99", "routing_decisions_per_s", "prefix_hit_rate_mooncake")
-DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
 DECISION_TARGET_MS = 1.0
 DECISIONS_TARGET_PER_S = 5000.0
 
@@ -99,7 +99,7 @@ class _AnsweredIndex:
 
 def tiny_checkpoint(folder: Path, max_len: int = 2048) -> Path:
     """The test suite's tiny random-weight Llama (tests/conftest.py's builder), context `max_len`."""
-    builders = Path(__file__).resolve().parents[2] / "tests" / "conftest.py"
+    builders = Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
     if not builders.exists():
         raise FileNotFoundError(f"{builders} not found (not a source checkout): pass --model")
     spec = importlib.util.spec_from_file_location("_kvweave_test_builders", builders)
@@ -186,7 +186,7 @@ class RouterBench:
         self.server = RouterServer(config, ServeOptions(), router)
 
     async def _register(self) -> None:
-        from controlplane.registry import Registry, WorkerInfo
+        from kvweave.registry import Registry, WorkerInfo
 
         engine = self.worker.engine.engine
         registry = Registry(self.redis, lease_s=3600)
@@ -301,7 +301,7 @@ class RouterBench:
 
         from kvweave.convert import sampling_to_proto
         from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-        from worker.sampling import SamplingParams
+        from kvweave.sampling_params import SamplingParams
 
         self._worker_request, self._router_request = worker_pb2.WorkerGenerateRequest, inference_pb2.GenerateRequest
 
@@ -340,7 +340,7 @@ class RouterBench:
 
 def _input(prompt):
     from controlplane.router_types import GenerateInput
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     return GenerateInput(prompt=prompt, params=SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
 
@@ -451,7 +451,7 @@ def run_benchmark(cfg: BenchConfig, metrics: list[str], model: str | None, trace
         config, results = asyncio.run(_run_cluster_metrics(cfg, model, metrics, log))
     if "prefix_hit_rate_mooncake" in metrics:
         log("metric prefix_hit_rate_mooncake")
-        from kvweave.bench.mooncake_sim import SimConfig, bench_mooncake
+        from benchmarks.mooncake_sim import SimConfig, bench_mooncake
 
         sim_cfg = SimConfig(cfg.sim_workers, cfg.sim_capacity_blocks, cfg.sim_ms_per_token)
         results += bench_mooncake(trace, cfg.trace_requests, sim_cfg, log)

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from kvweave.bench.report import Result, median, metric_list_type, percentile, render, write_json
+from benchmarks.report import Result, median, metric_list_type, percentile, render, write_json
 
 METRICS = ("throughput_vs_hf", "throughput_vs_hf_sequential", "itl_p99_chunked_prefill", "ttft_prefix_hit",
            "prefill_under_eviction")
@@ -84,7 +84,7 @@ def _paired(ours: list[float], theirs: list[float], higher_is_better: bool) -> f
 
 
 def _params(n: int):
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
@@ -121,7 +121,7 @@ class BenchContext:
 
     def hf(self):
         if self._hf is None:
-            from kvweave.bench.hf_baseline import load_hf_model
+            from benchmarks.hf_baseline import load_hf_model
 
             self.log(f"loading Hugging Face transformers baseline ({self.dtype_name}, sdpa)")
             self._hf = load_hf_model(self.model, self.dtype)
@@ -153,7 +153,7 @@ def kv_serve(eng, prompts: list[list[int]], max_tokens: list[int], one_at_a_time
 
 def check_hf_agreement(ctx: BenchContext, prompt: list[int], n: int = 8) -> int:
     """Leading greedy tokens on which kvweave and HF agree (bf16 near-ties can flip later ones)."""
-    from kvweave.bench.hf_baseline import generate_padded
+    from benchmarks.hf_baseline import generate_padded
 
     eng = ctx.engine()
     eng.block_manager.reset_prefix_cache()
@@ -167,7 +167,7 @@ def check_hf_agreement(ctx: BenchContext, prompt: list[int], n: int = 8) -> int:
 
 
 def bench_throughput(ctx: BenchContext, sequential: bool) -> Result:
-    from kvweave.bench.hf_baseline import run_batched
+    from benchmarks.hf_baseline import run_batched
 
     c = ctx.cfg
     prompts, max_tokens = ctx.requests()
@@ -352,7 +352,7 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from worker.config import ConfigError
-    from worker.loader import CheckpointError, ModelNotFoundError
+    from kvweave.model_files import CheckpointError, ModelNotFoundError
 
     import torch
 

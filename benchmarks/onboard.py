@@ -8,32 +8,29 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import TYPE_CHECKING
 
-from kvweave.bench.report import Result, median
-
-if TYPE_CHECKING:
-    from kvweave.bench.kvstore import BenchConfig
+from benchmarks.report import Result, median
 
 
-def bench_onboard(cfg: BenchConfig, directory: str | None) -> list[Result]:
+def bench_onboard(model: str, repeats: int, directory: str | None) -> list[Result]:
+    """`model`: the engine's model; `repeats`: timed runs per measurement (their median is reported)."""
     import random
 
     from worker.engine import EngineConfig, LLMEngine
     from worker.request import Request
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     ntok = 512
     with tempfile.TemporaryDirectory(prefix="kvweave-bench-onboard-", dir=directory) as tmp:
-        engine = LLMEngine(EngineConfig(model=cfg.model, kv_cache_gb=0.25, dram_cache_gb=0.25, ssd_cache_gb=0.25,
+        engine = LLMEngine(EngineConfig(model=model, kv_cache_gb=0.25, dram_cache_gb=0.25, ssd_cache_gb=0.25,
                                         ssd_cache_dir=tmp, max_num_batched_tokens=1024))
         try:
-            return _onboard(engine, cfg, ntok, random.Random(0), Request, SamplingParams)
+            return _onboard(engine, repeats, ntok, random.Random(0), Request, SamplingParams)
         finally:
             engine.close()
 
 
-def _onboard(engine, cfg, ntok, rng, Request, SamplingParams) -> list[Result]:
+def _onboard(engine, repeats, ntok, rng, Request, SamplingParams) -> list[Result]:
     conn, store, bs = engine.connector, engine.store, engine.config.block_size
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     vocab = engine.args.vocab_size
@@ -80,7 +77,7 @@ def _onboard(engine, cfg, ntok, rng, Request, SamplingParams) -> list[Result]:
 
     recompute, loads, ttfts = [], {"dram": [], "ssd": []}, {"dram": [], "ssd": [], "cold": []}
     ttft(prompt())  # warm up
-    for _ in range(cfg.repeats):
+    for _ in range(repeats):
         cold = prompt()
         ttfts["cold"].append(ttft(cold))
         evict_device()
@@ -105,7 +102,7 @@ def _onboard(engine, cfg, ntok, rng, Request, SamplingParams) -> list[Result]:
 def _prefill_seconds(engine, tokens: list[int]) -> float:
     """One forward computing the KV of `tokens` (as the engine's prefill step runs it)."""
     from worker.scheduler import ScheduledRequest, SchedulerOutput
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     bm = engine.block_manager
     assert bm.allocate_slots("prefill-bench", len(tokens))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from controlplane.policies import Policy, RouteRequest, WorkerState, make_policy
 from kvstore.keys import BlockHash, hash_block
-from kvweave.bench.report import Result
+from benchmarks.report import Result
 from loadgen.traces import MOONCAKE_BLOCK_TOKENS, MooncakeRecord, read_mooncake
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`kvweave generate`, run in-process through `kvweave.cli.main` on the tiny model."""
+"""`kvweave generate`, run in-process through `cli.main.main` on the tiny model."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvweave.cli import main
-from worker.sampling import SamplingParams
+from cli.main import main
+from kvweave.sampling_params import SamplingParams
 
 ENGINE_FLAGS = ["--dtype", "float32", "--num-blocks", "128", "--num-threads", "1"]
 

@@ -40,8 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvweave.bench.onboard import bench_onboard
-from kvweave.bench.report import Result, median, metric_list_type, render, write_json
+from benchmarks.onboard import bench_onboard
+from benchmarks.report import Result, median, metric_list_type, render, write_json
+from kvweave.defaults import DEFAULT_MODEL
 
 METRICS = ("dram_tier_put", "dram_tier_get", "ssd_tier_write", "ssd_tier_read", "transfer_node_to_node",
            "index_lookups_per_s", "index_round_trips_per_request", "onboard_vs_recompute_512")
@@ -60,7 +61,7 @@ class BenchConfig:
     index_entries: int = 100_000
     """Keys per (worker, tier) in the index."""
     lookup_seconds: float = 2.0
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
 
 
 QUICK = BenchConfig(total_mb=64, repeats=2, index_entries=10_000, lookup_seconds=0.5)
@@ -421,7 +422,7 @@ def run_benchmark(cfg: BenchConfig, metrics: list[str], directory: str | None = 
     if wanted & {"index_lookups_per_s", "index_round_trips_per_request"}:
         results += [r for r in bench_index(cfg) if r.metric in wanted]
     if "onboard_vs_recompute_512" in wanted:
-        results += bench_onboard(cfg, directory)
+        results += bench_onboard(cfg.model, cfg.repeats, directory)
     config = dataclasses.asdict(cfg) | {"entry_shape": list(BLOCK_SHAPE), "entry_dtype": "bfloat16",
                                         "load_avg": [round(x, 2) for x in os.getloadavg()]}
     return config, results

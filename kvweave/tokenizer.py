@@ -7,6 +7,9 @@ deltas for streaming (`IncrementalDetokenizer`, vLLM's prefix/read offsets).
 GGUF files carry a byte-level BPE as `tokenizer.ggml.tokens` / `merges` / `token_type` and name
 their pre-tokenizer in `tokenizer.ggml.pre` (llama.cpp's `llama_vocab_pre_type`); we rebuild the
 same pipeline Hugging Face's tokenizer.json describes for that family.
+
+It is in the shared bottom layer (torch-free) because the router tokenizes exactly as the engine
+does: both hash the same token ids into the same block keys.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from kvweave.bench import engine, kvstore, rag, router
+    from benchmarks import engine, kvstore, rag, router
 
     p = sub.add_parser("bench", help="run a benchmark (reports ratios against a baseline from the same run)")
     bsub = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)

@@ -1,7 +1,7 @@
 """The committed stubs in kvweave/v1 are exactly what the .proto files generate."""
 from pathlib import Path
 
-from kvweave.protogen import ROOT, generate
+from cli.protogen import ROOT, generate
 
 
 def test_regenerated_stubs_are_identical(tmp_path: Path):

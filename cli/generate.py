@@ -51,7 +51,7 @@ def _parse_line(lineno: int, line: str) -> tuple[dict | None, str | None]:
 
 
 def _add(engine, obj: dict, defaults: dict) -> str:
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     fields = {**defaults, **{k: obj[k] for k in SAMPLING_FIELDS if k in obj}}
     prompt = {"messages": obj["messages"]} if "messages" in obj else obj["prompt"]
@@ -85,7 +85,7 @@ def run_batch(engine, lines: list[str], defaults: dict) -> tuple[list[dict], lis
 
 
 def _stream_one(engine, args: argparse.Namespace) -> int:
-    from worker.sampling import SamplingParams
+    from kvweave.sampling_params import SamplingParams
 
     prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else args.prompt
     engine.add_request(prompt, SamplingParams(**_defaults(args)))
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from worker.config import ConfigError
     from worker.engine import LLMEngine
     from worker.engine_args import engine_config_from_args
-    from worker.sampling import InvalidRequestError
+    from kvweave.errors import InvalidRequestError
 
     if args.input:
         try:

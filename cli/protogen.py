@@ -1,6 +1,6 @@
 """Regenerate the committed gRPC stubs in kvweave/v1 from proto/kvweave/v1/*.proto.
 
-Run `python -m kvweave.protogen [OUT_DIR]` (default: the repository root).
+Run `python -m cli.protogen [OUT_DIR]` (default: the repository root).
 """
 from __future__ import annotations
 

@@ -7,11 +7,11 @@ import math
 import pytest
 
 from controlplane.policies import make_policy
-from kvweave.bench.mooncake_sim import (
+from benchmarks.mooncake_sim import (
     LRUBlockCache, SimConfig, chain_hashes, load_trace, num_unique_blocks, simulate, simulate_shared,
 )
-from kvweave.bench.router import DEFAULT_TRACE
-from kvweave.cli import main
+from benchmarks.router import DEFAULT_TRACE
+from cli.main import main
 from loadgen.traces import MooncakeRecord
 
 SLICE = 200

@@ -1,4 +1,9 @@
-"""`kvweave serve`: a whole cluster on this machine (Redis, N workers, the router) until Ctrl-C or SIGTERM."""
+"""`kvweave serve`: a whole cluster on this machine (Redis, N workers, the router) until Ctrl-C or SIGTERM.
+
+It composes the layers from the top: its flags come from ClusterConfig, the router's chunk
+separator and the engine's config; with --launcher ray it hands the control plane's Ray launcher
+the worker's actor class (worker.ray_actor.WorkerActor).
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,42 +14,33 @@ import sys
 import time
 from typing import Any
 
-from controlplane.cluster import LAUNCHERS, ClusterConfig, ClusterError, LocalCluster
+from controlplane.cluster import LocalCluster
+from controlplane.cluster_config import LAUNCHERS, ClusterConfig, ClusterError
+from controlplane.router import RouterConfig
+from kvweave.config_flags import add_config_args, config_kwargs, env_name
 
 
 class _Terminated(Exception):
     """Raised in the main thread by the SIGTERM handler."""
 
 
+SERVE_DEFAULTS = {"workers": 1, "port": 50051, "http_port": 8000}
+"""Where `kvweave serve` differs from ClusterConfig's defaults (fixed, well-known ports for a user)."""
+CLUSTER_FLAGS_EXCLUDED = ("model", "log_level")
+"""ClusterConfig fields with no flag of their own here: --model is the engine's, --log-level global."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from controlplane.router_main import add_chunk_separator_arg
-    from worker.engine_args import add_engine_args, parse_bool
+    from worker.engine_args import add_engine_args
 
     p = sub.add_parser(
         "serve", help="start a cluster on this machine: Redis, N workers and the router",
         description="Starts a private redis-server (unless --redis-url), N workers (local processes, or Ray actors "
                     "with --launcher ray) and the router; waits until all are ready, prints the endpoints, and "
                     "stops everything on Ctrl-C or SIGTERM. Engine flags are passed on to every worker.")
-    p.add_argument("--workers", type=int, default=1, help="number of workers (default: 1)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="router gRPC port, 0 for a free one (default: 50051)")
-    p.add_argument("--http-port", type=int, default=8000,
-                   help="router OpenAI HTTP port, 0 for a free one (default: 8000)")
-    p.add_argument("--redis-url", help="use this Redis instead of starting one")
-    p.add_argument("--policy", help="routing policy (default: the router's)")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="local", help="how workers run (default: local)")
-    p.add_argument("--ray-address", help="Ray cluster to join with --launcher ray (default: start a local one)")
-    p.add_argument("--ray-temp-dir", help="temp dir of a local Ray cluster")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray worker actor (default: 0)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray worker actor (default: 1)")
-    p.add_argument("--lease-s", type=float, help="workers' registry lease in seconds (default: the worker's)")
-    p.add_argument("--peer-fetch", type=parse_bool, default=True, metavar="BOOL",
-                   help="workers fetch the KV blocks and chunk-caches they lack from peers that hold them "
-                        "(default: true)")
-    p.add_argument("--startup-timeout", type=float, default=300.0,
-                   help="seconds to wait for the cluster to be ready (default: 300)")
-    p.add_argument("--log-dir", help="folder for the children's logs (default: a temp folder, removed at exit)")
-    add_chunk_separator_arg(p)
+    add_config_args(p, ClusterConfig, exclude=CLUSTER_FLAGS_EXCLUDED, defaults=SERVE_DEFAULTS,
+                    choices={"launcher": LAUNCHERS})
+    add_config_args(p.add_argument_group("router"), RouterConfig, only=["chunk_separator"])
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -58,13 +54,8 @@ def changed_engine_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> ClusterConfig:
-    return ClusterConfig(
-        workers=args.workers, model=args.model, host=args.host, port=args.port, http_port=args.http_port,
-        redis_url=args.redis_url, policy=args.policy, launcher=args.launcher, ray_address=args.ray_address,
-        ray_temp_dir=args.ray_temp_dir, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-        lease_s=args.lease_s, peer_fetch=args.peer_fetch, engine_args=changed_engine_args(args),
-        startup_timeout=args.startup_timeout,
-        log_dir=args.log_dir, log_level=args.log_level)
+    return ClusterConfig(**config_kwargs(ClusterConfig, args, exclude=CLUSTER_FLAGS_EXCLUDED), model=args.model,
+                         engine_args=changed_engine_args(args), log_level=args.log_level)
 
 
 def format_endpoints(cluster: LocalCluster) -> str:
@@ -98,13 +89,18 @@ def _supervise(cluster: LocalCluster) -> int:
 
 
 def router_env(args: argparse.Namespace) -> dict[str, str]:
-    """The router settings `kvweave serve` hands its router through the environment."""
-    from controlplane.router_main import CHUNK_SEPARATOR_ENV, MAX_CHUNKS_ENV
-
-    env = {MAX_CHUNKS_ENV: str(args.max_chunks_per_request)}
+    """The router settings `kvweave serve` hands its router through the environment (the KVWEAVE_*
+    overrides of RouterConfig's flags): the engine's chunk limit, and the chunk separator."""
+    env = {env_name("max_chunks_per_request"): str(args.max_chunks_per_request)}
     if args.chunk_separator:
-        env[CHUNK_SEPARATOR_ENV] = args.chunk_separator
+        env[env_name("chunk_separator")] = args.chunk_separator
     return env
+
+
+def _ray_actor() -> type:
+    from worker.ray_actor import WorkerActor
+
+    return WorkerActor
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: --chunk-separator must not be empty", file=sys.stderr)
         return 2
     try:
-        cluster = LocalCluster(config_from_args(args))
+        config = config_from_args(args)
+        cluster = LocalCluster(config, ray_actor=_ray_actor() if config.launcher == "ray" else None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

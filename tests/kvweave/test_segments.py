@@ -1,4 +1,4 @@
-"""Segment tokenization (worker/segments.py) on the tiny trained tokenizer: spans index exactly the
+"""Segment tokenization (kvweave/segments.py) on the tiny trained tokenizer: spans index exactly the
 chunk's tokens (decoded back to the chunk's text), special tokens only where the tokenizer's normal
 encode puts them, the separator split, chat documents, and every invalid input's message."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import tokenizers
 from tokenizers import normalizers, processors
 
-from worker.sampling import InvalidRequestError
-from worker.segments import encode_chat_documents, encode_segments, flatten_messages, split_on_separator
-from worker.tokenizer import Tokenizer
+from kvweave.errors import InvalidRequestError
+from kvweave.segments import encode_chat_documents, encode_segments, flatten_messages, split_on_separator
+from kvweave.tokenizer import Tokenizer
 
 DOC_A = "Retrieved documents, system prompts and tool outputs recur across requests."
 DOC_B = "The quick brown fox jumps over the lazy dog."

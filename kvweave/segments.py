@@ -12,6 +12,7 @@ they appear: retrieved documents, tool outputs). One tokenization shared by the 
   with `{"type": "text", "text": ...}`; the chat template is rendered with a unique sentinel in place
   of each document, the rendered text is split at the sentinels, and the pieces become segments.
 Every problem raises `InvalidRequestError` with a message naming the segment, message or part.
+The router and the engine both tokenize prompts this way, so it is in the shared bottom layer.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from worker.sampling import InvalidRequestError
-from worker.tokenizer import InvalidMessagesError, Tokenizer, TokenizerError
+from kvweave.errors import InvalidRequestError
+from kvweave.tokenizer import InvalidMessagesError, Tokenizer, TokenizerError
 
 Segments = Sequence[tuple[str, bool]]
 Span = tuple[int, int]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvweave.bench.rag import METHODS, RagConfig, kl_and_agreement, prefill_flops, run_benchmark, token_f1
+from benchmarks.rag import METHODS, RagConfig, kl_and_agreement, prefill_flops, run_benchmark, token_f1
 
 
 @pytest.fixture
@@ -81,13 +81,13 @@ def test_bad_input(argv, message, tmp_path):
         bad = tmp_path / "d.json"
         bad.write_text("[]")
         argv = argv + ["--dataset", str(bad)]
-    proc = subprocess.run([sys.executable, "-m", "kvweave", "bench", "rag", *argv], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "cli", "bench", "rag", *argv], capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_malformed_dataset(tmp_path):
     bad = tmp_path / "d.json"
     bad.write_text('{"not": "a list"}')
-    proc = subprocess.run([sys.executable, "-m", "kvweave", "bench", "rag", "--dataset", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "cli", "bench", "rag", "--dataset", str(bad)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "MuSiQue-format" in proc.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvweave.bench.kvstore import METRICS, QUICK, run_benchmark
+from benchmarks.kvstore import METRICS, QUICK, run_benchmark
 
 
 def test_kvstore_benchmark_runs_small(tmp_path):

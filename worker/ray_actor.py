@@ -1,0 +1,50 @@
+"""A worker as a Ray actor: `kvweave serve --launcher ray` hands this class to the control plane's
+Ray launcher (controlplane/ray_launcher.py), which creates one actor per worker.
+
+The actor runs `worker.server.run_worker` in its own process and registers in the cluster's Redis
+like any worker. It gets its settings as plain dicts (EngineConfig and WorkerOptions fields), so
+the launcher needs nothing from the worker package.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from kvweave.registry import NODE_IP
+from worker.engine import EngineConfig
+from worker.server import WorkerOptions, run_worker
+
+
+class WorkerActor:
+    """An async Ray actor serving one worker; `start` returns once it is registered."""
+
+    def __init__(self) -> None:
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self, engine_args: dict[str, Any], options: dict[str, Any]) -> tuple[str, str]:
+        """Load the model and serve; returns (worker id, address). Raises the worker's start error."""
+        if options.get("advertise_host") == NODE_IP:
+            import ray
+
+            options = options | {"advertise_host": ray.util.get_node_ip_address()}
+        ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(run_worker(
+            EngineConfig(**engine_args), WorkerOptions(**options), self._stop,
+            lambda server: ready.set_result((server.worker_id, server.address))))
+        await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            self._task.result()  # raises why the worker could not start
+            raise RuntimeError("the worker exited before it was ready")
+        return ready.result()
+
+    async def stop(self) -> None:
+        """Deregister and shut the engine down (the worker's own clean stop)."""
+        if self._stop is not None:
+            self._stop.set()
+            await self._task
+
+    def pid(self) -> int:
+        return os.getpid()
