@@ -33,11 +33,37 @@ class Result:
         return d
 
 
+def cpu_model() -> str:
+    """The CPU's model name (with its bf16 and AMX flags, which move every ratio here)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "unknown")
+    flags = [f for f in ("avx512_bf16", "amx_bf16") if f in info]
+    return f"{name} ({', '.join(flags)})" if flags else name
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def environment() -> dict:
+    """BENCHMARKS.md's environment block (the load average is the 1-minute one when written)."""
     import torch
 
-    return {"cpus": os.cpu_count(), "torch": torch.__version__.split("+")[0],
-            "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__.split("+")[0], "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "commit": git_commit(), "loadavg_1min_at_end": round(os.getloadavg()[0], 2)}
 
 
 def median(xs: list[float]) -> float:
