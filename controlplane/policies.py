@@ -45,6 +45,10 @@ from kvweave.defaults import BLOCK_SIZE, CHUNK_RECOMPUTE_RATIO
 logger = logging.getLogger(__name__)
 
 DEFAULT_KV_COSTS_MS = DEFAULT_COSTS_MS
+DEFAULT_PREFILL_WEIGHT = 8.0
+"""prefix_aware's and chunk_aware's cost of one uncached prompt token (see the module docstring)."""
+DEFAULT_DECODE_WEIGHT = 512.0
+"""prefix_aware's and chunk_aware's cost of one running request, in prefill-token units."""
 
 
 class PolicyError(ValueError):
@@ -165,7 +169,7 @@ class PrefixAwarePolicy(Policy):
     name = "prefix_aware"
     needs_index = True
 
-    def __init__(self, prefill_weight: float = 8.0, decode_weight: float = 512.0,
+    def __init__(self, prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,
                  balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5) -> None:
         """prefill_weight: cost per uncached prompt token; decode_weight: cost of one running
         request in prefill-token units; the thresholds trigger the least-loaded fallback."""
@@ -206,8 +210,8 @@ class ChunkAwarePolicy(PrefixAwarePolicy):
 
     name = "chunk_aware"
 
-    def __init__(self, prefill_weight: float = 8.0, decode_weight: float = 512.0, balance_abs_threshold: int = 32,
-                 balance_rel_threshold: float = 1.5,
+    def __init__(self, prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,
+                 balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5,
                  recompute_ratio: float = CHUNK_RECOMPUTE_RATIO) -> None:
         """recompute_ratio: share of a reused chunk's tokens the worker recomputes (CacheBlend's budget)."""
         super().__init__(prefill_weight, decode_weight, balance_abs_threshold, balance_rel_threshold)
