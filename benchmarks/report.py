@@ -36,8 +36,20 @@ class Result:
 def environment() -> dict:
     import torch
 
-    return {"cpus": os.cpu_count(), "torch": torch.__version__.split("+")[0],
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "torch": torch.__version__.split("+")[0],
             "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
+
+
+def cpu_model() -> str:
+    """The first "model name" of /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def median(xs: list[float]) -> float:
