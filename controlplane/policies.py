@@ -5,9 +5,16 @@ uses. The router fills `WorkerState.num_hit_blocks` (and `hit_tiers`, `chunk_tie
 KV-index lookup when the policy's `needs_index` is set, and skips the lookup otherwise.
 
 `prefix_aware` is Dynamo's KV-router cost with SGLang's cache-aware fallback:
-    cost(w) = prefill_weight * prefill_work(w)                 (defaults: 8 and 512, tuned by replaying
-            + num_queued_prefill_tokens(w)                      the Mooncake trace in `kvweave bench
-            + decode_weight * num_running(w)                    router`; 1 and 16 reached 0.66x the shared cache)
+    cost(w) = prefill_weight * prefill_work(w)
+            + num_queued_prefill_tokens(w)
+            + decode_weight * num_running(w)
+The default weights, 8 and 512, were checked on requests 0-1999 of the Mooncake conversation trace
+(`kvweave bench router --trace-offset 0 --weight-grid 1,2,4,8,16:16,64,128,256,512,1024`, 8
+simulated workers of 1000 blocks): they reach 0.929x one shared LRU cache's hit rate, imbalance
+1.228. The one setting with more hits and no more imbalance, 8 and 128 (0.970x, 1.132), lost to
+them at half/double the load and the capacity in 4 of 5 configs, so they stay; 1 and 16 reach
+0.66x. On the held-out requests 2000-3999 (the bench's default window) they reach 0.907x the shared
+cache (round_robin 0.404x), imbalance 1.296 (docs/benchmarks/router-windows-2026-12-05.json).
 prefill_work(w), in tokens of recompute, is tier-aware when the index gave the worker's per-block
 tier codes (`WorkerState.hit_tiers`, from `KVIndex.leading_tiers`): a prompt token found in tier
 t costs kv_costs_ms[t] / kv_costs_ms["recompute"] tokens (a device hit ~0, DRAM and SSD their load
