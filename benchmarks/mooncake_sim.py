@@ -18,6 +18,9 @@ equal ids meaning equal blocks with equal prefixes. No model runs; the model of 
   of those still prefilling. No batch limit, no queueing: load only informs the policy.
 - Baseline: ONE shared LRU cache of the combined capacity serving every request; an unbounded
   cache (every block seen before is kept) bounds every policy's hit rate from above.
+- Windows: a replay covers `num_requests` requests from request number `offset` on, each window
+  starting cold (empty caches, idle workers). prefix_aware's default weights were chosen on
+  `TUNING_WINDOW` of the conversation trace, so the benchmark reports on a later window.
 """
 from __future__ import annotations
 
@@ -32,6 +35,12 @@ from controlplane.policies import Policy, RouteRequest, WorkerState, make_policy
 from kvstore.keys import BlockHash, hash_block
 from benchmarks.report import Result
 from loadgen.traces import MOONCAKE_BLOCK_TOKENS, MooncakeRecord, read_mooncake
+from loadgen.types import WorkloadError
+
+TUNING_TRACE = "mooncake_conversation.jsonl"
+TUNING_WINDOW = (0, 2000)
+"""Requests [first, end) of `TUNING_TRACE` on which prefix_aware's default weights were chosen
+(controlplane/policies.py); a figure from a window that overlaps it is in-sample."""
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -72,9 +81,20 @@ class SimResult:
 
 
 def load_trace(path: str | Path, limit: int | None = None, offset: int = 0) -> list[MooncakeRecord]:
-    """`limit` requests of a Mooncake JSONL trace, from request number `offset` on (parsed and
-    checked by `loadgen.traces.read_mooncake`)."""
-    return read_mooncake(path)[offset:None if limit is None else offset + limit]
+    """`limit` requests of a Mooncake JSONL trace (all the rest when None, fewer where the trace
+    ends), from request number `offset` on (parsed and checked by `loadgen.traces.read_mooncake`).
+    Raises WorkloadError when `offset` is negative or past the trace's last request."""
+    records = read_mooncake(path)
+    if not 0 <= offset < len(records):
+        raise WorkloadError(f"Mooncake trace {path} holds {len(records)} requests (numbered 0 to "
+                            f"{len(records) - 1}): offset {offset} is outside it")
+    return records[offset:None if limit is None else offset + limit]
+
+
+def in_sample(trace: str | Path, offset: int, num_requests: int) -> bool:
+    """Whether requests [offset, offset + num_requests) of `trace` overlap `TUNING_WINDOW`."""
+    first, end = TUNING_WINDOW
+    return Path(trace).name == TUNING_TRACE and offset < end and offset + num_requests > first
 
 
 def chain_hashes(hash_ids: Sequence[int]) -> list[BlockHash]:
@@ -206,6 +226,19 @@ class Target:
         return ratio >= self.min_hit_ratio and imbalance <= self.max_imbalance
 
 
+def replay_knobs(requests: Sequence[MooncakeRecord], hashes: Sequence[Sequence[BlockHash]], knobs: dict,
+                 cfgs: Sequence[SimConfig], shared: Sequence[float], target: Target = Target()) -> list[dict]:
+    """prefix_aware with `knobs` under each config of `cfgs`; `shared`: the shared cache's hit rate under each."""
+    runs = []
+    for c, s in zip(cfgs, shared):
+        r = simulate(requests, make_policy("prefix_aware", **knobs), c, hashes)
+        ratio = r.hit_rate / s if s else 0.0
+        runs.append({"capacity_blocks": c.capacity_blocks, "ms_per_token": c.ms_per_token,
+                     "hit_rate": round(r.hit_rate, 4), "hit_ratio": round(ratio, 3),
+                     "imbalance": round(r.imbalance, 3), "meets": target.met(ratio, r.imbalance)})
+    return runs
+
+
 def search_knobs(requests: Sequence[MooncakeRecord], hashes: Sequence[Sequence[BlockHash]], cfgs: Sequence[SimConfig],
                  prefill_weights: Sequence[float] = (1, 2, 4, 8, 16),
                  decode_weights: Sequence[float] = (16, 64, 128, 256, 512),
@@ -220,13 +253,7 @@ def search_knobs(requests: Sequence[MooncakeRecord], hashes: Sequence[Sequence[B
             for abs_t, rel_t in balance:
                 knobs = {"prefill_weight": pw, "decode_weight": dw, "balance_abs_threshold": abs_t,
                          "balance_rel_threshold": rel_t}
-                runs = []
-                for c, s in zip(cfgs, shared):
-                    r = simulate(requests, make_policy("prefix_aware", **knobs), c, hashes)
-                    ratio = r.hit_rate / s if s else 0.0
-                    runs.append({"capacity_blocks": c.capacity_blocks, "ms_per_token": c.ms_per_token,
-                                 "hit_rate": round(r.hit_rate, 4), "hit_ratio": round(ratio, 3),
-                                 "imbalance": round(r.imbalance, 3), "meets": target.met(ratio, r.imbalance)})
+                runs = replay_knobs(requests, hashes, knobs, cfgs, shared, target)
                 rows.append({"knobs": knobs, "meets_target": runs[0]["meets"],
                              "configs_meeting": sum(x["meets"] for x in runs), "runs": runs})
     rows.sort(key=lambda r: (not r["meets_target"], -r["configs_meeting"],
@@ -234,57 +261,89 @@ def search_knobs(requests: Sequence[MooncakeRecord], hashes: Sequence[Sequence[B
     return rows
 
 
+def weight_grid(requests: Sequence[MooncakeRecord], hashes: Sequence[Sequence[BlockHash]], cfg: SimConfig,
+                prefill_weights: Sequence[float], decode_weights: Sequence[float]) -> list[dict]:
+    """prefix_aware at every (prefill_weight, decode_weight) of the grid, other knobs at their
+    defaults, in grid order: hit rate, its ratio to the shared cache, imbalance."""
+    shared = [simulate_shared(requests, cfg.num_workers * cfg.capacity_blocks, hashes).hit_rate]
+    rows = []
+    for pw in prefill_weights:
+        for dw in decode_weights:
+            run = replay_knobs(requests, hashes, {"prefill_weight": pw, "decode_weight": dw}, [cfg], shared)[0]
+            rows.append({"prefill_weight": pw, "decode_weight": dw, "hit_rate": run["hit_rate"],
+                         "hit_ratio": run["hit_ratio"], "imbalance": run["imbalance"], "meets_target": run["meets"]})
+    return rows
+
+
 # ------------------------------------------------------------------ the benchmark's rows
 
-def bench_mooncake(trace: str | Path, num_requests: int, cfg: SimConfig, log=lambda msg: None) -> list[Result]:
-    """The prefix_hit_rate_mooncake rows: prefix_aware (defaults), round_robin, and tuned knobs when the
-    defaults miss the target."""
-    requests = load_trace(trace, num_requests)
+def bench_mooncake(trace: str | Path, num_requests: int, cfg: SimConfig, offset: int = 0,
+                   weights: dict[str, float] | None = None,
+                   grid: tuple[Sequence[float], Sequence[float]] | None = None, log=lambda msg: None) -> list[Result]:
+    """The prefix_hit_rate_mooncake rows on requests [offset, offset + num_requests): prefix_aware
+    (its defaults, or `weights`), round_robin; the (prefill weights, decode weights) `grid`'s
+    settings when given; knobs tuned on the window before this one when prefix_aware misses the target."""
+    requests = load_trace(trace, num_requests, offset)
     hashes = [chain_hashes(r.hash_ids) for r in requests]
     combined = cfg.num_workers * cfg.capacity_blocks
     shared = simulate_shared(requests, combined, hashes)
     unbounded = simulate_shared(requests, None, hashes, "unbounded")
     num_unique = num_unique_blocks(hashes)
-    common = {"num_requests": len(requests), "num_workers": cfg.num_workers, "capacity_blocks": cfg.capacity_blocks,
+    common = {"first_request": offset, "num_requests": len(requests),
+              "in_sample": in_sample(trace, offset, len(requests)),
+              "defaults_tuned_on": f"requests {TUNING_WINDOW[0]}-{TUNING_WINDOW[1] - 1} of {TUNING_TRACE}",
+              "num_workers": cfg.num_workers, "capacity_blocks": cfg.capacity_blocks,
               "block_tokens": cfg.block_size, "combined_capacity_blocks": combined, "unique_blocks": num_unique,
               "combined_fraction_of_unique": round(combined / num_unique, 3), "ms_per_token": cfg.ms_per_token,
               "unbounded_cache_hit_rate": round(unbounded.hit_rate, 4)}
-    log(f"mooncake: {len(requests)} requests, {num_unique:,} unique blocks; shared LRU of {combined:,} blocks "
-        f"hits {shared.hit_rate:.4f}, unbounded {unbounded.hit_rate:.4f}")
+    log(f"mooncake: requests {offset}-{offset + len(requests) - 1}, {num_unique:,} unique blocks; shared LRU of "
+        f"{combined:,} blocks hits {shared.hit_rate:.4f}, unbounded {unbounded.hit_rate:.4f}")
     target = Target()
     results = []
-    for name in ("prefix_aware", "round_robin"):
-        r = simulate(requests, make_policy(name), cfg, hashes)
+    for name, config in (("prefix_aware", weights or {}), ("round_robin", {})):
+        policy = make_policy(name, **config)
+        r = simulate(requests, policy, cfg, hashes)
         ratio = r.hit_rate / shared.hit_rate if shared.hit_rate else 0.0
-        extra = {"policy": name, "policy_config": "defaults", "imbalance": round(r.imbalance, 3),
+        extra = {"policy": name, "policy_config": config or "defaults", "imbalance": round(r.imbalance, 3),
                  "requests_per_worker": r.requests_per_worker, "reasons": r.reasons,
                  "mean_running_at_arrival": round(r.mean_running, 2), **common}
         if name == "prefix_aware":
+            extra["weights"] = {"prefill_weight": policy.prefill_weight, "decode_weight": policy.decode_weight}
             extra["meets_target"] = target.met(ratio, r.imbalance)
             extra["target"] = dataclasses.asdict(target)
         log(f"mooncake {name}: hit rate {r.hit_rate:.4f} ({ratio:.3f} of shared), imbalance {r.imbalance:.3f}")
         suffix = "" if name == "prefix_aware" else "_" + name
         results.append(Result("prefix_hit_rate_mooncake" + suffix, r.hit_rate, "ratio",
-                               f"one shared LRU of {combined} blocks", shared.hit_rate, True, extra))
+                              f"one shared LRU of {combined} blocks", shared.hit_rate, True, extra))
+    if grid is not None:
+        rows = weight_grid(requests, hashes, cfg, *grid)
+        for row in rows:
+            log(f"mooncake grid prefill_weight {row['prefill_weight']:g} decode_weight {row['decode_weight']:g}: "
+                f"hit rate {row['hit_rate']:.4f} ({row['hit_ratio']:.3f} of shared), imbalance {row['imbalance']:.3f}")
+        results[0].extra["weight_grid"] = rows
     if not results[0].extra["meets_target"]:
-        results.append(_tuned(requests, hashes, cfg, shared.hit_rate, common, log))
+        results.append(_tuned(trace, num_requests, offset, requests, hashes, cfg, shared.hit_rate, common, log))
         tuned = results[-1].extra
-        tuned["other_windows"] = other_windows(trace, num_requests, cfg, tuned["policy_config"])
+        tuned["other_windows"] = other_windows(trace, offset + num_requests, num_requests, cfg, tuned["policy_config"])
     return results
 
 
-def other_windows(trace: str | Path, num_requests: int, cfg: SimConfig, knobs: dict,
+def other_windows(trace: str | Path, first: int, num_requests: int, cfg: SimConfig, knobs: dict,
                   num_windows: int = 4) -> list[dict]:
-    """prefix_aware with its defaults and with `knobs` on the next windows of `num_requests` requests:
-    does a setting tuned on the first window carry over?"""
+    """prefix_aware with its defaults and with `knobs` on up to `num_windows` full windows of
+    `num_requests` requests from request `first` on: does a tuned setting carry over?"""
     out = []
-    for k in range(1, num_windows + 1):
-        requests = load_trace(trace, num_requests, offset=k * num_requests)
+    for k in range(num_windows):
+        offset = first + k * num_requests
+        try:
+            requests = load_trace(trace, num_requests, offset)
+        except WorkloadError:  # past the trace's end
+            break
         if len(requests) < num_requests:
             break
         hashes = [chain_hashes(r.hash_ids) for r in requests]
         shared = simulate_shared(requests, cfg.num_workers * cfg.capacity_blocks, hashes).hit_rate
-        row = {"first_request": k * num_requests, "shared_hit_rate": round(shared, 4)}
+        row = {"first_request": offset, "shared_hit_rate": round(shared, 4)}
         for name, config in (("defaults", {}), ("tuned", knobs)):
             r = simulate(requests, make_policy("prefix_aware", **config), cfg, hashes)
             ratio = r.hit_rate / shared if shared else 0.0
@@ -294,22 +353,31 @@ def other_windows(trace: str | Path, num_requests: int, cfg: SimConfig, knobs: d
     return out
 
 
-def _tuned(requests, hashes, cfg: SimConfig, shared_rate: float, common: dict, log) -> Result:
-    """The best prefix_aware knobs of a grid, each also replayed at half/double the load and capacity."""
+def _tuned(trace, num_requests: int, offset: int, requests, hashes, cfg: SimConfig, shared_rate: float,
+           common: dict, log) -> Result:
+    """The best prefix_aware knobs of a grid searched on the `num_requests` requests before the
+    window (on the window itself, flagged in-sample, when it starts at request 0), each setting
+    also replayed at half/double the load and capacity; reported on the window."""
     r = dataclasses.replace
     cfgs = [cfg, r(cfg, ms_per_token=cfg.ms_per_token / 2), r(cfg, ms_per_token=cfg.ms_per_token * 2),
             r(cfg, capacity_blocks=cfg.capacity_blocks // 2), r(cfg, capacity_blocks=cfg.capacity_blocks * 2)]
-    log(f"mooncake: prefix_aware misses the target with its defaults; searching its knobs over {len(cfgs)} configs")
-    rows = search_knobs(requests, hashes, cfgs)
+    tune_first = max(0, offset - num_requests)
+    tuning = load_trace(trace, offset - tune_first, tune_first) if offset else requests
+    tuning_hashes = [chain_hashes(x.hash_ids) for x in tuning] if offset else hashes
+    log(f"mooncake: prefix_aware misses the target; searching its knobs on requests {tune_first}-"
+        f"{tune_first + len(tuning) - 1} over {len(cfgs)} configs")
+    rows = search_knobs(tuning, tuning_hashes, cfgs)
     best = rows[0]
-    log(f"mooncake best knobs {best['knobs']}: {best['runs'][0]}, meets the target in "
-        f"{best['configs_meeting']}/{len(cfgs)} configs")
-    extra = {"policy": "prefix_aware", "policy_config": best["knobs"], "imbalance": best["runs"][0]["imbalance"],
-             "meets_target": best["meets_target"], "configs_meeting": best["configs_meeting"],
-             "robustness_runs": best["runs"], "num_settings_tried": len(rows),
-             "num_settings_meeting": sum(x["meets_target"] for x in rows),
-             "top_settings": [{"knobs": x["knobs"], "configs_meeting": x["configs_meeting"],
-                               "hit_ratio": [y["hit_ratio"] for y in x["runs"]],
-                               "imbalance": [y["imbalance"] for y in x["runs"]]} for x in rows[:8]], **common}
-    return Result("prefix_hit_rate_mooncake_tuned", best["runs"][0]["hit_rate"], "ratio",
+    run = replay_knobs(requests, hashes, best["knobs"], [cfg], [shared_rate])[0]
+    log(f"mooncake best knobs {best['knobs']} on the tuning window: {best['runs'][0]}; on the window: {run}")
+    extra = {"policy": "prefix_aware", "policy_config": best["knobs"], "imbalance": run["imbalance"],
+             "meets_target": run["meets"], "tuned_on": {"first_request": tune_first, "num_requests": len(tuning)},
+             "tuned_in_sample": offset == 0, "tuning_configs_meeting": best["configs_meeting"],
+             "tuning_runs": best["runs"], "num_settings_tried": len(rows),
+             "num_settings_meeting_on_tuning_window": sum(x["meets_target"] for x in rows),
+             "top_settings_on_tuning_window": [
+                 {"knobs": x["knobs"], "configs_meeting": x["configs_meeting"],
+                  "hit_ratio": [y["hit_ratio"] for y in x["runs"]],
+                  "imbalance": [y["imbalance"] for y in x["runs"]]} for x in rows[:8]], **common}
+    return Result("prefix_hit_rate_mooncake_tuned", run["hit_rate"], "ratio",
                   f"one shared LRU of {cfg.num_workers * cfg.capacity_blocks} blocks", shared_rate, True, extra)

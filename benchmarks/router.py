@@ -18,8 +18,11 @@ figures):
   router serving concurrent requests runs it; the one-at-a-time rate is in `extra`), the
   event-loop thread pinned to one core, against the same with the Redis round trip replaced by
   its answer.
-- prefix_hit_rate_mooncake: benchmarks/mooncake_sim.py replays the trace through the real
-  policy objects; hit rate against one shared LRU cache of the combined capacity.
+- prefix_hit_rate_mooncake: benchmarks/mooncake_sim.py replays a window of the trace through the
+  real policy objects; hit rate against one shared LRU cache of the combined capacity. The window
+  starts after the one prefix_aware's default weights were tuned on (requests 0-1999), so the
+  figure is out-of-sample; `--prefill-weight`/`--decode-weight` replay other weights and
+  `--weight-grid` reports every setting of a grid on the window (how the defaults were chosen).
 """
 from __future__ import annotations
 
@@ -60,6 +63,13 @@ class BenchConfig:
     """Length of one decisions-per-second loop."""
     repeats: int = 3
     trace_requests: int = 2000
+    trace_offset: int = 2000
+    """First replayed request: the default window follows the one prefix_aware's defaults were tuned on."""
+    prefill_weight: float | None = None
+    """prefix_aware's prefill_weight in the replay (None: the policy's default)."""
+    decode_weight: float | None = None
+    weight_grid: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    """(prefill weights, decode weights): replay prefix_aware at every pair too."""
     sim_workers: int = 8
     sim_capacity_blocks: int = 1000
     sim_ms_per_token: float = 1.0
@@ -454,7 +464,9 @@ def run_benchmark(cfg: BenchConfig, metrics: list[str], model: str | None, trace
         from benchmarks.mooncake_sim import SimConfig, bench_mooncake
 
         sim_cfg = SimConfig(cfg.sim_workers, cfg.sim_capacity_blocks, cfg.sim_ms_per_token)
-        results += bench_mooncake(trace, cfg.trace_requests, sim_cfg, log)
+        weights = {k: v for k, v in (("prefill_weight", cfg.prefill_weight), ("decode_weight", cfg.decode_weight))
+                   if v is not None}
+        results += bench_mooncake(trace, cfg.trace_requests, sim_cfg, cfg.trace_offset, weights, cfg.weight_grid, log)
     config = {"quick": quick, "metrics": metrics, **dataclasses.asdict(cfg), **config, "trace": str(trace),
               "elapsed_s": round(time.perf_counter() - start, 1),
               "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)]}
@@ -470,11 +482,29 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="worker model (default: a tiny random-weight Llama written to a temp dir)")
     p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake JSONL trace (default: %(default)s)")
-    p.add_argument("--trace-requests", type=int, default=None, help="replay the first N requests (default: 2000)")
+    p.add_argument("--trace-requests", type=int, default=None, help="replay N requests (default: 2000)")
+    p.add_argument("--trace-offset", type=int, default=None,
+                   help="replay from request number N on (default: 2000, after the window prefix_aware's "
+                        "defaults were tuned on; 0 replays that window)")
+    p.add_argument("--prefill-weight", type=float, default=None, help="prefix_aware's prefill_weight in the replay")
+    p.add_argument("--decode-weight", type=float, default=None, help="prefix_aware's decode_weight in the replay")
+    p.add_argument("--weight-grid", type=_weight_grid, default=None, metavar="PW,PW,...:DW,DW,...",
+                   help="also replay prefix_aware at every (prefill_weight, decode_weight) pair, e.g. 1,4,8,16:64,512")
     p.add_argument("--sim-capacity", type=int, default=None, help="blocks per simulated worker cache (default: 1000)")
     p.add_argument("--index-blocks", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+
+
+def _weight_grid(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    try:
+        prefill, decode = text.split(":")
+        grid = tuple(float(x) for x in prefill.split(",")), tuple(float(x) for x in decode.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PW,PW,...:DW,DW,... (numbers), got {text!r}") from None
+    if any(x < 0 for xs in grid for x in xs):
+        raise argparse.ArgumentTypeError(f"weights must be >= 0, got {text!r}")
+    return grid
 
 
 def run(args: argparse.Namespace) -> int:
@@ -485,10 +515,27 @@ def run(args: argparse.Namespace) -> int:
     if any(v <= 0 for v in overrides.values()):
         _stderr("error: counts must be positive")
         return 2
-    cfg = dataclasses.replace(cfg, **overrides)
-    if "prefix_hit_rate_mooncake" in args.metrics and not args.trace.exists():
-        _stderr(f"error: trace {args.trace} not found (pass --trace)")
+    if args.trace_offset is not None and args.trace_offset < 0:
+        _stderr("error: --trace-offset must be >= 0")
         return 2
+    if any(w is not None and w < 0 for w in (args.prefill_weight, args.decode_weight)):
+        _stderr("error: weights must be >= 0")
+        return 2
+    policy = {"trace_offset": args.trace_offset, "prefill_weight": args.prefill_weight,
+              "decode_weight": args.decode_weight, "weight_grid": args.weight_grid}
+    cfg = dataclasses.replace(cfg, **overrides, **{k: v for k, v in policy.items() if v is not None})
+    if "prefix_hit_rate_mooncake" in args.metrics:
+        from benchmarks.mooncake_sim import load_trace
+        from loadgen.types import WorkloadError
+
+        if not args.trace.exists():
+            _stderr(f"error: trace {args.trace} not found (pass --trace)")
+            return 2
+        try:  # before the cluster metrics, which take minutes
+            load_trace(args.trace, 1, cfg.trace_offset)
+        except WorkloadError as exc:
+            _stderr(f"error: --trace-offset: {exc}")
+            return 2
     config, results = run_benchmark(cfg, args.metrics, args.model, args.trace, quick=args.quick)
     print(render("router", config, results))
     if args.json:

@@ -5,9 +5,16 @@ uses. The router fills `WorkerState.num_hit_blocks` (and `hit_tiers`, `chunk_tie
 KV-index lookup when the policy's `needs_index` is set, and skips the lookup otherwise.
 
 `prefix_aware` is Dynamo's KV-router cost with SGLang's cache-aware fallback:
-    cost(w) = prefill_weight * prefill_work(w)                 (defaults: 8 and 512, tuned by replaying
-            + num_queued_prefill_tokens(w)                      the Mooncake trace in `kvweave bench
-            + decode_weight * num_running(w)                    router`; 1 and 16 reached 0.66x the shared cache)
+    cost(w) = prefill_weight * prefill_work(w)
+            + num_queued_prefill_tokens(w)
+            + decode_weight * num_running(w)
+The default weights, 8 and 512, were checked on requests 0-1999 of the Mooncake conversation trace
+(`kvweave bench router --trace-offset 0 --weight-grid 1,2,4,8,16:16,64,128,256,512,1024`, 8
+simulated workers of 1000 blocks): they reach 0.929x one shared LRU cache's hit rate, imbalance
+1.228. The one setting with more hits and no more imbalance, 8 and 128 (0.970x, 1.132), lost to
+them at half/double the load and the capacity in 4 of 5 configs, so they stay; 1 and 16 reach
+0.66x. On the held-out requests 2000-3999 (the bench's default window) they reach 0.907x the shared
+cache (round_robin 0.404x), imbalance 1.296 (docs/benchmarks/router-windows-2026-12-05.json).
 prefill_work(w), in tokens of recompute, is tier-aware when the index gave the worker's per-block
 tier codes (`WorkerState.hit_tiers`, from `KVIndex.leading_tiers`): a prompt token found in tier
 t costs kv_costs_ms[t] / kv_costs_ms["recompute"] tokens (a device hit ~0, DRAM and SSD their load
@@ -45,6 +52,10 @@ from kvweave.defaults import BLOCK_SIZE, CHUNK_RECOMPUTE_RATIO
 logger = logging.getLogger(__name__)
 
 DEFAULT_KV_COSTS_MS = DEFAULT_COSTS_MS
+DEFAULT_PREFILL_WEIGHT = 8.0
+"""prefix_aware's and chunk_aware's cost of one uncached prompt token (see the module docstring)."""
+DEFAULT_DECODE_WEIGHT = 512.0
+"""prefix_aware's and chunk_aware's cost of one running request, in prefill-token units."""
 
 
 class PolicyError(ValueError):
@@ -165,7 +176,7 @@ class PrefixAwarePolicy(Policy):
     name = "prefix_aware"
     needs_index = True
 
-    def __init__(self, prefill_weight: float = 8.0, decode_weight: float = 512.0,
+    def __init__(self, prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,
                  balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5) -> None:
         """prefill_weight: cost per uncached prompt token; decode_weight: cost of one running
         request in prefill-token units; the thresholds trigger the least-loaded fallback."""
@@ -206,8 +217,8 @@ class ChunkAwarePolicy(PrefixAwarePolicy):
 
     name = "chunk_aware"
 
-    def __init__(self, prefill_weight: float = 8.0, decode_weight: float = 512.0, balance_abs_threshold: int = 32,
-                 balance_rel_threshold: float = 1.5,
+    def __init__(self, prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,
+                 balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5,
                  recompute_ratio: float = CHUNK_RECOMPUTE_RATIO) -> None:
         """recompute_ratio: share of a reused chunk's tokens the worker recomputes (CacheBlend's budget)."""
         super().__init__(prefill_weight, decode_weight, balance_abs_threshold, balance_rel_threshold)

@@ -8,11 +8,13 @@ import pytest
 
 from controlplane.policies import make_policy
 from benchmarks.mooncake_sim import (
-    LRUBlockCache, SimConfig, chain_hashes, load_trace, num_unique_blocks, simulate, simulate_shared,
+    TUNING_WINDOW, LRUBlockCache, SimConfig, chain_hashes, in_sample, load_trace, num_unique_blocks, simulate,
+    simulate_shared,
 )
-from benchmarks.router import DEFAULT_TRACE
+from benchmarks.router import DEFAULT_TRACE, QUICK, BenchConfig
 from cli.main import main
 from loadgen.traces import MooncakeRecord
+from loadgen.types import WorkloadError
 
 SLICE = 200
 needs_trace = pytest.mark.skipif(not DEFAULT_TRACE.exists(), reason=f"{DEFAULT_TRACE} not present")
@@ -131,3 +133,75 @@ def test_bench_router_cluster_metrics_report(tmp_path):
     assert overhead["index_blocks"] == 4 * 1000 + overhead["prompt_blocks"]
     assert {"tokenize", "hash", "index_lookup", "scoring"} <= set(overhead["stages"])
     assert set(results["router_overhead_p99_grpc"]["chosen_workers"]) == {"w0"}
+
+
+# ---------------------------------------------------------------------- trace windows and weights
+
+def write_trace(path, num_records: int) -> None:
+    """Record i: i + 1 blocks whose ids no other record has, so a window's unique blocks name its records."""
+    with open(path, "w") as f:
+        for i in range(num_records):
+            ids = [1000 * i + j for j in range(i + 1)]
+            f.write(json.dumps({"timestamp": 100 * i, "input_length": 512 * len(ids), "output_length": 4,
+                                "hash_ids": ids}) + "\n")
+
+
+def test_load_trace_window_and_offset_past_the_end(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    write_trace(path, 5)
+    assert [r.line for r in load_trace(path, 2, 1)] == [2, 3]
+    assert [r.line for r in load_trace(path, 10, 3)] == [4, 5]  # the window ends with the trace
+    assert [r.line for r in load_trace(path)] == [1, 2, 3, 4, 5]
+    for offset in (5, 6, -1):
+        with pytest.raises(WorkloadError, match=f"holds 5 requests .*offset {offset} is outside it"):
+            load_trace(path, 1, offset)
+
+
+def bench_json(tmp_path, *args: str) -> dict:
+    path = tmp_path / "router.json"
+    assert main(["bench", "router", "--metrics", "prefix_hit_rate_mooncake", "--json", str(path), *args]) == 0
+    doc = json.loads(path.read_text())
+    return {r["metric"]: r for r in doc["results"]} | {"config": doc["config"]}
+
+
+def test_bench_router_trace_offset_replays_a_later_window(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    write_trace(path, 6)
+    first = bench_json(tmp_path, "--trace", str(path), "--trace-requests", "3", "--trace-offset", "0")
+    later = bench_json(tmp_path, "--trace", str(path), "--trace-requests", "3", "--trace-offset", "3")
+    assert later["config"]["trace_offset"] == 3 and first["config"]["trace_offset"] == 0
+    for doc, offset, blocks in ((first, 0, 1 + 2 + 3), (later, 3, 4 + 5 + 6)):
+        row = doc["prefix_hit_rate_mooncake"]
+        assert row["first_request"] == offset and row["num_requests"] == 3 and row["unique_blocks"] == blocks
+        assert row["in_sample"] is False  # not the trace the defaults were tuned on
+
+
+def test_bench_router_trace_offset_past_the_end_is_a_clean_error(tmp_path, capsys):
+    path = tmp_path / "trace.jsonl"
+    write_trace(path, 4)
+    rc = main(["bench", "router", "--metrics", "prefix_hit_rate_mooncake", "--trace", str(path), "--trace-offset", "4"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error: --trace-offset:" in err and "holds 4 requests" in err and "Traceback" not in err
+    assert main(["bench", "router", "--metrics", "prefix_hit_rate_mooncake", "--trace-offset", "-1"]) == 2
+
+
+def test_in_sample_is_an_overlap_with_the_tuning_window():
+    first, end = TUNING_WINDOW
+    assert in_sample(DEFAULT_TRACE, first, 1) and in_sample(DEFAULT_TRACE, end - 1, 500)
+    assert not in_sample(DEFAULT_TRACE, end, 2000) and not in_sample("other.jsonl", first, 2000)
+    assert BenchConfig().trace_offset >= end and QUICK.trace_offset >= end
+
+
+@needs_trace
+def test_bench_router_weights_and_grid_replay_the_real_policy(tmp_path):
+    args = ("--trace-requests", str(SLICE), "--trace-offset", "0")
+    doc = bench_json(tmp_path, *args, "--weight-grid", "4,8:128,512")
+    row = doc["prefix_hit_rate_mooncake"]
+    assert row["in_sample"] is True and row["weights"] == {"prefill_weight": 8.0, "decode_weight": 512.0}
+    grid = row["weight_grid"]
+    assert [(g["prefill_weight"], g["decode_weight"]) for g in grid] == [(4, 128), (4, 512), (8, 128), (8, 512)]
+    assert grid[3]["hit_rate"] == round(row["value"], 4) and grid[3]["imbalance"] == row["imbalance"]
+    chosen = bench_json(tmp_path, *args, "--prefill-weight", "4", "--decode-weight", "128")["prefix_hit_rate_mooncake"]
+    assert chosen["policy_config"] == chosen["weights"] == {"prefill_weight": 4.0, "decode_weight": 128.0}
+    assert (round(chosen["value"], 4), chosen["imbalance"]) == (grid[0]["hit_rate"], grid[0]["imbalance"])
