@@ -56,9 +56,10 @@ QUICK = BenchConfig(num_requests=16, prompt_len=(32, 128), output_len=(8, 32), h
 
 
 def fit_context(cfg: BenchConfig, max_len: int, block_size: int = 16) -> BenchConfig:
-    """Scale every length down so the longest prompt takes at most half of a short context (tiny models)."""
-    longest = max(cfg.prompt_len[1] + cfg.output_len[1], cfg.itl_prompt_len, cfg.ttft_prompt_len,
-                  cfg.eviction_prompt_len)
+    """Scale every length down so the longest prompt takes at most half of a short context (tiny
+    models); the eviction prompt only has to fit the context."""
+    cfg = dataclasses.replace(cfg, eviction_prompt_len=min(cfg.eviction_prompt_len, max_len - block_size))
+    longest = max(cfg.prompt_len[1] + cfg.output_len[1], cfg.itl_prompt_len, cfg.ttft_prompt_len)
     if 2 * longest <= max_len:
         return cfg
     f = (max_len // 2) / longest
@@ -70,8 +71,7 @@ def fit_context(cfg: BenchConfig, max_len: int, block_size: int = 16) -> BenchCo
     return dataclasses.replace(
         cfg, prompt_len=(s(cfg.prompt_len[0]), s(cfg.prompt_len[1])),
         output_len=(s(cfg.output_len[0]), s(cfg.output_len[1])), itl_decode_prompt_len=s(cfg.itl_decode_prompt_len),
-        itl_prompt_len=s(cfg.itl_prompt_len), ttft_prompt_len=s(cfg.ttft_prompt_len), ttft_cached_len=cached,
-        eviction_prompt_len=s(cfg.eviction_prompt_len))
+        itl_prompt_len=s(cfg.itl_prompt_len), ttft_prompt_len=s(cfg.ttft_prompt_len), ttft_cached_len=cached)
 
 
 def _stderr(msg: str) -> None:
