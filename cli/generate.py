@@ -6,8 +6,16 @@ import json
 import sys
 from typing import Any
 
+from kvweave.config_flags import add_config_args, config_kwargs
+from kvweave.sampling_params import SamplingParams
+
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "logprobs", "min_tokens")
+"""The SamplingParams fields an input line may set."""
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+"""The SamplingParams fields with a flag: the defaults of lines that do not set them."""
+SAMPLING_DEFAULTS = {"max_tokens": 128, "temperature": 0.0}
+"""Where generate's defaults differ from SamplingParams': greedy, longer outputs."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,18 +32,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="one prompt; the completion streams to stdout")
     p.add_argument("--output", help="JSONL file for the results (default: stdout)")
     p.add_argument("--chat", action="store_true", help="with --prompt: send it as a user chat message")
-    p.add_argument("--max-tokens", type=int, default=128, help="default max_tokens (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="default temperature (default: 0, greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="default top_p (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=-1, help="default top_k (default: -1, off)")
-    p.add_argument("--seed", type=int, default=None, help="default seed")
+    # request defaults, not process settings: the command line only (see kvweave.config_flags)
+    add_config_args(p.add_argument_group("sampling (defaults of the lines that do not set the field)"),
+                    SamplingParams, only=SAMPLING_FLAGS, defaults=SAMPLING_DEFAULTS, env=False)
     add_engine_args(p)
     p.set_defaults(func=run)
 
 
 def _defaults(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed}
+    return config_kwargs(SamplingParams, args, only=SAMPLING_FLAGS)
 
 
 def _parse_line(lineno: int, line: str) -> tuple[dict | None, str | None]:
@@ -51,8 +56,6 @@ def _parse_line(lineno: int, line: str) -> tuple[dict | None, str | None]:
 
 
 def _add(engine, obj: dict, defaults: dict) -> str:
-    from kvweave.sampling_params import SamplingParams
-
     fields = {**defaults, **{k: obj[k] for k in SAMPLING_FIELDS if k in obj}}
     prompt = {"messages": obj["messages"]} if "messages" in obj else obj["prompt"]
     return engine.add_request(prompt, SamplingParams(**fields))
@@ -85,8 +88,6 @@ def run_batch(engine, lines: list[str], defaults: dict) -> tuple[list[dict], lis
 
 
 def _stream_one(engine, args: argparse.Namespace) -> int:
-    from kvweave.sampling_params import SamplingParams
-
     prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else args.prompt
     engine.add_request(prompt, SamplingParams(**_defaults(args)))
     while engine.has_unfinished():
@@ -103,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
     from worker.engine_args import engine_config_from_args
     from kvweave.errors import InvalidRequestError
 
+    try:
+        SamplingParams(**_defaults(args))  # a bad flag fails once, before the model loads
+    except InvalidRequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.input:
         try:
             with open(args.input, encoding="utf-8") as f:

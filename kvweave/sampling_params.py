@@ -16,8 +16,9 @@ class SamplingParams:
     max_tokens: int = 16
     """Maximum number of tokens to generate."""
     temperature: float = 1.0
-    """0 means greedy."""
+    """Sampling temperature; 0 means greedy."""
     top_p: float = 1.0
+    """Nucleus sampling: sample from the most likely tokens whose probabilities add up to top_p (1: all)."""
     top_k: int = -1
     """-1 (or 0) disables top-k."""
     seed: int | None = None

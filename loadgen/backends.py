@@ -14,11 +14,13 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import aiohttp
 
 from kvweave.client import AsyncClient
+from kvweave.config_flags import bounded, flag
 from kvweave.client_types import InvalidRequest, KVWeaveError, Overloaded, Timeout, Unavailable
 from loadgen.records import RequestRecord
 from loadgen.types import Turn
@@ -41,12 +43,43 @@ class RequestFailed(Exception):
         self.kind, self.message = kind, message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
+class TargetConfig:
+    """The server under test (the `target` flags of `kvweave loadgen`)."""
+
+    backend: str = field(default="grpc", metadata=flag(choices=BACKENDS))
+    """grpc: a kvweave router through the SDK; openai: an OpenAI-compatible HTTP server (kvweave's
+    router, vLLM, SGLang)"""
+    url: str | None = field(default=None, metadata=flag(
+        default_text=f"{DEFAULT_URLS['grpc']} for grpc, {DEFAULT_URLS['openai']} for openai"))
+    """grpc: host:port; openai: base URL, with or without /v1"""
+    model: str | None = field(default=None, metadata=flag(default_text="the first one the server lists"))
+    """model to ask for"""
+    api_key: str | None = field(default=None, metadata=flag(default_text=""))
+    """sent as 'Authorization: Bearer KEY'"""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+
+
+@dataclass(frozen=True)
 class SendOptions:
-    temperature: float = 0.0
-    ignore_eos: bool = True
-    request_timeout: float = 600.0
-    """Seconds a request may take, end to end; past it the request fails as "timeout"."""
+    """How every request is sent (the `sampling` flags of `kvweave loadgen`)."""
+
+    temperature: float = field(default=0.0, metadata=flag(parse=bounded(float, 0), default_text="0, greedy"))
+    """sampling temperature of every request"""
+    ignore_eos: bool = field(default=True, metadata=flag(action="optional", default_text="on"))
+    """generate exactly the asked output lengths"""
+    request_timeout: float = field(default=600.0, metadata=flag(parse=bounded(float, 0, strict=True),
+                                                                metavar="S", default_text="600"))
+    """a request taking longer fails as 'timeout' (seconds, end to end)"""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.request_timeout) and self.request_timeout > 0):
+            raise ValueError(f"--request-timeout must be a finite number of seconds > 0, got {self.request_timeout}")
 
 
 class _Pieces:
@@ -307,3 +340,8 @@ def make_backend(name: str, url: str | None = None, **kwargs) -> Backend:
     """The backend `name` ("grpc" or "openai") for `url` (default: the backend's usual address)."""
     cls = {"grpc": GrpcBackend, "openai": OpenAIBackend}[name]
     return cls(url or DEFAULT_URLS[name], **kwargs)
+
+
+def backend_for(target: TargetConfig, options: SendOptions) -> Backend:
+    """The backend of `target`, sending with `options`; BackendError for an unusable URL."""
+    return make_backend(target.backend, target.url, model=target.model, api_key=target.api_key, options=options)

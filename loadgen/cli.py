@@ -11,32 +11,34 @@ import argparse
 import asyncio
 import math
 import sys
+from dataclasses import dataclass
 
-from loadgen.arrivals import parse_burstiness, parse_rate
-from loadgen.backends import BACKENDS, DEFAULT_URLS, Backend, BackendError, SendOptions, make_backend
-from loadgen.report import ReportError, build_result, format_comparison, format_summary, load_result, write_json
-from loadgen.runner import RunConfig, Runner
-from loadgen.stats import DEFAULT_PERCENTILES, compute_stats, parse_goodput, parse_percentiles
+from kvweave.config_flags import add_config_args, config_kwargs
+from loadgen.backends import Backend, BackendError, SendOptions, TargetConfig, backend_for
+from loadgen.report import ReportConfig, ReportError, build_result, format_comparison, format_summary, load_result, write_json
+from loadgen.runner import DEFAULT_NUM_REQUESTS, RunConfig, Runner
+from loadgen.stats import compute_stats
 from loadgen.types import Workload
 
-DEFAULT_NUM_REQUESTS = 100
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 _NOT_CONFIG = {"func", "command", "loadgen_command", "log_level", "api_key"}
 """Namespace entries left out of the result's "config" (the API key is a secret)."""
+FLAG_GROUPS: tuple[tuple[str, type], ...] = (("target", TargetConfig), ("load", RunConfig),
+                                             ("sampling", SendOptions), ("report", ReportConfig))
+"""--help's argument group of each config dataclass of a run (the workloads' groups follow)."""
+CLI_DEFAULTS = {"num_requests": None}
+"""Where the command's defaults differ from the dataclasses': without --num-requests a run sends
+DEFAULT_NUM_REQUESTS requests, or has no limit when --duration is given."""
 
 
-def _number(kind: type, minimum: float, strict: bool):
-    """An argparse type: a finite `kind` above (`strict`) or at least `minimum`."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text!r}")
-        return value
-    return parse
+@dataclass(frozen=True)
+class LoadgenConfig:
+    """Everything a `kvweave loadgen` run was asked for, but the workload (built from the same flags)."""
+
+    target: TargetConfig
+    run: RunConfig
+    send: SendOptions
+    report: ReportConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,51 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "reuse the server reports, under vLLM benchmark_serving's names. Requests are never "
                     "retried, so every failure is counted. `kvweave loadgen compare A.json B.json` compares "
                     "two runs.")
-    target = p.add_argument_group("target")
-    target.add_argument("--backend", choices=BACKENDS, default="grpc",
-                        help="grpc: a kvweave router through the SDK; openai: an OpenAI-compatible HTTP server "
-                             "(kvweave's router, vLLM, SGLang) (default: grpc)")
-    target.add_argument("--url", default=None,
-                        help=f"grpc: host:port (default {DEFAULT_URLS['grpc']}); openai: base URL, with or "
-                             f"without /v1 (default {DEFAULT_URLS['openai']})")
-    target.add_argument("--model", default=None, help="model to ask for (default: the first one the server lists)")
-    target.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
-
-    load = p.add_argument_group("load")
-    load.add_argument("--request-rate", type=parse_rate, default=None, metavar="R",
-                      help="sessions started per second, Poisson (gamma with --burstiness); 'inf' starts all "
-                           "at once (default: the trace's timestamps for mooncake and azure, else inf)")
-    load.add_argument("--burstiness", type=parse_burstiness, default=1.0, metavar="B",
-                      help="gamma shape of the inter-arrival times: 1 is Poisson, < 1 burstier, > 1 smoother "
-                           "(default: 1.0)")
-    load.add_argument("--max-concurrency", type=_number(int, 1, False), default=None, metavar="C",
-                      help="most requests in flight; with an infinite rate also the most sessions in flight "
-                           "(default: no limit)")
-    load.add_argument("--num-requests", type=_number(int, 1, False), default=None, metavar="N",
-                      help=f"requests to send (a multi-turn session's turns count one each) (default: "
-                           f"{DEFAULT_NUM_REQUESTS}, or no limit with --duration)")
-    load.add_argument("--duration", type=_number(float, 0, True), default=None, metavar="S",
-                      help="send no new request after S seconds, then wait for those in flight")
-    load.add_argument("--seed", type=_number(int, 0, False), default=0,
-                      help="seed of the workload and the arrivals (default: 0)")
-
-    sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=_number(float, 0, False), default=0.0, help="(default: 0, greedy)")
-    sampling.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                          help="generate exactly the asked output lengths (default: on)")
-    sampling.add_argument("--request-timeout", type=_number(float, 0, True), default=600.0, metavar="S",
-                          help="a request taking longer fails as 'timeout' (default: 600)")
-
-    out = p.add_argument_group("report")
-    out.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
-                     help="SLOs for goodput, any of ttft:MS tpot:MS e2el:MS (requests meeting all of them, "
-                          "per second)")
-    out.add_argument("--metric-percentiles", type=parse_percentiles, default=list(DEFAULT_PERCENTILES),
-                     metavar="P,P,...", help="percentiles reported (default: 50,90,99)")
-    out.add_argument("--json", metavar="PATH", help="write the result as JSON (vLLM-compatible keys)")
-    out.add_argument("--plot", metavar="DIR", help="write PNG plots: latency CDFs, throughput and TTFT over time")
-    out.add_argument("--label", metavar="TEXT", help="name of the run in reports")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for title, cls in FLAG_GROUPS:  # the command line only, no KVWEAVE_* variables: see kvweave.config_flags
+        add_config_args(p.add_argument_group(title), cls, defaults=CLI_DEFAULTS, env=False)
     add_workload_arguments(p)
     p.set_defaults(func=run)
 
@@ -105,6 +64,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("a", metavar="A.json")
     c.add_argument("b", metavar="B.json")
     c.set_defaults(func=compare)
+
+
+def config_from_args(args: argparse.Namespace) -> LoadgenConfig:
+    """The run's config from parsed flags; ValueError naming the flag for a bad value."""
+    run_kwargs = config_kwargs(RunConfig, args)
+    if run_kwargs["num_requests"] is None and run_kwargs["duration"] is None:
+        run_kwargs["num_requests"] = DEFAULT_NUM_REQUESTS
+    return LoadgenConfig(target=TargetConfig(**config_kwargs(TargetConfig, args)), run=RunConfig(**run_kwargs),
+                         send=SendOptions(**config_kwargs(SendOptions, args)),
+                         report=ReportConfig(**config_kwargs(ReportConfig, args)))
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -126,25 +95,18 @@ def _config(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from loadgen.workloads import build_workload
 
-    num_requests = args.num_requests or (None if args.duration else DEFAULT_NUM_REQUESTS)
     try:
-        slos = parse_goodput(args.goodput or [])
-        config = RunConfig(num_requests=num_requests, duration=args.duration, request_rate=args.request_rate,
-                           burstiness=args.burstiness, max_concurrency=args.max_concurrency, seed=args.seed,
-                           progress=not args.no_progress)
-        config.check()
+        config = config_from_args(args)
         workload = build_workload(args)
-        options = SendOptions(temperature=args.temperature, ignore_eos=args.ignore_eos,
-                              request_timeout=args.request_timeout)
-        backend = make_backend(args.backend, args.url, model=args.model, api_key=args.api_key, options=options)
+        backend = backend_for(config.target, config.send)
     except (ValueError, BackendError) as e:  # WorkloadError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(_run(args, workload, backend, config, slos))
+    return asyncio.run(_run(args, workload, backend, config))
 
 
-async def _run(args: argparse.Namespace, workload: Workload, backend: Backend, config: RunConfig,
-               slos: dict[str, float]) -> int:
+async def _run(args: argparse.Namespace, workload: Workload, backend: Backend, config: LoadgenConfig) -> int:
+    run_config, report = config.run, config.report
     try:
         try:
             model = await backend.connect()
@@ -155,7 +117,7 @@ async def _run(args: argparse.Namespace, workload: Workload, backend: Backend, c
         if getattr(workload, "skipped", 0):
             print(f"skipped {workload.skipped} trace records longer than --max-input-len")
         print(f"target: {backend.name} {backend.url}, model {model}")
-        runner = Runner(workload, backend, config, log=print)
+        runner = Runner(workload, backend, run_config, log=print)
         try:
             result = await runner.run()
         except ValueError as e:  # a WorkloadError while reading sessions, or settings that cannot run
@@ -163,20 +125,21 @@ async def _run(args: argparse.Namespace, workload: Workload, backend: Backend, c
             return 2
     finally:
         await backend.close()
+    slos = report.slos()
     stats = compute_stats(result.records, start=result.start, duration=result.duration,
-                          percentiles=args.metric_percentiles, goodput=slos or None)
-    doc = build_result(stats, label=args.label, backend=backend.name, model=model, num_requests=config.num_requests,
-                       request_rate=args.request_rate, burstiness=args.burstiness,
-                       max_concurrency=args.max_concurrency, arrivals=result.arrivals,
-                       interrupted=result.interrupted, config=_config(args))
+                          percentiles=report.metric_percentiles, goodput=slos or None)
+    doc = build_result(stats, label=report.label, backend=backend.name, model=model,
+                       num_requests=run_config.num_requests, request_rate=run_config.request_rate,
+                       burstiness=run_config.burstiness, max_concurrency=run_config.max_concurrency,
+                       arrivals=result.arrivals, interrupted=result.interrupted, config=_config(args))
     print(format_summary(doc))
-    if args.json:
-        write_json(args.json, doc)
-        print(f"wrote {args.json}")
-    if args.plot:
+    if report.json:
+        write_json(report.json, doc)
+        print(f"wrote {report.json}")
+    if report.plot:
         from loadgen.plots import write_plots
 
-        for path in write_plots(doc, args.plot):
+        for path in write_plots(doc, report.plot):
             print(f"wrote {path}")
     if result.interrupted:
         return EXIT_CODES.get(result.interrupted, 130)

@@ -8,10 +8,12 @@ import math
 import os
 import re
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from loadgen.stats import LATENCY_METRICS
+from kvweave.config_flags import flag
+from loadgen.stats import DEFAULT_PERCENTILES, LATENCY_METRICS, parse_goodput, parse_percentiles
 
 WIDTH = 50
 _LATENCY_KEY = re.compile(r"^(mean|median|std|p\d+(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
@@ -21,6 +23,33 @@ _TITLES = {"ttft": ("TTFT", "Time to First Token"), "tpot": ("TPOT", "Time per O
 
 class ReportError(Exception):
     """A result file cannot be read or is not a loadgen result; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What a run reports and where (the `report` flags of `kvweave loadgen`)."""
+
+    goodput: list[str] | None = field(default=None, metadata=flag(nargs="+", metavar="KEY:MS", default_text=""))
+    """SLOs for goodput, any of ttft:MS tpot:MS e2el:MS (requests meeting all of them, per second)"""
+    metric_percentiles: tuple[float, ...] = field(default=DEFAULT_PERCENTILES, metadata=flag(
+        parse=parse_percentiles, metavar="P,P,...", default_text=",".join(f"{p:g}" for p in DEFAULT_PERCENTILES)))
+    """percentiles reported"""
+    json: str | None = field(default=None, metadata=flag(metavar="PATH", default_text=""))
+    """write the result as JSON (vLLM-compatible keys)"""
+    plot: str | None = field(default=None, metadata=flag(metavar="DIR", default_text=""))
+    """write PNG plots: latency CDFs, throughput and TTFT over time"""
+    label: str | None = field(default=None, metadata=flag(metavar="TEXT", default_text=""))
+    """name of the run in reports"""
+
+    def __post_init__(self) -> None:
+        """ValueError naming the flag for a bad SLO or percentile."""
+        self.slos()
+        if not self.metric_percentiles or any(not 0 <= p <= 100 for p in self.metric_percentiles):
+            raise ValueError(f"--metric-percentiles must be numbers in [0, 100], got {self.metric_percentiles}")
+
+    def slos(self) -> dict[str, float]:
+        """The goodput SLOs in ms by key (ttft, tpot, e2el); empty without --goodput."""
+        return parse_goodput(self.goodput or [])
 
 
 def build_result(stats: dict, *, label: str | None, backend: str, model: str, num_requests: int | None,

@@ -19,11 +19,12 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from loadgen.arrivals import ArrivalProcess
+from kvweave.config_flags import bounded, flag
+from loadgen.arrivals import ArrivalProcess, parse_burstiness, parse_rate
 from loadgen.backends import Backend
 from loadgen.records import CANCELLED, RequestRecord
 from loadgen.types import Session, Workload
@@ -31,27 +32,48 @@ from loadgen.types import Session, Workload
 PROGRESS_TICK_S = 0.5
 
 
-@dataclass(frozen=True, slots=True)
-class RunConfig:
-    num_requests: int | None = 100
-    """Requests (turns) to send; None: no limit (then `duration` or the workload's end stops the run)."""
-    duration: float | None = None
-    """Seconds after which no new request is sent."""
-    request_rate: float | None = None
-    """Sessions per second; None: trace timestamps where the sessions have them, else infinite."""
-    burstiness: float = 1.0
-    max_concurrency: int | None = None
-    seed: int = 0
-    progress: bool = True
+DEFAULT_NUM_REQUESTS = 100
 
-    def check(self) -> None:
-        """Raises ValueError for settings that cannot run."""
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How much load and for how long (the `load` flags of `kvweave loadgen`). None means: for
+    `request_rate`, the sessions' trace timestamps where they have them, else infinite; for
+    `num_requests`, no limit (then `duration` or the workload's end stops the run)."""
+
+    request_rate: float | None = field(default=None, metadata=flag(
+        parse=parse_rate, metavar="R", default_text="the trace's timestamps for mooncake and azure, else inf"))
+    """sessions started per second, Poisson (gamma with --burstiness); 'inf' starts all at once"""
+    burstiness: float = field(default=1.0, metadata=flag(parse=parse_burstiness, metavar="B"))
+    """gamma shape of the inter-arrival times: 1 is Poisson, < 1 burstier, > 1 smoother"""
+    max_concurrency: int | None = field(default=None, metadata=flag(parse=bounded(int, 1), metavar="C",
+                                                                    default_text="no limit"))
+    """most requests in flight; with an infinite rate also the most sessions in flight"""
+    num_requests: int | None = field(default=DEFAULT_NUM_REQUESTS, metadata=flag(
+        parse=bounded(int, 1), metavar="N", default_text=f"{DEFAULT_NUM_REQUESTS}, or no limit with --duration"))
+    """requests to send (a multi-turn session's turns count one each)"""
+    duration: float | None = field(default=None, metadata=flag(parse=bounded(float, 0, strict=True), metavar="S",
+                                                               default_text=""))
+    """send no new request after S seconds, then wait for those in flight"""
+    seed: int = field(default=0, metadata=flag(parse=bounded(int, 0)))
+    """seed of the workload and the arrivals"""
+    progress: bool = field(default=True, metadata=flag(name="--no-progress", action="store_false", default_text=""))
+    """show a progress bar; --no-progress hides it"""
+
+    def __post_init__(self) -> None:
+        """Raises ValueError for settings that cannot run, naming the flag."""
+        if self.request_rate is not None and not self.request_rate > 0:
+            raise ValueError(f"--request-rate must be > 0 (or inf), got {self.request_rate}")
+        if not (math.isfinite(self.burstiness) and self.burstiness > 0):
+            raise ValueError(f"--burstiness must be a finite number > 0, got {self.burstiness}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
         if self.num_requests is not None and self.num_requests < 1:
             raise ValueError(f"--num-requests must be >= 1, got {self.num_requests}")
         if self.duration is not None and not (math.isfinite(self.duration) and self.duration > 0):
             raise ValueError(f"--duration must be a finite number of seconds > 0, got {self.duration}")
-        if self.max_concurrency is not None and self.max_concurrency < 1:
-            raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be at least 0, got {self.seed}")
 
 
 @dataclass(slots=True)
@@ -73,7 +95,6 @@ class Runner:
 
     def __init__(self, workload: Workload, backend: Backend, config: RunConfig,
                  log: Callable[[str], None] = print) -> None:
-        config.check()
         self.workload, self.backend, self.config, self.log = workload, backend, config, log
         self.records: list[RequestRecord] = []
         self.interrupted: str | None = None

@@ -12,9 +12,11 @@ import argparse
 import itertools
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvweave.config_flags import flag
 from loadgen.types import Session, Turn, WorkloadError
 from loadgen.workloads.base import at_least, given, make_rng
 
@@ -37,6 +39,44 @@ LOGNORMAL_SIGMA = 1.0
 TOOL_PREFIX = "Tool result:"
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """Options of the `multi-turn` and `agent` workloads."""
+
+    num_turns: int = field(default=4, metadata=flag(metavar="N"))
+    """turns (requests) per session"""
+    turn_input_len: int = field(default=48, metadata=flag(metavar="WORDS"))
+    """words of each user message"""
+    system_prompt_len: int | None = field(default=None, metadata=flag(
+        metavar="WORDS", default_text="0 for multi-turn, 64 for agent"))
+    """words of the system message every session starts with, the same in all sessions; 0 for none"""
+
+    def __post_init__(self) -> None:
+        at_least(self.num_turns, 1, "--num-turns")
+        at_least(self.turn_input_len, 1, "--turn-input-len")
+        if self.system_prompt_len is not None:
+            at_least(self.system_prompt_len, 0, "--system-prompt-len")
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """Options of the `agent` workload."""
+
+    tool_output_len: int = field(default=96, metadata=flag(metavar="WORDS"))
+    """words of each tool result, sent as a user message 'Tool result: ...'"""
+    tool_pause_dist: str = field(default="exponential", metadata=flag(choices=PAUSE_DISTRIBUTIONS))
+    """distribution of the tool-call pause before each tool result (lognormal: sigma 1)"""
+    tool_pause_mean: float = field(default=0.5, metadata=flag(metavar="SECONDS"))
+    """mean tool-call pause"""
+
+    def __post_init__(self) -> None:
+        at_least(self.tool_output_len, 1, "--tool-output-len")
+        at_least(self.tool_pause_mean, 0.0, "--tool-pause-mean")
+        if self.tool_pause_dist not in PAUSE_DISTRIBUTIONS:
+            raise WorkloadError(f"--tool-pause-dist must be one of {', '.join(PAUSE_DISTRIBUTIONS)}, "
+                                f"got {self.tool_pause_dist!r}")
+
+
 def pseudo_text(rng: np.random.Generator, n_words: int) -> str:
     """`n_words` words of pseudo-English: sentences of 5-14 words, capitalized, ending in a period."""
     words = [WORDS[i] for i in rng.integers(0, len(WORDS), size=n_words).tolist()]
@@ -56,6 +96,7 @@ class MultiTurnWorkload:
     summary = "chat sessions whose history grows turn by turn"
     default_output_len = 128
     default_system_prompt_len = 0
+    options = (ChatOptions,)
 
     def __init__(self, *, num_turns: int = 4, turn_input_len: int = 48, system_prompt_len: int = 0,
                  output_len: int = 128, seed: int = 0) -> None:
@@ -106,6 +147,7 @@ class AgentWorkload(MultiTurnWorkload):
     name = "agent"
     summary = "multi-turn sessions with tool results and tool-call pauses between turns"
     default_system_prompt_len = 64
+    options = (ChatOptions, AgentOptions)
 
     def __init__(self, *, tool_output_len: int = 96, tool_pause_dist: str = "exponential",
                  tool_pause_mean: float = 0.5, system_prompt_len: int = 64, **kwargs) -> None:

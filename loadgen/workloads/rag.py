@@ -16,15 +16,42 @@ import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from kvweave.config_flags import flag
 from loadgen.types import Session, Turn, WorkloadError
 from loadgen.workloads.base import DEFAULT_DATASETS, at_least, given, make_rng
 
 INSTRUCTION = ("Answer the question at the end using the passages below. Reply directly, in a few words, "
                "without repeating the question.\n\n")
+
+
+@dataclass(frozen=True)
+class RagOptions:
+    """Options of the `rag` workload."""
+
+    num_docs: int = field(default=4, metadata=flag(metavar="N"))
+    """passages per question, each a reusable chunk"""
+    popularity_skew: float = field(default=0.0, metadata=flag(metavar="S"))
+    """question popularity p(rank) ~ 1/(rank+1)^S over a seeded order of the questions; 0 is uniform,
+    larger makes popular questions recur"""
+    max_doc_words: int = field(default=0, metadata=flag(metavar="N"))
+    """cut each passage to N words, for short CPU runs; 0 keeps it whole"""
+    shuffle_docs: bool = field(default=False, metadata=flag(action="store_true", default_text=""))
+    """present each request's passages in a fresh random order (retrieval order varies with the
+    query's wording), so a recurring question's passages come at other positions: chunk reuse rather
+    than prefix reuse"""
+    chunks: bool = field(default=True, metadata=flag(name="--no-chunks", action="store_false", default_text=""))
+    """send the passages as reusable chunks; --no-chunks sends the same text as one plain prompt, for
+    servers without kvweave's chunk API"""
+
+    def __post_init__(self) -> None:
+        at_least(self.num_docs, 1, "--num-docs")
+        at_least(self.popularity_skew, 0.0, "--popularity-skew")
+        at_least(self.max_doc_words, 0, "--max-doc-words")
 
 
 def load_questions(path: Path) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -71,6 +98,7 @@ class RagWorkload:
     name = "rag"
     summary = "MuSiQue questions with retrieved passages sent as reusable chunks"
     default_output_len = 32
+    options = (RagOptions,)
 
     def __init__(self, path: str | os.PathLike = DEFAULT_DATASETS["rag"], *, num_docs: int = 4,
                  popularity_skew: float = 0.0, max_doc_words: int = 0, chunks: bool = True,
@@ -94,7 +122,7 @@ class RagWorkload:
     def from_args(cls, args: argparse.Namespace) -> RagWorkload:
         return cls(args.dataset or DEFAULT_DATASETS[cls.name], num_docs=args.num_docs,
                    popularity_skew=args.popularity_skew, max_doc_words=args.max_doc_words,
-                   chunks=not args.no_chunks, shuffle_docs=args.shuffle_docs, output_len=given(args.output_len, cls.default_output_len),
+                   chunks=args.chunks, shuffle_docs=args.shuffle_docs, output_len=given(args.output_len, cls.default_output_len),
                    seed=args.seed)
 
     @staticmethod

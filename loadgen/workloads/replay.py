@@ -15,17 +15,44 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvweave.config_flags import flag
 from loadgen.traces import MOONCAKE_BLOCK_TOKENS, AzureRecord, MooncakeRecord, block_tokens, read_azure, read_mooncake
 from loadgen.types import Session, Turn, WorkloadError
 from loadgen.workloads.base import DEFAULT_DATASETS, at_least, make_rng, parse_token_range, random_tokens
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """Options of the trace replays, `mooncake` and `azure`."""
+
+    time_scale: float = field(default=1.0, metadata=flag(metavar="X"))
+    """multiplies the trace's times: 0.1 replays ten times faster, 2 at half speed"""
+    trace_offset: int = field(default=0, metadata=flag(metavar="N"))
+    """skip the first N records"""
+    max_input_len: int = field(default=0, metadata=flag(metavar="N"))
+    """skip records whose prompt is longer than N tokens; 0: no limit"""
+    max_output_len: int = field(default=0, metadata=flag(metavar="N"))
+    """cap each record's output tokens at N; 0: no cap"""
+    block_size: int = field(default=MOONCAKE_BLOCK_TOKENS, metadata=flag(metavar="N"))
+    """mooncake: tokens per trace block; prompts are scaled by N/512 (use a small N with a small model)"""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise WorkloadError(f"--time-scale must be a positive number, got {self.time_scale}")
+        at_least(self.trace_offset, 0, "--trace-offset")
+        at_least(self.max_input_len, 0, "--max-input-len")
+        at_least(self.max_output_len, 0, "--max-output-len")
+        at_least(self.block_size, 1, "--block-size")
 
 
 class TraceReplay:
     """Replay order, filtering, timing and repetition common to the trace workloads."""
 
     name = ""
+    options = (TraceOptions,)
 
     def __init__(self, read: Callable[[Path], Sequence[MooncakeRecord | AzureRecord]], source: Path, *,
                  time_scale: float, trace_offset: int, max_input_len: int, max_output_len: int) -> None:

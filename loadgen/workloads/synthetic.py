@@ -5,9 +5,43 @@ from __future__ import annotations
 import argparse
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
+from kvweave.config_flags import flag
 from loadgen.types import Session, Turn, WorkloadError
 from loadgen.workloads.base import at_least, given, make_rng, parse_token_range, random_tokens
+
+
+@dataclass(frozen=True)
+class RandomOptions:
+    """Options of the `random` workload."""
+
+    input_len: int = field(default=256, metadata=flag(metavar="N"))
+    """prompt tokens"""
+    range_ratio: float = field(default=0.0, metadata=flag(metavar="R"))
+    """input and output lengths uniform in [L*(1-R), L*(1+R)], 0 <= R < 1"""
+
+    def __post_init__(self) -> None:
+        at_least(self.input_len, 1, "--input-len")
+        if not 0.0 <= self.range_ratio < 1.0:
+            raise WorkloadError(f"--range-ratio must be in [0, 1), got {self.range_ratio}")
+
+
+@dataclass(frozen=True)
+class PrefixRepetitionOptions:
+    """Options of the `prefix-repetition` workload."""
+
+    prefix_len: int = field(default=256, metadata=flag(metavar="N"))
+    """tokens of each shared prefix"""
+    suffix_len: int = field(default=64, metadata=flag(metavar="N"))
+    """fresh random tokens after the prefix"""
+    num_prefixes: int = field(default=4, metadata=flag(metavar="N"))
+    """distinct prefixes, used equally in shuffled rounds"""
+
+    def __post_init__(self) -> None:
+        at_least(self.prefix_len, 1, "--prefix-len")
+        at_least(self.suffix_len, 0, "--suffix-len")
+        at_least(self.num_prefixes, 1, "--num-prefixes")
 
 
 class RandomWorkload:
@@ -16,6 +50,7 @@ class RandomWorkload:
     name = "random"
     summary = "random token prompts, fixed or ranged input/output lengths"
     default_output_len = 128
+    options = (RandomOptions,)
 
     def __init__(self, *, input_len: int = 256, output_len: int = 128, range_ratio: float = 0.0,
                  token_range: tuple[int, int] = (1000, 30000), seed: int = 0) -> None:
@@ -59,6 +94,7 @@ class PrefixRepetitionWorkload:
     name = "prefix-repetition"
     summary = "shared random prefixes + fresh random suffixes (vLLM's prefix-repetition shape)"
     default_output_len = 128
+    options = (PrefixRepetitionOptions,)
 
     def __init__(self, *, prefix_len: int = 256, suffix_len: int = 64, num_prefixes: int = 4,
                  output_len: int = 128, token_range: tuple[int, int] = (1000, 30000), seed: int = 0) -> None:

@@ -137,3 +137,19 @@ def test_invalid_prompt_is_a_clear_error(tiny_hf_model, capsys) -> None:
 def test_a_command_is_required(capsys) -> None:
     assert main([]) != 0
     assert "generate" in capsys.readouterr().out
+
+
+def test_bad_sampling_flag_fails_once_before_the_model_loads(capsys) -> None:
+    assert main(generate("/nonexistent/model", "--prompt", "x", "--top-p", "0")) == 2
+    err = capsys.readouterr().err
+    assert "top_p must be in (0, 1]" in err and "nonexistent" not in err and "Traceback" not in err
+
+
+def test_sampling_flags_come_from_sampling_params_and_ignore_the_environment(monkeypatch) -> None:
+    from cli.generate import _defaults
+    from cli.main import build_parser
+
+    monkeypatch.setenv("KVWEAVE_TEMPERATURE", "0.7")
+    monkeypatch.setenv("KVWEAVE_MAX_TOKENS", "5")
+    args = build_parser("generate").parse_args(["generate", "--prompt", "x", "--top-k", "4"])
+    assert _defaults(args) == {"max_tokens": 128, "temperature": 0.0, "top_p": 1.0, "top_k": 4, "seed": None}

@@ -167,4 +167,4 @@ def test_stop_cancels_requests_in_flight_and_returns_what_was_measured() -> None
 @pytest.mark.parametrize("config", [{"num_requests": 0}, {"duration": 0.0}, {"max_concurrency": 0}])
 def test_settings_that_cannot_run_are_refused(config: dict) -> None:
     with pytest.raises(ValueError):
-        RunConfig(**config).check()
+        RunConfig(**config)

@@ -19,7 +19,7 @@ TINY = ["--token-range", "10:500"]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser()
     add_workload_arguments(p)
     p.add_argument("--seed", type=int, default=0)  # the runner's option
     return p
