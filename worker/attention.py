@@ -133,6 +133,8 @@ class PagedAttention:
     def _prefill(self, p: PrefillSeq, q, k, v, k_cache, v_cache) -> torch.Tensor:
         if p.positions is None and p.start_pos > 0 and p.num_new >= SPLIT_MIN_NEW and _flash_cpu(q):
             return self._prefill_split(p, q, k, v, k_cache, v_cache)
+        if p.positions is not None and _flash_cpu(q):
+            return self._prefill_sparse(p, q, k_cache, v_cache)
         if p.start_pos > 0 or p.positions is not None:
             k4 = k_cache.index_select(1, p.context_slots)[None]
             v4 = v_cache.index_select(1, p.context_slots)[None]
@@ -169,6 +171,51 @@ class PagedAttention:
         return o[0].to(q.dtype).transpose(0, 1).reshape(p.num_new, -1)
 
 
+    def _prefill_sparse(self, p: PrefillSeq, q, k_cache, v_cache) -> torch.Tensor:
+        """A blend piece: queries at sorted, sparse positions, each attending to the context up to
+        its own position. The context is taken in blocks of SPARSE_KEY_BLOCK keys: the queries
+        past a block's end attend it whole (flash, no mask), those inside it through a mask, the
+        ones before it not at all; the blocks' results are merged by their log-sum-exps. It skips
+        the masked half of the query x context rectangle that one masked call computes (1.5x
+        faster for 700 positions over a 5.8k context here)."""
+        n, n_ctx = p.num_new, p.context_slots.numel()
+        starts = torch.arange(0, n_ctx, SPARSE_KEY_BLOCK, device=q.device)
+        ends = (starts + SPARSE_KEY_BLOCK).clamp(max=n_ctx)
+        first = torch.searchsorted(p.positions, starts).tolist()  # first query reaching each block
+        whole = torch.searchsorted(p.positions, ends - 1).tolist()  # first query past each block's end
+        kc = k_cache.index_select(1, p.context_slots)
+        vc = v_cache.index_select(1, p.context_slots)
+        q4 = q.transpose(0, 1)[None]
+        acc = q4.new_zeros(q4.shape, dtype=torch.float32)
+        lse = torch.full(q4.shape[:3], float("-inf"), device=q.device)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        for a, b, lo, mid in zip(starts.tolist(), ends.tolist(), first, whole):
+            if lo == n:
+                break
+            kb = kc[:, a:b].repeat_interleave(self.group, 0)[None]
+            vb = vc[:, a:b].repeat_interleave(self.group, 0)[None]
+            if mid < n:
+                _merge(acc, lse, slice(mid, n), *flash(q4[:, :, mid:], kb, vb, 0.0, False, scale=self.scale))
+            if lo < mid:
+                keys = torch.arange(a, b, device=q.device)
+                mask = q.new_zeros(mid - lo, b - a).masked_fill_(keys[None, :] > p.positions[lo:mid, None],
+                                                                 float("-inf"))
+                _merge(acc, lse, slice(lo, mid),
+                       *flash(q4[:, :, lo:mid], kb, vb, 0.0, False, attn_mask=mask, scale=self.scale))
+        return acc[0].to(q.dtype).transpose(0, 1).reshape(n, -1)
+
+
+def _merge(acc: torch.Tensor, lse: torch.Tensor, rows: slice, out: torch.Tensor, out_lse: torch.Tensor) -> None:
+    """Fold one attention result over more keys into rows of a running (output, log-sum-exp)."""
+    old = lse[:, :, rows]
+    m = torch.maximum(old, out_lse)
+    w_old, w_new = (old - m).exp().unsqueeze(-1), (out_lse - m).exp().unsqueeze(-1)
+    acc[:, :, rows] = (acc[:, :, rows] * w_old + out.float() * w_new) / (w_old + w_new)
+    lse[:, :, rows] = m + (w_old + w_new).squeeze(-1).log()
+
+
+SPARSE_KEY_BLOCK = 512
+"""Context keys per block of a blend piece's attention (256-2048 measured; 512 was fastest)."""
 SPLIT_MIN_NEW = 512
 """New tokens from which a prefill chunk after cached context takes the split path."""
 

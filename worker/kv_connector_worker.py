@@ -281,11 +281,10 @@ class KVConnectorWorker:
         self.store.offload_many(keys, values, costs)
 
     def _save_chunk(self, job: SaveChunkJob) -> bool:
-        bs = self.block_size
-        table = [0] * job.first_block + job.block_ids
-        slots = self._slots(table, torch.arange(job.start, job.start + job.num_tokens))
+        first = job.first_block * self.block_size  # block_ids[0] holds this position
+        slots = self._slots(job.block_ids, torch.arange(job.start - first, job.start - first + job.num_tokens))
         kv = rebased_chunk(self.kv_cache, slots, job.start, self.inv_freq)
-        return store_chunk(self.store, job.key, kv, bs, cost=float(job.num_tokens))
+        return store_chunk(self.store, job.key, kv, self.block_size, cost=float(job.num_tokens))
 
     # ------------------------------------------------------------------ peers, snapshots
 
