@@ -2,12 +2,14 @@
 
 It holds the model, the KV cache and its own copy of each scheduled request's state (tokens, block
 table, sampling parameters, seeded generator), updated from the scheduler's diffs as in vLLM v1,
-and never decides policy. A step's flat inputs (token ids, positions, slot mapping) are written
-into one persistent host buffer and reach the device in one copy (none on the CPU).
+and never decides policy. A step's int64 inputs (token ids, positions, slot mapping, block tables,
+context lengths) are written into one persistent host buffer and reach the device in one copy
+(none on the CPU).
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +46,36 @@ class CachedRequestState:
     """Prompt positions whose logits are returned."""
 
 
+class StepInputs:
+    """A step's int64 inputs (token ids, positions, slot mapping, block tables, context lengths),
+    packed into one persistent host buffer (pinned when the device is a GPU) and moved to the
+    device in one copy; on the CPU the tensors are views of that buffer."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.host = torch.empty(0, dtype=torch.long)
+        self.arrays: list[np.ndarray] = []
+
+    def add(self, array: np.ndarray) -> int:
+        """Queue an int64 array; its tensor is `upload()[index]`."""
+        self.arrays.append(array)
+        return len(self.arrays) - 1
+
+    def upload(self) -> list[torch.Tensor]:
+        total = sum(a.size for a in self.arrays)
+        if self.host.numel() < total:
+            self.host = torch.empty(max(total, 2 * self.host.numel()), dtype=torch.long,
+                                    pin_memory=self.device.type == "cuda")
+        host, offset, spans = self.host.numpy(), 0, []
+        for a in self.arrays:
+            host[offset:offset + a.size] = a.ravel()
+            spans.append((offset, a.shape))
+            offset += a.size
+        self.arrays = []
+        dev = self.host[:total].to(self.device, non_blocking=True)
+        return [dev[o:o + math.prod(shape)].view(shape) for o, shape in spans]
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu") -> None:
@@ -57,7 +89,7 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.generators: dict[str, torch.Generator] = {}
         """Seeded requests' generators, kept across preemption (dropped when the request finishes)."""
-        self._host = torch.empty(0, dtype=torch.long)
+        self._inputs = StepInputs(self.device)
         self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
         m = rope_attention_factor(model.args)  # the tables carry yarn's factor; corrections need pure rotations
         self._rot_cos, self._rot_sin = (model.rope_cos, model.rope_sin) if m == 1 else \
@@ -96,24 +128,20 @@ class ModelRunner:
 
     def _prepare_inputs(self, items: list[tuple[str, int, BlendPiece | None]]
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list]:
-        """Flat inputs of a forward over `items` (request, tokens, blend piece), decodes first;
-        returns (token ids, positions, attention metadata, row to sample per item or None)."""
-        total = sum(n for _, n, _ in items)
-        if self._host.numel() < 3 * total:
-            self._host = torch.empty(max(3 * total, 2 * self._host.numel()), dtype=torch.long,
-                                     pin_memory=self.device.type == "cuda")
-        host = self._host.numpy()
-        ids, pos, slots = host[:total], host[total:2 * total], host[2 * total:3 * total]
-        tables, prefill_info, decode_rows, sample_rows = {}, [], [], []
+        """Inputs of a forward over `items` (request, tokens, blend piece), decodes first; returns
+        (token ids, positions, attention metadata, row to sample per item or None). Every int64
+        input of the step goes to the device in one copy (`StepInputs`)."""
+        packed = self._inputs
+        ids, pos, slots, tables, prefill_info, decode_rows, sample_rows = [], [], [], {}, [], [], []
         self._logit_rows = {}
         offset = 0
         for req_id, n, piece in items:
             state = self.requests[req_id]
             p = self._positions(req_id, n, piece)
             table = tables[req_id] = np.asarray(state.block_ids, dtype=np.int64)
-            ids[offset:offset + n] = np.asarray(state.token_ids, dtype=np.int64)[p]
-            pos[offset:offset + n] = p
-            slots[offset:offset + n] = self._slots(table, p)
+            ids.append(np.asarray(state.token_ids, dtype=np.int64)[p])
+            pos.append(p)
+            slots.append(self._slots(table, p))
             if piece is None and n == 1:
                 decode_rows.append((req_id, int(p[0]) + 1))
             else:
@@ -123,12 +151,16 @@ class ModelRunner:
             sample = piece.sample if piece is not None else int(p[-1]) + 1 == len(state.token_ids)
             sample_rows.append(offset + n - 1 if sample else None)
             offset += n
-        flat = self._host[:3 * total].to(self.device, non_blocking=True)
-        token_ids, positions, slot_mapping = flat[:total], flat[total:2 * total], flat[2 * total:]
-        meta = AttentionMetadata(slot_mapping, len(decode_rows),
-                                 prefills=[self._prefill_seq(tables[r], o, n, p, pc) for r, o, n, p, pc in prefill_info])
+        flat = [packed.add(np.concatenate(a)) for a in (ids, pos, slots)]
+        prefill_arrays = [self._prefill_arrays(packed, tables[r], n, p, pc) for r, _, n, p, pc in prefill_info]
+        decode_arrays = self._decode_arrays(packed, [tables[r] for r, _ in decode_rows], [c for _, c in decode_rows])
+        dev = packed.upload()
+        token_ids, positions, slot_mapping = (dev[i] for i in flat)
+        meta = AttentionMetadata(slot_mapping, len(decode_rows), prefills=[
+            self._prefill_seq(dev, arrays, tables[r], o, n, p, pc)
+            for arrays, (r, o, n, p, pc) in zip(prefill_arrays, prefill_info)])
         if decode_rows:
-            self._decode_metadata(meta, [tables[r] for r, _ in decode_rows], [c for _, c in decode_rows])
+            self._decode_metadata(meta, dev[decode_arrays[0]], dev[decode_arrays[1]], decode_arrays[2])
         return token_ids, positions, meta, sample_rows
 
     def _want_logits(self, req_id: str, wanted: range, p: np.ndarray, offset: int) -> None:
@@ -137,39 +169,54 @@ class ModelRunner:
         if rows:
             self._logit_rows[req_id] = ([q for q, _ in rows], [r for _, r in rows])
 
-    def _prefill_seq(self, table: np.ndarray, offset: int, n: int, p: np.ndarray, piece: BlendPiece | None) -> PrefillSeq:
+    def _prefill_arrays(self, packed: StepInputs, table: np.ndarray, n: int, p: np.ndarray,
+                        piece: BlendPiece | None) -> tuple[int | None, int | None, int | None]:
+        """Indexes in `packed` of a prefill's context slots, sparse positions and block table."""
         start = int(p[0])
-        to_device = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         if piece is None:
-            ctx = to_device(self._slots(table, np.arange(start + n))) if start else None
-            return PrefillSeq(offset, n, start, ctx)
-        ctx = to_device(self._slots(table, np.arange(int(p[-1]) + 1)))
-        positions = to_device(p)
+            return (packed.add(self._slots(table, np.arange(start + n))) if start else None), None, None
+        ctx = packed.add(self._slots(table, np.arange(int(p[-1]) + 1)))
+        return ctx, packed.add(p), (packed.add(table) if piece.groups else None)
+
+    def _prefill_seq(self, dev: list[torch.Tensor], arrays: tuple, table: np.ndarray, offset: int, n: int,
+                     p: np.ndarray, piece: BlendPiece | None) -> PrefillSeq:
+        ctx_i, pos_i, table_i = arrays
+        ctx = dev[ctx_i] if ctx_i is not None else None
+        if piece is None:
+            return PrefillSeq(offset, n, int(p[0]), ctx)
+        positions = dev[pos_i]
         if piece.score_layer is not None:
-            return PrefillSeq(offset, n, start, ctx, positions, score_layer=piece.score_layer)
+            return PrefillSeq(offset, n, int(p[0]), ctx, positions, score_layer=piece.score_layer)
         correction = None
         if piece.groups:
-            device_table = to_device(table)
+            device_table = dev[table_i]
             correction = ChunkCorrection(
                 piece.groups, positions,
                 lambda q: device_table[q // self.block_size] * self.block_size + q % self.block_size,
                 self._rot_cos, self._rot_sin)
-        return PrefillSeq(offset, n, start, ctx, positions, correction)
+        return PrefillSeq(offset, n, int(p[0]), ctx, positions, correction)
 
-    def _decode_metadata(self, meta: AttentionMetadata, tables: list[np.ndarray], ctx_lens: list[int]) -> None:
-        bs = self.block_size
+    def _decode_arrays(self, packed: StepInputs, tables: list[np.ndarray], ctx_lens: list[int]
+                       ) -> tuple[int, int, int] | None:
+        """Indexes in `packed` of the decodes' padded block tables and context lengths, and the
+        longest context."""
+        if not tables:
+            return None
         max_len = max(ctx_lens)
-        max_blocks = -(-max_len // bs)
+        max_blocks = -(-max_len // self.block_size)
         bt = np.zeros((len(tables), max_blocks), dtype=np.int64)
         for i, t in enumerate(tables):
-            n = min(len(t), max_blocks)
-            bt[i, :n] = t[:n]
-        block_tables = torch.from_numpy(bt).to(self.device)
-        lens = torch.tensor(ctx_lens, dtype=torch.long, device=self.device)
+            m = min(len(t), max_blocks)
+            bt[i, :m] = t[:m]
+        return packed.add(bt), packed.add(np.asarray(ctx_lens, dtype=np.int64)), max_len
+
+    def _decode_metadata(self, meta: AttentionMetadata, block_tables: torch.Tensor, lens: torch.Tensor,
+                         max_len: int) -> None:
+        bs = self.block_size
         meta.decode_block_tables, meta.decode_context_lens = block_tables, lens
         if decode_kernel_for(self.kv_cache) is None:  # the torch path gathers padded contexts
             ar = torch.arange(max_len, device=self.device)
-            slots = (block_tables[:, :, None] * bs + torch.arange(bs, device=self.device)).view(len(tables), -1)
+            slots = (block_tables[:, :, None] * bs + torch.arange(bs, device=self.device)).view(len(lens), -1)
             pad = ar[None, :] >= lens[:, None]
             bias = torch.zeros(pad.shape, dtype=self.model.dtype, device=self.device).masked_fill_(pad, float("-inf"))
             meta.decode_slots, meta.decode_bias = slots[:, :max_len].contiguous(), bias[None, :, None, :]
