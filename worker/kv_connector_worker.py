@@ -20,16 +20,15 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from kvstore.chunks import load_chunk, store_chunk
-from kvstore.keys import chunk_hash
 from kvstore.codec import KVLayout
 from kvstore.index import DEFAULT_COSTS_MS
-from kvstore.keys import BlockHash
+from kvstore.keys import BlockHash, chunk_hash
 from kvstore.manager import TierManager
 from kvstore.tier import KVTier, TierStats
 from kvstore.transfer_source import empty_layer_major
@@ -195,19 +194,12 @@ class KVConnectorWorker:
         future.add_done_callback(lambda _: self._done.set())
         self._inflight.append((kind, job, future))
 
-    @property
-    def has_pending(self) -> bool:
-        return bool(self._inflight)
-
     def wait(self, timeout: float) -> None:
         """Block until some job finishes (or `timeout` seconds): the engine has nothing else to do."""
         if self._inflight and not any(f.done() for _, _, f in self._inflight):
             self._done.clear()
             if not any(f.done() for _, _, f in self._inflight):
                 self._done.wait(timeout)
-
-    def wait_all(self) -> None:
-        wait([f for _, _, f in self._inflight])
 
     def get_finished(self) -> KVConnectorOutput:
         out = KVConnectorOutput()
