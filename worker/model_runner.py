@@ -139,7 +139,9 @@ class ModelRunner:
             state = self.requests[req_id]
             p = self._positions(req_id, n, piece)
             table = tables[req_id] = np.asarray(state.block_ids, dtype=np.int64)
-            ids.append(np.asarray(state.token_ids, dtype=np.int64)[p])
+            tokens = state.token_ids  # only the step's own tokens are converted (not the whole context)
+            ids.append(np.asarray(tokens[int(p[0]):int(p[0]) + n] if piece is None else [tokens[q] for q in p.tolist()],
+                                  dtype=np.int64))
             pos.append(p)
             slots.append(self._slots(table, p))
             if piece is None and n == 1:
