@@ -57,7 +57,8 @@ def delta_to_proto(delta: Delta) -> inference_pb2.GenerateResponse:
             u = delta.usage
             msg.usage.CopyFrom(common_pb2.Usage(
                 prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
-                chunk_reused_tokens=u.chunk_reused_tokens, recomputed_tokens=u.recomputed_tokens))
+                chunk_reused_tokens=u.chunk_reused_tokens, recomputed_tokens=u.recomputed_tokens,
+                disaggregation=u.disaggregation, prefill_worker_id=u.prefill_worker_id))
     return msg
 
 

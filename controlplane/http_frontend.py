@@ -177,7 +177,8 @@ async def detokenize(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     router = request.app[_ROUTER]
-    return web.json_response({"status": "ok", "workers": len(router.pool.eligible()),
+    roles = router.pool.role_counts()
+    return web.json_response({"status": "ok", "workers": sum(roles.values()), "roles": roles,
                               "requests_in_flight": router.num_inflight})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from controlplane.disagg import REASONS
 from controlplane.router_types import Usage
 from kvweave.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
 from kvweave.registry import ROLES
@@ -22,6 +23,11 @@ REQUEST_STATUSES = ("ok", "invalid", "overloaded", "no_worker", "worker_error", 
 """`status` values of kvweave_router_requests_total: ok, cancelled (the client went away first), and
 the labels of controlplane/errors.py's table. Each starts at 0, so that rates of a status never
 seen yet are 0 rather than missing."""
+
+HANDOFF_RESULTS = ("handed_off", "finished_on_prefill", "prefill_failed")
+"""`result` of kvweave_router_handoffs_total, per remote prefill: the prefill worker handed the KV to
+the decode worker; its first token ended the request; it failed before answering (the request was
+served colocated on the decode worker instead)."""
 
 
 class RouterMetrics:
@@ -62,6 +68,16 @@ class RouterMetrics:
                                            registry=r)
         self.recomputed_tokens = Counter("kvweave_router_recomputed_tokens", "Chunk-reused prompt tokens the "
                                          "workers recomputed in their new context (from usage)", registry=r)
+        self.disagg_decisions = Counter("kvweave_router_disagg_decisions", "Prefill/decode decisions (with "
+                                        "prefill workers in the cluster), by reason", ["reason"], registry=r)
+        self.handoffs = Counter("kvweave_router_handoffs", "Remote prefills by result", ["result"], registry=r)
+        self.remote_prefill = Histogram("kvweave_router_remote_prefill_seconds", "From sending a request to its "
+                                        "prefill worker to the handoff (or its end)", buckets=TTFT_BUCKETS,
+                                        registry=r)
+        for reason in REASONS:
+            self.disagg_decisions.labels(reason)
+        for result in HANDOFF_RESULTS:
+            self.handoffs.labels(result)
         # One child per stage, resolved once: labels() costs more than observe() on the hot path.
         self.stages = {name: self.stage.labels(name) for name in STAGES}
 

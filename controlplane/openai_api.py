@@ -8,7 +8,8 @@ reusable chunks (KV that may be reused wherever the text appears): `/v1/completi
 `"kvweave": {"chunks": [str | {"text": str, "reusable": bool}, ...]}` followed by the optional
 string `prompt`; chat messages mark documents with `"kvweave": {"document": true}` or content parts
 `{"type": "document", "text": ...}` (kvweave/segments.py). Usage adds `"kvweave": {"computed_tokens",
-"prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens", "worker_id"}`.
+"prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens", "worker_id"}`, and with prefill
+workers in the cluster "disaggregation" (the router's decision) and "prefill_worker_id".
 Features we do not implement (penalties, logit_bias, tools, echo, best_of > 1, suffix) are
 rejected with a 400 rather than silently ignored.
 
@@ -259,6 +260,10 @@ def usage_json(usage: Usage | None, worker_id: str = "") -> dict | None:
                "chunk_reused_tokens": usage.chunk_reused_tokens, "recomputed_tokens": usage.recomputed_tokens}
     if worker_id:
         kvweave["worker_id"] = worker_id
+    if usage.disaggregation:
+        kvweave["disaggregation"] = usage.disaggregation
+    if usage.prefill_worker_id:
+        kvweave["prefill_worker_id"] = usage.prefill_worker_id
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}, "kvweave": kvweave}

@@ -7,6 +7,15 @@ look up in ONE Redis round trip which worker holds which leading blocks in which
 (`KVIndex.leading_tiers`; only when the policy needs it), let the policy pick, and stream the worker's deltas back. A failure before
 the first token is retried on another worker (at most `max_attempts` workers); after it the
 client gets `WorkerFailedError`. Each stage's time is a histogram (`kvweave_router_stage_seconds`).
+
+Prefill/decode disaggregation, when the registry has prefill workers: the policy picks the decode
+(or colocated) worker D among the workers that serve whole requests, and the same policy picks a
+prefill worker P by its cache-aware cost; `controlplane.disagg.decide` says whether P prefills
+(per request, priced with D's measured costs; the reason goes to the usage, a metric and the debug
+log). Remote: P runs the prompt prefill-only and answers the handoff handle (or the whole answer,
+when the first token ends the request); D then continues from the handle, pulling the KV from P.
+P failing before it answers sends the request to D colocated; D failing before its first token is
+retried on another worker with the same handle (P holds the KV until released or its TTL).
 """
 from __future__ import annotations
 
@@ -21,13 +30,14 @@ from dataclasses import dataclass, field, replace
 import grpc
 import redis.asyncio
 
+from controlplane.disagg import DisaggConfig, DisaggDecision, decide
 from controlplane.errors import NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status
 from controlplane.metrics import RouterMetrics
-from controlplane.policies import DEFAULT_POLICY, RouteRequest, held_chunk_tokens, make_policy
+from controlplane.policies import DEFAULT_POLICY, RouteRequest, WorkerState, held_chunk_tokens, make_policy
 from kvweave.registry import Registry
 from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogprob, Usage
-from controlplane.worker_pool import PoolWorker, WorkerPool
-from kvstore.index import MEDIUMS, KVIndex
+from controlplane.worker_pool import PREFILL_ROLES, PoolWorker, WorkerPool
+from kvstore.index import MEDIUMS, KVIndex, local_run
 from kvstore.keys import chunk_block_keys, chunk_hash, encode_extra_keys, hash_blocks
 from kvweave.convert import finish_reason_from_proto, sampling_to_proto
 from kvweave.v1 import common_pb2, worker_pb2
@@ -74,6 +84,14 @@ class RouterConfig:
     (None: plain prompts are not split)."""
     max_chunks_per_request: int = MAX_CHUNKS_PER_REQUEST
     """Most reusable chunks one request may carry."""
+    disagg_threshold_tokens: int | None = None
+    """Uncached prompt tokens from which a request may be prefilled on a prefill worker (None: the
+    decode worker's step token budget)."""
+    disagg_max_prefill_queue_tokens: int = 16384
+    """A prefill worker with this many queued prefill tokens takes no more remote prefills."""
+    disagg_handoff_margin: float = 1.0
+    """Remote prefill only when the predicted KV handoff takes under this share of the predicted
+    local prefill."""
 
     def __post_init__(self) -> None:
         if self.max_inflight <= 0 or self.max_attempts <= 0:
@@ -84,6 +102,8 @@ class RouterConfig:
             raise ValueError("chunk_separator must be a non-empty string (or None)")
         if self.lease_s <= 0 or self.refresh_s <= 0:
             raise ValueError("lease_s and refresh_s must be positive")
+        self.disagg = DisaggConfig(self.disagg_threshold_tokens, self.disagg_max_prefill_queue_tokens,
+                                   self.disagg_handoff_margin)
 
 
 @dataclass(slots=True)
@@ -101,6 +121,11 @@ class _Request:
     """The prompt's block-hash chain (for the policy; empty when it does not use the index)."""
     chunk_spans: list[tuple[int, int]] = field(default_factory=list)
     """(start, length) token spans of the prompt's reusable chunks (sorted, disjoint)."""
+    disaggregation: str = ""
+    """The prefill/decode decision's reason (empty: no prefill workers)."""
+    prefill_worker_id: str = ""
+    prefill_usage: common_pb2.Usage | None = None
+    """The prefill worker's usage (its prefix and chunk reuse) of a handed-off request."""
 
 
 class _WorkerFailure(Exception):
@@ -249,14 +274,19 @@ class Router:
         workers = [w for w in self.pool.eligible() if w.info.max_model_len > len(req.token_ids)]
         if not workers:
             raise NoWorkerError(f"no worker serving {self.model.name} is available")
+        prefills = [w for w in self.pool.eligible(roles=PREFILL_ROLES) if w.info.max_model_len > len(req.token_ids)]
         t0 = time.perf_counter()
-        hits = await self._lookup(req, workers)
+        hits = await self._lookup(req, workers + prefills)
         failed: dict[str, str] = {}
         for attempt in range(min(self.config.max_attempts, len(workers))):
             candidates = [w for w in workers if w.worker_id not in failed]
             worker, num_hit_blocks = self._pick(req, candidates, hits)
             if attempt == 0:
                 self.metrics.stages["decision"].observe(time.perf_counter() - t0)
+                if self._disaggregated(prefills):
+                    async for delta in self._remote_prefill(req, worker, prefills, hits):
+                        yield delta  # the first token ended the request on the prefill worker
+                        return
             else:
                 self.metrics.retries.inc()
             try:
@@ -307,6 +337,87 @@ class Router:
             return {k: (v, b"") for hits in found for k, v in hits.items()}
         return {k: (v, chunk_codes[k]) for prefix, chunk_codes in found for k, v in prefix.items()}
 
+    def _disaggregated(self, prefills: list[PoolWorker]) -> bool:
+        """Whether this cluster splits prefill from decode (it has, or had, prefill or decode workers)."""
+        return bool(prefills) or any(w.info.role in ("prefill", "decode") for w in self.pool.workers.values())
+
+    def _decide(self, req: _Request, decode: PoolWorker, prefills: list[PoolWorker],
+                hits: dict[str, tuple[bytes, bytes]]) -> tuple[DisaggDecision, PoolWorker | None]:
+        """Remote prefill or not, and on which prefill worker (the policy's pick among them)."""
+        state = self._state(decode, hits)
+        request = self._route_request(req)
+        hit_tokens = state.num_hit_blocks * decode.info.block_size
+        uncached = max(0, len(req.token_ids) - hit_tokens - held_chunk_tokens(request, state))
+        prefill = None
+        if prefills:
+            choice = self.policy.pick(request, [self._state(w, hits) for w in prefills])
+            prefill = next(w for w in prefills if w.worker_id == choice.worker_id)
+        decision = decide(self.config.disagg, state, self._state(prefill, hits) if prefill else None, uncached,
+                          len(req.token_ids) - hit_tokens, decode.info.max_num_batched_tokens)
+        return decision, prefill
+
+    async def _remote_prefill(self, req: _Request, decode: PoolWorker, prefills: list[PoolWorker],
+                              hits: dict[str, tuple[bytes, bytes]]) -> AsyncIterator[Delta]:
+        """Decide, and when remote, run the prefill: afterwards `req.message` carries the handoff
+        for the decode worker; yields the whole answer when the first token ended the request."""
+        decision, prefill = self._decide(req, decode, prefills, hits)
+        req.disaggregation = decision.reason
+        self.metrics.disagg_decisions.labels(decision.reason).inc()
+        logger.debug("disaggregation %s: %s (uncached %d tokens, handoff %.1f ms vs local prefill %.1f ms) "
+                     "decode %s prefill %s", req.req_id, decision.reason, decision.uncached_tokens,
+                     decision.handoff_ms, decision.local_prefill_ms, decode.worker_id,
+                     prefill.worker_id if prefill else None)
+        if not decision.remote or req.aborted:
+            return
+        t0 = time.perf_counter()
+        message = worker_pb2.WorkerGenerateRequest()
+        message.CopyFrom(req.message)
+        message.prefill_only = True
+        num_prefill = max(0, len(req.token_ids) - local_run(hits.get(prefill.worker_id, (b"", b""))[0])
+                          * prefill.info.block_size)
+        prefill.num_local_waiting += 1
+        prefill.num_local_prefill_tokens += num_prefill
+        req.call = prefill.stub.Generate(message)
+        last = None
+        try:
+            async for resp in req.call:
+                last = resp
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidRequestError(e.details() or code.name) from None
+            if code in _QUARANTINE_CODES:
+                self.pool.quarantine(prefill.worker_id, self.config.lease_s)
+            if req.aborted:
+                yield Delta(req.req_id, prefill.worker_id, "", [], True, "abort")
+                return
+            self._prefill_failed(req, prefill, f"{code.name}: {e.details()}")
+            return
+        finally:
+            prefill.num_local_waiting -= 1
+            prefill.num_local_prefill_tokens -= num_prefill
+            self._cancel(req)
+            req.call = None
+        self.metrics.remote_prefill.observe(time.perf_counter() - t0)
+        if last is None or not last.finished:
+            self._prefill_failed(req, prefill, "its answer ended early")
+            return
+        req.prefill_worker_id = prefill.worker_id
+        if last.HasField("kv_handoff"):
+            self.metrics.handoffs.labels("handed_off").inc()
+            req.prefill_usage = last.usage
+            req.message.kv_handoff.CopyFrom(last.kv_handoff)
+            return
+        self.metrics.handoffs.labels("finished_on_prefill").inc()
+        self.metrics.ttft.observe(time.perf_counter() - req.arrival)
+        yield self._delta(req, prefill, last)
+
+    def _prefill_failed(self, req: _Request, prefill: PoolWorker, why: str) -> None:
+        logger.warning("request %s: prefill worker %s failed before answering (%s); prefilling on the decode "
+                       "worker instead", req.req_id, prefill.worker_id, why)
+        self.metrics.handoffs.labels("prefill_failed").inc()
+        req.disaggregation = "prefill_failed"
+
     def _worker_tiers(self, workers: list[PoolWorker]) -> dict[str, tuple[str, ...]]:
         """The index tiers worth asking about per worker: the device, and the configured host tiers
         its heartbeat says hold something."""
@@ -316,16 +427,22 @@ class Router:
             out[w.worker_id] = tuple(m for m in self.config.index_mediums if m == "device" or held.get(m))
         return out
 
+    @staticmethod
+    def _state(w: PoolWorker, hits: dict[str, tuple[bytes, bytes]]) -> WorkerState:
+        prefix, chunks = hits.get(w.worker_id, (b"", b""))
+        state = w.state(prefix)
+        state.chunk_tiers = chunks
+        return state
+
+    @staticmethod
+    def _route_request(req: _Request) -> RouteRequest:
+        return RouteRequest(len(req.token_ids), req.block_hashes, req.session_id, req.req_id, req.chunk_spans)
+
     def _pick(self, req: _Request, workers: list[PoolWorker],
               hits: dict[str, tuple[bytes, bytes]]) -> tuple[PoolWorker, int]:
         t0 = time.perf_counter()
-        states = []
-        for w in workers:
-            prefix, chunks = hits.get(w.worker_id, (b"", b""))
-            state = w.state(prefix)
-            state.chunk_tiers = chunks
-            states.append(state)
-        request = RouteRequest(len(req.token_ids), req.block_hashes, req.session_id, req.req_id, req.chunk_spans)
+        states = [self._state(w, hits) for w in workers]
+        request = self._route_request(req)
         decision = self.policy.pick(request, states)
         self.metrics.stages["scoring"].observe(time.perf_counter() - t0)
         logger.debug("route %s -> %s (%s, %s) costs=%s hits=%s", req.req_id, decision.worker_id, decision.policy,
@@ -338,7 +455,8 @@ class Router:
 
     async def _stream(self, req: _Request, worker: PoolWorker, num_hit_blocks: int) -> AsyncIterator[Delta]:
         """Forward to one worker; raises _WorkerFailure when it fails before the first token."""
-        num_prefill = max(0, len(req.token_ids) - num_hit_blocks * worker.info.block_size)
+        num_prefill = 0 if req.message.HasField("kv_handoff") else \
+            max(0, len(req.token_ids) - num_hit_blocks * worker.info.block_size)
         self.metrics.predicted_hit_tokens.inc(len(req.token_ids) - num_prefill)
         if req.aborted:  # aborted while being placed
             yield Delta(req.req_id, worker.worker_id, "", [], True, "abort")
@@ -396,8 +514,9 @@ class Router:
             delta.finish_reason = finish_reason_from_proto(resp.finish_reason)
             delta.stop_reason = resp.stop_reason
             u = resp.usage
-            delta.usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.chunk_reused_tokens,
-                                u.recomputed_tokens)
+            p = req.prefill_usage or u  # a handed-off prompt's reuse happened where it was prefilled
+            delta.usage = Usage(u.prompt_tokens, u.completion_tokens, p.cached_tokens, p.chunk_reused_tokens,
+                                p.recomputed_tokens, req.disaggregation, req.prefill_worker_id)
             self.metrics.count_usage(delta.usage)
         return delta
 

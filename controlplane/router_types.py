@@ -39,6 +39,11 @@ class Usage:
     """Prompt tokens served from chunk-caches (reusable chunks), recomputed ones included."""
     recomputed_tokens: int = 0
     """Of the chunk-reused tokens, those recomputed in their new context."""
+    disaggregation: str = ""
+    """With prefill workers in the cluster: "remote" (prefilled on `prefill_worker_id`, decoded on the
+    delta's worker) or why the request stayed on one worker (controlplane/disagg.py REASONS, or
+    prefill_failed); empty otherwise."""
+    prefill_worker_id: str = ""
 
     @property
     def computed_tokens(self) -> int:

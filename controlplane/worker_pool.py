@@ -18,13 +18,15 @@ import grpc
 
 from controlplane.policies import WorkerState
 from kvstore.index import local_run
-from kvweave.registry import Registry, WorkerInfo
+from kvweave.registry import ROLES, Registry, WorkerInfo
 from kvweave.v1 import worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-SERVING_ROLES = ("colocated",)
-"""Roles that can serve a whole request alone (prefill/decode pairs come with disaggregation)."""
+SERVING_ROLES = ("colocated", "decode")
+"""Roles that can serve a whole request alone (a decode worker prefills what it is not handed off)."""
+PREFILL_ROLES = ("prefill",)
+"""Roles that prefill for decode workers (controlplane/disagg.py decides when)."""
 
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.enable_retries", 0)]
 
@@ -117,12 +119,18 @@ class WorkerPool:
         if self.on_change is not None:
             self.on_change(dict(Counter(w.info.role for w in self.workers.values())))
 
-    def eligible(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[PoolWorker]:
-        """Workers that serve the router's model in a serving role, excluding `exclude` and the quarantined."""
+    def eligible(self, exclude: set[str] | frozenset[str] = frozenset(), roles: tuple[str, ...] = SERVING_ROLES
+                 ) -> list[PoolWorker]:
+        """Workers that serve the router's model in one of `roles` (default: those that serve a whole
+        request), excluding `exclude` and the quarantined."""
         now = time.monotonic()
         return [w for w in self.workers.values()
-                if w.info.model == self.model and w.info.role in SERVING_ROLES and w.worker_id not in exclude
+                if w.info.model == self.model and w.info.role in roles and w.worker_id not in exclude
                 and self._quarantined.get(w.worker_id, 0.0) <= now]
+
+    def role_counts(self) -> dict[str, int]:
+        """Live, unquarantined workers of the router's model per role."""
+        return dict(Counter(w.info.role for w in self.eligible(roles=ROLES)))
 
     def quarantine(self, worker_id: str, seconds: float) -> None:
         self._quarantined[worker_id] = time.monotonic() + seconds

@@ -10,6 +10,11 @@ answer the same errors (named by the same gRPC status names) and are checked as 
 `serve_transfer` starts both servers; a worker adds `KVTransferService(source, data_server)` to its
 own grpc.aio server.
 
+Handoffs. A prefill worker holds a prefilled prompt's blocks under the keys of a handoff handle
+(worker/kv_handoff.py); its source exports them like any other key, so both transports fetch
+them unchanged. `Release` (with the service's `on_release`) frees a handoff once the decode worker
+has its KV; `TransferClient.release` calls it.
+
 Fetch wire format. The caller sends the keys it wants (16-byte block hashes, in prompt order), the
 layout it expects (dtype code and entry shape; dim 1 is the layer) and a maximum piece size. The
 server streams back a `FetchHeader` (n, the length of the leading run of requested keys it holds:
@@ -40,7 +45,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -83,7 +88,10 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
 
     def __init__(self, source: KVSource, data_server=None, max_keys: int = DEFAULT_MAX_KEYS,
                  default_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 on_served: Callable[[int, float], None] | None = None) -> None:
+                 on_served: Callable[[int, float], None] | None = None,
+                 on_release: Callable[[str], Awaitable[bool]] | None = None) -> None:
+        """`on_release(handoff_id)`: frees a handoff's blocks, True when it was held (None: this
+        server holds no handoffs; Release answers found = false)."""
         if max_keys <= 0:
             raise ValueError("max_keys must be positive")
         if not 0 < default_chunk_bytes <= MAX_CHUNK_BYTES:
@@ -93,6 +101,7 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
         self.max_keys = max_keys
         self.default_chunk_bytes = default_chunk_bytes
         self.on_served = on_served
+        self.on_release = on_release
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -102,6 +111,9 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
             "DataPort": grpc.unary_unary_rpc_method_handler(
                 self.DataPort, request_deserializer=kvtransfer_pb2.DataPortRequest.FromString,
                 response_serializer=kvtransfer_pb2.DataPortResponse.SerializeToString),
+            "Release": grpc.unary_unary_rpc_method_handler(
+                self.Release, request_deserializer=kvtransfer_pb2.ReleaseRequest.FromString,
+                response_serializer=kvtransfer_pb2.ReleaseResponse.SerializeToString),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -109,6 +121,13 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
     async def DataPort(self, request: kvtransfer_pb2.DataPortRequest, context: grpc.aio.ServicerContext
                        ) -> kvtransfer_pb2.DataPortResponse:
         return kvtransfer_pb2.DataPortResponse(port=self.data_server.port if self.data_server is not None else 0)
+
+    async def Release(self, request: kvtransfer_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+                      ) -> kvtransfer_pb2.ReleaseResponse:
+        if not request.handoff_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "handoff_id is empty")
+        found = self.on_release is not None and await self.on_release(request.handoff_id)
+        return kvtransfer_pb2.ReleaseResponse(found=found)
 
     def _parse(self, request: kvtransfer_pb2.FetchRequest) -> tuple[list[bytes], KVLayout, int]:
         keys = list(request.keys)
@@ -350,6 +369,7 @@ def _channel_target(channel: grpc.aio.Channel) -> str:
 
 TRANSPORTS = ("auto", "tcp", "grpc")
 DATA_PORT_METHOD = f"/{SERVICE_NAME}/DataPort"
+RELEASE_METHOD = f"/{SERVICE_NAME}/Release"
 
 
 def _data_host(address: str) -> str | None:
@@ -460,6 +480,18 @@ class TransferClient:
                 raise TransferError(f"KV fetch from {address}: the peer has no TCP data plane")
             timeout_s = remaining
         return await _fetch(self.channel(address), address, keys, layout, timeout_s, max_chunk_bytes, out)
+
+    async def release(self, address: str, handoff_id: str, timeout_s: float) -> bool:
+        """Ask the peer at `address` to free a handoff's blocks; whether it held them. TransferError
+        when it cannot be asked."""
+        method = self.channel(address).unary_unary(
+            RELEASE_METHOD, request_serializer=kvtransfer_pb2.ReleaseRequest.SerializeToString,
+            response_deserializer=kvtransfer_pb2.ReleaseResponse.FromString)
+        try:
+            return (await method(kvtransfer_pb2.ReleaseRequest(handoff_id=handoff_id), timeout=timeout_s)).found
+        except grpc.aio.AioRpcError as e:
+            raise TransferError(f"releasing handoff {handoff_id} at {address}: {e.code().name}: "
+                                f"{short_message(e.details() or 'no details')}") from None
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), OrderedDict()

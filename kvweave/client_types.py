@@ -79,6 +79,11 @@ class Usage:
     """Prompt tokens served from chunk-caches."""
     recomputed_tokens: int = 0
     """Of the chunk-reused tokens, those recomputed."""
+    disaggregation: str = ""
+    """The router's prefill/decode decision: "remote" or why the request stayed on one worker
+    (empty when the cluster has no prefill workers)."""
+    prefill_worker_id: str = ""
+    """The worker that prefilled the prompt, when "remote"."""
 
     @property
     def total_tokens(self) -> int:
@@ -255,7 +260,8 @@ def build_request(*, prompt: str | None, messages: Sequence | None, token_ids: S
 def _usage_from_proto(u: common_pb2.Usage) -> Usage:
     return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                  cached_tokens=u.cached_tokens, chunk_reused_tokens=u.chunk_reused_tokens,
-                 recomputed_tokens=u.recomputed_tokens)
+                 recomputed_tokens=u.recomputed_tokens, disaggregation=u.disaggregation,
+                 prefill_worker_id=u.prefill_worker_id)
 
 
 def delta_from_proto(msg: inference_pb2.GenerateResponse) -> GenerateDelta:

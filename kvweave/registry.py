@@ -54,6 +54,8 @@ class WorkerInfo:
     role: str = "colocated"
     max_num_seqs: int = 64
     max_model_len: int = 2048
+    max_num_batched_tokens: int = 512
+    """The engine's token budget per step (a prompt this short fits one chunked-prefill step)."""
     block_size: int = BLOCK_SIZE
     metrics_port: int = 0
     """Port of the worker's Prometheus metrics (HTTP GET /metrics) on the host of `address`; 0: none."""

@@ -53,18 +53,20 @@ class InProcessCluster:
             self.add_worker(f"w{i}")
         return self
 
-    def add_worker(self, worker_id: str) -> WorkerServer:
+    def add_worker(self, worker_id: str, role: str = "colocated", **engine_config) -> WorkerServer:
         options = WorkerOptions(redis_url=self.redis_url, worker_id=worker_id, lease_s=self.lease_s, heartbeat_s=0.2,
-                                grace_s=0.5)
-        server = WorkerServer(EngineConfig(model=str(self.model), **self.engine_config), options)
+                                grace_s=0.5, role=role)
+        server = WorkerServer(EngineConfig(model=str(self.model), **(self.engine_config | engine_config)), options)
         self.run(server.start())
         self.workers.append(server)
         return server
 
-    def add_router(self, policy: str = "prefix_aware", max_inflight: int = 64, **policy_config) -> RouterServer:
+    def add_router(self, policy: str = "prefix_aware", max_inflight: int = 64, router_config: dict | None = None,
+                   **policy_config) -> RouterServer:
+        """`router_config`: other RouterConfig fields (e.g. the disaggregation settings)."""
         config = RouterConfig(redis_url=self.redis_url, model=str(self.model), policy=policy,
                               policy_config=policy_config, max_inflight=max_inflight, lease_s=self.lease_s,
-                              refresh_s=0.1)
+                              refresh_s=0.1, **(router_config or {}))
         server = RouterServer(config, ServeOptions(grace_s=0.5), Router(config, self.tokenizer))
         self.run(server.start())
         self.routers.append(server)

@@ -34,6 +34,7 @@ from kvstore.events import BlockRemoved, BlockStored
 from kvstore.transfer_source import KVLayoutMismatchError
 from worker.engine import LLMEngine, Prompt
 from worker.kv_connector_worker import StagedKV
+from worker.kv_handoff import Handoff
 from worker.output import RequestOutput
 from worker.request import Request, RequestStatus
 from kvweave.errors import InvalidRequestError
@@ -73,11 +74,13 @@ class AsyncEngine:
         return len(self._streams)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
-                       cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = ()
-                       ) -> AsyncIterator[RequestOutput]:
+                       cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = (),
+                       prefill_only: bool = False, handoff: Handoff | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (each with the new delta); raises InvalidRequestError at once.
-        `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks."""
-        req = self.engine.make_request(prompt, params, req_id, cache_namespace, chunk_spans)
+        `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks;
+        `prefill_only` / `handoff`: the two halves of a disaggregated request (worker/kv_handoff.py)."""
+        req = self.engine.make_request(prompt, params, req_id, cache_namespace, chunk_spans,
+                                       prefill_only=prefill_only, handoff=handoff)
         if req.req_id in self._streams:
             raise InvalidRequestError(f"request id {req.req_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -96,6 +99,12 @@ class AsyncEngine:
             self._streams.pop(req.req_id, None)
             if not finished:
                 self._commands.put(("abort", req.req_id))
+
+    async def release_handoff(self, handoff_id: str) -> bool:
+        """Free a handoff's blocks (a decode worker has its KV); False when unknown or expired."""
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("release", (handoff_id, future)))
+        return await future
 
     def abort(self, req_id: str) -> bool:
         """Abort a request; returns whether it was in flight (its stream then ends with "abort")."""
@@ -169,6 +178,9 @@ class AsyncEngine:
             self._kv_events.clear()
             self._kv_events_dropped = False
             _resolve(arg, self.engine.connector.snapshot())
+        elif cmd == "release":
+            handoff_id, future = arg
+            _resolve(future, self.engine.release_handoff(handoff_id))
         elif cmd == "export":
             keys, future = arg
             try:
@@ -200,6 +212,7 @@ class AsyncEngine:
                 pass
             if self.engine.has_unfinished():
                 self._step()
+            self.engine.expire_handoffs()
             self._publish()
 
     def _step(self) -> None:

@@ -29,6 +29,7 @@ from worker.chunk_blend import CHUNK_CACHE_MODES, CHUNK_SELECTIONS, ChunkBlender
 from worker.config import ConfigError, StoreConfigError
 from worker.kv_connector import KVConnector
 from worker.kv_connector_worker import KVConnectorWorker, StagedKV, block_layout, stage_local_chunks
+from worker.kv_handoff import DEFAULT_HANDOFF_TTL_S, Handoff, HandoffTable
 from worker.loader import load_checkpoint
 from worker.model import Transformer, rope_inv_freq
 from worker.model_runner import ModelRunner
@@ -90,6 +91,9 @@ class EngineConfig:
     """How first-seen chunks get their cache: standalone | in_context (worker.chunk_blend)."""
     chunk_selection: str = "kvweave"
     """Which tokens of a reused chunk are recomputed: kvweave | chunk_start | deviation (CacheBlend)."""
+    handoff_ttl_s: float = DEFAULT_HANDOFF_TTL_S
+    """How long a prefill worker holds a handed-off prompt's KV for a decode worker that does not
+    release it (worker/kv_handoff.py)."""
 
     def __post_init__(self) -> None:
         if self.device != "auto":
@@ -113,6 +117,8 @@ class EngineConfig:
             raise ConfigError(f"chunk_recompute_ratio must be in [0, 1], got {self.chunk_recompute_ratio}")
         if self.max_chunks_per_request < 1:
             raise ConfigError(f"max_chunks_per_request must be positive, got {self.max_chunks_per_request}")
+        if not self.handoff_ttl_s > 0:
+            raise ConfigError(f"handoff_ttl_s must be positive, got {self.handoff_ttl_s}")
         try:
             self.store_config = StoreConfig(self.dram_cache_gb, self.ssd_cache_gb, self.ssd_cache_dir,
                                             self.kv_eviction_policy)
@@ -199,6 +205,9 @@ class LLMEngine:
         self.blender = ChunkBlender(bs, config.chunk_recompute_ratio, config.chunk_correction,
                                     config.chunk_cache_mode, contains, config.chunk_selection)
         self.scheduler = Scheduler(sched_cfg, self.block_manager, sched_connector, self.blender)
+        self.handoffs = HandoffTable(self.block_manager, config.handoff_ttl_s)
+        """Prompts prefilled here and held for decode workers."""
+        self.connector.handoff_block = self.handoffs.block_id
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.model_name = self.args.name
@@ -266,10 +275,12 @@ class LLMEngine:
 
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
                      cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = (),
-                     prompt_logits: int = 0) -> Request:
+                     prompt_logits: int = 0, prefill_only: bool = False, handoff: Handoff | None = None) -> Request:
         """Tokenize and validate a request without touching engine state (safe from any thread).
         `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks;
-        `prompt_logits`: also return the logits of the prompt's last positions (final output)."""
+        `prompt_logits`: also return the logits of the prompt's last positions (final output);
+        `prefill_only`: hand the KV off after the first token (worker/kv_handoff.py); `handoff`:
+        continue a request prefilled elsewhere from its first token."""
         params = params or SamplingParams()
         params.validate()
         token_ids = self.encode_prompt(prompt)
@@ -279,8 +290,34 @@ class LLMEngine:
         extra = encode_extra_keys((self.model_name, cache_namespace))
         if not 0 <= prompt_logits <= len(token_ids):
             raise InvalidRequestError(f"prompt_logits must be in [0, {len(token_ids)}], got {prompt_logits}")
-        return Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic(),
-                       chunk_spans=spans, num_prompt_logits=prompt_logits)
+        if (prefill_only or handoff is not None) and prompt_logits:
+            raise InvalidRequestError("prompt logits cannot be asked of a disaggregated request")
+        req = Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic(),
+                      chunk_spans=spans, num_prompt_logits=prompt_logits, prefill_only=prefill_only)
+        if handoff is not None:
+            if prefill_only:
+                raise InvalidRequestError("a request cannot be both prefill-only and continued from a handoff")
+            self._check_handoff(handoff, req)
+            req.handoff = handoff
+            req.append_output_token(handoff.first_token_id)
+        return req
+
+    def _check_handoff(self, handoff: Handoff, req: Request) -> None:
+        problem = handoff.check(req.num_prompt_tokens, self.config.block_size)
+        if problem is None and not 0 <= handoff.first_token_id < self.args.vocab_size:
+            problem = f"the handoff's first token {handoff.first_token_id} is not in [0, {self.args.vocab_size})"
+        if problem is None and req.params.max_tokens < 2:
+            problem = "a handoff continues a request with max_tokens >= 2 (its first token is already generated)"
+        if problem is None and req.num_prompt_tokens + 1 >= self.max_model_len:
+            problem = f"the prompt and its first token fill the context length {self.max_model_len}"
+        if problem is None and req.params.seed is not None and handoff.sampler_state:
+            try:
+                torch.Generator(self.device).set_state(
+                    torch.frombuffer(bytearray(handoff.sampler_state), dtype=torch.uint8))
+            except (RuntimeError, ValueError) as e:
+                problem = f"the handoff's sampler state is not a generator state of this device ({e})"
+        if problem is not None:
+            raise InvalidRequestError(f"bad KV handoff: {problem}")
 
     def submit(self, req: Request, staged: StagedKV | None = None) -> str:
         """Queue a request built by `make_request`, with the KV staged for it before admission
@@ -294,6 +331,8 @@ class LLMEngine:
         req.kv.staged_chunks = set(staged.chunks)
         self.connector.stage(req.req_id, staged)
         self.outputs.add_request(req)
+        if req.handoff is not None:  # the first token came with the handoff: it leads the first output
+            self.outputs.process_token(req, req.handoff.first_logprob)
         self.scheduler.add_request(req)
         return req.req_id
 
@@ -302,6 +341,14 @@ class LLMEngine:
         if req is None or req.internal:
             return None
         return self.outputs.take_output(req)
+
+    def release_handoff(self, handoff_id: str) -> bool:
+        """A decode worker has a handoff's KV: free its blocks (False: unknown, released or expired)."""
+        return self.handoffs.release(handoff_id)
+
+    def expire_handoffs(self) -> int:
+        """Free the blocks of handoffs past their TTL; returns how many."""
+        return self.handoffs.expire()
 
     def take_kv_events(self) -> list:
         """KV events of every tier since the last take (device, then host tiers)."""
@@ -343,9 +390,19 @@ class LLMEngine:
         """Detokenize the request's new token and end the request if it is done (the one place)."""
         stop_string = None if req.internal else self.outputs.process_token(req, logprob)
         status = check_stop(req, self.eos_token_ids, self.max_model_len, stop_string)
+        if status is None and req.prefill_only:
+            req.handoff = self._hand_off(req, logprob)
+            status = RequestStatus.FINISHED_HANDOFF
         if status is not None:
             self.scheduler.finish(req.req_id, status)
         return None if req.internal else self.outputs.take_output(req)
+
+    def _hand_off(self, req: Request, logprob) -> Handoff:
+        """Hold a prefill-only request's KV for a decode worker, with its first token and sampler."""
+        generator = self.runner.generators.get(req.req_id)
+        state = generator.get_state().cpu().numpy().tobytes() if generator is not None else b""
+        return self.handoffs.hold(self.block_manager.get_block_table(req.req_id), req.num_prompt_tokens,
+                                  req.output_token_ids[-1], logprob, state)
 
     def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:

@@ -22,7 +22,7 @@ from worker.request import Request
 from worker.scheduler_output import (KVConnectorMetadata, KVConnectorOutput, LoadJob, LoadResult, PlaceJob,
                                      SaveBlocksJob, SaveChunkJob)
 
-SOURCES = ("device", "dram", "ssd", "peer")
+SOURCES = ("device", "dram", "ssd", "peer", "handoff")
 
 
 @dataclass
@@ -61,7 +61,11 @@ class KVConnector:
     def get_num_new_matched_tokens(self, req: Request, num_computed_blocks: int, max_blocks: int | None = None
                                    ) -> int:
         """Tokens past the device hit (whole blocks, at most `max_blocks` in all, the prompt's last
-        token never included) that are staged on the request or held in a host tier."""
+        token never included) that are staged on the request or held in a host tier. A request
+        that continues a prefill handoff gets every prompt token its pulled blocks cover (the last
+        block partial): its first output token is already known."""
+        if req.handoff is not None:
+            return self._handoff_tokens(req, num_computed_blocks)
         hashes = self.bm.req_hashes.get(req.req_id, ())
         max_blocks = min((req.num_tokens - 1) // self.block_size, len(hashes),
                          max_blocks if max_blocks is not None else len(hashes))
@@ -71,16 +75,23 @@ class KVConnector:
             n += 1
         return (n - num_computed_blocks) * self.block_size
 
+    def _handoff_tokens(self, req: Request, num_computed_blocks: int) -> int:
+        keys, staged = req.handoff.block_keys, req.kv.staged_blocks
+        n = num_computed_blocks
+        while n < len(keys) and keys[n] in staged:
+            n += 1
+        return max(0, min(n * self.block_size, req.handoff.num_tokens) - num_computed_blocks * self.block_size)
+
     def update_state_after_alloc(self, req: Request, num_computed_tokens: int, num_external_tokens: int,
                                  plan: BlendPlan | None) -> None:
         """Record the load of the request's external blocks and the placement of its blend's chunks
         into the blocks just allocated to it."""
         first = num_computed_tokens // self.block_size
-        count = num_external_tokens // self.block_size
+        count = -(-num_external_tokens // self.block_size)  # a handoff's last block may be partial
         blocks = self.bm.req_blocks[req.req_id]
         place = [PlaceJob(p.index, p.start, p.num_tokens) for p in plan.placed] if plan is not None else []
-        job = LoadJob(req.req_id, [b.block_id for b in blocks], first,
-                      list(self.bm.req_hashes[req.req_id][first:first + count]), place)
+        keys = req.handoff.block_keys if req.handoff is not None else self.bm.req_hashes[req.req_id]
+        job = LoadJob(req.req_id, [b.block_id for b in blocks], first, list(keys[first:first + count]), place)
         self._meta.loads.append(job)
         self._loading[req.req_id] = self._hold(blocks)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -158,6 +158,8 @@ class KVConnectorWorker:
         self.stats = stats or PrefixStats()
         self.costs_ms = dict(DEFAULT_COSTS_MS)
         """Measured ms per token of each source and of recompute (moving averages), for the router."""
+        self.handoff_block: Callable[[bytes], int | None] = lambda key: None
+        """The device block a handoff key names (worker/kv_handoff.py; set by the engine)."""
         self._staged: dict[str, StagedKV] = {}
         self._inflight: list[tuple[str, object, Future]] = []
         self._done = threading.Event()
@@ -281,10 +283,11 @@ class KVConnectorWorker:
     # ------------------------------------------------------------------ peers, snapshots
 
     def export(self, keys: Sequence[bytes]) -> torch.Tensor | None:
-        """[n, *layout.shape]: the leading `keys` this worker holds in any tier (engine thread),
-        stored layer-major so that the transfer sends each layer in place."""
+        """[n, *layout.shape]: the leading `keys` this worker holds in any tier, or as blocks of a
+        handoff it holds (engine thread), stored layer-major so that the transfer sends each layer
+        in place."""
         held = 0
-        while held < len(keys) and (self.device.contains(keys[held])
+        while held < len(keys) and (self.handoff_block(keys[held]) is not None or self.device.contains(keys[held])
                                     or (self.store is not None and self.store.contains(keys[held]))):
             held += 1
         if not held:
@@ -292,7 +295,10 @@ class KVConnectorWorker:
         out = empty_layer_major(held, self.layout)
         n = 0
         for key in keys[:held]:
-            if self.device.get(key, out[n]) is None:
+            block = self.handoff_block(key)
+            if block is not None:
+                out[n].copy_(self.device.view(block))
+            elif self.device.get(key, out[n]) is None:
                 if self.store is None or self.store.load(key, out[n])[0] is None:
                     break
             n += 1

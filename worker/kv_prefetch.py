@@ -14,6 +14,9 @@ thread never waits on disk or network; other requests keep running meanwhile):
    chunk's entries (one Redis round trip for every chunk), and each chosen peer sends the entries
    of all the chunks it serves in one transfer. They are staged too, and blended in at admission
    (worker/chunk_blend.py).
+A request that continues a prefill handoff (worker/kv_handoff.py) instead pulls the blocks of the
+handle it lacks on the device straight from the prefill worker, by the handle's keys, and then
+tells that worker to release them (a release that fails is left to the handoff's TTL).
 What is staged (`StagedKV`) is handed to the engine with the request; the KV connector copies it into
 the request's blocks when it admits it (worker/kv_connector_worker.py).
 A failed read or transfer only means those blocks (or chunks) are computed: the request itself
@@ -51,6 +54,9 @@ class PrefetchStats:
     """Chunk-caches staged from this worker's host tiers."""
     chunk_peer: int = 0
     """Chunk-caches fetched from peers."""
+    handoff_blocks: int = 0
+    """Blocks of prefill handoffs pulled."""
+    handoff_failures: int = 0
 
 
 class KVPrefetcher:
@@ -64,6 +70,7 @@ class KVPrefetcher:
         self.timeout_s = timeout_s
         self.metrics = metrics
         self.stats = PrefetchStats()
+        self._releases: set[asyncio.Task] = set()
 
     async def __call__(self, req: Request) -> StagedKV:
         staged = StagedKV()
@@ -74,6 +81,9 @@ class KVPrefetcher:
         return staged
 
     async def _prefetch(self, req: Request, staged: StagedKV) -> None:
+        if req.handoff is not None:
+            await self._pull_handoff(req, staged)
+            return
         if not self.engine.block_manager.enable_prefix_caching:
             return
         covered = await self._stage_blocks(req, staged)
@@ -109,6 +119,57 @@ class KVPrefetcher:
         if i < n_blocks and self.index is not None and self.peers is not None:
             i += await self._fetch_from_peers(req, staged, hashes[i:])
         return i * bs
+
+    async def _pull_handoff(self, req: Request, staged: StagedKV) -> None:
+        """Stage the handoff's blocks past the leading run already on the device."""
+        h, engine = req.handoff, self.engine
+        bs = engine.config.block_size
+        first = 0
+        if engine.block_manager.enable_prefix_caching:
+            full = h.num_tokens // bs
+            hashes = hash_blocks(req.prompt_token_ids[:full * bs], bs, req.cache_extra)
+            cached = engine.block_manager.cached_blocks
+            while first < full and hashes[first] in cached:
+                first += 1
+        keys = list(h.block_keys[first:])
+        if not keys:
+            self._release(h)
+            return
+        t0 = time.perf_counter()
+        try:
+            kv = await self.client.fetch_kv(h.source_address, keys, engine.connector.layout, self.timeout_s)
+        except (TransferError, ValueError) as e:
+            self.stats.handoff_failures += 1
+            if self.metrics is not None:
+                self.metrics.handoff_pulled("failed", 0, time.perf_counter() - t0)
+            logger.warning("request %s: pulling its prefilled KV (%d blocks) from %s failed, computing it here: %s",
+                           req.req_id, len(keys), h.source_worker_id or h.source_address, e)
+            return
+        seconds = time.perf_counter() - t0
+        n = kv.shape[0]
+        for key, value in zip(keys, kv):
+            staged.blocks[key] = (value, "handoff")
+        self.stats.handoff_blocks += n
+        if n:
+            engine.connector.record_cost("peer", seconds, min(n * bs, h.num_tokens - first * bs))
+        if self.metrics is not None:
+            self.metrics.handoff_pulled("complete" if n == len(keys) else "partial", kv.numel() * kv.element_size(),
+                                        seconds)
+        if n < len(keys):
+            logger.warning("request %s: %s held %d of the %d blocks of its handoff (released or expired); the rest "
+                           "is computed here", req.req_id, h.source_worker_id or h.source_address, n, len(keys))
+        self._release(h)
+
+    def _release(self, h) -> None:
+        """Tell the prefill worker to free the handoff's blocks, without waiting for the answer."""
+        task = asyncio.ensure_future(self.client.release(h.source_address, h.handoff_id, self.timeout_s))
+        self._releases.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task) -> None:
+        self._releases.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("releasing a handoff failed (its TTL frees it): %s", task.exception())
 
     def _read_host(self, staged: StagedKV, keys: list[bytes]) -> None:
         for key, (value, source) in zip(keys, self.engine.store.load_many(keys)):

@@ -10,7 +10,10 @@ Where each figure is measured:
 - load, KV blocks per tier and prefix-cache figures: read from the engine's latest `WorkerLoad`
   at scrape time (`_EngineCollector`);
 - KV transfers: `kv_transferred` once per fetch from a peer (worker/kv_prefetch.py) and per
-  fetch served to a peer (kvstore/transfer.py, kvstore/tcp_transfer.py).
+  fetch served to a peer (kvstore/transfer.py, kvstore/tcp_transfer.py);
+- prefill/decode handoffs: `handoff_pulled` once per handoff a decode worker pulls
+  (worker/kv_prefetch.py); what a prefill worker holds, made, released and let expire is read
+  from its engine at scrape time.
 Every metric is described in docs/metrics.md.
 """
 from __future__ import annotations
@@ -27,11 +30,13 @@ from worker.async_engine import AsyncEngine
 from worker.kv_connector import SOURCES
 from worker.output import RequestOutput
 
-REQUEST_STATUSES = ("stop", "length", "abort", "invalid", "error")
-"""`status` of kvweave_worker_requests_total: the finish reason, invalid (rejected input) or error
-(an internal failure)."""
-FINISHED_STATUSES = frozenset({"stop", "length", "abort"})
+REQUEST_STATUSES = ("stop", "length", "abort", "handoff", "invalid", "error")
+"""`status` of kvweave_worker_requests_total: the finish reason (handoff: a prefill-only request whose
+KV is held for a decode worker), invalid (rejected input) or error (an internal failure)."""
+FINISHED_STATUSES = frozenset({"stop", "length", "abort", "handoff"})
 """Statuses of requests the engine accepted and ended; only those count tokens and e2e latency."""
+HANDOFF_PULL_RESULTS = ("complete", "partial", "failed")
+"""`result` of kvweave_worker_handoff_pulls_total: every block pulled, some (the rest computed), none."""
 DIRECTIONS = ("in", "out")
 """KV transfer directions: in = fetched from peers, out = served to peers."""
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -68,6 +73,15 @@ class WorkerMetrics:
                                           buckets=TRANSFER_BUCKETS, registry=r)
         self.transfer_failures = Counter("kvweave_worker_kv_transfer_failures", "KV fetches from peers that "
                                          "failed (their KV is computed instead)", registry=r)
+        self.handoff_pulls = Counter("kvweave_worker_handoff_pulls", "Prefill handoffs this (decode) worker "
+                                     "pulled, by result (complete; partial or failed: the rest computed here)",
+                                     ["result"], registry=r)
+        self.handoff_bytes = Counter("kvweave_worker_handoff_bytes", "KV bytes of prefill handoffs pulled",
+                                     registry=r)
+        self.handoff_seconds = Histogram("kvweave_worker_handoff_seconds", "Duration of pulling one prefill "
+                                         "handoff's KV", buckets=TRANSFER_BUCKETS, registry=r)
+        for result in HANDOFF_PULL_RESULTS:
+            self.handoff_pulls.labels(result)
         for status in REQUEST_STATUSES:  # every series exists from the start (rates of 0, not missing)
             self.requests.labels(status)
         for direction in DIRECTIONS:
@@ -90,6 +104,13 @@ class WorkerMetrics:
 
     def kv_transfer_failed(self) -> None:
         self.transfer_failures.inc()
+
+    def handoff_pulled(self, result: str, nbytes: int, seconds: float) -> None:
+        """A decode worker pulled (or failed to pull) one prefill handoff's KV."""
+        self.handoff_pulls.labels(result).inc()
+        if result != "failed":
+            self.handoff_bytes.inc(nbytes)
+            self.handoff_seconds.observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -170,6 +191,16 @@ class _EngineCollector:
         for source in SOURCES:
             hits.add_metric([source], load.prefix_hit_tokens.get(source, 0))
         yield hits
+        handoffs = self.engine.engine.handoffs
+        yield _gauge("kvweave_worker_handoff_held_blocks", "KV blocks this (prefill) worker holds for decode "
+                     "workers", handoffs.num_blocks)
+        made = CounterMetricFamily("kvweave_worker_handoffs", "Prefill handoffs this worker made, by what "
+                                   "ended them (created; released by the decode worker; expired unreleased)",
+                                   labels=["event"])
+        stats = handoffs.stats
+        for event, value in (("created", stats.created), ("released", stats.released), ("expired", stats.expired)):
+            made.add_metric([event], value)
+        yield made
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -108,7 +108,9 @@ class ModelRunner:
             self.requests[new.req_id] = CachedRequestState(list(new.token_ids), list(new.block_ids),
                                                            new.num_computed_tokens, new.params, wanted)
             if new.params.seed is not None and new.req_id not in self.generators:
-                self.generators[new.req_id] = torch.Generator(self.device).manual_seed(new.params.seed)
+                self.generators[new.req_id] = generator = torch.Generator(self.device).manual_seed(new.params.seed)
+                if new.sampler_state:  # continued from a prefill handoff
+                    generator.set_state(torch.frombuffer(bytearray(new.sampler_state), dtype=torch.uint8))
         cached = out.scheduled_cached_reqs
         for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
             state = self.requests[req_id]

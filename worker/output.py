@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from worker.kv_handoff import Handoff
 from worker.request import Request, RequestStatus
 from kvweave.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -29,6 +30,8 @@ class RequestOutput:
     num_chunk_reused_tokens: int = 0
     """Prompt tokens served from chunk-caches; `num_recomputed_tokens` of them were recomputed."""
     num_recomputed_tokens: int = 0
+    handoff: Handoff | None = None
+    """A prefill-only request handed off to a decode worker (finish reason "handoff"): the handle."""
     prompt_logits: torch.Tensor | None = None
     """Float32 logits [n, vocab] of the prompt's last n positions, on the final output, when the
     request asked for them (`LLMEngine.make_request(prompt_logits=n)`)."""
@@ -118,7 +121,8 @@ class OutputProcessor:
             req.stop_reason, max(req.num_cached_tokens, 0),
             list(out.logprobs) if out.logprobs is not None else None,
             num_chunk_reused_tokens=req.chunks.num_reused_tokens,
-            num_recomputed_tokens=req.chunks.num_recomputed_tokens)
+            num_recomputed_tokens=req.chunks.num_recomputed_tokens,
+            handoff=req.handoff if req.status == RequestStatus.FINISHED_HANDOFF else None)
         st.num_emitted = end
         out.new_token_ids = []
         if finished:

@@ -11,6 +11,7 @@ import enum
 from dataclasses import dataclass, field
 
 from worker.chunk_blend import BlendPlan
+from worker.kv_handoff import Handoff
 from kvweave.sampling_params import SamplingParams
 
 
@@ -24,6 +25,8 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 4
     FINISHED_LENGTH = 5
     FINISHED_ABORTED = 6
+    FINISHED_HANDOFF = 7
+    """A prefill-only request whose KV is held for a decode worker (worker/kv_handoff.py)."""
 
     @property
     def finished(self) -> bool:
@@ -32,7 +35,7 @@ class RequestStatus(enum.IntEnum):
     @property
     def finish_reason(self) -> str | None:
         return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+                RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_HANDOFF: "handoff"}.get(self)
 
 
 @dataclass
@@ -80,6 +83,11 @@ class Request:
     """Made by the engine to compute a chunk-cache: no caller sees its output."""
     num_prompt_logits: int = 0
     """Return the logits of the prompt's last positions too (teacher forcing: `kvweave bench rag`)."""
+    prefill_only: bool = False
+    """Compute the prompt and the first token, then hand the KV off to a decode worker."""
+    handoff: Handoff | None = None
+    """On a prefill worker: the handoff made for it. On a decode worker: the handoff it continues
+    from (its first output token comes with it)."""
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -232,9 +232,11 @@ class Scheduler:
             block_ids = self.block_manager.get_block_table(req.req_id)
             known = self._runner_blocks.get(req.req_id)
             if known is None:
+                sampler_state = req.handoff.sampler_state if req.handoff is not None and not req.prefill_only else b""
                 out.scheduled_new_reqs.append(NewRequestData(req.req_id, list(req.all_token_ids), block_ids,
                                                              req.num_computed_tokens, req.params,
-                                                             req.num_prompt_tokens, req.num_prompt_logits))
+                                                             req.num_prompt_tokens, req.num_prompt_logits,
+                                                             sampler_state))
             else:
                 cached.req_ids.append(req.req_id)
                 cached.new_block_ids.append(block_ids[known:])
@@ -264,7 +266,7 @@ class Scheduler:
 
     def _loaded(self, req: Request, result: LoadResult) -> None:
         bs = self.block_manager.block_size
-        loaded = req.num_computed_tokens + result.num_blocks * bs
+        loaded = min(req.num_computed_tokens + result.num_blocks * bs, req.kv.num_loading_tokens)
         for source, n in result.sources.items():
             self.connector.stats.hit_tokens[source] += n * bs
         if req.num_cached_tokens < 0:

@@ -26,6 +26,8 @@ class NewRequestData:
     num_prompt_tokens: int
     num_prompt_logits: int = 0
     """Also return the logits of the last this many prompt positions."""
+    sampler_state: bytes = b""
+    """A seeded request continued from a prefill handoff: its generator's state (else empty)."""
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ reflection. With a Redis URL it also:
   lapsed lease (the entry was gone at a heartbeat), a Redis failure, or at first registration, a
   full snapshot replaces the worker's index entries instead;
 - fetches the prefix blocks a request lacks from the peers that hold them (worker/kv_prefetch.py),
+  and pulls the KV of a request prefilled on another worker (a prefill/decode handoff) from it;
   and serves its own blocks to peers: `kvweave.v1.KVTransfer` on the gRPC port (control, and a
   streaming fallback), the bulk bytes over a raw TCP data plane on a second port that the
   `DataPort` call names (kvstore/transfer.py, kvstore/tcp_transfer.py).
@@ -167,11 +168,10 @@ class WorkerServer:
             llm = self._llm or await self._load_engine()
             self.engine = AsyncEngine(llm, enable_kv_events=self._redis is not None)
             peers = self._index is not None and self.options.peer_fetch
-            if peers or llm.store is not None:
-                self._transfer_client = TransferClient()
-                self.prefetcher = KVPrefetcher(llm, self._index if peers else None, (lambda: self._peers) if peers else None,
-                                               self._transfer_client, self.options.kv_transfer_timeout_s, self.metrics)
-                self.engine.prefetch = self.prefetcher
+            self._transfer_client = TransferClient()  # peers' prefix blocks, and prefill handoffs
+            self.prefetcher = KVPrefetcher(llm, self._index if peers else None, (lambda: self._peers) if peers else None,
+                                           self._transfer_client, self.options.kv_transfer_timeout_s, self.metrics)
+            self.engine.prefetch = self.prefetcher
             await self._start_grpc()
             self.metrics.watch(self.engine, self.worker_id, self.options.role)
             if self.options.metrics_port >= 0:
@@ -239,15 +239,16 @@ class WorkerServer:
             raise WorkerStartError(f"cannot listen on {o.host}:{o.port}")
         self.address = f"{o.advertise_host or _advertise_host(o.host)}:{port}"
         self.worker_id = self.worker_id or f"{socket.gethostname()}-{port}"
-        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(self.engine, self.worker_id, self.metrics),
-                                                     self._server)
+        worker_pb2_grpc.add_WorkerServicer_to_server(
+            WorkerService(self.engine, self.worker_id, self.metrics, self.address), self._server)
         served = partial(self.metrics.kv_transferred, "out")
         self._data_server = KVDataServer(self.engine, o.host, on_served=served)  # the bulk KV data plane (raw TCP)
         try:
             await self._data_server.start()
         except OSError as e:
             raise WorkerStartError(f"cannot listen for KV data on {o.host}: {e}") from e
-        KVTransferService(self.engine, self._data_server, on_served=served).add_to_server(self._server)
+        KVTransferService(self.engine, self._data_server, on_served=served,
+                          on_release=self.engine.release_handoff).add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = (SERVICE_NAME, TRANSFER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
@@ -267,7 +268,8 @@ class WorkerServer:
         llm, cfg = self.engine.engine, self.engine.engine.config
         return WorkerInfo(worker_id=self.worker_id, address=self.address, model=llm.model_name,
                           role=self.options.role, max_num_seqs=cfg.max_num_seqs,
-                          max_model_len=llm.max_model_len, block_size=cfg.block_size, metrics_port=self.metrics_port,
+                          max_model_len=llm.max_model_len, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                          block_size=cfg.block_size, metrics_port=self.metrics_port,
                           kv_costs_ms=dict(llm.connector.costs_ms), load=self.engine.get_load())
 
     async def _heartbeat_once(self) -> None:

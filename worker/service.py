@@ -4,6 +4,11 @@ Token ids in (with the (start, length) spans of the prompt's reusable chunks, va
 engine), token deltas out. Protobuf stops here: requests become `SamplingParams` and
 token-id lists, `RequestOutput`s become `WorkerGenerateResponse`s.
 
+Disaggregation: `prefill_only` runs the prompt and its first token, then (unless that token ends
+the request) answers one last response with the `kv_handoff` handle, stamped with this worker's
+address and id, and no tokens; `kv_handoff` continues a request prefilled elsewhere from the
+handle's first token (worker/kv_handoff.py). A malformed handle is INVALID_ARGUMENT.
+
 Cache namespaces: the request's `cache_namespace` goes to the engine unchanged, which salts the
 block-hash chain with `encode_extra_keys((engine.model_name, cache_namespace))`. A router that
 computes `kvstore.keys.hash_blocks(token_ids, block_size, encode_extra_keys((model_name,
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
+from dataclasses import replace
 
 import grpc
 
@@ -29,6 +35,7 @@ from kvweave.registry import WorkerLoad
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto, stop_reason_to_proto
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.async_engine import AsyncEngine
+from worker.kv_handoff import Handoff
 from worker.metrics import WorkerMetrics
 from worker.output import RequestOutput
 
@@ -59,8 +66,32 @@ def logprobs_to_proto(token_ids: list[int], logprobs: list[tuple[float, dict[int
             for tok, (lp, top) in zip(token_ids, logprobs)]
 
 
-def output_to_proto(out: RequestOutput) -> worker_pb2.WorkerGenerateResponse:
-    """One streamed delta; the finishing one also carries the finish reason and the usage."""
+def handoff_to_proto(h: Handoff) -> worker_pb2.KVHandoff:
+    msg = worker_pb2.KVHandoff(handoff_id=h.handoff_id, source_address=h.source_address,
+                               source_worker_id=h.source_worker_id, block_keys=h.block_keys, num_tokens=h.num_tokens,
+                               block_size=h.block_size, first_token_id=h.first_token_id,
+                               sampler_state=h.sampler_state, ttl_s=h.ttl_s)
+    if h.first_logprob is not None:
+        lp, top = h.first_logprob
+        msg.first_logprob.CopyFrom(common_pb2.TokenLogprob(token_id=h.first_token_id, logprob=lp, top_logprobs=top))
+    return msg
+
+
+def handoff_from_proto(msg: worker_pb2.KVHandoff) -> Handoff:
+    logprob = (msg.first_logprob.logprob, dict(msg.first_logprob.top_logprobs)) if msg.HasField("first_logprob") \
+        else None
+    return Handoff(msg.handoff_id, tuple(msg.block_keys), msg.num_tokens, msg.block_size, msg.first_token_id,
+                   logprob, bytes(msg.sampler_state), msg.ttl_s, msg.source_address, msg.source_worker_id)
+
+
+def output_to_proto(out: RequestOutput, source: tuple[str, str] = ("", "")) -> worker_pb2.WorkerGenerateResponse:
+    """One streamed delta; the finishing one also carries the finish reason and the usage. A handed-off
+    prefill's last response carries the handle instead of tokens, stamped with `source`: this
+    worker's (address, id)."""
+    if out.handoff is not None:
+        handoff = replace(out.handoff, source_address=source[0], source_worker_id=source[1])
+        return worker_pb2.WorkerGenerateResponse(finished=True, kv_handoff=handoff_to_proto(handoff),
+                                                 usage=_usage(out))
     msg = worker_pb2.WorkerGenerateResponse(token_ids=out.new_token_ids, text=out.new_text)
     if out.logprobs is not None and out.new_token_ids:
         start = len(out.token_ids) - len(out.new_token_ids)
@@ -69,12 +100,14 @@ def output_to_proto(out: RequestOutput) -> worker_pb2.WorkerGenerateResponse:
         msg.finished = True
         msg.finish_reason = finish_reason_to_proto(out.finish_reason)
         msg.stop_reason = stop_reason_to_proto(out.stop_reason)
-        msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=out.num_prompt_tokens,
-                                            completion_tokens=len(out.token_ids),
-                                            cached_tokens=out.num_cached_tokens,
-                                            chunk_reused_tokens=out.num_chunk_reused_tokens,
-                                            recomputed_tokens=out.num_recomputed_tokens))
+        msg.usage.CopyFrom(_usage(out))
     return msg
+
+
+def _usage(out: RequestOutput) -> common_pb2.Usage:
+    return common_pb2.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=len(out.token_ids),
+                            cached_tokens=out.num_cached_tokens, chunk_reused_tokens=out.num_chunk_reused_tokens,
+                            recomputed_tokens=out.num_recomputed_tokens)
 
 
 def _short(e: BaseException) -> str:
@@ -85,10 +118,13 @@ def _short(e: BaseException) -> str:
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """`kvweave.v1.Worker` over one AsyncEngine."""
 
-    def __init__(self, engine: AsyncEngine, worker_id: str, metrics: WorkerMetrics | None = None) -> None:
-        """`metrics`: where calls are counted (default: a registry of its own)."""
+    def __init__(self, engine: AsyncEngine, worker_id: str, metrics: WorkerMetrics | None = None,
+                 address: str = "") -> None:
+        """`metrics`: where calls are counted (default: a registry of its own); `address`: this
+        worker's advertised gRPC address (named in the handoffs it makes)."""
         self.engine = engine
         self.worker_id = worker_id
+        self.address = address
         self.metrics = metrics or WorkerMetrics()
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext):
@@ -99,15 +135,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         status = "abort"  # unless it finishes: the client went away first
         try:
             params = sampling_from_proto(request.sampling if request.HasField("sampling") else None)
+            handoff = handoff_from_proto(request.kv_handoff) if request.HasField("kv_handoff") else None
             stream = self.engine.generate(list(request.prompt_token_ids), params, req_id, request.cache_namespace,
-                                          chunk_spans)
+                                          chunk_spans, prefill_only=request.prefill_only, handoff=handoff)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     started = True
                     measured.output(out)
                     if out.finished:
                         status = out.finish_reason
-                    yield output_to_proto(out)
+                    yield output_to_proto(out, (self.address, self.worker_id))
         except Exception as e:
             # Validation (InvalidRequestError and the engine's other ValueErrors) happens before
             # the first output; any failure after it is the server's.

@@ -6,6 +6,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReleaseRequest(_message.Message):
+    __slots__ = ("handoff_id",)
+    HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
+    handoff_id: str
+    def __init__(self, handoff_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
 class DataPortRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

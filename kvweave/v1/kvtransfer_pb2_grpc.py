@@ -45,6 +45,11 @@ class KVTransferStub:
                 request_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.DataPortRequest.SerializeToString,
                 response_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.DataPortResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/kvweave.v1.KVTransfer/Release',
+                request_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -65,6 +70,13 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """A decode worker has the KV of a prefill handoff (kvweave.v1.KVHandoff): its blocks are freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +89,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.DataPort,
                     request_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.DataPortRequest.FromString,
                     response_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.DataPortResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseRequest.FromString,
+                    response_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +151,33 @@ class KVTransfer:
             '/kvweave.v1.KVTransfer/DataPort',
             kvweave_dot_v1_dot_kvtransfer__pb2.DataPortRequest.SerializeToString,
             kvweave_dot_v1_dot_kvtransfer__pb2.DataPortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvweave.v1.KVTransfer/Release',
+            kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseRequest.SerializeToString,
+            kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,189 @@
+"""Prefill/decode disaggregation through the router: a prefill worker, decode workers, real gRPC,
+real Redis (tests/inprocess_cluster.py). Outputs equal one engine serving each request alone,
+greedy and seeded, for every prompt length modulo the block size, with and without prefix hits;
+short prompts stay on the decode worker; a prefill worker that fails, a handoff that expired
+before the decode worker pulled it, and a decode worker that fails before its first token never
+lose the request; every block comes back."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from controlplane.router_types import GenerateInput
+from kvweave.sampling_params import SamplingParams
+from tests.inprocess_cluster import InProcessCluster
+
+BS = 16
+ENGINE = {"dtype": "float32", "num_blocks": 256, "block_size": BS, "num_threads": 1, "max_num_batched_tokens": 64}
+
+
+def _prompt(n: int, salt: int) -> list[int]:
+    return [(i * 29 + salt * 13) % 230 + 7 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_variant):
+    from worker.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_variant("gqa")), **ENGINE))
+    return lambda prompt, params: engine.generate([prompt], params)[0]
+
+
+@pytest.fixture(scope="module")
+def pd(redis_server, tiny_model_variant):
+    """1 prefill + 1 decode worker; a router that hands off every prompt over 16 uncached tokens (the
+    tiny model computes faster than its KV moves: without the margin, handoffs would be "slow")."""
+    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE)
+    c.start()
+    c.add_worker("p0", role="prefill")
+    c.add_worker("d0", role="decode")
+    c.add_router("chunk_aware", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
+    yield c
+    c.stop()
+
+
+def _generate(cluster: InProcessCluster, prompt, params: SamplingParams, router: int = 0):
+    async def run():
+        deltas = [d async for d in cluster.routers[router].router.generate(GenerateInput(prompt=prompt, params=params))]
+        return deltas
+    deltas = cluster.run(run())
+    return [t for d in deltas for t in d.token_ids], deltas[-1]
+
+
+def _idle_blocks_back(cluster: InProcessCluster) -> None:
+    """Every worker's engine idle, no handoff held, and every KV block free (cached ones included)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        engines = [w.engine.engine for w in cluster.workers if w.engine is not None]
+        if all(len(e.handoffs) == 0 and e.block_manager.num_free_blocks == e.block_manager.num_blocks
+               and not e.has_unfinished() for e in engines):
+            return
+        time.sleep(0.05)
+    raise AssertionError({w.worker_id: (len(w.engine.engine.handoffs), w.engine.engine.block_manager.num_free_blocks)
+                          for w in cluster.workers})
+
+
+def test_outputs_equal_colocated_for_every_remainder(pd, reference):
+    for r in range(BS):
+        length = 3 * BS + r
+        for i, params in enumerate((SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                                    SamplingParams(temperature=50.0, top_k=300, seed=r, max_tokens=6,
+                                                   ignore_eos=True))):
+            prompt = _prompt(length, r + 50 * i)  # uncached: a second request of a prompt would stay local
+            tokens, last = _generate(pd, prompt, params)
+            assert tokens == reference(prompt, params).token_ids, (length, params)
+            assert last.usage.disaggregation == "remote" and last.usage.prefill_worker_id == "p0"
+            assert last.worker_id == "d0" and last.usage.completion_tokens == 6
+    _idle_blocks_back(pd)
+
+
+def test_prefix_hits_on_either_side_keep_outputs_equal(pd, reference):
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    head = _prompt(5 * BS, 99)
+    first = head + _prompt(37, 1)
+    tokens, last = _generate(pd, first, params)
+    assert tokens == reference(first, params).token_ids and last.usage.disaggregation == "remote"
+    time.sleep(0.5)  # the KV index learns what both workers hold
+    second = head + _prompt(45, 2)  # shares 5 blocks with the first on both workers
+    tokens, last = _generate(pd, second, params)
+    assert tokens == reference(second, params).token_ids
+    assert last.usage.disaggregation == "remote" and last.usage.cached_tokens >= 5 * BS
+    time.sleep(0.5)
+    again, last = _generate(pd, second, params)  # all but 13 tokens cached on the decode worker: stays there
+    assert again == tokens and last.usage.disaggregation == "short" and last.usage.prefill_worker_id == ""
+    _idle_blocks_back(pd)
+
+
+def test_short_uncached_prompts_stay_on_the_decode_worker(pd, reference):
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    prompt = _prompt(6, 5)
+    tokens, last = _generate(pd, prompt, params)
+    assert tokens == reference(prompt, params).token_ids
+    assert last.usage.disaggregation == "short" and last.worker_id == "d0"
+    metrics = pd.routers[0].router.metrics.exposition().decode()
+    assert 'kvweave_router_disagg_decisions_total{reason="short"}' in metrics
+    assert 'kvweave_router_handoffs_total{result="handed_off"}' in metrics
+
+
+def test_handoff_slower_than_recompute_stays_on_the_decode_worker(pd, reference):
+    router = pd.routers[0].router
+    margin, router.config.disagg.handoff_margin = router.config.disagg.handoff_margin, 1.0
+    d0 = next(w for w in router.pool.workers.values() if w.worker_id == "d0")
+    costs = d0.info.kv_costs_ms
+    try:
+        d0.info.kv_costs_ms = {**costs, "peer": 1.0, "recompute": 0.5}  # as measured by a worker, slow network
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        prompt = _prompt(90, 77)
+        tokens, last = _generate(pd, prompt, params)
+        assert tokens == reference(prompt, params).token_ids
+        assert last.usage.disaggregation == "slow_handoff" and last.worker_id == "d0"
+    finally:
+        router.config.disagg.handoff_margin = margin
+
+
+def test_first_token_that_ends_the_request_is_answered_by_the_prefill_worker(pd, reference):
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    prompt = _prompt(40, 200)
+    tokens, last = _generate(pd, prompt, params)
+    assert tokens == reference(prompt, params).token_ids and last.finish_reason == "length"
+    assert last.worker_id == "p0" and last.usage.disaggregation == "remote"
+    _idle_blocks_back(pd)
+
+
+def test_expired_handoff_is_computed_on_the_decode_worker(redis_server, tiny_model_variant, reference):
+    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE).start()
+    try:
+        c.add_worker("p0", role="prefill", handoff_ttl_s=1e-6)  # gone before any decode worker can pull it
+        c.add_worker("d0", role="decode")
+        c.add_router("chunk_aware", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
+        params = SamplingParams(temperature=50.0, top_k=300, seed=5, max_tokens=5, ignore_eos=True)
+        prompt = _prompt(75, 3)
+        tokens, last = _generate(c, prompt, params)
+        assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
+        d0 = next(w for w in c.workers if w.worker_id == "d0")
+        assert d0.prefetcher.stats.handoff_blocks == 0  # nothing pulled: it was all computed there
+        _idle_blocks_back(c)
+    finally:
+        c.stop()
+
+
+def test_prefill_worker_failure_falls_back_to_colocated(redis_server, tiny_model_variant, reference):
+    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE).start()
+    try:
+        p0 = c.add_worker("p0", role="prefill")
+        c.add_worker("d0", role="decode")
+        c.add_router("chunk_aware", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
+        c.kill_worker(p0)  # crashed: still in the registry until its lease ends
+        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+        prompt = _prompt(70, 4)
+        tokens, last = _generate(c, prompt, params)
+        assert tokens == reference(prompt, params).token_ids
+        assert last.usage.disaggregation == "prefill_failed" and last.worker_id == "d0"
+        metrics = c.routers[0].router.metrics.exposition().decode()
+        assert 'kvweave_router_handoffs_total{result="prefill_failed"} 1.0' in metrics
+    finally:
+        c.stop()
+
+
+def test_decode_worker_failure_before_its_first_token_is_retried_with_the_handoff(redis_server, tiny_model_variant,
+                                                                                  reference):
+    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE).start()
+    try:
+        c.add_worker("p0", role="prefill")
+        d0, _ = c.add_worker("d0", role="decode"), c.add_worker("d1", role="decode")
+        c.add_router("round_robin", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
+        c.kill_worker(d0)
+        params = SamplingParams(temperature=50.0, top_k=300, seed=9, max_tokens=5, ignore_eos=True)
+        for salt in range(2):  # round robin: one of the two is sent to the dead worker first
+            prompt = _prompt(66, 20 + salt)
+            tokens, last = _generate(c, prompt, params)
+            assert tokens == reference(prompt, params).token_ids
+            assert last.worker_id == "d1" and last.usage.disaggregation == "remote"
+        metrics = c.routers[0].router.metrics.exposition().decode()
+        assert "kvweave_router_retries_total 1.0" in metrics
+        assert 'kvweave_router_handoffs_total{result="handed_off"} 2.0' in metrics
+        d1 = next(w for w in c.workers if w.worker_id == "d1")
+        assert d1.prefetcher.stats.handoff_blocks == 2 * 5  # the retry pulled the handoff the dead one never did
+    finally:
+        c.stop()
