@@ -193,6 +193,32 @@ def test_decode_workers_alone_and_mixed_pools_are_valid() -> None:
     assert (mixed.role_counts, mixed.num_workers) == ({"colocated": 1, "prefill": 1, "decode": 1}, 3)
 
 
+def test_serve_exits_with_the_pool_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "cli", "serve", "--prefill-workers", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "error: prefill_workers=1 without a decode or colocated worker" in proc.stderr
+
+
+def test_serve_starts_no_colocated_worker_beside_pools_unless_asked(monkeypatch, capsys) -> None:
+    from cli.main import build_parser
+    from cli.serve import config_from_args
+
+    parser = build_parser("all")
+    for argv, expected in (("", (1, 0, 0)),
+                           ("--prefill-workers 1 --decode-workers 1", (0, 1, 1)),
+                           ("--decode-workers 2", (0, 0, 2)),
+                           ("--workers 1 --prefill-workers 1 --decode-workers 1", (1, 1, 1))):
+        config = config_from_args(parser.parse_args(["serve", *argv.split()]))
+        assert (config.workers, config.prefill_workers, config.decode_workers) == expected, argv
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help at hyphens too
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--workers N Number of colocated workers" in help_text
+    assert "(default: 1, or 0 with --prefill-workers or --decode-workers; env KVWEAVE_WORKERS)" in help_text
+
+
 def test_worker_ids_and_role_flags_per_role(tmp_path) -> None:
     from cli.main import build_parser
 
@@ -210,7 +236,13 @@ def test_worker_ids_and_role_flags_per_role(tmp_path) -> None:
 
 
 def test_prefill_and_decode_pools_register_their_roles(tiny_hf_model) -> None:
+    from cli.serve import format_endpoints
+
     with LocalCluster(workers=0, prefill_workers=1, decode_workers=1, model=str(tiny_hf_model),
                       engine_args=ENGINE_ARGS, startup_timeout=120) as cluster:
         assert registered_roles(cluster.redis_url) == {"prefill-0": "prefill", "decode-0": "decode"}
         assert cluster.worker_roles == {"prefill-0": "prefill", "decode-0": "decode"}
+        lines = format_endpoints(cluster).splitlines()
+    assert lines[0] == f"kvweave cluster ready: 1 prefill + 1 decode worker(s) (local), model {tiny_hf_model}"
+    workers = [line.split()[1:] for line in lines if line.startswith("  worker ")]
+    assert [(w[0], w[2]) for w in workers] == [("prefill-0", "prefill"), ("decode-0", "decode")]
