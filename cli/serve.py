@@ -1,5 +1,9 @@
 """`kvweave serve`: a whole cluster on this machine (Redis, N workers, the router) until Ctrl-C or SIGTERM.
 
+The workers are colocated unless --prefill-workers / --decode-workers ask for disaggregated pools;
+then --workers (colocated) defaults to none, so `--prefill-workers 1 --decode-workers 1` starts
+exactly those two, and `--workers N` adds N colocated workers beside them.
+
 It composes the layers from the top: its flags come from ClusterConfig, the router's chunk
 separator and the engine's config; with --launcher ray it hands the control plane's Ray launcher
 the worker's actor class (worker.ray_actor.WorkerActor).
@@ -24,8 +28,10 @@ class _Terminated(Exception):
     """Raised in the main thread by the SIGTERM handler."""
 
 
-SERVE_DEFAULTS = {"workers": 1, "port": 50051, "http_port": 8000}
-"""Where `kvweave serve` differs from ClusterConfig's defaults (fixed, well-known ports for a user)."""
+SERVE_DEFAULTS = {"workers": None, "port": 50051, "http_port": 8000}
+"""Where `kvweave serve` differs from ClusterConfig's defaults (fixed, well-known ports for a user;
+workers None: `default_workers`)."""
+SERVE_DEFAULT_TEXTS = {"workers": "1, or 0 with --prefill-workers or --decode-workers"}
 CLUSTER_FLAGS_EXCLUDED = ("model", "log_level")
 """ClusterConfig fields with no flag of their own here: --model is the engine's, --log-level global."""
 
@@ -37,9 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve", help="start a cluster on this machine: Redis, N workers and the router",
         description="Starts a private redis-server (unless --redis-url), N workers (local processes, or Ray actors "
                     "with --launcher ray) and the router; waits until all are ready, prints the endpoints, and "
-                    "stops everything on Ctrl-C or SIGTERM. Engine flags are passed on to every worker.")
+                    "stops everything on Ctrl-C or SIGTERM. Engine flags are passed on to every worker. "
+                    "By default one colocated worker; --prefill-workers and --decode-workers start "
+                    "disaggregated pools instead (--workers N adds N colocated workers beside them).")
     add_config_args(p, ClusterConfig, exclude=CLUSTER_FLAGS_EXCLUDED, defaults=SERVE_DEFAULTS,
-                    choices={"launcher": LAUNCHERS})
+                    default_texts=SERVE_DEFAULT_TEXTS, choices={"launcher": LAUNCHERS})
     add_config_args(p.add_argument_group("router"), RouterConfig, only=["chunk_separator"])
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -53,18 +61,35 @@ def changed_engine_args(args: argparse.Namespace) -> dict[str, Any]:
             if f.name != "model" and getattr(args, f.name) != f.default}
 
 
+def default_workers(prefill_workers: int, decode_workers: int) -> int:
+    """Colocated workers when --workers is not given: none beside disaggregated pools, else one."""
+    return 0 if prefill_workers or decode_workers else 1
+
+
 def config_from_args(args: argparse.Namespace) -> ClusterConfig:
-    return ClusterConfig(**config_kwargs(ClusterConfig, args, exclude=CLUSTER_FLAGS_EXCLUDED), model=args.model,
-                         engine_args=changed_engine_args(args), log_level=args.log_level)
+    kwargs = config_kwargs(ClusterConfig, args, exclude=CLUSTER_FLAGS_EXCLUDED)
+    if kwargs["workers"] is None:
+        kwargs["workers"] = default_workers(kwargs["prefill_workers"], kwargs["decode_workers"])
+    return ClusterConfig(**kwargs, model=args.model, engine_args=changed_engine_args(args), log_level=args.log_level)
+
+
+def describe_pools(config: ClusterConfig) -> str:
+    """"2 worker(s)" for colocated workers only, else each pool: "1 prefill + 1 decode worker(s)"."""
+    counts = config.role_counts
+    if counts.keys() == {"colocated"}:
+        return f"{config.workers} worker(s)"
+    return " + ".join(f"{n} {role}" for role, n in counts.items()) + " worker(s)"
 
 
 def format_endpoints(cluster: LocalCluster) -> str:
     c = cluster.config
-    lines = [f"kvweave cluster ready: {c.workers} worker(s) ({c.launcher}), model {c.model}",
+    lines = [f"kvweave cluster ready: {describe_pools(c)} ({c.launcher}), model {c.model}",
              f"  grpc    {cluster.grpc_target}",
              f"  http    {cluster.http_url}/v1",
              f"  redis   {cluster.redis_url}"]
-    lines += [f"  worker  {worker_id} {address}" for worker_id, address in cluster.worker_addresses.items()]
+    roles = cluster.worker_roles
+    lines += [f"  worker  {worker_id} {address} {roles[worker_id]}"
+              for worker_id, address in cluster.worker_addresses.items()]
     lines += [f"  metrics {name} {url}" for name, url in cluster.metrics_urls.items()]
     lines.append(f"  logs    {cluster.log_dir}")
     return "\n".join(lines)

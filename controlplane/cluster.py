@@ -3,6 +3,9 @@
     with LocalCluster(workers=2, model="smollm2-135m") as cluster:
         client = kvweave.Client(cluster.grpc_target)
 
+The workers form up to three pools, colocated, prefill and decode (`ClusterConfig.workers`,
+`prefill_workers`, `decode_workers`); each worker is started with its role and registers it.
+
 Workers run as local `kvweave worker` processes (`launcher="local"`) or as Ray actors
 (`launcher="ray"`, see `controlplane.ray_launcher`; the caller passes the actor class that runs a
 worker, `worker.ray_actor.WorkerActor`, since the control plane never imports the worker); the
@@ -16,7 +19,6 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-import secrets
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +27,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from controlplane.cluster_config import ClusterConfig, ClusterError, cli_command, engine_flags, worker_engine_args
+from controlplane.cluster_config import (
+    ClusterConfig, ClusterError, cli_command, engine_flags, worker_engine_args, worker_roles,
+)
 from controlplane.procs import LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail
 
 logger = logging.getLogger(__name__)
@@ -77,6 +81,11 @@ class LocalCluster:
     @property
     def worker_ids(self) -> list[str]:
         return list(self.workers.worker_ids)
+
+    @property
+    def worker_roles(self) -> dict[str, str]:
+        """worker id -> its role (colocated, prefill, decode)."""
+        return dict(self.workers.roles)
 
     @property
     def worker_addresses(self) -> dict[str, str]:
@@ -135,13 +144,12 @@ class LocalCluster:
         return cli_command(c, *args)
 
     def _make_workers(self):
-        ids = [f"worker-{i}" if self.config.redis_url is None else f"worker-{i}-{secrets.token_hex(3)}"
-               for i in range(self.config.workers)]
+        roles = worker_roles(self.config)
         if self.config.launcher == "ray":
             from controlplane.ray_launcher import RayWorkers
 
-            return RayWorkers(self.config, ids, self.redis_url, self.ray_actor)
-        return LocalWorkers(self.config, ids, self.redis_url, self._log_dir, self._env())
+            return RayWorkers(self.config, roles, self.redis_url, self.ray_actor)
+        return LocalWorkers(self.config, roles, self.redis_url, self._log_dir, self._env())
 
     def router_alive(self) -> bool:
         return self.router is not None and self.router.poll() is None
@@ -177,7 +185,7 @@ class LocalCluster:
             await client.aclose()
 
     def _router_ready(self) -> bool:
-        """The router's /health is ok and it sees every worker (when /health says how many it sees)."""
+        """The router's /health is ok and it sees every worker of every role (when /health says how many)."""
         try:
             with urllib.request.urlopen(f"{self.http_url}/health", timeout=2) as resp:
                 body = resp.read()
@@ -187,10 +195,11 @@ class LocalCluster:
             seen = json.loads(body).get("workers")
         except (ValueError, AttributeError):
             return True
-        return not isinstance(seen, int) or seen >= self.config.workers
+        return not isinstance(seen, int) or seen >= self.config.num_workers
 
     def _not_ready_message(self, missing: set[str]) -> str:
-        what = f"workers not registered: {', '.join(sorted(missing))}" if missing else "router /health not ok"
+        what = (f"workers not registered: {', '.join(sorted(missing))}" if missing
+                else f"router /health not ok, or it sees fewer than {self.config.num_workers} workers")
         return (f"cluster not ready within {self.config.startup_timeout:.0f} s ({what})\n"
                 f"router log:\n{tail(self._log_dir / 'router.log')}\n{self.workers.logs()}")
 
@@ -217,11 +226,12 @@ class LocalCluster:
 
 
 class LocalWorkers:
-    """N `kvweave worker` processes on free ports."""
+    """N `kvweave worker` processes on free ports; `roles`: worker id -> its `--role`."""
 
-    def __init__(self, config: ClusterConfig, worker_ids: list[str], redis_url: str, log_dir: Path,
+    def __init__(self, config: ClusterConfig, roles: dict[str, str], redis_url: str, log_dir: Path,
                  env: dict[str, str]) -> None:
-        self.config, self.worker_ids, self.redis_url = config, worker_ids, redis_url
+        self.config, self.roles, self.redis_url = config, roles, redis_url
+        self.worker_ids = list(roles)
         self.log_dir, self.env = log_dir, env
         self.procs: list[subprocess.Popen] = []
         self.addresses: dict[str, str] = {}
@@ -229,7 +239,7 @@ class LocalWorkers:
     def _command(self, worker_id: str, port: int, metrics_port: int) -> list[str]:
         c = self.config
         args = ["worker", "--model", c.model, "--host", c.host, "--port", str(port), "--redis-url", self.redis_url,
-                "--worker-id", worker_id, "--metrics-port", str(metrics_port),
+                "--worker-id", worker_id, "--role", self.roles[worker_id], "--metrics-port", str(metrics_port),
                 *(["--lease-s", str(c.lease_s)] if c.lease_s else []),
                 *([] if c.peer_fetch else ["--peer-fetch", "false"]),
                 *engine_flags(worker_engine_args(c.engine_args, worker_id))]

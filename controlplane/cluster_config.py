@@ -1,5 +1,10 @@
 """What the cluster and its worker launchers share: the cluster's configuration, its error, and how
-one worker's settings and command line derive from them.
+one worker's id, role, settings and command line derive from them.
+
+A cluster has up to three pools (issue 13): colocated workers (`workers`, each prefills and decodes
+its own requests), prefill workers and decode workers; ids say the role (`worker-<i>`,
+`prefill-<i>`, `decode-<i>`). Whether a request is prefilled remotely is the router's decision
+(controlplane/disagg.py).
 
 `controlplane.cluster.LocalCluster` composes Redis, the router and a launcher
 (`controlplane.cluster.LocalWorkers`: `kvweave worker` processes, or
@@ -8,15 +13,19 @@ and nothing else, so it is its own module below both.
 """
 from __future__ import annotations
 
+import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from controlplane.procs import LOCALHOST
+from kvweave.config_flags import flag
 from kvweave.defaults import DEFAULT_MODEL
 
 LAUNCHERS = ("local", "ray")
+ID_PREFIXES = {"colocated": "worker", "prefill": "prefill", "decode": "decode"}
+"""Role -> the prefix of its workers' ids, for the roles a cluster starts."""
 
 
 class ClusterError(RuntimeError):
@@ -25,8 +34,12 @@ class ClusterError(RuntimeError):
 
 @dataclass
 class ClusterConfig:
-    workers: int = 2
-    """Number of workers."""
+    workers: int = field(default=2, metadata=flag(metavar="N"))
+    """Number of colocated workers (each prefills and decodes its own requests)."""
+    prefill_workers: int = field(default=0, metadata=flag(metavar="N"))
+    """Number of prefill workers (they prefill requests the router hands on to a decode worker)."""
+    decode_workers: int = field(default=0, metadata=flag(metavar="N"))
+    """Number of decode workers (they decode requests prefilled elsewhere, and prefill the others themselves)."""
     model: str = DEFAULT_MODEL
     """Model of every worker and of the router's tokenizer."""
     host: str = LOCALHOST
@@ -63,14 +76,46 @@ class ClusterConfig:
     """--log-level of the children."""
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        self._check_pools()
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"unknown launcher {self.launcher!r}; valid: {', '.join(LAUNCHERS)}")
         if self.gpus_per_worker < 0 or self.cpus_per_worker < 0 or self.startup_timeout <= 0:
             raise ValueError("gpus_per_worker and cpus_per_worker must be >= 0, startup_timeout > 0")
         if "model" in self.engine_args:
             raise ValueError("give the model as `model`, not in engine_args")
+
+    def _check_pools(self) -> None:
+        counts = {"workers": self.workers, "prefill_workers": self.prefill_workers,
+                  "decode_workers": self.decode_workers}
+        if negative := [f"{name}={n}" for name, n in counts.items() if n < 0]:
+            raise ValueError(f"worker counts must be >= 0, got {', '.join(negative)}")
+        if self.num_workers < 1:
+            raise ValueError("a cluster needs at least one worker: workers, prefill_workers and decode_workers "
+                             "are all 0")
+        if self.prefill_workers and not (self.workers or self.decode_workers):
+            raise ValueError(f"prefill_workers={self.prefill_workers} without a decode or colocated worker: "
+                             "nothing could decode their requests (add decode_workers or workers)")
+
+    @property
+    def role_counts(self) -> dict[str, int]:
+        """Role -> number of workers, for the roles that have any (colocated, prefill, decode in that order)."""
+        counts = {"colocated": self.workers, "prefill": self.prefill_workers, "decode": self.decode_workers}
+        return {role: n for role, n in counts.items() if n}
+
+    @property
+    def num_workers(self) -> int:
+        """Workers of every role."""
+        return self.workers + self.prefill_workers + self.decode_workers
+
+
+def worker_roles(config: ClusterConfig) -> dict[str, str]:
+    """Worker id -> role: `worker-<i>` (colocated), `prefill-<i>`, `decode-<i>`. With an external
+    `redis_url` each id gets a random suffix, since other clusters' workers may register there."""
+    def worker_id(role: str, i: int) -> str:
+        base = f"{ID_PREFIXES[role]}-{i}"
+        return base if config.redis_url is None else f"{base}-{secrets.token_hex(3)}"
+
+    return {worker_id(role, i): role for role, n in config.role_counts.items() for i in range(n)}
 
 
 def worker_engine_args(engine_args: dict[str, Any], worker_id: str) -> dict[str, Any]:

@@ -56,15 +56,17 @@ def _loopback_only():
 
 
 class RayWorkers:
-    """N actors of `actor_cls` in a Ray cluster (a local one unless `config.ray_address`).
+    """N actors of `actor_cls` in a Ray cluster (a local one unless `config.ray_address`); `roles`: worker
+    id -> its role.
 
     `actor_cls` has async `start(engine_args: dict, options: dict) -> (worker id, address)` (load the
     model, serve, register), `stop()` and `pid()`: `worker.ray_actor.WorkerActor`. `options` are
     `worker.server.WorkerOptions` fields; an `advertise_host` of `kvweave.registry.NODE_IP` asks the
     actor to advertise its node's IP."""
 
-    def __init__(self, config: ClusterConfig, worker_ids: list[str], redis_url: str, actor_cls: type) -> None:
-        self.config, self.worker_ids, self.redis_url = config, worker_ids, redis_url
+    def __init__(self, config: ClusterConfig, roles: dict[str, str], redis_url: str, actor_cls: type) -> None:
+        self.config, self.roles, self.redis_url = config, roles, redis_url
+        self.worker_ids = list(roles)
         self.actor_cls = actor_cls
         self.addresses: dict[str, str] = {}
         self.actors: list = []
@@ -83,7 +85,7 @@ class RayWorkers:
                 ray.init(address=c.ray_address, logging_level=logging.WARNING)
             else:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-                num_cpus = max(os.cpu_count() or 1, math.ceil(c.workers * c.cpus_per_worker))
+                num_cpus = max(os.cpu_count() or 1, math.ceil(c.num_workers * c.cpus_per_worker))
                 with _loopback_only():
                     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                              _temp_dir=c.ray_temp_dir, logging_level=logging.WARNING, log_to_driver=False)
@@ -95,8 +97,8 @@ class RayWorkers:
         c = self.config
         remote = bool(c.ray_address)
         options = {"host": "0.0.0.0" if remote else c.host, "port": 0, "redis_url": self.redis_url,
-                   "worker_id": worker_id, "advertise_host": NODE_IP if remote else None,
-                   "peer_fetch": c.peer_fetch}
+                   "worker_id": worker_id, "role": self.roles[worker_id],
+                   "advertise_host": NODE_IP if remote else None, "peer_fetch": c.peer_fetch}
         return options | ({"lease_s": c.lease_s, "heartbeat_s": min(1.0, c.lease_s / 3)} if c.lease_s else {})
 
     def start(self) -> None:

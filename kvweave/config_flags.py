@@ -197,18 +197,22 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
                     only: Iterable[str] | None = None, exclude: Iterable[str] = (),
                     defaults: Mapping[str, Any] | None = None, help: Mapping[str, str] | None = None,
                     flags: Mapping[str, str] | None = None, choices: Mapping[str, Iterable] | None = None,
-                    env: bool = True) -> None:
+                    default_texts: Mapping[str, str] | None = None, env: bool = True) -> None:
     """Add one flag per field of `cls` (see the module docstring).
 
     `only` / `exclude`: which fields; `defaults`: this command's defaults where they differ from the
     dataclass's; `help`: help texts that replace the field docstrings; `flags`: flag names that
     differ from `--field-name` (e.g. {"grpc_port": "--port"}); `choices`: the valid values of fields
-    that take one of a few (argparse rejects the others); these beat the fields' `Flag`s. `env`:
-    whether KVWEAVE_<FIELD> variables override the defaults (see the module docstring)."""
-    defaults, flags, choices = defaults or {}, flags or {}, choices or {}
+    that take one of a few (argparse rejects the others); `default_texts`: how --help shows this
+    command's defaults where the value alone would not say it (as `Flag.default_text` does); these
+    beat the fields' `Flag`s. `env`: whether KVWEAVE_<FIELD> variables override the defaults (see
+    the module docstring)."""
+    defaults, flags, choices, default_texts = defaults or {}, flags or {}, choices or {}, default_texts or {}
     docs = {**field_docs(cls), **(help or {})}
     for f, kind in flag_fields(cls, only, exclude):
         spec = field_flag(f)
+        if f.name in default_texts:
+            spec = dataclasses.replace(spec, default_text=default_texts[f.name])
         default = _default(f, kind, defaults, env)
         text = _help(docs.get(f.name, ""), default, spec, env_name(f.name) if env else None)
         name = flags.get(f.name) or spec.name or "--" + f.name.replace("_", "-")

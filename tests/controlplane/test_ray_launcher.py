@@ -1,7 +1,8 @@
 """The Ray launcher on a real local Ray cluster (127.0.0.1, token auth off, temp dir under the test's
 folder): a tiny worker runs as a Ray actor, registers in Redis, and serves through the router.
 
-Ray starts slowly, so the module shares one cluster; it skips when Ray cannot start here.
+Ray starts slowly, so the module shares one cluster; it skips when Ray cannot start here. The
+options each actor gets (its role among them) are checked without Ray.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 import kvweave
 from controlplane.cluster import LocalCluster
+from controlplane.cluster_config import ClusterConfig, worker_roles
 from controlplane.procs import pid_alive
 
 ENGINE_ARGS = {"dtype": "float32", "num_blocks": 64, "num_threads": 1}
@@ -69,3 +71,14 @@ def test_stop_shuts_down_the_actors_and_ray(ray_cluster) -> None:
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in pids if pid_alive(p)]
+
+
+def test_each_actor_gets_its_role_in_valid_worker_options() -> None:
+    from controlplane.ray_launcher import RayWorkers
+    from worker.server import WorkerOptions
+
+    config = ClusterConfig(workers=1, prefill_workers=1, decode_workers=1, launcher="ray")
+    workers = RayWorkers(config, worker_roles(config), "redis://127.0.0.1:1/0", object)
+    options = {i: WorkerOptions(**workers._worker_options(i)) for i in workers.worker_ids}
+    assert {i: (o.worker_id, o.role) for i, o in options.items()} == {
+        "worker-0": ("worker-0", "colocated"), "prefill-0": ("prefill-0", "prefill"), "decode-0": ("decode-0", "decode")}

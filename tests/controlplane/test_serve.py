@@ -1,7 +1,9 @@
 """The local launcher: `LocalCluster` and `kvweave serve` with real processes (Redis, tiny workers, router).
 
 The module's cluster is shared by the tests in order: serving, then a worker killed with SIGKILL,
-then `stop` leaving no process behind.
+then `stop` leaving no process behind. Worker pools by role (colocated, prefill, decode) are
+checked on the configuration and the commands the launcher would run, and once on a real cluster
+of one prefill and one decode worker.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import urllib.request
 import pytest
 
 import kvweave
-from controlplane.cluster import LocalCluster, run_sync
-from controlplane.cluster_config import ClusterError
+from controlplane.cluster import LocalCluster, LocalWorkers, run_sync
+from controlplane.cluster_config import ClusterConfig, ClusterError, worker_roles
 from controlplane.procs import descendants, pid_alive
 
 ENGINE_ARGS = {"dtype": "float32", "num_blocks": 64, "num_threads": 1}
@@ -36,19 +38,24 @@ def cluster(tiny_hf_model):
     c.stop()
 
 
-def registered_ids(redis_url: str) -> set[str]:
+def registered_roles(redis_url: str) -> dict[str, str]:
+    """worker id -> role of every live worker in the registry."""
     import redis.asyncio as aioredis
 
     from kvweave.registry import Registry
 
-    async def ids() -> set[str]:
+    async def roles() -> dict[str, str]:
         client = aioredis.Redis.from_url(redis_url)
         try:
-            return {w.worker_id for w in await Registry(client).list_workers()}
+            return {w.worker_id: w.role for w in await Registry(client).list_workers()}
         finally:
             await client.aclose()
 
-    return run_sync(ids())
+    return run_sync(roles())
+
+
+def registered_ids(redis_url: str) -> set[str]:
+    return set(registered_roles(redis_url))
 
 
 def post_json(url: str, body: dict) -> dict:
@@ -158,12 +165,84 @@ def test_serve_command_prints_endpoints_and_stops_cleanly_on_sigterm(tiny_hf_mod
 def test_serve_passes_peer_fetch_to_its_workers(tmp_path) -> None:
     from cli.main import build_parser
     from cli.serve import config_from_args
-    from controlplane.cluster import LocalWorkers
 
     parser = build_parser("all")
     for flag, expected in ((["--peer-fetch", "false"], False), ([], True)):
         config = config_from_args(parser.parse_args(["serve", "--workers", "2", *flag]))
         assert config.peer_fetch is expected
-        command = LocalWorkers(config, ["w0"], "redis://127.0.0.1:1/0", tmp_path, {})._command("w0", 1234, 1235)
+        workers = LocalWorkers(config, {"w0": "colocated"}, "redis://127.0.0.1:1/0", tmp_path, {})
+        command = workers._command("w0", 1234, 1235)
         worker_args = parser.parse_args(command[command.index("cli") + 1:])
         assert worker_args.command == "worker" and worker_args.peer_fetch is expected
+
+
+@pytest.mark.parametrize("counts, message", [
+    ({"workers": 0}, "at least one worker"),
+    ({"workers": -1, "decode_workers": 1}, "worker counts must be >= 0, got workers=-1"),
+    ({"workers": 1, "prefill_workers": -1}, "got prefill_workers=-1"),
+    ({"workers": 0, "prefill_workers": 2}, "prefill_workers=2 without a decode or colocated worker"),
+])
+def test_bad_worker_pools_are_config_errors(counts, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig(**counts)
+
+
+def test_decode_workers_alone_and_mixed_pools_are_valid() -> None:
+    assert ClusterConfig(workers=0, decode_workers=2).role_counts == {"decode": 2}
+    mixed = ClusterConfig(workers=1, prefill_workers=1, decode_workers=1)
+    assert (mixed.role_counts, mixed.num_workers) == ({"colocated": 1, "prefill": 1, "decode": 1}, 3)
+
+
+def test_serve_exits_with_the_pool_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "cli", "serve", "--prefill-workers", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "error: prefill_workers=1 without a decode or colocated worker" in proc.stderr
+
+
+def test_serve_starts_no_colocated_worker_beside_pools_unless_asked(monkeypatch, capsys) -> None:
+    from cli.main import build_parser
+    from cli.serve import config_from_args
+
+    parser = build_parser("all")
+    for argv, expected in (("", (1, 0, 0)),
+                           ("--prefill-workers 1 --decode-workers 1", (0, 1, 1)),
+                           ("--decode-workers 2", (0, 0, 2)),
+                           ("--workers 1 --prefill-workers 1 --decode-workers 1", (1, 1, 1))):
+        config = config_from_args(parser.parse_args(["serve", *argv.split()]))
+        assert (config.workers, config.prefill_workers, config.decode_workers) == expected, argv
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help at hyphens too
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--workers N Number of colocated workers" in help_text
+    assert "(default: 1, or 0 with --prefill-workers or --decode-workers; env KVWEAVE_WORKERS)" in help_text
+
+
+def test_worker_ids_and_role_flags_per_role(tmp_path) -> None:
+    from cli.main import build_parser
+
+    config = ClusterConfig(workers=1, prefill_workers=2, decode_workers=1)
+    roles = worker_roles(config)
+    assert roles == {"worker-0": "colocated", "prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode"}
+    workers, parser = LocalWorkers(config, roles, "redis://127.0.0.1:1/0", tmp_path, {}), build_parser("all")
+    for worker_id, role in roles.items():
+        command = workers._command(worker_id, 1234, 1235)
+        args = parser.parse_args(command[command.index("cli") + 1:])
+        assert (args.command, args.worker_id, args.role) == ("worker", worker_id, role)
+    shared = worker_roles(ClusterConfig(workers=1, decode_workers=1, redis_url="redis://127.0.0.1:1/0"))
+    assert sorted(shared.values()) == ["colocated", "decode"]  # a random suffix: other clusters share the Redis
+    assert {i.rsplit("-", 1)[0]: r for i, r in shared.items()} == {"worker-0": "colocated", "decode-0": "decode"}
+
+
+def test_prefill_and_decode_pools_register_their_roles(tiny_hf_model) -> None:
+    from cli.serve import format_endpoints
+
+    with LocalCluster(workers=0, prefill_workers=1, decode_workers=1, model=str(tiny_hf_model),
+                      engine_args=ENGINE_ARGS, startup_timeout=120) as cluster:
+        assert registered_roles(cluster.redis_url) == {"prefill-0": "prefill", "decode-0": "decode"}
+        assert cluster.worker_roles == {"prefill-0": "prefill", "decode-0": "decode"}
+        lines = format_endpoints(cluster).splitlines()
+    assert lines[0] == f"kvweave cluster ready: 1 prefill + 1 decode worker(s) (local), model {tiny_hf_model}"
+    workers = [line.split()[1:] for line in lines if line.startswith("  worker ")]
+    assert [(w[0], w[2]) for w in workers] == [("prefill-0", "prefill"), ("decode-0", "decode")]

@@ -56,6 +56,12 @@ def test_help_shows_docstrings_defaults_and_env() -> None:
     assert "KVWEAVE_" not in quiet and "--size SIZE blocks per thing (default: 4)" in quiet
 
 
+def test_a_commands_default_text_replaces_the_value_in_help() -> None:
+    p = parser(defaults={"size": None}, default_texts={"size": "4, or 8 with --name"})
+    text = " ".join(p.format_help().split())
+    assert "--size SIZE blocks per thing (default: 4, or 8 with --name; env KVWEAVE_SIZE)" in text
+
+
 def test_environment_overrides_only_when_asked(monkeypatch) -> None:
     monkeypatch.setenv("KVWEAVE_SIZE", "16")
     monkeypatch.setenv("KVWEAVE_TAGS", "a b")
