@@ -32,7 +32,9 @@ SERVE_DEFAULTS = {"workers": None, "port": 50051, "http_port": 8000}
 """Where `kvweave serve` differs from ClusterConfig's defaults (fixed, well-known ports for a user;
 workers None: `default_workers`)."""
 SERVE_DEFAULT_TEXTS = {"workers": "1, or 0 with --prefill-workers or --decode-workers"}
-CLUSTER_FLAGS_EXCLUDED = ("model", "log_level")
+CLUSTER_FLAGS_EXCLUDED = ("model", "log_level", "router_args")
+ROUTER_ARGS = ("disagg_threshold_tokens", "disagg_max_prefill_queue_tokens", "disagg_handoff_margin")
+"""RouterConfig fields `kvweave serve` takes as flags and hands its router (the prefill/decode decision)."""
 """ClusterConfig fields with no flag of their own here: --model is the engine's, --log-level global."""
 
 
@@ -48,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "disaggregated pools instead (--workers N adds N colocated workers beside them).")
     add_config_args(p, ClusterConfig, exclude=CLUSTER_FLAGS_EXCLUDED, defaults=SERVE_DEFAULTS,
                     default_texts=SERVE_DEFAULT_TEXTS, choices={"launcher": LAUNCHERS})
-    add_config_args(p.add_argument_group("router"), RouterConfig, only=["chunk_separator"])
+    add_config_args(p.add_argument_group("router"), RouterConfig, only=["chunk_separator", *ROUTER_ARGS])
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -70,7 +72,10 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     kwargs = config_kwargs(ClusterConfig, args, exclude=CLUSTER_FLAGS_EXCLUDED)
     if kwargs["workers"] is None:
         kwargs["workers"] = default_workers(kwargs["prefill_workers"], kwargs["decode_workers"])
-    return ClusterConfig(**kwargs, model=args.model, engine_args=changed_engine_args(args), log_level=args.log_level)
+    router_args = {name: getattr(args, name) for name in ROUTER_ARGS
+                   if getattr(args, name) != RouterConfig.__dataclass_fields__[name].default}
+    return ClusterConfig(**kwargs, model=args.model, engine_args=changed_engine_args(args), router_args=router_args,
+                         log_level=args.log_level)
 
 
 def describe_pools(config: ClusterConfig) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.cluster_config import (
-    ClusterConfig, ClusterError, cli_command, engine_flags, worker_engine_args, worker_roles,
+    ClusterConfig, ClusterError, cli_command, field_flags, heartbeat_s, worker_engine_args, worker_roles,
 )
 from controlplane.procs import LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail
 
@@ -140,7 +140,7 @@ class LocalCluster:
         c = self.config
         args = ["router", "--host", c.host, "--port", str(self.port), "--http-port", str(self.http_port),
                 "--redis-url", self.redis_url, "--model", c.model, *(["--policy", c.policy] if c.policy else []),
-                *(["--lease-s", str(c.lease_s)] if c.lease_s else [])]
+                *(["--lease-s", str(c.lease_s)] if c.lease_s else []), *field_flags(c.router_args)]
         return cli_command(c, *args)
 
     def _make_workers(self):
@@ -240,9 +240,9 @@ class LocalWorkers:
         c = self.config
         args = ["worker", "--model", c.model, "--host", c.host, "--port", str(port), "--redis-url", self.redis_url,
                 "--worker-id", worker_id, "--role", self.roles[worker_id], "--metrics-port", str(metrics_port),
-                *(["--lease-s", str(c.lease_s)] if c.lease_s else []),
+                *(["--lease-s", str(c.lease_s), "--heartbeat-s", str(heartbeat_s(c.lease_s))] if c.lease_s else []),
                 *([] if c.peer_fetch else ["--peer-fetch", "false"]),
-                *engine_flags(worker_engine_args(c.engine_args, worker_id))]
+                *field_flags(worker_engine_args(c.engine_args, worker_id))]
         return cli_command(c, *args)
 
     def start(self) -> None:

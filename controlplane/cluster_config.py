@@ -68,6 +68,8 @@ class ClusterConfig:
     """Workers fetch the KV they lack from peers that hold it (`kvweave worker --peer-fetch`)."""
     engine_args: dict[str, Any] = field(default_factory=dict)
     """Engine settings of every worker, by EngineConfig field name (e.g. {"num_blocks": 256})."""
+    router_args: dict[str, Any] = field(default_factory=dict)
+    """Router settings, by RouterConfig field name (e.g. {"disagg_threshold_tokens": 256})."""
     startup_timeout: float = 300.0
     """Seconds to wait for every worker and the router to be ready."""
     log_dir: str | None = None
@@ -118,6 +120,11 @@ def worker_roles(config: ClusterConfig) -> dict[str, str]:
     return {worker_id(role, i): role for role, n in config.role_counts.items() for i in range(n)}
 
 
+def heartbeat_s(lease_s: float) -> float:
+    """A worker's heartbeat period under a lease of `lease_s`: a third of it, at most a second."""
+    return min(1.0, lease_s / 3)
+
+
 def worker_engine_args(engine_args: dict[str, Any], worker_id: str) -> dict[str, Any]:
     """One worker's engine settings: an SSD cache directory is split per worker (a slab file
     belongs to one process)."""
@@ -126,10 +133,10 @@ def worker_engine_args(engine_args: dict[str, Any], worker_id: str) -> dict[str,
     return engine_args
 
 
-def engine_flags(engine_args: dict[str, Any]) -> list[str]:
-    """EngineConfig field values as the worker's command-line flags."""
+def field_flags(values: dict[str, Any]) -> list[str]:
+    """Config field values (EngineConfig's for a worker, RouterConfig's for the router) as command-line flags."""
     flags: list[str] = []
-    for name, value in engine_args.items():
+    for name, value in values.items():
         if value is not None:
             flags += ["--" + name.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
     return flags

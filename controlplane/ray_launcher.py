@@ -19,7 +19,7 @@ import math
 import os
 from typing import Any
 
-from controlplane.cluster_config import ClusterConfig, ClusterError, worker_engine_args
+from controlplane.cluster_config import ClusterConfig, ClusterError, heartbeat_s, worker_engine_args
 from kvweave.registry import NODE_IP
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class RayWorkers:
         options = {"host": "0.0.0.0" if remote else c.host, "port": 0, "redis_url": self.redis_url,
                    "worker_id": worker_id, "role": self.roles[worker_id],
                    "advertise_host": NODE_IP if remote else None, "peer_fetch": c.peer_fetch}
-        return options | ({"lease_s": c.lease_s, "heartbeat_s": min(1.0, c.lease_s / 3)} if c.lease_s else {})
+        return options | ({"lease_s": c.lease_s, "heartbeat_s": heartbeat_s(c.lease_s)} if c.lease_s else {})
 
     def start(self) -> None:
         """Create the actors and start their workers; `check` reports a failed start."""
