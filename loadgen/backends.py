@@ -21,7 +21,7 @@ import aiohttp
 
 from kvweave.client import AsyncClient
 from kvweave.config_flags import bounded, flag
-from kvweave.client_types import InvalidRequest, KVWeaveError, Overloaded, Timeout, Unavailable
+from kvweave.client_types import InvalidRequest, KVWeaveError, Overloaded, Timeout, Unavailable, Usage
 from loadgen.records import RequestRecord
 from loadgen.types import Turn
 
@@ -162,6 +162,14 @@ def grpc_error_kind(err: KVWeaveError) -> str:
     return f"grpc_{err.code.name.lower()}"
 
 
+def apply_usage(record: RequestRecord, usage: Usage) -> None:
+    """Fill `record` in from the SDK's usage of a finished request."""
+    record.prompt_tokens, record.output_tokens = usage.prompt_tokens, usage.completion_tokens
+    record.cached_tokens, record.chunk_reused_tokens = usage.cached_tokens, usage.chunk_reused_tokens
+    record.recomputed_tokens = usage.recomputed_tokens
+    record.disaggregation, record.prefill_worker_id = usage.disaggregation, usage.prefill_worker_id
+
+
 class GrpcBackend(Backend):
     """A kvweave router through `kvweave.AsyncClient`, with no retries. `url` is host:port."""
 
@@ -207,11 +215,9 @@ class GrpcBackend(Backend):
         except KVWeaveError as e:
             raise RequestFailed(grpc_error_kind(e), e.message) from None
         record.text = "".join(texts)
-        record.output_tokens = usage.completion_tokens if usage else tokens
+        record.output_tokens = tokens
         if usage:
-            record.prompt_tokens = usage.prompt_tokens
-            record.cached_tokens, record.chunk_reused_tokens = usage.cached_tokens, usage.chunk_reused_tokens
-            record.recomputed_tokens = usage.recomputed_tokens
+            apply_usage(record, usage)
 
     async def close(self) -> None:
         await self.client.close()
@@ -236,6 +242,20 @@ def _error_message(status: int, body: str) -> str:
     except (ValueError, AttributeError):
         message = None
     return f"HTTP {status}: {message or body[:300] or 'no body'}"
+
+
+def apply_usage_json(record: RequestRecord, usage: dict) -> None:
+    """Fill `record` in from an OpenAI usage object (kvweave's figures in its `kvweave` block); what
+    the server leaves out keeps the record's value (the token ids sent, the pieces streamed)."""
+    record.prompt_tokens = usage.get("prompt_tokens") or record.prompt_tokens
+    record.output_tokens = usage.get("completion_tokens", record.output_tokens)
+    record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    kvweave = usage.get("kvweave") or {}
+    record.chunk_reused_tokens = kvweave.get("chunk_reused_tokens") or 0
+    record.recomputed_tokens = kvweave.get("recomputed_tokens") or 0
+    record.worker_id = kvweave.get("worker_id") or record.worker_id
+    record.disaggregation = kvweave.get("disaggregation") or ""
+    record.prefill_worker_id = kvweave.get("prefill_worker_id") or ""
 
 
 class OpenAIBackend(Backend):
@@ -321,14 +341,9 @@ class OpenAIBackend(Backend):
         if not done:
             raise RequestFailed("stream_broken", "the event stream ended without data: [DONE]")
         record.text = "".join(texts)
-        record.output_tokens = usage.get("completion_tokens", pieces.count) if usage else pieces.count
+        record.output_tokens = pieces.count
         if usage:
-            record.prompt_tokens = usage.get("prompt_tokens") or record.prompt_tokens
-            record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-            kvweave = usage.get("kvweave") or {}
-            record.chunk_reused_tokens = kvweave.get("chunk_reused_tokens") or 0
-            record.recomputed_tokens = kvweave.get("recomputed_tokens") or 0
-            record.worker_id = kvweave.get("worker_id") or record.worker_id
+            apply_usage_json(record, usage)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -32,6 +32,15 @@ class RequestRecord:
     recomputed_tokens: int = 0
     """Of the chunk-reused tokens, those the server recomputed."""
     worker_id: str | None = None
+    """The worker that served the request (with prefill/decode disaggregation: the one that decoded)."""
+    disaggregation: str = ""
+    """The router's prefill/decode decision from the usage: "remote" (prefilled on another worker), or
+    why the request stayed on one worker ("short", "no_prefill_worker", ...); empty when the server
+    reports none (no prefill workers, or not a kvweave router)."""
+    prefill_worker_id: str = ""
+    """The worker that prefilled the prompt, when "remote"."""
+    tags: dict = field(default_factory=dict)
+    """The session's tags (`Session.tags`, set by the runner), e.g. the mixed workload's `class`."""
     text: str = ""
     """The reply (kept for the chat history of the next turn)."""
     error: str | None = None

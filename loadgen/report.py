@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from kvweave.config_flags import flag
-from loadgen.stats import DEFAULT_PERCENTILES, LATENCY_METRICS, parse_goodput, parse_percentiles
+from loadgen.stats import DEFAULT_PERCENTILES, GROUP_METRICS, LATENCY_METRICS, parse_goodput, parse_percentiles
 
 WIDTH = 50
 _LATENCY_KEY = re.compile(r"^(mean|median|std|p\d+(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
@@ -101,12 +101,50 @@ def _percentile_names(result: dict) -> list[str]:
     return sorted(names, key=lambda p: float(p[1:]))
 
 
+def _row(name: str, value, fmt: str = "") -> str:
+    return f"{name:<40} {value:<10{fmt}}"
+
+
+def _latency_rows(stats: dict, metric: str) -> list[str]:
+    """Mean, median and every percentile of `metric` in `stats` (a result or one group of it)."""
+    short = _TITLES[metric][0]
+    return ([_row(f"Mean {short} (ms):", stats[f"mean_{metric}_ms"], ".2f"),
+             _row(f"Median {short} (ms):", stats[f"median_{metric}_ms"], ".2f")]
+            + [_row(f"P{p[1:]} {short} (ms):", stats[f"{p}_{metric}_ms"], ".2f") for p in _percentile_names(stats)])
+
+
+def _group_lines(title: str, groups: dict) -> list[str]:
+    """A section per group of requests that has any (`latency_by_prefill`, `latency_by_class`)."""
+    lines = []
+    for name, group in groups.items():
+        if group["completed"]:
+            heading = f"{title} {name} ({group['completed']} requests)"
+            lines.append(f"{heading:-^{WIDTH}}")
+            lines += [row for metric in GROUP_METRICS for row in _latency_rows(group, metric)]
+    return lines
+
+
+def _count_lines(title: str, counts: dict) -> list[str]:
+    return [f"{title:-^{WIDTH}}", *(_row(f"{name}:", count) for name, count in counts.items())] if counts else []
+
+
+def _disaggregation_lines(result: dict) -> list[str]:
+    """Prefill/decode decisions, remote / local latency and requests per prefill worker (none
+    without disaggregation)."""
+    if not result.get("requests_by_disaggregation"):
+        return []
+    return (_count_lines("Prefill/decode decisions", result["requests_by_disaggregation"])
+            + _group_lines("Prefill", result.get("latency_by_prefill") or {})
+            + _count_lines("Successful requests per prefill worker", result.get("requests_by_prefill_worker") or {}))
+
+
 def format_summary(result: dict) -> str:
-    """vLLM's "Serving Benchmark Result" table, plus cache reuse and errors by kind."""
+    """vLLM's "Serving Benchmark Result" table, plus cache reuse, prefill/decode disaggregation,
+    requests per worker, latency per workload class and errors by kind."""
     lines = [f"{' Serving Benchmark Result ':=^{WIDTH}}"]
 
     def row(name: str, value, fmt: str = "") -> None:
-        lines.append(f"{name:<40} {value:<10{fmt}}")
+        lines.append(_row(name, value, fmt))
 
     if result.get("label"):
         row("Run:", result["label"])
@@ -125,28 +163,19 @@ def format_summary(result: dict) -> str:
     row("Output token throughput (tok/s):", result["output_throughput"], ".2f")
     row("Total Token throughput (tok/s):", result["total_token_throughput"], ".2f")
     for metric in LATENCY_METRICS:
-        short, title = _TITLES[metric]
-        lines.append(f"{title:-^{WIDTH}}")
-        row(f"Mean {short} (ms):", result[f"mean_{metric}_ms"], ".2f")
-        row(f"Median {short} (ms):", result[f"median_{metric}_ms"], ".2f")
-        for p in _percentile_names(result):
-            row(f"P{p[1:]} {short} (ms):", result[f"{p}_{metric}_ms"], ".2f")
+        lines.append(f"{_TITLES[metric][1]:-^{WIDTH}}")
+        lines += _latency_rows(result, metric)
     lines.append(f"{'KV Cache Reuse (server-reported)':-^{WIDTH}}")
     row("Prefix-cached tokens:", f"{result.get('total_cached_tokens', 0)} "
                                  f"({result.get('prefix_reuse_ratio', 0.0):.1%} of input)")
     row("Chunk-reused tokens:", f"{result.get('total_chunk_reused_tokens', 0)} "
                                 f"({result.get('chunk_reuse_ratio', 0.0):.1%} of input)")
     row("Recomputed tokens:", result.get("total_recomputed_tokens", 0))
-    by_worker = result.get("requests_by_worker") or {}
-    if by_worker:
-        lines.append(f"{'Successful requests per worker':-^{WIDTH}}")
-        for worker, count in by_worker.items():
-            row(f"{worker}:", count)
-    errors = result.get("errors_by_kind") or {}
-    if errors:
-        lines.append(f"{'Errors':-^{WIDTH}}")
-        for kind, count in errors.items():
-            row(f"{kind}:", count)
+    lines += _disaggregation_lines(result)
+    decode = " decode" if result.get("requests_by_disaggregation") else ""
+    lines += _count_lines(f"Successful requests per{decode} worker", result.get("requests_by_worker") or {})
+    lines += _group_lines("Class", result.get("latency_by_class") or {})
+    lines += _count_lines("Errors", result.get("errors_by_kind") or {})
     if result.get("interrupted"):
         lines.append(f"interrupted by {result['interrupted']}: partial results")
     lines.append("=" * WIDTH)

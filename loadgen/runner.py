@@ -259,6 +259,7 @@ class Runner:
                     sending = time.perf_counter()
                     record = await self.backend.send(turn, history, session.session_id)
                     sending = None
+                record.tags = session.tags
                 sent += 1
                 self._add(record)
                 if not record.ok:
@@ -267,7 +268,7 @@ class Runner:
                     history += [*turn.messages, {"role": "assistant", "content": record.text}]
         except asyncio.CancelledError:
             if sending is not None:
-                record = RequestRecord(start=sending, session_id=session.session_id,
+                record = RequestRecord(start=sending, session_id=session.session_id, tags=session.tags,
                                        prompt_tokens=len(turn.token_ids or ()), latency=time.perf_counter() - sending)
                 self._add(record.fail(CANCELLED, "still in flight when the run was stopped"
                                    + (f" by {self.interrupted}" if self.interrupted else "")))

@@ -5,6 +5,13 @@ standard deviation, as `np.std`), `p99_ttft_ms` (linear interpolation, as `np.pe
 same for `tpot` (per request (e2e - ttft) / (output tokens - 1), requests with more than one output
 token), `itl` (every gap between streamed pieces) and `e2el` (end to end). Latencies and token
 totals count successful requests only; failures are counted by kind.
+
+With prefill/decode disaggregation (the server reports its decision per request), the result also
+has `requests_by_disaggregation` (decision -> requests), `requests_by_prefill_worker` (requests
+prefilled remotely, per prefill worker; `requests_by_worker` counts them by the worker that decoded)
+and `latency_by_prefill`: {"remote": ..., "local": ...}, the TTFT and ITL figures (keys as above,
+plus `completed`) of the requests prefilled on another worker and of those that stayed on one. When
+the sessions carry a `class` tag (the mixed workload), `latency_by_class` gives the same per class.
 """
 from __future__ import annotations
 
@@ -20,6 +27,10 @@ from loadgen.records import RequestRecord
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
 DEFAULT_PERCENTILES = (50.0, 90.0, 99.0)
+GROUP_METRICS = ("ttft", "itl")
+"""The latency figures given per group of requests (remote / local prefill, workload class)."""
+REMOTE = "remote"
+"""The disaggregation decision of requests prefilled on another worker."""
 
 
 def parse_goodput(items: Iterable[str]) -> dict[str, float]:
@@ -85,6 +96,47 @@ def _summary(name: str, values_s: Sequence[float], percentiles: Sequence[float])
     return out
 
 
+def _series(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
+    """The values (seconds) of each latency metric over successful `records`."""
+    return {"ttft": [r.ttft for r in records], "tpot": [t for t in map(tpot, records) if t is not None],
+            "itl": [gap for r in records for gap in r.itls], "e2el": [r.latency for r in records]}
+
+
+def _group(records: Sequence[RequestRecord], percentiles: Sequence[float]) -> dict:
+    """`completed` and the GROUP_METRICS figures of one group of successful requests."""
+    series = _series(records)
+    out: dict = {"completed": len(records)}
+    for name in GROUP_METRICS:
+        out |= _summary(name, series[name], percentiles)
+    return out
+
+
+def disaggregation_stats(ok: Sequence[RequestRecord], percentiles: Sequence[float]) -> dict:
+    """Decisions, prefill workers and remote / local latency of successful requests; {} when the
+    server reported no disaggregation decision."""
+    decided = [r for r in ok if r.disaggregation]
+    if not decided:
+        return {}
+    prefill_workers = Counter(r.prefill_worker_id for r in decided if r.prefill_worker_id)
+    return {
+        "requests_by_disaggregation": dict(Counter(r.disaggregation for r in decided).most_common()),
+        "requests_by_prefill_worker": dict(sorted(prefill_workers.items())),
+        "latency_by_prefill": {
+            "remote": _group([r for r in decided if r.disaggregation == REMOTE], percentiles),
+            "local": _group([r for r in decided if r.disaggregation != REMOTE], percentiles)},
+    }
+
+
+def class_stats(records: Sequence[RequestRecord], percentiles: Sequence[float]) -> dict:
+    """Latency per workload class (the sessions' `class` tag) of the successful requests, for every
+    class sent (one whose requests all failed has `completed` 0); {} without classes."""
+    classes = sorted({r.tags["class"] for r in records if "class" in r.tags})
+    if not classes:
+        return {}
+    return {"latency_by_class": {c: _group([r for r in records if r.ok and r.tags.get("class") == c], percentiles)
+                                 for c in classes}}
+
+
 def compute_stats(records: Sequence[RequestRecord], *, start: float, duration: float,
                   percentiles: Sequence[float] = DEFAULT_PERCENTILES,
                   goodput: dict[str, float] | None = None) -> dict:
@@ -108,8 +160,7 @@ def compute_stats(records: Sequence[RequestRecord], *, start: float, duration: f
         "output_throughput": total_out / duration,
         "total_token_throughput": (total_in + total_out) / duration,
     }
-    series = {"ttft": [r.ttft for r in ok], "tpot": [t for t in map(tpot, ok) if t is not None],
-              "itl": [gap for r in ok for gap in r.itls], "e2el": [r.latency for r in ok]}
+    series = _series(ok)
     for name in LATENCY_METRICS:
         result |= _summary(name, series[name], percentiles)
     result |= {
@@ -129,4 +180,4 @@ def compute_stats(records: Sequence[RequestRecord], *, start: float, duration: f
         "errors": ["" if r.ok else f"{r.error}: {r.message}" for r in records],
         "worker_ids": [r.worker_id or "" for r in records],
     }
-    return result
+    return result | disaggregation_stats(ok, percentiles) | class_stats(records, percentiles)

@@ -1,7 +1,7 @@
 """What a workload hands the load generator: sessions of turns.
 
 A `Session` is a sequence of requests (`Turn`s) sent one after the other: single-request workloads
-(rag, prefix-repetition, mooncake, azure, random) make one-turn sessions; chat workloads
+(rag, prefix-repetition, mooncake, azure, random, mixed) make one-turn sessions; chat workloads
 (multi-turn, agent) make sessions whose history grows: the runner sends the session's history plus
 the turn's new `messages`, then appends the assistant's reply to the history before the next turn.
 A session starts at its `arrival_s` (trace timestamps, already scaled) or, when that is None, when

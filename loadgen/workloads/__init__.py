@@ -6,8 +6,8 @@ make the command-line flags through kvweave.config_flags), and a builder.
     for session in workload.sessions(): ...                              # may be endless
 
 Every workload is deterministic for a seed (`args.seed`) and yields `loadgen.types.Session`s in
-arrival order. The synthetic and RAG workloads are endless; the traces repeat when a run asks for
-more than they hold (see `loadgen.workloads.replay`).
+arrival order. The synthetic (random, prefix-repetition, mixed) and RAG workloads are endless; the
+traces repeat when a run asks for more than they hold (see `loadgen.workloads.replay`).
 """
 from __future__ import annotations
 
@@ -20,17 +20,17 @@ from loadgen.workloads.base import DATA_DIR, DEFAULT_DATASETS, at_least, parse_t
 from loadgen.workloads.chat import AgentOptions, AgentWorkload, ChatOptions, MultiTurnWorkload
 from loadgen.workloads.rag import RagOptions, RagWorkload
 from loadgen.workloads.replay import AzureWorkload, MooncakeWorkload, TraceOptions
-from loadgen.workloads.synthetic import (PrefixRepetitionOptions, PrefixRepetitionWorkload, RandomOptions,
-                                         RandomWorkload)
+from loadgen.workloads.synthetic import (MixedOptions, MixedWorkload, PrefixRepetitionOptions, PrefixRepetitionWorkload,
+                                         RandomOptions, RandomWorkload)
 
 __all__ = ["WORKLOADS", "DEFAULT_DATASETS", "OPTION_GROUPS", "WorkloadConfig", "add_workload_arguments",
            "build_workload", "AgentWorkload",
-           "AzureWorkload", "MooncakeWorkload", "MultiTurnWorkload", "PrefixRepetitionWorkload", "RagWorkload",
-           "RandomWorkload"]
+           "AzureWorkload", "MixedWorkload", "MooncakeWorkload", "MultiTurnWorkload", "PrefixRepetitionWorkload",
+           "RagWorkload", "RandomWorkload"]
 
 WORKLOADS: dict[str, type] = {cls.name: cls for cls in (
     RagWorkload, PrefixRepetitionWorkload, MultiTurnWorkload, AgentWorkload, MooncakeWorkload, AzureWorkload,
-    RandomWorkload)}
+    RandomWorkload, MixedWorkload)}
 """Workload name -> class: each has `name`, a one-line `summary`, `options` (the dataclasses of its
 options, checked before it is built), `from_args(args)` and `sessions()`."""
 
@@ -47,7 +47,7 @@ class WorkloadConfig:
     output_len: int | None = field(default=None, metadata=flag(metavar="N", default_text="32 for rag, 128 otherwise"))
     """output tokens per request (random, prefix-repetition, rag) or per reply (multi-turn, agent)"""
     token_range: str = field(default="1000:30000", metadata=flag(metavar="LO:HI"))
-    """token ids [LO, HI) of token-id prompts (random, prefix-repetition, mooncake, azure); must lie
+    """token ids [LO, HI) of token-id prompts (random, prefix-repetition, mixed, mooncake, azure); must lie
     within the model's vocabulary"""
 
     def __post_init__(self) -> None:
@@ -64,6 +64,7 @@ class WorkloadConfig:
 OPTION_GROUPS: tuple[tuple[str, type], ...] = (
     ("random workload", RandomOptions),
     ("prefix-repetition workload", PrefixRepetitionOptions),
+    ("mixed workload (each request is tagged class long or short)", MixedOptions),
     ("rag workload (questions drawn endlessly, with replacement)", RagOptions),
     ("multi-turn and agent workloads (endless sessions)", ChatOptions),
     ("agent workload", AgentOptions),

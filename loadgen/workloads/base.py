@@ -25,18 +25,43 @@ def at_least(value: int | float, minimum: int | float, option: str) -> None:
         raise WorkloadError(f"{option} must be at least {minimum}, got {value}")
 
 
-def parse_token_range(text: str) -> tuple[int, int]:
-    """`LO:HI` -> (lo, hi): token ids are drawn from [lo, hi), 0 <= lo < hi."""
+def _split_range(text: str, option: str, need: str) -> tuple[int, int]:
+    """`LO:HI` -> (lo, hi) as integers, unchecked; a WorkloadError saying `need` when it is not that."""
     lo_text, sep, hi_text = str(text).partition(":")
     try:
-        lo, hi = int(lo_text), int(hi_text)
+        if sep:
+            return int(lo_text), int(hi_text)
     except ValueError:
-        lo = hi = None
-    if not sep or lo is None:
-        raise WorkloadError(f"--token-range must be LO:HI with integers LO < HI, got {text!r}")
+        pass
+    raise WorkloadError(f"{option} must be LO:HI with integers {need}, got {text!r}")
+
+
+def check_fraction(value: float, option: str) -> None:
+    """A WorkloadError unless 0 <= value <= 1."""
+    if not 0.0 <= value <= 1.0:
+        raise WorkloadError(f"{option} must be in [0, 1], got {value}")
+
+
+def parse_token_range(text: str) -> tuple[int, int]:
+    """`LO:HI` -> (lo, hi): token ids are drawn from [lo, hi), 0 <= lo < hi."""
+    lo, hi = _split_range(text, "--token-range", "LO < HI")
     if lo < 0 or lo >= hi:
         raise WorkloadError(f"--token-range {text!r}: need 0 <= LO < HI")
     return lo, hi
+
+
+def check_length_range(lengths: tuple[int, int], option: str) -> None:
+    """A WorkloadError unless (lo, hi) is a range of lengths 1 <= lo <= hi."""
+    lo, hi = lengths
+    if lo < 1 or lo > hi:
+        raise WorkloadError(f"{option} {lo}:{hi}: need 1 <= LO <= HI")
+
+
+def parse_length_range(text: str, option: str) -> tuple[int, int]:
+    """`LO:HI` -> (lo, hi): lengths drawn uniformly from [lo, hi] (both included), 1 <= lo <= hi."""
+    lengths = _split_range(text, option, "1 <= LO <= HI")
+    check_length_range(lengths, option)
+    return lengths
 
 
 def make_rng(seed: int, stream: str, *keys: int) -> np.random.Generator:

@@ -1,5 +1,7 @@
 """Token-id workloads with no dataset: `random` and `prefix-repetition` (the shapes of vLLM's
-random and prefix-repetition benchmark datasets). Both are endless."""
+random and prefix-repetition benchmark datasets), and `mixed` (a few long prompts with few output
+tokens, document prefills, among many short decode-heavy chat turns: the load prefill/decode
+disaggregation is for). All are endless."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +11,8 @@ from dataclasses import dataclass, field
 
 from kvweave.config_flags import flag
 from loadgen.types import Session, Turn, WorkloadError
-from loadgen.workloads.base import at_least, given, make_rng, parse_token_range, random_tokens
+from loadgen.workloads.base import (at_least, check_fraction, check_length_range, given, make_rng, parse_length_range,
+                                    parse_token_range, random_tokens)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,29 @@ class PrefixRepetitionOptions:
         at_least(self.prefix_len, 1, "--prefix-len")
         at_least(self.suffix_len, 0, "--suffix-len")
         at_least(self.num_prefixes, 1, "--num-prefixes")
+
+
+@dataclass(frozen=True)
+class MixedOptions:
+    """Options of the `mixed` workload."""
+
+    long_fraction: float = field(default=0.1, metadata=flag(metavar="F"))
+    """share of requests that are long, 0 <= F <= 1"""
+    long_input_len: str = field(default="4000:6000", metadata=flag(metavar="LO:HI"))
+    """prompt tokens of a long request, uniform in [LO, HI]"""
+    long_output_len: int = field(default=8, metadata=flag(metavar="N"))
+    """output tokens of a long request"""
+    short_input_len: str = field(default="32:128", metadata=flag(metavar="LO:HI"))
+    """prompt tokens of a short request, uniform in [LO, HI]"""
+    short_output_len: int = field(default=128, metadata=flag(metavar="N"))
+    """output tokens of a short request"""
+
+    def __post_init__(self) -> None:
+        check_fraction(self.long_fraction, "--long-fraction")
+        parse_length_range(self.long_input_len, "--long-input-len")
+        parse_length_range(self.short_input_len, "--short-input-len")
+        at_least(self.long_output_len, 1, "--long-output-len")
+        at_least(self.short_output_len, 1, "--short-output-len")
 
 
 class RandomWorkload:
@@ -129,3 +155,48 @@ class PrefixRepetitionWorkload:
                 yield Session(f"{self.name}-{i}", [Turn(max_tokens=self.output_len, token_ids=tokens)],
                               tags={"prefix": k})
                 i += 1
+
+
+class MixedWorkload:
+    """One-turn requests of random token ids in two classes: long with probability `long_fraction`
+    (prompt length uniform in `long_input_len`, `long_output_len` output tokens: a document prefill),
+    else short (`short_input_len`, `short_output_len`: a chat turn). Each session's tags say its
+    `class`, "long" or "short", so results can be split by class. Every prompt is fresh random
+    tokens, so prompts share no prefix (beyond chance agreement on a first token)."""
+
+    name = "mixed"
+    summary = "long prompts with few output tokens (document prefills) among short decode-heavy ones (chat)"
+    options = (MixedOptions,)
+
+    def __init__(self, *, long_fraction: float = 0.1, long_input_len: tuple[int, int] = (4000, 6000),
+                 long_output_len: int = 8, short_input_len: tuple[int, int] = (32, 128),
+                 short_output_len: int = 128, token_range: tuple[int, int] = (1000, 30000), seed: int = 0) -> None:
+        check_fraction(long_fraction, "--long-fraction")
+        check_length_range(long_input_len, "--long-input-len")
+        check_length_range(short_input_len, "--short-input-len")
+        at_least(long_output_len, 1, "--long-output-len")
+        at_least(short_output_len, 1, "--short-output-len")
+        at_least(seed, 0, "--seed")
+        self.long_fraction, self.token_range, self.seed = long_fraction, token_range, seed
+        # class -> ((lo, hi) prompt tokens, output tokens)
+        self.classes = {"long": (long_input_len, long_output_len), "short": (short_input_len, short_output_len)}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MixedWorkload:
+        if args.output_len is not None:
+            raise WorkloadError("--output-len does not apply to the mixed workload: use --long-output-len "
+                                "and --short-output-len")
+        return cls(long_fraction=args.long_fraction,
+                   long_input_len=parse_length_range(args.long_input_len, "--long-input-len"),
+                   long_output_len=args.long_output_len,
+                   short_input_len=parse_length_range(args.short_input_len, "--short-input-len"),
+                   short_output_len=args.short_output_len, token_range=parse_token_range(args.token_range),
+                   seed=args.seed)
+
+    def sessions(self) -> Iterator[Session]:
+        rng = make_rng(self.seed, self.name)
+        for i in itertools.count():
+            kind = "long" if rng.random() < self.long_fraction else "short"
+            (lo, hi), n_out = self.classes[kind]
+            tokens = random_tokens(rng, int(rng.integers(lo, hi + 1)), self.token_range)
+            yield Session(f"{self.name}-{i}", [Turn(max_tokens=n_out, token_ids=tokens)], tags={"class": kind})

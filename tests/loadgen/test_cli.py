@@ -17,7 +17,8 @@ from loadgen_helpers import interrupt_loadgen
 
 TINY = ["--token-range", "10:500", "--input-len", "8", "--output-len", "3"]
 USAGE = {"prompt_tokens": 7, "prompt_tokens_details": {"cached_tokens": 4},
-         "kvweave": {"chunk_reused_tokens": 2, "recomputed_tokens": 1}}
+         "kvweave": {"chunk_reused_tokens": 2, "recomputed_tokens": 1, "disaggregation": "remote",
+                     "prefill_worker_id": "p0", "worker_id": "d0"}}
 
 
 class FakeOpenAI:
@@ -115,6 +116,8 @@ def test_server_failures_are_counted_by_kind(fake_openai, tmp_path) -> None:
     assert (result["total_cached_tokens"], result["total_chunk_reused_tokens"], result["total_recomputed_tokens"]) \
         == (24, 12, 6)
     assert all(len(itls) == 2 for itls, e in zip(result["itls"], result["errors"]) if not e)
+    assert result["requests_by_disaggregation"] == {"remote": 6} and result["requests_by_prefill_worker"] == {"p0": 6}
+    assert result["requests_by_worker"] == {"d0": 6} and result["latency_by_prefill"]["remote"]["completed"] == 6
     path, body, auth = server.requests[0]
     assert path == "/v1/completions" and auth == "Bearer sk-test"
     assert body["model"] == "fake-model" and len(body["prompt"]) == 8 and body["max_tokens"] == 3

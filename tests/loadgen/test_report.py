@@ -39,6 +39,49 @@ def test_summary_has_vllm_lines_reuse_and_errors() -> None:
     assert "Request goodput" not in plain and "Errors" not in plain and "Run:" not in plain
 
 
+def disaggregated_result() -> dict:
+    """A result of 3 remote-prefilled long requests (TTFT 500-502 ms) and 6 short local ones."""
+    records = [RequestRecord(start=0.1 * i, ttft=(502 - i) / 1000, latency=0.6, itls=[0.02], output_tokens=2,
+                             prompt_tokens=5000, worker_id=f"d{i % 2}", disaggregation="remote",
+                             prefill_worker_id="p0", tags={"class": "long"}) for i in range(3)]
+    records += [RequestRecord(start=0.1 * i, ttft=0.01, latency=0.5, itls=[0.01] * 3, output_tokens=4,
+                              prompt_tokens=50, worker_id="d0", disaggregation="short", tags={"class": "short"})
+                for i in range(6)]
+    stats = compute_stats(records, start=0.0, duration=2.0)
+    return build_result(stats, label=None, backend="grpc", model="tiny", num_requests=9, request_rate=2.0,
+                        burstiness=1.0, max_concurrency=None, arrivals="poisson", interrupted=None, config={})
+
+
+def test_summary_with_disaggregation_and_classes() -> None:
+    lines = format_summary(disaggregated_result()).splitlines()
+    at = {line: i for i, line in enumerate(lines)}
+    headings = ["-------------Prefill/decode decisions-------------",
+                "-----------Prefill remote (3 requests)------------",
+                "------------Prefill local (6 requests)------------",
+                "------Successful requests per prefill worker------",
+                "------Successful requests per decode worker-------",
+                "-------------Class long (3 requests)--------------",
+                "-------------Class short (6 requests)-------------"]
+    assert [at[h] for h in headings] == sorted(at[h] for h in headings)  # in this order
+    assert "short:                                   6         " in lines
+    assert lines[at[headings[0]] + 1:at[headings[1]]] == [
+        "short:                                   6         ", "remote:                                  3         "]
+    remote = lines[at[headings[1]] + 1:at[headings[2]]]
+    assert [line.split(":")[0] for line in remote] == [
+        f"{s} {m} (ms)" for m in ("TTFT", "ITL") for s in ("Mean", "Median", "P50", "P90", "P99")]
+    assert remote[0] == "Mean TTFT (ms):                          501.00    "
+    assert lines[at[headings[3]] + 1] == "p0:                                      3         "
+    assert lines[at[headings[4]] + 1:at[headings[5]]] == ["d0:                                      8         ",
+                                                         "d1:                                      1         "]
+    assert "Successful requests per worker" not in "\n".join(lines)
+
+
+def test_summary_without_disaggregation_has_no_new_sections() -> None:
+    text = format_summary(make_result(100))
+    for absent in ("Prefill", "decode", "Class"):
+        assert absent not in text, absent
+
+
 def test_json_round_trip_and_keys(tmp_path) -> None:
     result = make_result(100, label="run-a")
     path = tmp_path / "deep" / "a.json"
@@ -53,6 +96,11 @@ def test_json_round_trip_and_keys(tmp_path) -> None:
         assert key in loaded, key
     assert loaded["request_rate"] == "inf"
     assert [p.name for p in tmp_path.joinpath("deep").iterdir()] == ["a.json"]  # no temp file left
+    write_json(tmp_path / "d.json", disaggregated_result())
+    loaded = load_result(tmp_path / "d.json")
+    assert loaded["requests_by_disaggregation"] == {"short": 6, "remote": 3}
+    assert loaded["latency_by_prefill"]["remote"]["p99_ttft_ms"] == pytest.approx(501.98)  # 500 + 0.99 * 2
+    assert loaded["latency_by_class"]["short"]["mean_itl_ms"] == pytest.approx(10.0)
 
 
 @pytest.mark.parametrize(("content", "says"), [

@@ -89,6 +89,14 @@ def test_a_failed_turn_ends_its_session_and_its_requests_go_to_other_sessions() 
     assert [r.error for r in result.records] == ["http_500", None, None, None]
 
 
+def test_records_carry_their_session_tags() -> None:
+    sessions = [Session(f"s{i}", [Turn(max_tokens=1, token_ids=(1,))], tags={"class": c})
+                for i, c in enumerate(["long", "short", "short"])]
+    result = run([*sessions, chat_session(3, turns=2)], FakeBackend(), max_concurrency=1)
+    assert [(r.session_id, r.tags) for r in result.records] == [
+        ("s0", {"class": "long"}), ("s1", {"class": "short"}), ("s2", {"class": "short"}), ("s3", {}), ("s3", {})]
+
+
 def test_the_workload_running_out_ends_the_run() -> None:
     result = run([chat_session(0, turns=2)], FakeBackend(), num_requests=100)
     assert len(result.records) == 2

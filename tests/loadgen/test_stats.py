@@ -134,3 +134,73 @@ def test_percentile_option_and_key_spelling() -> None:
         with pytest.raises(Exception, match="percentiles|expected"):
             parse_percentiles(bad)
     assert [percentile_key(p) for p in (50, 99.0, 99.9)] == ["p50", "p99", "p99.9"]
+
+
+# ------------------------------------------------------------------------------ disaggregation and classes
+
+def test_disaggregation_counts_workers_and_remote_vs_local_latency() -> None:
+    records = [ok(ttft_ms=100, itls_ms=[10, 20], disaggregation="remote", prefill_worker_id="p1", worker_id="d0"),
+               ok(ttft_ms=200, itls_ms=[30], disaggregation="remote", prefill_worker_id="p0", worker_id="d1"),
+               ok(ttft_ms=300, itls_ms=[40], disaggregation="remote", prefill_worker_id="p1", worker_id="d0"),
+               ok(ttft_ms=400, disaggregation="remote", prefill_worker_id="p1", worker_id="d1"),
+               ok(ttft_ms=10, itls_ms=[1, 3], disaggregation="short", worker_id="d0"),
+               ok(ttft_ms=20, disaggregation="short", worker_id="d0"),
+               ok(ttft_ms=30, itls_ms=[5], disaggregation="prefill_queue_full", worker_id="d1"),
+               failed("overloaded")]
+    result = stats(records)
+    assert result["requests_by_disaggregation"] == {"remote": 4, "short": 2, "prefill_queue_full": 1}
+    assert list(result["requests_by_disaggregation"]) == ["remote", "short", "prefill_queue_full"]  # most first
+    assert result["requests_by_prefill_worker"] == {"p0": 1, "p1": 3}
+    assert result["requests_by_worker"] == {"d0": 4, "d1": 3}  # the decode workers
+    remote, local = result["latency_by_prefill"]["remote"], result["latency_by_prefill"]["local"]
+    assert list(result["latency_by_prefill"]) == ["remote", "local"]
+    assert (remote["completed"], local["completed"]) == (4, 3)
+    # remote TTFTs 100..400: p99 = 100 + 0.99 * 3 * 100; ITLs 10, 20, 30, 40: p99 = 10 + 0.99 * 3 * 10
+    assert remote["mean_ttft_ms"] == pytest.approx(250.0) and remote["p50_ttft_ms"] == pytest.approx(250.0)
+    assert remote["p99_ttft_ms"] == pytest.approx(397.0) and remote["median_ttft_ms"] == pytest.approx(250.0)
+    assert remote["mean_itl_ms"] == pytest.approx(25.0) and remote["p99_itl_ms"] == pytest.approx(39.7)
+    # local TTFTs 10, 20, 30: p99 = 10 + 0.99 * 2 * 10; ITLs 1, 3, 5
+    assert local["mean_ttft_ms"] == pytest.approx(20.0) and local["p50_ttft_ms"] == pytest.approx(20.0)
+    assert local["p99_ttft_ms"] == pytest.approx(29.8)
+    assert local["mean_itl_ms"] == pytest.approx(3.0) and local["p99_itl_ms"] == pytest.approx(4.96)
+    assert set(remote) == {"completed", *(f"{s}_{m}_ms" for m in ("ttft", "itl")
+                                          for s in ("mean", "median", "std", "p50", "p90", "p99"))}
+    # the run-wide figures are unchanged by the split
+    assert result["mean_ttft_ms"] == pytest.approx((100 + 200 + 300 + 400 + 10 + 20 + 30) / 7)
+
+
+def test_all_remote_keeps_an_empty_local_group() -> None:
+    result = stats([ok(ttft_ms=5, disaggregation="remote", prefill_worker_id="p0")], percentiles=[99])
+    assert result["latency_by_prefill"]["local"] == {"completed": 0, "mean_ttft_ms": 0.0, "median_ttft_ms": 0.0,
+                                                     "std_ttft_ms": 0.0, "p99_ttft_ms": 0.0, "mean_itl_ms": 0.0,
+                                                     "median_itl_ms": 0.0, "std_itl_ms": 0.0, "p99_itl_ms": 0.0}
+    assert result["latency_by_prefill"]["remote"]["p99_ttft_ms"] == pytest.approx(5.0)
+
+
+def test_latency_by_class() -> None:
+    long, short = {"class": "long"}, {"class": "short"}
+    records = [ok(ttft_ms=1000, itls_ms=[50], tags=long), ok(ttft_ms=3000, itls_ms=[70], tags=long),
+               ok(ttft_ms=10, itls_ms=[1, 2, 3, 4, 5], tags=short), ok(ttft_ms=20, tags=short),
+               ok(ttft_ms=30, tags=short), ok(ttft_ms=40, tags=short), ok(ttft_ms=50, tags=short)]
+    failed_long = failed("timeout")
+    failed_long.tags = long
+    result = stats([*records, failed_long])
+    assert list(result["latency_by_class"]) == ["long", "short"]
+    by_class = result["latency_by_class"]
+    assert by_class["long"]["completed"] == 2 and by_class["short"]["completed"] == 5
+    assert by_class["long"]["mean_ttft_ms"] == pytest.approx(2000.0)
+    assert by_class["long"]["p99_ttft_ms"] == pytest.approx(2980.0)  # 1000 + 0.99 * 2000
+    assert by_class["long"]["p50_itl_ms"] == pytest.approx(60.0)
+    assert by_class["short"]["p50_ttft_ms"] == pytest.approx(30.0)
+    assert by_class["short"]["p99_ttft_ms"] == pytest.approx(49.6)  # 10 + 0.99 * 4 * 10
+    assert by_class["short"]["mean_itl_ms"] == pytest.approx(3.0) and by_class["short"]["p99_itl_ms"] == \
+        pytest.approx(4.96)
+    assert "requests_by_disaggregation" not in result  # no decision reported
+    only_failed = stats([failed_long, ok(tags=short)])["latency_by_class"]
+    assert only_failed["long"]["completed"] == 0 and only_failed["short"]["completed"] == 1
+
+
+def test_without_disaggregation_or_classes_the_result_has_no_new_keys() -> None:
+    result = stats([ok(worker_id="w0", tags={"prefix": 1}), failed("timeout")])
+    assert not {"requests_by_disaggregation", "requests_by_prefill_worker", "latency_by_prefill",
+                "latency_by_class"} & set(result)

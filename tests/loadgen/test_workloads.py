@@ -11,7 +11,7 @@ import pytest
 
 from loadgen.traces import read_azure, read_mooncake
 from loadgen.types import Session, WorkloadError
-from loadgen.workloads import DEFAULT_DATASETS, WORKLOADS, add_workload_arguments, build_workload
+from loadgen.workloads import DEFAULT_DATASETS, WORKLOADS, MixedWorkload, add_workload_arguments, build_workload
 from loadgen.workloads.chat import TOOL_PREFIX
 from loadgen.workloads.rag import INSTRUCTION
 
@@ -44,11 +44,14 @@ def words(message: dict) -> int:
 # ------------------------------------------------------------------------------ registry and options
 
 def test_registry_options_and_defaults():
-    assert set(WORKLOADS) == {"rag", "prefix-repetition", "multi-turn", "agent", "mooncake", "azure", "random"}
+    assert set(WORKLOADS) == {"rag", "prefix-repetition", "multi-turn", "agent", "mooncake", "azure", "random",
+                              "mixed"}
     args = parser().parse_args([])
     assert args.workload == "random" and args.token_range == "1000:30000" and args.dataset is None
     help_text = parser().format_help()
     for shown in ("(default: 256)", "(default: 1000:30000)", "(default: 32 for rag, 128 otherwise)",
+                  "--long-fraction F share of requests that are long, 0 <= F <= 1 (default: 0.1)",
+                  "--short-input-len LO:HI prompt tokens of a short request, uniform in [LO, HI] (default: 32:128)",
                   "(default: 0 for multi-turn, 64 for agent)", "../shared/data/rag/musique_dev.json"):
         assert shown in " ".join(help_text.split()), shown
     assert "(default: None)" not in help_text
@@ -102,6 +105,44 @@ def test_prefix_repetition_shares_exactly_the_prefix():
     other = take("--workload", "prefix-repetition", "--prefix-len", "40", "--num-prefixes", "3", "--seed", "5",
                  *TINY, n=30)
     assert [t[:40] for t in ids(other)] != [t[:40] for t in tokens]
+
+
+# ------------------------------------------------------------------------------ mixed
+
+MIXED = ["--workload", "mixed", "--long-input-len", "40:60", "--short-input-len", "20:30", *TINY]
+
+
+def test_mixed_classes_lengths_and_determinism():
+    sessions = take(*MIXED, "--long-fraction", "0.3", "--long-output-len", "2", "--short-output-len", "9", n=200)
+    for s in sessions:
+        (turn,) = s.turns
+        lo, hi, out = (40, 60, 2) if s.tags["class"] == "long" else (20, 30, 9)
+        assert lo <= len(turn.token_ids) <= hi and turn.max_tokens == out, s
+        assert all(10 <= x < 500 for x in turn.token_ids) and s.arrival_s is None
+    assert {s.tags["class"] for s in sessions} == {"long", "short"}
+    lengths = Counter(len(t) for t in ids(sessions))
+    assert {40, 60, 20, 30} <= set(lengths)  # both ends of both ranges are drawn
+    assert len({t[:16] for t in ids(sessions)}) == 200  # no two prompts share a first block
+    again = take(*MIXED, "--long-fraction", "0.3", "--long-output-len", "2", "--short-output-len", "9", n=200)
+    assert ids(again) == ids(sessions) and [s.tags for s in again] == [s.tags for s in sessions]
+    assert ids(take(*MIXED, "--long-fraction", "0.3", "--seed", "1", n=200)) != ids(sessions)
+
+
+def test_mixed_long_fraction_defaults_and_extremes():
+    # Default long share 0.1 over 4000 requests (seed 0): binomial sd 0.0047, so +-0.02 is > 4 sd.
+    counts = Counter(s.tags["class"] for s in take(*MIXED, n=4000))
+    assert abs(counts["long"] / 4000 - 0.1) < 0.02, counts
+    assert {s.tags["class"] for s in take(*MIXED, "--long-fraction", "0", n=300)} == {"short"}
+    assert {s.tags["class"] for s in take(*MIXED, "--long-fraction", "1", n=300)} == {"long"}
+    fixed = take("--workload", "mixed", "--long-input-len", "7:7", "--short-input-len", "3:3", *TINY, n=50)
+    assert {(s.tags["class"], len(s.turns[0].token_ids)) for s in fixed} == {("long", 7), ("short", 3)}
+    default = build("--workload", "mixed")
+    assert default.classes == {"long": ((4000, 6000), 8), "short": ((32, 128), 128)}
+    assert (default.long_fraction, default.token_range) == (0.1, (1000, 30000))
+    with pytest.raises(WorkloadError, match=r"--long-input-len 5:4: need 1 <= LO <= HI"):
+        MixedWorkload(long_input_len=(5, 4))
+    with pytest.raises(WorkloadError, match=r"--long-fraction must be in \[0, 1\], got 2"):
+        MixedWorkload(long_fraction=2)
 
 
 # ------------------------------------------------------------------------------ rag
@@ -293,6 +334,16 @@ def test_azure_replay():
     (["--workload", "prefix-repetition", "--prefix-len", "0"], "--prefix-len must be at least 1"),
     (["--workload", "prefix-repetition", "--suffix-len", "-1"], "--suffix-len must be at least 0"),
     (["--workload", "prefix-repetition", "--num-prefixes", "0"], "--num-prefixes must be at least 1"),
+    (["--workload", "mixed", "--long-fraction", "1.5"], "--long-fraction must be in [0, 1], got 1.5"),
+    (["--workload", "mixed", "--long-fraction", "-0.1"], "--long-fraction must be in [0, 1], got -0.1"),
+    (["--workload", "mixed", "--long-fraction", "nan"], "--long-fraction must be in [0, 1], got nan"),
+    (["--workload", "mixed", "--long-input-len", "6000:4000"], "--long-input-len 6000:4000: need 1 <= LO <= HI"),
+    (["--workload", "mixed", "--short-input-len", "0:10"], "--short-input-len 0:10: need 1 <= LO <= HI"),
+    (["--workload", "mixed", "--short-input-len", "64"], "--short-input-len must be LO:HI with integers 1 <= LO"),
+    (["--workload", "mixed", "--long-input-len", "a:b"], "--long-input-len must be LO:HI with integers"),
+    (["--workload", "mixed", "--long-output-len", "0"], "--long-output-len must be at least 1, got 0"),
+    (["--workload", "mixed", "--short-output-len", "-1"], "--short-output-len must be at least 1, got -1"),
+    (["--workload", "mixed", "--output-len", "5"], "--output-len does not apply to the mixed workload"),
     (["--workload", "rag", "--num-docs", "0"], "--num-docs must be at least 1"),
     (["--workload", "rag", "--num-docs", "11"], "10 passages, fewer than --num-docs 11"),
     (["--workload", "rag", "--popularity-skew", "-0.5"], "--popularity-skew must be at least 0.0"),
