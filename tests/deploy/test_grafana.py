@@ -146,9 +146,11 @@ def _loadgen(cluster, *args: str) -> None:
 def test_every_dashboard_panel_returns_data_after_a_loadgen_run(monitored_cluster) -> None:
     cluster, prom = monitored_cluster
     # RAG requests with reusable chunks that recur (chunk hits), then a prefix-repetition burst
-    # (prefix hits), spread over several scrapes.
+    # (prefix hits), spread over several scrapes. The RAG requests go one at a time: a chunk-cache
+    # exists once its first request is computed, and on a busy machine all 16 arrived before that.
     _loadgen(cluster, "--workload", "rag", "--num-docs", "2", "--max-doc-words", "25", "--output-len", "4",
-             "--popularity-skew", "2", "--shuffle-docs", "--num-requests", "16", "--request-rate", "6")
+             "--popularity-skew", "2", "--shuffle-docs", "--num-requests", "16", "--request-rate", "6",
+             "--max-concurrency", "1")
     _loadgen(cluster, "--workload", "prefix-repetition", "--prefix-len", "64", "--suffix-len", "8",
              "--num-prefixes", "2", "--output-len", "8", "--num-requests", "12", "--request-rate", "6")
     time.sleep(3)  # a few more scrapes after the last request
