@@ -9,6 +9,7 @@ data; `promtool check metrics` must pass on every scraped /metrics.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -53,13 +54,38 @@ def test_dashboards_are_importable_grafana_json_with_a_datasource_variable() -> 
         uids.add(board["uid"])
         (var,) = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
         assert var["query"] == "prometheus"
-        ids = [p["id"] for p in board["panels"]]
-        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
         for p in panels(board):
             assert p["datasource"] == {"type": "prometheus", "uid": "${" + var["name"] + "}"}, p["title"]
             assert p["targets"] and all(t["expr"].strip() for t in p["targets"]), p["title"]
             g = p["gridPos"]
             assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+
+
+def test_panel_ids_are_unique_and_panels_neither_overlap_nor_leave_their_row() -> None:
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        top = board["panels"]
+        nested = [p["panels"] for p in top if p["type"] == "row" and p.get("panels")]
+        ids = [p["id"] for group in [top, *nested] for p in group]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+        # A collapsed row's panels keep the places they have when it is open: each group on its own.
+        for group in [top, *nested]:
+            for a, b in itertools.combinations(group, 2):
+                assert not _overlap(a["gridPos"], b["gridPos"]), f"{path.name}: {a['title']!r} / {b['title']!r}"
+        # An open row holds the panels after it in the list: they must also lie between it and the next row.
+        row_ys = [p["gridPos"]["y"] for p in top if p["type"] == "row"] + [float("inf")]
+        row = -1
+        for p in top:
+            g = p["gridPos"]
+            if p["type"] == "row":
+                row += 1
+                continue
+            if row >= 0:
+                assert row_ys[row] < g["y"] and g["y"] + g["h"] <= row_ys[row + 1], f"{path.name}: {p['title']!r}"
 
 
 def test_every_metric_a_dashboard_uses_is_documented() -> None:
