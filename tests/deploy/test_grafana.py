@@ -1,14 +1,19 @@
 """The Grafana dashboards in deploy/grafana/ against a real Prometheus scraping a real cluster.
 
 Static checks: every dashboard is standard Grafana JSON with a Prometheus datasource variable that
-every panel uses. Live check: a local cluster (router + 2 workers, tiny model) is scraped by a real
-Prometheus (Debian's `prometheus` package, which `make setup` installs where apt is available),
+every panel uses, its panels do not overlap, and the dashboards use every prefill/decode
+disaggregation metric. Live checks: a local cluster (router + 2 workers, tiny model) is scraped by a
+real Prometheus (Debian's `prometheus` package, which `make setup` installs where apt is available),
 which finds the workers through the router's http_sd endpoint; after a short `kvweave loadgen`
 run, every panel's PromQL is evaluated through Prometheus's HTTP API and must parse and return
-data; `promtool check metrics` must pass on every scraped /metrics.
+data. The panels of the "Prefill/decode disaggregation" rows need prefill and decode workers: they
+are evaluated on a second cluster (1 prefill + 1 decode worker), where every panel must return data
+too and the handoffs must show. `promtool check metrics` must pass on every scraped /metrics.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import re
 import shutil
@@ -27,21 +32,38 @@ from cli.main import main as kvweave_main
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
-RATE_INTERVAL = "2m"
-"""What the live test substitutes for Grafana's $__rate_interval (spans the whole loadgen run)."""
+GRAFANA_VARIABLES = {"$__rate_interval": "2m", "$__range": "10m"}
+"""What the live tests substitute for Grafana's variables (windows that span the whole loadgen run)."""
+DISAGG_ROW = "Prefill/decode disaggregation"
+"""The rows whose panels need prefill and decode workers."""
+DISAGG_METRIC = re.compile(r"disagg|handoff|remote_prefill")
+"""The names of docs/metrics.md's prefill/decode disaggregation metrics."""
 
 
-def panels(board: dict) -> list[dict]:
-    out = []
+def panels(board: dict) -> list[tuple[str, dict]]:
+    """(title of the row it belongs to, "" above the first row; panel) of every panel but the rows."""
+    out, row = [], ""
     for p in board["panels"]:
-        out += panels(p) if p["type"] == "row" and p.get("panels") else ([] if p["type"] == "row" else [p])
+        if p["type"] == "row":
+            row = p["title"]
+            out += [(row, q) for q in p.get("panels", [])]
+        else:
+            out.append((row, p))
     return out
 
 
-def expressions() -> list[tuple[str, str, str]]:
-    """(dashboard file, panel title, PromQL) of every panel target."""
-    return [(path.name, p["title"], t["expr"]) for path in DASHBOARDS for p in panels(json.loads(path.read_text()))
-            for t in p["targets"]]
+def expressions() -> list[tuple[str, str, str, str]]:
+    """(dashboard file, row title, panel title, PromQL) of every panel target."""
+    return [(path.name, row, p["title"], t["expr"]) for path in DASHBOARDS
+            for row, p in panels(json.loads(path.read_text())) for t in p["targets"]]
+
+
+def _documented_metrics() -> set[str]:
+    return set(re.findall(r"`(kvweave_[a-z_]+)", (ROOT / "docs" / "metrics.md").read_text()))
+
+
+def _used_metrics() -> set[str]:
+    return {re.sub(r"_(bucket|count|sum)$", "", m) for *_, e in expressions() for m in re.findall(r"kvweave_[a-z_]+", e)}
 
 
 def test_dashboards_are_importable_grafana_json_with_a_datasource_variable() -> None:
@@ -53,19 +75,48 @@ def test_dashboards_are_importable_grafana_json_with_a_datasource_variable() -> 
         uids.add(board["uid"])
         (var,) = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
         assert var["query"] == "prometheus"
-        ids = [p["id"] for p in board["panels"]]
-        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
-        for p in panels(board):
+        for _, p in panels(board):
             assert p["datasource"] == {"type": "prometheus", "uid": "${" + var["name"] + "}"}, p["title"]
             assert p["targets"] and all(t["expr"].strip() for t in p["targets"]), p["title"]
             g = p["gridPos"]
             assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
 
 
+def _overlap(a: dict, b: dict) -> bool:
+    return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+
+
+def test_panel_ids_are_unique_and_panels_neither_overlap_nor_leave_their_row() -> None:
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        top = board["panels"]
+        nested = [p["panels"] for p in top if p["type"] == "row" and p.get("panels")]
+        ids = [p["id"] for group in [top, *nested] for p in group]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+        # A collapsed row's panels keep the places they have when it is open: each group on its own.
+        for group in [top, *nested]:
+            for a, b in itertools.combinations(group, 2):
+                assert not _overlap(a["gridPos"], b["gridPos"]), f"{path.name}: {a['title']!r} / {b['title']!r}"
+        # An open row holds the panels after it in the list: they must also lie between it and the next row.
+        row_ys = [p["gridPos"]["y"] for p in top if p["type"] == "row"] + [float("inf")]
+        row = -1
+        for p in top:
+            g = p["gridPos"]
+            if p["type"] == "row":
+                row += 1
+                continue
+            if row >= 0:
+                assert row_ys[row] < g["y"] and g["y"] + g["h"] <= row_ys[row + 1], f"{path.name}: {p['title']!r}"
+
+
 def test_every_metric_a_dashboard_uses_is_documented() -> None:
-    documented = set(re.findall(r"`(kvweave_[a-z_]+)", (ROOT / "docs" / "metrics.md").read_text()))
-    used = {re.sub(r"_(bucket|count|sum)$", "", m) for _, _, e in expressions() for m in re.findall(r"kvweave_[a-z_]+", e)}
-    assert used - documented == set()
+    assert _used_metrics() - _documented_metrics() == set()
+
+
+def test_every_disaggregation_metric_is_on_a_dashboard() -> None:
+    disagg = {m for m in _documented_metrics() if DISAGG_METRIC.search(m)}
+    assert "kvweave_router_disagg_decisions_total" in disagg and "kvweave_worker_handoffs_total" in disagg
+    assert disagg - _used_metrics() == set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,14 +170,15 @@ class Prometheus:
         stop_process_groups([self.proc])
 
 
-@pytest.fixture(scope="module")
-def monitored_cluster(tiny_hf_model, tmp_path_factory):
+@contextlib.contextmanager
+def _monitored(tmp: Path, model: Path, **pools: int):
+    """A local cluster with these worker pools (2 workers in all), and a Prometheus scraping it."""
     if shutil.which("prometheus") is None or shutil.which("promtool") is None:
         pytest.skip("prometheus/promtool not installed (Debian package `prometheus`; make setup installs it "
                     "where apt is available)")
     engine_args = {"dtype": "float32", "num_blocks": 128, "num_threads": 1, "dram_cache_gb": 0.01}
-    with LocalCluster(workers=2, model=str(tiny_hf_model), engine_args=engine_args, startup_timeout=120) as cluster:
-        prom = Prometheus(tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{cluster.http_port}")
+    with LocalCluster(model=str(model), engine_args=engine_args, startup_timeout=120, **pools) as cluster:
+        prom = Prometheus(tmp, f"127.0.0.1:{cluster.http_port}")
         try:
             prom.wait_ready()
             deadline = time.monotonic() + 30
@@ -138,37 +190,101 @@ def monitored_cluster(tiny_hf_model, tmp_path_factory):
             prom.stop()
 
 
+@pytest.fixture(scope="module")
+def colocated_cluster(tiny_hf_model, tmp_path_factory):
+    with _monitored(tmp_path_factory.mktemp("prometheus"), tiny_hf_model, workers=2) as monitored:
+        yield monitored
+
+
+@pytest.fixture(scope="module")
+def disaggregated_cluster(tiny_hf_model, tmp_path_factory):
+    """1 prefill + 1 decode worker, and a router (through its KVWEAVE_* environment overrides) that hands
+    off every prompt over 16 uncached tokens: the tiny model computes faster than its KV moves, so
+    without the margin every handoff would be "slow" (as in tests/controlplane/test_disagg_serving.py)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KVWEAVE_DISAGG_THRESHOLD_TOKENS", "16")
+        env.setenv("KVWEAVE_DISAGG_HANDOFF_MARGIN", "1e6")
+        with _monitored(tmp_path_factory.mktemp("prometheus"), tiny_hf_model, workers=0, prefill_workers=1,
+                        decode_workers=1) as monitored:
+            yield monitored
+
+
 def _loadgen(cluster, *args: str) -> None:
     assert kvweave_main(["loadgen", "--url", cluster.grpc_target, "--token-range", "10:500", "--no-progress",
                          "--seed", "3", *args]) == 0
 
 
-def test_every_dashboard_panel_returns_data_after_a_loadgen_run(monitored_cluster) -> None:
-    cluster, prom = monitored_cluster
-    # RAG requests with reusable chunks that recur (chunk hits), then a prefix-repetition burst
-    # (prefix hits), spread over several scrapes.
-    _loadgen(cluster, "--workload", "rag", "--num-docs", "2", "--max-doc-words", "25", "--output-len", "4",
-             "--popularity-skew", "2", "--shuffle-docs", "--num-requests", "16", "--request-rate", "6")
-    _loadgen(cluster, "--workload", "prefix-repetition", "--prefix-len", "64", "--suffix-len", "8",
-             "--num-prefixes", "2", "--output-len", "8", "--num-requests", "12", "--request-rate", "6")
-    time.sleep(3)  # a few more scrapes after the last request
+def _panels_without_data(prom: Prometheus, targets: list[tuple[str, str, str, str]]) -> list[str]:
     failures = []
-    for board, title, expr in expressions():
-        body = prom.query(expr.replace("$__rate_interval", RATE_INTERVAL))
+    for board, _, title, expr in targets:
+        query = expr
+        for name, value in GRAFANA_VARIABLES.items():
+            query = query.replace(name, value)
+        body = prom.query(query)
         if body.get("status") != "success":
             failures.append(f"{board} / {title}: {body.get('error')}\n  {expr}")
         elif not body["data"]["result"]:
             failures.append(f"{board} / {title}: no data\n  {expr}")
+    return failures
+
+
+def _value(prom: Prometheus, expr: str) -> float:
+    (sample,) = prom.query(expr)["data"]["result"]
+    return float(sample["value"][1])
+
+
+def test_every_dashboard_panel_returns_data_after_a_loadgen_run(colocated_cluster) -> None:
+    cluster, prom = colocated_cluster
+    # RAG requests with reusable chunks that recur (chunk hits), then a prefix-repetition burst
+    # (prefix hits), spread over several scrapes. The RAG requests go one at a time: a chunk-cache
+    # exists once its first request is computed, and on a busy machine all 16 arrived before that.
+    _loadgen(cluster, "--workload", "rag", "--num-docs", "2", "--max-doc-words", "25", "--output-len", "4",
+             "--popularity-skew", "2", "--shuffle-docs", "--num-requests", "16", "--request-rate", "6",
+             "--max-concurrency", "1")
+    _loadgen(cluster, "--workload", "prefix-repetition", "--prefix-len", "64", "--suffix-len", "8",
+             "--num-prefixes", "2", "--output-len", "8", "--num-requests", "12", "--request-rate", "6")
+    time.sleep(3)  # a few more scrapes after the last request
+    # Without prefill workers, panels filtered by role have no series: those rows are checked below.
+    failures = _panels_without_data(prom, [t for t in expressions() if t[1] != DISAGG_ROW])
     assert not failures, "\n".join(failures)
     # Real values, not only series: the run's requests and its chunk reuse are visible.
-    (ok,) = prom.query('sum(kvweave_router_requests_total{status="ok"})')["data"]["result"]
-    assert float(ok["value"][1]) >= 28
-    (hits,) = prom.query("sum(kvweave_worker_chunk_cache_hit_tokens_total)")["data"]["result"]
-    assert float(hits["value"][1]) > 0
+    assert _value(prom, 'sum(kvweave_router_requests_total{status="ok"})') >= 28
+    assert _value(prom, "sum(kvweave_worker_chunk_cache_hit_tokens_total)") > 0
 
 
-def test_promtool_accepts_every_scraped_metrics_endpoint(monitored_cluster) -> None:
-    _, prom = monitored_cluster
+def test_every_dashboard_panel_returns_data_with_prefill_and_decode_workers(disaggregated_cluster) -> None:
+    cluster, prom = disaggregated_cluster
+    # Every prompt (72 tokens) is longer than the threshold: prefilled on prefill-0 and handed off
+    # to decode-0, unless the router sees its prefix on decode-0 already (then it stays there).
+    _loadgen(cluster, "--workload", "prefix-repetition", "--prefix-len", "64", "--suffix-len", "8",
+             "--num-prefixes", "2", "--output-len", "8", "--num-requests", "12", "--request-rate", "6")
+    time.sleep(3)  # a few more scrapes after the last request
+    failures = _panels_without_data(prom, expressions())
+    assert not failures, "\n".join(failures)
+    # Real values: one decision per request, one result per remote prefill, every handoff made,
+    # pulled and released (none expired, no block still held), its tokens served as handoff hits.
+    assert _value(prom, 'sum(kvweave_router_requests_total{status="ok"})') == 12
+    assert _value(prom, "sum(kvweave_router_disagg_decisions_total)") == 12
+    remote = _value(prom, 'sum(kvweave_router_disagg_decisions_total{reason="remote"})')
+    assert remote == _value(prom, "sum(kvweave_router_handoffs_total)")
+    handed_off = _value(prom, 'sum(kvweave_router_handoffs_total{result="handed_off"})')
+    assert handed_off > 0
+    assert _value(prom, 'sum(kvweave_worker_requests_total{role="prefill", status="handoff"})') == handed_off
+    events = {e: _value(prom, f'sum(kvweave_worker_handoffs_total{{event="{e}"}})') for e in ("created", "released",
+                                                                                             "expired")}
+    assert events == {"created": handed_off, "released": handed_off, "expired": 0}
+    assert _value(prom, "sum(kvweave_worker_handoff_held_blocks)") == 0
+    pulls = {r: _value(prom, f'sum(kvweave_worker_handoff_pulls_total{{result="{r}"}})') for r in ("complete",
+                                                                                                  "partial", "failed")}
+    # A decode worker that already holds every block of a handoff pulls nothing.
+    assert 0 < pulls["complete"] <= handed_off and pulls["partial"] == pulls["failed"] == 0
+    assert _value(prom, 'sum(kvweave_worker_handoff_bytes_total{role="decode"})') > 0
+    assert _value(prom, 'sum(kvweave_worker_prefix_cache_hit_tokens_total{role="decode", source="handoff"})') > 0
+
+
+@pytest.mark.parametrize("monitored", ["colocated_cluster", "disaggregated_cluster"])
+def test_promtool_accepts_every_scraped_metrics_endpoint(monitored: str, request) -> None:
+    _, prom = request.getfixturevalue(monitored)
     urls = [t["scrapeUrl"] for t in prom.targets_up()]
     assert len(urls) == 3
     for url in urls:
