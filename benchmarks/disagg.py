@@ -31,7 +31,9 @@ from dataclasses import asdict, dataclass
 from benchmarks.report import Result, environment, render, write_json
 from kvweave.defaults import DEFAULT_MODEL
 
-WARMUP_REQUESTS = 2
+WARMUP_PROMPT_TOKENS = 700
+"""Every worker first serves one prompt this long directly (its first steps load kernels and
+allocate; a prefill worker gets no request through the router before the first long one)."""
 
 
 @dataclass
@@ -55,6 +57,14 @@ class DisaggBenchConfig:
     dtype: str = "auto"
     num_blocks: int | None = None
     request_timeout_s: float = 900.0
+    handoff_margin: float | None = None
+    """The router's `disagg_handoff_margin` (None: its default)."""
+    threshold_tokens: int | None = None
+    """The router's `disagg_threshold_tokens` (None: the decode worker's step token budget)."""
+
+    def router_args(self) -> dict:
+        args = {"disagg_handoff_margin": self.handoff_margin, "disagg_threshold_tokens": self.threshold_tokens}
+        return {k: v for k, v in args.items() if v is not None}
 
     def engine_args(self) -> dict:
         args = {"num_threads": self.threads_per_worker, "max_num_batched_tokens": self.max_num_batched_tokens,
@@ -81,12 +91,10 @@ async def _drive(cluster, config: DisaggBenchConfig, kill_prefill_at: float | No
     from loadgen.workloads import MixedWorkload
 
 
+    await _warm_up(cluster)
     backend = GrpcBackend(cluster.grpc_target, options=SendOptions(request_timeout=config.request_timeout_s))
     await backend.connect()
     try:
-        warm = MixedWorkload(long_fraction=0.0, short_input_len=(16, 16), short_output_len=4, seed=config.seed + 1)
-        await Runner(warm, backend, RunConfig(request_rate=float("inf"), num_requests=WARMUP_REQUESTS,
-                                              progress=False), log=lambda _: None).run()
         workload = MixedWorkload(long_fraction=config.long_fraction, long_input_len=config.long_input_len,
                                  long_output_len=config.long_output_len, short_input_len=config.short_input_len,
                                  short_output_len=config.short_output_len, seed=config.seed)
@@ -108,6 +116,20 @@ async def _drive(cluster, config: DisaggBenchConfig, kill_prefill_at: float | No
         await backend.close()
 
 
+async def _warm_up(cluster) -> None:
+    import grpc
+
+    from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+    prompt = [1000 + (i * 7919) % 20000 for i in range(WARMUP_PROMPT_TOKENS)]
+    for address in cluster.worker_addresses.values():
+        async with grpc.aio.insecure_channel(address) as channel:
+            request = worker_pb2.WorkerGenerateRequest(
+                prompt_token_ids=prompt, sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True))
+            async for _ in worker_pb2_grpc.WorkerStub(channel).Generate(request, timeout=900):
+                pass
+
+
 def _run_cluster(config: DisaggBenchConfig, pools: dict, kill_prefill_at: float | None = None) -> tuple[dict, dict]:
     """Start a cluster with `pools` (LocalCluster's worker counts), drive it; returns (loadgen stats,
     the handoff and remote prefill time sums)."""
@@ -115,7 +137,8 @@ def _run_cluster(config: DisaggBenchConfig, pools: dict, kill_prefill_at: float 
     from loadgen.stats import compute_stats
 
     slos = {"ttft": config.slo_ttft_ms, "tpot": config.slo_tpot_ms}
-    with LocalCluster(model=config.model, engine_args=config.engine_args(), startup_timeout=600, **pools) as cluster:
+    with LocalCluster(model=config.model, engine_args=config.engine_args(), router_args=config.router_args(),
+                      startup_timeout=600, **pools) as cluster:
         result = asyncio.run(_drive(cluster, config, kill_prefill_at))
         times = {}
         if pools.get("prefill_workers") and kill_prefill_at is None:
@@ -196,6 +219,10 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="every worker's step token budget (also the decision's default threshold)")
+    p.add_argument("--handoff-margin", type=float, default=None,
+                   help="the router's --disagg-handoff-margin (default: the router's)")
+    p.add_argument("--threshold-tokens", type=int, default=None,
+                   help="the router's --disagg-threshold-tokens (default: the decode worker's step budget)")
     p.add_argument("--slo-ttft-ms", type=float, default=d.slo_ttft_ms)
     p.add_argument("--slo-tpot-ms", type=float, default=d.slo_tpot_ms)
     p.add_argument("--seed", type=int, default=d.seed)

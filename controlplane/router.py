@@ -12,8 +12,9 @@ Prefill/decode disaggregation, when the registry has prefill workers: the policy
 (or colocated) worker D among the workers that serve whole requests, and the same policy picks a
 prefill worker P by its cache-aware cost; `controlplane.disagg.decide` says whether P prefills
 (per request, priced with D's measured costs; the reason goes to the usage, a metric and the debug
-log). Remote: P runs the prompt prefill-only and answers the handoff handle (or the whole answer,
-when the first token ends the request); D then continues from the handle, pulling the KV from P.
+log). Remote: P runs the prompt prefill-only; its early handle makes D start pulling the KV as P computes
+it (`PrefetchKV`), and its last answer is the complete handle (or the whole answer, when the first
+token ends the request), with which D continues, waiting only for the last blocks.
 P failing before it answers sends the request to D colocated; D failing before its first token is
 retried on another worker with the same handle (P holds the KV until released or its TTL).
 """
@@ -147,6 +148,8 @@ class Router:
         self.model_names = frozenset({self.model.name, config.model})
         self._extra_cache: dict[str, bytes] = {}
         self._active: dict[str, _Request] = {}
+        self._background: set[asyncio.Future] = set()
+        """Calls nobody awaits (early KV pulls)."""
 
     async def start(self) -> None:
         """Read the registry once and start watching it."""
@@ -155,6 +158,8 @@ class Router:
     async def stop(self) -> None:
         for req in list(self._active.values()):
             self._cancel(req)
+        for task in list(self._background):
+            task.cancel()
         await self.pool.close()
         await self.redis.aclose()
 
@@ -382,6 +387,8 @@ class Router:
         try:
             async for resp in req.call:
                 last = resp
+                if resp.HasField("kv_handoff") and not resp.finished:  # the early handle: D pulls as P computes
+                    self._prefetch_kv(decode, resp.kv_handoff, local_run(hits.get(decode.worker_id, (b"", b""))[0]))
         except grpc.aio.AioRpcError as e:
             code = e.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -411,6 +418,20 @@ class Router:
         self.metrics.handoffs.labels("finished_on_prefill").inc()
         self.metrics.ttft.observe(time.perf_counter() - req.arrival)
         yield self._delta(req, prefill, last)
+
+    def _prefetch_kv(self, decode: PoolWorker, handoff: worker_pb2.KVHandoff, first_block: int) -> None:
+        """Ask the decode worker to start pulling a prefill's KV now (answered at once; a failure
+        only means it pulls when the request arrives)."""
+        call = decode.stub.PrefetchKV(worker_pb2.PrefetchKVRequest(kv_handoff=handoff, first_block=first_block),
+                                      timeout=self.config.lease_s)
+        task = asyncio.ensure_future(call)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("early KV pull not started: %s", task.exception())
 
     def _prefill_failed(self, req: _Request, prefill: PoolWorker, why: str) -> None:
         logger.warning("request %s: prefill worker %s failed before answering (%s); prefilling on the decode "

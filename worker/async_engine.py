@@ -147,6 +147,13 @@ class AsyncEngine:
         None (a KVSource for kvstore.transfer). KVLayoutMismatchError when `layout` is not this engine's."""
         if layout != self.engine.connector.layout:
             raise KVLayoutMismatchError(f"this worker holds KV blocks of {self.engine.connector.layout}, asked for {layout}")
+        pinned = self.engine.handoffs.pin(keys)
+        if pinned is not None:  # a held handoff's blocks never change: read them now, off the engine thread
+            handoff_id, block_ids = pinned
+            try:
+                return await asyncio.to_thread(self.engine.connector.export_blocks, block_ids)
+            finally:
+                self.engine.handoffs.unpin(handoff_id)
         future = asyncio.get_running_loop().create_future()
         self._commands.put(("export", (keys, future)))
         return await future

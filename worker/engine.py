@@ -210,6 +210,8 @@ class LLMEngine:
         self.connector.handoff_block = self.handoffs.block_id
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self._announce: list[RequestOutput] = []
+        """Early handles of prefill-only requests just submitted, returned by the next step."""
         self.model_name = self.args.name
         logger.info("engine ready: model=%s device=%s dtype=%s blocks=%d", self.model_name, self.device,
                     self.dtype, num_blocks)
@@ -330,6 +332,9 @@ class LLMEngine:
         req.kv.staged_blocks = {h: source for h, (_, source) in staged.blocks.items()}
         req.kv.staged_chunks = set(staged.chunks)
         self.connector.stage(req.req_id, staged)
+        if req.prefill_only:  # announced at once: a decode worker pulls its blocks as they are computed
+            self._announce.append(RequestOutput(req.req_id, req.prompt_token_ids,
+                                                handoff=self.handoffs.open(req.req_id, req.num_prompt_tokens)))
         self.outputs.add_request(req)
         if req.handoff is not None:  # the first token came with the handoff: it leads the first output
             self.outputs.process_token(req, req.handoff.first_logprob)
@@ -338,6 +343,7 @@ class LLMEngine:
 
     def abort_request(self, req_id: str) -> RequestOutput | None:
         req = self.scheduler.finish(req_id, RequestStatus.FINISHED_ABORTED)
+        self.handoffs.cancel(req_id)
         if req is None or req.internal:
             return None
         return self.outputs.take_output(req)
@@ -365,13 +371,15 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or self.scheduler.connector.has_pending
 
     def step(self) -> list[RequestOutput]:
+        outputs, self._announce = self._announce, []
         self.scheduler.update_from_connector_output(self.connector.get_finished())
         sched_out = self.scheduler.schedule()
         self.connector.start_load_kv(sched_out.kv_connector_metadata)
         if not sched_out.num_scheduled_tokens:
             self.runner.execute(sched_out)  # applies finished and preempted requests
             self.connector.wait(IDLE_WAIT_S)  # only KV in flight: wait for it, briefly
-            return []
+            self._handoff_progress()
+            return outputs
         t0 = time.perf_counter()
         result = self.runner.execute(sched_out)
         num_prefill = sum(n for n in sched_out.num_scheduled_tokens.values() if n > 1)
@@ -379,12 +387,23 @@ class LLMEngine:
             self.connector.record_cost("recompute", time.perf_counter() - t0, num_prefill)
         for req_id, (positions, logits) in result.prompt_logits.items():
             self.outputs.add_prompt_logits(req_id, positions, logits)
-        outputs = []
         for req in self.scheduler.update_from_output(sched_out, result.sampled, result.blend_scores):
             out = self._postprocess(req, result.logprobs.get(req.req_id))
             if out is not None:
                 outputs.append(out)
+        self._handoff_progress()
         return outputs
+
+    def _handoff_progress(self) -> None:
+        """The keys of open handoffs name the blocks computed so far (none of a request gone)."""
+        bs = self.config.block_size
+        for req_id in self.handoffs.open_requests():
+            req = self.scheduler.requests.get(req_id)
+            if req is None:
+                self.handoffs.cancel(req_id)
+            else:
+                self.handoffs.progress(req_id, self.block_manager.get_block_table(req_id),
+                                       req.num_computed_tokens // bs)
 
     def _postprocess(self, req: Request, logprob) -> RequestOutput | None:
         """Detokenize the request's new token and end the request if it is done (the one place)."""
@@ -401,7 +420,7 @@ class LLMEngine:
         """Hold a prefill-only request's KV for a decode worker, with its first token and sampler."""
         generator = self.runner.generators.get(req.req_id)
         state = generator.get_state().cpu().numpy().tobytes() if generator is not None else b""
-        return self.handoffs.hold(self.block_manager.get_block_table(req.req_id), req.num_prompt_tokens,
+        return self.handoffs.hold(req.req_id, self.block_manager.get_block_table(req.req_id), req.num_prompt_tokens,
                                   req.output_token_ids[-1], logprob, state)
 
     def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,

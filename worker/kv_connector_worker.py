@@ -304,6 +304,14 @@ class KVConnectorWorker:
             n += 1
         return out[:n] if n else None
 
+    def export_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """[n, *layout.shape]: copies of device blocks (layer-major), from any thread: the caller
+        makes sure nothing writes them meanwhile (a pinned handoff, worker/kv_handoff.py)."""
+        out = empty_layer_major(len(block_ids), self.layout)
+        for i, block in enumerate(block_ids):
+            out[i].copy_(self.device.view(block))
+        return out
+
     def take_events(self) -> list:
         return self.store.take_events() if self.store is not None else []
 

@@ -16,7 +16,9 @@ thread never waits on disk or network; other requests keep running meanwhile):
    (worker/chunk_blend.py).
 A request that continues a prefill handoff (worker/kv_handoff.py) instead pulls the blocks of the
 handle it lacks on the device straight from the prefill worker, by the handle's keys, and then
-tells that worker to release them (a release that fails is left to the handoff's TTL).
+tells that worker to release them (a release that fails is left to the handoff's TTL). The router
+may start that pull early (`start_pull`, with the prefill's early handle): the blocks are then
+fetched as the prefill worker computes them, and the request waits only for the last ones.
 What is staged (`StagedKV`) is handed to the engine with the request; the KV connector copies it into
 the request's blocks when it admits it (worker/kv_connector_worker.py).
 A failed read or transfer only means those blocks (or chunks) are computed: the request itself
@@ -29,7 +31,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from kvstore.chunks import join_chunk
 from kvstore.index import CHUNK_MEDIUMS, KVIndex
@@ -37,10 +41,35 @@ from kvstore.keys import chunk_block_keys, chunk_hash, hash_blocks
 from kvstore.transfer import TransferClient, TransferError
 from worker.engine import LLMEngine
 from worker.kv_connector_worker import StagedKV, stage_local_chunks
+from worker.kv_handoff import Handoff
 from worker.metrics import WorkerMetrics
 from worker.request import Request
 
 logger = logging.getLogger(__name__)
+
+
+PULL_POLL_S = 0.02
+"""An early pull that found no new block waits this long before asking again (doubling, up to
+PULL_MAX_WAIT_S, while nothing new comes)."""
+PULL_MAX_WAIT_S = 0.5
+
+
+@dataclass(eq=False)
+class _Pull:
+    """A handoff being pulled: the blocks arrived so far, by key."""
+
+    handoff: Handoff
+    first: int
+    """Index of the first block pulled (the ones before it are on this worker's device)."""
+    blocks: dict[bytes, torch.Tensor] = field(default_factory=dict)
+    next: int = 0
+    nbytes: int = 0
+    complete: bool = False
+    """The request with the complete handle is here: every block is held there."""
+    task: asyncio.Future | None = None
+
+    def __post_init__(self) -> None:
+        self.next = self.first
 
 
 @dataclass
@@ -57,6 +86,9 @@ class PrefetchStats:
     handoff_blocks: int = 0
     """Blocks of prefill handoffs pulled."""
     handoff_failures: int = 0
+    handoff_early_blocks: int = 0
+    """Of those, the blocks that had arrived (pulled as the prefill worker computed them) when their
+    request came."""
 
 
 class KVPrefetcher:
@@ -71,6 +103,8 @@ class KVPrefetcher:
         self.metrics = metrics
         self.stats = PrefetchStats()
         self._releases: set[asyncio.Task] = set()
+        self._pulls: dict[str, _Pull] = {}
+        """Handoff id -> its early pull (started by `start_pull`), until a request claims it."""
 
     async def __call__(self, req: Request) -> StagedKV:
         staged = StagedKV()
@@ -120,8 +154,54 @@ class KVPrefetcher:
             i += await self._fetch_from_peers(req, staged, hashes[i:])
         return i * bs
 
+    def start_pull(self, h: Handoff, first_block: int = 0) -> bool:
+        """Start pulling the blocks of a prefill in progress (its early handle) from `first_block` on,
+        as the prefill worker computes them; the request that comes with the complete handle takes
+        what arrived. False when this handoff is already being pulled or the handle is unusable."""
+        if h.handoff_id in self._pulls or not h.source_address or not 0 <= first_block <= len(h.block_keys):
+            return False
+        pull = _Pull(h, first_block)
+        pull.task = asyncio.ensure_future(self._pull(pull))
+        pull.task.add_done_callback(_retrieve)  # a failure is seen by the request that claims it, or by nobody
+        self._pulls[h.handoff_id] = pull
+        # Not claimed by a request within the handoff's TTL (the router sent it elsewhere): dropped.
+        asyncio.get_running_loop().call_later(max(h.ttl_s, self.timeout_s) * 2, self._forget, h.handoff_id, pull)
+        return True
+
+    def close(self) -> None:
+        """Stop the early pulls nobody claimed."""
+        for pull in self._pulls.values():
+            pull.task.cancel()
+        self._pulls.clear()
+
+    def _forget(self, handoff_id: str, pull: "_Pull") -> None:
+        if self._pulls.get(handoff_id) is pull:
+            del self._pulls[handoff_id]
+            pull.task.cancel()
+
+    async def _pull(self, pull: "_Pull") -> None:
+        """Fetch the handoff's blocks as they become available, until all arrived (or the prefill
+        worker stops answering, or makes no progress within the transfer timeout)."""
+        h, layout = pull.handoff, self.engine.connector.layout
+        idle_since, wait = time.perf_counter(), PULL_POLL_S
+        while pull.next < len(h.block_keys):
+            keys = list(h.block_keys[pull.next:])
+            kv = await self.client.fetch_kv(h.source_address, keys, layout, self.timeout_s)
+            for key, value in zip(keys, kv):
+                pull.blocks[key] = value
+            pull.next += kv.shape[0]
+            pull.nbytes += kv.numel() * kv.element_size()
+            if kv.shape[0]:
+                idle_since, wait = time.perf_counter(), PULL_POLL_S
+            elif pull.complete or time.perf_counter() - idle_since > h.ttl_s:
+                return  # the complete handle's blocks are all held: the rest is gone (expired, released)
+            else:  # not computed yet (the prompt may still be queued there): ask again, less and less often
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, PULL_MAX_WAIT_S)
+
     async def _pull_handoff(self, req: Request, staged: StagedKV) -> None:
-        """Stage the handoff's blocks past the leading run already on the device."""
+        """Stage the handoff's blocks past the leading run already on the device: what an early pull
+        got, and the rest now."""
         h, engine = req.handoff, self.engine
         bs = engine.config.block_size
         first = 0
@@ -131,33 +211,40 @@ class KVPrefetcher:
             cached = engine.block_manager.cached_blocks
             while first < full and hashes[first] in cached:
                 first += 1
-        keys = list(h.block_keys[first:])
-        if not keys:
-            self._release(h)
-            return
         t0 = time.perf_counter()
+        pull = self._pulls.pop(h.handoff_id, None)
+        if pull is None or pull.first > first:
+            if pull is not None:
+                pull.task.cancel()
+            pull = _Pull(h, first)
+        pull.complete = True
+        self.stats.handoff_early_blocks += pull.next - pull.first
+        if pull.task is None or pull.task.done():  # none yet, or it stopped early: go on from where it got
+            pull.task = asyncio.ensure_future(self._pull(pull))
+        failure = None
         try:
-            kv = await self.client.fetch_kv(h.source_address, keys, engine.connector.layout, self.timeout_s)
-        except (TransferError, ValueError) as e:
-            self.stats.handoff_failures += 1
-            if self.metrics is not None:
-                self.metrics.handoff_pulled("failed", 0, time.perf_counter() - t0)
-            logger.warning("request %s: pulling its prefilled KV (%d blocks) from %s failed, computing it here: %s",
-                           req.req_id, len(keys), h.source_worker_id or h.source_address, e)
-            return
+            await asyncio.wait_for(asyncio.shield(pull.task), self.timeout_s)
+        except (TransferError, ValueError, asyncio.TimeoutError) as e:
+            pull.task.cancel()
+            failure = e
         seconds = time.perf_counter() - t0
-        n = kv.shape[0]
-        for key, value in zip(keys, kv):
-            staged.blocks[key] = (value, "handoff")
+        keys = h.block_keys[first:]
+        n = 0
+        while n < len(keys) and keys[n] in pull.blocks:
+            staged.blocks[keys[n]] = (pull.blocks[keys[n]], "handoff")
+            n += 1
         self.stats.handoff_blocks += n
-        if n:
+        if n and failure is None:
             engine.connector.record_cost("peer", seconds, min(n * bs, h.num_tokens - first * bs))
+        result = "complete" if n == len(keys) else "partial" if n else "failed"
+        if result == "failed":
+            self.stats.handoff_failures += 1
         if self.metrics is not None:
-            self.metrics.handoff_pulled("complete" if n == len(keys) else "partial", kv.numel() * kv.element_size(),
-                                        seconds)
+            self.metrics.handoff_pulled(result, pull.nbytes, seconds)
         if n < len(keys):
-            logger.warning("request %s: %s held %d of the %d blocks of its handoff (released or expired); the rest "
-                           "is computed here", req.req_id, h.source_worker_id or h.source_address, n, len(keys))
+            logger.warning("request %s: %d of the %d blocks of its handoff arrived from %s (%s); the rest is computed "
+                           "here", req.req_id, n, len(keys), h.source_worker_id or h.source_address,
+                           failure or "released or expired there")
         self._release(h)
 
     def _release(self, h) -> None:
@@ -292,3 +379,8 @@ class KVPrefetcher:
             self.engine.connector.record_cost("peer", seconds, tokens)
         logger.debug("request %s: %d of %d chunk-caches from %s in %.1f ms", req.req_id,
                      sum(i in staged.chunks for i in chunks), len(chunks), worker, seconds * 1000)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -339,6 +339,8 @@ class WorkerServer:
         if self._data_server is not None:
             await self._data_server.stop()
             self._data_server = None
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         if self._transfer_client is not None:
             await self._transfer_client.close()
             self._transfer_client = None

@@ -70,7 +70,7 @@ def handoff_to_proto(h: Handoff) -> worker_pb2.KVHandoff:
     msg = worker_pb2.KVHandoff(handoff_id=h.handoff_id, source_address=h.source_address,
                                source_worker_id=h.source_worker_id, block_keys=h.block_keys, num_tokens=h.num_tokens,
                                block_size=h.block_size, first_token_id=h.first_token_id,
-                               sampler_state=h.sampler_state, ttl_s=h.ttl_s)
+                               sampler_state=h.sampler_state, ttl_s=h.ttl_s, complete=h.complete)
     if h.first_logprob is not None:
         lp, top = h.first_logprob
         msg.first_logprob.CopyFrom(common_pb2.TokenLogprob(token_id=h.first_token_id, logprob=lp, top_logprobs=top))
@@ -81,7 +81,8 @@ def handoff_from_proto(msg: worker_pb2.KVHandoff) -> Handoff:
     logprob = (msg.first_logprob.logprob, dict(msg.first_logprob.top_logprobs)) if msg.HasField("first_logprob") \
         else None
     return Handoff(msg.handoff_id, tuple(msg.block_keys), msg.num_tokens, msg.block_size, msg.first_token_id,
-                   logprob, bytes(msg.sampler_state), msg.ttl_s, msg.source_address, msg.source_worker_id)
+                   logprob, bytes(msg.sampler_state), msg.ttl_s, msg.source_address, msg.source_worker_id,
+                   msg.complete)
 
 
 def output_to_proto(out: RequestOutput, source: tuple[str, str] = ("", "")) -> worker_pb2.WorkerGenerateResponse:
@@ -89,9 +90,10 @@ def output_to_proto(out: RequestOutput, source: tuple[str, str] = ("", "")) -> w
     prefill's last response carries the handle instead of tokens, stamped with `source`: this
     worker's (address, id)."""
     if out.handoff is not None:
-        handoff = replace(out.handoff, source_address=source[0], source_worker_id=source[1])
-        return worker_pb2.WorkerGenerateResponse(finished=True, kv_handoff=handoff_to_proto(handoff),
-                                                 usage=_usage(out))
+        handoff = handoff_to_proto(replace(out.handoff, source_address=source[0], source_worker_id=source[1]))
+        if not out.finished:  # the early handle
+            return worker_pb2.WorkerGenerateResponse(kv_handoff=handoff)
+        return worker_pb2.WorkerGenerateResponse(finished=True, kv_handoff=handoff, usage=_usage(out))
     msg = worker_pb2.WorkerGenerateResponse(token_ids=out.new_token_ids, text=out.new_text)
     if out.logprobs is not None and out.new_token_ids:
         start = len(out.token_ids) - len(out.new_token_ids)
@@ -160,6 +162,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortResponse:
         return common_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+
+    async def PrefetchKV(self, request: worker_pb2.PrefetchKVRequest, context) -> worker_pb2.PrefetchKVResponse:
+        prefetch = self.engine.prefetch
+        if prefetch is None or not request.HasField("kv_handoff"):
+            return worker_pb2.PrefetchKVResponse(started=False)
+        started = prefetch.start_pull(handoff_from_proto(request.kv_handoff), request.first_block)
+        return worker_pb2.PrefetchKVResponse(started=started)
 
     async def GetLoad(self, request: worker_pb2.GetLoadRequest, context) -> worker_pb2.GetLoadResponse:
         return worker_pb2.GetLoadResponse(worker_id=self.worker_id, load=load_to_proto(self.engine.get_load()))

@@ -7,6 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PrefetchKVRequest(_message.Message):
+    __slots__ = ("kv_handoff", "first_block")
+    KV_HANDOFF_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    kv_handoff: KVHandoff
+    first_block: int
+    def __init__(self, kv_handoff: _Optional[_Union[KVHandoff, _Mapping]] = ..., first_block: _Optional[int] = ...) -> None: ...
+
+class PrefetchKVResponse(_message.Message):
+    __slots__ = ("started",)
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    started: bool
+    def __init__(self, started: _Optional[bool] = ...) -> None: ...
+
 class WorkerGenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "cache_namespace", "chunks", "prefill_only", "kv_handoff")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -26,7 +40,7 @@ class WorkerGenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., cache_namespace: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.ChunkSpan, _Mapping]]] = ..., prefill_only: _Optional[bool] = ..., kv_handoff: _Optional[_Union[KVHandoff, _Mapping]] = ...) -> None: ...
 
 class KVHandoff(_message.Message):
-    __slots__ = ("handoff_id", "source_address", "source_worker_id", "block_keys", "num_tokens", "block_size", "first_token_id", "first_logprob", "sampler_state", "ttl_s")
+    __slots__ = ("handoff_id", "source_address", "source_worker_id", "block_keys", "num_tokens", "block_size", "first_token_id", "first_logprob", "sampler_state", "ttl_s", "complete")
     HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +51,7 @@ class KVHandoff(_message.Message):
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_STATE_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
     handoff_id: str
     source_address: str
     source_worker_id: str
@@ -47,7 +62,8 @@ class KVHandoff(_message.Message):
     first_logprob: _common_pb2.TokenLogprob
     sampler_state: bytes
     ttl_s: float
-    def __init__(self, handoff_id: _Optional[str] = ..., source_address: _Optional[str] = ..., source_worker_id: _Optional[str] = ..., block_keys: _Optional[_Iterable[bytes]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., sampler_state: _Optional[bytes] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+    complete: bool
+    def __init__(self, handoff_id: _Optional[str] = ..., source_address: _Optional[str] = ..., source_worker_id: _Optional[str] = ..., block_keys: _Optional[_Iterable[bytes]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., sampler_state: _Optional[bytes] = ..., ttl_s: _Optional[float] = ..., complete: _Optional[bool] = ...) -> None: ...
 
 class WorkerGenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "finished", "finish_reason", "stop_reason", "usage", "logprobs", "kv_handoff")

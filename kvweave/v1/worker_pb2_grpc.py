@@ -50,6 +50,11 @@ class WorkerStub:
                 request_serializer=kvweave_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=kvweave_dot_v1_dot_worker__pb2.GetLoadResponse.FromString,
                 _registered_method=True)
+        self.PrefetchKV = channel.unary_unary(
+                '/kvweave.v1.Worker/PrefetchKV',
+                request_serializer=kvweave_dot_v1_dot_worker__pb2.PrefetchKVRequest.SerializeToString,
+                response_deserializer=kvweave_dot_v1_dot_worker__pb2.PrefetchKVResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -75,6 +80,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefetchKV(self, request, context):
+        """Start pulling the KV of a prefill in progress (its early, incomplete handle) before the request
+        itself arrives with the complete handle; answers at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=kvweave_dot_v1_dot_worker__pb2.GetLoadRequest.FromString,
                     response_serializer=kvweave_dot_v1_dot_worker__pb2.GetLoadResponse.SerializeToString,
+            ),
+            'PrefetchKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefetchKV,
+                    request_deserializer=kvweave_dot_v1_dot_worker__pb2.PrefetchKVRequest.FromString,
+                    response_serializer=kvweave_dot_v1_dot_worker__pb2.PrefetchKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class Worker:
             '/kvweave.v1.Worker/GetLoad',
             kvweave_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
             kvweave_dot_v1_dot_worker__pb2.GetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefetchKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvweave.v1.Worker/PrefetchKV',
+            kvweave_dot_v1_dot_worker__pb2.PrefetchKVRequest.SerializeToString,
+            kvweave_dot_v1_dot_worker__pb2.PrefetchKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -187,3 +187,48 @@ def test_decode_worker_failure_before_its_first_token_is_retried_with_the_handof
         assert d1.prefetcher.stats.handoff_blocks == 2 * 5  # the retry pulled the handoff the dead one never did
     finally:
         c.stop()
+
+
+def test_decode_worker_pulls_blocks_while_the_prefill_runs(redis_server, tiny_model_variant, reference):
+    """The prefill engine pauses (between steps, still answering KV fetches) once 4 blocks are computed,
+    until the decode worker has pulled them: the early handle made it pull during the prefill."""
+    import threading
+
+    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE).start()
+    try:
+        p0 = c.add_worker("p0", role="prefill", max_num_batched_tokens=32)
+        d0 = c.add_worker("d0", role="decode")
+        c.add_router("chunk_aware", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
+        engine, paused, resume = p0.engine.engine, threading.Event(), threading.Event()
+        step = engine.step
+
+        def pausing_step():
+            if paused.is_set() and not resume.is_set():
+                time.sleep(0.005)
+                return []  # the engine loop goes on draining commands: KV exports are answered
+            out = step()
+            req = next(iter(engine.scheduler.requests.values()), None)
+            if req is not None and req.num_computed_tokens >= 4 * BS and not resume.is_set():
+                paused.set()
+            return out
+        engine.step = pausing_step
+
+        def early_blocks() -> int:
+            pulls = list(d0.prefetcher._pulls.values())
+            return pulls[0].next - pulls[0].first if pulls else 0
+
+        def unpause() -> None:
+            deadline = time.monotonic() + 30
+            while early_blocks() < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            resume.set()
+        threading.Thread(target=unpause, daemon=True).start()
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        prompt = _prompt(200, 61)
+        tokens, last = _generate(c, prompt, params)
+        assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
+        assert paused.is_set() and d0.prefetcher.stats.handoff_early_blocks >= 4
+        assert d0.prefetcher.stats.handoff_blocks == 13
+        _idle_blocks_back(c)
+    finally:
+        c.stop()

@@ -161,3 +161,48 @@ def test_bad_handles_are_refused(engines):
         decode.make_request(prompt, params, "bad", handoff=good, prefill_only=True)
     assert RequestStatus.FINISHED_HANDOFF.finish_reason == "handoff"
     assert torch.Generator().get_state().numel() > 7  # the refused state above is really malformed
+
+
+def test_early_handle_names_blocks_as_they_are_computed(engines):
+    _, prefill, _ = engines
+    prompt = _prompt(150, 41)  # 10 blocks, the last partial; 64 tokens per step
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    free = prefill.block_manager.num_free_blocks
+    prefill.submit(prefill.make_request(prompt, params, "p-early", prefill_only=True))
+    outs = prefill.step()
+    (early,) = [o for o in outs if o.handoff is not None]
+    h = early.handoff
+    assert not early.finished and not h.complete and len(h.block_keys) == 10
+    assert Handoff(**{**{f: getattr(h, f) for f in h.__slots__}, "source_address": "p:1"}).check(150, BS) \
+        == "the handoff is not complete (its first token is not known yet)"
+    ready = []
+    while prefill.has_unfinished():
+        kv = prefill.connector.export(list(h.block_keys))
+        ready.append(0 if kv is None else kv.shape[0])
+        req = prefill.scheduler.requests.get("p-early")
+        if req is not None:
+            assert ready[-1] == req.num_computed_tokens // BS  # exactly the computed blocks
+        outs = prefill.step()
+    final = next(o for o in outs if o.finished)
+    assert final.handoff.block_keys == h.block_keys and final.handoff.complete
+    assert ready == sorted(ready) and 0 < ready[1] < 9  # it grew step by step
+    assert prefill.connector.export(list(h.block_keys)).shape[0] == 10  # held: the partial last block too
+    assert prefill.release_handoff(h.handoff_id)
+    assert prefill.block_manager.num_free_blocks == free
+
+
+def test_pinned_handoff_is_freed_after_its_last_reader(engines):
+    _, prefill, _ = engines
+    free = prefill.block_manager.num_free_blocks
+    h = _prefill(prefill, _prompt(40, 13), SamplingParams(temperature=0.0, max_tokens=3), "p-pin")
+    handoff_id, blocks = prefill.handoffs.pin(list(h.block_keys))
+    assert handoff_id == h.handoff_id and len(blocks) == 3
+    want = prefill.connector.export(list(h.block_keys))
+    assert torch.equal(prefill.connector.export_blocks(blocks), want)
+    assert prefill.release_handoff(h.handoff_id)  # released while a reader copies: the blocks stay
+    assert prefill.handoffs.pin(list(h.block_keys)) is None  # no new reader gets in
+    prefill.expire_handoffs()
+    assert prefill.block_manager.num_free_blocks == free - 3
+    prefill.handoffs.unpin(handoff_id)
+    prefill.expire_handoffs()  # the engine loop frees them at its next turn
+    assert prefill.block_manager.num_free_blocks == free
