@@ -95,9 +95,13 @@ async def _drive(cluster, config: DisaggBenchConfig, kill_prefill_at: float | No
     backend = GrpcBackend(cluster.grpc_target, options=SendOptions(request_timeout=config.request_timeout_s))
     await backend.connect()
     try:
+        from kvweave.model_files import load_tokenizer
+
+        vocab = load_tokenizer(config.model).tokenizer.vocab_size  # random ids within the model's vocabulary
         workload = MixedWorkload(long_fraction=config.long_fraction, long_input_len=config.long_input_len,
                                  long_output_len=config.long_output_len, short_input_len=config.short_input_len,
-                                 short_output_len=config.short_output_len, seed=config.seed)
+                                 short_output_len=config.short_output_len, seed=config.seed,
+                                 token_range=(vocab // 20, vocab - vocab // 20))
         runner = Runner(workload, backend,
                         RunConfig(request_rate=config.rate, num_requests=config.requests, seed=config.seed,
                                   progress=False), log=lambda _: None)
@@ -121,7 +125,11 @@ async def _warm_up(cluster) -> None:
 
     from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
-    prompt = [1000 + (i * 7919) % 20000 for i in range(WARMUP_PROMPT_TOKENS)]
+    import kvweave
+
+    async with kvweave.AsyncClient(cluster.grpc_target) as client:
+        max_len = min(m.max_model_len for m in await client.list_models())
+    prompt = [7 + (i * 7919) % 400 for i in range(min(WARMUP_PROMPT_TOKENS, max_len // 2))]
     for address in cluster.worker_addresses.values():
         async with grpc.aio.insecure_channel(address) as channel:
             request = worker_pb2.WorkerGenerateRequest(
