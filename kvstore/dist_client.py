@@ -147,16 +147,16 @@ class DistClient:
                                     f"deadline") from None
             if answer is grpc.aio.EOF:
                 raise TransferError(f"KV fetch from {peer}: rendezvous: the stream ended without an answer")
-            store = f"{answer.store_host}:{answer.store_port}"
+            where = f"{answer.store_host}:{answer.store_port}"
             loop = asyncio.get_running_loop()
             build = loop.run_in_executor(self._executor, self._build, answer, deadline)
             try:
                 group, store = await asyncio.wait_for(build, max(deadline - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
-                raise TransferError(f"KV fetch from {peer}: rendezvous through {store}: not complete within "
+                raise TransferError(f"KV fetch from {peer}: rendezvous through {where}: not complete within "
                                     f"the {timeout_s:.3g} s deadline") from None
             except (dist_group.GroupError, OSError) as e:
-                raise TransferError(f"KV fetch from {peer}: rendezvous through {store} failed: "
+                raise TransferError(f"KV fetch from {peer}: rendezvous through {where} failed: "
                                     f"{dist_group.error_text(e)}") from None
         except BaseException:
             call.cancel()
