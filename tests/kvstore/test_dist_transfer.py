@@ -246,6 +246,39 @@ async def test_a_restarted_server_gets_a_new_pair():
             assert client.dist_client.pair_id(address) != stale.pair_id
 
 
+_CLIENT = """
+import asyncio, sys
+from kvstore.transfer import TransferClient
+from kvstore.codec import KVLayout
+import torch
+
+async def main():
+    client = TransferClient(transport="dist")
+    keys, layout = [bytes.fromhex(k) for k in sys.argv[2:]], KVLayout(torch.float32, (2, 4, 1, 4, 16))  # F32
+    print((await client.fetch_kv(sys.argv[1], keys, layout, 30)).shape[0], flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_the_server_drops_the_pair_of_a_killed_client_process():
+    keys, entries = make_keys(3), random_entries(F32, 3)
+    async with dist_serving(source_of(keys, entries)) as (address, server):
+        proc = subprocess.Popen([sys.executable, "-c", _CLIENT, address, *(k.hex() for k in keys)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)).strip() == "3"
+            assert server.num_pairs == 1
+            proc.send_signal(signal.SIGKILL)
+            await until(lambda: server.num_pairs == 0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.asyncio
 async def test_a_dist_peer_stalled_then_killed_mid_transfer_is_a_transfer_error_and_a_restart_serves():
     proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "kvstore" / "stalling_peer.py"), "--dist"], cwd=REPO,
