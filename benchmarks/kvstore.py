@@ -15,7 +15,9 @@ Entries are KV blocks of the default model (SmolLM2-135M, bf16, 16 tokens: [2, 3
   a peer process serving them (kvstore.transfer: the raw TCP data plane that `DataPort` names)
   into a preallocated output, against a raw loopback TCP socket between two processes carrying
   the same bytes into a preallocated buffer. `extra`: the same into a fresh output tensor (on
-  this VM, first touches of fresh memory cost more than the transfer), and over the gRPC stream.
+  this VM, first touches of fresh memory cost more than the transfer), over the gRPC stream, and
+  over a torch.distributed gloo pair (`transport="dist"`, into the preallocated output and into a
+  fresh one, which it receives in place).
 - index_lookups_per_s: the router's index lookup (`KVIndex.leading_tiers`) for a 1k-token prompt
   over 4 workers x 3 tiers each holding `index_entries` keys, 16 lookups in flight, against
   unpipelined PINGs on one connection (one round trip each) with 16 in flight.
@@ -304,6 +306,8 @@ def bench_transfer(cfg: BenchConfig) -> list[Result]:
         tcp_times = asyncio.run(fetch_all("auto", out))
         fresh_times = asyncio.run(fetch_all("auto", None))
         grpc_times = asyncio.run(fetch_all("grpc", out))
+        dist_times = asyncio.run(fetch_all("dist", out))
+        dist_fresh_times = asyncio.run(fetch_all("dist", None))
     finally:
         parent.send("stop")
         proc.join(timeout=30)
@@ -311,7 +315,9 @@ def bench_transfer(cfg: BenchConfig) -> list[Result]:
     return [Result("transfer_node_to_node", _rate(nbytes, tcp_times), "GB/s", "raw loopback TCP socket",
                    _rate(nbytes, raw), extra={"entries": n, "entry_bytes": layout.nbytes, "transport": "tcp data plane",
                                               "fresh_output_gb_s": round(_rate(nbytes, fresh_times), 3),
-                                              "grpc_stream_gb_s": round(_rate(nbytes, grpc_times), 3)})]
+                                              "grpc_stream_gb_s": round(_rate(nbytes, grpc_times), 3),
+                                              "dist_gloo_gb_s": round(_rate(nbytes, dist_times), 3),
+                                              "dist_gloo_fresh_output_gb_s": round(_rate(nbytes, dist_fresh_times), 3)})]
 
 
 # ------------------------------------------------------------------------------------ index

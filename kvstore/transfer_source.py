@@ -1,8 +1,9 @@
-"""What both KV transports (kvstore/transfer.py: gRPC; kvstore/tcp_transfer.py: raw TCP) share:
-the errors, the layout as it travels, layer-major storage (each layer of the wire format one
-contiguous slice, so it is sent and received in place), the source a server exports from and the
-checks on what it exports, the checks a client makes before a fetch, the server's key limit, and
-the gathering of a layer from entry-major tensors.
+"""What the KV transports (kvstore/transfer.py: gRPC; kvstore/tcp_transfer.py: raw TCP;
+kvstore/dist_transfer.py: torch.distributed) share: the errors, the layout as it travels,
+layer-major storage (each layer of the wire format one contiguous slice, so it is sent and
+received in place), the source a server exports from and the checks on what it exports, the
+checks a client makes before a fetch, the server's key limit, and the gathering of a layer from
+entry-major tensors.
 """
 from __future__ import annotations
 
@@ -74,6 +75,25 @@ def empty_layer_major(n: int, layout: KVLayout) -> torch.Tensor:
     shape = (layout.shape[1], n, layout.shape[0], *layout.shape[2:])
     data = np.empty(n * layout.nbytes, dtype=np.uint8)
     return torch.from_numpy(data).view(layout.dtype).view(shape).movedim(0, 2)
+
+
+def to_layer_major(entries: torch.Tensor) -> torch.Tensor:
+    """`entries` [n, *shape] stored layer-major (see `layer_major`): themselves when they already
+    are, else a layer-major copy on the same device (on the CPU copied a layer at a time with
+    numpy, for the reason LayerGather gives)."""
+    if layer_major(entries) is not None:
+        return entries
+    n, layout = entries.shape[0], KVLayout(entries.dtype, tuple(entries.shape[1:]))
+    if entries.device.type != "cpu":
+        out = torch.empty((layout.shape[1], n, layout.shape[0], *layout.shape[2:]), dtype=layout.dtype,
+                          device=entries.device).movedim(0, 2)
+        return out.copy_(entries)
+    out = empty_layer_major(n, layout)
+    src = entries.detach().unsqueeze(-1).view(torch.uint8).numpy()  # [n, s0, n_layers, ..., itemsize]
+    dst = out.unsqueeze(-1).view(torch.uint8).numpy()
+    for layer in range(layout.shape[1]):
+        np.copyto(dst[:, :, layer], src[:, :, layer])
+    return out
 
 
 def empty_entries(n: int, layout: KVLayout) -> torch.Tensor:

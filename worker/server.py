@@ -13,7 +13,9 @@ reflection. With a Redis URL it also:
   and pulls the KV of a request prefilled on another worker (a prefill/decode handoff) from it;
   and serves its own blocks to peers: `kvweave.v1.KVTransfer` on the gRPC port (control, and a
   streaming fallback), the bulk bytes over a raw TCP data plane on a second port that the
-  `DataPort` call names (kvstore/transfer.py, kvstore/tcp_transfer.py).
+  `DataPort` call names (kvstore/transfer.py, kvstore/tcp_transfer.py), or over a torch.distributed
+  pair per client process built through `DistConnect` (kvstore/dist_transfer.py). Which one it
+  fetches with itself is `kv_transport`.
 Unless disabled (`metrics_port` -1), it serves its Prometheus metrics over HTTP (GET /metrics, GET
 /health; worker/metrics.py, docs/metrics.md) on a third port, named in its registry entry
 (`WorkerInfo.metrics_port`) so that the router can list it for Prometheus.
@@ -48,7 +50,8 @@ from kvstore.index import KVIndex
 from kvstore.transfer import GRPC_OPTIONS as TRANSFER_GRPC_OPTIONS
 from kvstore.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
 from kvstore.tcp_transfer import KVDataServer
-from kvstore.transfer import KVTransferService, TransferClient
+from kvstore.dist_transfer import DistServer
+from kvstore.transfer import TRANSPORTS, KVTransferService, TransferClient
 from kvweave.v1 import worker_pb2_grpc
 from worker.async_engine import AsyncEngine
 from worker.config import StoreConfigError
@@ -91,6 +94,10 @@ class WorkerOptions:
     """Fetch prefix blocks from peers that hold them (needs a Redis URL)."""
     kv_transfer_timeout_s: float = 5.0
     """Deadline of one fetch from a peer; past it the blocks are computed instead."""
+    kv_transport: str = "auto"
+    """How this worker fetches peers' KV and prefill handoffs: auto (the TCP data plane, the gRPC
+    stream for peers without one) | tcp | grpc | dist (a torch.distributed gloo pair per peer).
+    Every worker serves all of them."""
     metrics_port: int = 0
     """HTTP port of GET /metrics on `host`; 0 picks a free port, -1 serves no metrics."""
 
@@ -109,6 +116,8 @@ class WorkerOptions:
             raise ValueError("grace_s must be >= 0")
         if self.kv_transfer_timeout_s <= 0:
             raise ValueError("kv_transfer_timeout_s must be positive")
+        if self.kv_transport not in TRANSPORTS:
+            raise ValueError(f"unknown kv_transport {self.kv_transport!r}; valid: {', '.join(TRANSPORTS)}")
 
 
 def _advertise_host(host: str) -> str:
@@ -147,6 +156,7 @@ class WorkerServer:
         self._peers: dict[str, str] = {}
         self._transfer_client: TransferClient | None = None
         self._data_server: KVDataServer | None = None
+        self._dist_server: DistServer | None = None
         self.prefetcher: KVPrefetcher | None = None
         self.metrics = WorkerMetrics()
         self.metrics_port = 0
@@ -168,7 +178,8 @@ class WorkerServer:
             llm = self._llm or await self._load_engine()
             self.engine = AsyncEngine(llm, enable_kv_events=self._redis is not None)
             peers = self._index is not None and self.options.peer_fetch
-            self._transfer_client = TransferClient()  # peers' prefix blocks, and prefill handoffs
+            # peers' prefix blocks, and prefill handoffs
+            self._transfer_client = TransferClient(transport=self.options.kv_transport)
             self.prefetcher = KVPrefetcher(llm, self._index if peers else None, (lambda: self._peers) if peers else None,
                                            self._transfer_client, self.options.kv_transfer_timeout_s, self.metrics)
             self.engine.prefetch = self.prefetcher
@@ -195,6 +206,8 @@ class WorkerServer:
             return
         await self._health.enter_graceful_shutdown()
         self._stopping.set()
+        if self._dist_server is not None:
+            self._dist_server.close()  # ends the pairs' streams, which would hold the grace period
         server_stopped = asyncio.ensure_future(self._server.stop(self.options.grace_s)) if self._server else None
         data_stopped = (asyncio.ensure_future(self._data_server.stop(self.options.grace_s))
                         if self._data_server else None)
@@ -247,7 +260,9 @@ class WorkerServer:
             await self._data_server.start()
         except OSError as e:
             raise WorkerStartError(f"cannot listen for KV data on {o.host}: {e}") from e
-        KVTransferService(self.engine, self._data_server, on_served=served,
+        # torch.distributed pairs: the store and each pair's connections on the advertised host
+        self._dist_server = DistServer(self.engine, self.address.rsplit(":", 1)[0], on_served=served)
+        KVTransferService(self.engine, self._data_server, dist_server=self._dist_server, on_served=served,
                           on_release=self.engine.release_handoff).add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = (SERVICE_NAME, TRANSFER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
@@ -341,6 +356,9 @@ class WorkerServer:
             self._data_server = None
         if self.prefetcher is not None:
             self.prefetcher.close()
+        if self._dist_server is not None:
+            self._dist_server.close()
+            self._dist_server = None
         if self._transfer_client is not None:
             await self._transfer_client.close()
             self._transfer_client = None
@@ -372,7 +390,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="serve one engine over gRPC and register it in Redis",
                        description="Serve kvweave.v1.Worker, grpc.health.v1 and reflection; with --redis-url, "
                                    "register under a lease and publish the prefix cache to the KV index.")
-    add_config_args(p, WorkerOptions, choices={"role": ROLES})
+    add_config_args(p, WorkerOptions, choices={"role": ROLES, "kv_transport": TRANSPORTS})
     add_engine_args(p)
     p.set_defaults(func=run)
 

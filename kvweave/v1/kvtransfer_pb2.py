@@ -24,31 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvweave/v1/kvtransfer.proto\x12\nkvweave.v1\"$\n\x0eReleaseRequest\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x61taPortRequest\" \n\x10\x44\x61taPortResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\"-\n\rKVLayoutProto\x12\r\n\x05\x64type\x18\x01 \x01(\r\x12\r\n\x05shape\x18\x02 \x03(\r\"`\n\x0c\x46\x65tchRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\"M\n\x0b\x46\x65tchHeader\x12\x13\n\x0bnum_entries\x18\x01 \x01(\r\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\"K\n\nLayerChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\"k\n\rFetchResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.kvweave.v1.FetchHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.kvweave.v1.LayerChunkH\x00\x42\x06\n\x04kind2\xd7\x01\n\nKVTransfer\x12>\n\x05\x46\x65tch\x12\x18.kvweave.v1.FetchRequest\x1a\x19.kvweave.v1.FetchResponse0\x01\x12\x45\n\x08\x44\x61taPort\x12\x1b.kvweave.v1.DataPortRequest\x1a\x1c.kvweave.v1.DataPortResponse\x12\x42\n\x07Release\x12\x1a.kvweave.v1.ReleaseRequest\x1a\x1b.kvweave.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvweave/v1/kvtransfer.proto\x12\nkvweave.v1\"A\n\x12\x44istConnectRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x1a\n\x12\x63onnect_timeout_ms\x18\x02 \x01(\r\"N\n\x13\x44istConnectResponse\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\r\x12\x0f\n\x07pair_id\x18\x03 \x01(\t\"Y\n\x10\x44istFetchRequest\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\r\x12\'\n\x05\x66\x65tch\x18\x03 \x01(\x0b\x32\x18.kvweave.v1.FetchRequest\"l\n\x11\x44istFetchResponse\x12\x13\n\x0bnum_entries\x18\x01 \x01(\r\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\x12\x17\n\x0flayer_checksums\x18\x03 \x03(\x06\"$\n\x0eReleaseRequest\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x61taPortRequest\" \n\x10\x44\x61taPortResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\"-\n\rKVLayoutProto\x12\r\n\x05\x64type\x18\x01 \x01(\r\x12\r\n\x05shape\x18\x02 \x03(\r\"`\n\x0c\x46\x65tchRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\"M\n\x0b\x46\x65tchHeader\x12\x13\n\x0bnum_entries\x18\x01 \x01(\r\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\"K\n\nLayerChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\"k\n\rFetchResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.kvweave.v1.FetchHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.kvweave.v1.LayerChunkH\x00\x42\x06\n\x04kind2\xf3\x02\n\nKVTransfer\x12>\n\x05\x46\x65tch\x12\x18.kvweave.v1.FetchRequest\x1a\x19.kvweave.v1.FetchResponse0\x01\x12\x45\n\x08\x44\x61taPort\x12\x1b.kvweave.v1.DataPortRequest\x1a\x1c.kvweave.v1.DataPortResponse\x12\x42\n\x07Release\x12\x1a.kvweave.v1.ReleaseRequest\x1a\x1b.kvweave.v1.ReleaseResponse\x12P\n\x0b\x44istConnect\x12\x1e.kvweave.v1.DistConnectRequest\x1a\x1f.kvweave.v1.DistConnectResponse0\x01\x12H\n\tDistFetch\x12\x1c.kvweave.v1.DistFetchRequest\x1a\x1d.kvweave.v1.DistFetchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvweave.v1.kvtransfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RELEASEREQUEST']._serialized_start=43
-  _globals['_RELEASEREQUEST']._serialized_end=79
-  _globals['_RELEASERESPONSE']._serialized_start=81
-  _globals['_RELEASERESPONSE']._serialized_end=113
-  _globals['_DATAPORTREQUEST']._serialized_start=115
-  _globals['_DATAPORTREQUEST']._serialized_end=132
-  _globals['_DATAPORTRESPONSE']._serialized_start=134
-  _globals['_DATAPORTRESPONSE']._serialized_end=166
-  _globals['_KVLAYOUTPROTO']._serialized_start=168
-  _globals['_KVLAYOUTPROTO']._serialized_end=213
-  _globals['_FETCHREQUEST']._serialized_start=215
-  _globals['_FETCHREQUEST']._serialized_end=311
-  _globals['_FETCHHEADER']._serialized_start=313
-  _globals['_FETCHHEADER']._serialized_end=390
-  _globals['_LAYERCHUNK']._serialized_start=392
-  _globals['_LAYERCHUNK']._serialized_end=467
-  _globals['_FETCHRESPONSE']._serialized_start=469
-  _globals['_FETCHRESPONSE']._serialized_end=576
-  _globals['_KVTRANSFER']._serialized_start=579
-  _globals['_KVTRANSFER']._serialized_end=794
+  _globals['_DISTCONNECTREQUEST']._serialized_start=43
+  _globals['_DISTCONNECTREQUEST']._serialized_end=108
+  _globals['_DISTCONNECTRESPONSE']._serialized_start=110
+  _globals['_DISTCONNECTRESPONSE']._serialized_end=188
+  _globals['_DISTFETCHREQUEST']._serialized_start=190
+  _globals['_DISTFETCHREQUEST']._serialized_end=279
+  _globals['_DISTFETCHRESPONSE']._serialized_start=281
+  _globals['_DISTFETCHRESPONSE']._serialized_end=389
+  _globals['_RELEASEREQUEST']._serialized_start=391
+  _globals['_RELEASEREQUEST']._serialized_end=427
+  _globals['_RELEASERESPONSE']._serialized_start=429
+  _globals['_RELEASERESPONSE']._serialized_end=461
+  _globals['_DATAPORTREQUEST']._serialized_start=463
+  _globals['_DATAPORTREQUEST']._serialized_end=480
+  _globals['_DATAPORTRESPONSE']._serialized_start=482
+  _globals['_DATAPORTRESPONSE']._serialized_end=514
+  _globals['_KVLAYOUTPROTO']._serialized_start=516
+  _globals['_KVLAYOUTPROTO']._serialized_end=561
+  _globals['_FETCHREQUEST']._serialized_start=563
+  _globals['_FETCHREQUEST']._serialized_end=659
+  _globals['_FETCHHEADER']._serialized_start=661
+  _globals['_FETCHHEADER']._serialized_end=738
+  _globals['_LAYERCHUNK']._serialized_start=740
+  _globals['_LAYERCHUNK']._serialized_end=815
+  _globals['_FETCHRESPONSE']._serialized_start=817
+  _globals['_FETCHRESPONSE']._serialized_end=924
+  _globals['_KVTRANSFER']._serialized_start=927
+  _globals['_KVTRANSFER']._serialized_end=1298
 # @@protoc_insertion_point(module_scope)

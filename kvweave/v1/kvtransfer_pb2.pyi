@@ -6,6 +6,44 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DistConnectRequest(_message.Message):
+    __slots__ = ("backend", "connect_timeout_ms")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    connect_timeout_ms: int
+    def __init__(self, backend: _Optional[str] = ..., connect_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class DistConnectResponse(_message.Message):
+    __slots__ = ("store_host", "store_port", "pair_id")
+    STORE_HOST_FIELD_NUMBER: _ClassVar[int]
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    store_host: str
+    store_port: int
+    pair_id: str
+    def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., pair_id: _Optional[str] = ...) -> None: ...
+
+class DistFetchRequest(_message.Message):
+    __slots__ = ("pair_id", "tag", "fetch")
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    pair_id: str
+    tag: int
+    fetch: FetchRequest
+    def __init__(self, pair_id: _Optional[str] = ..., tag: _Optional[int] = ..., fetch: _Optional[_Union[FetchRequest, _Mapping]] = ...) -> None: ...
+
+class DistFetchResponse(_message.Message):
+    __slots__ = ("num_entries", "layout", "layer_checksums")
+    NUM_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    num_entries: int
+    layout: KVLayoutProto
+    layer_checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_entries: _Optional[int] = ..., layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ..., layer_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class ReleaseRequest(_message.Message):
     __slots__ = ("handoff_id",)
     HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,16 @@ class KVTransferStub:
                 request_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.DistConnect = channel.unary_stream(
+                '/kvweave.v1.KVTransfer/DistConnect',
+                request_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistConnectRequest.SerializeToString,
+                response_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistConnectResponse.FromString,
+                _registered_method=True)
+        self.DistFetch = channel.unary_unary(
+                '/kvweave.v1.KVTransfer/DistFetch',
+                request_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchRequest.SerializeToString,
+                response_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchResponse.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -77,6 +87,24 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DistConnect(self, request, context):
+        """Rendezvous of a two-rank process group between the caller (rank 1) and this server (rank 0).
+        The first message says where the store is; the stream then stays open as long as the pair
+        lives: whichever side ends it, both drop the pair.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DistFetch(self, request, context):
+        """Fetch over a pair's process group: the answer says how many entries follow and the checksum
+        of each layer; the server then sends each layer (as LayerChunk.data describes it, whole) to
+        rank 1 with the request's tag, in layer order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +122,16 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseRequest.FromString,
                     response_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'DistConnect': grpc.unary_stream_rpc_method_handler(
+                    servicer.DistConnect,
+                    request_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistConnectRequest.FromString,
+                    response_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistConnectResponse.SerializeToString,
+            ),
+            'DistFetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DistFetch,
+                    request_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchRequest.FromString,
+                    response_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +216,60 @@ class KVTransfer:
             '/kvweave.v1.KVTransfer/Release',
             kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseRequest.SerializeToString,
             kvweave_dot_v1_dot_kvtransfer__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DistConnect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvweave.v1.KVTransfer/DistConnect',
+            kvweave_dot_v1_dot_kvtransfer__pb2.DistConnectRequest.SerializeToString,
+            kvweave_dot_v1_dot_kvtransfer__pb2.DistConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DistFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvweave.v1.KVTransfer/DistFetch',
+            kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchRequest.SerializeToString,
+            kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchResponse.FromString,
             options,
             channel_credentials,
             insecure,

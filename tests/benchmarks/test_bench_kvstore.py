@@ -17,6 +17,8 @@ def test_kvstore_benchmark_runs_small(tmp_path):
         assert r.value > 0 and r.baseline_value > 0, r
     assert by_name["index_round_trips_per_request"].value == 1.0
     assert by_name["index_round_trips_per_request"].extra["worker_locate_round_trips"] == 1.0
-    assert by_name["transfer_node_to_node"].extra["transport"] == "tcp data plane"
+    transfer = by_name["transfer_node_to_node"].extra
+    assert transfer["transport"] == "tcp data plane"
+    assert all(transfer[k] > 0 for k in ("grpc_stream_gb_s", "dist_gloo_gb_s", "dist_gloo_fresh_output_gb_s"))
     assert config["entry_shape"] == [2, 30, 3, 16, 64]
     assert list(tmp_path.iterdir()) == []  # the SSD files are gone

@@ -5,8 +5,11 @@ time it has sent a first layer, and keeps the stream open forever: tests kill -9
 and check that the fetching side gives up with an error instead of hanging or using partial KV.
 With `--tcp` it also serves a TCP data plane (kvstore/tcp_transfer.py) that DataPort announces,
 and stalls there the same way (without it, DataPort is UNIMPLEMENTED: a peer without one).
-Only grpc, the generated stubs and xxhash are imported (no torch), so it starts in a fraction of
-a second. Layer 0 is zeros with valid checksums: it passes every check the client makes.
+With `--dist` it serves the torch.distributed transport (kvstore/dist_transfer.py): real pairs,
+and a DistFetch answered with every layer's checksum, after which only layer 0 is sent.
+Without `--dist` only grpc, the generated stubs and xxhash are imported (no torch), so it starts
+in a fraction of a second. Layer 0 is zeros with valid checksums: it passes every check the
+client makes.
 """
 from __future__ import annotations
 
@@ -82,6 +85,46 @@ async def stall_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     await asyncio.Event().wait()  # stall with the connection open
 
 
+class StallingDistPeer(StallingPeer):
+    """Real DistConnect pairs (rank 0, built with kvstore.dist_group); DistFetch sends layer 0 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from kvstore import dist_group
+
+        self.dist_group = dist_group
+        self.store = dist_group.open_store("127.0.0.1", 60)
+        self.groups: dict[str, asyncio.Future] = {}  # pair id -> its group, once built
+        self.sends: list = []  # kept: dropping a send's Work drops the send
+
+    async def DistConnect(self, request, context):
+        pair_id = f"stall{len(self.groups)}"
+        self.groups[pair_id] = asyncio.ensure_future(asyncio.to_thread(
+            self.dist_group.new_pair_group, self.store, pair_id, 0, "gloo", "127.0.0.1", 30))
+        yield kvtransfer_pb2.DistConnectResponse(store_host="127.0.0.1", store_port=self.store.port, pair_id=pair_id)
+        await asyncio.Event().wait()  # the pair lives until the client ends the stream
+
+    async def DistFetch(self, request, context):
+        n, layout = len(request.fetch.keys), request.fetch.layout
+        size = layer_bytes(n, layout.dtype, list(layout.shape))
+        if not n or size is None or request.pair_id not in self.groups:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stalling peer: bad request")
+        import torch
+
+        layer0 = torch.zeros(size, dtype=torch.uint8)
+        work = self.dist_group.send(await self.groups[request.pair_id], layer0, 1, request.tag)
+        self.sends.append(work)
+
+        async def sent() -> None:
+            await asyncio.to_thread(self.dist_group.wait, work, 30)
+            print("sent layer 0", flush=True)
+
+        self.sends.append(asyncio.create_task(sent()))
+        zeros = xxhash.xxh3_64_intdigest(bytes(size))
+        return kvtransfer_pb2.DistFetchResponse(num_entries=n, layout=layout,
+                                                layer_checksums=[zeros] * layout.shape[1])
+
+
 async def main() -> None:
     data_port = None
     if "--tcp" in sys.argv[1:]:
@@ -90,7 +133,8 @@ async def main() -> None:
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
-    kvtransfer_pb2_grpc.add_KVTransferServicer_to_server(StallingPeer(data_port), server)
+    servicer = StallingDistPeer() if "--dist" in sys.argv[1:] else StallingPeer(data_port)
+    kvtransfer_pb2_grpc.add_KVTransferServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)

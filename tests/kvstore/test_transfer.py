@@ -16,12 +16,12 @@ import torch
 
 from kvstore.codec import KVLayout, checksum
 from kvstore.transfer import (DEFAULT_CHUNK_BYTES, GRPC_OPTIONS, KVTransferService, TransferClient, fetch_kv)
-from kvstore.transfer_source import TensorSource, TransferError, layout_to_proto
+from kvstore.transfer_source import TensorSource, TransferError
 from kvstore.transfer_wire import decode_response, encode_chunk
 from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
-from transfer_helpers import (BF16, F32, MISBEHAVIOURS, REPO, SMALL, _header, as_raw, honest_messages,
-                             make_keys, peer, random_entries, ScriptedPeer, serving, source_of)
+from transfer_helpers import (BF16, F32, MISBEHAVIOURS, REPO, SMALL, _header, as_raw, bad_fetch_requests,
+                             honest_messages, make_keys, peer, random_entries, ScriptedPeer, serving, source_of)
 
 # ---------------------------------------------------------------------------------------------
 # Round trips
@@ -125,17 +125,7 @@ async def test_bad_requests_are_invalid_argument_and_the_server_keeps_serving():
     async with serving(source_of(keys, entries), max_keys=4) as address:
         async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
             stub = kvtransfer_pb2_grpc.KVTransferStub(channel)
-            layout = layout_to_proto(BF16)
-            bad = [
-                (kvtransfer_pb2.FetchRequest(keys=[keys[0], b"short"], layout=layout), "key 1 has 5 bytes"),
-                (kvtransfer_pb2.FetchRequest(keys=make_keys(5), layout=layout), "too many keys: 5 \\(at most 4"),
-                (kvtransfer_pb2.FetchRequest(keys=keys, layout=kvtransfer_pb2.KVLayoutProto(dtype=99, shape=[2, 3])),
-                 "unknown dtype code 99"),
-                (kvtransfer_pb2.FetchRequest(keys=keys, layout=kvtransfer_pb2.KVLayoutProto(dtype=1, shape=[8])),
-                 "2-6 dims"),
-                (kvtransfer_pb2.FetchRequest(keys=keys), "no layout"),
-            ]
-            for request, message in bad:
+            for request, message in bad_fetch_requests(keys):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     [m async for m in stub.Fetch(request, timeout=5)]
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

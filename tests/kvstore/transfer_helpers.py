@@ -95,6 +95,20 @@ def honest_messages(entries: torch.Tensor, chunk: int) -> list[kvtransfer_pb2.Fe
     return msgs
 
 
+def bad_fetch_requests(keys: list[bytes]) -> list[tuple[kvtransfer_pb2.FetchRequest, str]]:
+    """Malformed requests for a server with max_keys=4, and (a regex of) what it must answer with
+    INVALID_ARGUMENT, whichever transport carries them."""
+    layout = layout_to_proto(BF16)
+    return [
+        (kvtransfer_pb2.FetchRequest(keys=[keys[0], b"short"], layout=layout), "key 1 has 5 bytes"),
+        (kvtransfer_pb2.FetchRequest(keys=make_keys(5), layout=layout), "too many keys: 5 \\(at most 4"),
+        (kvtransfer_pb2.FetchRequest(keys=keys, layout=kvtransfer_pb2.KVLayoutProto(dtype=99, shape=[2, 3])),
+         "unknown dtype code 99"),
+        (kvtransfer_pb2.FetchRequest(keys=keys, layout=kvtransfer_pb2.KVLayoutProto(dtype=1, shape=[8])), "2-6 dims"),
+        (kvtransfer_pb2.FetchRequest(keys=keys), "no layout"),
+    ]
+
+
 class ScriptedPeer(kvtransfer_pb2_grpc.KVTransferServicer):
     def __init__(self, messages, stall_after: int | None = None) -> None:
         self.messages, self.stall_after = messages, stall_after

@@ -1,7 +1,8 @@
 """Two real worker processes and a real Redis: a worker without a prompt's blocks fetches them from
-the peer that holds them (found through the KV index) instead of computing them, and its greedy
-output equals a full recompute; a peer that dies mid-transfer (over the TCP data plane, or over the
-gRPC stream of a peer without one) only costs the recompute. Both workers' metrics count the transfer
+the peer that holds them (found through the KV index) instead of computing them (over the default
+transport, and over torch.distributed pairs: `--kv-transport dist`), and its greedy output equals a
+full recompute; a peer that dies mid-transfer (over the TCP data plane, over the gRPC stream of a
+peer without one, or over a torch.distributed pair) only costs the recompute. Both workers' metrics count the transfer
 (bytes and time, in and out) or its failure."""
 from __future__ import annotations
 
@@ -68,8 +69,10 @@ def cold_output(tiny_engine_factory):
 
 
 @pytest.fixture
-def two_workers(redis_url, tiny_hf_model):
-    procs = [_start_worker(tiny_hf_model, redis_url, w) for w in ("w-a", "w-b")]
+def two_workers(redis_url, tiny_hf_model, request):
+    """Two workers fetching with the transport the test's indirect parameter names (default auto)."""
+    transport = getattr(request, "param", "auto")
+    procs = [_start_worker(tiny_hf_model, redis_url, w, "--kv-transport", transport) for w in ("w-a", "w-b")]
     try:
         yield [_ready_address(p) for p in procs]
     finally:
@@ -77,6 +80,7 @@ def two_workers(redis_url, tiny_hf_model):
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("two_workers", ["auto", "dist"], indirect=True)
 async def test_request_fetches_its_prefix_from_the_peer(redis_url, two_workers, cold_output):
     cold_tokens, model = cold_output
     a, b = two_workers
@@ -112,7 +116,8 @@ async def _all_on(index: KVIndex, hashes, worker: str) -> bool:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("plane", [[], ["--tcp"]], ids=["grpc-stream", "tcp-data-plane"])
+@pytest.mark.parametrize("plane, two_workers", [([], "auto"), (["--tcp"], "auto"), (["--dist"], "dist")],
+                         ids=["grpc-stream", "tcp-data-plane", "dist"], indirect=["two_workers"])
 async def test_peer_killed_mid_transfer_falls_back_to_recompute(redis_url, two_workers, cold_output, plane):
     cold_tokens, model = cold_output
     _, b = two_workers

@@ -107,16 +107,17 @@ def _worker_args(model: Path, *extra: str) -> list[str]:
             "--num-blocks", "64", "--num-threads", "1", "--dtype", "float32", *extra]
 
 
-def _start_worker(model: Path, redis_url: str, worker_id: str) -> subprocess.Popen:
+def _start_worker(model: Path, redis_url: str, worker_id: str, *extra: str) -> subprocess.Popen:
     args = _worker_args(model, "--redis-url", redis_url, "--worker-id", worker_id, "--lease-s", "1",
-                        "--heartbeat-s", "0.2", "--grace-s", "1")
+                        "--heartbeat-s", "0.2", "--grace-s", "1", *extra)
     return subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
 def start_stalling_peer(plane: list[str]) -> subprocess.Popen:
     """tests/kvstore/stalling_peer.py: a peer that streams KV slowly (its port on its first stdout line,
-    a line per layer sent); `plane` is [] (the gRPC stream) or ["--tcp"] (the TCP data plane)."""
+    a line per layer sent); `plane` is [] (the gRPC stream), ["--tcp"] (the TCP data plane) or
+    ["--dist"] (torch.distributed pairs)."""
     return subprocess.Popen([sys.executable, str(REPO / "tests" / "kvstore" / "stalling_peer.py"), *plane],
                             cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -222,6 +223,7 @@ def test_bad_flags_fail_with_a_message(tiny_hf_model, tmp_path):
          "cannot open the KV store: SSD cache directory"),
         (_worker_args(tiny_hf_model, "--kv-transfer-timeout-s", "0"), "kv_transfer_timeout_s must be positive"),
         (_worker_args(tiny_hf_model, "--metrics-port", "-2"), "metrics_port must be in"),
+        (_worker_args(tiny_hf_model, "--kv-transport", "udp"), "invalid choice: 'udp'"),
     ]
     procs = [subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for args, _ in cases]
