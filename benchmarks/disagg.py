@@ -39,10 +39,10 @@ allocate; a prefill worker gets no request through the router before the first l
 @dataclass
 class DisaggBenchConfig:
     model: str = DEFAULT_MODEL
-    requests: int = 40
-    rate: float = 0.4
-    """Requests per second (Poisson): near the colocated clusters' capacity for the default mix."""
-    long_fraction: float = 0.1
+    requests: int = 60
+    rate: float = 0.5
+    """Requests per second (Poisson)."""
+    long_fraction: float = 0.05
     long_input_len: tuple[int, int] = (4000, 6000)
     long_output_len: int = 8
     short_input_len: tuple[int, int] = (32, 128)

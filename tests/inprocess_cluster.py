@@ -53,9 +53,10 @@ class InProcessCluster:
             self.add_worker(f"w{i}")
         return self
 
-    def add_worker(self, worker_id: str, role: str = "colocated", **engine_config) -> WorkerServer:
+    def add_worker(self, worker_id: str, role: str = "colocated", kv_transport: str = "auto",
+                   **engine_config) -> WorkerServer:
         options = WorkerOptions(redis_url=self.redis_url, worker_id=worker_id, lease_s=self.lease_s, heartbeat_s=0.2,
-                                grace_s=0.5, role=role)
+                                grace_s=0.5, role=role, kv_transport=kv_transport)
         server = WorkerServer(EngineConfig(model=str(self.model), **(self.engine_config | engine_config)), options)
         self.run(server.start())
         self.workers.append(server)

@@ -232,3 +232,22 @@ def test_decode_worker_pulls_blocks_while_the_prefill_runs(redis_server, tiny_mo
         _idle_blocks_back(c)
     finally:
         c.stop()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "dist"])
+def test_handoff_over_each_transport(redis_server, tiny_model_variant, reference, transport):
+    """The TCP data plane carries every other test's handoffs; the gRPC stream and the torch.distributed
+    pair (gloo) carry them as well."""
+    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE).start()
+    try:
+        c.add_worker("p0", role="prefill")
+        d0 = c.add_worker("d0", role="decode", kv_transport=transport)
+        c.add_router("chunk_aware", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
+        params = SamplingParams(temperature=50.0, top_k=300, seed=2, max_tokens=5, ignore_eos=True)
+        prompt = _prompt(99, 71)
+        tokens, last = _generate(c, prompt, params)
+        assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
+        assert d0.prefetcher.stats.handoff_blocks == 7 and d0.prefetcher.client.transport == transport
+        _idle_blocks_back(c)
+    finally:
+        c.stop()
