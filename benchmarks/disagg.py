@@ -142,7 +142,7 @@ def _run_cluster(config: DisaggBenchConfig, pools: dict, kill_prefill_at: float 
     """Start a cluster with `pools` (LocalCluster's worker counts), drive it; returns (loadgen stats,
     the handoff and remote prefill time sums)."""
     from controlplane.cluster import LocalCluster
-    from loadgen.stats import compute_stats
+    from loadgen.stats import compute_stats, tpot
 
     slos = {"ttft": config.slo_ttft_ms, "tpot": config.slo_tpot_ms}
     with LocalCluster(model=config.model, engine_args=config.engine_args(), router_args=config.router_args(),
@@ -156,6 +156,9 @@ def _run_cluster(config: DisaggBenchConfig, pools: dict, kill_prefill_at: float 
                      "remote_prefill_s": _metric_sum(urls["router"], "kvweave_router_remote_prefill_seconds_sum")}
     stats = compute_stats(result.records, start=result.start, duration=result.duration, goodput=slos)
     stats["short_records"] = [(r.tags.get("class"), r.disaggregation) for r in result.records if r.ok]
+    stats["per_request"] = [{"class": r.tags.get("class"), "ok": r.ok, "ttft_ms": round(r.ttft * 1000, 1),
+                             "tpot_ms": round((tpot(r) or 0.0) * 1000, 1), "decision": r.disaggregation,
+                             "worker": r.worker_id} for r in result.records]
     return stats, times
 
 
@@ -196,7 +199,8 @@ def run_bench(config: DisaggBenchConfig, log=print) -> tuple[list[Result], dict]
 def _summary(stats: dict) -> dict:
     keys = ("completed", "failed", "duration", "request_throughput", "request_goodput", "output_throughput",
             "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "mean_tpot_ms", "errors_by_kind",
-            "requests_by_disaggregation", "requests_by_worker", "latency_by_class", "latency_by_prefill")
+            "requests_by_disaggregation", "requests_by_worker", "latency_by_class", "latency_by_prefill",
+            "per_request")
     return {k: stats[k] for k in keys if k in stats}
 
 

@@ -78,8 +78,9 @@ class WorkerMetrics:
                                      ["result"], registry=r)
         self.handoff_bytes = Counter("kvweave_worker_handoff_bytes", "KV bytes of prefill handoffs pulled",
                                      registry=r)
-        self.handoff_seconds = Histogram("kvweave_worker_handoff_seconds", "Duration of pulling one prefill "
-                                         "handoff's KV", buckets=TRANSFER_BUCKETS, registry=r)
+        self.handoff_seconds = Histogram("kvweave_worker_handoff_seconds", "How long a handed-off request waited "
+                                         "for its KV (blocks pulled during the prefill not counted)",
+                                         buckets=TRANSFER_BUCKETS, registry=r)
         for result in HANDOFF_PULL_RESULTS:
             self.handoff_pulls.labels(result)
         for status in REQUEST_STATUSES:  # every series exists from the start (rates of 0, not missing)
