@@ -30,17 +30,42 @@ def reference(tiny_model_variant):
     return lambda prompt, params: engine.generate([prompt], params)[0]
 
 
+ROUTER = {"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6}
+"""Hand off every prompt over 16 uncached tokens (the tiny model computes faster than its KV moves:
+without the margin, every handoff would be "slow")."""
+
+
+def _start_pd(redis_server, model, prefill: dict | None = None, decode: dict | None = None, decoders: int = 1,
+              policy: str = "chunk_aware"):
+    """A cluster of prefill worker p0, decode workers d0.. (their WorkerServers' options and engine
+    settings in `prefill`, `decode`) and a router; returns (cluster, p0, [d0, ...])."""
+    c = InProcessCluster(redis_server.url, model, 0, **ENGINE).start()
+    p0 = c.add_worker("p0", role="prefill", **(prefill or {}))
+    ds = [c.add_worker(f"d{i}", role="decode", **(decode or {})) for i in range(decoders)]
+    c.add_router(policy, router_config=ROUTER)
+    return c, p0, ds
+
+
 @pytest.fixture(scope="module")
 def pd(redis_server, tiny_model_variant):
-    """1 prefill + 1 decode worker; a router that hands off every prompt over 16 uncached tokens (the
-    tiny model computes faster than its KV moves: without the margin, handoffs would be "slow")."""
-    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE)
-    c.start()
-    c.add_worker("p0", role="prefill")
-    c.add_worker("d0", role="decode")
-    c.add_router("chunk_aware", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
+    """1 prefill + 1 decode worker, shared by the module's tests that break nothing."""
+    c, _, _ = _start_pd(redis_server, tiny_model_variant("gqa"))
     yield c
     c.stop()
+
+
+@pytest.fixture
+def make_pd(redis_server, tiny_model_variant):
+    """`make(**kwargs)` -> `_start_pd(...)` of a fresh cluster, stopped afterwards."""
+    made = []
+
+    def make(**kwargs):
+        made.append(_start_pd(redis_server, tiny_model_variant("gqa"), **kwargs))
+        return made[-1]
+
+    yield make
+    for c, _, _ in made:
+        c.stop()
 
 
 def _generate(cluster: InProcessCluster, prompt, params: SamplingParams, router: int = 0):
@@ -131,123 +156,127 @@ def test_first_token_that_ends_the_request_is_answered_by_the_prefill_worker(pd,
     _idle_blocks_back(pd)
 
 
-def test_expired_handoff_is_computed_on_the_decode_worker(redis_server, tiny_model_variant, reference):
-    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE).start()
-    try:
-        c.add_worker("p0", role="prefill", handoff_ttl_s=1e-6)  # gone before any decode worker can pull it
-        c.add_worker("d0", role="decode")
-        c.add_router("chunk_aware", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
-        params = SamplingParams(temperature=50.0, top_k=300, seed=5, max_tokens=5, ignore_eos=True)
-        prompt = _prompt(75, 3)
-        tokens, last = _generate(c, prompt, params)
-        assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
-        d0 = next(w for w in c.workers if w.worker_id == "d0")
-        assert d0.prefetcher.stats.handoff_blocks == 0  # nothing pulled: it was all computed there
-        _idle_blocks_back(c)
-    finally:
-        c.stop()
+def test_expired_handoff_is_computed_on_the_decode_worker(make_pd, reference):
+    c, _, (d0,) = make_pd(prefill={"handoff_ttl_s": 1e-6})  # gone before any decode worker can pull it
+    params = SamplingParams(temperature=50.0, top_k=300, seed=5, max_tokens=5, ignore_eos=True)
+    prompt = _prompt(75, 3)
+    tokens, last = _generate(c, prompt, params)
+    assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
+    assert d0.prefetcher.stats.handoff_blocks == 0  # nothing pulled: it was all computed there
+    _idle_blocks_back(c)
 
 
-def test_prefill_worker_failure_falls_back_to_colocated(redis_server, tiny_model_variant, reference):
-    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE).start()
-    try:
-        p0 = c.add_worker("p0", role="prefill")
-        c.add_worker("d0", role="decode")
-        c.add_router("chunk_aware", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
-        c.kill_worker(p0)  # crashed: still in the registry until its lease ends
-        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-        prompt = _prompt(70, 4)
+def test_prefill_worker_failure_falls_back_to_colocated(make_pd, reference):
+    c, p0, _ = make_pd()
+    c.kill_worker(p0)  # crashed: still in the registry until its lease ends
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    prompt = _prompt(70, 4)
+    tokens, last = _generate(c, prompt, params)
+    assert tokens == reference(prompt, params).token_ids
+    assert last.usage.disaggregation == "prefill_failed" and last.worker_id == "d0"
+    metrics = c.routers[0].router.metrics.exposition().decode()
+    assert 'kvweave_router_handoffs_total{result="prefill_failed"} 1.0' in metrics
+
+
+def test_decode_worker_failure_before_its_first_token_is_retried_with_the_handoff(make_pd, reference):
+    c, _, (d0, d1) = make_pd(decoders=2, policy="round_robin")
+    c.kill_worker(d0)
+    params = SamplingParams(temperature=50.0, top_k=300, seed=9, max_tokens=5, ignore_eos=True)
+    for salt in range(2):  # round robin: one of the two is sent to the dead worker first
+        prompt = _prompt(66, 20 + salt)
         tokens, last = _generate(c, prompt, params)
         assert tokens == reference(prompt, params).token_ids
-        assert last.usage.disaggregation == "prefill_failed" and last.worker_id == "d0"
-        metrics = c.routers[0].router.metrics.exposition().decode()
-        assert 'kvweave_router_handoffs_total{result="prefill_failed"} 1.0' in metrics
-    finally:
-        c.stop()
+        assert last.worker_id == "d1" and last.usage.disaggregation == "remote"
+    metrics = c.routers[0].router.metrics.exposition().decode()
+    assert "kvweave_router_retries_total 1.0" in metrics
+    assert 'kvweave_router_handoffs_total{result="handed_off"} 2.0' in metrics
+    assert d1.prefetcher.stats.handoff_blocks == 2 * 5  # the retry pulled the handoff the dead one never did
 
 
-def test_decode_worker_failure_before_its_first_token_is_retried_with_the_handoff(redis_server, tiny_model_variant,
-                                                                                  reference):
-    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE).start()
-    try:
-        c.add_worker("p0", role="prefill")
-        d0, _ = c.add_worker("d0", role="decode"), c.add_worker("d1", role="decode")
-        c.add_router("round_robin", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
-        c.kill_worker(d0)
-        params = SamplingParams(temperature=50.0, top_k=300, seed=9, max_tokens=5, ignore_eos=True)
-        for salt in range(2):  # round robin: one of the two is sent to the dead worker first
-            prompt = _prompt(66, 20 + salt)
-            tokens, last = _generate(c, prompt, params)
-            assert tokens == reference(prompt, params).token_ids
-            assert last.worker_id == "d1" and last.usage.disaggregation == "remote"
-        metrics = c.routers[0].router.metrics.exposition().decode()
-        assert "kvweave_router_retries_total 1.0" in metrics
-        assert 'kvweave_router_handoffs_total{result="handed_off"} 2.0' in metrics
-        d1 = next(w for w in c.workers if w.worker_id == "d1")
-        assert d1.prefetcher.stats.handoff_blocks == 2 * 5  # the retry pulled the handoff the dead one never did
-    finally:
-        c.stop()
-
-
-def test_decode_worker_pulls_blocks_while_the_prefill_runs(redis_server, tiny_model_variant, reference):
+def test_decode_worker_pulls_blocks_while_the_prefill_runs(make_pd, reference):
     """The prefill engine pauses (between steps, still answering KV fetches) once 4 blocks are computed,
     until the decode worker has pulled them: the early handle made it pull during the prefill."""
     import threading
 
-    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE).start()
-    try:
-        p0 = c.add_worker("p0", role="prefill", max_num_batched_tokens=32)
-        d0 = c.add_worker("d0", role="decode")
-        c.add_router("chunk_aware", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
-        engine, paused, resume = p0.engine.engine, threading.Event(), threading.Event()
-        step = engine.step
+    c, p0, (d0,) = make_pd(prefill={"max_num_batched_tokens": 32})
+    engine, paused, resume = p0.engine.engine, threading.Event(), threading.Event()
+    step = engine.step
 
-        def pausing_step():
-            if paused.is_set() and not resume.is_set():
-                time.sleep(0.005)
-                return []  # the engine loop goes on draining commands: KV exports are answered
-            out = step()
-            req = next(iter(engine.scheduler.requests.values()), None)
-            if req is not None and req.num_computed_tokens >= 4 * BS and not resume.is_set():
-                paused.set()
-            return out
-        engine.step = pausing_step
+    def pausing_step():
+        if paused.is_set() and not resume.is_set():
+            time.sleep(0.005)
+            return []  # the engine loop goes on draining commands: KV exports are answered
+        out = step()
+        req = next(iter(engine.scheduler.requests.values()), None)
+        if req is not None and req.num_computed_tokens >= 4 * BS and not resume.is_set():
+            paused.set()
+        return out
+    engine.step = pausing_step
 
-        def early_blocks() -> int:
-            pulls = list(d0.prefetcher._pulls.values())
-            return pulls[0].next - pulls[0].first if pulls else 0
+    def early_blocks() -> int:
+        pulls = list(d0.prefetcher._pulls.values())
+        return pulls[0].next - pulls[0].first if pulls else 0
 
-        def unpause() -> None:
-            deadline = time.monotonic() + 30
-            while early_blocks() < 4 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            resume.set()
-        threading.Thread(target=unpause, daemon=True).start()
-        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-        prompt = _prompt(200, 61)
-        tokens, last = _generate(c, prompt, params)
-        assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
-        assert paused.is_set() and d0.prefetcher.stats.handoff_early_blocks >= 4
-        assert d0.prefetcher.stats.handoff_blocks == 13
-        _idle_blocks_back(c)
-    finally:
-        c.stop()
+    def unpause() -> None:
+        deadline = time.monotonic() + 30
+        while early_blocks() < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        resume.set()
+    threading.Thread(target=unpause, daemon=True).start()
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    prompt = _prompt(200, 61)
+    tokens, last = _generate(c, prompt, params)
+    assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
+    assert paused.is_set() and d0.prefetcher.stats.handoff_early_blocks >= 4
+    assert d0.prefetcher.stats.handoff_blocks == 13
+    _idle_blocks_back(c)
 
 
 @pytest.mark.parametrize("transport", ["grpc", "dist"])
-def test_handoff_over_each_transport(redis_server, tiny_model_variant, reference, transport):
+def test_handoff_over_each_transport(make_pd, reference, transport):
     """The TCP data plane carries every other test's handoffs; the gRPC stream and the torch.distributed
     pair (gloo) carry them as well."""
-    c = InProcessCluster(redis_server.url, tiny_model_variant("gqa"), 0, **ENGINE).start()
-    try:
-        c.add_worker("p0", role="prefill")
-        d0 = c.add_worker("d0", role="decode", kv_transport=transport)
-        c.add_router("chunk_aware", router_config={"disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6})
-        params = SamplingParams(temperature=50.0, top_k=300, seed=2, max_tokens=5, ignore_eos=True)
-        prompt = _prompt(99, 71)
-        tokens, last = _generate(c, prompt, params)
-        assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
-        assert d0.prefetcher.stats.handoff_blocks == 7 and d0.prefetcher.client.transport == transport
-        _idle_blocks_back(c)
-    finally:
-        c.stop()
+    c, _, (d0,) = make_pd(decode={"kv_transport": transport})
+    params = SamplingParams(temperature=50.0, top_k=300, seed=2, max_tokens=5, ignore_eos=True)
+    prompt = _prompt(99, 71)
+    tokens, last = _generate(c, prompt, params)
+    assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
+    assert d0.prefetcher.stats.handoff_blocks == 7 and d0.prefetcher.client.transport == transport
+    _idle_blocks_back(c)
+
+
+def test_chunk_cache_hits_on_the_prefill_worker_keep_outputs_equal(make_pd, tiny_model_variant):
+    """P reuses the chunk-caches of passages it saw in another order (a blend), hands the blended KV
+    off, and D's continuation equals one engine serving both requests with the same caches."""
+    from worker.engine import EngineConfig, LLMEngine
+
+    c, p0, _ = make_pd(prefill={"dram_cache_gb": 0.05})
+    reference = LLMEngine(EngineConfig(model=str(tiny_model_variant("gqa")), dram_cache_gb=0.05, **ENGINE))
+    router = c.routers[0].router
+    passages = [" ".join(f"fact{k}-{i}" for i in range(40)) for k in range(2)]
+    first = GenerateInput(segments=[("Context:", False), (passages[0], True), (passages[1], True), ("Q1?", False)])
+    second = GenerateInput(segments=[("Context:", False), (passages[1], True), (passages[0], True), ("Q2?", False)])
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    outputs, want = [], None
+    for i, inp in enumerate((first, second)):
+        token_ids, spans = router.encode_prompt(inp)
+        reference.add_request(token_ids, params, f"ref-{i}", chunk_spans=spans)
+        while reference.has_unfinished():  # the request, then the engine's own chunk-cache requests
+            want = next((o for o in reference.step() if o.finished and o.req_id == f"ref-{i}"), None) or want
+        inp.params = params
+        deltas = c.run(_collect(router, inp))
+        outputs.append(([t for d in deltas for t in d.token_ids], deltas[-1]))
+        assert outputs[-1][0] == want.token_ids
+        _wait_idle(c)  # P has stored the new chunks' caches
+    _, last = outputs[1]
+    assert last.usage.disaggregation == "remote" and last.usage.chunk_reused_tokens == want.num_chunk_reused_tokens > 0
+
+
+async def _collect(router, inp):
+    return [d async for d in router.generate(inp)]
+
+
+def _wait_idle(cluster: InProcessCluster) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(w.engine.idle for w in cluster.workers):
+        time.sleep(0.05)

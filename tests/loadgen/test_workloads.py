@@ -390,3 +390,18 @@ def test_malformed_trace_line_through_the_workload(tmp_path):
                     '{"timestamp": 1, "input_length": 20, "output_length": 3}\n')
     with pytest.raises(WorkloadError, match=r"t\.jsonl, line 2: missing key 'hash_ids'"):
         build("--workload", "mooncake", "--dataset", str(path))
+
+
+def test_mixed_spreads_long_requests_evenly():
+    """Every window of n consecutive requests holds n * f long ones, rounded down or up, whatever the seed."""
+    import itertools
+    import math
+
+    from loadgen.workloads import MixedWorkload
+
+    for seed in range(5):
+        w = MixedWorkload(long_fraction=0.03, long_input_len=(8, 8), short_input_len=(4, 4), seed=seed)
+        kinds = [s.tags["class"] == "long" for s in itertools.islice(w.sessions(), 400)]
+        for n in (33, 120, 400):
+            counts = {sum(kinds[i:i + n]) for i in range(0, 400 - n + 1, 7)}
+            assert counts <= {math.floor(n * 0.03), math.ceil(n * 0.03)}, (seed, n, counts)
