@@ -253,7 +253,7 @@ def test_chunk_cache_hits_on_the_prefill_worker_keep_outputs_equal(make_pd, tiny
     c, p0, _ = make_pd(prefill={"dram_cache_gb": 0.05})
     reference = LLMEngine(EngineConfig(model=str(tiny_model_variant("gqa")), dram_cache_gb=0.05, **ENGINE))
     router = c.routers[0].router
-    passages = [" ".join(f"fact{k}-{i}" for i in range(40)) for k in range(2)]
+    passages = [" ".join(f"fact{k}-{i}" for i in range(12)) for k in range(2)]
     first = GenerateInput(segments=[("Context:", False), (passages[0], True), (passages[1], True), ("Q1?", False)])
     second = GenerateInput(segments=[("Context:", False), (passages[1], True), (passages[0], True), ("Q2?", False)])
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
