@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from controlplane.router import GenerateInput, TokenLogprob, Usage
 from kvweave.errors import InvalidRequestError
-from kvweave.sampling_params import SamplingParams
+from kvweave.sampling_params import MAX_UINT32, SamplingParams
 from kvweave.segments import CHAT_EXTENSION, flatten_messages
 from kvweave.tokenizer import Tokenizer
 
@@ -74,7 +74,9 @@ def parse_chat(body: dict, default_model: str) -> tuple[GenerateInput, ResponseO
     logprobs = None
     if _opt(body, "logprobs", bool):
         logprobs = _opt(body, "top_logprobs", int) or 0
-    params = _sampling(body, logprobs=logprobs, max_tokens=max_tokens or 16)
+    # Without max_tokens a chat generates up to the context length (the router sets it once the
+    # prompt is known); a given 0 is refused like any other out-of-range value.
+    params = _sampling(body, logprobs=logprobs, max_tokens=MAX_UINT32 if max_tokens is None else max_tokens)
     inp = GenerateInput(messages=messages, params=params, auto_max_tokens=max_tokens is None)
     return _finish(body, inp, ResponseOptions(chat=True, model="", logprobs=logprobs), default_model, "chatcmpl")
 

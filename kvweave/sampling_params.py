@@ -6,9 +6,20 @@ sampler itself (worker/sampling.py) is the only part that needs tensors.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from kvweave.errors import InvalidRequestError
+
+MAX_UINT32 = 2**32 - 1
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily (as vLLM's): dividing logits by them overflows."""
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+"""Bounds on a request's stop lists: every step checks them, for every token."""
 
 
 @dataclass
@@ -16,7 +27,7 @@ class SamplingParams:
     max_tokens: int = 16
     """Maximum number of tokens to generate."""
     temperature: float = 1.0
-    """Sampling temperature; 0 means greedy."""
+    """Sampling temperature; 0 (or below GREEDY_TEMPERATURE) means greedy."""
     top_p: float = 1.0
     """Nucleus sampling: sample from the most likely tokens whose probabilities add up to top_p (1: all)."""
     top_k: int = -1
@@ -37,25 +48,42 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        """InvalidRequestError naming the first field out of range. The bounds are those of the wire
+        types (kvweave/v1 common.proto) and what one request may ask of every step it shares."""
+        if not _is_int(self.max_tokens) or not 0 < self.max_tokens <= MAX_UINT32:
+            raise InvalidRequestError(f"max_tokens must be an integer in [1, {MAX_UINT32}], got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 1e6:
+            raise InvalidRequestError(f"temperature must be a finite number in [0, 1e6], got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise InvalidRequestError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidRequestError("stop must be a non-empty string or a list of non-empty strings")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise InvalidRequestError("stop_token_ids must be non-negative integers")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_INT32:
+            raise InvalidRequestError(f"top_k must be -1 (disabled) or an integer in [0, {MAX_INT32}], got "
+                                      f"{self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -MAX_INT64 - 1 <= self.seed <= MAX_INT64):
+            raise InvalidRequestError(f"seed must be a 64-bit signed integer, got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop):
+            raise InvalidRequestError(f"stop must be a non-empty string or a list of non-empty strings of at most "
+                                      f"{MAX_STOP_STRING_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(f"stop_token_ids has {len(self.stop_token_ids)} ids; at most "
+                                      f"{MAX_STOP_TOKEN_IDS} are allowed")
+        if not all(_is_int(t) and 0 <= t <= MAX_UINT32 for t in self.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be integers in [0, {MAX_UINT32}]")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise InvalidRequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise InvalidRequestError(f"min_tokens must be >= 0, got {self.min_tokens!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

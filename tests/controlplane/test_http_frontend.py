@@ -188,6 +188,14 @@ def test_models_health_metrics(router, client):
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, "not supported", "presence_penalty"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "batches", "prompt"),
     ("/v1/completions", {"prompt": list(range(1, 600))}, "context length", None),
+    # Values the wire types cannot carry, or that would fail a whole engine step, are refused here.
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2**64}, "max_tokens", None),
+    ("/v1/completions", {"prompt": "hi", "top_k": 2**40}, "top_k", None),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**70}, "seed", None),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 2**33}, "min_tokens", None),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [2**40]}, "stop_token_ids", None),
+    ("/v1/completions", {"prompt": "hi", "stop": ["x"] * 65}, "stop", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", None),
 ])
 def test_bad_requests_get_400_with_an_openai_error(router, path, body, message, param):
     assert_openai_error(post(router, path, body), 400, message, param)
