@@ -7,7 +7,8 @@ Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` as serve
 (every live worker's metrics endpoint in Prometheus's HTTP service-discovery format, docs/metrics.md).
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status
 (the table in controlplane/errors.py; 413 for a body over `max_body_bytes`, 404 for an unknown
-route); never a traceback. An error after an event stream has started is sent as a last
+route, 400 for a body nesting deeper than MAX_JSON_DEPTH or holding a lone surrogate); never a
+traceback. An error after an event stream has started is sent as a last
 `data: {"error": ...}` event before `data: [DONE]`.
 """
 from __future__ import annotations
@@ -62,15 +63,43 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return _exception_response(e)
 
 
+MAX_JSON_DEPTH = 32
+"""Deepest nesting a request body may have (OpenAI's bodies need 5 or so)."""
+
+
 async def _read_json(request: web.Request) -> dict:
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenAIRequestError(f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise OpenAIRequestError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(body, dict):
         raise OpenAIRequestError("the JSON body must be an object")
+    _check_json(body)
     return body
+
+
+def _check_json(body: dict) -> None:
+    """A body nests at most MAX_JSON_DEPTH levels and its strings are valid Unicode (JSON's \\u
+    escapes can spell a lone surrogate, which no tokenizer or protobuf accepts)."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise OpenAIRequestError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            for text in (key, item):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise OpenAIRequestError("the JSON body holds a string that is not valid Unicode "
+                                                 "(a lone surrogate)") from None
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

@@ -196,6 +196,10 @@ def test_models_health_metrics(router, client):
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [2**40]}, "stop_token_ids", None),
     ("/v1/completions", {"prompt": "hi", "stop": ["x"] * 65}, "stop", None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", None),
+    ("/v1/completions", b'{"prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests deeper", None),
+    ("/v1/completions", b'{"prompt": "hi", "x": ' + b"[" * 40 + b"]" * 40 + b"}", "nests deeper", None),
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', "not valid Unicode", None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "not valid Unicode", None),
 ])
 def test_bad_requests_get_400_with_an_openai_error(router, path, body, message, param):
     assert_openai_error(post(router, path, body), 400, message, param)
