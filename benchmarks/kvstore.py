@@ -275,7 +275,7 @@ def _raw_socket(nbytes: int, ctx) -> float:
 
 
 def bench_transfer(cfg: BenchConfig) -> list[Result]:
-    from kvstore.transfer import TransferClient
+    from kvstore.transfer_client import TransferClient
 
     keys, values = _entries(cfg.total_mb)
     layout, n = _layout(), len(keys)

@@ -38,7 +38,7 @@ import torch
 from kvstore.chunks import join_chunk
 from kvstore.index import CHUNK_MEDIUMS, KVIndex
 from kvstore.keys import chunk_block_keys, chunk_hash, hash_blocks
-from kvstore.transfer import TransferClient, TransferError
+from kvstore.transfer_client import TransferClient, TransferError
 from worker.engine import LLMEngine
 from worker.kv_connector_worker import StagedKV, stage_local_chunks
 from worker.kv_handoff import Handoff

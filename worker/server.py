@@ -51,7 +51,8 @@ from kvstore.transfer import GRPC_OPTIONS as TRANSFER_GRPC_OPTIONS
 from kvstore.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
 from kvstore.tcp_transfer import KVDataServer
 from kvstore.dist_transfer import DistServer
-from kvstore.transfer import TRANSPORTS, KVTransferService, TransferClient
+from kvstore.transfer import KVTransferService
+from kvstore.transfer_client import TRANSPORTS, TransferClient
 from kvweave.v1 import worker_pb2_grpc
 from worker.async_engine import AsyncEngine
 from worker.config import StoreConfigError

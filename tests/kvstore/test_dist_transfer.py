@@ -19,7 +19,8 @@ import torch
 
 from kvstore.codec import KVLayout
 from kvstore.dist_transfer import DistServer
-from kvstore.transfer import GRPC_OPTIONS, KVTransferService, TransferClient, serve_transfer
+from kvstore.transfer import GRPC_OPTIONS, KVTransferService, serve_transfer
+from kvstore.transfer_client import TransferClient
 from kvstore.transfer_source import TensorSource, TransferError, layer_major, layout_to_proto
 from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
@@ -248,7 +249,7 @@ async def test_a_restarted_server_gets_a_new_pair():
 
 _CLIENT = """
 import asyncio, sys
-from kvstore.transfer import TransferClient
+from kvstore.transfer_client import TransferClient
 from kvstore.codec import KVLayout
 import torch
 

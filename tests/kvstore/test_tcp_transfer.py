@@ -18,7 +18,8 @@ import torch
 from kvstore.codec import DTYPE_CODES, KVLayout, checksum
 from kvstore.tcp_client import DataPlaneUnreachableError, KVDataClient
 from kvstore.tcp_transfer import KVDataServer
-from kvstore.transfer import TransferClient, serve_transfer
+from kvstore.transfer import serve_transfer
+from kvstore.transfer_client import TransferClient
 from kvstore.transfer_source import TensorSource, TransferError, empty_layer_major, layer_major
 from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 

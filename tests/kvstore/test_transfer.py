@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from kvstore.codec import KVLayout, checksum
-from kvstore.transfer import (DEFAULT_CHUNK_BYTES, GRPC_OPTIONS, KVTransferService, TransferClient, fetch_kv)
+from kvstore.transfer import DEFAULT_CHUNK_BYTES, GRPC_OPTIONS, KVTransferService
+from kvstore.transfer_client import TransferClient, fetch_kv
 from kvstore.transfer_source import TensorSource, TransferError
 from kvstore.transfer_wire import decode_response, encode_chunk
 from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc

@@ -10,7 +10,8 @@ import grpc
 import torch
 
 from kvstore.codec import KVLayout, checksum
-from kvstore.transfer import (GRPC_OPTIONS, TransferClient, serve_transfer)
+from kvstore.transfer import GRPC_OPTIONS, serve_transfer
+from kvstore.transfer_client import TransferClient
 from kvstore.transfer_source import TensorSource, layout_to_proto
 from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
