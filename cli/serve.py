@@ -105,17 +105,26 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def _supervise(cluster: LocalCluster) -> int:
-    """Block until a signal (0) or the router's death (1); a worker's death is reported once."""
+    """Block until a signal (0) or the router is down for good (1: it died with restarts off, or the
+    supervisor gave up on it). A worker (or Redis) down for good is reported once; the cluster's
+    supervisor restarts what dies (`--restart`, `--max-restarts`)."""
     reported: set[str] = set()
+    restarting = cluster.config.restart
     while True:
         time.sleep(0.5)
-        if not cluster.router_alive():
-            print(f"error: {cluster.check()}", file=sys.stderr, flush=True)
+        if "router" in cluster.supervisor.given_up or (not restarting and not cluster.router_alive()):
+            print(f"error: the router is down: {cluster.check()}", file=sys.stderr, flush=True)
             return 1
-        failure = cluster.workers.check()
-        if failure and failure not in reported:
-            reported.add(failure)
-            print(f"warning: {failure}\nthe router keeps serving with the other workers", file=sys.stderr, flush=True)
+        if restarting:
+            down = [f"{name} crashed {cluster.config.max_restarts} times in a row and stays down"
+                    for name in cluster.supervisor.given_up]
+        else:
+            down = [cluster.workers.check()]
+        for failure in filter(None, down):
+            if failure not in reported:
+                reported.add(failure)
+                print(f"warning: {failure}\nthe router keeps serving with the other workers", file=sys.stderr,
+                      flush=True)
 
 
 def router_env(args: argparse.Namespace) -> dict[str, str]:

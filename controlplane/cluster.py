@@ -12,6 +12,11 @@ worker, `worker.ray_actor.WorkerActor`, since the control plane never imports th
 router and, when no `redis_url` is given, a private redis-server run as local processes. Every
 child runs in its own process group with its output in a log file; `stop` terminates the groups
 (SIGTERM, then SIGKILL) so nothing is left behind.
+
+Once the cluster is ready, a `controlplane.supervisor.Supervisor` restarts a local child that dies
+(the router, a worker process, the private redis-server) with backoff, with the same command line,
+so a worker keeps its id and ports; `restarts` counts them. Ray restarts its worker actors itself
+(`max_restarts`, controlplane/ray_launcher.py). `restart=False` turns supervision off.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from controlplane.cluster_config import (
     ClusterConfig, ClusterError, cli_command, field_flags, heartbeat_s, worker_engine_args, worker_roles,
 )
 from controlplane.procs import LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail
+from controlplane.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ class LocalCluster:
         self._worker_metrics_urls: dict[str, str] = {}
         self.port = self.config.port or free_port()
         self.http_port = self.config.http_port or free_port()
+        self.supervisor = Supervisor(self.config.restart_policy)
 
     # -- endpoints -------------------------------------------------------------------------------
 
@@ -101,6 +108,11 @@ class LocalCluster:
     def log_dir(self) -> Path:
         return self._log_dir
 
+    @property
+    def restarts(self) -> dict[str, int]:
+        """Restarts by the supervisor so far: "router", "redis" and each local worker id -> count."""
+        return dict(self.supervisor.restarts)
+
     def pids(self) -> list[int]:
         """Every local child process (Redis, router, worker processes)."""
         procs = [self.redis.proc if self.redis else None, self.router, *getattr(self.workers, "procs", [])]
@@ -117,14 +129,32 @@ class LocalCluster:
                     logger.warning("the private Redis listens on %s only: Ray workers on other nodes need "
                                    "--redis-url", LOCALHOST)
                 self.redis = RedisServer().start()
-            self.router = spawn(self._router_command(), self._log_dir / "router.log", self._env())
+            self._start_router()
             self.workers = self._make_workers()
             self.workers.start()
             run_sync(self._wait_ready())
+            self._supervise()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_router(self) -> subprocess.Popen:
+        self.router = spawn(self._router_command(), self._log_dir / "router.log", self._env())
+        return self.router
+
+    def _restart_redis(self) -> subprocess.Popen:
+        return self.redis.start().proc
+
+    def _supervise(self) -> None:
+        """Hand every local child to the supervisor (a worker keeps its id and ports when restarted)."""
+        if self.redis is not None:
+            self.supervisor.add("redis", self.redis.proc, self._restart_redis)
+        self.supervisor.add("router", self.router, self._start_router)
+        if isinstance(self.workers, LocalWorkers):
+            for worker_id, proc in zip(self.workers.worker_ids, self.workers.procs):
+                self.supervisor.add(worker_id, proc, lambda worker_id=worker_id: self.workers.start_one(worker_id))
+        self.supervisor.start()
 
     def _open_log_dir(self) -> None:
         if self.config.log_dir:
@@ -205,6 +235,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop the router, the workers and Redis; idempotent."""
+        self.supervisor.stop()
         if self.router is not None:
             stop_process_groups([self.router])
             self.router = None
@@ -235,6 +266,8 @@ class LocalWorkers:
         self.log_dir, self.env = log_dir, env
         self.procs: list[subprocess.Popen] = []
         self.addresses: dict[str, str] = {}
+        self._ports: dict[str, tuple[int, int]] = {}
+        """worker id -> (gRPC port, metrics port), kept across restarts."""
 
     def _command(self, worker_id: str, port: int, metrics_port: int) -> list[str]:
         c = self.config
@@ -247,10 +280,18 @@ class LocalWorkers:
 
     def start(self) -> None:
         for worker_id in self.worker_ids:
-            port, metrics_port = free_port(self.config.host), free_port(self.config.host)
-            self.procs.append(spawn(self._command(worker_id, port, metrics_port), self.log_dir / f"{worker_id}.log",
-                                    self.env))
-            self.addresses[worker_id] = f"{self.config.host}:{port}"
+            self._ports[worker_id] = free_port(self.config.host), free_port(self.config.host)
+            self.procs.append(self._spawn(worker_id))
+            self.addresses[worker_id] = f"{self.config.host}:{self._ports[worker_id][0]}"
+
+    def _spawn(self, worker_id: str) -> subprocess.Popen:
+        return spawn(self._command(worker_id, *self._ports[worker_id]), self.log_dir / f"{worker_id}.log", self.env)
+
+    def start_one(self, worker_id: str) -> subprocess.Popen:
+        """(Re)start one worker with its id and ports (after it died); returns its process."""
+        proc = self._spawn(worker_id)
+        self.procs[self.worker_ids.index(worker_id)] = proc
+        return proc
 
     def check(self) -> str | None:
         for worker_id, proc in zip(self.worker_ids, self.procs):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.procs import LOCALHOST
+from controlplane.supervisor import RestartPolicy
 from kvweave.config_flags import flag
 from kvweave.defaults import DEFAULT_MODEL
 
@@ -76,6 +77,15 @@ class ClusterConfig:
     """Folder for the children's logs (None: a temp folder removed on stop)."""
     log_level: str | None = None
     """--log-level of the children."""
+    restart: bool = True
+    """Restart a worker process, the router or the embedded redis-server that dies (with backoff)."""
+    max_restarts: int = 10
+    """Restarts of one process in a row (without `restart_stable_s` of uptime between) before giving
+    up on it; 0: never give up."""
+    restart_backoff_s: float = 0.5
+    """Delay before restarting a process that died; doubles with each crash in a row (at most 30 s)."""
+    restart_stable_s: float = 30.0
+    """Uptime after which a restarted process counts as stable (its backoff and count reset)."""
 
     def __post_init__(self) -> None:
         self._check_pools()
@@ -83,6 +93,7 @@ class ClusterConfig:
             raise ValueError(f"unknown launcher {self.launcher!r}; valid: {', '.join(LAUNCHERS)}")
         if self.gpus_per_worker < 0 or self.cpus_per_worker < 0 or self.startup_timeout <= 0:
             raise ValueError("gpus_per_worker and cpus_per_worker must be >= 0, startup_timeout > 0")
+        self.restart_policy  # validates the restart settings
         if "model" in self.engine_args:
             raise ValueError("give the model as `model`, not in engine_args")
 
@@ -103,6 +114,12 @@ class ClusterConfig:
         """Role -> number of workers, for the roles that have any (colocated, prefill, decode in that order)."""
         counts = {"colocated": self.workers, "prefill": self.prefill_workers, "decode": self.decode_workers}
         return {role: n for role, n in counts.items() if n}
+
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        """The supervisor's policy from the `restart*` fields."""
+        return RestartPolicy(enabled=self.restart, max_restarts=self.max_restarts, backoff_s=self.restart_backoff_s,
+                             max_backoff_s=max(30.0, self.restart_backoff_s), stable_s=self.restart_stable_s)
 
     @property
     def num_workers(self) -> int:

@@ -30,6 +30,11 @@ the decode worker; its first token ended the request; it failed before answering
 served colocated on the decode worker instead)."""
 
 
+DEGRADED_REASONS = ("registry", "index_lookup")
+"""`reason` of kvweave_router_degraded_total: a registry refresh failed (the router routes over the
+workers it knew), a request was routed without the KV index (least-loaded) because Redis failed."""
+
+
 class RouterMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -74,6 +79,10 @@ class RouterMetrics:
         self.remote_prefill = Histogram("kvweave_router_remote_prefill_seconds", "From sending a request to its "
                                         "prefill worker to the handoff (or its end)", buckets=TTFT_BUCKETS,
                                         registry=r)
+        self.degraded = Counter("kvweave_router_degraded", "Redis failures the router worked around, by reason "
+                                f"({', '.join(DEGRADED_REASONS)})", ["reason"], registry=r)
+        for reason in DEGRADED_REASONS:
+            self.degraded.labels(reason)
         for reason in REASONS:
             self.disagg_decisions.labels(reason)
         for result in HANDOFF_RESULTS:
@@ -93,6 +102,10 @@ class RouterMetrics:
         self.cached_tokens.inc(usage.cached_tokens)
         self.chunk_reused_tokens.inc(usage.chunk_reused_tokens)
         self.recomputed_tokens.inc(usage.recomputed_tokens)
+
+    def count_degraded(self, reason: str) -> None:
+        """One Redis failure worked around (`DEGRADED_REASONS`)."""
+        self.degraded.labels(reason).inc()
 
     def set_workers(self, counts: dict[str, int]) -> None:
         """Live workers per role (every role is reported, 0 when none)."""

@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 from kvweave.defaults import BLOCK_SIZE, REGISTRY_LEASE_S
 
 WORKERS_SET = "kvweave:workers"
+EPOCH_KEY = "kvweave:epoch"
+"""Set (without expiry) by the routers; found missing, it tells a router that Redis lost its data
+(a restarted Redis without persistence), so the workers it knew are re-registering."""
 ROLES = ("colocated", "prefill", "decode", "encode")
 NODE_IP = "<node-ip>"
 """An `advertise_host` a launcher gives a worker it places on a remote node: advertise that node's IP
@@ -101,6 +104,10 @@ class Registry:
             pipe.delete(worker_key(worker_id))
             pipe.srem(WORKERS_SET, worker_id)
             await pipe.execute()
+
+    async def claim_epoch(self) -> bool:
+        """Mark this Redis as seen; True when it was not marked yet (first use, or it lost its data)."""
+        return bool(await self.redis.set(EPOCH_KEY, b"1", nx=True))
 
     async def list_workers(self) -> list[WorkerInfo]:
         """Live workers (two round trips); ids whose lease expired are dropped from the set."""
