@@ -30,9 +30,10 @@ from worker.async_engine import AsyncEngine
 from worker.kv_connector import SOURCES
 from worker.output import RequestOutput
 
-REQUEST_STATUSES = ("stop", "length", "abort", "handoff", "invalid", "error")
+REQUEST_STATUSES = ("stop", "length", "abort", "handoff", "invalid", "error", "overloaded")
 """`status` of kvweave_worker_requests_total: the finish reason (handoff: a prefill-only request whose
-KV is held for a decode worker), invalid (rejected input) or error (an internal failure)."""
+KV is held for a decode worker), invalid (rejected input), error (an internal failure) or overloaded
+(refused: too many requests waiting, RESOURCE_EXHAUSTED)."""
 FINISHED_STATUSES = frozenset({"stop", "length", "abort", "handoff"})
 """Statuses of requests the engine accepted and ended; only those count tokens and e2e latency."""
 HANDOFF_PULL_RESULTS = ("complete", "partial", "failed")

@@ -101,6 +101,9 @@ class WorkerOptions:
     Every worker serves all of them."""
     metrics_port: int = 0
     """HTTP port of GET /metrics on `host`; 0 picks a free port, -1 serves no metrics."""
+    max_waiting: int = 256
+    """Requests waiting for their first token beyond which new ones are refused with
+    RESOURCE_EXHAUSTED (the router tries another worker); 0: no limit."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -113,8 +116,8 @@ class WorkerOptions:
             raise ValueError("lease_s and heartbeat_s must be positive")
         if self.heartbeat_s >= self.lease_s:
             raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be shorter than lease_s ({self.lease_s})")
-        if self.grace_s < 0:
-            raise ValueError("grace_s must be >= 0")
+        if self.grace_s < 0 or self.max_waiting < 0:
+            raise ValueError("grace_s and max_waiting must be >= 0")
         if self.kv_transfer_timeout_s <= 0:
             raise ValueError("kv_transfer_timeout_s must be positive")
         if self.kv_transport not in TRANSPORTS:
@@ -254,7 +257,7 @@ class WorkerServer:
         self.address = f"{o.advertise_host or _advertise_host(o.host)}:{port}"
         self.worker_id = self.worker_id or f"{socket.gethostname()}-{port}"
         worker_pb2_grpc.add_WorkerServicer_to_server(
-            WorkerService(self.engine, self.worker_id, self.metrics, self.address), self._server)
+            WorkerService(self.engine, self.worker_id, self.metrics, self.address, o.max_waiting), self._server)
         served = partial(self.metrics.kv_transferred, "out")
         self._data_server = KVDataServer(self.engine, o.host, on_served=served)  # the bulk KV data plane (raw TCP)
         try:

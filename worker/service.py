@@ -19,6 +19,10 @@ Errors: invalid input (InvalidRequestError and any other ValueError from validat
 call with INVALID_ARGUMENT and the message; anything else with INTERNAL and a short message,
 never a traceback. A client that cancels its stream aborts the request.
 
+Admission: a call that arrives while `max_waiting` calls already wait for their first output ends
+at once with RESOURCE_EXHAUSTED (the router tries another worker), so a worker's queue, and its
+memory, stay bounded under overload.
+
 Metrics (worker/metrics.py): every call is counted by its final status (the finish reason, abort
 also when its client cancelled, invalid, error), with its tokens and latencies from its arrival here.
 """
@@ -121,20 +125,29 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     """`kvweave.v1.Worker` over one AsyncEngine."""
 
     def __init__(self, engine: AsyncEngine, worker_id: str, metrics: WorkerMetrics | None = None,
-                 address: str = "") -> None:
+                 address: str = "", max_waiting: int = 0) -> None:
         """`metrics`: where calls are counted (default: a registry of its own); `address`: this
-        worker's advertised gRPC address (named in the handoffs it makes)."""
+        worker's advertised gRPC address (named in the handoffs it makes); `max_waiting`: calls
+        waiting for their first output beyond which new ones are refused (0: no limit)."""
         self.engine = engine
         self.worker_id = worker_id
         self.address = address
         self.metrics = metrics or WorkerMetrics()
+        self.max_waiting = max_waiting
+        self.num_waiting = 0
+        """Calls admitted that have not streamed an output yet."""
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext):
         chunk_spans = [(c.start, c.length) for c in request.chunks]
         measured = self.metrics.request(len(request.prompt_token_ids), sum(n for _, n in chunk_spans))
+        if self.max_waiting and self.num_waiting >= self.max_waiting:
+            measured.finish("overloaded")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"worker overloaded: {self.num_waiting} "
+                                f"requests wait for their first token (limit {self.max_waiting}); retry elsewhere")
         req_id = request.request_id or f"anon-{uuid.uuid4().hex}"
         code, message, started = None, "", False
         status = "abort"  # unless it finishes: the client went away first
+        self.num_waiting += 1
         try:
             params = sampling_from_proto(request.sampling if request.HasField("sampling") else None)
             handoff = handoff_from_proto(request.kv_handoff) if request.HasField("kv_handoff") else None
@@ -142,7 +155,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                           chunk_spans, prefill_only=request.prefill_only, handoff=handoff)
             async with contextlib.aclosing(stream):
                 async for out in stream:
-                    started = True
+                    if not started:
+                        started = True
+                        self.num_waiting -= 1
                     measured.output(out)
                     if out.finished:
                         status = out.finish_reason
@@ -156,6 +171,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 logger.exception("request %s failed", req_id)
                 status, code, message = "error", grpc.StatusCode.INTERNAL, f"internal error: {_short(e)}"
         finally:
+            if not started:
+                self.num_waiting -= 1
             measured.finish(status)
         if code is not None:
             await context.abort(code, message)
