@@ -274,7 +274,7 @@ class LocalWorkers:
         args = ["worker", "--model", c.model, "--host", c.host, "--port", str(port), "--redis-url", self.redis_url,
                 "--worker-id", worker_id, "--role", self.roles[worker_id], "--metrics-port", str(metrics_port),
                 *(["--lease-s", str(c.lease_s), "--heartbeat-s", str(heartbeat_s(c.lease_s))] if c.lease_s else []),
-                *([] if c.peer_fetch else ["--peer-fetch", "false"]),
+                *([] if c.peer_fetch else ["--peer-fetch", "false"]), "--max-waiting", str(c.max_waiting),
                 *field_flags(worker_engine_args(c.engine_args, worker_id))]
         return cli_command(c, *args)
 

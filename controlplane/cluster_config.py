@@ -67,6 +67,9 @@ class ClusterConfig:
     """Registry lease of the workers and the router, seconds (None: their default)."""
     peer_fetch: bool = True
     """Workers fetch the KV they lack from peers that hold it (`kvweave worker --peer-fetch`)."""
+    max_waiting: int = 256
+    """Per worker: requests waiting for their first token beyond which new ones are refused with
+    RESOURCE_EXHAUSTED (`kvweave worker --max-waiting`; 0: no limit)."""
     engine_args: dict[str, Any] = field(default_factory=dict)
     """Engine settings of every worker, by EngineConfig field name (e.g. {"num_blocks": 256})."""
     router_args: dict[str, Any] = field(default_factory=dict)

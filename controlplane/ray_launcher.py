@@ -98,7 +98,8 @@ class RayWorkers:
         remote = bool(c.ray_address)
         options = {"host": "0.0.0.0" if remote else c.host, "port": 0, "redis_url": self.redis_url,
                    "worker_id": worker_id, "role": self.roles[worker_id],
-                   "advertise_host": NODE_IP if remote else None, "peer_fetch": c.peer_fetch}
+                   "advertise_host": NODE_IP if remote else None, "peer_fetch": c.peer_fetch,
+                   "max_waiting": c.max_waiting}
         return options | ({"lease_s": c.lease_s, "heartbeat_s": heartbeat_s(c.lease_s)} if c.lease_s else {})
 
     def start(self) -> None:
