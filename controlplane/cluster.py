@@ -203,7 +203,7 @@ class LocalCluster:
                 if (failure := self.check()) is not None:
                     raise ClusterError(failure)
                 live = {w.worker_id: w for w in await registry.list_workers()}
-                if wanted <= live.keys() and self._router_ready():
+                if wanted <= live.keys() and self.router_ready():
                     self.workers.addresses = {i: live[i].address for i in self.workers.worker_ids}
                     self._worker_metrics_urls = {i: f"http://{live[i].metrics_target}/metrics"
                                                  for i in self.workers.worker_ids if live[i].metrics_target}
@@ -214,7 +214,7 @@ class LocalCluster:
         finally:
             await client.aclose()
 
-    def _router_ready(self) -> bool:
+    def router_ready(self) -> bool:
         """The router's /health is ok and it sees every worker of every role (when /health says how many)."""
         try:
             with urllib.request.urlopen(f"{self.http_url}/health", timeout=2) as resp:

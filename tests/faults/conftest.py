@@ -61,9 +61,9 @@ def count(records: list[RequestRecord]) -> LoadCounts:
 def drive(cluster: LocalCluster, *, fault: Callable[[], None] | None = None, backend: str = "grpc",
           duration: float = 10.0, request_rate: float = 8.0, max_concurrency: int = 16, input_len: int = 48,
           output_len: int = 8, request_timeout: float = 30.0, seed: int = 0) -> LoadCounts:
-    """Send a random workload for `duration` seconds (Poisson at `request_rate`) while `fault()` runs
-    in a thread; wait for the fault and every request; return the counts. A request gets
-    `request_timeout` seconds: past that it counts as hung."""
+    """Send a random workload for `duration` seconds (Poisson at `request_rate`; math.inf: a closed
+    loop of `max_concurrency` users) while `fault()` runs in a thread; wait for the fault and every
+    request; return the counts. A request gets `request_timeout` seconds: past that it counts as hung."""
     url = cluster.grpc_target if backend == "grpc" else cluster.http_url
     workload = RandomWorkload(input_len=input_len, output_len=output_len, token_range=TOKEN_RANGE, seed=seed)
     config = RunConfig(request_rate=request_rate, max_concurrency=max_concurrency, num_requests=None,
