@@ -230,7 +230,8 @@ class WorkerServer:
     async def _connect_redis(self) -> None:
         url = self.options.redis_url
         try:
-            self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=3.0, socket_timeout=5.0)
+            # short timeouts: a peer fetch's index lookup is on a request's path (a hung Redis must not hold it)
+            self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
             await self._redis.ping()
         except (RedisError, OSError, ValueError) as e:
             raise WorkerStartError(f"cannot reach Redis at {url}: {e}") from e

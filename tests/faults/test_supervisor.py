@@ -19,7 +19,8 @@ def test_killed_worker_is_restarted_and_serves_again(fault_cluster):
         time.sleep(2.0)
         os.killpg(old.pid, signal.SIGKILL)
 
-    during = drive(cluster, fault=fault, duration=8.0)
+    during = drive(cluster, fault=fault, duration=8.0, output_len=32)
+    print(f"\nworker killed: {during.summary()}")
     assert during.hung == 0, during.summary()
     assert during.sent == during.succeeded + during.failed, during.summary()
     assert during.succeeded > 0
