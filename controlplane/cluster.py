@@ -122,6 +122,7 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         """Start everything and wait until ready; on failure stops what started and raises ClusterError."""
+        self.supervisor = Supervisor(self.config.restart_policy)  # a fresh one per start
         try:
             self._open_log_dir()
             if self.config.redis_url is None:

@@ -66,3 +66,26 @@ def test_redis_killed_and_restarted_by_the_supervisor(fault_cluster, backend):
     assert counts.succeeded >= counts.sent - 2, counts.summary()  # the workers kept serving
     assert _degraded(cluster, "registry") > 0
     assert cluster.check() is None
+
+
+def test_redis_hung_holds_no_request(fault_cluster):
+    """Redis stops answering without dropping its connections (SIGSTOP) for 5 s, then resumes: every
+    Redis call on a request's path times out (2 s) instead of holding it, so every request still
+    succeeds, none hangs; the router counts its failed refreshes as degraded."""
+    cluster = fault_cluster(lease_s=LEASE_S)
+
+    def fault() -> None:
+        time.sleep(2.0)
+        os.killpg(cluster.redis.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(5.0)
+        finally:
+            os.killpg(cluster.redis.proc.pid, signal.SIGCONT)
+
+    counts = drive(cluster, fault=fault, duration=10.0, output_len=16, request_timeout=20.0)
+    print(f"\nredis stopped 5 s: {counts.summary()}; latency max {max(r.latency for r in counts.records):.1f} s")
+    assert counts.hung == 0, counts.summary()
+    assert counts.sent == counts.succeeded + counts.failed, counts.summary()
+    assert counts.succeeded == counts.sent, counts.summary()
+    assert _degraded(cluster, "registry") > 0
+    assert cluster.restarts["redis"] == 0  # stopped is not dead: nothing restarted it
