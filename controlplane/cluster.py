@@ -110,8 +110,9 @@ class LocalCluster:
 
     @property
     def restarts(self) -> dict[str, int]:
-        """Restarts by the supervisor so far: "router", "redis" and each local worker id -> count."""
-        return dict(self.supervisor.restarts)
+        """Restarts so far: "router", "redis" and each worker id -> count (Ray workers: the times
+        their re-created actor was started again)."""
+        return {**self.supervisor.restarts, **getattr(self.workers, "restarts", {})}
 
     def pids(self) -> list[int]:
         """Every local child process (Redis, router, worker processes)."""
@@ -155,6 +156,8 @@ class LocalCluster:
         if isinstance(self.workers, LocalWorkers):
             for worker_id, proc in zip(self.workers.worker_ids, self.workers.procs):
                 self.supervisor.add(worker_id, proc, lambda worker_id=worker_id: self.workers.start_one(worker_id))
+        else:
+            self.workers.watch()  # Ray re-creates a dead actor; the launcher starts its worker again
         self.supervisor.start()
 
     def _open_log_dir(self) -> None:

@@ -8,7 +8,10 @@ With `ray_address` the actors go to that Ray cluster (each reserving `gpus_per_w
 places them on GPU nodes and sets CUDA_VISIBLE_DEVICES); they bind all interfaces and advertise
 their node's IP. Without it a local Ray cluster is started on 127.0.0.1 (no dashboard, token
 authentication disabled, `ray_temp_dir` as its temp dir) and shut down on `stop`; there the
-actors bind `host`. kvweave must be importable on the Ray nodes (installed, or shipped with a
+actors bind `host`. Restarts (with `config.restart`): each actor is created with `max_restarts`, so
+Ray re-creates one whose process died, and a watcher thread (`watch`) calls `start` on every actor
+every few seconds (a no-op on a serving actor; it starts a re-created one with the settings it was
+created with), so the worker comes back with its id. kvweave must be importable on the Ray nodes (installed, or shipped with a
 runtime_env in `ray.init` by whoever connects).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 from typing import Any
 
 from controlplane.cluster_config import ClusterConfig, ClusterError, heartbeat_s, worker_engine_args
@@ -25,6 +29,8 @@ from kvweave.registry import NODE_IP
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0
+WATCH_S = 2.0
+"""How often the watcher makes sure every actor serves (after Ray restarted one)."""
 _RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
@@ -73,6 +79,10 @@ class RayWorkers:
         self._started_ray = False
         self._failure: str | None = None
         self._refs: list = []
+        self.restarts: dict[str, int] = dict.fromkeys(self.worker_ids, 0)
+        """Workers the watcher started again after Ray re-created their actor."""
+        self._watching = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def _init_ray(self) -> None:
         import ray
@@ -107,13 +117,40 @@ class RayWorkers:
         import ray
 
         self._init_ray()
-        actor_cls = ray.remote(num_cpus=self.config.cpus_per_worker, num_gpus=self.config.gpus_per_worker)(self.actor_cls)
-        engine_args = {"model": self.config.model, **self.config.engine_args}
+        c = self.config
+        max_restarts = (c.max_restarts or -1) if c.restart else 0  # Ray: -1 restarts without end
+        actor_cls = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
+                               max_restarts=max_restarts)(self.actor_cls)
+        engine_args = {"model": c.model, **c.engine_args}
         for worker_id in self.worker_ids:
-            actor = actor_cls.options(name=f"kvweave-{worker_id}").remote()
+            settings = (worker_engine_args(engine_args, worker_id), self._worker_options(worker_id))
+            actor = actor_cls.options(name=f"kvweave-{worker_id}").remote(*settings)
             self.actors.append(actor)
-            self._refs.append(actor.start.remote(worker_engine_args(engine_args, worker_id),
-                                                 self._worker_options(worker_id)))
+            self._refs.append(actor.start.remote())
+
+    def watch(self) -> None:
+        """Start the watcher thread that starts again the workers of actors Ray re-created."""
+        if self.config.restart and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="kvweave-ray-watch", daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        import ray
+
+        addresses = dict(self.addresses)
+        while not self._watching.wait(WATCH_S):
+            for worker_id, actor in zip(self.worker_ids, self.actors):
+                try:
+                    _, address = ray.get(actor.start.remote(), timeout=600)
+                except Exception as e:  # restarting, given up by Ray, or its worker failed to start
+                    logger.warning("Ray worker %s is not serving: %s", worker_id, e)
+                    continue
+                if address != addresses.get(worker_id):
+                    if worker_id in addresses:
+                        self.restarts[worker_id] += 1
+                        logger.warning("Ray worker %s serves again at %s (its actor was restarted)", worker_id,
+                                       address)
+                    addresses[worker_id] = self.addresses[worker_id] = address
 
     def check(self) -> str | None:
         """None while every actor's start is pending or succeeded, else why one failed."""
@@ -137,6 +174,10 @@ class RayWorkers:
     def stop(self) -> None:
         import ray
 
+        self._watching.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=STOP_TIMEOUT_S)
+            self._watcher = None
         if not ray.is_initialized():
             return
         stops = [actor.stop.remote() for actor in self.actors]

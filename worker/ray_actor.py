@@ -4,6 +4,10 @@ Ray launcher (controlplane/ray_launcher.py), which creates one actor per worker.
 The actor runs `worker.server.run_worker` in its own process and registers in the cluster's Redis
 like any worker. It gets its settings as plain dicts (EngineConfig and WorkerOptions fields), so
 the launcher needs nothing from the worker package.
+
+Restarts: the launcher creates the actor with its settings and `max_restarts`; when its process
+dies, Ray re-creates the actor from the same constructor arguments, and the launcher's watcher
+calls `start()` again (a no-op on an actor already serving), so the worker comes back with its id.
 """
 from __future__ import annotations
 
@@ -19,12 +23,21 @@ from worker.server import WorkerOptions, run_worker
 class WorkerActor:
     """An async Ray actor serving one worker; `start` returns once it is registered."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine_args: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> None:
+        """The settings `start()` uses when called without any (as after a restart by Ray)."""
+        self._settings = (engine_args, options)
         self._stop: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._serving: tuple[str, str] | None = None
 
-    async def start(self, engine_args: dict[str, Any], options: dict[str, Any]) -> tuple[str, str]:
-        """Load the model and serve; returns (worker id, address). Raises the worker's start error."""
+    async def start(self, engine_args: dict[str, Any] | None = None, options: dict[str, Any] | None = None
+                    ) -> tuple[str, str]:
+        """Load the model and serve (unless already serving); returns (worker id, address). Raises the
+        worker's start error."""
+        if self._serving is not None and not self._task.done():
+            return self._serving
+        engine_args = engine_args if engine_args is not None else self._settings[0]
+        options = options if options is not None else self._settings[1]
         if options.get("advertise_host") == NODE_IP:
             import ray
 
@@ -38,7 +51,8 @@ class WorkerActor:
         if not ready.done():
             self._task.result()  # raises why the worker could not start
             raise RuntimeError("the worker exited before it was ready")
-        return ready.result()
+        self._serving = ready.result()
+        return self._serving
 
     async def stop(self) -> None:
         """Deregister and shut the engine down (the worker's own clean stop)."""
