@@ -136,7 +136,7 @@ async def test_metrics_match_the_calls(engine):
     usages = [msgs[-1].usage for msgs in finished]
     streamed = sum(len(m.token_ids) for msgs in finished for m in msgs)
     assert {s: value("kvweave_worker_requests_total", status=s) for s in REQUEST_STATUSES} == \
-        {"stop": 0, "length": 4, "abort": 2, "handoff": 0, "invalid": 1, "error": 0}
+        {"stop": 0, "length": 4, "abort": 2, "handoff": 0, "invalid": 1, "error": 0, "overloaded": 0}
     assert value("kvweave_worker_prompt_tokens_total") == sum(u.prompt_tokens for u in usages) + 30
     generated = value("kvweave_worker_generation_tokens_total") - streamed  # the cancelled call's
     assert streamed == sum(u.completion_tokens for u in usages) and num_read <= generated < 300
