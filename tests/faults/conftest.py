@@ -108,11 +108,6 @@ def wait_until(what: str, condition: Callable[[], bool], timeout: float, step: f
     return time.monotonic() - start
 
 
-def serves(cluster: LocalCluster, backend: str = "grpc", num_requests: int = 4) -> LoadCounts:
-    """A few requests with no fault (to check that the cluster serves)."""
-    return drive(cluster, backend=backend, duration=num_requests / 8.0, request_rate=8.0)
-
-
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (Linux /proc); 0 when it is gone."""
     if not pid_alive(pid):
