@@ -12,7 +12,6 @@ import urllib.request
 import pytest
 import redis
 
-from kvweave.registry import Registry  # noqa: F401 - the layout below is the registry's
 from kvweave.registry import WORKERS_SET, worker_key
 from tests.faults.conftest import drive, wait_until
 
