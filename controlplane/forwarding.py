@@ -252,7 +252,10 @@ class Forwarder:
             delta.stop_reason = resp.stop_reason
             u = resp.usage
             p = req.prefill_usage or u  # a handed-off prompt's reuse happened where it was prefilled
-            delta.usage = Usage(len(req.token_ids), u.completion_tokens + req.num_carried, p.cached_tokens,
+            # A migrated request's new worker may have had part of the tokens already sent cached:
+            # only the original prompt counts as prompt.
+            num_prompt = u.prompt_tokens - req.num_carried
+            delta.usage = Usage(num_prompt, u.completion_tokens + req.num_carried, min(p.cached_tokens, num_prompt),
                                 p.chunk_reused_tokens, p.recomputed_tokens, req.disaggregation, req.prefill_worker_id,
                                 req.num_migrations)
             if req.num_migrations:
