@@ -201,7 +201,10 @@ class Forwarder:
                 if delta.finished:
                     return
         except grpc.aio.AioRpcError as e:
-            self._on_rpc_error(e, req, worker)
+            if not req.aborted:
+                self._on_rpc_error(e, req, worker)
+            yield Delta(req.req_id, worker.worker_id, "", [], True, "abort")
+            return
         except asyncio.CancelledError:
             if req.aborted:
                 yield Delta(req.req_id, worker.worker_id, "", [], True, "abort")

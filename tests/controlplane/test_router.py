@@ -241,12 +241,14 @@ def test_worker_dying_mid_stream_is_migrated_with_the_same_greedy_output(make_cl
     router = c.add_router("round_robin")
     stub = stub_for(router)
     request = token_prompt(prompt_ids(11, 20), max_tokens=300)
+    request.sampling.logprobs = 1
     want, _, _ = generate(stub, request)
     stream = stub.Generate(request, timeout=60)
     first = next(stream)
     c.kill_worker(next(w for w in c.workers if w.worker_id == first.worker_id))
     rest = list(stream)
     assert list(first.token_ids) + [t for r in rest for t in r.token_ids] == want
+    assert [lp.token_id for r in [first, *rest] for lp in r.logprobs] == want  # logprobs continue
     assert {r.worker_id for r in rest[-1:]} != {first.worker_id}
     assert (rest[-1].usage.prompt_tokens, rest[-1].usage.completion_tokens) == (20, 300)
     assert router.router.metrics.migrations._value.get() == 1
