@@ -61,3 +61,12 @@ def test_non_streaming_http_client_disconnect_cancels_the_work(make_cluster):
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
         wait_until(lambda: c.num_worker_requests() == 1)
     assert_work_cancelled(c)
+
+
+def test_grpc_client_cancel_mid_stream_cancels_the_work(make_cluster):
+    c = make_cluster()
+    router = c.add_router("round_robin")
+    call = stub_for(router).Generate(token_prompt(prompt_ids(3, 20), max_tokens=480), timeout=60)
+    assert next(call).token_ids
+    call.cancel()
+    assert_work_cancelled(c)
