@@ -151,6 +151,7 @@ class Router:
 
     async def stop(self) -> None:
         for req in list(self._active.values()):
+            req.aborted = True  # ends its stream; not a worker failure to migrate from
             req.cancel()
         for task in list(self._background):
             task.cancel()

@@ -177,7 +177,8 @@ class WorkerPool:
             try:
                 resp = await health_pb2_grpc.HealthStub(w.channel).Check(health_pb2.HealthCheckRequest(),
                                                                            timeout=max(self.probe_s, 0.5))
-            except grpc.aio.AioRpcError:
+            except Exception as e:  # not answering, or its channel closed as it left: ask again
+                logger.debug("worker %s: health probe failed: %s", worker_id, e)
                 continue
             if resp.status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() - opened >= self.min_open_s:
                 return self._close_breaker(worker_id, "its health service answers SERVING")
