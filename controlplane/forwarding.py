@@ -176,7 +176,7 @@ class Forwarder:
         req.check_deadline()
         worker.num_local_waiting += 1
         worker.num_local_prefill_tokens += num_prefill
-        started, last = False, req.arrival if not req.started else time.perf_counter()
+        started, finished, last = False, False, req.arrival if not req.started else time.perf_counter()
         req.call = worker.stub.Generate(req.message, timeout=req.remaining_s())
         try:
             while True:
@@ -197,8 +197,9 @@ class Forwarder:
                 delta = self.delta(req, worker, resp)
                 req.started = True
                 req.sent_token_ids.extend(delta.token_ids)
+                finished = delta.finished
                 yield delta
-                if delta.finished:
+                if finished:
                     return
         except grpc.aio.AioRpcError as e:
             if not req.aborted:
@@ -220,7 +221,8 @@ class Forwarder:
             else:
                 worker.num_local_waiting -= 1
                 worker.num_local_prefill_tokens -= num_prefill
-            req.cancel()
+            if not finished:  # a finished call ends by itself: cancelling it would race its status
+                req.cancel()
         raise WorkerFailure("its stream ended before the request finished")
 
     async def _read(self, req: RoutedRequest, worker: PoolWorker):
