@@ -244,7 +244,8 @@ class Forwarder:
         if code in BREAKER_CODES:
             self.pool.open_breaker(worker.worker_id, f"{code.name}: {details}")
         if code not in RETRY_CODES:
-            raise WorkerFailedError(f"worker {worker.worker_id} rejected the request ({code.name}: {details})") from None
+            raise WorkerFailedError(f"worker {worker.worker_id} rejected the request ({code.name}: "
+                                    f"{details})") from None
         raise WorkerFailure(f"{code.name}: {details}", code) from None
 
     def delta(self, req: RoutedRequest, worker: PoolWorker, resp: worker_pb2.WorkerGenerateResponse) -> Delta:

@@ -4,9 +4,10 @@ Per request: tokenize with the model's tokenizer (as the engine's `encode_prompt
 (empty, over the context length, sampling parameters), hash the prompt's full blocks with the
 workers' chain (`kvstore.keys`, salted with (model, tenant) exactly as the engine salts them),
 look up in ONE Redis round trip which worker holds which leading blocks in which tier
-(`KVIndex.leading_tiers`; only when the policy needs it), let the policy pick, and stream the worker's deltas back (controlplane/forwarding.py: deadlines,
-stalls, a failure before the first token retried on another worker, one after it migrated). Each
-stage's time is a histogram (`kvweave_router_stage_seconds`).
+(`KVIndex.leading_tiers`; only when the policy needs it), let the policy pick, and stream the
+worker's deltas back (controlplane/forwarding.py: deadlines, stalls, a failure before the first
+token retried on another worker, one after it migrated). Each stage's time is a histogram
+(`kvweave_router_stage_seconds`).
 
 Prefill/decode disaggregation, when the registry has prefill workers: the policy picks the decode
 (or colocated) worker D among the workers that serve whole requests, and the same policy picks a
@@ -57,8 +58,8 @@ logger = logging.getLogger(__name__)
 _MAX_TOKEN_ID = 2**31 - 1
 
 __all__ = ["Router", "RouterConfig", "GenerateInput", "Delta", "Usage", "TokenLogprob", "ModelCard",
-           "InvalidRequestError", "DeadlineExceededError", "NoWorkerError", "OverloadedError", "UnknownModelError", "WorkerFailedError",
-           "error_status"]
+           "InvalidRequestError", "DeadlineExceededError", "NoWorkerError", "OverloadedError", "UnknownModelError",
+           "WorkerFailedError", "error_status"]
 
 
 @dataclass
@@ -364,16 +365,17 @@ class Router:
         message.prefill_only = True
         num_prefill = max(0, len(req.token_ids) - local_run(hits.get(prefill.worker_id, (b"", b""))[0])
                           * prefill.info.block_size)
+        req.check_deadline()
         prefill.num_local_waiting += 1
         prefill.num_local_prefill_tokens += num_prefill
-        req.check_deadline()
         req.call = prefill.stub.Generate(message, timeout=req.remaining_s())
         last = None
         try:
             async for resp in req.call:
                 last = resp
                 if resp.HasField("kv_handoff") and not resp.finished:  # the early handle: D pulls as P computes
-                    self._prefetch_kv(req, decode, resp.kv_handoff, local_run(hits.get(decode.worker_id, (b"", b""))[0]))
+                    first_block = local_run(hits.get(decode.worker_id, (b"", b""))[0])
+                    self._prefetch_kv(req, decode, resp.kv_handoff, first_block)
         except grpc.aio.AioRpcError as e:
             code = e.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:
