@@ -180,7 +180,7 @@ class Forwarder:
         req.call = worker.stub.Generate(req.message, timeout=req.remaining_s())
         try:
             while True:
-                resp = await self._read(req, worker)
+                resp = await self.read(req, worker)
                 if resp is grpc.aio.EOF:
                     break
                 now = time.perf_counter()
@@ -225,8 +225,9 @@ class Forwarder:
                 req.cancel()
         raise WorkerFailure("its stream ended before the request finished")
 
-    async def _read(self, req: RoutedRequest, worker: PoolWorker):
-        """The next response, or WorkerFailure after `stall_timeout_s` without one."""
+    async def read(self, req: RoutedRequest, worker: PoolWorker):
+        """The next response of `req.call` (or grpc.aio.EOF); WorkerFailure after `stall_timeout_s`
+        without one (the worker's breaker opens), DeadlineExceededError past the deadline."""
         try:
             async with asyncio.timeout(min(self.stall_timeout_s, max(req.remaining_s(), 0.0) + 1.0)):
                 return await req.call.read()

@@ -37,7 +37,7 @@ from controlplane.disagg import DisaggConfig, DisaggDecision, decide
 from controlplane.errors import (
     DeadlineExceededError, NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status,
 )
-from controlplane.forwarding import BREAKER_CODES, Forwarder, RoutedRequest
+from controlplane.forwarding import BREAKER_CODES, Forwarder, RoutedRequest, WorkerFailure
 from controlplane.metrics import RouterMetrics
 from controlplane.policies import DEFAULT_POLICY, RouteRequest, WorkerState, held_chunk_tokens, make_policy
 from kvweave.registry import Registry
@@ -371,7 +371,7 @@ class Router:
         req.call = prefill.stub.Generate(message, timeout=req.remaining_s())
         last = None
         try:
-            async for resp in req.call:
+            while (resp := await self.forwarder.read(req, prefill)) is not grpc.aio.EOF:
                 last = resp
                 if resp.HasField("kv_handoff") and not resp.finished:  # the early handle: D pulls as P computes
                     first_block = local_run(hits.get(decode.worker_id, (b"", b""))[0])
@@ -388,6 +388,14 @@ class Router:
                 yield Delta(req.req_id, prefill.worker_id, "", [], True, "abort")
                 return
             self._prefill_failed(req, prefill, f"{code.name}: {e.details()}")
+            return
+        except (WorkerFailure, asyncio.CancelledError) as e:  # stalled, or left the registry (channel closed)
+            if req.aborted:
+                yield Delta(req.req_id, prefill.worker_id, "", [], True, "abort")
+                return
+            if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                raise  # the client went away
+            self._prefill_failed(req, prefill, str(e) or "it left the registry")
             return
         finally:
             prefill.num_local_waiting -= 1

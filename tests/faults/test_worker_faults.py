@@ -153,3 +153,27 @@ def wait_served_by(cluster: LocalCluster, worker_id: str, timeout: float = 30.0)
             last = client.complete(token_ids=PROMPTS[0], max_tokens=2, temperature=0.0).worker_id
             time.sleep(0.1)
     return last
+
+
+def test_sigstop_the_prefill_worker_past_the_stall_timeout_requests_are_prefilled_on_the_decode_worker(
+        tiny_model_variant):
+    """A prefill worker that hangs (its lease still live) is found by the stall timeout: the requests
+    it held are prefilled on the decode worker instead, with the same greedy outputs."""
+    model = str(tiny_model_variant("gqa"))
+    want = reference_outputs(model)
+    router_args = {"stall_timeout_s": 2.0, "disagg_threshold_tokens": 16, "disagg_handoff_margin": 1e6}
+    with LocalCluster(workers=0, prefill_workers=1, decode_workers=1, model=model, engine_args=ENGINE,
+                      lease_s=30.0, router_args=router_args, startup_timeout=120) as cluster:
+        prefill = cluster.workers.procs[list(cluster.worker_ids).index("prefill-0")]
+        os.killpg(prefill.pid, signal.SIGSTOP)
+        try:
+            outcomes, threads = start_load(cluster, timeout=60)
+            for t in threads:
+                t.join(90)
+        finally:
+            os.killpg(prefill.pid, signal.SIGCONT)
+        breaker = breaker_transitions(cluster)
+    assert [t.is_alive() for t in threads] == [False] * len(PROMPTS)
+    assert [o.error for o in outcomes] == [None] * len(PROMPTS)
+    assert [o.token_ids for o in outcomes] == want
+    assert breaker["open"] == 1
