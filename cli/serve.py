@@ -33,8 +33,10 @@ SERVE_DEFAULTS = {"workers": None, "port": 50051, "http_port": 8000}
 workers None: `default_workers`)."""
 SERVE_DEFAULT_TEXTS = {"workers": "1, or 0 with --prefill-workers or --decode-workers"}
 CLUSTER_FLAGS_EXCLUDED = ("model", "log_level", "router_args")
-ROUTER_ARGS = ("disagg_threshold_tokens", "disagg_max_prefill_queue_tokens", "disagg_handoff_margin")
-"""RouterConfig fields `kvweave serve` takes as flags and hands its router (the prefill/decode decision)."""
+ROUTER_ARGS = ("disagg_threshold_tokens", "disagg_max_prefill_queue_tokens", "disagg_handoff_margin",
+               "request_timeout_s", "stall_timeout_s", "max_migrations")
+"""RouterConfig fields `kvweave serve` takes as flags and hands its router (the prefill/decode decision;
+deadlines, stalls and migration, docs/resilience.md)."""
 """ClusterConfig fields with no flag of their own here: --model is the engine's, --log-level global."""
 
 

@@ -29,7 +29,12 @@ class OverloadedError(RouterError):
 
 
 class WorkerFailedError(RouterError):
-    """A worker failed after the request started streaming (not retried), or rejected it outright."""
+    """A worker failed after the request started streaming and it could not be migrated (no worker
+    left, or `max_migrations` reached), or a worker rejected it outright."""
+
+
+class DeadlineExceededError(RouterError):
+    """The request's deadline (the gRPC caller's, else `RouterConfig.request_timeout_s`) passed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,7 @@ _STATUSES: tuple[tuple[type[BaseException], ErrorStatus], ...] = (
     (OverloadedError, ErrorStatus(429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error", "overloaded")),
     (NoWorkerError, ErrorStatus(503, grpc.StatusCode.UNAVAILABLE, "service_unavailable", "no_worker")),
     (WorkerFailedError, ErrorStatus(502, grpc.StatusCode.INTERNAL, "worker_error", "worker_error")),
+    (DeadlineExceededError, ErrorStatus(504, grpc.StatusCode.DEADLINE_EXCEEDED, "timeout_error", "deadline")),
 )
 _INTERNAL = ErrorStatus(500, grpc.StatusCode.INTERNAL, "internal_error", "error")
 

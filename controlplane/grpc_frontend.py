@@ -72,6 +72,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except InvalidRequestError as e:
             self.router.metrics.count_invalid()
             await context.abort(error_status(e).grpc_code, public_message(e))
+        inp.timeout_s = context.time_remaining()  # None without a deadline: the router's default
         failure: Exception | None = None
         try:
             async with contextlib.aclosing(self.router.generate(inp)) as deltas:

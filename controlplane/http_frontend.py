@@ -242,7 +242,10 @@ async def start_http_server(router: Router, host: str = "127.0.0.1", port: int =
                             max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> tuple[web.AppRunner, int]:
     """Serve the OpenAI API on host:port (0 picks a free port); returns the runner (`await
     runner.cleanup()` stops it) and the bound port. Raises OSError when the port cannot be bound."""
-    runner = web.AppRunner(build_app(router, max_body_bytes), access_log=None, handle_signals=False)
+    # handler_cancellation: a client that disconnects cancels its handler, so that a non-streaming
+    # request's work on the worker is cancelled too (a streaming one notices at its next write).
+    runner = web.AppRunner(build_app(router, max_body_bytes), access_log=None, handle_signals=False,
+                           handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -19,7 +19,7 @@ STAGES = ("tokenize", "hash", "index_lookup", "scoring", "decision")
 
 _STAGE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 
-REQUEST_STATUSES = ("ok", "invalid", "overloaded", "no_worker", "worker_error", "error", "cancelled")
+REQUEST_STATUSES = ("ok", "invalid", "overloaded", "no_worker", "worker_error", "deadline", "error", "cancelled")
 """`status` values of kvweave_router_requests_total: ok, cancelled (the client went away first), and
 the labels of controlplane/errors.py's table. Each starts at 0, so that rates of a status never
 seen yet are 0 rather than missing."""
@@ -87,6 +87,15 @@ class RouterMetrics:
             self.disagg_decisions.labels(reason)
         for result in HANDOFF_RESULTS:
             self.handoffs.labels(result)
+        self.migrations = Counter("kvweave_router_migrations", "Requests moved to another worker mid-stream "
+                                  "(their worker died or stalled after streaming tokens)", registry=r)
+        self.breaker = Counter("kvweave_router_breaker_transitions", "Worker circuit breaker transitions: "
+                               "open (a call failed or stalled), closed (the worker answered again)", ["state"],
+                               registry=r)
+        self.breaker_open = Gauge("kvweave_router_unhealthy_workers", "Workers whose circuit breaker is open "
+                                  "(skipped by routing)", registry=r)
+        for state in ("open", "closed"):
+            self.breaker.labels(state)
         # One child per stage, resolved once: labels() costs more than observe() on the hot path.
         self.stages = {name: self.stage.labels(name) for name in STAGES}
 
@@ -111,6 +120,11 @@ class RouterMetrics:
         """Live workers per role (every role is reported, 0 when none)."""
         for role in ROLES:
             self.workers.labels(role).set(counts.get(role, 0))
+
+    def count_breaker(self, opened: bool, num_open: int) -> None:
+        """A worker's circuit breaker opened or closed; `num_open`: how many are open now."""
+        self.breaker.labels("open" if opened else "closed").inc()
+        self.breaker_open.set(num_open)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,7 +9,8 @@ reusable chunks (KV that may be reused wherever the text appears): `/v1/completi
 string `prompt`; chat messages mark documents with `"kvweave": {"document": true}` or content parts
 `{"type": "document", "text": ...}` (kvweave/segments.py). Usage adds `"kvweave": {"computed_tokens",
 "prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens", "worker_id"}`, and with prefill
-workers in the cluster "disaggregation" (the router's decision) and "prefill_worker_id".
+workers in the cluster "disaggregation" (the router's decision) and "prefill_worker_id"; "migrations"
+when the request moved to another worker mid-stream (docs/resilience.md).
 Features we do not implement (penalties, logit_bias, tools, echo, best_of > 1, suffix) are
 rejected with a 400 rather than silently ignored.
 
@@ -266,6 +267,8 @@ def usage_json(usage: Usage | None, worker_id: str = "") -> dict | None:
         kvweave["disaggregation"] = usage.disaggregation
     if usage.prefill_worker_id:
         kvweave["prefill_worker_id"] = usage.prefill_worker_id
+    if usage.num_migrations:
+        kvweave["migrations"] = usage.num_migrations
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}, "kvweave": kvweave}

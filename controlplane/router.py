@@ -4,9 +4,10 @@ Per request: tokenize with the model's tokenizer (as the engine's `encode_prompt
 (empty, over the context length, sampling parameters), hash the prompt's full blocks with the
 workers' chain (`kvstore.keys`, salted with (model, tenant) exactly as the engine salts them),
 look up in ONE Redis round trip which worker holds which leading blocks in which tier
-(`KVIndex.leading_tiers`; only when the policy needs it), let the policy pick, and stream the worker's deltas back. A failure before
-the first token is retried on another worker (at most `max_attempts` workers); after it the
-client gets `WorkerFailedError`. Each stage's time is a histogram (`kvweave_router_stage_seconds`).
+(`KVIndex.leading_tiers`; only when the policy needs it), let the policy pick, and stream the
+worker's deltas back (controlplane/forwarding.py: deadlines, stalls, a failure before the first
+token retried on another worker, one after it migrated). Each stage's time is a histogram
+(`kvweave_router_stage_seconds`).
 
 Prefill/decode disaggregation, when the registry has prefill workers: the policy picks the decode
 (or colocated) worker D among the workers that serve whole requests, and the same policy picks a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -32,7 +34,10 @@ import grpc
 import redis.asyncio
 
 from controlplane.disagg import DisaggConfig, DisaggDecision, decide
-from controlplane.errors import NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status
+from controlplane.errors import (
+    DeadlineExceededError, NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status,
+)
+from controlplane.forwarding import BREAKER_CODES, Forwarder, RoutedRequest, WorkerFailure
 from controlplane.metrics import RouterMetrics
 from controlplane.policies import DEFAULT_POLICY, RouteRequest, WorkerState, held_chunk_tokens, make_policy
 from kvweave.registry import Registry
@@ -40,7 +45,7 @@ from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogp
 from controlplane.worker_pool import PREFILL_ROLES, PoolWorker, WorkerPool
 from kvstore.index import MEDIUMS, KVIndex, local_run
 from kvstore.keys import chunk_block_keys, chunk_hash, encode_extra_keys, hash_blocks
-from kvweave.convert import finish_reason_from_proto, sampling_to_proto
+from kvweave.convert import sampling_to_proto
 from kvweave.v1 import common_pb2, worker_pb2
 from kvweave.defaults import DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST, REGISTRY_LEASE_S
 from kvweave.errors import InvalidRequestError
@@ -50,15 +55,11 @@ from kvweave.segments import encode_chat_documents, encode_segments, split_on_se
 
 logger = logging.getLogger(__name__)
 
-_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                          grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED})
-_QUARANTINE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
-"""Connection-level failures: stop sending to that worker for a lease (it is probably gone)."""
 _MAX_TOKEN_ID = 2**31 - 1
 
 __all__ = ["Router", "RouterConfig", "GenerateInput", "Delta", "Usage", "TokenLogprob", "ModelCard",
-           "InvalidRequestError", "NoWorkerError", "OverloadedError", "UnknownModelError", "WorkerFailedError",
-           "error_status"]
+           "InvalidRequestError", "DeadlineExceededError", "NoWorkerError", "OverloadedError", "UnknownModelError",
+           "WorkerFailedError", "error_status"]
 
 
 @dataclass
@@ -73,11 +74,23 @@ class RouterConfig:
     max_inflight: int = 1024
     """Admission control: requests beyond this many in flight get OverloadedError (429)."""
     lease_s: float = REGISTRY_LEASE_S
-    """The workers' registry lease; also how long a worker that failed a call is skipped."""
+    """The workers' registry lease."""
     refresh_s: float = 0.5
     """How often the registry is re-read."""
     max_attempts: int = 3
     """Workers tried per request before its first token."""
+    request_timeout_s: float = 600.0
+    """Deadline of a request whose caller gives none (HTTP, gRPC without a deadline): past it the
+    request ends with 504 / DEADLINE_EXCEEDED and its work on the worker is cancelled."""
+    stall_timeout_s: float = 60.0
+    """A worker stream that sends nothing for this long (the first token included) is stalled: its
+    circuit breaker opens and the request is retried or migrated."""
+    max_migrations: int = 2
+    """Times a request that has streamed tokens may move to another worker when its worker fails."""
+    breaker_probe_s: float = 0.5
+    """How often a worker whose circuit breaker is open is probed (grpc.health.v1)."""
+    breaker_min_open_s: float = 1.0
+    """An open circuit breaker stays open at least this long."""
     index_mediums: tuple[str, ...] = MEDIUMS
     """KV-index tiers that count as cache hits (fastest first)."""
     chunk_separator: str | None = None
@@ -103,34 +116,12 @@ class RouterConfig:
             raise ValueError("chunk_separator must be a non-empty string (or None)")
         if self.lease_s <= 0 or self.refresh_s <= 0:
             raise ValueError("lease_s and refresh_s must be positive")
+        if min(self.request_timeout_s, self.stall_timeout_s, self.breaker_probe_s) <= 0:
+            raise ValueError("request_timeout_s, stall_timeout_s and breaker_probe_s must be positive")
+        if self.max_migrations < 0 or self.breaker_min_open_s < 0:
+            raise ValueError("max_migrations and breaker_min_open_s must not be negative")
         self.disagg = DisaggConfig(self.disagg_threshold_tokens, self.disagg_max_prefill_queue_tokens,
                                    self.disagg_handoff_margin)
-
-
-@dataclass(slots=True)
-class _Request:
-    req_id: str
-    token_ids: list[int]
-    session_id: str
-    tenant: str
-    message: worker_pb2.WorkerGenerateRequest
-    arrival: float
-    """perf_counter() when the router got the request (TTFT counts from here)."""
-    call: grpc.aio.UnaryStreamCall | None = None
-    aborted: bool = False
-    block_hashes: list = field(default_factory=list)
-    """The prompt's block-hash chain (for the policy; empty when it does not use the index)."""
-    chunk_spans: list[tuple[int, int]] = field(default_factory=list)
-    """(start, length) token spans of the prompt's reusable chunks (sorted, disjoint)."""
-    disaggregation: str = ""
-    """The prefill/decode decision's reason (empty: no prefill workers)."""
-    prefill_worker_id: str = ""
-    prefill_usage: common_pb2.Usage | None = None
-    """The prefill worker's usage (its prefix and chunk reuse) of a handed-off request."""
-
-
-class _WorkerFailure(Exception):
-    """A worker failed before the first token: try another one."""
 
 
 class Router:
@@ -145,9 +136,14 @@ class Router:
         self.kv_index = KVIndex(self.redis)
         self.pool = WorkerPool(Registry(self.redis, config.lease_s), self.model.name, config.refresh_s,
                                self.metrics.set_workers)
+        self.pool.probe_s, self.pool.min_open_s = config.breaker_probe_s, config.breaker_min_open_s
+        self.pool.on_breaker = self.metrics.count_breaker
+        self.pool.on_degraded = self.metrics.count_degraded  # Redis faults, counted
+        self.forwarder = Forwarder(self.pool, self.metrics, config.max_attempts, config.max_migrations,
+                                   config.stall_timeout_s)
         self.model_names = frozenset({self.model.name, config.model})
         self._extra_cache: dict[str, bytes] = {}
-        self._active: dict[str, _Request] = {}
+        self._active: dict[str, RoutedRequest] = {}
         self._background: set[asyncio.Future] = set()
         """Calls nobody awaits (early KV pulls)."""
 
@@ -157,7 +153,8 @@ class Router:
 
     async def stop(self) -> None:
         for req in list(self._active.values()):
-            self._cancel(req)
+            req.aborted = True  # ends its stream; not a worker failure to migrate from
+            req.cancel()
         for task in list(self._background):
             task.cancel()
         await self.pool.close()
@@ -178,7 +175,7 @@ class Router:
         if req is None:
             return False
         req.aborted = True
-        self._cancel(req)
+        req.cancel()
         return True
 
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Delta]:
@@ -251,7 +248,7 @@ class Router:
         if model and model not in self.model_names:
             raise UnknownModelError(f"model {model!r} is not served here; available: {self.model.name}")
 
-    def _prepare(self, inp: GenerateInput, arrival: float) -> _Request:
+    def _prepare(self, inp: GenerateInput, arrival: float) -> RoutedRequest:
         self.check_model(inp.model)
         t0 = time.perf_counter()
         token_ids, spans = self.encode_prompt(inp)
@@ -273,40 +270,29 @@ class Router:
         message = worker_pb2.WorkerGenerateRequest(request_id=req_id, prompt_token_ids=token_ids,
                                                    sampling=sampling_to_proto(params), cache_namespace=inp.tenant,
                                                    chunks=[common_pb2.ChunkSpan(start=a, length=n) for a, n in spans])
-        return _Request(req_id, token_ids, inp.session_id, inp.tenant, message, arrival, chunk_spans=spans)
+        deadline = time.monotonic() + (inp.timeout_s if inp.timeout_s is not None else self.config.request_timeout_s)
+        return RoutedRequest(req_id, token_ids, inp.session_id, inp.tenant, params, message, arrival, deadline,
+                             chunk_spans=spans)
 
-    async def _dispatch(self, req: _Request) -> AsyncIterator[Delta]:
+    async def _dispatch(self, req: RoutedRequest) -> AsyncIterator[Delta]:
         workers = [w for w in self.pool.eligible() if w.info.max_model_len > len(req.token_ids)]
         if not workers:
             raise NoWorkerError(f"no worker serving {self.model.name} is available")
         prefills = [w for w in self.pool.eligible(roles=PREFILL_ROLES) if w.info.max_model_len > len(req.token_ids)]
         t0 = time.perf_counter()
         hits = await self._lookup(req, workers + prefills)
-        failed: dict[str, str] = {}
-        for attempt in range(min(self.config.max_attempts, len(workers))):
-            candidates = [w for w in workers if w.worker_id not in failed]
-            worker, num_hit_blocks = self._pick(req, candidates, hits)
-            if attempt == 0:
-                self.metrics.stages["decision"].observe(time.perf_counter() - t0)
-                if self._disaggregated(prefills):
-                    async for delta in self._remote_prefill(req, worker, prefills, hits):
-                        yield delta  # the first token ended the request on the prefill worker
-                        return
-            else:
-                self.metrics.retries.inc()
-            try:
-                async with contextlib.aclosing(self._stream(req, worker, num_hit_blocks)) as deltas:
-                    async for delta in deltas:
-                        yield delta
+        worker, num_hit_blocks = self._pick(req, workers, hits)
+        self.metrics.stages["decision"].observe(time.perf_counter() - t0)
+        if self._disaggregated(prefills):
+            async for delta in self._remote_prefill(req, worker, prefills, hits):
+                yield delta  # the first token ended the request on the prefill worker
                 return
-            except _WorkerFailure as e:
-                failed[worker.worker_id] = str(e)
-                logger.warning("request %s failed on worker %s before its first token: %s", req.req_id,
-                               worker.worker_id, e)
-        raise NoWorkerError(f"request failed on {len(failed)} worker(s) before its first token: "
-                            + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        pick = functools.partial(self._pick, hits=hits)
+        async with contextlib.aclosing(self.forwarder.forward(req, (worker, num_hit_blocks), pick)) as deltas:
+            async for delta in deltas:
+                yield delta
 
-    async def _lookup(self, req: _Request, workers: list[PoolWorker]) -> dict[str, tuple[bytes, bytes]]:
+    async def _lookup(self, req: RoutedRequest, workers: list[PoolWorker]) -> dict[str, tuple[bytes, bytes]]:
         """Per worker, (the tier of each leading block of the prompt, where it gets each reusable
         chunk): the codes of `KVIndex.route_tiers`, one Redis round trip (per block size)."""
         if not self.policy.needs_index:
@@ -336,6 +322,7 @@ class Router:
             found = [await lookups[0]] if len(lookups) == 1 else await asyncio.gather(*lookups)
         except (redis.RedisError, OSError) as e:
             logger.warning("KV index lookup failed, routing without cache hits: %s", e)
+            self.metrics.count_degraded("index_lookup")
             return {}
         self.metrics.stages["index_lookup"].observe(time.perf_counter() - t1)
         if not chunks:
@@ -346,7 +333,7 @@ class Router:
         """Whether this cluster splits prefill from decode (it has, or had, prefill or decode workers)."""
         return bool(prefills) or any(w.info.role in ("prefill", "decode") for w in self.pool.workers.values())
 
-    def _decide(self, req: _Request, decode: PoolWorker, prefills: list[PoolWorker],
+    def _decide(self, req: RoutedRequest, decode: PoolWorker, prefills: list[PoolWorker],
                 hits: dict[str, tuple[bytes, bytes]]) -> tuple[DisaggDecision, PoolWorker | None]:
         """Remote prefill or not, and on which prefill worker (the policy's pick among them)."""
         state = self._state(decode, hits)
@@ -361,7 +348,7 @@ class Router:
                           len(req.token_ids) - hit_tokens, decode.info.max_num_batched_tokens)
         return decision, prefill
 
-    async def _remote_prefill(self, req: _Request, decode: PoolWorker, prefills: list[PoolWorker],
+    async def _remote_prefill(self, req: RoutedRequest, decode: PoolWorker, prefills: list[PoolWorker],
                               hits: dict[str, tuple[bytes, bytes]]) -> AsyncIterator[Delta]:
         """Decide, and when remote, run the prefill: afterwards `req.message` carries the handoff
         for the decode worker; yields the whole answer when the first token ended the request."""
@@ -380,30 +367,42 @@ class Router:
         message.prefill_only = True
         num_prefill = max(0, len(req.token_ids) - local_run(hits.get(prefill.worker_id, (b"", b""))[0])
                           * prefill.info.block_size)
+        req.check_deadline()
         prefill.num_local_waiting += 1
         prefill.num_local_prefill_tokens += num_prefill
-        req.call = prefill.stub.Generate(message)
+        req.call = prefill.stub.Generate(message, timeout=req.remaining_s())
         last = None
         try:
-            async for resp in req.call:
+            while (resp := await self.forwarder.read(req, prefill)) is not grpc.aio.EOF:
                 last = resp
                 if resp.HasField("kv_handoff") and not resp.finished:  # the early handle: D pulls as P computes
-                    self._prefetch_kv(decode, resp.kv_handoff, local_run(hits.get(decode.worker_id, (b"", b""))[0]))
+                    first_block = local_run(hits.get(decode.worker_id, (b"", b""))[0])
+                    self._prefetch_kv(req, decode, resp.kv_handoff, first_block)
         except grpc.aio.AioRpcError as e:
             code = e.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidRequestError(e.details() or code.name) from None
-            if code in _QUARANTINE_CODES:
-                self.pool.quarantine(prefill.worker_id, self.config.lease_s)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceededError(f"request {req.req_id} ran past its deadline") from None
+            if code in BREAKER_CODES:
+                self.pool.open_breaker(prefill.worker_id, f"{code.name}: {e.details()}")
             if req.aborted:
                 yield Delta(req.req_id, prefill.worker_id, "", [], True, "abort")
                 return
             self._prefill_failed(req, prefill, f"{code.name}: {e.details()}")
             return
+        except (WorkerFailure, asyncio.CancelledError) as e:  # stalled, or left the registry (channel closed)
+            if req.aborted:
+                yield Delta(req.req_id, prefill.worker_id, "", [], True, "abort")
+                return
+            if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                raise  # the client went away
+            self._prefill_failed(req, prefill, str(e) or "it left the registry")
+            return
         finally:
             prefill.num_local_waiting -= 1
             prefill.num_local_prefill_tokens -= num_prefill
-            self._cancel(req)
+            req.cancel()
             req.call = None
         self.metrics.remote_prefill.observe(time.perf_counter() - t0)
         if last is None or not last.finished:
@@ -417,13 +416,15 @@ class Router:
             return
         self.metrics.handoffs.labels("finished_on_prefill").inc()
         self.metrics.ttft.observe(time.perf_counter() - req.arrival)
-        yield self._delta(req, prefill, last)
+        req.started = True
+        yield self.forwarder.delta(req, prefill, last)
 
-    def _prefetch_kv(self, decode: PoolWorker, handoff: worker_pb2.KVHandoff, first_block: int) -> None:
+    def _prefetch_kv(self, req: RoutedRequest, decode: PoolWorker, handoff: worker_pb2.KVHandoff,
+                     first_block: int) -> None:
         """Ask the decode worker to start pulling a prefill's KV now (answered at once; a failure
         only means it pulls when the request arrives)."""
         call = decode.stub.PrefetchKV(worker_pb2.PrefetchKVRequest(kv_handoff=handoff, first_block=first_block),
-                                      timeout=self.config.lease_s)
+                                      timeout=max(0.001, min(self.config.lease_s, req.remaining_s())))
         task = asyncio.ensure_future(call)
         self._background.add(task)
         task.add_done_callback(self._background_done)
@@ -433,7 +434,7 @@ class Router:
         if not task.cancelled() and task.exception() is not None:
             logger.debug("early KV pull not started: %s", task.exception())
 
-    def _prefill_failed(self, req: _Request, prefill: PoolWorker, why: str) -> None:
+    def _prefill_failed(self, req: RoutedRequest, prefill: PoolWorker, why: str) -> None:
         logger.warning("request %s: prefill worker %s failed before answering (%s); prefilling on the decode "
                        "worker instead", req.req_id, prefill.worker_id, why)
         self.metrics.handoffs.labels("prefill_failed").inc()
@@ -456,10 +457,10 @@ class Router:
         return state
 
     @staticmethod
-    def _route_request(req: _Request) -> RouteRequest:
+    def _route_request(req: RoutedRequest) -> RouteRequest:
         return RouteRequest(len(req.token_ids), req.block_hashes, req.session_id, req.req_id, req.chunk_spans)
 
-    def _pick(self, req: _Request, workers: list[PoolWorker],
+    def _pick(self, req: RoutedRequest, workers: list[PoolWorker],
               hits: dict[str, tuple[bytes, bytes]]) -> tuple[PoolWorker, int]:
         t0 = time.perf_counter()
         states = [self._state(w, hits) for w in workers]
@@ -473,76 +474,3 @@ class Router:
         if req.chunk_spans:
             self.metrics.predicted_chunk_hit_tokens.inc(held_chunk_tokens(request, states[i]))
         return workers[i], states[i].num_hit_blocks
-
-    async def _stream(self, req: _Request, worker: PoolWorker, num_hit_blocks: int) -> AsyncIterator[Delta]:
-        """Forward to one worker; raises _WorkerFailure when it fails before the first token."""
-        num_prefill = 0 if req.message.HasField("kv_handoff") else \
-            max(0, len(req.token_ids) - num_hit_blocks * worker.info.block_size)
-        self.metrics.predicted_hit_tokens.inc(len(req.token_ids) - num_prefill)
-        if req.aborted:  # aborted while being placed
-            yield Delta(req.req_id, worker.worker_id, "", [], True, "abort")
-            return
-        worker.num_local_waiting += 1
-        worker.num_local_prefill_tokens += num_prefill
-        started, last = False, req.arrival
-        req.call = worker.stub.Generate(req.message)
-        try:
-            async for resp in req.call:
-                now = time.perf_counter()
-                if not started:
-                    started = True
-                    worker.num_local_waiting -= 1
-                    worker.num_local_prefill_tokens -= num_prefill
-                    worker.num_local_running += 1
-                    self.metrics.ttft.observe(now - last)
-                else:
-                    self.metrics.itl.observe(now - last)
-                last = now
-                yield self._delta(req, worker, resp)
-        except grpc.aio.AioRpcError as e:
-            self._on_rpc_error(e, req, worker, started)
-        except asyncio.CancelledError:
-            if not req.aborted:
-                raise
-            yield Delta(req.req_id, worker.worker_id, "", [], True, "abort")
-        finally:
-            if started:
-                worker.num_local_running -= 1
-            else:
-                worker.num_local_waiting -= 1
-                worker.num_local_prefill_tokens -= num_prefill
-            self._cancel(req)
-
-    def _on_rpc_error(self, e: grpc.aio.AioRpcError, req: _Request, worker: PoolWorker, started: bool) -> None:
-        code, details = e.code(), e.details() or e.code().name
-        if code == grpc.StatusCode.INVALID_ARGUMENT and not started:
-            raise InvalidRequestError(details) from None
-        if code in _QUARANTINE_CODES:
-            self.pool.quarantine(worker.worker_id, self.config.lease_s)
-        if started:
-            raise WorkerFailedError(f"worker {worker.worker_id} failed after the request started streaming "
-                                    f"({code.name}: {details}); the request was not retried") from None
-        if code not in _RETRY_CODES:
-            raise WorkerFailedError(f"worker {worker.worker_id} rejected the request ({code.name}: {details})") from None
-        raise _WorkerFailure(f"{code.name}: {details}") from None
-
-    def _delta(self, req: _Request, worker: PoolWorker, resp: worker_pb2.WorkerGenerateResponse) -> Delta:
-        delta = Delta(req.req_id, worker.worker_id, resp.text, list(resp.token_ids))
-        if resp.logprobs:
-            delta.logprobs = [TokenLogprob(lp.token_id, lp.logprob, dict(lp.top_logprobs)) for lp in resp.logprobs]
-        if resp.finished:
-            delta.finished = True
-            delta.finish_reason = finish_reason_from_proto(resp.finish_reason)
-            delta.stop_reason = resp.stop_reason
-            u = resp.usage
-            p = req.prefill_usage or u  # a handed-off prompt's reuse happened where it was prefilled
-            delta.usage = Usage(u.prompt_tokens, u.completion_tokens, p.cached_tokens, p.chunk_reused_tokens,
-                                p.recomputed_tokens, req.disaggregation, req.prefill_worker_id)
-            self.metrics.count_usage(delta.usage)
-        return delta
-
-    @staticmethod
-    def _cancel(req: _Request) -> None:
-        if req.call is not None and not req.call.done():
-            req.call.cancel()
-

@@ -80,7 +80,6 @@ class RouterServer:
         try:
             if self.router is None:
                 self.router = await asyncio.to_thread(Router, self.config)
-            self.router.pool.on_degraded = self.router.metrics.count_degraded  # Redis faults, counted
             await self.router.start()
             self._grpc, self.grpc_port = await start_grpc_server(self.router, o.host, o.grpc_port)
             self._http, self.http_port = await start_http_server(self.router, o.host, o.http_port, o.max_body_bytes)

@@ -27,6 +27,9 @@ class GenerateInput:
     """Cache namespace: tenants never share KV."""
     auto_max_tokens: bool = False
     """Generate up to the context length when set (OpenAI chat's default); params.max_tokens otherwise."""
+    timeout_s: float | None = None
+    """Seconds the caller gives the request (a gRPC caller's deadline); None: the router's
+    `request_timeout_s`."""
 
 
 @dataclass(slots=True)
@@ -44,6 +47,8 @@ class Usage:
     delta's worker) or why the request stayed on one worker (controlplane/disagg.py REASONS, or
     prefill_failed); empty otherwise."""
     prefill_worker_id: str = ""
+    num_migrations: int = 0
+    """Times the request moved to another worker mid-stream (its worker died or stalled)."""
 
     @property
     def computed_tokens(self) -> int:

@@ -3,15 +3,19 @@
 `WorkerPool.run` re-reads the registry every `refresh_s`; a worker whose lease expired drops out
 (its channel is closed). Between heartbeats the registry's load figures are stale, so the pool
 also counts what this router itself has placed on each worker and not yet finished; a policy sees
-the larger of the two views (the registry also reflects other routers' requests). A worker that
-failed a call is quarantined for a lease, so requests stop trying it before its lease runs out.
+the larger of the two views (the registry also reflects other routers' requests).
+
+Circuit breaker: a worker that failed or stalled a call is opened (skipped by `eligible`) at once,
+before its lease runs out; a probe asks its grpc.health.v1 service every `probe_s` and closes the
+breaker when it answers SERVING, at least `min_open_s` after it opened (a worker that dies drops out
+with its lease instead). Each transition is logged and reported to `on_breaker(opened, num_open)`.
 
 Redis faults (docs/supervision.md): while the registry cannot be read the pool keeps its last view
 (counted by `on_degraded("registry")`). When Redis answers again after a failure, or comes back
 empty (`Registry.claim_epoch`), the workers re-register within a heartbeat; until then, for one
 lease, a known worker missing from the listing is kept, so a Redis restart never empties the pool.
-A worker that leaves has its channel closed with a grace period, so calls streaming on it finish
-(a worker still serving but missing from the registry answers them).
+A worker that leaves outside that window has its channel closed at once: its calls in flight end,
+and the router retries or migrates them (controlplane/forwarding.py).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.policies import WorkerState
 from kvstore.index import local_run
@@ -35,8 +40,6 @@ SERVING_ROLES = ("colocated", "decode")
 PREFILL_ROLES = ("prefill",)
 """Roles that prefill for decode workers (controlplane/disagg.py decides when)."""
 
-CHANNEL_CLOSE_GRACE_S = 60.0
-"""How long calls in flight on the channel of a worker that left the registry may still finish."""
 
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.enable_retries", 0)]
 
@@ -84,7 +87,15 @@ class WorkerPool:
         self.workers: dict[str, PoolWorker] = {}
         """Every live worker (any model or role), by id."""
         self.on_degraded = on_degraded
-        self._quarantined: dict[str, float] = {}
+        self._opened: dict[str, float] = {}
+        """Workers whose circuit breaker is open -> monotonic time it opened."""
+        self._probes: dict[str, asyncio.Task] = {}
+        self.probe_s = 0.5
+        """How often an open breaker's worker is probed (its health service)."""
+        self.min_open_s = 1.0
+        """An open breaker stays open at least this long."""
+        self.on_breaker = None
+        """on_breaker(opened, num_open), called on each transition."""
         self._task: asyncio.Task | None = None
         self._closing = False
         self._num_refreshed = 0
@@ -106,6 +117,8 @@ class WorkerPool:
                 self._task.cancel()
                 await asyncio.wait({self._task}, timeout=1.0)
             self._task = None
+        for task in self._probes.values():
+            task.cancel()
         for w in self.workers.values():
             await w.channel.close()
         self.workers.clear()
@@ -156,27 +169,57 @@ class WorkerPool:
             self.on_change(dict(Counter(w.info.role for w in self.workers.values())))
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
-        """Close a left worker's channel once its calls end (at most CHANNEL_CLOSE_GRACE_S): closing
-        it at once would cancel calls that a live worker, missing from the registry, still serves."""
-        task = asyncio.create_task(channel.close(CHANNEL_CLOSE_GRACE_S))
+        """Close a left worker's channel without waiting here: the calls in flight on it end at once
+        (a worker whose lease lapsed is dead or hung), and the router retries or migrates them."""
+        task = asyncio.create_task(channel.close())
         self._leaving.add(task)
         task.add_done_callback(self._leaving.discard)
 
     def eligible(self, exclude: set[str] | frozenset[str] = frozenset(), roles: tuple[str, ...] = SERVING_ROLES
                  ) -> list[PoolWorker]:
         """Workers that serve the router's model in one of `roles` (default: those that serve a whole
-        request), excluding `exclude` and the quarantined."""
-        now = time.monotonic()
+        request), excluding `exclude` and those whose breaker is open."""
         return [w for w in self.workers.values()
                 if w.info.model == self.model and w.info.role in roles and w.worker_id not in exclude
-                and self._quarantined.get(w.worker_id, 0.0) <= now]
+                and w.worker_id not in self._opened]
 
     def role_counts(self) -> dict[str, int]:
-        """Live, unquarantined workers of the router's model per role."""
+        """Live workers of the router's model per role, those with an open breaker left out."""
         return dict(Counter(w.info.role for w in self.eligible(roles=ROLES)))
 
-    def quarantine(self, worker_id: str, seconds: float) -> None:
-        self._quarantined[worker_id] = time.monotonic() + seconds
-        if len(self._quarantined) > 1024:  # forget long-expired entries
-            now = time.monotonic()
-            self._quarantined = {k: v for k, v in self._quarantined.items() if v > now}
+    def is_open(self, worker_id: str) -> bool:
+        return worker_id in self._opened
+
+    def open_breaker(self, worker_id: str, why: str) -> None:
+        """Stop sending to a worker that failed or stalled a call, until a probe finds it serving."""
+        if worker_id in self._opened or worker_id not in self.workers:
+            return
+        self._opened[worker_id] = time.monotonic()
+        logger.warning("worker %s: circuit breaker open (%s)", worker_id, why)
+        self._probes[worker_id] = asyncio.create_task(self._probe(worker_id), name=f"kvweave-probe-{worker_id}")
+        if self.on_breaker is not None:
+            self.on_breaker(True, len(self._opened))
+
+    def _close_breaker(self, worker_id: str, why: str) -> None:
+        self._opened.pop(worker_id, None)
+        self._probes.pop(worker_id, None)
+        logger.info("worker %s: circuit breaker closed (%s)", worker_id, why)
+        if self.on_breaker is not None:
+            self.on_breaker(False, len(self._opened))
+
+    async def _probe(self, worker_id: str) -> None:
+        """Ask the worker's health service until it answers SERVING (then close) or it leaves."""
+        opened = self._opened[worker_id]
+        while True:
+            await asyncio.sleep(self.probe_s)
+            w = self.workers.get(worker_id)
+            if w is None:
+                return self._close_breaker(worker_id, "it left the registry")
+            try:
+                resp = await health_pb2_grpc.HealthStub(w.channel).Check(health_pb2.HealthCheckRequest(),
+                                                                           timeout=max(self.probe_s, 0.5))
+            except Exception as e:  # not answering, or its channel closed as it left: ask again
+                logger.debug("worker %s: health probe failed: %s", worker_id, e)
+                continue
+            if resp.status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() - opened >= self.min_open_s:
+                return self._close_breaker(worker_id, "its health service answers SERVING")

@@ -1,6 +1,6 @@
 """The router's worker pool across a Redis that comes back EMPTY (a restart without persistence),
 on a real redis-server and a real gRPC stream: the workers it knew are kept for a lease while they
-re-register, and a call streaming on a worker's channel is never cut off by the pool. Before, the
+re-register, and a call streaming on a worker's channel is not cut off while they do. Before, the
 first refresh after the restart listed no worker, the pool dropped them all and closed their
 channels, and every call in flight ended in a CancelledError (requests hung at the frontends)."""
 from __future__ import annotations
@@ -53,10 +53,10 @@ async def test_pool_keeps_workers_and_streams_when_redis_comes_back_empty(redis_
         await asyncio.sleep(LEASE_S * 1.2)  # the worker never re-registered: after a lease it is gone
         await pool.refresh()
         assert pool.workers == {}
-        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        read = await asyncio.wait_for(call.read(), 5)  # its channel closes only once its calls end
-        assert read.status == health_pb2.HealthCheckResponse.SERVING
-        call.cancel()
+        # a worker that stays out of the registry is dead or hung: its calls end at once (the
+        # router retries or migrates them, tests/faults/test_worker_faults.py)
+        with pytest.raises((asyncio.CancelledError, grpc.aio.AioRpcError)):
+            await asyncio.wait_for(call.read(), 5)
         assert degraded == []
     finally:
         await pool.close()

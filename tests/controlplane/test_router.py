@@ -235,17 +235,36 @@ def test_dead_worker_is_retried_before_the_first_token(make_cluster):
     wait_until(lambda: list(router.router.pool.workers) == ["w1"], timeout=5)  # the lease ran out
 
 
-def test_worker_dying_mid_stream_is_a_clear_error(make_cluster):
+def test_worker_dying_mid_stream_is_migrated_with_the_same_greedy_output(make_cluster):
+    """The request continues on the other worker from its prompt plus the tokens already sent."""
     c = make_cluster()
     router = c.add_router("round_robin")
     stub = stub_for(router)
-    stream = stub.Generate(token_prompt(prompt_ids(11, 20), max_tokens=2000), timeout=60)
+    request = token_prompt(prompt_ids(11, 20), max_tokens=300)
+    request.sampling.logprobs = 1
+    want, _, _ = generate(stub, request)
+    stream = stub.Generate(request, timeout=60)
+    first = next(stream)
+    c.kill_worker(next(w for w in c.workers if w.worker_id == first.worker_id))
+    rest = list(stream)
+    assert list(first.token_ids) + [t for r in rest for t in r.token_ids] == want
+    assert [lp.token_id for r in [first, *rest] for lp in r.logprobs] == want  # logprobs continue
+    assert {r.worker_id for r in rest[-1:]} != {first.worker_id}
+    assert (rest[-1].usage.prompt_tokens, rest[-1].usage.completion_tokens) == (20, 300)
+    assert router.router.metrics.migrations._value.get() == 1
+
+
+def test_worker_dying_mid_stream_past_max_migrations_is_a_clear_error(make_cluster):
+    c = make_cluster()
+    router = c.add_router("round_robin", router_config={"max_migrations": 0})
+    stub = stub_for(router)
+    stream = stub.Generate(token_prompt(prompt_ids(11, 20), max_tokens=300), timeout=60)
     victim = next(stream).worker_id
     c.kill_worker(next(w for w in c.workers if w.worker_id == victim))
     with pytest.raises(grpc.RpcError) as exc:
         list(stream)
     assert exc.value.code() == grpc.StatusCode.INTERNAL
-    assert "after the request started streaming" in exc.value.details()
+    assert "failed mid-stream after 0 migration(s)" in exc.value.details()
     assert generate(stub, token_prompt(prompt_ids(12, 20), max_tokens=2))[2].worker_id != victim
 
 

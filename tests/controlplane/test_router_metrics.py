@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controlplane.errors import NoWorkerError, OverloadedError, WorkerFailedError, error_status
+from controlplane.errors import DeadlineExceededError, NoWorkerError, OverloadedError, WorkerFailedError, error_status
 from controlplane.metrics import REQUEST_STATUSES
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from kvweave.errors import InvalidRequestError
@@ -44,7 +44,7 @@ def segments(*parts: tuple[str, bool]) -> common_pb2.Segments:
 
 def test_every_error_label_is_a_request_status():
     errors = [InvalidRequestError("x"), OverloadedError("x"), NoWorkerError("x"), WorkerFailedError("x"),
-              RuntimeError("x")]
+              DeadlineExceededError("x"), RuntimeError("x")]
     assert {error_status(e).label for e in errors} | {"ok", "cancelled"} == set(REQUEST_STATUSES)
 
 
