@@ -76,6 +76,13 @@ class ClusterConfig:
     """Folder for the children's logs (None: a temp folder removed on stop)."""
     log_level: str | None = None
     """--log-level of the children."""
+    cluster_secret_file: str | None = None
+    """File holding the cluster secret the router and workers share (None: a fresh random one for
+    this cluster, mode 0600 in a private folder removed on stop). See docs/security.md."""
+    redis_password_file: str | None = None
+    """File holding the password of the `redis_url` Redis (the private redis-server gets a fresh one)."""
+    insecure: bool = False
+    """Run the cluster open: no cluster secret, no Redis password (for trusted test setups only)."""
 
     def __post_init__(self) -> None:
         self._check_pools()

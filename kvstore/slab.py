@@ -32,21 +32,22 @@ class SlabFile:
         if self.directory.exists() and not self.directory.is_dir():
             raise TierConfigError(f"{where} is not a directory")
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise TierConfigError(f"{where} cannot be created: {e.strerror or e}") from e
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
             if direct and hasattr(os, "O_DIRECT"):
                 try:
-                    self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                    self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
                     self.direct_io = True
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
                     logger.info("%s does not support O_DIRECT; using buffered I/O", self.directory)
             if self.fd < 0:
-                self.fd = os.open(path, flags, 0o644)
+                self.fd = os.open(path, flags, 0o600)
+            os.fchmod(self.fd, 0o600)  # a file made by an older version or another umask: the service user's only
         except OSError as e:  # opening for writing is the write probe (a read-only mount fails it, even for root)
             raise TierConfigError(f"{where} is not writable: cannot open {path.name}: {e.strerror or e}") from e
         try:

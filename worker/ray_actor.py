@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from typing import Any
 
 from kvweave.registry import NODE_IP
@@ -23,8 +24,18 @@ class WorkerActor:
         self._stop: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
-    async def start(self, engine_args: dict[str, Any], options: dict[str, Any]) -> tuple[str, str]:
-        """Load the model and serve; returns (worker id, address). Raises the worker's start error."""
+    async def start(self, engine_args: dict[str, Any], options: dict[str, Any],
+                    secrets: dict[str, str] | None = None) -> tuple[str, str]:
+        """Load the model and serve; returns (worker id, address). Raises the worker's start error.
+        `secrets`: environment variable (KVWEAVE_CLUSTER_SECRET_FILE, ...) -> the file's content,
+        written to a private (0700) folder of this actor's process."""
+        if secrets:
+            folder = tempfile.mkdtemp(prefix="kvweave-secret-")
+            for name, content in secrets.items():
+                path = os.path.join(folder, name.lower())
+                with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                    f.write(content)
+                os.environ[name] = path
         if options.get("advertise_host") == NODE_IP:
             import ray
 
