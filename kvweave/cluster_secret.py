@@ -199,9 +199,9 @@ def redact(url: str) -> str:
 
 # -- gRPC --------------------------------------------------------------------------------------------
 
-class _TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                        grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds the cluster credential to every call of a channel."""
+class _AddToken:
+    """Adds the cluster credential to a call's metadata. grpc.aio files each interceptor under one
+    kind of call only (the first base it matches), hence one subclass per kind below."""
 
     def __init__(self, token: str) -> None:
         self.token = token
@@ -211,15 +211,23 @@ class _TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStre
         metadata.add(TOKEN_METADATA_KEY, self.token)
         return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
 
+
+class _UnaryUnaryToken(_AddToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _UnaryStreamToken(_AddToken, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _StreamUnaryToken(_AddToken, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         return await continuation(self._details(client_call_details), request_iterator)
 
+
+class _StreamStreamToken(_AddToken, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return await continuation(self._details(client_call_details), request_iterator)
 
@@ -228,7 +236,10 @@ def client_interceptors(secret: ClusterSecret | None = None) -> list | None:
     """Interceptors for a grpc.aio channel to a worker (`interceptors=`): the credential of `secret`
     (default: this process's); None without a secret."""
     secret = secret or get_secret()
-    return None if secret is None else [_TokenInterceptor(secret.grpc_token)]
+    if secret is None:
+        return None
+    kinds = (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
+    return [kind(secret.grpc_token) for kind in kinds]
 
 
 def insecure_channel(address: str, options=None, secret: ClusterSecret | None = None) -> grpc.aio.Channel:
