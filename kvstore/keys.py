@@ -168,5 +168,6 @@ class KVKey:
 
     @property
     def extra(self) -> bytes:
-        """The encoded extra keys this key's hash chain was salted with."""
+        """The encoded extra keys of this key's hash chain, without the cluster's salt (add it with
+        `encode_extra_keys((model, namespace), salt)` in a cluster with a secret)."""
         return encode_extra_keys((self.model, self.namespace))

@@ -6,6 +6,8 @@ refuses it at open, EINVAL, buffered instead) and takes an exclusive `flock` (so
 this process or another, cannot use the same file). `pread` / `pwrite` are positional I/O of whole
 buffers; if O_DIRECT is refused at the first I/O instead (some filesystems accept the flag at open),
 the file drops it and retries buffered. `direct_io` says which is in use. Closing releases the lock.
+The directory is created 0700 and the file 0600 (the service user's only); `directory_mac_key` is
+the key of the entries' MAC kept beside them when the cluster has no secret.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import errno
 import fcntl
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,3 +94,26 @@ class SlabFile:
 
     def __del__(self) -> None:
         self.close()
+
+
+MAC_KEY_FILE = "kvweave-ssd.key"
+MAC_KEY_BYTES = 32
+
+
+def directory_mac_key(directory: str | Path) -> bytes:
+    """The MAC key kept in `directory` (made, 0600, by the first tier that needs it)."""
+    path = Path(directory) / MAC_KEY_FILE
+    if not path.exists():
+        tmp = path.with_name(f".{MAC_KEY_FILE}.{secrets.token_hex(6)}")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(secrets.token_bytes(MAC_KEY_BYTES))
+        try:
+            os.link(tmp, path)  # atomic: a tier of another layout may race us to it
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    key = path.read_bytes()
+    if len(key) != MAC_KEY_BYTES:
+        raise TierConfigError(f"{path} is not an SSD MAC key ({len(key)} bytes, expected {MAC_KEY_BYTES})")
+    return key

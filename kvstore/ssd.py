@@ -35,7 +35,7 @@ the fourth; more parallel raw I/O did not make this disk faster.
 
 Every entry is authenticated: its header carries a 16-byte keyed BLAKE2b MAC of (layout, key,
 payload) under `mac_key` (the "ssd-mac" sub-key of the cluster secret; without a secret, a random
-key in `kvweave-ssd.key`, mode 0600, made once per directory). A get recomputes it (~1 GB/s, beside
+key in `kvweave-ssd.key`, mode 0600, made once per directory: kvstore/slab.py). A get recomputes it (~1 GB/s, beside
 the disk read), so an entry written by anyone without the key, with valid checksums or not, is
 dropped and counted in `stats.corrupt`, never served. Under a new cluster secret old entries are
 unreachable anyway (the block hashes are keyed with it too). The slab file is created 0600 and
@@ -62,7 +62,6 @@ import heapq
 import logging
 import mmap
 import os
-import secrets
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -74,7 +73,7 @@ from kvstore.codec import (HEADER_BYTES, MAC_BYTES, CorruptEntryError, KVLayout,
                            verify)
 from kvstore.dram import copy_in, copy_out
 from kvstore.eviction import EvictionPolicy
-from kvstore.slab import SlabFile
+from kvstore.slab import SlabFile, directory_mac_key
 from kvstore.tier import SlotTier, TierConfigError, capacity_entries
 
 logger = logging.getLogger(__name__)
@@ -102,29 +101,6 @@ def layout_tag(layout: KVLayout) -> str:
 
 def slab_path(directory: str | Path, layout: KVLayout) -> Path:
     return Path(directory) / f"kvweave-slab-{layout_tag(layout)}.bin"
-
-
-MAC_KEY_FILE = "kvweave-ssd.key"
-MAC_KEY_BYTES = 32
-
-
-def directory_mac_key(directory: str | Path) -> bytes:
-    """The MAC key kept in `directory` (made, 0600, by the first tier that needs it)."""
-    path = Path(directory) / MAC_KEY_FILE
-    if not path.exists():
-        tmp = path.with_name(f".{MAC_KEY_FILE}.{secrets.token_hex(6)}")
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-            f.write(secrets.token_bytes(MAC_KEY_BYTES))
-        try:
-            os.link(tmp, path)  # atomic: a tier of another layout may race us to it
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    key = path.read_bytes()
-    if len(key) != MAC_KEY_BYTES:
-        raise TierConfigError(f"{path} is not an SSD MAC key ({len(key)} bytes, expected {MAC_KEY_BYTES})")
-    return key
 
 
 def slot_size(layout: KVLayout) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvstore.codec import HEADER_BYTES, checksum, encode_header
 from kvstore.keys import encode_extra_keys, hash_blocks
-from kvstore.ssd import MAC_KEY_FILE
+from kvstore.slab import MAC_KEY_FILE
 from kvweave.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
