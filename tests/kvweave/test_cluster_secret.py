@@ -122,3 +122,37 @@ def test_extra_keys_cache_is_a_bounded_lru() -> None:
     for i in range(1000):
         cache.get(f"tenant-{i}")
     assert len(cache) == 3
+
+
+@pytest.mark.parametrize("command", ["router", "worker"])
+def test_an_unreadable_secret_file_is_a_clear_cli_error(command, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    short = tmp_path / "secret"
+    short.write_text("too short")
+    for path, message in ((tmp_path / "missing", "cannot read the cluster secret file"),
+                          (short, "must hold 16 to 4096 bytes, has 9")):
+        proc = subprocess.run([sys.executable, "-m", "cli", command, "--cluster-secret-file", str(path),
+                               "--redis-url", "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert "too short" not in proc.stderr  # never what the file holds
+
+
+def test_local_cluster_children_get_the_files_not_the_secret(tmp_path) -> None:
+    from controlplane.cluster import LocalCluster
+
+    secure = LocalCluster(workers=1, model="m")
+    secure._make_security_files()
+    try:
+        env = secure._env()
+        secret_file = env[cluster_secret.SECRET_ENV]
+        assert stat.S_IMODE(os.stat(secret_file).st_mode) == 0o600
+        assert open(secret_file).read() not in " ".join(env.values())
+        assert cluster_secret.REDIS_PASSWORD_ENV in env
+    finally:
+        secure.stop()
+    assert not os.path.exists(secret_file)  # removed with the cluster
+    insecure = LocalCluster(workers=1, model="m", insecure=True)
+    insecure._make_security_files()
+    assert cluster_secret.SECRET_ENV not in insecure._env()
