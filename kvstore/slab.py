@@ -38,6 +38,9 @@ class SlabFile:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise TierConfigError(f"{where} cannot be created: {e.strerror or e}") from e
+        if self.directory.stat().st_mode & 0o077:
+            logger.warning("%s is open to other users (mode %o): make it 0700, KV entries hold prompt content",
+                           where, self.directory.stat().st_mode & 0o777)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
             if direct and hasattr(os, "O_DIRECT"):
