@@ -21,6 +21,7 @@ from typing import Any
 from controlplane.cluster import LocalCluster
 from controlplane.cluster_config import LAUNCHERS, ClusterConfig, ClusterError
 from controlplane.router import RouterConfig
+from kvweave.cluster_secret import redact
 from kvweave.config_flags import add_config_args, config_kwargs, env_name
 
 
@@ -93,7 +94,7 @@ def format_endpoints(cluster: LocalCluster) -> str:
     lines = [f"kvweave cluster ready: {describe_pools(c)} ({c.launcher}), model {c.model}",
              f"  grpc    {cluster.grpc_target}",
              f"  http    {cluster.http_url}/v1",
-             f"  redis   {cluster.redis_url}"]
+             f"  redis   {redact(cluster.redis_url)}"]
     roles = cluster.worker_roles
     lines += [f"  worker  {worker_id} {address} {roles[worker_id]}"
               for worker_id, address in cluster.worker_addresses.items()]

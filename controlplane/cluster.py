@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -37,6 +38,7 @@ from controlplane.cluster_config import (
 )
 from controlplane.procs import LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail
 from controlplane.supervisor import Supervisor
+from kvweave import cluster_secret
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class LocalCluster:
         self._log_dir: Path | None = None
         self._own_log_dir = False
         self._worker_metrics_urls: dict[str, str] = {}
+        self._secret_dir: str | None = None
+        self.security_env: dict[str, str] = {}
+        """KVWEAVE_CLUSTER_SECRET_FILE / KVWEAVE_REDIS_PASSWORD_FILE -> the files the children use."""
         self.port = self.config.port or free_port()
         self.http_port = self.config.http_port or free_port()
         self.supervisor = Supervisor(self.config.restart_policy)
@@ -83,7 +88,21 @@ class LocalCluster:
 
     @property
     def redis_url(self) -> str:
+        """The cluster's Redis, with its password when it has one: for clients in this process only
+        (show `kvweave.cluster_secret.redact(url)`)."""
+        return self._with_password(self._public_redis_url)
+
+    @property
+    def _public_redis_url(self) -> str:
         return self.config.redis_url or self.redis.url
+
+    def _with_password(self, url: str) -> str:
+        if self.redis is not None:
+            return self.redis.client_url
+        path = self.security_env.get(cluster_secret.REDIS_PASSWORD_ENV)
+        if path is None:
+            return url
+        return cluster_secret.with_password(url, cluster_secret.read_redis_password(path))
 
     @property
     def worker_ids(self) -> list[str]:
@@ -126,11 +145,14 @@ class LocalCluster:
         self.supervisor = Supervisor(self.config.restart_policy)  # a fresh one per start
         try:
             self._open_log_dir()
+            self._make_security_files()
             if self.config.redis_url is None:
                 if self.config.ray_address:
                     logger.warning("the private Redis listens on %s only: Ray workers on other nodes need "
                                    "--redis-url", LOCALHOST)
-                self.redis = RedisServer().start()
+                password_file = self.security_env.get(cluster_secret.REDIS_PASSWORD_ENV)
+                password = cluster_secret.read_redis_password(password_file) if password_file else None
+                self.redis = RedisServer(password=password).start()
             self._start_router()
             self.workers = self._make_workers()
             self.workers.start()
@@ -167,13 +189,31 @@ class LocalCluster:
         else:
             self._log_dir, self._own_log_dir = Path(tempfile.mkdtemp(prefix="kvweave-cluster-")), True
 
+    def _make_security_files(self) -> None:
+        """The secret and the Redis password the children read (paths in their environment)."""
+        c = self.config
+        if c.insecure:
+            logger.warning("insecure cluster: no cluster secret, no Redis password")
+            return
+        self._secret_dir = tempfile.mkdtemp(prefix="kvweave-secret-")  # 0700
+        files = cluster_secret.new_cluster_files(self._secret_dir)
+        self.security_env = {cluster_secret.SECRET_ENV: os.path.abspath(c.cluster_secret_file)
+                             if c.cluster_secret_file else files[cluster_secret.SECRET_ENV]}
+        if c.redis_url is None:
+            self.security_env[cluster_secret.REDIS_PASSWORD_ENV] = files[cluster_secret.REDIS_PASSWORD_ENV]
+        elif c.redis_password_file:
+            self.security_env[cluster_secret.REDIS_PASSWORD_ENV] = os.path.abspath(c.redis_password_file)
+        cluster_secret.load_secret(self.security_env[cluster_secret.SECRET_ENV])  # a bad file fails here
+
     def _env(self) -> dict[str, str]:
-        return child_env(PYTHONUNBUFFERED="1")
+        base = {k: v for k, v in child_env().items()
+                if k not in (cluster_secret.SECRET_ENV, cluster_secret.REDIS_PASSWORD_ENV)}
+        return {**base, "PYTHONUNBUFFERED": "1", **self.security_env}
 
     def _router_command(self) -> list[str]:
         c = self.config
         args = ["router", "--host", c.host, "--port", str(self.port), "--http-port", str(self.http_port),
-                "--redis-url", self.redis_url, "--model", c.model, *(["--policy", c.policy] if c.policy else []),
+                "--redis-url", self._public_redis_url, "--model", c.model, *(["--policy", c.policy] if c.policy else []),
                 *(["--lease-s", str(c.lease_s)] if c.lease_s else []), *field_flags(c.router_args)]
         return cli_command(c, *args)
 
@@ -182,8 +222,8 @@ class LocalCluster:
         if self.config.launcher == "ray":
             from controlplane.ray_launcher import RayWorkers
 
-            return RayWorkers(self.config, roles, self.redis_url, self.ray_actor)
-        return LocalWorkers(self.config, roles, self.redis_url, self._log_dir, self._env())
+            return RayWorkers(self.config, roles, self._public_redis_url, self.ray_actor, self.security_env)
+        return LocalWorkers(self.config, roles, self._public_redis_url, self._log_dir, self._env())
 
     def router_alive(self) -> bool:
         return self.router is not None and self.router.poll() is None
@@ -201,8 +241,10 @@ class LocalCluster:
 
         deadline = time.monotonic() + self.config.startup_timeout
         client = aioredis.Redis.from_url(self.redis_url)
+        secret_file = self.security_env.get(cluster_secret.SECRET_ENV)
+        key = cluster_secret.load_secret(secret_file).derive("registry") if secret_file else None
         try:
-            registry, wanted = Registry(client), set(self.workers.worker_ids)
+            registry, wanted = Registry(client, key=key), set(self.workers.worker_ids)
             while True:
                 if (failure := self.check()) is not None:
                     raise ClusterError(failure)
@@ -249,6 +291,9 @@ class LocalCluster:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self._secret_dir is not None:
+            shutil.rmtree(self._secret_dir, ignore_errors=True)
+            self._secret_dir = None
         if self._own_log_dir and self._log_dir is not None:
             shutil.rmtree(self._log_dir, ignore_errors=True)
             self._log_dir = None

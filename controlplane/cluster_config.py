@@ -89,6 +89,13 @@ class ClusterConfig:
     """Delay before restarting a process that died; doubles with each crash in a row (at most 30 s)."""
     restart_stable_s: float = 30.0
     """Uptime after which a restarted process counts as stable (its backoff and count reset)."""
+    cluster_secret_file: str | None = None
+    """File holding the cluster secret the router and workers share (None: a fresh random one for
+    this cluster, mode 0600 in a private folder removed on stop). See docs/security.md."""
+    redis_password_file: str | None = None
+    """File holding the password of the `redis_url` Redis (the private redis-server gets a fresh one)."""
+    insecure: bool = False
+    """Run the cluster open: no cluster secret, no Redis password (for trusted test setups only)."""
 
     def __post_init__(self) -> None:
         self._check_pools()

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 logger = logging.getLogger(__name__)
 
@@ -69,21 +70,38 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port, without persistence."""
+    """A private redis-server on a free loopback port, without persistence. `password`: required of
+    every client (`requirepass`, given in a 0600 config file in the private workdir, never on the
+    command line); `url` then omits it, `client_url` carries it."""
 
-    def __init__(self, port: int | None = None, workdir: str | None = None) -> None:
+    def __init__(self, port: int | None = None, workdir: str | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="kvweave-redis-")
         self.workdir = workdir or self._tmp.name
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://{LOCALHOST}:{self.port}/0"
 
+    @property
+    def client_url(self) -> str:
+        """`url` with the password: for clients in this process only (never a command line or a log)."""
+        return f"redis://:{quote(self.password, safe='')}@{LOCALHOST}:{self.port}/0" if self.password else self.url
+
+    def _config_file(self) -> list[str]:
+        if not self.password:
+            return []
+        path = Path(self.workdir) / "redis.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'requirepass "{self.password}"\n')
+        return [str(path)]
+
     def start(self, timeout: float = 15.0) -> "RedisServer":
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", LOCALHOST, "--save", "",
-                "--appendonly", "no", "--dir", self.workdir, "--protected-mode", "yes"]
+        args = [redis_server_binary(), *self._config_file(), "--port", str(self.port), "--bind", LOCALHOST,
+                "--save", "", "--appendonly", "no", "--dir", self.workdir, "--protected-mode", "yes"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         wait_for_port(self.port, timeout=timeout, proc=self.proc)

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from controlplane.cluster_config import ClusterConfig, ClusterError, heartbeat_s, worker_engine_args
@@ -70,8 +71,13 @@ class RayWorkers:
     `worker.server.WorkerOptions` fields; an `advertise_host` of `kvweave.registry.NODE_IP` asks the
     actor to advertise its node's IP."""
 
-    def __init__(self, config: ClusterConfig, roles: dict[str, str], redis_url: str, actor_cls: type) -> None:
+    def __init__(self, config: ClusterConfig, roles: dict[str, str], redis_url: str, actor_cls: type,
+                 security_env: dict[str, str] | None = None) -> None:
+        """`security_env`: the cluster's KVWEAVE_CLUSTER_SECRET_FILE / KVWEAVE_REDIS_PASSWORD_FILE; the
+        files' contents go to each actor in its `start` call (actors on other nodes cannot read
+        them), which writes them to private files of its own."""
         self.config, self.roles, self.redis_url = config, roles, redis_url
+        self.security_env = security_env or {}
         self.worker_ids = list(roles)
         self.actor_cls = actor_cls
         self.addresses: dict[str, str] = {}
@@ -112,6 +118,10 @@ class RayWorkers:
                    "max_waiting": c.max_waiting}
         return options | ({"lease_s": c.lease_s, "heartbeat_s": heartbeat_s(c.lease_s)} if c.lease_s else {})
 
+    def _secrets(self) -> dict[str, str]:
+        """Environment variable -> the content of the file it names."""
+        return {name: Path(path).read_text() for name, path in self.security_env.items()}
+
     def start(self) -> None:
         """Create the actors and start their workers; `check` reports a failed start."""
         import ray
@@ -124,7 +134,7 @@ class RayWorkers:
         engine_args = {"model": c.model, **c.engine_args}
         for worker_id in self.worker_ids:
             settings = (worker_engine_args(engine_args, worker_id), self._worker_options(worker_id))
-            actor = actor_cls.options(name=f"kvweave-{worker_id}").remote(*settings)
+            actor = actor_cls.options(name=f"kvweave-{worker_id}").remote(*settings, self._secrets())
             self.actors.append(actor)
             self._refs.append(actor.start.remote())
 
@@ -151,6 +161,8 @@ class RayWorkers:
                         logger.warning("Ray worker %s serves again at %s (its actor was restarted)", worker_id,
                                        address)
                     addresses[worker_id] = self.addresses[worker_id] = address
+            self._refs.append(actor.start.remote(worker_engine_args(engine_args, worker_id),
+                                                 self._worker_options(worker_id), self._secrets()))
 
     def check(self) -> str | None:
         """None while every actor's start is pending or succeeded, else why one failed."""

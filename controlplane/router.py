@@ -44,7 +44,8 @@ from kvweave.registry import Registry
 from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogprob, Usage
 from controlplane.worker_pool import PREFILL_ROLES, PoolWorker, WorkerPool
 from kvstore.index import MEDIUMS, KVIndex, local_run
-from kvstore.keys import chunk_block_keys, chunk_hash, encode_extra_keys, hash_blocks
+from kvstore.keys import ExtraKeysCache, chunk_block_keys, chunk_hash, hash_blocks
+from kvweave.cluster_secret import hash_salt
 from kvweave.convert import sampling_to_proto
 from kvweave.v1 import common_pb2, worker_pb2
 from kvweave.defaults import DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST, REGISTRY_LEASE_S
@@ -142,7 +143,7 @@ class Router:
         self.forwarder = Forwarder(self.pool, self.metrics, config.max_attempts, config.max_migrations,
                                    config.stall_timeout_s)
         self.model_names = frozenset({self.model.name, config.model})
-        self._extra_cache: dict[str, bytes] = {}
+        self._extra_cache = ExtraKeysCache(self.model.name, hash_salt())  # bounded LRU, keyed hashes
         self._active: dict[str, RoutedRequest] = {}
         self._background: set[asyncio.Future] = set()
         """Calls nobody awaits (early KV pulls)."""
@@ -299,8 +300,6 @@ class Router:
             return {}
         t0 = time.perf_counter()
         extra = self._extra_cache.get(req.tenant)
-        if extra is None:
-            extra = self._extra_cache.setdefault(req.tenant, encode_extra_keys((self.model.name, req.tenant)))
         by_size: dict[int, list[str]] = {}
         for w in workers:
             by_size.setdefault(w.info.block_size, []).append(w.worker_id)

@@ -25,6 +25,7 @@ from controlplane.grpc_frontend import start_grpc_server
 from controlplane.http_frontend import DEFAULT_MAX_BODY_BYTES, start_http_server
 from controlplane.policies import POLICIES, PolicyError
 from controlplane.router import Router, RouterConfig
+from kvweave import cluster_secret
 from kvweave.config_flags import add_config_args, config_kwargs
 from kvweave.serving import serve_until
 
@@ -120,6 +121,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "a worker found in the Redis registry.")
     add_config_args(p, ServeOptions, flags={"grpc_port": "--port"})
     add_config_args(p, RouterConfig, help=ROUTER_HELP)
+    add_config_args(p, cluster_secret.SecurityOptions)
     p.set_defaults(func=run)
 
 
@@ -129,13 +131,15 @@ def run(args: argparse.Namespace) -> int:
         options = ServeOptions(**config_kwargs(ServeOptions, args))
         if config.policy not in POLICIES:
             raise PolicyError(f"unknown routing policy {config.policy!r}; valid: {', '.join(POLICIES)}")
+        cluster_secret.install(cluster_secret.SecurityOptions(**config_kwargs(cluster_secret.SecurityOptions, args)))
+        shown_url, config.redis_url = config.redis_url, cluster_secret.redis_url(config.redis_url)  # password in memory only
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(config, options))
     except redis.RedisError as e:
-        print(f"error: cannot reach Redis at {config.redis_url}: {e}", file=sys.stderr)
+        print(f"error: cannot reach Redis at {cluster_secret.redact(shown_url)}: {e}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:  # port taken, model not found
         print(f"error: {e}", file=sys.stderr)

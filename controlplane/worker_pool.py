@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.policies import WorkerState
 from kvstore.index import local_run
+from kvweave import cluster_secret
 from kvweave.registry import ROLES, Registry, WorkerInfo
 from kvweave.v1 import worker_pb2_grpc
 
@@ -163,7 +164,7 @@ class WorkerPool:
                 self.workers[worker_id].info = info
             else:
                 logger.info("worker %s joined at %s (model %s, role %s)", worker_id, info.address, info.model, info.role)
-                channel = grpc.aio.insecure_channel(info.address, options=_CHANNEL_OPTIONS)
+                channel = cluster_secret.insecure_channel(info.address, options=_CHANNEL_OPTIONS)  # with the credential
                 self.workers[worker_id] = PoolWorker(info, channel, worker_pb2_grpc.WorkerStub(channel))
         if self.on_change is not None:
             self.on_change(dict(Counter(w.info.role for w in self.workers.values())))

@@ -4,8 +4,11 @@ An entry is one tensor (for a prefix block of the paged cache: [2, n_layers, n_k
 block_size, head_dim] in the model's dtype). Its `KVLayout` (dtype and shape) fixes its size, so
 a store can hold entries in fixed-size slots. The header (`HEADER_BYTES`, little-endian) carries
 the layout, the entry's 16-byte key hash, the payload size, an XXH3-64 checksum of the payload
-(~20 GB/s here; zlib's CRC32 runs at ~4 GB/s) and a checksum of the header itself (its zero
-padding is checked too), so that a torn or flipped header is detected as surely as a damaged payload.
+(~20 GB/s here; zlib's CRC32 runs at ~4 GB/s), a 16-byte keyed MAC of the entry (set by a store
+that authenticates its entries, kvstore/ssd.py; zeros otherwise) and a checksum of the header
+itself (its zero padding is checked too), so that a torn or flipped header is detected as surely
+as a damaged payload. The checksums catch damage; only the MAC, under a key the writer holds,
+tells a forged entry from a real one.
 
 Tensors become bytes and back without copies (`as_bytes`, `from_bytes`): a contiguous tensor is
 viewed as uint8 and exposed through numpy's buffer; bf16 has no numpy dtype, which is why the
@@ -23,15 +26,17 @@ import xxhash
 from kvstore.keys import HASH_BYTES
 
 MAGIC = b"KVW1"
-VERSION = 1
+VERSION = 2
+"""2: the header carries a MAC (version 1 entries are refused, and an SSD tier erases them at start)."""
+MAC_BYTES = 16
 MAX_DIMS = 6
 KIND_CODES = {"block": 1, "chunk": 2}
 KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.uint8: 4, torch.int8: 5}
 DTYPES_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
 
-# magic, version, kind, dtype, ndim, shape[6], key, payload bytes, payload checksum, header checksum
-_HEADER = struct.Struct(f"<4sHBBB{MAX_DIMS}I{HASH_BYTES}sQQ")
+# magic, version, kind, dtype, ndim, shape[6], key, payload bytes, payload checksum, MAC; header checksum
+_HEADER = struct.Struct(f"<4sHBBB{MAX_DIMS}I{HASH_BYTES}sQQ{MAC_BYTES}s")
 _HEADER_CHECKSUM = struct.Struct("<Q")
 HEADER_BYTES = 128
 assert _HEADER.size + _HEADER_CHECKSUM.size <= HEADER_BYTES
@@ -78,6 +83,7 @@ class EntryHeader:
     layout: KVLayout
     payload_bytes: int
     checksum: int
+    mac: bytes = bytes(MAC_BYTES)
 
 
 def checksum(data) -> int:
@@ -104,12 +110,13 @@ def from_bytes(data, layout: KVLayout) -> torch.Tensor:
     return torch.from_numpy(arr).view(layout.dtype).view(layout.shape)
 
 
-def encode_header(key: bytes, layout: KVLayout, payload_checksum: int, kind: str = "block") -> bytes:
-    if len(key) != HASH_BYTES:
-        raise ValueError(f"key must be {HASH_BYTES} bytes")
+def encode_header(key: bytes, layout: KVLayout, payload_checksum: int, kind: str = "block",
+                  mac: bytes = bytes(MAC_BYTES)) -> bytes:
+    if len(key) != HASH_BYTES or len(mac) != MAC_BYTES:
+        raise ValueError(f"key must be {HASH_BYTES} bytes, mac {MAC_BYTES}")
     shape = tuple(layout.shape) + (0,) * (MAX_DIMS - len(layout.shape))
     body = _HEADER.pack(MAGIC, VERSION, KIND_CODES[kind], DTYPE_CODES[layout.dtype], len(layout.shape), *shape,
-                        key, layout.nbytes, payload_checksum)
+                        key, layout.nbytes, payload_checksum, mac)
     return body + _HEADER_CHECKSUM.pack(checksum(body)) + _PADDING
 
 
@@ -128,13 +135,13 @@ def decode_header(data) -> EntryHeader:
         raise CorruptEntryError("header padding is not zero")
     if version != VERSION:
         raise CorruptEntryError(f"unsupported entry version {version}")
-    shape, key, payload_bytes, payload_checksum = rest[:MAX_DIMS], rest[MAX_DIMS], rest[MAX_DIMS + 1], rest[MAX_DIMS + 2]
+    shape, (key, payload_bytes, payload_checksum, mac) = rest[:MAX_DIMS], rest[MAX_DIMS:]
     if kind not in KIND_NAMES or dtype not in DTYPES_BY_CODE or not 0 < ndim <= MAX_DIMS:
         raise CorruptEntryError("header has an unknown kind, dtype or rank")
     layout = KVLayout(DTYPES_BY_CODE[dtype], tuple(shape[:ndim]))
     if layout.nbytes != payload_bytes:
         raise CorruptEntryError(f"header payload size {payload_bytes} does not match layout {layout}")
-    return EntryHeader(key, KIND_NAMES[kind], layout, payload_bytes, payload_checksum)
+    return EntryHeader(key, KIND_NAMES[kind], layout, payload_bytes, payload_checksum, mac)
 
 
 def verify(header: EntryHeader, payload) -> None:

@@ -127,7 +127,7 @@ class DistServer:
         except dist_group.GroupError as e:
             await context.abort(grpc.StatusCode.INTERNAL, f"cannot open a store: {dist_group.error_text(e)}")
         timeout_s = min(request.connect_timeout_ms / 1000 or DEFAULT_CONNECT_TIMEOUT_S, MAX_CONNECT_TIMEOUT_S)
-        pair_id = secrets.token_hex(8)
+        pair_id = secrets.token_hex(16)  # 128 bits: the store prefix of a pair, given only over authenticated gRPC
         loop = asyncio.get_running_loop()
         group = loop.run_in_executor(self._executor, dist_group.new_pair_group, store, pair_id, 0, backend, self.host,
                                      timeout_s)

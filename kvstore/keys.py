@@ -7,12 +7,17 @@ so a block hash names the whole prefix that ends with that block (as in vLLM's p
 namespace (tenants never share KV), adapters. The worker's block manager, the KV store and the
 router all hash with these functions, so a hash means the same thing in every process.
 
+With a cluster secret the extra keys end with a salt derived from it (`encode_extra_keys`), so
+hashes are keyed: the index in Redis and the data plane name blocks by values nobody outside the
+cluster can link to a text.
+
 Hashes are 16-byte BLAKE2b digests: stable across processes and Python versions (unlike
 `hash()`), and cheap (~1 us per block).
 """
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NewType
@@ -27,9 +32,36 @@ HASH_BYTES = 16
 ROOT_HASH = BlockHash(hashlib.blake2b(b"kvweave-root", digest_size=HASH_BYTES).digest())
 
 
-def encode_extra_keys(extra_keys: Sequence[str | int]) -> bytes:
-    """Stable byte form of extra keys (model name, tenant namespace, ...)."""
-    return "\x1f".join(str(k) for k in extra_keys).encode()
+def encode_extra_keys(extra_keys: Sequence[str | int], salt: bytes = b"") -> bytes:
+    """Stable byte form of extra keys (model name, tenant namespace, ...). `salt`: the cluster's
+    secret hash salt (`kvweave.cluster_secret.hash_salt()`, b"" in an open cluster); with it every
+    block and chunk hash is keyed, so nobody without the secret can compute the hash of a guessed
+    text (BLAKE2b has no length extension, so a secret suffix keys it as a prefix would)."""
+    encoded = "\x1f".join(str(k) for k in extra_keys).encode()
+    return encoded + b"\x1e" + salt if salt else encoded
+
+
+class ExtraKeysCache:
+    """`encode_extra_keys((model, namespace), salt)` per namespace, for the `max_entries` namespaces
+    used last (an LRU: a router sees any number of tenants, and must not keep one entry each forever)."""
+
+    def __init__(self, model: str, salt: bytes = b"", max_entries: int = 4096) -> None:
+        assert max_entries > 0
+        self.model, self.salt, self.max_entries = model, salt, max_entries
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, namespace: str) -> bytes:
+        extra = self._entries.get(namespace)
+        if extra is not None:
+            self._entries.move_to_end(namespace)
+            return extra
+        extra = self._entries[namespace] = encode_extra_keys((self.model, namespace), self.salt)
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return extra
 
 
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra: bytes = b"") -> BlockHash:
@@ -136,5 +168,6 @@ class KVKey:
 
     @property
     def extra(self) -> bytes:
-        """The encoded extra keys this key's hash chain was salted with."""
+        """The encoded extra keys of this key's hash chain, without the cluster's salt (add it with
+        `encode_extra_keys((model, namespace), salt)` in a cluster with a secret)."""
         return encode_extra_keys((self.model, self.namespace))

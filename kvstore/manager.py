@@ -24,6 +24,7 @@ from kvstore.codec import KVLayout
 from kvstore.eviction import EVICTION_POLICIES, make_eviction_policy
 from kvstore.events import BlockRemoved, BlockStored, BlockTouched
 from kvstore.tier import KVTier, TierConfigError
+from kvweave.cluster_secret import derive
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class TierManager:
             self.tiers.append(DRAMTier(layout, config.dram_cache_gb * GB, make_eviction_policy(config.eviction_policy)))
         if config.ssd_cache_gb is not None:
             self.tiers.append(SSDTier(layout, config.ssd_cache_gb * GB, config.ssd_cache_dir,
-                                      make_eviction_policy(config.eviction_policy)))
+                                      make_eviction_policy(config.eviction_policy), mac_key=derive("ssd-mac")))
         for upper, lower in zip(self.tiers, self.tiers[1:]):
             upper.on_evict = self._demoter(upper, lower)
         for tier in self.tiers:

@@ -6,6 +6,8 @@ refuses it at open, EINVAL, buffered instead) and takes an exclusive `flock` (so
 this process or another, cannot use the same file). `pread` / `pwrite` are positional I/O of whole
 buffers; if O_DIRECT is refused at the first I/O instead (some filesystems accept the flag at open),
 the file drops it and retries buffered. `direct_io` says which is in use. Closing releases the lock.
+The directory is created 0700 and the file 0600 (the service user's only); `directory_mac_key` is
+the key of the entries' MAC kept beside them when the cluster has no secret.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import errno
 import fcntl
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,21 +35,25 @@ class SlabFile:
         if self.directory.exists() and not self.directory.is_dir():
             raise TierConfigError(f"{where} is not a directory")
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise TierConfigError(f"{where} cannot be created: {e.strerror or e}") from e
+        if self.directory.stat().st_mode & 0o077:
+            logger.warning("%s is open to other users (mode %o): make it 0700, KV entries hold prompt content",
+                           where, self.directory.stat().st_mode & 0o777)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
             if direct and hasattr(os, "O_DIRECT"):
                 try:
-                    self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                    self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
                     self.direct_io = True
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
                     logger.info("%s does not support O_DIRECT; using buffered I/O", self.directory)
             if self.fd < 0:
-                self.fd = os.open(path, flags, 0o644)
+                self.fd = os.open(path, flags, 0o600)
+            os.fchmod(self.fd, 0o600)  # a file made by an older version or another umask: the service user's only
         except OSError as e:  # opening for writing is the write probe (a read-only mount fails it, even for root)
             raise TierConfigError(f"{where} is not writable: cannot open {path.name}: {e.strerror or e}") from e
         try:
@@ -90,3 +97,26 @@ class SlabFile:
 
     def __del__(self) -> None:
         self.close()
+
+
+MAC_KEY_FILE = "kvweave-ssd.key"
+MAC_KEY_BYTES = 32
+
+
+def directory_mac_key(directory: str | Path) -> bytes:
+    """The MAC key kept in `directory` (made, 0600, by the first tier that needs it)."""
+    path = Path(directory) / MAC_KEY_FILE
+    if not path.exists():
+        tmp = path.with_name(f".{MAC_KEY_FILE}.{secrets.token_hex(6)}")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(secrets.token_bytes(MAC_KEY_BYTES))
+        try:
+            os.link(tmp, path)  # atomic: a tier of another layout may race us to it
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    key = path.read_bytes()
+    if len(key) != MAC_KEY_BYTES:
+        raise TierConfigError(f"{path} is not an SSD MAC key ({len(key)} bytes, expected {MAC_KEY_BYTES})")
+    return key

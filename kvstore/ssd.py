@@ -33,6 +33,14 @@ the raw write bandwidth (reads 0.3-0.6), batched 0.4-0.75 (reads 0.45-0.9). Batc
 with the copies reached 0.45-0.55; two I/O threads beat one in three A/B runs of four and tied in
 the fourth; more parallel raw I/O did not make this disk faster.
 
+Every entry is authenticated: its header carries a 16-byte keyed BLAKE2b MAC of (layout, key,
+payload) under `mac_key` (the "ssd-mac" sub-key of the cluster secret; without a secret, a random
+key in `kvweave-ssd.key`, mode 0600, made once per directory: kvstore/slab.py). A get recomputes it (~1 GB/s, beside
+the disk read), so an entry written by anyone without the key, with valid checksums or not, is
+dropped and counted in `stats.corrupt`, never served. Under a new cluster secret old entries are
+unreachable anyway (the block hashes are keyed with it too). The slab file is created 0600 and
+its directory 0700: the service user's only.
+
 Nothing is fsynced: this is a cache. A write torn by a crash leaves a slot whose header checksum
 (which covers the key and the payload checksum) or payload checksum fails, so it is never served.
 A removed slot gets its header zeroed, so a restart does not bring it back (an evicted slot is
@@ -48,6 +56,8 @@ a restart, eviction order starts from slot order.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import heapq
 import logging
 import mmap
@@ -59,10 +69,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvstore.codec import HEADER_BYTES, CorruptEntryError, KVLayout, checksum, decode_header, encode_header, verify
+from kvstore.codec import (HEADER_BYTES, MAC_BYTES, CorruptEntryError, KVLayout, checksum, decode_header, encode_header,
+                           verify)
 from kvstore.dram import copy_in, copy_out
 from kvstore.eviction import EvictionPolicy
-from kvstore.slab import SlabFile
+from kvstore.slab import SlabFile, directory_mac_key
 from kvstore.tier import SlotTier, TierConfigError, capacity_entries
 
 logger = logging.getLogger(__name__)
@@ -108,7 +119,8 @@ class SSDTier(SlotTier):
 
     def __init__(self, layout: KVLayout, capacity_bytes: float, directory: str | Path,
                  policy: EvictionPolicy | None = None, use_direct_io: bool | None = None,
-                 max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
+                 max_batch_bytes: int = MAX_BATCH_BYTES, mac_key: bytes | None = None) -> None:
+        """`mac_key`: the key of the entries' MAC (None: the directory's own, see `directory_mac_key`)."""
         self.slot_bytes = slot_size(layout)
         capacity = capacity_entries("SSD", capacity_bytes, layout, self.slot_bytes)
         super().__init__("ssd", layout, capacity, policy)
@@ -136,6 +148,8 @@ class SSDTier(SlotTier):
         self._batch_errors: list[CorruptEntryError | None] = [None] * self.batch_slots
         try:
             self._file = SlabFile(self.directory, self.path, use_direct_io is not False)
+            self._mac_key = mac_key or directory_mac_key(self.directory)
+            self._mac_prefix = layout_tag(layout).encode()
             self._load()
         except BaseException:
             self.close()
@@ -197,9 +211,18 @@ class SSDTier(SlotTier):
 
     # --- slot I/O ---------------------------------------------------------------------------
 
+    def _mac(self, key: bytes, payload: np.ndarray) -> bytes:
+        h = hashlib.blake2b(self._mac_prefix, key=self._mac_key, digest_size=MAC_BYTES)
+        h.update(key)
+        h.update(payload)
+        return h.digest()
+
+    def _header(self, key: bytes, payload: np.ndarray) -> bytes:
+        return encode_header(key, self.layout, checksum(payload), mac=self._mac(key, payload))
+
     def _write_slot(self, slot: int, key: bytes, value: torch.Tensor) -> None:
         copy_in(self._payload, value)
-        self._view[:HEADER_BYTES] = encode_header(key, self.layout, checksum(self._payload))
+        self._view[:HEADER_BYTES] = self._header(key, self._payload)
         self._file.pwrite(self._view, slot * self.slot_bytes)
 
     def _read_slot(self, slot: int, key: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,6 +243,8 @@ class SSDTier(SlotTier):
         if header.key != key or header.layout != self.layout:
             raise CorruptEntryError(f"slot {slot} holds another entry ({header.key.hex()}, {header.layout})")
         verify(header, payload)
+        if not hmac.compare_digest(header.mac, self._mac(key, payload)):
+            raise CorruptEntryError(f"slot {slot}: MAC mismatch (an entry written without this store's key)")
 
     # --- batched I/O ------------------------------------------------------------------------
 
@@ -377,7 +402,7 @@ class SSDTier(SlotTier):
                 for j, key in enumerate(chunk, base):
                     payload = self._batch_payloads[j]
                     copy_in(payload, values[pending[key]])
-                    self._batch_slot_views[j][:HEADER_BYTES] = encode_header(key, self.layout, checksum(payload))
+                    self._batch_slot_views[j][:HEADER_BYTES] = self._header(key, payload)
                 done: list[int] = []
                 if parts == 1 or start + seg >= len(order):  # the last job: here, beside the others
                     try:

@@ -13,8 +13,8 @@ import torch
 
 from kvstore.codec import DTYPE_CODES, MAX_DIMS, KVLayout, checksum
 from kvstore.tcp_wire import (HEADER, KEEP_BUFFER_BYTES, LAYER, LAYER_MAGIC, MAX_ERROR_MESSAGE_BYTES, PROTOCOL_VERSION,
-                              RESPONSE_MAGIC, STATUS_NAMES, STATUS_OK, ConnectionClosed, encode_request, pack_shape,
-                              recv_exactly, split_host_port)
+                              RESPONSE_MAGIC, STATUS_NAMES, STATUS_OK, ConnectionClosed, HandshakeError,
+                              client_handshake, encode_request, pack_shape, recv_exactly, split_host_port)
 from kvstore.transfer_source import (TransferError, check_fetch_args, empty_entries, empty_layer_major, layer_geometry,
                                      layout_from_code, short_message)
 
@@ -53,13 +53,15 @@ class _Connection:
 class KVDataClient:
     """Fetches KV from peers' data servers, keeping up to `max_idle_per_peer` open connections per
     data address (for at most `max_peers` addresses, least recently used dropped first). Used by
-    `TransferClient`; use it directly given a data address ("host:port" of a KVDataServer)."""
+    `TransferClient`; use it directly given a data address ("host:port" of a KVDataServer). `key`: the
+    data plane's sub-key of the cluster secret, for the handshake of each new connection."""
 
-    def __init__(self, max_peers: int = 64, max_idle_per_peer: int = 4) -> None:
+    def __init__(self, max_peers: int = 64, max_idle_per_peer: int = 4, key: bytes | None = None) -> None:
         if max_peers <= 0 or max_idle_per_peer < 0:
             raise ValueError("max_peers must be positive and max_idle_per_peer not negative")
         self.max_peers = max_peers
         self.max_idle_per_peer = max_idle_per_peer
+        self.key = key
         self._idle: OrderedDict[str, list[_Connection]] = OrderedDict()
 
     def idle_connections(self, address: str) -> int:
@@ -100,6 +102,8 @@ class KVDataClient:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 await loop.sock_connect(sock, sockaddr)
+                if self.key is not None:
+                    await self._handshake(loop, sock, peer)
                 return _Connection(sock)
             except OSError as e:
                 sock.close()
@@ -109,6 +113,15 @@ class KVDataClient:
                 raise
         raise DataPlaneUnreachableError(f"KV fetch from {peer}: cannot connect to data address {address}: "
                                         f"{short_message(error or 'no address')}")
+
+    async def _handshake(self, loop, sock: socket.socket, peer: str) -> None:
+        try:
+            await client_handshake(loop, sock, self.key)
+        except HandshakeError as e:
+            raise TransferError(f"KV fetch from {peer}: {e}") from None
+        except ConnectionClosed:
+            raise TransferError(f"KV fetch from {peer}: the data server closed the connection during the handshake "
+                                f"(it holds another cluster secret, or none)") from None
 
     async def fetch_kv(self, address: str, keys: list[bytes], layout: KVLayout, timeout_s: float,
                        out: torch.Tensor | None = None, *, peer: str | None = None) -> torch.Tensor:

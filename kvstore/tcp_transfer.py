@@ -35,7 +35,8 @@ import torch
 from kvstore.codec import MAX_DIMS, KVLayout, checksum
 from kvstore.keys import HASH_BYTES
 from kvstore.tcp_wire import (KEEP_BUFFER_BYTES, LAYER, LAYER_MAGIC, PROTOCOL_VERSION, REQUEST, REQUEST_MAGIC,
-                              ConnectionClosed, encode_error, encode_header, recv_exactly)
+                              ConnectionClosed, HandshakeError, encode_error, encode_header, recv_exactly,
+                              server_handshake)
 from kvstore.transfer_source import (DEFAULT_MAX_KEYS, KVSource, LayerGather, export_entries, layout_from_code,
                                      short_message)
 
@@ -59,11 +60,13 @@ class KVDataServer:
     default) and returns the port; `await stop()` closes it. Give it to `KVTransferService`
     (`KVTransferService(source, data_server)`) so that `DataPort` tells clients where it is.
     `on_served(nbytes, seconds)`: called after each request answered in full (KV bytes sent, time
-    from the request to the last byte)."""
+    from the request to the last byte). `key`: the data plane's sub-key of the cluster secret; with
+    one, a connection must pass the handshake (kvstore/tcp_wire.py) before any request, and
+    `num_refused` counts those that did not."""
 
     def __init__(self, source: KVSource, host: str = "127.0.0.1", port: int = 0, max_keys: int = DEFAULT_MAX_KEYS,
                  write_timeout_s: float = 60.0, backlog: int = 128,
-                 on_served: Callable[[int, float], None] | None = None) -> None:
+                 on_served: Callable[[int, float], None] | None = None, key: bytes | None = None) -> None:
         if max_keys <= 0:
             raise ValueError("max_keys must be positive")
         if not write_timeout_s > 0:
@@ -75,6 +78,8 @@ class KVDataServer:
         self.write_timeout_s = write_timeout_s
         self.backlog = backlog
         self.on_served = on_served
+        self.key = key
+        self.num_refused = 0
         self.port = 0
         """The bound port once started (0 before and after)."""
         self._listener: socket.socket | None = None
@@ -177,6 +182,8 @@ class KVDataServer:
         head = memoryview(bytearray(REQUEST.size))
         buffer: list[np.ndarray | None] = [None]  # the layer buffer, reused by the next request if small
         try:
+            if self.key is not None and not await self._authenticate(loop, sock):
+                return
             while not self._stopping:
                 try:
                     await recv_exactly(loop, sock, head)
@@ -196,6 +203,17 @@ class KVDataServer:
             logger.debug("KV data server: connection closed: %s", e)
         except Exception:
             logger.exception("KV data server: connection failed")
+
+    async def _authenticate(self, loop, sock: socket.socket) -> bool:
+        try:
+            await server_handshake(loop, sock, self.key)
+            return True
+        except (HandshakeError, ConnectionClosed, TimeoutError) as e:
+            self.num_refused += 1
+            if self.num_refused == 1 or self.num_refused % 1000 == 0:
+                logger.warning("KV data server: refused %d connection(s) without the cluster's credential (%s)",
+                               self.num_refused, type(e).__name__)
+            return False
 
     async def _read_request(self, loop, sock: socket.socket, head: memoryview) -> tuple[list[bytes], KVLayout]:
         magic, version, dtype, ndim, *rest = REQUEST.unpack(head)

@@ -14,10 +14,23 @@ one after another: a client pools connections).
   layer     (n > 0, one per layer, in order) magic "KVWL", u32 layer, u64 byte length, u64
             XXH3-64 of the data (24 bytes), then the data: entries[:, :, layer] stacked as
             [n, shape[0], *shape[2:]], contiguous (the layer-major layout of the gRPC path).
+
+Handshake (only a server given a key, the "kv-data-plane" sub-key of the cluster secret; the
+key never crosses the wire): on accept the server sends
+  challenge magic "KVWA", u16 version, 32-byte server nonce Ns (38 bytes)
+the client answers
+  answer    magic "KVWA", 32-byte client nonce Nc, HMAC-SHA256(key, "client" Ns Nc) (68 bytes)
+and the server, if the MAC is right, proves it holds the key too
+  proof     magic "KVWA", HMAC-SHA256(key, "server" Nc Ns) (36 bytes)
+before any request. A wrong or late answer (HANDSHAKE_TIMEOUT_S) closes the connection without a
+word; a client holding the key refuses a server whose proof is wrong.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 import socket
 import struct
 
@@ -41,6 +54,12 @@ MAX_ERROR_MESSAGE_BYTES = 4096
 KEEP_BUFFER_BYTES = 8 * 1024 * 1024
 """Layer buffers up to this size stay with a connection between requests (larger ones are freed)."""
 _NO_SHAPE = (0,) * MAX_DIMS
+AUTH_MAGIC = b"KVWA"
+NONCE_BYTES = 32
+CHALLENGE = struct.Struct("<4sH32s")
+ANSWER = struct.Struct("<4s32s32s")
+PROOF = struct.Struct("<4s32s")
+HANDSHAKE_TIMEOUT_S = 5.0
 
 
 class ConnectionClosed(Exception):
@@ -89,3 +108,41 @@ def split_host_port(address: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
+
+
+class HandshakeError(Exception):
+    """The other end failed the data plane's handshake (or does not speak it)."""
+
+
+def _mac(key: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(key, role + first + second, hashlib.sha256).digest()
+
+
+async def _recv_frame(loop, sock: socket.socket, frame: struct.Struct) -> tuple:
+    data = bytearray(frame.size)
+    async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+        await recv_exactly(loop, sock, memoryview(data))
+    return frame.unpack(data)
+
+
+async def server_handshake(loop, sock: socket.socket, key: bytes) -> None:
+    """Challenge the client; HandshakeError (or ConnectionClosed, TimeoutError) when it fails."""
+    server_nonce = secrets.token_bytes(NONCE_BYTES)
+    await loop.sock_sendall(sock, CHALLENGE.pack(AUTH_MAGIC, PROTOCOL_VERSION, server_nonce))
+    magic, client_nonce, mac = await _recv_frame(loop, sock, ANSWER)
+    if magic != AUTH_MAGIC or not hmac.compare_digest(mac, _mac(key, b"client", server_nonce, client_nonce)):
+        raise HandshakeError("the client failed the handshake")
+    await loop.sock_sendall(sock, PROOF.pack(AUTH_MAGIC, _mac(key, b"server", client_nonce, server_nonce)))
+
+
+async def client_handshake(loop, sock: socket.socket, key: bytes) -> None:
+    """Answer the server's challenge and check its proof; HandshakeError (or ConnectionClosed,
+    TimeoutError) when it fails."""
+    magic, version, server_nonce = await _recv_frame(loop, sock, CHALLENGE)
+    if magic != AUTH_MAGIC or version != PROTOCOL_VERSION:
+        raise HandshakeError("the server did not send the handshake's challenge")
+    client_nonce = secrets.token_bytes(NONCE_BYTES)
+    await loop.sock_sendall(sock, ANSWER.pack(AUTH_MAGIC, client_nonce, _mac(key, b"client", server_nonce, client_nonce)))
+    magic, mac = await _recv_frame(loop, sock, PROOF)
+    if magic != AUTH_MAGIC or not hmac.compare_digest(mac, _mac(key, b"server", client_nonce, server_nonce)):
+        raise HandshakeError("the server failed the handshake (it does not hold the cluster secret)")

@@ -50,6 +50,12 @@ order), starts where the previous piece ended, fits in the layer and matches its
 stream ends exactly when the last layer is complete. Any violation, gRPC error or the deadline of
 the whole call raises `TransferError` naming the peer: partial or unverified KV is never returned.
 
+Authentication. With a cluster secret (kvweave/cluster_secret.py) every KVTransfer call needs the
+cluster credential (UNAUTHENTICATED otherwise; the server interceptor refuses it before parsing
+the request), and a data connection passes a challenge-response handshake before any block
+(kvstore/tcp_wire.py). The dist transport's rendezvous (`DistConnect`) is an authenticated gRPC
+call, but the gloo TCPStore and pair connections it opens are not authenticated by gloo itself.
+
 Copies. Data messages are encoded by hand and decoded in place (kvstore/transfer_wire.py); the
 layouts, sources and layer gathering both transports share are in kvstore/transfer_source.py. Pieces are written straight into the
 preallocated output through a uint8 view. Both ends use `GRPC_OPTIONS` (message-size limits): a
@@ -69,6 +75,7 @@ from kvstore.keys import HASH_BYTES
 from kvstore.transfer_source import (DEFAULT_MAX_KEYS, KVSource, LayerGather, export_entries, layout_from_proto,
                                      layout_to_proto, short_message)
 from kvstore.transfer_wire import encode_chunk, proto_chunk, serialize_response
+from kvweave.cluster_secret import ClusterSecret, server_interceptors
 from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -240,23 +247,27 @@ class TransferServer:
 
 
 async def serve_transfer(source: KVSource, host: str = "127.0.0.1", port: int = 0, data_plane: bool = True,
-                         dist: bool = True, **service_kwargs) -> tuple[TransferServer, int]:
+                         dist: bool = True, secret: ClusterSecret | None = None,
+                         **service_kwargs) -> tuple[TransferServer, int]:
     """(started TransferServer, bound gRPC port): a grpc.aio server with only a KVTransferService
     over `source` and, when `data_plane`, a KVDataServer on a free port of the same host that
     DataPort announces; when `dist`, a DistServer on `host` (opening its store at the first
-    DistConnect). `await server.stop(grace)` stops them all."""
+    DistConnect). `await server.stop(grace)` stops them all. `secret`: the cluster secret (None:
+    open): gRPC calls need its credential and data connections its handshake."""
     from kvstore.dist_transfer import DistServer
 
     data_server = dist_server = None
     if data_plane:
         from kvstore.tcp_transfer import KVDataServer
 
-        data_server = KVDataServer(source, host, max_keys=service_kwargs.get("max_keys", DEFAULT_MAX_KEYS))
+        data_server = KVDataServer(source, host, max_keys=service_kwargs.get("max_keys", DEFAULT_MAX_KEYS),
+                                   key=secret.derive("kv-data-plane") if secret else None)
         await data_server.start()
     try:
         if dist:
             dist_server = DistServer(source, host, on_served=service_kwargs.get("on_served"))
-        server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)],
+                                 interceptors=server_interceptors(secret) if secret else None)
         KVTransferService(source, data_server, dist_server=dist_server, **service_kwargs).add_to_server(server)
         bound = server.add_insecure_port(f"{host}:{port}")
         if not bound:

@@ -17,6 +17,7 @@ from kvstore.transfer import DEFAULT_CHUNK_BYTES, GRPC_OPTIONS, MAX_CHUNK_BYTES,
 from kvstore.transfer_source import (TransferError, check_fetch_args, empty_entries, layer_geometry,
                                      layout_from_proto, layout_to_proto, short_message)
 from kvstore.transfer_wire import decode_response
+from kvweave.cluster_secret import ClusterSecret, client_interceptors
 from kvweave.v1 import kvtransfer_pb2
 
 logger = logging.getLogger(__name__)
@@ -191,10 +192,13 @@ class TransferClient:
 
     Reuses one grpc.aio channel per address and up to `max_idle_connections` data connections per
     peer (for at most `max_channels` addresses, least recently used closed first). Channels,
-    connections and pairs belong to the event loop that created them."""
+    connections and pairs belong to the event loop that created them.
+
+    `secret`: the cluster secret (None: an open cluster); its gRPC calls then carry the cluster
+    credential and its data connections pass the data plane's handshake."""
 
     def __init__(self, max_channels: int = 64, transport: str = "auto", max_idle_connections: int = 4,
-                 dist_backend: str = "gloo") -> None:
+                 dist_backend: str = "gloo", secret: ClusterSecret | None = None) -> None:
         from kvstore.dist_client import DistClient
         from kvstore.tcp_client import KVDataClient
 
@@ -204,10 +208,12 @@ class TransferClient:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.max_channels = max_channels
         self.transport = transport
+        self.secret = secret
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
         self._data_ports: OrderedDict[str, int] = OrderedDict()  # address -> data port (0: none)
-        self.data_client = KVDataClient(max_peers=max_channels, max_idle_per_peer=max_idle_connections)
+        self.data_client = KVDataClient(max_peers=max_channels, max_idle_per_peer=max_idle_connections,
+                                        key=secret.derive("kv-data-plane") if secret else None)
         self.dist_client = DistClient(dist_backend, max_peers=max_channels)
 
     def channel(self, address: str) -> grpc.aio.Channel:
@@ -215,7 +221,8 @@ class TransferClient:
         if channel is not None:
             self._channels.move_to_end(address)
             return channel
-        channel = self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        channel = self._channels[address] = grpc.aio.insecure_channel(
+            address, options=GRPC_OPTIONS, interceptors=client_interceptors(self.secret) if self.secret else None)
         while len(self._channels) > self.max_channels:
             _, old = self._channels.popitem(last=False)
             task = asyncio.ensure_future(old.close())

@@ -6,14 +6,26 @@ disappears when its key expires (within one lease); `list_workers` also drops it
 
 Workers write it and the router reads it, so it sits in the shared bottom layer with the types
 both sides exchange through it (`WorkerInfo`, `WorkerLoad`, `ROLES`).
+
+Signed entries: with a cluster secret (kvweave/cluster_secret.py) an entry is
+`<hex HMAC-SHA256 of the JSON>` + "\n" + the JSON, under the "registry" sub-key, and a reader with
+the secret ignores (logs once per id, counts in `num_rejected`) an entry without a valid signature
+or whose id is not its key's, so a process that can write into Redis does not become a worker.
+Without a secret entries are plain JSON, and a signature is skipped unchecked.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+from kvweave import cluster_secret
 from kvweave.defaults import BLOCK_SIZE, REGISTRY_LEASE_S
+
+logger = logging.getLogger(__name__)
 
 WORKERS_SET = "kvweave:workers"
 EPOCH_KEY = "kvweave:epoch"
@@ -84,18 +96,49 @@ class WorkerInfo:
 
 
 class Registry:
-    """Reads and writes membership through a `redis.asyncio.Redis` client."""
+    """Reads and writes membership through a `redis.asyncio.Redis` client. `key`: the signing key
+    (default: this process's "registry" sub-key of the cluster secret; None without one)."""
 
-    def __init__(self, redis, lease_s: float = REGISTRY_LEASE_S) -> None:
+    def __init__(self, redis, lease_s: float = REGISTRY_LEASE_S, key: bytes | None = None) -> None:
         assert lease_s > 0
         self.redis = redis
         self.lease_ms = int(lease_s * 1000)
+        self.key = key if key is not None else cluster_secret.derive("registry")
+        self.num_rejected = 0
+        """Entries ignored for a missing or wrong signature."""
+        self._rejected_ids: set[str] = set()
+
+    def _sign(self, text: str) -> str:
+        if self.key is None:
+            return text
+        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest() + "\n" + text
+
+    def _verify(self, worker_id: str, value: bytes | str) -> WorkerInfo | None:
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        signature, sep, body = text.partition("\n")
+        if not sep:
+            signature, body = "", text
+        try:
+            if self.key is not None:
+                expected = hmac.new(self.key, body.encode(), hashlib.sha256).hexdigest()
+                if not hmac.compare_digest(signature.encode(), expected.encode()):
+                    raise ValueError("no valid signature")
+            info = WorkerInfo.from_json(body)
+            if info.worker_id != worker_id:
+                raise ValueError("its id is not its key's")
+            return info
+        except (ValueError, TypeError, AttributeError, KeyError) as e:  # not the fields of an entry
+            self.num_rejected += 1
+            if worker_id not in self._rejected_ids and len(self._rejected_ids) < 1024:
+                self._rejected_ids.add(worker_id)
+                logger.warning("ignoring the registry entry of %r: %s", worker_id[:64], str(e)[:100])
+            return None
 
     async def heartbeat(self, info: WorkerInfo) -> None:
         """Register or renew: one round trip."""
         info.updated_at = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(worker_key(info.worker_id), info.to_json(), px=self.lease_ms)
+            pipe.set(worker_key(info.worker_id), self._sign(info.to_json()), px=self.lease_ms)
             pipe.sadd(WORKERS_SET, info.worker_id)
             await pipe.execute()
 
@@ -118,4 +161,5 @@ class Registry:
         dead = [i for i, v in zip(ids, values) if v is None]
         if dead:
             await self.redis.srem(WORKERS_SET, *dead)
-        return [WorkerInfo.from_json(v) for v in values if v is not None]
+        infos = (self._verify(i, v) for i, v in zip(ids, values) if v is not None)
+        return [info for info in infos if info is not None]

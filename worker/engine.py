@@ -20,6 +20,7 @@ import torch
 from kvstore.keys import encode_extra_keys
 from kvstore.manager import StoreConfig, TierManager
 from kvstore.tier import TierConfigError
+from kvweave.cluster_secret import hash_salt
 from kvweave.defaults import BLOCK_SIZE, CHUNK_RECOMPUTE_RATIO, DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST
 from kvweave.errors import InvalidRequestError
 from kvweave.sampling_params import SamplingParams
@@ -289,7 +290,7 @@ class LLMEngine:
         self.validate_prompt(token_ids)
         spans = self.validate_chunk_spans(chunk_spans, len(token_ids))
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
-        extra = encode_extra_keys((self.model_name, cache_namespace))
+        extra = encode_extra_keys((self.model_name, cache_namespace), hash_salt())
         if not 0 <= prompt_logits <= len(token_ids):
             raise InvalidRequestError(f"prompt_logits must be in [0, {len(token_ids)}], got {prompt_logits}")
         if (prefill_only or handoff is not None) and prompt_logits:

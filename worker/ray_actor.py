@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from typing import Any
 
 from kvweave.registry import NODE_IP
@@ -23,21 +24,32 @@ from worker.server import WorkerOptions, run_worker
 class WorkerActor:
     """An async Ray actor serving one worker; `start` returns once it is registered."""
 
-    def __init__(self, engine_args: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, engine_args: dict[str, Any] | None = None, options: dict[str, Any] | None = None,
+                 secrets: dict[str, str] | None = None) -> None:
         """The settings `start()` uses when called without any (as after a restart by Ray)."""
-        self._settings = (engine_args, options)
+        self._settings = (engine_args, options, secrets)
         self._stop: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._serving: tuple[str, str] | None = None
 
-    async def start(self, engine_args: dict[str, Any] | None = None, options: dict[str, Any] | None = None
-                    ) -> tuple[str, str]:
+    async def start(self, engine_args: dict[str, Any] | None = None, options: dict[str, Any] | None = None,
+                    secrets: dict[str, str] | None = None) -> tuple[str, str]:
         """Load the model and serve (unless already serving); returns (worker id, address). Raises the
-        worker's start error."""
+        worker's start error. Without arguments it uses the constructor's settings.
+        `secrets`: environment variable (KVWEAVE_CLUSTER_SECRET_FILE, ...) -> the file's content,
+        written to a private (0700) folder of this actor's process."""
         if self._serving is not None and not self._task.done():
             return self._serving
         engine_args = engine_args if engine_args is not None else self._settings[0]
         options = options if options is not None else self._settings[1]
+        secrets = secrets if secrets is not None else self._settings[2]
+        if secrets:
+            folder = tempfile.mkdtemp(prefix="kvweave-secret-")
+            for name, content in secrets.items():
+                path = os.path.join(folder, name.lower())
+                with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                    f.write(content)
+                os.environ[name] = path
         if options.get("advertise_host") == NODE_IP:
             import ray
 

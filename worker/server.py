@@ -42,6 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
+from kvweave import cluster_secret
 from kvweave.config_flags import add_config_args, config_kwargs
 from kvweave.defaults import REGISTRY_LEASE_S
 from kvweave.registry import ROLES, Registry, WorkerInfo, worker_key
@@ -183,7 +184,7 @@ class WorkerServer:
             self.engine = AsyncEngine(llm, enable_kv_events=self._redis is not None)
             peers = self._index is not None and self.options.peer_fetch
             # peers' prefix blocks, and prefill handoffs
-            self._transfer_client = TransferClient(transport=self.options.kv_transport)
+            self._transfer_client = TransferClient(transport=self.options.kv_transport, secret=cluster_secret.get_secret())
             self.prefetcher = KVPrefetcher(llm, self._index if peers else None, (lambda: self._peers) if peers else None,
                                            self._transfer_client, self.options.kv_transfer_timeout_s, self.metrics)
             self.engine.prefetch = self.prefetcher
@@ -231,10 +232,11 @@ class WorkerServer:
         url = self.options.redis_url
         try:
             # short timeouts: a peer fetch's index lookup is on a request's path (a hung Redis must not hold it)
-            self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
+            self._redis = aioredis.Redis.from_url(cluster_secret.redis_url(url), socket_connect_timeout=2.0,
+                                                  socket_timeout=2.0)
             await self._redis.ping()
         except (RedisError, OSError, ValueError) as e:
-            raise WorkerStartError(f"cannot reach Redis at {url}: {e}") from e
+            raise WorkerStartError(f"cannot reach Redis at {cluster_secret.redact(url)}: {e}") from e
         self._registry = Registry(self._redis, self.options.lease_s)
         self._index = KVIndex(self._redis, self.options.lease_s)
 
@@ -248,7 +250,8 @@ class WorkerServer:
 
     async def _start_grpc(self) -> None:
         o = self.options
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *TRANSFER_GRPC_OPTIONS])  # a taken port must fail
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *TRANSFER_GRPC_OPTIONS],  # a taken port must fail
+                                       interceptors=cluster_secret.server_interceptors())
         try:
             port = self._server.add_insecure_port(f"{o.host}:{o.port}")
         except RuntimeError as e:
@@ -260,7 +263,7 @@ class WorkerServer:
         worker_pb2_grpc.add_WorkerServicer_to_server(
             WorkerService(self.engine, self.worker_id, self.metrics, self.address, o.max_waiting), self._server)
         served = partial(self.metrics.kv_transferred, "out")
-        self._data_server = KVDataServer(self.engine, o.host, on_served=served)  # the bulk KV data plane (raw TCP)
+        self._data_server = KVDataServer(self.engine, o.host, on_served=served, key=cluster_secret.derive("kv-data-plane"))  # the bulk KV data plane (raw TCP)
         try:
             await self._data_server.start()
         except OSError as e:
@@ -396,6 +399,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Serve kvweave.v1.Worker, grpc.health.v1 and reflection; with --redis-url, "
                                    "register under a lease and publish the prefix cache to the KV index.")
     add_config_args(p, WorkerOptions, choices={"role": ROLES, "kv_transport": TRANSPORTS})
+    add_config_args(p, cluster_secret.SecurityOptions)
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -406,6 +410,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         engine_config = engine_config_from_args(args)
         options = WorkerOptions(**config_kwargs(WorkerOptions, args))
+        cluster_secret.install(cluster_secret.SecurityOptions(**config_kwargs(cluster_secret.SecurityOptions, args)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
