@@ -25,7 +25,7 @@ import ssl
 
 from aiohttp import web
 
-from controlplane.auth import Gate
+from controlplane.auth import Gate, Tenant
 from controlplane.errors import RateLimitedError, error_status, public_message
 from controlplane.openai_api import (
     OpenAIRequestError, ResponseOptions, chunk_json, error_json, logprobs_json, parse_chat, parse_completion,
@@ -41,8 +41,8 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20
 _ROUTER = web.AppKey("router", Router)
 _MAX_BODY = web.AppKey("max_body_bytes", int)
 _GATE = web.AppKey("gate", Gate)
-_TENANT = "kvweave.tenant"
-"""request[_TENANT]: the caller's auth.Tenant (None without API keys), set by the `_authenticate` middleware."""
+_TENANT = web.RequestKey("tenant", Tenant)
+"""request[_TENANT]: the caller's auth.Tenant (absent without API keys), set by the `_authenticate` middleware."""
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 """Routes served without an API key: liveness and the router's aggregate metrics."""
 
@@ -82,7 +82,9 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
 async def _authenticate(request: web.Request, handler) -> web.StreamResponse:
     """The caller's tenant into request[_TENANT]; AuthenticationError (401) without a valid key."""
     if request.path not in OPEN_PATHS:
-        request[_TENANT] = request.app[_GATE].authenticate(request.headers.get("Authorization"))
+        tenant = request.app[_GATE].authenticate(request.headers.get("Authorization"))
+        if tenant is not None:
+            request[_TENANT] = tenant
     return await handler(request)
 
 
