@@ -4,11 +4,15 @@ invisible over HTTP and gRPC); per-key rate limits; identifier bounds; TLS and m
 SDK and the `openai` client. Real Redis, real workers, real routers on loopback sockets."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
+import signal
 import ssl
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -381,3 +385,77 @@ def test_mutual_tls_requires_a_client_certificate(cluster, certs):
     assert http(router.http_url + "/health", context=with_cert)[0] == 200
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         http(router.http_url + "/health", context=ssl.create_default_context(cafile=str(certs.ca_cert)))
+
+
+# ------------------------------------------------------------------------------ load generator
+
+@pytest.mark.parametrize("backend", ["grpc", "openai"])
+def test_loadgen_sends_its_api_key(keyed, backend):
+    from loadgen.backends import BackendError, make_backend
+    from loadgen.types import Turn
+
+    url = keyed.grpc_address if backend == "grpc" else keyed.http_url
+
+    async def run(key: str | None):
+        b = make_backend(backend, url, api_key=key)
+        try:
+            await b.connect()
+            return await b.send(Turn(max_tokens=2, token_ids=(5, 6, 7)))
+        finally:
+            await b.close()
+
+    record = asyncio.run(run("sk-alpha"))
+    assert record.error is None and record.output_tokens == 2
+    with pytest.raises(BackendError) as info:
+        asyncio.run(run(None))
+    assert "UNAUTHENTICATED" in str(info.value) or "401" in str(info.value) or "API key" in str(info.value)
+
+
+# ------------------------------------------------------------------------------ processes
+
+def test_router_without_keys_warns_that_it_is_open(cluster, caplog):
+    with caplog.at_level(logging.WARNING, logger="controlplane.router_main"):
+        cluster.add_router()
+    assert "no API keys file" in caplog.text
+
+
+def test_router_command_refuses_a_bad_keys_file(tmp_path):
+    bad = tmp_path / "keys.json"
+    bad.write_text('{"keys": [{"key": "k", "tenant": "t", "requests_per_minute": -1}]}')
+    for path, problem in ((bad, "'requests_per_minute' must be a positive number"), (tmp_path / "none", "cannot read")):
+        proc = subprocess.run([sys.executable, "-m", "cli", "router", "--api-keys-file", str(path),
+                               "--redis-url", "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and problem in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_serve_with_keys_and_tls_reloads_keys_on_sighup(tiny_hf_model, certs, tmp_path):
+    from controlplane.cluster import LocalCluster
+
+    keys = write_keys(tmp_path / "keys.json", [{"key": "sk-first", "tenant": "first"}])
+    router_args = {"api_keys_file": keys, "api_keys_reload_s": 3600.0, "tls_cert_file": str(certs.server_cert),
+                   "tls_key_file": str(certs.server_key)}
+    with LocalCluster(workers=1, model=str(tiny_hf_model), engine_args={"dtype": "float32", "num_blocks": 64,
+                      "num_threads": 1}, router_args=router_args, startup_timeout=180) as c:
+        assert c.http_url.startswith("https://")
+
+        def client(key: str) -> kvweave.Client:
+            return kvweave.Client(c.grpc_target, root_certificates=str(certs.ca_cert), api_key=key, max_retries=0,
+                                  timeout=60)
+
+        with client("sk-first") as sdk:
+            assert sdk.complete(token_ids=[5, 6, 7], max_tokens=1).usage.completion_tokens == 1
+        write_keys(tmp_path / "keys.json", [{"key": "sk-second", "tenant": "second"}])
+        c.router.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with client("sk-second") as sdk:
+                    sdk.list_models()
+                break
+            except kvweave.Unauthenticated:
+                assert time.monotonic() < deadline, "SIGHUP did not reload the keys"
+                time.sleep(0.1)
+        with client("sk-first") as sdk, pytest.raises(kvweave.Unauthenticated):
+            sdk.list_models()
+        assert c.router.poll() is None
