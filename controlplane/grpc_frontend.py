@@ -107,23 +107,29 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await _abort(context, e)
         inp.tenant = grant.namespace
         failure: Exception | None = None
-        req_id = ""
+        owned = self._claim(tenant, inp.req_id)
         try:
             async with contextlib.aclosing(self.gate.meter(grant, self.router.generate(inp))) as deltas:
                 async for delta in deltas:
-                    if tenant is not None and not req_id:
-                        req_id = delta.req_id
-                        self._owners[req_id] = tenant.name
+                    owned = owned or self._claim(tenant, delta.req_id)  # the router named it
                     yield delta_to_proto(delta)
         except Exception as e:
             failure = e
         finally:
-            self._owners.pop(req_id, None)
+            if owned:
+                del self._owners[owned]
         if failure is not None:
             status = error_status(failure)
             if status.label == "error":
                 logger.error("request %r failed", request.request_id, exc_info=failure)
             await _abort(context, failure)
+
+    def _claim(self, tenant: Tenant | None, req_id: str) -> str:
+        """Record `tenant` as the owner of `req_id` unless it has one; the id if claimed, else ""."""
+        if tenant is None or not req_id or req_id in self._owners:
+            return ""
+        self._owners[req_id] = tenant.name
+        return req_id
 
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortResponse:
         tenant = await self._authenticate(context)

@@ -459,3 +459,26 @@ def test_serve_with_keys_and_tls_reloads_keys_on_sighup(tiny_hf_model, certs, tm
         with client("sk-first") as sdk, pytest.raises(kvweave.Unauthenticated):
             sdk.list_models()
         assert c.router.poll() is None
+
+
+def test_abort_finds_only_the_callers_own_requests(keyed):
+    s = stub(keyed)
+    max_len = s.ListModels(inference_pb2.ListModelsRequest(), timeout=30, metadata=auth("sk-alpha")).models[0].max_model_len
+    request = token_prompt([5, 6, 7], max_tokens=max_len - 4, request_id="alpha-long")
+    stream = s.Generate(request, timeout=120, metadata=auth("sk-alpha"))
+    next(stream)  # running
+    abort = common_pb2.AbortRequest(request_id="alpha-long")
+    assert not s.Abort(abort, timeout=30, metadata=auth("sk-beta")).found
+    assert s.Abort(abort, timeout=30, metadata=auth("sk-alpha")).found
+    *_, last = stream
+    assert last.finish_reason == common_pb2.FINISH_REASON_ABORT
+
+
+def test_sdk_raises_typed_errors_for_keys_and_tenants(keyed):
+    with kvweave.Client(keyed.grpc_address, api_key="sk-beta", max_retries=0, timeout=60) as client:
+        with pytest.raises(kvweave.PermissionDenied):
+            client.complete(token_ids=[5, 6, 7], max_tokens=1, tenant="alpha")
+        assert client.complete(token_ids=[5, 6, 7], max_tokens=1, tenant="beta").usage.completion_tokens == 1
+    with kvweave.Client(keyed.grpc_address, api_key="sk-nope", max_retries=0, timeout=60) as client:
+        with pytest.raises(kvweave.Unauthenticated):
+            client.list_models()
