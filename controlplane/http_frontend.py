@@ -26,7 +26,7 @@ import ssl
 from aiohttp import web
 
 from controlplane.auth import Gate, Tenant
-from controlplane.errors import RateLimitedError, error_status, public_message
+from controlplane.errors import AuthenticationError, RateLimitedError, error_status, public_message
 from controlplane.openai_api import (
     OpenAIRequestError, ResponseOptions, chunk_json, error_json, logprobs_json, parse_chat, parse_completion,
     parse_detokenize, parse_tokenize, response_json,
@@ -56,7 +56,11 @@ def _exception_response(e: Exception) -> web.Response:
     status = error_status(e)
     if status.label == "error":
         logger.error("request failed", exc_info=e)
-    headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, RateLimitedError) else None
+    headers = None
+    if isinstance(e, RateLimitedError):
+        headers = {"Retry-After": str(e.retry_after_s)}
+    elif isinstance(e, AuthenticationError):
+        headers = {"WWW-Authenticate": 'Bearer realm="kvweave"'}  # RFC 6750
     return json_error(status.http_status, public_message(e), status.type, getattr(e, "param", None),
                       getattr(e, "error_code", None), headers)
 

@@ -224,8 +224,9 @@ def test_http_needs_a_key_except_health_and_metrics(keyed):
             assert body["error"]["code"] == "invalid_api_key" and body["error"]["type"] == "invalid_request_error"
             assert "sk-wrong" not in body["error"]["message"]
         assert http(url + path, key="sk-alpha")[0] == 200
-    status, body, _ = http(url + "/v1/completions", "POST", {"prompt": "hi", "max_tokens": 1})
+    status, body, headers = http(url + "/v1/completions", "POST", {"prompt": "hi", "max_tokens": 1})
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert headers["WWW-Authenticate"].startswith("Bearer")
     assert http(url + "/health")[0] == 200 and http(url + "/metrics")[0] == 200
     client = openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
