@@ -22,6 +22,7 @@ from controlplane.cluster import LocalCluster
 from controlplane.cluster_config import LAUNCHERS, ClusterConfig, ClusterError
 from controlplane.router import RouterConfig
 from kvweave.cluster_secret import redact
+from controlplane.router_main import ServeOptions
 from kvweave.config_flags import add_config_args, config_kwargs, env_name
 
 
@@ -38,6 +39,8 @@ ROUTER_ARGS = ("disagg_threshold_tokens", "disagg_max_prefill_queue_tokens", "di
                "request_timeout_s", "stall_timeout_s", "max_migrations")
 """RouterConfig fields `kvweave serve` takes as flags and hands its router (the prefill/decode decision;
 deadlines, stalls and migration, docs/resilience.md)."""
+SECURITY_ARGS = ("api_keys_file", "tls_cert_file", "tls_key_file")
+"""ServeOptions fields `kvweave serve` hands its router: API keys, TLS (mutual TLS: run `kvweave router`)."""
 """ClusterConfig fields with no flag of their own here: --model is the engine's, --log-level global."""
 
 
@@ -54,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_config_args(p, ClusterConfig, exclude=CLUSTER_FLAGS_EXCLUDED, defaults=SERVE_DEFAULTS,
                     default_texts=SERVE_DEFAULT_TEXTS, choices={"launcher": LAUNCHERS})
     add_config_args(p.add_argument_group("router"), RouterConfig, only=["chunk_separator", *ROUTER_ARGS])
+    add_config_args(p.add_argument_group("router security"), ServeOptions, only=list(SECURITY_ARGS))
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -77,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         kwargs["workers"] = default_workers(kwargs["prefill_workers"], kwargs["decode_workers"])
     router_args = {name: getattr(args, name) for name in ROUTER_ARGS
                    if getattr(args, name) != RouterConfig.__dataclass_fields__[name].default}
+    router_args |= {name: getattr(args, name) for name in SECURITY_ARGS if getattr(args, name) is not None}
     return ClusterConfig(**kwargs, model=args.model, engine_args=changed_engine_args(args), router_args=router_args,
                          log_level=args.log_level)
 

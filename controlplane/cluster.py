@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
@@ -84,7 +85,8 @@ class LocalCluster:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.config.host}:{self.http_port}"
+        scheme = "https" if self.config.router_args.get("tls_cert_file") else "http"
+        return f"{scheme}://{self.config.host}:{self.http_port}"
 
     @property
     def redis_url(self) -> str:
@@ -260,10 +262,19 @@ class LocalCluster:
         finally:
             await client.aclose()
 
+    def _probe_tls(self) -> ssl.SSLContext | None:
+        """TLS of the readiness probe of our own child on loopback: encrypted, its certificate not checked
+        (the cluster does not know which CA signed it)."""
+        if not self.http_url.startswith("https"):
+            return None
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        return ctx
+
     def router_ready(self) -> bool:
         """The router's /health is ok and it sees every worker of every role (when /health says how many)."""
         try:
-            with urllib.request.urlopen(f"{self.http_url}/health", timeout=2) as resp:
+            with urllib.request.urlopen(f"{self.http_url}/health", timeout=2, context=self._probe_tls()) as resp:
                 body = resp.read()
         except OSError:
             return False

@@ -73,7 +73,8 @@ class ClusterConfig:
     engine_args: dict[str, Any] = field(default_factory=dict)
     """Engine settings of every worker, by EngineConfig field name (e.g. {"num_blocks": 256})."""
     router_args: dict[str, Any] = field(default_factory=dict)
-    """Router settings, by RouterConfig field name (e.g. {"disagg_threshold_tokens": 256})."""
+    """Router settings, by RouterConfig field name (e.g. {"disagg_threshold_tokens": 256}), and the
+    router's API keys and TLS files by ServeOptions field name (api_keys_file, tls_cert_file, tls_key_file)."""
     startup_timeout: float = 300.0
     """Seconds to wait for every worker and the router to be ready."""
     log_dir: str | None = None

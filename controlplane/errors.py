@@ -28,6 +28,28 @@ class OverloadedError(RouterError):
     """Admission control: too many requests in flight."""
 
 
+class AuthenticationError(RouterError):
+    """No API key, or an unknown one, where keys are configured (controlplane/auth.py)."""
+
+    error_code = "invalid_api_key"
+
+
+class PermissionDeniedError(RouterError):
+    """The caller's API key does not allow what the request asks (another tenant)."""
+
+    error_code = "permission_denied"
+
+
+class RateLimitedError(OverloadedError):
+    """The API key's requests or tokens per minute are used up; `retry_after_s`: when to try again."""
+
+    error_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class WorkerFailedError(RouterError):
     """A worker failed after the request started streaming and it could not be migrated (no worker
     left, or `max_migrations` reached), or a worker rejected it outright."""
@@ -49,6 +71,11 @@ class ErrorStatus:
 
 _STATUSES: tuple[tuple[type[BaseException], ErrorStatus], ...] = (
     (InvalidRequestError, ErrorStatus(400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error", "invalid")),
+    (AuthenticationError, ErrorStatus(401, grpc.StatusCode.UNAUTHENTICATED, "invalid_request_error",
+                                      "unauthenticated")),
+    (PermissionDeniedError, ErrorStatus(403, grpc.StatusCode.PERMISSION_DENIED, "permission_error",
+                                        "permission_denied")),
+    (RateLimitedError, ErrorStatus(429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error", "rate_limited")),
     (OverloadedError, ErrorStatus(429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error", "overloaded")),
     (NoWorkerError, ErrorStatus(503, grpc.StatusCode.UNAVAILABLE, "service_unavailable", "no_worker")),
     (WorkerFailedError, ErrorStatus(502, grpc.StatusCode.INTERNAL, "worker_error", "worker_error")),

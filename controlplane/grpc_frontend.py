@@ -2,6 +2,12 @@
 server reflection. Protobuf stops here: requests become `GenerateInput`, `Delta`s become
 `GenerateResponse`s. Errors end the call with the status of `controlplane.errors.error_status` and
 a message, never a traceback.
+
+With API keys (controlplane/auth.py) the Inference methods need `authorization: Bearer KEY`
+metadata (UNAUTHENTICATED), a request's `tenant` must be empty or the key's (PERMISSION_DENIED),
+its cache namespace is the key's, the key's rate limits apply to Generate (RESOURCE_EXHAUSTED with
+`retry-after` trailing metadata, in seconds), and Abort finds only the caller's own requests.
+Health and reflection stay open.
 """
 from __future__ import annotations
 
@@ -12,11 +18,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controlplane.errors import error_status, public_message
+from controlplane.auth import Gate, Tenant
+from controlplane.errors import RateLimitedError, RouterError, error_status, public_message
 from controlplane.router import Delta, GenerateInput, Router
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from kvweave.errors import InvalidRequestError
+from kvweave.identifiers import check_identifier
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +34,9 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 def input_from_proto(msg: inference_pb2.GenerateRequest) -> GenerateInput:
     """Raises InvalidRequestError for a missing prompt or invalid sampling parameters."""
     kind = msg.WhichOneof("prompt")
-    inp = GenerateInput(model=msg.model, req_id=msg.request_id, session_id=msg.session_id, tenant=msg.tenant)
+    inp = GenerateInput(model=msg.model, req_id=check_identifier("request_id", msg.request_id),
+                        session_id=check_identifier("session_id", msg.session_id),
+                        tenant=check_identifier("tenant", msg.tenant))
     if kind == "text":
         inp.prompt = msg.text
     elif kind == "token_ids":
@@ -62,50 +72,94 @@ def delta_to_proto(delta: Delta) -> inference_pb2.GenerateResponse:
     return msg
 
 
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    return next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
+    """End the call with `e`'s status (and, when rate limited, `retry-after` seconds)."""
+    trailing = (("retry-after", str(e.retry_after_s)),) if isinstance(e, RateLimitedError) else ()
+    await context.abort(error_status(e).grpc_code, public_message(e), trailing_metadata=trailing)
+
+
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, gate: Gate | None = None) -> None:
         self.router = router
+        self.gate = gate or Gate()
+        self._owners: dict[str, str] = {}
+        """req_id -> tenant name of the in-flight requests, with API keys (Abort's ownership check)."""
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Tenant | None:
+        try:
+            return self.gate.authenticate(_authorization(context))
+        except RouterError as e:
+            await _abort(context, e)
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        tenant = await self._authenticate(context)
         try:
             inp = input_from_proto(request)
+            grant = self.gate.admit(tenant, inp.tenant)
         except InvalidRequestError as e:
             self.router.metrics.count_invalid()
-            await context.abort(error_status(e).grpc_code, public_message(e))
+            await _abort(context, e)
+        except RouterError as e:
+            await _abort(context, e)
+        inp.tenant = grant.namespace
         inp.timeout_s = context.time_remaining()  # None without a deadline: the router's default
         failure: Exception | None = None
+        owned = self._claim(tenant, inp.req_id)
         try:
-            async with contextlib.aclosing(self.router.generate(inp)) as deltas:
+            async with contextlib.aclosing(self.gate.meter(grant, self.router.generate(inp))) as deltas:
                 async for delta in deltas:
+                    owned = owned or self._claim(tenant, delta.req_id)  # the router named it
                     yield delta_to_proto(delta)
         except Exception as e:
             failure = e
+        finally:
+            if owned:
+                del self._owners[owned]
         if failure is not None:
             status = error_status(failure)
             if status.label == "error":
                 logger.error("request %r failed", request.request_id, exc_info=failure)
-            await context.abort(status.grpc_code, public_message(failure))
+            await _abort(context, failure)
+
+    def _claim(self, tenant: Tenant | None, req_id: str) -> str:
+        """Record `tenant` as the owner of `req_id` unless it has one; the id if claimed, else ""."""
+        if tenant is None or not req_id or req_id in self._owners:
+            return ""
+        self._owners[req_id] = tenant.name
+        return req_id
 
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortResponse:
+        tenant = await self._authenticate(context)
+        if tenant is not None and self._owners.get(request.request_id) != tenant.name:
+            return common_pb2.AbortResponse(found=False)  # another tenant's request, or none
         return common_pb2.AbortResponse(found=self.router.abort(request.request_id))
 
     async def ListModels(self, request: inference_pb2.ListModelsRequest, context) -> inference_pb2.ListModelsResponse:
+        await self._authenticate(context)
         return inference_pb2.ListModelsResponse(models=[
             inference_pb2.Model(id=m.id, max_model_len=m.max_model_len, num_workers=m.num_workers)
             for m in self.router.list_models()])
 
 
-async def start_grpc_server(router: Router, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
-    """Serve Inference + health (SERVING) + reflection on host:port (0 picks a free port); returns the
-    started server and its port. Raises OSError when the port cannot be bound."""
+async def start_grpc_server(router: Router, host: str = "127.0.0.1", port: int = 0, gate: Gate | None = None,
+                            credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+    """Serve Inference + health (SERVING) + reflection on host:port (0 picks a free port), over TLS
+    with `credentials`; returns the started server and its port. Raises OSError when the port
+    cannot be bound."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError as e:
         raise OSError(f"cannot listen on {host}:{port}: {e}") from e
     if not bound:
         raise OSError(f"cannot listen on {host}:{port}")
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router, gate), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -10,16 +10,23 @@ Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a
 route, 400 for a body nesting deeper than MAX_JSON_DEPTH or holding a lone surrogate); never a
 traceback. An error after an event stream has started is sent as a last
 `data: {"error": ...}` event before `data: [DONE]`.
+
+With API keys (controlplane/auth.py), every route but /health and /metrics (aggregates only) needs
+`Authorization: Bearer KEY` (else 401, code "invalid_api_key"); completions, chat, /tokenize and
+/detokenize count against the key's rate limits (429 with `Retry-After` seconds), and a request's
+cache namespace is its key's.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import ssl
 
 from aiohttp import web
 
-from controlplane.errors import error_status, public_message
+from controlplane.auth import Gate, Tenant
+from controlplane.errors import AuthenticationError, RateLimitedError, error_status, public_message
 from controlplane.openai_api import (
     OpenAIRequestError, ResponseOptions, chunk_json, error_json, logprobs_json, parse_chat, parse_completion,
     parse_detokenize, parse_tokenize, response_json,
@@ -33,17 +40,29 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 _ROUTER = web.AppKey("router", Router)
 _MAX_BODY = web.AppKey("max_body_bytes", int)
+_GATE = web.AppKey("gate", Gate)
+_TENANT = web.RequestKey("tenant", Tenant)
+"""request[_TENANT]: the caller's auth.Tenant (absent without API keys), set by the `_authenticate` middleware."""
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+"""Routes served without an API key: liveness and the router's aggregate metrics."""
 
 
-def json_error(status: int, message: str, err_type: str, param: str | None = None, code=None) -> web.Response:
-    return web.json_response(error_json(message, err_type, param, code), status=status)
+def json_error(status: int, message: str, err_type: str, param: str | None = None, code=None,
+               headers: dict | None = None) -> web.Response:
+    return web.json_response(error_json(message, err_type, param, code), status=status, headers=headers)
 
 
 def _exception_response(e: Exception) -> web.Response:
     status = error_status(e)
     if status.label == "error":
         logger.error("request failed", exc_info=e)
-    return json_error(status.http_status, public_message(e), status.type, getattr(e, "param", None))
+    headers = None
+    if isinstance(e, RateLimitedError):
+        headers = {"Retry-After": str(e.retry_after_s)}
+    elif isinstance(e, AuthenticationError):
+        headers = {"WWW-Authenticate": 'Bearer realm="kvweave"'}  # RFC 6750
+    return json_error(status.http_status, public_message(e), status.type, getattr(e, "param", None),
+                      getattr(e, "error_code", None), headers)
 
 
 @web.middleware
@@ -61,6 +80,21 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return json_error(e.status, f"{request.method} {request.path}: {e.reason}", err_type)
     except Exception as e:
         return _exception_response(e)
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler) -> web.StreamResponse:
+    """The caller's tenant into request[_TENANT]; AuthenticationError (401) without a valid key."""
+    if request.path not in OPEN_PATHS:
+        tenant = request.app[_GATE].authenticate(request.headers.get("Authorization"))
+        if tenant is not None:
+            request[_TENANT] = tenant
+    return await handler(request)
+
+
+def _admit(request: web.Request):
+    """The rate limits of the caller's key, before the body is read; the request's Grant."""
+    return request.app[_GATE].admit(request.get(_TENANT))
 
 
 MAX_JSON_DEPTH = 32
@@ -103,15 +137,18 @@ def _check_json(body: dict) -> None:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    router = request.app[_ROUTER]
-    inp, opts = await _parse(request, router, parse_completion)
-    return await _respond(request, router, inp, opts)
+    return await _generate(request, parse_completion)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    router = request.app[_ROUTER]
-    inp, opts = await _parse(request, router, parse_chat)
-    return await _respond(request, router, inp, opts)
+    return await _generate(request, parse_chat)
+
+
+async def _generate(request: web.Request, parse) -> web.StreamResponse:
+    router, grant = request.app[_ROUTER], _admit(request)
+    inp, opts = await _parse(request, router, parse)
+    inp.tenant = grant.namespace
+    return await _respond(request, router, request.app[_GATE].meter(grant, router.generate(inp)), opts)
 
 
 async def _parse(request: web.Request, router: Router, parse) -> tuple[GenerateInput, ResponseOptions]:
@@ -123,8 +160,8 @@ async def _parse(request: web.Request, router: Router, parse) -> tuple[GenerateI
         raise
 
 
-async def _respond(request: web.Request, router: Router, inp: GenerateInput, opts: ResponseOptions) -> web.StreamResponse:
-    stream = router.generate(inp)
+async def _respond(request: web.Request, router: Router, stream, opts: ResponseOptions) -> web.StreamResponse:
+    """Answer with the deltas of `stream` (router.generate's, metered)."""
     async with contextlib.aclosing(stream):
         first = await anext(stream)  # errors before the first delta become a plain error response
         if opts.stream:
@@ -186,6 +223,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     router = request.app[_ROUTER]
+    _admit(request)
     req = parse_tokenize(await _read_json(request))
     router.check_model(req.inp.model)
     token_ids = router.encode_prompt(req.inp, req.add_special_tokens, req.add_generation_prompt)[0]
@@ -195,6 +233,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     router = request.app[_ROUTER]
+    _admit(request)
     model, token_ids = parse_detokenize(await _read_json(request))
     router.check_model(model)
     vocab_size = router.tokenizer.vocab_size
@@ -223,10 +262,13 @@ async def metrics_targets(request: web.Request) -> web.Response:
     return web.json_response(groups)
 
 
-def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors])
+def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, gate: Gate | None = None
+              ) -> web.Application:
+    """`gate`: API keys and rate limits (None: open, as without keys)."""
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors, _authenticate])
     app[_ROUTER] = router
     app[_MAX_BODY] = max_body_bytes
+    app[_GATE] = gate or Gate()
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -239,15 +281,17 @@ def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> w
 
 
 async def start_http_server(router: Router, host: str = "127.0.0.1", port: int = 0,
-                            max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> tuple[web.AppRunner, int]:
-    """Serve the OpenAI API on host:port (0 picks a free port); returns the runner (`await
-    runner.cleanup()` stops it) and the bound port. Raises OSError when the port cannot be bound."""
+                            max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, gate: Gate | None = None,
+                            ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """Serve the OpenAI API on host:port (0 picks a free port), over HTTPS with `ssl_context`;
+    returns the runner (`await runner.cleanup()` stops it) and the bound port. Raises OSError when
+    the port cannot be bound."""
     # handler_cancellation: a client that disconnects cancels its handler, so that a non-streaming
     # request's work on the worker is cancelled too (a streaming one notices at its next write).
-    runner = web.AppRunner(build_app(router, max_body_bytes), access_log=None, handle_signals=False,
+    runner = web.AppRunner(build_app(router, max_body_bytes, gate), access_log=None, handle_signals=False,
                            handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError:

@@ -3,7 +3,7 @@
 Pure functions, no I/O (the aiohttp side is controlplane/http_frontend.py). Field mapping:
 max_tokens / max_completion_tokens, temperature, top_p, n (must be 1), stop (str or list), seed,
 logprobs (completions: int; chat: bool + top_logprobs), stream, stream_options.include_usage;
-`user` is ignored; extensions: top_k, ignore_eos, min_tokens, stop_token_ids, session_id, and
+`user` is checked (an identifier, kvweave/identifiers.py, as `session_id` is) and otherwise ignored; extensions: top_k, ignore_eos, min_tokens, stop_token_ids, session_id, and
 reusable chunks (KV that may be reused wherever the text appears): `/v1/completions` takes
 `"kvweave": {"chunks": [str | {"text": str, "reusable": bool}, ...]}` followed by the optional
 string `prompt`; chat messages mark documents with `"kvweave": {"document": true}` or content parts
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from controlplane.router import GenerateInput, TokenLogprob, Usage
 from kvweave.errors import InvalidRequestError
+from kvweave.identifiers import check_identifier
 from kvweave.sampling_params import MAX_UINT32, SamplingParams
 from kvweave.segments import CHAT_EXTENSION, flatten_messages
 from kvweave.tokenizer import Tokenizer
@@ -130,7 +131,8 @@ def _finish(body: dict, inp: GenerateInput, opts: ResponseOptions, default_model
     if _opt(body, "n", int) not in (None, 1):
         raise OpenAIRequestError("only n=1 is supported", "n")
     inp.model = _opt(body, "model", str) or ""
-    inp.session_id = _opt(body, "session_id", str) or ""
+    inp.session_id = _identifier(body, "session_id")
+    _identifier(body, "user")
     inp.req_id = f"{prefix}-{uuid.uuid4().hex}"
     opts.model = inp.model or default_model
     opts.stream = bool(_opt(body, "stream", bool))
@@ -151,6 +153,14 @@ def _opt(body: dict, name: str, kind: type):
     if not ok:
         raise OpenAIRequestError(f"'{name}' must be {_KIND_NAMES[kind]}, got {type(value).__name__}", name)
     return value
+
+
+def _identifier(body: dict, name: str) -> str:
+    """body[name], a bounded printable string ("" when absent), else a 400 naming `name`."""
+    try:
+        return check_identifier(name, _opt(body, name, str) or "")
+    except InvalidRequestError as e:
+        raise OpenAIRequestError(str(e), name) from None
 
 
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", dict: "an object",

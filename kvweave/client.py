@@ -9,6 +9,7 @@ Retries: a call that fails with UNAVAILABLE before its first delta is retried up
 times, sleeping `backoff * 2**attempt` seconds between attempts; once a delta has arrived, the error
 surfaces. `timeout` is the whole call's deadline (retries included), sent to the server as the gRPC
 deadline. Failures raise a `KVWeaveError` subclass (`InvalidRequest`, `Unavailable`, `Overloaded`,
+`Unauthenticated`, `PermissionDenied`,
 `Timeout`) carrying the gRPC status code and the server's message.
 """
 from __future__ import annotations

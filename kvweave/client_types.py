@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 
+from kvweave.errors import InvalidRequestError
+from kvweave.identifiers import check_identifier
 from kvweave.v1 import common_pb2, inference_pb2
 
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
@@ -38,7 +40,18 @@ class Unavailable(KVWeaveError):
 
 
 class Overloaded(KVWeaveError):
-    """The cluster's admission queue is full (RESOURCE_EXHAUSTED); try again later."""
+    """The cluster's admission queue is full, or the API key's rate limit is reached
+    (RESOURCE_EXHAUSTED); try again later: after `retry_after` seconds when the server said."""
+
+    retry_after: float | None = None
+
+
+class Unauthenticated(KVWeaveError):
+    """The router requires an API key and none, or an unknown one, was sent (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(KVWeaveError):
+    """The API key does not allow the request, e.g. another tenant (PERMISSION_DENIED)."""
 
 
 class Timeout(KVWeaveError):
@@ -50,6 +63,8 @@ ERROR_TYPES: dict[grpc.StatusCode, type[KVWeaveError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.DEADLINE_EXCEEDED: Timeout,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 
@@ -57,7 +72,19 @@ def error_from_rpc(err: grpc.RpcError) -> KVWeaveError:
     """The typed exception for a failed call (a plain KVWeaveError for unmapped codes)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = (err.details() if hasattr(err, "details") else None) or str(err)
-    return ERROR_TYPES.get(code, KVWeaveError)(code, message)
+    error = ERROR_TYPES.get(code, KVWeaveError)(code, message)
+    if isinstance(error, Overloaded):
+        error.retry_after = _retry_after(err)
+    return error
+
+
+def _retry_after(err: grpc.RpcError) -> float | None:
+    """The `retry-after` trailing metadata (seconds) of a rate-limited call, if any."""
+    try:
+        trailing = err.trailing_metadata() or ()
+        return next((float(v) for k, v in trailing if k == "retry-after"), None)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def invalid(message: str) -> InvalidRequest:
@@ -240,6 +267,11 @@ def build_request(*, prompt: str | None, messages: Sequence | None, token_ids: S
                                   ("segments", segments)) if v is not None]
     if len(given) != 1:
         raise invalid(f"give exactly one of prompt, messages, token_ids, segments (got {given or 'none'})")
+    try:
+        for name, value in (("request_id", request_id), ("session_id", session_id), ("tenant", tenant)):
+            check_identifier(name, value or "")
+    except InvalidRequestError as e:
+        raise invalid(str(e)) from None
     try:
         req = inference_pb2.GenerateRequest(request_id=request_id or "", model=model or "",
                                             session_id=session_id or "", tenant=tenant or "",

@@ -63,12 +63,13 @@ class InProcessCluster:
         return server
 
     def add_router(self, policy: str = "prefix_aware", max_inflight: int = 64, router_config: dict | None = None,
-                   **policy_config) -> RouterServer:
-        """`router_config`: other RouterConfig fields (e.g. the disaggregation settings)."""
+                   serve_options: dict | None = None, **policy_config) -> RouterServer:
+        """`router_config`: other RouterConfig fields (e.g. the disaggregation settings); `serve_options`:
+        ServeOptions fields (e.g. API keys, TLS)."""
         config = RouterConfig(redis_url=self.redis_url, model=str(self.model), policy=policy,
                               policy_config=policy_config, max_inflight=max_inflight, lease_s=self.lease_s,
                               refresh_s=0.1, **(router_config or {}))
-        server = RouterServer(config, ServeOptions(grace_s=0.5), Router(config, self.tokenizer))
+        server = RouterServer(config, ServeOptions(grace_s=0.5, **(serve_options or {})), Router(config, self.tokenizer))
         self.run(server.start())
         self.routers.append(server)
         return server
