@@ -17,6 +17,7 @@ from controlplane.router import Delta, GenerateInput, Router
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from kvweave.errors import InvalidRequestError
+from kvweave.limits import check_id
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,9 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
 def input_from_proto(msg: inference_pb2.GenerateRequest) -> GenerateInput:
-    """Raises InvalidRequestError for a missing prompt or invalid sampling parameters."""
+    """Raises InvalidRequestError for a missing prompt, invalid sampling parameters or an over-long id."""
+    for name in ("model", "request_id", "session_id", "tenant"):
+        check_id(name, getattr(msg, name))
     kind = msg.WhichOneof("prompt")
     inp = GenerateInput(model=msg.model, req_id=msg.request_id, session_id=msg.session_id, tenant=msg.tenant)
     if kind == "text":

@@ -73,6 +73,8 @@ async def _read_json(request: web.Request) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenAIRequestError(f"malformed JSON body: {e}") from None
+    except ValueError:  # an integer literal past Python's 4300-digit conversion limit
+        raise OpenAIRequestError("malformed JSON body: a number has too many digits") from None
     except RecursionError:
         raise OpenAIRequestError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(body, dict):

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 from controlplane.router import GenerateInput, TokenLogprob, Usage
 from kvweave.errors import InvalidRequestError
-from kvweave.sampling_params import MAX_UINT32, SamplingParams
+from kvweave.limits import check_id
+from kvweave.sampling_params import MAX_LOGPROBS, MAX_UINT32, SamplingParams
 from kvweave.segments import CHAT_EXTENSION, flatten_messages
-from kvweave.tokenizer import Tokenizer
+from kvweave.tokenizer import InvalidMessagesError, Tokenizer, check_role
 
 _UNSUPPORTED_IF_SET = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None,
                        "tool_choice": None, "functions": None, "echo": False, "suffix": None, "best_of": 1}
@@ -72,8 +73,11 @@ def parse_chat(body: dict, default_model: str) -> tuple[GenerateInput, ResponseO
     max_tokens = _opt(body, "max_completion_tokens", int)
     max_tokens = _opt(body, "max_tokens", int) if max_tokens is None else max_tokens
     logprobs = None
+    top_logprobs = _opt(body, "top_logprobs", int)
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_LOGPROBS:
+        raise OpenAIRequestError(f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}]", "top_logprobs")
     if _opt(body, "logprobs", bool):
-        logprobs = _opt(body, "top_logprobs", int) or 0
+        logprobs = top_logprobs or 0
     # Without max_tokens a chat generates up to the context length (the router sets it once the
     # prompt is known); a given 0 is refused like any other out-of-range value.
     params = _sampling(body, logprobs=logprobs, max_tokens=MAX_UINT32 if max_tokens is None else max_tokens)
@@ -130,6 +134,8 @@ def _finish(body: dict, inp: GenerateInput, opts: ResponseOptions, default_model
         raise OpenAIRequestError("only n=1 is supported", "n")
     inp.model = _opt(body, "model", str) or ""
     inp.session_id = _opt(body, "session_id", str) or ""
+    check_id("model", inp.model)
+    check_id("session_id", inp.session_id)
     inp.req_id = f"{prefix}-{uuid.uuid4().hex}"
     opts.model = inp.model or default_model
     opts.stream = bool(_opt(body, "stream", bool))
@@ -245,10 +251,17 @@ def _message(message, i: int) -> dict:
     """A chat message as the router takes it: content a string or a list of "text" / "document" parts
     (checked by `flatten_messages`); an assistant's null content becomes ""."""
     if not isinstance(message, dict):
-        raise OpenAIRequestError(f"messages[{i}] must be an object", "messages")
+        raise OpenAIRequestError(f"messages[{i}] must be an object", f"messages[{i}]")
+    try:
+        check_role(message.get("role"), i)
+    except InvalidMessagesError as e:
+        raise OpenAIRequestError(str(e), e.param) from None
     content = message.get("content")
     if content is None and message.get("role") == "assistant":
         content = ""
+    if not isinstance(content, (str, list)):
+        raise OpenAIRequestError(f"messages[{i}]['content'] must be a string or a list of text parts, got "
+                                 f"{type(content).__name__}", f"messages[{i}].content")
     return {**message, "content": content}
 
 

@@ -174,7 +174,7 @@ def encode_chat_documents(tokenizer: Tokenizer, messages: Any, add_generation_pr
     try:
         pieces = tokenizer.render_chat_pieces(flat, add_generation_prompt)
     except (InvalidMessagesError, TokenizerError) as e:
-        raise InvalidRequestError(str(e)) from e
+        raise InvalidRequestError(str(e), getattr(e, "param", None)) from e
     if not docs:
         return tokenizer.encode_chat_pieces(pieces), []
     runs = _split_documents(pieces, sentinel, len(docs))

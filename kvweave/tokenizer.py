@@ -274,11 +274,13 @@ def validate_messages(messages: Any) -> None:
         raise InvalidMessagesError("messages must be a non-empty list of {'role', 'content'} objects")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise InvalidMessagesError(f"messages[{i}] must be an object, got {type(message).__name__}")
+            raise InvalidMessagesError(f"messages[{i}] must be an object, got {type(message).__name__}",
+                                       f"messages[{i}]")
         check_role(message.get("role"), i)
         if not isinstance(message.get("content"), str):
             got = type(message.get("content")).__name__ if "content" in message else "nothing"
-            raise InvalidMessagesError(f"messages[{i}]['content'] must be a string, got {got}", f"messages[{i}].content")
+            raise InvalidMessagesError(f"messages[{i}]['content'] must be a string, got {got}",
+                                       f"messages[{i}].content")
 
 
 def check_role(role: Any, i: int) -> None:
