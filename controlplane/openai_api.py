@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 from controlplane.router import GenerateInput, TokenLogprob, Usage
 from kvweave.errors import InvalidRequestError
-from kvweave.limits import check_id
+from kvweave.limits import check_id, check_role
 from kvweave.sampling_params import MAX_LOGPROBS, MAX_UINT32, SamplingParams
 from kvweave.segments import CHAT_EXTENSION, flatten_messages
-from kvweave.tokenizer import InvalidMessagesError, Tokenizer, check_role
+from kvweave.tokenizer import Tokenizer
 
 _UNSUPPORTED_IF_SET = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None,
                        "tool_choice": None, "functions": None, "echo": False, "suffix": None, "best_of": 1}
@@ -252,10 +252,7 @@ def _message(message, i: int) -> dict:
     (checked by `flatten_messages`); an assistant's null content becomes ""."""
     if not isinstance(message, dict):
         raise OpenAIRequestError(f"messages[{i}] must be an object", f"messages[{i}]")
-    try:
-        check_role(message.get("role"), i)
-    except InvalidMessagesError as e:
-        raise OpenAIRequestError(str(e), e.param) from None
+    check_role(message.get("role"), i)  # InvalidRequestError naming messages[i].role
     content = message.get("content")
     if content is None and message.get("role") == "assistant":
         content = ""

@@ -6,7 +6,8 @@ than `max_model_len * MAX_BYTES_PER_TOKEN` UTF-8 bytes can fit the context: real
 5 bytes per token, and even runs of whitespace or repeated symbols stay far below 64. The same bound
 applies to the sum of a chat's message contents and of a prompt's segments, and a prompt may not have
 more messages, segments or token ids than the context has tokens (each takes at least one). Ids that
-name a request, a session or a tenant are at most MAX_ID_CHARS characters.
+name a request, a session or a tenant are at most MAX_ID_CHARS characters, and a chat message's role
+is one of CHAT_ROLES.
 
 These are torch-free checks in the shared bottom layer: the router's frontends, the worker's
 service, the engine and the SDK all apply them.
@@ -22,6 +23,8 @@ MAX_BYTES_PER_TOKEN = 64
 """Generous bound on the UTF-8 bytes one token of text stands for (real text: 3 to 5)."""
 MAX_ID_CHARS = 256
 """Longest request id, session id or tenant name."""
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+"""The roles a chat message may have (OpenAI's; the chat templates we load render each of them)."""
 
 
 def max_prompt_bytes(max_model_len: int) -> int:
@@ -57,6 +60,14 @@ def check_id(name: str, value: Any) -> None:
         raise InvalidRequestError(f"'{name}' must be a string, got {type(value).__name__}", name)
     if len(value) > MAX_ID_CHARS:
         raise InvalidRequestError(f"'{name}' has {len(value)} characters; at most {MAX_ID_CHARS} are allowed", name)
+
+
+def check_role(role: Any, i: int) -> None:
+    """InvalidRequestError naming `messages[i].role` unless `role` is one of CHAT_ROLES."""
+    if not isinstance(role, str) or role not in CHAT_ROLES:
+        got = f"{role[:32]!r}" if isinstance(role, str) else type(role).__name__
+        raise InvalidRequestError(f"messages[{i}]['role'] must be one of {', '.join(CHAT_ROLES)}; got {got}",
+                                  f"messages[{i}].role")
 
 
 def _message_texts(message: Any) -> Sequence[str]:

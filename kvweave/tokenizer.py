@@ -28,6 +28,9 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
+from kvweave import limits
+from kvweave.errors import InvalidRequestError
+
 logger = logging.getLogger(__name__)
 
 # llama.cpp token types (gguf.TokenType): 3 = control (special), 4 = user defined (added text).
@@ -63,8 +66,6 @@ class InvalidMessagesError(ValueError):
         """The offending field, OpenAI style (e.g. "messages[2].role"), where one is to blame."""
 
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-"""The roles a chat message may have (OpenAI's; the chat templates we load render each of them)."""
 ChatPiece = tuple[str, bool]
 """A piece of a rendered chat: (text, is message content). The template's own text may hold special
 tokens; special-token text in message content is plain text."""
@@ -284,11 +285,11 @@ def validate_messages(messages: Any) -> None:
 
 
 def check_role(role: Any, i: int) -> None:
-    """InvalidMessagesError naming `messages[i].role` unless `role` is one of CHAT_ROLES."""
-    if role not in CHAT_ROLES or not isinstance(role, str):
-        got = f"{role[:32]!r}" if isinstance(role, str) else type(role).__name__
-        raise InvalidMessagesError(f"messages[{i}]['role'] must be one of {', '.join(CHAT_ROLES)}; got {got}",
-                                   f"messages[{i}].role")
+    """InvalidMessagesError naming `messages[i].role` unless `role` is one of kvweave.limits.CHAT_ROLES."""
+    try:
+        limits.check_role(role, i)
+    except InvalidRequestError as e:
+        raise InvalidMessagesError(str(e), e.param) from None
 
 
 class IncrementalDetokenizer:
