@@ -17,6 +17,7 @@ from controlplane.router import Delta, GenerateInput, Router
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from kvweave.errors import InvalidRequestError
+from kvweave.grpc_decode import DecodeErrorInterceptor
 from kvweave.limits import check_id
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 async def start_grpc_server(router: Router, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Serve Inference + health (SERVING) + reflection on host:port (0 picks a free port); returns the
     started server and its port. Raises OSError when the port cannot be bound."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[DecodeErrorInterceptor()])
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as e:
