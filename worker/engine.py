@@ -321,8 +321,8 @@ class LLMEngine:
             try:
                 torch.Generator(self.device).set_state(
                     torch.frombuffer(bytearray(handoff.sampler_state), dtype=torch.uint8))
-            except (RuntimeError, ValueError) as e:
-                problem = f"the handoff's sampler state is not a generator state of this device ({e})"
+            except (RuntimeError, ValueError):  # torch's message names sizes and layouts: not for the client
+                problem = "the handoff's sampler state is not a generator state of this device"
         if problem is not None:
             raise InvalidRequestError(f"bad KV handoff: {problem}")
 

@@ -35,6 +35,7 @@ import grpc
 
 from kvweave.registry import WorkerLoad
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto, stop_reason_to_proto
+from kvweave.errors import InvalidRequestError
 from kvweave.limits import check_id
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.async_engine import AsyncEngine
@@ -158,8 +159,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except Exception as e:
             # Validation (InvalidRequestError and the engine's other ValueErrors) happens before
             # the first output; any failure after it is the server's.
-            if isinstance(e, ValueError) and not started:
+            if isinstance(e, InvalidRequestError) and not started:
                 status, code, message = "invalid", grpc.StatusCode.INVALID_ARGUMENT, _short(e)
+            elif isinstance(e, ValueError) and not started:  # a check deeper down: its text is not for clients
+                logger.info("request %s refused: %s", req_id, e)
+                status, code, message = "invalid", grpc.StatusCode.INVALID_ARGUMENT, "the request is invalid"
             else:
                 logger.exception("request %s failed", req_id)
                 status, code, message = "error", grpc.StatusCode.INTERNAL, "internal error in the worker (see its log)"
