@@ -84,19 +84,22 @@ def row_problem(params: SamplingParams, vocab_size: int) -> str | None:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           tensors: SamplingTensors | None = None) -> SampleResult:
+           tensors: SamplingTensors | None = None, checked: bool = False) -> SampleResult:
     """Sample one token per row of `logits` [B, vocab] (float32) on the logits' device, with one host
     transfer of the results. Random rows use the exponential race (argmax of p / E with E ~ Exp(1),
     which draws from p); a seeded row draws its noise from its own generator (on the logits'
     device), so its tokens do not depend on the rest of the batch. Rows that cannot be sampled are
-    in `failed` (see the module doc); the others are sampled as if they were alone."""
-    problems = {i: why for i, p in enumerate(params) if (why := row_problem(p, logits.shape[-1])) is not None}
+    in `failed` (see the module doc); the others are sampled as if they were alone. `checked`: the
+    caller ran `row_problem` on every row already (the model runner does, once per request)."""
+    problems = {} if checked else \
+        {i: why for i, p in enumerate(params) if (why := row_problem(p, logits.shape[-1])) is not None}
     if not problems:
         return _sample_contained(logits, params, generators, tensors)
     good = [i for i in range(len(params)) if i not in problems]
     result = SampleResult([-1] * len(params), None, problems)
     if good:
-        _merge(result, good, _sample_contained(logits[good], [params[i] for i in good], [generators[i] for i in good]))
+        part = _sample_contained(logits[good], [params[i] for i in good], [generators[i] for i in good])
+        merge_rows(result, good, part)
     return result
 
 
@@ -116,12 +119,12 @@ def _sample_contained(logits: torch.Tensor, params: list[SamplingParams], genera
                 g.set_state(state)
     result = SampleResult([-1] * len(params), None)
     for i in range(len(params)):
-        _merge(result, [i], _sample_contained(logits[i:i + 1], params[i:i + 1], generators[i:i + 1]))
+        merge_rows(result, [i], _sample_contained(logits[i:i + 1], params[i:i + 1], generators[i:i + 1]))
     return result
 
 
-def _merge(result: SampleResult, rows: list[int], part: SampleResult) -> None:
-    """Put `part` (the sample of `rows`) into `result`."""
+def merge_rows(result: SampleResult, rows: list[int], part: SampleResult) -> None:
+    """Put `part`, the sample of some `rows` of a batch, into `result`, the batch's."""
     if part.logprobs is not None and result.logprobs is None:
         result.logprobs = [None] * len(result.token_ids)
     for j, i in enumerate(rows):
