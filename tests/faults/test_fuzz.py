@@ -254,6 +254,11 @@ def _check_http(status: int, data: bytes, seen: Counter) -> None:
         assert "Traceback" not in error["message"]
 
 
+def _response_of(future):
+    """A unary call's response as a stream of one (its error raised while iterating)."""
+    yield future.result()
+
+
 def _check_grpc(call, seen: Counter) -> None:
     try:
         for _ in call:
@@ -318,6 +323,7 @@ def test_fuzz_http_raw(cluster, http_conn, router_channel, worker_channel):
 def test_fuzz_router_grpc(cluster, http_conn, router_channel, worker_channel):
     stub = inference_pb2_grpc.InferenceStub(router_channel)
     raw = router_channel.unary_stream("/kvweave.v1.Inference/Generate")
+    raw_abort = router_channel.unary_unary("/kvweave.v1.Inference/Abort")
 
     seen, garbage_seen = Counter(), Counter()
 
@@ -327,6 +333,7 @@ def test_fuzz_router_grpc(cluster, http_conn, router_channel, worker_channel):
         _check_grpc(stub.Generate(request, timeout=REQUEST_TIMEOUT_S), seen)
         if garbage is not None:
             _check_garbage(raw(garbage, timeout=REQUEST_TIMEOUT_S), garbage_seen)
+            _check_garbage(_response_of(raw_abort.future(garbage, timeout=REQUEST_TIMEOUT_S)), garbage_seen)
 
     one()
     assert seen[grpc.StatusCode.OK] and seen[grpc.StatusCode.INVALID_ARGUMENT], seen
