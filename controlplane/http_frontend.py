@@ -17,7 +17,9 @@ import contextlib
 import json
 import logging
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from controlplane.errors import error_status, public_message
 from controlplane.openai_api import (
@@ -68,7 +70,10 @@ MAX_JSON_DEPTH = 32
 
 
 async def _read_json(request: web.Request) -> dict:
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    try:
+        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    except (RequestPayloadError, HttpProcessingError):  # e.g. a Content-Encoding the body is not in
+        raise OpenAIRequestError("the request body cannot be read (check its Content-Encoding)") from None
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -225,18 +230,39 @@ async def metrics_targets(request: web.Request) -> web.Response:
     return web.json_response(groups)
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """The Expect header: 100-continue as aiohttp does; anything else a 417 that does not echo the
+    value back (aiohttp's default does, and fails with a 500 on a non-ASCII one)."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return json_error(417, "unsupported Expect header (only 100-continue is)", "invalid_request_error", "Expect")
+    if request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    """Unknown paths (404) and methods (405), routed here so that `_expect` handles their Expect header."""
+    for resource in request.app.router.resources():
+        match, allowed = await resource.resolve(request)
+        if match is None and allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
 def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors])
     app[_ROUTER] = router
     app[_MAX_BODY] = max_body_bytes
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/metrics/targets", metrics_targets)
+    app.router.add_post("/v1/completions", completions, expect_handler=_expect)
+    app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=_expect)
+    app.router.add_get("/v1/models", models, expect_handler=_expect)
+    app.router.add_post("/tokenize", tokenize, expect_handler=_expect)
+    app.router.add_post("/detokenize", detokenize, expect_handler=_expect)
+    app.router.add_get("/health", health, expect_handler=_expect)
+    app.router.add_get("/metrics", metrics, expect_handler=_expect)
+    app.router.add_get("/metrics/targets", metrics_targets, expect_handler=_expect)
+    app.router.add_route("*", "/{path:.*}", _no_route, expect_handler=_expect)
     return app
 
 

@@ -110,3 +110,25 @@ def test_sdk_refuses_before_sending(kwargs, message):
     with pytest.raises(InvalidRequest, match=message):
         build_request(**args)
     json.dumps(args, default=str)  # the case itself is plain data
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/models", "/nowhere"])
+@pytest.mark.parametrize("headers, status", [
+    ({"Content-Encoding": "gzip"}, 400),  # a body that is not gzip: was a 500
+    ({"Content-Encoding": "deflate"}, 400),
+    ({"Expect": "\u00e9t\u00e9"}, 417),  # aiohttp's own handler failed encoding its echo: a 500
+    ({"Expect": "bogus"}, 417),
+])
+def test_odd_headers_are_4xx(router, path, headers, status):
+    import http.client
+
+    host, port = router.http_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = b'{"prompt": "hi", "max_tokens": 1}'
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"} | headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    expected = status if path == "/v1/completions" or "Expect" in headers else {"/v1/models": 405}.get(path, 404)
+    assert resp.status == expected, data
+    assert set(json.loads(data)["error"]) == {"message", "type", "param", "code"}
