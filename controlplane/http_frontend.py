@@ -70,10 +70,14 @@ MAX_JSON_DEPTH = 32
 
 
 async def _read_json(request: web.Request) -> dict:
+    if request.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
+        # No OpenAI client compresses its requests, and aiohttp's inflater waits forever for the rest
+        # of a truncated deflate stream: refused before the body is read.
+        raise OpenAIRequestError("compressed request bodies are not supported (Content-Encoding)")
     try:
         raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
-    except (RequestPayloadError, HttpProcessingError):  # e.g. a Content-Encoding the body is not in
-        raise OpenAIRequestError("the request body cannot be read (check its Content-Encoding)") from None
+    except (RequestPayloadError, HttpProcessingError):  # a body that breaks the HTTP parser
+        raise OpenAIRequestError("the request body cannot be read") from None
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

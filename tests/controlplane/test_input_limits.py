@@ -114,8 +114,8 @@ def test_sdk_refuses_before_sending(kwargs, message):
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/models", "/nowhere"])
 @pytest.mark.parametrize("headers, status", [
-    ({"Content-Encoding": "gzip"}, 400),  # a body that is not gzip: was a 500
-    ({"Content-Encoding": "deflate"}, 400),
+    ({"Content-Encoding": "gzip"}, 400),  # was a 500 (the body is not gzip); compressed bodies are refused
+    ({"Content-Encoding": "deflate"}, 400),  # a truncated deflate stream hung the request
     ({"Expect": "\u00e9t\u00e9"}, 417),  # aiohttp's own handler failed encoding its echo: a 500
     ({"Expect": "bogus"}, 417),
 ])
