@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from controlplane.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
 from controlplane.router_types import Delta
-from kvweave.identifiers import check_identifier
+from kvweave.limits import check_id
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _parse_entry(entry, where: str) -> tuple[bytes, Tenant]:
     for field in ("tenant", "namespace"):
         value = entry.get(field, entry.get("tenant"))
         try:
-            names[field] = check_identifier(field, value, required=True)
+            names[field] = check_id(field, value, required=True)
         except ValueError as e:
             raise ApiKeysFileError(f"{where}: {e}") from None
     limits = {}

@@ -24,7 +24,8 @@ from controlplane.router import Delta, GenerateInput, Router
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from kvweave.errors import InvalidRequestError
-from kvweave.identifiers import check_identifier
+from kvweave.grpc_decode import DecodeErrorInterceptor
+from kvweave.limits import check_id
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +33,11 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
 def input_from_proto(msg: inference_pb2.GenerateRequest) -> GenerateInput:
-    """Raises InvalidRequestError for a missing prompt or invalid sampling parameters."""
+    """Raises InvalidRequestError for a missing prompt, invalid sampling parameters or an over-long id."""
+    for name in ("model", "request_id", "session_id", "tenant"):
+        check_id(name, getattr(msg, name))
     kind = msg.WhichOneof("prompt")
-    inp = GenerateInput(model=msg.model, req_id=check_identifier("request_id", msg.request_id),
-                        session_id=check_identifier("session_id", msg.session_id),
-                        tenant=check_identifier("tenant", msg.tenant))
+    inp = GenerateInput(model=msg.model, req_id=msg.request_id, session_id=msg.session_id, tenant=msg.tenant)
     if kind == "text":
         inp.prompt = msg.text
     elif kind == "token_ids":
@@ -150,7 +151,7 @@ async def start_grpc_server(router: Router, host: str = "127.0.0.1", port: int =
     """Serve Inference + health (SERVING) + reflection on host:port (0 picks a free port), over TLS
     with `credentials`; returns the started server and its port. Raises OSError when the port
     cannot be bound."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[DecodeErrorInterceptor()])
     try:
         address = f"{host}:{port}"
         bound = (server.add_secure_port(address, credentials) if credentials is not None

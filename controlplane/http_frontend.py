@@ -23,7 +23,9 @@ import json
 import logging
 import ssl
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from controlplane.auth import Gate, Tenant
 from controlplane.errors import AuthenticationError, RateLimitedError, error_status, public_message
@@ -102,11 +104,20 @@ MAX_JSON_DEPTH = 32
 
 
 async def _read_json(request: web.Request) -> dict:
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    if request.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
+        # No OpenAI client compresses its requests, and aiohttp's inflater waits forever for the rest
+        # of a truncated deflate stream: refused before the body is read.
+        raise OpenAIRequestError("compressed request bodies are not supported (Content-Encoding)")
+    try:
+        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    except (RequestPayloadError, HttpProcessingError):  # a body that breaks the HTTP parser
+        raise OpenAIRequestError("the request body cannot be read") from None
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenAIRequestError(f"malformed JSON body: {e}") from None
+    except ValueError:  # an integer literal past Python's 4300-digit conversion limit
+        raise OpenAIRequestError("malformed JSON body: a number has too many digits") from None
     except RecursionError:
         raise OpenAIRequestError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(body, dict):
@@ -262,6 +273,26 @@ async def metrics_targets(request: web.Request) -> web.Response:
     return web.json_response(groups)
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """The Expect header: 100-continue as aiohttp does; anything else a 417 that does not echo the
+    value back (aiohttp's default does, and fails with a 500 on a non-ASCII one)."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return json_error(417, "unsupported Expect header (only 100-continue is)", "invalid_request_error", "Expect")
+    if request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    """Unknown paths (404) and methods (405), routed here so that `_expect` handles their Expect header."""
+    for resource in request.app.router.resources():
+        match, allowed = await resource.resolve(request)
+        if match is None and allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
 def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, gate: Gate | None = None
               ) -> web.Application:
     """`gate`: API keys and rate limits (None: open, as without keys)."""
@@ -269,14 +300,15 @@ def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, gate
     app[_ROUTER] = router
     app[_MAX_BODY] = max_body_bytes
     app[_GATE] = gate or Gate()
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/metrics/targets", metrics_targets)
+    app.router.add_post("/v1/completions", completions, expect_handler=_expect)
+    app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=_expect)
+    app.router.add_get("/v1/models", models, expect_handler=_expect)
+    app.router.add_post("/tokenize", tokenize, expect_handler=_expect)
+    app.router.add_post("/detokenize", detokenize, expect_handler=_expect)
+    app.router.add_get("/health", health, expect_handler=_expect)
+    app.router.add_get("/metrics", metrics, expect_handler=_expect)
+    app.router.add_get("/metrics/targets", metrics_targets, expect_handler=_expect)
+    app.router.add_route("*", "/{path:.*}", _no_route, expect_handler=_expect)
     return app
 
 

@@ -3,7 +3,7 @@
 Pure functions, no I/O (the aiohttp side is controlplane/http_frontend.py). Field mapping:
 max_tokens / max_completion_tokens, temperature, top_p, n (must be 1), stop (str or list), seed,
 logprobs (completions: int; chat: bool + top_logprobs), stream, stream_options.include_usage;
-`user` is checked (an identifier, kvweave/identifiers.py, as `session_id` is) and otherwise ignored; extensions: top_k, ignore_eos, min_tokens, stop_token_ids, session_id, and
+`user` is checked (an identifier, kvweave/limits.py, as `session_id` is) and otherwise ignored; extensions: top_k, ignore_eos, min_tokens, stop_token_ids, session_id, and
 reusable chunks (KV that may be reused wherever the text appears): `/v1/completions` takes
 `"kvweave": {"chunks": [str | {"text": str, "reusable": bool}, ...]}` followed by the optional
 string `prompt`; chat messages mark documents with `"kvweave": {"document": true}` or content parts
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from controlplane.router import GenerateInput, TokenLogprob, Usage
 from kvweave.errors import InvalidRequestError
-from kvweave.identifiers import check_identifier
-from kvweave.sampling_params import MAX_UINT32, SamplingParams
+from kvweave.limits import check_id, check_role
+from kvweave.sampling_params import MAX_LOGPROBS, MAX_UINT32, SamplingParams
 from kvweave.segments import CHAT_EXTENSION, flatten_messages
 from kvweave.tokenizer import Tokenizer
 
@@ -74,8 +74,11 @@ def parse_chat(body: dict, default_model: str) -> tuple[GenerateInput, ResponseO
     max_tokens = _opt(body, "max_completion_tokens", int)
     max_tokens = _opt(body, "max_tokens", int) if max_tokens is None else max_tokens
     logprobs = None
+    top_logprobs = _opt(body, "top_logprobs", int)
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_LOGPROBS:
+        raise OpenAIRequestError(f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}]", "top_logprobs")
     if _opt(body, "logprobs", bool):
-        logprobs = _opt(body, "top_logprobs", int) or 0
+        logprobs = top_logprobs or 0
     # Without max_tokens a chat generates up to the context length (the router sets it once the
     # prompt is known); a given 0 is refused like any other out-of-range value.
     params = _sampling(body, logprobs=logprobs, max_tokens=MAX_UINT32 if max_tokens is None else max_tokens)
@@ -133,6 +136,7 @@ def _finish(body: dict, inp: GenerateInput, opts: ResponseOptions, default_model
     inp.model = _opt(body, "model", str) or ""
     inp.session_id = _identifier(body, "session_id")
     _identifier(body, "user")
+    check_id("model", inp.model)
     inp.req_id = f"{prefix}-{uuid.uuid4().hex}"
     opts.model = inp.model or default_model
     opts.stream = bool(_opt(body, "stream", bool))
@@ -158,7 +162,7 @@ def _opt(body: dict, name: str, kind: type):
 def _identifier(body: dict, name: str) -> str:
     """body[name], a bounded printable string ("" when absent), else a 400 naming `name`."""
     try:
-        return check_identifier(name, _opt(body, name, str) or "")
+        return check_id(name, _opt(body, name, str) or "")
     except InvalidRequestError as e:
         raise OpenAIRequestError(str(e), name) from None
 
@@ -256,10 +260,14 @@ def _message(message, i: int) -> dict:
     """A chat message as the router takes it: content a string or a list of "text" / "document" parts
     (checked by `flatten_messages`); an assistant's null content becomes ""."""
     if not isinstance(message, dict):
-        raise OpenAIRequestError(f"messages[{i}] must be an object", "messages")
+        raise OpenAIRequestError(f"messages[{i}] must be an object", f"messages[{i}]")
+    check_role(message.get("role"), i)  # InvalidRequestError naming messages[i].role
     content = message.get("content")
     if content is None and message.get("role") == "assistant":
         content = ""
+    if not isinstance(content, (str, list)):
+        raise OpenAIRequestError(f"messages[{i}]['content'] must be a string or a list of text parts, got "
+                                 f"{type(content).__name__}", f"messages[{i}].content")
     return {**message, "content": content}
 
 

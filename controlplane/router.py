@@ -50,6 +50,7 @@ from kvweave.convert import sampling_to_proto
 from kvweave.v1 import common_pb2, worker_pb2
 from kvweave.defaults import DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST, REGISTRY_LEASE_S
 from kvweave.errors import InvalidRequestError
+from kvweave.limits import check_prompt_size
 from kvweave.model_files import LoadedTokenizer, load_tokenizer
 from kvweave.sampling_params import SamplingParams
 from kvweave.segments import encode_chat_documents, encode_segments, split_on_separator
@@ -220,6 +221,7 @@ class Router:
         given = [name for name in ("prompt", "messages", "segments") if getattr(inp, name) is not None]
         if len(given) > 1:
             raise InvalidRequestError(f"give one prompt form, not {' and '.join(given)}")
+        check_prompt_size(self.list_models()[0].max_model_len, inp.prompt, inp.messages, inp.segments)
         if inp.messages is not None:
             return encode_chat_documents(self.tokenizer, inp.messages, add_generation_prompt)
         if inp.segments is not None:

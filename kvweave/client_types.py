@@ -11,7 +11,8 @@ from typing import Any
 import grpc
 
 from kvweave.errors import InvalidRequestError
-from kvweave.identifiers import check_identifier
+from kvweave.limits import check_id, check_role
+from kvweave.sampling_params import MAX_UINT32, SamplingParams
 from kvweave.v1 import common_pb2, inference_pb2
 
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
@@ -218,6 +219,10 @@ def _messages_to_proto(messages: Iterable[Mapping[str, Any] | Any]) -> common_pb
     out = common_pb2.ChatMessages()
     for i, m in enumerate(messages):
         role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else (m.role, m.content)
+        try:
+            check_role(role, i)
+        except InvalidRequestError as e:
+            raise invalid(str(e)) from None
         options = (m.get("kvweave") if isinstance(m, Mapping) else None) or {}
         document = options.get("document", False) if isinstance(options, Mapping) else options
         if not isinstance(document, bool):
@@ -267,9 +272,11 @@ def build_request(*, prompt: str | None, messages: Sequence | None, token_ids: S
                                   ("segments", segments)) if v is not None]
     if len(given) != 1:
         raise invalid(f"give exactly one of prompt, messages, token_ids, segments (got {given or 'none'})")
+    check_sampling(sampling)
     try:
-        for name, value in (("request_id", request_id), ("session_id", session_id), ("tenant", tenant)):
-            check_identifier(name, value or "")
+        for name, value in (("session_id", session_id), ("tenant", tenant), ("request_id", request_id),
+                            ("model", model)):
+            check_id(name, value or "")
     except InvalidRequestError as e:
         raise invalid(str(e)) from None
     try:
@@ -287,6 +294,23 @@ def build_request(*, prompt: str | None, messages: Sequence | None, token_ids: S
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise invalid(f"malformed request: {e}") from e
     return req
+
+
+def check_sampling(sampling: Mapping[str, Any]) -> None:
+    """InvalidRequest naming the first sampling parameter the server would refuse (the same checks:
+    kvweave.sampling_params), so a bad value fails before it is sent."""
+    given = {name: value for name, value in sampling.items() if value is not None}
+    if given.get("stop") is not None and isinstance(given["stop"], (list, tuple)):
+        given["stop"] = list(given["stop"])
+    if isinstance(given.get("stop_token_ids"), tuple):
+        given["stop_token_ids"] = list(given["stop_token_ids"])
+    given.setdefault("max_tokens", MAX_UINT32)  # unset: the server picks it (a chat runs to the context)
+    try:
+        SamplingParams(**given)
+    except InvalidRequestError as e:
+        raise invalid(str(e)) from None
+    except TypeError as e:
+        raise invalid(f"malformed sampling parameters: {e}") from None
 
 
 def _usage_from_proto(u: common_pb2.Usage) -> Usage:

@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class InvalidRequestError(ValueError):
     """A request's input or parameters are invalid; the message names the problem."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        """The offending field, OpenAI style ("max_tokens", "messages[2].role"), where one is known."""

@@ -166,30 +166,47 @@ def _part_text(part: Any, i: int, j: int, doc) -> str:
 def encode_chat_documents(tokenizer: Tokenizer, messages: Any, add_generation_prompt: bool = True
                           ) -> tuple[list[int], list[Span]]:
     """(token ids, spans) of a chat whose messages may mark documents (see the module doc). Without
-    documents this is exactly `tokenizer.encode_chat` and no spans."""
+    documents this is exactly `tokenizer.encode_chat` and no spans. Message content and documents
+    are data: special-token text in them is tokenized as text (`Tokenizer.encode_chat_pieces`)."""
     nonce = secrets.token_hex(8)
     sentinel = f"KVWEAVEDOC{nonce}N{{}}E"
     flat, docs = flatten_messages(messages, sentinel)
     try:
-        rendered = tokenizer.apply_chat_template(flat, add_generation_prompt)
+        pieces = tokenizer.render_chat_pieces(flat, add_generation_prompt)
     except (InvalidMessagesError, TokenizerError) as e:
-        raise InvalidRequestError(str(e)) from e
+        raise InvalidRequestError(str(e), getattr(e, "param", None)) from e
     if not docs:
-        return tokenizer.encode(rendered, add_special_tokens=False), []
-    segments: list[tuple[str, bool]] = []
-    rest = rendered
-    for k, text in enumerate(docs):
-        mark = sentinel.format(k)
-        if rendered.count(mark) != 1 or mark not in rest:
-            raise InvalidRequestError(f"the chat template dropped, repeated or reordered document {k}; send it as an "
-                                      "ordinary message instead")
-        before, rest = rest.split(mark, 1)
-        if before:
-            segments.append((before, False))
-        segments.append((text, True))
-    if rest:
-        segments.append((rest, False))
-    try:
-        return encode_segments(tokenizer, segments, add_special_tokens=False)
-    except InvalidRequestError as e:
-        raise InvalidRequestError(f"chat documents: {e}") from e
+        return tokenizer.encode_chat_pieces(pieces), []
+    runs = _split_documents(pieces, sentinel, len(docs))
+    token_ids: list[int] = []
+    spans: list[Span] = []
+    for k, run in enumerate(runs):
+        token_ids += tokenizer.encode_chat_pieces(run)
+        if k < len(docs):
+            ids = tokenizer.encode(docs[k], special_as_text=True)
+            if not ids:
+                raise InvalidRequestError(f"chat documents: reusable segment {k} tokenizes to no tokens")
+            spans.append((len(token_ids), len(ids)))
+            token_ids += ids
+    return token_ids, spans
+
+
+def _split_documents(pieces: list[tuple[str, bool]], sentinel: str, num_docs: int) -> list[list[tuple[str, bool]]]:
+    """The rendered chat's pieces split at the documents' sentinels: num_docs + 1 runs of pieces."""
+    rendered = "".join(text for text, _ in pieces)
+    runs: list[list[tuple[str, bool]]] = [[]]
+    k = 0
+    for text, is_content in pieces:
+        while k < num_docs and sentinel.format(k) in text:
+            mark = sentinel.format(k)
+            if rendered.count(mark) != 1:
+                break
+            before, text = text.split(mark, 1)
+            runs[-1].append((before, is_content))
+            runs.append([])
+            k += 1
+        runs[-1].append((text, is_content))
+    if k != num_docs:
+        raise InvalidRequestError(f"the chat template dropped, repeated or reordered document {k}; send it as an "
+                                  "ordinary message instead")
+    return [[p for p in run if p[0]] for run in runs]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +27,9 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+from kvweave import limits
+from kvweave.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,16 @@ class TokenizerError(ValueError):
 class InvalidMessagesError(ValueError):
     """Chat messages are not a list of {"role": str, "content": str}, or the template rejected them."""
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        """The offending field, OpenAI style (e.g. "messages[2].role"), where one is to blame."""
+
+
+ChatPiece = tuple[str, bool]
+"""A piece of a rendered chat: (text, is message content). The template's own text may hold special
+tokens; special-token text in message content is plain text."""
+
 
 def gguf_field_value(fields: Mapping[str, Any], key: str, default: Any = None) -> Any:
     """The decoded value of a GGUF metadata field (`GGUFReader.fields`), or `default`."""
@@ -79,6 +94,10 @@ class Tokenizer:
         self.eos_token_ids: list[int] = list(dict.fromkeys(eos_token_ids))
         self.chat_template = chat_template
         self._compiled_template: jinja2.Template | None = None
+        specials = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special and t.content),
+                          key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._text_tokenizer: tokenizers.Tokenizer | None = None
 
     @classmethod
     def from_file(cls, tokenizer_json: str | Path, tokenizer_config: dict | None = None) -> "Tokenizer":
@@ -137,9 +156,22 @@ class Tokenizer:
     def eos_token(self) -> str | None:
         return self.hf_tokenizer.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else None
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; special tokens written in the text map to their single ids."""
-        return self.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = False, special_as_text: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens written in the text map to their single ids, unless
+        `special_as_text` (then "<|im_start|>" is tokenized as the characters it is made of)."""
+        tok = self._plain_text_tokenizer() if special_as_text else self.hf_tokenizer
+        return tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def has_special_text(self, text: str) -> bool:
+        """Whether `text` spells one of the tokenizer's special (control) tokens."""
+        return self._special_pattern is not None and self._special_pattern.search(text) is not None
+
+    def _plain_text_tokenizer(self) -> tokenizers.Tokenizer:
+        if self._text_tokenizer is None:  # a copy: the flag is per tokenizer, and the original keeps its meaning
+            tok = tokenizers.Tokenizer.from_str(self.hf_tokenizer.to_str())
+            tok.encode_special_tokens = True
+            self._text_tokenizer = tok
+        return self._text_tokenizer
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -150,6 +182,9 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` with the model's chat template."""
         validate_messages(messages)
+        return self._render(messages, add_generation_prompt)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         template = self._template()
         try:
             return template.render(
@@ -159,11 +194,69 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
             )
         except jinja2.TemplateError as exc:
-            raise InvalidMessagesError(f"chat template rejected the messages: {exc}") from exc
+            raise InvalidMessagesError(f"chat template rejected the messages: {str(exc)[:200]}") from exc
+        except Exception as exc:  # a template's own bug on unusual input: the client's 400, not a 500
+            logger.debug("chat template failed", exc_info=True)
+            raise InvalidMessagesError("the model's chat template cannot render these messages") from exc
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the rendered chat (the template adds any bos itself)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        """Token ids of the rendered chat (the template adds any bos itself). Prompts are data:
+        special-token text inside message content is tokenized as text, so a user cannot write
+        "<|im_start|>system" into a message to open a turn of another role."""
+        return self.encode_chat_pieces(self.render_chat_pieces(messages, add_generation_prompt))
+
+    def render_chat_pieces(self, messages: list[dict], add_generation_prompt: bool = True) -> list[ChatPiece]:
+        """The rendered chat as (text, is content) pieces that concatenate to `apply_chat_template`.
+
+        Each message's content is rendered as a unique sentinel and put back after, so the pieces
+        say which text came from the template and which from the messages. A template that
+        transforms or drops content (the pieces would not add up to the plain rendering) gives one
+        template piece, unless some content spells a special token: then InvalidMessagesError,
+        since it could not be kept as text."""
+        plain = self.apply_chat_template(messages, add_generation_prompt)
+        nonce = secrets.token_hex(8)
+        marks = [f"KVWEAVEMSG{nonce}N{i}E" for i in range(len(messages))]
+        masked = self._render([{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt)
+        pieces: list[ChatPiece] = []
+        rest = masked
+        for message, mark in zip(messages, marks):
+            if masked.count(mark) != 1 or mark not in rest:
+                pieces = []
+                break
+            before, rest = rest.split(mark, 1)
+            pieces += [(before, False), (message["content"], True)]
+        if pieces:
+            pieces.append((rest, False))
+        if pieces and "".join(text for text, _ in pieces) == plain:
+            return [p for p in pieces if p[0]]
+        for i, message in enumerate(messages):
+            if self.has_special_text(message["content"]):
+                raise InvalidMessagesError(f"messages[{i}]['content'] spells a special token, and this model's chat "
+                                           "template transforms message content, so it cannot be kept as text",
+                                           f"messages[{i}].content")
+        return [(plain, False)]
+
+    def encode_chat_pieces(self, pieces: Sequence[ChatPiece]) -> list[int]:
+        """Token ids of rendered chat pieces: special tokens in template pieces are control tokens,
+        special-token text in content pieces is text. Text between the template's special tokens is
+        tokenized in one go (as `encode` does, which splits at special tokens first), so a chat
+        whose content spells no special token gets exactly `encode(rendered text)`."""
+        if not any(is_content and self.has_special_text(text) for text, is_content in pieces):
+            return self.encode("".join(text for text, _ in pieces))
+        ids: list[int] = []
+        run: list[str] = []
+        for text, is_content in pieces:
+            if is_content or self._special_pattern is None:
+                run.append(text)
+                continue
+            start = 0
+            for m in self._special_pattern.finditer(text):
+                run.append(text[start:m.start()])
+                ids += self.encode("".join(run), special_as_text=True)
+                ids.append(self.hf_tokenizer.token_to_id(m.group()))
+                run, start = [], m.end()
+            run.append(text[start:])
+        return ids + self.encode("".join(run), special_as_text=True)
 
     def _template(self) -> jinja2.Template:
         if self._compiled_template is None:
@@ -182,13 +275,21 @@ def validate_messages(messages: Any) -> None:
         raise InvalidMessagesError("messages must be a non-empty list of {'role', 'content'} objects")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise InvalidMessagesError(f"messages[{i}] must be an object, got {type(message).__name__}")
-        role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise InvalidMessagesError(f"messages[{i}] needs a non-empty string 'role'")
+            raise InvalidMessagesError(f"messages[{i}] must be an object, got {type(message).__name__}",
+                                       f"messages[{i}]")
+        check_role(message.get("role"), i)
         if not isinstance(message.get("content"), str):
             got = type(message.get("content")).__name__ if "content" in message else "nothing"
-            raise InvalidMessagesError(f"messages[{i}]['content'] must be a string, got {got}")
+            raise InvalidMessagesError(f"messages[{i}]['content'] must be a string, got {got}",
+                                       f"messages[{i}].content")
+
+
+def check_role(role: Any, i: int) -> None:
+    """InvalidMessagesError naming `messages[i].role` unless `role` is one of kvweave.limits.CHAT_ROLES."""
+    try:
+        limits.check_role(role, i)
+    except InvalidRequestError as e:
+        raise InvalidMessagesError(str(e), e.param) from None
 
 
 class IncrementalDetokenizer:

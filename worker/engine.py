@@ -23,6 +23,7 @@ from kvstore.tier import TierConfigError
 from kvweave.cluster_secret import hash_salt
 from kvweave.defaults import BLOCK_SIZE, CHUNK_RECOMPUTE_RATIO, DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST
 from kvweave.errors import InvalidRequestError
+from kvweave.limits import check_prompt_size
 from kvweave.sampling_params import SamplingParams
 from kvweave.tokenizer import InvalidMessagesError, TokenizerError
 from worker.block_manager import BlockManager
@@ -223,19 +224,23 @@ class LLMEngine:
         return max(1, int(gb * 2**30 // per_block))
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt given as text, token ids, or {"messages": [...]} / {"prompt": str}."""
+        """Token ids of a prompt given as text, token ids, or {"messages": [...]} / {"prompt": str}.
+        Text is bounded before it is tokenized (kvweave/limits.py); special-token text in chat
+        message content is tokenized as text, in a text prompt as the special tokens it spells."""
         if isinstance(prompt, dict):
             if "messages" in prompt:
+                check_prompt_size(self.max_model_len, messages=prompt["messages"])
                 try:
                     return self.tokenizer.encode_chat(prompt["messages"])
                 except (InvalidMessagesError, TokenizerError) as e:
-                    raise InvalidRequestError(str(e)) from e
+                    raise InvalidRequestError(str(e), getattr(e, "param", None)) from e
             if "prompt" in prompt:
                 return self.encode_prompt(prompt["prompt"])
             if "prompt_token_ids" in prompt:
                 return self.encode_prompt(prompt["prompt_token_ids"])
             raise InvalidRequestError("a prompt object needs 'prompt', 'messages' or 'prompt_token_ids'")
         if isinstance(prompt, str):
+            check_prompt_size(self.max_model_len, prompt)
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
@@ -317,8 +322,8 @@ class LLMEngine:
             try:
                 torch.Generator(self.device).set_state(
                     torch.frombuffer(bytearray(handoff.sampler_state), dtype=torch.uint8))
-            except (RuntimeError, ValueError) as e:
-                problem = f"the handoff's sampler state is not a generator state of this device ({e})"
+            except (RuntimeError, ValueError):  # torch's message names sizes and layouts: not for the client
+                problem = "the handoff's sampler state is not a generator state of this device"
         if problem is not None:
             raise InvalidRequestError(f"bad KV handoff: {problem}")
 
@@ -389,11 +394,40 @@ class LLMEngine:
         for req_id, (positions, logits) in result.prompt_logits.items():
             self.outputs.add_prompt_logits(req_id, positions, logits)
         for req in self.scheduler.update_from_output(sched_out, result.sampled, result.blend_scores):
-            out = self._postprocess(req, result.logprobs.get(req.req_id))
+            try:
+                out = self._postprocess(req, result.logprobs.get(req.req_id))
+            except Exception:  # this request's output processing: it fails alone
+                logger.exception("processing the output of request %s failed", req.req_id)
+                out = self._fail(req.req_id, "processing its output failed", req)
+            if out is not None:
+                outputs.append(out)
+        for req_id, why in result.failed.items():
+            out = self._fail(req_id, why)
             if out is not None:
                 outputs.append(out)
         self._handoff_progress()
         return outputs
+
+    def _fail(self, req_id: str, why: str, req: Request | None = None) -> RequestOutput | None:
+        """End one request with finish reason "error" (the rest of the batch goes on); its last output."""
+        logger.warning("request %s failed: %s", req_id, why)
+        req = self.scheduler.requests.get(req_id) or req
+        if req is None:
+            return None
+        req.error = why
+        status = RequestStatus.FINISHED_ABORTED if req.internal else RequestStatus.FINISHED_ERROR
+        if self.scheduler.finish(req_id, status) is None:
+            req.status = status  # finished already, but its output failed
+        self.handoffs.cancel(req_id)
+        if req.internal:
+            return None
+        try:
+            return self.outputs.take_output(req)
+        except Exception:  # the output state itself is what failed: end the stream with the error alone
+            self.outputs.states.pop(req_id, None)
+            self.outputs.outputs.pop(req_id, None)
+            return RequestOutput(req_id, req.prompt_token_ids, list(req.output_token_ids), finished=True,
+                                 finish_reason="error", error=why)
 
     def _handoff_progress(self) -> None:
         """The keys of open handoffs name the blocks computed so far (none of a request gone)."""

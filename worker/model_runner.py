@@ -20,7 +20,7 @@ from worker.chunk_blend import BlendPiece
 from worker.chunk_kv import ChunkCorrection
 from worker.model import Transformer, rope_attention_factor
 from kvweave.sampling_params import SamplingParams
-from worker.sampling import SampleResult, SamplingTensors, sample
+from worker.sampling import SampleResult, merge_rows, row_problem, sample
 from worker.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class RunnerOutput:
     """Requests that asked for prompt logits: (positions, float32 logits [n, vocab] on the host)."""
     blend_scores: dict[str, list[float]] = field(default_factory=dict)
     """Blends' scoring passes: the deviation of each position of the piece."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Requests whose token could not be sampled this step (the others are unaffected): the reason."""
 
 
 @dataclass(slots=True)
@@ -89,6 +91,10 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.generators: dict[str, torch.Generator] = {}
         """Seeded requests' generators, kept across preemption (dropped when the request finishes)."""
+        self.broken: dict[str, str] = {}
+        """Requests whose sampling parameters are out of range or whose sampling state could not be
+        set up (a request built around the validation at the edges): they fail at their first
+        sample, alone."""
         self._inputs = StepInputs(self.device)
         self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
         m = rope_attention_factor(model.args)  # the tables carry yarn's factor; corrections need pure rotations
@@ -101,21 +107,32 @@ class ModelRunner:
         for req_id in out.finished_req_ids:
             self.requests.pop(req_id, None)
             self.generators.pop(req_id, None)
+            self.broken.pop(req_id, None)
         for req_id in out.preempted_req_ids:
             self.requests.pop(req_id, None)
         for new in out.scheduled_new_reqs:
             wanted = range(new.num_prompt_tokens - new.num_prompt_logits, new.num_prompt_tokens)
             self.requests[new.req_id] = CachedRequestState(list(new.token_ids), list(new.block_ids),
                                                            new.num_computed_tokens, new.params, wanted)
-            if new.params.seed is not None and new.req_id not in self.generators:
-                self.generators[new.req_id] = generator = torch.Generator(self.device).manual_seed(new.params.seed)
-                if new.sampler_state:  # continued from a prefill handoff
-                    generator.set_state(torch.frombuffer(bytearray(new.sampler_state), dtype=torch.uint8))
+            problem = row_problem(new.params, self.model.args.vocab_size)  # once per request, not per step
+            if problem is not None:
+                self.broken[new.req_id] = problem
+            if new.params.seed is not None and new.req_id not in self.generators and problem is None:
+                try:
+                    self.generators[new.req_id] = self._generator(new.params.seed, new.sampler_state)
+                except (RuntimeError, ValueError, TypeError, OverflowError):
+                    self.broken[new.req_id] = "invalid seed or sampler state"
         cached = out.scheduled_cached_reqs
         for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
             state = self.requests[req_id]
             state.block_ids.extend(block_ids)
             state.num_computed_tokens = num_computed
+
+    def _generator(self, seed: int, sampler_state: bytes) -> torch.Generator:
+        generator = torch.Generator(self.device).manual_seed(seed)
+        if sampler_state:  # continued from a prefill handoff
+            generator.set_state(torch.frombuffer(bytearray(sampler_state), dtype=torch.uint8))
+        return generator
 
     # ------------------------------------------------------------------ inputs
 
@@ -234,6 +251,21 @@ class ModelRunner:
         self.model(token_ids, positions, backend, num_layers=piece.score_layer + 1)
         return meta.prefills[0].scores.tolist()
 
+    def _sample(self, req_ids: list[str], logits: torch.Tensor) -> tuple[SampleResult, dict[str, str]]:
+        """One token per request (row of `logits`), and the requests that failed alone: the broken
+        ones are left out of the batch, the sampler reports the rest (worker/sampling.py)."""
+        failed = {r: self.broken[r] for r in req_ids if r in self.broken}
+        rows = [i for i, r in enumerate(req_ids) if r not in failed]
+        res = SampleResult([-1] * len(req_ids), None)
+        if rows:
+            part = sample(logits[rows] if failed else logits, [self.requests[req_ids[i]].params for i in rows],
+                          [self.generators.get(req_ids[i]) for i in rows], checked=True)
+            if failed:
+                merge_rows(res, rows, part)
+            else:
+                res = part
+        return res, failed | {req_ids[i]: why for i, why in res.failed.items()}
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self._update_states(out)
@@ -255,13 +287,13 @@ class ModelRunner:
         if not req_ids:
             return result
         rows = torch.tensor([row for row in sample_rows if row is not None], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        params = [self.requests[r].params for r in req_ids]
-        res: SampleResult = sample(logits, params, [self.generators.get(r) for r in req_ids],
-                                   SamplingTensors.from_params(params, self.device))
+        res, failed = self._sample(req_ids, self.model.compute_logits(hidden[rows]))
         for r, tok in zip(req_ids, res.token_ids):
-            self.requests[r].token_ids.append(tok)
+            if r not in failed:
+                self.requests[r].token_ids.append(tok)
         if res.logprobs is not None:
-            result.logprobs = {r: lp for r, lp in zip(req_ids, res.logprobs) if lp is not None}
-        result.sampled = dict(zip(req_ids, res.token_ids))
+            result.logprobs = {r: lp for r, lp in zip(req_ids, res.logprobs) if lp is not None and r not in failed}
+        result.sampled = {r: tok for r, tok in zip(req_ids, res.token_ids) if r not in failed}
+        result.failed = failed
         return result
+

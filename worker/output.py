@@ -27,6 +27,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[tuple[float, dict[int, float]]] | None = None
     error: str | None = None
+    """Set with finish reason "error": this request failed inside a step (the others went on)."""
     num_chunk_reused_tokens: int = 0
     """Prompt tokens served from chunk-caches; `num_recomputed_tokens` of them were recomputed."""
     num_recomputed_tokens: int = 0
@@ -122,7 +123,7 @@ class OutputProcessor:
             list(out.logprobs) if out.logprobs is not None else None,
             num_chunk_reused_tokens=req.chunks.num_reused_tokens,
             num_recomputed_tokens=req.chunks.num_recomputed_tokens,
-            handoff=req.handoff if req.status == RequestStatus.FINISHED_HANDOFF else None)
+            handoff=req.handoff if req.status == RequestStatus.FINISHED_HANDOFF else None, error=req.error)
         st.num_emitted = end
         out.new_token_ids = []
         if finished:

@@ -27,6 +27,8 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ABORTED = 6
     FINISHED_HANDOFF = 7
     """A prefill-only request whose KV is held for a decode worker (worker/kv_handoff.py)."""
+    FINISHED_ERROR = 8
+    """This request alone failed inside a step (its sampling or output processing); `error` says why."""
 
     @property
     def finished(self) -> bool:
@@ -35,7 +37,8 @@ class RequestStatus(enum.IntEnum):
     @property
     def finish_reason(self) -> str | None:
         return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_HANDOFF: "handoff"}.get(self)
+                RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_HANDOFF: "handoff",
+                RequestStatus.FINISHED_ERROR: "error"}.get(self)
 
 
 @dataclass
@@ -96,6 +99,8 @@ class Request:
     """Prompt tokens served from the prefix cache at first scheduling (-1 before)."""
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    error: str | None = None
+    """Why the request failed (FINISHED_ERROR): a short reason its client may read."""
     block_hashes: list = field(default_factory=list)
     """Leading block hashes computed before admission (by the KV prefetcher), reused by the block manager."""
     kv: KVTransferState = field(default_factory=KVTransferState)

@@ -1,14 +1,22 @@
 """The sampler (greedy, temperature, top-k, top-p, per-request seeds); its parameters are
-`kvweave.sampling_params.SamplingParams`."""
+`kvweave.sampling_params.SamplingParams`.
+
+Containment: one row can never fail the others. Each row's parameters are validated on their own
+(a request built around the validation at the edges is caught here), a row whose logits or
+probabilities are not finite (NaN, +inf) is reported instead of sampled, and a batch that raises is
+sampled again row by row, so only the row that raises fails. Failed rows come back in
+`SampleResult.failed` with a short reason (no tensor shapes or internals) and token id -1.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
-if TYPE_CHECKING:
-    from kvweave.sampling_params import SamplingParams
+from kvweave.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -16,6 +24,8 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[tuple[float, dict[int, float]] | None] | None
     """Per row: (sampled token's logprob, {top token id: logprob}) where asked for."""
+    failed: dict[int, str] = field(default_factory=dict)
+    """Rows that could not be sampled: row -> a short reason for the request's client."""
 
 
 @dataclass(slots=True)
@@ -61,14 +71,75 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
 
 
+def row_problem(params: SamplingParams, vocab_size: int) -> str | None:
+    """Why this row's parameters cannot be sampled (None: they can)."""
+    try:
+        params.validate()
+    except Exception as e:  # a value of the wrong type fails validation in odd ways too
+        return f"invalid sampling parameters ({e})"[:200] if isinstance(e, ValueError) else \
+            "invalid sampling parameters"
+    if params.logprobs is not None and params.logprobs > vocab_size:
+        return f"logprobs asks for more alternatives than the vocabulary has ({vocab_size})"
+    return None
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           tensors: SamplingTensors | None = None) -> SampleResult:
+           tensors: SamplingTensors | None = None, checked: bool = False) -> SampleResult:
     """Sample one token per row of `logits` [B, vocab] (float32) on the logits' device, with one host
     transfer of the results. Random rows use the exponential race (argmax of p / E with E ~ Exp(1),
     which draws from p); a seeded row draws its noise from its own generator (on the logits'
-    device), so its tokens do not depend on the rest of the batch."""
+    device), so its tokens do not depend on the rest of the batch. Rows that cannot be sampled are
+    in `failed` (see the module doc); the others are sampled as if they were alone. `checked`: the
+    caller ran `row_problem` on every row already (the model runner does, once per request)."""
+    problems = {} if checked else \
+        {i: why for i, p in enumerate(params) if (why := row_problem(p, logits.shape[-1])) is not None}
+    if not problems:
+        return _sample_contained(logits, params, generators, tensors)
+    good = [i for i in range(len(params)) if i not in problems]
+    result = SampleResult([-1] * len(params), None, problems)
+    if good:
+        part = _sample_contained(logits[good], [params[i] for i in good], [generators[i] for i in good])
+        merge_rows(result, good, part)
+    return result
+
+
+def _sample_contained(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                      tensors: SamplingTensors | None = None) -> SampleResult:
+    """`_sample` of the batch; if it raises, each row alone (only the rows that raise fail), its
+    seeded generators first put back as they were (so a row's tokens stay those it gets alone)."""
+    states = [g.get_state() if isinstance(g, torch.Generator) else None for g in generators]
+    try:
+        return _sample(logits, params, generators, tensors)
+    except Exception:  # one row's numerics or parameters must not fail the batch
+        if len(params) == 1:
+            logger.exception("sampling a row failed")
+            return SampleResult([-1], None, {0: "sampling failed"})
+        for g, state in zip(generators, states):
+            if state is not None:
+                g.set_state(state)
+    result = SampleResult([-1] * len(params), None)
+    for i in range(len(params)):
+        merge_rows(result, [i], _sample_contained(logits[i:i + 1], params[i:i + 1], generators[i:i + 1]))
+    return result
+
+
+def merge_rows(result: SampleResult, rows: list[int], part: SampleResult) -> None:
+    """Put `part`, the sample of some `rows` of a batch, into `result`, the batch's."""
+    if part.logprobs is not None and result.logprobs is None:
+        result.logprobs = [None] * len(result.token_ids)
+    for j, i in enumerate(rows):
+        result.token_ids[i] = part.token_ids[j]
+        if part.logprobs is not None:
+            result.logprobs[i] = part.logprobs[j]
+        if j in part.failed:
+            result.failed[i] = part.failed[j]
+
+
+def _sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+            tensors: SamplingTensors | None = None) -> SampleResult:
     t = tensors or SamplingTensors.from_params(params, logits.device)
     token_ids = logits.argmax(-1)
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
     if not t.all_greedy:
         temp = torch.where(t.temperature > 0, t.temperature, 1.0)
         scaled = logits / temp[:, None]
@@ -79,17 +150,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         for i, g in enumerate(generators):
             if g is not None and not params[i].greedy:
                 noise[i].exponential_(generator=g)
-        token_ids = torch.where(t.temperature > 0, (probs / noise).argmax(-1), token_ids)
-    ids = token_ids.tolist()
+        random_rows = t.temperature > 0
+        token_ids = torch.where(random_rows, (probs / noise).argmax(-1), token_ids)
+        bad |= random_rows & ~torch.isfinite(probs).all(-1)
+    ids, bad_rows = torch.stack([token_ids, bad.long()]).tolist()  # the one host transfer
+    failed = {i: "sampling produced non-finite probabilities" for i, b in enumerate(bad_rows) if b}
     logprobs = None
     if any(p.logprobs is not None for p in params):
         logprobs = []
         lp = logits.log_softmax(-1)
         for i, p in enumerate(params):
-            if p.logprobs is None:
+            if p.logprobs is None or i in failed:
                 logprobs.append(None)
                 continue
             top = torch.topk(lp[i], p.logprobs) if p.logprobs else None
             alts = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
             logprobs.append((float(lp[i, ids[i]]), alts))
-    return SampleResult(ids, logprobs)
+    for i in failed:
+        ids[i] = -1
+    return SampleResult(ids, logprobs, failed)

@@ -45,6 +45,7 @@ from redis.exceptions import RedisError
 from kvweave import cluster_secret
 from kvweave.config_flags import add_config_args, config_kwargs
 from kvweave.defaults import REGISTRY_LEASE_S
+from kvweave.grpc_decode import DecodeErrorInterceptor
 from kvweave.registry import ROLES, Registry, WorkerInfo, worker_key
 from kvweave.serving import serve_until
 from kvstore.index import KVIndex
@@ -251,7 +252,7 @@ class WorkerServer:
     async def _start_grpc(self) -> None:
         o = self.options
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *TRANSFER_GRPC_OPTIONS],  # a taken port must fail
-                                       interceptors=cluster_secret.server_interceptors())
+                                       interceptors=[*cluster_secret.server_interceptors(), DecodeErrorInterceptor()])
         try:
             port = self._server.add_insecure_port(f"{o.host}:{o.port}")
         except RuntimeError as e:

@@ -16,8 +16,10 @@ tenant)))` (with the `model` and `block_size` of the worker's registry entry) th
 exactly the hashes this worker publishes to the KV index.
 
 Errors: invalid input (InvalidRequestError and any other ValueError from validation) ends the
-call with INVALID_ARGUMENT and the message; anything else with INTERNAL and a short message,
-never a traceback. A client that cancels its stream aborts the request.
+call with INVALID_ARGUMENT and the message; a request that failed alone inside the engine (finish
+reason "error": its sampling or output processing, worker/sampling.py) with INTERNAL and its short
+reason; anything else with INTERNAL and a fixed message (details only in the log: no exception
+text, shapes or paths reach the client). A client that cancels its stream aborts the request.
 
 Admission: a call that arrives while `max_waiting` calls already wait for their first output ends
 at once with RESOURCE_EXHAUSTED (the router tries another worker), so a worker's queue, and its
@@ -37,6 +39,8 @@ import grpc
 
 from kvweave.registry import WorkerLoad
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto, stop_reason_to_proto
+from kvweave.errors import InvalidRequestError
+from kvweave.limits import check_id
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.async_engine import AsyncEngine
 from worker.kv_handoff import Handoff
@@ -149,12 +153,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         status = "abort"  # unless it finishes: the client went away first
         self.num_waiting += 1
         try:
+            check_id("request_id", request.request_id)
+            check_id("cache_namespace", request.cache_namespace)
             params = sampling_from_proto(request.sampling if request.HasField("sampling") else None)
             handoff = handoff_from_proto(request.kv_handoff) if request.HasField("kv_handoff") else None
             stream = self.engine.generate(list(request.prompt_token_ids), params, req_id, request.cache_namespace,
                                           chunk_spans, prefill_only=request.prefill_only, handoff=handoff)
             async with contextlib.aclosing(stream):
                 async for out in stream:
+                    if out.error is not None:  # this request alone failed in the engine
+                        status, code, message = "error", grpc.StatusCode.INTERNAL, f"the request failed: {out.error}"
+                        break
                     if not started:
                         started = True
                         self.num_waiting -= 1
@@ -165,11 +174,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except Exception as e:
             # Validation (InvalidRequestError and the engine's other ValueErrors) happens before
             # the first output; any failure after it is the server's.
-            if isinstance(e, ValueError) and not started:
+            if isinstance(e, InvalidRequestError) and not started:
                 status, code, message = "invalid", grpc.StatusCode.INVALID_ARGUMENT, _short(e)
+            elif isinstance(e, ValueError) and not started:  # a check deeper down: its text is not for clients
+                logger.info("request %s refused: %s", req_id, e)
+                status, code, message = "invalid", grpc.StatusCode.INVALID_ARGUMENT, "the request is invalid"
             else:
                 logger.exception("request %s failed", req_id)
-                status, code, message = "error", grpc.StatusCode.INTERNAL, f"internal error: {_short(e)}"
+                status, code, message = "error", grpc.StatusCode.INTERNAL, "internal error in the worker (see its log)"
         finally:
             if not started:
                 self.num_waiting -= 1

@@ -26,7 +26,7 @@ import kvweave
 from controlplane.auth import ApiKeys, ApiKeysFileError, RateLimiter, Tenant, parse_api_keys
 from controlplane.errors import RateLimitedError
 from controlplane.router_main import ServeOptions
-from kvweave.identifiers import MAX_IDENTIFIER_LENGTH
+from kvweave.limits import MAX_ID_CHARS
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.controlplane.test_router import prompt_ids, token_prompt, wait_indexed
 from tests.tls_certs import write_tls_files
@@ -307,13 +307,13 @@ def test_tokens_per_minute_limit_counts_prompt_and_completion(keyed):
 
 def test_identifiers_are_bounded_and_never_echoed(keyed):
     url = keyed.http_url + "/v1/chat/completions"
-    long = "x" * (MAX_IDENTIFIER_LENGTH + 1)
+    long = "x" * (MAX_ID_CHARS + 1)
     for field, value in (("user", long), ("session_id", long), ("user", "a\nforged log line")):
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
         status, err, _ = http(url, "POST", body, "sk-alpha")
         assert status == 400 and err["error"]["param"] == field, err
         assert value not in err["error"]["message"]
-    ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "user": "u" * MAX_IDENTIFIER_LENGTH}
+    ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "user": "u" * MAX_ID_CHARS}
     assert http(url, "POST", ok, "sk-alpha")[0] == 200
     for field in ("tenant", "session_id", "request_id"):
         err = grpc_error(lambda: grpc_usage(keyed, "sk-alpha", [5, 6], **{field: long}))

@@ -144,7 +144,9 @@ def test_missing_chat_template_is_a_clear_error(hf_tokenizer: Tokenizer) -> None
         ("hello", "non-empty list"),
         ([], "non-empty list"),
         (["hello"], r"messages\[0\] must be an object"),
-        ([{"content": "x"}], r"messages\[0\] needs a non-empty string 'role'"),
+        ([{"content": "x"}], r"messages\[0\]\['role'\] must be one of system, developer, user, assistant, tool"),
+        ([{"role": "root", "content": "x"}], r"\['role'\] must be one of .*; got 'root'"),
+        ([{"role": "r" * 10_000, "content": "x"}], r"got 'r{32}'$"),
         (
             [{"role": "user", "content": "x"}, {"role": "user", "content": 3}],
             r"messages\[1\]\['content'\] must be a string, got int",

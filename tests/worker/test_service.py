@@ -238,5 +238,6 @@ async def test_an_engine_failure_is_internal_and_the_server_keeps_serving(engine
             await _collect(stub, _request(PROMPTS[1]))
         messages = await _collect(stub, _request(PROMPTS[0]))
     assert info.value.code() == grpc.StatusCode.INTERNAL
-    assert "boom" in info.value.details() and "Traceback" not in info.value.details()
+    # The exception's text stays in the worker's log: it may name shapes, layouts or paths.
+    assert info.value.details() == "internal error in the worker (see its log)"
     assert [t for m in messages for t in m.token_ids] == expected[0].token_ids

@@ -1,4 +1,4 @@
-"""Identifier bounds (kvweave/identifiers.py) and the SDK's checks of them before a request is sent."""
+"""Identifier bounds (kvweave/limits.py) and the SDK's checks of them before a request is sent."""
 from __future__ import annotations
 
 import pytest
@@ -6,16 +6,16 @@ import pytest
 import kvweave
 from kvweave.client_types import build_request
 from kvweave.errors import InvalidRequestError
-from kvweave.identifiers import MAX_IDENTIFIER_LENGTH, check_identifier
+from kvweave.limits import MAX_ID_CHARS, check_id
 
 
 def test_identifiers_up_to_the_limit_of_printable_characters_pass():
-    for value in ("", "acme", "tenant with spaces", "é" * MAX_IDENTIFIER_LENGTH):
-        assert check_identifier("tenant", value) == value
+    for value in ("", "acme", "tenant with spaces", "é" * MAX_ID_CHARS):
+        assert check_id("tenant", value) == value
 
 
 @pytest.mark.parametrize("value, problem", [
-    ("x" * (MAX_IDENTIFIER_LENGTH + 1), "longer than 256 characters"),
+    ("x" * (MAX_ID_CHARS + 1), "at most 256"),
     ("a\nb", "printable characters only"),
     ("tab\there", "printable characters only"),
     ("\x00", "printable characters only"),
@@ -24,7 +24,7 @@ def test_identifiers_up_to_the_limit_of_printable_characters_pass():
 ])
 def test_bad_identifiers_name_the_field_and_do_not_echo_the_value(value, problem):
     with pytest.raises(InvalidRequestError) as info:
-        check_identifier("session_id", value)
+        check_id("session_id", value)
     message = str(info.value)
     assert message.startswith("'session_id'") and problem in message
     assert not isinstance(value, str) or value not in message or value == ""
@@ -33,7 +33,7 @@ def test_bad_identifiers_name_the_field_and_do_not_echo_the_value(value, problem
 def test_required_identifiers_must_be_given():
     for value in (None, ""):
         with pytest.raises(InvalidRequestError):
-            check_identifier("tenant", value, required=True)
+            check_id("tenant", value, required=True)
 
 
 @pytest.mark.parametrize("field", ["tenant", "session_id", "request_id"])
