@@ -124,8 +124,7 @@ async def _drive(cluster, config: DisaggBenchConfig, kill_prefill_at: float | No
 
 
 async def _warm_up(cluster) -> None:
-    import grpc
-
+    from kvweave import cluster_secret
     from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
     import kvweave
@@ -134,7 +133,7 @@ async def _warm_up(cluster) -> None:
         max_len = min(m.max_model_len for m in await client.list_models())
     prompt = [7 + (i * 7919) % 400 for i in range(min(WARMUP_PROMPT_TOKENS, max_len // 2))]
     for address in cluster.worker_addresses.values():
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with cluster_secret.insecure_channel(address, secret=cluster.secret) as channel:
             request = worker_pb2.WorkerGenerateRequest(
                 prompt_token_ids=prompt, sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True))
             async for _ in worker_pb2_grpc.WorkerStub(channel).Generate(request, timeout=900):

@@ -227,6 +227,13 @@ class LocalCluster:
             return RayWorkers(self.config, roles, self._public_redis_url, self.ray_actor, self.security_env)
         return LocalWorkers(self.config, roles, self._public_redis_url, self._log_dir, self._env())
 
+    @property
+    def secret(self) -> "cluster_secret.ClusterSecret | None":
+        """The cluster's secret (None when it runs open): in-process tools that call a worker directly
+        pass it to `kvweave.cluster_secret.insecure_channel`."""
+        path = self.security_env.get(cluster_secret.SECRET_ENV)
+        return cluster_secret.load_secret(path) if path else None
+
     def router_alive(self) -> bool:
         return self.router is not None and self.router.poll() is None
 
@@ -243,8 +250,7 @@ class LocalCluster:
 
         deadline = time.monotonic() + self.config.startup_timeout
         client = aioredis.Redis.from_url(self.redis_url)
-        secret_file = self.security_env.get(cluster_secret.SECRET_ENV)
-        key = cluster_secret.load_secret(secret_file).derive("registry") if secret_file else None
+        key = self.secret.derive("registry") if self.secret else None
         try:
             registry, wanted = Registry(client, key=key), set(self.workers.worker_ids)
             while True:

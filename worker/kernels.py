@@ -6,6 +6,8 @@ back to the pure-torch path, which computes the same thing.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -31,22 +33,47 @@ def cpu_kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        import torch
-
-        # One build per source text, source folder (the build command names the files: two checkouts
-        # sharing a folder would rebuild each other's), torch version and CPU (-march=native).
-        key = [p.read_bytes() for p in [*_SOURCES, _CSRC / "common.h"]]
-        key += [str(_CSRC).encode(), torch.__version__.encode(), _cpu_flags().encode()]
-        digest = hashlib.sha256(b"\0".join(key)).hexdigest()
-        base = Path(os.environ.get("KVWEAVE_KERNEL_DIR", Path.home() / ".cache" / "kvweave" / "kernels"))
-        build_dir = base / digest[:16]
+        build_dir = kernel_build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
-        _module = load(name="kvweave_cpu_kernels", sources=[str(p) for p in _SOURCES], build_directory=str(build_dir),
-                       extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
+        with _build_lock(build_dir):
+            _module = load(name="kvweave_cpu_kernels", sources=[str(p) for p in _SOURCES],
+                           build_directory=str(build_dir), extra_cflags=["-O3", "-march=native", "-ffast-math"],
+                           verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: the torch path still works
         logger.warning("CPU kernels unavailable, using the torch path: %s", e)
         _module = None
     return _module
+
+
+def kernel_build_dir() -> Path:
+    """The build folder of this checkout's kernels for this torch and CPU: one per source text,
+    source folder (the build command names the files: two checkouts sharing a folder would rebuild
+    each other's), torch version and CPU (-march=native)."""
+    import torch
+
+    key = [p.read_bytes() for p in [*_SOURCES, _CSRC / "common.h"]]
+    key += [str(_CSRC).encode(), torch.__version__.encode(), _cpu_flags().encode()]
+    digest = hashlib.sha256(b"\0".join(key)).hexdigest()
+    base = Path(os.environ.get("KVWEAVE_KERNEL_DIR", Path.home() / ".cache" / "kvweave" / "kernels"))
+    return base / digest[:16]
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Serialize builds of one folder with a lock the kernel drops when its holder dies. torch's own
+    lock is a file that a build killed midway leaves behind, after which every later load waits for
+    it forever (a worker hanging on its first request); holding ours, no build is running, so such a
+    file is stale and is removed."""
+    with open(build_dir / "kvweave.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            logger.warning("removing the stale build lock %s (a build was killed midway)", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _cpu_flags() -> str:

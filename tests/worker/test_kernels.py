@@ -3,12 +3,16 @@
 Tolerances: float32 results differ only by summation order (1e-5); bfloat16 results by one
 rounding of the stored value (bf16 keeps 8 bits of mantissa, so ~1e-2 relative).
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from worker import ops
 from worker.attention import AttentionMetadata, PagedAttention, kv_cache_shape
-from worker.kernels import cpu_kernels
+from worker.kernels import cpu_kernels, kernel_build_dir
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="CPU kernels could not be built here")
 
@@ -104,3 +108,18 @@ def test_long_prefill_after_context_split_path_matches_masked(dtype):
             attention.SPLIT_MIN_NEW = old
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=tol, rtol=tol)
+
+
+def test_a_build_killed_midway_does_not_hang_later_loads():
+    """torch's build lock is a plain file: a build killed midway leaves it, and every later load
+    waited for it forever (workers hung on their first request). A fresh process loads the kernels
+    with such a file in the build folder."""
+    stale = kernel_build_dir() / "lock"
+    stale.write_text("")
+    try:
+        code = "from worker.kernels import cpu_kernels; import sys; sys.exit(cpu_kernels() is None)"
+        done = subprocess.run([sys.executable, "-c", code], timeout=300, cwd=Path(__file__).parents[2])
+        assert done.returncode == 0
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)
