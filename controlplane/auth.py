@@ -279,6 +279,12 @@ class Gate:
     def __init__(self, keys: ApiKeys | None = None, limiter: RateLimiter | None = None) -> None:
         self.keys = keys
         self.limiter = limiter or RateLimiter()
+        self.on_refuse = None
+        """on_refuse(reason) for each refusal: "unauthenticated", "permission_denied", "rate_limited"."""
+
+    def _refused(self, reason: str) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse(reason)
 
     @property
     def enabled(self) -> bool:
@@ -291,6 +297,7 @@ class Gate:
         key = bearer_key(authorization)
         tenant = self.keys.lookup(key) if key is not None else None
         if tenant is None:
+            self._refused("unauthenticated")
             raise AuthenticationError("missing API key: send 'Authorization: Bearer KEY'" if key is None
                                       else "incorrect API key provided")
         return tenant
@@ -301,8 +308,13 @@ class Gate:
         if tenant is None:
             return Grant(requested_tenant)
         if requested_tenant and requested_tenant != tenant.name:
+            self._refused("permission_denied")
             raise PermissionDeniedError("the request's tenant is not the API key's tenant")
-        self.limiter.admit(tenant)
+        try:
+            self.limiter.admit(tenant)
+        except RateLimitedError:
+            self._refused("rate_limited")
+            raise
         return Grant(tenant.namespace, tenant)
 
     def reload_keys(self) -> bool:

@@ -86,6 +86,13 @@ class RoutedRequest:
             self.call.cancel()
 
 
+_TRANSPORT_CODES = {grpc.StatusCode.UNAVAILABLE: "the worker cannot be reached",
+                    grpc.StatusCode.UNKNOWN: "the worker failed",
+                    grpc.StatusCode.CANCELLED: "the call was cancelled"}
+"""Codes gRPC itself raises (its details name peer addresses and exception text), with what a client
+is told instead; the details go to the log. The workers' own errors are written for clients."""
+
+
 class WorkerFailure(Exception):
     """A worker failed, stalled or left: the request may continue on another one."""
 
@@ -244,6 +251,9 @@ class Forwarder:
             raise InvalidRequestError(details) from None
         if code in BREAKER_CODES:
             self.pool.open_breaker(worker.worker_id, f"{code.name}: {details}")
+        if code in _TRANSPORT_CODES:  # gRPC's own text names addresses and exceptions: for the log only
+            logger.info("request %s: worker %s: %s: %s", req.req_id, worker.worker_id, code.name, details)
+            details = _TRANSPORT_CODES[code]
         if code not in RETRY_CODES:
             raise WorkerFailedError(f"worker {worker.worker_id} rejected the request ({code.name}: "
                                     f"{details})") from None

@@ -30,6 +30,9 @@ the decode worker; its first token ended the request; it failed before answering
 served colocated on the decode worker instead)."""
 
 
+REFUSED_REASONS = ("unauthenticated", "permission_denied", "rate_limited")
+"""`reason` of kvweave_router_refused_total: no or an unknown API key, a request naming another
+tenant than its key's, a key past its rate limits."""
 DEGRADED_REASONS = ("registry", "index_lookup")
 """`reason` of kvweave_router_degraded_total: a registry refresh failed (the router routes over the
 workers it knew), a request was routed without the KV index (least-loaded) because Redis failed."""
@@ -96,6 +99,10 @@ class RouterMetrics:
                                   "(skipped by routing)", registry=r)
         for state in ("open", "closed"):
             self.breaker.labels(state)
+        self.refused = Counter("kvweave_router_refused", "Calls the API-key gate refused, by reason "
+                               f"({', '.join(REFUSED_REASONS)})", ["reason"], registry=r)
+        for reason in REFUSED_REASONS:
+            self.refused.labels(reason)
         # One child per stage, resolved once: labels() costs more than observe() on the hot path.
         self.stages = {name: self.stage.labels(name) for name in STAGES}
 
@@ -115,6 +122,10 @@ class RouterMetrics:
     def count_degraded(self, reason: str) -> None:
         """One Redis failure worked around (`DEGRADED_REASONS`)."""
         self.degraded.labels(reason).inc()
+
+    def count_refused(self, reason: str) -> None:
+        """A call the API-key gate refused (`REFUSED_REASONS`)."""
+        self.refused.labels(reason).inc()
 
     def set_workers(self, counts: dict[str, int]) -> None:
         """Live workers per role (every role is reported, 0 when none)."""

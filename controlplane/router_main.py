@@ -121,6 +121,7 @@ class RouterServer:
             credentials = grpc_credentials(o.tls) if o.tls else None
             if self.router is None:
                 self.router = await asyncio.to_thread(Router, self.config)
+            self.gate.on_refuse = self.router.metrics.count_refused
             await self.router.start()
             self._grpc, self.grpc_port = await start_grpc_server(self.router, o.host, o.grpc_port, self.gate,
                                                                  credentials)

@@ -40,6 +40,8 @@ HANDOFF_PULL_RESULTS = ("complete", "partial", "failed")
 """`result` of kvweave_worker_handoff_pulls_total: every block pulled, some (the rest computed), none."""
 DIRECTIONS = ("in", "out")
 """KV transfer directions: in = fetched from peers, out = served to peers."""
+REFUSAL_PLANES = ("grpc", "kv_data")
+"""`plane` of kvweave_worker_unauthenticated_calls_total: the worker's gRPC services, the TCP KV data plane."""
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -94,6 +96,11 @@ class WorkerMetrics:
         """Report this engine (its load at scrape time) as worker `worker_id` of `role`."""
         self.info.labels(worker_id, role, engine.engine.model_name).set(1)
         self.registry.register(_EngineCollector(engine))
+
+    def watch_refusals(self, read: Callable[[], dict[str, int]]) -> None:
+        """Report the calls refused for lacking the cluster credential, per plane (`REFUSAL_PLANES`),
+        as `read()` counts them at scrape time."""
+        self.registry.register(_RefusalCollector(read))
 
     def request(self, num_prompt_tokens: int, num_chunk_tokens: int) -> "RequestMetrics":
         """Start measuring one call (now is its arrival)."""
@@ -203,6 +210,22 @@ class _EngineCollector:
         for event, value in (("created", stats.created), ("released", stats.released), ("expired", stats.expired)):
             made.add_metric([event], value)
         yield made
+
+
+class _RefusalCollector:
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self.read = read
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        counts = self.read()
+        refused = CounterMetricFamily("kvweave_worker_unauthenticated_calls", "Calls refused for lacking the "
+                                      "cluster credential, by plane (grpc, kv_data)", labels=["plane"])
+        for plane in REFUSAL_PLANES:
+            refused.add_metric([plane], counts.get(plane, 0))
+        yield refused
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

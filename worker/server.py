@@ -251,8 +251,9 @@ class WorkerServer:
 
     async def _start_grpc(self) -> None:
         o = self.options
+        token_checks = cluster_secret.server_interceptors()
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *TRANSFER_GRPC_OPTIONS],  # a taken port must fail
-                                       interceptors=[*cluster_secret.server_interceptors(), DecodeErrorInterceptor()])
+                                       interceptors=[*token_checks, DecodeErrorInterceptor()])
         try:
             port = self._server.add_insecure_port(f"{o.host}:{o.port}")
         except RuntimeError as e:
@@ -269,6 +270,9 @@ class WorkerServer:
             await self._data_server.start()
         except OSError as e:
             raise WorkerStartError(f"cannot listen for KV data on {o.host}: {e}") from e
+        data_server = self._data_server
+        self.metrics.watch_refusals(lambda: {"grpc": sum(t.num_refused for t in token_checks),
+                                             "kv_data": data_server.num_refused})
         # torch.distributed pairs: the store and each pair's connections on the advertised host
         self._dist_server = DistServer(self.engine, self.address.rsplit(":", 1)[0], on_served=served)
         KVTransferService(self.engine, self._data_server, dist_server=self._dist_server, on_served=served,

@@ -215,8 +215,13 @@ def test_serve_options_check_tls_files():
 
 # ------------------------------------------------------------------------------ HTTP and gRPC
 
+def refused(router, reason: str) -> float:
+    return router.router.metrics.registry.get_sample_value("kvweave_router_refused_total", {"reason": reason})
+
+
 def test_http_needs_a_key_except_health_and_metrics(keyed):
     url = keyed.http_url
+    before = refused(keyed, "unauthenticated")
     for path in ("/v1/models", "/metrics/targets"):
         for key in (None, "sk-wrong"):
             status, body, _ = http(url + path, key=key)
@@ -231,6 +236,7 @@ def test_http_needs_a_key_except_health_and_metrics(keyed):
     client = openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
+    assert refused(keyed, "unauthenticated") - before == 6  # 4 on the two paths, the completion, the client
 
 
 def test_grpc_needs_a_key_except_health(keyed):
@@ -284,6 +290,7 @@ def _holder(cluster, router, token_ids: list[int], namespace: str, timeout: floa
 def test_requests_per_minute_limit_gives_429_with_retry_after(keyed):
     url = keyed.http_url + "/v1/completions"
     body = {"prompt": [5, 6, 7], "max_tokens": 1}
+    before = refused(keyed, "rate_limited")
     assert [http(url, "POST", body, "sk-rpm")[0] for _ in range(2)] == [200, 200]
     status, err, headers = http(url, "POST", body, "sk-rpm")
     assert status == 429 and err["error"]["code"] == "rate_limit_exceeded"
@@ -292,6 +299,7 @@ def test_requests_per_minute_limit_gives_429_with_retry_after(keyed):
     err = grpc_error(lambda: grpc_usage(keyed, "sk-rpm", [5, 6, 7]))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert 1 <= int(dict(err.trailing_metadata())["retry-after"]) <= 30
+    assert refused(keyed, "rate_limited") - before == 2
 
 
 def test_tokens_per_minute_limit_counts_prompt_and_completion(keyed):

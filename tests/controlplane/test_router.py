@@ -307,3 +307,31 @@ def test_router_tokenizer_matches_the_engine_without_loading_weights(request, fi
     assert (light.name, light.max_seq_len) == (full.args.name, full.args.max_seq_len)
     text = "<|im_start|>user\nHello 123 world<|im_end|>"
     assert light.tokenizer.encode(text, True) == full.tokenizer.encode(text, True)
+
+
+def test_an_unreachable_worker_is_reported_without_its_address(make_cluster):
+    """gRPC's own text for a worker it cannot reach names the address (and, for UNKNOWN, an
+    exception): the client is told what happened, the router's log gets the details."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from controlplane.procs import free_port
+    from kvweave.registry import Registry, WorkerInfo
+
+    c = make_cluster(num_workers=0)
+    stub = stub_for(c.add_router())
+    port = free_port()  # nothing listens there
+
+    async def register() -> None:
+        client = aioredis.Redis.from_url(c.redis_url)
+        await Registry(client, 60.0).heartbeat(WorkerInfo("ghost", f"127.0.0.1:{port}", c.routers[0].router.model.name))
+        await client.aclose()
+
+    asyncio.run(register())
+    wait_until(lambda: c.routers[0].router.pool.eligible())
+    with pytest.raises(grpc.RpcError) as exc:
+        generate(stub, token_prompt(prompt_ids(11, 20)))
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the worker cannot be reached" in exc.value.details()
+    assert str(port) not in exc.value.details() and "127.0.0.1" not in exc.value.details()

@@ -233,3 +233,42 @@ def test_block_hashes_are_keyed_with_the_cluster_secret(cluster, secret, tiny_hf
     assert len(keyed) >= 2 and set(keyed) <= held  # the victim's prompt, as the cluster names it
     assert not held & set(unkeyed)  # what an attacker could compute offline names nothing
     assert not set(keyed) & set(unkeyed)
+
+
+def test_refused_calls_are_counted_in_the_workers_metrics(cluster, secret, tiny_hf_model) -> None:
+    """An operator sees the attempts: each refused gRPC call and each failed data-plane handshake."""
+    import urllib.request
+
+    (worker_id,) = cluster.worker_ids
+
+    def refused() -> dict[str, float]:
+        with urllib.request.urlopen(cluster.metrics_urls[worker_id], timeout=10) as resp:
+            text = resp.read().decode()
+        return {plane: float(line.rsplit(" ", 1)[1]) for plane in ("grpc", "kv_data") for line in text.splitlines()
+                if line.startswith(f'kvweave_worker_unauthenticated_calls_total{{plane="{plane}"}}')}
+
+    before = refused()
+
+    async def data_port(channel, metadata):
+        return (await kvtransfer_pb2_grpc.KVTransferStub(channel).DataPort(kvtransfer_pb2.DataPortRequest(),
+                                                                         metadata=metadata, timeout=10)).port
+
+    with pytest.raises(grpc.aio.AioRpcError):
+        run_sync(call_with(worker_address(cluster), None, data_port))
+    host = worker_address(cluster).rsplit(":", 1)[0]
+    data_address = f"{host}:{run_sync(call_with(worker_address(cluster), secret.grpc_token, data_port))}"
+
+    async def fetch():
+        client = KVDataClient(key=b"\x00" * 32)
+        try:
+            return await client.fetch_kv(data_address, cached_hashes(cluster), layout(tiny_hf_model), timeout_s=10)
+        finally:
+            await client.close()
+
+    with pytest.raises(TransferError):
+        run_sync(fetch())
+    deadline = time.monotonic() + 10  # the server counts the handshake once it has read the bad answer
+    while (after := refused())["kv_data"] == before["kv_data"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert after["grpc"] - before["grpc"] == 1
+    assert after["kv_data"] - before["kv_data"] == 1
