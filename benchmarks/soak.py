@@ -5,7 +5,8 @@ An embedded cluster (controlplane.cluster.LocalCluster: a redis-server, the rout
 worker processes) serves loadgen's seeded `mixed` workload (long prompts with few output tokens
 among short chat turns) at `--rate` requests per second (Poisson, at most `--max-concurrency` in
 flight) for `--duration-s` seconds. After a warm-up run (so that first-use allocations are not
-counted as growth), the RSS of every process is read from /proc at the start and at the end.
+counted as growth), the RSS of every process is read from /proc at the start and at the end, and
+sampled every `--sample-s` seconds in between (`rss_samples_mib` in the JSON).
 
 Results (BENCHMARKS.md's format): per process `rss_<name>` in MiB, its start value as the baseline
 (ratio = start / end: 1.0 is flat, below 1 it grew); `requests_ok` against the requests sent
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -43,6 +45,9 @@ class SoakConfig:
     threads_per_worker: int = 1
     request_timeout_s: float = 300.0
     seed: int = 0
+    sample_s: float = 60.0
+    """How often the RSS of every process is sampled during the soak (to tell growth that levels off
+    from growth that goes on)."""
 
 
 def _rss_mib(pid: int) -> float:
@@ -97,7 +102,21 @@ def run_bench(config: SoakConfig, log=print) -> tuple[list[Result], dict]:
         start = {name: _rss_mib(pid) for name, pid in _processes(cluster).items()}
         log(f"soak: {config.duration_s:.0f} s at {config.rate} req/s; RSS at start (MiB): {start}")
         t0 = time.monotonic()
-        result = asyncio.run(_drive(cluster, config, config.duration_s))
+        samples: list[dict] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(config.sample_s):
+                rss = {name: round(_rss_mib(pid), 1) for name, pid in _processes(cluster).items()}
+                samples.append({"t_s": round(time.monotonic() - t0), **rss})
+
+        sampler = threading.Thread(target=sample, name="soak-rss", daemon=True)
+        sampler.start()
+        try:
+            result = asyncio.run(_drive(cluster, config, config.duration_s))
+        finally:
+            stop.set()
+            sampler.join()
         elapsed = time.monotonic() - t0
         end = {name: _rss_mib(pid) for name, pid in _processes(cluster).items()}
         restarts = cluster.restarts
@@ -112,7 +131,8 @@ def run_bench(config: SoakConfig, log=print) -> tuple[list[Result], dict]:
     results.append(Result("requests_ok", ok, "requests", "requests_sent", len(records),
                           extra={"failed_by_kind": errors}))
     details = {"elapsed_s": round(elapsed, 1), "requests_sent": len(records), "requests_ok": ok,
-               "failed_by_kind": errors, "rss_start_mib": start, "rss_end_mib": end, "restarts": restarts}
+               "failed_by_kind": errors, "rss_start_mib": start, "rss_end_mib": end, "rss_samples_mib": samples,
+               "restarts": restarts}
     return results, details
 
 
@@ -144,14 +164,15 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--short-output-len", type=int, default=d.short_output_len)
     p.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--sample-s", type=float, default=d.sample_s, help="seconds between RSS samples during the soak")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if (args.workers < 1 or not args.duration_s > 0 or args.warmup_s < 0 or not args.rate > 0
-            or args.max_concurrency < 1 or not 0 <= args.long_fraction <= 1):
+            or args.max_concurrency < 1 or not 0 <= args.long_fraction <= 1 or not args.sample_s > 0):
         print("error: --workers and --max-concurrency must be >= 1, --duration-s and --rate > 0, --warmup-s >= 0, "
-              "--long-fraction in [0, 1]", file=sys.stderr)
+              "--long-fraction in [0, 1], --sample-s > 0", file=sys.stderr)
         return 2
     config = SoakConfig(**{k: getattr(args, k) for k in SoakConfig.__dataclass_fields__ if hasattr(args, k)})
     results, details = run_bench(config, log=lambda m: print(m, file=sys.stderr, flush=True))
