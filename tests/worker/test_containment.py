@@ -6,21 +6,16 @@ gRPC); the rest of the batch produces exactly the tokens it produces without it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 import pytest
 import torch
 
-from kvweave.convert import sampling_to_proto
 from kvweave.limits import MAX_ID_CHARS
 from kvweave.sampling_params import SamplingParams
-from kvweave.v1 import worker_pb2, worker_pb2_grpc
 from worker.sampling import sample
-from worker.server import WorkerOptions, WorkerServer
+from test_service import GREEDY, PROMPTS, _request, expected, lively_model, serving  # noqa: F401 (fixtures)
 
-PROMPTS = [list(range(3, 40)), [7, 9, 11, 13, 200, 300, 17, 19, 23] * 3, list(range(100, 150, 2))]
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 def _bypassed(**fields) -> SamplingParams:
@@ -77,16 +72,6 @@ def test_a_row_that_raises_fails_alone() -> None:
 
 # ------------------------------------------------------------------------------------ the engine
 
-@pytest.fixture(scope="module")
-def lively_model(tiny_model_variant):
-    return tiny_model_variant("gqa")
-
-
-@pytest.fixture(scope="module")
-def expected(lively_model, tiny_engine_factory):
-    return tiny_engine_factory(lively_model).generate(PROMPTS, GREEDY)
-
-
 def test_bad_requests_beside_good_ones_fail_alone(lively_model, tiny_engine_factory, expected) -> None:
     engine = tiny_engine_factory(lively_model)
     bad = {"nan-temperature": _bypassed(temperature=float("nan")),
@@ -113,22 +98,6 @@ def test_bad_requests_beside_good_ones_fail_alone(lively_model, tiny_engine_fact
 
 # ------------------------------------------------------------------------------------ the worker's gRPC
 
-@contextlib.asynccontextmanager
-async def serving(engine):
-    server = WorkerServer(engine.config, WorkerOptions(worker_id="w-test"), engine=engine)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            yield worker_pb2_grpc.WorkerStub(channel)
-    finally:
-        await server.stop()
-
-
-def _request(prompt, req_id: str = "", namespace: str = "") -> worker_pb2.WorkerGenerateRequest:
-    return worker_pb2.WorkerGenerateRequest(request_id=req_id, prompt_token_ids=prompt,
-                                            sampling=sampling_to_proto(GREEDY), cache_namespace=namespace)
-
-
 async def _tokens(stub, request) -> list[int]:
     return [t async for msg in stub.Generate(request) for t in msg.token_ids]
 
@@ -145,8 +114,8 @@ async def test_a_request_whose_processing_raises_fails_alone_over_grpc(lively_mo
         return process_token(req, logprob)
 
     engine.outputs.process_token = poisoned
-    async with serving(engine) as stub:
-        results = await asyncio.gather(_tokens(stub, _request(PROMPTS[0], "poison")),
+    async with serving(engine) as (stub, _):
+        results = await asyncio.gather(_tokens(stub, _request(PROMPTS[0], req_id="poison")),
                                        *(_tokens(stub, _request(p)) for p in PROMPTS), return_exceptions=True)
         bad, good = results[0], results[1:]
         assert isinstance(bad, grpc.aio.AioRpcError) and bad.code() == grpc.StatusCode.INTERNAL
@@ -158,7 +127,7 @@ async def test_a_request_whose_processing_raises_fails_alone_over_grpc(lively_mo
 @pytest.mark.asyncio
 async def test_worker_refuses_overlong_ids(lively_model, tiny_engine_factory) -> None:
     engine = tiny_engine_factory(lively_model)
-    async with serving(engine) as stub:
+    async with serving(engine) as (stub, _):
         for request in (_request(PROMPTS[0], req_id="r" * (MAX_ID_CHARS + 1)),
                         _request(PROMPTS[0], namespace="t" * 100_000)):
             with pytest.raises(grpc.aio.AioRpcError) as info:
