@@ -28,6 +28,7 @@ import sys
 import urllib.request
 from dataclasses import asdict, dataclass
 
+from benchmarks.mixed_load import length_range, mixed_workload
 from benchmarks.report import Result, environment, render, write_json
 from kvweave.defaults import DEFAULT_MODEL
 
@@ -91,20 +92,12 @@ async def _drive(cluster, config: DisaggBenchConfig, kill_prefill_at: float | No
     seconds into the run. Returns loadgen's RunResult."""
     from loadgen.backends import GrpcBackend, SendOptions
     from loadgen.runner import RunConfig, Runner
-    from loadgen.workloads import MixedWorkload
-
 
     await _warm_up(cluster)
     backend = GrpcBackend(cluster.grpc_target, options=SendOptions(request_timeout=config.request_timeout_s))
     await backend.connect()
     try:
-        from kvweave.model_files import load_tokenizer
-
-        vocab = load_tokenizer(config.model).tokenizer.vocab_size  # random ids within the model's vocabulary
-        workload = MixedWorkload(long_fraction=config.long_fraction, long_input_len=config.long_input_len,
-                                 long_output_len=config.long_output_len, short_input_len=config.short_input_len,
-                                 short_output_len=config.short_output_len, seed=config.seed,
-                                 token_range=(vocab // 20, vocab - vocab // 20))
+        workload = mixed_workload(config)
         runner = Runner(workload, backend,
                         RunConfig(request_rate=config.rate, num_requests=config.requests, seed=config.seed,
                                   progress=False), log=lambda _: None)
@@ -206,17 +199,6 @@ def _summary(stats: dict) -> dict:
     return {k: stats[k] for k in keys if k in stats}
 
 
-def _length_range(text: str) -> tuple[int, int]:
-    lo, sep, hi = text.partition(":")
-    try:
-        a, b = int(lo), int(hi)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO:HI, got {text!r}") from None
-    if not sep or not 1 <= a <= b:
-        raise argparse.ArgumentTypeError(f"expected LO:HI with 1 <= LO <= HI, got {text!r}")
-    return a, b
-
-
 def add_parser(bsub: argparse._SubParsersAction) -> None:
     d = DisaggBenchConfig()
     p = bsub.add_parser("disagg", help="prefill/decode disaggregation (1 prefill + 1 decode worker) against 2 "
@@ -226,9 +208,9 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", type=int, default=d.requests, help="requests per run")
     p.add_argument("--rate", type=float, default=d.rate, help="requests per second (Poisson)")
     p.add_argument("--long-fraction", type=float, default=d.long_fraction)
-    p.add_argument("--long-input-len", type=_length_range, default=d.long_input_len, metavar="LO:HI")
+    p.add_argument("--long-input-len", type=length_range("--long-input-len"), default=d.long_input_len, metavar="LO:HI")
     p.add_argument("--long-output-len", type=int, default=d.long_output_len)
-    p.add_argument("--short-input-len", type=_length_range, default=d.short_input_len, metavar="LO:HI")
+    p.add_argument("--short-input-len", type=length_range("--short-input-len"), default=d.short_input_len, metavar="LO:HI")
     p.add_argument("--short-output-len", type=int, default=d.short_output_len)
     p.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,

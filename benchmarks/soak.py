@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from benchmarks.mixed_load import length_range, mixed_workload
 from benchmarks.report import Result, render, write_json
 from kvweave.defaults import DEFAULT_MODEL
 
@@ -71,16 +72,10 @@ def _processes(cluster) -> dict[str, int]:
 
 
 async def _drive(cluster, config: SoakConfig, duration_s: float):
-    from kvweave.model_files import load_tokenizer
     from loadgen.backends import GrpcBackend, SendOptions
     from loadgen.runner import RunConfig, Runner
-    from loadgen.workloads import MixedWorkload
 
-    vocab = load_tokenizer(config.model).tokenizer.vocab_size
-    workload = MixedWorkload(long_fraction=config.long_fraction, long_input_len=config.long_input_len,
-                             long_output_len=config.long_output_len, short_input_len=config.short_input_len,
-                             short_output_len=config.short_output_len, seed=config.seed,
-                             token_range=(vocab // 20, vocab - vocab // 20))
+    workload = mixed_workload(config)
     backend = GrpcBackend(cluster.grpc_target, options=SendOptions(request_timeout=config.request_timeout_s))
     await backend.connect()
     try:
@@ -136,16 +131,6 @@ def run_bench(config: SoakConfig, log=print) -> tuple[list[Result], dict]:
     return results, details
 
 
-def _length_range(text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO:HI, got {text!r}") from None
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
-    return lo, hi
-
-
 def add_parser(bsub: argparse._SubParsersAction) -> None:
     d = SoakConfig()
     p = bsub.add_parser("soak", help="minutes of mixed load on an embedded cluster: RSS of every process at the "
@@ -158,9 +143,9 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=d.rate, help="requests per second (Poisson)")
     p.add_argument("--max-concurrency", type=int, default=d.max_concurrency)
     p.add_argument("--long-fraction", type=float, default=d.long_fraction)
-    p.add_argument("--long-input-len", type=_length_range, default=d.long_input_len, metavar="LO:HI")
+    p.add_argument("--long-input-len", type=length_range("--long-input-len"), default=d.long_input_len, metavar="LO:HI")
     p.add_argument("--long-output-len", type=int, default=d.long_output_len)
-    p.add_argument("--short-input-len", type=_length_range, default=d.short_input_len, metavar="LO:HI")
+    p.add_argument("--short-input-len", type=length_range("--short-input-len"), default=d.short_input_len, metavar="LO:HI")
     p.add_argument("--short-output-len", type=int, default=d.short_output_len)
     p.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker)
     p.add_argument("--seed", type=int, default=d.seed)
