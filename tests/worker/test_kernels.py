@@ -58,10 +58,12 @@ def test_silu_and_mul_and_add_rms_norm_match_torch(dtype, no_kernels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group", [1, 3])
-def test_decode_attention_matches_torch(dtype, group, no_kernels):
+@pytest.mark.parametrize("group,hd", [(1, 8), (3, 8), (3, 64), (5, 64), (8, 128)])
+def test_decode_attention_matches_torch(dtype, group, hd, no_kernels):
+    """head_dim 64 and 128 take the vectorized path where the CPU has AVX-512 (query rows in
+    chunks of at most 4: groups of 5 and 8 take two), others the portable one."""
     g = torch.Generator().manual_seed(2)
-    n_kv, hd, bs, num_blocks = 2, 8, 4, 32
+    n_kv, bs, num_blocks = 2, 4, 32
     cache = torch.randn(kv_cache_shape(1, num_blocks, bs, n_kv, hd), generator=g).to(dtype)
     ctx_lens = torch.tensor([1, 5, 13, 9])
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:4] for _ in range(4)])
@@ -79,6 +81,21 @@ def test_decode_attention_matches_torch(dtype, group, no_kernels):
     no_kernels()
     out_torch = PagedAttention(cache, meta, n_kv * group, bs).attend(0, q, k_new, v_new)
     torch.testing.assert_close(out_kernel, out_torch, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd", [64, 128])
+def test_decode_attention_vectorized_path_matches_portable(dtype, hd):
+    g = torch.Generator().manual_seed(3)
+    n_kv, group, bs, num_blocks = 3, 3, 16, 64
+    cache = torch.randn(2, n_kv, num_blocks * bs, hd, generator=g).to(dtype)
+    ctx_lens = torch.tensor([1, 16, 17, 200, 95])
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:13] for _ in range(5)])
+    q = torch.randn(5, n_kv * group, hd, generator=g).to(dtype)
+    k = cpu_kernels()
+    args = (q, cache[0], cache[1], tables, ctx_lens, bs, hd ** -0.5)
+    torch.testing.assert_close(k.decode_attention(*args), k.decode_attention(*args, portable=True),
+                               **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

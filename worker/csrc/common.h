@@ -1,7 +1,12 @@
 // Element access shared by the CPU kernels: bf16 is stored as uint16 and widened to fp32.
+// Where the compiler targets AVX-512 (-march=native on a CPU that has it), `load16`/`store16` move
+// 16 elements at a time as one fp32 vector.
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -19,5 +24,23 @@ inline void store(uint16_t* p, int64_t i, float v) {
   bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even
   p[i] = static_cast<uint16_t>(bits >> 16);
 }
+
+#if defined(__AVX512F__)
+constexpr bool kHaveVec16 = true;
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(uint16_t* p, __m512 v) {  // round to nearest even, as `store`
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+#else
+constexpr bool kHaveVec16 = false;
+#endif
 
 }  // namespace
