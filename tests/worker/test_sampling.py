@@ -114,6 +114,19 @@ def test_sampled_tokens_stay_inside_the_top_p_set_and_cover_it() -> None:
     assert all(c > 0 for c in counts[:3])
 
 
+def test_draws_follow_the_distribution_and_never_pick_a_zero_probability_token() -> None:
+    probs = [0.5, 0.0, 0.3, 0.15, 0.0, 0.05]  # zeros inside the CDF: flat steps that u never lands on
+    n = 20000
+    logits = torch.tensor(probs).log().repeat(n, 1)
+    torch.manual_seed(0)
+    res = sample(logits, [SamplingParams(temperature=1.0)] * n, [None] * n)
+    counts = [res.token_ids.count(t) for t in range(len(probs))]
+    assert counts[1] == counts[4] == 0
+    for t, p in enumerate(probs):
+        if p:  # within 4 standard deviations of the expected frequency
+            assert abs(counts[t] / n - p) < 4 * math.sqrt(p * (1 - p) / n), (t, counts)
+
+
 def test_temperature_sharpens_and_flattens() -> None:
     n = 400
     logits = probs_logits().repeat(n, 1)
