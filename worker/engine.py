@@ -34,10 +34,12 @@ from worker.kv_connector_worker import KVConnectorWorker, StagedKV, block_layout
 from worker.kv_handoff import DEFAULT_HANDOFF_TTL_S, Handoff, HandoffTable
 from worker.loader import load_checkpoint
 from worker.model import Transformer, rope_inv_freq
-from worker.model_runner import ModelRunner
+from worker.model_runner import ModelRunner, RunnerOutput
 from worker.output import OutputProcessor, RequestOutput, check_stop
 from worker.request import Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerConfig
+from worker.scheduler_output import SchedulerOutput
+from worker.step_profile import StepProfile
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +194,9 @@ class LLMEngine:
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                     config.enable_chunked_prefill, self.max_model_len, cost_len, self.args.n_layers)
         self.eos_token_ids = frozenset(self.args.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        self.runner = ModelRunner(self.model, num_blocks, bs, self.device)
+        self.profile = StepProfile()
+        """Where the steps' time goes, by phase (worker/step_profile.py)."""
+        self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.profile)
         self.store = None
         if config.store_config.enabled:
             try:
@@ -378,6 +382,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         outputs, self._announce = self._announce, []
+        t_sched = time.perf_counter()
         self.scheduler.update_from_connector_output(self.connector.get_finished())
         sched_out = self.scheduler.schedule()
         self.connector.start_load_kv(sched_out.kv_connector_metadata)
@@ -387,10 +392,17 @@ class LLMEngine:
             self._handoff_progress()
             return outputs
         t0 = time.perf_counter()
-        result = self.runner.execute(sched_out)
         num_prefill = sum(n for n in sched_out.num_scheduled_tokens.values() if n > 1)
+        self.profile.begin("mixed" if num_prefill or sched_out.blend_pieces else "decode", t0 - t_sched)
+        result = self.runner.execute(sched_out)
         if num_prefill >= MIN_PREFILL_TO_MEASURE:
             self.connector.record_cost("recompute", time.perf_counter() - t0, num_prefill)
+        with self.profile.phase("update"):
+            return self._process_result(sched_out, result, outputs)
+
+    def _process_result(self, sched_out: SchedulerOutput, result: RunnerOutput, outputs: list[RequestOutput]
+                        ) -> list[RequestOutput]:
+        """Apply a step's sampled tokens to the scheduler and the outputs; the step's outputs."""
         for req_id, (positions, logits) in result.prompt_logits.items():
             self.outputs.add_prompt_logits(req_id, positions, logits)
         for req in self.scheduler.update_from_output(sched_out, result.sampled, result.blend_scores):

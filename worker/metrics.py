@@ -8,7 +8,8 @@ Where each figure is measured:
 - requests, tokens, latencies and chunk-cache figures: per call in `WorkerService.Generate`
   (worker/service.py), through `RequestMetrics`; latencies count from the call's arrival;
 - load, KV blocks per tier and prefix-cache figures: read from the engine's latest `WorkerLoad`
-  at scrape time (`_EngineCollector`);
+  at scrape time (`_EngineCollector`); so are the engine's step counts and time by phase
+  (worker/step_profile.py);
 - KV transfers: `kv_transferred` once per fetch from a peer (worker/kv_prefetch.py) and per
   fetch served to a peer (kvstore/transfer.py, kvstore/tcp_transfer.py);
 - prefill/decode handoffs: `handoff_pulled` once per handoff a decode worker pulls
@@ -200,6 +201,17 @@ class _EngineCollector:
         for source in SOURCES:
             hits.add_metric([source], load.prefix_hit_tokens.get(source, 0))
         yield hits
+        profile = self.engine.engine.profile
+        steps = CounterMetricFamily("kvweave_worker_steps", "Engine steps that ran the model, by kind (decode: "
+                                    "every request decoded one token; mixed: some prefilled)", labels=["kind"])
+        phases = CounterMetricFamily("kvweave_worker_step_seconds", "Time of the engine's steps by kind and "
+                                     "phase (schedule, prepare, forward, sample, update)", labels=["kind", "phase"])
+        for kind, n in list(profile.steps.items()):
+            steps.add_metric([kind], n)
+            for phase, seconds in list(profile.seconds[kind].items()):
+                phases.add_metric([kind, phase], seconds)
+        yield steps
+        yield phases
         handoffs = self.engine.engine.handoffs
         yield _gauge("kvweave_worker_handoff_held_blocks", "KV blocks this (prefill) worker holds for decode "
                      "workers", handoffs.num_blocks)

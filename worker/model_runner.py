@@ -22,6 +22,7 @@ from worker.model import Transformer, rope_attention_factor
 from kvweave.sampling_params import SamplingParams
 from worker.sampling import SampleResult, merge_rows, row_problem, sample
 from worker.scheduler_output import SchedulerOutput
+from worker.step_profile import StepProfile
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,10 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", profile: StepProfile | None = None) -> None:
         self.model, self.block_size = model, block_size
+        self.profile = profile or StepProfile()
+        """Times the prepare, forward and sample phases of each step."""
         self.device = torch.device(device)
         a = model.args
         self.kv_cache = torch.zeros(kv_cache_shape(a.n_layers, num_blocks, block_size, a.n_kv_heads, a.head_dim),
@@ -277,9 +280,18 @@ class ModelRunner:
         items = [it for it in items if it[0] not in result.blend_scores]
         if not items:
             return result
-        token_ids, positions, meta, sample_rows = self._prepare_inputs(items)
-        backend = PagedAttention(self.kv_cache, meta, self.model.args.n_heads, self.block_size)
-        hidden = self.model(token_ids, positions, backend)
+        prof = self.profile
+        with prof.phase("prepare"):
+            token_ids, positions, meta, sample_rows = self._prepare_inputs(items)
+        with prof.phase("forward"):
+            backend = PagedAttention(self.kv_cache, meta, self.model.args.n_heads, self.block_size)
+            hidden = self.model(token_ids, positions, backend)
+        with prof.phase("sample"):
+            return self._sample_step(result, items, hidden, sample_rows)
+
+    def _sample_step(self, result: RunnerOutput, items: list, hidden: torch.Tensor, sample_rows: list
+                     ) -> RunnerOutput:
+        """The step's logits (prompt logits asked for, and the rows to sample) and its tokens."""
         result.prompt_logits = {
             r: (pos, self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).cpu())
             for r, (pos, rows) in self._logit_rows.items()}

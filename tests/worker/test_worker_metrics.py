@@ -173,6 +173,14 @@ async def test_metrics_match_the_calls(engine):
     assert value("kvweave_worker_kv_transfer_bytes_total", direction="in") == 0
     assert value("kvweave_worker_kv_transfer_seconds_count", direction="out") == 0
 
+    # Steps: every call prefilled at least once (mixed) and decoded its later tokens one step each;
+    # each kind that ran has time in the phases every step goes through.
+    steps = {k: value("kvweave_worker_steps_total", kind=k) for k in ("decode", "mixed")}
+    assert steps["mixed"] >= 5 and 3 <= steps["decode"] <= value("kvweave_worker_generation_tokens_total")
+    for kind in steps:
+        for phase in ("schedule", "prepare", "forward", "sample", "update"):
+            assert value("kvweave_worker_step_seconds_total", kind=kind, phase=phase) > 0, (kind, phase)
+
 
 @pytest.mark.asyncio
 async def test_metrics_port_minus_one_serves_none_and_a_taken_port_fails(tiny_engine_factory):
