@@ -5,6 +5,9 @@ Metrics (BENCHMARKS.md format, medians over repeats, ratios higher-is-better):
   Face `generate` on the same requests in left-padded batches (only each request's own requested
   tokens count as useful output).
 - throughput_vs_hf_sequential: one request at a time on both sides (a subset of the requests).
+  Both throughput metrics add where kvweave's steps spent their time (`step_phases`, per kind of
+  step: worker/step_profile.py) and an op breakdown of decode steps at their batch size
+  (`decode_op_profile`: benchmarks/op_profile.py).
 - itl_p99_chunked_prefill: p99 inter-token latency of running decodes while long prompts keep
   arriving (a new one whenever none is prefilling), chunked prefill (Sarathi-Serve's stall-free
   batching) against the same engine prefilling whole prompts.
@@ -18,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
 
+from benchmarks.op_profile import decode_op_profile, format_profile
 from benchmarks.report import Result, median, metric_list_type, percentile, render, write_json
 
 METRICS = ("throughput_vs_hf", "throughput_vs_hf_sequential", "itl_p99_chunked_prefill", "ttft_prefix_hit",
@@ -177,6 +182,7 @@ def bench_throughput(ctx: BenchContext, sequential: bool) -> Result:
     agree = check_hf_agreement(ctx, prompts[0])
     useful, batch = sum(max_tokens), 1 if sequential else c.hf_batch_size
     ours, theirs, raw = [], [], []
+    eng.profile.reset()
     for r in range(c.repeats):
         ours.append(useful / kv_serve(eng, prompts, max_tokens, one_at_a_time=sequential))
         secs, num_raw = run_batched(hf, prompts, max_tokens, batch)
@@ -188,7 +194,10 @@ def bench_throughput(ctx: BenchContext, sequential: bool) -> Result:
     baseline = "hf generate, one at a time" if sequential else f"hf generate, padded batches of {batch}"
     extra = {"num_requests": len(prompts), "output_tokens": useful, "hf_raw_tok_per_s": round(median(raw), 2),
              "runs": [round(x, 2) for x in ours], "baseline_runs": [round(x, 2) for x in theirs],
-             "paired_ratio_median": _paired(ours, theirs, True), "hf_agreeing_first_tokens": agree}
+             "paired_ratio_median": _paired(ours, theirs, True), "hf_agreeing_first_tokens": agree,
+             "step_phases": eng.profile.snapshot()}
+    ctx.log("op profile of decode steps")
+    extra["decode_op_profile"] = decode_op_profile(eng, batch, sum(map(len, prompts)) // len(prompts))
     return Result(name, median(ours), "tok/s", baseline, median(theirs), True, extra)
 
 
@@ -370,6 +379,10 @@ def run(args: argparse.Namespace) -> int:
         _stderr(f"error: {e}")
         return 2
     print(render("engine", config, results))
+    for r in results:
+        if "decode_op_profile" in r.extra:
+            print(f"{r.metric}: {format_profile(r.extra['decode_op_profile'])}")
+            print(f"{r.metric}: step phases (ms per step): {json.dumps(r.extra['step_phases'])}")
     if args.json:
         write_json(args.json, "engine", config, results)
     return 0

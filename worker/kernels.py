@@ -45,6 +45,37 @@ def cpu_kernels() -> ModuleType | None:
     return _module
 
 
+class _Profiled:
+    """The kernel module seen by a torch profiler: each call runs inside a `kvweave::NAME` range
+    (calls through pybind are invisible to the profiler otherwise)."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str):
+        import torch
+
+        fn = getattr(self._module, name)
+
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(f"kvweave::{name}"):
+                return fn(*args, **kwargs)
+        return call
+
+
+@contextlib.contextmanager
+def profiled_kernels():
+    """Within: every kernel call is a named range of a running torch profiler (benchmarks' op
+    breakdowns); no cost outside."""
+    global _module
+    plain = cpu_kernels()
+    _module = _Profiled(plain) if plain is not None else None
+    try:
+        yield
+    finally:
+        _module = plain
+
+
 def kernel_build_dir() -> Path:
     """The build folder of this checkout's kernels for this torch and CPU: one per source text,
     source folder (the build command names the files: two checkouts sharing a folder would rebuild

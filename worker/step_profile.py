@@ -28,6 +28,11 @@ class StepProfile:
         self.kind = "decode"
         """The kind of the step being timed (set once it is scheduled)."""
 
+    def reset(self) -> None:
+        for kind in STEP_KINDS:
+            self.seconds[kind] = dict.fromkeys(PHASES, 0.0)
+            self.steps[kind] = 0
+
     @contextmanager
     def phase(self, name: str):
         t0 = time.perf_counter()

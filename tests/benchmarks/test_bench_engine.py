@@ -30,8 +30,19 @@ def test_bench_engine_writes_the_benchmarks_json(tiny_hf_model, tmp_path, capsys
     assert results["throughput_vs_hf"]["num_requests"] == doc["config"]["num_requests"]
     assert results["throughput_vs_hf_sequential"]["num_requests"] == doc["config"]["num_sequential"]
     assert {"p50_ms", "baseline_p50_ms"} <= set(results["itl_p99_chunked_prefill"])
+    for name, batch in (("throughput_vs_hf", doc["config"]["hf_batch_size"]), ("throughput_vs_hf_sequential", 1)):
+        phases = results[name]["step_phases"]
+        assert phases["decode"]["steps"] > 0 and phases["mixed"]["steps"] > 0
+        assert all(ms >= 0 for kind in phases.values() for ms in kind["ms_per_step"].values())
+        ops = results[name]["decode_op_profile"]
+        assert ops["batch"] == batch and ops["steps"] > 0
+        parts = ops["ms_per_step"]  # every linear layer recognised by its shape, the kernels named
+        assert {"linear_qkv", "linear_o", "linear_gate_up", "linear_down", "linear_lm_head", "attention",
+                "sampler"} <= set(parts) and "linear_other" not in parts
+        assert parts["untracked"] >= 0  # ops counted once each: their times fit in the wall time
     table = capsys.readouterr().out
     assert table.startswith("benchmark: engine") and all(m in table for m in METRICS)
+    assert "decode step, batch 1" in table
 
 
 def test_bench_engine_runs_a_subset_of_metrics(tiny_hf_model, tmp_path):
