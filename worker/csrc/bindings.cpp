@@ -7,11 +7,14 @@ void rope_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_and_mul(torch::Tensor in);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 
+// Every kernel releases the GIL while it runs, as torch's own ops do: a worker's asyncio thread
+// (streaming outputs) runs meanwhile instead of waiting for the engine thread's next op.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "paged decode attention (CPU)", py::arg("q"), py::arg("k_cache"),
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  m.def("decode_attention", &decode_attention, "paged decode attention (CPU)", nogil(), py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("block_size"), py::arg("scale"),
         py::arg("portable") = false);
-  m.def("rope_inplace", &rope_inplace, "RoPE in place on [T, H, hd]");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
-  m.def("add_rms_norm", &add_rms_norm, "residual += x; x = rms_norm(residual) * weight");
+  m.def("rope_inplace", &rope_inplace, "RoPE in place on [T, H, hd]", nogil());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", nogil());
+  m.def("add_rms_norm", &add_rms_norm, "residual += x; x = rms_norm(residual) * weight", nogil());
 }
