@@ -18,6 +18,7 @@ CATEGORIES = {
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     "aten::_scaled_dot_product_attention_math": "attention",
     "aten::index_copy_": "kv_cache_write",
+    "kvweave::write_kv": "kv_cache_write",
     "kvweave::rope_inplace": "rope",
     "kvweave::add_rms_norm": "norm",
     "aten::rms_norm": "norm",

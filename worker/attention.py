@@ -99,10 +99,15 @@ class PagedAttention:
             if p.correction is not None:
                 sl = slice(p.offset, p.offset + p.num_new)
                 p.correction.apply(k_cache, v_cache, k[sl], v[sl], self.meta.slot_mapping[sl])
-        k_cache.index_copy_(1, self.meta.slot_mapping, k.transpose(0, 1))
-        v_cache.index_copy_(1, self.meta.slot_mapping, v.transpose(0, 1))
-        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        if self.kernels is not None:
+            self.kernels.write_kv(k, v, k_cache, v_cache, self.meta.slot_mapping)
+        else:
+            k_cache.index_copy_(1, self.meta.slot_mapping, k.transpose(0, 1))
+            v_cache.index_copy_(1, self.meta.slot_mapping, v.transpose(0, 1))
         nd = self.meta.num_decodes
+        if nd == q.shape[0]:  # a decode-only step
+            return self._decode(q, k_cache, v_cache)
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache)
         for p in self.meta.prefills:
@@ -113,7 +118,7 @@ class PagedAttention:
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
             m = self.meta
-            out = self.kernels.decode_attention(q.contiguous(), k_cache, v_cache, m.decode_block_tables,
+            out = self.kernels.decode_attention(q, k_cache, v_cache, m.decode_block_tables,
                                                 m.decode_context_lens, self.block_size, self.scale)
             return out.view(q.shape[0], -1)
         return self._decode_torch(q, k_cache, v_cache)

@@ -99,6 +99,31 @@ def test_decode_attention_vectorized_path_matches_portable(dtype, hd):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_and_strided_queries_match_torch(dtype):
+    """K/V and queries as the model hands them over: strided views of one fused qkv output."""
+    g = torch.Generator().manual_seed(4)
+    n_q, n_kv, hd, bs, num_blocks, t = 6, 2, 64, 16, 8, 5
+    qkv = torch.randn(t, (n_q + 2 * n_kv) * hd, generator=g).to(dtype)
+    q = qkv[:, :n_q * hd].view(t, n_q, hd)
+    k = qkv[:, n_q * hd:(n_q + n_kv) * hd].view(t, n_kv, hd)
+    v = qkv[:, (n_q + n_kv) * hd:].view(t, n_kv, hd)
+    cache = torch.randn(2, n_kv, num_blocks * bs, hd, generator=g).to(dtype)
+    slots = torch.tensor([3, 17, 40, 41, 127])
+    expected = cache.clone()
+    expected[0].index_copy_(1, slots, k.transpose(0, 1))
+    expected[1].index_copy_(1, slots, v.transpose(0, 1))
+    kern = cpu_kernels()
+    kern.write_kv(k, v, cache[0], cache[1], slots)
+    assert torch.equal(cache, expected)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kern.write_kv(k, v, cache[0], cache[1], torch.tensor([0, 1, 2, 3, num_blocks * bs]))
+    tables = torch.arange(num_blocks).repeat(t, 1)
+    lens = slots + 1
+    args = (cache[0], cache[1], tables, lens, bs, hd ** -0.5)
+    assert torch.equal(kern.decode_attention(q, *args), kern.decode_attention(q.contiguous(), *args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_long_prefill_after_context_split_path_matches_masked(dtype):
     """A long chunk after cached context runs as two unmasked flash calls merged by log-sum-exp:
     it must equal the masked attention over the whole context."""

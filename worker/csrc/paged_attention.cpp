@@ -154,7 +154,7 @@ void task_vec16(const Task& a, const T* q, const T* kh, const T* vh, T* out, flo
 #endif
 
 template <typename T>
-void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, T* out,
+void decode_attention_impl(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, T* out,
                            const int64_t* block_tables, const int64_t* context_lens,
                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                            int64_t num_slots, int64_t max_blocks, int64_t block_size, float scale,
@@ -168,49 +168,87 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, T* ou
       const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
       const Task a{context_lens[b], group, head_dim, block_size, block_tables + b * max_blocks, scale};
       const int64_t row = (b * num_heads + h * group) * head_dim;
+      const T* qg = q + b * q_stride + h * group * head_dim;
       const T* kh = k_cache + h * num_slots * head_dim;
       const T* vh = v_cache + h * num_slots * head_dim;
 #if defined(__AVX512F__)
       if (vectorized) {
-        task_vec16(a, q + row, kh, vh, out + row, qf.data(), scores.data(), acc.data());
+        task_vec16(a, qg, kh, vh, out + row, qf.data(), scores.data(), acc.data());
         continue;
       }
 #endif
-      task_portable(a, q + row, kh, vh, out + row, qf.data(), scores.data(), acc.data());
+      task_portable(a, qg, kh, vh, out + row, qf.data(), scores.data(), acc.data());
     }
   });
 }
 
 }  // namespace
 
-// q [B, num_heads, hd]; k_cache/v_cache [num_kv_heads, num_slots, hd]; block_tables [B, max_blocks]
-// int64; context_lens [B] int64 (each >= 1). Returns [B, num_heads, hd] in q's dtype. `portable`
-// forces the plain C++ path (tests compare the two).
+// q [B, num_heads, hd] (heads and head_dim contiguous; rows may be strided, as q's part of a fused
+// qkv output); k_cache/v_cache [num_kv_heads, num_slots, hd]; block_tables [B, max_blocks] int64;
+// context_lens [B] int64 (each >= 1). Returns [B, num_heads, hd] in q's dtype. `portable` forces
+// the plain C++ path (tests compare the two).
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens,
                                int64_t block_size, double scale, bool portable) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "bad ranks");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous within a row");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(), "dtype mismatch");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong, "int64 tables");
   auto bt = block_tables.contiguous();
   auto cl = context_lens.contiguous();
-  auto out = torch::empty_like(q);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(0), S = k_cache.size(1);
+  auto out = torch::empty({B, H, D}, q.options());
   TORCH_CHECK(H % KVH == 0 && k_cache.size(2) == D, "shape mismatch");
   TORCH_CHECK(bt.size(0) == B && cl.size(0) == B, "one block table and context length per sequence");
   const bool vectorized = kHaveVec16 && !portable && (D == 64 || D == 128);
   if (q.scalar_type() == torch::kFloat) {
-    decode_attention_impl<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                                 out.data_ptr<float>(), bt.data_ptr<int64_t>(), cl.data_ptr<int64_t>(),
-                                 B, H, KVH, D, S, bt.size(1), block_size, static_cast<float>(scale), vectorized);
+    decode_attention_impl<float>(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<float>(),
+                                 v_cache.data_ptr<float>(), out.data_ptr<float>(), bt.data_ptr<int64_t>(),
+                                 cl.data_ptr<int64_t>(), B, H, KVH, D, S, bt.size(1), block_size,
+                                 static_cast<float>(scale), vectorized);
   } else {
     TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "float32 or bfloat16 only");
     decode_attention_impl<uint16_t>(
-        reinterpret_cast<const uint16_t*>(q.data_ptr()), reinterpret_cast<const uint16_t*>(k_cache.data_ptr()),
-        reinterpret_cast<const uint16_t*>(v_cache.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
-        bt.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), B, H, KVH, D, S, bt.size(1), block_size,
-        static_cast<float>(scale), vectorized);
+        reinterpret_cast<const uint16_t*>(q.data_ptr()), q.stride(0),
+        reinterpret_cast<const uint16_t*>(k_cache.data_ptr()), reinterpret_cast<const uint16_t*>(v_cache.data_ptr()),
+        reinterpret_cast<uint16_t*>(out.data_ptr()), bt.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), B, H, KVH, D, S,
+        bt.size(1), block_size, static_cast<float>(scale), vectorized);
   }
   return out;
+}
+
+// Write the new tokens' K and V ([T, num_kv_heads, hd], rows may be strided, as parts of a fused
+// qkv output) into their slots of the caches ([num_kv_heads, num_slots, hd]): both in one pass,
+// instead of two index_copy_ over transposed views.
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+              torch::Tensor slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
+              "k/v [T, H, hd], caches [H, slots, hd]");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(1) == v.size(2),
+              "k/v heads must be contiguous within a row");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+              v_cache.scalar_type() == k_cache.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(k_cache.size(0) == k.size(1) && k_cache.size(2) == k.size(2), "shape mismatch");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong && slot_mapping.numel() == k.size(0), "one slot per token");
+  auto slots = slot_mapping.contiguous();
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2), S = k_cache.size(1);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sl[t] >= 0 && sl[t] < S, "slot out of range");
+  const int64_t bytes = D * k.element_size();
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const int64_t ks = k.stride(0) * k.element_size(), vs = v.stride(0) * v.element_size();
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t dst = (h * S + sl[t]) * bytes;
+        std::memcpy(kc + dst, kp + t * ks + h * bytes, bytes);
+        std::memcpy(vc + dst, vp + t * vs + h * bytes, bytes);
+      }
+  });
 }
