@@ -16,6 +16,7 @@ their slots, then:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,18 @@ class PagedAttention:
         self.n_heads = n_heads
         self.group = n_heads // kv_cache.shape[2]
         self.scale = kv_cache.shape[4] ** -0.5
+
+    def fused_decode_applies(self, num_tokens: int) -> bool:
+        m = self.meta
+        return (self.kernels is not None and FUSED_DECODE and m.num_decodes == num_tokens and not m.prefills
+                and m.decode_block_tables is not None)
+
+    def fused_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights: list[torch.Tensor],
+                     packed: bool, eps: float) -> torch.Tensor:
+        m = self.meta
+        return self.kernels.decode_forward(x, weights, packed, cos, sin, self.kv_cache, m.slot_mapping,
+                                           m.decode_block_tables, m.decode_context_lens, self.n_heads,
+                                           self.kv_cache.shape[2], self.block_size, self.scale, eps)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
@@ -219,6 +232,9 @@ def _merge(acc: torch.Tensor, lse: torch.Tensor, rows: slice, out: torch.Tensor,
     lse[:, :, rows] = m + (w_old + w_new).squeeze(-1).log()
 
 
+FUSED_DECODE = os.environ.get("KVWEAVE_FUSED_DECODE", "1") != "0"
+"""Decode-only forwards run every layer in one compiled call (`PagedAttention.fused_decode`);
+KVWEAVE_FUSED_DECODE=0 runs them layer by layer in Python (the same ops, the same results)."""
 SPARSE_KEY_BLOCK = 512
 """Context keys per block of a blend piece's attention (256-2048 measured; 512 was fastest)."""
 SPLIT_MIN_NEW = 512

@@ -17,7 +17,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp")]
+_SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp", "decode_forward.cpp")]
 _module: ModuleType | None = None
 _tried = False
 
@@ -82,7 +82,7 @@ def kernel_build_dir() -> Path:
     each other's), torch version and CPU (-march=native)."""
     import torch
 
-    key = [p.read_bytes() for p in [*_SOURCES, _CSRC / "common.h"]]
+    key = [p.read_bytes() for p in [*_SOURCES, _CSRC / "common.h", _CSRC / "kernels.h"]]
     key += [str(_CSRC).encode(), torch.__version__.encode(), _cpu_flags().encode()]
     digest = hashlib.sha256(b"\0".join(key)).hexdigest()
     base = Path(os.environ.get("KVWEAVE_KERNEL_DIR", Path.home() / ".cache" / "kvweave" / "kernels"))

@@ -10,6 +10,10 @@ On the CPU in bfloat16, every linear layer's weight is reordered once at load ti
 blocked layout (`PackedLinear`): torch's plain `linear` reorders it on every call, which made the
 matmuls of a decode step 1.4x (small layers) to 2.4x (the vocabulary projection) slower. The
 results are bitwise the same (the same oneDNN kernel); `KVWEAVE_PACKED_LINEAR=0` turns it off.
+
+A forward whose every token decodes over the paged cache runs all its layers in one compiled call
+where the backend offers it (`fused_decode`: the same ops in the same order, without Python's
+per-op cost; worker/csrc/decode_forward.cpp).
 """
 from __future__ import annotations
 
@@ -28,6 +32,14 @@ from worker.config import ModelArgs
 class AttentionBackend(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, n_heads, hd], k/v [T, n_kv_heads, hd] of the new tokens -> [T, n_heads * hd]."""
+
+    def fused_decode_applies(self, num_tokens: int) -> bool:
+        """Whether `fused_decode` can run this forward's layers (all of them, in one call)."""
+
+    def fused_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights: list[torch.Tensor],
+                     packed: bool, eps: float) -> torch.Tensor:
+        """The final normed hidden states [T, dim] from the embeddings x, every layer run by one
+        kernel with `Transformer.decode_weights`."""
 
 
 class RMSNorm(nn.Module):
@@ -194,6 +206,7 @@ class Transformer(nn.Module):
         self.to(dtype)
         # float32 tables (bf16 loses positional precision), computed on the host, moved with the weights.
         self.rope_cos, self.rope_sin = rope_cos_sin(args, args.max_seq_len)
+        self._decode_weights: list[torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -205,9 +218,34 @@ class Transformer(nn.Module):
         first layers run (writing their KV through `backend`) and nothing is returned."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x, residual = self.embed_tokens(token_ids), None
+        if num_layers is None and backend.fused_decode_applies(len(token_ids)):
+            return backend.fused_decode(x, cos, sin, self.decode_weights(), self.packed, self.args.norm_eps)
         for layer in self.layers if num_layers is None else self.layers[:num_layers]:
             x, residual = layer(x, residual, cos, sin, backend)
         return self.norm(x, residual)[0] if num_layers is None else None
+
+    @property
+    def packed(self) -> bool:
+        """Whether the linear layers hold oneDNN-packed weights (`pack_linears`)."""
+        return isinstance(self.lm_head, PackedLinear)
+
+    def decode_weights(self) -> list[torch.Tensor]:
+        """Every layer's weights in the order of the fused decode kernel (worker/csrc/decode_forward.cpp):
+        input norm, qkv (bias: an empty tensor when none), output projection, post-attention norm,
+        gate/up, down; then the final norm. Built once; `load_weights` drops it."""
+        if self._decode_weights is None:
+            def w(linear: nn.Module) -> torch.Tensor:
+                return linear.packed if isinstance(linear, PackedLinear) else linear.weight
+
+            none = torch.empty(0, dtype=self.dtype, device=self.device)
+            flat = []
+            for layer in self.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                bias = attn.qkv_proj.bias if attn.qkv_proj.bias is not None else none
+                flat += [layer.input_layernorm.weight, w(attn.qkv_proj), bias, w(attn.o_proj),
+                         layer.post_attention_layernorm.weight, w(mlp.gate_up_proj), w(mlp.down_proj)]
+            self._decode_weights = [t.detach() for t in flat] + [self.norm.weight.detach()]
+        return self._decode_weights
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -245,6 +283,7 @@ class Transformer(nn.Module):
         self.load_state_dict({k: v.to(device=device, dtype=self.dtype) for k, v in own.items()}, strict=True,
                              assign=True)
         self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+        self._decode_weights = None
         if can_pack_linears(device, self.dtype):
             self.pack_linears()
 
@@ -262,6 +301,9 @@ class CausalAttention:
 
     def __init__(self, args: ModelArgs) -> None:
         self.group = args.n_heads // args.n_kv_heads
+
+    def fused_decode_applies(self, num_tokens: int) -> bool:
+        return False
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))

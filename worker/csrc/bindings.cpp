@@ -1,13 +1,6 @@
 #include <torch/extension.h>
 
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                               torch::Tensor block_tables, torch::Tensor context_lens,
-                               int64_t block_size, double scale, bool portable);
-void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-              torch::Tensor slot_mapping);
-void rope_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor silu_and_mul(torch::Tensor in);
-void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+#include "kernels.h"
 
 // Every kernel releases the GIL while it runs, as torch's own ops do: a worker's asyncio thread
 // (streaming outputs) runs meanwhile instead of waiting for the engine thread's next op.
@@ -16,6 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged decode attention (CPU)", nogil(), py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("block_size"), py::arg("scale"),
         py::arg("portable") = false);
+  m.def("decode_forward", &decode_forward, "a decode step through every layer", nogil());
   m.def("write_kv", &write_kv, "K and V of new tokens into their cache slots", nogil());
   m.def("rope_inplace", &rope_inplace, "RoPE in place on [T, H, hd]", nogil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", nogil());

@@ -1,0 +1,16 @@
+// The compiled CPU kernels, callable from each other (the decode forward chains them).
+#pragma once
+#include <torch/extension.h>
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor block_tables, torch::Tensor context_lens,
+                               int64_t block_size, double scale, bool portable);
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+              torch::Tensor slot_mapping);
+void rope_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_and_mul(torch::Tensor in);
+void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+torch::Tensor decode_forward(torch::Tensor x, const std::vector<torch::Tensor>& weights, bool packed,
+                             torch::Tensor cos, torch::Tensor sin, torch::Tensor kv_cache,
+                             torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor context_lens,
+                             int64_t n_heads, int64_t n_kv_heads, int64_t block_size, double scale, double eps);
