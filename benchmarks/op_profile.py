@@ -1,11 +1,15 @@
 """Where a decode step's time goes, op by op: the breakdown `kvweave bench engine` reports.
 
-A batch of requests is brought to steady decoding (every prompt prefilled), then a few engine
-steps run under torch's profiler, the compiled kernels named (`worker.kernels.profiled_kernels`).
+A batch of requests is brought to steady decoding (every prompt prefilled); a few engine steps
+are timed as they run (`step_ms`), a few more with the decode layers run one op at a time
+(`unfused_step_ms`: `worker.attention.FUSED_DECODE` off, the fused call's parts), and a few more of
+those under torch's profiler (`profiled_step_ms`), the compiled kernels named
+(`worker.kernels.profiled_kernels`).
 Each op's own time is put in a category: each linear layer by its weight's shape (q/k/v, output,
 gate/up, down projections and the vocabulary projection), decode attention, the KV cache write,
 RoPE, norms, the activation, the sampler; what no op accounts for is Python and dispatch
-(`untracked`). Times are per step, in ms, wall time of the engine's thread.
+(`untracked`, which includes the profiler's own cost). Times are per step, in ms, wall time of
+the engine's thread.
 """
 from __future__ import annotations
 
@@ -46,10 +50,11 @@ def decode_op_profile(eng, batch: int, prompt_len: int, steps: int = 5, seed: in
     from torch.profiler import ProfilerActivity, profile
 
     from kvweave.sampling_params import SamplingParams
+    from worker import attention
     from worker.kernels import profiled_kernels
 
     rng = random.Random(seed)
-    params = SamplingParams(max_tokens=steps + 64, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=3 * steps + 64, temperature=0, ignore_eos=True)
     vocab = eng.args.vocab_size
     ids = [eng.add_request([rng.randrange(min(1000, vocab // 4), vocab) for _ in range(prompt_len)], params)
            for _ in range(batch)]
@@ -58,11 +63,17 @@ def decode_op_profile(eng, batch: int, prompt_len: int, steps: int = 5, seed: in
                                            for r in eng.scheduler.running):
             eng.step()
         eng.step()  # one plain decode step first
-        with profiled_kernels(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            start = time.perf_counter()
-            for _ in range(steps):
-                eng.step()
-            wall = time.perf_counter() - start
+        step_ms = _time_steps(eng, steps)
+        fused, attention.FUSED_DECODE = attention.FUSED_DECODE, False  # the layers' ops one by one
+        try:
+            unfused_ms = _time_steps(eng, steps)
+            with profiled_kernels(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                start = time.perf_counter()
+                for _ in range(steps):
+                    eng.step()
+                wall = time.perf_counter() - start
+        finally:
+            attention.FUSED_DECODE = fused
     finally:
         for req_id in ids:
             eng.abort_request(req_id)
@@ -81,8 +92,17 @@ def decode_op_profile(eng, batch: int, prompt_len: int, steps: int = 5, seed: in
     wall_ms = wall * 1e3
     per_step = {k: round(v / steps, 3) for k, v in sorted(ms.items(), key=lambda kv: -kv[1])}
     per_step["untracked"] = round((wall_ms - sum(ms.values())) / steps, 3)
-    return {"batch": batch, "prompt_len": prompt_len, "steps": steps, "step_ms": round(wall_ms / steps, 3),
+    return {"batch": batch, "prompt_len": prompt_len, "steps": steps, "step_ms": round(step_ms, 3),
+            "unfused_step_ms": round(unfused_ms, 3), "profiled_step_ms": round(wall_ms / steps, 3),
             "threads": torch.get_num_threads(), "ms_per_step": per_step}
+
+
+def _time_steps(eng, steps: int) -> float:
+    """Mean ms of the engine's next `steps` steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    return (time.perf_counter() - start) * 1e3 / steps
 
 
 def _under_linear(event) -> bool:
@@ -97,4 +117,5 @@ def _under_linear(event) -> bool:
 def format_profile(p: dict) -> str:
     """One line: the step's time and its largest parts."""
     parts = ", ".join(f"{k} {v:.2f}" for k, v in p["ms_per_step"].items() if v >= 0.05 or k == "untracked")
-    return f"decode step, batch {p['batch']}, {p['prompt_len']}-token prompts: {p['step_ms']:.2f} ms = {parts}"
+    return (f"decode step, batch {p['batch']}, {p['prompt_len']}-token prompts: {p['step_ms']:.2f} ms "
+            f"({p['unfused_step_ms']:.2f} layer by layer; profiled {p['profiled_step_ms']:.2f} ms = {parts})")

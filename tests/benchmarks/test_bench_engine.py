@@ -35,7 +35,7 @@ def test_bench_engine_writes_the_benchmarks_json(tiny_hf_model, tmp_path, capsys
         assert phases["decode"]["steps"] > 0 and phases["mixed"]["steps"] > 0
         assert all(ms >= 0 for kind in phases.values() for ms in kind["ms_per_step"].values())
         ops = results[name]["decode_op_profile"]
-        assert ops["batch"] == batch and ops["steps"] > 0
+        assert ops["batch"] == batch and ops["steps"] > 0 and ops["step_ms"] > 0 and ops["unfused_step_ms"] > 0
         parts = ops["ms_per_step"]  # every linear layer recognised by its shape, the kernels named
         assert {"linear_qkv", "linear_o", "linear_gate_up", "linear_down", "linear_lm_head", "attention",
                 "sampler"} <= set(parts) and "linear_other" not in parts
