@@ -3,7 +3,9 @@
 Every call to a worker carries the request's gRPC deadline (`RoutedRequest.deadline`: the caller's,
 else `RouterConfig.request_timeout_s`); past it the request ends with `DeadlineExceededError` and
 the worker's call is cancelled (the worker aborts the request and frees its blocks). A running
-stream that sends nothing for `stall_timeout_s` is a stalled worker. A worker that fails at the
+stream that sends nothing for `stall_timeout_s` is a stalled worker; while a request waits for its
+first token (queued, or prefilling a long prompt) its worker sends an empty response every
+`kvweave.defaults.WAITING_HEARTBEAT_S`, so waiting is not a stall. A worker that fails at the
 connection level, stalls, or leaves the registry (the pool closes its channel, which cancels its
 calls) gets its circuit breaker opened (controlplane/worker_pool.py).
 
@@ -33,6 +35,9 @@ from kvweave.convert import finish_reason_from_proto, sampling_to_proto
 from kvweave.errors import InvalidRequestError
 from kvweave.sampling_params import SamplingParams
 from kvweave.v1 import common_pb2, worker_pb2
+
+HEARTBEAT = worker_pb2.WorkerGenerateResponse()
+"""A worker's empty response while a request waits for its first token (worker.proto)."""
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +195,8 @@ class Forwarder:
                 resp = await self.read(req, worker)
                 if resp is grpc.aio.EOF:
                     break
+                if resp == HEARTBEAT:  # still waiting for its first token: alive, not stalled
+                    continue
                 now = time.perf_counter()
                 if not started:
                     started = True

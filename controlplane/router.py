@@ -48,7 +48,7 @@ from kvstore.keys import ExtraKeysCache, chunk_block_keys, chunk_hash, hash_bloc
 from kvweave.cluster_secret import hash_salt
 from kvweave.convert import sampling_to_proto
 from kvweave.v1 import common_pb2, worker_pb2
-from kvweave.defaults import DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST, REGISTRY_LEASE_S
+from kvweave.defaults import DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST, REGISTRY_LEASE_S, WAITING_HEARTBEAT_S
 from kvweave.errors import InvalidRequestError
 from kvweave.limits import check_prompt_size
 from kvweave.model_files import LoadedTokenizer, load_tokenizer
@@ -85,8 +85,9 @@ class RouterConfig:
     """Deadline of a request whose caller gives none (HTTP, gRPC without a deadline): past it the
     request ends with 504 / DEADLINE_EXCEEDED and its work on the worker is cancelled."""
     stall_timeout_s: float = 60.0
-    """A worker stream that sends nothing for this long (the first token included) is stalled: its
-    circuit breaker opens and the request is retried or migrated."""
+    """A worker stream that sends nothing for this long is stalled: its circuit breaker opens and the
+    request is retried or migrated. A request waiting for its first token is not: its worker sends
+    a heartbeat every WAITING_HEARTBEAT_S (1 s) meanwhile, so this must be at least twice that."""
     max_migrations: int = 2
     """Times a request that has streamed tokens may move to another worker when its worker fails."""
     breaker_probe_s: float = 0.5
@@ -120,6 +121,9 @@ class RouterConfig:
             raise ValueError("lease_s and refresh_s must be positive")
         if min(self.request_timeout_s, self.stall_timeout_s, self.breaker_probe_s) <= 0:
             raise ValueError("request_timeout_s, stall_timeout_s and breaker_probe_s must be positive")
+        if self.stall_timeout_s < 2 * WAITING_HEARTBEAT_S:
+            raise ValueError(f"stall_timeout_s must be at least twice the workers' heartbeat while a request "
+                             f"waits for its first token ({WAITING_HEARTBEAT_S:g} s)")
         if self.max_migrations < 0 or self.breaker_min_open_s < 0:
             raise ValueError("max_migrations and breaker_min_open_s must not be negative")
         self.disagg = DisaggConfig(self.disagg_threshold_tokens, self.disagg_max_prefill_queue_tokens,

@@ -18,3 +18,7 @@ CHUNK_RECOMPUTE_RATIO = 0.08
 `chunk_recompute_ratio`); the router's chunk_aware policy prices reuse with the same share."""
 MAX_CHUNKS_PER_REQUEST = 64
 """Most reusable chunks (segments, documents) one request may carry, in the router and the engine."""
+WAITING_HEARTBEAT_S = 1.0
+"""While a request waits for its first token (queued behind others, or prefilling a long prompt),
+its worker sends an empty response this often, so the router tells a busy worker from a stalled
+one; the router's `stall_timeout_s` must be at least twice as long."""

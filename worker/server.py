@@ -152,6 +152,8 @@ class WorkerServer:
         self.engine: AsyncEngine | None = None
         self._llm = engine
         self._server: grpc.aio.Server | None = None
+        self.service: WorkerService | None = None
+        """The Worker gRPC service, once started."""
         self._health = health.aio.HealthServicer()
         self._redis = None
         self._registry: Registry | None = None
@@ -262,8 +264,8 @@ class WorkerServer:
             raise WorkerStartError(f"cannot listen on {o.host}:{o.port}")
         self.address = f"{o.advertise_host or _advertise_host(o.host)}:{port}"
         self.worker_id = self.worker_id or f"{socket.gethostname()}-{port}"
-        worker_pb2_grpc.add_WorkerServicer_to_server(
-            WorkerService(self.engine, self.worker_id, self.metrics, self.address, o.max_waiting), self._server)
+        self.service = WorkerService(self.engine, self.worker_id, self.metrics, self.address, o.max_waiting)
+        worker_pb2_grpc.add_WorkerServicer_to_server(self.service, self._server)
         served = partial(self.metrics.kv_transferred, "out")
         self._data_server = KVDataServer(self.engine, o.host, on_served=served, key=cluster_secret.derive("kv-data-plane"))  # the bulk KV data plane (raw TCP)
         try:

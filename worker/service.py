@@ -30,14 +30,17 @@ also when its client cancelled, invalid, error), with its tokens and latencies f
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
 
 from kvweave.registry import WorkerLoad
+from kvweave.defaults import WAITING_HEARTBEAT_S
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto, stop_reason_to_proto
 from kvweave.errors import InvalidRequestError
 from kvweave.limits import check_id
@@ -114,6 +117,30 @@ def output_to_proto(out: RequestOutput, source: tuple[str, str] = ("", "")) -> w
     return msg
 
 
+HEARTBEAT = worker_pb2.WorkerGenerateResponse()
+"""The empty response: the request is alive and waits for its first output (worker.proto)."""
+
+
+async def with_heartbeats(stream: AsyncIterator, interval_s: float) -> AsyncIterator:
+    """`stream`'s items, and None every `interval_s` while the first one is awaited."""
+    it = stream.__aiter__()
+    first = asyncio.ensure_future(it.__anext__())
+    try:
+        while not (await asyncio.wait({first}, timeout=interval_s))[0]:
+            yield None
+    finally:
+        if not first.done():  # the caller went away while waiting: stop the read before closing
+            first.cancel()
+            await asyncio.wait({first})
+    try:
+        item = first.result()
+    except StopAsyncIteration:
+        return
+    yield item
+    async for item in it:
+        yield item
+
+
 def _usage(out: RequestOutput) -> common_pb2.Usage:
     return common_pb2.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=len(out.token_ids),
                             cached_tokens=out.num_cached_tokens, chunk_reused_tokens=out.num_chunk_reused_tokens,
@@ -138,6 +165,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.address = address
         self.metrics = metrics or WorkerMetrics()
         self.max_waiting = max_waiting
+        self.heartbeat_s = WAITING_HEARTBEAT_S
+        """Interval of the empty responses sent while a call waits for its first output."""
         self.num_waiting = 0
         """Calls admitted that have not streamed an output yet."""
 
@@ -160,7 +189,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             stream = self.engine.generate(list(request.prompt_token_ids), params, req_id, request.cache_namespace,
                                           chunk_spans, prefill_only=request.prefill_only, handoff=handoff)
             async with contextlib.aclosing(stream):
-                async for out in stream:
+                async for out in with_heartbeats(stream, self.heartbeat_s):
+                    if out is None:  # still waiting for the first output
+                        yield HEARTBEAT
+                        continue
                     if out.error is not None:  # this request alone failed in the engine
                         status, code, message = "error", grpc.StatusCode.INTERNAL, f"the request failed: {out.error}"
                         break

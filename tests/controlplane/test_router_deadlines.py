@@ -70,3 +70,28 @@ def test_grpc_client_cancel_mid_stream_cancels_the_work(make_cluster):
     assert next(call).token_ids
     call.cancel()
     assert_work_cancelled(c)
+
+
+def test_a_request_queued_past_the_stall_timeout_is_served_not_failed(make_cluster, monkeypatch):
+    """A request waiting behind a long one (one running request per worker) hears nothing but its
+    worker's heartbeats for longer than the router's stall timeout: it is served, in full, and the
+    worker's breaker stays closed. Before heartbeats such a wait failed it as stalled (HTTP 503)."""
+    import threading
+
+    from controlplane import router as router_module
+
+    monkeypatch.setattr(router_module, "WAITING_HEARTBEAT_S", 0.02)  # lets the router take a short stall timeout
+    c = make_cluster(num_workers=1, max_num_seqs=1)
+    c.workers[0].service.heartbeat_s = 0.02
+    router = c.add_router("round_robin", router_config={"stall_timeout_s": 0.2})
+    long = dict(LONG, max_tokens=480)
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("long", post(router, "/v1/completions", long)))
+    first.start()
+    wait_until(lambda: c.num_worker_requests() == 1)
+    queued = post(router, "/v1/completions", {**LONG, "max_tokens": 8})
+    first.join()
+    assert results["long"].status_code == 200 and queued.status_code == 200, queued.text
+    assert queued.json()["usage"]["completion_tokens"] == 8
+    assert results["long"].json()["usage"]["completion_tokens"] == 480
+    assert router.router.metrics.requests.labels("no_worker")._value.get() == 0

@@ -241,3 +241,23 @@ async def test_an_engine_failure_is_internal_and_the_server_keeps_serving(engine
     # The exception's text stays in the worker's log: it may name shapes, layouts or paths.
     assert info.value.details() == "internal error in the worker (see its log)"
     assert [t for m in messages for t in m.token_ids] == expected[0].token_ids
+
+
+@pytest.mark.asyncio
+async def test_a_call_waiting_for_its_first_token_gets_heartbeats_then_its_tokens(lively_model, tiny_engine_factory,
+                                                                                   expected):
+    """One running request at a time: the second call queues behind a long one and hears empty
+    responses (heartbeats: the router's stall detection must not take it for a hung worker) until
+    its tokens come; a call that streams gets none."""
+    engine = tiny_engine_factory(lively_model, max_num_seqs=1)
+    async with serving(engine) as (stub, server):
+        server.service.heartbeat_s = 0.01
+        long_call = stub.Generate(_request(PROMPTS[1], LONG))
+        first = await long_call.read()
+        assert first.token_ids  # it runs: the next call has to wait for its 300 tokens
+        queued = await _collect(stub, _request(PROMPTS[0]))
+        rest = await _read_rest(long_call)
+    beats = [m == worker_pb2.WorkerGenerateResponse() for m in queued]
+    assert beats[0] and not beats[-1] and beats == sorted(beats, reverse=True)  # heartbeats, then tokens
+    assert [t for m in queued for t in m.token_ids] == expected[0].token_ids
+    assert all(m != worker_pb2.WorkerGenerateResponse() for m in rest)
