@@ -36,39 +36,40 @@ void softmax_rows(float* scores, int64_t rows, int64_t n) {
   }
 }
 
+// Calls fn(row, t) for every context token t, `row` its vector in `head` (one KV head's cache
+// [slots, head_dim]), walking the block table block by block.
+template <typename T, typename F>
+inline void for_each_row(const Task& a, const T* head, F&& fn) {
+  for (int64_t t0 = 0, blk = 0; t0 < a.ctx; t0 += a.block_size, ++blk) {
+    const int64_t n = std::min(a.block_size, a.ctx - t0);
+    const T* base = head + a.block_table[blk] * a.block_size * a.head_dim;
+    for (int64_t i = 0; i < n; ++i) fn(base + i * a.head_dim, t0 + i);
+  }
+}
+
 // q/out: the group's query/output rows [group, head_dim]; kh/vh: this KV head's cache [slots, head_dim].
 template <typename T>
 void task_portable(const Task& a, const T* q, const T* kh, const T* vh, T* out, float* qf, float* scores,
                    float* acc) {
-  const int64_t G = a.group, D = a.head_dim, bs = a.block_size, ctx = a.ctx;
+  const int64_t G = a.group, D = a.head_dim, ctx = a.ctx;
   for (int64_t i = 0; i < G * D; ++i) qf[i] = load(q, i) * a.scale;
-  for (int64_t t0 = 0, blk = 0; t0 < ctx; t0 += bs, ++blk) {
-    const int64_t n = std::min(bs, ctx - t0);
-    const T* kb = kh + a.block_table[blk] * bs * D;
-    for (int64_t i = 0; i < n; ++i) {
-      const T* kr = kb + i * D;
-      for (int64_t r = 0; r < G; ++r) {
-        const float* qr = qf + r * D;
-        float s = 0.f;
-        for (int64_t d = 0; d < D; ++d) s += qr[d] * load(kr, d);
-        scores[r * ctx + t0 + i] = s;
-      }
+  for_each_row(a, kh, [&](const T* kr, int64_t t) {
+    for (int64_t r = 0; r < G; ++r) {
+      const float* qr = qf + r * D;
+      float s = 0.f;
+      for (int64_t d = 0; d < D; ++d) s += qr[d] * load(kr, d);
+      scores[r * ctx + t] = s;
     }
-  }
+  });
   softmax_rows(scores, G, ctx);
   std::fill(acc, acc + G * D, 0.f);
-  for (int64_t t0 = 0, blk = 0; t0 < ctx; t0 += bs, ++blk) {
-    const int64_t n = std::min(bs, ctx - t0);
-    const T* vb = vh + a.block_table[blk] * bs * D;
-    for (int64_t i = 0; i < n; ++i) {
-      const T* vr = vb + i * D;
-      for (int64_t r = 0; r < G; ++r) {
-        const float p = scores[r * ctx + t0 + i];
-        float* ar = acc + r * D;
-        for (int64_t d = 0; d < D; ++d) ar[d] += p * load(vr, d);
-      }
+  for_each_row(a, vh, [&](const T* vr, int64_t t) {
+    for (int64_t r = 0; r < G; ++r) {
+      const float p = scores[r * ctx + t];
+      float* ar = acc + r * D;
+      for (int64_t d = 0; d < D; ++d) ar[d] += p * load(vr, d);
     }
-  }
+  });
   for (int64_t i = 0; i < G * D; ++i) store(out, i, acc[i]);
 }
 
