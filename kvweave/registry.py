@@ -67,9 +67,9 @@ class WorkerInfo:
     """host:port of the worker's gRPC service."""
     model: str
     role: str = "colocated"
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     max_model_len: int = 2048
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
     """The engine's token budget per step (a prompt this short fits one chunked-prefill step)."""
     block_size: int = BLOCK_SIZE
     metrics_port: int = 0

@@ -64,8 +64,12 @@ class EngineConfig:
     """Memory for the paged KV cache."""
     num_blocks: int | None = None
     """Exact number of KV blocks (overrides kv_cache_gb)."""
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step, decodes and prefill chunks together (vLLM's CPU server default).
+    Served through the router, 8 RAG requests of ~2.5k-token prompts finished 1.26x faster than
+    with 512 (fewer, larger chunks: matrix products and attention run at higher rates), 32 random
+    ones 1.06x; a running decode waits longer behind a full chunk (lower it for tighter ITL)."""
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     max_model_len: int | None = None

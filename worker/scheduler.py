@@ -38,9 +38,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     """Cap on running requests."""
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
     """Token budget of one step (decodes + prefill chunks)."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps; when off, a prompt is prefilled in one step."""
