@@ -1,0 +1,47 @@
+"""`kvweave bench serve` end to end with no peer on a tiny model (a real cluster driven over its
+OpenAI HTTP API), and its option checks."""
+from __future__ import annotations
+
+import json
+
+from cli.main import main
+
+
+def test_bench_serve_without_peer_reports_every_workload(tiny_model_variant, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    rc = main(["bench", "serve", "--model", str(tiny_model_variant("gqa")), "--workloads", "random,prefix-repetition",
+               "--num-requests", "4", "--output-len", "4", "--warmup-requests", "1",
+               "--peer-cache-dir", str(tmp_path / "cache"), "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "serve" and doc["results"] == []  # no peer: no ratio
+    config = doc["config"]
+    assert config["workloads"] == ["random", "prefix-repetition"] and config["peers"] == []
+    for workload in ("random", "prefix-repetition"):
+        figures = config["runs"][workload]["kvweave"]
+        assert (figures["completed"], figures["failed"]) == (4, 0)
+        assert figures["total_output_tokens"] == 4 * 4  # ignore_eos: every request gave --output-len tokens
+        assert figures["output_throughput"] > 0 and figures["duration"] > 0
+        assert abs(figures["output_throughput"] - figures["total_output_tokens"] / figures["duration"]) < 1e-6
+        assert 0 < figures["mean_ttft_ms"] <= figures["duration"] * 1000
+        assert figures["mean_tpot_ms"] > 0 and figures["median_tpot_ms"] > 0 and figures["mean_itl_ms"] > 0
+    assert config["cpus"] and config["max_model_len"] == 512
+    assert (tmp_path / "cache" / "logs").is_dir()  # the cluster's logs are kept
+    assert doc["environment"]["cpu_model"] and doc["environment"]["cpus"] >= 1
+    printed = capsys.readouterr()
+    assert "benchmark: serve" in printed.out and "kvweave random:" in printed.err
+
+
+def test_bench_serve_refuses_an_unknown_peer_before_starting_anything(tmp_path, capsys):
+    rc = main(["bench", "serve", "--peer", "vllm,sglang", "--peer-cache-dir", str(tmp_path)])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == "error: unknown --peer 'sglang'; valid: vllm, llama.cpp"
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_serve_refuses_bad_options(tmp_path, capsys):
+    for argv, message in ((["--workloads", "random,nope"], "unknown --workloads 'nope'"),
+                          (["--num-requests", "0"], "--num-requests and --workers must be >= 1"),
+                          (["--output-len", "0"], "--output-len must be >= 1")):
+        assert main(["bench", "serve", "--peer-cache-dir", str(tmp_path), *argv]) == 2
+        assert message in capsys.readouterr().err
