@@ -164,6 +164,8 @@ def run_peer(peer: PreparedPeer, config: ServeBenchConfig, settings: ServeSettin
              log=print) -> tuple[dict, dict]:
     """(workload -> figures, what was run) for one prepared peer; a server that fails to start
     leaves the figures empty and says why."""
+    from loadgen.backends import BackendError
+
     server = start_server(peer.spec, peer.python, peer.model_path, settings, log_dir, config.startup_timeout_s)
     info = {"version": peer_version(peer.spec, peer.python), "command": server.command, "log": str(server.log_path),
             "env": {k: v for k, v in server.env.items() if k.startswith("VLLM_") or k == "LD_PRELOAD"}}
@@ -171,7 +173,7 @@ def run_peer(peer: PreparedPeer, config: ServeBenchConfig, settings: ServeSettin
     try:
         with server:
             return measure(peer.spec.name, server.url, config, token_range, log), info
-    except PeerError as e:
+    except (PeerError, BackendError) as e:  # it did not start, or stopped answering
         log(f"error: {e}")
         return {}, {**info, "unavailable": str(e)}
 
@@ -275,6 +277,7 @@ def check_args(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from controlplane.cluster_config import ClusterError
+    from loadgen.backends import BackendError
 
     problem = check_args(args)
     if problem:
@@ -285,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     config.workloads, config.peers = tuple(config.workloads), tuple(p.name for p in parse_peers(args.peers))
     try:
         results, details = run_bench(config, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (PeerError, ClusterError, ValueError) as e:  # ValueError: a model that cannot be read
+    except (PeerError, ClusterError, BackendError, ValueError) as e:  # ValueError: a model that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 1
     cfg = asdict(config)

@@ -45,3 +45,17 @@ def test_bench_serve_refuses_bad_options(tmp_path, capsys):
                           (["--output-len", "0"], "--output-len must be >= 1")):
         assert main(["bench", "serve", "--peer-cache-dir", str(tmp_path), *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_peer_setup_that_fails_ends_the_command_with_an_error_before_any_server(tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from benchmarks import peers
+
+    unreachable = replace(peers.PEERS["vllm"], requirements=("--no-index", "kvweave-no-such-package-xyz"))
+    monkeypatch.setitem(peers.PEERS, "vllm", unreachable)  # pip cannot find it: a real failed install, offline
+    rc = main(["bench", "serve", "--peer", "vllm", "--peer-cache-dir", str(tmp_path)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "error: setting up vllm failed at `-m pip install` (exit 1); see " in err and "Traceback" not in err
+    assert not (tmp_path / "logs").exists()  # no server was started
