@@ -201,6 +201,7 @@ def run_bench(config: ServeBenchConfig, log=print) -> tuple[list[Result], dict]:
     from benchmarks.mixed_load import vocab_token_range
     from kvweave.model_files import load_tokenizer
 
+    loadavg_start = round(os.getloadavg()[0], 2)
     root = cache_dir(config.peer_cache_dir)
     peers = parse_peers(list(config.peers))
     prepared = [prepare_peer(spec, config, root, log) for spec in peers]  # before any server: fail early
@@ -220,7 +221,8 @@ def run_bench(config: ServeBenchConfig, log=print) -> tuple[list[Result], dict]:
     by_workload = {name: {server: figures[name] for server, figures in runs.items() if name in figures}
                    for name in config.workloads}
     details = {"runs": by_workload, "servers": servers, "cpus": list(settings.cpus),
-               "max_model_len": settings.max_model_len, "token_range": list(token_range)}
+               "max_model_len": settings.max_model_len, "token_range": list(token_range),
+               "loadavg_1min_at_start": loadavg_start}
     return ratios(runs, peers, config.workloads), details
 
 
