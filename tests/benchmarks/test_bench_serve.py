@@ -59,3 +59,18 @@ def test_a_peer_setup_that_fails_ends_the_command_with_an_error_before_any_serve
     err = capsys.readouterr().err
     assert "error: setting up vllm failed at `-m pip install` (exit 1); see " in err and "Traceback" not in err
     assert not (tmp_path / "logs").exists()  # no server was started
+
+
+def test_text_prompts_send_token_id_prompts_as_their_text(tiny_model_variant):
+    from itertools import islice
+
+    from benchmarks.serve import ServeBenchConfig, TextPrompts, build_workload
+    from kvweave.model_files import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_variant("gqa"))).tokenizer
+    config = ServeBenchConfig(output_len=3)
+    ids = [s.turns[0] for s in islice(build_workload("random", config, (5, 60)).sessions(), 3)]
+    texts = [s.turns[0] for s in islice(TextPrompts(build_workload("random", config, (5, 60)), tokenizer).sessions(), 3)]
+    assert all(t.token_ids is None and t.max_tokens == 3 for t in texts)
+    assert [t.prompt for t in texts] == [tokenizer.decode(t.token_ids, skip_special_tokens=False) for t in ids]
+    assert len({t.prompt for t in texts}) == 3 and all(t.prompt for t in texts)
