@@ -62,6 +62,10 @@ class ServeBenchConfig:
     kv_cache_gb: float = 1.0
     """KV cache of every server (kvweave's engine default; vLLM's VLLM_CPU_KVCACHE_SPACE in whole GiB)."""
     request_timeout_s: float = 1800.0
+    stall_timeout_s: float | None = None
+    """The kvweave router's `stall_timeout_s` (None: its default, 60 s). It counts the wait for the
+    first token, so with every request sent at once, the requests still queued behind long prompts
+    after that long are failed as stalled."""
     startup_timeout_s: float = 900.0
     peer_cache_dir: str | None = None
     """Where the peers' environments, the exported model and the server logs live (None:
@@ -148,9 +152,10 @@ def run_kvweave(config: ServeBenchConfig, settings: ServeSettings, token_range, 
 
     threads = max(1, len(settings.cpus) // config.workers)
     log(f"kvweave: {config.workers} worker(s), {threads} thread(s) each")
+    router_args = {} if config.stall_timeout_s is None else {"stall_timeout_s": config.stall_timeout_s}
     with LocalCluster(model=config.model, workers=config.workers, startup_timeout=config.startup_timeout_s,
                       engine_args={"num_threads": threads, "kv_cache_gb": config.kv_cache_gb},
-                      log_dir=str(log_dir / KVWEAVE)) as cluster:
+                      router_args=router_args, log_dir=str(log_dir / KVWEAVE)) as cluster:
         return measure(KVWEAVE, cluster.http_url, config, token_range, log)
 
 
@@ -278,6 +283,9 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
                    help="short requests each server serves before it is measured")
     p.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb, help="KV cache of every server")
     p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
+    p.add_argument("--stall-timeout-s", type=float, default=None,
+                   help="the kvweave router's --stall-timeout-s (default: the router's, 60 s, which counts the "
+                        "wait for the first token)")
     p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s)
     p.add_argument("--peer-cache-dir", default=None, metavar="DIR",
                    help="the peers' environments, exported model and logs (default: $KVWEAVE_PEER_CACHE or "
@@ -301,8 +309,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--num-requests and --workers must be >= 1, --warmup-requests >= 0"
     if args.output_len is not None and args.output_len < 1:
         return "--output-len must be >= 1"
-    if not (args.kv_cache_gb > 0 and args.request_timeout_s > 0 and args.startup_timeout_s > 0):
-        return "--kv-cache-gb, --request-timeout-s and --startup-timeout-s must be > 0"
+    if not (args.kv_cache_gb > 0 and args.request_timeout_s > 0 and args.startup_timeout_s > 0
+            and (args.stall_timeout_s is None or args.stall_timeout_s > 0)):
+        return "--kv-cache-gb, --request-timeout-s, --stall-timeout-s and --startup-timeout-s must be > 0"
     return None
 
 

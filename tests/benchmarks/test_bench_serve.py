@@ -10,13 +10,14 @@ from cli.main import main
 def test_bench_serve_without_peer_reports_every_workload(tiny_model_variant, tmp_path, capsys):
     out = tmp_path / "serve.json"
     rc = main(["bench", "serve", "--model", str(tiny_model_variant("gqa")), "--workloads", "random,prefix-repetition",
-               "--num-requests", "4", "--output-len", "4", "--warmup-requests", "1",
+               "--num-requests", "4", "--output-len", "4", "--warmup-requests", "1", "--stall-timeout-s", "600",
                "--peer-cache-dir", str(tmp_path / "cache"), "--json", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "serve" and doc["results"] == []  # no peer: no ratio
     config = doc["config"]
     assert config["workloads"] == ["random", "prefix-repetition"] and config["peers"] == []
+    assert config["stall_timeout_s"] == 600
     for workload in ("random", "prefix-repetition"):
         figures = config["runs"][workload]["kvweave"]
         assert (figures["completed"], figures["failed"]) == (4, 0)
@@ -42,7 +43,8 @@ def test_bench_serve_refuses_an_unknown_peer_before_starting_anything(tmp_path, 
 def test_bench_serve_refuses_bad_options(tmp_path, capsys):
     for argv, message in ((["--workloads", "random,nope"], "unknown --workloads 'nope'"),
                           (["--num-requests", "0"], "--num-requests and --workers must be >= 1"),
-                          (["--output-len", "0"], "--output-len must be >= 1")):
+                          (["--output-len", "0"], "--output-len must be >= 1"),
+                          (["--stall-timeout-s", "0"], "--stall-timeout-s and --startup-timeout-s must be > 0")):
         assert main(["bench", "serve", "--peer-cache-dir", str(tmp_path), *argv]) == 2
         assert message in capsys.readouterr().err
 
