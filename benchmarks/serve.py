@@ -104,14 +104,16 @@ class TextPrompts:
         return replace(turn, token_ids=None, prompt=self.tokenizer.decode(turn.token_ids, skip_special_tokens=False))
 
 
-async def drive(url: str, workload, num_requests: int, config: ServeBenchConfig) -> dict:
-    """Send `num_requests` of `workload` at once to the OpenAI server at `url`; loadgen's figures."""
+async def drive(url: str, workload, num_requests: int, config: ServeBenchConfig,
+                extra_body: dict | None = None) -> dict:
+    """Send `num_requests` of `workload` at once to the OpenAI server at `url` (with `extra_body` in
+    every request); loadgen's figures."""
     from loadgen.backends import OpenAIBackend, SendOptions
     from loadgen.runner import RunConfig, Runner
     from loadgen.stats import compute_stats
 
-    backend = OpenAIBackend(url, options=SendOptions(temperature=0.0, ignore_eos=True,
-                                                     request_timeout=config.request_timeout_s))
+    backend = OpenAIBackend(url, extra_body=extra_body, options=SendOptions(
+        temperature=0.0, ignore_eos=True, request_timeout=config.request_timeout_s))
     await backend.connect()
     try:
         run_config = RunConfig(request_rate=math.inf, num_requests=num_requests, seed=config.seed, progress=False)
@@ -123,9 +125,9 @@ async def drive(url: str, workload, num_requests: int, config: ServeBenchConfig)
 
 
 def measure(server: str, url: str, config: ServeBenchConfig, token_range: tuple[int, int], log=print,
-            text_with=None) -> dict:
+            text_with=None, extra_body: dict | None = None) -> dict:
     """Warm `url` up, then run every workload on it; workload -> figures. `text_with`: a tokenizer
-    to send token-id prompts as text with (TextPrompts)."""
+    to send token-id prompts as text with (TextPrompts); `extra_body`: fields every request gets."""
     from loadgen.workloads import RandomWorkload
 
     def sent(workload):
@@ -133,11 +135,11 @@ def measure(server: str, url: str, config: ServeBenchConfig, token_range: tuple[
 
     if config.warmup_requests:
         warmup = RandomWorkload(input_len=64, output_len=8, token_range=token_range, seed=config.seed + 1)
-        asyncio.run(drive(url, sent(warmup), config.warmup_requests, config))
+        asyncio.run(drive(url, sent(warmup), config.warmup_requests, config, extra_body))
     runs = {}
     for name in config.workloads:
         workload = sent(build_workload(name, config, token_range))
-        runs[name] = asyncio.run(drive(url, workload, config.num_requests, config))
+        runs[name] = asyncio.run(drive(url, workload, config.num_requests, config, extra_body))
         log(f"{server} {name}: {_line(runs[name])}")
     return runs
 
@@ -203,13 +205,22 @@ def run_peer(peer: PreparedPeer, config: ServeBenchConfig, settings: ServeSettin
     info = {"version": peer_version(peer.spec, peer.python), "command": server.command, "log": str(server.log_path),
             "env": {k: v for k, v in server.env.items() if k.startswith("VLLM_") or k == "LD_PRELOAD"}}
     log(f"{peer.spec.name}: starting ({' '.join(server.command[1:4])} ...; log: {server.log_path})")
-    text_with = None if peer.spec.token_prompts else load_tokenizer(config.model).tokenizer
+    tokenizer = load_tokenizer(config.model).tokenizer
+    text_with = None if peer.spec.token_prompts else tokenizer
+    extra_body = None if peer.spec.ignore_eos else eos_bias(tokenizer.eos_token_ids)
+    info["extra_body"] = extra_body
     try:
         with server:
-            return measure(peer.spec.name, server.url, config, token_range, log, text_with), info
+            return measure(peer.spec.name, server.url, config, token_range, log, text_with, extra_body), info
     except (PeerError, BackendError) as e:  # it did not start, or stopped answering
         log(f"error: {e}")
         return {}, {**info, "unavailable": str(e)}
+
+
+def eos_bias(eos_token_ids: list[int]) -> dict:
+    """Request fields that keep a server without `ignore_eos` from ending at EOS: a -100 logit bias
+    on every EOS id (greedy never picks them, so each request generates its max_tokens)."""
+    return {"logit_bias": {str(i): -100.0 for i in eos_token_ids}}
 
 
 def ratios(runs: dict[str, dict], peers: list[PeerSpec], workloads) -> list[Result]:

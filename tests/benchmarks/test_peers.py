@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.peers import (PEERS, READY_FILE, PeerError, PeerServer, PeerSpec, ServeSettings, cache_dir,
                               ensure_env, env_commands, parse_peers, server_command, server_env)
-from benchmarks.serve import ratios
+from benchmarks.serve import eos_bias, ratios
 
 SETTINGS = ServeSettings(served_name="smollm2-135m", max_model_len=8192, cpus=(0, 1), kv_cache_gb=1.0)
 
@@ -120,3 +120,9 @@ def test_llama_cpp_gets_the_gguf_rewritten_in_bf16_by_its_own_quantizer(tmp_path
     source.write_bytes(b"GGUF, newer")
     with pytest.raises(PeerError):  # stale: rewritten, and the peer's python is not there
         gguf_bf16(tmp_path / "no-python", source, target)
+
+
+def test_llama_cpp_gets_text_prompts_and_an_eos_bias_in_place_of_ignore_eos():
+    assert (PEERS["llama.cpp"].token_prompts, PEERS["llama.cpp"].ignore_eos) == (False, False)
+    assert (PEERS["vllm"].token_prompts, PEERS["vllm"].ignore_eos) == (True, True)
+    assert eos_bias([2, 7]) == {"logit_bias": {"2": -100.0, "7": -100.0}}
