@@ -219,8 +219,9 @@ def server_command(spec: PeerSpec, python: Path, model_path: Path, port: int, s:
     if spec.name == "vllm":
         return [*common, "--model", str(model_path), "--served-model-name", s.served_name, "--dtype", "bfloat16",
                 "--max-model-len", str(s.max_model_len), "--uvicorn-log-level", "warning"]
+    # interrupt_requests (its default) cuts the streaming request short whenever another one arrives
     return [*common, "--model", str(model_path), "--model_alias", s.served_name, "--n_ctx", str(s.max_model_len),
-            "--n_threads", str(len(s.cpus)), "--n_threads_batch", str(len(s.cpus))]
+            "--n_threads", str(len(s.cpus)), "--n_threads_batch", str(len(s.cpus)), "--interrupt_requests", "False"]
 
 
 def server_env(spec: PeerSpec, env_dir: Path, s: ServeSettings) -> dict[str, str]:

@@ -65,7 +65,7 @@ def test_llama_cpp_server_gets_the_gguf_context_and_threads(tmp_path):
     command = server_command(PEERS["llama.cpp"], Path("py"), Path("/m/model.gguf"), 9000, SETTINGS)
     assert command == ["py", "-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", "9000", "--model",
                        "/m/model.gguf", "--model_alias", "smollm2-135m", "--n_ctx", "8192", "--n_threads", "2",
-                       "--n_threads_batch", "2"]
+                       "--n_threads_batch", "2", "--interrupt_requests", "False"]
     assert not any(k.startswith("VLLM_") for k in server_env(PEERS["llama.cpp"], tmp_path, SETTINGS))
 
 
