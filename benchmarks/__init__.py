@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from benchmarks import disagg, engine, kvstore, rag, router, soak
+    from benchmarks import disagg, engine, kvstore, rag, router, serve, soak
 
     p = sub.add_parser("bench", help="run a benchmark (reports ratios against a baseline from the same run)")
     bsub = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)
@@ -15,3 +15,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rag.add_parser(bsub)
     disagg.add_parser(bsub)
     soak.add_parser(bsub)
+    serve.add_parser(bsub)

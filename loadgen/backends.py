@@ -268,8 +268,11 @@ class OpenAIBackend(Backend):
 
     name = "openai"
 
-    def __init__(self, url: str, **kwargs) -> None:
+    def __init__(self, url: str, *, extra_body: dict | None = None, **kwargs) -> None:
+        """`extra_body`: fields added to every request body (as the OpenAI SDK's `extra_body`), for a
+        server that needs its own (e.g. llama.cpp's `logit_bias` where it lacks `ignore_eos`)."""
         super().__init__(openai_base_url(url), **kwargs)
+        self.extra_body = dict(extra_body or {})
         self._session: aiohttp.ClientSession | None = None  # made in the running loop
 
     @property
@@ -297,7 +300,8 @@ class OpenAIBackend(Backend):
 
     def _request(self, turn: Turn, history: Sequence[dict]) -> tuple[str, dict]:
         body = {"model": self.model, "max_tokens": turn.max_tokens, "temperature": self.options.temperature,
-                "ignore_eos": self.options.ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
+                "ignore_eos": self.options.ignore_eos, "stream": True, "stream_options": {"include_usage": True},
+                **self.extra_body}
         if turn.messages is not None:
             return "/v1/chat/completions", body | {"messages": [*history, *turn.messages]}
         if turn.segments is not None:
