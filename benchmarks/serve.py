@@ -63,9 +63,8 @@ class ServeBenchConfig:
     """KV cache of every server (kvweave's engine default; vLLM's VLLM_CPU_KVCACHE_SPACE in whole GiB)."""
     request_timeout_s: float = 1800.0
     stall_timeout_s: float | None = None
-    """The kvweave router's `stall_timeout_s` (None: its default, 60 s). It counts the wait for the
-    first token, so with every request sent at once, the requests still queued behind long prompts
-    after that long are failed as stalled."""
+    """The kvweave router's `stall_timeout_s` (None: its default, 60 s). Requests queued for their
+    first token are not stalled (their worker sends heartbeats)."""
     startup_timeout_s: float = 900.0
     peer_cache_dir: str | None = None
     """Where the peers' environments, the exported model and the server logs live (None:
@@ -295,8 +294,7 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb, help="KV cache of every server")
     p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
     p.add_argument("--stall-timeout-s", type=float, default=None,
-                   help="the kvweave router's --stall-timeout-s (default: the router's, 60 s, which counts the "
-                        "wait for the first token)")
+                   help="the kvweave router's --stall-timeout-s (default: the router's, 60 s)")
     p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s)
     p.add_argument("--peer-cache-dir", default=None, metavar="DIR",
                    help="the peers' environments, exported model and logs (default: $KVWEAVE_PEER_CACHE or "
