@@ -37,7 +37,8 @@ from typing import Any
 from controlplane.cluster_config import (
     ClusterConfig, ClusterError, cli_command, field_flags, heartbeat_s, worker_engine_args, worker_roles,
 )
-from controlplane.procs import LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail
+from controlplane.procs import (LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail,
+                                with_tcmalloc)
 from controlplane.supervisor import Supervisor
 from kvweave import cluster_secret
 
@@ -225,7 +226,7 @@ class LocalCluster:
             from controlplane.ray_launcher import RayWorkers
 
             return RayWorkers(self.config, roles, self._public_redis_url, self.ray_actor, self.security_env)
-        return LocalWorkers(self.config, roles, self._public_redis_url, self._log_dir, self._env())
+        return LocalWorkers(self.config, roles, self._public_redis_url, self._log_dir, with_tcmalloc(self._env()))
 
     @property
     def secret(self) -> "cluster_secret.ClusterSecret | None":

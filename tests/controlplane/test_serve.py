@@ -83,6 +83,22 @@ def test_cluster_serves_grpc_and_http_on_both_workers(cluster) -> None:
     assert {w: f"http://{t}/metrics" for w, t in targets.items()} == {w: urls[w] for w in cluster.worker_ids}
 
 
+def test_workers_run_with_tcmalloc_preloaded_where_it_is_installed(cluster) -> None:
+    """`make setup` installs Debian's libtcmalloc-minimal4; the cluster preloads it into its workers."""
+    import glob
+
+    from controlplane.procs import TCMALLOC_GLOBS
+
+    if not any(glob.glob(p) for p in TCMALLOC_GLOBS):
+        pytest.skip("tcmalloc is not installed here (make setup installs it where apt is available)")
+    for proc in cluster.workers.procs:
+        with open(f"/proc/{proc.pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        assert b"libtcmalloc" in env[b"LD_PRELOAD"]
+        with open(f"/proc/{proc.pid}/maps") as f:
+            assert "libtcmalloc" in f.read()  # really loaded, not just named
+
+
 def test_sigkilled_worker_leaves_the_registry_and_the_cluster_keeps_serving(cluster) -> None:
     victim_id, survivor_id = cluster.worker_ids
     victim = cluster.workers.procs[0]
@@ -246,3 +262,17 @@ def test_prefill_and_decode_pools_register_their_roles(tiny_hf_model) -> None:
     assert lines[0] == f"kvweave cluster ready: 1 prefill + 1 decode worker(s) (local), model {tiny_hf_model}"
     workers = [line.split()[1:] for line in lines if line.startswith("  worker ")]
     assert [(w[0], w[2]) for w in workers] == [("prefill-0", "prefill"), ("decode-0", "decode")]
+
+
+def test_with_tcmalloc_keeps_other_preloads_and_can_be_turned_off(monkeypatch, tmp_path) -> None:
+    from controlplane import procs
+
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(procs, "TCMALLOC_GLOBS", (str(lib),))
+    assert procs.with_tcmalloc({"A": "1"})["LD_PRELOAD"] == str(lib)
+    assert procs.with_tcmalloc({"LD_PRELOAD": "/x.so"})["LD_PRELOAD"] == f"{lib}:/x.so"
+    assert procs.with_tcmalloc({"LD_PRELOAD": "/y/libtcmalloc.so"}) == {"LD_PRELOAD": "/y/libtcmalloc.so"}
+    assert procs.with_tcmalloc({"KVWEAVE_TCMALLOC": "0"}) == {"KVWEAVE_TCMALLOC": "0"}
+    monkeypatch.setattr(procs, "TCMALLOC_GLOBS", (str(tmp_path / "missing.so"),))
+    assert procs.with_tcmalloc({"A": "1"}) == {"A": "1"}
