@@ -161,8 +161,6 @@ class RayWorkers:
                         logger.warning("Ray worker %s serves again at %s (its actor was restarted)", worker_id,
                                        address)
                     addresses[worker_id] = self.addresses[worker_id] = address
-            self._refs.append(actor.start.remote(worker_engine_args(engine_args, worker_id),
-                                                 self._worker_options(worker_id), self._secrets()))
 
     def check(self) -> str | None:
         """None while every actor's start is pending or succeeded, else why one failed."""

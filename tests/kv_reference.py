@@ -17,6 +17,9 @@ class KVCapture:
         self.k[layer], self.v[layer] = k.clone(), v.clone()
         return self.inner.attend(layer, q, k, v)
 
+    def fused_decode_applies(self, num_tokens: int) -> bool:
+        return False  # every layer's attend is seen
+
 
 @torch.no_grad()
 def reference_kv(model, token_ids: list[int], start: int = 0) -> torch.Tensor:

@@ -72,7 +72,7 @@ async def test_serves_registers_publishes_and_leaves(redis_url, tiny_engine_fact
         (info,) = await registry.list_workers()
         assert (info.worker_id, info.address, info.model, info.role) == \
             ("w-1", server.address, engine.model_name, "colocated")
-        assert (info.block_size, info.max_model_len, info.max_num_seqs) == (16, 512, 64)
+        assert (info.block_size, info.max_model_len, info.max_num_seqs) == (16, 512, 128)
         assert (info.load.num_kv_blocks_total, info.load.num_running) == (256, 0)
         async with grpc.aio.insecure_channel(server.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
