@@ -53,7 +53,3 @@ class StepProfile:
                        "ms_per_step": {p: round(s * 1e3 / max(1, self.steps[kind]), 3)
                                        for p, s in self.seconds[kind].items()}}
                 for kind in STEP_KINDS}
-
-    def totals(self) -> dict[str, float]:
-        """Seconds per phase, both kinds together."""
-        return {p: sum(self.seconds[k][p] for k in STEP_KINDS) for p in PHASES}
