@@ -6,7 +6,8 @@ are timed as they run (`step_ms`), a few more with the decode layers run one op 
 those under torch's profiler (`profiled_step_ms`), the compiled kernels named
 (`worker.kernels.profiled_kernels`).
 Each op's own time is put in a category: each linear layer by its weight's shape (q/k/v, output,
-gate/up, down projections and the vocabulary projection), decode attention, the KV cache write,
+gate/up, down projections and the vocabulary projection; oneDNN's op or the panels' of
+worker/csrc/bf16_gemm.cpp), decode attention, the KV cache write,
 RoPE, norms, the activation, the sampler; what no op accounts for is Python and dispatch
 (`untracked`, which includes the profiler's own cost). Times are per step, in ms, wall time of
 the engine's thread.
@@ -16,6 +17,9 @@ from __future__ import annotations
 import random
 import time
 
+PANEL_LINEAR = "kvweave::bf16_linear"
+"""A linear layer in the compiled kernels' panels; its range is named with the layer's (out, in)
+features (worker.kernels.profiled_kernels)."""
 LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm")
 CATEGORIES = {
     "kvweave::decode_attention": "attention",
@@ -85,6 +89,9 @@ def decode_op_profile(eng, batch: int, prompt_len: int, steps: int = 5, seed: in
             continue  # counted in the linear layer's total
         if e.name in LINEAR_OPS:  # the layer's whole time (a plain linear's matmul is a child op)
             shape = tuple(e.input_shapes[1]) if len(e.input_shapes) > 1 else ()
+            cat, t = names.get(shape, "linear_other"), e.cpu_time_total
+        elif e.name.startswith(PANEL_LINEAR):  # kvweave::bf16_linear(out, in)
+            shape = tuple(int(v) for v in e.name[len(PANEL_LINEAR):].strip("()").split(","))
             cat, t = names.get(shape, "linear_other"), e.cpu_time_total
         else:
             cat, t = CATEGORIES.get(e.name, "other_ops"), e.self_cpu_time_total

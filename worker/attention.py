@@ -96,9 +96,9 @@ class PagedAttention:
                 and m.decode_block_tables is not None)
 
     def fused_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights: list[torch.Tensor],
-                     packed: bool, eps: float) -> torch.Tensor:
+                     linear_layout: int, eps: float) -> torch.Tensor:
         m = self.meta
-        return self.kernels.decode_forward(x, weights, packed, cos, sin, self.kv_cache, m.slot_mapping,
+        return self.kernels.decode_forward(x, weights, linear_layout, cos, sin, self.kv_cache, m.slot_mapping,
                                            m.decode_block_tables, m.decode_context_lens, self.n_heads,
                                            self.kv_cache.shape[2], self.block_size, self.scale, eps)
 

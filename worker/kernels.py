@@ -1,8 +1,9 @@
 """Optional compiled CPU kernels, built on first use with torch's C++ extension loader.
 
 The build is cached (under `KVWEAVE_KERNEL_DIR`, default `~/.cache/kvweave/kernels`, one folder per
-source text, checkout, torch version and CPU) and takes about a minute once. Where it cannot be built (no compiler, `KVWEAVE_KERNELS=0`), callers fall
-back to the pure-torch path, which computes the same thing.
+source text, checkout, torch version, CPU and build flags) and takes about a minute once. Where it
+cannot be built (no compiler, `KVWEAVE_KERNELS=0`), callers fall back to the pure-torch path, which
+computes the same thing.
 """
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp", "decode_forward.cpp")]
+_SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp", "decode_forward.cpp",
+                                               "bf16_gemm.cpp")]
+_CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
+"""-fopenmp: at::parallel_for runs serially in code built without it. The extension links
+libgomp.so.1, the soname torch already loaded, so the kernels share torch's OpenMP threads."""
+_LDFLAGS = ("-fopenmp",)
 _module: ModuleType | None = None
 _tried = False
 
@@ -37,7 +43,7 @@ def cpu_kernels() -> ModuleType | None:
         build_dir.mkdir(parents=True, exist_ok=True)
         with _build_lock(build_dir):
             _module = load(name="kvweave_cpu_kernels", sources=[str(p) for p in _SOURCES],
-                           build_directory=str(build_dir), extra_cflags=["-O3", "-march=native", "-ffast-math"],
+                           build_directory=str(build_dir), extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
                            verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: the torch path still works
         logger.warning("CPU kernels unavailable, using the torch path: %s", e)
@@ -58,7 +64,10 @@ class _Profiled:
         fn = getattr(self._module, name)
 
         def call(*args, **kwargs):
-            with torch.profiler.record_function(f"kvweave::{name}"):
+            label = f"kvweave::{name}"
+            if name == "bf16_linear":  # the layer's (out, in) features, as a linear op's shapes tell them
+                label += f"({args[3]}, {args[0].shape[-1]})"
+            with torch.profiler.record_function(label):
                 return fn(*args, **kwargs)
         return call
 
@@ -79,11 +88,12 @@ def profiled_kernels():
 def kernel_build_dir() -> Path:
     """The build folder of this checkout's kernels for this torch and CPU: one per source text,
     source folder (the build command names the files: two checkouts sharing a folder would rebuild
-    each other's), torch version and CPU (-march=native)."""
+    each other's), torch version, CPU (-march=native) and build flags."""
     import torch
 
     key = [p.read_bytes() for p in [*_SOURCES, _CSRC / "common.h", _CSRC / "kernels.h"]]
-    key += [str(_CSRC).encode(), torch.__version__.encode(), _cpu_flags().encode()]
+    key += [str(_CSRC).encode(), torch.__version__.encode(), _cpu_flags().encode(),
+            " ".join(_CFLAGS + _LDFLAGS).encode()]
     digest = hashlib.sha256(b"\0".join(key)).hexdigest()
     base = Path(os.environ.get("KVWEAVE_KERNEL_DIR", Path.home() / ".cache" / "kvweave" / "kernels"))
     return base / digest[:16]

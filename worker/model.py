@@ -6,10 +6,12 @@ one that reads and writes the paged KV cache; `forward_reference` passes a plain
 Weights use Hugging Face names (see `load_weights`); q/k/v and gate/up are fused at load time.
 Parallelism is applied from outside the model code.
 
-On the CPU in bfloat16, every linear layer's weight is reordered once at load time into oneDNN's
-blocked layout (`PackedLinear`): torch's plain `linear` reorders it on every call, which made the
-matmuls of a decode step 1.4x (small layers) to 2.4x (the vocabulary projection) slower. The
-results are bitwise the same (the same oneDNN kernel); `KVWEAVE_PACKED_LINEAR=0` turns it off.
+On the CPU in bfloat16, every linear layer's weight is packed once at load time (`PackedLinear`):
+into the compiled kernels' panels where they are built with AVX512-BF16 (worker/csrc/bf16_gemm.cpp:
+1.1-2.5x oneDNN's time at the 1-64 rows of decode steps, the same at prefill sizes), else into
+oneDNN's blocked layout (torch's plain `linear` reorders the weight on every call, which made the
+matmuls of a decode step 1.4x to 2.4x slower). `KVWEAVE_PACKED_LINEAR=0` turns packing off,
+`KVWEAVE_PACKED_LINEAR=onednn` keeps oneDNN's layout.
 
 A forward whose every token decodes over the paged cache runs all its layers in one compiled call
 where the backend offers it (`fused_decode`: the same ops in the same order, without Python's
@@ -37,9 +39,9 @@ class AttentionBackend(Protocol):
         """Whether `fused_decode` can run this forward's layers (all of them, in one call)."""
 
     def fused_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights: list[torch.Tensor],
-                     packed: bool, eps: float) -> torch.Tensor:
+                     linear_layout: int, eps: float) -> torch.Tensor:
         """The final normed hidden states [T, dim] from the embeddings x, every layer run by one
-        kernel with `Transformer.decode_weights`."""
+        kernel with `Transformer.decode_weights` (held in `linear_layout`)."""
 
 
 class RMSNorm(nn.Module):
@@ -124,25 +126,60 @@ def rope_cos_sin(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Ten
 
 
 class PackedLinear(nn.Module):
-    """A bias-optional linear layer whose weight is held in oneDNN's blocked layout (CPU)."""
+    """A bias-optional linear layer whose weight is held packed (CPU bfloat16): in the compiled
+    kernels' panels (`PANELS`) or oneDNN's blocked layout (`ONEDNN`)."""
 
+    ONEDNN, PANELS = 1, 2
+    """Layouts, numbered as the fused decode kernel takes them (0 there: plain weights)."""
     PACK_BATCH = 16
-    """The batch size the layout is chosen for (it serves every batch size; decode batches are small)."""
+    """The batch size oneDNN's layout is chosen for (it serves every batch size; decode batches are small)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, layout: int) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.PACK_BATCH)
+        self.in_features, self.out_features, self.layout = linear.in_features, linear.out_features, layout
+        weight = linear.weight.detach()
+        if layout == self.PANELS:
+            self.packed = _kernels().pack_bf16_weight(weight)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_BATCH)
         self.bias = linear.bias
+        self._no_bias = torch.empty(0, dtype=weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == self.PANELS:
+            return _kernels().bf16_linear(x, self.packed, self._bias(), self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        """The output in float32 (logits): the panels' kernel keeps its fp32 sums unrounded."""
+        if self.layout == self.PANELS:
+            return _kernels().bf16_linear(x, self.packed, self._bias(), self.out_features, out_fp32=True)
+        return self(x).float()
+
+    def _bias(self) -> torch.Tensor:
+        return self.bias if self.bias is not None else self._no_bias
+
+
+def _kernels():
+    from worker.kernels import cpu_kernels
+
+    return cpu_kernels()  # looked up per call: a profiler's wrapper may stand in (profiled_kernels)
+
+
+def linear_layout(device: torch.device, dtype: torch.dtype) -> int:
+    """How the linear layers of this device and dtype are held: 0 plain, else a `PackedLinear`
+    layout (CPU bfloat16: the kernels' panels where built with AVX512-BF16, else oneDNN's)."""
+    mode = os.environ.get("KVWEAVE_PACKED_LINEAR", "1")
+    if (device.type != "cpu" or dtype != torch.bfloat16 or mode == "0" or not torch.backends.mkldnn.is_available()
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return 0
+    kernels = _kernels() if mode != "onednn" else None
+    return PackedLinear.PANELS if kernels is not None and kernels.bf16_gemm_available() else PackedLinear.ONEDNN
 
 
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether linear layers of this device and dtype are packed (CPU bfloat16 with oneDNN)."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get("KVWEAVE_PACKED_LINEAR", "1") != "0"
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether linear layers of this device and dtype are packed."""
+    return linear_layout(device, dtype) != 0
 
 
 class Attention(nn.Module):
@@ -219,15 +256,15 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x, residual = self.embed_tokens(token_ids), None
         if num_layers is None and backend.fused_decode_applies(len(token_ids)):
-            return backend.fused_decode(x, cos, sin, self.decode_weights(), self.packed, self.args.norm_eps)
+            return backend.fused_decode(x, cos, sin, self.decode_weights(), self.linear_layout, self.args.norm_eps)
         for layer in self.layers if num_layers is None else self.layers[:num_layers]:
             x, residual = layer(x, residual, cos, sin, backend)
         return self.norm(x, residual)[0] if num_layers is None else None
 
     @property
-    def packed(self) -> bool:
-        """Whether the linear layers hold oneDNN-packed weights (`pack_linears`)."""
-        return isinstance(self.lm_head, PackedLinear)
+    def linear_layout(self) -> int:
+        """How the linear layers hold their weights: 0 plain, else a `PackedLinear` layout (`pack_linears`)."""
+        return self.lm_head.layout if isinstance(self.lm_head, PackedLinear) else 0
 
     def decode_weights(self) -> list[torch.Tensor]:
         """Every layer's weights in the order of the fused decode kernel (worker/csrc/decode_forward.cpp):
@@ -248,6 +285,8 @@ class Transformer(nn.Module):
         return self._decode_weights
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.lm_head, PackedLinear):
+            return self.lm_head.forward_float(hidden)
         return self.lm_head(hidden).float()
 
     @torch.inference_mode()
@@ -284,16 +323,22 @@ class Transformer(nn.Module):
                              assign=True)
         self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
         self._decode_weights = None
-        if can_pack_linears(device, self.dtype):
-            self.pack_linears()
+        layout = linear_layout(device, self.dtype)
+        if layout:
+            self.pack_linears(layout)
 
-    def pack_linears(self) -> None:
-        """Replace every linear layer by a PackedLinear (its plain weight is freed unless shared, as
-        a tied vocabulary projection shares the embedding's)."""
+    def pack_linears(self, layout: int) -> None:
+        """Replace every linear layer by a PackedLinear in `layout` (its plain weight is freed unless
+        shared, as a tied vocabulary projection shares the embedding's). The fused decode kernel
+        takes the panels' output size from their count, so a decoder layer whose output size is not
+        a multiple of 32 keeps oneDNN's layout, every layer then."""
+        if layout == PackedLinear.PANELS and any(m.out_features % 32 for layer in self.layers for m in layer.modules()
+                                                 if type(m) is nn.Linear):
+            layout = PackedLinear.ONEDNN
         for parent in self.modules():
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(parent, name, PackedLinear(child))
+                    setattr(parent, name, PackedLinear(child, layout))
 
 
 class CausalAttention:

@@ -13,5 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "K and V of new tokens into their cache slots", nogil());
   m.def("rope_inplace", &rope_inplace, "RoPE in place on [T, H, hd]", nogil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", nogil());
+  m.def("bf16_gemm_available", &bf16_gemm_available, "whether bf16_linear is built (AVX512-BF16)");
+  m.def("pack_bf16_weight", &pack_bf16_weight, "a [N, K] bf16 weight in bf16_linear's panels", nogil());
+  m.def("bf16_linear", &bf16_linear, "x @ W.T + bias with a pack_bf16_weight weight", nogil(), py::arg("x"),
+        py::arg("packed"), py::arg("bias"), py::arg("out_features"), py::arg("out_fp32") = false);
   m.def("add_rms_norm", &add_rms_norm, "residual += x; x = rms_norm(residual) * weight", nogil());
 }

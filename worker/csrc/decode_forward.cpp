@@ -3,8 +3,8 @@
 // The same ops, in the same order, as the Python model's forward of a decode-only batch
 // (worker/model.py with the paged attention backend and these kernels), so the result is bitwise
 // the same; what goes is Python's per-op cost (module calls, views, dispatch through the
-// interpreter), ~15 ops a layer. Linear layers call oneDNN's packed-weight op through the
-// dispatcher when the model packed its weights, else at::linear.
+// interpreter), ~15 ops a layer. Linear layers run as the model holds their weights: the panels
+// of bf16_gemm.cpp, oneDNN's packed-weight op (through the dispatcher), or at::linear.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
@@ -26,13 +26,17 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w, cons
                  c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
+enum LinearLayout : int64_t { kPlain = 0, kOneDnn = 1, kPanels = 2 };  // PackedLinear's numbering
+
 }  // namespace
 
 // x [B, dim]: the batch's token embeddings. weights: per layer, in order, input norm, qkv weight,
 // qkv bias (an empty tensor when none), output projection, post-attention norm, gate/up weight, down
 // weight; then the final norm. cos/sin [B, hd/2] float32 at the tokens' positions. kv_cache
-// [2, n_layers, n_kv_heads, slots, hd]. Returns the final normed hidden states [B, dim].
-torch::Tensor decode_forward(torch::Tensor x, const std::vector<torch::Tensor>& weights, bool packed,
+// [2, n_layers, n_kv_heads, slots, hd]. linear_layout: how the linear weights are held (plain,
+// oneDNN-packed, or panels whose count times 32 is the output size). Returns the final normed hidden
+// states [B, dim].
+torch::Tensor decode_forward(torch::Tensor x, const std::vector<torch::Tensor>& weights, int64_t linear_layout,
                              torch::Tensor cos, torch::Tensor sin, torch::Tensor kv_cache,
                              torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor context_lens,
                              int64_t n_heads, int64_t n_kv_heads, int64_t block_size, double scale, double eps) {
@@ -42,8 +46,10 @@ torch::Tensor decode_forward(torch::Tensor x, const std::vector<torch::Tensor>& 
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be contiguous [B, dim]");
   const int64_t B = x.size(0), dim = x.size(1), hd = kv_cache.size(4);
   const int64_t q_size = n_heads * hd, kv_size = n_kv_heads * hd;
-  auto linear = [packed](const torch::Tensor& in, const torch::Tensor& w, const torch::Tensor& b) {
-    return packed ? packed_linear(in, w, b) : at::linear(in, w, bias(b));
+  TORCH_CHECK(linear_layout >= kPlain && linear_layout <= kPanels, "unknown linear_layout ", linear_layout);
+  auto linear = [linear_layout](const torch::Tensor& in, const torch::Tensor& w, const torch::Tensor& b) {
+    if (linear_layout == kPanels) return bf16_linear(in, w, b, w.size(0) * w.size(2), false);
+    return linear_layout == kOneDnn ? packed_linear(in, w, b) : at::linear(in, w, bias(b));
   };
   const torch::Tensor none = torch::empty({0}, x.options());
   torch::Tensor residual;

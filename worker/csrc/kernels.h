@@ -10,7 +10,11 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 void rope_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_and_mul(torch::Tensor in);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
-torch::Tensor decode_forward(torch::Tensor x, const std::vector<torch::Tensor>& weights, bool packed,
+torch::Tensor decode_forward(torch::Tensor x, const std::vector<torch::Tensor>& weights, int64_t linear_layout,
                              torch::Tensor cos, torch::Tensor sin, torch::Tensor kv_cache,
                              torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor context_lens,
                              int64_t n_heads, int64_t n_kv_heads, int64_t block_size, double scale, double eps);
+bool bf16_gemm_available();
+torch::Tensor pack_bf16_weight(torch::Tensor weight);
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias, int64_t out_features,
+                          bool out_fp32);
