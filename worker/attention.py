@@ -6,13 +6,17 @@ layout attention wants without another copy. Each forward first writes the new t
 their slots, then:
 - decodes (one new token each, first in the batch) are attended in one batched call: the
   compiled kernel of worker/csrc reads each sequence's blocks in place (~15x faster than the
-  torch path here); without it, their context is gathered into [n_kv_heads, B, L_max, hd] and each group of query heads that shares a
-  KV head is folded into extra query rows (no expanded KV), with padding masked out. Measured here:
+  torch path here); without it, their context is gathered into [n_kv_heads, B, L_max, hd] and
+  each group of query heads that shares a KV head is folded into extra query rows (no expanded
+  KV), with padding masked out. Measured here:
   a matmul-based kernel in the model dtype is ~2x faster than SDPA for these shapes in bf16, and
   the heads-first layout ~2.5x faster than a tokens-first one.
-- prefill chunks are attended one sequence at a time with SDPA on 4-D tensors (the fused CPU
-  kernel; `enable_gqa` is 2-3x faster than expanding the KV heads), `is_causal` when the chunk starts at position 0 (1.7x faster than a mask), otherwise
-  with an explicit mask over the cached context plus the chunk.
+- prefill chunks are attended one sequence at a time: in bf16 on AVX512-BF16 CPUs by the compiled
+  kernel of worker/csrc/prefill_attention.cpp (keys read from their slots, the causal limit per
+  query; ~2x the SDPA paths), elsewhere with SDPA on 4-D tensors (the fused CPU kernel;
+  `enable_gqa` is 2-3x faster than expanding the KV heads), `is_causal` when the chunk starts at
+  position 0 (1.7x faster than a mask), otherwise with an explicit mask over the cached context
+  plus the chunk.
 """
 from __future__ import annotations
 
@@ -149,6 +153,12 @@ class PagedAttention:
         return torch.matmul(probs, v).transpose(0, 1).reshape(b, nh * hd)
 
     def _prefill(self, p: PrefillSeq, q, k, v, k_cache, v_cache) -> torch.Tensor:
+        if self.kernels is not None and PREFILL_KERNEL and self.kernels.prefill_attention_applies(q, q.shape[-1]):
+            keys = p.context_slots
+            if keys is None:  # a chunk from position 0: its own keys, written above
+                keys = self.meta.slot_mapping[p.offset:p.offset + p.num_new]
+            positions = p.positions if p.positions is not None else _NO_POSITIONS
+            return self.kernels.prefill_attention(q, k_cache, v_cache, keys, positions, p.start_pos, self.scale)
         if p.positions is None and p.start_pos > 0 and p.num_new >= SPLIT_MIN_NEW and _flash_cpu(q):
             return self._prefill_split(p, q, k, v, k_cache, v_cache)
         if p.positions is not None and _flash_cpu(q):
@@ -235,6 +245,11 @@ def _merge(acc: torch.Tensor, lse: torch.Tensor, rows: slice, out: torch.Tensor,
 FUSED_DECODE = os.environ.get("KVWEAVE_FUSED_DECODE", "1") != "0"
 """Decode-only forwards run every layer in one compiled call (`PagedAttention.fused_decode`);
 KVWEAVE_FUSED_DECODE=0 runs them layer by layer in Python (the same ops, the same results)."""
+PREFILL_KERNEL = os.environ.get("KVWEAVE_PREFILL_KERNEL", "1") != "0"
+"""Prefill chunks (bf16, AVX512-BF16, head_dim a multiple of 32) are attended by the compiled
+kernel (worker/csrc/prefill_attention.cpp, ~2x torch's CPU flash attention); KVWEAVE_PREFILL_KERNEL=0
+takes the SDPA paths below."""
+_NO_POSITIONS = torch.empty(0, dtype=torch.long)
 SPARSE_KEY_BLOCK = 512
 """Context keys per block of a blend piece's attention (256-2048 measured; 512 was fastest)."""
 SPLIT_MIN_NEW = 512

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp", "decode_forward.cpp",
-                                               "bf16_gemm.cpp")]
+                                               "bf16_gemm.cpp", "prefill_attention.cpp")]
 _CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 """-fopenmp: at::parallel_for runs serially in code built without it. The extension links
 libgomp.so.1, the soname torch already loaded, so the kernels share torch's OpenMP threads."""
@@ -91,7 +91,7 @@ def kernel_build_dir() -> Path:
     each other's), torch version, CPU (-march=native) and build flags."""
     import torch
 
-    key = [p.read_bytes() for p in [*_SOURCES, _CSRC / "common.h", _CSRC / "kernels.h"]]
+    key = [p.read_bytes() for p in [*_SOURCES, *(_CSRC / h for h in ("common.h", "kernels.h", "bf16_panels.h"))]]
     key += [str(_CSRC).encode(), torch.__version__.encode(), _cpu_flags().encode(),
             " ".join(_CFLAGS + _LDFLAGS).encode()]
     digest = hashlib.sha256(b"\0".join(key)).hexdigest()

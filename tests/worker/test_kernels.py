@@ -152,6 +152,61 @@ def test_long_prefill_after_context_split_path_matches_masked(dtype):
     torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=tol, rtol=tol)
 
 
+def _prefill_kernel_applies() -> bool:
+    kern = cpu_kernels()
+    return kern is not None and kern.prefill_attention_applies(torch.empty(1, 1, 64, dtype=torch.bfloat16), 64)
+
+
+@pytest.mark.skipif(not _prefill_kernel_applies(), reason="the kernels are not built with AVX512-BF16 here")
+@pytest.mark.parametrize("hd", [64, 128])
+@pytest.mark.parametrize("case", ["from_zero", "after_context", "long_after_context", "sparse", "one_token"])
+def test_prefill_kernel_matches_the_sdpa_paths(monkeypatch, case, hd):
+    """The compiled prefill attention (bf16) gives what the SDPA paths give, for a chunk from
+    position 0, a chunk after cached context (short: one masked call; long: the split path), the
+    sparse positions of a blend piece, and one token; GQA with 3 query heads per KV head."""
+    from worker import attention
+    from worker.attention import PrefillSeq
+
+    torch.manual_seed(1)
+    n_kv, group, bs, dtype = 2, 3, 16, torch.bfloat16
+    start, n = {"from_zero": (0, 77), "after_context": (100, 50), "sparse": (0, 40), "one_token": (0, 1),
+                "long_after_context": (70, attention.SPLIT_MIN_NEW + 9)}[case]
+    total = 300 if case == "sparse" else start + n
+    num_slots = (-(-total // bs) + 2) * bs
+    cache = torch.zeros(kv_cache_shape(1, num_slots // bs, bs, n_kv, hd), dtype=dtype)
+    slots = torch.randperm(num_slots)[:total]  # scattered, as a block table makes them
+    cache[:, 0][:, :, slots] = torch.randn(2, n_kv, total, hd, dtype=dtype)
+    qkv = torch.randn(n, n_kv * group + 2 * n_kv, hd, dtype=dtype)  # q is a strided view, as in the model
+    q, k, v = qkv[:, :n_kv * group], qkv[:, n_kv * group:n_kv * (group + 1)], qkv[:, n_kv * (group + 1):]
+    if case == "sparse":
+        positions = torch.sort(torch.randperm(total)[:n]).values
+        seq = PrefillSeq(0, n, int(positions[0]), slots[:int(positions[-1]) + 1], positions)
+        new_slots = slots[positions]
+    else:
+        seq = PrefillSeq(0, n, start, slots if start else None)
+        new_slots = slots[start:]
+    outs = []
+    for kernel in (True, False):
+        monkeypatch.setattr(attention, "PREFILL_KERNEL", kernel)
+        meta = AttentionMetadata(new_slots, 0, prefills=[seq])
+        outs.append(PagedAttention(cache.clone(), meta, n_kv * group, bs).attend(0, q, k, v))
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not _prefill_kernel_applies(), reason="the kernels are not built with AVX512-BF16 here")
+def test_prefill_kernel_refuses_bad_inputs():
+    kern = cpu_kernels()
+    cache = torch.zeros(2, 64, 64, dtype=torch.bfloat16)
+    q = torch.zeros(4, 6, 64, dtype=torch.bfloat16)
+    none = torch.empty(0, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="sees past its keys"):
+        kern.prefill_attention(q, cache, cache, torch.arange(3), none, 0, 0.125)
+    with pytest.raises(RuntimeError, match="ascend"):
+        kern.prefill_attention(q, cache, cache, torch.arange(10), torch.tensor([3, 2, 4, 5]), 0, 0.125)
+    with pytest.raises(RuntimeError, match="bf16"):
+        kern.prefill_attention(q.float(), cache, cache, torch.arange(4), none, 0, 0.125)
+
+
 def test_a_build_killed_midway_does_not_hang_later_loads():
     """torch's build lock is a plain file: a build killed midway leaves it, and every later load
     waited for it forever (workers hung on their first request). A fresh process loads the kernels
