@@ -6,7 +6,9 @@ fill what is left of the budget with prefill chunks. A chunk deep into a long pr
 to everything before it, so with `attention_cost_len` = L a chunk of n tokens starting at position
 p costs n * (1 + (p + n/2) / L) budget tokens (L: the context length at which a token's attention
 costs as much as its projections and MLP); later chunks get shorter and every step stays about as
-long as the first, which is what bounds inter-token latency. When blocks run out, the most recently
+long as the first, which is what bounds inter-token latency. A waiting request whose next prompt
+block a running request is still computing waits for it (requests arriving together with one
+prefix compute it once, `_blocks_being_computed`). When blocks run out, the most recently
 admitted running request is preempted by recompute (its blocks freed, its progress reset; the
 prefix cache usually gives most of it back when it resumes).
 
@@ -145,6 +147,8 @@ class Scheduler:
 
     def _schedule_waiting(self, batch: _Batch) -> None:
         bm = self.block_manager
+        computing = self._blocks_being_computed() if bm.enable_prefix_caching else set()
+        deferred: list[Request] = []
         while self.waiting and batch.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit_tokens = bm.get_computed_blocks(req.req_id, req.all_token_ids, req.cache_extra,
@@ -158,6 +162,11 @@ class Scheduler:
                 num_ext = self.connector.get_num_new_matched_tokens(req, len(hits), max_cached_blocks)
             num_cached = num_hit_tokens + num_ext
             plan = self.blender.plan(req, num_cached) if self.blender is not None else None
+            hashes = self._prompt_hashes(req) if computing else []
+            if plan is None and num_cached // bm.block_size < len(hashes) and \
+                    hashes[num_cached // bm.block_size] in computing:
+                deferred.append(self.waiting.popleft())  # its next block is a hit once computed
+                continue
             num_new = req.num_tokens - num_cached
             if num_new > batch.budget and not self.config.enable_chunked_prefill and plan is None:
                 break
@@ -179,6 +188,24 @@ class Scheduler:
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
             batch.add(req, num_new, cost)
+            if bm.enable_prefix_caching:
+                computing.update(self._prompt_hashes(req)[num_cached // bm.block_size:])
+        self.waiting.extendleft(reversed(deferred))
+
+    def _prompt_hashes(self, req: Request) -> list:
+        """Hashes of the request's full prompt blocks."""
+        hashes = self.block_manager.block_hashes(req.req_id, req.all_token_ids, req.cache_extra, req.block_hashes)
+        return hashes[:req.num_prompt_tokens // self.block_manager.block_size]
+
+    def _blocks_being_computed(self) -> set:
+        """Hashes of the prompt blocks that running requests have still to compute. A waiting
+        request whose next block is one of them is held back (vLLM v1 would compute the block
+        twice, once per request): the next steps find it cached and compute only the rest, so
+        requests that share a prefix and arrive together compute it once."""
+        bs = self.block_manager.block_size
+        return {h for r in self.running if r.status == RequestStatus.RUNNING and r.blend is None
+                and r.num_computed_tokens < r.num_prompt_tokens
+                for h in self._prompt_hashes(r)[r.num_computed_tokens // bs:]}
 
     def _start_kv_load(self, req: Request, num_hit_tokens: int, num_ext: int, plan: BlendPlan | None) -> None:
         """The connector loads the request's external blocks and places its chunks; it waits."""

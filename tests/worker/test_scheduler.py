@@ -262,7 +262,7 @@ def test_abort_of_waiting_and_running_requests_frees_blocks(make_request) -> Non
 
 def test_abort_between_schedule_and_update(make_request) -> None:
     sched = make_scheduler(num_blocks=8)
-    a, b = make_request("a", prompt(9)), make_request("b", prompt(5))
+    a, b = make_request("a", prompt(9)), make_request("b", prompt(5, 50))
     sched.add_request(a)
     sched.add_request(b)
     out = sched.schedule()
@@ -344,3 +344,44 @@ def test_deep_prefill_chunks_are_charged_for_their_attention(make_request):
     # n = floor(L * (sqrt(a^2 + 2B/L) - a)), a = 1 + p/L: p=0 -> 82, p=82 -> 63, p=145 -> 53, ...
     assert sizes[:3] == [82, 63, 53]
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_requests_sharing_a_prefix_being_computed_wait_for_it(make_request) -> None:
+    """Requests that arrive together with one prefix compute it once: while the first computes the
+    shared blocks, the others are held back (others with a different prefix go ahead), and the
+    next step finds the prefix cached and computes only what follows it."""
+    sched = make_scheduler(max_num_batched_tokens=64, block_size=4)
+    shared = prompt(16, 100)
+    a, b, c = (make_request(r, shared + prompt(6, 200 + 10 * i), max_tokens=3) for i, r in enumerate("abc"))
+    other = make_request("other", prompt(20, 500), max_tokens=3)
+    for r in (a, b, c, other):
+        sched.add_request(r)
+    first = step(sched)
+    assert [(r, start, n) for r, start, n, _ in first.items] == [("a", 0, 22), ("other", 0, 20)]
+    assert [r.req_id for r in sched.waiting] == ["b", "c"]  # held back, in their order
+    second = step(sched)
+    prefills = [(r, start, n) for r, start, n, _ in second.items if n > 1]
+    assert prefills == [("b", 16, 6), ("c", 16, 6)]  # the 4 shared blocks are hits
+    run_to_completion(sched)
+    for r, i in ((a, 0), (b, 1), (c, 2)):
+        assert r.output_token_ids == fake_greedy(shared + prompt(6, 200 + 10 * i), 3)
+
+
+def test_a_chunked_prefix_holds_back_its_sharers_until_computed(make_request) -> None:
+    """A long shared prefix computed in chunks over several steps: the request sharing it waits
+    until the blocks it needs are cached, then computes only its own tail."""
+    sched = make_scheduler(max_num_batched_tokens=16, block_size=4)
+    shared = prompt(40, 100)
+    a = make_request("a", shared + [7, 8], max_tokens=2)
+    b = make_request("b", shared + [9], max_tokens=2)
+    sched.add_request(a)
+    sched.add_request(b)
+    for _ in range(20):
+        a_done = a.num_computed_tokens
+        out = step(sched)
+        if "b" in out.num_scheduled_tokens:
+            break
+    assert a_done >= 40  # b waited while a computed the shared blocks
+    assert [(start, n) for r, start, n, _ in out.items if r == "b"] == [(40, 1)]
+    run_to_completion(sched)
+    assert b.output_token_ids == fake_greedy(shared + [9], 2)
