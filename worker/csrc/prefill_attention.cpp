@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "bf16_panels.h"
+#include "common.h"
 #include "kernels.h"
 
 namespace {
@@ -28,26 +29,6 @@ constexpr int64_t kKeys = 2 * kPanel;     // keys per block: two key panels
 constexpr int kVecs = kKeys / 16;          // fp32 vectors of a row's scores
 
 #if defined(__AVX512BF16__)
-
-// exp(x) for x <= 0 (scores minus their running max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2],
-// a degree-6 polynomial (relative error ~2e-7); below -87 it is 0.
-inline __m512 exp512(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(p, n));
-}
 
 // K of one KV head into key panels of 32 keys, [hd/2][32 keys][2]; keys past `num_keys` are zero.
 void pack_keys(const uint16_t* cache, int64_t slot_stride, const int64_t* slots, int64_t num_keys, int64_t hd,
