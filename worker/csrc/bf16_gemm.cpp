@@ -84,10 +84,14 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor b
       const int64_t g_end = std::min(end, g + group);
       for (int64_t r = 0; r < m; r += kMaxRows) {
         const int64_t rows = std::min(kMaxRows, m - r);
+        // the last pass over the group brings in what comes next: the next group's panel in the same
+        // place, or with one pass only, the next panel
+        const int64_t ahead = r + rows < m ? 0 : m <= kMaxRows ? 1 : group;
         for (int64_t pn = g; pn < g_end; ++pn) {
           const int64_t col = pn * kPanel, cols = std::min(kPanel, out_features - col);
+          const uint16_t* next = ahead && pn + ahead < end ? wp + (pn + ahead) * panel_elems : nullptr;
           kBlocks[rows](xp + r * ldx, ldx, k_pairs, wp + pn * panel_elems, b ? b + col : nullptr,
-                        op + (r * out_features + col) * elem, out_features, out_fp32, cols);
+                        op + (r * out_features + col) * elem, out_features, out_fp32, cols, next);
         }
       }
     }

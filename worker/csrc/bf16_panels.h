@@ -19,9 +19,11 @@ constexpr int64_t kMaxRows = 12;   // rows of x per block: 2 * 12 accumulators
 #if defined(__AVX512BF16__)
 
 // out[r, 0:32] (+)= x[r, :] . panel for the block's ROWS rows; `cols` < 32 only in a last, partial panel.
+// `next`: a panel of the same size to bring into L2 meanwhile (or null), one 128-byte step of it per
+// pair of inputs, so that its stream from memory overlaps this block's products.
 template <int ROWS>
 void panel_block(const uint16_t* x, int64_t ldx, int64_t k_pairs, const uint16_t* panel, const float* bias,
-                 void* out, int64_t ldo, bool out_fp32, int64_t cols) {
+                 void* out, int64_t ldo, bool out_fp32, int64_t cols, const uint16_t* next) {
   // few rows: two chains of accumulators (even and odd pairs), so the adds' latency does not bound
   // the weight stream
   constexpr int kChains = ROWS <= 4 ? 2 : 1;
@@ -31,6 +33,10 @@ void panel_block(const uint16_t* x, int64_t ldx, int64_t k_pairs, const uint16_t
   const int32_t* xp[ROWS];
   for (int r = 0; r < ROWS; ++r) xp[r] = reinterpret_cast<const int32_t*>(x + r * ldx);
   auto step = [&](int c, int64_t p) {
+    if (next) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + p * 2 * kPanel), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next + p * 2 * kPanel + kPanel), _MM_HINT_T1);
+    }
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kPanel);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kPanel + kPanel);
 #pragma GCC unroll 12
@@ -72,7 +78,7 @@ void panel_block(const uint16_t* x, int64_t ldx, int64_t k_pairs, const uint16_t
 }
 
 using BlockFn = void (*)(const uint16_t*, int64_t, int64_t, const uint16_t*, const float*, void*, int64_t, bool,
-                         int64_t);
+                         int64_t, const uint16_t*);
 constexpr BlockFn kBlocks[kMaxRows + 1] = {
     nullptr, panel_block<1>, panel_block<2>, panel_block<3>, panel_block<4>, panel_block<5>, panel_block<6>,
     panel_block<7>, panel_block<8>, panel_block<9>, panel_block<10>, panel_block<11>, panel_block<12>};

@@ -78,7 +78,8 @@ void attend_rows(const uint16_t* q, int64_t ldq, int64_t rows, const int64_t* li
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t kp = 0; kp < kKeys / kPanel; ++kp)
-      qk(q, ldq, hd / 2, keys + (b * kKeys + kp * kPanel) * hd, nullptr, &s[0][kp * kPanel], kKeys, true, kPanel);
+      qk(q, ldq, hd / 2, keys + (b * kKeys + kp * kPanel) * hd, nullptr, &s[0][kp * kPanel], kKeys, true, kPanel,
+         nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t visible = std::clamp<int64_t>(limit[r] - b * kKeys + 1, 0, kKeys);
       __mmask16 mask[kVecs];
@@ -110,7 +111,7 @@ void attend_rows(const uint16_t* q, int64_t ldq, int64_t rows, const int64_t* li
     const uint16_t* vb = values + b * kKeys * hd;
     for (int64_t hp = 0; hp < hd / kPanel; ++hp)
       qk(&p16[0][0], kKeys, kKeys / 2, vb + hp * kKeys * kPanel, nullptr, &pv[0][hp * kPanel], 256, true,
-         kPanel);
+         kPanel, nullptr);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t d = 0; d < hd; d += 16)
         _mm512_storeu_ps(&acc[r * hd + d],
