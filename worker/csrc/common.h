@@ -40,8 +40,8 @@ inline void store16(uint16_t* p, __m512 v) {  // round to nearest even, as `stor
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 
-// exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2],
-// a degree-6 polynomial (relative error ~2e-7); below -87 it is 0.
+// exp(x): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], a degree-6 polynomial (relative error
+// ~2e-7); below -87 it is 0, above ~88.7 infinity.
 inline __m512 exp512(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.0f);
   const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
