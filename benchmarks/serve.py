@@ -16,6 +16,10 @@ plain text, loadgen's --no-chunks, so every server gets the same prompt text) by
 The same seed gives every server the same prompts (llama.cpp's server takes text only: token-id
 prompts, random and prefix-repetition, reach it as their text, which it tokenizes about as long).
 
+With `--repeats N` every workload runs N times on each server (run i with seed + i, the same
+requests for every server): the figures are the medians (counts summed, each run in `per_run`) and
+each ratio also has `paired_ratio_median`, the median over i of run i's ratio.
+
 Reported per workload and server (the JSON's `config.runs`): output tok/s, mean and median TPOT,
 mean TTFT, mean ITL, completed and failed; and per workload and peer, as results:
 `throughput_vs_<peer>/<workload>` (kvweave's output tok/s / the peer's: above 1 kvweave is faster)
@@ -29,6 +33,7 @@ import asyncio
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -69,10 +74,14 @@ class ServeBenchConfig:
     peer_cache_dir: str | None = None
     """Where the peers' environments, the exported model and the server logs live (None:
     $KVWEAVE_PEER_CACHE or ~/.cache/kvweave/peers)."""
+    repeats: int = 1
+    """Times each workload is sent to each server, run i with seed `seed + i` (new prompts, so no
+    run is served from the previous one's prefix cache; the same prompts for every server)."""
 
 
-def build_workload(name: str, config: ServeBenchConfig, token_range: tuple[int, int]):
-    """loadgen's workload `name` as `kvweave loadgen --workload NAME --no-chunks` builds it."""
+def build_workload(name: str, config: ServeBenchConfig, token_range: tuple[int, int], seed: int | None = None):
+    """loadgen's workload `name` as `kvweave loadgen --workload NAME --no-chunks` builds it (with
+    `seed`, default the config's)."""
     from loadgen.workloads import add_workload_arguments, build_workload as build
 
     parser = argparse.ArgumentParser(add_help=False)
@@ -81,7 +90,7 @@ def build_workload(name: str, config: ServeBenchConfig, token_range: tuple[int, 
     if config.output_len is not None:
         argv += ["--output-len", str(config.output_len)]
     args = parser.parse_args(argv)
-    args.seed = config.seed
+    args.seed = config.seed if seed is None else seed
     return build(args)
 
 
@@ -137,10 +146,34 @@ def measure(server: str, url: str, config: ServeBenchConfig, token_range: tuple[
         asyncio.run(drive(url, sent(warmup), config.warmup_requests, config, extra_body))
     runs = {}
     for name in config.workloads:
-        workload = sent(build_workload(name, config, token_range))
-        runs[name] = asyncio.run(drive(url, workload, config.num_requests, config, extra_body))
-        log(f"{server} {name}: {_line(runs[name])}")
+        per_run = []
+        for i in range(config.repeats):
+            workload = sent(build_workload(name, config, token_range, config.seed + i))
+            per_run.append(asyncio.run(drive(url, workload, config.num_requests, config, extra_body)))
+            log(f"{server} {name}{f' (run {i + 1})' if config.repeats > 1 else ''}: {_line(per_run[-1])}")
+        runs[name] = combine(per_run)
     return runs
+
+
+MEDIAN_KEYS = ("duration", "output_throughput", "mean_tpot_ms", "median_tpot_ms", "mean_ttft_ms", "median_ttft_ms",
+               "mean_itl_ms")
+
+
+def combine(per_run: list[dict]) -> dict:
+    """One server's figures for a workload over its runs: the median of each time and rate, the sum
+    of the counts, and (with more than one run) every run's figures in `per_run`."""
+    if len(per_run) == 1:
+        return per_run[0]
+    out = {k: statistics.median(r[k] for r in per_run) for k in MEDIAN_KEYS}
+    for k in ("completed", "failed", "total_input_tokens", "total_output_tokens"):
+        out[k] = sum(r[k] for r in per_run)
+    errors: dict[str, int] = {}
+    for r in per_run:
+        for kind, n in r["errors_by_kind"].items():
+            errors[kind] = errors.get(kind, 0) + n
+    out["errors_by_kind"] = errors
+    out["per_run"] = per_run
+    return out
 
 
 def _line(s: dict) -> str:
@@ -231,12 +264,16 @@ def ratios(runs: dict[str, dict], peers: list[PeerSpec], workloads) -> list[Resu
             theirs = runs.get(spec.name, {}).get(name)
             if not theirs or not theirs["completed"] or not ours["completed"]:
                 continue
-            extra = {"workload": name, "peer": spec.name}
-            results.append(Result(f"throughput_vs_{spec.label}/{name}", ours["output_throughput"], "tok/s",
-                                  f"{spec.label} output tok/s", theirs["output_throughput"], extra=extra))
-            results.append(Result(f"tpot_vs_{spec.label}/{name}", ours["mean_tpot_ms"], "ms",
-                                  f"{spec.label} mean TPOT", theirs["mean_tpot_ms"], higher_is_better=False,
-                                  extra=extra))
+            for metric, key, unit, what, higher in (("throughput", "output_throughput", "tok/s", "output tok/s", True),
+                                                     ("tpot", "mean_tpot_ms", "ms", "mean TPOT", False)):
+                extra = {"workload": name, "peer": spec.name}
+                if "per_run" in ours and "per_run" in theirs:  # run i of each server had the same requests
+                    a, b = [r[key] for r in ours["per_run"]], [r[key] for r in theirs["per_run"]]
+                    paired = [x / y if higher else y / x for x, y in zip(a, b) if x > 0 and y > 0]
+                    extra |= {"runs": a, "baseline_runs": b,
+                              "paired_ratio_median": round(statistics.median(paired), 3) if paired else None}
+                results.append(Result(f"{metric}_vs_{spec.label}/{name}", ours[key], unit, f"{spec.label} {what}",
+                                      theirs[key], higher_is_better=higher, extra=extra))
     return results
 
 
@@ -289,6 +326,9 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
                         "made on first use)")
     p.add_argument("--output-len", type=int, default=None, help="output tokens per request (default: loadgen's)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help="runs of each workload per server, run i with seed + i (the figures: medians; the "
+                        "ratios' paired_ratio_median: the median of run i's ratios)")
     p.add_argument("--warmup-requests", type=int, default=d.warmup_requests,
                    help="short requests each server serves before it is measured")
     p.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb, help="KV cache of every server")
@@ -314,8 +354,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     if unknown or not args.workloads:
         return f"unknown --workloads {unknown[0][:40]!r}; valid: {', '.join(WORKLOADS)}" if unknown else \
             "--workloads names no workload"
-    if args.num_requests < 1 or args.workers < 1 or args.warmup_requests < 0:
-        return "--num-requests and --workers must be >= 1, --warmup-requests >= 0"
+    if args.num_requests < 1 or args.workers < 1 or args.repeats < 1 or args.warmup_requests < 0:
+        return "--num-requests, --workers and --repeats must be >= 1, --warmup-requests >= 0"
     if args.output_len is not None and args.output_len < 1:
         return "--output-len must be >= 1"
     if not (args.kv_cache_gb > 0 and args.request_timeout_s > 0 and args.startup_timeout_s > 0
