@@ -90,6 +90,8 @@ class PagedAttention:
     def __init__(self, kv_cache: torch.Tensor, meta: AttentionMetadata, n_heads: int, block_size: int) -> None:
         self.kv_cache, self.meta, self.block_size = kv_cache, meta, block_size
         self.kernels = decode_kernel_for(kv_cache)
+        self.prefill_kernel = (self.kernels is not None and PREFILL_KERNEL
+                               and self.kernels.prefill_attention_applies(kv_cache, kv_cache.shape[4]))
         self.n_heads = n_heads
         self.group = n_heads // kv_cache.shape[2]
         self.scale = kv_cache.shape[4] ** -0.5
@@ -153,7 +155,7 @@ class PagedAttention:
         return torch.matmul(probs, v).transpose(0, 1).reshape(b, nh * hd)
 
     def _prefill(self, p: PrefillSeq, q, k, v, k_cache, v_cache) -> torch.Tensor:
-        if self.kernels is not None and PREFILL_KERNEL and self.kernels.prefill_attention_applies(q, q.shape[-1]):
+        if self.prefill_kernel:
             keys = p.context_slots
             if keys is None:  # a chunk from position 0: its own keys, written above
                 keys = self.meta.slot_mapping[p.offset:p.offset + p.num_new]

@@ -29,6 +29,7 @@ from torch import nn
 
 from worker import ops
 from worker.config import ModelArgs
+from worker.kernels import cpu_kernels
 
 
 class AttentionBackend(Protocol):
@@ -139,31 +140,26 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features, self.layout = linear.in_features, linear.out_features, layout
         weight = linear.weight.detach()
         if layout == self.PANELS:
-            self.packed = _kernels().pack_bf16_weight(weight)
+            self.packed = cpu_kernels().pack_bf16_weight(weight)
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_BATCH)
         self.bias = linear.bias
         self._no_bias = torch.empty(0, dtype=weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the kernels are looked up per call: a profiler's wrapper may stand in (profiled_kernels)
         if self.layout == self.PANELS:
-            return _kernels().bf16_linear(x, self.packed, self._bias(), self.out_features)
+            return cpu_kernels().bf16_linear(x, self.packed, self._bias(), self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def forward_float(self, x: torch.Tensor) -> torch.Tensor:
         """The output in float32 (logits): the panels' kernel keeps its fp32 sums unrounded."""
         if self.layout == self.PANELS:
-            return _kernels().bf16_linear(x, self.packed, self._bias(), self.out_features, out_fp32=True)
+            return cpu_kernels().bf16_linear(x, self.packed, self._bias(), self.out_features, out_fp32=True)
         return self(x).float()
 
     def _bias(self) -> torch.Tensor:
         return self.bias if self.bias is not None else self._no_bias
-
-
-def _kernels():
-    from worker.kernels import cpu_kernels
-
-    return cpu_kernels()  # looked up per call: a profiler's wrapper may stand in (profiled_kernels)
 
 
 def linear_layout(device: torch.device, dtype: torch.dtype) -> int:
@@ -173,7 +169,7 @@ def linear_layout(device: torch.device, dtype: torch.dtype) -> int:
     if (device.type != "cpu" or dtype != torch.bfloat16 or mode == "0" or not torch.backends.mkldnn.is_available()
             or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return 0
-    kernels = _kernels() if mode != "onednn" else None
+    kernels = cpu_kernels() if mode != "onednn" else None
     return PackedLinear.PANELS if kernels is not None and kernels.bf16_gemm_available() else PackedLinear.ONEDNN
 
 

@@ -153,6 +153,11 @@ class Scheduler:
             req = self.waiting[0]
             hits, num_hit_tokens = bm.get_computed_blocks(req.req_id, req.all_token_ids, req.cache_extra,
                                                           req.block_hashes)
+            if computing and req.handoff is None and not req.kv.staged_chunks:
+                hashes = self._prompt_hashes(req)
+                if len(hits) < len(hashes) and hashes[len(hits)] in computing:
+                    deferred.append(self.waiting.popleft())  # its next block is a hit once computed
+                    continue
             max_cached_blocks = (req.num_prompt_tokens - req.num_prompt_logits) // bm.block_size
             if req.num_prompt_logits:  # the positions whose logits it asked for must be computed
                 hits = hits[:max_cached_blocks]
@@ -162,11 +167,6 @@ class Scheduler:
                 num_ext = self.connector.get_num_new_matched_tokens(req, len(hits), max_cached_blocks)
             num_cached = num_hit_tokens + num_ext
             plan = self.blender.plan(req, num_cached) if self.blender is not None else None
-            hashes = self._prompt_hashes(req) if computing else []
-            if plan is None and num_cached // bm.block_size < len(hashes) and \
-                    hashes[num_cached // bm.block_size] in computing:
-                deferred.append(self.waiting.popleft())  # its next block is a hit once computed
-                continue
             num_new = req.num_tokens - num_cached
             if num_new > batch.budget and not self.config.enable_chunked_prefill and plan is None:
                 break

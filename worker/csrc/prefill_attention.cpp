@@ -30,37 +30,29 @@ constexpr int kVecs = kKeys / 16;          // fp32 vectors of a row's scores
 
 #if defined(__AVX512BF16__)
 
-// K of one KV head into key panels of 32 keys, [hd/2][32 keys][2]; keys past `num_keys` are zero.
+// One block of kKeys keys of one KV head into its two key panels of 32 keys, [hd/2][32 keys][2];
+// keys past `num_keys` are zero.
 void pack_keys(const uint16_t* cache, int64_t slot_stride, const int64_t* slots, int64_t num_keys, int64_t hd,
-               int64_t blocks, uint16_t* out) {
-  for (int64_t b = 0; b < blocks * kKeys / kPanel; ++b) {
-    uint16_t* panel = out + b * kPanel * hd;
-    for (int64_t c = 0; c < kPanel; ++c) {
-      const int64_t j = b * kPanel + c;
-      const uint16_t* row = j < num_keys ? cache + slots[j] * slot_stride : nullptr;
-      for (int64_t p = 0; p < hd / 2; ++p) {
-        panel[p * 2 * kPanel + c * 2] = row ? row[2 * p] : 0;
-        panel[p * 2 * kPanel + c * 2 + 1] = row ? row[2 * p + 1] : 0;
-      }
+               uint16_t* out) {
+  for (int64_t c = 0; c < kKeys; ++c) {
+    uint16_t* panel = out + c / kPanel * kPanel * hd;
+    const int64_t col = c % kPanel;
+    const uint16_t* row = c < num_keys ? cache + slots[c] * slot_stride : nullptr;
+    for (int64_t p = 0; p < hd / 2; ++p) {
+      panel[p * 2 * kPanel + col * 2] = row ? row[2 * p] : 0;
+      panel[p * 2 * kPanel + col * 2 + 1] = row ? row[2 * p + 1] : 0;
     }
   }
 }
 
-// V of one KV head into value panels: block b holds hd/32 panels of [kKeys/2 key pairs][32 dims][2].
+// One block of kKeys values of one KV head into hd/32 value panels of [kKeys/2 key pairs][32 dims][2].
 void pack_values(const uint16_t* cache, int64_t slot_stride, const int64_t* slots, int64_t num_keys, int64_t hd,
-                 int64_t blocks, uint16_t* out) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    uint16_t* block = out + b * kKeys * hd;
-    for (int64_t kp = 0; kp < kKeys / 2; ++kp) {
-      for (int t = 0; t < 2; ++t) {
-        const int64_t j = b * kKeys + 2 * kp + t;
-        const uint16_t* row = j < num_keys ? cache + slots[j] * slot_stride : nullptr;
-        for (int64_t d = 0; d < hd; ++d) {
-          const int64_t hp = d / kPanel, col = d % kPanel;
-          block[(hp * (kKeys / 2) + kp) * 2 * kPanel + col * 2 + t] = row ? row[d] : 0;
-        }
-      }
-    }
+                 uint16_t* out) {
+  for (int64_t c = 0; c < kKeys; ++c) {
+    const int64_t kp = c / 2, t = c % 2;
+    const uint16_t* row = c < num_keys ? cache + slots[c] * slot_stride : nullptr;
+    for (int64_t d = 0; d < hd; ++d)
+      out[(d / kPanel * (kKeys / 2) + kp) * 2 * kPanel + d % kPanel * 2 + t] = row ? row[d] : 0;
   }
 }
 
@@ -177,7 +169,7 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::T
       const int64_t offset = g * blocks * block_elems + b * block_elems;
       auto pack = which == 0 ? pack_keys : pack_values;
       pack((which == 0 ? kc : vc) + g * head_stride, slot_stride, slots + b * kKeys,
-           std::max<int64_t>(0, num_keys - b * kKeys), hd, 1, (which == 0 ? kp : vp) + offset);
+           std::max<int64_t>(0, num_keys - b * kKeys), hd, (which == 0 ? kp : vp) + offset);
     }
   });
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
