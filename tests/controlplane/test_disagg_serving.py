@@ -131,13 +131,24 @@ def test_short_uncached_prompts_stay_on_the_decode_worker(pd, reference):
     assert 'kvweave_router_handoffs_total{result="handed_off"}' in metrics
 
 
-def test_handoff_slower_than_recompute_stays_on_the_decode_worker(pd, reference):
+def test_handoff_slower_than_recompute_stays_on_the_decode_worker(pd, reference, monkeypatch):
     router = pd.routers[0].router
     margin, router.config.disagg.handoff_margin = router.config.disagg.handoff_margin, 1.0
-    d0 = next(w for w in router.pool.workers.values() if w.worker_id == "d0")
-    costs = d0.info.kv_costs_ms
+    pool = router.pool
+
+    def slow_network():  # as measured by a worker on a slow network
+        d0 = next(w for w in pool.workers.values() if w.worker_id == "d0")
+        d0.info.kv_costs_ms = {**(d0.info.kv_costs_ms or {}), "peer": 1.0, "recompute": 0.5}
+
+    real_refresh = pool.refresh
+
+    async def refresh():  # a registry refresh replaces the worker's info: the costs it reports stay slow
+        await real_refresh()
+        slow_network()
+
+    monkeypatch.setattr(pool, "refresh", refresh)
     try:
-        d0.info.kv_costs_ms = {**costs, "peer": 1.0, "recompute": 0.5}  # as measured by a worker, slow network
+        slow_network()
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
         prompt = _prompt(90, 77)
         tokens, last = _generate(pd, prompt, params)

@@ -114,7 +114,8 @@ def test_worker_generate_needs_the_cluster_credential(cluster, secret) -> None:
     async def generate(channel, metadata):
         return [m async for m in worker_pb2_grpc.WorkerStub(channel).Generate(request, metadata=metadata, timeout=30)]
 
-    for token in (None, "0" * 64, secret.grpc_token[:-1] + "0"):
+    wrong_last = "1" if secret.grpc_token.endswith("0") else "0"  # one character off, never the real token
+    for token in (None, "0" * 64, secret.grpc_token[:-1] + wrong_last):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             run_sync(call_with(worker_address(cluster), token, generate))
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
