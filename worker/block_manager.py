@@ -244,6 +244,9 @@ class BlockManager:
         self.events.append(BlockRemoved([block_hash]))
         return True
 
+    def get_blocks(self, req_id: str) -> list[Block]:
+        return self.req_blocks.get(req_id, [])
+
     def get_block_table(self, req_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req_id, [])]
 

@@ -91,7 +91,7 @@ def kernel_build_dir() -> Path:
     each other's), torch version, CPU (-march=native) and build flags."""
     import torch
 
-    key = [p.read_bytes() for p in [*_SOURCES, *(_CSRC / h for h in ("common.h", "kernels.h", "bf16_panels.h"))]]
+    key = [p.read_bytes() for p in [*_SOURCES, *sorted(_CSRC.glob("*.h"))]]
     key += [str(_CSRC).encode(), torch.__version__.encode(), _cpu_flags().encode(),
             " ".join(_CFLAGS + _LDFLAGS).encode()]
     digest = hashlib.sha256(b"\0".join(key)).hexdigest()

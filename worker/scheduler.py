@@ -7,8 +7,10 @@ to everything before it, so with `attention_cost_len` = L a chunk of n tokens st
 p costs n * (1 + (p + n/2) / L) budget tokens (L: the context length at which a token's attention
 costs as much as its projections and MLP); later chunks get shorter and every step stays about as
 long as the first, which is what bounds inter-token latency. A waiting request whose next prompt
-block a running request is still computing waits for it (requests arriving together with one
-prefix compute it once, `_blocks_being_computed`). When blocks run out, the most recently
+block a running request is still computing waits for it, unless that request completes the block
+in the step being built: then the block is shared like a cache hit within the step (requests
+arriving together with one prefix compute it once, `_blocks_being_computed`, and fill the first
+step rather than wait a step for it). When blocks run out, the most recently
 admitted running request is preempted by recompute (its blocks freed, its progress reset; the
 prefix cache usually gives most of it back when it resumes).
 
@@ -148,6 +150,11 @@ class Scheduler:
     def _schedule_waiting(self, batch: _Batch) -> None:
         bm = self.block_manager
         computing = self._blocks_being_computed() if bm.enable_prefix_caching else set()
+        in_step: dict = {}  # prompt blocks that requests of this step compute in it, by hash
+        if computing:
+            for r, n, piece in batch.items:
+                if piece is None:
+                    in_step.update(self._blocks_computed_in_step(r, r.num_computed_tokens, n))
         deferred: list[Request] = []
         while self.waiting and batch.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
@@ -155,6 +162,12 @@ class Scheduler:
                                                           req.block_hashes)
             if computing and req.handoff is None and not req.kv.staged_chunks:
                 hashes = self._prompt_hashes(req)
+                # Blocks computed earlier in this step's forward are shared like cache hits: every
+                # layer writes the step's K/V before any of its attention reads a context.
+                max_hits = (req.num_tokens - 1) // bm.block_size
+                while len(hits) < min(len(hashes), max_hits) and hashes[len(hits)] in in_step:
+                    hits.append(in_step[hashes[len(hits)]])
+                num_hit_tokens = len(hits) * bm.block_size
                 if len(hits) < len(hashes) and hashes[len(hits)] in computing:
                     deferred.append(self.waiting.popleft())  # its next block is a hit once computed
                     continue
@@ -190,12 +203,20 @@ class Scheduler:
             batch.add(req, num_new, cost)
             if bm.enable_prefix_caching:
                 computing.update(self._prompt_hashes(req)[num_cached // bm.block_size:])
+                in_step.update(self._blocks_computed_in_step(req, num_cached, num_new))
         self.waiting.extendleft(reversed(deferred))
 
     def _prompt_hashes(self, req: Request) -> list:
         """Hashes of the request's full prompt blocks."""
         hashes = self.block_manager.block_hashes(req.req_id, req.all_token_ids, req.cache_extra, req.block_hashes)
         return hashes[:req.num_prompt_tokens // self.block_manager.block_size]
+
+    def _blocks_computed_in_step(self, req: Request, start: int, num_new: int) -> dict:
+        """The request's full prompt blocks that tokens [start, start + num_new) complete, by hash."""
+        bs = self.block_manager.block_size
+        hashes = self._prompt_hashes(req)
+        blocks = self.block_manager.get_blocks(req.req_id)
+        return {hashes[i]: blocks[i] for i in range(start // bs, min((start + num_new) // bs, len(hashes)))}
 
     def _blocks_being_computed(self) -> set:
         """Hashes of the prompt blocks that running requests have still to compute. A waiting

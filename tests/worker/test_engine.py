@@ -176,6 +176,23 @@ def test_prefix_cache_hits(engine_case) -> None:
         assert_matches_reference(engine, prompt, out, 6)
 
 
+def test_a_prefix_shared_within_one_step_is_computed_once(engine_case) -> None:
+    """Prompts that share a prefix, submitted together: the first computes the prefix and the
+    others attend to its blocks in the same forward, computing only their own tails."""
+    engine = engine_case()
+    bs = engine.config.block_size
+    prefix, *tails = random_prompts([37, 5, 9, 3], engine.args.vocab_size, seed=6)
+    prompts = [prefix + tail for tail in tails]
+    ids = [engine.add_request(p, greedy(6)) for p in prompts]
+    first = {o.req_id: o for o in engine.step()}
+    assert [len(first[i].token_ids) for i in ids] == [1, 1, 1]  # all three prefilled in one step
+    final = {o.req_id: o for o in _run(engine) if o.finished}
+    outs = [final[i] for i in ids]
+    assert [o.num_cached_tokens for o in outs] == [0] + [37 // bs * bs] * 2
+    for prompt, out in zip(prompts, outs):
+        assert_matches_reference(engine, prompt, out, 6)
+
+
 def test_prefix_cache_is_per_namespace_and_can_be_disabled(tiny_model_variant, tiny_engine_factory) -> None:
     model = tiny_model_variant("gqa")
     engine = tiny_engine_factory(model, block_size=4)

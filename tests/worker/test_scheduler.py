@@ -346,10 +346,10 @@ def test_deep_prefill_chunks_are_charged_for_their_attention(make_request):
     assert sizes == sorted(sizes, reverse=True)
 
 
-def test_requests_sharing_a_prefix_being_computed_wait_for_it(make_request) -> None:
-    """Requests that arrive together with one prefix compute it once: while the first computes the
-    shared blocks, the others are held back (others with a different prefix go ahead), and the
-    next step finds the prefix cached and computes only what follows it."""
+def test_requests_sharing_a_prefix_compute_it_once_in_one_step(make_request) -> None:
+    """Requests that arrive together with one prefix compute it once: the first computes the
+    shared blocks and the others, in the same step, take those blocks as hits and compute only
+    what follows them (the forward writes every token's K/V before attending)."""
     sched = make_scheduler(max_num_batched_tokens=64, block_size=4)
     shared = prompt(16, 100)
     a, b, c = (make_request(r, shared + prompt(6, 200 + 10 * i), max_tokens=3) for i, r in enumerate("abc"))
@@ -357,19 +357,40 @@ def test_requests_sharing_a_prefix_being_computed_wait_for_it(make_request) -> N
     for r in (a, b, c, other):
         sched.add_request(r)
     first = step(sched)
-    assert [(r, start, n) for r, start, n, _ in first.items] == [("a", 0, 22), ("other", 0, 20)]
-    assert [r.req_id for r in sched.waiting] == ["b", "c"]  # held back, in their order
-    second = step(sched)
-    prefills = [(r, start, n) for r, start, n, _ in second.items if n > 1]
-    assert prefills == [("b", 16, 6), ("c", 16, 6)]  # the 4 shared blocks are hits
+    assert [(r, start, n) for r, start, n, _ in first.items] == [("a", 0, 22), ("b", 16, 6), ("c", 16, 6),
+                                                                    ("other", 0, 20)]
+    table = sched.block_manager.get_block_table
+    assert table("b")[:4] == table("a")[:4] == table("c")[:4]  # the shared blocks, computed once
+    assert len(set(table("b")[4:]) | set(table("c")[4:]) | set(table("a")[4:])) == 6
+    assert b.num_cached_tokens == c.num_cached_tokens == 16
     run_to_completion(sched)
     for r, i in ((a, 0), (b, 1), (c, 2)):
         assert r.output_token_ids == fake_greedy(shared + prompt(6, 200 + 10 * i), 3)
 
 
+def test_requests_sharing_a_prefix_computed_in_a_later_step_wait_for_it(make_request) -> None:
+    """When the step's budget ends inside the shared prefix, the sharers are held back (others
+    with a different prefix go ahead), and a later step finds the prefix cached."""
+    sched = make_scheduler(max_num_batched_tokens=12, block_size=4)
+    shared = prompt(16, 100)
+    a, b = (make_request(r, shared + prompt(3, 200 + 10 * i), max_tokens=2) for i, r in enumerate("ab"))
+    other = make_request("other", prompt(3, 500), max_tokens=2)
+    for r in (a, b, other):
+        sched.add_request(r)
+    first = step(sched)
+    assert [(r, start, n) for r, start, n, _ in first.items] == [("a", 0, 12)]  # other: no budget left
+    assert [r.req_id for r in sched.waiting] == ["b", "other"]  # b held back, in its order
+    second = step(sched)
+    # a completes the shared blocks in this step; b shares them in it
+    assert [(r, start, n) for r, start, n, _ in second.items] == [("a", 12, 7), ("b", 16, 3), ("other", 0, 2)]
+    run_to_completion(sched)
+    for r, i in ((a, 0), (b, 1)):
+        assert r.output_token_ids == fake_greedy(shared + prompt(3, 200 + 10 * i), 2)
+
+
 def test_a_chunked_prefix_holds_back_its_sharers_until_computed(make_request) -> None:
     """A long shared prefix computed in chunks over several steps: the request sharing it waits
-    until the blocks it needs are cached, then computes only its own tail."""
+    until the step that completes the blocks it needs, then computes only its own tail."""
     sched = make_scheduler(max_num_batched_tokens=16, block_size=4)
     shared = prompt(40, 100)
     a = make_request("a", shared + [7, 8], max_tokens=2)
@@ -381,7 +402,7 @@ def test_a_chunked_prefix_holds_back_its_sharers_until_computed(make_request) ->
         out = step(sched)
         if "b" in out.num_scheduled_tokens:
             break
-    assert a_done >= 40  # b waited while a computed the shared blocks
+    assert a_done < 40 <= a_done + out.num_scheduled_tokens["a"]  # b waited while a computed the shared blocks
     assert [(start, n) for r, start, n, _ in out.items if r == "b"] == [(40, 1)]
     run_to_completion(sched)
     assert b.output_token_ids == fake_greedy(shared + [9], 2)
