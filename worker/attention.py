@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from worker.chunk_kv import ChunkCorrection
 from worker.kernels import cpu_kernels
@@ -64,6 +65,8 @@ class AttentionMetadata:
     """[B, L_max] slots of every decode's context (padded)."""
     decode_bias: torch.Tensor | None = None
     """[1, B, 1, L_max] additive mask: 0 for context, -inf for padding."""
+    decode_max_len: int = 0
+    """The longest decode context (known on the host: no device sync to size the kernel's grid)."""
     prefills: list[PrefillSeq] = field(default_factory=list)
 
 
@@ -77,11 +80,23 @@ def kv_cache_shape(n_layers: int, num_blocks: int, block_size: int, n_kv_heads: 
     return (2, n_layers, n_kv_heads, num_blocks * block_size, head_dim)
 
 
-def decode_kernel_for(kv_cache: torch.Tensor):
-    """The compiled CPU decode kernel when it applies to this cache, else None (torch path)."""
-    if kv_cache.device.type != "cpu" or kv_cache.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    return cpu_kernels()
+BACKENDS = ("cpu", "triton", "torch")
+
+
+def attention_backend(kv_cache: torch.Tensor) -> str:
+    """How a forward over this cache attends: `cpu` (the compiled kernels of worker/csrc), `triton`
+    (CUDA: the Triton decode kernel and SDPA prefill) or `torch` (gathers and SDPA anywhere).
+    KVWEAVE_ATTENTION_BACKEND names one (tests run `triton` on the CPU under Triton's interpreter)."""
+    forced = os.environ.get("KVWEAVE_ATTENTION_BACKEND", "")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"KVWEAVE_ATTENTION_BACKEND={forced!r}: one of {', '.join(BACKENDS)}")
+        return forced
+    if kv_cache.device.type == "cuda":
+        return "triton"
+    if kv_cache.device.type == "cpu" and kv_cache.dtype in (torch.float32, torch.bfloat16) and cpu_kernels():
+        return "cpu"
+    return "torch"
 
 
 class PagedAttention:
@@ -89,7 +104,8 @@ class PagedAttention:
 
     def __init__(self, kv_cache: torch.Tensor, meta: AttentionMetadata, n_heads: int, block_size: int) -> None:
         self.kv_cache, self.meta, self.block_size = kv_cache, meta, block_size
-        self.kernels = decode_kernel_for(kv_cache)
+        self.backend = attention_backend(kv_cache)
+        self.kernels = cpu_kernels() if self.backend == "cpu" else None
         self.prefill_kernel = (self.kernels is not None and PREFILL_KERNEL
                                and self.kernels.prefill_attention_applies(kv_cache, kv_cache.shape[4]))
         self.n_heads = n_heads
@@ -135,10 +151,15 @@ class PagedAttention:
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        m = self.meta
         if self.kernels is not None:
-            m = self.meta
             out = self.kernels.decode_attention(q, k_cache, v_cache, m.decode_block_tables,
                                                 m.decode_context_lens, self.block_size, self.scale)
+            return out.view(q.shape[0], -1)
+        if self.backend == "triton":
+            from worker.triton_attention import paged_decode_attention
+            out = paged_decode_attention(q, k_cache, v_cache, m.decode_block_tables, m.decode_context_lens,
+                                         self.block_size, self.scale, m.decode_max_len)
             return out.view(q.shape[0], -1)
         return self._decode_torch(q, k_cache, v_cache)
 
@@ -161,6 +182,8 @@ class PagedAttention:
                 keys = self.meta.slot_mapping[p.offset:p.offset + p.num_new]
             positions = p.positions if p.positions is not None else _NO_POSITIONS
             return self.kernels.prefill_attention(q, k_cache, v_cache, keys, positions, p.start_pos, self.scale)
+        if self.backend == "triton" and p.positions is None and p.start_pos > 0:
+            return self._prefill_lower_right(p, q, k_cache, v_cache)
         if p.positions is None and p.start_pos > 0 and p.num_new >= SPLIT_MIN_NEW and _flash_cpu(q):
             return self._prefill_split(p, q, k, v, k_cache, v_cache)
         if p.positions is not None and _flash_cpu(q):
@@ -180,6 +203,17 @@ class PagedAttention:
                 torch.arange(p.start_pos, total, device=q.device)[:, None]
         o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.group > 1)
+        return o[0].transpose(0, 1).reshape(p.num_new, -1)
+
+    def _prefill_lower_right(self, p: PrefillSeq, q, k_cache, v_cache) -> torch.Tensor:
+        """A chunk after cached context on the GPU: SDPA over the gathered context with a causal
+        mask aligned to its lower right (query i sees keys up to start_pos + i), which runs as flash
+        or memory-efficient attention without a mask built on the host. KV heads are expanded:
+        those kernels take no GQA with this mask."""
+        k4 = k_cache.index_select(1, p.context_slots).repeat_interleave(self.group, 0)[None]
+        v4 = v_cache.index_select(1, p.context_slots).repeat_interleave(self.group, 0)[None]
+        mask = causal_lower_right(p.num_new, p.context_slots.numel())
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k4, v4, attn_mask=mask)
         return o[0].transpose(0, 1).reshape(p.num_new, -1)
 
     def _prefill_split(self, p: PrefillSeq, q, k, v, k_cache, v_cache) -> torch.Tensor:

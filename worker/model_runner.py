@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from worker.attention import AttentionMetadata, PagedAttention, PrefillSeq, decode_kernel_for, kv_cache_shape
+from worker.attention import AttentionMetadata, PagedAttention, PrefillSeq, attention_backend, kv_cache_shape
 from worker.chunk_blend import BlendPiece
 from worker.chunk_kv import ChunkCorrection
 from worker.model import Transformer, rope_attention_factor
@@ -237,8 +237,8 @@ class ModelRunner:
     def _decode_metadata(self, meta: AttentionMetadata, block_tables: torch.Tensor, lens: torch.Tensor,
                          max_len: int) -> None:
         bs = self.block_size
-        meta.decode_block_tables, meta.decode_context_lens = block_tables, lens
-        if decode_kernel_for(self.kv_cache) is None:  # the torch path gathers padded contexts
+        meta.decode_block_tables, meta.decode_context_lens, meta.decode_max_len = block_tables, lens, max_len
+        if attention_backend(self.kv_cache) == "torch":  # the torch path gathers padded contexts
             ar = torch.arange(max_len, device=self.device)
             slots = (block_tables[:, :, None] * bs + torch.arange(bs, device=self.device)).view(len(lens), -1)
             pad = ar[None, :] >= lens[:, None]

@@ -23,7 +23,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2
 def no_kernels(monkeypatch):
     def disable():
         monkeypatch.setattr(ops, "_kernels_for", lambda x: None)
-        monkeypatch.setattr("worker.attention.decode_kernel_for", lambda cache: None)
+        monkeypatch.setenv("KVWEAVE_ATTENTION_BACKEND", "torch")
     return disable
 
 
@@ -220,3 +220,18 @@ def test_a_build_killed_midway_does_not_hang_later_loads():
         assert not stale.exists()
     finally:
         stale.unlink(missing_ok=True)
+
+
+def test_kernels_refuse_tensors_on_another_device() -> None:
+    """A CUDA (here: meta) tensor handed to a CPU kernel is an error naming the kernel, never a
+    dereferenced device pointer."""
+    k = cpu_kernels()
+    meta = torch.empty(4, 2, 8, device="meta")
+    with pytest.raises(RuntimeError, match="rope_inplace: CPU tensors only"):
+        k.rope_inplace(meta, torch.zeros(4, 4), torch.zeros(4, 4))
+    with pytest.raises(RuntimeError, match="decode_attention: CPU tensors only"):
+        k.decode_attention(meta, torch.zeros(2, 16, 8), torch.zeros(2, 16, 8), torch.zeros(4, 1, dtype=torch.long),
+                           torch.ones(4, dtype=torch.long), 16, 1.0, False)
+    with pytest.raises(RuntimeError, match="write_kv: CPU tensors only"):
+        cache = torch.zeros(2, 16, 8)
+        k.write_kv(meta, meta, cache, cache, torch.zeros(4, dtype=torch.long))

@@ -40,6 +40,7 @@ torch::Tensor decode_forward(torch::Tensor x, const std::vector<torch::Tensor>& 
                              torch::Tensor cos, torch::Tensor sin, torch::Tensor kv_cache,
                              torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor context_lens,
                              int64_t n_heads, int64_t n_kv_heads, int64_t block_size, double scale, double eps) {
+  check_cpu("decode_forward", {&x, &cos, &sin, &kv_cache, &slot_mapping, &block_tables, &context_lens});
   constexpr int64_t kPerLayer = 7;
   const int64_t n_layers = kv_cache.size(1);
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == n_layers * kPerLayer + 1, "weights: 7 per layer + final norm");

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace {
 
@@ -85,6 +86,7 @@ void dispatch(const torch::Tensor& t, F&& f) {
 
 // x [T, H, hd] (last dim contiguous), cos/sin [T, hd/2] float32: rotated in place.
 void rope_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  check_cpu("rope_inplace", {&x, &cos, &sin});
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be [T, H, hd] with contiguous rows");
   TORCH_CHECK(cos.scalar_type() == torch::kFloat && cos.is_contiguous() && sin.is_contiguous(), "cos/sin");
   dispatch(x, [&](auto* tag) {
@@ -96,6 +98,7 @@ void rope_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 // in [T, 2*d] (gate then up) -> silu(gate) * up [T, d].
 torch::Tensor silu_and_mul(torch::Tensor in) {
+  check_cpu("silu_and_mul", {&in});
   TORCH_CHECK(in.dim() == 2 && in.is_contiguous() && in.size(1) % 2 == 0, "in must be contiguous [T, 2d]");
   const int64_t d = in.size(1) / 2;
   auto out = torch::empty({in.size(0), d}, in.options());
@@ -109,6 +112,7 @@ torch::Tensor silu_and_mul(torch::Tensor in) {
 
 // residual += x; x = rms_norm(residual) * weight (both in place).
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  check_cpu("add_rms_norm", {&x, &residual, &weight});
   TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous(), "contiguous inputs");
   TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type() &&
               weight.scalar_type() == x.scalar_type(), "shape/dtype mismatch");

@@ -2,6 +2,15 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <initializer_list>
+
+// These kernels read and write host memory: a tensor on another device (a CUDA one, say) is refused
+// with an error naming the kernel, where dereferencing its pointer would crash the process.
+inline void check_cpu(const char* kernel, std::initializer_list<const torch::Tensor*> tensors) {
+  for (const torch::Tensor* t : tensors)
+    TORCH_CHECK(!t->defined() || t->device().is_cpu(), kernel, ": CPU tensors only, got one on ", t->device());
+}
+
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens,
                                int64_t block_size, double scale, bool portable);

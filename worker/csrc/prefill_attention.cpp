@@ -131,6 +131,7 @@ bool prefill_attention_applies(const torch::Tensor& q, int64_t head_dim) {
 
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor key_slots,
                                 torch::Tensor positions, int64_t start_pos, double scale) {
+  check_cpu("prefill_attention", {&q, &k_cache, &v_cache, &key_slots, &positions});
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
               "prefill_attention: q [T, H, hd], caches [KVH, slots, hd]");
   const int64_t n = q.size(0), heads = q.size(1), hd = q.size(2), kv_heads = k_cache.size(0);
