@@ -32,7 +32,7 @@ from worker.config import ConfigError, StoreConfigError
 from worker.kv_connector import KVConnector
 from worker.kv_connector_worker import KVConnectorWorker, StagedKV, block_layout, stage_local_chunks
 from worker.kv_handoff import DEFAULT_HANDOFF_TTL_S, Handoff, HandoffTable
-from worker.loader import load_checkpoint
+from worker.loader import LOAD_FORMATS, load_checkpoint
 from worker.model import Transformer, rope_inv_freq
 from worker.model_runner import ModelRunner, RunnerOutput
 from worker.output import OutputProcessor, RequestOutput, check_stop
@@ -59,6 +59,9 @@ class EngineConfig:
     """auto | bfloat16 | float16 | float32 (auto: bf16 where the device has bf16 support)."""
     device: str = "auto"
     """Torch device of the model and the KV cache: auto (cuda when present, else cpu), cpu, cuda, cuda:N."""
+    load_format: str = "auto"
+    """auto: the checkpoint's weights; dummy: random weights of its shapes made on the device (only
+    config.json and the tokenizer are read), for speed measurements of models not at hand."""
     block_size: int = BLOCK_SIZE
     kv_cache_gb: float = 1.0
     """Memory for the paged KV cache."""
@@ -111,6 +114,8 @@ class EngineConfig:
                 raise ConfigError(f"unknown device {self.device!r}: {e}") from e
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; valid: auto, {', '.join(DTYPES)}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"unknown load_format {self.load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
         if self.block_size <= 0 or self.kv_cache_gb <= 0:
             raise ConfigError("block_size and kv_cache_gb must be positive")
         if self.num_blocks is not None and self.num_blocks <= 0:
@@ -178,7 +183,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        ckpt = load_checkpoint(config.model, self.dtype)
+        ckpt = load_checkpoint(config.model, self.dtype, config.load_format, self.device)
         self.args, self.tokenizer = ckpt.args, ckpt.tokenizer
         num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_gb)
         # A request must fit in the KV cache on its own, or it could never be scheduled.

@@ -11,6 +11,8 @@ HELP = {
     "model": "built-in model name (smollm2-135m), Hugging Face checkpoint folder, or .gguf file",
     "dtype": "auto | bfloat16 | float16 | float32 (auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32)",
     "device": "torch device of the model and KV cache: auto (cuda when present, else cpu) | cpu | cuda | cuda:N",
+    "load_format": "auto: the checkpoint's weights | dummy: random weights of its shapes, made on the device "
+                   "(reads only config.json and the tokenizer; for speed measurements)",
     "block_size": "tokens per KV block",
     "kv_cache_gb": "memory for the paged KV cache, GiB",
     "num_blocks": "exact number of KV blocks (overrides --kv-cache-gb)",

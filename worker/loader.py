@@ -65,12 +65,27 @@ class LoadedCheckpoint:
     tokenizer: Tokenizer
 
 
-def load_checkpoint(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
-    """Load config, weights (cast to `dtype`) and tokenizer of a built-in name, HF folder or GGUF file."""
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def load_checkpoint(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, load_format: str = "auto",
+                    device: torch.device | str = "cpu") -> LoadedCheckpoint:
+    """Load config, weights (cast to `dtype`) and tokenizer of a built-in name, HF folder or GGUF file.
+    `load_format="dummy"` reads a Hugging Face folder's config and tokenizer only and makes random
+    weights of the checkpoint's shapes on `device` (vLLM's dummy format: speed measurements of a
+    model whose weights are not at hand; a few seconds for 8B parameters on a GPU)."""
     start = time.perf_counter()
+    if load_format not in LOAD_FORMATS:
+        raise CheckpointError(f"unknown load_format {load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
     path = resolve_model(name_or_path)
     name = model_name(name_or_path, path)
-    ckpt = _load_gguf(path, name) if path.is_file() else _load_hf_folder(path, name)
+    if load_format == "dummy":
+        if path.is_file():
+            raise CheckpointError(f"{path}: load_format dummy reads a Hugging Face folder's config.json, not a file")
+        ckpt = _load_hf_folder(path, name, with_weights=False)
+        ckpt.weights = dummy_weights(ckpt.args, dtype, torch.device(device))
+    else:
+        ckpt = _load_gguf(path, name) if path.is_file() else _load_hf_folder(path, name)
     ckpt.weights = {key: value.to(dtype) for key, value in _checked_weights(ckpt.args, ckpt.weights).items()}
     logger.info(
         "loaded %s from %s: %d layers, dim %d, %d tensors, %s, %.2fs",
@@ -127,9 +142,24 @@ def _checked_weights(args: ModelArgs, weights: dict[str, torch.Tensor]) -> dict[
     return {key: weights[key] for key in expected}
 
 
+def dummy_weights(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of every tensor `args` needs, made on `device`: norms near 1, the rest
+    normal with std 1/sqrt(fan-in) (activations stay O(1) through the layers)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weights = {}
+    for key, shape in expected_weight_shapes(args).items():
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if key.endswith("norm.weight"):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, shape[-1] ** -0.5 if len(shape) == 2 else 0.02, generator=gen)
+        weights[key] = t
+    return weights
+
+
 # ---------------------------------------------------------------- Hugging Face folders
 
-def _load_hf_folder(folder: Path, name: str) -> LoadedCheckpoint:
+def _load_hf_folder(folder: Path, name: str, with_weights: bool = True) -> LoadedCheckpoint:
     cfg = read_json(folder / "config.json", required=True)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_HF_MODEL_TYPES:
@@ -146,7 +176,7 @@ def _load_hf_folder(folder: Path, name: str) -> LoadedCheckpoint:
     args.eos_token_ids = tokenizer.eos_token_ids = list(dict.fromkeys(eos_ids))
     if args.bos_token_id is None:
         args.bos_token_id = tokenizer.bos_token_id
-    return LoadedCheckpoint(args, _read_safetensors(folder), tokenizer)
+    return LoadedCheckpoint(args, _read_safetensors(folder) if with_weights else {}, tokenizer)
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -111,6 +111,27 @@ def test_dtype_cast(tiny_hf_model: Path) -> None:
     assert all(v.dtype == torch.bfloat16 for v in ckpt.weights.values())
 
 
+def test_dummy_format_reads_only_the_config_and_tokenizer(tmp_path: Path, tiny_hf_model: Path,
+                                                           tiny_gguf_model: Path) -> None:
+    """`load_format="dummy"`: a folder with config.json and the tokenizer but no weights gives random
+    weights of every expected shape, the same for the same seed; a file is refused."""
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    for f in tiny_hf_model.iterdir():
+        if not f.name.endswith(".safetensors") and f.is_file():
+            shutil.copy(f, folder / f.name)
+    ckpt = load_checkpoint(str(folder), torch.bfloat16, load_format="dummy")
+    real = load_checkpoint(str(tiny_hf_model))
+    assert_same_args(ckpt.args, real.args)
+    assert {k: tuple(v.shape) for k, v in ckpt.weights.items()} == expected_weight_shapes(ckpt.args)
+    assert all(v.dtype == torch.bfloat16 and torch.isfinite(v).all() for v in ckpt.weights.values())
+    assert_same_weights(ckpt.weights, load_checkpoint(str(folder), torch.bfloat16, load_format="dummy").weights)
+    with pytest.raises(CheckpointError, match="load_format dummy"):
+        load_checkpoint(str(tiny_gguf_model), load_format="dummy")
+    with pytest.raises(CheckpointError, match="unknown load_format"):
+        load_checkpoint(str(folder), load_format="random")
+
+
 def test_eos_ids_union_of_config_generation_config_and_tokenizer(tmp_path: Path, hf_checkpoint_writer) -> None:
     folder = hf_checkpoint_writer(tmp_path / "eos")
     _edit_json(folder / "config.json", eos_token_id=0)
