@@ -205,7 +205,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.args.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.profile = StepProfile()
         """Where the steps' time goes, by phase (worker/step_profile.py)."""
-        self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.profile)
+        self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.profile, config.max_num_seqs)
         self.store = None
         if config.store_config.enabled:
             try:

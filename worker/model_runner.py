@@ -18,6 +18,7 @@ import torch
 from worker.attention import AttentionMetadata, PagedAttention, PrefillSeq, attention_backend, kv_cache_shape
 from worker.chunk_blend import BlendPiece
 from worker.chunk_kv import ChunkCorrection
+from worker.cuda_graphs import DecodeGraphs, GraphMode, graph_mode
 from worker.model import Transformer, rope_attention_factor
 from kvweave.sampling_params import SamplingParams
 from worker.sampling import SampleResult, merge_rows, row_problem, sample
@@ -81,14 +82,21 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 device: torch.device | str = "cpu", profile: StepProfile | None = None) -> None:
+                 device: torch.device | str = "cpu", profile: StepProfile | None = None,
+                 max_num_seqs: int = 128) -> None:
         self.model, self.block_size = model, block_size
         self.profile = profile or StepProfile()
         """Times the prepare, forward and sample phases of each step."""
         self.device = torch.device(device)
         a = model.args
-        self.kv_cache = torch.zeros(kv_cache_shape(a.n_layers, num_blocks, block_size, a.n_kv_heads, a.head_dim),
+        mode = graph_mode(self.device)
+        # with decode graphs, one block more than the block manager hands out: the padding rows' scratch
+        cache_blocks = num_blocks + (mode is not GraphMode.OFF)
+        self.kv_cache = torch.zeros(kv_cache_shape(a.n_layers, cache_blocks, block_size, a.n_kv_heads, a.head_dim),
                                     dtype=model.dtype, device=self.device)
+        self.graphs = None if mode is GraphMode.OFF else DecodeGraphs(
+            model, self.kv_cache, block_size, num_blocks, a.max_seq_len, max_num_seqs, mode)
+        """Decode-only steps replayed as CUDA graphs (worker/cuda_graphs.py)."""
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB on %s", num_blocks, block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.device)
         self.requests: dict[str, CachedRequestState] = {}
@@ -284,8 +292,11 @@ class ModelRunner:
         with prof.phase("prepare"):
             token_ids, positions, meta, sample_rows = self._prepare_inputs(items)
         with prof.phase("forward"):
-            backend = PagedAttention(self.kv_cache, meta, self.model.args.n_heads, self.block_size)
-            hidden = self.model(token_ids, positions, backend)
+            if self.graphs is not None and self.graphs.applies(len(token_ids), meta):
+                hidden = self.graphs.run(token_ids, positions, meta)
+            else:
+                backend = PagedAttention(self.kv_cache, meta, self.model.args.n_heads, self.block_size)
+                hidden = self.model(token_ids, positions, backend)
         with prof.phase("sample"):
             return self._sample_step(result, items, hidden, sample_rows)
 

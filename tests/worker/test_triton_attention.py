@@ -1,15 +1,11 @@
 """The GPU attention path (Triton decode kernel, SDPA prefill with a lower-right causal mask),
 checked on the CPU: no GPU runs in CI, so the Triton kernels run under Triton's interpreter
-(TRITON_INTERPRET=1, set before triton is imported) on CPU tensors. The same kernels compile for
+(TRITON_INTERPRET=1, set by tests/conftest.py before anything imports triton) on CPU tensors. The same kernels compile for
 the GPU in scripts/device-check.sh, which compares them there against the same reference."""
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed (make setup installs it)")
 from worker.triton_attention import num_splits_for, paged_decode_attention  # noqa: E402
@@ -87,5 +83,29 @@ def test_engine_on_the_gpu_attention_path_matches_the_reference(block_size, monk
     for prompt, out in zip(prompts + [prompts[1]], outs + [again]):
         seq = list(prompt)
         for _ in range(5):
+            seq.append(int(engine.model.forward_reference(torch.tensor(seq))[-1].argmax()))
+        assert out.token_ids == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_decode_graph_buffers_and_padding_keep_outputs(backend, monkeypatch, tiny_model_variant,
+                                                      tiny_engine_factory) -> None:
+    """The CUDA-graph path of decode steps (worker/cuda_graphs.py) without a GPU: `emulate` runs the
+    forward on the static buffers, batches padded to their bucket with rows on the scratch block.
+    Requests of different lengths finish at different steps, so the batch moves between buckets;
+    every output still equals the reference, and the scratch block is never a request's."""
+    monkeypatch.setenv("KVWEAVE_ATTENTION_BACKEND", backend)
+    monkeypatch.setenv("KVWEAVE_CUDA_GRAPHS", "emulate")
+    engine = tiny_engine_factory(tiny_model_variant("gqa"), block_size=4, num_blocks=64)
+    assert engine.runner.kv_cache.shape[3] == 65 * 4 and engine.runner.graphs.scratch_block == 64
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, engine.args.vocab_size, (n,), generator=g).tolist() for n in (3, 11, 6)]
+    max_tokens = [9, 4, 6]
+    outs = engine.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+                                     for n in max_tokens])
+    assert sorted(engine.runner.graphs.graphs) == [1, 2, 4]  # 3 running, then 2, then 1
+    for prompt, out, n in zip(prompts, outs, max_tokens):
+        seq = list(prompt)
+        for _ in range(n):
             seq.append(int(engine.model.forward_reference(torch.tensor(seq))[-1].argmax()))
         assert out.token_ids == seq[len(prompt):]
