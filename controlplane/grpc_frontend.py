@@ -8,9 +8,15 @@ metadata (UNAUTHENTICATED), a request's `tenant` must be empty or the key's (PER
 its cache namespace is the key's, the key's rate limits apply to Generate (RESOURCE_EXHAUSTED with
 `retry-after` trailing metadata, in seconds), and Abort finds only the caller's own requests.
 Health and reflection stay open.
+
+Health (`RouterHealth`): the service `kvweave.v1.Inference` answers SERVING while the process serves
+(liveness); the empty service name, the server as a whole and what a Kubernetes `grpc:` probe asks
+by default, answers SERVING only while a worker serves the router's model and NOT_SERVING before
+(readiness, as GET /ready), re-checked every registry refresh.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -146,11 +152,39 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             for m in self.router.list_models()])
 
 
+class RouterHealth:
+    """The router's grpc.health.v1 statuses: Inference always SERVING, "" SERVING while `router.ready`."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.servicer = health.aio.HealthServicer()
+        self._ready: bool | None = None
+
+    async def update(self) -> None:
+        """Set "" from the router's readiness now (logged when it changes)."""
+        ready = self.router.ready
+        if ready == self._ready:
+            return
+        self._ready = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.servicer.set("", status)
+        logger.info("router %s: a worker serves model %s" if ready else "router %s: no worker serves model %s",
+                    "ready" if ready else "not ready", self.router.model.name)
+
+    async def run(self) -> None:
+        """Follow the router's readiness every registry refresh, until cancelled."""
+        while True:
+            await self.update()
+            await asyncio.sleep(self.router.config.refresh_s)
+
+
 async def start_grpc_server(router: Router, host: str = "127.0.0.1", port: int = 0, gate: Gate | None = None,
-                            credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
-    """Serve Inference + health (SERVING) + reflection on host:port (0 picks a free port), over TLS
-    with `credentials`; returns the started server and its port. Raises OSError when the port
-    cannot be bound."""
+                            credentials: grpc.ServerCredentials | None = None, health_status: RouterHealth | None = None
+                            ) -> tuple[grpc.aio.Server, int]:
+    """Serve Inference + health + reflection on host:port (0 picks a free port), over TLS with
+    `credentials`; returns the started server and its port. Raises OSError when the port cannot be
+    bound. `health_status`: the health statuses to serve (else a RouterHealth set once, here; its
+    owner runs `health_status.run()` to follow the router's readiness)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[DecodeErrorInterceptor()])
     try:
         address = f"{host}:{port}"
@@ -161,11 +195,11 @@ async def start_grpc_server(router: Router, host: str = "127.0.0.1", port: int =
     if not bound:
         raise OSError(f"cannot listen on {host}:{port}")
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router, gate), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_status = health_status or RouterHealth(router)
+    health_pb2_grpc.add_HealthServicer_to_server(health_status.servicer, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    await health_status.servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_status.update()
     return server, bound

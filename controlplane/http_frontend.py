@@ -3,7 +3,8 @@
 Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` as server-sent events,
 `data: {...}` chunks ending with `data: [DONE]`), GET /v1/models, vLLM's POST /tokenize (-> {"count",
 "max_model_len", "tokens"}: the ids the router would send a worker) and POST /detokenize (->
-{"prompt"}), GET /health, GET /metrics (the router's Prometheus metrics), GET /metrics/targets
+{"prompt"}), GET /health (liveness: 200 while the process serves), GET /ready (readiness: 200 while a
+worker serves the router's model, else 503), GET /metrics (the router's Prometheus metrics), GET /metrics/targets
 (every live worker's metrics endpoint in Prometheus's HTTP service-discovery format, docs/metrics.md).
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status
 (the table in controlplane/errors.py; 413 for a body over `max_body_bytes`, 404 for an unknown
@@ -11,7 +12,7 @@ route, 400 for a body nesting deeper than MAX_JSON_DEPTH or holding a lone surro
 traceback. An error after an event stream has started is sent as a last
 `data: {"error": ...}` event before `data: [DONE]`.
 
-With API keys (controlplane/auth.py), every route but /health and /metrics (aggregates only) needs
+With API keys (controlplane/auth.py), every route but /health, /ready and /metrics (aggregates only) needs
 `Authorization: Bearer KEY` (else 401, code "invalid_api_key"); completions, chat, /tokenize and
 /detokenize count against the key's rate limits (429 with `Retry-After` seconds), and a request's
 cache namespace is its key's.
@@ -45,8 +46,8 @@ _MAX_BODY = web.AppKey("max_body_bytes", int)
 _GATE = web.AppKey("gate", Gate)
 _TENANT = web.RequestKey("tenant", Tenant)
 """request[_TENANT]: the caller's auth.Tenant (absent without API keys), set by the `_authenticate` middleware."""
-OPEN_PATHS = frozenset({"/health", "/metrics"})
-"""Routes served without an API key: liveness and the router's aggregate metrics."""
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+"""Routes served without an API key: liveness, readiness and the router's aggregate metrics."""
 
 
 def json_error(status: int, message: str, err_type: str, param: str | None = None, code=None,
@@ -261,6 +262,19 @@ async def health(request: web.Request) -> web.Response:
                               "requests_in_flight": router.num_inflight})
 
 
+async def ready(request: web.Request) -> web.Response:
+    """Readiness (a Kubernetes readinessProbe): 200 with the models served and the workers per role
+    while a worker serves the router's model, else 503 with an error body (a router without workers
+    can only answer 503, so no traffic should reach it)."""
+    router = request.app[_ROUTER]
+    roles = router.pool.role_counts()
+    if not router.ready:
+        return json_error(503, f"no worker serves model {router.model.name!r} yet (live workers by role: "
+                          f"{roles or 'none'})", "service_unavailable", code="no_worker")
+    models = [{"id": m.id, "num_workers": m.num_workers} for m in router.list_models()]
+    return web.json_response({"status": "ready", "models": models, "workers": sum(roles.values()), "roles": roles})
+
+
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[_ROUTER].metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
@@ -306,6 +320,7 @@ def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, gate
     app.router.add_post("/tokenize", tokenize, expect_handler=_expect)
     app.router.add_post("/detokenize", detokenize, expect_handler=_expect)
     app.router.add_get("/health", health, expect_handler=_expect)
+    app.router.add_get("/ready", ready, expect_handler=_expect)
     app.router.add_get("/metrics", metrics, expect_handler=_expect)
     app.router.add_get("/metrics/targets", metrics_targets, expect_handler=_expect)
     app.router.add_route("*", "/{path:.*}", _no_route, expect_handler=_expect)

@@ -175,6 +175,13 @@ class Router:
         max_len = max((w.info.max_model_len for w in workers), default=self.model.max_seq_len)
         return [ModelCard(self.model.name, max_len, len(workers))]
 
+    @property
+    def ready(self) -> bool:
+        """Whether a worker can serve a whole request of the router's model now (a colocated or
+        decode worker with a live lease and a closed circuit breaker): what /ready and the gRPC
+        health of the empty service name report."""
+        return bool(self.pool.eligible())
+
     def abort(self, req_id: str) -> bool:
         """Stop a request; its stream ends with finish_reason "abort". False if unknown."""
         req = self._active.get(req_id)

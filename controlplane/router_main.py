@@ -27,7 +27,7 @@ import redis
 from aiohttp import web
 
 from controlplane.auth import ApiKeys, Gate
-from controlplane.grpc_frontend import start_grpc_server
+from controlplane.grpc_frontend import RouterHealth, start_grpc_server
 from controlplane.http_frontend import DEFAULT_MAX_BODY_BYTES, start_http_server
 from controlplane.policies import POLICIES, PolicyError
 from controlplane.router import Router, RouterConfig
@@ -97,6 +97,7 @@ class RouterServer:
         self._http: web.AppRunner | None = None
         self.gate = Gate()
         self._watch: asyncio.Task | None = None
+        self._health: asyncio.Task | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -123,8 +124,10 @@ class RouterServer:
                 self.router = await asyncio.to_thread(Router, self.config)
             self.gate.on_refuse = self.router.metrics.count_refused
             await self.router.start()
+            health_status = RouterHealth(self.router)
             self._grpc, self.grpc_port = await start_grpc_server(self.router, o.host, o.grpc_port, self.gate,
-                                                                 credentials)
+                                                                 credentials, health_status)
+            self._health = asyncio.create_task(health_status.run(), name="router-health")
             self._http, self.http_port = await start_http_server(self.router, o.host, o.http_port, o.max_body_bytes,
                                                                  self.gate, ssl_context)
             if self.gate.enabled:
@@ -151,9 +154,10 @@ class RouterServer:
             self.gate.reload_keys()
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+        for task in (self._watch, self._health):
+            if task is not None:
+                task.cancel()
+        self._watch = self._health = None
         if self._http is not None:
             await self._http.cleanup()
             self._http = None

@@ -1,4 +1,5 @@
-"""The Grafana dashboards in deploy/grafana/ against a real Prometheus scraping a real cluster.
+"""The Grafana dashboards (deploy/helm/kvweave/dashboards/, their only copy, which the Helm chart
+ships as a ConfigMap) against a real Prometheus scraping a real cluster.
 
 Static checks: every dashboard is standard Grafana JSON with a Prometheus datasource variable that
 every panel uses, its panels do not overlap, and the dashboards use every prefill/decode
@@ -31,7 +32,7 @@ from controlplane.procs import free_port, spawn, stop_process_groups, tail
 from cli.main import main as kvweave_main
 
 ROOT = Path(__file__).resolve().parents[2]
-DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
+DASHBOARDS = sorted((ROOT / "deploy" / "helm" / "kvweave" / "dashboards").glob("*.json"))
 GRAFANA_VARIABLES = {"$__rate_interval": "2m", "$__range": "10m"}
 """What the live tests substitute for Grafana's variables (windows that span the whole loadgen run)."""
 DISAGG_ROW = "Prefill/decode disaggregation"
