@@ -39,6 +39,7 @@ from controlplane.cluster_config import (
 )
 from controlplane.procs import (LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail,
                                 with_tcmalloc)
+from controlplane.gpu_placement import assign_gpus, visible_gpus
 from controlplane.supervisor import Supervisor
 from kvweave import cluster_secret
 
@@ -331,6 +332,8 @@ class LocalWorkers:
         self.config, self.roles, self.redis_url = config, roles, redis_url
         self.worker_ids = list(roles)
         self.log_dir, self.env = log_dir, env
+        self.gpus = assign_gpus(self.worker_ids, visible_gpus(config.gpus, env), config.gpus_per_worker)
+        """worker id -> its CUDA_VISIBLE_DEVICES (empty: no GPU here)."""
         self.procs: list[subprocess.Popen] = []
         self.addresses: dict[str, str] = {}
         self._ports: dict[str, tuple[int, int]] = {}
@@ -352,7 +355,8 @@ class LocalWorkers:
             self.addresses[worker_id] = f"{self.config.host}:{self._ports[worker_id][0]}"
 
     def _spawn(self, worker_id: str) -> subprocess.Popen:
-        return spawn(self._command(worker_id, *self._ports[worker_id]), self.log_dir / f"{worker_id}.log", self.env)
+        env = {**self.env, "CUDA_VISIBLE_DEVICES": self.gpus[worker_id]} if worker_id in self.gpus else self.env
+        return spawn(self._command(worker_id, *self._ports[worker_id]), self.log_dir / f"{worker_id}.log", env)
 
     def start_one(self, worker_id: str) -> subprocess.Popen:
         """(Re)start one worker with its id and ports (after it died); returns its process."""

@@ -60,7 +60,11 @@ class ClusterConfig:
     ray_temp_dir: str | None = None
     """Temp dir of a local Ray cluster (keep it short: Ray's socket paths must fit 107 bytes)."""
     gpus_per_worker: float = 0.0
-    """GPUs each Ray worker actor reserves."""
+    """GPUs of each worker: Ray actors reserve them; local workers get `CUDA_VISIBLE_DEVICES` (0 with
+    GPUs present: one each; k >= 1: k each, a tensor-parallel group; 0 < k < 1: 1/k workers share one)."""
+    gpus: str | None = None
+    """GPU ids local workers are given, comma-separated (default: the inherited CUDA_VISIBLE_DEVICES,
+    else every /dev/nvidiaN of this machine); "" for none."""
     cpus_per_worker: float = 1.0
     """CPUs each Ray worker actor reserves."""
     lease_s: float | None = None
