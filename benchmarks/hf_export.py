@@ -66,7 +66,7 @@ def write_hf_files(ckpt: LoadedCheckpoint, folder: Path, dtype: torch.dtype) -> 
     """The config, weights and tokenizer files of `ckpt` in `folder`."""
     from benchmarks.hf_baseline import hf_config
 
-    args, tok = ckpt.args, ckpt.tokenizer
+    args = ckpt.args
     eos = args.eos_token_ids[0] if len(args.eos_token_ids) == 1 else (args.eos_token_ids or None)
     config = hf_config(args)
     config.eos_token_id, config.pad_token_id, config.dtype = eos, None, dtype
@@ -74,12 +74,19 @@ def write_hf_files(ckpt: LoadedCheckpoint, folder: Path, dtype: torch.dtype) -> 
     config.save_pretrained(folder)
     save_file({k: v.to(dtype).contiguous() for k, v in ckpt.weights.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
+    write_tokenizer_files(ckpt, folder)
+    _write_json(folder / "generation_config.json", {"bos_token_id": args.bos_token_id, "eos_token_id": eos})
+
+
+def write_tokenizer_files(ckpt: LoadedCheckpoint, folder: Path) -> None:
+    """tokenizer.json and tokenizer_config.json of `ckpt` in `folder`."""
+    args, tok = ckpt.args, ckpt.tokenizer
+    folder.mkdir(parents=True, exist_ok=True)
     tok.hf_tokenizer.save(str(folder / "tokenizer.json"))
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token,
                         "eos_token": tok.eos_token, "chat_template": tok.chat_template,
                         "model_max_length": args.max_seq_len, "clean_up_tokenization_spaces": False}
     _write_json(folder / "tokenizer_config.json", {k: v for k, v in tokenizer_config.items() if v is not None})
-    _write_json(folder / "generation_config.json", {"bos_token_id": args.bos_token_id, "eos_token_id": eos})
 
 
 def _write_json(path: Path, doc: dict) -> None:

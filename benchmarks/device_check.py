@@ -1,0 +1,394 @@
+"""The GPU device check (run by scripts/device-check.sh on a lent GPU; `--smoke` on the CPU in CI).
+
+Random weights of the default model's shapes (SmolLM2-135M) and of an 8B shape (Llama-3-8B's
+layers; the vocabulary is the tokenizer's at hand, 49,152), no checkpoint download: the device
+has no network and the default model's package does not travel. Each check reports in
+BENCHMARKS.md's format; a check that fails or cannot run here is reported with its reason, and the
+others still run. Checks:
+
+- `triton_decode_vs_torch`: the Triton paged decode kernel against the torch gather + SDPA path
+  (time per layer, and the largest difference from an fp32 reference).
+- `greedy_match_vs_hf`: greedy outputs of kvweave (fp32) equal to transformers'
+  `LlamaForCausalLM` on the same random weights, N prompts x 64 tokens; `bf16_logits_vs_hf_fp32`:
+  the bf16 engine's last-prompt-position logits against the fp32 reference.
+- `decode_roofline`: 8B-shaped, batch 1: bytes a decode step reads (weights + KV) over its time,
+  against the device-to-device copy bandwidth measured here (target >= 0.7).
+- `cuda_graphs_decode`: a decode step with CUDA graphs against eager, default shape, batches 1-16
+  (target >= 2x).
+- `throughput_vs_hf_gpu`: 64 requests, 512 in / 128 out, against transformers' `generate` (>= 3x).
+- `tier_offload`: 256 device blocks offloaded to the DRAM tier (the path the engine uses) against a
+  pinned cudaMemcpy of the same bytes (target >= 0.7).
+- `ipc_handoff`: not built yet (reported as such).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import Result, environment, render, write_json
+
+logger = logging.getLogger(__name__)
+
+SMOL = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "vocab_size": 49152, "rope_theta": 100000.0, "tie_word_embeddings": True}
+"""SmolLM2-135M's shapes (the default model)."""
+LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 49152, "rope_theta": 500000.0, "tie_word_embeddings": False}
+"""Llama-3-8B's layers, with the vocabulary of the tokenizer at hand."""
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 49152, "rope_theta": 10000.0, "tie_word_embeddings": True}
+"""--smoke: every check's code on the CPU in seconds."""
+BF16_LOGIT_TOL = 0.05
+"""The bf16 engine's logits may differ from the fp32 reference by this fraction of the largest logit."""
+CHECKS = ("triton_decode_vs_torch", "greedy_match_vs_hf", "decode_roofline", "cuda_graphs_decode",
+          "throughput_vs_hf_gpu", "tier_offload", "ipc_handoff")
+
+
+class Skip(Exception):
+    """A check that cannot run here, with the reason."""
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.smoke = args.smoke
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer_dir = Path(args.tokenizer_dir)
+        self.work = Path(tempfile.mkdtemp(prefix="kvweave-device-check-"))
+        self.deadline = time.monotonic() + args.budget_s
+        self.log = args.log
+
+    def shape(self, big: dict) -> dict:
+        return TINY if self.smoke else big
+
+    def model_folder(self, name: str, shape: dict, weights_dtype: torch.dtype | None = None, seed: int = 0) -> Path:
+        """A Hugging Face folder: config.json and the tokenizer, and with `weights_dtype`, random
+        weights saved by transformers itself (scaled so that greedy choices are clear-cut)."""
+        folder = self.work / name
+        if folder.exists():
+            return folder
+        folder.mkdir()
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(self.tokenizer_dir / f, folder / f)
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                  "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
+                  "attention_bias": False, "torch_dtype": "float32", **shape}
+        if weights_dtype is None:
+            (folder / "config.json").write_text(json.dumps(config, indent=1))
+            return folder
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**config)).to(weights_dtype)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if pname.endswith("norm.weight"):
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+                else:  # std 1/sqrt(fan-in); attention x2 so positions matter; logits of spread ~6
+                    scale = (2.0 if "self_attn" in pname else 6.0 if "embed" in pname else 1.0) / p.shape[-1] ** 0.5
+                    p.copy_(scale * torch.randn(p.shape, generator=gen))
+        model.save_pretrained(folder)
+        return folder
+
+    def engine(self, folder: Path, dtype: str, **config):
+        from worker.engine import EngineConfig, LLMEngine
+
+        return LLMEngine(EngineConfig(model=str(folder), dtype=dtype, device=str(self.device), **config))
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, fn, iters: int, warmup: int = 2) -> float:
+        """Seconds per call."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        self.sync()
+        return (time.perf_counter() - t) / iters
+
+    def needs_cuda(self) -> None:
+        if self.device.type != "cuda":
+            raise Skip("needs a CUDA device")
+
+
+def prompts(n: int, length: int | tuple[int, int], vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = (length, length) if isinstance(length, int) else length
+    lens = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+    return [torch.randint(3, vocab, (k,), generator=gen).tolist() for k in lens]
+
+
+def greedy(max_tokens: int):
+    from kvweave.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+# ---------------------------------------------------------------- checks
+
+def check_triton_decode(ctx: Context) -> list[Result]:
+    from worker.attention import AttentionMetadata, PagedAttention
+    from worker.triton_attention import paged_decode_attention
+
+    results = []
+    shapes = [("default", 9, 3, 64), ("8b", 32, 8, 128)]
+    for name, heads, kv_heads, hd in shapes[:1] if ctx.smoke else shapes:
+        batch, ctx_len, bs = (4, 40, 16) if ctx.smoke else (32, 2048, 16)
+        blocks = batch * (-(-ctx_len // bs)) + 4
+        g = torch.Generator().manual_seed(0)
+        cache = torch.randn(2, kv_heads, blocks * bs, hd, generator=g).to(torch.bfloat16).to(ctx.device)
+        tables = torch.randperm(blocks, generator=g)[:batch * (-(-ctx_len // bs))].view(batch, -1).to(ctx.device)
+        lens = torch.full((batch,), ctx_len, device=ctx.device)
+        q = torch.randn(batch, heads, hd, generator=g).to(torch.bfloat16).to(ctx.device)
+        slots = (tables[:, :, None] * bs + torch.arange(bs, device=ctx.device)).view(batch, -1)[:, :ctx_len]
+        k = cache[0][:, slots].float().repeat_interleave(heads // kv_heads, 0)  # [H, B, L, hd]
+        v = cache[1][:, slots].float().repeat_interleave(heads // kv_heads, 0)
+        ref = torch.einsum("hbld,bhd->bhl", k, q.float()).mul(hd ** -0.5).softmax(-1)
+        ref = torch.einsum("bhl,hbld->bhd", ref, v)
+
+        def triton_call():
+            return paged_decode_attention(q, cache[0], cache[1], tables, lens, bs, hd ** -0.5, ctx_len)
+
+        err = (triton_call().float() - ref).abs().max().item()
+        meta = AttentionMetadata(torch.zeros(batch, dtype=torch.long, device=ctx.device), batch,
+                                 decode_block_tables=tables, decode_context_lens=lens, decode_max_len=ctx_len,
+                                 decode_slots=slots.contiguous(),
+                                 decode_bias=torch.zeros(1, batch, 1, ctx_len, dtype=torch.bfloat16,
+                                                         device=ctx.device))
+        torch_path = PagedAttention(cache[:, None], meta, heads, bs)  # [2, 1 layer, KVH, slots, hd]
+        iters = 3 if ctx.smoke else 50
+        t_triton = ctx.timed(triton_call, iters)
+        t_torch = ctx.timed(lambda: torch_path._decode_torch(q, cache[0], cache[1]), iters)
+        results.append(Result(f"triton_decode_vs_torch/{name}", t_triton * 1e6, "us", "torch gather + matmul",
+                              t_torch * 1e6, higher_is_better=False,
+                              extra={"batch": batch, "context": ctx_len, "heads": heads, "kv_heads": kv_heads,
+                                     "head_dim": hd, "max_abs_err_vs_fp32": err}))
+    return results
+
+
+def check_greedy_vs_hf(ctx: Context) -> list[Result]:
+    from transformers import LlamaForCausalLM
+
+    folder = ctx.model_folder("smol-fp32", ctx.shape(SMOL), torch.float32, seed=1)
+    n, new = (4, 8) if ctx.smoke else (32, 64)
+    ps = prompts(n, (8, 24) if ctx.smoke else (16, 128), 49152, seed=2)
+    hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).to(ctx.device).eval()
+    want = []
+    with torch.no_grad():
+        for p in ps:
+            out = hf.generate(torch.tensor([p], device=ctx.device), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=0)
+            want.append(out[0, len(p):].tolist())
+        ref_logits = [hf(torch.tensor([p], device=ctx.device)).logits[0, -1].float() for p in ps[:8]]
+    del hf
+    engine = ctx.engine(folder, "float32", kv_cache_gb=1.0)
+    got = [o.token_ids for o in engine.generate(ps, greedy(new))]
+    del engine
+    matches = sum(g == w for g, w in zip(got, want))
+    first = next(({"prompt": i, "position": next(j for j, (a, b) in enumerate(zip(g, w)) if a != b)}
+                  for i, (g, w) in enumerate(zip(got, want)) if g != w), None)
+    results = [Result("greedy_match_vs_hf", matches / n, "fraction", "transformers LlamaForCausalLM fp32", 1.0,
+                      extra={"prompts": n, "new_tokens": new, "first_mismatch": first})]
+    engine = ctx.engine(folder, "bfloat16", kv_cache_gb=1.0)
+    diffs = []
+    for p, ref in zip(ps[:8], ref_logits):
+        req = engine.make_request(p, greedy(1), prompt_logits=1)
+        engine.submit(req)
+        final = None
+        while engine.has_unfinished():
+            final = next((o for o in engine.step() if o.finished), final)
+        diffs.append((final.prompt_logits[-1].float().to(ref.device) - ref).abs().max().item())
+    scale = max(r.abs().max().item() for r in ref_logits)
+    results.append(Result("bf16_logits_vs_hf_fp32", max(diffs) / scale, "of max", "tolerance", BF16_LOGIT_TOL,
+                          higher_is_better=False, extra={"max_abs_diff": max(diffs), "largest_logit": scale,
+                                                         "within_tolerance": max(diffs) <= BF16_LOGIT_TOL * scale}))
+    return results
+
+
+def device_copy_bandwidth(ctx: Context) -> float:
+    """Bytes read plus written per second by a device-to-device copy of 1 GiB (256 MiB smoke)."""
+    n = (64 if ctx.smoke else 1024) * 2**20
+    a = torch.empty(n, dtype=torch.uint8, device=ctx.device)
+    b = torch.empty_like(a)
+    return 2 * n / ctx.timed(lambda: b.copy_(a), 3 if ctx.smoke else 20)
+
+
+def decode_steps(engine, batch: int, prompt_len: int, steps: int, seed: int = 3) -> float:
+    """Seconds per decode step of `batch` requests, after their prefill."""
+    for p in prompts(batch, prompt_len, engine.args.vocab_size, seed):
+        engine.add_request(p, greedy(steps + 8))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running + list(
+            engine.scheduler.waiting)):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    dt = (time.perf_counter() - t) / steps
+    while engine.has_unfinished():
+        engine.step()
+    return dt
+
+
+def check_decode_roofline(ctx: Context) -> list[Result]:
+    shape = ctx.shape(LLAMA_8B)
+    engine = ctx.engine(ctx.model_folder("llama-8b-shape", shape), "bfloat16", load_format="dummy",
+                        kv_cache_gb=0.25 if ctx.smoke else 4.0, max_num_seqs=16)
+    prompt_len, steps = (32, 4) if ctx.smoke else (512, 64)
+    from worker.loader import expected_weight_shapes
+
+    step = decode_steps(engine, 1, prompt_len, steps)
+    a = engine.args
+    shapes = expected_weight_shapes(a)
+    if not a.tie_word_embeddings:  # an untied embedding is read one row a token, not whole
+        del shapes["model.embed_tokens.weight"]
+    weight_bytes = sum(torch.Size(s).numel() for s in shapes.values()) * engine.dtype.itemsize
+    kv_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * 2 * (prompt_len + steps // 2)
+    achieved = (weight_bytes + kv_bytes) / step
+    return [Result("decode_roofline", achieved / 1e9, "GB/s", "device-to-device copy (read + write)",
+                   device_copy_bandwidth(ctx) / 1e9,
+                   extra={"step_ms": step * 1e3, "weight_gb": weight_bytes / 1e9, "batch": 1,
+                          "shape": "llama-3-8b layers", "target_ratio": 0.7,
+                          "cuda_graphs": engine.runner.graphs is not None})]
+
+
+def check_cuda_graphs(ctx: Context) -> list[Result]:
+    ctx.needs_cuda()
+    engine = ctx.engine(ctx.model_folder("smol-shape", SMOL), "bfloat16", load_format="dummy", kv_cache_gb=2.0,
+                        max_num_seqs=64)
+    if engine.runner.graphs is None:
+        raise Skip("CUDA graphs are off (KVWEAVE_CUDA_GRAPHS=0)")
+    results = []
+    graphs = engine.runner.graphs
+    for batch in (1, 4, 16):
+        with_graphs = decode_steps(engine, batch, 256, 50)
+        engine.runner.graphs = None
+        eager = decode_steps(engine, batch, 256, 50)
+        engine.runner.graphs = graphs
+        results.append(Result(f"cuda_graphs_decode/batch{batch}", with_graphs * 1e3, "ms", "eager decode step",
+                              eager * 1e3, higher_is_better=False, extra={"target_ratio": 2.0}))
+    return results
+
+
+def check_throughput_vs_hf(ctx: Context) -> list[Result]:
+    from transformers import LlamaForCausalLM
+
+    folder = ctx.model_folder("smol-bf16", ctx.shape(SMOL), torch.bfloat16, seed=4)
+    n, plen, new = (4, 32, 8) if ctx.smoke else (64, 512, 128)
+    ps = prompts(n, plen, 49152, seed=5)
+    engine = ctx.engine(folder, "bfloat16", kv_cache_gb=0.25 if ctx.smoke else 8.0, max_num_seqs=n,
+                        max_num_batched_tokens=8192)
+    engine.generate(ps[:2], greedy(4))  # warm-up: compiles, graph captures
+    t = time.perf_counter()
+    outs = engine.generate(ps, greedy(new))
+    ctx.sync()
+    kv_time = time.perf_counter() - t
+    assert all(len(o.token_ids) == new for o in outs)
+    del engine
+    hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16).to(ctx.device).eval()
+    batch = torch.tensor(ps, device=ctx.device)
+    with torch.no_grad():
+        hf.generate(batch[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        ctx.sync()
+        t = time.perf_counter()
+        hf.generate(batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        ctx.sync()
+        hf_time = time.perf_counter() - t
+    return [Result("throughput_vs_hf_gpu", n * new / kv_time, "tok/s", "transformers generate, one batch",
+                   n * new / hf_time, extra={"requests": n, "prompt_len": plen, "output_len": new,
+                                             "target_ratio": 3.0})]
+
+
+def check_tier_offload(ctx: Context) -> list[Result]:
+    engine = ctx.engine(ctx.model_folder("smol-shape", ctx.shape(SMOL)), "bfloat16", load_format="dummy",
+                        kv_cache_gb=0.25 if ctx.smoke else 2.0, dram_cache_gb=0.25 if ctx.smoke else 4.0)
+    n, rounds = (16, 2) if ctx.smoke else (256, 5)
+    store = engine.store
+    values = [engine.connector.device.view(b) for b in range(n)]
+    round_keys = iter([[(r * n + i).to_bytes(8, "little") + bytes(24) for i in range(n)] for r in range(rounds + 1)])
+
+    def offload():  # fresh keys each round: a key already held is not copied again
+        keys = next(round_keys)
+        store.offload_many(keys, values, [1.0] * n)
+        assert all(store.contains(k) for k in keys)
+
+    seconds = ctx.timed(offload, rounds, warmup=1)
+    nbytes = n * values[0].numel() * values[0].element_size()
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=ctx.device.type == "cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=ctx.device)
+    copy = ctx.timed(lambda: host.copy_(src, non_blocking=True), 3 if ctx.smoke else 10)
+    return [Result("tier_offload", nbytes / seconds / 1e9, "GB/s", "one pinned device-to-host copy",
+                   nbytes / copy / 1e9, extra={"blocks": n, "block_bytes": nbytes // n, "target_ratio": 0.7,
+                                               "path": "TierManager.offload_many of device block views"})]
+
+
+def check_ipc_handoff(ctx: Context) -> list[Result]:
+    raise Skip("not built yet: the CUDA-IPC and NCCL transports of the KV handoff (issue 16)")
+
+
+RUNNERS = {"triton_decode_vs_torch": check_triton_decode, "greedy_match_vs_hf": check_greedy_vs_hf,
+           "decode_roofline": check_decode_roofline, "cuda_graphs_decode": check_cuda_graphs,
+           "throughput_vs_hf_gpu": check_throughput_vs_hf, "tier_offload": check_tier_offload,
+           "ipc_handoff": check_ipc_handoff}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.device_check", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for device-check.json")
+    p.add_argument("--tokenizer-dir", required=True, help="folder with the default model's tokenizer.json and "
+                                                          "tokenizer_config.json (scripts/device-check.sh prepare)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device is here (CI)")
+    p.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {', '.join(CHECKS)}")
+    p.add_argument("--budget-s", type=float, default=420.0, help="checks not started by then are skipped")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.log = logging.getLogger("device_check")
+    chosen = [c.strip() for c in args.checks.split(",") if c.strip()]
+    if bad := [c for c in chosen if c not in CHECKS]:
+        p.error(f"unknown checks {bad}; valid: {', '.join(CHECKS)}")
+    ctx = Context(args)
+    results: list[Result] = []
+    outcomes: dict[str, str] = {}
+    try:
+        for name in chosen:
+            if time.monotonic() > ctx.deadline:
+                outcomes[name] = "skipped: out of time budget"
+                continue
+            t = time.perf_counter()
+            try:
+                results += RUNNERS[name](ctx)
+                outcomes[name] = f"ok in {time.perf_counter() - t:.1f}s"
+            except Skip as e:
+                outcomes[name] = f"skipped: {e}"
+            except Exception as e:  # noqa: BLE001 - one check's failure is reported, the others run
+                outcomes[name] = f"failed: {type(e).__name__}: {e}"
+                logger.error("%s failed:\n%s", name, traceback.format_exc())
+            logger.info("%s: %s", name, outcomes[name])
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        shutil.rmtree(ctx.work, ignore_errors=True)
+    config = {"smoke": args.smoke, "checks": outcomes,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(str(out / "device-check.json"), "device_check", config, results)
+    print(render("device_check", config, results))
+    return 0 if all(not o.startswith("failed") for o in outcomes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
