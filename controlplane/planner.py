@@ -116,6 +116,9 @@ class PlannerParams:
     """Weight of the newest interval in the correction factor's moving average."""
     min_utilization: float = 0.5
     """Load per replica (share of the effective capacity) below which the factor does not learn."""
+    correction: bool = True
+    """Learn the correction factor (False: the nominal capacities alone decide, as Dynamo's
+    planner without correction)."""
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.window < 1 or self.grace_intervals < 0:
@@ -209,7 +212,7 @@ class Planner:
     def _correct(self, obs: PoolObservation, load: float, policy: PoolPolicy, state: PoolState) -> None:
         """Update the correction factor from observed vs predicted latency (see the module header)."""
         observed = self.latency_of(obs)
-        if observed is None or obs.num_replicas < 1 or load <= 0:
+        if not self.params.correction or observed is None or obs.num_replicas < 1 or load <= 0:
             return
         per_replica = load / obs.num_replicas
         effective = policy.capacity / state.correction_factor

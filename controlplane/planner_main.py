@@ -27,6 +27,7 @@ from controlplane.planner_observer import LoadObserver
 from kvweave import cluster_secret
 from kvweave.config_flags import add_config_args, config_kwargs, flag
 from kvweave.metrics import CONTENT_TYPE
+from kvweave.model_files import model_name, resolve_model
 from kvweave.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class PlannerConfig:
     """Intervals after a scale change during which the pool is left alone."""
     hysteresis: float = 0.2
     """Scale down only to replicas loaded at most (1 - hysteresis) of their capacity."""
+    correction: bool = True
+    """Correct the capacity estimates by observed / predicted latency (false: the first estimates decide)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """The cluster's Redis (its registry of workers)."""
     model: str | None = None
@@ -117,7 +120,19 @@ class PlannerConfig:
                              f"{self.min_replicas} and {self.max_replicas}") from None
 
     def params(self) -> PlannerParams:
-        return PlannerParams(self.interval_s, self.window, self.grace_intervals, self.hysteresis)
+        return PlannerParams(self.interval_s, self.window, self.grace_intervals, self.hysteresis,
+                             correction=self.correction)
+
+
+def model_id(model: str | None) -> str | None:
+    """The name workers register for `model` (a built-in name, or a checkpoint's folder or file name);
+    a model not found here (the planner's pod holds no checkpoint) is taken as that name."""
+    if model is None:
+        return None
+    try:
+        return model_name(model, resolve_model(model))
+    except ValueError:  # ModelNotFoundError, CheckpointError
+        return model
 
 
 class PlannerMetrics:
@@ -260,7 +275,7 @@ async def _serve(config: PlannerConfig, connector: Connector) -> int:
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(cluster_secret.redis_url(config.redis_url))
-    loop = PlannerLoop(config, LoadObserver(Registry(client), config.model, config.quantile), connector)
+    loop = PlannerLoop(config, LoadObserver(Registry(client), model_id(config.model), config.quantile), connector)
     runner = None
     try:
         if config.once:

@@ -133,3 +133,9 @@ def test_pools_are_decided_independently_and_unknown_pools_are_refused():
         PoolPolicy(50, 8, min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="hysteresis"):
         PlannerParams(hysteresis=1.0)
+
+
+def test_without_correction_the_nominal_capacity_decides():
+    planner = decode_planner(correction=False)
+    timeline, _ = replay(planner, [24] * 6, true_capacity=4)
+    assert timeline == [3] * 6 and planner.states["decode"].correction_factor == 1.0
