@@ -95,3 +95,23 @@ async def test_once_scales_a_loaded_decode_pool_through_the_scale_subresource(re
         for w in (decode, prefill):
             await w.stop()
         await client.aclose()
+
+
+def test_every_planner_metric_is_documented_and_records_a_decision():
+    from pathlib import Path
+
+    from prometheus_client import generate_latest
+
+    from controlplane.planner import Decision
+    from controlplane.planner_main import PlannerMetrics
+
+    metrics = PlannerMetrics()
+    metrics.record(Decision("decode", 1, 3, "scale_up", "", predicted_load=70.0, correction_factor=1.5))
+    text = generate_latest(metrics.registry).decode()
+    assert 'kvweave_planner_decisions_total{pool="decode",reason="scale_up"} 1.0' in text
+    assert 'kvweave_planner_decisions_total{pool="prefill",reason="steady"} 0.0' in text
+    assert 'kvweave_planner_target_replicas{pool="decode"} 3.0' in text
+    assert 'kvweave_planner_correction_factor{pool="decode"} 1.5' in text
+    documented = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    names = {f.name + ("_total" if f.type == "counter" else "") for f in metrics.registry.collect()}
+    assert names and all(f"`{name}`" in documented for name in names), names
