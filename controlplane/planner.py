@@ -206,7 +206,7 @@ class Planner:
 
     def _changed(self, d: Decision) -> Decision:
         self.states[d.role].grace_left = self.params.grace_intervals
-        self.states[d.role].loads.clear()  # the old replicas' history says little about the new ones
+        self.states[d.role].loads.clear()  # the trend that led to this change must not lead to a second one
         return d
 
     def _correct(self, obs: PoolObservation, load: float, policy: PoolPolicy, state: PoolState) -> None:
