@@ -122,9 +122,12 @@ class PlannerParams:
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.window < 1 or self.grace_intervals < 0:
-            raise ValueError("interval_s must be > 0, window >= 1, grace_intervals >= 0")
-        if not (0 <= self.hysteresis < 1 and 0 < self.smoothing <= 1 and 0 <= self.min_utilization <= 1):
-            raise ValueError("hysteresis must be in [0, 1), smoothing in (0, 1], min_utilization in [0, 1]")
+            raise ValueError(f"need interval_s > 0, window >= 1 and grace_intervals >= 0, got {self.interval_s}, "
+                             f"{self.window} and {self.grace_intervals}")
+        if not 0 <= self.hysteresis < 1:
+            raise ValueError(f"hysteresis must be in [0, 1), got {self.hysteresis}")
+        if not (0 < self.smoothing <= 1 and 0 <= self.min_utilization <= 1):
+            raise ValueError("smoothing must be in (0, 1], min_utilization in [0, 1]")
 
 
 def predict_next(history: list[float]) -> float:

@@ -32,7 +32,8 @@ current-context: x
      "need 0 <= min-replicas <= max-replicas and max-replicas >= 1, got 5 and 2"),
     (["--decode-deployment", "d", "--itl-target-ms", "0"], "itl-target-ms must be > 0, got 0.0"),
     (["--decode-deployment", "d", "--quantile", "1.5"], "quantile must be in (0, 1), got 1.5"),
-    (["--decode-deployment", "d", "--hysteresis", "1"], "hysteresis must be in [0, 1)"),
+    (["--decode-deployment", "d", "--hysteresis", "1"], "hysteresis must be in [0, 1), got 1.0"),
+    (["--decode-deployment", "d", "--window", "0"], "window >= 1"),
     (["--connector", "local"], "the local connector needs --model"),
     (["--decode-deployment", "d", "--kubeconfig", "/nonexistent/kubeconfig"], "no Kubernetes configuration"),
 ])
