@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.cluster_config import (
-    ClusterConfig, ClusterError, cli_command, field_flags, heartbeat_s, worker_engine_args, worker_roles,
+    ID_PREFIXES, ClusterConfig, ClusterError, cli_command, field_flags, heartbeat_s, new_worker_id,
+    worker_engine_args, worker_roles,
 )
 from controlplane.procs import (LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail,
                                 with_tcmalloc)
@@ -363,6 +365,32 @@ class LocalWorkers:
         proc = self._spawn(worker_id)
         self.procs[self.worker_ids.index(worker_id)] = proc
         return proc
+
+    def add(self, role: str) -> str:
+        """Start one more worker of `role` (the next free index, free ports); returns its id. It gets
+        no GPU of its own (CUDA_VISIBLE_DEVICES is inherited)."""
+        if role not in ID_PREFIXES:
+            raise ValueError(f"unknown role {role!r}; valid: {', '.join(ID_PREFIXES)}")
+        taken = {w.split("-")[1] for w, r in self.roles.items() if r == role}
+        i = next(i for i in itertools.count() if str(i) not in taken)
+        worker_id = new_worker_id(self.config, role, i)
+        self.roles[worker_id] = role
+        self.worker_ids.append(worker_id)
+        self._ports[worker_id] = free_port(self.config.host), free_port(self.config.host)
+        self.procs.append(self._spawn(worker_id))
+        self.addresses[worker_id] = f"{self.config.host}:{self._ports[worker_id][0]}"
+        return worker_id
+
+    def remove(self, worker_ids: list[str]) -> None:
+        """Stop these workers (SIGTERM: each deregisters and drains, as on a pod's stop; SIGKILL after
+        10 s) and forget them."""
+        procs = [self.procs[self.worker_ids.index(w)] for w in worker_ids]
+        stop_process_groups(procs)
+        for worker_id, proc in zip(worker_ids, procs):
+            self.procs.remove(proc)
+            self.worker_ids.remove(worker_id)
+            for table in (self.roles, self.addresses, self._ports, self.gpus):
+                table.pop(worker_id, None)
 
     def check(self) -> str | None:
         for worker_id, proc in zip(self.worker_ids, self.procs):

@@ -145,11 +145,13 @@ class ClusterConfig:
 def worker_roles(config: ClusterConfig) -> dict[str, str]:
     """Worker id -> role: `worker-<i>` (colocated), `prefill-<i>`, `decode-<i>`. With an external
     `redis_url` each id gets a random suffix, since other clusters' workers may register there."""
-    def worker_id(role: str, i: int) -> str:
-        base = f"{ID_PREFIXES[role]}-{i}"
-        return base if config.redis_url is None else f"{base}-{secrets.token_hex(3)}"
+    return {new_worker_id(config, role, i): role for role, n in config.role_counts.items() for i in range(n)}
 
-    return {worker_id(role, i): role for role, n in config.role_counts.items() for i in range(n)}
+
+def new_worker_id(config: ClusterConfig, role: str, i: int) -> str:
+    """The id of the `i`-th worker of `role` (see `worker_roles`)."""
+    base = f"{ID_PREFIXES[role]}-{i}"
+    return base if config.redis_url is None else f"{base}-{secrets.token_hex(3)}"
 
 
 def heartbeat_s(lease_s: float) -> float:

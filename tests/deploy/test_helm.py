@@ -8,8 +8,8 @@ Kubernetes version it knows. The ServiceMonitor is a Prometheus Operator CRD, fo
 kubernetes-validate has no schema: it is checked against the Services it must select instead. Then
 the rendered objects themselves: ports, probes, resources and GPUs, the pod IP as the advertised
 address, the Redis password from a Secret, the labels the ServiceMonitor selects, the dashboards,
-the planner's RBAC, and that every router and worker argument is a real flag of `kvweave router` /
-`kvweave worker`. Bad values are refused by `helm template`, which names the problem.
+the planner's RBAC, and that every router, worker and planner argument is a real flag of
+`kvweave router` / `kvweave worker` / `kvweave planner`. Bad values are refused by `helm template`, which names the problem.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import yaml
 
 from cli.main import build_parser
 from controlplane.grpc_frontend import SERVICE_NAME as INFERENCE_SERVICE
+from controlplane.planner_main import PlannerConfig
 from controlplane.policies import POLICIES
 from controlplane.router import RouterConfig
 from controlplane.router_main import ServeOptions
@@ -220,13 +221,14 @@ def test_pods_run_as_a_non_root_user(rendered):
 # ------------------------------------------------------------------------------ arguments are real flags
 
 def _parse(command: str, c: dict, pod_name: str):
-    args = [a.replace("$(POD_IP)", "10.1.2.3").replace("$(POD_NAME)", pod_name) for a in c["args"]]
+    args = [a.replace("$(POD_IP)", "10.1.2.3").replace("$(POD_NAME)", pod_name).replace("$(POD_NAMESPACE)", "llm")
+            for a in c["args"]]
     assert args[0] == command
     return build_parser(command).parse_args(args)
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_router_and_worker_arguments_are_real_flags(rendered, name):
+def test_router_worker_and_planner_arguments_are_real_flags(rendered, name):
     """Every argument parses with the kvweave CLI's own parser, and the options it makes are valid."""
     for d in by_kind(rendered[name], "Deployment").values():
         component = d["metadata"]["labels"]["app.kubernetes.io/component"]
@@ -238,6 +240,11 @@ def test_router_and_worker_arguments_are_real_flags(rendered, name):
             ns = _parse("worker", container(d), d["metadata"]["name"] + "-5d8f7-x2x9q")
             options = WorkerOptions(**config_kwargs(WorkerOptions, ns))
             assert options.advertise_host == "10.1.2.3" and options.role == d["metadata"]["labels"]["kvweave.io/role"]
+        elif component == "planner":
+            config = PlannerConfig(**config_kwargs(PlannerConfig, _parse("planner", container(d), "p")))
+            pools = {role: f"{PREFIX}-{role}" for role in ("prefill", "decode")
+                     if f"{PREFIX}-{role}" in by_kind(rendered[name], "Deployment")}
+            assert (config.connector, config.namespace, config.deployments) == ("kubernetes", "llm", pools)
 
 
 # ------------------------------------------------------------------------------ the example value sets

@@ -1,0 +1,300 @@
+"""`kvweave planner`: the SLA planner process. Every `interval_s` it observes each pool's load
+(controlplane/planner_observer.py), decides its replicas (controlplane/planner.py) and applies
+them through a connector (controlplane/planner_connectors.py): the Kubernetes Deployments of the
+Helm chart, or `kvweave worker` processes it starts on this machine.
+
+Each decision is logged with its reason and figures, and counted in the planner's own Prometheus
+metrics (`kvweave_planner_*`, docs/metrics.md) on `--metrics-port`. `--once` observes and decides
+one interval and exits (the first observation of a worker's metrics is a baseline, so `--once`
+waits one interval between two observations); `--dry-run` decides without scaling.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import redis
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from controlplane.planner import POOL_ROLES, REASONS, Decision, Planner, PlannerParams, PoolPolicy
+from controlplane.planner_connectors import Connector, ConnectorError
+from controlplane.planner_observer import LoadObserver
+from kvweave import cluster_secret
+from kvweave.config_flags import add_config_args, config_kwargs, flag
+from kvweave.metrics import CONTENT_TYPE
+from kvweave.model_files import model_name, resolve_model
+from kvweave.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+CONNECTORS = ("kubernetes", "local")
+
+
+@dataclass
+class PlannerConfig:
+    connector: str = field(default="kubernetes", metadata=flag(choices=CONNECTORS))
+    """kubernetes: scale the pools' Deployments (--prefill-deployment, --decode-deployment); local:
+    start and stop `kvweave worker` processes of each pool on this machine."""
+    namespace: str | None = None
+    """Kubernetes namespace of the Deployments (None: the pod's own, else "default")."""
+    prefill_deployment: str | None = None
+    """The prefill pool's Deployment (kubernetes; None: the pool is not scaled)."""
+    decode_deployment: str | None = None
+    """The decode pool's Deployment (kubernetes; None: the pool is not scaled)."""
+    kubeconfig: str | None = None
+    """kubeconfig file used outside a pod (None: in-cluster, else $KUBECONFIG or ~/.kube/config)."""
+    ttft_target_ms: float = 500.0
+    """Time-to-first-token target of the prefill pool (its workers' TTFT quantile), ms."""
+    itl_target_ms: float = 50.0
+    """Inter-token latency target of the decode pool (its workers' ITL quantile), ms."""
+    quantile: float = 0.9
+    """Quantile of TTFT and ITL held to the targets."""
+    min_replicas: int = 1
+    """Fewest workers of each pool."""
+    max_replicas: int = 8
+    """Most workers of each pool."""
+    prefill_tokens_per_s: float = 4096.0
+    """First estimate of the prompt tokens per second one prefill worker prefills within the TTFT
+    target; the correction factor adjusts it to what is observed."""
+    decode_running: float = 32.0
+    """First estimate of the requests one decode worker decodes at once within the ITL target;
+    the correction factor adjusts it to what is observed."""
+    interval_s: float = 10.0
+    """Seconds between decisions."""
+    window: int = 6
+    """Intervals of load history behind each prediction."""
+    grace_intervals: int = 3
+    """Intervals after a scale change during which the pool is left alone."""
+    hysteresis: float = 0.2
+    """Scale down only to replicas loaded at most (1 - hysteresis) of their capacity."""
+    correction: bool = True
+    """Correct the capacity estimates by observed / predicted latency (false: the first estimates decide)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """The cluster's Redis (its registry of workers)."""
+    model: str | None = None
+    """Only workers serving this model count (None: all); the model of the workers the local connector starts."""
+    metrics_port: int = 9401
+    """HTTP port of the planner's GET /metrics (0: a free port, -1: none)."""
+    host: str = "0.0.0.0"
+    """Interface of the metrics port."""
+    once: bool = field(default=False, metadata=flag(action="store_true"))
+    """Observe and decide one interval, apply it (unless --dry-run), print the decisions and exit."""
+    dry_run: bool = field(default=False, metadata=flag(action="store_true"))
+    """Decide and log, but scale nothing."""
+
+    def __post_init__(self) -> None:
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"unknown connector {self.connector!r}; valid: {', '.join(CONNECTORS)}")
+        if self.connector == "kubernetes" and not (self.prefill_deployment or self.decode_deployment):
+            raise ValueError("the kubernetes connector needs --prefill-deployment or --decode-deployment (or both)")
+        if self.connector == "local" and self.model is None:
+            raise ValueError("the local connector needs --model: the model of the workers it starts")
+        for name in ("ttft_target_ms", "itl_target_ms", "prefill_tokens_per_s", "decode_running", "interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.quantile < 1:
+            raise ValueError(f"quantile must be in (0, 1), got {self.quantile}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics-port must be in [0, 65535], or -1 for none; got {self.metrics_port}")
+        self.policies()  # validates the bounds
+        self.params()  # validates window, grace and hysteresis
+
+    @property
+    def deployments(self) -> dict[str, str]:
+        """Pool role -> its Deployment, for the pools given."""
+        names = {"prefill": self.prefill_deployment, "decode": self.decode_deployment}
+        return {role: name for role, name in names.items() if name}
+
+    def policies(self) -> dict[str, PoolPolicy]:
+        bounds = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas}
+        try:
+            return {"prefill": PoolPolicy(self.ttft_target_ms, self.prefill_tokens_per_s, **bounds),
+                    "decode": PoolPolicy(self.itl_target_ms, self.decode_running, **bounds)}
+        except ValueError:
+            raise ValueError(f"need 0 <= min-replicas <= max-replicas and max-replicas >= 1, got "
+                             f"{self.min_replicas} and {self.max_replicas}") from None
+
+    def params(self) -> PlannerParams:
+        return PlannerParams(self.interval_s, self.window, self.grace_intervals, self.hysteresis,
+                             correction=self.correction)
+
+
+def model_id(model: str | None) -> str | None:
+    """The name workers register for `model` (a built-in name, or a checkpoint's folder or file name);
+    a model not found here (the planner's pod holds no checkpoint) is taken as that name."""
+    if model is None:
+        return None
+    try:
+        return model_name(model, resolve_model(model))
+    except ValueError:  # ModelNotFoundError, CheckpointError
+        return model
+
+
+class PlannerMetrics:
+    """`kvweave_planner_*` in their own CollectorRegistry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.decisions = Counter("kvweave_planner_decisions", "Decisions per pool and reason", ["pool", "reason"],
+                                 registry=r)
+        for pool in POOL_ROLES:
+            for reason in REASONS:
+                self.decisions.labels(pool, reason)
+        self.replicas = Gauge("kvweave_planner_replicas", "Replicas of each pool before the last decision",
+                              ["pool"], registry=r)
+        self.target = Gauge("kvweave_planner_target_replicas", "Replicas each pool was set to", ["pool"], registry=r)
+        self.predicted_load = Gauge("kvweave_planner_predicted_load", "Predicted load of the next interval "
+                                    "(prefill: prompt tokens/s; decode: running requests)", ["pool"], registry=r)
+        self.correction = Gauge("kvweave_planner_correction_factor", "Observed / predicted latency, smoothed",
+                                ["pool"], registry=r)
+        self.errors = Counter("kvweave_planner_errors", "Intervals that failed (Redis or the connector)", registry=r)
+
+    def record(self, d: Decision) -> None:
+        self.decisions.labels(d.role, d.reason).inc()
+        self.replicas.labels(d.role).set(d.current_replicas)
+        self.target.labels(d.role).set(d.target_replicas)
+        self.predicted_load.labels(d.role).set(d.predicted_load)
+        self.correction.labels(d.role).set(d.correction_factor)
+
+
+class PlannerLoop:
+    """observe -> decide -> apply, once per `step`."""
+
+    def __init__(self, config: PlannerConfig, observer: LoadObserver, connector: Connector,
+                 metrics: PlannerMetrics | None = None) -> None:
+        self.config, self.observer, self.connector = config, observer, connector
+        self.metrics = metrics or PlannerMetrics()
+        self.planner = Planner({r: p for r, p in config.policies().items() if r in connector.roles}, config.params())
+
+    async def step(self) -> list[Decision]:
+        observations = [o for o in await self.observer.observe() if o.role in self.connector.roles]
+        for o in observations:  # what the platform was asked for, not only the workers registered yet
+            o.num_replicas = await self.connector.get_replicas(o.role)
+        decisions = self.planner.decide(observations)
+        for d in decisions:
+            self.metrics.record(d)
+            log = logger.info if d.changed else logger.debug
+            log("%s pool: %d -> %d replicas (%s; %s)%s", d.role, d.current_replicas, d.target_replicas, d.reason,
+                d.detail, " [dry run]" if self.config.dry_run and d.changed else "")
+            if d.changed and not self.config.dry_run:
+                await self.connector.set_replicas(d.role, d.target_replicas)
+        return decisions
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Step every interval until `stop` is set; a failed interval is logged and counted."""
+        while not stop.is_set():
+            try:
+                await self.step()
+            except (redis.RedisError, ConnectorError, OSError) as e:
+                self.metrics.errors.inc()
+                logger.warning("planner interval failed, trying again next interval: %s", e)
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def start_metrics_server(metrics: PlannerMetrics, host: str, port: int) -> tuple[web.AppRunner, int]:
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/metrics", get_metrics)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner, runner.addresses[0][1]
+
+
+def make_connector(config: PlannerConfig) -> Connector:
+    """The configured connector (ConnectorError when Kubernetes is not configured)."""
+    if config.connector == "kubernetes":
+        from controlplane.planner_connectors import KubernetesConnector, default_namespace, kubernetes_api_client
+
+        return KubernetesConnector(config.namespace or default_namespace(), config.deployments,
+                                   kubernetes_api_client(config.kubeconfig))
+    return local_connector(config)
+
+
+def local_connector(config: PlannerConfig) -> Connector:
+    """A LocalConnector whose workers register in the planner's Redis (none started yet: the first
+    decision brings each pool to `min_replicas`)."""
+    import tempfile
+    from pathlib import Path
+
+    from controlplane.cluster import LocalWorkers
+    from controlplane.cluster_config import ClusterConfig
+    from controlplane.planner_connectors import LocalConnector
+    from controlplane.procs import child_env, with_tcmalloc
+
+    cluster = ClusterConfig(workers=1, model=config.model, redis_url=config.redis_url)
+    log_dir = Path(tempfile.mkdtemp(prefix="kvweave-planner-"))
+    logger.info("local workers log to %s", log_dir)
+    return LocalConnector(LocalWorkers(cluster, {}, config.redis_url, log_dir, with_tcmalloc(child_env())))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("planner", help="scale the prefill and decode pools toward TTFT and ITL targets",
+                       description="The SLA planner: every interval it reads each pool's load (the registry in "
+                                   "Redis and the workers' metrics), predicts the next interval's, and scales the "
+                                   "prefill pool toward the TTFT target and the decode pool toward the ITL target "
+                                   "(Kubernetes Deployments, or local worker processes).")
+    add_config_args(p, PlannerConfig)
+    add_config_args(p, cluster_secret.SecurityOptions)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = PlannerConfig(**config_kwargs(PlannerConfig, args))
+        cluster_secret.install(cluster_secret.SecurityOptions(**config_kwargs(cluster_secret.SecurityOptions, args)))
+        connector = make_connector(config)
+    except (ValueError, ConnectorError) as e:  # SecretError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve(config, connector))
+    except redis.RedisError as e:
+        print(f"error: cannot reach Redis at {cluster_secret.redact(config.redis_url)}: {e}", file=sys.stderr)
+        return 1
+    except (ConnectorError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+async def _serve(config: PlannerConfig, connector: Connector) -> int:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(cluster_secret.redis_url(config.redis_url))
+    loop = PlannerLoop(config, LoadObserver(Registry(client), model_id(config.model), config.quantile), connector)
+    runner = None
+    try:
+        if config.once:
+            await loop.observer.observe()  # the metrics' baseline
+            await asyncio.sleep(config.interval_s)
+            for d in await loop.step():
+                print(f"{d.role}: {d.current_replicas} -> {d.target_replicas} ({d.reason}; {d.detail})", flush=True)
+            return 0
+        if config.metrics_port >= 0:
+            runner, port = await start_metrics_server(loop.metrics, config.host, config.metrics_port)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        print(f"kvweave planner ready: {config.connector}, pools {', '.join(connector.roles)}"
+              + (f", metrics http://{config.host}:{port}/metrics" if runner else ""), flush=True)
+        await loop.run(stop)
+        return 0
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await connector.close()
+        await client.aclose()
