@@ -288,20 +288,31 @@ def _selects(selector: dict, labels: dict) -> bool:
 
 
 @pytest.mark.parametrize("name", ["small", "disaggregated"])
-def test_service_monitor_selects_the_router_and_worker_services(rendered, name):
+def test_service_monitor_selects_the_router_worker_and_planner_services(rendered, name):
     docs = rendered[name]
     [monitor] = by_kind(docs, "ServiceMonitor").values()
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["llm"]}
     services = by_kind(docs, "Service")
     selected = {n for n, s in services.items() if _selects(monitor["spec"]["selector"], s["metadata"]["labels"])}
-    workers = {f"{PREFIX}-{r}" for r in ROLES if f"{PREFIX}-{r}" in by_kind(docs, "Deployment")}
-    assert selected == {f"{PREFIX}-router"} | workers  # not Redis
+    deployments = by_kind(docs, "Deployment")
+    workers = {f"{PREFIX}-{r}" for r in ROLES if f"{PREFIX}-{r}" in deployments}
+    planner = {f"{PREFIX}-planner"} & set(deployments)
+    assert planner == ({f"{PREFIX}-planner"} if name == "disaggregated" else set())
+    assert selected == {f"{PREFIX}-router"} | workers | planner  # not Redis
     endpoints = {e["port"]: e for e in monitor["spec"]["endpoints"]}
-    assert set(endpoints) == {"http", "metrics"} and all(e["path"] == "/metrics" for e in endpoints.values())
+    assert set(endpoints) == {"http", "metrics", "planner-metrics"}
+    assert all(e["path"] == "/metrics" for e in endpoints.values())
     for n in selected:
         ports = {p["name"] for p in services[n]["spec"]["ports"]}
         assert ("http" in ports) == (n == f"{PREFIX}-router") and ("metrics" in ports) == (n in workers)
+        assert ("planner-metrics" in ports) == (n in planner)
+    for n in planner:  # the Service's port reaches the container's, where --metrics-port listens
+        c = container(deployments[n])
+        assert flags(c)["metrics-port"] == "9401"
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"planner-metrics": 9401}
+        assert services[n]["spec"]["ports"] == [{"name": "planner-metrics", "port": 9401,
+                                                 "targetPort": "planner-metrics"}]
     # the labels the dashboards group by, as /metrics/targets gives them (docs/metrics.md)
     relabeled = {r["targetLabel"]: r for r in endpoints["metrics"]["relabelings"]}
     assert relabeled["worker"]["sourceLabels"] == ["__meta_kubernetes_pod_name"]
