@@ -442,19 +442,35 @@ async def test_a_tcp_peer_process_killed_mid_transfer_is_a_transfer_error():
         proc.communicate()
 
 
+class _GatedSource(TensorSource):
+    """Answers a request only once `gate` is set; `entered` says a request is being answered."""
+
+    def __init__(self, entries) -> None:
+        super().__init__(entries)
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def export(self, keys, layout):
+        self.entered.set()
+        await self.gate.wait()
+        return await super().export(keys, layout)
+
+
 @pytest.mark.asyncio
 async def test_stopping_the_data_server_lets_answers_in_flight_finish():
     layout = KVLayout(torch.bfloat16, (2, 4, 8, 16, 64))
     keys, entries = make_keys(32), random_entries(layout, 32, seed=5)
-    server = KVDataServer(source_of(keys, entries))
+    source = _GatedSource(dict(zip(keys, entries)))
+    server = KVDataServer(source)
     port = await server.start()
     data = KVDataClient()
     try:
         fetch = asyncio.create_task(data.fetch_kv(f"127.0.0.1:{port}", keys, layout, timeout_s=10))
-        await asyncio.sleep(0)  # let it send its request
-        while not server._busy:
-            await asyncio.sleep(0.001)
-        await server.stop(grace=5)
+        await asyncio.wait_for(source.entered.wait(), 10)  # the request is being answered, held at the gate
+        stopping = asyncio.create_task(server.stop(grace=5))
+        await asyncio.sleep(0.05)  # the stop has begun while the answer is in flight
+        assert not stopping.done()
+        source.gate.set()
+        await stopping
         assert as_raw(await fetch) == as_raw(entries)
         with pytest.raises(DataPlaneUnreachableError):
             await data.fetch_kv(f"127.0.0.1:{port}", keys, layout, timeout_s=5)
