@@ -26,7 +26,7 @@ from controlplane.planner_connectors import Connector, ConnectorError
 from controlplane.planner_observer import LoadObserver
 from kvweave import cluster_secret
 from kvweave.config_flags import add_config_args, config_kwargs, flag
-from kvweave.metrics import CONTENT_TYPE
+from kvweave.metrics import CONTENT_TYPE, serve_http
 from kvweave.model_files import model_name, resolve_model
 from kvweave.registry import Registry
 
@@ -203,16 +203,7 @@ async def start_metrics_server(metrics: PlannerMetrics, host: str, port: int) ->
     async def get_metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE})
 
-    app = web.Application()
-    app.router.add_get("/metrics", get_metrics)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    return runner, runner.addresses[0][1]
+    return await serve_http({"/metrics": get_metrics}, host, port)
 
 
 def make_connector(config: PlannerConfig) -> Connector:

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvweave.metrics import CONTENT_TYPE, E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
+from kvweave.metrics import CONTENT_TYPE, E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, serve_http
 from worker.async_engine import AsyncEngine
 from worker.kv_connector import SOURCES
 from worker.output import RequestOutput
@@ -256,14 +256,4 @@ async def start_metrics_server(metrics: WorkerMetrics, host: str, port: int, ser
         ok = serving()
         return web.json_response({"status": "serving" if ok else "not_serving"}, status=200 if ok else 503)
 
-    app = web.Application()
-    app.router.add_get("/metrics", get_metrics)
-    app.router.add_get("/health", health)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    return runner, runner.addresses[0][1]
+    return await serve_http({"/metrics": get_metrics, "/health": health}, host, port)
