@@ -41,7 +41,7 @@ from controlplane.cluster_config import (
 )
 from controlplane.procs import (LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail,
                                 with_tcmalloc)
-from controlplane.gpu_placement import assign_gpus, visible_gpus
+from controlplane.gpu_placement import assign_gpus, gpus_for_new_worker, visible_gpus
 from controlplane.supervisor import Supervisor
 from kvweave import cluster_secret
 
@@ -334,7 +334,8 @@ class LocalWorkers:
         self.config, self.roles, self.redis_url = config, roles, redis_url
         self.worker_ids = list(roles)
         self.log_dir, self.env = log_dir, env
-        self.gpus = assign_gpus(self.worker_ids, visible_gpus(config.gpus, env), config.gpus_per_worker)
+        self._visible_gpus = visible_gpus(config.gpus, env)
+        self.gpus = assign_gpus(self.worker_ids, self._visible_gpus, config.gpus_per_worker)
         """worker id -> its CUDA_VISIBLE_DEVICES (empty: no GPU here)."""
         self.procs: list[subprocess.Popen] = []
         self.addresses: dict[str, str] = {}
@@ -367,13 +368,16 @@ class LocalWorkers:
         return proc
 
     def add(self, role: str) -> str:
-        """Start one more worker of `role` (the next free index, free ports); returns its id. It gets
-        no GPU of its own (CUDA_VISIBLE_DEVICES is inherited)."""
+        """Start one more worker of `role` (the next free index, free ports, its GPUs as the others'
+        are shared out: `gpus_for_new_worker`); returns its id."""
         if role not in ID_PREFIXES:
             raise ValueError(f"unknown role {role!r}; valid: {', '.join(ID_PREFIXES)}")
         taken = {w.split("-")[1] for w, r in self.roles.items() if r == role}
         i = next(i for i in itertools.count() if str(i) not in taken)
         worker_id = new_worker_id(self.config, role, i)
+        gpus = gpus_for_new_worker(self.gpus, self._visible_gpus, self.config.gpus_per_worker)
+        if gpus is not None:
+            self.gpus[worker_id] = gpus
         self.roles[worker_id] = role
         self.worker_ids.append(worker_id)
         self._ports[worker_id] = free_port(self.config.host), free_port(self.config.host)

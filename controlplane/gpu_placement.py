@@ -54,3 +54,30 @@ def assign_gpus(worker_ids: list[str], gpus: list[str], per_worker: float) -> di
         raise ClusterError(f"{len(worker_ids)} workers x {k} GPUs need {k * len(worker_ids)} GPUs; "
                            f"{len(gpus)} visible ({','.join(gpus)})")
     return {w: ",".join(gpus[i * k:(i + 1) * k]) for i, w in enumerate(worker_ids)}
+
+
+def gpus_for_new_worker(assigned: Mapping[str, str], gpus: list[str], per_worker: float) -> str | None:
+    """CUDA_VISIBLE_DEVICES of one more worker beside those `assigned` (worker id -> theirs), as
+    `assign_gpus` would share them: the least used GPU (0), a GPU with room left (1/n), or k unused
+    GPUs (k). None when there are no GPUs."""
+    if not gpus:
+        return None
+    load = {g: 0 for g in gpus}
+    for value in assigned.values():
+        for g in value.split(","):
+            if g in load:
+                load[g] += 1
+    least = min(gpus, key=lambda g: (load[g], gpus.index(g)))
+    if per_worker == 0:
+        return least
+    if per_worker < 1:
+        share = round(1 / per_worker)
+        if load[least] >= share:
+            raise ClusterError(f"no GPU has room for another worker at {per_worker} GPU each "
+                               f"({len(gpus)} visible, {len(assigned)} workers)")
+        return least
+    k = int(per_worker)
+    free = [g for g in gpus if load[g] == 0]
+    if len(free) < k:
+        raise ClusterError(f"another worker needs {k} unused GPUs; {len(free)} of {len(gpus)} are unused")
+    return ",".join(free[:k])

@@ -9,7 +9,7 @@ import pytest
 
 from controlplane.cluster import LocalWorkers
 from controlplane.cluster_config import ClusterConfig, ClusterError
-from controlplane.gpu_placement import assign_gpus, visible_gpus
+from controlplane.gpu_placement import assign_gpus, gpus_for_new_worker, visible_gpus
 
 
 def test_visible_gpus_named_inherited_or_found(tmp_path: Path) -> None:
@@ -52,3 +52,18 @@ def test_local_workers_get_their_gpus(tmp_path: Path) -> None:
     none = LocalWorkers(ClusterConfig(workers=1, gpus=""), {"worker-0": "colocated"}, "redis://127.0.0.1:1",
                         tmp_path, {"PATH": "/bin"})
     assert none.gpus == {}
+
+
+def test_a_worker_added_later_gets_gpus_as_the_others_were_shared() -> None:
+    """The planner's local connector adds workers one at a time: each gets the least used GPU,
+    room on a shared one, or unused ones for a group; none when the machine has no GPU."""
+    gpus = ["0", "1", "2", "3"]
+    assert gpus_for_new_worker({"w0": "0", "w1": "1"}, gpus, 0) == "2"
+    assert gpus_for_new_worker({f"w{i}": g for i, g in enumerate(gpus)}, gpus, 0) == "0"  # all used once
+    assert gpus_for_new_worker({"w0": "0,1"}, gpus, 2) == "2,3"
+    assert gpus_for_new_worker({"w0": "0", "w1": "0"}, ["0", "1"], 0.5) == "1"
+    assert gpus_for_new_worker({}, [], 1) is None
+    with pytest.raises(ClusterError, match="needs 2 unused GPUs; 1 of 4"):
+        gpus_for_new_worker({"w0": "0,1", "w1": "2"}, gpus, 2)
+    with pytest.raises(ClusterError, match="no GPU has room"):
+        gpus_for_new_worker({"w0": "0", "w1": "0"}, ["0"], 0.5)
