@@ -5,17 +5,11 @@ forward with no KV cache, paging, batching or chunking, so any bug in those show
 different token or logprob. The tiny checkpoints are "lively" (see `write_lively_checkpoint`):
 their greedy output depends on the context, so a wrong KV block or position changes the tokens.
 
-Logprob tolerance: 1e-4 (absolute) in float32. The engine attends over gathered paged KV in
-batches of other requests' tokens, the reference over one contiguous sequence; the two sum in
-different orders, which moves these 2-layer models' log-probabilities by ~1e-6. 1e-4 leaves a
-wide margin for that, while a KV-cache bug (wrong block, slot, position or mask) moves them by
-more than 1e-2.
+Logprob tolerance: tests/worker/engine_reference.py.
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -26,39 +20,13 @@ from worker.request import Request
 from kvweave.errors import InvalidRequestError
 from kvweave.sampling_params import SamplingParams
 
-LOGPROB_TOL = 1e-4
+from engine_reference import (LOGPROB_TOL, assert_matches_reference, greedy, random_prompts, reference_greedy,
+                              run_to_end)
+
 ENGINE_CASES = [
     ("gqa", 4), ("gqa", 16), ("mha", 16), ("mqa", 4), ("qwen2-bias", 16), ("untied", 4), ("llama3-rope", 16),
 ]
 """(tiny architecture from conftest.TINY_VARIANTS, block size)."""
-
-
-def greedy(max_tokens: int, logprobs: int = 0) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
-
-
-def random_prompts(lengths: list[int], vocab_size: int, seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]  # 0-2 are special
-
-
-def reference_greedy(engine: LLMEngine, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and the log-softmax row each was taken from, by full forwards of the growing sequence."""
-    seq, tokens, rows = list(prompt_ids), [], []
-    for _ in range(max_tokens):
-        logits = engine.model.forward_reference(torch.tensor(seq))[-1]
-        tokens.append(int(logits.argmax()))
-        rows.append(logits.log_softmax(-1))
-        seq.append(tokens[-1])
-    return tokens, rows
-
-
-def assert_matches_reference(engine: LLMEngine, prompt_ids: list[int], out: RequestOutput, max_tokens: int) -> None:
-    ref_tokens, ref_rows = reference_greedy(engine, prompt_ids, max_tokens)
-    assert out.finish_reason == "length"
-    assert out.token_ids == ref_tokens, f"prompt of {len(prompt_ids)} tokens"
-    ref_lps = [float(row[t]) for row, t in zip(ref_rows, ref_tokens)]
-    assert [lp for lp, _ in out.logprobs] == pytest.approx(ref_lps, abs=LOGPROB_TOL)
 
 
 def serve(engine: LLMEngine, arrivals: list[tuple[int, Prompt, SamplingParams]],
@@ -186,7 +154,7 @@ def test_a_prefix_shared_within_one_step_is_computed_once(engine_case) -> None:
     ids = [engine.add_request(p, greedy(6)) for p in prompts]
     first = {o.req_id: o for o in engine.step()}
     assert [len(first[i].token_ids) for i in ids] == [1, 1, 1]  # all three prefilled in one step
-    final = {o.req_id: o for o in _run(engine) if o.finished}
+    final = {o.req_id: o for o in run_to_end(engine) if o.finished}
     outs = [final[i] for i in ids]
     assert [o.num_cached_tokens for o in outs] == [0] + [37 // bs * bs] * 2
     for prompt, out in zip(prompts, outs):
@@ -202,20 +170,13 @@ def test_prefix_cache_is_per_namespace_and_can_be_disabled(tiny_model_variant, t
         engine.step()
     for namespace, expected in [("tenant-b", 0), ("tenant-a", 20)]:
         engine.add_request(prompt, greedy(3), req_id=namespace, cache_namespace=namespace)
-        (out,) = [o for o in _run(engine) if o.finished]
+        (out,) = [o for o in run_to_end(engine) if o.finished]
         assert out.num_cached_tokens == expected, namespace
     off = tiny_engine_factory(model, block_size=4, enable_prefix_caching=False)
     assert [o.num_cached_tokens for o in off.generate([prompt, prompt], greedy(3))] == [0, 0]
     (again,) = off.generate([prompt], greedy(3))
     assert again.num_cached_tokens == 0
     assert_matches_reference(off, prompt, again, 3)
-
-
-def _run(engine: LLMEngine) -> list[RequestOutput]:
-    outs = []
-    while engine.has_unfinished():
-        outs.extend(engine.step())
-    return outs
 
 
 def test_preemption_without_prefix_caching(tiny_model_variant, tiny_engine_factory) -> None:
@@ -280,121 +241,6 @@ def test_encode_prompt_forms(tiny_engine_factory) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Streaming, stop conditions and finish reasons
-# ---------------------------------------------------------------------------------------------
-
-STOP_PROMPT = "Hello world! hello World?"
-
-
-@pytest.fixture
-def lively_engine(tiny_model_variant, tiny_engine_factory) -> LLMEngine:
-    return tiny_engine_factory(tiny_model_variant("gqa"), block_size=4)
-
-
-def stream(engine: LLMEngine, prompt: Prompt, params: SamplingParams) -> list[RequestOutput]:
-    engine.add_request(prompt, params)
-    return _run(engine)
-
-
-def expected_stop(engine: LLMEngine, ref_tokens: list[int], stop: str) -> tuple[list[int], str]:
-    """Tokens up to the one that completes `stop`, and the text before it."""
-    for k in range(1, len(ref_tokens) + 1):
-        text = engine.tokenizer.decode(ref_tokens[:k])
-        if stop in text:
-            return ref_tokens[:k], text[:text.index(stop)]
-    raise AssertionError(f"test setup: {stop!r} is not in the reference text {text!r}")
-
-
-def test_streamed_deltas_add_up_to_the_final_output(lively_engine) -> None:
-    outs = stream(lively_engine, STOP_PROMPT, greedy(24))
-    final = outs[-1]
-    assert [o.finished for o in outs] == [False] * 23 + [True]
-    assert all(len(o.new_token_ids) == 1 for o in outs)
-    assert [t for o in outs for t in o.new_token_ids] == final.token_ids
-    assert "".join(o.new_text for o in outs) == final.text
-    assert final.text == lively_engine.tokenizer.decode(final.token_ids)
-    assert all(o.text == "".join(p.new_text for p in outs[:i + 1]) for i, o in enumerate(outs))
-    assert_matches_reference(lively_engine, lively_engine.encode_prompt(STOP_PROMPT), final, 24)
-
-
-@pytest.mark.parametrize("stop", ["ore", "e he", "'re", "St"])
-def test_stop_string_ends_generation_and_is_excluded(lively_engine, stop: str) -> None:
-    prompt_ids = lively_engine.encode_prompt(STOP_PROMPT)
-    ref_tokens, _ = reference_greedy(lively_engine, prompt_ids, 24)
-    tokens, text = expected_stop(lively_engine, ref_tokens, stop)
-    outs = stream(lively_engine, STOP_PROMPT, SamplingParams(max_tokens=24, temperature=0, stop=[stop]))
-    final = outs[-1]
-    assert (final.token_ids, final.text) == (tokens, text)
-    assert (final.finish_reason, final.stop_reason) == ("stop", stop)
-    assert "".join(o.new_text for o in outs) == text  # no part of the stop string was streamed
-
-
-def test_the_earliest_of_several_stop_strings_wins(lively_engine) -> None:
-    prompt_ids = lively_engine.encode_prompt(STOP_PROMPT)
-    ref_tokens, _ = reference_greedy(lively_engine, prompt_ids, 24)
-    tokens, text = expected_stop(lively_engine, ref_tokens, "ve")
-    (out,) = lively_engine.generate([STOP_PROMPT], SamplingParams(max_tokens=24, temperature=0,
-                                                                 stop=["'re", "ve", "zzz"]))
-    assert (out.token_ids, out.text, out.stop_reason) == (tokens, text, "ve")
-
-
-def test_stop_string_on_the_last_allowed_token_is_a_stop(lively_engine) -> None:
-    prompt_ids = lively_engine.encode_prompt(STOP_PROMPT)
-    ref_tokens, _ = reference_greedy(lively_engine, prompt_ids, 24)
-    tokens, text = expected_stop(lively_engine, ref_tokens, "ore")
-    (out,) = lively_engine.generate([STOP_PROMPT], SamplingParams(max_tokens=len(tokens), temperature=0,
-                                                                 stop=["ore"]))
-    assert (out.token_ids, out.text) == (tokens, text)
-    assert (out.finish_reason, out.stop_reason) == ("stop", "ore")
-
-
-def test_stop_token_id_ends_generation(lively_engine) -> None:
-    prompt_ids = lively_engine.encode_prompt(STOP_PROMPT)
-    ref_tokens, _ = reference_greedy(lively_engine, prompt_ids, 24)
-    stop_tok = ref_tokens[5]
-    k = ref_tokens.index(stop_tok) + 1
-    (out,) = lively_engine.generate([STOP_PROMPT], SamplingParams(max_tokens=24, temperature=0,
-                                                                 stop_token_ids=[stop_tok]))
-    assert out.token_ids == ref_tokens[:k]
-    assert (out.finish_reason, out.stop_reason) == ("stop", stop_tok)
-
-
-def test_eos_ends_generation_with_stop(lively_engine) -> None:
-    # On this seeded checkpoint the greedy continuation of this prompt reaches <|im_end|> (eos).
-    prompt = "Retrieved documents"
-    eos = lively_engine.tokenizer.eos_token_ids[0]
-    ref_tokens, _ = reference_greedy(lively_engine, lively_engine.encode_prompt(prompt), 32)
-    assert eos in ref_tokens, "test setup: the reference continuation has no eos"
-    k = ref_tokens.index(eos) + 1
-    (out,) = lively_engine.generate([prompt], SamplingParams(max_tokens=32, temperature=0))
-    assert out.token_ids == ref_tokens[:k]
-    assert (out.finish_reason, out.stop_reason) == ("stop", None)
-    assert out.text == lively_engine.tokenizer.decode(ref_tokens[:k])  # eos is special: not in the text
-    (ignored,) = lively_engine.generate([prompt], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
-    assert (ignored.token_ids, ignored.finish_reason) == (ref_tokens, "length")
-
-
-def test_eos_from_the_model_config(tiny_model_variant, tiny_engine_factory, tmp_path) -> None:
-    """Any id in config.json's eos_token_id list ends generation."""
-    folder = shutil.copytree(tiny_model_variant("gqa"), tmp_path / "tiny-eos")
-    engine = tiny_engine_factory(folder, block_size=4)
-    ref_tokens, _ = reference_greedy(engine, engine.encode_prompt(STOP_PROMPT), 12)
-    eos = ref_tokens[6]
-    config = json.loads((folder / "config.json").read_text())
-    config["eos_token_id"] = [2, eos]
-    (folder / "config.json").write_text(json.dumps(config))
-    engine = tiny_engine_factory(folder, block_size=4)
-    (out,) = engine.generate([STOP_PROMPT], SamplingParams(max_tokens=12, temperature=0))
-    assert out.token_ids == ref_tokens[:ref_tokens.index(eos) + 1]
-    assert out.finish_reason == "stop"
-
-
-def test_max_tokens_ends_with_length(lively_engine) -> None:
-    (out,) = lively_engine.generate([STOP_PROMPT], SamplingParams(max_tokens=5, temperature=0))
-    assert (len(out.token_ids), out.finish_reason, out.stop_reason) == (5, "length", None)
-
-
-# ---------------------------------------------------------------------------------------------
 # Invalid and aborted requests do not disturb the others
 # ---------------------------------------------------------------------------------------------
 
@@ -431,7 +277,7 @@ def test_invalid_requests_are_rejected_and_the_others_still_served(lively_engine
     b = engine.add_request(prompts[1], greedy(6), req_id="b")
     with pytest.raises(InvalidRequestError):
         engine.add_request([5] * engine.max_model_len, greedy(2))
-    final = {o.req_id: o for o in _run(engine) if o.finished}
+    final = {o.req_id: o for o in run_to_end(engine) if o.finished}
     assert sorted(final) == [a, b]
     assert_matches_reference(engine, prompts[0], final[a], 6)
     assert_matches_reference(engine, prompts[1], final[b], 6)
@@ -463,7 +309,7 @@ def test_abort_mid_generation(lively_engine) -> None:
     assert engine.abort_request(ids[1]) is None
     assert engine.abort_request("no-such-request") is None
     assert engine.block_manager.get_block_table(ids[1]) == []
-    for o in _run(engine):
+    for o in run_to_end(engine):
         assert o.req_id != ids[1]
         seen[o.req_id].append(o)
     for i in (0, 2):
@@ -480,7 +326,7 @@ def test_abort_of_a_waiting_request(tiny_model_variant, tiny_engine_factory) -> 
     engine.step()
     aborted = engine.abort_request(b)
     assert (aborted.token_ids, aborted.text, aborted.finish_reason) == ([], "", "abort")
-    final = [o for o in _run(engine) if o.finished]
+    final = [o for o in run_to_end(engine) if o.finished]
     assert [o.req_id for o in final] == [a]
     assert_matches_reference(engine, prompts[0], final[0], 4)
 

@@ -11,6 +11,8 @@ pytest.importorskip("triton", reason="triton is not installed (make setup instal
 from worker.triton_attention import num_splits_for, paged_decode_attention  # noqa: E402
 from kvweave.sampling_params import SamplingParams  # noqa: E402
 
+from engine_reference import reference_greedy  # noqa: E402
+
 
 def reference(q, k_cache, v_cache, tables, lens, block_size, scale):
     """Per sequence: gather its context slot by slot, attend in fp32."""
@@ -81,10 +83,7 @@ def test_engine_on_the_gpu_attention_path_matches_the_reference(block_size, monk
     (again,) = engine.generate([prompts[1]], params)  # its blocks are cached now: a chunk after them
     assert again.num_cached_tokens > 0
     for prompt, out in zip(prompts + [prompts[1]], outs + [again]):
-        seq = list(prompt)
-        for _ in range(5):
-            seq.append(int(engine.model.forward_reference(torch.tensor(seq))[-1].argmax()))
-        assert out.token_ids == seq[len(prompt):]
+        assert out.token_ids == reference_greedy(engine, prompt, 5)[0]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -105,7 +104,4 @@ def test_decode_graph_buffers_and_padding_keep_outputs(backend, monkeypatch, tin
                                      for n in max_tokens])
     assert sorted(engine.runner.graphs.graphs) == [1, 2, 4]  # 3 running, then 2, then 1
     for prompt, out, n in zip(prompts, outs, max_tokens):
-        seq = list(prompt)
-        for _ in range(n):
-            seq.append(int(engine.model.forward_reference(torch.tensor(seq))[-1].argmax()))
-        assert out.token_ids == seq[len(prompt):]
+        assert out.token_ids == reference_greedy(engine, prompt, n)[0]
