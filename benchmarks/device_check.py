@@ -256,7 +256,7 @@ def check_decode_roofline(ctx: Context) -> list[Result]:
     if not a.tie_word_embeddings:  # an untied embedding is read one row a token, not whole
         del shapes["model.embed_tokens.weight"]
     weight_bytes = sum(torch.Size(s).numel() for s in shapes.values()) * engine.dtype.itemsize
-    kv_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * 2 * (prompt_len + steps // 2)
+    kv_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * engine.dtype.itemsize * (prompt_len + steps // 2)  # K and V
     achieved = (weight_bytes + kv_bytes) / step
     return [Result("decode_roofline", achieved / 1e9, "GB/s", "device-to-device copy (read + write)",
                    device_copy_bandwidth(ctx) / 1e9,

@@ -73,7 +73,7 @@ def load_checkpoint(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
     """Load config, weights (cast to `dtype`) and tokenizer of a built-in name, HF folder or GGUF file.
     `load_format="dummy"` reads a Hugging Face folder's config and tokenizer only and makes random
     weights of the checkpoint's shapes on `device` (vLLM's dummy format: speed measurements of a
-    model whose weights are not at hand; a few seconds for 8B parameters on a GPU)."""
+    model whose weights are not at hand)."""
     start = time.perf_counter()
     if load_format not in LOAD_FORMATS:
         raise CheckpointError(f"unknown load_format {load_format!r}; valid: {', '.join(LOAD_FORMATS)}")

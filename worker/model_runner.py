@@ -91,7 +91,7 @@ class ModelRunner:
         a = model.args
         mode = graph_mode(self.device)
         # with decode graphs, one block more than the block manager hands out: the padding rows' scratch
-        cache_blocks = num_blocks + (mode is not GraphMode.OFF)
+        cache_blocks = num_blocks + (0 if mode is GraphMode.OFF else 1)
         self.kv_cache = torch.zeros(kv_cache_shape(a.n_layers, cache_blocks, block_size, a.n_kv_heads, a.head_dim),
                                     dtype=model.dtype, device=self.device)
         self.graphs = None if mode is GraphMode.OFF else DecodeGraphs(
