@@ -266,8 +266,11 @@ def test_http_tenant_comes_from_the_key(cluster, keyed):
     prefix = prompt_ids(43, 96)
     assert http_usage(keyed, "sk-beta", prefix + [5])["prompt_tokens_details"]["cached_tokens"] == 0
     wait_indexed(cluster, keyed, prefix, _holder(cluster, keyed, prefix, "beta"), tenant="beta")
-    assert http_usage(keyed, "sk-alpha", prefix + [6])["prompt_tokens_details"]["cached_tokens"] == 0
+    # gamma's key names alpha's namespace: neither sees beta's KV, and alpha sees gamma's once indexed
+    # (asked before it was indexed, alpha could land on either worker: that is not what is tested)
     assert http_usage(keyed, "sk-gamma", prefix + [6])["prompt_tokens_details"]["cached_tokens"] == 0
+    wait_indexed(cluster, keyed, prefix, _holder(cluster, keyed, prefix, "alpha"), tenant="alpha")
+    assert http_usage(keyed, "sk-alpha", prefix + [6])["prompt_tokens_details"]["cached_tokens"] == 96
     assert http_usage(keyed, "sk-beta", prefix + [6])["prompt_tokens_details"]["cached_tokens"] == 96
 
 
