@@ -104,11 +104,13 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
     `DataPort` announces so that clients fetch over TCP; None: DataPort answers 0 (Fetch only).
     `dist_server`: the DistServer (kvstore.dist_transfer) over the same source that answers
     `DistConnect` and `DistFetch`; None: they answer UNIMPLEMENTED.
+    `ipc_server`: the IpcServer (kvstore.ipc_transfer) over the same source that answers
+    `IpcFetch` and `IpcRelease`; None: they answer UNIMPLEMENTED.
     `on_served(nbytes, seconds)`: called after each fetch answered in full (KV bytes sent, time
     from the request to the last piece)."""
 
     def __init__(self, source: KVSource, data_server=None, max_keys: int = DEFAULT_MAX_KEYS,
-                 dist_server=None,
+                 dist_server=None, ipc_server=None,
                  default_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  on_served: Callable[[int, float], None] | None = None,
                  on_release: Callable[[str], Awaitable[bool]] | None = None) -> None:
@@ -121,6 +123,7 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
         self.source = source
         self.data_server = data_server
         self.dist_server = dist_server
+        self.ipc_server = ipc_server
         self.max_keys = max_keys
         self.default_chunk_bytes = default_chunk_bytes
         self.on_served = on_served
@@ -143,6 +146,12 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
             "DistFetch": grpc.unary_unary_rpc_method_handler(
                 self.DistFetch, request_deserializer=kvtransfer_pb2.DistFetchRequest.FromString,
                 response_serializer=kvtransfer_pb2.DistFetchResponse.SerializeToString),
+            "IpcFetch": grpc.unary_unary_rpc_method_handler(
+                self.IpcFetch, request_deserializer=kvtransfer_pb2.IpcFetchRequest.FromString,
+                response_serializer=kvtransfer_pb2.IpcFetchResponse.SerializeToString),
+            "IpcRelease": grpc.unary_unary_rpc_method_handler(
+                self.IpcRelease, request_deserializer=kvtransfer_pb2.IpcReleaseRequest.FromString,
+                response_serializer=kvtransfer_pb2.IpcReleaseResponse.SerializeToString),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -173,6 +182,24 @@ class KVTransferService(kvtransfer_pb2_grpc.KVTransferServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, short_message(e))
         return await self.dist_server.fetch(request.pair_id, request.tag, keys, layout, context)
+
+    async def IpcFetch(self, request: kvtransfer_pb2.IpcFetchRequest, context: grpc.aio.ServicerContext
+                       ) -> kvtransfer_pb2.IpcFetchResponse:
+        if self.ipc_server is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server has no IPC transport")
+        try:
+            keys, layout, _ = self._parse(request.fetch)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, short_message(e))
+        return await self.ipc_server.fetch(request, keys, layout, context)
+
+    async def IpcRelease(self, request: kvtransfer_pb2.IpcReleaseRequest, context: grpc.aio.ServicerContext
+                         ) -> kvtransfer_pb2.IpcReleaseResponse:
+        if self.ipc_server is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server has no IPC transport")
+        if not request.lease_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lease_id is empty")
+        return kvtransfer_pb2.IpcReleaseResponse(found=self.ipc_server.release(request.lease_id))
 
     def _parse(self, request: kvtransfer_pb2.FetchRequest) -> tuple[list[bytes], KVLayout, int]:
         keys = list(request.keys)
@@ -222,11 +249,13 @@ class TransferServer:
     """What `serve_transfer` starts: a grpc.aio server with a KVTransferService and, unless
     disabled, the KVDataServer it announces and its DistServer. `stop` stops them all."""
 
-    def __init__(self, grpc_server: grpc.aio.Server, port: int, data_server=None, dist_server=None) -> None:
+    def __init__(self, grpc_server: grpc.aio.Server, port: int, data_server=None, dist_server=None,
+                 ipc_server=None) -> None:
         self.grpc_server = grpc_server
         self.port = port
         self.data_server = data_server
         self.dist_server = dist_server
+        self.ipc_server = ipc_server
 
     @property
     def data_port(self) -> int:
@@ -241,20 +270,24 @@ class TransferServer:
         if self.data_server is not None:
             stopping.append(self.data_server.stop(grace))
         await asyncio.gather(*stopping)
+        if self.ipc_server is not None:  # leases die with the server: their clients' maps keep what they mapped
+            self.ipc_server.close()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         return await self.grpc_server.wait_for_termination(timeout)
 
 
 async def serve_transfer(source: KVSource, host: str = "127.0.0.1", port: int = 0, data_plane: bool = True,
-                         dist: bool = True, secret: ClusterSecret | None = None,
+                         dist: bool = True, ipc: bool = True, secret: ClusterSecret | None = None,
                          **service_kwargs) -> tuple[TransferServer, int]:
     """(started TransferServer, bound gRPC port): a grpc.aio server with only a KVTransferService
     over `source` and, when `data_plane`, a KVDataServer on a free port of the same host that
     DataPort announces; when `dist`, a DistServer on `host` (opening its store at the first
-    DistConnect). `await server.stop(grace)` stops them all. `secret`: the cluster secret (None:
-    open): gRPC calls need its credential and data connections its handshake."""
+    DistConnect); when `ipc`, an IpcServer (host memory). `await server.stop(grace)` stops them
+    all. `secret`: the cluster secret (None: open): gRPC calls need its credential and data
+    connections its handshake."""
     from kvstore.dist_transfer import DistServer
+    from kvstore.ipc_transfer import IpcServer
 
     data_server = dist_server = None
     if data_plane:
@@ -268,7 +301,9 @@ async def serve_transfer(source: KVSource, host: str = "127.0.0.1", port: int = 
             dist_server = DistServer(source, host, on_served=service_kwargs.get("on_served"))
         server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)],
                                  interceptors=server_interceptors(secret) if secret else None)
-        KVTransferService(source, data_server, dist_server=dist_server, **service_kwargs).add_to_server(server)
+        ipc_server = IpcServer(source, on_served=service_kwargs.get("on_served")) if ipc else None
+        KVTransferService(source, data_server, dist_server=dist_server, ipc_server=ipc_server,
+                          **service_kwargs).add_to_server(server)
         bound = server.add_insecure_port(f"{host}:{port}")
         if not bound:
             raise RuntimeError(f"cannot listen on {host}:{port}")
@@ -279,4 +314,4 @@ async def serve_transfer(source: KVSource, host: str = "127.0.0.1", port: int = 
         if dist_server is not None:
             dist_server.close()
         raise
-    return TransferServer(server, bound, data_server, dist_server), bound
+    return TransferServer(server, bound, data_server, dist_server, ipc_server), bound

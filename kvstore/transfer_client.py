@@ -164,7 +164,7 @@ def _channel_target(channel: grpc.aio.Channel) -> str:
         return "the peer"
 
 
-TRANSPORTS = ("auto", "tcp", "grpc", "dist")
+TRANSPORTS = ("auto", "tcp", "grpc", "dist", "ipc")
 DATA_PORT_METHOD = f"/{SERVICE_NAME}/DataPort"
 RELEASE_METHOD = f"/{SERVICE_NAME}/Release"
 
@@ -188,7 +188,9 @@ class TransferClient:
     - "grpc": over the Fetch stream only;
     - "dist": over a torch.distributed pair of this process and the peer's (`dist_backend`, gloo
       on the CPU; kvstore.dist_transfer), built on first use and cached; TransferError for a
-      peer that does not serve it (DistConnect UNIMPLEMENTED).
+      peer that does not serve it (DistConnect UNIMPLEMENTED);
+    - "ipc": through memory both processes map (kvstore.ipc_transfer), for a peer on this node
+      only; the entries arrive on `ipc_device` (a GPU worker's KV device: CUDA IPC, GPU to GPU).
 
     Reuses one grpc.aio channel per address and up to `max_idle_connections` data connections per
     peer (for at most `max_channels` addresses, least recently used closed first). Channels,
@@ -198,8 +200,10 @@ class TransferClient:
     credential and its data connections pass the data plane's handshake."""
 
     def __init__(self, max_channels: int = 64, transport: str = "auto", max_idle_connections: int = 4,
-                 dist_backend: str = "gloo", secret: ClusterSecret | None = None) -> None:
+                 dist_backend: str = "gloo", secret: ClusterSecret | None = None,
+                 ipc_device: torch.device | str = "cpu") -> None:
         from kvstore.dist_client import DistClient
+        from kvstore.ipc_transfer import IpcClient
         from kvstore.tcp_client import KVDataClient
 
         if max_channels <= 0:
@@ -215,6 +219,7 @@ class TransferClient:
         self.data_client = KVDataClient(max_peers=max_channels, max_idle_per_peer=max_idle_connections,
                                         key=secret.derive("kv-data-plane") if secret else None)
         self.dist_client = DistClient(dist_backend, max_peers=max_channels)
+        self.ipc_client = IpcClient(ipc_device)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -270,6 +275,8 @@ class TransferClient:
         _check_args(keys, layout, timeout_s, max_chunk_bytes, out)
         if not keys:
             return torch.empty((0, *layout.shape), dtype=layout.dtype) if out is None else out[:0]
+        if self.transport == "ipc":
+            return await self.ipc_client.fetch_kv(self.channel(address), address, keys, layout, timeout_s, out)
         if self.transport == "dist":
             return await self.dist_client.fetch_kv(self.channel(address), address, keys, layout, timeout_s, out)
         if self.transport != "grpc":
@@ -309,6 +316,7 @@ class TransferClient:
         self._data_ports.clear()
         await self.data_client.close()
         await self.dist_client.close()
+        await self.ipc_client.close()
         await asyncio.gather(*(c.close() for c in channels), *self._closing, return_exceptions=True)
 
 

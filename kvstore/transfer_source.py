@@ -69,10 +69,13 @@ def layer_major(entries: torch.Tensor) -> torch.Tensor | None:
     return lm if lm.is_contiguous() else None
 
 
-def empty_layer_major(n: int, layout: KVLayout) -> torch.Tensor:
+def empty_layer_major(n: int, layout: KVLayout, device: torch.device | str | None = None) -> torch.Tensor:
     """Uninitialised entries [n, *layout.shape] stored layer-major (see `layer_major`): each layer of
-    the wire format is one contiguous slice, so it is received in place, without a staging copy."""
+    the wire format is one contiguous slice, so it is received in place, without a staging copy.
+    On the CPU unless `device` says otherwise."""
     shape = (layout.shape[1], n, layout.shape[0], *layout.shape[2:])
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=layout.dtype, device=device).movedim(0, 2)
     data = np.empty(n * layout.nbytes, dtype=np.uint8)
     return torch.from_numpy(data).view(layout.dtype).view(shape).movedim(0, 2)
 
@@ -132,7 +135,10 @@ class KVSource(Protocol):
     async def export(self, keys: list[bytes], layout: KVLayout) -> torch.Tensor | None:
         """A tensor [n, *layout.shape] of the entries of the leading n keys held (None or n = 0 when
         the first is not). It must be a consistent snapshot: it is read while it is streamed.
-        May raise KVLayoutMismatchError when the held entries have another layout."""
+        May raise KVLayoutMismatchError when the held entries have another layout.
+
+        A source whose KV is on a GPU also takes `on_device=True` (the IPC transport asks for it
+        when both ends are on GPUs): the entries are then returned in device memory."""
         ...
 
 
@@ -183,14 +189,15 @@ class TensorSource:
         return out
 
 
-async def export_entries(source: KVSource, keys: list[bytes], layout: KVLayout
+async def export_entries(source: KVSource, keys: list[bytes], layout: KVLayout, on_device: bool = False
                          ) -> tuple[torch.Tensor | None, tuple[str, str] | None]:
     """(entries or None when none are held, None) or (None, (gRPC status name, message)): what
-    `source` exports for a valid request, checked the same way for both transports."""
+    `source` exports for a valid request, checked the same way for every transport. `on_device`:
+    ask the source for entries in its device memory (see KVSource)."""
     if not keys:
         return None, None
     try:
-        entries = await source.export(keys, layout)
+        entries = await (source.export(keys, layout, on_device=True) if on_device else source.export(keys, layout))
     except KVLayoutMismatchError as e:
         return None, ("FAILED_PRECONDITION", f"layout mismatch: {short_message(e)}")
     except Exception as e:

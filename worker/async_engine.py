@@ -142,20 +142,21 @@ class AsyncEngine:
         self._commands.put(("snapshot", future))
         return await future
 
-    async def export(self, keys: list[bytes], layout: KVLayout):
+    async def export(self, keys: list[bytes], layout: KVLayout, on_device: bool = False):
         """The leading `keys` this worker holds in any tier, as one tensor [n, *layout.shape], or
-        None (a KVSource for kvstore.transfer). KVLayoutMismatchError when `layout` is not this engine's."""
+        None (a KVSource for kvstore.transfer), in host memory or, `on_device`, in the KV cache's
+        device memory. KVLayoutMismatchError when `layout` is not this engine's."""
         if layout != self.engine.connector.layout:
             raise KVLayoutMismatchError(f"this worker holds KV blocks of {self.engine.connector.layout}, asked for {layout}")
         pinned = self.engine.handoffs.pin(keys)
         if pinned is not None:  # a held handoff's blocks never change: read them now, off the engine thread
             handoff_id, block_ids = pinned
             try:
-                return await asyncio.to_thread(self.engine.connector.export_blocks, block_ids)
+                return await asyncio.to_thread(self.engine.connector.export_blocks, block_ids, on_device)
             finally:
                 self.engine.handoffs.unpin(handoff_id)
         future = asyncio.get_running_loop().create_future()
-        self._commands.put(("export", (keys, future)))
+        self._commands.put(("export", (keys, on_device, future)))
         return await future
 
     def shutdown(self) -> None:
@@ -189,9 +190,9 @@ class AsyncEngine:
             handoff_id, future = arg
             _resolve(future, self.engine.release_handoff(handoff_id))
         elif cmd == "export":
-            keys, future = arg
+            keys, on_device, future = arg
             try:
-                _resolve(future, self.engine.connector.export(keys))
+                _resolve(future, self.engine.connector.export(keys, on_device))
             except Exception as e:  # never take the engine thread down for a peer's request
                 logger.exception("KV export failed")
                 _resolve(future, e)

@@ -282,32 +282,36 @@ class KVConnectorWorker:
 
     # ------------------------------------------------------------------ peers, snapshots
 
-    def export(self, keys: Sequence[bytes]) -> torch.Tensor | None:
+    def export(self, keys: Sequence[bytes], on_device: bool = False) -> torch.Tensor | None:
         """[n, *layout.shape]: the leading `keys` this worker holds in any tier, or as blocks of a
         handoff it holds (engine thread), stored layer-major so that the transfer sends each layer
-        in place."""
+        in place; in host memory, or `on_device` in the KV cache's device memory."""
         held = 0
         while held < len(keys) and (self.handoff_block(keys[held]) is not None or self.device.contains(keys[held])
                                     or (self.store is not None and self.store.contains(keys[held]))):
             held += 1
         if not held:
             return None
-        out = empty_layer_major(held, self.layout)
+        out = empty_layer_major(held, self.layout, self.kv_cache.device if on_device else None)
         n = 0
         for key in keys[:held]:
             block = self.handoff_block(key)
             if block is not None:
                 out[n].copy_(self.device.view(block))
             elif self.device.get(key, out[n]) is None:
-                if self.store is None or self.store.load(key, out[n])[0] is None:
+                value = None if self.store is None else self.store.load(key, None if on_device else out[n])[0]
+                if value is None:
                     break
+                if on_device:  # the tiers read into host memory
+                    out[n].copy_(value)
             n += 1
         return out[:n] if n else None
 
-    def export_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """[n, *layout.shape]: copies of device blocks (layer-major), from any thread: the caller
-        makes sure nothing writes them meanwhile (a pinned handoff, worker/kv_handoff.py)."""
-        out = empty_layer_major(len(block_ids), self.layout)
+    def export_blocks(self, block_ids: Sequence[int], on_device: bool = False) -> torch.Tensor:
+        """[n, *layout.shape]: copies of device blocks (layer-major; in host memory, or `on_device`
+        in the KV cache's device memory), from any thread: the caller makes sure nothing writes
+        them meanwhile (a pinned handoff, worker/kv_handoff.py)."""
+        out = empty_layer_major(len(block_ids), self.layout, self.kv_cache.device if on_device else None)
         for i, block in enumerate(block_ids):
             out[i].copy_(self.device.view(block))
         return out

@@ -53,6 +53,7 @@ from kvstore.transfer import GRPC_OPTIONS as TRANSFER_GRPC_OPTIONS
 from kvstore.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
 from kvstore.tcp_transfer import KVDataServer
 from kvstore.dist_transfer import DistServer
+from kvstore.ipc_transfer import IpcServer
 from kvstore.transfer import KVTransferService
 from kvstore.transfer_client import TRANSPORTS, TransferClient
 from kvweave.v1 import worker_pb2_grpc
@@ -99,7 +100,8 @@ class WorkerOptions:
     """Deadline of one fetch from a peer; past it the blocks are computed instead."""
     kv_transport: str = "auto"
     """How this worker fetches peers' KV and prefill handoffs: auto (the TCP data plane, the gRPC
-    stream for peers without one) | tcp | grpc | dist (a torch.distributed gloo pair per peer).
+    stream for peers without one) | tcp | grpc | dist (a torch.distributed gloo pair per peer) |
+    ipc (memory both processes map: peers on this node only; CUDA IPC between GPU workers).
     Every worker serves all of them."""
     metrics_port: int = 0
     """HTTP port of GET /metrics on `host`; 0 picks a free port, -1 serves no metrics."""
@@ -165,6 +167,7 @@ class WorkerServer:
         self._transfer_client: TransferClient | None = None
         self._data_server: KVDataServer | None = None
         self._dist_server: DistServer | None = None
+        self._ipc_server: IpcServer | None = None
         self.prefetcher: KVPrefetcher | None = None
         self.metrics = WorkerMetrics()
         self.metrics_port = 0
@@ -187,7 +190,8 @@ class WorkerServer:
             self.engine = AsyncEngine(llm, enable_kv_events=self._redis is not None)
             peers = self._index is not None and self.options.peer_fetch
             # peers' prefix blocks, and prefill handoffs
-            self._transfer_client = TransferClient(transport=self.options.kv_transport, secret=cluster_secret.get_secret())
+            self._transfer_client = TransferClient(transport=self.options.kv_transport, secret=cluster_secret.get_secret(),
+                                                   ipc_device=llm.connector.kv_cache.device)
             self.prefetcher = KVPrefetcher(llm, self._index if peers else None, (lambda: self._peers) if peers else None,
                                            self._transfer_client, self.options.kv_transfer_timeout_s, self.metrics)
             self.engine.prefetch = self.prefetcher
@@ -277,8 +281,10 @@ class WorkerServer:
                                              "kv_data": data_server.num_refused})
         # torch.distributed pairs: the store and each pair's connections on the advertised host
         self._dist_server = DistServer(self.engine, self.address.rsplit(":", 1)[0], on_served=served)
-        KVTransferService(self.engine, self._data_server, dist_server=self._dist_server, on_served=served,
-                          on_release=self.engine.release_handoff).add_to_server(self._server)
+        # processes of this node map the exported KV (device memory for a GPU peer)
+        self._ipc_server = IpcServer(self.engine, self.engine.engine.connector.kv_cache.device, on_served=served)
+        KVTransferService(self.engine, self._data_server, dist_server=self._dist_server, ipc_server=self._ipc_server,
+                          on_served=served, on_release=self.engine.release_handoff).add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = (SERVICE_NAME, TRANSFER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
@@ -374,6 +380,9 @@ class WorkerServer:
         if self._dist_server is not None:
             self._dist_server.close()
             self._dist_server = None
+        if self._ipc_server is not None:
+            self._ipc_server.close()
+            self._ipc_server = None
         if self._transfer_client is not None:
             await self._transfer_client.close()
             self._transfer_client = None

@@ -24,39 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvweave/v1/kvtransfer.proto\x12\nkvweave.v1\"A\n\x12\x44istConnectRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x1a\n\x12\x63onnect_timeout_ms\x18\x02 \x01(\r\"N\n\x13\x44istConnectResponse\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\r\x12\x0f\n\x07pair_id\x18\x03 \x01(\t\"Y\n\x10\x44istFetchRequest\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\r\x12\'\n\x05\x66\x65tch\x18\x03 \x01(\x0b\x32\x18.kvweave.v1.FetchRequest\"l\n\x11\x44istFetchResponse\x12\x13\n\x0bnum_entries\x18\x01 \x01(\r\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\x12\x17\n\x0flayer_checksums\x18\x03 \x03(\x06\"$\n\x0eReleaseRequest\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x61taPortRequest\" \n\x10\x44\x61taPortResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\"-\n\rKVLayoutProto\x12\r\n\x05\x64type\x18\x01 \x01(\r\x12\r\n\x05shape\x18\x02 \x03(\r\"`\n\x0c\x46\x65tchRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\"M\n\x0b\x46\x65tchHeader\x12\x13\n\x0bnum_entries\x18\x01 \x01(\r\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\"K\n\nLayerChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\"k\n\rFetchResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.kvweave.v1.FetchHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.kvweave.v1.LayerChunkH\x00\x42\x06\n\x04kind2\xf3\x02\n\nKVTransfer\x12>\n\x05\x46\x65tch\x12\x18.kvweave.v1.FetchRequest\x1a\x19.kvweave.v1.FetchResponse0\x01\x12\x45\n\x08\x44\x61taPort\x12\x1b.kvweave.v1.DataPortRequest\x1a\x1c.kvweave.v1.DataPortResponse\x12\x42\n\x07Release\x12\x1a.kvweave.v1.ReleaseRequest\x1a\x1b.kvweave.v1.ReleaseResponse\x12P\n\x0b\x44istConnect\x12\x1e.kvweave.v1.DistConnectRequest\x1a\x1f.kvweave.v1.DistConnectResponse0\x01\x12H\n\tDistFetch\x12\x1c.kvweave.v1.DistFetchRequest\x1a\x1d.kvweave.v1.DistFetchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvweave/v1/kvtransfer.proto\x12\nkvweave.v1\"m\n\x0fIpcFetchRequest\x12\'\n\x05\x66\x65tch\x18\x01 \x01(\x0b\x32\x18.kvweave.v1.FetchRequest\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\"\x87\x03\n\tIpcHandle\x12*\n\x04host\x18\x01 \x01(\x0b\x32\x1a.kvweave.v1.IpcHandle.HostH\x00\x12*\n\x04\x63uda\x18\x02 \x01(\x0b\x32\x1a.kvweave.v1.IpcHandle.CudaH\x00\x12\x15\n\rstorage_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x1a\x36\n\x04Host\x12\x16\n\x0emanager_handle\x18\x01 \x01(\x0c\x12\x16\n\x0estorage_handle\x18\x02 \x01(\x0c\x1a\xb8\x01\n\x04\x43uda\x12\x13\n\x0b\x64\x65vice_uuid\x18\x01 \x01(\t\x12\x12\n\nmem_handle\x18\x02 \x01(\x0c\x12\x1c\n\x14storage_offset_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x05 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x06 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x07 \x01(\x08\x42\x08\n\x06memory\"\x8b\x01\n\x10IpcFetchResponse\x12\x13\n\x0bnum_entries\x18\x01 \x01(\r\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\x12%\n\x06handle\x18\x03 \x01(\x0b\x32\x15.kvweave.v1.IpcHandle\x12\x10\n\x08lease_id\x18\x04 \x01(\t\"%\n\x11IpcReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"#\n\x12IpcReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"A\n\x12\x44istConnectRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x1a\n\x12\x63onnect_timeout_ms\x18\x02 \x01(\r\"N\n\x13\x44istConnectResponse\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\r\x12\x0f\n\x07pair_id\x18\x03 \x01(\t\"Y\n\x10\x44istFetchRequest\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\r\x12\'\n\x05\x66\x65tch\x18\x03 \x01(\x0b\x32\x18.kvweave.v1.FetchRequest\"l\n\x11\x44istFetchResponse\x12\x13\n\x0bnum_entries\x18\x01 \x01(\r\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\x12\x17\n\x0flayer_checksums\x18\x03 \x03(\x06\"$\n\x0eReleaseRequest\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x61taPortRequest\" \n\x10\x44\x61taPortResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\"-\n\rKVLayoutProto\x12\r\n\x05\x64type\x18\x01 \x01(\r\x12\r\n\x05shape\x18\x02 \x03(\r\"`\n\x0c\x46\x65tchRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\"M\n\x0b\x46\x65tchHeader\x12\x13\n\x0bnum_entries\x18\x01 \x01(\r\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.kvweave.v1.KVLayoutProto\"K\n\nLayerChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\"k\n\rFetchResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.kvweave.v1.FetchHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.kvweave.v1.LayerChunkH\x00\x42\x06\n\x04kind2\x87\x04\n\nKVTransfer\x12>\n\x05\x46\x65tch\x12\x18.kvweave.v1.FetchRequest\x1a\x19.kvweave.v1.FetchResponse0\x01\x12\x45\n\x08\x44\x61taPort\x12\x1b.kvweave.v1.DataPortRequest\x1a\x1c.kvweave.v1.DataPortResponse\x12\x42\n\x07Release\x12\x1a.kvweave.v1.ReleaseRequest\x1a\x1b.kvweave.v1.ReleaseResponse\x12P\n\x0b\x44istConnect\x12\x1e.kvweave.v1.DistConnectRequest\x1a\x1f.kvweave.v1.DistConnectResponse0\x01\x12H\n\tDistFetch\x12\x1c.kvweave.v1.DistFetchRequest\x1a\x1d.kvweave.v1.DistFetchResponse\x12\x45\n\x08IpcFetch\x12\x1b.kvweave.v1.IpcFetchRequest\x1a\x1c.kvweave.v1.IpcFetchResponse\x12K\n\nIpcRelease\x12\x1d.kvweave.v1.IpcReleaseRequest\x1a\x1e.kvweave.v1.IpcReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvweave.v1.kvtransfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISTCONNECTREQUEST']._serialized_start=43
-  _globals['_DISTCONNECTREQUEST']._serialized_end=108
-  _globals['_DISTCONNECTRESPONSE']._serialized_start=110
-  _globals['_DISTCONNECTRESPONSE']._serialized_end=188
-  _globals['_DISTFETCHREQUEST']._serialized_start=190
-  _globals['_DISTFETCHREQUEST']._serialized_end=279
-  _globals['_DISTFETCHRESPONSE']._serialized_start=281
-  _globals['_DISTFETCHRESPONSE']._serialized_end=389
-  _globals['_RELEASEREQUEST']._serialized_start=391
-  _globals['_RELEASEREQUEST']._serialized_end=427
-  _globals['_RELEASERESPONSE']._serialized_start=429
-  _globals['_RELEASERESPONSE']._serialized_end=461
-  _globals['_DATAPORTREQUEST']._serialized_start=463
-  _globals['_DATAPORTREQUEST']._serialized_end=480
-  _globals['_DATAPORTRESPONSE']._serialized_start=482
-  _globals['_DATAPORTRESPONSE']._serialized_end=514
-  _globals['_KVLAYOUTPROTO']._serialized_start=516
-  _globals['_KVLAYOUTPROTO']._serialized_end=561
-  _globals['_FETCHREQUEST']._serialized_start=563
-  _globals['_FETCHREQUEST']._serialized_end=659
-  _globals['_FETCHHEADER']._serialized_start=661
-  _globals['_FETCHHEADER']._serialized_end=738
-  _globals['_LAYERCHUNK']._serialized_start=740
-  _globals['_LAYERCHUNK']._serialized_end=815
-  _globals['_FETCHRESPONSE']._serialized_start=817
-  _globals['_FETCHRESPONSE']._serialized_end=924
-  _globals['_KVTRANSFER']._serialized_start=927
-  _globals['_KVTRANSFER']._serialized_end=1298
+  _globals['_IPCFETCHREQUEST']._serialized_start=43
+  _globals['_IPCFETCHREQUEST']._serialized_end=152
+  _globals['_IPCHANDLE']._serialized_start=155
+  _globals['_IPCHANDLE']._serialized_end=546
+  _globals['_IPCHANDLE_HOST']._serialized_start=295
+  _globals['_IPCHANDLE_HOST']._serialized_end=349
+  _globals['_IPCHANDLE_CUDA']._serialized_start=352
+  _globals['_IPCHANDLE_CUDA']._serialized_end=536
+  _globals['_IPCFETCHRESPONSE']._serialized_start=549
+  _globals['_IPCFETCHRESPONSE']._serialized_end=688
+  _globals['_IPCRELEASEREQUEST']._serialized_start=690
+  _globals['_IPCRELEASEREQUEST']._serialized_end=727
+  _globals['_IPCRELEASERESPONSE']._serialized_start=729
+  _globals['_IPCRELEASERESPONSE']._serialized_end=764
+  _globals['_DISTCONNECTREQUEST']._serialized_start=766
+  _globals['_DISTCONNECTREQUEST']._serialized_end=831
+  _globals['_DISTCONNECTRESPONSE']._serialized_start=833
+  _globals['_DISTCONNECTRESPONSE']._serialized_end=911
+  _globals['_DISTFETCHREQUEST']._serialized_start=913
+  _globals['_DISTFETCHREQUEST']._serialized_end=1002
+  _globals['_DISTFETCHRESPONSE']._serialized_start=1004
+  _globals['_DISTFETCHRESPONSE']._serialized_end=1112
+  _globals['_RELEASEREQUEST']._serialized_start=1114
+  _globals['_RELEASEREQUEST']._serialized_end=1150
+  _globals['_RELEASERESPONSE']._serialized_start=1152
+  _globals['_RELEASERESPONSE']._serialized_end=1184
+  _globals['_DATAPORTREQUEST']._serialized_start=1186
+  _globals['_DATAPORTREQUEST']._serialized_end=1203
+  _globals['_DATAPORTRESPONSE']._serialized_start=1205
+  _globals['_DATAPORTRESPONSE']._serialized_end=1237
+  _globals['_KVLAYOUTPROTO']._serialized_start=1239
+  _globals['_KVLAYOUTPROTO']._serialized_end=1284
+  _globals['_FETCHREQUEST']._serialized_start=1286
+  _globals['_FETCHREQUEST']._serialized_end=1382
+  _globals['_FETCHHEADER']._serialized_start=1384
+  _globals['_FETCHHEADER']._serialized_end=1461
+  _globals['_LAYERCHUNK']._serialized_start=1463
+  _globals['_LAYERCHUNK']._serialized_end=1538
+  _globals['_FETCHRESPONSE']._serialized_start=1540
+  _globals['_FETCHRESPONSE']._serialized_end=1647
+  _globals['_KVTRANSFER']._serialized_start=1650
+  _globals['_KVTRANSFER']._serialized_end=2169
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,78 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class IpcFetchRequest(_message.Message):
+    __slots__ = ("fetch", "node_id", "device", "lease_ms")
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    fetch: FetchRequest
+    node_id: str
+    device: str
+    lease_ms: int
+    def __init__(self, fetch: _Optional[_Union[FetchRequest, _Mapping]] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class IpcHandle(_message.Message):
+    __slots__ = ("host", "cuda", "storage_bytes", "offset")
+    class Host(_message.Message):
+        __slots__ = ("manager_handle", "storage_handle")
+        MANAGER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+        STORAGE_HANDLE_FIELD_NUMBER: _ClassVar[int]
+        manager_handle: bytes
+        storage_handle: bytes
+        def __init__(self, manager_handle: _Optional[bytes] = ..., storage_handle: _Optional[bytes] = ...) -> None: ...
+    class Cuda(_message.Message):
+        __slots__ = ("device_uuid", "mem_handle", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+        DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+        MEM_HANDLE_FIELD_NUMBER: _ClassVar[int]
+        STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+        REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+        REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+        EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+        EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+        device_uuid: str
+        mem_handle: bytes
+        storage_offset_bytes: int
+        ref_counter_handle: bytes
+        ref_counter_offset: int
+        event_handle: bytes
+        event_sync_required: bool
+        def __init__(self, device_uuid: _Optional[str] = ..., mem_handle: _Optional[bytes] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    host: IpcHandle.Host
+    cuda: IpcHandle.Cuda
+    storage_bytes: int
+    offset: int
+    def __init__(self, host: _Optional[_Union[IpcHandle.Host, _Mapping]] = ..., cuda: _Optional[_Union[IpcHandle.Cuda, _Mapping]] = ..., storage_bytes: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class IpcFetchResponse(_message.Message):
+    __slots__ = ("num_entries", "layout", "handle", "lease_id")
+    NUM_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    num_entries: int
+    layout: KVLayoutProto
+    handle: IpcHandle
+    lease_id: str
+    def __init__(self, num_entries: _Optional[int] = ..., layout: _Optional[_Union[KVLayoutProto, _Mapping]] = ..., handle: _Optional[_Union[IpcHandle, _Mapping]] = ..., lease_id: _Optional[str] = ...) -> None: ...
+
+class IpcReleaseRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class IpcReleaseResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
 class DistConnectRequest(_message.Message):
     __slots__ = ("backend", "connect_timeout_ms")
     BACKEND_FIELD_NUMBER: _ClassVar[int]

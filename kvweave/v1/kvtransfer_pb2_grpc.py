@@ -60,6 +60,16 @@ class KVTransferStub:
                 request_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchRequest.SerializeToString,
                 response_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchResponse.FromString,
                 _registered_method=True)
+        self.IpcFetch = channel.unary_unary(
+                '/kvweave.v1.KVTransfer/IpcFetch',
+                request_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.IpcFetchRequest.SerializeToString,
+                response_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.IpcFetchResponse.FromString,
+                _registered_method=True)
+        self.IpcRelease = channel.unary_unary(
+                '/kvweave.v1.KVTransfer/IpcRelease',
+                request_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.IpcReleaseRequest.SerializeToString,
+                response_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.IpcReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -105,6 +115,22 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IpcFetch(self, request, context):
+        """Fetch through memory both processes map (a CUDA IPC handle of device memory, or a shared-memory
+        file of host memory): the answer names the exported entries' memory, which the server keeps
+        until IpcRelease (or the lease expires). Only between processes of one node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IpcRelease(self, request, context):
+        """The caller has copied a lease's entries: the server frees them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +158,16 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.DistFetch,
                     request_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchRequest.FromString,
                     response_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchResponse.SerializeToString,
+            ),
+            'IpcFetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.IpcFetch,
+                    request_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.IpcFetchRequest.FromString,
+                    response_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.IpcFetchResponse.SerializeToString,
+            ),
+            'IpcRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.IpcRelease,
+                    request_deserializer=kvweave_dot_v1_dot_kvtransfer__pb2.IpcReleaseRequest.FromString,
+                    response_serializer=kvweave_dot_v1_dot_kvtransfer__pb2.IpcReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +306,60 @@ class KVTransfer:
             '/kvweave.v1.KVTransfer/DistFetch',
             kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchRequest.SerializeToString,
             kvweave_dot_v1_dot_kvtransfer__pb2.DistFetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IpcFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvweave.v1.KVTransfer/IpcFetch',
+            kvweave_dot_v1_dot_kvtransfer__pb2.IpcFetchRequest.SerializeToString,
+            kvweave_dot_v1_dot_kvtransfer__pb2.IpcFetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IpcRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvweave.v1.KVTransfer/IpcRelease',
+            kvweave_dot_v1_dot_kvtransfer__pb2.IpcReleaseRequest.SerializeToString,
+            kvweave_dot_v1_dot_kvtransfer__pb2.IpcReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -243,10 +243,10 @@ def test_decode_worker_pulls_blocks_while_the_prefill_runs(make_pd, reference):
     _idle_blocks_back(c)
 
 
-@pytest.mark.parametrize("transport", ["grpc", "dist"])
+@pytest.mark.parametrize("transport", ["grpc", "dist", "ipc"])
 def test_handoff_over_each_transport(make_pd, reference, transport):
-    """The TCP data plane carries every other test's handoffs; the gRPC stream and the torch.distributed
-    pair (gloo) carry them as well."""
+    """The TCP data plane carries every other test's handoffs; the gRPC stream, the torch.distributed
+    pair (gloo) and shared memory (IPC: P and D are processes of one node here) carry them as well."""
     c, _, (d0,) = make_pd(decode={"kv_transport": transport})
     params = SamplingParams(temperature=50.0, top_k=300, seed=2, max_tokens=5, ignore_eos=True)
     prompt = _prompt(99, 71)

@@ -16,7 +16,7 @@ OTHER = ClusterSecret(b"o" * 32)
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("transport", ["tcp", "grpc", "dist"])
+@pytest.mark.parametrize("transport", ["tcp", "grpc", "dist", "ipc"])
 async def test_holders_of_the_secret_fetch_exact_kv(transport: str) -> None:
     keys, entries = make_keys(5), random_entries(F32, 5, seed=3)
     async with serving(source_of(keys, entries), secret=SECRET) as address:
@@ -29,7 +29,7 @@ async def test_holders_of_the_secret_fetch_exact_kv(transport: str) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("transport", ["tcp", "grpc", "dist"])
+@pytest.mark.parametrize("transport", ["tcp", "grpc", "dist", "ipc"])
 @pytest.mark.parametrize("secret", [None, OTHER], ids=["no-secret", "other-cluster"])
 async def test_a_client_without_the_secret_gets_no_kv(transport: str, secret: ClusterSecret | None) -> None:
     keys, entries = make_keys(3), random_entries(F32, 3, seed=4)

@@ -80,7 +80,7 @@ def two_workers(redis_url, tiny_hf_model, request):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("two_workers", ["auto", "dist"], indirect=True)
+@pytest.mark.parametrize("two_workers", ["auto", "dist", "ipc"], indirect=True)
 async def test_request_fetches_its_prefix_from_the_peer(redis_url, two_workers, cold_output):
     cold_tokens, model = cold_output
     a, b = two_workers

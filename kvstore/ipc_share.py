@@ -1,0 +1,129 @@
+"""Memory two processes of one node both map, for the IPC KV transport (kvstore/ipc_transfer.py):
+`share` turns a tensor into an `IpcHandle` message, `open_shared` maps one back.
+
+Host memory goes through torch's file_system sharing: the exporter copies the entries into a
+fresh shared-memory file (`UntypedStorage._new_using_filename_cpu`), and the importer maps it by
+the file's name and the shared-memory manager's socket. Device memory goes through CUDA IPC
+(`UntypedStorage._share_cuda_` / `_new_shared_cuda`): the handle of the caching allocator's block
+that holds the tensor, a reference counter torch keeps in a shared file (the exporter's allocator
+does not reuse the block until every importer dropped it), and an event recorded after the export
+on the exporter's stream, which the importer's stream waits on before reading (no host sync).
+
+The importer finds the exporter's GPU by UUID among the GPUs it sees (device indices differ
+between processes whose CUDA_VISIBLE_DEVICES differ); a GPU it cannot see is an error, answered
+before anything is mapped. These are the semi-private storage methods torch's own
+multiprocessing reductions use (torch 2.11-2.13); nothing else in kvweave touches them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+
+import torch
+
+from kvstore.codec import KVLayout
+from kvweave.v1 import kvtransfer_pb2
+
+
+class ShareError(RuntimeError):
+    """The memory cannot be mapped here (another node, a GPU this process cannot see, a file gone)."""
+
+
+@functools.cache
+def node_id() -> str:
+    """This machine's identity: its boot id (the same for every process and container of one boot
+    of one host), with the host name where the kernel has none."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def _uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def cuda_device_by_uuid(uuid: str) -> torch.device:
+    """This process's index of the GPU with `uuid`; ShareError when it cannot see it."""
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if _uuid(torch.device("cuda", i)) == uuid:
+                return torch.device("cuda", i)
+    raise ShareError(f"the peer's GPU {uuid} is not visible to this process (CUDA_VISIBLE_DEVICES="
+                     f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): CUDA IPC needs both on one GPU "
+                     f"or on GPUs this process sees; use the dist or tcp transport")
+
+
+def export_buffer(layer_major: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """[n_layers, n, ...] contiguous copy of layer-major entries [n, *shape] in memory `share` can
+    hand out: a fresh shared-memory file for host memory (`device` None or cpu), else the device's
+    memory (the entries' own storage when they are already contiguous layer-major there)."""
+    lm = layer_major.movedim(2, 0)
+    if device is None or device.type == "cpu":
+        storage = torch.UntypedStorage._new_using_filename_cpu(lm.numel() * lm.element_size())
+        out = torch.empty(0, dtype=lm.dtype).set_(storage, 0, lm.shape)
+        return out.copy_(lm)
+    if lm.device == device and lm.is_contiguous():
+        return lm
+    return lm.to(device, copy=True).contiguous()
+
+
+def share(buffer: torch.Tensor) -> kvtransfer_pb2.IpcHandle:
+    """The handle of a contiguous tensor from `export_buffer`; keep `buffer` alive until the peer mapped it."""
+    if not buffer.is_contiguous():
+        raise ValueError("only a contiguous tensor can be shared")
+    storage = buffer.untyped_storage()
+    offset = buffer.storage_offset()
+    if buffer.device.type == "cpu":
+        manager, name, size = storage._share_filename_cpu_()
+        return kvtransfer_pb2.IpcHandle(host=kvtransfer_pb2.IpcHandle.Host(manager_handle=manager, storage_handle=name),
+                                        storage_bytes=size, offset=offset)
+    if buffer.device.type != "cuda":
+        raise ValueError(f"cannot share {buffer.device} memory between processes")
+    (_, mem, size, storage_offset, ref_handle, ref_offset, event, event_sync) = storage._share_cuda_()
+    return kvtransfer_pb2.IpcHandle(
+        cuda=kvtransfer_pb2.IpcHandle.Cuda(
+            device_uuid=_uuid(buffer.device), mem_handle=mem, storage_offset_bytes=storage_offset,
+            ref_counter_handle=ref_handle, ref_counter_offset=ref_offset, event_handle=event or b"",
+            event_sync_required=event_sync),
+        storage_bytes=size, offset=offset)
+
+
+def handle_device(handle: kvtransfer_pb2.IpcHandle) -> str:
+    """"cpu" or "cuda": what memory a handle names."""
+    return "cuda" if handle.WhichOneof("memory") == "cuda" else "cpu"
+
+
+def open_shared(handle: kvtransfer_pb2.IpcHandle, n: int, layout: KVLayout) -> torch.Tensor:
+    """[n, *layout.shape] (layer-major, read-only by convention) over the memory `handle` names;
+    ShareError when it cannot be mapped, ValueError when the handle cannot hold n entries."""
+    kind = handle.WhichOneof("memory")
+    if kind is None:
+        raise ValueError("the handle names no memory")
+    itemsize = torch.empty(0, dtype=layout.dtype).element_size()
+    elements = n * layout.nbytes // itemsize
+    if (handle.offset + elements) * itemsize > handle.storage_bytes:
+        raise ValueError(f"the handle's {handle.storage_bytes} bytes cannot hold {n} entries of {layout} "
+                         f"at element {handle.offset}")
+    try:
+        if kind == "host":
+            storage = torch.UntypedStorage._new_shared_filename_cpu(
+                handle.host.manager_handle, handle.host.storage_handle, handle.storage_bytes)
+            device = torch.device("cpu")
+        else:
+            c = handle.cuda
+            device = cuda_device_by_uuid(c.device_uuid)
+            with torch.cuda.device(device):
+                storage = torch.UntypedStorage._new_shared_cuda(
+                    device.index, c.mem_handle, handle.storage_bytes, c.storage_offset_bytes, c.ref_counter_handle,
+                    c.ref_counter_offset, c.event_handle or None, c.event_sync_required)
+    except ShareError:
+        raise
+    except RuntimeError as e:
+        where = "node" if kind == "host" else "GPU"
+        raise ShareError(f"cannot map the peer's {kind} memory (is it on this {where}?): "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    shape = (layout.shape[1], n, layout.shape[0], *layout.shape[2:])
+    return torch.empty(0, dtype=layout.dtype, device=device).set_(storage, handle.offset, shape).movedim(0, 2)
