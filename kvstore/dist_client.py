@@ -51,12 +51,14 @@ class _StalePair(Exception):
 
 
 class _ClientPair:
-    __slots__ = ("pair_id", "group", "store", "call", "watcher", "next_tag")
+    __slots__ = ("pair_id", "group", "store", "call", "watcher", "next_tag", "one_at_a_time")
 
-    def __init__(self, pair_id: str, group, store, call) -> None:
+    def __init__(self, pair_id: str, group, store, call, backend: str) -> None:
         self.pair_id, self.group, self.store, self.call = pair_id, group, store, call
         self.watcher: asyncio.Task | None = None
         self.next_tag = 0
+        # NCCL matches sends and receives by order, not tag: one fetch at a time on the pair
+        self.one_at_a_time = asyncio.Lock() if backend == "nccl" else None
 
     def take_tag(self) -> int:
         self.next_tag = self.next_tag % MAX_TAG + 1
@@ -161,7 +163,7 @@ class DistClient:
         except BaseException:
             call.cancel()
             raise
-        pair = self._pairs[peer] = _ClientPair(answer.pair_id, group, store, call)
+        pair = self._pairs[peer] = _ClientPair(answer.pair_id, group, store, call, self.backend)
         pair.watcher = asyncio.create_task(self._watch(peer, pair))
         while len(self._pairs) > self.max_peers:
             old_peer, old = next(iter(self._pairs.items()))
@@ -193,6 +195,7 @@ class DistClient:
             return
         del self._pairs[peer]
         current.call.cancel()
+        dist_group.abort(current.group, self.backend)
         if current.watcher is not None and current.watcher is not asyncio.current_task():
             current.watcher.cancel()
 
@@ -208,6 +211,19 @@ class DistClient:
 
     async def _fetch_on(self, channel, pair: _ClientPair, peer: str, keys: list[bytes], layout: KVLayout,
                         deadline: float, timeout_s: float, out: torch.Tensor | None) -> torch.Tensor:
+        if pair.one_at_a_time is None:
+            return await self._fetch_one(channel, pair, peer, keys, layout, deadline, timeout_s, out)
+        try:
+            await asyncio.wait_for(pair.one_at_a_time.acquire(), max(deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            raise TransferError(f"KV fetch from {peer}: the pair was busy past the {timeout_s:.3g} s deadline") from None
+        try:
+            return await self._fetch_one(channel, pair, peer, keys, layout, deadline, timeout_s, out)
+        finally:
+            pair.one_at_a_time.release()
+
+    async def _fetch_one(self, channel, pair: _ClientPair, peer: str, keys: list[bytes], layout: KVLayout,
+                         deadline: float, timeout_s: float, out: torch.Tensor | None) -> torch.Tensor:
         fetch = channel.unary_unary(DIST_FETCH_METHOD,
                                     request_serializer=kvtransfer_pb2.DistFetchRequest.SerializeToString,
                                     response_deserializer=kvtransfer_pb2.DistFetchResponse.FromString)
@@ -222,7 +238,7 @@ class DistClient:
             if e.code() not in _KEEP_PAIR:
                 self.drop(peer, pair)
             raise TransferError(f"KV fetch from {peer}: {_rpc_problem(e, timeout_s)}") from None
-        receive = _Receive(pair.group, tag, peer, len(keys), layout, out, deadline, timeout_s)
+        receive = _Receive(pair.group, self.backend, tag, peer, len(keys), layout, out, deadline, timeout_s)
         try:
             n = receive.check(answer)
             if n == 0:
@@ -241,9 +257,10 @@ class DistClient:
 class _Receive:
     """One fetch's answer: its checks, and the receiving of its layers (`run`, in a pool thread)."""
 
-    def __init__(self, group, tag: int, peer: str, requested: int, layout: KVLayout, out: torch.Tensor | None,
-                 deadline: float, timeout_s: float) -> None:
+    def __init__(self, group, backend: str, tag: int, peer: str, requested: int, layout: KVLayout,
+                 out: torch.Tensor | None, deadline: float, timeout_s: float) -> None:
         self.group, self.tag, self.peer, self.requested, self.layout = group, tag, peer, requested, layout
+        self.backend = backend
         self.given_out, self.deadline, self.timeout_s = out, deadline, timeout_s
         self.n = 0
         self.checksums: list[int] = []
@@ -267,7 +284,7 @@ class _Receive:
             raise self.fail(f"announced an invalid layout: {e}") from None
         if layout != self.layout:
             raise self.fail(f"announced layout {layout}, requested {self.layout}")
-        expected = self.layout.shape[1] if n else 0
+        expected = self.layout.shape[1] if n and self.backend != "nccl" else 0  # NCCL: none (see DistServer._post)
         if len(answer.layer_checksums) != expected:
             raise self.fail(f"announced {len(answer.layer_checksums)} layer checksums for {expected} layers")
         self.n, self.checksums = n, list(answer.layer_checksums)
@@ -275,7 +292,7 @@ class _Receive:
 
     def _wait(self, work, layer: int) -> None:
         try:
-            dist_group.wait(work, self.deadline - time.monotonic())
+            dist_group.wait(work, self.deadline - time.monotonic(), self.backend)
         except dist_group.GroupError as e:
             if time.monotonic() >= self.deadline - 0.01:
                 raise self.fail(f"no complete answer within the {self.timeout_s:.3g} s deadline "
@@ -283,17 +300,23 @@ class _Receive:
             raise self.fail(f"receiving layer {layer}: {dist_group.error_text(e)}") from None
 
     def _verify(self, data: torch.Tensor, layer: int) -> None:
-        if checksum(as_bytes(data)) != self.checksums[layer]:
+        if self.checksums and checksum(as_bytes(data)) != self.checksums[layer]:
             raise self.fail(f"layer {layer}: checksum mismatch")
 
     def run(self) -> torch.Tensor:
         if self.given_out is None:
             return self._run_in_place()
+        if self.backend == "nccl":
+            received = self._run_in_place()
+            with self.lock:
+                if self.cancelled:
+                    raise self.fail("cancelled")
+                return self.given_out[:self.n].copy_(received)
         return self._run_staged()
 
     def _run_in_place(self) -> torch.Tensor:
-        """Every layer straight into its slice of a fresh layer-major output."""
-        out = empty_layer_major(self.n, self.layout)
+        """Every layer straight into its slice of a fresh layer-major output (on the GPU for NCCL)."""
+        out = empty_layer_major(self.n, self.layout, dist_group.payload_device(self.backend))
         layers = layer_views(out)
         works = [dist_group.recv(self.group, layer, 0, self.tag) for layer in layers]
         for i, (work, layer) in enumerate(zip(works, layers)):

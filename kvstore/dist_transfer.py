@@ -60,10 +60,10 @@ def layer_views(payload: torch.Tensor) -> torch.Tensor:
     return payload.movedim(2, 0).reshape(n_layers, -1).view(torch.uint8)
 
 
-def wait_all(works: list, deadline: float) -> None:
+def wait_all(works: list, deadline: float, backend: str = "gloo") -> None:
     """Wait for every Work in turn until the monotonic `deadline` (GroupError on failure)."""
     for work in works:
-        dist_group.wait(work, deadline - time.monotonic())
+        dist_group.wait(work, deadline - time.monotonic(), backend)
 
 
 class _ServerPair:
@@ -82,10 +82,13 @@ class DistServer:
 
     `host`: the advertised host, where the store and the group's connections listen. `max_pairs`:
     client pairs held at once (RESOURCE_EXHAUSTED past it). `send_timeout_s`: longest wait for a
-    client to take a fetch's layers. `on_served(nbytes, seconds)`: after each fetch fully sent."""
+    client to take a fetch's layers. `on_served(nbytes, seconds)`: after each fetch fully sent.
+    `device`: where the source's KV lives; an NCCL pair's fetches ask the source for entries on
+    it (`export(..., on_device=True)`) when it is a GPU, so they never pass through host memory."""
 
     def __init__(self, source: KVSource, host: str = "127.0.0.1", max_pairs: int = 256, send_timeout_s: float = 60.0,
-                 max_threads: int = 32, on_served: Callable[[int, float], None] | None = None) -> None:
+                 max_threads: int = 32, on_served: Callable[[int, float], None] | None = None,
+                 device: torch.device | str = "cpu") -> None:
         if max_pairs <= 0 or max_threads <= 0 or not send_timeout_s > 0:
             raise ValueError("max_pairs, max_threads and send_timeout_s must be positive")
         self.source = source
@@ -93,6 +96,7 @@ class DistServer:
         self.max_pairs = max_pairs
         self.send_timeout_s = send_timeout_s
         self.on_served = on_served
+        self.device = torch.device(device)
         self._pairs: dict[str, _ServerPair] = {}
         self._store = None
         self._store_lock = asyncio.Lock()
@@ -115,9 +119,9 @@ class DistServer:
     async def connect(self, request: kvtransfer_pb2.DistConnectRequest, context: grpc.aio.ServicerContext):
         """The DistConnect stream: the rendezvous, then open until the pair is dropped."""
         backend = request.backend or "gloo"
-        if backend not in dist_group.BACKENDS:
+        if backend not in dist_group.available_backends():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown backend {backend!r}; this server "
-                                                                  f"offers {', '.join(dist_group.BACKENDS)}")
+                                                                  f"offers {', '.join(dist_group.available_backends())}")
         if self._closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping")
         if len(self._pairs) >= self.max_pairs:
@@ -149,6 +153,8 @@ class DistServer:
         pair = self._pairs.pop(pair_id, None)
         if pair is not None:
             pair.closed.set()
+            if pair.backend == "nccl" and pair.group.done() and not pair.group.exception():
+                dist_group.abort(pair.group.result(), pair.backend)
 
     async def fetch(self, pair_id: str, tag: int, keys: list[bytes], layout: KVLayout,
                     context: grpc.aio.ServicerContext) -> kvtransfer_pb2.DistFetchResponse:
@@ -162,7 +168,8 @@ class DistServer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tag must be in [1, {MAX_TAG}], got {tag}")
         if tag in pair.tags:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tag {tag} is in use by another fetch of the pair")
-        entries, error = await export_entries(self.source, keys, layout)
+        on_device = pair.backend == "nccl" and self.device.type == "cuda"
+        entries, error = await export_entries(self.source, keys, layout, on_device=on_device)
         if error is not None:
             await context.abort(grpc.StatusCode[error[0]], error[1])
         if entries is None:
@@ -190,16 +197,20 @@ class DistServer:
                                                 layer_checksums=checksums)
 
     def _post(self, group, backend: str, entries: torch.Tensor, tag: int) -> tuple[list[int], list]:
-        """(each layer's checksum, the posted sends), in a pool thread."""
+        """(each layer's checksum, the posted sends), in a pool thread. An NCCL pair's layers carry
+        no checksums: they never leave GPU memory, and hashing them would copy them to the host."""
         payload = to_layer_major(entries.detach().to(dist_group.payload_device(backend)))
         layers = layer_views(payload)
+        if payload.device.type == "cuda":
+            torch.cuda.synchronize(payload.device)  # the export's copies ran on whatever stream exported them
+            return [], [dist_group.send(group, layer, 1, tag) for layer in layers]
         checksums = [checksum(as_bytes(layer)) for layer in layers]
         return checksums, [dist_group.send(group, layer, 1, tag) for layer in layers]
 
     async def _finish(self, pair: _ServerPair, tag: int, works: list, deadline: float, nbytes: int, t0: float) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, wait_all, works, deadline)
+            await loop.run_in_executor(self._executor, wait_all, works, deadline, pair.backend)
         except dist_group.GroupError as e:
             logger.info("KV pair %s: sending tag %d failed (%s); dropping the pair", pair.pair_id, tag,
                         dist_group.error_text(e))

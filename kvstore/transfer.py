@@ -24,7 +24,13 @@ the pair, and the next fetch builds a new one. A service built with `dist_server
 worker always does); without one DistConnect is UNIMPLEMENTED and the client says the peer does
 not serve the transport. Over loopback on this 2-vCPU VM it moved 64 MiB at 1.0-2.4 GB/s
 against the TCP data plane's 1.5-3.1 and the gRPC stream's 0.6-1.0 (`kvweave bench kvstore
---metrics transfer_node_to_node`, noisy shared cores); it exists for the GPU path (NCCL).
+--metrics transfer_node_to_node`, noisy shared cores); it exists for the GPU path: GPU workers
+pair over NCCL (kvstore/dist_group.py says how NCCL differs: one fetch at a time per pair, no
+checksums, entries exported and received in device memory).
+
+The fourth, `TransferClient(transport="ipc")`, is for processes of one node (kvstore/ipc_transfer.py):
+`IpcFetch` answers a handle to the exported entries' memory (a shared-memory file, or CUDA IPC of
+device memory between GPU workers), which the client maps and copies from, then `IpcRelease`.
 
 Handoffs. A prefill worker holds a prefilled prompt's blocks under the keys of a handoff handle
 (worker/kv_handoff.py); its source exports them like any other key, so both transports fetch

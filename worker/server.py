@@ -52,6 +52,7 @@ from kvstore.index import KVIndex
 from kvstore.transfer import GRPC_OPTIONS as TRANSFER_GRPC_OPTIONS
 from kvstore.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
 from kvstore.tcp_transfer import KVDataServer
+from kvstore.dist_group import available_backends
 from kvstore.dist_transfer import DistServer
 from kvstore.ipc_transfer import IpcServer
 from kvstore.transfer import KVTransferService
@@ -100,7 +101,8 @@ class WorkerOptions:
     """Deadline of one fetch from a peer; past it the blocks are computed instead."""
     kv_transport: str = "auto"
     """How this worker fetches peers' KV and prefill handoffs: auto (the TCP data plane, the gRPC
-    stream for peers without one) | tcp | grpc | dist (a torch.distributed gloo pair per peer) |
+    stream for peers without one) | tcp | grpc | dist (a torch.distributed pair per peer: gloo, or
+    NCCL between GPU workers) |
     ipc (memory both processes map: peers on this node only; CUDA IPC between GPU workers).
     Every worker serves all of them."""
     metrics_port: int = 0
@@ -190,8 +192,10 @@ class WorkerServer:
             self.engine = AsyncEngine(llm, enable_kv_events=self._redis is not None)
             peers = self._index is not None and self.options.peer_fetch
             # peers' prefix blocks, and prefill handoffs
-            self._transfer_client = TransferClient(transport=self.options.kv_transport, secret=cluster_secret.get_secret(),
-                                                   ipc_device=llm.connector.kv_cache.device)
+            kv_device = llm.connector.kv_cache.device
+            self._transfer_client = TransferClient(  # GPU workers pair over NCCL (transport dist), map device memory (ipc)
+                transport=self.options.kv_transport, secret=cluster_secret.get_secret(), ipc_device=kv_device,
+                dist_backend="nccl" if kv_device.type == "cuda" and "nccl" in available_backends() else "gloo")
             self.prefetcher = KVPrefetcher(llm, self._index if peers else None, (lambda: self._peers) if peers else None,
                                            self._transfer_client, self.options.kv_transfer_timeout_s, self.metrics)
             self.engine.prefetch = self.prefetcher
@@ -280,7 +284,8 @@ class WorkerServer:
         self.metrics.watch_refusals(lambda: {"grpc": sum(t.num_refused for t in token_checks),
                                              "kv_data": data_server.num_refused})
         # torch.distributed pairs: the store and each pair's connections on the advertised host
-        self._dist_server = DistServer(self.engine, self.address.rsplit(":", 1)[0], on_served=served)
+        self._dist_server = DistServer(self.engine, self.address.rsplit(":", 1)[0], on_served=served,
+                                       device=self.engine.engine.connector.kv_cache.device)
         # processes of this node map the exported KV (device memory for a GPU peer)
         self._ipc_server = IpcServer(self.engine, self.engine.engine.connector.kv_cache.device, on_served=served)
         KVTransferService(self.engine, self._data_server, dist_server=self._dist_server, ipc_server=self._ipc_server,

@@ -17,6 +17,7 @@ import grpc
 import pytest
 import torch
 
+from kvstore import dist_group
 from kvstore.codec import KVLayout
 from kvstore.dist_transfer import DistServer
 from kvstore.transfer import GRPC_OPTIONS, KVTransferService, serve_transfer
@@ -135,6 +136,13 @@ async def test_dist_bad_requests_get_the_statuses_of_the_other_transports():
                 [m async for m in stub.DistConnect(kvtransfer_pb2.DistConnectRequest(backend="mpi"), timeout=5)]
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "unknown backend 'mpi'" in err.value.details()
+            if "nccl" not in dist_group.available_backends():  # a server without CUDA does not offer it
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    [m async for m in stub.DistConnect(kvtransfer_pb2.DistConnectRequest(backend="nccl"), timeout=5)]
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "unknown backend 'nccl'; this server offers gloo" in err.value.details()
+                with pytest.raises(ValueError, match="nccl backend needs CUDA"):
+                    TransferClient(transport="dist", dist_backend="nccl")
         other = KVLayout(torch.bfloat16, (2, 3, 2, 8, 8))
         with pytest.raises(TransferError, match=rf"{address}: FAILED_PRECONDITION: layout mismatch.*"
                                                 r"bfloat16\[2, 3, 2, 4, 8\]"):
