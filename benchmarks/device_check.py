@@ -18,7 +18,11 @@ others still run. Checks:
 - `throughput_vs_hf_gpu`: 64 requests, 512 in / 128 out, against transformers' `generate` (>= 3x).
 - `tier_offload`: 256 device blocks offloaded to the DRAM tier (the path the engine uses) against a
   pinned cudaMemcpy of the same bytes (target >= 0.7).
-- `ipc_handoff`: not built yet (reported as such).
+- `ipc_handoff`: a prefill worker's handoff moved to another process of the same GPU over the ipc
+  transport (kvstore/ipc_transfer.py: CUDA IPC, the server exporting a fresh copy per fetch as a
+  worker does), 8B-shaped blocks of a 4k-token prompt (512 MiB), checked byte for byte, against
+  one device-to-device copy of the same bytes (target >= 0.5). The serving peer is a second
+  process (`--ipc-peer`). NCCL cannot be checked on one GPU (it refuses two ranks on one device).
 """
 from __future__ import annotations
 
@@ -335,8 +339,96 @@ def check_tier_offload(ctx: Context) -> list[Result]:
                                                "path": "TierManager.offload_many of device block views"})]
 
 
+def _handoff_entries(layout, n: int, device: torch.device) -> torch.Tensor:
+    """The same random KV bytes in every process (seeded on the device), layer-major."""
+    from kvstore.transfer_source import to_layer_major
+
+    gen = torch.Generator(device).manual_seed(16)
+    raw = torch.randint(0, 256, (n, layout.nbytes), dtype=torch.uint8, generator=gen, device=device)
+    return to_layer_major(raw.view(layout.dtype).view(n, *layout.shape))
+
+
+def _handoff_layout(smoke: bool):
+    from kvstore.codec import KVLayout
+
+    shape = TINY if smoke else LLAMA_8B
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    return KVLayout(torch.bfloat16, (2, shape["num_hidden_layers"], shape["num_key_value_heads"], 16, head_dim))
+
+
+class _ExportingSource:
+    """A KVSource that exports a fresh copy per fetch, as a prefill worker exports a pinned handoff."""
+
+    def __init__(self, entries: torch.Tensor) -> None:
+        self.entries = entries
+
+    async def export(self, keys, layout, on_device: bool = False):
+        entries = self.entries[:len(keys)]
+        return entries.clone() if on_device else entries.cpu()
+
+
+def ipc_peer_main(smoke: bool, n: int) -> None:
+    """`--ipc-peer`: serve the handoff entries over the transfer service; print the port; serve until killed."""
+    import asyncio
+
+    from kvstore.transfer import serve_transfer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    entries = _handoff_entries(_handoff_layout(smoke), n, device)
+
+    async def serve() -> None:
+        server, port = await serve_transfer(_ExportingSource(entries), data_plane=False, dist=False,
+                                            kv_device=str(device))
+        print(port, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
 def check_ipc_handoff(ctx: Context) -> list[Result]:
-    raise Skip("not built yet: the CUDA-IPC and NCCL transports of the KV handoff (issue 16)")
+    import asyncio
+    import subprocess
+
+    from kvstore.transfer_client import TransferClient
+
+    layout = _handoff_layout(ctx.smoke)
+    n, rounds = (8, 2) if ctx.smoke else (256, 5)
+    peer = subprocess.Popen([sys.executable, "-m", "benchmarks.device_check", "--ipc-peer", str(n), "--out", "-",
+                             "--tokenizer-dir", "-"] + (["--smoke"] if ctx.smoke else []),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(peer.stdout.readline())
+        keys = [i.to_bytes(16, "little") for i in range(n)]
+        want = _handoff_entries(layout, n, ctx.device)
+
+        async def fetches() -> tuple[list[float], bool]:
+            client = TransferClient(transport="ipc", ipc_device=ctx.device)
+            try:
+                times, equal = [], True
+                for _ in range(rounds + 1):
+                    t = time.perf_counter()
+                    got = await client.fetch_kv(f"127.0.0.1:{port}", keys, layout, timeout_s=60)
+                    times.append(time.perf_counter() - t)
+                    equal = equal and got.shape[0] == n and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+                return times[1:], equal
+            finally:
+                await client.close()
+
+        times, equal = asyncio.run(fetches())
+    finally:
+        peer.kill()
+        peer.wait()
+    if not equal:
+        raise AssertionError("the entries fetched over ipc differ from the peer's")
+    nbytes = n * layout.nbytes
+    src = want.movedim(2, 0).contiguous()
+    dst = torch.empty_like(src)
+    copy = ctx.timed(lambda: dst.copy_(src), 3 if ctx.smoke else 10)
+    seconds = sorted(times)[len(times) // 2]
+    return [Result("ipc_handoff", nbytes / seconds / 1e9, "GB/s", "one device-to-device copy of the same bytes",
+                   nbytes / copy / 1e9, extra={"blocks": n, "bytes": nbytes, "layout": str(layout), "equal": equal,
+                                               "target_ratio": 0.5, "memory": ctx.device.type,
+                                               "fetch_s": [round(t, 6) for t in times]})]
 
 
 RUNNERS = {"triton_decode_vs_torch": check_triton_decode, "greedy_match_vs_hf": check_greedy_vs_hf,
@@ -353,7 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device is here (CI)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {', '.join(CHECKS)}")
     p.add_argument("--budget-s", type=float, default=420.0, help="checks not started by then are skipped")
+    p.add_argument("--ipc-peer", type=int, default=0, help=argparse.SUPPRESS)  # ipc_handoff's serving process
     args = p.parse_args(argv)
+    if args.ipc_peer:
+        ipc_peer_main(args.smoke, args.ipc_peer)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.log = logging.getLogger("device_check")
     chosen = [c.strip() for c in args.checks.split(",") if c.strip()]

@@ -4,7 +4,7 @@
 Host memory goes through torch's file_system sharing: the exporter copies the entries into a
 fresh shared-memory file (`UntypedStorage._new_using_filename_cpu`), and the importer maps it by
 the file's name and the shared-memory manager's socket. Device memory goes through CUDA IPC
-(`UntypedStorage._share_cuda_` / `_new_shared_cuda`): the handle of the caching allocator's block
+(`UntypedStorage._share_cuda_`, and torch's `rebuild_cuda_tensor`): the handle of the caching allocator's block
 that holds the tensor, a reference counter torch keeps in a shared file (the exporter's allocator
 does not reuse the block until every importer dropped it), and an event recorded after the export
 on the exporter's stream, which the importer's stream waits on before reading (no host sync).
@@ -112,13 +112,19 @@ def open_shared(handle: kvtransfer_pb2.IpcHandle, n: int, layout: KVLayout) -> t
             storage = torch.UntypedStorage._new_shared_filename_cpu(
                 handle.host.manager_handle, handle.host.storage_handle, handle.storage_bytes)
             device = torch.device("cpu")
-        else:
+        else:  # torch's own rebuild: it caches what this process mapped already (a CUDA IPC handle
+            # maps once per process) and keeps the exporter's reference count right either way
+            from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
             c = handle.cuda
             device = cuda_device_by_uuid(c.device_uuid)
+            shape = (layout.shape[1], n, layout.shape[0], *layout.shape[2:])
             with torch.cuda.device(device):
-                storage = torch.UntypedStorage._new_shared_cuda(
-                    device.index, c.mem_handle, handle.storage_bytes, c.storage_offset_bytes, c.ref_counter_handle,
-                    c.ref_counter_offset, c.event_handle or None, c.event_sync_required)
+                flat = rebuild_cuda_tensor(
+                    torch.Tensor, (elements,), (1,), handle.offset, torch.UntypedStorage, layout.dtype, device.index,
+                    c.mem_handle, handle.storage_bytes, c.storage_offset_bytes, False, c.ref_counter_handle,
+                    c.ref_counter_offset, c.event_handle, c.event_sync_required)
+            return flat.view(shape).movedim(0, 2)
     except ShareError:
         raise
     except RuntimeError as e:

@@ -285,12 +285,12 @@ class TransferServer:
 
 async def serve_transfer(source: KVSource, host: str = "127.0.0.1", port: int = 0, data_plane: bool = True,
                          dist: bool = True, ipc: bool = True, secret: ClusterSecret | None = None,
-                         **service_kwargs) -> tuple[TransferServer, int]:
+                         kv_device: str = "cpu", **service_kwargs) -> tuple[TransferServer, int]:
     """(started TransferServer, bound gRPC port): a grpc.aio server with only a KVTransferService
     over `source` and, when `data_plane`, a KVDataServer on a free port of the same host that
     DataPort announces; when `dist`, a DistServer on `host` (opening its store at the first
-    DistConnect); when `ipc`, an IpcServer (host memory). `await server.stop(grace)` stops them
-    all. `secret`: the cluster secret (None: open): gRPC calls need its credential and data
+    DistConnect); when `ipc`, an IpcServer. `kv_device`: where the source's KV lives (a GPU: its
+    IPC and NCCL peers get device memory). `await server.stop(grace)` stops them all. `secret`: the cluster secret (None: open): gRPC calls need its credential and data
     connections its handshake."""
     from kvstore.dist_transfer import DistServer
     from kvstore.ipc_transfer import IpcServer
@@ -304,10 +304,10 @@ async def serve_transfer(source: KVSource, host: str = "127.0.0.1", port: int = 
         await data_server.start()
     try:
         if dist:
-            dist_server = DistServer(source, host, on_served=service_kwargs.get("on_served"))
+            dist_server = DistServer(source, host, on_served=service_kwargs.get("on_served"), device=kv_device)
         server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)],
                                  interceptors=server_interceptors(secret) if secret else None)
-        ipc_server = IpcServer(source, on_served=service_kwargs.get("on_served")) if ipc else None
+        ipc_server = IpcServer(source, kv_device, on_served=service_kwargs.get("on_served")) if ipc else None
         KVTransferService(source, data_server, dist_server=dist_server, ipc_server=ipc_server,
                           **service_kwargs).add_to_server(server)
         bound = server.add_insecure_port(f"{host}:{port}")

@@ -209,3 +209,33 @@ async def test_ipc_client_rejects_answers_that_fail_a_check():
                     await client.fetch_kv(address, keys, BF16, timeout_s=5)
                 if reply.lease_id:  # a lease is released even when its answer was refused
                     await until(lambda: servicer.released == [reply.lease_id])
+
+
+_GPU_SERVER_SCRIPT = _SERVER_SCRIPT.replace("source_of(make_keys(6), random_entries(BF16, 6, seed=7))",
+                                            "GpuSource(random_entries(BF16, 6, seed=7).cuda())").replace(
+    "data_plane=False, dist=False)", "data_plane=False, dist=False, kv_device='cuda')").replace(
+    "async def main():", """class GpuSource:
+    def __init__(self, entries):
+        self.entries = entries
+
+    async def export(self, keys, layout, on_device=False):
+        return self.entries[:len(keys)].clone() if on_device else self.entries[:len(keys)].cpu()
+
+async def main():""")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none: the device check's "
+                                                          "ipc_handoff covers it on a lent GPU)")
+@pytest.mark.asyncio
+async def test_ipc_maps_device_memory_of_a_server_in_another_process():
+    proc = subprocess.Popen([sys.executable, "-c", _GPU_SERVER_SCRIPT, str(REPO)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60))
+        async with client_of(transport="ipc", ipc_device="cuda") as client:
+            for _ in range(3):  # the same memory mapped again is taken from torch's cache
+                out = await client.fetch_kv(f"127.0.0.1:{port}", make_keys(6), BF16, timeout_s=30)
+                assert out.device.type == "cuda" and as_raw(out.cpu()) == as_raw(random_entries(BF16, 6, seed=7))
+    finally:
+        proc.kill()
+        proc.wait()
