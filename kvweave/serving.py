@@ -13,11 +13,20 @@ from typing import Any
 async def serve_until(server: Any, stop: asyncio.Event | None = None,
                       on_ready: Callable[[Any], None] | None = None) -> None:
     """Start `server` (anything with async start/stop), call `on_ready(server)`, serve until the
-    `stop` event is set or the task is cancelled, then stop it cleanly."""
+    `stop` event is set, the server's own `failed` event (where it has one: it cannot go on) is
+    set, or the task is cancelled; then stop it cleanly."""
     await server.start()
     try:
         if on_ready is not None:
             on_ready(server)
-        await (stop or asyncio.Event()).wait()
+        waits = [asyncio.ensure_future((stop or asyncio.Event()).wait())]
+        failed = getattr(server, "failed", None)
+        if failed is not None:
+            waits.append(asyncio.ensure_future(failed.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
     finally:
         await server.stop()

@@ -37,6 +37,7 @@ from worker.kv_connector_worker import StagedKV
 from worker.kv_handoff import Handoff
 from worker.output import RequestOutput
 from worker.request import Request, RequestStatus
+from worker.tp_executor import TPGroupError
 from kvweave.errors import InvalidRequestError
 from kvweave.sampling_params import SamplingParams
 
@@ -65,6 +66,9 @@ class AsyncEngine:
         self._idle = True
         self.prefetch: Callable[[Request], Awaitable[StagedKV]] | None = None
         """Runs for each request before it is queued; stages KV it can reuse."""
+        self.on_fatal: Callable[[BaseException], None] | None = None
+        """Called from the engine thread when the engine cannot go on (a tensor-parallel rank died);
+        the engine thread has stopped."""
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvweave-engine", daemon=True)
         self._thread.start()
@@ -231,6 +235,10 @@ class AsyncEngine:
             for req_id in list(self.engine.scheduler.requests):
                 self.engine.abort_request(req_id)
                 self._deliver(req_id, RuntimeError(f"engine step failed: {e}"))
+            if isinstance(e, TPGroupError):  # a rank is gone: no later step can run either
+                self._stopped.set()
+                if self.on_fatal is not None:
+                    self.on_fatal(e)
             return
         for out in outputs:
             self._deliver(out.req_id, out)

@@ -102,8 +102,12 @@ def attention_backend(kv_cache: torch.Tensor) -> str:
 class PagedAttention:
     """Attention backend for one forward over the paged KV cache."""
 
-    def __init__(self, kv_cache: torch.Tensor, meta: AttentionMetadata, n_heads: int, block_size: int) -> None:
+    def __init__(self, kv_cache: torch.Tensor, meta: AttentionMetadata, n_heads: int, block_size: int,
+                 fused_decode: bool = True) -> None:
+        """`fused_decode`: decode-only forwards may run every layer in one compiled call (not when the
+        layers' modules must run, as under tensor parallelism, whose all-reduces hook onto them)."""
         self.kv_cache, self.meta, self.block_size = kv_cache, meta, block_size
+        self.allow_fused_decode = fused_decode
         self.backend = attention_backend(kv_cache)
         self.kernels = cpu_kernels() if self.backend == "cpu" else None
         self.prefill_kernel = (self.kernels is not None and PREFILL_KERNEL
@@ -114,7 +118,8 @@ class PagedAttention:
 
     def fused_decode_applies(self, num_tokens: int) -> bool:
         m = self.meta
-        return (self.kernels is not None and FUSED_DECODE and m.num_decodes == num_tokens and not m.prefills
+        return (self.kernels is not None and FUSED_DECODE and self.allow_fused_decode and m.num_decodes == num_tokens
+                and not m.prefills
                 and m.decode_block_tables is not None)
 
     def fused_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights: list[torch.Tensor],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,19 +34,24 @@ from worker.kv_connector import KVConnector
 from worker.kv_connector_worker import KVConnectorWorker, StagedKV, block_layout, stage_local_chunks
 from worker.kv_handoff import DEFAULT_HANDOFF_TTL_S, Handoff, HandoffTable
 from worker.loader import LOAD_FORMATS, load_checkpoint
+from worker.attention import kv_cache_shape
 from worker.model import Transformer, rope_inv_freq
-from worker.model_runner import ModelRunner, RunnerOutput
+from worker.model_runner import ModelRunner, RunnerOutput, TPRank
 from worker.output import OutputProcessor, RequestOutput, check_stop
 from worker.request import Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.scheduler_output import SchedulerOutput
 from worker.step_profile import StepProfile
+from worker.tensor_parallel import TPConfigError, check_tp, install_all_reduce
+from worker.tp_executor import TPExecutor, build_rank_model, shared_kv_cache
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 Prompt = str | list[int] | dict
 MIN_PREFILL_TO_MEASURE = 32
+TP_OVERLAP_MIN_TOKENS = 256
+"""Default smallest tensor-parallel step run token-split (EngineConfig.tp_overlap_min_tokens)."""
 """Steps with at least this many prefill tokens measure the per-token cost of computing KV."""
 IDLE_WAIT_S = 0.01
 """With nothing to run but KV in flight, a step waits this long at most for a job to finish."""
@@ -105,6 +111,14 @@ class EngineConfig:
     handoff_ttl_s: float = DEFAULT_HANDOFF_TTL_S
     """How long a prefill worker holds a handed-off prompt's KV for a decode worker that does not
     release it (worker/kv_handoff.py)."""
+    tensor_parallel_size: int = 1
+    """Ranks (processes) the model is split over (worker/tp_executor.py): they must divide its query
+    heads, KV heads and MLP columns."""
+    tp_overlap: bool = True
+    """Under tensor parallelism, run steps of at least `tp_overlap_min_tokens` tokens in two halves
+    whose all-reduces overlap the other half's compute (worker/token_split.py)."""
+    tp_overlap_min_tokens: int = TP_OVERLAP_MIN_TOKENS
+    """The smallest step split in two (`kvweave bench tp` measures where the split starts to pay)."""
 
     def __post_init__(self) -> None:
         if self.device != "auto":
@@ -132,6 +146,10 @@ class EngineConfig:
             raise ConfigError(f"max_chunks_per_request must be positive, got {self.max_chunks_per_request}")
         if not self.handoff_ttl_s > 0:
             raise ConfigError(f"handoff_ttl_s must be positive, got {self.handoff_ttl_s}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tp_overlap_min_tokens < 2:
+            raise ConfigError(f"tp_overlap_min_tokens must be >= 2, got {self.tp_overlap_min_tokens}")
         try:
             self.store_config = StoreConfig(self.dram_cache_gb, self.ssd_cache_gb, self.ssd_cache_dir,
                                             self.kv_eviction_policy)
@@ -190,12 +208,20 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.args.max_seq_len, self.args.max_seq_len,
                                  num_blocks * config.block_size)
         self.args.max_seq_len = self.max_model_len
-        with torch.device("meta"):  # no host copy of random weights: the checkpoint's go straight in
-            self.model = Transformer(self.args, self.dtype)
-        self.model.load_weights(ckpt.weights, self.device)
-        self.model.eval()
-        del ckpt
         bs = config.block_size
+        self.tp: TPExecutor | None = None
+        """The other ranks of a tensor-parallel worker (None: one rank)."""
+        kv_cache = tp_rank = None
+        if config.tensor_parallel_size > 1:
+            kv_cache, tp_rank = self._start_tp(ckpt, num_blocks)
+            self.model = build_rank_model(ckpt, self.args, self.dtype, self.device, 0, config.tensor_parallel_size)
+            install_all_reduce(self.model, self.tp.group)
+        else:
+            with torch.device("meta"):  # no host copy of random weights: the checkpoint's go straight in
+                self.model = Transformer(self.args, self.dtype)
+            self.model.load_weights(ckpt.weights, self.device)
+            self.model.eval()
+        del ckpt
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         cost_len = config.attention_cost_len
         if cost_len is None:
@@ -205,7 +231,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.args.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.profile = StepProfile()
         """Where the steps' time goes, by phase (worker/step_profile.py)."""
-        self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.profile, config.max_num_seqs)
+        self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.profile, config.max_num_seqs,
+                                  kv_cache=kv_cache, tp=tp_rank)
         self.store = None
         if config.store_config.enabled:
             try:
@@ -230,6 +257,30 @@ class LLMEngine:
         self.model_name = self.args.name
         logger.info("engine ready: model=%s device=%s dtype=%s blocks=%d", self.model_name, self.device,
                     self.dtype, num_blocks)
+
+    def _start_tp(self, ckpt, num_blocks: int) -> tuple[torch.Tensor | None, TPRank]:
+        """Start the other ranks (they load the checkpoint themselves) and join the group: (the
+        group's shared KV cache on the CPU, else None; rank 0's place in the group)."""
+        config, size, a = self.config, self.config.tensor_parallel_size, self.args
+        try:
+            check_tp(a, size)
+        except TPConfigError as e:
+            raise ConfigError(str(e)) from e
+        if self.device.type == "cuda" and config.store_config.enabled:
+            raise ConfigError("host KV tiers with tensor parallelism on GPUs are not built: each rank's KV is "
+                              "on its own GPU and the KV connector moves only the leader's")
+        kv_cache = handle = None
+        if self.device.type == "cpu":  # one cache in shared memory, each rank on its own heads of it
+            shape = kv_cache_shape(a.n_layers, num_blocks, config.block_size, a.n_kv_heads, a.head_dim)
+            kv_cache, handle = shared_kv_cache(shape, self.dtype)
+        threads = config.num_threads or max(1, (os.cpu_count() or 1) // size)
+        torch.set_num_threads(threads)
+        min_tokens = config.tp_overlap_min_tokens if config.tp_overlap else None
+        self.tp = TPExecutor(dict(model=config.model, dtype=self.dtype, load_format=config.load_format,
+                                  device=str(self.device), max_model_len=self.max_model_len, num_blocks=num_blocks,
+                                  block_size=config.block_size, max_num_seqs=config.max_num_seqs, size=size,
+                                  overlap_min_tokens=min_tokens, num_threads=threads), handle)
+        return kv_cache, TPRank(self.tp.group, 0, size, min_tokens)
 
     def _blocks_for(self, gb: float) -> int:
         a = self.args
@@ -380,10 +431,20 @@ class LLMEngine:
         return self.block_manager.take_events() + self.connector.take_events()
 
     def close(self) -> None:
-        """Finish the connector's jobs and release the host tiers (the SSD tier's file)."""
+        """Finish the connector's jobs, release the host tiers (the SSD tier's file) and stop the
+        other tensor-parallel ranks."""
         self.connector.close()
         if self.store is not None:
             self.store.close()
+        if self.tp is not None:
+            self.tp.close()
+
+    def _execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
+        """The step on this runner, and on every other rank of a tensor-parallel worker (TPGroupError
+        when one is gone: the worker cannot go on)."""
+        if self.tp is not None:
+            return self.tp.execute(self.runner, sched_out)
+        return self.runner.execute(sched_out)
 
     def has_unfinished(self) -> bool:
         """Requests in flight, or KV jobs (loads, write-through saves) not yet finished."""
@@ -396,14 +457,14 @@ class LLMEngine:
         sched_out = self.scheduler.schedule()
         self.connector.start_load_kv(sched_out.kv_connector_metadata)
         if not sched_out.num_scheduled_tokens:
-            self.runner.execute(sched_out)  # applies finished and preempted requests
+            self._execute(sched_out)  # applies finished and preempted requests
             self.connector.wait(IDLE_WAIT_S)  # only KV in flight: wait for it, briefly
             self._handoff_progress()
             return outputs
         t0 = time.perf_counter()
         num_prefill = sum(n for n in sched_out.num_scheduled_tokens.values() if n > 1)
         self.profile.begin("mixed" if num_prefill or sched_out.blend_pieces else "decode", t0 - t_sched)
-        result = self.runner.execute(sched_out)
+        result = self._execute(sched_out)
         if num_prefill >= MIN_PREFILL_TO_MEASURE:
             self.connector.record_cost("recompute", time.perf_counter() - t0, num_prefill)
         with self.profile.phase("update"):

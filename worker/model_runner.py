@@ -5,6 +5,12 @@ table, sampling parameters, seeded generator), updated from the scheduler's diff
 and never decides policy. A step's int64 inputs (token ids, positions, slot mapping, block tables,
 context lengths) are written into one persistent host buffer and reach the device in one copy
 (none on the CPU).
+
+Under tensor parallelism (worker/tp_executor.py) every rank of a worker has a runner over its
+shard of the model and its heads of the KV cache, and runs every step the leader scheduled; only
+the leader's runner samples, and the others append the tokens it sampled (`apply_sampled`). Steps
+of at least `TPOptions.overlap_min_tokens` tokens run in two halves whose all-reduces overlap
+(worker/token_split.py).
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ from kvweave.sampling_params import SamplingParams
 from worker.sampling import SampleResult, merge_rows, row_problem, sample
 from worker.scheduler_output import SchedulerOutput
 from worker.step_profile import StepProfile
+from worker.tensor_parallel import all_reduce
+from worker.token_split import forward_overlapped, split_items
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,16 @@ class RunnerOutput:
     """Blends' scoring passes: the deviation of each position of the piece."""
     failed: dict[str, str] = field(default_factory=dict)
     """Requests whose token could not be sampled this step (the others are unaffected): the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class TPRank:
+    """This runner's place in a tensor-parallel group."""
+    group: object
+    rank: int
+    size: int
+    overlap_min_tokens: int | None
+    """Steps of at least this many tokens run token-split (None: never)."""
 
 
 @dataclass(slots=True)
@@ -83,17 +101,27 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", profile: StepProfile | None = None,
-                 max_num_seqs: int = 128) -> None:
+                 max_num_seqs: int = 128, kv_cache: torch.Tensor | None = None, tp: TPRank | None = None) -> None:
+        """`kv_cache`: a cache to use instead of allocating one (a tensor-parallel group's, shared by its
+        ranks: this rank attends over its own heads of it); `tp`: this runner's rank in its group."""
         self.model, self.block_size = model, block_size
+        self.tp = tp
         self.profile = profile or StepProfile()
         """Times the prepare, forward and sample phases of each step."""
         self.device = torch.device(device)
         a = model.args
-        mode = graph_mode(self.device)
+        mode = graph_mode(self.device) if tp is None else GraphMode.OFF  # a step's all-reduces are not captured
         # with decode graphs, one block more than the block manager hands out: the padding rows' scratch
         cache_blocks = num_blocks + (0 if mode is GraphMode.OFF else 1)
-        self.kv_cache = torch.zeros(kv_cache_shape(a.n_layers, cache_blocks, block_size, a.n_kv_heads, a.head_dim),
-                                    dtype=model.dtype, device=self.device)
+        if kv_cache is None:
+            kv_cache = torch.zeros(kv_cache_shape(a.n_layers, cache_blocks, block_size, a.n_kv_heads, a.head_dim),
+                                   dtype=model.dtype, device=self.device)
+        self.kv_cache = kv_cache
+        """The KV cache the connector moves blocks of (a group's whole cache under tensor parallelism)."""
+        heads = slice(tp.rank * a.n_kv_heads, (tp.rank + 1) * a.n_kv_heads) if tp and kv_cache.shape[2] > a.n_kv_heads \
+            else slice(None)
+        self.attn_cache = kv_cache[:, :, heads]
+        """This rank's heads of it (each layer's slab stays contiguous: heads are the outer dim)."""
         self.graphs = None if mode is GraphMode.OFF else DecodeGraphs(
             model, self.kv_cache, block_size, num_blocks, a.max_seq_len, max_num_seqs, mode)
         """Decode-only steps replayed as CUDA graphs (worker/cuda_graphs.py)."""
@@ -107,7 +135,7 @@ class ModelRunner:
         set up (a request built around the validation at the edges): they fail at their first
         sample, alone."""
         self._inputs = StepInputs(self.device)
-        self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
+        self._inputs_b = StepInputs(self.device)  # a token-split step's second half        self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
         m = rope_attention_factor(model.args)  # the tables carry yarn's factor; corrections need pure rotations
         self._rot_cos, self._rot_sin = (model.rope_cos, model.rope_sin) if m == 1 else \
             (model.rope_cos / m, model.rope_sin / m)
@@ -156,12 +184,12 @@ class ModelRunner:
     def _slots(self, block_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return block_ids[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def _prepare_inputs(self, items: list[tuple[str, int, BlendPiece | None]]
+    def _prepare_inputs(self, items: list[tuple[str, int, BlendPiece | None]], packed: StepInputs | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list]:
         """Inputs of a forward over `items` (request, tokens, blend piece), decodes first; returns
         (token ids, positions, attention metadata, row to sample per item or None). Every int64
-        input of the step goes to the device in one copy (`StepInputs`)."""
-        packed = self._inputs
+        input of the step goes to the device in one copy (`StepInputs`: `packed`, default the runner's)."""
+        packed = packed or self._inputs
         ids, pos, slots, tables, prefill_info, decode_rows, sample_rows = [], [], [], {}, [], [], []
         self._logit_rows = {}
         offset = 0
@@ -246,7 +274,7 @@ class ModelRunner:
                          max_len: int) -> None:
         bs = self.block_size
         meta.decode_block_tables, meta.decode_context_lens, meta.decode_max_len = block_tables, lens, max_len
-        if attention_backend(self.kv_cache) == "torch":  # the torch path gathers padded contexts
+        if attention_backend(self.attn_cache) == "torch":  # the torch path gathers padded contexts
             ar = torch.arange(max_len, device=self.device)
             slots = (block_tables[:, :, None] * bs + torch.arange(bs, device=self.device)).view(len(lens), -1)
             pad = ar[None, :] >= lens[:, None]
@@ -258,9 +286,16 @@ class ModelRunner:
     def _score(self, req_id: str, piece: BlendPiece) -> list[float]:
         """A blend's scoring pass: its positions through layers 0..score_layer alone."""
         token_ids, positions, meta, _ = self._prepare_inputs([(req_id, len(piece.positions), piece)])
-        backend = PagedAttention(self.kv_cache, meta, self.model.args.n_heads, self.block_size)
+        backend = self._attention(meta)
         self.model(token_ids, positions, backend, num_layers=piece.score_layer + 1)
-        return meta.prefills[0].scores.tolist()
+        scores = meta.prefills[0].scores
+        if self.tp is not None:  # each rank's heads' share of the deviation
+            all_reduce(scores, self.tp.group).wait()
+        return scores.tolist()
+
+    def _attention(self, meta: AttentionMetadata) -> PagedAttention:
+        return PagedAttention(self.attn_cache, meta, self.model.args.n_heads, self.block_size,
+                              fused_decode=self.tp is None)
 
     def _sample(self, req_ids: list[str], logits: torch.Tensor) -> tuple[SampleResult, dict[str, str]]:
         """One token per request (row of `logits`), and the requests that failed alone: the broken
@@ -277,8 +312,16 @@ class ModelRunner:
                 res = part
         return res, failed | {req_ids[i]: why for i, why in res.failed.items()}
 
+    def apply_sampled(self, sampled: dict[str, int]) -> None:
+        """A non-leading rank: the tokens the leader sampled at the last step."""
+        for req_id, token in sampled.items():
+            state = self.requests.get(req_id)
+            if state is not None:
+                state.token_ids.append(token)
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput, sample: bool = True) -> RunnerOutput | None:
+        """Run a step; without `sample` (a non-leading rank) only its forward passes run."""
         self._update_states(out)
         items = [(r, n, out.blend_pieces.get(r)) for r, n in out.num_scheduled_tokens.items()]
         result = RunnerOutput({}, {})
@@ -289,16 +332,54 @@ class ModelRunner:
         if not items:
             return result
         prof = self.profile
-        with prof.phase("prepare"):
-            token_ids, positions, meta, sample_rows = self._prepare_inputs(items)
-        with prof.phase("forward"):
-            if self.graphs is not None and self.graphs.applies(len(token_ids), meta):
-                hidden = self.graphs.run(token_ids, positions, meta)
-            else:
-                backend = PagedAttention(self.kv_cache, meta, self.model.args.n_heads, self.block_size)
-                hidden = self.model(token_ids, positions, backend)
+        halves = self._split(items)
+        if halves is not None:
+            hidden, sample_rows = self._forward_split(*halves)
+        else:
+            with prof.phase("prepare"):
+                token_ids, positions, meta, sample_rows = self._prepare_inputs(items)
+            with prof.phase("forward"):
+                if self.graphs is not None and self.graphs.applies(len(token_ids), meta):
+                    hidden = self.graphs.run(token_ids, positions, meta)
+                else:
+                    hidden = self.model(token_ids, positions, self._attention(meta))
+        if not sample:
+            return None
         with prof.phase("sample"):
             return self._sample_step(result, items, hidden, sample_rows)
+
+    def _split(self, items: list) -> tuple | None:
+        tp = self.tp
+        if tp is None or tp.overlap_min_tokens is None or sum(n for _, n, _ in items) < tp.overlap_min_tokens:
+            return None
+        return split_items(items)
+
+    def _forward_split(self, first: list, second: list, cut: tuple[str, int] | None) -> tuple[torch.Tensor, list]:
+        """A token-split step: both halves' inputs (the second half of a request cut in two starts
+        where the first ends), their overlapped forward, and the joined hidden states and sample rows."""
+        with self.profile.phase("prepare"):
+            ids_a, pos_a, meta_a, rows_a = self._prepare_inputs(first, self._inputs)
+            logit_rows = self._logit_rows
+            state = self.requests[cut[0]] if cut else None
+            if state is not None:
+                state.num_computed_tokens += cut[1]
+            try:
+                ids_b, pos_b, meta_b, rows_b = self._prepare_inputs(second, self._inputs_b)
+            finally:
+                if state is not None:
+                    state.num_computed_tokens -= cut[1]
+            n_a = len(ids_a)
+            for req_id, (pos, rows) in self._logit_rows.items():
+                before = logit_rows.get(req_id, ([], []))
+                logit_rows[req_id] = (before[0] + pos, before[1] + [r + n_a for r in rows])
+            self._logit_rows = logit_rows
+        with self.profile.phase("forward"):
+            hidden_a, hidden_b = forward_overlapped(
+                self.model, [(ids_a, pos_a, self._attention(meta_a)), (ids_b, pos_b, self._attention(meta_b))],
+                self.tp.group)
+        if cut is not None:
+            rows_a = rows_a[:-1]  # the cut request's first part: one item, never sampled
+        return torch.cat([hidden_a, hidden_b]), rows_a + [r + n_a if r is not None else None for r in rows_b]
 
     def _sample_step(self, result: RunnerOutput, items: list, hidden: torch.Tensor, sample_rows: list
                      ) -> RunnerOutput:

@@ -75,6 +75,10 @@ class WorkerStartError(RuntimeError):
     """The worker cannot start (Redis unreachable, model not loadable, port taken); says why."""
 
 
+class WorkerFailedError(RuntimeError):
+    """The worker stopped because it could not go on (a tensor-parallel rank died); says why."""
+
+
 @dataclass
 class WorkerOptions:
     host: str = "127.0.0.1"
@@ -163,6 +167,9 @@ class WorkerServer:
         self._registry: Registry | None = None
         self._index: KVIndex | None = None
         self._stopping = asyncio.Event()
+        self.failed = asyncio.Event()
+        """Set when the worker cannot go on (`failure` says why)."""
+        self.failure: str | None = None
         self._tasks: list[asyncio.Task] = []
         self._need_snapshot = True
         self._peers: dict[str, str] = {}
@@ -190,6 +197,8 @@ class WorkerServer:
                 await self._connect_redis()
             llm = self._llm or await self._load_engine()
             self.engine = AsyncEngine(llm, enable_kv_events=self._redis is not None)
+            loop = asyncio.get_running_loop()
+            self.engine.on_fatal = lambda e: loop.call_soon_threadsafe(self._fail, e)
             peers = self._index is not None and self.options.peer_fetch
             # peers' prefix blocks, and prefill handoffs
             kv_device = llm.connector.kv_cache.device
@@ -215,6 +224,14 @@ class WorkerServer:
             raise
         logger.info("worker %s serving %s on %s", self.worker_id, llm.model_name, self.address)
         return self.address
+
+    def _fail(self, error: BaseException) -> None:
+        """The engine cannot go on (a tensor-parallel rank died): `failed` makes serve_until stop
+        the worker (deregistered, so the router sends nothing more here); the process exits 1."""
+        logger.error("worker %s cannot go on: %s", self.worker_id, error)
+        self.failure = str(error)
+        self.failed.set()
+        self._failing = asyncio.ensure_future(self.stop())  # deregisters at once, wherever it is served from
 
     async def stop(self) -> None:
         """NOT_SERVING, stop accepting, deregister, clear the index, grace-stop, shut the engine down."""
@@ -408,9 +425,13 @@ async def run_worker(engine_config: EngineConfig, options: WorkerOptions, stop: 
     """Serve until `stop` is set (or this task is cancelled), then stop cleanly.
 
     `on_ready(server)` is called once serving and registered (`server.address`, `server.worker_id`).
-    Raises WorkerStartError when the worker cannot start.
+    Raises WorkerStartError when the worker cannot start, WorkerFailedError after it stopped
+    because it could not go on.
     """
-    await serve_until(WorkerServer(engine_config, options), stop, on_ready)
+    server = WorkerServer(engine_config, options)
+    await serve_until(server, stop, on_ready)
+    if server.failure is not None:
+        raise WorkerFailedError(server.failure)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -437,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         asyncio.run(_serve(engine_config, options))
-    except WorkerStartError as e:
+    except (WorkerStartError, WorkerFailedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,224 @@
+"""A tensor-parallel worker's ranks: the leader's `TPExecutor` and the other ranks' loop
+(`follower_main`), in the shape of vLLM v1's multiprocess executor.
+
+The leader is the worker's own process: it runs the scheduler, the KV connector and rank 0's
+model runner. It starts the other `size - 1` ranks as processes (`python -m worker.tp_executor`,
+their spec pickled on stdin: no re-import of the caller's main module, as multiprocessing's spawn
+would do), which load the checkpoint themselves and keep their shard. Each step the leader
+broadcasts one message, (the tokens it sampled at the previous step, the step's SchedulerOutput
+without its KV connector metadata), and every rank runs the step; the ranks' all-reduces inside
+the forward keep them in lockstep. Only the leader samples.
+
+The KV cache. On the CPU the group shares one cache in shared memory, laid out as a single-rank
+worker's: each rank writes and reads its own KV heads of it (a layer's heads are its outer
+dimension, so each rank's slab is contiguous), and the leader's KV connector moves whole blocks
+(all heads) through tiers and to and from peers exactly as without tensor parallelism; a block
+of a TP worker is therefore usable by any worker of the model. On GPUs each rank's cache is its
+own device's memory, sized to its heads; the leader's connector would then see only its own
+shard, so GPU tensor parallelism runs without host tiers and peer transfers (refused at start).
+The GPU path (NCCL, one GPU per rank) has not run on any machine of this project.
+
+Failures. A rank that dies breaks the group: the leader's next broadcast or all-reduce raises
+`TPGroupError`, and the worker stops (worker/async_engine.py fails its requests as retryable, the
+server deregisters). Followers exit when the leader's connection closes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from worker.kv_connector import KVConnectorMetadata
+from worker.scheduler_output import SchedulerOutput
+from worker.tensor_parallel import install_all_reduce, new_group, rank_args, shard_weights
+
+logger = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 60.0
+"""How long the ranks have to load the model and join the group."""
+STOP_TIMEOUT_S = 10.0
+
+
+class TPGroupError(RuntimeError):
+    """The group broke (a rank died or stopped answering): the worker cannot go on."""
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a follower needs to build its rank exactly as the leader built rank 0."""
+    model: str
+    dtype: torch.dtype
+    load_format: str
+    device: str
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int
+    size: int
+    overlap_min_tokens: int | None
+    num_threads: int
+    store_port: int
+
+
+def shared_kv_cache(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
+    """A zeroed KV cache in a shared-memory file, and what another process opens it with
+    (`open_kv_cache`): torch's file_system sharing, as kvstore/ipc_share.py uses it."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    storage = torch.UntypedStorage._new_using_filename_cpu(numel * dtype.itemsize)  # a fresh file reads as zeros
+    cache = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    manager, name, size = storage._share_filename_cpu_()
+    return cache, (manager, name, size, tuple(shape), dtype)
+
+
+def open_kv_cache(handle: tuple) -> torch.Tensor:
+    manager, name, size, shape, dtype = handle
+    storage = torch.UntypedStorage._new_shared_filename_cpu(manager, name, size)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def broadcast_object(group, rank: int, obj=None):
+    """`obj` from rank 0 to every rank of the group (pickled: the group is one worker's own processes)."""
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    if rank == 0:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        size = torch.tensor([len(data)], dtype=torch.long)
+    else:
+        size = torch.zeros(1, dtype=torch.long)
+    group.broadcast([size], opts).wait()
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank == 0 else torch.empty(int(size), dtype=torch.uint8)
+    group.broadcast([buf], opts).wait()
+    return obj if rank == 0 else pickle.loads(buf.numpy().tobytes())
+
+
+def build_rank_model(ckpt, args, dtype: torch.dtype, device: torch.device, rank: int, size: int):
+    """Rank `rank`'s shard of a loaded checkpoint as a model (its weights sharded before loading)."""
+    from worker.model import Transformer
+
+    weights = shard_weights(ckpt.weights, args, rank, size)
+    with torch.device("meta"):
+        model = Transformer(rank_args(args, size), dtype)
+    model.load_weights(weights, device)
+    return model.eval()
+
+
+class TPExecutor:
+    """The leader's side: starts the followers, joins the group, and runs each step on every rank."""
+
+    def __init__(self, spec_fields: dict, kv_cache_handle: tuple | None) -> None:
+        """`spec_fields`: RankSpec's fields but `store_port`; `kv_cache_handle`: the group's shared
+        cache (`shared_kv_cache`, CPU), None on GPUs (each rank allocates its own)."""
+        self.size = spec_fields["size"]
+        self.device = torch.device(spec_fields["device"])
+        self._store = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=JOIN_TIMEOUT_S),
+                                    wait_for_workers=False)
+        spec = RankSpec(**spec_fields, store_port=self._store.port)
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.procs = []
+        for rank in range(1, self.size):
+            proc = subprocess.Popen([sys.executable, "-m", "worker.tp_executor"], stdin=subprocess.PIPE, env=env)
+            proc.stdin.write(pickle.dumps((spec, rank, kv_cache_handle)))
+            proc.stdin.close()
+            self.procs.append(proc)
+        try:
+            self.group = new_group(self._store, 0, self.size, self.device, timeout_s=JOIN_TIMEOUT_S)
+            self.control = self.group if self.device.type == "cpu" else new_group(
+                self._store, 0, self.size, torch.device("cpu"), timeout_s=JOIN_TIMEOUT_S)
+        except RuntimeError as e:
+            self._kill()
+            raise TPGroupError(f"the tensor-parallel ranks did not join: {e}") from e
+        self._sampled: dict[str, int] = {}
+        self.closed = False
+
+    def execute(self, runner, out: SchedulerOutput):
+        """Run `out` on every rank; the leader's RunnerOutput. TPGroupError when a rank is gone."""
+        if self.closed:
+            raise TPGroupError("the tensor-parallel group is closed")
+        try:
+            broadcast_object(self.control, 0, (self._sampled, dataclasses.replace(
+                out, kv_connector_metadata=KVConnectorMetadata())))
+            result = runner.execute(out)
+        except RuntimeError as e:
+            self.closed = True
+            dead = [f"rank {i} (exit {p.poll()})" for i, p in enumerate(self.procs, 1) if p.poll() is not None]
+            raise TPGroupError(f"tensor-parallel step failed ({', '.join(dead) or 'no rank'} exited): "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        self._sampled = dict(result.sampled) if result is not None else {}
+        return result
+
+    def close(self) -> None:
+        """Tell the followers to exit and wait for them (killed after a timeout)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                broadcast_object(self.control, 0, None)
+            except RuntimeError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
+
+    def _kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def follower_main(spec: RankSpec, rank: int, kv_cache_handle: tuple | None) -> None:
+    """A follower rank: build its shard, join the group, run every step the leader sends until it
+    sends None or the group breaks."""
+    kv_cache = open_kv_cache(kv_cache_handle) if kv_cache_handle is not None else None
+    logging.basicConfig(level=os.environ.get("KVWEAVE_LOG_LEVEL", "WARNING"),
+                        format=f"%(asctime)s tp-rank{rank} %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(spec.num_threads)
+    torch.set_flush_denormal(True)
+    from worker.loader import load_checkpoint
+    from worker.model_runner import ModelRunner, TPRank
+
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    ckpt = load_checkpoint(spec.model, spec.dtype, spec.load_format, device)
+    args = ckpt.args
+    args.max_seq_len = spec.max_model_len
+    model = build_rank_model(ckpt, args, spec.dtype, device, rank, spec.size)
+    del ckpt
+    store = dist.TCPStore("127.0.0.1", spec.store_port, None, False, datetime.timedelta(seconds=JOIN_TIMEOUT_S))
+    group = new_group(store, rank, spec.size, device, timeout_s=JOIN_TIMEOUT_S)
+    control = group if device.type == "cpu" else new_group(store, rank, spec.size, torch.device("cpu"),
+                                                           timeout_s=JOIN_TIMEOUT_S)
+    install_all_reduce(model, group)
+    runner = ModelRunner(model, spec.num_blocks, spec.block_size, device, max_num_seqs=spec.max_num_seqs,
+                         kv_cache=kv_cache, tp=TPRank(group, rank, spec.size, spec.overlap_min_tokens))
+    try:
+        with torch.inference_mode():
+            while True:
+                msg = broadcast_object(control, rank)
+                if msg is None:
+                    return
+                sampled, out = msg
+                runner.apply_sampled(sampled)
+                runner.execute(out, sample=False)
+    except RuntimeError as e:  # the leader is gone or a rank died: nothing left to serve
+        logger.warning("tensor-parallel rank %d stops: %s", rank, str(e).splitlines()[0] if str(e) else e)
+
+
+if __name__ == "__main__":
+    follower_main(*pickle.loads(sys.stdin.buffer.read()))
