@@ -153,7 +153,7 @@ class LauncherConnector:
             for _ in range(num_replicas - len(ids)):
                 worker_id = await asyncio.to_thread(self.workers.add, role)
                 logger.info("started %s worker %s", role, worker_id)
-        except (ValueError, ClusterError) as e:  # Ray refused the actor (its name taken, Ray gone), ...
+        except (ValueError, ClusterError) as e:  # Ray refused the actor
             raise ConnectorError(f"cannot add a {role} worker: {e}") from e
         if len(ids) > num_replicas:
             gone = ids[num_replicas:][::-1]  # the newest first

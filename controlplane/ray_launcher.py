@@ -201,14 +201,20 @@ class RayWorkers:
 
     def add(self, role: str) -> str:
         """Create one more actor of `role` (the next free index) and start its worker; returns its id.
-        Raises ValueError for an unknown role."""
+        Raises ValueError for an unknown role, ClusterError when Ray refuses the actor."""
         worker_id = next_worker_id(self.config, self.roles, role)
         self._init_ray()
         with self._lock:
             self.roles[worker_id] = role
             self.worker_ids.append(worker_id)
             self.restarts[worker_id] = 0
-        self._create(worker_id)
+        try:
+            self._create(worker_id)
+        except Exception as e:  # its name taken, Ray unreachable, ...
+            with self._lock:
+                self.worker_ids.remove(worker_id)
+                del self.roles[worker_id], self.restarts[worker_id]
+            raise ClusterError(f"Ray refused the actor of worker {worker_id}: {e}") from e
         return worker_id
 
     def remove(self, worker_ids: list[str]) -> None:

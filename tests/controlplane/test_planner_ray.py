@@ -122,6 +122,25 @@ async def test_a_negative_count_or_a_pool_not_scaled_is_a_connector_error(ray_cl
     assert ray_cluster.worker_ids == ["decode-0"] and named_actors() == {"kvweave-decode-0"}
 
 
+@pytest.mark.asyncio
+async def test_an_actor_ray_refuses_is_a_connector_error_and_leaves_no_trace(ray_cluster) -> None:
+    import ray
+
+    class Squatter:  # holds the name the next decode worker's actor would take
+        pass
+
+    squatter = ray.remote(num_cpus=0)(Squatter).options(name="kvweave-decode-1", namespace=NAMESPACE).remote()
+    connector = LauncherConnector(ray_cluster.workers, roles=("decode",))
+    try:
+        with pytest.raises(ConnectorError, match="cannot add a decode worker: Ray refused the actor of worker "
+                                                 "decode-1: .*already"):
+            await connector.set_replicas("decode", 2)
+        assert ray_cluster.worker_roles == {"decode-0": "decode"} and await connector.get_replicas("decode") == 1
+    finally:
+        ray.kill(squatter)
+    eventually(lambda: named_actors() == {"kvweave-decode-0"}, "the squatter's name is free")
+
+
 def test_a_separate_planner_process_attaches_to_the_ray_cluster_and_counts_its_actors(ray_cluster) -> None:
     import ray
 
