@@ -290,6 +290,7 @@ def ray_connector(config: PlannerConfig, actor_cls: type) -> Connector:
         if adopted := workers.adopt():
             logger.info("Ray namespace %s already holds workers %s: they count and may be stopped",
                         config.ray_namespace, ", ".join(adopted))
+        workers.watch()  # Ray re-creates an actor whose process died; the watcher starts its worker again
     except RayStartError as e:
         raise ConnectorError(str(e)) from None
     return LauncherConnector(workers)

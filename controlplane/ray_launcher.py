@@ -276,7 +276,8 @@ class RayWorkers:
         return actors
 
     def watch(self) -> None:
-        """Start the watcher thread that starts again the workers of actors Ray re-created."""
+        """Start the watcher thread that starts again the workers of actors Ray re-created (not those of
+        adopted actors)."""
         if self.config.restart and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="kvweave-ray-watch", daemon=True)
             self._watcher.start()
@@ -286,8 +287,8 @@ class RayWorkers:
 
         addresses = dict(self.addresses)
         while not self._watching.wait(WATCH_S):
-            with self._lock:
-                actors = dict(self._actors)
+            with self._lock:  # the adopted actors are their own launcher's to watch
+                actors = {i: a for i, a in self._actors.items() if i not in self._adopted}
             for worker_id, actor in actors.items():
                 try:
                     _, address = ray.get(actor.start.remote(), timeout=600)

@@ -32,6 +32,8 @@ class WorkerActor:
         self._task: asyncio.Task | None = None
         self._serving: tuple[str, str] | None = None
         self._stopped = False
+        self._starting = asyncio.Lock()
+        """One start at a time: the launcher's watcher may call `start` while the first one still loads."""
 
     async def start(self, engine_args: dict[str, Any] | None = None, options: dict[str, Any] | None = None,
                     secrets: dict[str, str] | None = None) -> tuple[str, str]:
@@ -39,6 +41,11 @@ class WorkerActor:
         worker's start error. Without arguments it uses the constructor's settings.
         `secrets`: environment variable (KVWEAVE_CLUSTER_SECRET_FILE, ...) -> the file's content,
         written to a private (0700) folder of this actor's process. Refused after `stop`."""
+        async with self._starting:
+            return await self._start(engine_args, options, secrets)
+
+    async def _start(self, engine_args: dict[str, Any] | None, options: dict[str, Any] | None,
+                     secrets: dict[str, str] | None) -> tuple[str, str]:
         if self._stopped:  # the launcher's watcher may still call start on an actor being removed
             raise RuntimeError("this worker actor was stopped")
         if self._serving is not None and not self._task.done():

@@ -58,11 +58,7 @@ def named_actors() -> set[str]:
 
 
 async def registered(cluster: LocalCluster) -> set[str]:
-    client = aioredis.Redis.from_url(cluster.redis_url)
-    try:
-        return {w.worker_id for w in await Registry(client).list_workers()}
-    finally:
-        await client.aclose()
+    return set(await registered_addresses(cluster))
 
 
 def eventually(predicate, what: str, timeout: float = 60.0) -> None:
@@ -70,6 +66,14 @@ def eventually(predicate, what: str, timeout: float = 60.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
         time.sleep(0.2)
+
+
+async def registered_addresses(cluster: LocalCluster) -> dict[str, str]:
+    client = aioredis.Redis.from_url(cluster.redis_url)
+    try:
+        return {w.worker_id: w.address for w in await Registry(client).list_workers()}
+    finally:
+        await client.aclose()
 
 
 async def wait_for(predicate, what: str, timeout: float = 180.0) -> None:
@@ -96,7 +100,12 @@ async def test_scaling_the_decode_pool_adds_a_serving_actor_and_removes_it(ray_c
     assert ray_cluster.worker_roles == {"decode-0": "decode", "decode-1": "decode"}
     assert await connector.get_replicas("decode") == 2
     assert named_actors() == {"kvweave-decode-0", "kvweave-decode-1"}
+    # more starts while the first still loads (as the launcher's watcher calls it) join that one
+    actor = ray_cluster.workers.actors[ray_cluster.worker_ids.index("decode-1")]
+    first, second = await asyncio.gather(actor.start.remote(), actor.start.remote())
+    assert first == second and first[0] == "decode-1"
     await wait_for(lambda: _eq(registered(ray_cluster), {"decode-0", "decode-1"}), "decode-1 registers")
+    assert (await registered_addresses(ray_cluster))["decode-1"] == first[1]
 
     async def both_serve() -> bool:  # round robin: once the router sees decode-1, two requests reach both
         return await served_by(ray_cluster, 2) == {"decode-0", "decode-1"}
