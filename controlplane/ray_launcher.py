@@ -104,9 +104,8 @@ class RayWorkers:
 
     `actor_cls` has async `start(engine_args: dict, options: dict) -> (worker id, address)` (load the
     model, serve, register), `stop()`, `settings() -> (engine_args, options)` and `pid()`:
-    `worker.ray_actor.WorkerActor`. `options` are
-    `worker.server.WorkerOptions` fields; an `advertise_host` of `kvweave.registry.NODE_IP` asks the
-    actor to advertise its node's IP."""
+    `worker.ray_actor.WorkerActor`. `options` are `worker.server.WorkerOptions` fields; an
+    `advertise_host` of `kvweave.registry.NODE_IP` asks the actor to advertise its node's IP."""
 
     def __init__(self, config: ClusterConfig, roles: dict[str, str], redis_url: str, actor_cls: type,
                  security_env: dict[str, str] | None = None) -> None:
