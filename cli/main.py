@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.server", "serve one engine over gRPC and register it in Redis"),
     "router": ("controlplane.router_main", "route requests to workers (gRPC + OpenAI-compatible HTTP)"),
     "serve": ("cli.serve", "start a cluster on this machine: Redis, N workers and the router"),
-    "planner": ("controlplane.planner_main", "scale the prefill and decode pools toward TTFT and ITL targets"),
+    "planner": ("cli.planner", "scale the prefill and decode pools toward TTFT and ITL targets"),
     "bench": ("benchmarks", "run a benchmark (reports ratios against a baseline from the same run)"),
     "loadgen": ("loadgen.cli", "load-test a kvweave router or an OpenAI-compatible server"),
 }

@@ -144,7 +144,8 @@ def router_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def _ray_actor() -> type:
+def ray_actor_class() -> type:
+    """The Ray actor class that runs a worker (imports the worker package, hence torch)."""
     from worker.ray_actor import WorkerActor
 
     return WorkerActor
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         config = config_from_args(args)
-        cluster = LocalCluster(config, ray_actor=_ray_actor() if config.launcher == "ray" else None)
+        cluster = LocalCluster(config, ray_actor=ray_actor_class() if config.launcher == "ray" else None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

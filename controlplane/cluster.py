@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import json
 import logging
 import os
@@ -36,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.cluster_config import (
-    ID_PREFIXES, ClusterConfig, ClusterError, cli_command, field_flags, heartbeat_s, new_worker_id,
-    worker_engine_args, worker_roles,
+    ClusterConfig, ClusterError, cli_command, field_flags, heartbeat_s, next_worker_id, worker_engine_args,
+    worker_roles,
 )
 from controlplane.procs import (LOCALHOST, RedisServer, child_env, free_port, spawn, stop_process_groups, tail,
                                 with_tcmalloc)
@@ -370,11 +369,7 @@ class LocalWorkers:
     def add(self, role: str) -> str:
         """Start one more worker of `role` (the next free index, free ports, its GPUs as the others'
         are shared out: `gpus_for_new_worker`); returns its id."""
-        if role not in ID_PREFIXES:
-            raise ValueError(f"unknown role {role!r}; valid: {', '.join(ID_PREFIXES)}")
-        taken = {w.split("-")[1] for w, r in self.roles.items() if r == role}
-        i = next(i for i in itertools.count() if str(i) not in taken)
-        worker_id = new_worker_id(self.config, role, i)
+        worker_id = next_worker_id(self.config, self.roles, role)
         gpus = gpus_for_new_worker(self.gpus, self._visible_gpus, self.config.gpus_per_worker)
         if gpus is not None:
             self.gpus[worker_id] = gpus

@@ -13,6 +13,7 @@ and nothing else, so it is its own module below both.
 """
 from __future__ import annotations
 
+import itertools
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ class ClusterConfig:
     """local (worker processes) | ray (worker actors)."""
     ray_address: str | None = None
     """Ray cluster to join (None: start a local one); its nodes must reach `redis_url`."""
+    ray_namespace: str = "kvweave"
+    """Ray namespace of the worker actors, each named `kvweave-<worker id>` (`kvweave-decode-1`), so
+    that another driver (`kvweave planner --connector ray`) can find and count them."""
     ray_temp_dir: str | None = None
     """Temp dir of a local Ray cluster (keep it short: Ray's socket paths must fit 107 bytes)."""
     gpus_per_worker: float = 0.0
@@ -154,6 +158,15 @@ def new_worker_id(config: ClusterConfig, role: str, i: int) -> str:
     return base if config.redis_url is None else f"{base}-{secrets.token_hex(3)}"
 
 
+def next_worker_id(config: ClusterConfig, roles: dict[str, str], role: str) -> str:
+    """The id of one more worker of `role` beside `roles` (worker id -> role): the lowest free index.
+    Raises ValueError for a role a cluster does not start."""
+    if role not in ID_PREFIXES:
+        raise ValueError(f"unknown role {role!r}; valid: {', '.join(ID_PREFIXES)}")
+    taken = {w.split("-")[1] for w, r in roles.items() if r == role}
+    return new_worker_id(config, role, next(i for i in itertools.count() if str(i) not in taken))
+
+
 def heartbeat_s(lease_s: float) -> float:
     """A worker's heartbeat period under a lease of `lease_s`: a third of it, at most a second."""
     return min(1.0, lease_s / 3)
@@ -164,6 +177,14 @@ def worker_engine_args(engine_args: dict[str, Any], worker_id: str) -> dict[str,
     belongs to one process)."""
     if engine_args.get("ssd_cache_dir"):
         return {**engine_args, "ssd_cache_dir": str(Path(engine_args["ssd_cache_dir"]) / worker_id)}
+    return engine_args
+
+
+def shared_engine_args(engine_args: dict[str, Any], worker_id: str) -> dict[str, Any]:
+    """The cluster's engine settings from those of its worker `worker_id` (`worker_engine_args` undone)."""
+    ssd_cache_dir = engine_args.get("ssd_cache_dir")
+    if ssd_cache_dir and Path(ssd_cache_dir).name == worker_id:
+        return {**engine_args, "ssd_cache_dir": str(Path(ssd_cache_dir).parent)}
     return engine_args
 
 

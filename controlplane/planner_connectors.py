@@ -6,18 +6,25 @@ A connector knows the pools it manages (`roles`), reads a pool's replica count a
   client, configured in-cluster (the pod's service account; the chart's Role allows exactly this)
   or from a kubeconfig. Kubernetes then starts pods or stops them (SIGTERM: a worker deregisters
   and drains within its grace period, docs/deployment.md).
-- `LocalConnector`: `kvweave worker` processes on this machine (controlplane.cluster.LocalWorkers):
-  scaling up starts workers of the role, scaling down stops the newest ones with SIGTERM, so they
-  deregister and drain as a pod does.
-Connector errors are `ConnectorError`s with a message that says what to fix.
+- `LauncherConnector`: the workers of one of the cluster's launchers, `kvweave worker` processes on
+  this machine (controlplane.cluster.LocalWorkers, `--connector local`) or Ray actors
+  (controlplane.ray_launcher.RayWorkers, `--connector ray`): scaling up starts workers of the role
+  the way the launcher starts its first ones, scaling down stops the newest ones (SIGTERM, or the
+  actor's `stop`), so they deregister and drain as a pod does.
+Connector errors are `ConnectorError`s with a message that says what to fix; a pool the connector does
+not scale, or a negative replica count, is one.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from controlplane.cluster import LocalWorkers
+from controlplane.cluster_config import ClusterError
+
+if TYPE_CHECKING:
+    from controlplane.cluster import LocalWorkers
+    from controlplane.ray_launcher import RayWorkers
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,15 @@ class Connector(Protocol):
     async def set_replicas(self, role: str, num_replicas: int) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def check_pool(connector: Connector, role: str, num_replicas: int = 0) -> None:
+    """Raise ConnectorError unless `connector` scales `role` and `num_replicas` >= 0."""
+    if role not in connector.roles:
+        raise ConnectorError(f"the {role!r} pool is not scaled by this connector; its pools: "
+                             f"{', '.join(connector.roles) or '(none)'}")
+    if num_replicas < 0:
+        raise ConnectorError(f"cannot scale the {role} pool to {num_replicas} replicas: the count must be >= 0")
 
 
 def kubernetes_api_client(kubeconfig: str | None = None):
@@ -85,12 +101,13 @@ class KubernetesConnector:
         self.apps = client.AppsV1Api(api_client)
 
     async def get_replicas(self, role: str) -> int:
+        check_pool(self, role)
         scale = await self._call(role, "read", self.apps.read_namespaced_deployment_scale,
                                  self.deployments[role], self.namespace)
         return int(scale.spec.replicas or 0)
 
     async def set_replicas(self, role: str, num_replicas: int) -> None:
-        assert num_replicas >= 0
+        check_pool(self, role, num_replicas)
         await self._call(role, "scale", self.apps.patch_namespaced_deployment_scale, self.deployments[role],
                          self.namespace, {"spec": {"replicas": num_replicas}},
                          _content_type="application/merge-patch+json")
@@ -117,21 +134,27 @@ class KubernetesConnector:
         await asyncio.to_thread(self.api_client.close)
 
 
-class LocalConnector:
-    """Scales the pools of `workers` (a LocalWorkers: `kvweave worker` processes on this machine)."""
+class LauncherConnector:
+    """Scales the pools of `workers`, a launcher's workers: LocalWorkers (`kvweave worker` processes on
+    this machine) or RayWorkers (Ray actors). Both keep `roles` (worker id -> role, oldest first),
+    `add(role) -> worker id`, `remove(worker ids)` (each deregisters and drains) and `stop()`."""
 
-    def __init__(self, workers: LocalWorkers, roles: tuple[str, ...] = ("prefill", "decode")) -> None:
+    def __init__(self, workers: LocalWorkers | RayWorkers, roles: tuple[str, ...] = ("prefill", "decode")) -> None:
         self.workers, self.roles = workers, roles
 
     async def get_replicas(self, role: str) -> int:
+        check_pool(self, role)
         return sum(1 for r in self.workers.roles.values() if r == role)
 
     async def set_replicas(self, role: str, num_replicas: int) -> None:
-        assert num_replicas >= 0
+        check_pool(self, role, num_replicas)
         ids = [i for i, r in self.workers.roles.items() if r == role]
-        for _ in range(num_replicas - len(ids)):
-            worker_id = self.workers.add(role)
-            logger.info("started %s worker %s", role, worker_id)
+        try:
+            for _ in range(num_replicas - len(ids)):
+                worker_id = await asyncio.to_thread(self.workers.add, role)
+                logger.info("started %s worker %s", role, worker_id)
+        except (ValueError, ClusterError) as e:  # Ray refused the actor
+            raise ConnectorError(f"cannot add a {role} worker: {e}") from e
         if len(ids) > num_replicas:
             gone = ids[num_replicas:][::-1]  # the newest first
             await asyncio.to_thread(self.workers.remove, gone)

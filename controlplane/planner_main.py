@@ -1,7 +1,9 @@
 """`kvweave planner`: the SLA planner process. Every `interval_s` it observes each pool's load
 (controlplane/planner_observer.py), decides its replicas (controlplane/planner.py) and applies
 them through a connector (controlplane/planner_connectors.py): the Kubernetes Deployments of the
-Helm chart, or `kvweave worker` processes it starts on this machine.
+Helm chart, `kvweave worker` processes it starts on this machine, or worker actors it starts in a
+Ray cluster (the actor class comes from the CLI layer, cli/planner.py: the control plane never
+imports the worker).
 
 Each decision is logged with its reason and figures, and counted in the planner's own Prometheus
 metrics (`kvweave_planner_*`, docs/metrics.md) on `--metrics-port`. `--once` observes and decides
@@ -13,9 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 from aiohttp import web
@@ -30,16 +35,21 @@ from kvweave.metrics import CONTENT_TYPE, serve_http
 from kvweave.model_files import model_name, resolve_model
 from kvweave.registry import Registry
 
+if TYPE_CHECKING:
+    from controlplane.cluster_config import ClusterConfig
+
 logger = logging.getLogger(__name__)
 
-CONNECTORS = ("kubernetes", "local")
+CONNECTORS = ("kubernetes", "local", "ray")
 
 
 @dataclass
 class PlannerConfig:
     connector: str = field(default="kubernetes", metadata=flag(choices=CONNECTORS))
     """kubernetes: scale the pools' Deployments (--prefill-deployment, --decode-deployment); local:
-    start and stop `kvweave worker` processes of each pool on this machine."""
+    start and stop `kvweave worker` processes of each pool on this machine; ray: start and stop worker
+    actors of each pool in a Ray cluster (--ray-address, else a local one), named per role and index
+    in --ray-namespace."""
     namespace: str | None = None
     """Kubernetes namespace of the Deployments (None: the pod's own, else "default")."""
     prefill_deployment: str | None = None
@@ -48,6 +58,17 @@ class PlannerConfig:
     """The decode pool's Deployment (kubernetes; None: the pool is not scaled)."""
     kubeconfig: str | None = None
     """kubeconfig file used outside a pod (None: in-cluster, else $KUBECONFIG or ~/.kube/config)."""
+    ray_address: str | None = None
+    """Ray cluster the ray connector starts its worker actors in (None: a local Ray cluster on 127.0.0.1);
+    its nodes must reach --redis-url."""
+    ray_namespace: str = "kvweave"
+    """Ray namespace of the ray connector's worker actors, named `kvweave-<worker id>` (`kvweave-decode-1`).
+    The worker actors already there (`kvweave serve --launcher ray`) are adopted: they count, may be
+    stopped, and the actors the planner adds copy their engine settings (else the engine's defaults)."""
+    cpus_per_worker: float = 1.0
+    """CPUs each worker actor of the ray connector reserves."""
+    gpus_per_worker: float = 0.0
+    """GPUs each worker actor of the ray connector reserves (Ray places it on a GPU node)."""
     ttft_target_ms: float = 500.0
     """Time-to-first-token target of the prefill pool (its workers' TTFT quantile), ms."""
     itl_target_ms: float = 50.0
@@ -77,7 +98,8 @@ class PlannerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     """The cluster's Redis (its registry of workers)."""
     model: str | None = None
-    """Only workers serving this model count (None: all); the model of the workers the local connector starts."""
+    """Only workers serving this model count (None: all); the model of the workers the local and ray
+    connectors start."""
     metrics_port: int = 9401
     """HTTP port of the planner's GET /metrics (0: a free port, -1: none)."""
     host: str = "0.0.0.0"
@@ -92,8 +114,10 @@ class PlannerConfig:
             raise ValueError(f"unknown connector {self.connector!r}; valid: {', '.join(CONNECTORS)}")
         if self.connector == "kubernetes" and not (self.prefill_deployment or self.decode_deployment):
             raise ValueError("the kubernetes connector needs --prefill-deployment or --decode-deployment (or both)")
-        if self.connector == "local" and self.model is None:
-            raise ValueError("the local connector needs --model: the model of the workers it starts")
+        if self.connector in ("local", "ray") and self.model is None:
+            raise ValueError(f"the {self.connector} connector needs --model: the model of the workers it starts")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ValueError("cpus-per-worker and gpus-per-worker must be >= 0")
         for name in ("ttft_target_ms", "itl_target_ms", "prefill_tokens_per_s", "decode_running", "interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -206,49 +230,90 @@ async def start_metrics_server(metrics: PlannerMetrics, host: str, port: int) ->
     return await serve_http({"/metrics": get_metrics}, host, port)
 
 
-def make_connector(config: PlannerConfig) -> Connector:
-    """The configured connector (ConnectorError when Kubernetes is not configured)."""
+def make_connector(config: PlannerConfig, ray_actor: Callable[[], type] | None = None) -> Connector:
+    """The configured connector (ConnectorError when Kubernetes or Ray is not usable). `ray_actor`: for
+    the ray connector, returns the actor class that runs a worker (`worker.ray_actor.WorkerActor`)."""
     if config.connector == "kubernetes":
         from controlplane.planner_connectors import KubernetesConnector, default_namespace, kubernetes_api_client
 
         return KubernetesConnector(config.namespace or default_namespace(), config.deployments,
                                    kubernetes_api_client(config.kubeconfig))
+    if config.connector == "ray":
+        if ray_actor is None:
+            raise ConnectorError("the ray connector needs the worker's actor class (`kvweave planner` passes "
+                                 "worker.ray_actor.WorkerActor)")
+        return ray_connector(config, ray_actor())
     return local_connector(config)
 
 
-def local_connector(config: PlannerConfig) -> Connector:
-    """A LocalConnector whose workers register in the planner's Redis (none started yet: the first
+def _cluster_config(config: PlannerConfig, **options) -> ClusterConfig:
+    """The settings of the workers a launcher connector starts (no worker started yet: the first
     decision brings each pool to `min_replicas`)."""
+    from controlplane.cluster_config import ClusterConfig
+
+    # `workers` only sizes a local Ray cluster: room for every pool at its most
+    return ClusterConfig(workers=len(POOL_ROLES) * config.max_replicas, model=config.model,
+                         redis_url=config.redis_url, **options)
+
+
+def local_connector(config: PlannerConfig) -> Connector:
+    """A LauncherConnector of `kvweave worker` processes that register in the planner's Redis."""
     import tempfile
     from pathlib import Path
 
     from controlplane.cluster import LocalWorkers
-    from controlplane.cluster_config import ClusterConfig
-    from controlplane.planner_connectors import LocalConnector
+    from controlplane.planner_connectors import LauncherConnector
     from controlplane.procs import child_env, with_tcmalloc
 
-    cluster = ClusterConfig(workers=1, model=config.model, redis_url=config.redis_url)
     log_dir = Path(tempfile.mkdtemp(prefix="kvweave-planner-"))
     logger.info("local workers log to %s", log_dir)
-    return LocalConnector(LocalWorkers(cluster, {}, config.redis_url, log_dir, with_tcmalloc(child_env())))
+    workers = LocalWorkers(_cluster_config(config), {}, config.redis_url, log_dir, with_tcmalloc(child_env()))
+    return LauncherConnector(workers)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def ray_connector(config: PlannerConfig, actor_cls: type) -> Connector:
+    """A LauncherConnector of `actor_cls` actors in the Ray cluster at `ray_address` (else a local one,
+    started now: ConnectorError when Ray cannot start); they register in the planner's Redis. The
+    worker actors already in `ray_namespace` (`kvweave serve --launcher ray`) are adopted: they count
+    and scaling down may stop them, but they stay when the planner exits, while those it started stop."""
+    from controlplane.planner_connectors import LauncherConnector
+    from controlplane.ray_launcher import RayStartError, RayWorkers
+
+    cluster = _cluster_config(config, launcher="ray", ray_address=config.ray_address,
+                              ray_namespace=config.ray_namespace, cpus_per_worker=config.cpus_per_worker,
+                              gpus_per_worker=config.gpus_per_worker)
+    security_env = {name: os.environ[name] for name in (cluster_secret.SECRET_ENV, cluster_secret.REDIS_PASSWORD_ENV)
+                    if os.environ.get(name)}  # what `install` set: the actors get the files' contents
+    workers = RayWorkers(cluster, {}, config.redis_url, actor_cls, security_env)
+    try:
+        workers.start()
+        if adopted := workers.adopt():
+            logger.info("Ray namespace %s already holds workers %s: they count and may be stopped",
+                        config.ray_namespace, ", ".join(adopted))
+        workers.watch()  # Ray re-creates an actor whose process died; the watcher starts its worker again
+    except RayStartError as e:
+        raise ConnectorError(str(e)) from None
+    return LauncherConnector(workers)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("planner", help="scale the prefill and decode pools toward TTFT and ITL targets",
                        description="The SLA planner: every interval it reads each pool's load (the registry in "
                                    "Redis and the workers' metrics), predicts the next interval's, and scales the "
                                    "prefill pool toward the TTFT target and the decode pool toward the ITL target "
-                                   "(Kubernetes Deployments, or local worker processes).")
+                                   "(Kubernetes Deployments, local worker processes, or worker actors in a Ray cluster).")
     add_config_args(p, PlannerConfig)
     add_config_args(p, cluster_secret.SecurityOptions)
     p.set_defaults(func=run)
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, ray_actor: Callable[[], type] | None = None) -> int:
+    """`ray_actor`: see `make_connector`."""
     try:
         config = PlannerConfig(**config_kwargs(PlannerConfig, args))
         cluster_secret.install(cluster_secret.SecurityOptions(**config_kwargs(cluster_secret.SecurityOptions, args)))
-        connector = make_connector(config)
+        connector = make_connector(config, ray_actor)
     except (ValueError, ConnectorError) as e:  # SecretError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ def test_layers_tool_finds_nothing():
 
 
 @pytest.mark.parametrize("module", ["controlplane.router_main", "kvweave", "kvweave.client", "loadgen.cli",
-                                    "cli.main"])
+                                    "cli.main", "cli.planner"])
 def test_light_processes_import_no_torch(module):
     code = (f"import sys, {module}\n"
             "import kvweave; kvweave.Client, kvweave.AsyncClient\n"

@@ -31,13 +31,23 @@ class WorkerActor:
         self._stop: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._serving: tuple[str, str] | None = None
+        self._stopped = False
+        self._starting = asyncio.Lock()
+        """One start at a time: the launcher's watcher may call `start` while the first one still loads."""
 
     async def start(self, engine_args: dict[str, Any] | None = None, options: dict[str, Any] | None = None,
                     secrets: dict[str, str] | None = None) -> tuple[str, str]:
         """Load the model and serve (unless already serving); returns (worker id, address). Raises the
         worker's start error. Without arguments it uses the constructor's settings.
         `secrets`: environment variable (KVWEAVE_CLUSTER_SECRET_FILE, ...) -> the file's content,
-        written to a private (0700) folder of this actor's process."""
+        written to a private (0700) folder of this actor's process. Refused after `stop`."""
+        async with self._starting:
+            return await self._start(engine_args, options, secrets)
+
+    async def _start(self, engine_args: dict[str, Any] | None, options: dict[str, Any] | None,
+                     secrets: dict[str, str] | None) -> tuple[str, str]:
+        if self._stopped:  # the launcher's watcher may still call start on an actor being removed
+            raise RuntimeError("this worker actor was stopped")
         if self._serving is not None and not self._task.done():
             return self._serving
         engine_args = engine_args if engine_args is not None else self._settings[0]
@@ -67,10 +77,16 @@ class WorkerActor:
         return self._serving
 
     async def stop(self) -> None:
-        """Deregister and shut the engine down (the worker's own clean stop)."""
+        """Deregister, drain and shut the engine down (the worker's own clean stop); for good."""
+        self._stopped = True
         if self._stop is not None:
             self._stop.set()
             await self._task
+
+    def settings(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The engine settings and worker options it was created with (no secrets): a planner that
+        adopted this actor starts new ones like it."""
+        return self._settings[0], self._settings[1]
 
     def pid(self) -> int:
         return os.getpid()

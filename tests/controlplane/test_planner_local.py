@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 import kvweave
 from controlplane.cluster import LocalWorkers
 from controlplane.cluster_config import ClusterConfig
-from controlplane.planner_connectors import LocalConnector
+from controlplane.planner_connectors import LauncherConnector
 from controlplane.planner_main import PlannerConfig, PlannerLoop, model_id
 from controlplane.planner_observer import LoadObserver
 from controlplane.procs import child_env
@@ -62,7 +62,7 @@ async def test_a_load_step_adds_a_decode_worker_and_its_end_removes_it(redis_url
     cluster = ClusterConfig(workers=1, model=model, redis_url=redis_url, engine_args=ENGINE_ARGS, lease_s=2.0,
                             insecure=True)
     workers = LocalWorkers(cluster, {}, redis_url, tmp_path, child_env())
-    connector = LocalConnector(workers, roles=("decode",))
+    connector = LauncherConnector(workers, roles=("decode",))
     config = PlannerConfig(connector="local", model=model, redis_url=redis_url, decode_running=NUM_IN_FLIGHT / 2,
                            min_replicas=1, max_replicas=2, interval_s=1.0, grace_intervals=0, correction=False)
     client = aioredis.Redis.from_url(redis_url)

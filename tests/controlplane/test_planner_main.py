@@ -35,6 +35,10 @@ current-context: x
     (["--decode-deployment", "d", "--hysteresis", "1"], "hysteresis must be in [0, 1), got 1.0"),
     (["--decode-deployment", "d", "--window", "0"], "window >= 1"),
     (["--connector", "local"], "the local connector needs --model"),
+    (["--connector", "ray"], "the ray connector needs --model"),
+    (["--connector", "ray", "--model", "m", "--gpus-per-worker", "-1"], "gpus-per-worker must be >= 0"),
+    (["--connector", "ray", "--model", "m", "--ray-address", "127.0.0.1:1"],
+     "cannot connect to Ray at 127.0.0.1:1: nothing listens there"),
     (["--decode-deployment", "d", "--kubeconfig", "/nonexistent/kubeconfig"], "no Kubernetes configuration"),
 ])
 def test_bad_settings_are_refused_with_a_message(argv, message, capsys):
@@ -43,7 +47,7 @@ def test_bad_settings_are_refused_with_a_message(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--connector", "ray"], "argument --connector: invalid choice: 'ray'"),
+    (["--connector", "ray-cluster"], "argument --connector: invalid choice: 'ray-cluster'"),
     (["--decode-deployment", "d", "--min-replicas", "two"], "argument --min-replicas: invalid int value: 'two'"),
     (["--decode-deployment", "d", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
