@@ -9,6 +9,10 @@ worker's deltas back (controlplane/forwarding.py: deadlines, stalls, a failure b
 token retried on another worker, one after it migrated). Each stage's time is a histogram
 (`kvweave_router_stage_seconds`).
 
+Every decision's prediction (the chosen worker's predicted hits by tier, its cost and the
+runner-up's, controlplane/explain.py) goes to the request's usage and is compared with what the
+worker reports it reused; `explain` shows the decision for a prompt without sending it.
+
 Prefill/decode disaggregation, when the registry has prefill workers: the policy picks the decode
 (or colocated) worker D among the workers that serve whole requests, and the same policy picks a
 prefill worker P by its cache-aware cost; `controlplane.disagg.decide` says whether P prefills
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import logging
 import time
@@ -37,6 +42,7 @@ from controlplane.disagg import DisaggDecision, decide
 from controlplane.errors import (
     DeadlineExceededError, NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status,
 )
+from controlplane.explain import Explanation, explain, predict
 from controlplane.forwarding import BREAKER_CODES, Forwarder, RoutedRequest, WorkerFailure
 from controlplane.metrics import RouterMetrics
 from controlplane.policies import RouteRequest, WorkerState, held_chunk_tokens, make_policy
@@ -80,7 +86,7 @@ class Router:
         self.pool.on_breaker = self.metrics.count_breaker
         self.pool.on_degraded = self.metrics.count_degraded  # Redis faults, counted
         self.forwarder = Forwarder(self.pool, self.metrics, config.max_attempts, config.max_migrations,
-                                   config.stall_timeout_s)
+                                   config.stall_timeout_s, (config.divergence_ratio, config.divergence_min_tokens))
         self.model_names = frozenset({self.model.name, config.model})
         self._extra_cache = ExtraKeysCache(self.model.name, hash_salt())  # bounded LRU, keyed hashes
         self._active: dict[str, RoutedRequest] = {}
@@ -222,10 +228,25 @@ class Router:
         return RoutedRequest(req_id, token_ids, inp.session_id, inp.tenant, params, message, arrival, deadline,
                              chunk_spans=spans)
 
-    async def _dispatch(self, req: RoutedRequest) -> AsyncIterator[Delta]:
+    def _candidates(self, req: RoutedRequest) -> list[PoolWorker]:
         workers = [w for w in self.pool.eligible() if w.info.max_model_len > len(req.token_ids)]
         if not workers:
             raise NoWorkerError(f"no worker serving {self.model.name} is available")
+        return workers
+
+    async def explain(self, inp: GenerateInput) -> Explanation:
+        """The placement `generate` would choose for `inp` now, with every candidate, without sending
+        it (`POST /v1/route/explain`). The policy decides on a copy of itself, so its tie rotation and
+        session memory stay as they were. Raises as `generate` does before its first delta."""
+        req = self._prepare(inp, time.perf_counter())
+        workers = self._candidates(req)
+        hits = await self._lookup(req, workers)
+        states = [self._state(w, hits) for w in workers]
+        request = self._route_request(req)
+        return explain(request, states, copy.deepcopy(self.policy).pick(request, states))
+
+    async def _dispatch(self, req: RoutedRequest) -> AsyncIterator[Delta]:
+        workers = self._candidates(req)
         prefills = [w for w in self.pool.eligible(roles=PREFILL_ROLES) if w.info.max_model_len > len(req.token_ids)]
         t0 = time.perf_counter()
         hits = await self._lookup(req, workers + prefills)
@@ -416,6 +437,8 @@ class Router:
         logger.debug("route %s -> %s (%s, %s) costs=%s hits=%s", req.req_id, decision.worker_id, decision.policy,
                      decision.reason, decision.costs, hits)
         self.metrics.decisions.labels(decision.policy, decision.worker_id).inc()
+        self.metrics.track_route_worker(decision.worker_id)
+        req.route = predict(request, states, decision)
         i = next(i for i, w in enumerate(workers) if w.worker_id == decision.worker_id)
         if req.chunk_spans:
             self.metrics.predicted_chunk_hit_tokens.inc(held_chunk_tokens(request, states[i]))

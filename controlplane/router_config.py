@@ -47,6 +47,12 @@ class RouterConfig:
     (None: plain prompts are not split)."""
     max_chunks_per_request: int = MAX_CHUNKS_PER_REQUEST
     """Most reusable chunks one request may carry."""
+    divergence_ratio: float = 0.5
+    """A request's reused tokens diverge from the router's prediction when they differ by more than
+    this share (and `divergence_min_tokens`); counted per worker (controlplane/explain.py)."""
+    divergence_min_tokens: int = 32
+    """Differences of at most this many tokens never count as divergence (a worker recomputes a
+    prompt's last token, so a fully cached prompt delivers up to a block less than predicted)."""
     disagg_threshold_tokens: int | None = None
     """Uncached prompt tokens from which a request may be prefilled on a prefill worker (None: the
     decode worker's step token budget)."""
@@ -70,6 +76,8 @@ class RouterConfig:
         if self.stall_timeout_s < 2 * WAITING_HEARTBEAT_S:
             raise ValueError(f"stall_timeout_s must be at least twice the workers' heartbeat while a request "
                              f"waits for its first token ({WAITING_HEARTBEAT_S:g} s)")
+        if not 0.0 < self.divergence_ratio <= 1.0 or self.divergence_min_tokens < 0:
+            raise ValueError("divergence_ratio must be in (0, 1] and divergence_min_tokens >= 0")
         if self.max_migrations < 0 or self.breaker_min_open_s < 0:
             raise ValueError("max_migrations and breaker_min_open_s must not be negative")
         self.disagg = DisaggConfig(self.disagg_threshold_tokens, self.disagg_max_prefill_queue_tokens,
