@@ -11,7 +11,8 @@ token retried on another worker, one after it migrated). Each stage's time is a 
 
 Every decision's prediction (the chosen worker's predicted hits by tier, its cost and the
 runner-up's, controlplane/explain.py) goes to the request's usage and is compared with what the
-worker reports it reused; `explain` shows the decision for a prompt without sending it.
+worker reports it reused; `explain` shows the decision for a prompt without sending it. Router
+replicas over one Redis share their in-flight requests per worker (controlplane/replica_load.py).
 
 Prefill/decode disaggregation, when the registry has prefill workers: the policy picks the decode
 (or colocated) worker D among the workers that serve whole requests, and the same policy picks a
@@ -30,6 +31,8 @@ import contextlib
 import copy
 import functools
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +49,7 @@ from controlplane.explain import Explanation, explain, predict
 from controlplane.forwarding import BREAKER_CODES, Forwarder, RoutedRequest, WorkerFailure
 from controlplane.metrics import RouterMetrics
 from controlplane.policies import RouteRequest, WorkerState, held_chunk_tokens, make_policy
+from controlplane.replica_load import ReplicaLoad
 from kvweave.registry import Registry
 from controlplane.router_config import RouterConfig
 from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogprob, Usage
@@ -85,6 +89,8 @@ class Router:
         self.pool.probe_s, self.pool.min_open_s = config.breaker_probe_s, config.breaker_min_open_s
         self.pool.on_breaker = self.metrics.count_breaker
         self.pool.on_degraded = self.metrics.count_degraded  # Redis faults, counted
+        self.replicas = ReplicaLoad(self.redis, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                                    config.load_sync_s, max(config.lease_s, 2 * config.load_sync_s))
         self.forwarder = Forwarder(self.pool, self.metrics, config.max_attempts, config.max_migrations,
                                    config.stall_timeout_s, (config.divergence_ratio, config.divergence_min_tokens))
         self.model_names = frozenset({self.model.name, config.model})
@@ -96,6 +102,7 @@ class Router:
     async def start(self) -> None:
         """Read the registry once and start watching it."""
         await self.pool.start()
+        self.replicas.start(self.pool.workers)
 
     async def stop(self) -> None:
         for req in list(self._active.values()):
@@ -103,6 +110,7 @@ class Router:
             req.cancel()
         for task in list(self._background):
             task.cancel()
+        await self.replicas.close()
         await self.pool.close()
         await self.redis.aclose()
 

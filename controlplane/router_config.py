@@ -53,6 +53,9 @@ class RouterConfig:
     divergence_min_tokens: int = 32
     """Differences of at most this many tokens never count as divergence (a worker recomputes a
     prompt's last token, so a fully cached prompt delivers up to a block less than predicted)."""
+    load_sync_s: float = 0.1
+    """How often this router publishes its in-flight requests per worker to Redis and reads the other
+    router replicas' (controlplane/replica_load.py)."""
     disagg_threshold_tokens: int | None = None
     """Uncached prompt tokens from which a request may be prefilled on a prefill worker (None: the
     decode worker's step token budget)."""
@@ -78,6 +81,8 @@ class RouterConfig:
                              f"waits for its first token ({WAITING_HEARTBEAT_S:g} s)")
         if not 0.0 < self.divergence_ratio <= 1.0 or self.divergence_min_tokens < 0:
             raise ValueError("divergence_ratio must be in (0, 1] and divergence_min_tokens >= 0")
+        if self.load_sync_s <= 0:
+            raise ValueError("load_sync_s must be positive")
         if self.max_migrations < 0 or self.breaker_min_open_s < 0:
             raise ValueError("max_migrations and breaker_min_open_s must not be negative")
         self.disagg = DisaggConfig(self.disagg_threshold_tokens, self.disagg_max_prefill_queue_tokens,
