@@ -15,8 +15,8 @@ traceback. An error after an event stream has started is sent as a last
 `data: {"error": ...}` event before `data: [DONE]`.
 
 With API keys (controlplane/auth.py), every route but /health, /ready and /metrics (aggregates only) needs
-`Authorization: Bearer KEY` (else 401, code "invalid_api_key"); completions, chat, /tokenize and
-/detokenize count against the key's rate limits (429 with `Retry-After` seconds), and a request's
+`Authorization: Bearer KEY` (else 401, code "invalid_api_key"); completions, chat, /tokenize,
+/detokenize and /v1/route/explain count against the key's rate limits (429 with `Retry-After` seconds), and a request's
 cache namespace is its key's.
 """
 from __future__ import annotations

@@ -9,6 +9,8 @@ import json
 import pytest
 import redis
 
+import kvweave
+
 from cli.main import main as kvweave_main
 from kvstore.index import index_key
 from kvstore.keys import encode_extra_keys, hash_blocks
@@ -67,8 +69,15 @@ def test_usage_says_what_was_predicted_and_delivered(cluster):
     assert route.runner_up_worker_id == other and route.runner_up_cost > route.cost
     assert route.divergence == ""
 
+    with kvweave.Client(router.grpc_address, timeout=60) as client:  # the SDK's view of the same
+        reply = client.complete(token_ids=prefix + prompt_ids(34, 20), max_tokens=1, temperature=0.0)
+    assert reply.worker_id == holder and reply.usage.cached_tokens == 160
+    assert reply.usage.route == kvweave.RouteInfo(holder, "chunk_aware", "cost", {"device": 160}, {},
+                                                  reply.usage.route.cost, other, reply.usage.route.runner_up_cost, "")
+    assert reply.usage.route.runner_up_cost > reply.usage.route.cost
+
     counts = route_samples(router)
-    assert counts[holder] == {"checked": 3, "predicted": 320, "delivered": 320, "under": 0, "over": 0}
+    assert counts[holder] == {"checked": 4, "predicted": 480, "delivered": 480, "under": 0, "over": 0}
 
 
 def test_divergence_is_flagged_per_worker(make_cluster):
