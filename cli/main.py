@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("cli.generate", "generate completions offline (JSONL batch or one prompt)"),
     "worker": ("worker.server", "serve one engine over gRPC and register it in Redis"),
     "router": ("controlplane.router_main", "route requests to workers (gRPC + OpenAI-compatible HTTP)"),
+    "route": ("cli.route", "inspect the router's placement decisions (route explain: where a prompt would go)"),
     "serve": ("cli.serve", "start a cluster on this machine: Redis, N workers and the router"),
     "planner": ("cli.planner", "scale the prefill and decode pools toward TTFT and ITL targets"),
     "bench": ("benchmarks", "run a benchmark (reports ratios against a baseline from the same run)"),

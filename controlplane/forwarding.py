@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from controlplane.errors import DeadlineExceededError, NoWorkerError, OverloadedError, WorkerFailedError
+from controlplane.explain import RoutePrediction, check_delivery
 from controlplane.metrics import RouterMetrics
 from controlplane.router_types import Delta, TokenLogprob, Usage
 from controlplane.worker_pool import PoolWorker, WorkerPool
@@ -78,6 +79,8 @@ class RoutedRequest:
     num_carried: int = 0
     """Of those, the tokens sent before the current worker (it got them as prompt)."""
     num_migrations: int = 0
+    route: RoutePrediction | None = None
+    """The policy's prediction for the worker it chose last (controlplane/explain.py)."""
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -112,8 +115,10 @@ PickFn = Callable[[RoutedRequest, list[PoolWorker]], tuple[PoolWorker, int]]
 
 class Forwarder:
     def __init__(self, pool: WorkerPool, metrics: RouterMetrics, max_attempts: int, max_migrations: int,
-                 stall_timeout_s: float) -> None:
+                 stall_timeout_s: float, divergence: tuple[float, int] = (0.5, 32)) -> None:
+        """`divergence`: (ratio, min_tokens) of `explain.check_delivery`."""
         self.pool = pool
+        self.divergence = divergence
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.max_migrations = max_migrations
@@ -284,5 +289,20 @@ class Forwarder:
                                 req.num_migrations)
             if req.num_migrations:
                 logger.info("request %s finished after %d migration(s)", req.req_id, req.num_migrations)
+            self._check_route(req, worker, delta.usage)
             self.metrics.count_usage(delta.usage)
         return delta
+
+    def _check_route(self, req: RoutedRequest, worker: PoolWorker, usage: Usage) -> None:
+        """Attach the router's prediction to the usage and, when the worker it was made for prefilled
+        the whole prompt, compare it with what that worker reused (counted per worker)."""
+        route = usage.route = req.route
+        if route is None or route.worker_id != worker.worker_id or req.num_migrations or req.prefill_usage:
+            return
+        delivered = usage.cached_tokens + usage.chunk_reused_tokens
+        usage.route_divergence = check_delivery(route, delivered, *self.divergence)
+        self.metrics.count_route_check(worker.worker_id, route.held_tokens, delivered, usage.route_divergence)
+        if usage.route_divergence:
+            logger.info("request %s on worker %s: reused %d prompt tokens, the router predicted %d held (+%d from "
+                        "peers): %s", req.req_id, worker.worker_id, delivered, route.held_tokens, route.peer_tokens,
+                        "a stale index" if usage.route_divergence == "under" else "KV events missing")

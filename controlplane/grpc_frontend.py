@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controlplane.auth import Gate, Tenant
 from controlplane.errors import RateLimitedError, RouterError, error_status, public_message
+from controlplane.explain import RoutePrediction
 from controlplane.router import Delta, GenerateInput, Router
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -76,6 +77,20 @@ def delta_to_proto(delta: Delta) -> inference_pb2.GenerateResponse:
                 prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
                 chunk_reused_tokens=u.chunk_reused_tokens, recomputed_tokens=u.recomputed_tokens,
                 disaggregation=u.disaggregation, prefill_worker_id=u.prefill_worker_id))
+            if u.route is not None:
+                msg.usage.route.CopyFrom(route_to_proto(u.route, u.route_divergence))
+    return msg
+
+
+def route_to_proto(p: RoutePrediction, divergence: str = "") -> common_pb2.RoutePrediction:
+    msg = common_pb2.RoutePrediction(worker_id=p.worker_id, policy=p.policy, reason=p.reason,
+                                     prefix_tokens=common_pb2.TierTokens(**p.prefix_tokens),
+                                     chunk_tokens=common_pb2.TierTokens(**p.chunk_tokens),
+                                     runner_up_worker_id=p.runner_up_id, divergence=divergence)
+    if p.cost is not None:
+        msg.cost = p.cost
+    if p.runner_up_cost is not None:
+        msg.runner_up_cost = p.runner_up_cost
     return msg
 
 

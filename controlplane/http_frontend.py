@@ -5,7 +5,9 @@ Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` as serve
 "max_model_len", "tokens"}: the ids the router would send a worker) and POST /detokenize (->
 {"prompt"}), GET /health (liveness: 200 while the process serves), GET /ready (readiness: 200 while a
 worker serves the router's model, else 503), GET /metrics (the router's Prometheus metrics), GET /metrics/targets
-(every live worker's metrics endpoint in Prometheus's HTTP service-discovery format, docs/metrics.md).
+(every live worker's metrics endpoint in Prometheus's HTTP service-discovery format, docs/metrics.md),
+POST /v1/route/explain (a completion or chat body -> the worker the router would choose now and
+every candidate's predicted hits by tier, load and cost; nothing is sent: controlplane/explain.py).
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status
 (the table in controlplane/errors.py; 413 for a body over `max_body_bytes`, 404 for an unknown
 route, 400 for a body nesting deeper than MAX_JSON_DEPTH or holding a lone surrogate); never a
@@ -13,8 +15,8 @@ traceback. An error after an event stream has started is sent as a last
 `data: {"error": ...}` event before `data: [DONE]`.
 
 With API keys (controlplane/auth.py), every route but /health, /ready and /metrics (aggregates only) needs
-`Authorization: Bearer KEY` (else 401, code "invalid_api_key"); completions, chat, /tokenize and
-/detokenize count against the key's rate limits (429 with `Retry-After` seconds), and a request's
+`Authorization: Bearer KEY` (else 401, code "invalid_api_key"); completions, chat, /tokenize,
+/detokenize and /v1/route/explain count against the key's rate limits (429 with `Retry-After` seconds), and a request's
 cache namespace is its key's.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from controlplane.auth import Gate, Tenant
 from controlplane.errors import AuthenticationError, RateLimitedError, error_status, public_message
+from controlplane.explain import explanation_json
 from controlplane.openai_api import (
     OpenAIRequestError, ResponseOptions, chunk_json, error_json, logprobs_json, parse_chat, parse_completion,
     parse_detokenize, parse_tokenize, response_json,
@@ -255,6 +258,16 @@ async def detokenize(request: web.Request) -> web.Response:
     return web.json_response({"prompt": router.tokenizer.decode(token_ids, skip_special_tokens=False)})
 
 
+async def route_explain(request: web.Request) -> web.Response:
+    """The router's placement of a completion or chat body (`messages` given) without sending it."""
+    router, grant = request.app[_ROUTER], _admit(request)
+    body = await _read_json(request)
+    parse = parse_chat if body.get("messages") is not None else parse_completion
+    inp, _ = parse(body, router.model.name)
+    inp.tenant = grant.namespace
+    return web.json_response(explanation_json(await router.explain(inp)))
+
+
 async def health(request: web.Request) -> web.Response:
     router = request.app[_ROUTER]
     roles = router.pool.role_counts()
@@ -317,6 +330,7 @@ def build_app(router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, gate
     app.router.add_post("/v1/completions", completions, expect_handler=_expect)
     app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=_expect)
     app.router.add_get("/v1/models", models, expect_handler=_expect)
+    app.router.add_post("/v1/route/explain", route_explain, expect_handler=_expect)
     app.router.add_post("/tokenize", tokenize, expect_handler=_expect)
     app.router.add_post("/detokenize", detokenize, expect_handler=_expect)
     app.router.add_get("/health", health, expect_handler=_expect)

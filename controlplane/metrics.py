@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from controlplane.disagg import REASONS
+from controlplane.explain import DIVERGENCES
 from controlplane.router_types import Usage
 from kvweave.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
 from kvweave.registry import ROLES
@@ -103,6 +104,19 @@ class RouterMetrics:
                                f"({', '.join(REFUSED_REASONS)})", ["reason"], registry=r)
         for reason in REFUSED_REASONS:
             self.refused.labels(reason)
+        self.route_checked = Counter("kvweave_router_route_checked_requests", "Requests whose reused tokens were "
+                                     "compared with the router's prediction, by worker", ["worker"], registry=r)
+        self.route_predicted = Counter("kvweave_router_route_predicted_tokens", "Of the compared requests, the "
+                                       "prompt tokens the router predicted the worker held (prefix and chunks), "
+                                       "by worker", ["worker"], registry=r)
+        self.route_delivered = Counter("kvweave_router_route_delivered_tokens", "Of the compared requests, the "
+                                       "prompt tokens the worker reported reused (prefix-cached and chunk-reused), "
+                                       "by worker", ["worker"], registry=r)
+        self.route_diverged = Counter("kvweave_router_route_diverged_requests", "Compared requests whose reused "
+                                      "tokens diverged from the prediction, by worker and direction (under: a "
+                                      "stale index; over: the worker's KV events are missing)",
+                                      ["worker", "direction"], registry=r)
+        self._route_workers: set[str] = set()
         # One child per stage, resolved once: labels() costs more than observe() on the hot path.
         self.stages = {name: self.stage.labels(name) for name in STAGES}
 
@@ -118,6 +132,25 @@ class RouterMetrics:
         self.cached_tokens.inc(usage.cached_tokens)
         self.chunk_reused_tokens.inc(usage.chunk_reused_tokens)
         self.recomputed_tokens.inc(usage.recomputed_tokens)
+
+    def count_route_check(self, worker_id: str, predicted: int, delivered: int, divergence: str) -> None:
+        """One request's prediction compared with its delivery (`divergence`: "", "under" or "over")."""
+        self.track_route_worker(worker_id)
+        self.route_checked.labels(worker_id).inc()
+        self.route_predicted.labels(worker_id).inc(predicted)
+        self.route_delivered.labels(worker_id).inc(delivered)
+        if divergence:
+            self.route_diverged.labels(worker_id, divergence).inc()
+
+    def track_route_worker(self, worker_id: str) -> None:
+        """Start a worker's route-check series at 0 (so a dashboard's ratio exists before any check)."""
+        if worker_id in self._route_workers:
+            return
+        self._route_workers.add(worker_id)
+        for metric in (self.route_checked, self.route_predicted, self.route_delivered):
+            metric.labels(worker_id)
+        for direction in DIVERGENCES:
+            self.route_diverged.labels(worker_id, direction)
 
     def count_degraded(self, reason: str) -> None:
         """One Redis failure worked around (`DEGRADED_REASONS`)."""

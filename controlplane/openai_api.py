@@ -10,7 +10,10 @@ string `prompt`; chat messages mark documents with `"kvweave": {"document": true
 `{"type": "document", "text": ...}` (kvweave/segments.py). Usage adds `"kvweave": {"computed_tokens",
 "prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens", "worker_id"}`, and with prefill
 workers in the cluster "disaggregation" (the router's decision) and "prefill_worker_id"; "migrations"
-when the request moved to another worker mid-stream (docs/resilience.md).
+when the request moved to another worker mid-stream (docs/resilience.md); "route": what the router
+predicted for the worker it chose (prefix and chunk tokens by source, its cost and the runner-up's),
+what the worker "delivered" (prefix-cached and chunk-reused tokens) and the "divergence" between them
+("", "under" or "over": controlplane/explain.py).
 Features we do not implement (penalties, logit_bias, tools, echo, best_of > 1, suffix) are
 rejected with a 400 rather than silently ignored.
 
@@ -25,6 +28,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from controlplane.explain import prediction_json
 from controlplane.router import GenerateInput, TokenLogprob, Usage
 from kvweave.errors import InvalidRequestError
 from kvweave.limits import check_id, check_role
@@ -287,6 +291,10 @@ def usage_json(usage: Usage | None, worker_id: str = "") -> dict | None:
         kvweave["prefill_worker_id"] = usage.prefill_worker_id
     if usage.num_migrations:
         kvweave["migrations"] = usage.num_migrations
+    if usage.route is not None:
+        kvweave["route"] = prediction_json(usage.route) | {
+            "delivered": {"prefix_tokens": usage.cached_tokens, "chunk_tokens": usage.chunk_reused_tokens},
+            "divergence": usage.route_divergence}
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}, "kvweave": kvweave}

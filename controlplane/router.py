@@ -9,6 +9,11 @@ worker's deltas back (controlplane/forwarding.py: deadlines, stalls, a failure b
 token retried on another worker, one after it migrated). Each stage's time is a histogram
 (`kvweave_router_stage_seconds`).
 
+Every decision's prediction (the chosen worker's predicted hits by tier, its cost and the
+runner-up's, controlplane/explain.py) goes to the request's usage and is compared with what the
+worker reports it reused; `explain` shows the decision for a prompt without sending it. Router
+replicas over one Redis share their in-flight requests per worker (controlplane/replica_load.py).
+
 Prefill/decode disaggregation, when the registry has prefill workers: the policy picks the decode
 (or colocated) worker D among the workers that serve whole requests, and the same policy picks a
 prefill worker P by its cache-aware cost; `controlplane.disagg.decide` says whether P prefills
@@ -23,32 +28,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import grpc
 import redis.asyncio
 
-from controlplane.disagg import DisaggConfig, DisaggDecision, decide
+from controlplane.disagg import DisaggDecision, decide
 from controlplane.errors import (
     DeadlineExceededError, NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status,
 )
+from controlplane.explain import Explanation, explain, predict
 from controlplane.forwarding import BREAKER_CODES, Forwarder, RoutedRequest, WorkerFailure
 from controlplane.metrics import RouterMetrics
-from controlplane.policies import DEFAULT_POLICY, RouteRequest, WorkerState, held_chunk_tokens, make_policy
+from controlplane.policies import RouteRequest, WorkerState, held_chunk_tokens, make_policy
+from controlplane.replica_load import ReplicaLoad
 from kvweave.registry import Registry
+from controlplane.router_config import RouterConfig
 from controlplane.router_types import Delta, GenerateInput, ModelCard, TokenLogprob, Usage
 from controlplane.worker_pool import PREFILL_ROLES, PoolWorker, WorkerPool
-from kvstore.index import MEDIUMS, KVIndex, local_run
+from kvstore.index import KVIndex, local_run
 from kvstore.keys import ExtraKeysCache, chunk_block_keys, chunk_hash, hash_blocks
 from kvweave.cluster_secret import hash_salt
 from kvweave.convert import sampling_to_proto
 from kvweave.v1 import common_pb2, worker_pb2
-from kvweave.defaults import DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST, REGISTRY_LEASE_S, WAITING_HEARTBEAT_S
 from kvweave.errors import InvalidRequestError
 from kvweave.limits import check_prompt_size
 from kvweave.model_files import LoadedTokenizer, load_tokenizer
@@ -62,72 +72,6 @@ _MAX_TOKEN_ID = 2**31 - 1
 __all__ = ["Router", "RouterConfig", "GenerateInput", "Delta", "Usage", "TokenLogprob", "ModelCard",
            "InvalidRequestError", "DeadlineExceededError", "NoWorkerError", "OverloadedError", "UnknownModelError",
            "WorkerFailedError", "error_status"]
-
-
-@dataclass
-class RouterConfig:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis holding the worker registry and the KV index."""
-    model: str = DEFAULT_MODEL
-    """Built-in model name, HF folder or .gguf: gives the tokenizer and the model name workers serve."""
-    policy: str = DEFAULT_POLICY
-    policy_config: dict = field(default_factory=dict)
-    """Keyword options of the policy (e.g. prefill_weight for prefix_aware)."""
-    max_inflight: int = 1024
-    """Admission control: requests beyond this many in flight get OverloadedError (429)."""
-    lease_s: float = REGISTRY_LEASE_S
-    """The workers' registry lease."""
-    refresh_s: float = 0.5
-    """How often the registry is re-read."""
-    max_attempts: int = 3
-    """Workers tried per request before its first token."""
-    request_timeout_s: float = 600.0
-    """Deadline of a request whose caller gives none (HTTP, gRPC without a deadline): past it the
-    request ends with 504 / DEADLINE_EXCEEDED and its work on the worker is cancelled."""
-    stall_timeout_s: float = 60.0
-    """A worker stream that sends nothing for this long is stalled: its circuit breaker opens and the
-    request is retried or migrated. A request waiting for its first token is not: its worker sends
-    a heartbeat every WAITING_HEARTBEAT_S (1 s) meanwhile, so this must be at least twice that."""
-    max_migrations: int = 2
-    """Times a request that has streamed tokens may move to another worker when its worker fails."""
-    breaker_probe_s: float = 0.5
-    """How often a worker whose circuit breaker is open is probed (grpc.health.v1)."""
-    breaker_min_open_s: float = 1.0
-    """An open circuit breaker stays open at least this long."""
-    index_mediums: tuple[str, ...] = MEDIUMS
-    """KV-index tiers that count as cache hits (fastest first)."""
-    chunk_separator: str | None = None
-    """Splits plain text prompts: the pieces strictly between two separators are reusable chunks
-    (None: plain prompts are not split)."""
-    max_chunks_per_request: int = MAX_CHUNKS_PER_REQUEST
-    """Most reusable chunks one request may carry."""
-    disagg_threshold_tokens: int | None = None
-    """Uncached prompt tokens from which a request may be prefilled on a prefill worker (None: the
-    decode worker's step token budget)."""
-    disagg_max_prefill_queue_tokens: int = 16384
-    """A prefill worker with this many queued prefill tokens takes no more remote prefills."""
-    disagg_handoff_margin: float = 1.0
-    """Remote prefill only when the predicted KV handoff takes under this share of the predicted
-    local prefill."""
-
-    def __post_init__(self) -> None:
-        if self.max_inflight <= 0 or self.max_attempts <= 0:
-            raise ValueError("max_inflight and max_attempts must be positive")
-        if self.max_chunks_per_request <= 0:
-            raise ValueError("max_chunks_per_request must be positive")
-        if self.chunk_separator == "":
-            raise ValueError("chunk_separator must be a non-empty string (or None)")
-        if self.lease_s <= 0 or self.refresh_s <= 0:
-            raise ValueError("lease_s and refresh_s must be positive")
-        if min(self.request_timeout_s, self.stall_timeout_s, self.breaker_probe_s) <= 0:
-            raise ValueError("request_timeout_s, stall_timeout_s and breaker_probe_s must be positive")
-        if self.stall_timeout_s < 2 * WAITING_HEARTBEAT_S:
-            raise ValueError(f"stall_timeout_s must be at least twice the workers' heartbeat while a request "
-                             f"waits for its first token ({WAITING_HEARTBEAT_S:g} s)")
-        if self.max_migrations < 0 or self.breaker_min_open_s < 0:
-            raise ValueError("max_migrations and breaker_min_open_s must not be negative")
-        self.disagg = DisaggConfig(self.disagg_threshold_tokens, self.disagg_max_prefill_queue_tokens,
-                                   self.disagg_handoff_margin)
 
 
 class Router:
@@ -145,8 +89,10 @@ class Router:
         self.pool.probe_s, self.pool.min_open_s = config.breaker_probe_s, config.breaker_min_open_s
         self.pool.on_breaker = self.metrics.count_breaker
         self.pool.on_degraded = self.metrics.count_degraded  # Redis faults, counted
+        self.replicas = ReplicaLoad(self.redis, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                                    config.load_sync_s, max(config.lease_s, 2 * config.load_sync_s))
         self.forwarder = Forwarder(self.pool, self.metrics, config.max_attempts, config.max_migrations,
-                                   config.stall_timeout_s)
+                                   config.stall_timeout_s, (config.divergence_ratio, config.divergence_min_tokens))
         self.model_names = frozenset({self.model.name, config.model})
         self._extra_cache = ExtraKeysCache(self.model.name, hash_salt())  # bounded LRU, keyed hashes
         self._active: dict[str, RoutedRequest] = {}
@@ -156,6 +102,7 @@ class Router:
     async def start(self) -> None:
         """Read the registry once and start watching it."""
         await self.pool.start()
+        self.replicas.start(self.pool.workers)
 
     async def stop(self) -> None:
         for req in list(self._active.values()):
@@ -163,6 +110,7 @@ class Router:
             req.cancel()
         for task in list(self._background):
             task.cancel()
+        await self.replicas.close()
         await self.pool.close()
         await self.redis.aclose()
 
@@ -288,10 +236,25 @@ class Router:
         return RoutedRequest(req_id, token_ids, inp.session_id, inp.tenant, params, message, arrival, deadline,
                              chunk_spans=spans)
 
-    async def _dispatch(self, req: RoutedRequest) -> AsyncIterator[Delta]:
+    def _candidates(self, req: RoutedRequest) -> list[PoolWorker]:
         workers = [w for w in self.pool.eligible() if w.info.max_model_len > len(req.token_ids)]
         if not workers:
             raise NoWorkerError(f"no worker serving {self.model.name} is available")
+        return workers
+
+    async def explain(self, inp: GenerateInput) -> Explanation:
+        """The placement `generate` would choose for `inp` now, with every candidate, without sending
+        it (`POST /v1/route/explain`). The policy decides on a copy of itself, so its tie rotation and
+        session memory stay as they were. Raises as `generate` does before its first delta."""
+        req = self._prepare(inp, time.perf_counter())
+        workers = self._candidates(req)
+        hits = await self._lookup(req, workers)
+        states = [self._state(w, hits) for w in workers]
+        request = self._route_request(req)
+        return explain(request, states, copy.deepcopy(self.policy).pick(request, states))
+
+    async def _dispatch(self, req: RoutedRequest) -> AsyncIterator[Delta]:
+        workers = self._candidates(req)
         prefills = [w for w in self.pool.eligible(roles=PREFILL_ROLES) if w.info.max_model_len > len(req.token_ids)]
         t0 = time.perf_counter()
         hits = await self._lookup(req, workers + prefills)
@@ -482,6 +445,8 @@ class Router:
         logger.debug("route %s -> %s (%s, %s) costs=%s hits=%s", req.req_id, decision.worker_id, decision.policy,
                      decision.reason, decision.costs, hits)
         self.metrics.decisions.labels(decision.policy, decision.worker_id).inc()
+        self.metrics.track_route_worker(decision.worker_id)
+        req.route = predict(request, states, decision)
         i = next(i for i, w in enumerate(workers) if w.worker_id == decision.worker_id)
         if req.chunk_spans:
             self.metrics.predicted_chunk_hit_tokens.inc(held_chunk_tokens(request, states[i]))

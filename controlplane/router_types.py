@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from controlplane.explain import RoutePrediction
 from kvweave.sampling_params import SamplingParams
 
 
@@ -49,6 +50,12 @@ class Usage:
     prefill_worker_id: str = ""
     num_migrations: int = 0
     """Times the request moved to another worker mid-stream (its worker died or stalled)."""
+    route: RoutePrediction | None = None
+    """What the router predicted for the worker it chose (controlplane/explain.py); None when the
+    request was not placed by a policy here."""
+    route_divergence: str = ""
+    """"under" or "over" when the tokens the worker reused diverged from the prediction (explain.py's
+    `check_delivery`); "" when they agreed or were not compared (migrated or remotely prefilled)."""
 
     @property
     def computed_tokens(self) -> int:

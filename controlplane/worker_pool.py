@@ -2,8 +2,9 @@
 
 `WorkerPool.run` re-reads the registry every `refresh_s`; a worker whose lease expired drops out
 (its channel is closed). Between heartbeats the registry's load figures are stale, so the pool
-also counts what this router itself has placed on each worker and not yet finished; a policy sees
-the larger of the two views (the registry also reflects other routers' requests).
+also counts what this router itself has placed on each worker and not yet finished, and what the
+other router replicas have (published through Redis, controlplane/replica_load.py); a policy sees
+the larger of the two views.
 
 Circuit breaker: a worker that failed or stalled a call is opened (skipped by `eligible`) at once,
 before its lease runs out; a probe asks its grpc.health.v1 service every `probe_s` and closes the
@@ -54,6 +55,10 @@ class PoolWorker:
     """Requests this router sent here that have not streamed a token yet."""
     num_local_running: int = 0
     num_local_prefill_tokens: int = 0
+    num_remote_waiting: int = 0
+    """Requests the other router replicas sent here and not yet started (controlplane/replica_load.py)."""
+    num_remote_running: int = 0
+    num_remote_prefill_tokens: int = 0
 
     @property
     def worker_id(self) -> str:
@@ -64,9 +69,10 @@ class PoolWorker:
         load = self.info.load
         return WorkerState(
             self.info.worker_id,
-            num_running=max(load.num_running, self.num_local_running),
-            num_waiting=max(load.num_waiting, self.num_local_waiting),
-            num_queued_prefill_tokens=max(load.num_queued_prefill_tokens, self.num_local_prefill_tokens),
+            num_running=max(load.num_running, self.num_local_running + self.num_remote_running),
+            num_waiting=max(load.num_waiting, self.num_local_waiting + self.num_remote_waiting),
+            num_queued_prefill_tokens=max(load.num_queued_prefill_tokens,
+                                          self.num_local_prefill_tokens + self.num_remote_prefill_tokens),
             num_kv_blocks_used=load.num_kv_blocks_used,
             num_kv_blocks_total=load.num_kv_blocks_total,
             num_hit_blocks=local_run(hit_tiers),

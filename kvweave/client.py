@@ -115,7 +115,8 @@ or `segments` (`Segment`s, {"text", "reusable"} dicts or strings (not reusable);
 chunks whose KV may be reused wherever they appear). A chat message marked
 `{"kvweave": {"document": True}}` is such a chunk too. The last delta's `usage` counts the prompt
 tokens reused from the prefix cache (`cached_tokens`) and from chunk-caches (`chunk_reused_tokens`,
-of which `recomputed_tokens` were recomputed). Sampling parameters left as None take the server's
+of which `recomputed_tokens` were recomputed), and `usage.route` (a `RouteInfo`) what the router
+predicted for the worker it chose: tokens by tier, its cost and the runner-up's. Sampling parameters left as None take the server's
 defaults. `session_id` keeps a session on one worker, `tenant` selects the cache namespace,
 `request_id` names the request (for `abort`), `model` is optional when the cluster serves one model.
 `timeout` overrides the client's deadline for this call.

@@ -97,6 +97,25 @@ def invalid(message: str) -> InvalidRequest:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(slots=True)
+class RouteInfo:
+    """What the router predicted for the worker it chose; the worker's delivery is the usage's
+    `cached_tokens` and `chunk_reused_tokens`."""
+    worker_id: str = ""
+    policy: str = ""
+    reason: str = ""
+    prefix_tokens: dict[str, int] = field(default_factory=dict)
+    """Leading prompt tokens by source (device, dram, ssd, peer), sources with none left out."""
+    chunk_tokens: dict[str, int] = field(default_factory=dict)
+    """Reusable-chunk tokens beyond the prefix run, by the source of their cache."""
+    cost: float | None = None
+    runner_up_worker_id: str = ""
+    runner_up_cost: float | None = None
+    divergence: str = ""
+    """"under" (the worker reused less than predicted: a stale index), "over" (more: its KV events
+    are missing) or "" (agreed, or not compared)."""
+
+
+@dataclass(slots=True)
 class Usage:
     """Token accounting of one request."""
     prompt_tokens: int = 0
@@ -112,6 +131,8 @@ class Usage:
     (empty when the cluster has no prefill workers)."""
     prefill_worker_id: str = ""
     """The worker that prefilled the prompt, when "remote"."""
+    route: RouteInfo | None = None
+    """The router's prediction (None from a router that sends none)."""
 
     @property
     def total_tokens(self) -> int:
@@ -317,7 +338,17 @@ def _usage_from_proto(u: common_pb2.Usage) -> Usage:
     return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                  cached_tokens=u.cached_tokens, chunk_reused_tokens=u.chunk_reused_tokens,
                  recomputed_tokens=u.recomputed_tokens, disaggregation=u.disaggregation,
-                 prefill_worker_id=u.prefill_worker_id)
+                 prefill_worker_id=u.prefill_worker_id, route=_route_from_proto(u.route) if u.HasField("route") else None)
+
+
+def _tier_tokens(t: common_pb2.TierTokens) -> dict[str, int]:
+    return {name: n for name in ("device", "dram", "ssd", "peer") if (n := getattr(t, name))}
+
+
+def _route_from_proto(r: common_pb2.RoutePrediction) -> RouteInfo:
+    return RouteInfo(r.worker_id, r.policy, r.reason, _tier_tokens(r.prefix_tokens), _tier_tokens(r.chunk_tokens),
+                     r.cost if r.HasField("cost") else None, r.runner_up_worker_id,
+                     r.runner_up_cost if r.HasField("runner_up_cost") else None, r.divergence)
 
 
 def delta_from_proto(msg: inference_pb2.GenerateResponse) -> GenerateDelta:

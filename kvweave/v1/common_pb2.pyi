@@ -87,7 +87,7 @@ class ChunkSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "chunk_reused_tokens", "recomputed_tokens", "disaggregation", "prefill_worker_id")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "chunk_reused_tokens", "recomputed_tokens", "disaggregation", "prefill_worker_id", "route")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class Usage(_message.Message):
     RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DISAGGREGATION_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -102,7 +103,42 @@ class Usage(_message.Message):
     recomputed_tokens: int
     disaggregation: str
     prefill_worker_id: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., chunk_reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., disaggregation: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ...) -> None: ...
+    route: RoutePrediction
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., chunk_reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., disaggregation: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., route: _Optional[_Union[RoutePrediction, _Mapping]] = ...) -> None: ...
+
+class TierTokens(_message.Message):
+    __slots__ = ("device", "dram", "ssd", "peer")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DRAM_FIELD_NUMBER: _ClassVar[int]
+    SSD_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    dram: int
+    ssd: int
+    peer: int
+    def __init__(self, device: _Optional[int] = ..., dram: _Optional[int] = ..., ssd: _Optional[int] = ..., peer: _Optional[int] = ...) -> None: ...
+
+class RoutePrediction(_message.Message):
+    __slots__ = ("worker_id", "policy", "reason", "prefix_tokens", "chunk_tokens", "cost", "runner_up_worker_id", "runner_up_cost", "divergence")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_UP_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_UP_COST_FIELD_NUMBER: _ClassVar[int]
+    DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    policy: str
+    reason: str
+    prefix_tokens: TierTokens
+    chunk_tokens: TierTokens
+    cost: float
+    runner_up_worker_id: str
+    runner_up_cost: float
+    divergence: str
+    def __init__(self, worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., prefix_tokens: _Optional[_Union[TierTokens, _Mapping]] = ..., chunk_tokens: _Optional[_Union[TierTokens, _Mapping]] = ..., cost: _Optional[float] = ..., runner_up_worker_id: _Optional[str] = ..., runner_up_cost: _Optional[float] = ..., divergence: _Optional[str] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "top_logprobs")

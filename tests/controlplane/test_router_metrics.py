@@ -104,3 +104,8 @@ def test_router_counts_what_clients_saw_and_lists_the_workers_metrics(make_clust
     assert total("chunk_reused_tokens") == sum(u.chunk_reused_tokens for u in usages) > 0
     assert total("recomputed_tokens") == sum(u.recomputed_tokens for u in usages) > 0
     assert not any(name.startswith("kvweave_worker_") for name, _ in samples)
+    # The second chunked request went where its chunks were, as the router predicted, and got them.
+    route = usages[1].route
+    assert route.chunk_tokens.dram == usages[1].chunk_reused_tokens > 0 and route.divergence == ""
+    assert sum(v for (name, _), v in samples.items() if name == "kvweave_router_route_diverged_requests_total") == 0
+    assert sum(v for (name, _), v in samples.items() if name == "kvweave_router_route_checked_requests_total") == 3
