@@ -334,7 +334,7 @@ class LocalWorkers:
         self.worker_ids = list(roles)
         self.log_dir, self.env = log_dir, env
         self._visible_gpus = visible_gpus(config.gpus, env)
-        self.gpus = assign_gpus(self.worker_ids, self._visible_gpus, config.gpus_per_worker)
+        self.gpus = assign_gpus(self.worker_ids, self._visible_gpus, config.worker_gpus)
         """worker id -> its CUDA_VISIBLE_DEVICES (empty: no GPU here)."""
         self.procs: list[subprocess.Popen] = []
         self.addresses: dict[str, str] = {}
@@ -370,7 +370,7 @@ class LocalWorkers:
         """Start one more worker of `role` (the next free index, free ports, its GPUs as the others'
         are shared out: `gpus_for_new_worker`); returns its id."""
         worker_id = next_worker_id(self.config, self.roles, role)
-        gpus = gpus_for_new_worker(self.gpus, self._visible_gpus, self.config.gpus_per_worker)
+        gpus = gpus_for_new_worker(self.gpus, self._visible_gpus, self.config.worker_gpus)
         if gpus is not None:
             self.gpus[worker_id] = gpus
         self.roles[worker_id] = role

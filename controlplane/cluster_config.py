@@ -129,6 +129,23 @@ class ClusterConfig:
                              "nothing could decode their requests (add decode_workers or workers)")
 
     @property
+    def tensor_parallel_size(self) -> int:
+        """Ranks of each worker (its engine's `tensor_parallel_size`)."""
+        return int(self.engine_args.get("tensor_parallel_size", 1))
+
+    @property
+    def worker_gpus(self) -> float:
+        """GPUs each local worker gets: `gpus_per_worker`, else one per tensor-parallel rank (0: one each)."""
+        tp = self.tensor_parallel_size
+        return self.gpus_per_worker or (float(tp) if tp > 1 else 0.0)
+
+    @property
+    def worker_cpus(self) -> float:
+        """CPUs each Ray worker actor reserves: `cpus_per_worker`, at least one per tensor-parallel rank
+        (a worker's ranks are processes of its actor, so one actor reservation holds the group)."""
+        return max(self.cpus_per_worker, float(self.tensor_parallel_size))
+
+    @property
     def role_counts(self) -> dict[str, int]:
         """Role -> number of workers, for the roles that have any (colocated, prefill, decode in that order)."""
         counts = {"colocated": self.workers, "prefill": self.prefill_workers, "decode": self.decode_workers}

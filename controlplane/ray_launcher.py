@@ -152,7 +152,7 @@ class RayWorkers:
                     ray.init(address=c.ray_address, logging_level=logging.WARNING)
             else:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-                num_cpus = max(os.cpu_count() or 1, math.ceil(c.num_workers * c.cpus_per_worker))
+                num_cpus = max(os.cpu_count() or 1, math.ceil(c.num_workers * c.worker_cpus))
                 with _loopback_only():
                     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                              _temp_dir=c.ray_temp_dir, logging_level=logging.WARNING, log_to_driver=False)
@@ -189,7 +189,7 @@ class RayWorkers:
         c = self.config
         if self._remote_cls is None:
             max_restarts = (c.max_restarts or -1) if c.restart else 0  # Ray: -1 restarts without end
-            self._remote_cls = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
+            self._remote_cls = ray.remote(num_cpus=c.worker_cpus, num_gpus=c.gpus_per_worker,
                                           max_restarts=max_restarts)(self.actor_cls)
         engine_args = worker_engine_args(self._engine_args, worker_id)
         actor = self._remote_cls.options(name=actor_name(worker_id), namespace=c.ray_namespace).remote(

@@ -67,3 +67,14 @@ def test_a_worker_added_later_gets_gpus_as_the_others_were_shared() -> None:
         gpus_for_new_worker({"w0": "0,1", "w1": "2"}, gpus, 2)
     with pytest.raises(ClusterError, match="no GPU has room"):
         gpus_for_new_worker({"w0": "0", "w1": "0"}, ["0"], 0.5)
+
+
+def test_a_tensor_parallel_worker_gets_a_gpu_and_a_cpu_per_rank(tmp_path) -> None:
+    config = ClusterConfig(workers=2, gpus="0,1,2,3", engine_args={"tensor_parallel_size": 2})
+    assert (config.worker_gpus, config.worker_cpus) == (2.0, 2.0)
+    workers = LocalWorkers(config, {"worker-0": "colocated", "worker-1": "colocated"}, "redis://127.0.0.1:1",
+                           tmp_path, {"PATH": "/bin"})
+    assert workers.gpus == {"worker-0": "0,1", "worker-1": "2,3"}
+    explicit = ClusterConfig(workers=1, gpus_per_worker=4, cpus_per_worker=3, engine_args={"tensor_parallel_size": 2})
+    assert (explicit.worker_gpus, explicit.worker_cpus) == (4.0, 3.0)
+    assert (ClusterConfig(workers=1).worker_gpus, ClusterConfig(workers=1).worker_cpus) == (0.0, 1.0)
