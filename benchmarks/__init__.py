@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from benchmarks import disagg, engine, kvstore, rag, router, serve, soak
+    from benchmarks import disagg, engine, kvstore, rag, router, serve, soak, tp
 
     p = sub.add_parser("bench", help="run a benchmark (reports ratios against a baseline from the same run)")
     bsub = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)
@@ -16,3 +16,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     disagg.add_parser(bsub)
     soak.add_parser(bsub)
     serve.add_parser(bsub)
+    tp.add_parser(bsub)

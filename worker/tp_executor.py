@@ -31,6 +31,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,17 @@ def broadcast_object(group, rank: int, obj=None):
     return obj if rank == 0 else pickle.loads(buf.numpy().tobytes())
 
 
+def _time_all_reduce(group, shape: tuple[int, ...], dtype: torch.dtype, iters: int, device: torch.device) -> float:
+    t = torch.ones(shape, dtype=dtype, device=device)
+    group.allreduce([t]).wait()
+    start = time.perf_counter()
+    for _ in range(iters):
+        group.allreduce([t]).wait()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
 def build_rank_model(ckpt, args, dtype: torch.dtype, device: torch.device, rank: int, size: int):
     """Rank `rank`'s shard of a loaded checkpoint as a model (its weights sharded before loading)."""
     from worker.model import Transformer
@@ -147,7 +159,7 @@ class TPExecutor:
         if self.closed:
             raise TPGroupError("the tensor-parallel group is closed")
         try:
-            broadcast_object(self.control, 0, (self._sampled, dataclasses.replace(
+            broadcast_object(self.control, 0, ("step", self._sampled, dataclasses.replace(
                 out, kv_connector_metadata=KVConnectorMetadata())))
             result = runner.execute(out)
         except RuntimeError as e:
@@ -157,6 +169,12 @@ class TPExecutor:
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         self._sampled = dict(result.sampled) if result is not None else {}
         return result
+
+    def time_all_reduce(self, shape: tuple[int, ...], dtype: torch.dtype, iters: int) -> float:
+        """Seconds one blocking sum all-reduce of a [shape] tensor takes on the group (every rank runs
+        `iters` of them after one warm-up; `kvweave bench tp` compares it with the overlap)."""
+        broadcast_object(self.control, 0, ("all_reduce", shape, dtype, iters))
+        return _time_all_reduce(self.group, shape, dtype, iters, self.device)
 
     def close(self) -> None:
         """Tell the followers to exit and wait for them (killed after a timeout)."""
@@ -213,7 +231,10 @@ def follower_main(spec: RankSpec, rank: int, kv_cache_handle: tuple | None) -> N
                 msg = broadcast_object(control, rank)
                 if msg is None:
                     return
-                sampled, out = msg
+                if msg[0] == "all_reduce":
+                    _time_all_reduce(group, *msg[1:], device)
+                    continue
+                _, sampled, out = msg
                 runner.apply_sampled(sampled)
                 runner.execute(out, sample=False)
     except RuntimeError as e:  # the leader is gone or a rank died: nothing left to serve
