@@ -1,15 +1,19 @@
 """`kvweave bench tp`: tensor parallelism's token-split overlap (worker/token_split.py) against the
 same group running its layers in one piece, on prefill chunks of 512-4096 tokens.
 
-Two engines with the same `--tp` ranks (one thread each) serve the same model, one with the overlap
-on every step and one without; each chunk size is timed on both in turn (one engine step, the
-prompt's whole prefill, prefix caching off; the median of `--repeats`). The time of the all-reduces
-alone is measured on the group too: a step has two per layer, of [tokens, hidden] each.
+For each all-reduce (`--allreduce`: gloo over loopback, and the shared-memory one of
+worker/shm_all_reduce.py), two engines with the same `--tp` ranks (one thread each) serve the same
+model, one with the overlap on every step and one without; each chunk size is timed on all engines
+in turn (one engine step, the prompt's whole prefill, prefix caching off; the median of
+`--repeats`). The time of the all-reduces alone is measured on each group too: a step has two per
+layer, of [tokens, hidden] each.
 
-Results (BENCHMARKS.md's format), per chunk size:
-- `step_ms/<tokens>`: the overlapped step against the sequential one (ratio: the speedup);
-- `allreduce_hidden_share/<tokens>`: the step time the overlap saved, against the all-reduces'
-  own time (ratio: the share of that time hidden; target >= 0.5).
+Results (BENCHMARKS.md's format), per all-reduce and chunk size:
+- `step_ms/<allreduce>/<tokens>`: the overlapped step against the sequential one (ratio: the speedup);
+- `allreduce_hidden_share/<allreduce>/<tokens>`: the step time the overlap saved, against the
+  all-reduces' own time (ratio: the share of that time hidden; target >= 0.5);
+- `shm_allreduce_step/<tokens>` (both measured): the sequential step with the shared-memory
+  all-reduce against gloo's.
 
 The model: random weights (`--load-format dummy`) of the default model's shape but with 8 query and
 2 KV heads of 64 (SmolLM2-135M's 9 and 3 do not split over 2 ranks), or `--model` (a Hugging Face
@@ -52,13 +56,13 @@ def model_folder(folder: Path) -> Path:
     return folder
 
 
-def _engine(model: str, tp: int, overlap: bool, max_tokens: int, dummy: bool):
+def _engine(model: str, tp: int, allreduce: str, overlap: bool, max_tokens: int, dummy: bool):
     from worker.engine import EngineConfig, LLMEngine
 
     return LLMEngine(EngineConfig(model=model, dtype="bfloat16", tensor_parallel_size=tp, num_threads=1,
                                   load_format="dummy" if dummy else "auto", enable_prefix_caching=False,
                                   max_num_batched_tokens=max_tokens, num_blocks=max_tokens // 16 + 64,
-                                  tp_overlap=overlap, tp_overlap_min_tokens=2))
+                                  tp_overlap=overlap, tp_overlap_min_tokens=2, tp_allreduce=allreduce))
 
 
 def _prefill_step_s(engine, tokens: int, seed: int) -> float:
@@ -78,41 +82,51 @@ def _prefill_step_s(engine, tokens: int, seed: int) -> float:
     return seconds
 
 
-def run_benchmark(model: str, dummy: bool, tp: int, chunks: list[int], repeats: int) -> tuple[dict, list[Result]]:
+def run_benchmark(model: str, dummy: bool, tp: int, chunks: list[int], repeats: int, allreduces: list[str]
+                  ) -> tuple[dict, list[Result]]:
     import torch
 
-    engines = {overlap: _engine(model, tp, overlap, max(chunks), dummy) for overlap in (True, False)}
+    engines = {}
     try:
-        args = engines[True].args
+        for impl in allreduces:
+            for overlap in (True, False):
+                engines[impl, overlap] = _engine(model, tp, impl, overlap, max(chunks), dummy)
+        args = next(iter(engines.values())).args
         for e in engines.values():  # warm-up: first-use allocations and the kernels' first calls
             _prefill_step_s(e, min(chunks), seed=0)
-        results, config_rows = [], {}
+        results = []
         for tokens in chunks:
-            times = {True: [], False: []}
+            times = {key: [] for key in engines}
             for r in range(repeats):
-                for overlap in (False, True):  # alternate, so drift hits both alike
-                    times[overlap].append(_prefill_step_s(engines[overlap], tokens, seed=1000 * tokens + r))
-            seq, ovl = statistics.median(times[False]), statistics.median(times[True])
-            one = engines[False].tp.time_all_reduce((tokens, args.dim), torch.bfloat16, iters=5)
-            allreduce = 2 * args.n_layers * one
-            _log(f"{tokens} tokens: sequential {seq * 1e3:.1f} ms, overlapped {ovl * 1e3:.1f} ms, "
-                 f"all-reduces alone {allreduce * 1e3:.1f} ms")
-            results.append(Result(f"step_ms/{tokens}", ovl * 1e3, "ms", "the same TP group without the overlap",
-                                  seq * 1e3, higher_is_better=False,
-                                  extra={"overlapped_ms": [round(t * 1e3, 2) for t in times[True]],
-                                         "sequential_ms": [round(t * 1e3, 2) for t in times[False]]}))
-            results.append(Result(f"allreduce_hidden_share/{tokens}", (seq - ovl) * 1e3, "ms",
-                                  "the step's all-reduces alone", allreduce * 1e3,
-                                  extra={"target_ratio": 0.5, "allreduce_share_of_step": round(allreduce / seq, 3),
-                                         "one_allreduce_ms": round(one * 1e3, 3)}))
-            config_rows[tokens] = {"sequential_ms": round(seq * 1e3, 2), "overlapped_ms": round(ovl * 1e3, 2)}
+                for key, engine in engines.items():  # in turn, so drift hits all alike
+                    times[key].append(_prefill_step_s(engine, tokens, seed=1000 * tokens + r))
+            sequential = {}
+            for impl in allreduces:
+                seq, ovl = statistics.median(times[impl, False]), statistics.median(times[impl, True])
+                sequential[impl] = seq
+                one = engines[impl, False].tp.time_all_reduce((tokens, args.dim), torch.bfloat16, iters=5)
+                allreduce = 2 * args.n_layers * one
+                _log(f"{impl}, {tokens} tokens: sequential {seq * 1e3:.1f} ms, overlapped {ovl * 1e3:.1f} ms, "
+                     f"all-reduces alone {allreduce * 1e3:.1f} ms")
+                results.append(Result(f"step_ms/{impl}/{tokens}", ovl * 1e3, "ms",
+                                      "the same TP group without the overlap", seq * 1e3, higher_is_better=False,
+                                      extra={"overlapped_ms": [round(t * 1e3, 2) for t in times[impl, True]],
+                                             "sequential_ms": [round(t * 1e3, 2) for t in times[impl, False]]}))
+                results.append(Result(f"allreduce_hidden_share/{impl}/{tokens}", (seq - ovl) * 1e3, "ms",
+                                      "the step's all-reduces alone", allreduce * 1e3,
+                                      extra={"target_ratio": 0.5, "one_allreduce_ms": round(one * 1e3, 3),
+                                             "allreduce_share_of_step": round(allreduce / seq, 3)}))
+            if {"shm", "gloo"} <= sequential.keys():
+                results.append(Result(f"shm_allreduce_step/{tokens}", sequential["shm"] * 1e3, "ms",
+                                      "the same step with gloo's all-reduce", sequential["gloo"] * 1e3,
+                                      higher_is_better=False))
     finally:
         for e in engines.values():
             e.close()
     config = {"model": model if not dummy else "random weights: " + json.dumps({k: SHAPE[k] for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "head_dim")}), "tensor_parallel_size": tp, "threads_per_rank": 1, "chunks": chunks, "repeats": repeats,
-        "dtype": "bfloat16"}
+        "dtype": "bfloat16", "allreduce": allreduces}
     return config, results
 
 
@@ -124,6 +138,7 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--tp", type=int, default=2, help="ranks (default: 2, one thread each)")
     p.add_argument("--chunks", default=",".join(map(str, CHUNKS)), help="prefill chunk sizes in tokens")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--allreduce", default="shm,gloo", help="all-reduces to measure: shm (shared memory), gloo")
     p.set_defaults(func=run)
 
 
@@ -132,8 +147,12 @@ def run(args: argparse.Namespace) -> int:
         chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
     except ValueError:
         chunks = []
+    allreduces = [a.strip() for a in args.allreduce.split(",") if a.strip()]
     if not chunks or min(chunks) < 2 or args.repeats < 1 or args.tp < 2:
         _log("error: --chunks must be sizes >= 2 tokens, --repeats >= 1 and --tp >= 2")
+        return 2
+    if not allreduces or not set(allreduces) <= {"shm", "gloo"}:
+        _log(f"error: --allreduce {args.allreduce!r}: name shm, gloo or both")
         return 2
     if args.model is not None and not (Path(args.model) / "config.json").exists():
         _log(f"error: --model {args.model}: not a Hugging Face folder (no config.json)")
@@ -141,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kvweave-bench-tp-") as tmp:
         model = args.model or str(model_folder(Path(tmp) / "model"))
         try:
-            config, results = run_benchmark(model, args.model is None, args.tp, chunks, args.repeats)
+            config, results = run_benchmark(model, args.model is None, args.tp, chunks, args.repeats, allreduces)
         except ValueError as e:  # a model that does not split over --tp ranks
             _log(f"error: {e}")
             return 2

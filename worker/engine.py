@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,14 +43,16 @@ from worker.request import Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.scheduler_output import SchedulerOutput
 from worker.step_profile import StepProfile
+from worker import shm_all_reduce
 from worker.tensor_parallel import TPConfigError, check_tp, install_all_reduce
-from worker.tp_executor import TPExecutor, build_rank_model, shared_kv_cache
+from worker.tp_executor import TPExecutor, build_rank_model, shared_tensor
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 Prompt = str | list[int] | dict
 MIN_PREFILL_TO_MEASURE = 32
+TP_ALLREDUCES = ("auto", "shm", "gloo")
 TP_OVERLAP_MIN_TOKENS = 256
 """Default smallest tensor-parallel step run token-split (EngineConfig.tp_overlap_min_tokens)."""
 """Steps with at least this many prefill tokens measure the per-token cost of computing KV."""
@@ -119,6 +122,9 @@ class EngineConfig:
     whose all-reduces overlap the other half's compute (worker/token_split.py)."""
     tp_overlap_min_tokens: int = TP_OVERLAP_MIN_TOKENS
     """The smallest step split in two (`kvweave bench tp` measures where the split starts to pay)."""
+    tp_allreduce: str = "auto"
+    """How the CPU ranks all-reduce: shm (through shared memory, worker/shm_all_reduce.py: x86 only),
+    gloo, or auto (shm where it can run). GPU ranks use NCCL."""
 
     def __post_init__(self) -> None:
         if self.device != "auto":
@@ -148,6 +154,8 @@ class EngineConfig:
             raise ConfigError(f"handoff_ttl_s must be positive, got {self.handoff_ttl_s}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tp_allreduce not in TP_ALLREDUCES:
+            raise ConfigError(f"unknown tp_allreduce {self.tp_allreduce!r}; valid: {', '.join(TP_ALLREDUCES)}")
         if self.tp_overlap_min_tokens < 2:
             raise ConfigError(f"tp_overlap_min_tokens must be >= 2, got {self.tp_overlap_min_tokens}")
         try:
@@ -272,14 +280,18 @@ class LLMEngine:
         kv_cache = handle = None
         if self.device.type == "cpu":  # one cache in shared memory, each rank on its own heads of it
             shape = kv_cache_shape(a.n_layers, num_blocks, config.block_size, a.n_kv_heads, a.head_dim)
-            kv_cache, handle = shared_kv_cache(shape, self.dtype)
+            kv_cache, handle = shared_tensor(shape, self.dtype)
+        shm = config.tp_allreduce != "gloo" and shm_all_reduce.available(self.device)
+        if config.tp_allreduce == "shm" and not shm:
+            raise ConfigError(f"tp_allreduce shm needs CPU ranks on x86; this is {self.device} on {platform.machine()}")
         threads = config.num_threads or max(1, (os.cpu_count() or 1) // size)
         torch.set_num_threads(threads)
         min_tokens = config.tp_overlap_min_tokens if config.tp_overlap else None
         self.tp = TPExecutor(dict(model=config.model, dtype=self.dtype, load_format=config.load_format,
                                   device=str(self.device), max_model_len=self.max_model_len, num_blocks=num_blocks,
                                   block_size=config.block_size, max_num_seqs=config.max_num_seqs, size=size,
-                                  overlap_min_tokens=min_tokens, num_threads=threads), handle)
+                                  overlap_min_tokens=min_tokens, num_threads=threads,
+                                  allreduce_numel=config.max_num_batched_tokens * a.dim if shm else 0), handle)
         return kv_cache, TPRank(self.tp.group, 0, size, min_tokens)
 
     def _blocks_for(self, gb: float) -> int:

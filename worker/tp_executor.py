@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from worker import shm_all_reduce
 from worker.kv_connector import KVConnectorMetadata
 from worker.scheduler_output import SchedulerOutput
 from worker.tensor_parallel import install_all_reduce, new_group, rank_args, shard_weights
@@ -67,12 +68,18 @@ class RankSpec:
     size: int
     overlap_min_tokens: int | None
     num_threads: int
+    allreduce_numel: int
+    """The largest tensor the shared-memory all-reduce takes (a step's tokens x hidden size); 0: the
+    ranks all-reduce over gloo (or NCCL)."""
     store_port: int
+    allreduce_region: tuple | None = None
+    """Handles of the shared-memory all-reduce's data and flags (None: gloo all-reduces)."""
 
 
-def shared_kv_cache(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
-    """A zeroed KV cache in a shared-memory file, and what another process opens it with
-    (`open_kv_cache`): torch's file_system sharing, as kvstore/ipc_share.py uses it."""
+def shared_tensor(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
+    """A zeroed tensor in a shared-memory file (the group's KV cache, the all-reduce region), and
+    what another process opens it with (`open_shared_tensor`): torch's file_system sharing, as
+    kvstore/ipc_share.py uses it."""
     numel = 1
     for d in shape:
         numel *= d
@@ -82,7 +89,7 @@ def shared_kv_cache(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, tup
     return cache, (manager, name, size, tuple(shape), dtype)
 
 
-def open_kv_cache(handle: tuple) -> torch.Tensor:
+def open_shared_tensor(handle: tuple) -> torch.Tensor:
     manager, name, size, shape, dtype = handle
     storage = torch.UntypedStorage._new_shared_filename_cpu(manager, name, size)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
@@ -135,7 +142,13 @@ class TPExecutor:
         self.device = torch.device(spec_fields["device"])
         self._store = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=JOIN_TIMEOUT_S),
                                     wait_for_workers=False)
-        spec = RankSpec(**spec_fields, store_port=self._store.port)
+        region = data = flags = None
+        if spec_fields["allreduce_numel"]:
+            data, data_handle = shared_tensor(shm_all_reduce.region_shape(self.size, spec_fields["allreduce_numel"]),
+                                              spec_fields["dtype"])
+            flags, flags_handle = shared_tensor((shm_all_reduce.flags_numel(self.size),), torch.int64)
+            region = (data_handle, flags_handle)
+        spec = RankSpec(**spec_fields, store_port=self._store.port, allreduce_region=region)
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.procs = []
@@ -148,6 +161,9 @@ class TPExecutor:
             self.group = new_group(self._store, 0, self.size, self.device, timeout_s=JOIN_TIMEOUT_S)
             self.control = self.group if self.device.type == "cpu" else new_group(
                 self._store, 0, self.size, torch.device("cpu"), timeout_s=JOIN_TIMEOUT_S)
+            if region is not None:
+                self.group = shm_all_reduce.ShmAllReduce(0, self.size, data, flags, fallback=self.control,
+                                                         alive=lambda: all(p.poll() is None for p in self.procs))
         except RuntimeError as e:
             self._kill()
             raise TPGroupError(f"the tensor-parallel ranks did not join: {e}") from e
@@ -201,7 +217,8 @@ class TPExecutor:
 def follower_main(spec: RankSpec, rank: int, kv_cache_handle: tuple | None) -> None:
     """A follower rank: build its shard, join the group, run every step the leader sends until it
     sends None or the group breaks."""
-    kv_cache = open_kv_cache(kv_cache_handle) if kv_cache_handle is not None else None
+    kv_cache = open_shared_tensor(kv_cache_handle) if kv_cache_handle is not None else None
+    leader = os.getppid()
     logging.basicConfig(level=os.environ.get("KVWEAVE_LOG_LEVEL", "WARNING"),
                         format=f"%(asctime)s tp-rank{rank} %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(spec.num_threads)
@@ -222,6 +239,10 @@ def follower_main(spec: RankSpec, rank: int, kv_cache_handle: tuple | None) -> N
     group = new_group(store, rank, spec.size, device, timeout_s=JOIN_TIMEOUT_S)
     control = group if device.type == "cpu" else new_group(store, rank, spec.size, torch.device("cpu"),
                                                            timeout_s=JOIN_TIMEOUT_S)
+    if spec.allreduce_region is not None:
+        data, flags = (open_shared_tensor(h) for h in spec.allreduce_region)
+        group = shm_all_reduce.ShmAllReduce(rank, spec.size, data, flags, fallback=control,
+                                            alive=lambda: os.getppid() == leader)
     install_all_reduce(model, group)
     runner = ModelRunner(model, spec.num_blocks, spec.block_size, device, max_num_seqs=spec.max_num_seqs,
                          kv_cache=kv_cache, tp=TPRank(group, rank, spec.size, spec.overlap_min_tokens))

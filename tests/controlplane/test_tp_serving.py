@@ -10,6 +10,8 @@ import time
 import pytest
 
 from controlplane.router_types import GenerateInput
+from kvstore.index import KVIndex
+from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.sampling_params import SamplingParams
 from tests.inprocess_cluster import InProcessCluster
 
@@ -82,7 +84,7 @@ def test_a_tp_worker_serves_with_prefix_chunk_and_tier_reuse(tp_cluster, referen
 
 def test_a_one_rank_worker_fetches_a_tp_workers_blocks(tp_cluster, reference):
     c = tp_cluster
-    c.add_worker("w-tp", tensor_parallel_size=2, num_blocks=64)
+    tp = c.add_worker("w-tp", tensor_parallel_size=2, num_blocks=64)
     c.add_router("prefix_aware")
     prefix = _prompt(160, 5)
     _generate(c, GenerateInput(prompt=prefix + [9], params=GREEDY))
@@ -93,6 +95,9 @@ def test_a_one_rank_worker_fetches_a_tp_workers_blocks(tp_cluster, reference):
     async def on_one():
         return [o async for o in one.engine.generate(want, GREEDY)]
     _wait(lambda: "w-tp" in one._peers, "w-one knows its peer")
+    hashes = hash_blocks(prefix, 16, encode_extra_keys((tp.engine.engine.model_name, "")))
+    index = KVIndex(c.routers[0].router.redis)
+    _wait(lambda: all(c.run(index.lookup(hashes, ["w-tp"]))[("w-tp", "device")]), "w-tp's blocks indexed")
     outs = c.run(on_one())
     assert [t for o in outs for t in o.new_token_ids] == reference(want)
     assert one.prefetcher.stats.peer_blocks >= 10  # fetched from w-tp, not recomputed

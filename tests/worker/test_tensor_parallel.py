@@ -2,8 +2,8 @@
 the sharding arithmetic, the token split, and real rank processes over gloo. TP=2 on a tiny model
 with an even number of heads and TP=3 on the default model (9 query and 3 KV heads) give the same
 greedy tokens as one rank, with log-probabilities and logits within float32 summation-order
-tolerance, with and without the token-split overlap; a rank that dies fails the step with
-TPGroupError instead of hanging."""
+tolerance, with and without the token-split overlap, all-reducing through shared memory or gloo;
+a rank that dies fails the step with TPGroupError instead of hanging."""
 from __future__ import annotations
 
 import time
@@ -109,8 +109,9 @@ def one_rank(tiny_gqa):
         engine.close()
 
 
-@pytest.mark.parametrize("overlap", [dict(tp_overlap=False), dict(tp_overlap_min_tokens=2)],
-                         ids=["sequential", "token-split-every-step"])
+@pytest.mark.parametrize("overlap", [dict(tp_overlap=False), dict(tp_overlap_min_tokens=2),
+                                     dict(tp_overlap_min_tokens=2, tp_allreduce="gloo")],
+                         ids=["sequential-shm", "token-split-every-step-shm", "token-split-every-step-gloo"])
 def test_two_ranks_generate_what_one_does(tiny_gqa, one_rank, overlap):
     """Chunked prefill (a 64-token budget: chunks after cached context, cut in two by the split)
     with decodes in the same steps."""
@@ -132,6 +133,8 @@ def test_two_ranks_generate_what_one_does(tiny_gqa, one_rank, overlap):
 def test_a_model_that_does_not_split_is_refused(tiny_gqa):
     with pytest.raises(ConfigError, match="does not divide the model's 2 KV heads"):
         _engine(tiny_gqa, 4, num_blocks=64)
+    with pytest.raises(ConfigError, match="unknown tp_allreduce 'mpi'"):
+        EngineConfig(model=str(tiny_gqa), tp_allreduce="mpi")
 
 
 def test_a_dead_rank_fails_the_step_instead_of_hanging(tiny_gqa):
