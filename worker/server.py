@@ -196,6 +196,12 @@ class WorkerServer:
             if self.options.redis_url:
                 await self._connect_redis()
             llm = self._llm or await self._load_engine()
+            if llm.tp is not None and llm.device.type == "cuda" and (self.options.peer_fetch
+                                                                     or self.options.role != "colocated"):
+                llm.close()
+                raise WorkerStartError("peer KV fetches and prefill/decode roles with tensor parallelism on GPUs "
+                                       "are not built (each rank's KV is on its own GPU and the connector moves "
+                                       "only the leader's): use --peer-fetch false and --role colocated")
             self.engine = AsyncEngine(llm, enable_kv_events=self._redis is not None)
             loop = asyncio.get_running_loop()
             self.engine.on_fatal = lambda e: loop.call_soon_threadsafe(self._fail, e)
