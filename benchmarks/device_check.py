@@ -23,6 +23,9 @@ others still run. Checks:
   worker does), 8B-shaped blocks of a 4k-token prompt (512 MiB), checked byte for byte, against
   one device-to-device copy of the same bytes (target >= 0.5). The serving peer is a second
   process (`--ipc-peer`). NCCL cannot be checked on one GPU (it refuses two ranks on one device).
+- `elementwise_ops/<op>/<tokens>`: the Triton kernels of worker/triton_ops.py (add+RMSNorm, SiLU-and-mul,
+  RoPE on the q/k part of a fused qkv) against torch's ops, 8B-shaped, 1, 16 and 512 tokens: whether
+  they pay (the engine uses them on CUDA by default; `KVWEAVE_ELEMENTWISE=torch` turns them off).
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 BF16_LOGIT_TOL = 0.05
 """The bf16 engine's logits may differ from the fp32 reference by this fraction of the largest logit."""
 CHECKS = ("triton_decode_vs_torch", "greedy_match_vs_hf", "decode_roofline", "cuda_graphs_decode",
-          "throughput_vs_hf_gpu", "tier_offload", "ipc_handoff")
+          "throughput_vs_hf_gpu", "tier_offload", "ipc_handoff", "elementwise_ops")
 
 
 class Skip(Exception):
@@ -431,10 +434,49 @@ def check_ipc_handoff(ctx: Context) -> list[Result]:
                                                "fetch_s": [round(t, 6) for t in times]})]
 
 
+def check_elementwise_ops(ctx: Context) -> list[Result]:
+    import torch.nn.functional as F
+
+    from worker import triton_ops
+
+    shape = ctx.shape(LLAMA_8B)
+    dim, hidden, heads, kv = (shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"],
+                              shape["num_key_value_heads"])
+    hd = dim // heads
+    dtype = torch.bfloat16
+    results = []
+    for tokens in ((1, 4) if ctx.smoke else (1, 16, 512)):
+        x = torch.randn(tokens, dim, dtype=dtype, device=ctx.device)
+        r = torch.randn(tokens, dim, dtype=dtype, device=ctx.device)
+        w = torch.randn(dim, dtype=dtype, device=ctx.device)
+        gu = torch.randn(tokens, 2 * hidden, dtype=dtype, device=ctx.device)
+        qkv = torch.randn(tokens, (heads + 2 * kv) * hd, dtype=dtype, device=ctx.device)
+        qk = qkv[:, :(heads + kv) * hd].view(tokens, heads + kv, hd)
+        cos = torch.rand(tokens, hd // 2, device=ctx.device)
+        sin = torch.rand(tokens, hd // 2, device=ctx.device)
+
+        def torch_rope():
+            x1, x2 = qk.float().chunk(2, dim=-1)
+            qk.copy_(torch.cat([x1 * cos[:, None] - x2 * sin[:, None], x2 * cos[:, None] + x1 * sin[:, None]], -1))
+
+        pairs = {
+            "add_rms_norm": (lambda: triton_ops.add_rms_norm(x, r, w, 1e-5),
+                             lambda: F.rms_norm(r + x, (dim,), w, 1e-5)),
+            "silu_and_mul": (lambda: triton_ops.silu_and_mul(gu), lambda: F.silu(gu[:, :hidden]) * gu[:, hidden:]),
+            "rope": (lambda: triton_ops.rope_(qk, cos, sin), torch_rope),
+        }
+        iters = 2 if ctx.smoke else 50
+        for op, (ours, theirs) in pairs.items():
+            mine, base = ctx.timed(ours, iters), ctx.timed(theirs, iters)
+            results.append(Result(f"elementwise_ops/{op}/{tokens}", mine * 1e6, "us", "torch's ops", base * 1e6,
+                                  higher_is_better=False, extra={"dim": dim, "hidden": hidden}))
+    return results
+
+
 RUNNERS = {"triton_decode_vs_torch": check_triton_decode, "greedy_match_vs_hf": check_greedy_vs_hf,
            "decode_roofline": check_decode_roofline, "cuda_graphs_decode": check_cuda_graphs,
            "throughput_vs_hf_gpu": check_throughput_vs_hf, "tier_offload": check_tier_offload,
-           "ipc_handoff": check_ipc_handoff}
+           "ipc_handoff": check_ipc_handoff, "elementwise_ops": check_elementwise_ops}
 
 
 def main(argv: list[str] | None = None) -> int:
