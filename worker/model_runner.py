@@ -30,7 +30,7 @@ from kvweave.sampling_params import SamplingParams
 from worker.sampling import SampleResult, merge_rows, row_problem, sample
 from worker.scheduler_output import SchedulerOutput
 from worker.step_profile import StepProfile
-from worker.tensor_parallel import all_reduce
+from worker.tensor_parallel import all_reduce, first_kv_head
 from worker.token_split import forward_overlapped, split_items
 
 logger = logging.getLogger(__name__)
@@ -118,10 +118,11 @@ class ModelRunner:
                                    dtype=model.dtype, device=self.device)
         self.kv_cache = kv_cache
         """The KV cache the connector moves blocks of (a group's whole cache under tensor parallelism)."""
-        heads = slice(tp.rank * a.n_kv_heads, (tp.rank + 1) * a.n_kv_heads) if tp and kv_cache.shape[2] > a.n_kv_heads \
-            else slice(None)
+        first = first_kv_head(tp.rank, tp.size, kv_cache.shape[2]) if tp and kv_cache.shape[2] > a.n_kv_heads else 0
+        heads = slice(first, first + a.n_kv_heads)
         self.attn_cache = kv_cache[:, :, heads]
-        """This rank's heads of it (each layer's slab stays contiguous: heads are the outer dim)."""
+        """This rank's heads of it (each layer's slab stays contiguous: heads are the outer dim). Ranks
+        that replicate a KV head write the same values into it."""
         self.graphs = None if mode is GraphMode.OFF else DecodeGraphs(
             model, self.kv_cache, block_size, num_blocks, a.max_seq_len, max_num_seqs, mode)
         """Decode-only steps replayed as CUDA graphs (worker/cuda_graphs.py)."""

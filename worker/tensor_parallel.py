@@ -7,8 +7,10 @@ modules. worker/model.py stays a single-device model.
 Sharding (Megatron's): q, k and v by heads and gate and up by MLP columns (column-parallel: each
 rank computes its own heads and columns, no communication), the output and down projections by
 their input columns (row-parallel: each rank's product is a partial sum, all-reduced). Embedding,
-norms and the vocabulary projection are replicated. Each rank's KV heads are its own: the query
-heads and KV heads must both divide by the group's size (`check_tp`).
+norms and the vocabulary projection are replicated. The query heads must divide by the group's
+size; the KV heads are split over the ranks when they divide by it, else (fewer KV heads than
+ranks, the size a multiple of their count) each is replicated on the ranks whose query heads it
+serves (`check_tp`).
 
 A group is a torch.distributed process group built directly over a TCPStore, like the KV
 transfer's pairs (kvstore/dist_group.py): gloo on the CPU, NCCL on GPUs; no global default group.
@@ -34,23 +36,39 @@ def check_tp(args: ModelArgs, size: int) -> None:
     """TPConfigError unless `args` splits evenly over `size` ranks."""
     if size < 1:
         raise TPConfigError(f"tensor_parallel_size must be >= 1, got {size}")
-    for what, n in (("query heads", args.n_heads), ("KV heads", args.n_kv_heads),
-                    ("MLP columns", args.hidden_dim)):
+    for what, n in (("query heads", args.n_heads), ("MLP columns", args.hidden_dim)):
         if n % size:
             raise TPConfigError(f"tensor_parallel_size {size} does not divide the model's {n} {what}; "
-                                f"valid sizes divide all of {args.n_heads}, {args.n_kv_heads} and {args.hidden_dim}")
+                                f"valid sizes divide {args.n_heads} and {args.hidden_dim}")
+    if args.n_kv_heads % size and size % args.n_kv_heads:
+        raise TPConfigError(f"tensor_parallel_size {size} and the model's {args.n_kv_heads} KV heads: one must "
+                            f"divide the other (KV heads split over the ranks, or replicated on them)")
 
 
 def rank_args(args: ModelArgs, size: int) -> ModelArgs:
     """The model shape one rank holds: 1/size of the heads and MLP columns, the same head size."""
     check_tp(args, size)
-    return dataclasses.replace(args, n_heads=args.n_heads // size, n_kv_heads=args.n_kv_heads // size,
+    return dataclasses.replace(args, n_heads=args.n_heads // size, n_kv_heads=max(1, args.n_kv_heads // size),
                                hidden_dim=args.hidden_dim // size, head_dim=args.head_dim)
+
+
+def first_kv_head(rank: int, size: int, n_kv_heads: int) -> int:
+    """The first of the model's KV heads rank `rank` holds (split or replicated alike)."""
+    return rank * n_kv_heads // size
 
 
 def _rows(w: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     n = w.shape[0] // size
     return w[rank * n:(rank + 1) * n]
+
+
+def _kv_rows(w: torch.Tensor, rank: int, size: int, n_kv_heads: int) -> torch.Tensor:
+    """Rank `rank`'s KV heads' rows of a k or v projection (its one head, where replicated)."""
+    if n_kv_heads % size == 0:
+        return _rows(w, rank, size)
+    per_head = w.shape[0] // n_kv_heads
+    head = first_kv_head(rank, size, n_kv_heads)
+    return w[head * per_head:(head + 1) * per_head]
 
 
 def _cols(w: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -68,8 +86,10 @@ def shard_weights(weights: dict[str, torch.Tensor], args: ModelArgs, rank: int, 
     out = {}
     for name, w in weights.items():
         key = name.removeprefix("model.")
-        if any(key.endswith(f"self_attn.{p}_proj.weight") or key.endswith(f"self_attn.{p}_proj.bias") for p in "qkv"):
+        if key.endswith("self_attn.q_proj.weight") or key.endswith("self_attn.q_proj.bias"):
             out[name] = _rows(w, rank, size)
+        elif any(key.endswith(f"self_attn.{p}_proj.weight") or key.endswith(f"self_attn.{p}_proj.bias") for p in "kv"):
+            out[name] = _kv_rows(w, rank, size, args.n_kv_heads)
         elif key.endswith("mlp.gate_proj.weight") or key.endswith("mlp.up_proj.weight"):
             out[name] = _rows(w, rank, size)
         elif key.endswith("self_attn.o_proj.weight") or key.endswith("mlp.down_proj.weight"):

@@ -36,12 +36,14 @@ def test_check_tp_names_what_does_not_divide():
     check_tp(_args(), 2)
     with pytest.raises(TPConfigError, match="does not divide the model's 9 query heads"):
         check_tp(_args(n_heads=9, n_kv_heads=3, dim=72), 2)
-    with pytest.raises(TPConfigError, match="does not divide the model's 2 KV heads"):
-        check_tp(_args(), 4)
+    with pytest.raises(TPConfigError, match="3 KV heads: one must divide the other"):
+        check_tp(_args(n_heads=6, n_kv_heads=3, dim=96), 2)
     with pytest.raises(TPConfigError, match=">= 1"):
         check_tp(_args(), 0)
     r = rank_args(_args(), 2)
     assert (r.n_heads, r.n_kv_heads, r.hidden_dim, r.head_dim, r.dim) == (2, 1, 48, 16, 64)
+    replicated = rank_args(_args(), 4)  # 2 KV heads over 4 ranks: each rank holds one, two ranks per head
+    assert (replicated.n_heads, replicated.n_kv_heads) == (1, 1)
 
 
 def test_shards_put_back_together_are_the_checkpoint():
@@ -66,6 +68,9 @@ def test_shards_put_back_together_are_the_checkpoint():
             assert torch.equal(torch.cat(parts, dim=0), full) and parts[0].shape[0] == full.shape[0] // 2
     assert torch.equal(shards[1]["model.layers.0.self_attn.q_proj.weight"],
                        w["model.layers.0.self_attn.q_proj.weight"][2 * hd:])  # rank 1 holds heads 2 and 3
+    k = w["model.layers.0.self_attn.k_proj.weight"]
+    four = [shard_weights(w, args, r, 4)["model.layers.0.self_attn.k_proj.weight"] for r in range(4)]
+    assert [torch.equal(part, k[head * hd:(head + 1) * hd]) for part, head in zip(four, (0, 0, 1, 1))] == [True] * 4
 
 
 @pytest.mark.parametrize("items, first, second, cut", [
@@ -130,9 +135,22 @@ def test_two_ranks_generate_what_one_does(tiny_gqa, one_rank, overlap):
         engine.close()
 
 
+def test_four_ranks_replicating_the_kv_heads_generate_what_one_does(tiny_gqa, one_rank):
+    """2 KV heads over 4 ranks: ranks 0 and 1 share KV head 0, ranks 2 and 3 KV head 1."""
+    prompts, (want_tokens, want_lps) = one_rank
+    engine = _engine(tiny_gqa, 4, block_size=4, num_blocks=256, max_num_batched_tokens=64, num_threads=1)
+    try:
+        tokens, lps = _generate(engine, prompts, 12)
+        assert tokens == want_tokens
+        for got, want in zip(lps, want_lps):
+            assert got == pytest.approx(want, abs=LOGPROB_TOL)
+    finally:
+        engine.close()
+
+
 def test_a_model_that_does_not_split_is_refused(tiny_gqa):
-    with pytest.raises(ConfigError, match="does not divide the model's 2 KV heads"):
-        _engine(tiny_gqa, 4, num_blocks=64)
+    with pytest.raises(ConfigError, match="does not divide the model's 4 query heads"):
+        _engine(tiny_gqa, 3, num_blocks=64)
     with pytest.raises(ConfigError, match="unknown tp_allreduce 'mpi'"):
         EngineConfig(model=str(tiny_gqa), tp_allreduce="mpi")
 
