@@ -18,6 +18,10 @@ others still run. Checks:
 - `throughput_vs_hf_gpu`: 64 requests, 512 in / 128 out, against transformers' `generate` (>= 3x).
 - `tier_offload`: 256 device blocks offloaded to the DRAM tier (the path the engine uses) against a
   pinned cudaMemcpy of the same bytes (target >= 0.7).
+- `onboard_overlap`: decode steps of a 16-request batch while the DRAM tier loads 256 blocks into
+  the device cache again and again (the path a request's onboarding takes: TierManager.load_many
+  into device block views, on the tier's copy stream, from the connector's thread), against the
+  same steps with nothing loading (target: at most 1.1x, i.e. ratio >= 0.91).
 - `ipc_handoff`: a prefill worker's handoff moved to another process of the same GPU over the ipc
   transport (kvstore/ipc_transfer.py: CUDA IPC, the server exporting a fresh copy per fetch as a
   worker does), 8B-shaped blocks of a 4k-token prompt (512 MiB), checked byte for byte, against
@@ -57,7 +61,7 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 BF16_LOGIT_TOL = 0.05
 """The bf16 engine's logits may differ from the fp32 reference by this fraction of the largest logit."""
 CHECKS = ("triton_decode_vs_torch", "greedy_match_vs_hf", "decode_roofline", "cuda_graphs_decode",
-          "throughput_vs_hf_gpu", "tier_offload", "ipc_handoff", "elementwise_ops")
+          "throughput_vs_hf_gpu", "tier_offload", "onboard_overlap", "ipc_handoff", "elementwise_ops")
 
 
 class Skip(Exception):
@@ -342,6 +346,51 @@ def check_tier_offload(ctx: Context) -> list[Result]:
                                                "path": "TierManager.offload_many of device block views"})]
 
 
+def check_onboard_overlap(ctx: Context) -> list[Result]:
+    import threading
+
+    blocks = 16 if ctx.smoke else 256
+    engine = ctx.engine(ctx.model_folder("smol-shape", ctx.shape(SMOL)), "bfloat16", load_format="dummy",
+                        kv_cache_gb=0.25 if ctx.smoke else 2.0, dram_cache_gb=0.25 if ctx.smoke else 4.0)
+    store, device = engine.store, engine.connector.device
+    top = engine.block_manager.num_blocks
+    targets = [device.view(b) for b in range(top - blocks, top)]  # blocks the decode batch never gets
+    keys = [(i + 1).to_bytes(8, "little") + bytes(24) for i in range(blocks)]
+    store.offload_many(keys, targets, [1.0] * blocks)
+    for p in prompts(16, 64, engine.args.vocab_size, seed=21):
+        engine.add_request(p, greedy(10_000))
+    for _ in range(3):  # prefills done: every step from here decodes the 16
+        engine.step()
+
+    def steps(n: int) -> float:
+        ctx.sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        ctx.sync()
+        return (time.perf_counter() - t) / n
+
+    n = 3 if ctx.smoke else 30
+    plain = steps(n)
+    stop, loads = threading.Event(), [0]
+
+    def onboard() -> None:
+        while not stop.is_set():
+            store.load_many(keys, targets)
+            loads[0] += 1
+
+    loader = threading.Thread(target=onboard, daemon=True)
+    loader.start()
+    try:
+        loaded = steps(n)
+    finally:
+        stop.set()
+        loader.join()
+    return [Result("onboard_overlap", loaded * 1e3, "ms", "the same decode steps with nothing loading", plain * 1e3,
+                   higher_is_better=False, extra={"batch": 16, "blocks_per_load": blocks, "loads_during": loads[0],
+                                                  "target_ratio": round(1 / 1.1, 3)})]
+
+
 def _handoff_entries(layout, n: int, device: torch.device) -> torch.Tensor:
     """The same random KV bytes in every process (seeded on the device), layer-major."""
     from kvstore.transfer_source import to_layer_major
@@ -476,7 +525,8 @@ def check_elementwise_ops(ctx: Context) -> list[Result]:
 RUNNERS = {"triton_decode_vs_torch": check_triton_decode, "greedy_match_vs_hf": check_greedy_vs_hf,
            "decode_roofline": check_decode_roofline, "cuda_graphs_decode": check_cuda_graphs,
            "throughput_vs_hf_gpu": check_throughput_vs_hf, "tier_offload": check_tier_offload,
-           "ipc_handoff": check_ipc_handoff, "elementwise_ops": check_elementwise_ops}
+           "onboard_overlap": check_onboard_overlap, "ipc_handoff": check_ipc_handoff,
+           "elementwise_ops": check_elementwise_ops}
 
 
 def main(argv: list[str] | None = None) -> int:
