@@ -53,8 +53,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 Prompt = str | list[int] | dict
 MIN_PREFILL_TO_MEASURE = 32
 TP_ALLREDUCES = ("auto", "shm", "gloo")
-TP_OVERLAP_MIN_TOKENS = 256
-"""Default smallest tensor-parallel step run token-split (EngineConfig.tp_overlap_min_tokens)."""
+TP_OVERLAP_MIN_TOKENS = {"shm": None, "gloo": 256, "nccl": 1024}
+"""The smallest tensor-parallel step run token-split by default, per all-reduce (None: never).
+Measured with `kvweave bench tp` on this project's CPUs: with the shared-memory all-reduce the
+split never paid (its all-reduces are a few % of a step and the two halves cost more than that);
+over gloo it paid from 256 tokens. NCCL's is TokenWeave's figure, unmeasured here."""
 """Steps with at least this many prefill tokens measure the per-token cost of computing KV."""
 IDLE_WAIT_S = 0.01
 """With nothing to run but KV in flight, a step waits this long at most for a job to finish."""
@@ -116,12 +119,13 @@ class EngineConfig:
     release it (worker/kv_handoff.py)."""
     tensor_parallel_size: int = 1
     """Ranks (processes) the model is split over (worker/tp_executor.py): they must divide its query
-    heads, KV heads and MLP columns."""
+    heads and MLP columns, and divide or be a multiple of its KV heads (docs/tensor-parallel.md)."""
     tp_overlap: bool = True
     """Under tensor parallelism, run steps of at least `tp_overlap_min_tokens` tokens in two halves
     whose all-reduces overlap the other half's compute (worker/token_split.py)."""
-    tp_overlap_min_tokens: int = TP_OVERLAP_MIN_TOKENS
-    """The smallest step split in two (`kvweave bench tp` measures where the split starts to pay)."""
+    tp_overlap_min_tokens: int | None = None
+    """The smallest step split in two (None: the measured default of the ranks' all-reduce,
+    TP_OVERLAP_MIN_TOKENS; `kvweave bench tp` measures where the split starts to pay)."""
     tp_allreduce: str = "auto"
     """How the CPU ranks all-reduce: shm (through shared memory, worker/shm_all_reduce.py: x86 only),
     gloo, or auto (shm where it can run). GPU ranks use NCCL."""
@@ -156,7 +160,7 @@ class EngineConfig:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tp_allreduce not in TP_ALLREDUCES:
             raise ConfigError(f"unknown tp_allreduce {self.tp_allreduce!r}; valid: {', '.join(TP_ALLREDUCES)}")
-        if self.tp_overlap_min_tokens < 2:
+        if self.tp_overlap_min_tokens is not None and self.tp_overlap_min_tokens < 2:
             raise ConfigError(f"tp_overlap_min_tokens must be >= 2, got {self.tp_overlap_min_tokens}")
         try:
             self.store_config = StoreConfig(self.dram_cache_gb, self.ssd_cache_gb, self.ssd_cache_dir,
@@ -286,7 +290,10 @@ class LLMEngine:
             raise ConfigError(f"tp_allreduce shm needs CPU ranks on x86; this is {self.device} on {platform.machine()}")
         threads = config.num_threads or max(1, (os.cpu_count() or 1) // size)
         torch.set_num_threads(threads)
-        min_tokens = config.tp_overlap_min_tokens if config.tp_overlap else None
+        kind = "nccl" if self.device.type == "cuda" else "shm" if shm else "gloo"
+        min_tokens = config.tp_overlap_min_tokens or TP_OVERLAP_MIN_TOKENS[kind]
+        if not config.tp_overlap:
+            min_tokens = None
         self.tp = TPExecutor(dict(model=config.model, dtype=self.dtype, load_format=config.load_format,
                                   device=str(self.device), max_model_len=self.max_model_len, num_blocks=num_blocks,
                                   block_size=config.block_size, max_num_seqs=config.max_num_seqs, size=size,
