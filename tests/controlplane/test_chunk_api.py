@@ -128,7 +128,7 @@ def check_usage(usage, prompt_tokens: int) -> None:
 def check_usage_json(usage: dict, prompt_tokens: int) -> None:
     ext = usage["kvweave"]
     assert set(ext) == {"computed_tokens", "prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens",
-                        "worker_id"}
+                        "worker_id", "route"}  # route: the router's prediction (tests/controlplane/test_route_explain.py)
     assert ext["worker_id"] in {"w0", "w1"}  # the serving worker (tests/controlplane/conftest.py names them)
     assert usage["prompt_tokens"] == prompt_tokens
     assert ext["prefix_reused_tokens"] == usage["prompt_tokens_details"]["cached_tokens"]

@@ -78,9 +78,9 @@ def test_a_request_queued_past_the_stall_timeout_is_served_not_failed(make_clust
     worker's breaker stays closed. Before heartbeats such a wait failed it as stalled (HTTP 503)."""
     import threading
 
-    from controlplane import router as router_module
+    from controlplane import router_config
 
-    monkeypatch.setattr(router_module, "WAITING_HEARTBEAT_S", 0.02)  # lets the router take a short stall timeout
+    monkeypatch.setattr(router_config, "WAITING_HEARTBEAT_S", 0.02)  # lets the router take a short stall timeout
     c = make_cluster(num_workers=1, max_num_seqs=1)
     c.workers[0].service.heartbeat_s = 0.02
     router = c.add_router("round_robin", router_config={"stall_timeout_s": 0.2})
