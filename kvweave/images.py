@@ -36,6 +36,8 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 """Default largest image (width x height), checked from the header before any decoding."""
 MAX_IMAGES_PER_REQUEST = 8
 """Default most images in one request."""
+HARD_MAX_BYTES, HARD_MAX_PIXELS, HARD_MAX_IMAGES = 64 * 2**20, 8192 * 8192, 64
+"""Upper bounds of the configurable limits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,14 @@ class ImageLimits:
     def __post_init__(self) -> None:
         if min(self.max_bytes, self.max_pixels, self.max_images) < 1:
             raise ValueError("image limits must be positive")
+        if (self.max_bytes > HARD_MAX_BYTES or self.max_pixels > HARD_MAX_PIXELS
+                or self.max_images > HARD_MAX_IMAGES):
+            raise ValueError(f"image limits may be at most {HARD_MAX_BYTES} bytes, {HARD_MAX_PIXELS} pixels and "
+                             f"{HARD_MAX_IMAGES} images per request")
+
+
+HARD_LIMITS = ImageLimits(HARD_MAX_BYTES, HARD_MAX_PIXELS, HARD_MAX_IMAGES)
+"""The most any router may let through: what a worker accepts (the router applies its own, lower, limits)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import CHATML_TEMPLATE, tiny_tokenizer_json
+from tests.conftest import CHATML_TEMPLATE, tiny_tokenizer_json
 
 IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"] + [
     f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from kvweave.errors import InvalidRequestError
-from kvweave.images import ImageInput, ImageLimits, inspect_image
+from kvweave.images import HARD_LIMITS, ImageInput, ImageLimits, inspect_image
 from kvweave.vision_prompt import VisionSpec, num_tiles, placeholder_id, tile_grid
 from worker.vision import VisionArgs, VisionTower
 
@@ -50,7 +50,7 @@ class ImageEncoder:
 
     def __init__(self, tower: VisionTower, spec: VisionSpec, folder: Path, limits: ImageLimits | None = None) -> None:
         self.tower, self.spec = tower, spec
-        self.limits = limits or ImageLimits()
+        self.limits = limits or HARD_LIMITS
         self.processor = _image_processor(folder)
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()  # requests are made (and their images encoded) on any thread
