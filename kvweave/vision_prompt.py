@@ -166,6 +166,12 @@ def has_image_parts(messages: Any) -> bool:
         for m in messages)
 
 
+def without_image_parts(messages: list) -> list:
+    """The messages with their image content parts left out (to check the rest)."""
+    return [{**m, "content": [p for p in m["content"] if not _is_image(p)]}
+            if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in messages]
+
+
 def _is_image(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") in ("image_url", "image")
 
