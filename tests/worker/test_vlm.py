@@ -134,3 +134,13 @@ def test_text_only_model_refuses_images(tiny_engine_factory):
     engine = tiny_engine_factory()
     with pytest.raises(InvalidRequestError, match="does not take images"):
         engine.make_request(chat("Hi ", make_png(8, 8)))
+
+
+def test_image_split_across_prefill_chunks(tiny_engine_factory, tiny_vlm_model, engine):
+    """A step budget of 8 tokens cuts the images' placeholders across many prefill chunks (and mixes
+    them with another request's decodes): the same greedy tokens."""
+    small = tiny_engine_factory(tiny_vlm_model, block_size=BS, max_num_batched_tokens=8)
+    prompts = [chat("Compare ", make_png(20, 50, seed=2), " and ", make_png(64, 64, seed=3), "?"),
+               chat("Describe ", make_png(40, 24, seed=1), " please")]
+    assert [o.token_ids for o in small.generate(prompts, GREEDY)] == \
+        [o.token_ids for o in engine.generate(prompts, GREEDY)]
