@@ -115,6 +115,8 @@ def load_hf_tokenizer(folder: Path) -> Tokenizer:
     template_file = folder / "chat_template.jinja"
     if not tokenizer_cfg.get("chat_template") and template_file.is_file():
         tokenizer_cfg["chat_template"] = template_file.read_text(encoding="utf-8")
+    if not tokenizer_cfg.get("chat_template"):  # a processor's template (vision-language checkpoints)
+        tokenizer_cfg["chat_template"] = read_json(folder / "chat_template.json").get("chat_template")
     return Tokenizer.from_file(folder / "tokenizer.json", tokenizer_cfg)
 
 

@@ -92,3 +92,26 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 def image_part(data: bytes, mime: str = "image/png") -> dict:
     return {"type": "image_url", "image_url": {"url": data_url(data, mime)}}
+
+
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+"""SmolVLM-Instruct's chat template: it renders message content only as a list of typed parts."""
+
+
+def with_smolvlm_template(src: Path, dst: Path) -> Path:
+    """A copy of the checkpoint `src` whose chat template is SmolVLM's, stored as a processor's
+    chat_template.json (as SmolVLM ships it)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    tok_cfg = json.loads((dst / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del tok_cfg["chat_template"]
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg), encoding="utf-8")
+    (dst / "chat_template.json").write_text(json.dumps({"chat_template": SMOLVLM_TEMPLATE}), encoding="utf-8")
+    return dst

@@ -144,3 +144,30 @@ def test_image_split_across_prefill_chunks(tiny_engine_factory, tiny_vlm_model, 
                chat("Describe ", make_png(40, 24, seed=1), " please")]
     assert [o.token_ids for o in small.generate(prompts, GREEDY)] == \
         [o.token_ids for o in engine.generate(prompts, GREEDY)]
+
+
+def test_smolvlm_chat_template(tiny_engine_factory, tiny_vlm_model, reference, tmp_path):
+    """SmolVLM's template iterates content parts (string content would vanish): the prompt ids equal
+    Idefics3Processor's on the text transformers renders, and so do the greedy tokens."""
+    import jinja2
+    from PIL import Image
+
+    from tests.vlm_models import SMOLVLM_TEMPLATE, with_smolvlm_template
+
+    engine = tiny_engine_factory(with_smolvlm_template(tiny_vlm_model, tmp_path / "smolvlm"))
+    img = make_png(40, 24, seed=7)
+    parts = [{"type": "text", "text": "Can you describe "}, {"type": "image"}, {"type": "text", "text": " briefly?"}]
+    text = jinja2.Template(SMOLVLM_TEMPLATE).render(messages=[{"role": "user", "content": parts}],
+                                                    add_generation_prompt=True)
+    processor, model = reference
+    enc = processor(text=[text], images=[[Image.open(io.BytesIO(img))]], return_tensors="pt")
+    prompt = chat("Can you describe ", img, " briefly?")
+    spec = engine.images.spec
+    ids = [spec.image_token_id if t >= spec.vocab_size else t for t in engine.make_request(prompt).prompt_token_ids]
+    assert ids == enc["input_ids"][0].tolist()
+    with torch.no_grad():
+        want = model.generate(**enc, max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
+    assert engine.generate([prompt], GREEDY)[0].token_ids == want
+    text_only = engine.make_request({"messages": [{"role": "user", "content": "Hello there"}]}).prompt_token_ids
+    assert engine.tokenizer.decode(text_only, skip_special_tokens=False) == \
+        "<|im_start|>User: Hello there<end_of_utterance>\nAssistant:"
