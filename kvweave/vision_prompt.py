@@ -134,8 +134,9 @@ def num_tiles(spec: VisionSpec, image: ImageInput) -> int:
 
 
 def message_images(messages: Any, limits: ImageLimits) -> tuple[list[Any], list[ImageInput]]:
-    """Messages with each `image_url` content part replaced by an `{"type": "image", "index": k}`
-    part, and the checked images in order (none: the messages unchanged)."""
+    """Messages with each image content part (OpenAI's `image_url` with a data URL, or `{"type":
+    "image", "data": bytes}`) replaced by an `{"type": "image", "index": k}` part, and the checked
+    images in order (none: the messages unchanged)."""
     if not isinstance(messages, list):
         return messages, []
     images: list[ImageInput] = []
@@ -152,9 +153,12 @@ def message_images(messages: Any, limits: ImageLimits) -> tuple[list[Any], list[
                 continue
             where = f"messages[{i}].content[{j}]"
             check_image_count(len(images) + 1, limits)
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            images.append(inspect_image(decode_data_url(url, where, limits), where, limits))
+            if isinstance(part.get("data"), bytes):  # the gRPC API's image part: the bytes themselves
+                data = part["data"]
+            else:
+                url = part.get("image_url")
+                data = decode_data_url(url.get("url") if isinstance(url, dict) else url, where, limits)
+            images.append(inspect_image(data, where, limits))
             parts.append({"type": "image", "index": len(images) - 1})
         out.append({**message, "content": parts})
     return out, images

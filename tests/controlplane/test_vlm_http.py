@@ -98,3 +98,20 @@ def test_image_to_text_only_model(cluster):
     router = cluster.add_router()
     resp = post(router, "/v1/chat/completions", body("Hi ", make_png(8, 8)))
     assert_openai_error(resp, 400, "does not take images")
+
+
+def test_sdk_image_parts_over_grpc(router):
+    """The SDK's equivalent: content parts with image bytes (or an OpenAI data URL) over gRPC give
+    the HTTP API's output; bad image bytes are an InvalidRequest."""
+    import kvweave
+
+    img = make_png(40, 24, seed=11)
+    http = post(router, "/v1/chat/completions", body("Describe ", img, " please")).json()
+    with kvweave.Client(router.grpc_address, timeout=60, max_retries=0) as client:
+        for part in ({"type": "image", "data": img}, image_part(img)):
+            messages = [{"role": "user", "content": [{"type": "text", "text": "Describe "}, part,
+                                                     {"type": "text", "text": " please"}]}]
+            reply = client.chat(messages, max_tokens=6, temperature=0)
+            assert reply.text == http["choices"][0]["message"]["content"]
+        with pytest.raises(kvweave.InvalidRequest, match="not an image"):
+            client.chat([{"role": "user", "content": [{"type": "image", "data": b"junk"}]}], max_tokens=2)
