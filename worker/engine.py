@@ -404,6 +404,8 @@ class LLMEngine:
             raise InvalidRequestError(f"model {self.args.name} does not take images (it is a text-only model)")
         mm = self.images.prepare(token_ids, images) if self.images is not None else None
         spans = self.validate_chunk_spans(chunk_spans, len(token_ids))
+        if mm is not None and spans:  # a chunk-cache is computed from token ids alone
+            raise InvalidRequestError("reusable chunks cannot be combined with images in one request (yet)")
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         extra = encode_extra_keys((self.model_name, cache_namespace), hash_salt())
         if not 0 <= prompt_logits <= len(token_ids):

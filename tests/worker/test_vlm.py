@@ -119,6 +119,8 @@ def test_token_ids_with_images_beside(engine):
         engine.make_request(ids, GREEDY, images=[other])
     with pytest.raises(InvalidRequestError, match="need their images"):
         engine.make_request(ids, GREEDY)
+    with pytest.raises(InvalidRequestError, match="chunks cannot be combined with images"):
+        engine.make_request(ids, GREEDY, chunk_spans=[(1, 3)], images=[img])
 
 
 def test_tile_grid_matches_processor(engine):
