@@ -25,7 +25,19 @@ def vlm_cluster(redis_server, tiny_vlm_model):
 
 @pytest.fixture(scope="module")
 def router(vlm_cluster):
-    return vlm_cluster.add_router(router_config={"max_images_per_request": 2, "max_image_bytes": MAX_BYTES})
+    return vlm_cluster.add_router(router_config={"max_images_per_request": 2, "max_image_bytes": MAX_BYTES,
+                                                 "max_image_pixels": 80 * 80})
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A one-colour PNG: a few hundred bytes whatever its size."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def body(*parts, max_tokens: int = 6) -> dict:
@@ -81,9 +93,11 @@ def test_same_image_hits_cache_over_http(router):
     ({"type": "image_url", "image_url": {"url": data_url(make_png(24, 24)[:-200])}}, "cannot be decoded"),
     ({"type": "image_url", "image_url": {"url": data_url(make_png(64, 64, seed=1))}}, "allowed"),
     ({"type": "image_url", "image_url": {}}, "non-empty string"),
+    ({"type": "image_url", "image_url": {"url": data_url(flat_png(81, 80))}}, "81x80 pixels; at most 6400"),
 ], ids=["bad-base64", "not-base64-url", "other-scheme", "http", "gif-mime", "garbage", "bmp", "header-only",
         "truncated",
-        "oversized", "no-url"])
+        "oversized", "no-url",
+        "too-many-pixels"])
 def test_bad_image_inputs_get_400(router, part, message):
     resp = post(router, "/v1/chat/completions", body("What is ", part))
     assert_openai_error(resp, 400, message)
