@@ -173,3 +173,28 @@ def test_smolvlm_chat_template(tiny_engine_factory, tiny_vlm_model, reference, t
     text_only = engine.make_request({"messages": [{"role": "user", "content": "Hello there"}]}).prompt_token_ids
     assert engine.tokenizer.decode(text_only, skip_special_tokens=False) == \
         "<|im_start|>User: Hello there<end_of_utterance>\nAssistant:"
+
+
+def test_vision_tower_equals_transformers_at_scale_factor_4():
+    """worker/vision.py against transformers' vision tower and connector at SmolVLM-256M's pixel
+    shuffle (scale factor 4) on a small random config: the same embeddings (fp32, 1e-5)."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    from worker.vision import VisionArgs, VisionTower
+
+    cfg = Idefics3Config(vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=3, image_size=64, patch_size=8),
+                         text_config=dict(model_type="llama", hidden_size=40, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64),
+                         scale_factor=4)
+    torch.manual_seed(0)
+    hf = Idefics3ForConditionalGeneration(cfg).eval()
+    weights = {k: v for k, v in hf.state_dict().items() if k.startswith(("model.vision_model.", "model.connector."))}
+    with torch.device("meta"):
+        tower = VisionTower(VisionArgs.from_hf_config(cfg.to_dict()))
+    tower.load_weights(weights, "cpu")
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        want = hf.model.get_image_features(pixels[None]).pooler_output[0]
+    assert tower.args.image_seq_len == 4
+    torch.testing.assert_close(tower.encode(pixels), want, rtol=1e-5, atol=1e-5)
