@@ -85,11 +85,12 @@ class ImageEncoder:
             if cached is not None:
                 self._cache.move_to_end(image.hash)
                 return cached
-            embeds = self.tower.encode(self.pixel_values(image))
+        embeds = self.tower.encode(self.pixel_values(image))  # outside the lock: a hit never waits for an encode
+        with self._lock:
             self._cache[image.hash] = embeds
             if len(self._cache) > EMBEDDING_CACHE_IMAGES:
                 self._cache.popitem(last=False)
-            return embeds
+        return embeds
 
     def pixel_values(self, image: ImageInput) -> torch.Tensor:
         """[tiles, 3, S, S]: the image's tiles (row by row) then the global image, normalized."""
