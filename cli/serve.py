@@ -36,7 +36,8 @@ workers None: `default_workers`)."""
 SERVE_DEFAULT_TEXTS = {"workers": "1, or 0 with --prefill-workers or --decode-workers"}
 CLUSTER_FLAGS_EXCLUDED = ("model", "log_level", "router_args")
 ROUTER_ARGS = ("disagg_threshold_tokens", "disagg_max_prefill_queue_tokens", "disagg_handoff_margin",
-               "request_timeout_s", "stall_timeout_s", "max_migrations")
+               "request_timeout_s", "stall_timeout_s", "max_migrations", "max_images_per_request", "max_image_bytes",
+               "max_image_pixels", "allow_image_urls")
 """RouterConfig fields `kvweave serve` takes as flags and hands its router (the prefill/decode decision;
 deadlines, stalls and migration, docs/resilience.md)."""
 SECURITY_ARGS = ("api_keys_file", "tls_cert_file", "tls_key_file")

@@ -39,6 +39,17 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
+def _message_from_proto(m: common_pb2.ChatMessage, i: int) -> dict:
+    """A chat message as the router takes it; content parts become text and image parts."""
+    if not m.parts:
+        return {"role": m.role, "content": m.content} | ({"kvweave": {"document": True}} if m.document else {})
+    if m.content or m.document:
+        raise InvalidRequestError(f"messages[{i}]: give its content or its parts, not both (parts cannot be a "
+                                  "document)")
+    return {"role": m.role, "content": [{"type": "text", "text": p.text} if p.WhichOneof("part") == "text"
+                                        else {"type": "image", "data": p.image} for p in m.parts]}
+
+
 def input_from_proto(msg: inference_pb2.GenerateRequest) -> GenerateInput:
     """Raises InvalidRequestError for a missing prompt, invalid sampling parameters or an over-long id."""
     for name in ("model", "request_id", "session_id", "tenant"):
@@ -50,8 +61,7 @@ def input_from_proto(msg: inference_pb2.GenerateRequest) -> GenerateInput:
     elif kind == "token_ids":
         inp.prompt = list(msg.token_ids.ids)
     elif kind == "chat":
-        inp.messages = [{"role": m.role, "content": m.content} | ({"kvweave": {"document": True}} if m.document else {})
-                        for m in msg.chat.messages]
+        inp.messages = [_message_from_proto(m, i) for i, m in enumerate(msg.chat.messages)]
     elif kind == "segments":
         inp.segments = [(s.text, s.reusable) for s in msg.segments.segments]
     else:

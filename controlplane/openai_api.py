@@ -34,6 +34,7 @@ from kvweave.errors import InvalidRequestError
 from kvweave.limits import check_id, check_role
 from kvweave.sampling_params import MAX_LOGPROBS, MAX_UINT32, SamplingParams
 from kvweave.segments import CHAT_EXTENSION, flatten_messages
+from kvweave.vision_prompt import without_image_parts
 from kvweave.tokenizer import Tokenizer
 
 _UNSUPPORTED_IF_SET = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None,
@@ -254,7 +255,7 @@ def _messages(body: dict) -> list[dict]:
         raise OpenAIRequestError("'messages' is required: a non-empty list of {'role', 'content'} objects", "messages")
     messages = [_message(m, i) for i, m in enumerate(messages)]
     try:
-        flatten_messages(messages)
+        flatten_messages(without_image_parts(messages))  # image parts are checked by the router (kvweave/images.py)
     except InvalidRequestError as e:
         raise OpenAIRequestError(str(e), "messages") from None
     return messages

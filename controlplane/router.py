@@ -64,6 +64,7 @@ from kvweave.limits import check_prompt_size
 from kvweave.model_files import LoadedTokenizer, load_tokenizer
 from kvweave.sampling_params import SamplingParams
 from kvweave.segments import encode_chat_documents, encode_segments, split_on_separator
+from kvweave.vision_prompt import encode_chat_with_images, has_image_parts, message_images
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,27 @@ class Router:
 
     def encode_prompt(self, inp: GenerateInput, add_special_tokens: bool = True, add_generation_prompt: bool = True
                       ) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, spans, _ = self.encode_prompt_images(inp, add_special_tokens, add_generation_prompt)
+        return ids, spans
+
+    def encode_prompt_images(self, inp: GenerateInput, add_special_tokens: bool = True,
+                             add_generation_prompt: bool = True) -> tuple[list[int], list[tuple[int, int]], list]:
+        """`encode_prompt`'s (token ids, chunk spans) and the prompt's images (`ImageInput`s): chat
+        content parts of type `image_url` (base64 data URLs) become the image's tokens, their
+        `<image>` positions holding placeholder ids from its content hash (kvweave/vision_prompt.py),
+        exactly as the worker makes them, so block hashes and the index tell images apart."""
+        if inp.messages is not None and has_image_parts(inp.messages):
+            vision = self.model.vision
+            if vision is None:
+                raise InvalidRequestError(f"model {self.model.name} does not take images (it is a text-only model)",
+                                          "messages")
+            check_prompt_size(self.list_models()[0].max_model_len, messages=inp.messages)
+            messages, images = message_images(inp.messages, self.config.image_limits)
+            return encode_chat_with_images(self.tokenizer, vision, messages, images, add_generation_prompt), [], images
+        return (*self._encode_text(inp, add_special_tokens, add_generation_prompt), [])
+
+    def _encode_text(self, inp: GenerateInput, add_special_tokens: bool, add_generation_prompt: bool
+                     ) -> tuple[list[int], list[tuple[int, int]]]:
         """(token ids, reusable chunk spans) of the prompt: chat messages (documents become chunks),
         segments (reusable ones become chunks, kvweave/segments.py), a text (split at
         `config.chunk_separator` when it holds one) or token ids (no chunks). Generation uses the
@@ -213,7 +235,7 @@ class Router:
     def _prepare(self, inp: GenerateInput, arrival: float) -> RoutedRequest:
         self.check_model(inp.model)
         t0 = time.perf_counter()
-        token_ids, spans = self.encode_prompt(inp)
+        token_ids, spans, images = self.encode_prompt_images(inp)
         self.metrics.stages["tokenize"].observe(time.perf_counter() - t0)
         if not token_ids:
             raise InvalidRequestError("prompt is empty")
@@ -231,7 +253,8 @@ class Router:
             raise InvalidRequestError(f"request id {req_id!r} is already in use")
         message = worker_pb2.WorkerGenerateRequest(request_id=req_id, prompt_token_ids=token_ids,
                                                    sampling=sampling_to_proto(params), cache_namespace=inp.tenant,
-                                                   chunks=[common_pb2.ChunkSpan(start=a, length=n) for a, n in spans])
+                                                   chunks=[common_pb2.ChunkSpan(start=a, length=n) for a, n in spans],
+                                                   images=[img.data for img in images])
         deadline = time.monotonic() + (inp.timeout_s if inp.timeout_s is not None else self.config.request_timeout_s)
         return RoutedRequest(req_id, token_ids, inp.session_id, inp.tenant, params, message, arrival, deadline,
                              chunk_spans=spans)

@@ -8,6 +8,7 @@ from controlplane.disagg import DisaggConfig
 from controlplane.policies import DEFAULT_POLICY
 from kvstore.index import MEDIUMS
 from kvweave.defaults import DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST, REGISTRY_LEASE_S, WAITING_HEARTBEAT_S
+from kvweave.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST, ImageLimits
 
 
 @dataclass
@@ -64,6 +65,15 @@ class RouterConfig:
     disagg_handoff_margin: float = 1.0
     """Remote prefill only when the predicted KV handoff takes under this share of the predicted
     local prefill."""
+    max_images_per_request: int = MAX_IMAGES_PER_REQUEST
+    """Most images one request may carry (vision-language models)."""
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    """Largest encoded image a request may carry, in bytes."""
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """Largest image a request may carry, in pixels (width x height, read from its header)."""
+    allow_image_urls: bool = False
+    """Accept http(s) image URLs in chat content parts. Off by default; fetching them is not built yet,
+    so they are refused with a 400 either way (send base64 data URLs)."""
 
     def __post_init__(self) -> None:
         if self.max_inflight <= 0 or self.max_attempts <= 0:
@@ -85,5 +95,7 @@ class RouterConfig:
             raise ValueError("load_sync_s must be positive")
         if self.max_migrations < 0 or self.breaker_min_open_s < 0:
             raise ValueError("max_migrations and breaker_min_open_s must not be negative")
+        self.image_limits = ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_images_per_request,
+                                        self.allow_image_urls)
         self.disagg = DisaggConfig(self.disagg_threshold_tokens, self.disagg_max_prefill_queue_tokens,
                                    self.disagg_handoff_margin)

@@ -113,7 +113,9 @@ GENERATE_DOC = """Stream a completion as `GenerateDelta`s; the last one has `fin
 Give exactly one prompt form: `prompt` (text), `messages` (chat, [{"role", "content"}]), `token_ids`,
 or `segments` (`Segment`s, {"text", "reusable"} dicts or strings (not reusable); reusable segments are
 chunks whose KV may be reused wherever they appear). A chat message marked
-`{"kvweave": {"document": True}}` is such a chunk too. The last delta's `usage` counts the prompt
+`{"kvweave": {"document": True}}` is such a chunk too. A message's content may be a list of parts
+for a vision-language model: {"type": "text", "text": str}, {"type": "image", "data": bytes} (PNG, JPEG,
+WebP) or OpenAI's {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}. The last delta's `usage` counts the prompt
 tokens reused from the prefix cache (`cached_tokens`) and from chunk-caches (`chunk_reused_tokens`,
 of which `recomputed_tokens` were recomputed), and `usage.route` (a `RouteInfo`) what the router
 predicted for the worker it chose: tokens by tier, its cost and the runner-up's. Sampling parameters left as None take the server's

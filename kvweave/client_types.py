@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from kvweave.errors import InvalidRequestError
+from kvweave.images import HARD_LIMITS, decode_data_url
 from kvweave.limits import check_id, check_role
 from kvweave.sampling_params import MAX_UINT32, SamplingParams
 from kvweave.v1 import common_pb2, inference_pb2
@@ -248,11 +249,35 @@ def _messages_to_proto(messages: Iterable[Mapping[str, Any] | Any]) -> common_pb
         document = options.get("document", False) if isinstance(options, Mapping) else options
         if not isinstance(document, bool):
             raise invalid(f"messages[{i}]['kvweave'] must be {{'document': bool}}, got {options!r}")
+        if isinstance(content, list) and not document:
+            out.messages.add(role=role, parts=[_part_to_proto(p, i, j) for j, p in enumerate(content)])
+            continue
         if not isinstance(content, str):
-            raise invalid(f"messages[{i}]: content must be a string over gRPC (got {type(content).__name__}); "
-                          "mark a whole message as a document with {'kvweave': {'document': True}}")
+            raise invalid(f"messages[{i}]: content must be a string or a list of text and image parts over gRPC "
+                          f"(got {type(content).__name__}); mark a whole message as a document with "
+                          "{'kvweave': {'document': True}}")
         out.messages.add(role=role, content=content, document=document)
     return out
+
+
+def _part_to_proto(part: Any, i: int, j: int) -> common_pb2.ContentPart:
+    """{"type": "text", "text": str}, {"type": "image", "data": bytes} or OpenAI's {"type": "image_url",
+    "image_url": {"url": "data:image/png;base64,..."}} (decoded here: the bytes go over gRPC)."""
+    where = f"messages[{i}].content[{j}]"
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return common_pb2.ContentPart(text=part["text"])
+    if kind == "image" and isinstance(part.get("data"), bytes):
+        return common_pb2.ContentPart(image=part["data"])
+    if kind == "image_url":
+        url = part.get("image_url")
+        try:
+            data = decode_data_url(url.get("url") if isinstance(url, Mapping) else url, where, HARD_LIMITS)
+        except InvalidRequestError as e:
+            raise invalid(str(e)) from None
+        return common_pb2.ContentPart(image=data)
+    raise invalid(f"{where}: a content part must be {{'type': 'text', 'text': str}}, {{'type': 'image', 'data': "
+                  "bytes}} or {'type': 'image_url', 'image_url': {'url': data URL}}")
 
 
 def _segments_to_proto(segments: Iterable[Segment | Mapping[str, Any] | str]) -> common_pb2.Segments:

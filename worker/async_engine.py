@@ -20,6 +20,7 @@ from SSD and peers there, so the engine thread never waits on I/O).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -32,6 +33,7 @@ from kvstore.keys import BlockHash
 from kvstore.codec import KVLayout
 from kvstore.events import BlockRemoved, BlockStored
 from kvstore.transfer_source import KVLayoutMismatchError
+from kvweave.vision_prompt import has_image_parts
 from worker.engine import LLMEngine, Prompt
 from worker.kv_connector_worker import StagedKV
 from worker.kv_handoff import Handoff
@@ -79,12 +81,16 @@ class AsyncEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
                        cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = (),
-                       prefill_only: bool = False, handoff: Handoff | None = None) -> AsyncIterator[RequestOutput]:
+                       prefill_only: bool = False, handoff: Handoff | None = None, images: Sequence[bytes] = ()
+                       ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (each with the new delta); raises InvalidRequestError at once.
         `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks;
-        `prefill_only` / `handoff`: the two halves of a disaggregated request (worker/kv_handoff.py)."""
-        req = self.engine.make_request(prompt, params, req_id, cache_namespace, chunk_spans,
-                                       prefill_only=prefill_only, handoff=handoff)
+        `prefill_only` / `handoff`: the two halves of a disaggregated request (worker/kv_handoff.py);
+        `images`: the encoded images its placeholders name (encoded off the event loop)."""
+        make = functools.partial(self.engine.make_request, prompt, params, req_id, cache_namespace, chunk_spans,
+                                 prefill_only=prefill_only, handoff=handoff, images=images)
+        with_images = images or (isinstance(prompt, dict) and has_image_parts(prompt.get("messages")))
+        req = await asyncio.to_thread(make) if with_images else make()
         if req.req_id in self._streams:
             raise InvalidRequestError(f"request id {req.req_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())

@@ -28,6 +28,7 @@ from kvweave.errors import InvalidRequestError
 from kvweave.limits import check_prompt_size
 from kvweave.sampling_params import SamplingParams
 from kvweave.tokenizer import InvalidMessagesError, TokenizerError
+from kvweave.vision_prompt import PLACEHOLDER_RANGE, encode_chat_with_images, has_image_parts, message_images
 from worker.block_manager import BlockManager
 from worker.chunk_blend import CHUNK_CACHE_MODES, CHUNK_SELECTIONS, ChunkBlender
 from worker.config import ConfigError, StoreConfigError
@@ -38,6 +39,7 @@ from worker.loader import LOAD_FORMATS, load_checkpoint
 from worker.attention import kv_cache_shape
 from worker.model import Transformer, rope_inv_freq
 from worker.model_runner import ModelRunner, RunnerOutput, TPRank
+from worker.multimodal import build_image_encoder
 from worker.output import OutputProcessor, RequestOutput, check_stop
 from worker.request import Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerConfig
@@ -215,6 +217,12 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         ckpt = load_checkpoint(config.model, self.dtype, config.load_format, self.device)
         self.args, self.tokenizer = ckpt.args, ckpt.tokenizer
+        self.images = None
+        """The vision tower and image preprocessing of a vision-language model (None: text only)."""
+        if ckpt.vision is not None:
+            if config.tensor_parallel_size > 1:
+                raise ConfigError("vision-language models are not served with tensor parallelism yet")
+            self.images = build_image_encoder(ckpt.vision, self.dtype, self.device)
         num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_gb)
         # A request must fit in the KV cache on its own, or it could never be scheduled.
         self.max_model_len = min(config.max_model_len or self.args.max_seq_len, self.args.max_seq_len,
@@ -245,6 +253,7 @@ class LLMEngine:
         """Where the steps' time goes, by phase (worker/step_profile.py)."""
         self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.profile, config.max_num_seqs,
                                   kv_cache=kv_cache, tp=tp_rank)
+        self.runner.get_mm_inputs = self._mm_inputs
         self.store = None
         if config.store_config.enabled:
             try:
@@ -329,13 +338,31 @@ class LLMEngine:
             return list(prompt)
         raise InvalidRequestError(f"prompt must be a string, a list of token ids or messages, got {type(prompt).__name__}")
 
+    def _mm_inputs(self, req_id: str):
+        req = self.scheduler.requests.get(req_id)
+        return req.mm_inputs if req is not None else None
+
+    def encode_prompt_images(self, prompt: Prompt, images: Sequence[bytes] = ()) -> tuple[list[int], list]:
+        """(token ids, images) of a prompt: chat messages may hold `image_url` parts (base64 data
+        URLs, kvweave/vision_prompt.py); token ids come with the images their placeholders name."""
+        messages = prompt.get("messages") if isinstance(prompt, dict) else None
+        if not has_image_parts(messages):
+            return self.encode_prompt(prompt), list(images)
+        if self.images is None:
+            raise InvalidRequestError(f"model {self.args.name} does not take images (it is a text-only model)")
+        if images:
+            raise InvalidRequestError("give images either in the messages or beside the prompt, not both")
+        check_prompt_size(self.max_model_len, messages=messages)
+        messages, found = message_images(messages, self.images.limits)
+        return encode_chat_with_images(self.tokenizer, self.images.spec, messages, found), found
+
     def validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise InvalidRequestError("prompt is empty")
         if len(token_ids) >= self.max_model_len:
             raise InvalidRequestError(f"prompt has {len(token_ids)} tokens, but the context length is "
                                       f"{self.max_model_len} (at least one token must be generated)")
-        vocab = self.args.vocab_size
+        vocab = self.args.vocab_size if self.images is None else self.args.vocab_size + PLACEHOLDER_RANGE
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
 
@@ -360,23 +387,32 @@ class LLMEngine:
         return out
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
-                    cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = ()) -> str:
+                    cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = (),
+                    images: Sequence[bytes] = ()) -> str:
         """Validate and queue a request; raises InvalidRequestError naming the problem."""
-        return self.submit(self.make_request(prompt, params, req_id, cache_namespace, chunk_spans))
+        return self.submit(self.make_request(prompt, params, req_id, cache_namespace, chunk_spans, images=images))
 
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
                      cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = (),
-                     prompt_logits: int = 0, prefill_only: bool = False, handoff: Handoff | None = None) -> Request:
+                     prompt_logits: int = 0, prefill_only: bool = False, handoff: Handoff | None = None,
+                     images: Sequence[bytes] = ()) -> Request:
         """Tokenize and validate a request without touching engine state (safe from any thread).
         `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks;
         `prompt_logits`: also return the logits of the prompt's last positions (final output);
         `prefill_only`: hand the KV off after the first token (worker/kv_handoff.py); `handoff`:
-        continue a request prefilled elsewhere from its first token."""
+        continue a request prefilled elsewhere from its first token; `images`: the encoded images
+        whose placeholders the token ids hold (a chat prompt may carry them in its messages instead).
+        A request with images is encoded here (worker/multimodal.py)."""
         params = params or SamplingParams()
         params.validate()
-        token_ids = self.encode_prompt(prompt)
+        token_ids, images = self.encode_prompt_images(prompt, images)
         self.validate_prompt(token_ids)
+        if images and self.images is None:
+            raise InvalidRequestError(f"model {self.args.name} does not take images (it is a text-only model)")
+        mm = self.images.prepare(token_ids, images) if self.images is not None else None
         spans = self.validate_chunk_spans(chunk_spans, len(token_ids))
+        if mm is not None and spans:  # a chunk-cache is computed from token ids alone
+            raise InvalidRequestError("reusable chunks cannot be combined with images in one request (yet)")
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         extra = encode_extra_keys((self.model_name, cache_namespace), hash_salt())
         if not 0 <= prompt_logits <= len(token_ids):
@@ -384,7 +420,7 @@ class LLMEngine:
         if (prefill_only or handoff is not None) and prompt_logits:
             raise InvalidRequestError("prompt logits cannot be asked of a disaggregated request")
         req = Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic(),
-                      chunk_spans=spans, num_prompt_logits=prompt_logits, prefill_only=prefill_only)
+                      chunk_spans=spans, num_prompt_logits=prompt_logits, prefill_only=prefill_only, mm_inputs=mm)
         if handoff is not None:
             if prefill_only:
                 raise InvalidRequestError("a request cannot be both prefill-only and continued from a handoff")

@@ -30,11 +30,14 @@ from safetensors.torch import load_file
 from kvweave.defaults import DEFAULT_MODEL
 from kvweave.model_files import CheckpointError, load_hf_tokenizer, model_name, read_json, resolve_model
 from kvweave.tokenizer import Tokenizer, gguf_field_value
+from kvweave.vision_prompt import VisionSpec
 from worker.config import ModelArgs
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "idefics3")
+"""idefics3 (SmolVLM): its language model (`text_config`, a llama) runs as any Llama; its vision
+tower and connector weights go to `LoadedCheckpoint.vision` (worker/vision.py)."""
 SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2")
 _PERMUTED_GGUF_ARCHS = ("llama", "mistral")  # llama.cpp converts Mistral through its Llama path
 _GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -63,6 +66,20 @@ class LoadedCheckpoint:
     weights: dict[str, torch.Tensor]
     """Hugging Face Llama names -> tensors in HF shapes."""
     tokenizer: Tokenizer
+    vision: VisionCheckpoint | None = None
+    """A vision-language model's vision tower, connector and image prompt format (None: text only)."""
+
+
+@dataclass
+class VisionCheckpoint:
+    """The vision half of an Idefics3 / SmolVLM checkpoint."""
+
+    config: dict
+    """The whole config.json."""
+    spec: VisionSpec
+    weights: dict[str, torch.Tensor]
+    """`model.vision_model.*` and `model.connector.*` tensors (Hugging Face names)."""
+    folder: Path
 
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -160,7 +177,12 @@ def dummy_weights(args: ModelArgs, dtype: torch.dtype, device: torch.device, see
 # ---------------------------------------------------------------- Hugging Face folders
 
 def _load_hf_folder(folder: Path, name: str, with_weights: bool = True) -> LoadedCheckpoint:
-    cfg = read_json(folder / "config.json", required=True)
+    full_cfg = cfg = read_json(folder / "config.json", required=True)
+    if cfg.get("model_type") == "idefics3":
+        cfg = cfg.get("text_config") or {}
+        if cfg.get("model_type", "llama") != "llama":
+            raise CheckpointError(f"{folder}: idefics3 with a {cfg.get('model_type')!r} language model is not supported")
+        cfg = {"model_type": "llama", **cfg}
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_HF_MODEL_TYPES:
         raise CheckpointError(
@@ -176,7 +198,19 @@ def _load_hf_folder(folder: Path, name: str, with_weights: bool = True) -> Loade
     args.eos_token_ids = tokenizer.eos_token_ids = list(dict.fromkeys(eos_ids))
     if args.bos_token_id is None:
         args.bos_token_id = tokenizer.bos_token_id
-    return LoadedCheckpoint(args, _read_safetensors(folder) if with_weights else {}, tokenizer)
+    weights = _read_safetensors(folder) if with_weights else {}
+    vision = None
+    if full_cfg is not cfg:
+        vision = VisionCheckpoint(full_cfg, VisionSpec.from_config(full_cfg, read_json(folder / "preprocessor_config.json")),
+                                  {k: weights.pop(k) for k in [k for k in weights if k.startswith(_VISION_PREFIXES)]},
+                                  folder)
+        weights = {k.replace("model.text_model.", "model.", 1): v for k, v in weights.items()}
+        if with_weights and not vision.weights:
+            raise CheckpointError(f"{folder}: an idefics3 checkpoint without vision tower weights")
+    return LoadedCheckpoint(args, weights, tokenizer, vision)
+
+
+_VISION_PREFIXES = ("model.vision_model.", "model.connector.")
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

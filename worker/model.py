@@ -246,11 +246,12 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.device
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
-                num_layers: int | None = None) -> torch.Tensor | None:
+                num_layers: int | None = None, input_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
         """Hidden states [T, dim] for flat token ids and positions [T]. With `num_layers`, only the
-        first layers run (writing their KV through `backend`) and nothing is returned."""
+        first layers run (writing their KV through `backend`) and nothing is returned. `input_embeds`
+        [T, dim] replaces the token embeddings (image placeholders: worker/multimodal.py)."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        x, residual = self.embed_tokens(token_ids), None
+        x, residual = self.embed_tokens(token_ids) if input_embeds is None else input_embeds, None
         if num_layers is None and backend.fused_decode_applies(len(token_ids)):
             return backend.fused_decode(x, cos, sin, self.decode_weights(), self.linear_layout, self.args.norm_eps)
         for layer in self.layers if num_layers is None else self.layers[:num_layers]:

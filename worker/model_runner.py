@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +68,8 @@ class CachedRequestState:
     params: SamplingParams
     prompt_logits: range = range(0)
     """Prompt positions whose logits are returned."""
+    mm: Any = None
+    """The prompt's image embeddings (worker.multimodal.MultimodalInputs), or None."""
 
 
 class StepInputs:
@@ -136,7 +140,12 @@ class ModelRunner:
         set up (a request built around the validation at the edges): they fail at their first
         sample, alone."""
         self._inputs = StepInputs(self.device)
-        self._inputs_b = StepInputs(self.device)  # a token-split step's second half        self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
+        self._inputs_b = StepInputs(self.device)  # a token-split step's second half
+        self.get_mm_inputs: Callable[[str], Any] = lambda req_id: None
+        """A new request's image embeddings (the engine's lookup; they are not scheduler data)."""
+        self._mm_parts: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []
+        """The last prepared step's image positions: (rows of the step, rows of the embeddings, embeddings)."""
+        self._logit_rows: dict[str, tuple[list[int], list[int]]] = {}
         m = rope_attention_factor(model.args)  # the tables carry yarn's factor; corrections need pure rotations
         self._rot_cos, self._rot_sin = (model.rope_cos, model.rope_sin) if m == 1 else \
             (model.rope_cos / m, model.rope_sin / m)
@@ -153,7 +162,8 @@ class ModelRunner:
         for new in out.scheduled_new_reqs:
             wanted = range(new.num_prompt_tokens - new.num_prompt_logits, new.num_prompt_tokens)
             self.requests[new.req_id] = CachedRequestState(list(new.token_ids), list(new.block_ids),
-                                                           new.num_computed_tokens, new.params, wanted)
+                                                           new.num_computed_tokens, new.params, wanted,
+                                                           self.get_mm_inputs(new.req_id))
             problem = row_problem(new.params, self.model.args.vocab_size)  # once per request, not per step
             if problem is not None:
                 self.broken[new.req_id] = problem
@@ -192,7 +202,7 @@ class ModelRunner:
         input of the step goes to the device in one copy (`StepInputs`: `packed`, default the runner's)."""
         packed = packed or self._inputs
         ids, pos, slots, tables, prefill_info, decode_rows, sample_rows = [], [], [], {}, [], [], []
-        self._logit_rows = {}
+        self._logit_rows, self._mm_parts = {}, []
         offset = 0
         for req_id, n, piece in items:
             state = self.requests[req_id]
@@ -209,6 +219,8 @@ class ModelRunner:
                 prefill_info.append((req_id, offset, n, p, piece))
             if state.prompt_logits:
                 self._want_logits(req_id, state.prompt_logits, p, offset)
+            if state.mm is not None:
+                self._want_images(state.mm, p, offset)
             sample = piece.sample if piece is not None else int(p[-1]) + 1 == len(state.token_ids)
             sample_rows.append(offset + n - 1 if sample else None)
             offset += n
@@ -223,6 +235,25 @@ class ModelRunner:
         if decode_rows:
             self._decode_metadata(meta, dev[decode_arrays[0]], dev[decode_arrays[1]], decode_arrays[2])
         return token_ids, positions, meta, sample_rows
+
+    def _want_images(self, mm, p: np.ndarray, offset: int) -> None:
+        """Rows of the step at image placeholder positions, and their embedding rows."""
+        prompt = p < len(mm.rows)
+        rows = np.full(len(p), -1, dtype=np.int64)
+        rows[prompt] = mm.rows[p[prompt]]
+        at = np.nonzero(rows >= 0)[0]
+        if len(at):
+            self._mm_parts.append((offset + at, rows[at], mm.embeds))
+
+    def _input_embeds(self, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """The step's input embeddings when it holds image positions (None: the token embeddings)."""
+        if not self._mm_parts:
+            return None
+        vocab = self.model.args.vocab_size
+        x = self.model.embed_tokens(torch.where(token_ids < vocab, token_ids, 0))
+        for at, rows, embeds in self._mm_parts:
+            x[torch.from_numpy(at).to(x.device)] = embeds[torch.from_numpy(rows).to(embeds.device)].to(x.dtype)
+        return x
 
     def _want_logits(self, req_id: str, wanted: range, p: np.ndarray, offset: int) -> None:
         """Rows of the step whose logits the request asked for (its last prompt positions)."""
@@ -288,7 +319,8 @@ class ModelRunner:
         """A blend's scoring pass: its positions through layers 0..score_layer alone."""
         token_ids, positions, meta, _ = self._prepare_inputs([(req_id, len(piece.positions), piece)])
         backend = self._attention(meta)
-        self.model(token_ids, positions, backend, num_layers=piece.score_layer + 1)
+        self.model(token_ids, positions, backend, num_layers=piece.score_layer + 1,
+                   input_embeds=self._input_embeds(token_ids))
         scores = meta.prefills[0].scores
         if self.tp is not None:  # each rank's heads' share of the deviation
             all_reduce(scores, self.tp.group).wait()
@@ -340,10 +372,11 @@ class ModelRunner:
             with prof.phase("prepare"):
                 token_ids, positions, meta, sample_rows = self._prepare_inputs(items)
             with prof.phase("forward"):
-                if self.graphs is not None and self.graphs.applies(len(token_ids), meta):
+                embeds = self._input_embeds(token_ids)
+                if embeds is None and self.graphs is not None and self.graphs.applies(len(token_ids), meta):
                     hidden = self.graphs.run(token_ids, positions, meta)
                 else:
-                    hidden = self.model(token_ids, positions, self._attention(meta))
+                    hidden = self.model(token_ids, positions, self._attention(meta), input_embeds=embeds)
         if not sample:
             return None
         with prof.phase("sample"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from worker.chunk_blend import BlendPlan
 from worker.kv_handoff import Handoff
@@ -107,6 +108,8 @@ class Request:
     chunks: ChunkState = field(default_factory=ChunkState)
     blend: BlendPlan | None = None
     """The chunk blend in progress (worker.chunk_blend.BlendPlan) while its pieces run."""
+    mm_inputs: Any = None
+    """The embeddings of the prompt's image placeholders (worker.multimodal.MultimodalInputs), or None."""
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -187,7 +187,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             params = sampling_from_proto(request.sampling if request.HasField("sampling") else None)
             handoff = handoff_from_proto(request.kv_handoff) if request.HasField("kv_handoff") else None
             stream = self.engine.generate(list(request.prompt_token_ids), params, req_id, request.cache_namespace,
-                                          chunk_spans, prefill_only=request.prefill_only, handoff=handoff)
+                                          chunk_spans, prefill_only=request.prefill_only, handoff=handoff,
+                                          images=list(request.images))
             async with contextlib.aclosing(stream):
                 async for out in with_heartbeats(stream, self.heartbeat_s):
                     if out is None:  # still waiting for the first output

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvweave/v1/common.proto\x12\nkvweave.v1\"\xac\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x05\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\">\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08\x64ocument\x18\x03 \x01(\x08\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvweave.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\")\n\x07Segment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08reusable\x18\x02 \x01(\x08\"1\n\x08Segments\x12%\n\x08segments\x18\x01 \x03(\x0b\x32\x13.kvweave.v1.Segment\"*\n\tChunkSpan\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\"\xe7\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x1b\n\x13\x63hunk_reused_tokens\x18\x04 \x01(\r\x12\x19\n\x11recomputed_tokens\x18\x05 \x01(\r\x12\x16\n\x0e\x64isaggregation\x18\x06 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\x07 \x01(\t\x12*\n\x05route\x18\x08 \x01(\x0b\x32\x1b.kvweave.v1.RoutePrediction\"E\n\nTierTokens\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0c\n\x04\x64ram\x18\x02 \x01(\r\x12\x0b\n\x03ssd\x18\x03 \x01(\r\x12\x0c\n\x04peer\x18\x04 \x01(\r\"\x9e\x02\n\x0fRoutePrediction\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12-\n\rprefix_tokens\x18\x04 \x01(\x0b\x32\x16.kvweave.v1.TierTokens\x12,\n\x0c\x63hunk_tokens\x18\x05 \x01(\x0b\x32\x16.kvweave.v1.TierTokens\x12\x11\n\x04\x63ost\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x13runner_up_worker_id\x18\x07 \x01(\t\x12\x1b\n\x0erunner_up_cost\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\ndivergence\x18\t \x01(\tB\x07\n\x05_costB\x11\n\x0f_runner_up_cost\"\xa6\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12?\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32).kvweave.v1.TokenLogprob.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvweave/v1/common.proto\x12\nkvweave.v1\"\xac\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x05\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"f\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08\x64ocument\x18\x03 \x01(\x08\x12&\n\x05parts\x18\x04 \x03(\x0b\x32\x17.kvweave.v1.ContentPart\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvweave.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\")\n\x07Segment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08reusable\x18\x02 \x01(\x08\"1\n\x08Segments\x12%\n\x08segments\x18\x01 \x03(\x0b\x32\x13.kvweave.v1.Segment\"*\n\tChunkSpan\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\"\xe7\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x1b\n\x13\x63hunk_reused_tokens\x18\x04 \x01(\r\x12\x19\n\x11recomputed_tokens\x18\x05 \x01(\r\x12\x16\n\x0e\x64isaggregation\x18\x06 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\x07 \x01(\t\x12*\n\x05route\x18\x08 \x01(\x0b\x32\x1b.kvweave.v1.RoutePrediction\"E\n\nTierTokens\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0c\n\x04\x64ram\x18\x02 \x01(\r\x12\x0b\n\x03ssd\x18\x03 \x01(\r\x12\x0c\n\x04peer\x18\x04 \x01(\r\"\x9e\x02\n\x0fRoutePrediction\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12-\n\rprefix_tokens\x18\x04 \x01(\x0b\x32\x16.kvweave.v1.TierTokens\x12,\n\x0c\x63hunk_tokens\x18\x05 \x01(\x0b\x32\x16.kvweave.v1.TierTokens\x12\x11\n\x04\x63ost\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x13runner_up_worker_id\x18\x07 \x01(\t\x12\x1b\n\x0erunner_up_cost\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\ndivergence\x18\t \x01(\tB\x07\n\x05_costB\x11\n\x0f_runner_up_cost\"\xa6\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12?\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32).kvweave.v1.TokenLogprob.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._loaded_options = None
   _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1459
-  _globals['_FINISHREASON']._serialized_end=1579
+  _globals['_FINISHREASON']._serialized_start=1555
+  _globals['_FINISHREASON']._serialized_end=1675
   _globals['_SAMPLINGPARAMS']._serialized_start=40
   _globals['_SAMPLINGPARAMS']._serialized_end=340
   _globals['_CHATMESSAGE']._serialized_start=342
-  _globals['_CHATMESSAGE']._serialized_end=404
-  _globals['_CHATMESSAGES']._serialized_start=406
-  _globals['_CHATMESSAGES']._serialized_end=463
-  _globals['_TOKENIDS']._serialized_start=465
-  _globals['_TOKENIDS']._serialized_end=488
-  _globals['_SEGMENT']._serialized_start=490
-  _globals['_SEGMENT']._serialized_end=531
-  _globals['_SEGMENTS']._serialized_start=533
-  _globals['_SEGMENTS']._serialized_end=582
-  _globals['_CHUNKSPAN']._serialized_start=584
-  _globals['_CHUNKSPAN']._serialized_end=626
-  _globals['_USAGE']._serialized_start=629
-  _globals['_USAGE']._serialized_end=860
-  _globals['_TIERTOKENS']._serialized_start=862
-  _globals['_TIERTOKENS']._serialized_end=931
-  _globals['_ROUTEPREDICTION']._serialized_start=934
-  _globals['_ROUTEPREDICTION']._serialized_end=1220
-  _globals['_TOKENLOGPROB']._serialized_start=1223
-  _globals['_TOKENLOGPROB']._serialized_end=1389
-  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_start=1339
-  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_end=1389
-  _globals['_ABORTREQUEST']._serialized_start=1391
-  _globals['_ABORTREQUEST']._serialized_end=1425
-  _globals['_ABORTRESPONSE']._serialized_start=1427
-  _globals['_ABORTRESPONSE']._serialized_end=1457
+  _globals['_CHATMESSAGE']._serialized_end=444
+  _globals['_CONTENTPART']._serialized_start=446
+  _globals['_CONTENTPART']._serialized_end=500
+  _globals['_CHATMESSAGES']._serialized_start=502
+  _globals['_CHATMESSAGES']._serialized_end=559
+  _globals['_TOKENIDS']._serialized_start=561
+  _globals['_TOKENIDS']._serialized_end=584
+  _globals['_SEGMENT']._serialized_start=586
+  _globals['_SEGMENT']._serialized_end=627
+  _globals['_SEGMENTS']._serialized_start=629
+  _globals['_SEGMENTS']._serialized_end=678
+  _globals['_CHUNKSPAN']._serialized_start=680
+  _globals['_CHUNKSPAN']._serialized_end=722
+  _globals['_USAGE']._serialized_start=725
+  _globals['_USAGE']._serialized_end=956
+  _globals['_TIERTOKENS']._serialized_start=958
+  _globals['_TIERTOKENS']._serialized_end=1027
+  _globals['_ROUTEPREDICTION']._serialized_start=1030
+  _globals['_ROUTEPREDICTION']._serialized_end=1316
+  _globals['_TOKENLOGPROB']._serialized_start=1319
+  _globals['_TOKENLOGPROB']._serialized_end=1485
+  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_start=1435
+  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_end=1485
+  _globals['_ABORTREQUEST']._serialized_start=1487
+  _globals['_ABORTREQUEST']._serialized_end=1521
+  _globals['_ABORTRESPONSE']._serialized_start=1523
+  _globals['_ABORTRESPONSE']._serialized_end=1553
 # @@protoc_insertion_point(module_scope)

@@ -47,7 +47,7 @@ def stub(router):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "a string or a list of text parts",
      "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}]},
-     "unsupported content part type 'image_url'", "messages"),
+     "does not take images", "messages"),
     ("/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs",
      "top_logprobs"),
     ("/v1/chat/completions", {"messages": USER, "session_id": "s" * (MAX_ID_CHARS + 1)}, "at most", "session_id"),

@@ -1,0 +1,134 @@
+"""A request's images on the worker: check the placeholders, preprocess, encode, map back at forward.
+
+- `ImageEncoder.prepare(token_ids, images)` checks that the prompt's placeholder ids (ids >=
+  vocab_size) are exactly those of the request's images, in order (kvweave/vision_prompt.py:
+  a prompt cannot name an image it does not carry), then encodes every image and returns
+  `MultimodalInputs`: the embeddings of all placeholder positions in prompt order and, per prompt
+  position, the row of its embedding (-1 for text).
+- Preprocessing is Idefics3ImageProcessorPil from transformers (resize, tile split + global image,
+  rescale, normalize), built from the checkpoint's preprocessor_config.json, so the pixels are
+  exactly transformers'. transformers is imported only when a vision model is served.
+- Encoder outputs are kept per image content hash in a small LRU (`EMBEDDING_CACHE_IMAGES`): a
+  repeated image is not encoded again on this worker. The cluster-wide embedding cache and encode
+  workers of issue 20 key by the same hash.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvweave.errors import InvalidRequestError
+from kvweave.images import HARD_LIMITS, ImageInput, ImageLimits, inspect_image
+from kvweave.vision_prompt import VisionSpec, num_tiles, placeholder_id, tile_grid
+from worker.vision import VisionArgs, VisionTower
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_CACHE_IMAGES = 64
+"""Images whose encoder output a worker keeps (LRU, by content hash)."""
+
+
+@dataclass(slots=True)
+class MultimodalInputs:
+    """What the model runner needs to put a request's images into its forward."""
+
+    embeds: torch.Tensor
+    """[num placeholder positions, dim] on the model's device, in prompt order."""
+    rows: np.ndarray
+    """int64 [prompt length]: the row of `embeds` for each prompt position, -1 for text."""
+
+
+class ImageEncoder:
+    """Preprocess and encode a request's images with the checkpoint's processor and vision tower."""
+
+    def __init__(self, tower: VisionTower, spec: VisionSpec, folder: Path, limits: ImageLimits | None = None) -> None:
+        self.tower, self.spec = tower, spec
+        self.limits = limits or HARD_LIMITS
+        self.processor = _image_processor(folder)
+        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()  # requests are made (and their images encoded) on any thread
+        if tower.args.image_seq_len != spec.image_seq_len:
+            raise ValueError(f"image_seq_len {spec.image_seq_len} != the vision tower's {tower.args.image_seq_len}")
+
+    def prepare(self, token_ids: list[int], images: list[bytes] | list[ImageInput]) -> MultimodalInputs | None:
+        """The request's `MultimodalInputs` (None without images); InvalidRequestError when its
+        placeholders and images do not match."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        is_image = ids >= self.spec.vocab_size
+        if not images:
+            if is_image.any():
+                raise InvalidRequestError(f"prompt token ids must be in [0, {self.spec.vocab_size}) "
+                                          "(image placeholders need their images)")
+            return None
+        checked = [img if isinstance(img, ImageInput) else inspect_image(img, f"image {k}", self.limits)
+                   for k, img in enumerate(images)]
+        expected = np.concatenate([np.full(num_tiles(self.spec, img) * self.spec.image_seq_len,
+                                           placeholder_id(self.spec, img), dtype=np.int64) for img in checked])
+        if int(is_image.sum()) != len(expected) or not np.array_equal(ids[is_image], expected):
+            raise InvalidRequestError("the prompt's image placeholders do not match its images (their number, "
+                                      "order or tiles)")
+        rows = np.full(len(ids), -1, dtype=np.int64)
+        rows[is_image] = np.arange(len(expected))
+        return MultimodalInputs(torch.cat([self.encode(img) for img in checked]), rows)
+
+    def encode(self, image: ImageInput) -> torch.Tensor:
+        """[tiles * image_seq_len, dim] embeddings of one image (cached by its content hash)."""
+        with self._lock:
+            cached = self._cache.get(image.hash)
+            if cached is not None:
+                self._cache.move_to_end(image.hash)
+                return cached
+        embeds = self.tower.encode(self.pixel_values(image))  # outside the lock: a hit never waits for an encode
+        with self._lock:
+            self._cache[image.hash] = embeds
+            if len(self._cache) > EMBEDDING_CACHE_IMAGES:
+                self._cache.popitem(last=False)
+        return embeds
+
+    def pixel_values(self, image: ImageInput) -> torch.Tensor:
+        """[tiles, 3, S, S]: the image's tiles (row by row) then the global image, normalized."""
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(image.data)) as img:
+                img.load()
+                out = self.processor(images=[[img]], return_tensors="pt", return_row_col_info=True)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InvalidRequestError(f"the image cannot be decoded: {str(e)[:100]}") from None
+        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+        if (rows, cols) != tile_grid(self.spec, image.width, image.height):  # the router's arithmetic is wrong
+            raise AssertionError(f"tile grid {(rows, cols)} != kvweave.vision_prompt's "
+                                 f"{tile_grid(self.spec, image.width, image.height)}")
+        return out["pixel_values"][0, :rows * cols + 1].float()
+
+
+def _image_processor(folder: Path):
+    try:
+        from transformers import Idefics3ImageProcessorPil
+    except ImportError as e:
+        raise ImportError("serving a vision-language model needs transformers>=5 (its Idefics3 image processor): "
+                          "pip install 'kvweave[vision]'") from e
+    if (folder / "preprocessor_config.json").is_file():
+        return Idefics3ImageProcessorPil.from_pretrained(str(folder))
+    return Idefics3ImageProcessorPil()
+
+
+def build_image_encoder(vision, dtype: torch.dtype, device: torch.device) -> ImageEncoder:
+    """The `ImageEncoder` of a checkpoint's `VisionCheckpoint` (worker/loader.py); random weights
+    when it has none (load_format dummy)."""
+    args = VisionArgs.from_hf_config(vision.config)
+    if vision.weights:
+        with torch.device("meta"):
+            tower = VisionTower(args, dtype)
+        tower.load_weights(vision.weights, device)
+    else:
+        tower = VisionTower(args, dtype).to(device)
+    tower.eval()
+    return ImageEncoder(tower, vision.spec, vision.folder)
