@@ -187,16 +187,20 @@ class HandoffTable:
                        self.ttl_s)
 
     def block_id(self, key: bytes) -> int | None:
-        """The device block a handoff key names now (None: not one of an open or held handoff's)."""
+        """The device block a handoff key names now (None: not one of an open or held handoff's, or
+        one whose TTL passed though `expire` has not run yet)."""
         found = self._blocks.get(key)
-        return None if found is None else found[1]
+        return None if found is None or self._past_ttl(found[0]) else found[1]
+
+    def _past_ttl(self, entry) -> bool:
+        return entry.held and entry.expires <= self.clock()
 
     def pin(self, keys: list[bytes]) -> tuple[str, list[int]] | None:
         """Any thread: the blocks of the leading run of `keys` that belong to one held handoff, kept
         from being released until `unpin(handoff_id)`; None when keys[0] is not a held handoff's."""
         with self._lock:
             first = self._blocks.get(keys[0]) if keys else None
-            if first is None or not first[0].held:
+            if first is None or not first[0].held or self._past_ttl(first[0]):
                 return None
             entry = first[0]
             blocks = []

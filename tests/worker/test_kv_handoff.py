@@ -128,6 +128,9 @@ def test_unreleased_handoff_expires(engines):
         assert prefill.expire_handoffs() == 0
         assert prefill.connector.export([handoff.block_keys[0]]) is not None
         clock[0] = handoff.ttl_s + 1
+        # past its TTL it is not served, even before the sweep that frees it has run
+        assert prefill.handoffs.pin(list(handoff.block_keys)) is None
+        assert prefill.connector.export(list(handoff.block_keys)) is None
         assert prefill.expire_handoffs() == 1
         assert prefill.connector.export(list(handoff.block_keys)) is None  # unknown keys: nothing to fetch
         assert prefill.block_manager.num_free_blocks == free
