@@ -61,7 +61,7 @@ def _engine(model: str, tp: int, allreduce: str, overlap: bool, max_tokens: int,
 
     return LLMEngine(EngineConfig(model=model, dtype="bfloat16", tensor_parallel_size=tp, num_threads=1,
                                   load_format="dummy" if dummy else "auto", enable_prefix_caching=False,
-                                  max_num_batched_tokens=max_tokens, num_blocks=max_tokens // 16 + 64,
+                                  max_num_batched_tokens=max_tokens, num_blocks=max_tokens // 16 + 64, attention_cost_len=0,
                                   tp_overlap=overlap, tp_overlap_min_tokens=2, tp_allreduce=allreduce))
 
 
