@@ -101,3 +101,12 @@ def test_bench_router_vs_sglang_rows(tmp_path):
         assert r["imbalance"] >= 1.0 and r["sglang_imbalance"] >= 1.0 and r["sglang_version"] == "0.3.2"
     summary, = [r for r in doc["results"] if r["metric"] == "hit_rate_vs_sglang_heldout_mean"]
     assert summary["num_rows"] == 1 and summary["value"] == pytest.approx(rows[1]["ratio"], abs=1e-3)
+
+
+def test_vs_sglang_says_why_when_sglang_router_is_missing(monkeypatch):
+    import benchmarks.sglang_peer as peer
+    from benchmarks.vs_sglang import bench_vs_sglang
+
+    monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: None)
+    rows, why = bench_vs_sglang(["synthetic:agent"], 20, [0], [100], SimConfig(), PeerConfig())
+    assert rows == [] and why.startswith("sglang-router is not installed")
