@@ -294,18 +294,17 @@ def prefill_work(num_prompt_tokens: int, w: WorkerState) -> float:
     return work
 
 
+_PEER_CODE = bytes([next(code for code, source in TIER_CODES.items() if source == "peer")])
+
+
 def stored_tokens(num_prompt_tokens: int, w: WorkerState) -> int:
     """Prompt tokens beyond the leading run `w` holds in its own tiers (a block only a peer holds is
     stored anew): what placing the request on `w` adds to `w`'s cache."""
     codes = w.hit_tiers
     if not codes:
         return max(0, num_prompt_tokens - w.num_hit_blocks * w.block_size)
-    own = len(codes)
-    for i, code in enumerate(codes):
-        if TIER_CODES.get(code, "peer") == "peer":
-            own = i
-            break
-    return max(0, num_prompt_tokens - own * w.block_size)
+    own = codes.find(_PEER_CODE)  # the codes of a run are tier codes: the first peer block ends w's own run
+    return max(0, num_prompt_tokens - (len(codes) if own < 0 else own) * w.block_size)
 
 
 def chunk_prefill_work(request: RouteRequest, w: WorkerState, recompute_ratio: float) -> float:

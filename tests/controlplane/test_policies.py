@@ -192,3 +192,17 @@ def test_prefix_aware_cost_uses_the_tier_of_each_block():
     # Mixed codes count each block by its own tier.
     mixed = WorkerState("m", hit_tiers=b"1120", kv_costs_ms={"dram": 0.1, "peer": 0.5, "recompute": 1.0})
     assert prefill_work(64, mixed) == pytest.approx(16 * 0.1 + 16 * 0.5)
+
+
+def test_stored_tokens_end_at_the_first_block_only_a_peer_holds():
+    from controlplane.policies import DEFAULT_KV_COSTS_MS, stored_tokens
+
+    assert stored_tokens(100, WorkerState("a", hit_tiers=b"1120", block_size=16)) == 100 - 48  # device, device, DRAM
+    assert stored_tokens(100, WorkerState("a", hit_tiers=b"0111", block_size=16)) == 100  # fetched blocks are new here
+    assert stored_tokens(100, WorkerState("a", num_hit_blocks=2, block_size=16)) == 68  # no tier codes: the hit run
+    # A peer's blocks cost little to fetch but are stored anew: the holder wins what the churn term adds.
+    policy = make_policy("prefix_aware")
+    holder, fetcher = WorkerState("h", hit_tiers=b"1" * 10), WorkerState("f", hit_tiers=b"0" * 10)
+    request = RouteRequest(num_prompt_tokens=180)
+    assert policy.cost(request, fetcher) - policy.cost(request, holder) == pytest.approx(
+        policy.prefill_weight * 160 * DEFAULT_KV_COSTS_MS["peer"] + policy.churn_weight * 160)
