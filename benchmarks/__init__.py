@@ -5,12 +5,12 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from benchmarks import disagg, engine, kvstore, rag, router, serve, soak, tp
+    from benchmarks import disagg, engine, kvstore, rag, router_cli, serve, soak, tp
 
     p = sub.add_parser("bench", help="run a benchmark (reports ratios against a baseline from the same run)")
     bsub = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)
     engine.add_parser(bsub)
-    router.add_parser(bsub)
+    router_cli.add_parser(bsub)
     kvstore.add_parser(bsub)
     rag.add_parser(bsub)
     disagg.add_parser(bsub)

@@ -68,10 +68,18 @@ class SimResult:
     """Decisions by the policy's reason ("cost", "imbalance", "rotation", ...)."""
     mean_running: float = 0.0
     """Requests active on the chosen worker when a request arrived (mean)."""
+    best_hit_blocks: int = 0
+    """Sum over requests of the most leading blocks any worker held (what a perfect placement would hit
+    against these caches)."""
 
     @property
     def hit_rate(self) -> float:
         return self.hit_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
+
+    @property
+    def skipped_share(self) -> float:
+        """Share of prompt blocks some worker held but the chosen one did not (given up for load)."""
+        return (self.best_hit_blocks - self.hit_blocks) / self.prompt_blocks if self.prompt_blocks else 0.0
 
     @property
     def imbalance(self) -> float:
@@ -160,34 +168,71 @@ class _WorkerLoad:
         heapq.heappush(self._ends, (prefill_end + num_output * ms_per_token, w, -1))
 
 
+class ClusterModel:
+    """The simulated workers: an LRU block cache each, and the load of the requests they run."""
+
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self.caches = [LRUBlockCache(cfg.capacity_blocks) for _ in range(cfg.num_workers)]
+        self.load = _WorkerLoad(cfg.num_workers)
+        self.ids = [f"w{i}" for i in range(cfg.num_workers)]
+
+    def hits(self, now_ms: float, chain: Sequence[BlockHash]) -> list[int]:
+        """Each worker's leading hits for `chain` at `now_ms` (finished requests leave the load first)."""
+        self.load.advance(now_ms)
+        return [c.leading_hits(chain) for c in self.caches]
+
+    def states(self, hits: Sequence[int]) -> list[WorkerState]:
+        load, cfg = self.load, self.cfg
+        return [WorkerState(self.ids[w], num_running=load.num_running[w],
+                            num_queued_prefill_tokens=load.num_prefill_tokens[w],
+                            num_kv_blocks_used=len(self.caches[w]), num_kv_blocks_total=cfg.capacity_blocks,
+                            num_hit_blocks=hits[w], block_size=cfg.block_size) for w in range(cfg.num_workers)]
+
+    def place(self, now_ms: float, w: int, req: MooncakeRecord, chain: Sequence[BlockHash], num_hits: int) -> None:
+        """Worker `w` runs `req`: its blocks enter the cache, its uncached tokens and output its load."""
+        self.caches[w].insert(chain)
+        uncached = max(0, req.input_length - num_hits * self.cfg.block_size)
+        self.load.add(now_ms, w, uncached, req.output_length, self.cfg.ms_per_token)
+
+
 def simulate(requests: Sequence[MooncakeRecord], policy: Policy, cfg: SimConfig = SimConfig(),
              hashes: Sequence[Sequence[BlockHash]] | None = None, name: str = "") -> SimResult:
     """Route every request with `policy` over `cfg.num_workers` simulated workers."""
+    return _replay(requests, cfg, hashes, name or policy.name, policy=policy)
+
+
+def score_choices(requests: Sequence[MooncakeRecord], choices: Sequence[int], cfg: SimConfig = SimConfig(),
+                  hashes: Sequence[Sequence[BlockHash]] | None = None, name: str = "recorded") -> SimResult:
+    """The same cache model as `simulate`, the worker of request i being `choices[i]` (another
+    router's recorded placement), in trace order."""
+    assert len(choices) == len(requests)
+    return _replay(requests, cfg, hashes, name, choices=choices)
+
+
+def _replay(requests: Sequence[MooncakeRecord], cfg: SimConfig, hashes, name: str, policy: Policy | None = None,
+            choices: Sequence[int] | None = None) -> SimResult:
     hashes = hashes if hashes is not None else [chain_hashes(r.hash_ids) for r in requests]
-    caches = [LRUBlockCache(cfg.capacity_blocks) for _ in range(cfg.num_workers)]
-    load = _WorkerLoad(cfg.num_workers)
-    ids = [f"w{i}" for i in range(cfg.num_workers)]
-    index_of = {wid: i for i, wid in enumerate(ids)}
-    result = SimResult(name or policy.name, 0, 0, [0] * cfg.num_workers)
+    model = ClusterModel(cfg)
+    index_of = {wid: i for i, wid in enumerate(model.ids)}
+    result = SimResult(name, 0, 0, [0] * cfg.num_workers)
     reasons: Counter[str] = Counter()
     running_seen = 0
     for i, (req, chain) in enumerate(zip(requests, hashes)):
-        load.advance(req.timestamp_s * 1000.0)
-        hits = [c.leading_hits(chain) for c in caches]
-        states = [WorkerState(ids[w], num_running=load.num_running[w],
-                              num_queued_prefill_tokens=load.num_prefill_tokens[w], num_kv_blocks_used=len(caches[w]),
-                              num_kv_blocks_total=cfg.capacity_blocks, num_hit_blocks=hits[w],
-                              block_size=cfg.block_size) for w in range(cfg.num_workers)]
-        decision = policy.pick(RouteRequest(req.input_length, chain, req_id=str(i)), states)
-        w = index_of[decision.worker_id]
-        reasons[decision.reason] += 1
-        running_seen += load.num_running[w]
+        now_ms = req.timestamp_s * 1000.0
+        hits = model.hits(now_ms, chain)
+        if policy is not None:
+            decision = policy.pick(RouteRequest(req.input_length, chain, req_id=str(i)), model.states(hits))
+            w = index_of[decision.worker_id]
+            reasons[decision.reason] += 1
+        else:
+            w = choices[i]
+        running_seen += model.load.num_running[w]
         result.hit_blocks += hits[w]
+        result.best_hit_blocks += max(hits)
         result.prompt_blocks += len(chain)
         result.requests_per_worker[w] += 1
-        caches[w].insert(chain)
-        uncached = max(0, req.input_length - hits[w] * cfg.block_size)
-        load.add(req.timestamp_s * 1000.0, w, uncached, req.output_length, cfg.ms_per_token)
+        model.place(now_ms, w, req, chain, hits[w])
     result.reasons = dict(reasons)
     result.mean_running = running_seen / len(requests) if requests else 0.0
     return result

@@ -23,12 +23,15 @@ figures):
   starts after the one prefix_aware's default weights were tuned on (requests 0-1999), so the
   figure is out-of-sample; `--prefill-weight`/`--decode-weight` replay other weights and
   `--weight-grid` reports every setting of a grid on the window (how the defaults were chosen).
+- hit_rate_vs_sglang: the same replay against sglang-router's cache_aware, run for real in front of
+  fake workers, on every window of `--trace-offset` (a list) of every `--trace` (repeatable;
+  `synthetic:agent` is a generated agent trace) at every `--sim-capacity` (a list), both scored
+  by one cache model (benchmarks/vs_sglang.py, benchmarks/sglang_peer.py).
+The command line and the run of these metrics are in benchmarks/router_cli.py.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import dataclasses
 import importlib.util
 import json
 import os
@@ -39,12 +42,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.report import Result, median, metric_list_type, percentile, render, write_json
+from benchmarks.report import Result, median, percentile
 
 DECISION_CONCURRENCY = 16
 """Decisions in flight for routing_decisions_per_s: a router interleaves the requests it serves,
 so one decision's Redis round trip overlaps the others' hashing and scoring."""
-METRICS = ("router_overhead_p99", "routing_decisions_per_s", "prefix_hit_rate_mooncake")
+METRICS = ("router_overhead_p99", "routing_decisions_per_s", "prefix_hit_rate_mooncake", "hit_rate_vs_sglang")
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
 DECISION_TARGET_MS = 1.0
 DECISIONS_TARGET_PER_S = 5000.0
@@ -74,6 +77,12 @@ class BenchConfig:
     sim_capacity_blocks: int = 1000
     sim_ms_per_token: float = 1.0
     seed: int = 0
+    trace_offsets: tuple[int, ...] = ()
+    """hit_rate_vs_sglang's windows (empty: `trace_offset`'s alone)."""
+    sim_capacities: tuple[int, ...] = ()
+    """hit_rate_vs_sglang's per-worker capacities (empty: `sim_capacity_blocks` alone)."""
+    peer_speedup: float = 20.0
+    """Trace time / wall time of sglang-router's replay."""
 
 
 QUICK = BenchConfig(index_blocks_per_worker=25_000, num_decisions=300, num_requests=30, rate_seconds=1.0, repeats=2,
@@ -430,7 +439,7 @@ async def bench_rate(b: RouterBench) -> Result:
 
 # ---------------------------------------------------------------------- CLI
 
-async def _run_cluster_metrics(cfg: BenchConfig, model: str | None, metrics: list[str],
+async def run_cluster_metrics(cfg: BenchConfig, model: str | None, metrics: list[str],
                                log) -> tuple[dict, list[Result]]:
     b = RouterBench(cfg, model, log)
     try:
@@ -447,97 +456,3 @@ async def _run_cluster_metrics(cfg: BenchConfig, model: str | None, metrics: lis
         return {"model": model or "tiny random llama (tests/conftest.py, context 2048)", **b.info}, results
     finally:
         await b.stop()
-
-
-def run_benchmark(cfg: BenchConfig, metrics: list[str], model: str | None, trace: Path, quick: bool = False,
-                  progress=_stderr) -> tuple[dict, list[Result]]:
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
-
-    def log(msg: str) -> None:
-        progress(f"[{time.perf_counter() - start:7.1f}s] {msg}")
-
-    config, results = {}, []
-    if {"router_overhead_p99", "routing_decisions_per_s"} & set(metrics):
-        config, results = asyncio.run(_run_cluster_metrics(cfg, model, metrics, log))
-    if "prefix_hit_rate_mooncake" in metrics:
-        log("metric prefix_hit_rate_mooncake")
-        from benchmarks.mooncake_sim import SimConfig, bench_mooncake
-
-        sim_cfg = SimConfig(cfg.sim_workers, cfg.sim_capacity_blocks, cfg.sim_ms_per_token)
-        weights = {k: v for k, v in (("prefill_weight", cfg.prefill_weight), ("decode_weight", cfg.decode_weight))
-                   if v is not None}
-        results += bench_mooncake(trace, cfg.trace_requests, sim_cfg, cfg.trace_offset, weights, cfg.weight_grid, log)
-    config = {"quick": quick, "metrics": metrics, **dataclasses.asdict(cfg), **config, "trace": str(trace),
-              "elapsed_s": round(time.perf_counter() - start, 1),
-              "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)]}
-    return config, results
-
-
-def add_parser(bsub: argparse._SubParsersAction) -> None:
-    p = bsub.add_parser("router", help="router overhead and decision rate; prefix_aware's hit rate on a trace")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--quick", action="store_true", help="smaller index, fewer requests: under a minute")
-    p.add_argument("--metrics", type=metric_list_type(METRICS), default=list(METRICS),
-                   help=f"comma-separated subset of: {', '.join(METRICS)}")
-    p.add_argument("--model", default=None,
-                   help="worker model (default: a tiny random-weight Llama written to a temp dir)")
-    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake JSONL trace (default: %(default)s)")
-    p.add_argument("--trace-requests", type=int, default=None, help="replay N requests (default: 2000)")
-    p.add_argument("--trace-offset", type=int, default=None,
-                   help="replay from request number N on (default: 2000, after the window prefix_aware's "
-                        "defaults were tuned on; 0 replays that window)")
-    p.add_argument("--prefill-weight", type=float, default=None, help="prefix_aware's prefill_weight in the replay")
-    p.add_argument("--decode-weight", type=float, default=None, help="prefix_aware's decode_weight in the replay")
-    p.add_argument("--weight-grid", type=_weight_grid, default=None, metavar="PW,PW,...:DW,DW,...",
-                   help="also replay prefix_aware at every (prefill_weight, decode_weight) pair, e.g. 1,4,8,16:64,512")
-    p.add_argument("--sim-capacity", type=int, default=None, help="blocks per simulated worker cache (default: 1000)")
-    p.add_argument("--index-blocks", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=run)
-
-
-def _weight_grid(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    try:
-        prefill, decode = text.split(":")
-        grid = tuple(float(x) for x in prefill.split(",")), tuple(float(x) for x in decode.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected PW,PW,...:DW,DW,... (numbers), got {text!r}") from None
-    if any(x < 0 for xs in grid for x in xs):
-        raise argparse.ArgumentTypeError(f"weights must be >= 0, got {text!r}")
-    return grid
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = QUICK if args.quick else BenchConfig()
-    overrides = {"trace_requests": args.trace_requests, "sim_capacity_blocks": args.sim_capacity,
-                 "index_blocks_per_worker": args.index_blocks, "repeats": args.repeats}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if any(v <= 0 for v in overrides.values()):
-        _stderr("error: counts must be positive")
-        return 2
-    if args.trace_offset is not None and args.trace_offset < 0:
-        _stderr("error: --trace-offset must be >= 0")
-        return 2
-    if any(w is not None and w < 0 for w in (args.prefill_weight, args.decode_weight)):
-        _stderr("error: weights must be >= 0")
-        return 2
-    policy = {"trace_offset": args.trace_offset, "prefill_weight": args.prefill_weight,
-              "decode_weight": args.decode_weight, "weight_grid": args.weight_grid}
-    cfg = dataclasses.replace(cfg, **overrides, **{k: v for k, v in policy.items() if v is not None})
-    if "prefix_hit_rate_mooncake" in args.metrics:
-        from benchmarks.mooncake_sim import load_trace
-        from loadgen.types import WorkloadError
-
-        if not args.trace.exists():
-            _stderr(f"error: trace {args.trace} not found (pass --trace)")
-            return 2
-        try:  # before the cluster metrics, which take minutes
-            load_trace(args.trace, 1, cfg.trace_offset)
-        except WorkloadError as exc:
-            _stderr(f"error: --trace-offset: {exc}")
-            return 2
-    config, results = run_benchmark(cfg, args.metrics, args.model, args.trace, quick=args.quick)
-    print(render("router", config, results))
-    if args.json:
-        write_json(args.json, "router", config, results)
-    return 0

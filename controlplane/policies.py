@@ -4,17 +4,23 @@ Plain objects with no I/O, so a simulator can replay a trace through the very ob
 uses. The router fills `WorkerState.num_hit_blocks` (and `hit_tiers`, `chunk_tiers`) from one
 KV-index lookup when the policy's `needs_index` is set, and skips the lookup otherwise.
 
-`prefix_aware` is Dynamo's KV-router cost with SGLang's cache-aware fallback:
+`prefix_aware` is Dynamo's KV-router cost with SGLang's cache-aware fallback, plus a churn term:
     cost(w) = prefill_weight * prefill_work(w)
             + num_queued_prefill_tokens(w)
             + decode_weight * num_running(w)
-The default weights, 8 and 512, were checked on requests 0-1999 of the Mooncake conversation trace
-(`kvweave bench router --trace-offset 0 --weight-grid 1,2,4,8,16:16,64,128,256,512,1024`, 8
-simulated workers of 1000 blocks): they reach 0.929x one shared LRU cache's hit rate, imbalance
-1.228. The one setting with more hits and no more imbalance, 8 and 128 (0.970x, 1.132), lost to
-them at half/double the load and the capacity in 4 of 5 configs, so they stay; 1 and 16 reach
-0.66x. On the held-out requests 2000-3999 (the bench's default window) they reach 0.907x the shared
-cache (round_robin 0.404x), imbalance 1.296 (docs/benchmarks/router-windows-2026-12-05.json).
+            + churn_weight * churn(w)
+churn(w) is the prefill work this policy sent to w recently (each decision fades it by
+0.5 ** (1 / churn_half_life)): a worker that took many new prefixes evicts sooner, so a new prefix
+lasts longer elsewhere. SGLang's router gets the same effect by sending a prompt it has no match
+for to the worker with the smallest tree; without it, new prefixes placed by load alone crowded
+some caches and kvweave's exact index fell behind sglang-router's approximate tree.
+The defaults (prefill 64, decode 256, churn 2 with a half life of 138 decisions) were chosen on
+requests 0-1999 of the Mooncake conversation trace against sglang-router 0.3.2 replaying the same
+window (`kvweave bench router --metrics hit_rate_vs_sglang --trace-offset 0 --sim-capacity 500,1000`,
+8 simulated workers): 0.99x/1.03x sglang's hit rate at 500/1000 blocks per worker, imbalance
+1.14/1.10, where the earlier 8/512 without churn reached 0.95x/0.96x. Held-out windows:
+docs/benchmarks/router-vs-sglang-2026-12-06.json. The queued-token term keeps weight 1: with a
+prefill weight of 8 (the queue eight times heavier) the same window lost up to 5%.
 prefill_work(w), in tokens of recompute, is tier-aware when the index gave the worker's per-block
 tier codes (`WorkerState.hit_tiers`, from `KVIndex.leading_tiers`): a prompt token found in tier
 t costs kv_costs_ms[t] / kv_costs_ms["recompute"] tokens (a device hit ~0, DRAM and SSD their load
@@ -52,10 +58,14 @@ from kvweave.defaults import BLOCK_SIZE, CHUNK_RECOMPUTE_RATIO
 logger = logging.getLogger(__name__)
 
 DEFAULT_KV_COSTS_MS = DEFAULT_COSTS_MS
-DEFAULT_PREFILL_WEIGHT = 8.0
+DEFAULT_PREFILL_WEIGHT = 64.0
 """prefix_aware's and chunk_aware's cost of one uncached prompt token (see the module docstring)."""
-DEFAULT_DECODE_WEIGHT = 512.0
+DEFAULT_DECODE_WEIGHT = 256.0
 """prefix_aware's and chunk_aware's cost of one running request, in prefill-token units."""
+DEFAULT_CHURN_WEIGHT = 2.0
+"""prefix_aware's and chunk_aware's cost of one uncached prompt token recently sent to a worker."""
+DEFAULT_CHURN_HALF_LIFE = 138.0
+"""Decisions after which a worker's recent uncached tokens count half (0.995 a decision)."""
 
 
 class PolicyError(ValueError):
@@ -177,30 +187,60 @@ class PrefixAwarePolicy(Policy):
     needs_index = True
 
     def __init__(self, prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,
-                 balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5) -> None:
+                 balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5,
+                 churn_weight: float = DEFAULT_CHURN_WEIGHT, churn_half_life: float = DEFAULT_CHURN_HALF_LIFE) -> None:
         """prefill_weight: cost per uncached prompt token; decode_weight: cost of one running
-        request in prefill-token units; the thresholds trigger the least-loaded fallback."""
-        if prefill_weight < 0 or decode_weight < 0:
-            raise PolicyError("prefill_weight and decode_weight must be >= 0")
+        request in prefill-token units; the thresholds trigger the least-loaded fallback;
+        churn_weight: cost per uncached token this policy sent to the worker, fading with a half
+        life of churn_half_life decisions (0 turns the term off)."""
+        if prefill_weight < 0 or decode_weight < 0 or churn_weight < 0:
+            raise PolicyError("prefill_weight, decode_weight and churn_weight must be >= 0")
         if balance_abs_threshold < 0 or balance_rel_threshold < 1.0:
             raise PolicyError("balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1")
+        if churn_half_life <= 0:
+            raise PolicyError(f"churn_half_life must be > 0, got {churn_half_life}")
         self.prefill_weight = prefill_weight
         self.decode_weight = decode_weight
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
+        self.churn_weight = churn_weight
+        self.churn_half_life = churn_half_life
+        self._churn_decay = 0.5 ** (1.0 / churn_half_life)
+        self._churn: dict[str, float] = {}
         self._rotation = _Rotation()
 
     def pick(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
         if self._imbalanced(workers):
             w = self._rotation.argmin(workers, _load_key)
-            return Decision(w.worker_id, self.name, "imbalance")
-        costs = {w.worker_id: self.cost(request, w) for w in workers}
-        w = self._rotation.argmin(workers, lambda w: (costs[w.worker_id], w.kv_usage))
-        return Decision(w.worker_id, self.name, "cost", costs)
+            decision = Decision(w.worker_id, self.name, "imbalance")
+        else:
+            costs = {w.worker_id: self.cost(request, w) for w in workers}
+            w = self._rotation.argmin(workers, lambda w: (costs[w.worker_id], w.kv_usage))
+            decision = Decision(w.worker_id, self.name, "cost", costs)
+        self._record_churn(request, workers, w)
+        return decision
 
     def cost(self, request: RouteRequest, w: WorkerState) -> float:
         return (self.prefill_weight * self.prefill_work(request, w) + w.num_queued_prefill_tokens
-                + self.decode_weight * w.num_running)
+                + self.decode_weight * w.num_running
+                + self.churn_weight * (self._churn.get(w.worker_id, 0.0) + self.stored_tokens(request, w)))
+
+    def stored_tokens(self, request: RouteRequest, w: WorkerState) -> int:
+        """Prompt tokens `w` would add to its cache (all but its own leading run)."""
+        return stored_tokens(request.num_prompt_tokens, w)
+
+    def get_churn(self, worker_id: str) -> float:
+        """Prompt tokens this policy recently made `worker_id` store, faded (see `churn_half_life`)."""
+        return self._churn.get(worker_id, 0.0)
+
+    def _record_churn(self, request: RouteRequest, workers: Sequence[WorkerState], chosen: WorkerState) -> None:
+        """Fade every worker's churn by one decision and add the tokens the chosen one stores: new
+        blocks evict old ones, so a worker taking many new prefixes keeps each of them for less time."""
+        if not self.churn_weight:
+            return
+        decay, churn = self._churn_decay, self._churn
+        self._churn = {w.worker_id: churn.get(w.worker_id, 0.0) * decay for w in workers}  # drops departed workers
+        self._churn[chosen.worker_id] += self.stored_tokens(request, chosen)
 
     def prefill_work(self, request: RouteRequest, w: WorkerState) -> float:
         return prefill_work(request.num_prompt_tokens, w)
@@ -219,15 +259,20 @@ class ChunkAwarePolicy(PrefixAwarePolicy):
 
     def __init__(self, prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,
                  balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5,
-                 recompute_ratio: float = CHUNK_RECOMPUTE_RATIO) -> None:
+                 recompute_ratio: float = CHUNK_RECOMPUTE_RATIO, churn_weight: float = DEFAULT_CHURN_WEIGHT,
+                 churn_half_life: float = DEFAULT_CHURN_HALF_LIFE) -> None:
         """recompute_ratio: share of a reused chunk's tokens the worker recomputes (CacheBlend's budget)."""
-        super().__init__(prefill_weight, decode_weight, balance_abs_threshold, balance_rel_threshold)
+        super().__init__(prefill_weight, decode_weight, balance_abs_threshold, balance_rel_threshold, churn_weight,
+                         churn_half_life)
         if not 0.0 <= recompute_ratio <= 1.0:
             raise PolicyError(f"recompute_ratio must be in [0, 1], got {recompute_ratio}")
         self.recompute_ratio = recompute_ratio
 
     def prefill_work(self, request: RouteRequest, w: WorkerState) -> float:
         return chunk_prefill_work(request, w, self.recompute_ratio)
+
+    def stored_tokens(self, request: RouteRequest, w: WorkerState) -> int:
+        return stored_tokens(request.num_prompt_tokens, w) - (held_chunk_tokens(request, w) if w.chunk_tiers else 0)
 
 
 def _unit_costs(w: WorkerState) -> tuple[dict[str, float], float]:
@@ -247,6 +292,19 @@ def prefill_work(num_prompt_tokens: int, w: WorkerState) -> float:
         if n:
             work += n * w.block_size * costs.get(source, DEFAULT_KV_COSTS_MS[source]) / recompute
     return work
+
+
+_PEER_CODE = bytes([next(code for code, source in TIER_CODES.items() if source == "peer")])
+
+
+def stored_tokens(num_prompt_tokens: int, w: WorkerState) -> int:
+    """Prompt tokens beyond the leading run `w` holds in its own tiers (a block only a peer holds is
+    stored anew): what placing the request on `w` adds to `w`'s cache."""
+    codes = w.hit_tiers
+    if not codes:
+        return max(0, num_prompt_tokens - w.num_hit_blocks * w.block_size)
+    own = codes.find(_PEER_CODE)  # the codes of a run are tier codes: the first peer block ends w's own run
+    return max(0, num_prompt_tokens - (len(codes) if own < 0 else own) * w.block_size)
 
 
 def chunk_prefill_work(request: RouteRequest, w: WorkerState, recompute_ratio: float) -> float:

@@ -196,11 +196,11 @@ def test_in_sample_is_an_overlap_with_the_tuning_window():
 @needs_trace
 def test_bench_router_weights_and_grid_replay_the_real_policy(tmp_path):
     args = ("--trace-requests", str(SLICE), "--trace-offset", "0")
-    doc = bench_json(tmp_path, *args, "--weight-grid", "4,8:128,512")
+    doc = bench_json(tmp_path, *args, "--weight-grid", "4,64:128,256")
     row = doc["prefix_hit_rate_mooncake"]
-    assert row["in_sample"] is True and row["weights"] == {"prefill_weight": 8.0, "decode_weight": 512.0}
+    assert row["in_sample"] is True and row["weights"] == {"prefill_weight": 64.0, "decode_weight": 256.0}
     grid = row["weight_grid"]
-    assert [(g["prefill_weight"], g["decode_weight"]) for g in grid] == [(4, 128), (4, 512), (8, 128), (8, 512)]
+    assert [(g["prefill_weight"], g["decode_weight"]) for g in grid] == [(4, 128), (4, 256), (64, 128), (64, 256)]
     assert grid[3]["hit_rate"] == round(row["value"], 4) and grid[3]["imbalance"] == row["imbalance"]
     chosen = bench_json(tmp_path, *args, "--prefill-weight", "4", "--decode-weight", "128")["prefix_hit_rate_mooncake"]
     assert chosen["policy_config"] == chosen["weights"] == {"prefill_weight": 4.0, "decode_weight": 128.0}

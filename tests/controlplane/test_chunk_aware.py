@@ -9,11 +9,12 @@ import random
 import pytest
 
 from controlplane.policies import (
-    DEFAULT_KV_COSTS_MS, DEFAULT_POLICY, ChunkAwarePolicy, PolicyError, PrefixAwarePolicy, RouteRequest, WorkerState,
+    DEFAULT_CHURN_WEIGHT, DEFAULT_DECODE_WEIGHT, DEFAULT_KV_COSTS_MS, DEFAULT_POLICY, DEFAULT_PREFILL_WEIGHT, ChunkAwarePolicy, PolicyError, PrefixAwarePolicy, RouteRequest, WorkerState,
     chunk_prefill_work, held_chunk_tokens, make_policy,
 )
 
 DRAM, SSD, PEER = DEFAULT_KV_COSTS_MS["dram"], DEFAULT_KV_COSTS_MS["ssd"], DEFAULT_KV_COSTS_MS["peer"]
+PW, CW = DEFAULT_PREFILL_WEIGHT, DEFAULT_CHURN_WEIGHT
 # A 400-token prompt with one 256-token chunk after a 32-token preamble.
 CHUNKED = RouteRequest(400, chunk_spans=[(32, 256)])
 
@@ -36,12 +37,13 @@ def test_prefers_the_worker_holding_the_chunk():
     decision = make_policy("chunk_aware").pick(CHUNKED, workers({"chunk_tiers": b"2"}, {"chunk_tiers": b"0"}, {}))
     assert (decision.worker_id, decision.reason, decision.policy) == ("w0", "cost", "chunk_aware")
     assert decision.costs == pytest.approx({
-        "w0": 8 * (400 - 256 * (1 - DRAM - 0.08)),  # its tier's cost + 8% recomputed (the workers' default)
-        "w1": 8 * (400 - 256 * (1 - PEER - 0.08)),  # the transfer instead of the load
-        "w2": 8 * 400.0,
+        # its tier's cost + 8% recomputed (the workers' default); it stores only the 144 other tokens
+        "w0": PW * (400 - 256 * (1 - DRAM - 0.08)) + CW * 144,
+        "w1": PW * (400 - 256 * (1 - PEER - 0.08)) + CW * 400,  # the transfer instead of the load
+        "w2": (PW + CW) * 400.0,
     })
     # prefix_aware sees no difference between them.
-    assert set(make_policy("prefix_aware").pick(CHUNKED, workers({"chunk_tiers": b"2"}, {})).costs.values()) == {3200}
+    assert set(make_policy("prefix_aware").pick(CHUNKED, workers({"chunk_tiers": b"2"}, {})).costs.values()) == {(PW + CW) * 400}
 
 
 def test_prefers_the_cheaper_tier():
@@ -73,7 +75,7 @@ def test_counts_each_chunk_beyond_the_prefix_run():
 def test_recompute_ratio_is_an_option():
     states = workers({"chunk_tiers": b"2"}, {"chunk_tiers": b"0"})
     costs = make_policy("chunk_aware", recompute_ratio=0.5).pick(CHUNKED, states).costs
-    assert costs["w0"] == pytest.approx(8 * (400 - 256 * (0.5 - DRAM)))
+    assert costs["w0"] == pytest.approx(PW * (400 - 256 * (0.5 - DRAM)) + CW * 144)
     with pytest.raises(PolicyError, match="recompute_ratio"):
         make_policy("chunk_aware", recompute_ratio=1.5)
     with pytest.raises(PolicyError, match="chunk_aware"):
@@ -86,11 +88,12 @@ def test_respects_load_as_prefix_aware_does():
     # 20 vs 2 requests: both thresholds exceeded -> least loaded, whatever the chunks say.
     decision = policy.pick(CHUNKED, workers({"num_running": 20, **held}, {"num_running": 2, "chunk_tiers": b"-"}))
     assert (decision.worker_id, decision.reason) == ("w1", "imbalance")
-    # A running request more on the holder (within the thresholds): still the holder, 1463 + 512 < 3200.
+    # A running request more on the holder (within the thresholds): still the holder.
+    assert PW * 400 - PW * 256 * (1 - DRAM - 0.08) + CW * 144 + DEFAULT_DECODE_WEIGHT < (PW + CW) * 400
     states = workers({"num_running": 1, **held}, {"chunk_tiers": b"-"})
     assert policy.pick(CHUNKED, states).worker_id == "w0"
-    # A long prefill queue on the holder outweighs the chunk.
-    states = workers({"num_queued_prefill_tokens": 4000, **held}, {"chunk_tiers": b"-"})
+    # A prefill queue on the holder longer than what the chunk saves outweighs it.
+    states = workers({"num_queued_prefill_tokens": PW * 256 + 1000, **held}, {"chunk_tiers": b"-"})
     assert policy.pick(CHUNKED, states).worker_id == "w1"
 
 
@@ -141,7 +144,10 @@ async def _route(redis_url: str, model) -> None:
     worker = WorkerServer(EngineConfig(model=str(model), dtype="float32", num_blocks=256, block_size=16,
                                        num_threads=1), WorkerOptions())  # no Redis: its registry entries are ours
     await worker.start()
-    router = Router(RouterConfig(redis_url=redis_url, model=str(model), refresh_s=0.1), load_tokenizer(str(model)))
+    # The index here never learns of the routed requests' own blocks, so repeated routes would
+    # count the same prompt as new work each time: the churn term is off (test_policies.py tests it).
+    router = Router(RouterConfig(redis_url=redis_url, model=str(model), refresh_s=0.1,
+                                 policy_config={"churn_weight": 0.0}), load_tokenizer(str(model)))
     try:
         # Three workers at that one address, all with DRAM and SSD tiers holding something.
         registry = Registry(router.redis, lease_s=3600)

@@ -46,7 +46,8 @@ def test_prefix_aware_picks_the_holder():
     decision = policy.pick(RouteRequest(num_prompt_tokens=16 * 14), states)
     assert decision.worker_id == "w1"
     assert decision.reason == "cost"
-    assert decision.costs == {"w0": 1792.0, "w1": 256.0, "w2": 1408.0}  # 8 per uncached token
+    # 64 to compute and 2 to store (churn) each uncached token
+    assert decision.costs == {"w0": 66.0 * 224, "w1": 66.0 * 32, "w2": 66.0 * 176}
 
 
 def test_prefix_aware_holder_wins_despite_a_little_load():
@@ -67,7 +68,36 @@ def test_prefix_aware_spreads_unrelated_requests():
 def test_prefix_aware_tie_prefers_emptier_cache():
     states = workers({"num_kv_blocks_used": 90, "num_kv_blocks_total": 100},
                      {"num_kv_blocks_used": 10, "num_kv_blocks_total": 100})
-    assert picks(make_policy("prefix_aware"), REQ, states, 2) == ["w1", "w1"]
+    assert picks(make_policy("prefix_aware", churn_weight=0), REQ, states, 2) == ["w1", "w1"]
+    # With the churn term (the default) the first pick's new tokens count against w1 next time.
+    assert picks(make_policy("prefix_aware"), REQ, states, 2) == ["w1", "w0"]
+
+
+def test_prefix_aware_churn_fades_with_its_half_life():
+    policy = make_policy("prefix_aware", churn_weight=1.0, churn_half_life=2)
+    states = workers({"num_hit_blocks": 4}, {})  # 64 of REQ's 256 tokens held on w0
+    assert policy.pick(REQ, states).worker_id == "w0"
+    assert policy.get_churn("w0") == 192.0 and policy.get_churn("w1") == 0.0
+    assert policy.pick(REQ, workers({}, {})).worker_id == "w1"  # w0's 192 recent tokens break the tie
+    assert policy.get_churn("w0") == pytest.approx(192 * 0.5 ** 0.5) and policy.get_churn("w1") == 256.0
+    policy.pick(REQ, workers({"num_hit_blocks": 16}, {"num_hit_blocks": 16}))  # nothing new: both only fade
+    assert policy.get_churn("w0") == pytest.approx(96.0) and policy.get_churn("w1") == pytest.approx(256 * 0.5 ** 0.5)
+    # A worker that left is forgotten.
+    policy.pick(REQ, [WorkerState("w1")])
+    assert policy.get_churn("w0") == 0.0
+
+
+def test_prefix_aware_churn_spreads_new_prefixes_by_their_size():
+    policy = make_policy("prefix_aware")
+    big, small = RouteRequest(num_prompt_tokens=4096), RouteRequest(num_prompt_tokens=256)
+    states = workers({}, {}, {})
+    first = policy.pick(big, states).worker_id
+    # Two small prefixes go elsewhere before the worker that took the big one gets another.
+    assert first not in picks(policy, small, states, 2)
+    with pytest.raises(PolicyError, match="churn_half_life"):
+        make_policy("prefix_aware", churn_half_life=0)
+    with pytest.raises(PolicyError, match="churn_weight"):
+        make_policy("prefix_aware", churn_weight=-1)
 
 
 def test_prefix_aware_falls_back_on_imbalance():
@@ -162,3 +192,17 @@ def test_prefix_aware_cost_uses_the_tier_of_each_block():
     # Mixed codes count each block by its own tier.
     mixed = WorkerState("m", hit_tiers=b"1120", kv_costs_ms={"dram": 0.1, "peer": 0.5, "recompute": 1.0})
     assert prefill_work(64, mixed) == pytest.approx(16 * 0.1 + 16 * 0.5)
+
+
+def test_stored_tokens_end_at_the_first_block_only_a_peer_holds():
+    from controlplane.policies import DEFAULT_KV_COSTS_MS, stored_tokens
+
+    assert stored_tokens(100, WorkerState("a", hit_tiers=b"1120", block_size=16)) == 100 - 48  # device, device, DRAM
+    assert stored_tokens(100, WorkerState("a", hit_tiers=b"0111", block_size=16)) == 100  # fetched blocks are new here
+    assert stored_tokens(100, WorkerState("a", num_hit_blocks=2, block_size=16)) == 68  # no tier codes: the hit run
+    # A peer's blocks cost little to fetch but are stored anew: the holder wins what the churn term adds.
+    policy = make_policy("prefix_aware")
+    holder, fetcher = WorkerState("h", hit_tiers=b"1" * 10), WorkerState("f", hit_tiers=b"0" * 10)
+    request = RouteRequest(num_prompt_tokens=180)
+    assert policy.cost(request, fetcher) - policy.cost(request, holder) == pytest.approx(
+        policy.prefill_weight * 160 * DEFAULT_KV_COSTS_MS["peer"] + policy.churn_weight * 160)

@@ -1,0 +1,105 @@
+"""`hit_rate_vs_sglang`: kvweave's prefix_aware against sglang-router's cache_aware, same windows, same model.
+
+For each trace window (`--trace-offset` list x `--trace-requests`) and each per-worker capacity
+(`--sim-capacity` list): kvweave's real policy object is replayed by `mooncake_sim.simulate`;
+sglang-router 0.3.2 is replayed for real by `sglang_peer.replay` (fake workers, time compressed by
+`--peer-speedup`), and its recorded choices are scored by `mooncake_sim.score_choices`. Both are
+scored by the one cache model (per-worker LRU block caches of the capacity, 8 workers). A row:
+value = kvweave's hit rate, baseline = sglang's, ratio = hit_rate_vs_sglang; each side's request
+imbalance (max / mean requests per worker) and skipped share (prompt blocks some worker held that
+the chosen one did not) are in the row. The summary row averages the ratio over the held-out rows
+(those not overlapping `mooncake_sim.TUNING_WINDOW`, where prefix_aware's defaults were chosen).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks.agent_trace import is_synthetic, synthetic_trace
+from benchmarks.mooncake_sim import (
+    SimConfig, chain_hashes, in_sample, load_trace, score_choices, simulate, simulate_shared,
+)
+from benchmarks.report import Result
+from benchmarks.sglang_peer import PeerConfig, PeerUnavailable, PromptTexts, replay
+from controlplane.policies import make_policy
+from loadgen.traces import MooncakeRecord
+
+TARGET_MIN_RATIO = 1.0
+TARGET_MEAN_RATIO = 1.1
+TARGET_MAX_IMBALANCE = 1.25
+
+
+def window(trace: str | Path, num_requests: int, offset: int) -> list[MooncakeRecord]:
+    """Requests [offset, offset + num_requests) of a Mooncake file or of a synthetic trace."""
+    if is_synthetic(trace):
+        return synthetic_trace(str(trace), offset + num_requests)[offset:]
+    return load_trace(trace, num_requests, offset)
+
+
+def compare_window(trace: str | Path, requests: Sequence[MooncakeRecord], offset: int, cfg: SimConfig,
+                   peer: PeerConfig, policy_config: dict | None = None, log=lambda msg: None) -> Result:
+    """One row: prefix_aware and sglang-router on `requests` at `cfg`."""
+    hashes = [chain_hashes(r.hash_ids) for r in requests]
+    ours = simulate(requests, make_policy("prefix_aware", **(policy_config or {})), cfg, hashes)
+    run = replay(requests, cfg, peer, texts=PromptTexts(cfg.block_size))
+    theirs = score_choices(requests, run.choices, cfg, hashes, "sglang")
+    shared = simulate_shared(requests, cfg.num_workers * cfg.capacity_blocks, hashes)
+    ratio = ours.hit_rate / theirs.hit_rate if theirs.hit_rate else float("inf")
+    log(f"vs sglang: {Path(str(trace)).name} requests {offset}-{offset + len(requests) - 1}, capacity "
+        f"{cfg.capacity_blocks}: kvweave {ours.hit_rate:.4f} (imbalance {ours.imbalance:.3f}), sglang "
+        f"{theirs.hit_rate:.4f} (imbalance {theirs.imbalance:.3f}): {ratio:.3f}x")
+    held_out = not in_sample(trace, offset, len(requests))
+    extra = {
+        "trace": Path(str(trace)).name, "first_request": offset, "num_requests": len(requests),
+        "capacity_blocks": cfg.capacity_blocks, "num_workers": cfg.num_workers, "held_out": held_out,
+        "policy": "prefix_aware", "policy_config": policy_config or "defaults",
+        "imbalance": round(ours.imbalance, 3), "sglang_imbalance": round(theirs.imbalance, 3),
+        "skipped_share": round(ours.skipped_share, 4), "sglang_skipped_share": round(theirs.skipped_share, 4),
+        "requests_per_worker": ours.requests_per_worker, "sglang_requests_per_worker": theirs.requests_per_worker,
+        "shared_lru_hit_rate": round(shared.hit_rate, 4), "sglang_version": run.version,
+        "sglang_policy": peer.policy, "sglang_router_args": list(peer.router_args) or "defaults",
+        "speedup": peer.speedup, "sglang_wall_s": run.wall_s, "send_lateness_trace_ms": run.lateness_ms,
+        "arrivals_out_of_send_order": run.reordered,
+    }
+    return Result("hit_rate_vs_sglang", ours.hit_rate, "ratio", f"sglang-router {run.version} {peer.policy}",
+                  theirs.hit_rate, True, extra)
+
+
+def summary(rows: Sequence[Result]) -> Result | None:
+    """The held-out rows' mean ratio, against parity (1.0), with the targets checked."""
+    held = [r for r in rows if r.extra["held_out"]]
+    if not held:
+        return None
+    ratios = [r.ratio for r in held]
+    mean = sum(ratios) / len(ratios)
+    worst_imbalance = max(r.extra["imbalance"] for r in held)
+    extra = {"num_rows": len(held), "min_ratio": round(min(ratios), 3), "max_imbalance": worst_imbalance,
+             "max_sglang_imbalance": max(r.extra["sglang_imbalance"] for r in held),
+             "windows": sorted({(r.extra["trace"], r.extra["first_request"]) for r in held}),
+             "capacities": sorted({r.extra["capacity_blocks"] for r in held}),
+             "targets": {"min_ratio": TARGET_MIN_RATIO, "mean_ratio": TARGET_MEAN_RATIO,
+                         "max_imbalance": TARGET_MAX_IMBALANCE},
+             "meets_targets": min(ratios) >= TARGET_MIN_RATIO and mean >= TARGET_MEAN_RATIO
+             and worst_imbalance <= TARGET_MAX_IMBALANCE}
+    return Result("hit_rate_vs_sglang_heldout_mean", mean, "x", "parity with sglang-router", 1.0, True, extra)
+
+
+def bench_vs_sglang(traces: Sequence[str | Path], num_requests: int, offsets: Sequence[int],
+                    capacities: Sequence[int], cfg: SimConfig, peer: PeerConfig, policy_config: dict | None = None,
+                    log=lambda msg: None) -> tuple[list[Result], str | None]:
+    """Every (trace, offset, capacity) row and the held-out summary; (rows, None), or ([], why)
+    when sglang-router cannot run here."""
+    rows = []
+    for trace in traces:
+        for offset in offsets:
+            requests = window(trace, num_requests, offset)
+            for capacity in capacities:
+                c = dataclasses.replace(cfg, capacity_blocks=capacity)
+                try:
+                    rows.append(compare_window(trace, requests, offset, c, peer, policy_config, log))
+                except PeerUnavailable as exc:
+                    log(f"vs sglang: not measured: {exc}")
+                    return [], str(exc)
+    total = summary(rows)
+    return rows + ([total] if total else []), None
