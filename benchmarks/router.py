@@ -27,6 +27,9 @@ figures):
   fake workers, on every window of `--trace-offset` (a list) of every `--trace` (repeatable;
   `synthetic:agent` is a generated agent trace) at every `--sim-capacity` (a list), both scored
   by one cache model (benchmarks/vs_sglang.py, benchmarks/sglang_peer.py).
+- hit_rate_replicas: prefix_aware's replay with 2 and 4 router replicas over one index, each with
+  its own policy state and a load view up to 0.1 s stale (benchmarks/replica_sim.py), against one
+  router, on every window of `--trace-offset` at every `--sim-capacity` (target: within 3%).
 The command line and the run of these metrics are in benchmarks/router_cli.py.
 """
 from __future__ import annotations
@@ -47,7 +50,8 @@ from benchmarks.report import Result, median, percentile
 DECISION_CONCURRENCY = 16
 """Decisions in flight for routing_decisions_per_s: a router interleaves the requests it serves,
 so one decision's Redis round trip overlaps the others' hashing and scoring."""
-METRICS = ("router_overhead_p99", "routing_decisions_per_s", "prefix_hit_rate_mooncake", "hit_rate_vs_sglang")
+METRICS = ("router_overhead_p99", "routing_decisions_per_s", "prefix_hit_rate_mooncake", "hit_rate_vs_sglang",
+           "hit_rate_replicas")
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
 DECISION_TARGET_MS = 1.0
 DECISIONS_TARGET_PER_S = 5000.0

@@ -43,11 +43,42 @@ def run_benchmark(cfg: BenchConfig, metrics: list[str], model: str | None, trace
     if "hit_rate_vs_sglang" in metrics:
         log("metric hit_rate_vs_sglang")
         results += _vs_sglang(cfg, traces, config, log)
+    if "hit_rate_replicas" in metrics:
+        log("metric hit_rate_replicas")
+        results += _replicas(cfg, trace, log)
     config = {"quick": quick, "metrics": metrics, **dataclasses.asdict(cfg), **config, "trace": str(trace),
               "traces": [str(t) for t in traces],
               "elapsed_s": round(time.perf_counter() - start, 1),
               "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)]}
     return config, results
+
+
+def _replicas(cfg: BenchConfig, trace, log) -> list[Result]:
+    """hit_rate_replicas: 2 and 4 replicas against one router, per window and capacity."""
+    from benchmarks.agent_trace import is_synthetic, synthetic_trace
+    from benchmarks.mooncake_sim import SimConfig, chain_hashes, load_trace
+    from benchmarks.replica_sim import REPLICA_SYNC_MS, simulate_replicas
+    from controlplane.policies import make_policy
+
+    results = []
+    for offset in cfg.trace_offsets or (cfg.trace_offset,):
+        requests = (synthetic_trace(str(trace), offset + cfg.trace_requests)[offset:] if is_synthetic(trace)
+                    else load_trace(trace, cfg.trace_requests, offset))
+        hashes = [chain_hashes(r.hash_ids) for r in requests]
+        for capacity in cfg.sim_capacities or (cfg.sim_capacity_blocks,):
+            sim = SimConfig(cfg.sim_workers, capacity, cfg.sim_ms_per_token)
+            one = simulate_replicas(requests, lambda: make_policy("prefix_aware"), 1, sim, hashes)
+            for n in (2, 4):
+                r = simulate_replicas(requests, lambda: make_policy("prefix_aware"), n, sim, hashes)
+                log(f"replicas x{n}, requests {offset}+, {capacity} blocks: hit rate {r.hit_rate:.4f} against one "
+                    f"router's {one.hit_rate:.4f}, imbalance {r.imbalance:.3f}")
+                results.append(Result(f"hit_rate_replicas/{n}/{offset}/{capacity}", r.hit_rate, "ratio",
+                                      "one router (prefix_aware)", one.hit_rate, True,
+                                      {"replicas": n, "first_request": offset, "num_requests": len(requests),
+                                       "capacity_blocks": capacity, "imbalance": round(r.imbalance, 3),
+                                       "one_router_imbalance": round(one.imbalance, 3), "target_ratio": 0.97,
+                                       "load_view_stale_ms": REPLICA_SYNC_MS, "trace": str(trace)}))
+    return results
 
 
 def _vs_sglang(cfg: BenchConfig, traces: list, config: dict, log) -> list[Result]:
@@ -161,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     policy = {"trace_offset": offsets[0] if offsets else None, "prefill_weight": args.prefill_weight,
               "decode_weight": args.decode_weight, "weight_grid": args.weight_grid}
     cfg = dataclasses.replace(cfg, **overrides, **{k: v for k, v in policy.items() if v is not None})
-    if {"prefix_hit_rate_mooncake", "hit_rate_vs_sglang"} & set(args.metrics):
+    if {"prefix_hit_rate_mooncake", "hit_rate_vs_sglang", "hit_rate_replicas"} & set(args.metrics):
         error = _check_traces(traces, args.metrics, cfg)  # before the cluster metrics, which take minutes
         if error:
             _stderr(error)

@@ -205,3 +205,39 @@ def test_bench_router_weights_and_grid_replay_the_real_policy(tmp_path):
     chosen = bench_json(tmp_path, *args, "--prefill-weight", "4", "--decode-weight", "128")["prefix_hit_rate_mooncake"]
     assert chosen["policy_config"] == chosen["weights"] == {"prefill_weight": 4.0, "decode_weight": 128.0}
     assert (round(chosen["value"], 4), chosen["imbalance"]) == (grid[0]["hit_rate"], grid[0]["imbalance"])
+
+
+def test_replicas_see_their_own_placements_at_once_and_the_others_late():
+    """Two replicas taking requests in turn, every request on w0 (a recording policy): a replica's
+    view is the load at its last sync plus its own placements since, so it misses the other's
+    placements until it syncs again."""
+    from benchmarks.replica_sim import simulate_replicas
+    from controlplane.policies import Decision
+
+    class Recording:
+        name = "recording"
+        seen: list[list[int]] = []
+
+        def pick(self, request, states):
+            Recording.seen.append([s.num_running for s in states])
+            return Decision(states[0].worker_id, "recording", "test")
+
+    reqs = [MooncakeRecord(line=i, timestamp_s=i // 2 / 1000, input_length=16, output_length=10_000,
+                           hash_ids=(1000 + i,)) for i in range(4)]
+    cfg = SimConfig(num_workers=2, capacity_blocks=8, block_size=16)
+    simulate_replicas(reqs, Recording, 2, cfg, sync_ms=1e9)
+    assert Recording.seen == [[0, 0], [1, 0], [1, 0], [2, 0]]  # truth before each: 0, 1, 2, 3 on w0
+    Recording.seen = []
+    simulate_replicas(reqs, Recording, 2, cfg, sync_ms=0.0)
+    assert Recording.seen == [[0, 0], [1, 0], [2, 0], [3, 0]]
+
+
+@needs_trace
+def test_bench_router_replicas_json(tmp_path):
+    path = tmp_path / "replicas.json"
+    rc = main(["bench", "router", "--metrics", "hit_rate_replicas", "--trace-requests", str(SLICE),
+               "--sim-capacity", "50", "--json", str(path)])
+    assert rc == 0
+    results = {r["metric"]: r for r in json.loads(path.read_text())["results"]}
+    assert set(results) == {"hit_rate_replicas/2/2000/50", "hit_rate_replicas/4/2000/50"}
+    assert all(r["baseline_value"] > 0 and r["num_requests"] == SLICE for r in results.values())
