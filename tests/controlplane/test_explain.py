@@ -37,8 +37,8 @@ def test_tokens_by_source_reads_the_index_codes():
 def test_prediction_carries_the_policy_costs_and_the_runner_up():
     policy = ChunkAwarePolicy()
     workers = states()
+    costs = {w.worker_id: ChunkAwarePolicy().cost(REQUEST, w) for w in workers}  # before the pick's churn
     decision = policy.pick(REQUEST, workers)
-    costs = {w.worker_id: policy.cost(REQUEST, w) for w in workers}
     assert decision.worker_id == "a" and decision.costs == costs
     p = predict(REQUEST, workers, decision)
     assert (p.worker_id, p.policy, p.reason, p.cost) == ("a", "chunk_aware", "cost", costs["a"])

@@ -68,10 +68,13 @@ def test_replicas_decide_alike_and_see_each_others_load(replicas):
                    == {"device": 160} for _, url in routers)
     wait_until(indexed)
 
-    # The same prompt, through each replica: the same decision, and the same worker serves it.
+    # The same prompt, through each replica: the same decision, and the same worker serves it. The
+    # costs differ by each replica's own churn memory (replica 0 placed the first request), which
+    # the router bench's hit_rate_replicas measures the effect of.
     decisions = [explain(url, prefix + [9])["chosen"] for _, url in routers]
     assert {d["worker_id"] for d in decisions} == {holder}
-    assert len({(d["cost"], d["runner_up"]["worker_id"], d["runner_up"]["cost"]) for d in decisions}) == 1
+    assert {d["runner_up"]["worker_id"] for d in decisions} == {decisions[0]["runner_up"]["worker_id"]}
+    assert decisions[1]["cost"] == decisions[2]["cost"]  # the two replicas that placed nothing yet agree exactly
     for i, stub in enumerate(stubs):
         last = generate(stub, token_prompt(prefix + prompt_ids(70 + i, 20), max_tokens=1))[2]
         assert last.worker_id == holder and last.usage.cached_tokens == 160
