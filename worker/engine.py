@@ -55,11 +55,12 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 Prompt = str | list[int] | dict
 MIN_PREFILL_TO_MEASURE = 32
 TP_ALLREDUCES = ("auto", "shm", "gloo")
-TP_OVERLAP_MIN_TOKENS = {"shm": None, "gloo": 256, "nccl": 1024}
+TP_OVERLAP_MIN_TOKENS = {"shm": None, "gloo": 512, "nccl": 1024}
 """The smallest tensor-parallel step run token-split by default, per all-reduce (None: never).
-Measured with `kvweave bench tp` on this project's CPUs: with the shared-memory all-reduce the
-split never paid (its all-reduces are a few % of a step and the two halves cost more than that);
-over gloo it paid from 256 tokens. NCCL's is TokenWeave's figure, unmeasured here."""
+Measured with `kvweave bench tp` (2 ranks, AMD EPYC, docs/benchmarks/tp-2026-12-06*.json): with
+the shared-memory all-reduce the split is within noise (0.97-1.04x: its all-reduces are 1-2% of a
+step); over gloo it loses at 64-256 tokens (0.87-0.98x) and pays from 512 (1.08-1.20x). NCCL's is
+TokenWeave's figure, unmeasured here."""
 """Steps with at least this many prefill tokens measure the per-token cost of computing KV."""
 IDLE_WAIT_S = 0.01
 """With nothing to run but KV in flight, a step waits this long at most for a job to finish."""
