@@ -21,8 +21,6 @@ into Redis cannot steer traffic by faking load; counts are capped at `MAX_COUNT`
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -32,6 +30,7 @@ import redis
 
 from controlplane.worker_pool import PoolWorker
 from kvweave import cluster_secret
+from kvweave.registry import sign_entry, verified_entry
 
 logger = logging.getLogger(__name__)
 
@@ -138,21 +137,11 @@ class ReplicaLoad:
         return {worker_id: tuple(total) for worker_id, total in sums.items()}
 
     def _sign(self, text: str) -> str:
-        if self.key is None:
-            return text
-        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest() + "\n" + text
+        return sign_entry(self.key, text)
 
     def _verify(self, value: bytes) -> dict[str, list[int]] | None:
-        text = value.decode("utf-8", "replace")
-        signature, sep, body = text.partition("\n")
-        if not sep:
-            signature, body = "", text
         try:
-            if self.key is not None:
-                expected = hmac.new(self.key, body.encode(), hashlib.sha256).hexdigest()
-                if not hmac.compare_digest(signature.encode(), expected.encode()):
-                    raise ValueError("no valid signature")
-            entry = json.loads(body)
+            entry = json.loads(verified_entry(self.key, value))
             return {str(worker_id): [min(max(int(c[k]), 0), MAX_COUNT) for k in range(3)]
                     for worker_id, c in entry.items()}
         except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:

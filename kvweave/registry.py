@@ -95,6 +95,28 @@ class WorkerInfo:
         return cls(**d)
 
 
+def sign_entry(key: bytes | None, text: str) -> str:
+    """A Redis entry's text with its HMAC-SHA256 under `key` in front ("<hex>\n<text>"); the text
+    alone without a key (an open cluster)."""
+    if key is None:
+        return text
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest() + "\n" + text
+
+
+def verified_entry(key: bytes | None, value: bytes | str) -> str:
+    """The text of an entry `sign_entry` wrote; ValueError when `key` is set and its signature is
+    missing or wrong."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    signature, sep, body = text.partition("\n")
+    if not sep:
+        signature, body = "", text
+    if key is not None:
+        expected = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
+            raise ValueError("no valid signature")
+    return body
+
+
 class Registry:
     """Reads and writes membership through a `redis.asyncio.Redis` client. `key`: the signing key
     (default: this process's "registry" sub-key of the cluster secret; None without one)."""
@@ -109,21 +131,11 @@ class Registry:
         self._rejected_ids: set[str] = set()
 
     def _sign(self, text: str) -> str:
-        if self.key is None:
-            return text
-        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest() + "\n" + text
+        return sign_entry(self.key, text)
 
     def _verify(self, worker_id: str, value: bytes | str) -> WorkerInfo | None:
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        signature, sep, body = text.partition("\n")
-        if not sep:
-            signature, body = "", text
         try:
-            if self.key is not None:
-                expected = hmac.new(self.key, body.encode(), hashlib.sha256).hexdigest()
-                if not hmac.compare_digest(signature.encode(), expected.encode()):
-                    raise ValueError("no valid signature")
-            info = WorkerInfo.from_json(body)
+            info = WorkerInfo.from_json(verified_entry(self.key, value))
             if info.worker_id != worker_id:
                 raise ValueError("its id is not its key's")
             return info
