@@ -40,6 +40,7 @@ from controlplane.openai_api import (
 from controlplane.router import Delta, GenerateInput, Router
 from kvweave.errors import InvalidRequestError
 from kvweave.metrics import CONTENT_TYPE
+from kvweave.vision_prompt import displayable_ids
 
 logger = logging.getLogger(__name__)
 
@@ -251,10 +252,10 @@ async def detokenize(request: web.Request) -> web.Response:
     _admit(request)
     model, token_ids = parse_detokenize(await _read_json(request))
     router.check_model(model)
-    vocab_size = router.tokenizer.vocab_size
-    bad = [t for t in token_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise OpenAIRequestError(f"token id {bad[0]} is not in the vocabulary (ids are 0..{vocab_size - 1})", "tokens")
+    try:
+        token_ids = displayable_ids(router.model.vision, router.tokenizer.vocab_size, token_ids)
+    except ValueError as e:
+        raise OpenAIRequestError(str(e), "tokens") from None
     return web.json_response({"prompt": router.tokenizer.decode(token_ids, skip_special_tokens=False)})
 
 

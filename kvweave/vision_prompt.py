@@ -72,6 +72,21 @@ def placeholder_id(spec: VisionSpec, image: ImageInput) -> int:
     return spec.vocab_size + int.from_bytes(image.hash[:8], "big") % PLACEHOLDER_RANGE
 
 
+def displayable_ids(spec: VisionSpec | None, vocab_size: int, token_ids: list[int]) -> list[int]:
+    """`token_ids` with every image placeholder id (`placeholder_id`) back to the image token, so a
+    prompt from /tokenize detokenizes; ValueError naming the first id that is neither."""
+    out = []
+    for t in token_ids:
+        if 0 <= t < vocab_size:
+            out.append(t)
+        elif spec is not None and vocab_size <= t < vocab_size + PLACEHOLDER_RANGE:
+            out.append(spec.image_token_id)
+        else:
+            raise ValueError(f"token id {t} is not in the vocabulary (ids are 0..{vocab_size - 1}"
+                             f"{', or image placeholders' if spec is not None else ''})")
+    return out
+
+
 def tile_grid(spec: VisionSpec, width: int, height: int) -> tuple[int, int]:
     """(rows, cols) of tiles Idefics3ImageProcessor splits an image of this size into; (0, 0): the
     global image alone."""

@@ -129,3 +129,20 @@ def test_sdk_image_parts_over_grpc(router):
             assert reply.text == http["choices"][0]["message"]["content"]
         with pytest.raises(kvweave.InvalidRequest, match="not an image"):
             client.chat([{"role": "user", "content": [{"type": "image", "data": b"junk"}]}], max_tokens=2)
+
+
+def test_detokenize_takes_back_what_tokenize_gives_for_an_image_chat(router):
+    """/tokenize of an image chat gives placeholder ids past the vocabulary; /detokenize shows them
+    as the model's image token, and still refuses ids that are neither."""
+    msg = body("Look at ", make_png(30, 30, seed=13), " now.")
+    tokens = post(router, "/tokenize", {"messages": msg["messages"]})
+    assert tokens.status_code == 200, tokens.text
+    ids = tokens.json()["tokens"]
+    vision = router.router.model.vision
+    assert any(t >= vision.vocab_size for t in ids)
+    text = post(router, "/detokenize", {"tokens": ids})
+    assert text.status_code == 200, text.text
+    image_token = router.router.tokenizer.decode([vision.image_token_id], skip_special_tokens=False)
+    assert image_token in text.json()["prompt"] and "Look at" in text.json()["prompt"]
+    assert_openai_error(post(router, "/detokenize", {"tokens": [vision.vocab_size + 2**30]}), 400,
+                        "or image placeholders", "tokens")
