@@ -26,7 +26,7 @@ class _View:
 
     def __init__(self, num_workers: int) -> None:
         self.at = float("-inf")
-        self.running = self.prefill = [0] * num_workers
+        self.running, self.prefill = [0] * num_workers, [0] * num_workers
         self.own_running, self.own_prefill = [0] * num_workers, [0] * num_workers
 
 

@@ -52,6 +52,8 @@ class _Lease:
     buffer: torch.Tensor
     nbytes: int
     timer: asyncio.TimerHandle
+    started: float
+    """perf_counter() when the fetch came (on_served's seconds)."""
 
 
 class IpcServer:
@@ -73,7 +75,6 @@ class IpcServer:
         self.on_served = on_served
         self._leases: dict[str, _Lease] = {}
         self._leased_bytes = 0
-        self._started: dict[str, float] = {}
 
     @property
     def num_leases(self) -> int:
@@ -112,9 +113,8 @@ class IpcServer:
             await context.abort(grpc.StatusCode.INTERNAL, f"cannot share the entries: {short_message(e)}")
         lease_id = secrets.token_hex(16)
         timer = asyncio.get_running_loop().call_later(lease_s, self._expire, lease_id)
-        self._leases[lease_id] = _Lease(buffer, nbytes, timer)
+        self._leases[lease_id] = _Lease(buffer, nbytes, timer, t0)
         self._leased_bytes += nbytes
-        self._started[lease_id] = t0
         return kvtransfer_pb2.IpcFetchResponse(num_entries=entries.shape[0], layout=layout_to_proto(layout),
                                                handle=handle, lease_id=lease_id)
 
@@ -131,23 +131,20 @@ class IpcServer:
             return False
         lease.timer.cancel()
         self._leased_bytes -= lease.nbytes
-        t0 = self._started.pop(lease_id)
         if self.on_served is not None:
-            self.on_served(lease.nbytes, time.perf_counter() - t0)
+            self.on_served(lease.nbytes, time.perf_counter() - lease.started)
         return True
 
     def _expire(self, lease_id: str) -> None:
         lease = self._leases.pop(lease_id, None)
         if lease is not None:
             self._leased_bytes -= lease.nbytes
-            self._started.pop(lease_id, None)
             logger.info("IPC lease %s of %d bytes expired before its client released it", lease_id, lease.nbytes)
 
     def close(self) -> None:
         for lease in self._leases.values():
             lease.timer.cancel()
         self._leases.clear()
-        self._started.clear()
         self._leased_bytes = 0
 
 

@@ -6,7 +6,6 @@ end in TransferError within the deadline, drop the pair, and leave the next fetc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
 import socket
@@ -26,25 +25,14 @@ from kvstore.transfer_source import TensorSource, TransferError, layer_major, la
 from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 from transfer_helpers import (BF16, F32, REPO, _Fixed, as_raw, bad_fetch_requests, client_of, make_keys, peer,
-                             random_entries, source_of)
+                             random_entries, serving_with, source_of, until)
 
 BIG = KVLayout(torch.bfloat16, (2, 4, 8, 16, 64))  # 256 KiB entries: layers of n * 64 KiB
 
 
-@contextlib.asynccontextmanager
-async def dist_serving(source, port: int = 0, **kwargs):
+def dist_serving(source, port: int = 0, **kwargs):
     """serve_transfer with its DistServer: (gRPC address, DistServer)."""
-    server, bound = await serve_transfer(source, port=port, data_plane=False, **kwargs)
-    try:
-        yield f"127.0.0.1:{bound}", server.dist_server
-    finally:
-        await server.stop(None)
-
-
-async def until(condition, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.01)
+    return serving_with(source, "dist_server", port, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

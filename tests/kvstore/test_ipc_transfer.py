@@ -7,7 +7,6 @@ of `kvstore.ipc_share` runs in the device check (benchmarks/device_check.py, `ip
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import subprocess
 import sys
@@ -23,23 +22,12 @@ from kvstore.transfer_source import TransferError, layer_major, layout_to_proto
 from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 from transfer_helpers import (BF16, F32, REPO, as_raw, bad_fetch_requests, client_of, make_keys, peer,
-                             random_entries, source_of)
+                             random_entries, serving_with, source_of, until)
 
 
-@contextlib.asynccontextmanager
-async def ipc_serving(source, **kwargs):
+def ipc_serving(source, **kwargs):
     """serve_transfer with its IpcServer: (gRPC address, IpcServer)."""
-    server, bound = await serve_transfer(source, data_plane=False, dist=False, **kwargs)
-    try:
-        yield f"127.0.0.1:{bound}", server.ipc_server
-    finally:
-        await server.stop(None)
-
-
-async def until(condition, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.01)
+    return serving_with(source, "ipc_server", dist=False, **kwargs)
 
 
 @pytest.mark.asyncio

@@ -61,6 +61,24 @@ async def serving(source, **service_kwargs):
 
 
 @contextlib.asynccontextmanager
+async def serving_with(source, part: str, port: int = 0, **kwargs):
+    """serve_transfer without the TCP data plane: (gRPC address, the TransferServer's `part`, e.g.
+    its dist_server or ipc_server)."""
+    server, bound = await serve_transfer(source, port=port, data_plane=False, **kwargs)
+    try:
+        yield f"127.0.0.1:{bound}", getattr(server, part)
+    finally:
+        await server.stop(None)
+
+
+async def until(condition, timeout_s: float = 5.0) -> None:
+    """Wait until `condition()` holds (TimeoutError after `timeout_s`)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
 async def client_of(**kwargs):
     client = TransferClient(**kwargs)
     try:
