@@ -239,7 +239,9 @@ def test_every_dashboard_panel_returns_data_after_a_loadgen_run(colocated_cluste
     # RAG requests with reusable chunks that recur (chunk hits), then a prefix-repetition burst
     # (prefix hits), spread over several scrapes. The RAG requests go one at a time: a chunk-cache
     # exists once its first request is computed, and on a busy machine all 16 arrived before that.
-    _loadgen(cluster, "--workload", "rag", "--num-docs", "2", "--max-doc-words", "25", "--output-len", "4",
+    # Three passages in six orders: with two, a recurring question came back in its first order half
+    # the time (a prefix hit), and on some runs the router's choices left no chunk hit at all.
+    _loadgen(cluster, "--workload", "rag", "--num-docs", "3", "--max-doc-words", "25", "--output-len", "4",
              "--popularity-skew", "2", "--shuffle-docs", "--num-requests", "16", "--request-rate", "6",
              "--max-concurrency", "1")
     _loadgen(cluster, "--workload", "prefix-repetition", "--prefix-len", "64", "--suffix-len", "8",
