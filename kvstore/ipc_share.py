@@ -1,9 +1,12 @@
 """Memory two processes of one node both map, for the IPC KV transport (kvstore/ipc_transfer.py):
 `share` turns a tensor into an `IpcHandle` message, `open_shared` maps one back.
 
-Host memory goes through torch's file_system sharing: the exporter copies the entries into a
-fresh shared-memory file (`UntypedStorage._new_using_filename_cpu`), and the importer maps it by
-the file's name and the shared-memory manager's socket. Device memory goes through CUDA IPC
+Host memory goes through a shared-memory file: the exporter creates one (mode 0600, in /dev/shm)
+for each export, copies the entries into its mapping and unlinks it when the lease ends
+(`ExportBuffer.close`); the importer maps it by name, read-only (a name is accepted only in that
+folder and of that form, so a peer cannot make it map any other file). No helper process is
+involved (torch's file_system sharing needs its shared-memory manager daemon, which can fail to
+answer on a loaded machine). Device memory goes through CUDA IPC
 (`UntypedStorage._share_cuda_`, and torch's `rebuild_cuda_tensor`): the handle of the caching allocator's block
 that holds the tensor, a reference counter torch keeps in a shared file (the exporter's allocator
 does not reuse the block until every importer dropped it), and an event recorded after the export
@@ -18,7 +21,12 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import secrets
 import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -56,30 +64,63 @@ def cuda_device_by_uuid(uuid: str) -> torch.device:
                      f"or on GPUs this process sees; use the dist or tcp transport")
 
 
-def export_buffer(layer_major: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+SHM_DIR = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+"""Where host exports live (a tmpfs where the system has one)."""
+_SHM_NAME = re.compile(r"kvweave-ipc-[0-9a-f]{32}")
+
+
+@dataclass
+class ExportBuffer:
+    """Exported entries and, for host memory, the shared-memory file that holds them."""
+
+    tensor: torch.Tensor
+    path: Path | None = None
+
+    def close(self) -> None:
+        """Unlink the file (mappings already made stay valid until their owners drop them)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+def export_buffer(layer_major: torch.Tensor, device: torch.device | None) -> ExportBuffer:
     """[n_layers, n, ...] contiguous copy of layer-major entries [n, *shape] in memory `share` can
     hand out: a fresh shared-memory file for host memory (`device` None or cpu), else the device's
     memory (the entries' own storage when they are already contiguous layer-major there)."""
     lm = layer_major.movedim(2, 0)
     if device is None or device.type == "cpu":
-        storage = torch.UntypedStorage._new_using_filename_cpu(lm.numel() * lm.element_size())
-        out = torch.empty(0, dtype=lm.dtype).set_(storage, 0, lm.shape)
-        return out.copy_(lm)
+        nbytes = max(lm.numel() * lm.element_size(), 1)
+        path = SHM_DIR / f"kvweave-ipc-{secrets.token_hex(16)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
+        buffer = ExportBuffer(torch.empty(0, dtype=lm.dtype), path)
+        try:
+            storage = torch.UntypedStorage.from_file(str(path), True, nbytes)
+            buffer.tensor.set_(storage, 0, lm.shape).copy_(lm)
+        except BaseException:
+            buffer.close()
+            raise
+        return buffer
     if lm.device == device and lm.is_contiguous():
-        return lm
-    return lm.to(device, copy=True).contiguous()
+        return ExportBuffer(lm)
+    return ExportBuffer(lm.to(device, copy=True).contiguous())
 
 
-def share(buffer: torch.Tensor) -> kvtransfer_pb2.IpcHandle:
-    """The handle of a contiguous tensor from `export_buffer`; keep `buffer` alive until the peer mapped it."""
+def share(export: ExportBuffer) -> kvtransfer_pb2.IpcHandle:
+    """The handle of an `export_buffer`; keep it open until the peer mapped it."""
+    buffer = export.tensor
     if not buffer.is_contiguous():
         raise ValueError("only a contiguous tensor can be shared")
     storage = buffer.untyped_storage()
     offset = buffer.storage_offset()
     if buffer.device.type == "cpu":
-        manager, name, size = storage._share_filename_cpu_()
-        return kvtransfer_pb2.IpcHandle(host=kvtransfer_pb2.IpcHandle.Host(manager_handle=manager, storage_handle=name),
-                                        storage_bytes=size, offset=offset)
+        if export.path is None:
+            raise ValueError("host memory is shared only as a file made by export_buffer")
+        return kvtransfer_pb2.IpcHandle(host=kvtransfer_pb2.IpcHandle.Host(storage_handle=export.path.name.encode()),
+                                        storage_bytes=storage.nbytes(), offset=offset)
     if buffer.device.type != "cuda":
         raise ValueError(f"cannot share {buffer.device} memory between processes")
     (_, mem, size, storage_offset, ref_handle, ref_offset, event, event_sync) = storage._share_cuda_()
@@ -109,8 +150,13 @@ def open_shared(handle: kvtransfer_pb2.IpcHandle, n: int, layout: KVLayout) -> t
                          f"at element {handle.offset}")
     try:
         if kind == "host":
-            storage = torch.UntypedStorage._new_shared_filename_cpu(
-                handle.host.manager_handle, handle.host.storage_handle, handle.storage_bytes)
+            name = handle.host.storage_handle.decode(errors="replace")
+            if not _SHM_NAME.fullmatch(name):
+                raise ShareError(f"the peer named {name[:60]!r}, not a kvweave shared-memory file")
+            path = SHM_DIR / name
+            if path.stat().st_size < handle.storage_bytes:
+                raise ShareError(f"the peer's shared-memory file {name} is smaller than its handle says")
+            storage = torch.UntypedStorage.from_file(str(path), False, handle.storage_bytes)
             device = torch.device("cpu")
         else:  # torch's own rebuild: it caches what this process mapped already (a CUDA IPC handle
             # maps once per process) and keeps the exporter's reference count right either way
@@ -127,7 +173,7 @@ def open_shared(handle: kvtransfer_pb2.IpcHandle, n: int, layout: KVLayout) -> t
             return flat.view(shape).movedim(0, 2)
     except ShareError:
         raise
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:
         where = "node" if kind == "host" else "GPU"
         raise ShareError(f"cannot map the peer's {kind} memory (is it on this {where}?): "
                          f"{str(e).strip().splitlines()[0]}") from None

@@ -31,7 +31,7 @@ import grpc
 import torch
 
 from kvstore.codec import KVLayout
-from kvstore.ipc_share import ShareError, export_buffer, node_id, open_shared, share
+from kvstore.ipc_share import ExportBuffer, ShareError, export_buffer, node_id, open_shared, share
 from kvstore.transfer_source import (KVSource, TransferError, empty_layer_major, export_entries, layout_from_proto,
                                      layout_to_proto, short_message, to_layer_major)
 from kvweave.v1 import kvtransfer_pb2
@@ -49,7 +49,7 @@ RELEASE_TIMEOUT_S = 5.0
 
 @dataclass
 class _Lease:
-    buffer: torch.Tensor
+    buffer: ExportBuffer
     nbytes: int
     timer: asyncio.TimerHandle
     started: float
@@ -120,9 +120,13 @@ class IpcServer:
 
     def _share(self, entries: torch.Tensor, on_device: bool):
         buffer = export_buffer(to_layer_major(entries.detach()), self.device if on_device else None)
-        if buffer.device.type == "cuda":
-            torch.cuda.current_stream(buffer.device).synchronize()  # the export's copies, before the event _share_cuda_ records
-        return buffer, share(buffer)
+        try:
+            if buffer.tensor.device.type == "cuda":  # the export's copies, before the event _share_cuda_ records
+                torch.cuda.current_stream(buffer.tensor.device).synchronize()
+            return buffer, share(buffer)
+        except BaseException:
+            buffer.close()
+            raise
 
     def release(self, lease_id: str) -> bool:
         """Free a lease's export; whether it was held."""
@@ -130,6 +134,7 @@ class IpcServer:
         if lease is None:
             return False
         lease.timer.cancel()
+        lease.buffer.close()
         self._leased_bytes -= lease.nbytes
         if self.on_served is not None:
             self.on_served(lease.nbytes, time.perf_counter() - lease.started)
@@ -138,12 +143,14 @@ class IpcServer:
     def _expire(self, lease_id: str) -> None:
         lease = self._leases.pop(lease_id, None)
         if lease is not None:
+            lease.buffer.close()
             self._leased_bytes -= lease.nbytes
             logger.info("IPC lease %s of %d bytes expired before its client released it", lease_id, lease.nbytes)
 
     def close(self) -> None:
         for lease in self._leases.values():
             lease.timer.cancel()
+            lease.buffer.close()
         self._leases.clear()
         self._leased_bytes = 0
 

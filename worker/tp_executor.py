@@ -78,8 +78,8 @@ class RankSpec:
 
 def shared_tensor(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
     """A zeroed tensor in a shared-memory file (the group's KV cache, the all-reduce region), and
-    what another process opens it with (`open_shared_tensor`): torch's file_system sharing, as
-    kvstore/ipc_share.py uses it."""
+    what another process opens it with (`open_shared_tensor`): torch's file_system sharing (its
+    shared-memory manager unlinks the file once every rank's process has dropped it)."""
     numel = 1
     for d in shape:
         numel *= d

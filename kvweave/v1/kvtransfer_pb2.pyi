@@ -21,12 +21,10 @@ class IpcFetchRequest(_message.Message):
 class IpcHandle(_message.Message):
     __slots__ = ("host", "cuda", "storage_bytes", "offset")
     class Host(_message.Message):
-        __slots__ = ("manager_handle", "storage_handle")
-        MANAGER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+        __slots__ = ("storage_handle",)
         STORAGE_HANDLE_FIELD_NUMBER: _ClassVar[int]
-        manager_handle: bytes
         storage_handle: bytes
-        def __init__(self, manager_handle: _Optional[bytes] = ..., storage_handle: _Optional[bytes] = ...) -> None: ...
+        def __init__(self, storage_handle: _Optional[bytes] = ...) -> None: ...
     class Cuda(_message.Message):
         __slots__ = ("device_uuid", "mem_handle", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
         DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kvstore.codec import KVLayout
-from kvstore.ipc_share import node_id
+from kvstore.ipc_share import SHM_DIR, node_id
 from kvstore.transfer import GRPC_OPTIONS, serve_transfer
 from kvstore.transfer_source import TransferError, layer_major, layout_to_proto
 from kvweave.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
@@ -102,8 +102,10 @@ async def test_ipc_leases_expire_and_are_bounded():
         reply = await stub.IpcFetch(kvtransfer_pb2.IpcFetchRequest(fetch=fetch, node_id=node_id(), lease_ms=200))
         assert reply.num_entries == 4 and reply.lease_id and server.num_leases == 1
         assert server.leased_bytes == 4 * BF16.nbytes
+        shm_file = SHM_DIR / reply.handle.host.storage_handle.decode()
+        assert shm_file.stat().st_size == 4 * BF16.nbytes
         await until(lambda: server.num_leases == 0)
-        assert server.leased_bytes == 0
+        assert server.leased_bytes == 0 and not shm_file.exists()  # the export's file went with the lease
         assert not (await stub.IpcRelease(kvtransfer_pb2.IpcReleaseRequest(lease_id=reply.lease_id))).found
         # Bounded: past max_leased_bytes the server refuses until a lease is released.
         server.max_leased_bytes = 6 * BF16.nbytes
@@ -112,6 +114,7 @@ async def test_ipc_leases_expire_and_are_bounded():
             await stub.IpcFetch(kvtransfer_pb2.IpcFetchRequest(fetch=fetch, node_id=node_id()))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "leased to peers" in err.value.details()
         assert (await stub.IpcRelease(kvtransfer_pb2.IpcReleaseRequest(lease_id=first.lease_id))).found
+        assert not (SHM_DIR / first.handle.host.storage_handle.decode()).exists()
         assert (await stub.IpcFetch(kvtransfer_pb2.IpcFetchRequest(fetch=fetch, node_id=node_id()))).num_entries == 4
 
 
@@ -175,11 +178,12 @@ class _LyingIpcPeer(kvtransfer_pb2_grpc.KVTransferServicer):
 async def test_ipc_client_rejects_answers_that_fail_a_check():
     keys = make_keys(2)
     layout = layout_to_proto(BF16)
-    small = kvtransfer_pb2.IpcHandle(host=kvtransfer_pb2.IpcHandle.Host(manager_handle=b"x", storage_handle=b"y"),
+    small = kvtransfer_pb2.IpcHandle(host=kvtransfer_pb2.IpcHandle.Host(storage_handle=b"y"),
                                      storage_bytes=BF16.nbytes)  # room for one entry, two announced
-    gone = kvtransfer_pb2.IpcHandle(host=kvtransfer_pb2.IpcHandle.Host(manager_handle=b"/nonexistent/manager.sock",
-                                                                       storage_handle=b"/kvweave-no-such-file"),
+    gone = kvtransfer_pb2.IpcHandle(host=kvtransfer_pb2.IpcHandle.Host(storage_handle=b"kvweave-ipc-" + b"0" * 32),
                                     storage_bytes=2 * BF16.nbytes)
+    elsewhere = kvtransfer_pb2.IpcHandle(host=kvtransfer_pb2.IpcHandle.Host(storage_handle=b"../../etc/passwd"),
+                                         storage_bytes=2 * BF16.nbytes)
     cases = [
         (kvtransfer_pb2.IpcFetchResponse(num_entries=3, layout=layout), "announced 3 entries for 2 keys"),
         (kvtransfer_pb2.IpcFetchResponse(num_entries=2, layout=layout_to_proto(F32)), "answered layout"),
@@ -188,6 +192,8 @@ async def test_ipc_client_rejects_answers_that_fail_a_check():
          "cannot hold 2 entries"),
         (kvtransfer_pb2.IpcFetchResponse(num_entries=2, layout=layout, handle=gone, lease_id="l2"),
          "cannot map the peer's host memory"),
+        (kvtransfer_pb2.IpcFetchResponse(num_entries=2, layout=layout, handle=elsewhere, lease_id="l3"),
+         "not a kvweave shared-memory file"),
     ]
     async with client_of(transport="ipc") as client:
         for reply, message in cases:
