@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from worker.chunk_kv import ChunkCorrection
 from worker.kernels import cpu_kernels
@@ -217,6 +216,8 @@ class PagedAttention:
         those kernels take no GQA with this mask."""
         k4 = k_cache.index_select(1, p.context_slots).repeat_interleave(self.group, 0)[None]
         v4 = v_cache.index_select(1, p.context_slots).repeat_interleave(self.group, 0)[None]
+        from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo (~1 s): GPU path only
+
         mask = causal_lower_right(p.num_new, p.context_slots.numel())
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k4, v4, attn_mask=mask)
         return o[0].transpose(0, 1).reshape(p.num_new, -1)

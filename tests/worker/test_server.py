@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cli.main import main as kvweave_main
 from controlplane.procs import child_env, free_port
 from kvweave.registry import Registry, worker_key
 from kvstore.index import KVIndex, index_key
@@ -208,13 +209,20 @@ def test_worker_process_sigkill_and_sigterm(redis_url, tiny_hf_model):
         sync_redis.close()
 
 
-def test_bad_flags_fail_with_a_message(tiny_hf_model, tmp_path):
+def test_bad_flags_fail_with_a_message(tiny_hf_model, tmp_path, capsys):
+    """Every bad flag is a one-line error and a non-zero exit. Two cases run as real `kvweave worker`
+    processes (the exit status and stderr a user sees, no traceback); the rest call the same entry
+    point in this process (each subprocess would import torch again: seconds of CPU apiece)."""
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    cases = [
+    in_subprocesses = [
         (_worker_args(tiny_hf_model, "--role", "bogus"), "invalid choice: 'bogus'"),
         (_worker_args(tiny_hf_model, "--redis-url", dead_redis), "cannot reach Redis"),
+    ]
+    procs = [subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for args, _ in in_subprocesses]
+    in_process = [
         (_worker_args(tmp_path / "no-such-model"), "cannot load model"),
         (_worker_args(tiny_hf_model, "--lease-s", "1", "--heartbeat-s", "2"), "heartbeat_s"),
         (_worker_args(tiny_hf_model, "--dram-cache-gb", "0"), "dram-cache-gb must be positive"),
@@ -225,9 +233,16 @@ def test_bad_flags_fail_with_a_message(tiny_hf_model, tmp_path):
         (_worker_args(tiny_hf_model, "--metrics-port", "-2"), "metrics_port must be in"),
         (_worker_args(tiny_hf_model, "--kv-transport", "udp"), "invalid choice: 'udp'"),
     ]
-    procs = [subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for args, _ in cases]
-    for proc, (_, message) in zip(procs, cases):
+    for args, message in in_process:
+        try:
+            code = kvweave_main(args[3:])  # after [python, -m, cli]
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+        out, err = capsys.readouterr()
+        assert code not in (0, None), args
+        assert message in err and "Traceback" not in err
+        assert "ready on" not in out
+    for proc, (_, message) in zip(procs, in_subprocesses):
         out, err = proc.communicate(timeout=120)
         assert proc.returncode != 0
         assert message in err and "Traceback" not in err
