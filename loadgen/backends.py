@@ -173,7 +173,8 @@ def apply_usage(record: RequestRecord, usage: Usage) -> None:
 
 
 class GrpcBackend(Backend):
-    """A kvweave router through `kvweave.AsyncClient`, with no retries. `url` is host:port."""
+    """A kvweave router through `kvweave.AsyncClient`, with no retries. `url` is host:port. Chat
+    messages go as they are (images as the SDK's image parts: their bytes travel in the request)."""
 
     name = "grpc"
 

@@ -46,7 +46,8 @@ class WorkloadConfig:
         f"{name}: ../shared/data/{path.relative_to(DATA_DIR).as_posix()}" for name, path in DEFAULT_DATASETS.items())))
     """dataset or trace file of the rag, mooncake and azure workloads"""
     output_len: int | None = field(default=None, metadata=flag(metavar="N", default_text="32 for rag, 128 otherwise"))
-    """output tokens per request (random, prefix-repetition, rag) or per reply (multi-turn, agent)"""
+    """output tokens per request (random, prefix-repetition, rag, multimodal) or per reply (multi-turn,
+    agent)"""
     token_range: str = field(default="1000:30000", metadata=flag(metavar="LO:HI"))
     """token ids [LO, HI) of token-id prompts (random, prefix-repetition, mixed, mooncake, azure); must lie
     within the model's vocabulary"""

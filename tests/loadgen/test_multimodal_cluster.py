@@ -9,7 +9,7 @@ import pytest
 
 from cli.main import main
 from loadgen_helpers import workload_sessions
-from tests.inprocess_cluster import InProcessCluster
+from tests.loadgen.conftest import LoadgenCluster
 
 WORKLOAD = ["--workload", "multimodal", "--num-images", "3", "--images-per-request", "1:2", "--image-size",
             "24x16:64x48", "--text-share", "0.25", "--output-len", "3", "--seed", "7"]
@@ -17,15 +17,15 @@ N = 8
 
 
 @pytest.fixture(scope="module")
-def vlm_router(redis_server, tiny_vlm_model):
-    cluster = InProcessCluster(redis_server.url, tiny_vlm_model, num_workers=1).start()
-    yield cluster.add_router()
+def vlm_cluster(redis_server, tiny_vlm_model):
+    cluster = LoadgenCluster(redis_server.url, tiny_vlm_model, num_workers=1).start()  # the worker is routable
+    yield cluster
     cluster.stop()
 
 
 @pytest.mark.parametrize("backend", ["grpc", "openai"])
-def test_multimodal_run_reports_classes_and_images(vlm_router, tmp_path, backend) -> None:
-    url = vlm_router.grpc_address if backend == "grpc" else vlm_router.http_url
+def test_multimodal_run_reports_classes_and_images(vlm_cluster, tmp_path, backend) -> None:
+    url = vlm_cluster.grpc_target if backend == "grpc" else vlm_cluster.http_url
     out = tmp_path / "result.json"
     rc = main(["loadgen", "--no-progress", "--json", str(out), "--backend", backend, "--url", url,
                "--num-requests", str(N), "--max-concurrency", "1", *WORKLOAD])
