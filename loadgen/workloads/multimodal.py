@@ -11,7 +11,9 @@ Requests: a `text_share` of them are text only, spread evenly (`spread_evenly`);
 carries `images_per_request` distinct images drawn by popularity, p(rank) ~ 1/(rank+1)^S over a
 seeded order of the images (`image_skew` S, the rag workload's popularity form), so popular images
 recur. A message's content is the images as the SDK's parts ({"type": "image", "data": PNG bytes},
-which the openai backend sends as `image_url` data URLs), then the instruction.
+which the openai backend sends as `image_url` data URLs), then the instruction. Bursts of requests
+come from the run's arrival options (`--request-rate` with `--burstiness` below 1), as for every
+workload.
 
 Each session's tags say its `class`: "text", "image_first" (the first request of the run with this
 sequence of images) or "image_repeat" (the same images in the same order again: the server may
