@@ -168,7 +168,9 @@ class MultimodalWorkload:
     def sessions(self) -> Iterator[Session]:
         rng = make_rng(self.seed, self.name)
         order = rng.permutation(self.num_images)
-        weights = zipf_weights(self.num_images, self.image_skew)
+        with np.errstate(over="ignore"):  # a huge skew: (rank+1)^S overflows, its weight is 0
+            weights = zipf_weights(self.num_images, self.image_skew)
+        weights = np.maximum(weights, np.finfo(np.float64).tiny)  # so a request still gets distinct images
         lo, hi = self.images_per_request
         seen: set[tuple[int, ...]] = set()
         for i, text in enumerate(spread_evenly(self.text_share, float(rng.random()))):

@@ -65,6 +65,8 @@ def test_popularity_skew_makes_images_recur():
     assert skewed.most_common(1)[0][1] > 100  # p(top) = 1 / sum 1/k^2 ~ 0.62 of 300
     assert uniform.most_common(1)[0][1] < 30  # 6 expected per image
     assert len(skewed) < len(uniform)
+    extreme = take("--num-images", "5", "--images-per-request", "3", "--image-skew", "5000", n=4)
+    assert all(len(set(s.tags["images"])) == 3 for s in extreme)  # all weight on one image: still 3 distinct
 
 
 def test_classes_images_per_request_and_text_share():
