@@ -10,6 +10,8 @@ server does makes `send` raise (only cancellation propagates).
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import time
 from abc import ABC, abstractmethod
@@ -171,7 +173,8 @@ def apply_usage(record: RequestRecord, usage: Usage) -> None:
 
 
 class GrpcBackend(Backend):
-    """A kvweave router through `kvweave.AsyncClient`, with no retries. `url` is host:port."""
+    """A kvweave router through `kvweave.AsyncClient`, with no retries. `url` is host:port. Chat
+    messages go as they are (images as the SDK's image parts: their bytes travel in the request)."""
 
     name = "grpc"
 
@@ -258,12 +261,29 @@ def apply_usage_json(record: RequestRecord, usage: dict) -> None:
     record.prefill_worker_id = kvweave.get("prefill_worker_id") or ""
 
 
+def openai_message(message: dict) -> dict:
+    """A chat message as OpenAI's API takes it: the SDK's image parts ({"type": "image", "data": bytes})
+    become `image_url` parts holding a base64 data URL; a message without them is returned as is."""
+    content = message.get("content")
+    if not isinstance(content, list) or not any(part.get("type") == "image" for part in content):
+        return message
+    return message | {"content": [_image_url_part(part["data"]) if part.get("type") == "image" else part
+                                  for part in content]}
+
+
+def _image_url_part(data: bytes) -> dict:
+    from PIL import Image
+
+    mime = Image.open(io.BytesIO(data)).get_format_mimetype()  # reads the header only
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
+
+
 class OpenAIBackend(Backend):
     """An OpenAI-compatible server over streaming HTTP (`stream_options.include_usage`).
 
-    Chat turns go to /v1/chat/completions; token ids, text and segments to /v1/completions (segments as
-    kvweave's `"kvweave": {"chunks": [...]}` extension, the only kvweave-specific field sent, and only
-    for turns that carry segments). `ignore_eos` is sent as vLLM and kvweave accept it.
+    Chat turns go to /v1/chat/completions (images as `image_url` data URLs); token ids, text and
+    segments to /v1/completions (segments as kvweave's `"kvweave": {"chunks": [...]}` extension, the
+    only kvweave-specific field sent, and only for turns that carry segments). `ignore_eos` is sent as vLLM and kvweave accept it.
     """
 
     name = "openai"
@@ -303,7 +323,7 @@ class OpenAIBackend(Backend):
                 "ignore_eos": self.options.ignore_eos, "stream": True, "stream_options": {"include_usage": True},
                 **self.extra_body}
         if turn.messages is not None:
-            return "/v1/chat/completions", body | {"messages": [*history, *turn.messages]}
+            return "/v1/chat/completions", body | {"messages": [openai_message(m) for m in (*history, *turn.messages)]}
         if turn.segments is not None:
             chunks = [{"text": text, "reusable": reusable} for text, reusable in turn.segments]
             return "/v1/completions", body | {"prompt": "", "kvweave": {"chunks": chunks}}

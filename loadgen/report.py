@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from kvweave.config_flags import flag
-from loadgen.stats import DEFAULT_PERCENTILES, GROUP_METRICS, LATENCY_METRICS, parse_goodput, parse_percentiles
+from loadgen.stats import DEFAULT_PERCENTILES, LATENCY_METRICS, parse_goodput, parse_percentiles
 
 WIDTH = 50
 _LATENCY_KEY = re.compile(r"^(mean|median|std|p\d+(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
@@ -120,7 +120,7 @@ def _group_lines(title: str, groups: dict) -> list[str]:
         if group["completed"]:
             heading = f"{title} {name} ({group['completed']} requests)"
             lines.append(f"{heading:-^{WIDTH}}")
-            lines += [row for metric in GROUP_METRICS for row in _latency_rows(group, metric)]
+            lines += [row for metric in LATENCY_METRICS for row in _latency_rows(group, metric)]
     return lines
 
 
@@ -140,7 +140,7 @@ def _disaggregation_lines(result: dict) -> list[str]:
 
 def format_summary(result: dict) -> str:
     """vLLM's "Serving Benchmark Result" table, plus cache reuse, prefill/decode disaggregation,
-    requests per worker, latency per workload class and errors by kind."""
+    requests per worker, latency per workload class, images sent and errors by kind."""
     lines = [f"{' Serving Benchmark Result ':=^{WIDTH}}"]
 
     def row(name: str, value, fmt: str = "") -> None:
@@ -175,6 +175,9 @@ def format_summary(result: dict) -> str:
     decode = " decode" if result.get("requests_by_disaggregation") else ""
     lines += _count_lines(f"Successful requests per{decode} worker", result.get("requests_by_worker") or {})
     lines += _group_lines("Class", result.get("latency_by_class") or {})
+    if "images_sent" in result:
+        lines += _count_lines("Images", {"Images sent": result["images_sent"],
+                                         "Distinct images": result["distinct_images"]})
     lines += _count_lines("Errors", result.get("errors_by_kind") or {})
     if result.get("interrupted"):
         lines.append(f"interrupted by {result['interrupted']}: partial results")

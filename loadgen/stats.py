@@ -9,9 +9,12 @@ totals count successful requests only; failures are counted by kind.
 With prefill/decode disaggregation (the server reports its decision per request), the result also
 has `requests_by_disaggregation` (decision -> requests), `requests_by_prefill_worker` (requests
 prefilled remotely, per prefill worker; `requests_by_worker` counts them by the worker that decoded)
-and `latency_by_prefill`: {"remote": ..., "local": ...}, the TTFT and ITL figures (keys as above,
-plus `completed`) of the requests prefilled on another worker and of those that stayed on one. When
-the sessions carry a `class` tag (the mixed workload), `latency_by_class` gives the same per class.
+and `latency_by_prefill`: {"remote": ..., "local": ...}, the TTFT, TPOT, ITL and end-to-end figures
+(keys as above, plus `completed`) of the requests prefilled on another worker and of those that
+stayed on one. When the sessions carry a `class` tag (the mixed and multimodal workloads),
+`latency_by_class` gives the same per class. When they carry an `images` tag (the indices of the
+images a request sends: the multimodal workload), `images_sent` counts the images of every request
+sent and `distinct_images` the different ones among them.
 """
 from __future__ import annotations
 
@@ -27,8 +30,6 @@ from loadgen.records import RequestRecord
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
 DEFAULT_PERCENTILES = (50.0, 90.0, 99.0)
-GROUP_METRICS = ("ttft", "itl")
-"""The latency figures given per group of requests (remote / local prefill, workload class)."""
 REMOTE = "remote"
 """The disaggregation decision of requests prefilled on another worker."""
 
@@ -103,10 +104,10 @@ def _series(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
 
 
 def _group(records: Sequence[RequestRecord], percentiles: Sequence[float]) -> dict:
-    """`completed` and the GROUP_METRICS figures of one group of successful requests."""
+    """`completed` and the latency figures of one group of successful requests."""
     series = _series(records)
     out: dict = {"completed": len(records)}
-    for name in GROUP_METRICS:
+    for name in LATENCY_METRICS:
         out |= _summary(name, series[name], percentiles)
     return out
 
@@ -135,6 +136,15 @@ def class_stats(records: Sequence[RequestRecord], percentiles: Sequence[float]) 
         return {}
     return {"latency_by_class": {c: _group([r for r in records if r.ok and r.tags.get("class") == c], percentiles)
                                  for c in classes}}
+
+
+def image_stats(records: Sequence[RequestRecord]) -> dict:
+    """`images_sent` and `distinct_images` over the requests sent (the sessions' `images` tags); {}
+    when no session carries one."""
+    tagged = [r.tags["images"] for r in records if "images" in r.tags]
+    if not tagged:
+        return {}
+    return {"images_sent": sum(map(len, tagged)), "distinct_images": len({i for images in tagged for i in images})}
 
 
 def compute_stats(records: Sequence[RequestRecord], *, start: float, duration: float,
@@ -180,4 +190,4 @@ def compute_stats(records: Sequence[RequestRecord], *, start: float, duration: f
         "errors": ["" if r.ok else f"{r.error}: {r.message}" for r in records],
         "worker_ids": [r.worker_id or "" for r in records],
     }
-    return result | disaggregation_stats(ok, percentiles) | class_stats(records, percentiles)
+    return result | disaggregation_stats(ok, percentiles) | class_stats(records, percentiles) | image_stats(records)

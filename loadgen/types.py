@@ -1,9 +1,10 @@
 """What a workload hands the load generator: sessions of turns.
 
 A `Session` is a sequence of requests (`Turn`s) sent one after the other: single-request workloads
-(rag, prefix-repetition, mooncake, azure, random, mixed) make one-turn sessions; chat workloads
-(multi-turn, agent) make sessions whose history grows: the runner sends the session's history plus
-the turn's new `messages`, then appends the assistant's reply to the history before the next turn.
+(rag, prefix-repetition, mooncake, azure, random, mixed, multimodal) make one-turn sessions; chat
+workloads (multi-turn, agent) make sessions whose history grows: the runner sends the session's
+history plus the turn's new `messages`, then appends the assistant's reply to the history before the
+next turn.
 A session starts at its `arrival_s` (trace timestamps, already scaled) or, when that is None, when
 the arrival process says; a turn after the first waits `pause_s` after the previous reply ended
 (an agent's tool call, a user's think time).
@@ -13,7 +14,9 @@ Exactly one prompt form is set per turn:
 - `prompt`: plain text completion;
 - `segments`: (text, reusable) pieces; reusable ones are chunks whose KV the server may reuse
   anywhere (gRPC `segments`, HTTP `kvweave.chunks`);
-- `messages`: chat messages (this turn's new ones; a session's history is prepended).
+- `messages`: chat messages (this turn's new ones; a session's history is prepended); a content may
+  be a list of the SDK's parts, {"type": "text", "text": str} and {"type": "image", "data": bytes}
+  (the openai backend sends images as `image_url` data URLs).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ make the command-line flags through kvweave.config_flags), and a builder.
     for session in workload.sessions(): ...                              # may be endless
 
 Every workload is deterministic for a seed (`args.seed`) and yields `loadgen.types.Session`s in
-arrival order. The synthetic (random, prefix-repetition, mixed) and RAG workloads are endless; the
-traces repeat when a run asks for more than they hold (see `loadgen.workloads.replay`).
+arrival order. The synthetic (random, prefix-repetition, mixed), RAG and multimodal workloads are
+endless; the traces repeat when a run asks for more than they hold (see `loadgen.workloads.replay`).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from kvweave.config_flags import add_config_args, config_kwargs, flag
 from loadgen.types import Workload, WorkloadError
 from loadgen.workloads.base import DATA_DIR, DEFAULT_DATASETS, at_least, parse_token_range
 from loadgen.workloads.chat import AgentOptions, AgentWorkload, ChatOptions, MultiTurnWorkload
+from loadgen.workloads.multimodal import MultimodalOptions, MultimodalWorkload
 from loadgen.workloads.rag import RagOptions, RagWorkload
 from loadgen.workloads.replay import AzureWorkload, MooncakeWorkload, TraceOptions
 from loadgen.workloads.synthetic import (MixedOptions, MixedWorkload, PrefixRepetitionOptions, PrefixRepetitionWorkload,
@@ -25,12 +26,12 @@ from loadgen.workloads.synthetic import (MixedOptions, MixedWorkload, PrefixRepe
 
 __all__ = ["WORKLOADS", "DEFAULT_DATASETS", "OPTION_GROUPS", "WorkloadConfig", "add_workload_arguments",
            "build_workload", "AgentWorkload",
-           "AzureWorkload", "MixedWorkload", "MooncakeWorkload", "MultiTurnWorkload", "PrefixRepetitionWorkload",
-           "RagWorkload", "RandomWorkload"]
+           "AzureWorkload", "MixedWorkload", "MooncakeWorkload", "MultimodalWorkload", "MultiTurnWorkload",
+           "PrefixRepetitionWorkload", "RagWorkload", "RandomWorkload"]
 
 WORKLOADS: dict[str, type] = {cls.name: cls for cls in (
     RagWorkload, PrefixRepetitionWorkload, MultiTurnWorkload, AgentWorkload, MooncakeWorkload, AzureWorkload,
-    RandomWorkload, MixedWorkload)}
+    RandomWorkload, MixedWorkload, MultimodalWorkload)}
 """Workload name -> class: each has `name`, a one-line `summary`, `options` (the dataclasses of its
 options, checked before it is built), `from_args(args)` and `sessions()`."""
 
@@ -45,7 +46,8 @@ class WorkloadConfig:
         f"{name}: ../shared/data/{path.relative_to(DATA_DIR).as_posix()}" for name, path in DEFAULT_DATASETS.items())))
     """dataset or trace file of the rag, mooncake and azure workloads"""
     output_len: int | None = field(default=None, metadata=flag(metavar="N", default_text="32 for rag, 128 otherwise"))
-    """output tokens per request (random, prefix-repetition, rag) or per reply (multi-turn, agent)"""
+    """output tokens per request (random, prefix-repetition, rag, multimodal) or per reply (multi-turn,
+    agent)"""
     token_range: str = field(default="1000:30000", metadata=flag(metavar="LO:HI"))
     """token ids [LO, HI) of token-id prompts (random, prefix-repetition, mixed, mooncake, azure); must lie
     within the model's vocabulary"""
@@ -68,6 +70,8 @@ OPTION_GROUPS: tuple[tuple[str, type], ...] = (
     ("rag workload (questions drawn endlessly, with replacement)", RagOptions),
     ("multi-turn and agent workloads (endless sessions)", ChatOptions),
     ("agent workload", AgentOptions),
+    ("multimodal workload (images then an instruction; each request is tagged class text, image_first or "
+     "image_repeat)", MultimodalOptions),
     ("trace replay: mooncake and azure (the trace repeats if the run asks for more requests)", TraceOptions),
 )
 """--help's argument group of each workload's options dataclass, in the order shown."""

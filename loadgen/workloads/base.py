@@ -1,8 +1,10 @@
 """Helpers shared by the workloads: default data paths, option checks, seeded random streams."""
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +79,12 @@ def random_tokens(rng: np.random.Generator, n: int, token_range: tuple[int, int]
 def given(value: int | None, default: int) -> int:
     """An option whose default depends on the workload: its value, or `default` when not given."""
     return default if value is None else value
+
+
+def spread_evenly(fraction: float, phase: float) -> Iterator[bool]:
+    """Endless: whether request i belongs to a `fraction` share of the requests spread evenly (i is
+    in when floor((i + 1 + phase) * fraction) moves past floor((i + phase) * fraction), `phase` a
+    seeded number in [0, 1)): any n consecutive requests hold n * fraction of them, rounded either way,
+    so a short run does not get, by chance, 1 or 8 where 3.6 were asked for."""
+    for i in itertools.count():
+        yield math.floor((i + 1 + phase) * fraction) > math.floor((i + phase) * fraction)

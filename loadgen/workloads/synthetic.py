@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kvweave.config_flags import flag
 from loadgen.types import Session, Turn, WorkloadError
 from loadgen.workloads.base import (at_least, check_fraction, check_length_range, given, make_rng, parse_length_range,
-                                    parse_token_range, random_tokens)
+                                    parse_token_range, random_tokens, spread_evenly)
 
 
 @dataclass(frozen=True)
@@ -162,9 +161,8 @@ class MixedWorkload:
     """One-turn requests of random token ids in two classes: long (prompt length uniform in
     `long_input_len`, `long_output_len` output tokens: a document prefill) or short
     (`short_input_len`, `short_output_len`: a chat turn). A `long_fraction` share of the requests is
-    long, spread evenly (request i is long when floor((i + phase) * f) moves, with a seeded random
-    phase): any n consecutive requests hold n*f long ones, rounded either way, so a short run does not
-    get, by chance, 1 or 8 long prompts where 3.6 were asked for. Each session's tags say its
+    long, spread evenly (`spread_evenly`, with a seeded phase: any n consecutive requests hold n*f long
+    ones, rounded either way). Each session's tags say its
     `class`, "long" or "short", so results can be split by class. Every prompt is fresh random
     tokens, so prompts share no prefix (beyond chance agreement on a first token)."""
 
@@ -199,9 +197,8 @@ class MixedWorkload:
 
     def sessions(self) -> Iterator[Session]:
         rng = make_rng(self.seed, self.name)
-        phase, f = float(rng.random()), self.long_fraction
-        for i in itertools.count():
-            kind = "long" if math.floor((i + 1 + phase) * f) > math.floor((i + phase) * f) else "short"
+        for i, long in enumerate(spread_evenly(self.long_fraction, float(rng.random()))):
+            kind = "long" if long else "short"
             (lo, hi), n_out = self.classes[kind]
             tokens = random_tokens(rng, int(rng.integers(lo, hi + 1)), self.token_range)
             yield Session(f"{self.name}-{i}", [Turn(max_tokens=n_out, token_ids=tokens)], tags={"class": kind})

@@ -18,8 +18,8 @@ ENGINE_CONFIG = {"dtype": "float32", "num_blocks": 256, "block_size": 16, "num_t
 
 
 class LoadgenCluster(InProcessCluster):
-    """Two workers and one router (the default policy); `grpc_target`, `http_url`, and `counters()`
-    from the router's /metrics."""
+    """Workers (`num_workers`) and one router (the default policy), started once the router can route
+    to every worker; `grpc_target`, `http_url`, and `counters()` from the router's /metrics."""
 
     def start(self) -> "LoadgenCluster":
         super().start()

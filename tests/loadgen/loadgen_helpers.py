@@ -1,6 +1,8 @@
 """Helpers shared by the loadgen tests."""
 from __future__ import annotations
 
+import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -9,6 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def workload_sessions(*argv: str, n: int) -> list:
+    """The first `n` sessions of the workload that the flags `argv` give, as `kvweave loadgen` builds it."""
+    from loadgen.workloads import add_workload_arguments, build_workload
+
+    parser = argparse.ArgumentParser()
+    add_workload_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0)  # the runner's option
+    return list(itertools.islice(build_workload(parser.parse_args(list(argv))).sessions(), n))
 
 
 def interrupt_loadgen(args: list[str], ready: Callable[[], bool], sig: int) -> tuple[int, str, str, float]:

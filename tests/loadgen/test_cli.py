@@ -13,7 +13,7 @@ from aiohttp import web
 
 from controlplane.procs import free_port
 from cli.main import main
-from loadgen_helpers import interrupt_loadgen
+from loadgen_helpers import interrupt_loadgen, workload_sessions
 
 TINY = ["--token-range", "10:500", "--input-len", "8", "--output-len", "3"]
 USAGE = {"prompt_tokens": 7, "prompt_tokens_details": {"cached_tokens": 4},
@@ -146,6 +146,25 @@ def test_chat_and_segments_requests(fake_openai, tmp_path) -> None:
     assert body["kvweave"]["chunks"][1]["text"] == "Title: T\nBecause.\n"
 
 
+def test_multimodal_requests_carry_the_workloads_images_as_data_urls(fake_openai, tmp_path) -> None:
+    from loadgen.backends import openai_message
+
+    server, url = fake_openai(["ok"])
+    args = ["--num-images", "3", "--images-per-request", "1:2", "--text-share", "0.25", "--output-len", "2",
+            "--seed", "7"]
+    rc, result = loadgen(tmp_path, "--backend", "openai", "--url", url, "--num-requests", "8", "--max-concurrency",
+                         "1", "--workload", "multimodal", "--image-size", "24x16:48x40", *args)
+    assert rc == 0 and result["completed"] == 8
+    sessions = workload_sessions("--workload", "multimodal", "--image-size", "24x16:48x40", *args, n=8)
+    assert [body["messages"] for _, body, _ in server.requests] == [
+        [openai_message(s.turns[0].messages[0])] for s in sessions]
+    assert any("image_url" in json.dumps(body) for _, body, _ in server.requests)
+    classes = {s.tags["class"] for s in sessions}
+    assert set(result["latency_by_class"]) == classes == {"text", "image_first", "image_repeat"}
+    images = [i for s in sessions for i in s.tags["images"]]
+    assert (result["images_sent"], result["distinct_images"]) == (len(images), len(set(images)))
+
+
 def test_a_model_the_server_does_not_serve(fake_openai, capsys) -> None:
     _, url = fake_openai(["ok"])
     assert main(["loadgen", "--backend", "openai", "--url", url, "--model", "other", *TINY]) == 1
@@ -196,6 +215,10 @@ def test_invalid_options_are_usage_errors(capsys, args: list[str], says: str) ->
     (["--workload", "mooncake", "--dataset", "/nonexistent/trace.jsonl"], "/nonexistent/trace.jsonl"),
     (["--backend", "grpc", "--url", "http://127.0.0.1:1"], "host:port"),
     (["--backend", "openai", "--url", "127.0.0.1:1"], "http(s) URL"),
+    (["--workload", "multimodal", "--image-size", "64"], "--image-size must be WxH or WxH:WxH"),
+    (["--workload", "multimodal", "--num-images", "1", "--images-per-request", "2"],
+     "--images-per-request 2 is more than --num-images 1"),
+    (["--workload", "multimodal", "--text-share", "2"], "--text-share must be in [0, 1], got 2.0"),
 ])
 def test_invalid_settings_exit_2_with_a_message(capsys, args: list[str], says: str) -> None:
     assert main(["loadgen", *args]) == 2

@@ -68,7 +68,7 @@ def test_summary_with_disaggregation_and_classes() -> None:
         "short:                                   6         ", "remote:                                  3         "]
     remote = lines[at[headings[1]] + 1:at[headings[2]]]
     assert [line.split(":")[0] for line in remote] == [
-        f"{s} {m} (ms)" for m in ("TTFT", "ITL") for s in ("Mean", "Median", "P50", "P90", "P99")]
+        f"{s} {m} (ms)" for m in ("TTFT", "TPOT", "ITL", "E2EL") for s in ("Mean", "Median", "P50", "P90", "P99")]
     assert remote[0] == "Mean TTFT (ms):                          501.00    "
     assert lines[at[headings[3]] + 1] == "p0:                                      3         "
     assert lines[at[headings[4]] + 1:at[headings[5]]] == ["d0:                                      8         ",
@@ -78,8 +78,23 @@ def test_summary_with_disaggregation_and_classes() -> None:
 
 def test_summary_without_disaggregation_has_no_new_sections() -> None:
     text = format_summary(make_result(100))
-    for absent in ("Prefill", "decode", "Class"):
+    for absent in ("Prefill", "decode", "Class", "Images"):
         assert absent not in text, absent
+
+
+def test_summary_counts_images() -> None:
+    records = [RequestRecord(start=0.1 * i, ttft=0.01, latency=0.05, output_tokens=3, prompt_tokens=40,
+                             tags={"class": kind, "images": images})
+               for i, (kind, images) in enumerate([("image_first", (2, 0)), ("image_repeat", (2, 0)), ("text", ())])]
+    stats = compute_stats(records, start=0.0, duration=1.0)
+    lines = format_summary(build_result(stats, label=None, backend="openai", model="tiny", num_requests=3,
+                                        request_rate=None, burstiness=1.0, max_concurrency=None,
+                                        arrivals="all at once", interrupted=None, config={})).splitlines()
+    at = lines.index(f"{'Images':-^50}")
+    assert lines[at + 1:at + 3] == ["Images sent:                             4         ",
+                                    "Distinct images:                         2         "]
+    assert [line for line in lines if line.startswith("-") and "Class" in line] == [
+        f"{f'Class {kind} (1 requests)':-^50}" for kind in ("image_first", "image_repeat", "text")]
 
 
 def test_json_round_trip_and_keys(tmp_path) -> None:

@@ -163,7 +163,7 @@ def test_disaggregation_counts_workers_and_remote_vs_local_latency() -> None:
     assert local["mean_ttft_ms"] == pytest.approx(20.0) and local["p50_ttft_ms"] == pytest.approx(20.0)
     assert local["p99_ttft_ms"] == pytest.approx(29.8)
     assert local["mean_itl_ms"] == pytest.approx(3.0) and local["p99_itl_ms"] == pytest.approx(4.96)
-    assert set(remote) == {"completed", *(f"{s}_{m}_ms" for m in ("ttft", "itl")
+    assert set(remote) == {"completed", *(f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el")
                                           for s in ("mean", "median", "std", "p50", "p90", "p99"))}
     # the run-wide figures are unchanged by the split
     assert result["mean_ttft_ms"] == pytest.approx((100 + 200 + 300 + 400 + 10 + 20 + 30) / 7)
@@ -171,9 +171,8 @@ def test_disaggregation_counts_workers_and_remote_vs_local_latency() -> None:
 
 def test_all_remote_keeps_an_empty_local_group() -> None:
     result = stats([ok(ttft_ms=5, disaggregation="remote", prefill_worker_id="p0")], percentiles=[99])
-    assert result["latency_by_prefill"]["local"] == {"completed": 0, "mean_ttft_ms": 0.0, "median_ttft_ms": 0.0,
-                                                     "std_ttft_ms": 0.0, "p99_ttft_ms": 0.0, "mean_itl_ms": 0.0,
-                                                     "median_itl_ms": 0.0, "std_itl_ms": 0.0, "p99_itl_ms": 0.0}
+    assert result["latency_by_prefill"]["local"] == {"completed": 0} | {
+        f"{s}_{m}_ms": 0.0 for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "std", "p99")}
     assert result["latency_by_prefill"]["remote"]["p99_ttft_ms"] == pytest.approx(5.0)
 
 
@@ -200,7 +199,25 @@ def test_latency_by_class() -> None:
     assert only_failed["long"]["completed"] == 0 and only_failed["short"]["completed"] == 1
 
 
+def test_tpot_and_e2el_per_class_and_images_counted() -> None:
+    records = [ok(ttft_ms=400, e2el_ms=490, out=10, tags={"class": "image_first", "images": (3, 1)}),
+               ok(ttft_ms=100, e2el_ms=145, out=10, tags={"class": "image_repeat", "images": (3, 1)}),
+               ok(ttft_ms=20, e2el_ms=29, out=4, tags={"class": "text", "images": ()}),
+               failed("timeout")]
+    records[-1].tags = {"class": "image_first", "images": (7,)}
+    result = stats(records)
+    by_class = result["latency_by_class"]
+    assert list(by_class) == ["image_first", "image_repeat", "text"]
+    assert [by_class[c]["completed"] for c in by_class] == [1, 1, 1]  # the failed request is in no figure
+    assert by_class["image_first"]["mean_tpot_ms"] == pytest.approx(10.0)  # (490 - 400) / 9
+    assert by_class["image_repeat"]["mean_tpot_ms"] == pytest.approx(5.0)  # (145 - 100) / 9
+    assert by_class["text"]["mean_tpot_ms"] == pytest.approx(3.0)  # (29 - 20) / 3
+    assert [by_class[c]["p99_e2el_ms"] for c in by_class] == pytest.approx([490.0, 145.0, 29.0])
+    # every request sent counts, the failed one too: (3, 1) twice and (7,)
+    assert (result["images_sent"], result["distinct_images"]) == (5, 3)
+
+
 def test_without_disaggregation_or_classes_the_result_has_no_new_keys() -> None:
     result = stats([ok(worker_id="w0", tags={"prefix": 1}), failed("timeout")])
     assert not {"requests_by_disaggregation", "requests_by_prefill_worker", "latency_by_prefill",
-                "latency_by_class"} & set(result)
+                "latency_by_class", "images_sent", "distinct_images"} & set(result)

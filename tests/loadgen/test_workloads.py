@@ -45,7 +45,7 @@ def words(message: dict) -> int:
 
 def test_registry_options_and_defaults():
     assert set(WORKLOADS) == {"rag", "prefix-repetition", "multi-turn", "agent", "mooncake", "azure", "random",
-                              "mixed"}
+                              "mixed", "multimodal"}
     args = parser().parse_args([])
     assert args.workload == "random" and args.token_range == "1000:30000" and args.dataset is None
     help_text = parser().format_help()
