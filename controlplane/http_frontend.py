@@ -44,7 +44,8 @@ from kvweave.vision_prompt import displayable_ids
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 4 << 20
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+"""Room for a chat of text and one image at the default image limit (8 MiB, 10.7 MiB in base64)."""
 _ROUTER = web.AppKey("router", Router)
 _MAX_BODY = web.AppKey("max_body_bytes", int)
 _GATE = web.AppKey("gate", Gate)
@@ -78,7 +79,8 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[_MAX_BODY]
-        return json_error(413, f"request body is larger than the limit of {limit} bytes",
+        return json_error(413, f"request body is larger than the limit of {limit} bytes (the router's "
+                          "--max-body-bytes; images in data URLs take 4/3 of their size)",
                           "invalid_request_error", code="request_too_large")
     except web.HTTPException as e:
         if e.status < 400:

@@ -122,6 +122,11 @@ class RouterServer:
             credentials = grpc_credentials(o.tls) if o.tls else None
             if self.router is None:
                 self.router = await asyncio.to_thread(Router, self.config)
+            encoded_image = -(-self.router.config.max_image_bytes // 3) * 4
+            if o.max_body_bytes < encoded_image:
+                logger.warning("max_body_bytes %d is below one image at max_image_bytes %d in a data URL (%d bytes): "
+                               "such images get 413 before their own limit applies", o.max_body_bytes,
+                               self.router.config.max_image_bytes, encoded_image)
             self.gate.on_refuse = self.router.metrics.count_refused
             await self.router.start()
             health_status = RouterHealth(self.router)

@@ -207,7 +207,7 @@ def test_bad_requests_get_400_with_an_openai_error(router, path, body, message, 
 
 
 def test_body_over_the_limit_is_413(router):
-    resp = post(router, "/v1/completions", {"prompt": "x" * (5 << 20)})
+    resp = post(router, "/v1/completions", {"prompt": "x" * (17 << 20)})
     assert_openai_error(resp, 413, "larger than the limit")
     assert post(router, "/v1/completions", {"prompt": "hi", "max_tokens": 1}).status_code == 200
 

@@ -108,6 +108,16 @@ def test_too_many_images(router):
     assert_openai_error(post(router, "/v1/chat/completions", body(*imgs)), 400, "at most 2 are allowed")
 
 
+def test_an_image_near_the_default_size_limit_fits_the_default_body_limit(vlm_cluster):
+    """6 MiB of noise (8 MiB in its data URL) under the router's default limits: served, not 413."""
+    router = vlm_cluster.add_router()
+    img = make_png(1460, 1440, seed=4)
+    assert 6 << 20 < len(img) < 7 << 20
+    resp = post(router, "/v1/chat/completions", body("Describe ", img, max_tokens=1))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["prompt_tokens"] > 0
+
+
 def test_image_to_text_only_model(cluster):
     router = cluster.add_router()
     resp = post(router, "/v1/chat/completions", body("Hi ", make_png(8, 8)))
