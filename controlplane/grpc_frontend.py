@@ -204,13 +204,15 @@ class RouterHealth:
 
 
 async def start_grpc_server(router: Router, host: str = "127.0.0.1", port: int = 0, gate: Gate | None = None,
-                            credentials: grpc.ServerCredentials | None = None, health_status: RouterHealth | None = None
-                            ) -> tuple[grpc.aio.Server, int]:
+                            credentials: grpc.ServerCredentials | None = None, health_status: RouterHealth | None = None,
+                            max_message_bytes: int = 4 << 20) -> tuple[grpc.aio.Server, int]:
     """Serve Inference + health + reflection on host:port (0 picks a free port), over TLS with
     `credentials`; returns the started server and its port. Raises OSError when the port cannot be
     bound. `health_status`: the health statuses to serve (else a RouterHealth set once, here; its
-    owner runs `health_status.run()` to follow the router's readiness)."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[DecodeErrorInterceptor()])
+    owner runs `health_status.run()` to follow the router's readiness). `max_message_bytes`: the
+    largest request message (RESOURCE_EXHAUSTED past it)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_message_bytes)],
+                             interceptors=[DecodeErrorInterceptor()])
     try:
         address = f"{host}:{port}"
         bound = (server.add_secure_port(address, credentials) if credentials is not None

@@ -244,7 +244,8 @@ async def tokenize(request: web.Request) -> web.Response:
     _admit(request)
     req = parse_tokenize(await _read_json(request))
     router.check_model(req.inp.model)
-    token_ids = router.encode_prompt(req.inp, req.add_special_tokens, req.add_generation_prompt)[0]
+    inp = await router.fetch_images(req.inp)
+    token_ids = router.encode_prompt(inp, req.add_special_tokens, req.add_generation_prompt)[0]
     return web.json_response({"count": len(token_ids), "max_model_len": router.list_models()[0].max_model_len,
                               "tokens": token_ids})
 

@@ -47,6 +47,7 @@ from controlplane.errors import (
 )
 from controlplane.explain import Explanation, explain, predict
 from controlplane.forwarding import BREAKER_CODES, Forwarder, RoutedRequest, WorkerFailure
+from controlplane.image_fetch import ImageFetchConfig, ImageFetcher, parse_domains
 from controlplane.metrics import RouterMetrics
 from controlplane.policies import RouteRequest, WorkerState, held_chunk_tokens, make_policy
 from controlplane.replica_load import ReplicaLoad
@@ -96,6 +97,8 @@ class Router:
                                    config.stall_timeout_s, (config.divergence_ratio, config.divergence_min_tokens))
         self.model_names = frozenset({self.model.name, config.model})
         self._extra_cache = ExtraKeysCache(self.model.name, hash_salt())  # bounded LRU, keyed hashes
+        self.image_fetcher = ImageFetcher(ImageFetchConfig(config.image_limits, config.image_url_timeout_s,
+                                                           parse_domains(config.image_url_domains)))
         self._active: dict[str, RoutedRequest] = {}
         self._background: set[asyncio.Future] = set()
         """Calls nobody awaits (early KV pulls)."""
@@ -112,6 +115,7 @@ class Router:
         for task in list(self._background):
             task.cancel()
         await self.replicas.close()
+        await self.image_fetcher.close()
         await self.pool.close()
         await self.redis.aclose()
 
@@ -148,7 +152,7 @@ class Router:
             if len(self._active) >= self.config.max_inflight:
                 raise OverloadedError(f"the router has {len(self._active)} requests in flight (limit "
                                       f"{self.config.max_inflight}); retry later")
-            req = self._prepare(inp, start)
+            req = self._prepare(await self.fetch_images(inp), start)
             self._active[req.req_id] = req
             self.metrics.in_flight.inc()
             try:
@@ -166,6 +170,12 @@ class Router:
             raise
         finally:
             self.metrics.requests.labels(status).inc()
+
+    async def fetch_images(self, inp: GenerateInput) -> GenerateInput:
+        """`inp` with its http(s) image URLs fetched (controlplane/image_fetch.py), where allowed."""
+        if inp.messages is None or not self.config.allow_image_urls:
+            return inp
+        return replace(inp, messages=await self.image_fetcher.resolve(inp.messages))
 
     def encode(self, inp: GenerateInput) -> list[int]:
         """Token ids of the prompt, as the engine's encode_prompt makes them (see `encode_prompt`)."""
@@ -269,7 +279,7 @@ class Router:
         """The placement `generate` would choose for `inp` now, with every candidate, without sending
         it (`POST /v1/route/explain`). The policy decides on a copy of itself, so its tie rotation and
         session memory stay as they were. Raises as `generate` does before its first delta."""
-        req = self._prepare(inp, time.perf_counter())
+        req = self._prepare(await self.fetch_images(inp), time.perf_counter())
         workers = self._candidates(req)
         hits = await self._lookup(req, workers)
         states = [self._state(w, hits) for w in workers]

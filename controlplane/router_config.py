@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from controlplane.disagg import DisaggConfig
+from controlplane.image_fetch import DEFAULT_FETCH_TIMEOUT_S
 from controlplane.policies import DEFAULT_POLICY
 from kvstore.index import MEDIUMS
 from kvweave.defaults import DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST, REGISTRY_LEASE_S, WAITING_HEARTBEAT_S
@@ -72,8 +73,12 @@ class RouterConfig:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     """Largest image a request may carry, in pixels (width x height, read from its header)."""
     allow_image_urls: bool = False
-    """Accept http(s) image URLs in chat content parts. Off by default; fetching them is not built yet,
-    so they are refused with a 400 either way (send base64 data URLs)."""
+    """Fetch http(s) image URLs of chat content parts (off: a 400 asks for base64 data URLs). The
+    router then reaches whatever host a client names: restrict it with image_url_domains."""
+    image_url_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
+    """Time to fetch one image URL (connect, answer and body), seconds."""
+    image_url_domains: str | None = None
+    """Comma-separated hosts image URLs may name (each with its subdomains); None: any host."""
 
     def __post_init__(self) -> None:
         if self.max_inflight <= 0 or self.max_attempts <= 0:
@@ -95,6 +100,8 @@ class RouterConfig:
             raise ValueError("load_sync_s must be positive")
         if self.max_migrations < 0 or self.breaker_min_open_s < 0:
             raise ValueError("max_migrations and breaker_min_open_s must not be negative")
+        if self.image_url_timeout_s <= 0:
+            raise ValueError("image_url_timeout_s must be positive")
         self.image_limits = ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_images_per_request,
                                         self.allow_image_urls)
         self.disagg = DisaggConfig(self.disagg_threshold_tokens, self.disagg_max_prefill_queue_tokens,

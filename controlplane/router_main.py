@@ -48,7 +48,7 @@ class ServeOptions:
     http_port: int = 0
     """Port of the OpenAI-compatible HTTP API; 0 picks a free port."""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    """Larger HTTP request bodies get 413."""
+    """Largest request: HTTP bodies beyond it get 413, gRPC messages RESOURCE_EXHAUSTED."""
     grace_s: float = 5.0
     """How long gRPC calls in flight may take to finish at shutdown."""
     api_keys_file: str | None = None
@@ -125,13 +125,13 @@ class RouterServer:
             encoded_image = -(-self.router.config.max_image_bytes // 3) * 4
             if o.max_body_bytes < encoded_image:
                 logger.warning("max_body_bytes %d is below one image at max_image_bytes %d in a data URL (%d bytes): "
-                               "such images get 413 before their own limit applies", o.max_body_bytes,
+                               "such images are refused before their own limit applies", o.max_body_bytes,
                                self.router.config.max_image_bytes, encoded_image)
             self.gate.on_refuse = self.router.metrics.count_refused
             await self.router.start()
             health_status = RouterHealth(self.router)
             self._grpc, self.grpc_port = await start_grpc_server(self.router, o.host, o.grpc_port, self.gate,
-                                                                 credentials, health_status)
+                                                                 credentials, health_status, o.max_body_bytes)
             self._health = asyncio.create_task(health_status.run(), name="router-health")
             self._http, self.http_port = await start_http_server(self.router, o.host, o.http_port, o.max_body_bytes,
                                                                  self.gate, ssl_context)

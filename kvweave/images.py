@@ -51,7 +51,7 @@ class ImageLimits:
     max_images: int = MAX_IMAGES_PER_REQUEST
     """Most images per request."""
     allow_http_urls: bool = False
-    """Accept http(s) image URLs (off by default; fetching them is not built yet, so they are refused anyway)."""
+    """Accept http(s) image URLs (off by default; the router fetches them: controlplane/image_fetch.py)."""
 
     def __post_init__(self) -> None:
         if min(self.max_bytes, self.max_pixels, self.max_images) < 1:
@@ -83,8 +83,8 @@ def image_hash(data: bytes) -> bytes:
 
 
 def decode_data_url(url: str, where: str, limits: ImageLimits) -> bytes:
-    """The bytes of a base64 `data:image/...;base64,...` URL; http(s) URLs are refused (with
-    `allow_http_urls` too: fetching is not built), as is anything else."""
+    """The bytes of a base64 `data:image/...;base64,...` URL; http(s) URLs are refused (the router
+    fetches them before this, where `allow_http_urls`: controlplane/image_fetch.py), as is anything else."""
     if not isinstance(url, str) or not url:
         raise InvalidRequestError(f"{where}: 'image_url.url' must be a non-empty string", where)
     scheme = url.split(":", 1)[0].lower()
@@ -92,7 +92,7 @@ def decode_data_url(url: str, where: str, limits: ImageLimits) -> bytes:
         if not limits.allow_http_urls:
             raise InvalidRequestError(f"{where}: http(s) image URLs are disabled on this server; send the image "
                                       "inline as a base64 data URL (data:image/png;base64,...)", where)
-        raise InvalidRequestError(f"{where}: fetching http(s) image URLs is not implemented yet; send the image "
+        raise InvalidRequestError(f"{where}: http(s) image URLs are fetched by the router only; send the image "
                                   "inline as a base64 data URL (data:image/png;base64,...)", where)
     m = _DATA_URL.fullmatch(url)
     if scheme != "data" or m is None:
