@@ -6,7 +6,8 @@ recorded choices (benchmarks/mooncake_sim.py, benchmarks/rag_replay.py, benchmar
   block hashes, and optionally its reusable chunks (token spans and each chunk's entry keys, as
   `kvstore.keys.chunk_block_keys` names them).
 - Caches: per worker, LRU tiers as the real workers have them (`SimConfig.tiers`): the device
-  (`capacity_blocks`), then DRAM and SSD when given capacities. A stored block enters the device;
+  (`capacity_blocks`), then DRAM and SSD when given capacities (`dram_x`, `ssd_x` times the
+  device's, as `kvweave worker`'s --dram-cache-gb and --ssd-cache-gb size them against its KV cache). A stored block enters the device;
   the device's least recently used block drops to DRAM, DRAM's to SSD, SSD's is gone (the real
   workers' demotion on eviction); a block found in a lower tier is promoted back to the device
   when the request uses it. Chunk-caches live in the first host tier (`kvstore.index.CHUNK_MEDIUMS`,
@@ -56,17 +57,25 @@ class SimConfig:
     ms_per_token: float = 1.0
     """How long each uncached prompt token and each output token occupies a worker."""
     block_size: int = MOONCAKE_BLOCK_TOKENS
-    dram_blocks: int = 0
-    """Blocks each worker's DRAM tier holds (0: no DRAM tier)."""
-    ssd_blocks: int = 0
-    """Blocks each worker's SSD tier holds (0: no SSD tier)."""
+    dram_x: float = 0.0
+    """Each worker's DRAM tier, in multiples of its device tier (0: no DRAM tier)."""
+    ssd_x: float = 0.0
+    """Each worker's SSD tier, in multiples of its device tier (0: no SSD tier)."""
     chunk_recompute_ratio: float = CHUNK_RECOMPUTE_RATIO
 
     def __post_init__(self) -> None:
         if self.num_workers <= 0 or self.capacity_blocks <= 0 or self.block_size <= 0:
             raise ValueError("num_workers, capacity_blocks and block_size must be positive")
-        if self.ms_per_token < 0 or self.dram_blocks < 0 or self.ssd_blocks < 0:
+        if self.ms_per_token < 0 or self.dram_x < 0 or self.ssd_x < 0:
             raise ValueError("ms_per_token and the DRAM and SSD capacities must be >= 0")
+
+    @property
+    def dram_blocks(self) -> int:
+        return round(self.capacity_blocks * self.dram_x)
+
+    @property
+    def ssd_blocks(self) -> int:
+        return round(self.capacity_blocks * self.ssd_x)
 
     @property
     def tiers(self) -> tuple[tuple[str, int], ...]:
