@@ -194,7 +194,8 @@ class SglangRouter:
         self.port, self.log_path, self.peer = free_port(), log_path, peer
         self.command = [sys.executable, "-m", f"{MODULE}.launch_router", "--host", LOCALHOST,
                         "--port", str(self.port), "--policy", peer.policy, "--worker-urls", *worker_urls,
-                        "--log-level", "warn", *peer.router_args]
+                        "--log-level", "warn", "--prometheus-host", LOCALHOST, "--prometheus-port", str(free_port()),
+                        *peer.router_args]  # its metrics port, fixed by default, on a free one: runs can overlap
         self.proc = None
 
     @property
