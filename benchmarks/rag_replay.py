@@ -30,9 +30,12 @@ from functools import lru_cache
 
 from benchmarks.cluster_sim import SimConfig, SimRequest, SimResult, replay
 from benchmarks.report import Result
+from benchmarks.sglang_peer import PeerConfig, PeerUnavailable, replay_prompts
+from benchmarks.vs_sglang import held_out, tiers_label
 from controlplane.policies import make_policy
 from kvstore.keys import chunk_block_keys, chunk_hash, encode_extra_keys, hash_blocks
 from kvweave.defaults import BLOCK_SIZE, DEFAULT_MODEL
+from kvweave.model_files import LoadedTokenizer, load_tokenizer
 from kvweave.segments import encode_segments
 from loadgen.workloads.base import DEFAULT_DATASETS
 from loadgen.workloads.rag import RagWorkload
@@ -87,9 +90,7 @@ class _MemoTokenizer:
 
 
 @lru_cache(maxsize=2)
-def _loaded_tokenizer(model: str):
-    from kvweave.model_files import load_tokenizer
-
+def _loaded_tokenizer(model: str) -> LoadedTokenizer:
     return load_tokenizer(model)
 
 
@@ -135,12 +136,9 @@ def _side(r: SimResult) -> dict:
             "chunk_tokens_by_tier": r.chunk_tokens_by_tier}
 
 
-def compare_rag_window(trace: RagTrace, offset: int, cfg: SimConfig, peer, rag: RagReplayConfig,
+def compare_rag_window(trace: RagTrace, offset: int, cfg: SimConfig, peer: PeerConfig, rag: RagReplayConfig,
                        log=lambda msg: None) -> Result:
     """One row: chunk_aware and sglang-router on one window at one capacity."""
-    from benchmarks.sglang_peer import replay_prompts
-    from benchmarks.vs_sglang import tiers_label
-
     ours = replay(trace.requests, cfg, "chunk_aware", policy=make_policy("chunk_aware"))
     run = replay_prompts(trace.requests, trace.prompts, cfg, peer)
     theirs = replay(trace.requests, cfg, "sglang", choices=run.choices)
@@ -167,24 +165,18 @@ def compare_rag_window(trace: RagTrace, offset: int, cfg: SimConfig, peer, rag: 
 
 
 def rag_summary(rows: Sequence[Result]) -> Result | None:
-    """The held-out rows' mean ratio against the target."""
-    held = [r for r in rows if r.extra["held_out"]]
-    if not held:
+    """The held-out rows' mean ratio, against parity, with the target checked."""
+    found = held_out(rows)
+    if found is None:
         return None
-    ratios = [r.ratio for r in held]
-    mean = sum(ratios) / len(ratios)
-    extra = {"num_rows": len(held), "min_ratio": round(min(ratios), 3),
-             "max_imbalance": max(r.extra["imbalance"] for r in held),
-             "max_sglang_imbalance": max(r.extra["sglang_imbalance"] for r in held),
-             "target_ratio": TARGET_CHUNK_RATIO, "meets_target": min(ratios) >= TARGET_CHUNK_RATIO}
+    _, mean, extra = found
+    extra |= {"target_ratio": TARGET_CHUNK_RATIO, "meets_target": extra["min_ratio"] >= TARGET_CHUNK_RATIO}
     return Result("chunk_reuse_vs_sglang_heldout_mean", mean, "x", "parity with sglang-router", 1.0, True, extra)
 
 
 def bench_rag_vs_sglang(rag: RagReplayConfig, num_requests: int, offsets: Sequence[int], capacities: Sequence[int],
-                        cfg: SimConfig, peer, log=lambda msg: None) -> tuple[list[Result], str | None]:
+                        cfg: SimConfig, peer: PeerConfig, log=lambda msg: None) -> tuple[list[Result], str | None]:
     """Every (offset, capacity) row and the held-out summary; ([], why) when sglang-router cannot run."""
-    from benchmarks.sglang_peer import PeerUnavailable
-
     rows = []
     cfg = dataclasses.replace(cfg, block_size=rag.block_size)
     for offset in offsets:

@@ -80,22 +80,30 @@ def tiers_label(cfg: SimConfig) -> str:
     return f", {' + '.join(host)} blocks" if host else ""
 
 
-def summary(rows: Sequence[Result]) -> Result | None:
-    """The held-out rows' mean ratio, against parity (1.0), with the targets checked."""
+def held_out(rows: Sequence[Result]) -> tuple[list[Result], float, dict] | None:
+    """(the held-out rows, their mean ratio, what a summary row reports of them), None when none is held out."""
     held = [r for r in rows if r.extra["held_out"]]
     if not held:
         return None
     ratios = [r.ratio for r in held]
-    mean = sum(ratios) / len(ratios)
-    worst_imbalance = max(r.extra["imbalance"] for r in held)
-    extra = {"num_rows": len(held), "min_ratio": round(min(ratios), 3), "max_imbalance": worst_imbalance,
-             "max_sglang_imbalance": max(r.extra["sglang_imbalance"] for r in held),
-             "windows": sorted({(r.extra["trace"], r.extra["first_request"]) for r in held}),
-             "capacities": sorted({r.extra["capacity_blocks"] for r in held}),
-             "targets": {"min_ratio": TARGET_MIN_RATIO, "mean_ratio": TARGET_MEAN_RATIO,
-                         "max_imbalance": TARGET_MAX_IMBALANCE},
-             "meets_targets": min(ratios) >= TARGET_MIN_RATIO and mean >= TARGET_MEAN_RATIO
-             and worst_imbalance <= TARGET_MAX_IMBALANCE}
+    return held, sum(ratios) / len(ratios), {
+        "num_rows": len(held), "min_ratio": round(min(ratios), 3),
+        "max_imbalance": max(r.extra["imbalance"] for r in held),
+        "max_sglang_imbalance": max(r.extra["sglang_imbalance"] for r in held)}
+
+
+def summary(rows: Sequence[Result]) -> Result | None:
+    """The held-out rows' mean ratio, against parity (1.0), with the targets checked."""
+    found = held_out(rows)
+    if found is None:
+        return None
+    held, mean, extra = found
+    extra |= {"windows": sorted({(r.extra["trace"], r.extra["first_request"]) for r in held}),
+              "capacities": sorted({r.extra["capacity_blocks"] for r in held}),
+              "targets": {"min_ratio": TARGET_MIN_RATIO, "mean_ratio": TARGET_MEAN_RATIO,
+                          "max_imbalance": TARGET_MAX_IMBALANCE},
+              "meets_targets": extra["min_ratio"] >= TARGET_MIN_RATIO and mean >= TARGET_MEAN_RATIO
+              and extra["max_imbalance"] <= TARGET_MAX_IMBALANCE}
     return Result("hit_rate_vs_sglang_heldout_mean", mean, "x", "parity with sglang-router", 1.0, True, extra)
 
 
