@@ -118,7 +118,8 @@ def _vs_sglang(cfg: BenchConfig, traces: list, config: dict, log) -> list[Result
 
 
 def add_parser(bsub: argparse._SubParsersAction) -> None:
-    p = bsub.add_parser("router", help="router overhead and decision rate; prefix_aware's hit rate on a trace")
+    p = bsub.add_parser("router", help="router overhead and decision rate; hit rates on a trace and chunk reuse on "
+                                       "RAG, against sglang-router")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="smaller index, fewer requests: under a minute")
     p.add_argument("--metrics", type=metric_list_type(METRICS), default=list(METRICS),
@@ -238,6 +239,12 @@ def run(args: argparse.Namespace) -> int:
         error = _check_traces(traces, args.metrics, cfg)  # before the cluster metrics, which take minutes
         if error:
             _stderr(error)
+            return 2
+    if "chunk_reuse_vs_sglang" in args.metrics:
+        from benchmarks.rag_replay import RagReplayConfig
+
+        if not Path(RagReplayConfig().dataset).exists():
+            _stderr(f"error: chunk_reuse_vs_sglang replays {RagReplayConfig().dataset}, which is not present")
             return 2
     config, results = run_benchmark(cfg, args.metrics, args.model, traces, quick=args.quick)
     print(render("router", config, results))
