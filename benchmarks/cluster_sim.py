@@ -188,6 +188,8 @@ class TieredBlockCache:
 
     def leading_codes(self, hashes: Sequence[bytes]) -> bytes:
         """One tier code per block of the leading run this cache holds (the index's codes)."""
+        if len(self._tiers) == 1:
+            return _CODES[0] * self.leading_hits(hashes)
         codes = []
         for h in hashes:
             i = self.tier_of(h)
@@ -323,9 +325,10 @@ class ClusterModel:
         result.hit_blocks += len(x.codes)
         result.prefix_hit_tokens += prefix_tokens
         weights = self._weights
-        for code in x.codes:
-            result.weighted_hit_blocks += weights[code]
-        if len(self.mediums) > 1:
+        if len(self.mediums) == 1:
+            result.weighted_hit_blocks += len(x.codes) * TIER_WEIGHTS[self.mediums[0]]
+        else:
+            result.weighted_hit_blocks += sum(weights[code] for code in x.codes)
             for i, m in enumerate(self.mediums):
                 result.hit_blocks_by_tier[m] = result.hit_blocks_by_tier.get(m, 0) + x.codes.count(_CODES[i])
         chunk_tokens = 0
