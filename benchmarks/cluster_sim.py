@@ -78,6 +78,11 @@ class SimConfig:
         return round(self.capacity_blocks * self.ssd_x)
 
     @property
+    def combined_blocks(self) -> int:
+        """Blocks the whole cluster holds, every tier counted (one shared cache's size, for a baseline)."""
+        return self.num_workers * sum(n for _, n in self.tiers)
+
+    @property
     def tiers(self) -> tuple[tuple[str, int], ...]:
         """(medium, capacity in blocks) of each configured tier, fastest first."""
         given = zip(MEDIUMS, (self.capacity_blocks, self.dram_blocks, self.ssd_blocks))

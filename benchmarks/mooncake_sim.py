@@ -133,7 +133,7 @@ def search_knobs(requests: Sequence[MooncakeRecord], hashes: Sequence[Sequence[B
     """prefix_aware over a grid of its documented knobs, each setting replayed under every config of
     `cfgs` (the first is the reported one, the others check robustness). Best first: meets the
     target under cfgs[0], then under most configs, then the highest worst-case hit ratio."""
-    shared = [simulate_shared(requests, c.num_workers * c.capacity_blocks, hashes).hit_rate for c in cfgs]
+    shared = [simulate_shared(requests, c.combined_blocks, hashes).hit_rate for c in cfgs]
     rows = []
     for pw in prefill_weights:
         for dw in decode_weights:
@@ -152,7 +152,7 @@ def weight_grid(requests: Sequence[MooncakeRecord], hashes: Sequence[Sequence[Bl
                 prefill_weights: Sequence[float], decode_weights: Sequence[float]) -> list[dict]:
     """prefix_aware at every (prefill_weight, decode_weight) of the grid, other knobs at their
     defaults, in grid order: hit rate, its ratio to the shared cache, imbalance."""
-    shared = [simulate_shared(requests, cfg.num_workers * cfg.capacity_blocks, hashes).hit_rate]
+    shared = [simulate_shared(requests, cfg.combined_blocks, hashes).hit_rate]
     rows = []
     for pw in prefill_weights:
         for dw in decode_weights:
@@ -172,7 +172,7 @@ def bench_mooncake(trace: str | Path, num_requests: int, cfg: SimConfig, offset:
     settings when given; knobs tuned on the window before this one when prefix_aware misses the target."""
     requests = load_trace(trace, num_requests, offset)
     hashes = [chain_hashes(r.hash_ids) for r in requests]
-    combined = cfg.num_workers * cfg.capacity_blocks
+    combined = cfg.combined_blocks
     shared = simulate_shared(requests, combined, hashes)
     unbounded = simulate_shared(requests, None, hashes, "unbounded")
     num_unique = num_unique_blocks(hashes)
@@ -229,7 +229,7 @@ def other_windows(trace: str | Path, first: int, num_requests: int, cfg: SimConf
         if len(requests) < num_requests:
             break
         hashes = [chain_hashes(r.hash_ids) for r in requests]
-        shared = simulate_shared(requests, cfg.num_workers * cfg.capacity_blocks, hashes).hit_rate
+        shared = simulate_shared(requests, cfg.combined_blocks, hashes).hit_rate
         row = {"first_request": offset, "shared_hit_rate": round(shared, 4)}
         for name, config in (("defaults", {}), ("tuned", knobs)):
             r = simulate(requests, make_policy("prefix_aware", **config), cfg, hashes)
@@ -267,4 +267,4 @@ def _tuned(trace, num_requests: int, offset: int, requests, hashes, cfg: SimConf
                   "hit_ratio": [y["hit_ratio"] for y in x["runs"]],
                   "imbalance": [y["imbalance"] for y in x["runs"]]} for x in rows[:8]], **common}
     return Result("prefix_hit_rate_mooncake_tuned", run["hit_rate"], "ratio",
-                  f"one shared LRU of {cfg.num_workers * cfg.capacity_blocks} blocks", shared_rate, True, extra)
+                  f"one shared LRU of {cfg.combined_blocks} blocks", shared_rate, True, extra)

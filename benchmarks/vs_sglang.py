@@ -47,7 +47,7 @@ def compare_window(trace: str | Path, requests: Sequence[MooncakeRecord], offset
     ours = simulate(requests, make_policy("prefix_aware", **(policy_config or {})), cfg, hashes)
     run = replay(requests, cfg, peer, texts=PromptTexts(cfg.block_size))
     theirs = score_choices(requests, run.choices, cfg, hashes, "sglang")
-    shared = simulate_shared(requests, cfg.num_workers * cfg.capacity_blocks, hashes)
+    shared = simulate_shared(requests, cfg.combined_blocks, hashes)
     ratio = ours.weighted_hit_rate / theirs.weighted_hit_rate if theirs.weighted_hit_rate else float("inf")
     log(f"vs sglang: {Path(str(trace)).name} requests {offset}-{offset + len(requests) - 1}, capacity "
         f"{cfg.capacity_blocks}{tiers_label(cfg)}: kvweave {ours.weighted_hit_rate:.4f} (imbalance "

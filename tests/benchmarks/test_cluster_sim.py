@@ -33,6 +33,7 @@ def test_sim_config_sizes_host_tiers_from_the_device():
     cfg = SimConfig(capacity_blocks=100, dram_x=2, ssd_x=4.5)
     assert cfg.tiers == (("device", 100), ("dram", 200), ("ssd", 450))
     assert SimConfig(capacity_blocks=100).tiers == (("device", 100),)
+    assert cfg.combined_blocks == 8 * 750 and SimConfig(capacity_blocks=100).combined_blocks == 800
     with pytest.raises(ValueError):
         SimConfig(dram_x=-1)
 
