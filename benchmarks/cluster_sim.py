@@ -7,11 +7,12 @@ recorded choices (benchmarks/mooncake_sim.py, benchmarks/rag_replay.py, benchmar
   `kvstore.keys.chunk_block_keys` names them).
 - Caches: per worker, LRU tiers as the real workers have them (`SimConfig.tiers`): the device
   (`capacity_blocks`), then DRAM and SSD when given capacities (`dram_x`, `ssd_x` times the
-  device's, as `kvweave worker`'s --dram-cache-gb and --ssd-cache-gb size them against its KV cache). A stored block enters the device;
-  the device's least recently used block drops to DRAM, DRAM's to SSD, SSD's is gone (the real
-  workers' demotion on eviction); a block found in a lower tier is promoted back to the device
-  when the request uses it. Chunk-caches live in the first host tier (`kvstore.index.CHUNK_MEDIUMS`,
-  where the workers keep them), in the device when no host tier is configured.
+  device's, as `kvweave worker`'s --dram-cache-gb and --ssd-cache-gb size them against its KV
+  cache). A stored block enters the device; the device's least recently used block drops to DRAM,
+  DRAM's to SSD, SSD's is gone (the real workers' demotion on eviction); a block found in a lower
+  tier is promoted back to the device when the request uses it. Chunk-caches live in the first
+  host tier (`kvstore.index.CHUNK_MEDIUMS`, where the workers keep them), in the device when no
+  host tier is configured.
 - Hits: a request hits the unbroken run of its leading blocks its worker holds, in any tier (a
   prefix cache can use nothing after the first miss), and every chunk beyond that run whose
   entries the worker all holds (a chunk-cache is reused at any position). Its blocks are then

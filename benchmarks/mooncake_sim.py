@@ -2,9 +2,10 @@
 
 The trace (FAST'25 Mooncake, `conversation` workload) gives per request an arrival `timestamp`
 (ms), `input_length`, `output_length` and `hash_ids`: one id per 512-token block of the prompt,
-equal ids meaning equal blocks with equal prefixes. No model runs; the cluster is benchmarks/cluster_sim.py's model (per-worker LRU block caches
-of `capacity_blocks` blocks, DRAM and SSD tiers below them when configured, an exact and instant
-KV index, load from the trace's arrivals). The trace's ids are chained with kvstore.keys' hash
+equal ids meaning equal blocks with equal prefixes. No model runs; the cluster is
+benchmarks/cluster_sim.py's model (per-worker LRU block caches of `capacity_blocks` blocks, DRAM
+and SSD tiers below them when configured, an exact and instant KV index, load from the trace's
+arrivals). The trace's ids are chained with kvstore.keys' hash
 (`hash_block(parent, [id])`), so a block's hash names its whole prefix as the workers' chain does;
 the ids are already prefix-unique, so the chain keeps their sharing exactly.
 - Baseline: ONE shared LRU cache of the combined capacity serving every request; an unbounded

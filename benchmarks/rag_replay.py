@@ -148,7 +148,8 @@ def compare_rag_window(trace: RagTrace, offset: int, cfg: SimConfig, peer: PeerC
     log(f"rag vs sglang: requests {offset}-{offset + n - 1}, {cfg.capacity_blocks} blocks{tiers_label(cfg)}: "
         f"chunk tokens/request "
         f"kvweave {ours.chunk_tokens_per_request:.1f}, sglang {theirs.chunk_tokens_per_request:.1f} ({ratio:.2f}x); "
-        f"reuse {ours.reuse_rate:.4f} / {theirs.reuse_rate:.4f}; imbalance {ours.imbalance:.3f} / {theirs.imbalance:.3f}")
+        f"reuse {ours.reuse_rate:.4f} / {theirs.reuse_rate:.4f}; "
+        f"imbalance {ours.imbalance:.3f} / {theirs.imbalance:.3f}")
     extra = {"first_request": offset, "num_requests": n, "held_out": not in_sample(offset, n),
              "tuning_window": list(RAG_TUNING_WINDOW), "capacity_blocks": cfg.capacity_blocks,
              "dram_blocks": cfg.dram_blocks, "ssd_blocks": cfg.ssd_blocks, "block_tokens": cfg.block_size,

@@ -51,7 +51,8 @@ def compare_window(trace: str | Path, requests: Sequence[MooncakeRecord], offset
     ratio = ours.weighted_hit_rate / theirs.weighted_hit_rate if theirs.weighted_hit_rate else float("inf")
     log(f"vs sglang: {Path(str(trace)).name} requests {offset}-{offset + len(requests) - 1}, capacity "
         f"{cfg.capacity_blocks}{tiers_label(cfg)}: kvweave {ours.weighted_hit_rate:.4f} (imbalance "
-        f"{ours.imbalance:.3f}), sglang {theirs.weighted_hit_rate:.4f} (imbalance {theirs.imbalance:.3f}): {ratio:.3f}x")
+        f"{ours.imbalance:.3f}), sglang {theirs.weighted_hit_rate:.4f} (imbalance {theirs.imbalance:.3f}): "
+        f"{ratio:.3f}x")
     held_out = not in_sample(trace, offset, len(requests))
     extra = {
         "trace": Path(str(trace)).name, "first_request": offset, "num_requests": len(requests),

@@ -28,10 +28,10 @@ time, a block only a peer holds its transfer time), a token nobody holds costs 1
 costs are the worker's own measurements (registered with its heartbeat), else `DEFAULT_KV_COSTS_MS`.
 lowest cost wins; ties go to the emptiest KV cache (so unrelated prompts spread their prefixes),
 then to the lowest hash of (the prompt's first block, worker id) (`tie_rank`): every router replica
-breaks a tie alike for the same prompt and the same workers, whatever each one placed before.
-When the busiest worker has more than `balance_abs_threshold` requests beyond the idlest AND more than `balance_rel_threshold` times as many, cache affinity is ignored and the
-least-loaded worker wins (SGLang's cache-aware router does the same with the same two knobs), ties
-broken by `tie_rank` too.
+breaks a tie alike for the same prompt and the same workers, whatever each one placed before. When
+the busiest worker has more than `balance_abs_threshold` requests beyond the idlest AND more than
+`balance_rel_threshold` times as many, cache affinity is ignored and the least-loaded worker wins
+(SGLang's cache-aware router does the same with the same two knobs), ties broken by `tie_rank` too.
 
 `chunk_aware` (the default) is prefix_aware whose prefill work also counts the request's reusable
 chunks (`RouteRequest.chunk_spans`; where each worker gets each chunk's cache is
