@@ -2,20 +2,12 @@
 
 The trace (FAST'25 Mooncake, `conversation` workload) gives per request an arrival `timestamp`
 (ms), `input_length`, `output_length` and `hash_ids`: one id per 512-token block of the prompt,
-equal ids meaning equal blocks with equal prefixes. No model runs; the model of a cluster is:
-- Blocks: the ids are chained with kvstore.keys' hash (`hash_block(parent, [id])`), so a block's
-  hash names its whole prefix as the workers' chain does; the trace's ids are already
-  prefix-unique, so the chain keeps its sharing exactly (same ids -> same hashes).
-- Workers: `num_workers`, each an LRU cache of `capacity_blocks` blocks. A request hits the
-  unbroken run of its leading blocks that its worker holds (a prefix cache can use nothing after
-  the first miss); then all its blocks are inserted, last block first, so a prefix loses its tail
-  before its head (vLLM frees a request's blocks in reverse order for the same reason).
-- KV index: exact and instant: each worker's `num_hit_blocks` is what its cache holds at routing
-  time, as `KVIndex.leading_hits` would report it with no publishing lag.
-- Load: arrivals at the trace's timestamps; a request occupies its worker for
-  (uncached prompt tokens + output tokens) x `ms_per_token`, prefill first. A policy sees
-  `num_running` = requests active on the worker and `num_queued_prefill_tokens` = uncached tokens
-  of those still prefilling. No batch limit, no queueing: load only informs the policy.
+equal ids meaning equal blocks with equal prefixes. No model runs; the cluster is
+benchmarks/cluster_sim.py's model (per-worker LRU block caches of `capacity_blocks` blocks, DRAM
+and SSD tiers below them when configured, an exact and instant KV index, load from the trace's
+arrivals). The trace's ids are chained with kvstore.keys' hash
+(`hash_block(parent, [id])`), so a block's hash names its whole prefix as the workers' chain does;
+the ids are already prefix-unique, so the chain keeps their sharing exactly.
 - Baseline: ONE shared LRU cache of the combined capacity serving every request; an unbounded
   cache (every block seen before is kept) bounds every policy's hit rate from above.
 - Windows: a replay covers `num_requests` requests from request number `offset` on, each window
@@ -25,67 +17,21 @@ equal ids meaning equal blocks with equal prefixes. No model runs; the model of 
 from __future__ import annotations
 
 import dataclasses
-import heapq
-from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.policies import Policy, RouteRequest, WorkerState, make_policy
-from kvstore.keys import BlockHash, hash_block
+from benchmarks.cluster_sim import LRUBlockCache, SimConfig, SimRequest, SimResult, replay
 from benchmarks.report import Result
-from loadgen.traces import MOONCAKE_BLOCK_TOKENS, MooncakeRecord, read_mooncake
+from controlplane.policies import Policy, make_policy
+from kvstore.keys import BlockHash, hash_block
+from loadgen.traces import MooncakeRecord, read_mooncake
 from loadgen.types import WorkloadError
 
 TUNING_TRACE = "mooncake_conversation.jsonl"
 TUNING_WINDOW = (0, 2000)
 """Requests [first, end) of `TUNING_TRACE` on which prefix_aware's default weights were chosen
 (controlplane/policies.py); a figure from a window that overlaps it is in-sample."""
-
-@dataclass(frozen=True)
-class SimConfig:
-    num_workers: int = 8
-    capacity_blocks: int = 1000
-    """Blocks each worker's LRU cache holds (1000 x 512 tokens)."""
-    ms_per_token: float = 1.0
-    """How long each uncached prompt token and each output token occupies a worker."""
-    block_size: int = MOONCAKE_BLOCK_TOKENS
-
-    def __post_init__(self) -> None:
-        if self.num_workers <= 0 or self.capacity_blocks <= 0 or self.block_size <= 0:
-            raise ValueError("num_workers, capacity_blocks and block_size must be positive")
-        if self.ms_per_token < 0:
-            raise ValueError("ms_per_token must be >= 0")
-
-
-@dataclass
-class SimResult:
-    name: str
-    hit_blocks: int
-    prompt_blocks: int
-    requests_per_worker: list[int] = field(default_factory=list)
-    reasons: dict[str, int] = field(default_factory=dict)
-    """Decisions by the policy's reason ("cost", "imbalance", "rotation", ...)."""
-    mean_running: float = 0.0
-    """Requests active on the chosen worker when a request arrived (mean)."""
-    best_hit_blocks: int = 0
-    """Sum over requests of the most leading blocks any worker held (what a perfect placement would hit
-    against these caches)."""
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
-
-    @property
-    def skipped_share(self) -> float:
-        """Share of prompt blocks some worker held but the chosen one did not (given up for load)."""
-        return (self.best_hit_blocks - self.hit_blocks) / self.prompt_blocks if self.prompt_blocks else 0.0
-
-    @property
-    def imbalance(self) -> float:
-        """max / mean requests per worker (1.0 = perfectly even)."""
-        n = self.requests_per_worker
-        return max(n) / (sum(n) / len(n)) if n and sum(n) else 1.0
 
 
 def load_trace(path: str | Path, limit: int | None = None, offset: int = 0) -> list[MooncakeRecord]:
@@ -114,92 +60,17 @@ def chain_hashes(hash_ids: Sequence[int]) -> list[BlockHash]:
     return hashes
 
 
-class LRUBlockCache:
-    def __init__(self, capacity: int) -> None:
-        assert capacity > 0
-        self.capacity = capacity
-        self._blocks: OrderedDict[BlockHash, None] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    def __contains__(self, h: BlockHash) -> bool:
-        return h in self._blocks
-
-    def leading_hits(self, hashes: Sequence[BlockHash]) -> int:
-        n = 0
-        for h in hashes:
-            if h not in self._blocks:
-                break
-            n += 1
-        return n
-
-    def insert(self, hashes: Sequence[BlockHash]) -> None:
-        """Insert or refresh a request's blocks, the leading block ending up most recent."""
-        blocks = self._blocks
-        for h in reversed(hashes):
-            blocks[h] = None
-            blocks.move_to_end(h)
-        while len(blocks) > self.capacity:
-            blocks.popitem(last=False)
-
-
-class _WorkerLoad:
-    """Requests active on each worker, and uncached prefill tokens of those still prefilling."""
-
-    def __init__(self, num_workers: int) -> None:
-        self.num_running = [0] * num_workers
-        self.num_prefill_tokens = [0] * num_workers
-        self._ends: list[tuple[float, int, int]] = []  # (time, worker, -1 = request end | tokens = prefill end)
-
-    def advance(self, now: float) -> None:
-        while self._ends and self._ends[0][0] <= now:
-            _, w, tokens = heapq.heappop(self._ends)
-            if tokens < 0:
-                self.num_running[w] -= 1
-            else:
-                self.num_prefill_tokens[w] -= tokens
-
-    def add(self, now: float, w: int, uncached: int, num_output: int, ms_per_token: float) -> None:
-        self.num_running[w] += 1
-        self.num_prefill_tokens[w] += uncached
-        prefill_end = now + uncached * ms_per_token
-        heapq.heappush(self._ends, (prefill_end, w, uncached))
-        heapq.heappush(self._ends, (prefill_end + num_output * ms_per_token, w, -1))
-
-
-class ClusterModel:
-    """The simulated workers: an LRU block cache each, and the load of the requests they run."""
-
-    def __init__(self, cfg: SimConfig) -> None:
-        self.cfg = cfg
-        self.caches = [LRUBlockCache(cfg.capacity_blocks) for _ in range(cfg.num_workers)]
-        self.load = _WorkerLoad(cfg.num_workers)
-        self.ids = [f"w{i}" for i in range(cfg.num_workers)]
-
-    def hits(self, now_ms: float, chain: Sequence[BlockHash]) -> list[int]:
-        """Each worker's leading hits for `chain` at `now_ms` (finished requests leave the load first)."""
-        self.load.advance(now_ms)
-        return [c.leading_hits(chain) for c in self.caches]
-
-    def states(self, hits: Sequence[int]) -> list[WorkerState]:
-        load, cfg = self.load, self.cfg
-        return [WorkerState(self.ids[w], num_running=load.num_running[w],
-                            num_queued_prefill_tokens=load.num_prefill_tokens[w],
-                            num_kv_blocks_used=len(self.caches[w]), num_kv_blocks_total=cfg.capacity_blocks,
-                            num_hit_blocks=hits[w], block_size=cfg.block_size) for w in range(cfg.num_workers)]
-
-    def place(self, now_ms: float, w: int, req: MooncakeRecord, chain: Sequence[BlockHash], num_hits: int) -> None:
-        """Worker `w` runs `req`: its blocks enter the cache, its uncached tokens and output its load."""
-        self.caches[w].insert(chain)
-        uncached = max(0, req.input_length - num_hits * self.cfg.block_size)
-        self.load.add(now_ms, w, uncached, req.output_length, self.cfg.ms_per_token)
+def sim_requests(requests: Sequence[MooncakeRecord],
+                 hashes: Sequence[Sequence[BlockHash]] | None = None) -> list[SimRequest]:
+    """The trace's records as the cluster model's requests (`hashes`: their chains, if already made)."""
+    hashes = hashes if hashes is not None else [chain_hashes(r.hash_ids) for r in requests]
+    return [SimRequest(r.timestamp_s, r.input_length, r.output_length, chain) for r, chain in zip(requests, hashes)]
 
 
 def simulate(requests: Sequence[MooncakeRecord], policy: Policy, cfg: SimConfig = SimConfig(),
              hashes: Sequence[Sequence[BlockHash]] | None = None, name: str = "") -> SimResult:
     """Route every request with `policy` over `cfg.num_workers` simulated workers."""
-    return _replay(requests, cfg, hashes, name or policy.name, policy=policy)
+    return replay(sim_requests(requests, hashes), cfg, name or policy.name, policy=policy)
 
 
 def score_choices(requests: Sequence[MooncakeRecord], choices: Sequence[int], cfg: SimConfig = SimConfig(),
@@ -207,35 +78,7 @@ def score_choices(requests: Sequence[MooncakeRecord], choices: Sequence[int], cf
     """The same cache model as `simulate`, the worker of request i being `choices[i]` (another
     router's recorded placement), in trace order."""
     assert len(choices) == len(requests)
-    return _replay(requests, cfg, hashes, name, choices=choices)
-
-
-def _replay(requests: Sequence[MooncakeRecord], cfg: SimConfig, hashes, name: str, policy: Policy | None = None,
-            choices: Sequence[int] | None = None) -> SimResult:
-    hashes = hashes if hashes is not None else [chain_hashes(r.hash_ids) for r in requests]
-    model = ClusterModel(cfg)
-    index_of = {wid: i for i, wid in enumerate(model.ids)}
-    result = SimResult(name, 0, 0, [0] * cfg.num_workers)
-    reasons: Counter[str] = Counter()
-    running_seen = 0
-    for i, (req, chain) in enumerate(zip(requests, hashes)):
-        now_ms = req.timestamp_s * 1000.0
-        hits = model.hits(now_ms, chain)
-        if policy is not None:
-            decision = policy.pick(RouteRequest(req.input_length, chain, req_id=str(i)), model.states(hits))
-            w = index_of[decision.worker_id]
-            reasons[decision.reason] += 1
-        else:
-            w = choices[i]
-        running_seen += model.load.num_running[w]
-        result.hit_blocks += hits[w]
-        result.best_hit_blocks += max(hits)
-        result.prompt_blocks += len(chain)
-        result.requests_per_worker[w] += 1
-        model.place(now_ms, w, req, chain, hits[w])
-    result.reasons = dict(reasons)
-    result.mean_running = running_seen / len(requests) if requests else 0.0
-    return result
+    return replay(sim_requests(requests, hashes), cfg, name, choices=choices)
 
 
 def simulate_shared(requests: Sequence[MooncakeRecord], capacity_blocks: int | None,
@@ -291,7 +134,7 @@ def search_knobs(requests: Sequence[MooncakeRecord], hashes: Sequence[Sequence[B
     """prefix_aware over a grid of its documented knobs, each setting replayed under every config of
     `cfgs` (the first is the reported one, the others check robustness). Best first: meets the
     target under cfgs[0], then under most configs, then the highest worst-case hit ratio."""
-    shared = [simulate_shared(requests, c.num_workers * c.capacity_blocks, hashes).hit_rate for c in cfgs]
+    shared = [simulate_shared(requests, c.combined_blocks, hashes).hit_rate for c in cfgs]
     rows = []
     for pw in prefill_weights:
         for dw in decode_weights:
@@ -310,7 +153,7 @@ def weight_grid(requests: Sequence[MooncakeRecord], hashes: Sequence[Sequence[Bl
                 prefill_weights: Sequence[float], decode_weights: Sequence[float]) -> list[dict]:
     """prefix_aware at every (prefill_weight, decode_weight) of the grid, other knobs at their
     defaults, in grid order: hit rate, its ratio to the shared cache, imbalance."""
-    shared = [simulate_shared(requests, cfg.num_workers * cfg.capacity_blocks, hashes).hit_rate]
+    shared = [simulate_shared(requests, cfg.combined_blocks, hashes).hit_rate]
     rows = []
     for pw in prefill_weights:
         for dw in decode_weights:
@@ -330,7 +173,7 @@ def bench_mooncake(trace: str | Path, num_requests: int, cfg: SimConfig, offset:
     settings when given; knobs tuned on the window before this one when prefix_aware misses the target."""
     requests = load_trace(trace, num_requests, offset)
     hashes = [chain_hashes(r.hash_ids) for r in requests]
-    combined = cfg.num_workers * cfg.capacity_blocks
+    combined = cfg.combined_blocks
     shared = simulate_shared(requests, combined, hashes)
     unbounded = simulate_shared(requests, None, hashes, "unbounded")
     num_unique = num_unique_blocks(hashes)
@@ -387,7 +230,7 @@ def other_windows(trace: str | Path, first: int, num_requests: int, cfg: SimConf
         if len(requests) < num_requests:
             break
         hashes = [chain_hashes(r.hash_ids) for r in requests]
-        shared = simulate_shared(requests, cfg.num_workers * cfg.capacity_blocks, hashes).hit_rate
+        shared = simulate_shared(requests, cfg.combined_blocks, hashes).hit_rate
         row = {"first_request": offset, "shared_hit_rate": round(shared, 4)}
         for name, config in (("defaults", {}), ("tuned", knobs)):
             r = simulate(requests, make_policy("prefix_aware", **config), cfg, hashes)
@@ -425,4 +268,4 @@ def _tuned(trace, num_requests: int, offset: int, requests, hashes, cfg: SimConf
                   "hit_ratio": [y["hit_ratio"] for y in x["runs"]],
                   "imbalance": [y["imbalance"] for y in x["runs"]]} for x in rows[:8]], **common}
     return Result("prefix_hit_rate_mooncake_tuned", run["hit_rate"], "ratio",
-                  f"one shared LRU of {cfg.num_workers * cfg.capacity_blocks} blocks", shared_rate, True, extra)
+                  f"one shared LRU of {cfg.combined_blocks} blocks", shared_rate, True, extra)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from benchmarks.mooncake_sim import ClusterModel, SimConfig, SimResult, chain_hashes
+from benchmarks.cluster_sim import ClusterModel, SimConfig, SimResult
+from benchmarks.mooncake_sim import sim_requests
 from controlplane.policies import Policy, RouteRequest
 from kvstore.keys import BlockHash
 from loadgen.traces import MooncakeRecord
@@ -34,16 +35,15 @@ def simulate_replicas(requests: Sequence[MooncakeRecord], make_policy: Callable[
                       cfg: SimConfig = SimConfig(), hashes: Sequence[Sequence[BlockHash]] | None = None,
                       sync_ms: float = REPLICA_SYNC_MS) -> SimResult:
     """Route every request with `num_replicas` replicas (see the module's docstring)."""
-    hashes = hashes if hashes is not None else [chain_hashes(r.hash_ids) for r in requests]
     model = ClusterModel(cfg)
     policies = [make_policy() for _ in range(num_replicas)]
     views = [_View(cfg.num_workers) for _ in range(num_replicas)]
     index_of = {wid: i for i, wid in enumerate(model.ids)}
     result = SimResult(f"{policies[0].name} x{num_replicas} replicas", 0, 0, [0] * cfg.num_workers)
-    for i, (req, chain) in enumerate(zip(requests, hashes)):
+    for i, req in enumerate(sim_requests(requests, hashes)):
         now_ms = req.timestamp_s * 1000.0
-        hits = model.hits(now_ms, chain)
-        states = model.states(hits)
+        found = model.outcomes(now_ms, req)
+        states = model.states(found)
         replica = i % num_replicas
         if num_replicas > 1:
             view = views[replica]
@@ -54,14 +54,16 @@ def simulate_replicas(requests: Sequence[MooncakeRecord], make_policy: Callable[
             for w, state in enumerate(states):
                 state.num_running = view.running[w] + view.own_running[w]
                 state.num_queued_prefill_tokens = view.prefill[w] + view.own_prefill[w]
-        decision = policies[replica].pick(RouteRequest(req.input_length, chain, req_id=str(i)), states)
+        decision = policies[replica].pick(RouteRequest(req.input_length, req.chain, req_id=str(i)), states)
         w = index_of[decision.worker_id]
-        result.hit_blocks += hits[w]
-        result.best_hit_blocks += max(hits)
-        result.prompt_blocks += len(chain)
+        uncached = model.credit(req, found[w], result)
+        result.best_hit_blocks += max(len(x.codes) for x in found)
+        result.prompt_blocks += len(req.chain)
+        result.prompt_tokens += req.input_length
         result.requests_per_worker[w] += 1
         if num_replicas > 1:
             views[replica].own_running[w] += 1
-            views[replica].own_prefill[w] += max(0, req.input_length - hits[w] * cfg.block_size)
-        model.place(now_ms, w, req, chain, hits[w])
+            views[replica].own_prefill[w] += uncached
+        model.place(now_ms, w, req, uncached)
+    result.num_requests = len(requests)
     return result

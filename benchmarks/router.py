@@ -27,6 +27,12 @@ figures):
   fake workers, on every window of `--trace-offset` (a list) of every `--trace` (repeatable;
   `synthetic:agent` is a generated agent trace) at every `--sim-capacity` (a list), both scored
   by one cache model (benchmarks/vs_sglang.py, benchmarks/sglang_peer.py).
+- chunk_reuse_vs_sglang: RAG requests whose passages recur in other orders (loadgen's rag workload
+  with shuffled passages), replayed through chunk_aware and through sglang-router, scored by one
+  cache model that credits chunk reuse: chunk-reused tokens per request, kvweave / sglang, on every
+  window of `--rag-offset` at every `--rag-capacity` (benchmarks/rag_replay.py).
+- `--sim-tiers DRAM,SSD` gives every replay's simulated workers DRAM and SSD tiers (multiples of
+  the device capacity); hits from them count at their load cost (benchmarks/cluster_sim.py).
 - hit_rate_replicas: prefix_aware's replay with 2 and 4 router replicas over one index, each with
   its own policy state and a load view up to 0.1 s stale (benchmarks/replica_sim.py), against one
   router, on every window of `--trace-offset` at every `--sim-capacity` (target: within 3%).
@@ -51,7 +57,7 @@ DECISION_CONCURRENCY = 16
 """Decisions in flight for routing_decisions_per_s: a router interleaves the requests it serves,
 so one decision's Redis round trip overlaps the others' hashing and scoring."""
 METRICS = ("router_overhead_p99", "routing_decisions_per_s", "prefix_hit_rate_mooncake", "hit_rate_vs_sglang",
-           "hit_rate_replicas")
+           "hit_rate_replicas", "chunk_reuse_vs_sglang")
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
 DECISION_TARGET_MS = 1.0
 DECISIONS_TARGET_PER_S = 5000.0
@@ -87,10 +93,18 @@ class BenchConfig:
     """hit_rate_vs_sglang's per-worker capacities (empty: `sim_capacity_blocks` alone)."""
     peer_speedup: float = 20.0
     """Trace time / wall time of sglang-router's replay."""
+    sim_tiers: tuple[float, float] = (0.0, 0.0)
+    """Each simulated worker's DRAM and SSD tiers, in multiples of its device capacity (0: none)."""
+    rag_requests: int = 2000
+    """chunk_reuse_vs_sglang's window length."""
+    rag_offsets: tuple[int, ...] = (0, 2000)
+    """chunk_reuse_vs_sglang's windows (the first is its tuning window, benchmarks/rag_replay.py)."""
+    rag_capacities: tuple[int, ...] = (1000, 2000)
+    """chunk_reuse_vs_sglang's per-worker device capacities, in 16-token blocks."""
 
 
 QUICK = BenchConfig(index_blocks_per_worker=25_000, num_decisions=300, num_requests=30, rate_seconds=1.0, repeats=2,
-                    trace_requests=500)
+                    trace_requests=500, rag_requests=300, rag_offsets=(0, 2000), rag_capacities=(1000,))
 
 
 def _stderr(msg: str) -> None:

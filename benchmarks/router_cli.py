@@ -36,7 +36,7 @@ def run_benchmark(cfg: BenchConfig, metrics: list[str], model: str | None, trace
         log("metric prefix_hit_rate_mooncake")
         from benchmarks.mooncake_sim import SimConfig, bench_mooncake
 
-        sim_cfg = SimConfig(cfg.sim_workers, cfg.sim_capacity_blocks, cfg.sim_ms_per_token)
+        sim_cfg = _sim_config(cfg, cfg.sim_capacity_blocks)
         weights = {k: v for k, v in (("prefill_weight", cfg.prefill_weight), ("decode_weight", cfg.decode_weight))
                    if v is not None}
         results += bench_mooncake(trace, cfg.trace_requests, sim_cfg, cfg.trace_offset, weights, cfg.weight_grid, log)
@@ -46,11 +46,37 @@ def run_benchmark(cfg: BenchConfig, metrics: list[str], model: str | None, trace
     if "hit_rate_replicas" in metrics:
         log("metric hit_rate_replicas")
         results += _replicas(cfg, trace, log)
+    if "chunk_reuse_vs_sglang" in metrics:
+        log("metric chunk_reuse_vs_sglang")
+        results += _rag_vs_sglang(cfg, config, log)
     config = {"quick": quick, "metrics": metrics, **dataclasses.asdict(cfg), **config, "trace": str(trace),
               "traces": [str(t) for t in traces],
               "elapsed_s": round(time.perf_counter() - start, 1),
               "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)]}
     return config, results
+
+
+def _sim_config(cfg: BenchConfig, capacity: int):
+    from benchmarks.cluster_sim import SimConfig
+
+    return SimConfig(cfg.sim_workers, capacity, cfg.sim_ms_per_token, dram_x=cfg.sim_tiers[0], ssd_x=cfg.sim_tiers[1])
+
+
+def _rag_vs_sglang(cfg: BenchConfig, config: dict, log) -> list[Result]:
+    from benchmarks.rag_replay import RagReplayConfig, bench_rag_vs_sglang
+    from benchmarks.sglang_peer import PeerConfig
+    from kvweave.model_files import CheckpointError, ModelNotFoundError
+
+    try:
+        rows, why = bench_rag_vs_sglang(RagReplayConfig(), cfg.rag_requests, cfg.rag_offsets, cfg.rag_capacities,
+                                        _sim_config(cfg, cfg.rag_capacities[0]), PeerConfig(speedup=cfg.peer_speedup),
+                                        log)
+    except (CheckpointError, ModelNotFoundError) as exc:  # the requests are tokenized by the default model's tokenizer
+        rows, why = [], f"the default model's tokenizer is not available: {exc}"
+        log(f"rag vs sglang: not measured: {why}")
+    if why:
+        config["chunk_reuse_vs_sglang_unavailable"] = why
+    return rows
 
 
 def _replicas(cfg: BenchConfig, trace, log) -> list[Result]:
@@ -66,7 +92,7 @@ def _replicas(cfg: BenchConfig, trace, log) -> list[Result]:
                     else load_trace(trace, cfg.trace_requests, offset))
         hashes = [chain_hashes(r.hash_ids) for r in requests]
         for capacity in cfg.sim_capacities or (cfg.sim_capacity_blocks,):
-            sim = SimConfig(cfg.sim_workers, capacity, cfg.sim_ms_per_token)
+            sim = _sim_config(cfg, capacity)
             one = simulate_replicas(requests, lambda: make_policy("prefix_aware"), 1, sim, hashes)
             for n in (2, 4):
                 r = simulate_replicas(requests, lambda: make_policy("prefix_aware"), n, sim, hashes)
@@ -90,7 +116,7 @@ def _vs_sglang(cfg: BenchConfig, traces: list, config: dict, log) -> list[Result
                if v is not None}
     rows, why = bench_vs_sglang(traces, cfg.trace_requests, cfg.trace_offsets or (cfg.trace_offset,),
                                 cfg.sim_capacities or (cfg.sim_capacity_blocks,),
-                                SimConfig(cfg.sim_workers, cfg.sim_capacity_blocks, cfg.sim_ms_per_token),
+                                _sim_config(cfg, cfg.sim_capacity_blocks),
                                 PeerConfig(speedup=cfg.peer_speedup), weights, log)
     if why:
         config["hit_rate_vs_sglang_unavailable"] = why
@@ -98,7 +124,8 @@ def _vs_sglang(cfg: BenchConfig, traces: list, config: dict, log) -> list[Result
 
 
 def add_parser(bsub: argparse._SubParsersAction) -> None:
-    p = bsub.add_parser("router", help="router overhead and decision rate; prefix_aware's hit rate on a trace")
+    p = bsub.add_parser("router", help="router overhead and decision rate; hit rates on a trace and chunk reuse on "
+                                       "RAG, against sglang-router")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="smaller index, fewer requests: under a minute")
     p.add_argument("--metrics", type=metric_list_type(METRICS), default=list(METRICS),
@@ -124,6 +151,16 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--peer-speedup", type=float, default=None,
                    help="sglang-router's replay runs the trace this many times faster than recorded; its fake "
                         "workers hold each answer (uncached prompt + output tokens) x 1 ms / speedup (default: 20)")
+    p.add_argument("--sim-tiers", type=_tiers, default=None, metavar="DRAM,SSD",
+                   help="give every replay's simulated workers a DRAM and an SSD tier of DRAM and SSD times the "
+                        "device capacity (e.g. 2,4); hits from them count at their load cost (default: 0,0, none)")
+    p.add_argument("--rag-requests", type=int, default=None,
+                   help="chunk_reuse_vs_sglang: requests per window of the shuffled-passage RAG replay (default: 2000)")
+    p.add_argument("--rag-offset", type=_int_list, default=None, metavar="N[,N...]",
+                   help="chunk_reuse_vs_sglang: first request of each window (default: 0,2000; 0-1999 is its "
+                        "tuning window)")
+    p.add_argument("--rag-capacity", type=_int_list, default=None, metavar="N[,N...]",
+                   help="chunk_reuse_vs_sglang: device blocks (16 tokens) per simulated worker (default: 1000,2000)")
     p.add_argument("--index-blocks", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -135,6 +172,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or N,N,... (integers), got {text!r}") from None
     return values
+
+
+def _tiers(text: str) -> tuple[float, float]:
+    try:
+        dram, ssd = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DRAM,SSD (two numbers), got {text!r}") from None
+    if dram < 0 or ssd < 0 or (ssd and not dram):
+        raise argparse.ArgumentTypeError(f"tiers must be >= 0, and an SSD tier needs a DRAM tier, got {text!r}")
+    return dram, ssd
 
 
 def _weight_grid(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -176,15 +223,17 @@ def run(args: argparse.Namespace) -> int:
     capacities, offsets = args.sim_capacity or (), args.trace_offset or ()
     overrides = {"trace_requests": args.trace_requests, "sim_capacity_blocks": capacities[0] if capacities else None,
                  "index_blocks_per_worker": args.index_blocks, "repeats": args.repeats,
-                 "peer_speedup": args.peer_speedup}
+                 "peer_speedup": args.peer_speedup, "rag_requests": args.rag_requests}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if any(v <= 0 for v in (*overrides.values(), *capacities)):
+    if any(v <= 0 for v in (*overrides.values(), *capacities, *(args.rag_capacity or ()))):
         _stderr("error: counts, capacities and --peer-speedup must be positive")
         return 2
-    if any(x < 0 for x in offsets):
-        _stderr("error: --trace-offset must be >= 0")
+    if any(x < 0 for x in (*offsets, *(args.rag_offset or ()))):
+        _stderr("error: --trace-offset and --rag-offset must be >= 0")
         return 2
     overrides.update(sim_capacities=tuple(capacities), trace_offsets=tuple(offsets))
+    rag = {"rag_offsets": args.rag_offset, "rag_capacities": args.rag_capacity, "sim_tiers": args.sim_tiers}
+    overrides.update({k: tuple(v) for k, v in rag.items() if v})
     traces = args.trace or [DEFAULT_TRACE]
     if any(w is not None and w < 0 for w in (args.prefill_weight, args.decode_weight)):
         _stderr("error: weights must be >= 0")
@@ -196,6 +245,12 @@ def run(args: argparse.Namespace) -> int:
         error = _check_traces(traces, args.metrics, cfg)  # before the cluster metrics, which take minutes
         if error:
             _stderr(error)
+            return 2
+    if "chunk_reuse_vs_sglang" in args.metrics:
+        from benchmarks.rag_replay import RagReplayConfig
+
+        if not Path(RagReplayConfig().dataset).exists():
+            _stderr(f"error: chunk_reuse_vs_sglang replays {RagReplayConfig().dataset}, which is not present")
             return 2
     config, results = run_benchmark(cfg, args.metrics, args.model, traces, quick=args.quick)
     print(render("router", config, results))

@@ -12,13 +12,15 @@ per token (`loadgen.traces.block_tokens(b, 512, 0, 4096)`, each token id written
 a space); a prompt is its blocks' texts in order, the last one cut to its token count. Equal
 leading ids are equal leading text, different ids differ from their first characters on.
 
+Other prompts (benchmarks/rag_replay.py's RAG requests) are sent as their own text.
+
 Time and load: request i is sent at its trace timestamp divided by `speedup`; a fake worker holds
 its answer for (uncached prompt tokens + output tokens) x ms_per_token / speedup, the uncached
-tokens coming from the same cache model as kvweave's replay (one LRU block cache per worker,
-`mooncake_sim.LRUBlockCache`, updated as requests arrive). So sglang's load counts (its in-flight
+tokens coming from the same cache model as kvweave's replay (benchmarks/cluster_sim.py's
+`ClusterModel`, updated as requests arrive). So sglang's load counts (its in-flight
 requests per worker) follow the simulated workers' running requests, compressed in time.
-The recorded choices are then scored in trace order by `mooncake_sim.score_choices`, the model
-that scores kvweave's policies. `lateness` reports how far the sends fell behind their schedule.
+The recorded choices are then scored in trace order by the model that scores kvweave's policies
+(`cluster_sim.replay`). `lateness` reports how far the sends fell behind their schedule.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.mooncake_sim import LRUBlockCache, SimConfig, chain_hashes
+from benchmarks.cluster_sim import ClusterModel, SimConfig, SimRequest, SimResult
+from benchmarks.mooncake_sim import sim_requests
 from benchmarks.report import percentile
 from controlplane.procs import LOCALHOST, free_port, spawn, stop_process_groups, tail
 from loadgen.traces import MOONCAKE_BLOCK_TOKENS, MooncakeRecord, block_tokens
@@ -115,10 +118,9 @@ class FakeWorkers:
     """`cfg.num_workers` SGLang-like HTTP servers that record who got each request and hold each
     answer for its simulated duration (see the module docstring)."""
 
-    def __init__(self, requests: Sequence[MooncakeRecord], cfg: SimConfig, speedup: float) -> None:
+    def __init__(self, requests: Sequence[SimRequest], cfg: SimConfig, speedup: float) -> None:
         self.requests, self.cfg, self.speedup = requests, cfg, speedup
-        self.hashes = [chain_hashes(r.hash_ids) for r in requests]
-        self.caches = [LRUBlockCache(cfg.capacity_blocks) for _ in range(cfg.num_workers)]
+        self.model, self._scratch = ClusterModel(cfg), SimResult("online", 0, 0)
         self.choices: list[int | None] = [None] * len(requests)
         self.arrivals: list[int] = []
         self.ports: list[int] = []
@@ -177,10 +179,9 @@ class FakeWorkers:
         assert self.choices[i] is None, f"request {i} arrived twice"
         self.choices[i] = w
         self.arrivals.append(i)
-        r, chain, cache = self.requests[i], self.hashes[i], self.caches[w]
-        hits = cache.leading_hits(chain)
-        cache.insert(chain)
-        uncached = max(0, r.input_length - hits * self.cfg.block_size)
+        r = self.requests[i]
+        uncached = self.model.credit(r, self.model.outcome(w, r), self._scratch)
+        self.model.place(r.timestamp_s * 1000.0, w, r, uncached)
         return (uncached + r.output_length) * self.cfg.ms_per_token / 1000.0 / self.speedup
 
 
@@ -193,7 +194,8 @@ class SglangRouter:
         self.port, self.log_path, self.peer = free_port(), log_path, peer
         self.command = [sys.executable, "-m", f"{MODULE}.launch_router", "--host", LOCALHOST,
                         "--port", str(self.port), "--policy", peer.policy, "--worker-urls", *worker_urls,
-                        "--log-level", "warn", *peer.router_args]
+                        "--log-level", "warn", "--prometheus-host", LOCALHOST, "--prometheus-port", str(free_port()),
+                        *peer.router_args]  # its metrics port, fixed by default, on a free one: runs can overlap
         self.proc = None
 
     @property
@@ -236,13 +238,10 @@ class SglangRouter:
 
 # ---------------------------------------------------------------------- the replay
 
-async def _replay(requests: Sequence[MooncakeRecord], cfg: SimConfig, peer: PeerConfig, log_dir: Path,
-                  texts: PromptTexts) -> PeerRun:
+async def _replay(requests: Sequence[SimRequest], prompts: Sequence[str], cfg: SimConfig, peer: PeerConfig,
+                  log_dir: Path) -> PeerRun:
     import aiohttp
 
-    for r in requests:  # every block's text before the clock starts
-        for h in r.hash_ids:
-            texts.block(h)
     workers = FakeWorkers(requests, cfg, peer.speedup)
     await workers.start()
     router = SglangRouter(workers.urls, peer, log_dir / "sglang-router.log")
@@ -252,8 +251,8 @@ async def _replay(requests: Sequence[MooncakeRecord], cfg: SimConfig, peer: Peer
             await router.start(session, cfg.num_workers)
             late = []
 
-            async def send(i: int, r: MooncakeRecord) -> None:
-                body = {"text": texts.prompt(r), "rid": str(i),
+            async def send(i: int, r: SimRequest) -> None:
+                body = {"text": prompts[i], "rid": str(i),
                         "sampling_params": {"max_new_tokens": r.output_length}, "stream": False}
                 async with session.post(f"{router.url}/generate", json=body) as resp:
                     if resp.status != 200:
@@ -285,11 +284,19 @@ async def _replay(requests: Sequence[MooncakeRecord], cfg: SimConfig, peer: Peer
 
 def replay(requests: Sequence[MooncakeRecord], cfg: SimConfig, peer: PeerConfig = PeerConfig(),
            log_dir: str | Path | None = None, texts: PromptTexts | None = None) -> PeerRun:
-    """Replay `requests` through sglang-router in front of fake workers; its choice per request.
+    """Replay Mooncake `requests` through sglang-router in front of fake workers; its choice per request.
     PeerUnavailable when sglang-router is not installed or does not start (the message says why)."""
     version()
     texts = texts or PromptTexts(cfg.block_size)
+    return replay_prompts(sim_requests(requests), [texts.prompt(r) for r in requests], cfg, peer, log_dir)
+
+
+def replay_prompts(requests: Sequence[SimRequest], prompts: Sequence[str], cfg: SimConfig,
+                   peer: PeerConfig = PeerConfig(), log_dir: str | Path | None = None) -> PeerRun:
+    """Replay `requests`, request i as the text `prompts[i]`, through sglang-router in front of fake
+    workers; its choice per request. PeerUnavailable as `replay`."""
+    version()
     if log_dir is not None:
-        return asyncio.run(_replay(requests, cfg, peer, Path(log_dir), texts))
+        return asyncio.run(_replay(requests, prompts, cfg, peer, Path(log_dir)))
     with tempfile.TemporaryDirectory(prefix="kvweave-sglang-") as tmp:
-        return asyncio.run(_replay(requests, cfg, peer, Path(tmp), texts))
+        return asyncio.run(_replay(requests, prompts, cfg, peer, Path(tmp)))

@@ -4,8 +4,10 @@ For each trace window (`--trace-offset` list x `--trace-requests`) and each per-
 (`--sim-capacity` list): kvweave's real policy object is replayed by `mooncake_sim.simulate`;
 sglang-router 0.3.2 is replayed for real by `sglang_peer.replay` (fake workers, time compressed by
 `--peer-speedup`), and its recorded choices are scored by `mooncake_sim.score_choices`. Both are
-scored by the one cache model (per-worker LRU block caches of the capacity, 8 workers). A row:
-value = kvweave's hit rate, baseline = sglang's, ratio = hit_rate_vs_sglang; each side's request
+scored by the one cache model (benchmarks/cluster_sim.py: per-worker LRU block caches of the
+capacity, 8 workers, and DRAM and SSD tiers below them with `--sim-tiers`). A row: value = kvweave's
+hit rate, baseline = sglang's (with tiers, each hit block counted at its tier's weight,
+`cluster_sim.TIER_WEIGHTS`; `any_tier_hit_rate` counts them whole), ratio = hit_rate_vs_sglang; each side's request
 imbalance (max / mean requests per worker) and skipped share (prompt blocks some worker held that
 the chosen one did not) are in the row. The summary row averages the ratio over the held-out rows
 (those not overlapping `mooncake_sim.TUNING_WINDOW`, where prefix_aware's defaults were chosen).
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.agent_trace import is_synthetic, synthetic_trace
+from benchmarks.cluster_sim import TIER_WEIGHTS
 from benchmarks.mooncake_sim import (
     SimConfig, chain_hashes, in_sample, load_trace, score_choices, simulate, simulate_shared,
 )
@@ -44,11 +47,12 @@ def compare_window(trace: str | Path, requests: Sequence[MooncakeRecord], offset
     ours = simulate(requests, make_policy("prefix_aware", **(policy_config or {})), cfg, hashes)
     run = replay(requests, cfg, peer, texts=PromptTexts(cfg.block_size))
     theirs = score_choices(requests, run.choices, cfg, hashes, "sglang")
-    shared = simulate_shared(requests, cfg.num_workers * cfg.capacity_blocks, hashes)
-    ratio = ours.hit_rate / theirs.hit_rate if theirs.hit_rate else float("inf")
+    shared = simulate_shared(requests, cfg.combined_blocks, hashes)
+    ratio = ours.weighted_hit_rate / theirs.weighted_hit_rate if theirs.weighted_hit_rate else float("inf")
     log(f"vs sglang: {Path(str(trace)).name} requests {offset}-{offset + len(requests) - 1}, capacity "
-        f"{cfg.capacity_blocks}: kvweave {ours.hit_rate:.4f} (imbalance {ours.imbalance:.3f}), sglang "
-        f"{theirs.hit_rate:.4f} (imbalance {theirs.imbalance:.3f}): {ratio:.3f}x")
+        f"{cfg.capacity_blocks}{tiers_label(cfg)}: kvweave {ours.weighted_hit_rate:.4f} (imbalance "
+        f"{ours.imbalance:.3f}), sglang {theirs.weighted_hit_rate:.4f} (imbalance {theirs.imbalance:.3f}): "
+        f"{ratio:.3f}x")
     held_out = not in_sample(trace, offset, len(requests))
     extra = {
         "trace": Path(str(trace)).name, "first_request": offset, "num_requests": len(requests),
@@ -62,26 +66,45 @@ def compare_window(trace: str | Path, requests: Sequence[MooncakeRecord], offset
         "speedup": peer.speedup, "sglang_wall_s": run.wall_s, "send_lateness_trace_ms": run.lateness_ms,
         "arrivals_out_of_send_order": run.reordered,
     }
-    return Result("hit_rate_vs_sglang", ours.hit_rate, "ratio", f"sglang-router {run.version} {peer.policy}",
-                  theirs.hit_rate, True, extra)
+    if len(cfg.tiers) > 1:
+        extra |= {"tiers": dict(cfg.tiers), "tier_weights": {m: round(TIER_WEIGHTS[m], 4) for m, _ in cfg.tiers},
+                  "any_tier_hit_rate": round(ours.hit_rate, 4), "sglang_any_tier_hit_rate": round(theirs.hit_rate, 4),
+                  "hit_blocks_by_tier": ours.hit_blocks_by_tier, "sglang_hit_blocks_by_tier": theirs.hit_blocks_by_tier}
+    return Result("hit_rate_vs_sglang", ours.weighted_hit_rate, "ratio", f"sglang-router {run.version} {peer.policy}",
+                  theirs.weighted_hit_rate, True, extra)
 
 
-def summary(rows: Sequence[Result]) -> Result | None:
-    """The held-out rows' mean ratio, against parity (1.0), with the targets checked."""
+def tiers_label(cfg: SimConfig) -> str:
+    """", DRAM 2000 + SSD 4000 blocks" when the replay has host tiers, else ""."""
+    names = {"dram": "DRAM", "ssd": "SSD"}
+    host = [f"{names[m]} {n}" for m, n in cfg.tiers[1:]]
+    return f", {' + '.join(host)} blocks" if host else ""
+
+
+def held_out(rows: Sequence[Result]) -> tuple[list[Result], float, dict] | None:
+    """(the held-out rows, their mean ratio, what a summary row reports of them), None when none is held out."""
     held = [r for r in rows if r.extra["held_out"]]
     if not held:
         return None
     ratios = [r.ratio for r in held]
-    mean = sum(ratios) / len(ratios)
-    worst_imbalance = max(r.extra["imbalance"] for r in held)
-    extra = {"num_rows": len(held), "min_ratio": round(min(ratios), 3), "max_imbalance": worst_imbalance,
-             "max_sglang_imbalance": max(r.extra["sglang_imbalance"] for r in held),
-             "windows": sorted({(r.extra["trace"], r.extra["first_request"]) for r in held}),
-             "capacities": sorted({r.extra["capacity_blocks"] for r in held}),
-             "targets": {"min_ratio": TARGET_MIN_RATIO, "mean_ratio": TARGET_MEAN_RATIO,
-                         "max_imbalance": TARGET_MAX_IMBALANCE},
-             "meets_targets": min(ratios) >= TARGET_MIN_RATIO and mean >= TARGET_MEAN_RATIO
-             and worst_imbalance <= TARGET_MAX_IMBALANCE}
+    return held, sum(ratios) / len(ratios), {
+        "num_rows": len(held), "min_ratio": round(min(ratios), 3),
+        "max_imbalance": max(r.extra["imbalance"] for r in held),
+        "max_sglang_imbalance": max(r.extra["sglang_imbalance"] for r in held)}
+
+
+def summary(rows: Sequence[Result]) -> Result | None:
+    """The held-out rows' mean ratio, against parity (1.0), with the targets checked."""
+    found = held_out(rows)
+    if found is None:
+        return None
+    held, mean, extra = found
+    extra |= {"windows": sorted({(r.extra["trace"], r.extra["first_request"]) for r in held}),
+              "capacities": sorted({r.extra["capacity_blocks"] for r in held}),
+              "targets": {"min_ratio": TARGET_MIN_RATIO, "mean_ratio": TARGET_MEAN_RATIO,
+                          "max_imbalance": TARGET_MAX_IMBALANCE},
+              "meets_targets": extra["min_ratio"] >= TARGET_MIN_RATIO and mean >= TARGET_MEAN_RATIO
+              and extra["max_imbalance"] <= TARGET_MAX_IMBALANCE}
     return Result("hit_rate_vs_sglang_heldout_mean", mean, "x", "parity with sglang-router", 1.0, True, extra)
 
 

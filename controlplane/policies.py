@@ -27,9 +27,11 @@ t costs kv_costs_ms[t] / kv_costs_ms["recompute"] tokens (a device hit ~0, DRAM 
 time, a block only a peer holds its transfer time), a token nobody holds costs 1. The per-token
 costs are the worker's own measurements (registered with its heartbeat), else `DEFAULT_KV_COSTS_MS`.
 lowest cost wins; ties go to the emptiest KV cache (so unrelated prompts spread their prefixes),
-then rotate. When the busiest worker has more than `balance_abs_threshold` requests beyond the
-idlest AND more than `balance_rel_threshold` times as many, cache affinity is ignored and the
-least-loaded worker wins (SGLang's cache-aware router does the same with the same two knobs).
+then to the lowest hash of (the prompt's first block, worker id) (`tie_rank`): every router replica
+breaks a tie alike for the same prompt and the same workers, whatever each one placed before. When
+the busiest worker has more than `balance_abs_threshold` requests beyond the idlest AND more than
+`balance_rel_threshold` times as many, cache affinity is ignored and the least-loaded worker wins
+(SGLang's cache-aware router does the same with the same two knobs), ties broken by `tie_rank` too.
 
 `chunk_aware` (the default) is prefix_aware whose prefill work also counts the request's reusable
 chunks (`RouteRequest.chunk_spans`; where each worker gets each chunk's cache is
@@ -45,6 +47,7 @@ With no chunks it decides exactly as prefix_aware.
 from __future__ import annotations
 
 import logging
+import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -182,6 +185,14 @@ def _load_key(w: WorkerState) -> tuple[int, int]:
     return (w.num_requests, w.num_queued_prefill_tokens)
 
 
+def tie_rank(request: RouteRequest, worker_id: str) -> int:
+    """Where `worker_id` ranks among workers tied for `request`: a hash of the prompt's first block
+    (of its request id when the prompt has no full block) and the worker id, so that router
+    replicas agree on ties (no arrival order or dict order in it) and prompts spread over workers."""
+    seed = request.block_hashes[0] if request.block_hashes else request.req_id.encode()
+    return zlib.crc32(worker_id.encode(), zlib.crc32(seed))
+
+
 class PrefixAwarePolicy(Policy):
     name = "prefix_aware"
     needs_index = True
@@ -207,15 +218,14 @@ class PrefixAwarePolicy(Policy):
         self.churn_half_life = churn_half_life
         self._churn_decay = 0.5 ** (1.0 / churn_half_life)
         self._churn: dict[str, float] = {}
-        self._rotation = _Rotation()
 
     def pick(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
         if self._imbalanced(workers):
-            w = self._rotation.argmin(workers, _load_key)
+            w = min(workers, key=lambda w: (*_load_key(w), tie_rank(request, w.worker_id)))
             decision = Decision(w.worker_id, self.name, "imbalance")
         else:
             costs = {w.worker_id: self.cost(request, w) for w in workers}
-            w = self._rotation.argmin(workers, lambda w: (costs[w.worker_id], w.kv_usage))
+            w = min(workers, key=lambda w: (costs[w.worker_id], w.kv_usage, tie_rank(request, w.worker_id)))
             decision = Decision(w.worker_id, self.name, "cost", costs)
         self._record_churn(request, workers, w)
         return decision

@@ -17,6 +17,7 @@ Hashes are 16-byte BLAKE2b digests: stable across processes and Python versions 
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,17 +89,18 @@ def hash_blocks(
     `hash_block`, computed over one buffer (this runs per request on the router's hot path).
     """
     assert block_size > 0
-    buf = memoryview(np.asarray(token_ids, dtype=np.int64).tobytes())
+    if isinstance(token_ids, (list, tuple)):  # the router's case: array() packs a list ~1.3x faster than numpy
+        buf = array("q", token_ids).tobytes()
+    else:
+        buf = np.asarray(token_ids, dtype=np.int64).tobytes()
     step = block_size * 8
     suffix = b"\x00" + extra if extra else b""
     hashes: list[BlockHash] = []
     blake2b = hashlib.blake2b
+    parent = parent or ROOT_HASH
     for i in range(start_block, len(buf) // step):
-        h = blake2b(parent or ROOT_HASH, digest_size=HASH_BYTES)
-        h.update(buf[i * step:(i + 1) * step])
-        if suffix:
-            h.update(suffix)
-        parent = BlockHash(h.digest())
+        # One call over parent + block + suffix: the same bytes as hash_block's updates, ~1.5x faster.
+        parent = blake2b(parent + buf[i * step:(i + 1) * step] + suffix, digest_size=HASH_BYTES).digest()
         hashes.append(parent)
     return hashes
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from benchmarks.agent_trace import AgentTraceConfig, parse_name, synthetic_trace
-from benchmarks.mooncake_sim import SimConfig, chain_hashes, load_trace, score_choices, simulate
+from benchmarks.mooncake_sim import SimConfig, chain_hashes, load_trace, score_choices, sim_requests, simulate
 from benchmarks.router import DEFAULT_TRACE
 from benchmarks.sglang_peer import FakeWorkers, PeerConfig, PromptTexts, replay
 from cli.main import main
@@ -37,7 +37,7 @@ def test_prompt_text_shares_exactly_the_shared_block_prefix():
 
 def test_fake_workers_hold_each_answer_for_its_uncached_tokens():
     requests = [rec(1, 2, out=100), rec(1, 2, 3, out=0), rec(1, 2, 3, out=0)]
-    workers = FakeWorkers(requests, SimConfig(num_workers=2, capacity_blocks=10, ms_per_token=1.0), speedup=10.0)
+    workers = FakeWorkers(sim_requests(requests), SimConfig(num_workers=2, capacity_blocks=10, ms_per_token=1.0), speedup=10.0)
     assert workers.arrive(0, 0) == pytest.approx((1024 + 100) / 1000 / 10)
     assert workers.arrive(1, 0) == pytest.approx(512 / 1000 / 10)  # its first two blocks are cached on w0
     assert workers.arrive(2, 1) == pytest.approx(1536 / 1000 / 10)  # nothing on w1

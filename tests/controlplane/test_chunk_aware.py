@@ -135,7 +135,8 @@ async def _route(redis_url: str, model) -> None:
     from controlplane.router_types import GenerateInput
     from kvstore.keys import chunk_block_keys, chunk_hash
     from kvstore.index import KVIndex
-    from kvstore.keys import encode_extra_keys
+    from kvstore.keys import encode_extra_keys, hash_blocks
+    from controlplane.policies import RouteRequest, tie_rank
     from worker.engine import EngineConfig
     from kvweave.model_files import load_tokenizer
     from kvweave.sampling_params import SamplingParams
@@ -177,11 +178,13 @@ async def _route(redis_url: str, model) -> None:
         await index.replace("w1", "dram", entries[1:])
         await index.replace("w2", "ssd", entries)
         assert [await route() for _ in range(3)] == ["w2"] * 3
-        # ... unless its heartbeat says its SSD holds nothing (that tier is not asked): spread again.
+        # ... unless its heartbeat says its SSD holds nothing (that tier is not asked): a tie again,
+        # which the prompt's first block breaks, alike on every route (and on every router replica).
         await registry.heartbeat(WorkerInfo("w2", worker.address, router.model.name, max_model_len=512,
                                             load=WorkerLoad(kv_entries={"device": 1})))
         await router.pool.refresh()
-        assert sorted([await route() for _ in range(3)]) == ["w0", "w1", "w2"]
+        first = RouteRequest(len(token_ids), hash_blocks(token_ids, 16, encode_extra_keys((router.model.name, ""))))
+        assert [await route() for _ in range(3)] == [min(("w0", "w1", "w2"), key=lambda w: tie_rank(first, w))] * 3
     finally:
         await router.stop()
         await worker.stop()

@@ -1,7 +1,9 @@
 """Router replicas: three real `kvweave router` processes over one Redis (registry and KV index) and
 two real workers. For the same state they make the same decision (the same prompt goes to the
 worker holding its prefix through each of them, as `route explain` and the responses show), and
-each sees the others' in-flight requests (published through Redis, controlplane/replica_load.py)."""
+each sees the others' in-flight requests (published through Redis, controlplane/replica_load.py).
+Three in-process routers break ties on cold prompts alike, whatever order they list the workers in
+and whatever they decided before."""
 from __future__ import annotations
 
 import json
@@ -101,3 +103,61 @@ def test_replicas_decide_alike_and_see_each_others_load(replicas):
         long_stream.cancel()
         client.close()
     wait_until(lambda: cluster.num_worker_requests() == 0)
+
+
+async def _cold_decisions(redis_url: str, model) -> None:
+    import random
+    import time
+
+    from controlplane.router import Router, RouterConfig
+    from controlplane.router_types import GenerateInput
+    from kvweave.model_files import load_tokenizer
+    from kvweave.registry import Registry, WorkerInfo
+    from kvweave.sampling_params import SamplingParams
+    from worker.engine import EngineConfig
+    from worker.server import WorkerOptions, WorkerServer
+
+    worker = WorkerServer(EngineConfig(model=str(model), dtype="float32", num_blocks=64, num_threads=1),
+                          WorkerOptions())  # no Redis: its registry entries are ours
+    await worker.start()
+    tokenizer = load_tokenizer(str(model))
+    # The churn memory is each replica's own (what it placed itself): off, so that only the tie-break
+    # decides among workers that hold nothing of these prompts and carry the same load.
+    routers = [Router(RouterConfig(redis_url=redis_url, model=str(model), policy_config={"churn_weight": 0.0}),
+                      tokenizer) for _ in range(3)]
+    try:
+        registry = Registry(routers[0].redis, lease_s=3600)
+        for w in ("w0", "w1", "w2", "w3"):
+            await registry.heartbeat(WorkerInfo(w, worker.address, routers[0].model.name, max_model_len=512))
+        for i, router in enumerate(routers):
+            await router.start()
+            # Replicas list the workers in the order they found them: a different one each here.
+            order = list(router.pool.workers.items())
+            random.Random(i).shuffle(order)
+            router.pool.workers = dict(order)
+
+        async def decide(router: Router, prompt: list[int]) -> str:
+            params = SamplingParams(max_tokens=1, temperature=0.0)
+            req = router._prepare(GenerateInput(prompt=prompt, params=params), time.perf_counter())
+            workers = router._candidates(req)
+            return router._pick(req, workers, await router._lookup(req, workers))[0].worker_id
+
+        prompts = [prompt_ids(200 + k, 40) for k in range(12)]  # cold: nobody holds any of their blocks
+        orders = [list(range(12)), list(reversed(range(12))), random.Random(7).sample(range(12), 12)]
+        chosen = []
+        for router, order in zip(routers, orders):  # each replica after its own history of decisions
+            chosen.append({k: await decide(router, prompts[k]) for k in order})
+        assert chosen[0] == chosen[1] == chosen[2]
+        assert len(set(chosen[0].values())) > 1  # the tie-break spreads unrelated prompts
+    finally:
+        for router in routers:
+            await router.stop()
+        await worker.stop()
+
+
+def test_replicas_break_ties_alike_on_cold_prompts(redis_url, tiny_hf_model):
+    """Three routers over one Redis, each listing the workers in another order and deciding the
+    prompts in another order, place every cold prompt on the same worker."""
+    import asyncio
+
+    asyncio.run(_cold_decisions(redis_url, tiny_hf_model))
