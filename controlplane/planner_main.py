@@ -18,6 +18,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONNECTORS = ("kubernetes", "local", "ray")
+RECENT_DECISIONS = 1000
 
 
 @dataclass
@@ -194,13 +197,17 @@ class PlannerLoop:
         self.config, self.observer, self.connector = config, observer, connector
         self.metrics = metrics or PlannerMetrics()
         self.planner = Planner({r: p for r, p in config.policies().items() if r in connector.roles}, config.params())
+        self.decisions: deque[tuple[float, Decision]] = deque(maxlen=RECENT_DECISIONS)
+        """The recent decisions with their time.monotonic(), oldest first (for whoever embeds the loop)."""
 
     async def step(self) -> list[Decision]:
         observations = [o for o in await self.observer.observe() if o.role in self.connector.roles]
         for o in observations:  # what the platform was asked for, not only the workers registered yet
             o.num_replicas = await self.connector.get_replicas(o.role)
         decisions = self.planner.decide(observations)
+        now = time.monotonic()
         for d in decisions:
+            self.decisions.append((now, d))
             self.metrics.record(d)
             log = logger.info if d.changed else logger.debug
             log("%s pool: %d -> %d replicas (%s; %s)%s", d.role, d.current_replicas, d.target_replicas, d.reason,
