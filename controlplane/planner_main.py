@@ -66,8 +66,9 @@ class PlannerConfig:
     its nodes must reach --redis-url."""
     ray_namespace: str = "kvweave"
     """Ray namespace of the ray connector's worker actors, named `kvweave-<worker id>` (`kvweave-decode-1`).
-    The worker actors already there (`kvweave serve --launcher ray`) are adopted: they count, may be
-    stopped, and the actors the planner adds copy their engine settings (else the engine's defaults)."""
+    The worker actors already there (`kvweave serve --launcher ray`, an earlier planner's) are adopted:
+    they count, may be stopped, and the actors the planner adds copy their engine settings (else the
+    engine's defaults). The actors it adds are detached: they outlive the planner (with --ray-address)."""
     cpus_per_worker: float = 1.0
     """CPUs each worker actor of the ray connector reserves."""
     gpus_per_worker: float = 0.0
@@ -281,8 +282,10 @@ def local_connector(config: PlannerConfig) -> Connector:
 def ray_connector(config: PlannerConfig, actor_cls: type) -> Connector:
     """A LauncherConnector of `actor_cls` actors in the Ray cluster at `ray_address` (else a local one,
     started now: ConnectorError when Ray cannot start); they register in the planner's Redis. The
-    worker actors already in `ray_namespace` (`kvweave serve --launcher ray`) are adopted: they count
-    and scaling down may stop them, but they stay when the planner exits, while those it started stop."""
+    worker actors already in `ray_namespace` (`kvweave serve --launcher ray`, or an earlier planner's) are
+    adopted: they count and scaling down may stop them. The actors it starts are detached: they keep
+    serving when the planner exits, for the next planner to adopt (unless the planner started a local
+    Ray cluster, which stops with it)."""
     from controlplane.planner_connectors import LauncherConnector
     from controlplane.ray_launcher import RayStartError, RayWorkers
 
@@ -291,7 +294,7 @@ def ray_connector(config: PlannerConfig, actor_cls: type) -> Connector:
                               gpus_per_worker=config.gpus_per_worker)
     security_env = {name: os.environ[name] for name in (cluster_secret.SECRET_ENV, cluster_secret.REDIS_PASSWORD_ENV)
                     if os.environ.get(name)}  # what `install` set: the actors get the files' contents
-    workers = RayWorkers(cluster, {}, config.redis_url, actor_cls, security_env)
+    workers = RayWorkers(cluster, {}, config.redis_url, actor_cls, security_env, detached=True)
     try:
         workers.start()
         if adopted := workers.adopt():
