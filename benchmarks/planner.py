@@ -27,13 +27,17 @@ Results (BENCHMARKS.md's format):
 `config.run` holds the unloaded ITL, the target, each run's interval timeline (ITL p50/p99, tokens
 per worker, replicas at the interval's end), B's planner decisions and replica changes (times from
 the step's start: when the planner scaled up, when the added worker registered), and the changes
-of B's workers after its first one while the load stays steady (`flaps`, 0 expected).
+of B's workers after its first one while the load stays steady (`flaps`, 0 expected), and the cores
+each process used over each step (`cores_used_a`, `cores_used_b`: CPU seconds / seconds; a worker
+added during the step counts its start; `bench_process` is the load's client, and B's planner),
+which say whether a second worker found a free core.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -79,6 +83,8 @@ class StepRecord:
     tokens: list[tuple[float, str, int]]
     replicas: list[tuple[float, int, int]]
     """(time, workers started, workers registered) at the step's start and at each change."""
+    cores: dict[str, float] | None = None
+    """Process -> the cores it used over the step (CPU seconds / the step's seconds)."""
 
     def replicas_at(self, t: float) -> tuple[int, int]:
         return next((started, registered) for at, started, registered in reversed(self.replicas) if at <= t)
@@ -144,6 +150,7 @@ async def load_step(cluster, config: PlannerBenchConfig) -> StepRecord:
 
     try:
         counts = await count()
+        cpu_start = cluster_cpu_seconds(cluster)
         record = StepRecord(time.monotonic(), [], [], [])
         record.replicas.append((record.start, *counts))
         async with kvweave.AsyncClient(cluster.grpc_target, timeout=600) as client:
@@ -151,11 +158,32 @@ async def load_step(cluster, config: PlannerBenchConfig) -> StepRecord:
             tasks += [asyncio.create_task(_stream(client, i, config.max_tokens, stop, record, []))
                       for i in range(config.concurrency)]
             await asyncio.sleep(max(0.0, record.start + config.step_intervals * config.interval_s - time.monotonic()))
+            cpu_end, seconds = cluster_cpu_seconds(cluster), time.monotonic() - record.start
+            record.cores = {name: round((cpu - cpu_start.get(name, 0.0)) / seconds, 3) for name, cpu in cpu_end.items()}
             stop.set()
             await asyncio.gather(*tasks)
     finally:
         await redis.aclose()
     return record
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cluster_cpu_seconds(cluster) -> dict[str, float]:
+    """CPU seconds so far of the cluster's processes and of this one (the load's client; in run B
+    also the planner's thread)."""
+    pids = {"router": cluster.router.pid, "redis": cluster.redis.proc.pid,
+            **{worker_id: cluster.workers.proc(worker_id).pid for worker_id in cluster.worker_ids}}
+    own = os.times()
+    return {**{name: cpu_seconds(pid) for name, pid in pids.items()}, "bench_process": own.user + own.system}
 
 
 def timeline(record: StepRecord, config: PlannerBenchConfig) -> list[dict]:
@@ -216,6 +244,7 @@ def run_bench(config: PlannerBenchConfig, log=print) -> tuple[list[Result], dict
     from controlplane.cluster import LocalCluster
     from controlplane.serve_planner import ServePlanner, serve_planner_config
 
+    loadavg_start = round(os.getloadavg()[0], 2)
     with LocalCluster(model=config.model, workers=0, decode_workers=1, insecure=True, startup_timeout=900,
                       engine_args=engine_args(config)) as cluster:
         asyncio.run(unloaded_itl(cluster.grpc_target, min(2.0, config.unloaded_s), config.max_tokens))  # warm-up
@@ -241,7 +270,8 @@ def run_bench(config: PlannerBenchConfig, log=print) -> tuple[list[Result], dict
         decisions = [{"t_s": round(t - step_b.start, 2), "pool": d.role, "from": d.current_replicas,
                       "to": d.target_replicas, "reason": d.reason, "detail": d.detail}
                      for t, d in planner.loop.decisions]
-    return report(config, unloaded, target_ms, step_a, step_b, decisions)
+    results, details = report(config, unloaded, target_ms, step_a, step_b, decisions)
+    return results, {"loadavg_1min_at_start": loadavg_start, **details}
 
 
 def report(config: PlannerBenchConfig, unloaded: list[float], target_ms: float, step_a: StepRecord,
@@ -269,7 +299,7 @@ def report(config: PlannerBenchConfig, unloaded: list[float], target_ms: float, 
                "unloaded_itl_p99_ms": round(_ms(percentile(unloaded, 99)), 2), "unloaded_num_gaps": len(unloaded),
                "itl_target_ms": round(target_ms, 2), "recovery_intervals": {"a": recovered_a, "b": recovered_b},
                "scale_up_at_s": up and up["t_s"], "added_worker_registered_at_s": registered_at,
-               "replica_changes_b": events, "flaps": flaps(events), "timeline_a": rows_a, "timeline_b": rows_b,
+               "cores_used_a": step_a.cores, "cores_used_b": step_b.cores, "replica_changes_b": events, "flaps": flaps(events), "timeline_a": rows_a, "timeline_b": rows_b,
                "decisions_b": decisions}
     return results, details
 
