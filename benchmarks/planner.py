@@ -29,8 +29,9 @@ per worker, replicas at the interval's end), B's planner decisions and replica c
 the step's start: when the planner scaled up, when the added worker registered), and the changes
 of B's workers after its first one while the load stays steady (`flaps`, 0 expected), and the cores
 each process used over each step (`cores_used_a`, `cores_used_b`: CPU seconds / seconds; a worker
-added during the step counts its start; `bench_process` is the load's client, and B's planner),
-which say whether a second worker found a free core.
+added during the step counts its start; `bench_process` is the load's client, and B's planner;
+`machine` all cores busy, `other_processes` what of it was not this run's), which say whether a
+second worker found a free core.
 """
 from __future__ import annotations
 
@@ -159,7 +160,9 @@ async def load_step(cluster, config: PlannerBenchConfig) -> StepRecord:
                       for i in range(config.concurrency)]
             await asyncio.sleep(max(0.0, record.start + config.step_intervals * config.interval_s - time.monotonic()))
             cpu_end, seconds = cluster_cpu_seconds(cluster), time.monotonic() - record.start
-            record.cores = {name: round((cpu - cpu_start.get(name, 0.0)) / seconds, 3) for name, cpu in cpu_end.items()}
+            cores = {name: (cpu - cpu_start.get(name, 0.0)) / seconds for name, cpu in cpu_end.items()}
+            cores["other_processes"] = max(0.0, 2 * cores["machine"] - sum(cores.values()))  # machine - ours
+            record.cores = {name: round(value, 3) for name, value in cores.items()}
             stop.set()
             await asyncio.gather(*tasks)
     finally:
@@ -177,13 +180,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of this machine spent busy so far (all processes: /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def cluster_cpu_seconds(cluster) -> dict[str, float]:
-    """CPU seconds so far of the cluster's processes and of this one (the load's client; in run B
-    also the planner's thread)."""
+    """CPU seconds so far of the cluster's processes, of this one (the load's client; in run B also
+    the planner's thread) and of the whole machine (`machine`)."""
     pids = {"router": cluster.router.pid, "redis": cluster.redis.proc.pid,
             **{worker_id: cluster.workers.proc(worker_id).pid for worker_id in cluster.worker_ids}}
     own = os.times()
-    return {**{name: cpu_seconds(pid) for name, pid in pids.items()}, "bench_process": own.user + own.system}
+    return {**{name: cpu_seconds(pid) for name, pid in pids.items()}, "bench_process": own.user + own.system,
+            "machine": machine_busy_seconds()}
 
 
 def timeline(record: StepRecord, config: PlannerBenchConfig) -> list[dict]:

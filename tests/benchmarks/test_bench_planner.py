@@ -55,8 +55,11 @@ def test_bench_planner_quick_reports_consistent_timelines(tiny_hf_model, tmp_pat
         assert (row["replicas_started"], row["replicas_registered"]) == (last["started"], last["registered"])
     for name, rows in (("cores_used_a", run["timeline_a"]), ("cores_used_b", run["timeline_b"])):
         served_by = {w for r in rows for w in r["tokens_by_worker"]}  # every worker that served has a figure
-        assert {"router", "redis", "bench_process"} | served_by <= run[name].keys()
-        assert all(cores >= 0 for cores in run[name].values()) and run[name]["decode-0"] > 0
+        cores = run[name]
+        assert {"router", "redis", "bench_process", "machine", "other_processes"} | served_by <= cores.keys()
+        assert all(v >= 0 for v in cores.values()) and cores["decode-0"] > 0
+        ours = sum(v for k, v in cores.items() if k not in ("machine", "other_processes"))
+        assert cores["other_processes"] == pytest.approx(max(0.0, cores["machine"] - ours), abs=0.01)
     decisions = run["decisions_b"]
     assert decisions and all(d["pool"] == "decode" and 1 <= d["to"] <= config["max_replicas"] for d in decisions)
     ups = [d for d in decisions if d["reason"] == "scale_up"]
