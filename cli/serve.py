@@ -60,7 +60,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_config_args(p.add_argument_group("router"), RouterConfig, only=["chunk_separator", *ROUTER_ARGS])
     add_config_args(p.add_argument_group("router security"), ServeOptions, only=list(SECURITY_ARGS))
     add_engine_args(p)
+    add_planner_args(p)
     p.set_defaults(func=run)
+
+
+def add_planner_args(p: argparse.ArgumentParser) -> None:
+    from controlplane.planner_main import PlannerConfig
+    from controlplane.serve_planner import SERVE_PLANNER_FIELDS
+
+    group = p.add_argument_group("planner", "with --planner, the SLA planner of `kvweave planner` runs in this "
+                                            "process and scales the prefill and decode pools started here")
+    group.add_argument("--planner", action="store_true", help="scale the prefill and decode pools toward the TTFT and "
+                       "ITL targets (adds and stops local worker processes; docs/deployment.md)")
+    add_config_args(group, PlannerConfig, only=SERVE_PLANNER_FIELDS)
+
+
+def planner_config(args: argparse.Namespace, config: ClusterConfig):
+    """The in-process planner's settings (None without --planner); ValueError for bad ones."""
+    from controlplane.planner_main import PlannerConfig
+    from controlplane.serve_planner import SERVE_PLANNER_FIELDS, serve_planner_config
+
+    if not args.planner:
+        return None
+    return serve_planner_config(config, **config_kwargs(PlannerConfig, args, only=SERVE_PLANNER_FIELDS))
 
 
 def changed_engine_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,14 +180,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         config = config_from_args(args)
+        planning = planner_config(args, config)
         cluster = LocalCluster(config, ray_actor=ray_actor_class() if config.launcher == "ray" else None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ.update(router_env(args))  # the router process inherits them
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    planner = None
     try:
         cluster.start()
+        if planning is not None:
+            from controlplane.serve_planner import ServePlanner
+
+            planner = ServePlanner(cluster, planning).start()
         print(format_endpoints(cluster), flush=True)
         return _supervise(cluster)
     except (_Terminated, KeyboardInterrupt):
@@ -176,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+        if planner is not None:
+            planner.stop()
         cluster.stop()
         print("kvweave cluster stopped", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, previous)

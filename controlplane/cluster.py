@@ -29,6 +29,7 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -181,11 +182,30 @@ class LocalCluster:
             self.supervisor.add("redis", self.redis.proc, self._restart_redis)
         self.supervisor.add("router", self.router, self._start_router)
         if isinstance(self.workers, LocalWorkers):
-            for worker_id, proc in zip(self.workers.worker_ids, self.workers.procs):
-                self.supervisor.add(worker_id, proc, lambda worker_id=worker_id: self.workers.start_one(worker_id))
+            for worker_id in self.workers.worker_ids:
+                self._supervise_worker(worker_id)
         else:
             self.workers.watch()  # Ray re-creates a dead actor; the launcher starts its worker again
         self.supervisor.start()
+
+    def _supervise_worker(self, worker_id: str) -> None:
+        workers = self.workers
+        self.supervisor.add(worker_id, workers.proc(worker_id), lambda: workers.start_one(worker_id))
+
+    def add_worker(self, role: str) -> str:
+        """Start one more local worker of `role` (supervised as the first ones); returns its id. The
+        caller waits for it to register (`kvweave serve --planner`, controlplane/serve_planner.py)."""
+        if not isinstance(self.workers, LocalWorkers):
+            raise ClusterError("only a local cluster's worker processes are added here (Ray: the planner's ray connector)")
+        worker_id = self.workers.add(role)
+        self._supervise_worker(worker_id)
+        return worker_id
+
+    def remove_workers(self, worker_ids: list[str]) -> None:
+        """Stop these local workers for good (each deregisters and drains), unsupervised first."""
+        for worker_id in worker_ids:
+            self.supervisor.remove(worker_id)
+        self.workers.remove(worker_ids)
 
     def _open_log_dir(self) -> None:
         if self.config.log_dir:
@@ -340,6 +360,8 @@ class LocalWorkers:
         self.addresses: dict[str, str] = {}
         self._ports: dict[str, tuple[int, int]] = {}
         """worker id -> (gRPC port, metrics port), kept across restarts."""
+        self._lock = threading.Lock()
+        """Guards the tables `add` and `remove` change while the supervisor restarts a worker."""
 
     def _command(self, worker_id: str, port: int, metrics_port: int) -> list[str]:
         c = self.config
@@ -360,39 +382,49 @@ class LocalWorkers:
         env = {**self.env, "CUDA_VISIBLE_DEVICES": self.gpus[worker_id]} if worker_id in self.gpus else self.env
         return spawn(self._command(worker_id, *self._ports[worker_id]), self.log_dir / f"{worker_id}.log", env)
 
+    def proc(self, worker_id: str) -> subprocess.Popen:
+        with self._lock:
+            return self.procs[self.worker_ids.index(worker_id)]
+
     def start_one(self, worker_id: str) -> subprocess.Popen:
         """(Re)start one worker with its id and ports (after it died); returns its process."""
-        proc = self._spawn(worker_id)
-        self.procs[self.worker_ids.index(worker_id)] = proc
+        with self._lock:
+            proc = self._spawn(worker_id)
+            self.procs[self.worker_ids.index(worker_id)] = proc
         return proc
 
     def add(self, role: str) -> str:
         """Start one more worker of `role` (the next free index, free ports, its GPUs as the others'
         are shared out: `gpus_for_new_worker`); returns its id."""
-        worker_id = next_worker_id(self.config, self.roles, role)
-        gpus = gpus_for_new_worker(self.gpus, self._visible_gpus, self.config.worker_gpus)
-        if gpus is not None:
-            self.gpus[worker_id] = gpus
-        self.roles[worker_id] = role
-        self.worker_ids.append(worker_id)
-        self._ports[worker_id] = free_port(self.config.host), free_port(self.config.host)
-        self.procs.append(self._spawn(worker_id))
-        self.addresses[worker_id] = f"{self.config.host}:{self._ports[worker_id][0]}"
+        with self._lock:
+            worker_id = next_worker_id(self.config, self.roles, role)
+            gpus = gpus_for_new_worker(self.gpus, self._visible_gpus, self.config.worker_gpus)
+            if gpus is not None:
+                self.gpus[worker_id] = gpus
+            self.roles[worker_id] = role
+            self.worker_ids.append(worker_id)
+            self._ports[worker_id] = free_port(self.config.host), free_port(self.config.host)
+            self.procs.append(self._spawn(worker_id))
+            self.addresses[worker_id] = f"{self.config.host}:{self._ports[worker_id][0]}"
         return worker_id
 
     def remove(self, worker_ids: list[str]) -> None:
         """Stop these workers (SIGTERM: each deregisters and drains, as on a pod's stop; SIGKILL after
         10 s) and forget them."""
-        procs = [self.procs[self.worker_ids.index(w)] for w in worker_ids]
+        with self._lock:
+            procs = [self.procs[self.worker_ids.index(w)] for w in worker_ids]
         stop_process_groups(procs)
-        for worker_id, proc in zip(worker_ids, procs):
-            self.procs.remove(proc)
-            self.worker_ids.remove(worker_id)
-            for table in (self.roles, self.addresses, self._ports, self.gpus):
-                table.pop(worker_id, None)
+        with self._lock:
+            for worker_id in worker_ids:
+                del self.procs[self.worker_ids.index(worker_id)]
+                self.worker_ids.remove(worker_id)
+                for table in (self.roles, self.addresses, self._ports, self.gpus):
+                    table.pop(worker_id, None)
 
     def check(self) -> str | None:
-        for worker_id, proc in zip(self.worker_ids, self.procs):
+        with self._lock:
+            workers = list(zip(self.worker_ids, self.procs))
+        for worker_id, proc in workers:
             if proc.poll() is not None:
                 return f"worker {worker_id} exited with {proc.returncode}:\n{tail(self.log_dir / f'{worker_id}.log')}"
         return None

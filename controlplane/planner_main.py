@@ -18,6 +18,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONNECTORS = ("kubernetes", "local", "ray")
+RECENT_DECISIONS = 1000
 
 
 @dataclass
@@ -63,8 +66,9 @@ class PlannerConfig:
     its nodes must reach --redis-url."""
     ray_namespace: str = "kvweave"
     """Ray namespace of the ray connector's worker actors, named `kvweave-<worker id>` (`kvweave-decode-1`).
-    The worker actors already there (`kvweave serve --launcher ray`) are adopted: they count, may be
-    stopped, and the actors the planner adds copy their engine settings (else the engine's defaults)."""
+    The worker actors already there (`kvweave serve --launcher ray`, an earlier planner's) are adopted:
+    they count, may be stopped, and the actors the planner adds copy their engine settings (else the
+    engine's defaults). The actors it adds are detached: they outlive the planner (with --ray-address)."""
     cpus_per_worker: float = 1.0
     """CPUs each worker actor of the ray connector reserves."""
     gpus_per_worker: float = 0.0
@@ -194,13 +198,17 @@ class PlannerLoop:
         self.config, self.observer, self.connector = config, observer, connector
         self.metrics = metrics or PlannerMetrics()
         self.planner = Planner({r: p for r, p in config.policies().items() if r in connector.roles}, config.params())
+        self.decisions: deque[tuple[float, Decision]] = deque(maxlen=RECENT_DECISIONS)
+        """The recent decisions with their time.monotonic(), oldest first (for whoever embeds the loop)."""
 
     async def step(self) -> list[Decision]:
         observations = [o for o in await self.observer.observe() if o.role in self.connector.roles]
         for o in observations:  # what the platform was asked for, not only the workers registered yet
             o.num_replicas = await self.connector.get_replicas(o.role)
         decisions = self.planner.decide(observations)
+        now = time.monotonic()
         for d in decisions:
+            self.decisions.append((now, d))
             self.metrics.record(d)
             log = logger.info if d.changed else logger.debug
             log("%s pool: %d -> %d replicas (%s; %s)%s", d.role, d.current_replicas, d.target_replicas, d.reason,
@@ -274,8 +282,10 @@ def local_connector(config: PlannerConfig) -> Connector:
 def ray_connector(config: PlannerConfig, actor_cls: type) -> Connector:
     """A LauncherConnector of `actor_cls` actors in the Ray cluster at `ray_address` (else a local one,
     started now: ConnectorError when Ray cannot start); they register in the planner's Redis. The
-    worker actors already in `ray_namespace` (`kvweave serve --launcher ray`) are adopted: they count
-    and scaling down may stop them, but they stay when the planner exits, while those it started stop."""
+    worker actors already in `ray_namespace` (`kvweave serve --launcher ray`, or an earlier planner's) are
+    adopted: they count and scaling down may stop them. The actors it starts are detached: they keep
+    serving when the planner exits, for the next planner to adopt (unless the planner started a local
+    Ray cluster, which stops with it)."""
     from controlplane.planner_connectors import LauncherConnector
     from controlplane.ray_launcher import RayStartError, RayWorkers
 
@@ -284,7 +294,7 @@ def ray_connector(config: PlannerConfig, actor_cls: type) -> Connector:
                               gpus_per_worker=config.gpus_per_worker)
     security_env = {name: os.environ[name] for name in (cluster_secret.SECRET_ENV, cluster_secret.REDIS_PASSWORD_ENV)
                     if os.environ.get(name)}  # what `install` set: the actors get the files' contents
-    workers = RayWorkers(cluster, {}, config.redis_url, actor_cls, security_env)
+    workers = RayWorkers(cluster, {}, config.redis_url, actor_cls, security_env, detached=True)
     try:
         workers.start()
         if adopted := workers.adopt():

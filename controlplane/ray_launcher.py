@@ -18,7 +18,8 @@ runtime_env in `ray.init` by whoever connects).
 Each actor is named `kvweave-<worker id>` (`kvweave-decode-1`) in the cluster's Ray namespace
 (`ray_namespace`), so another driver finds them: the planner's ray connector scales the pools with
 `add` (one more actor of a role, started as `start` starts them) and `remove` (the worker deregisters
-and drains, then the actor is killed), and `adopt`s the actors `kvweave serve` started.
+and drains, then the actor is killed), and `adopt`s the actors `kvweave serve` started. The planner's
+actors are detached (`detached`): they outlive the planner's process, and the next planner adopts them.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 ACTOR_PREFIX = "kvweave-"
 """Worker actors are named ACTOR_PREFIX + worker id (`actor_name`)."""
 STOP_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 600.0
+"""How long a worker actor may take to load its model and serve."""
 WATCH_S = 2.0
 """How often the watcher makes sure every actor serves (after Ray restarted one)."""
 _RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -108,11 +111,15 @@ class RayWorkers:
     `advertise_host` of `kvweave.registry.NODE_IP` asks the actor to advertise its node's IP."""
 
     def __init__(self, config: ClusterConfig, roles: dict[str, str], redis_url: str, actor_cls: type,
-                 security_env: dict[str, str] | None = None) -> None:
+                 security_env: dict[str, str] | None = None, detached: bool = False) -> None:
         """`security_env`: the cluster's KVWEAVE_CLUSTER_SECRET_FILE / KVWEAVE_REDIS_PASSWORD_FILE; the
         files' contents go to each actor in its `start` call (actors on other nodes cannot read
-        them), which writes them to private files of its own."""
+        them), which writes them to private files of its own. `detached`: the actors this creates
+        outlive this driver (Ray's detached lifetime) and `stop` leaves them serving, for a later
+        driver to `adopt` (the planner's); unless this started the Ray cluster itself, which stops
+        with it."""
         self.config, self.roles, self.redis_url = config, roles, redis_url
+        self.detached = detached
         self.security_env = security_env or {}
         self.worker_ids = list(roles)
         self.actor_cls = actor_cls
@@ -129,6 +136,8 @@ class RayWorkers:
         self._lock = threading.Lock()
         """Guards the tables `add` and `remove` change while the watcher reads them."""
         self._started_ray = False
+        self._own_ray = False
+        """This driver started the (local) Ray cluster: it goes, with every actor, at `stop`."""
         self._failure: str | None = None
         self.restarts: dict[str, int] = dict.fromkeys(self.worker_ids, 0)
         """Workers the watcher started again after Ray re-created their actor."""
@@ -156,6 +165,7 @@ class RayWorkers:
                 with _loopback_only():
                     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                              _temp_dir=c.ray_temp_dir, logging_level=logging.WARNING, log_to_driver=False)
+                self._own_ray = True
         except RayStartError:
             raise
         except Exception as e:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
@@ -192,7 +202,9 @@ class RayWorkers:
             self._remote_cls = ray.remote(num_cpus=c.worker_cpus, num_gpus=c.gpus_per_worker,
                                           max_restarts=max_restarts)(self.actor_cls)
         engine_args = worker_engine_args(self._engine_args, worker_id)
-        actor = self._remote_cls.options(name=actor_name(worker_id), namespace=c.ray_namespace).remote(
+        lifetime = "detached" if self.detached else None
+        actor = self._remote_cls.options(name=actor_name(worker_id), namespace=c.ray_namespace,
+                                         lifetime=lifetime).remote(
             engine_args, self._worker_options(worker_id), self._secrets())
         with self._lock:
             self._actors[worker_id] = actor
@@ -225,7 +237,8 @@ class RayWorkers:
         """Take in the worker actors another driver created in the cluster's Ray namespace (`kvweave serve
         --launcher ray`, another planner), so that they count and `remove` may stop them; `stop` leaves
         them running; the actors `add` creates from now on get their engine settings (model included).
-        Returns their ids."""
+        Each is asked to `start` (a no-op on a serving one), so one whose driver exited before its start
+        ran serves too. Returns their ids."""
         import ray
 
         self._init_ray()
@@ -245,6 +258,8 @@ class RayWorkers:
                 self._actors[worker_id], self.roles[worker_id] = actor, role
                 self.worker_ids.append(worker_id)
                 self._adopted.add(worker_id)
+                # a no-op on a serving actor; it starts one whose driver left before its start ran
+                self._refs[worker_id] = actor.start.remote()
             found.append(worker_id)
         if found:
             engine_args, _ = ray.get(self._actors[found[0]].settings.remote(), timeout=STOP_TIMEOUT_S)
@@ -290,7 +305,7 @@ class RayWorkers:
                 actors = {i: a for i, a in self._actors.items() if i not in self._adopted}
             for worker_id, actor in actors.items():
                 try:
-                    _, address = ray.get(actor.start.remote(), timeout=600)
+                    _, address = ray.get(actor.start.remote(), timeout=START_TIMEOUT_S)
                 except Exception as e:  # restarting, out of restarts, killed, or its worker failed to start
                     if worker_id not in self._actors:  # removed meanwhile
                         continue
@@ -341,12 +356,19 @@ class RayWorkers:
         if not ray.is_initialized():
             return
         with self._lock:
-            actors = [a for i, a in self._actors.items() if i not in self._adopted]
+            leave = self._adopted if self._own_ray or not self.detached else set(self._actors)
+            actors = [a for i, a in self._actors.items() if i not in leave]
+            starting = [ref for i, ref in self._refs.items() if i in leave and i not in self._adopted]
             self._actors = {}
+        if starting:  # a start still running when its driver exits is dropped: the actor would never serve
+            _, pending = ray.wait(starting, num_returns=len(starting), timeout=START_TIMEOUT_S)
+            if pending:
+                logger.warning("%d detached worker actor(s) still starting after %.0f s are left as they are",
+                               len(pending), START_TIMEOUT_S)
         self._stop_actors(actors)
         if self._started_ray:
             ray.shutdown()
-            self._started_ray = False
+            self._started_ray = self._own_ray = False
 
     @staticmethod
     def _stop_actors(actors: list) -> None:

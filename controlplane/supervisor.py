@@ -84,6 +84,12 @@ class Supervisor:
             self._children[name] = _Child(name, start, proc, time.monotonic())
             self.restarts.setdefault(name, 0)
 
+    def remove(self, name: str) -> None:
+        """Stop supervising `name` (a worker about to be stopped on purpose); once this returns, it is
+        neither checked nor restarted again."""
+        with self._lock:
+            self._children.pop(name, None)
+
     def start(self) -> None:
         if self.policy.enabled and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="kvweave-supervisor", daemon=True)
@@ -95,6 +101,12 @@ class Supervisor:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    @property
+    def supervised(self) -> list[str]:
+        """The names of the children supervised now."""
+        with self._lock:
+            return list(self._children)
 
     @property
     def given_up(self) -> list[str]:
@@ -109,11 +121,14 @@ class Supervisor:
             for child in children:
                 if self._stop.is_set():
                     return
-                try:
-                    self.poll(child)
-                except Exception:  # a failed start is retried with backoff, never ends supervision
-                    logger.exception("supervisor: restarting %s failed", child.name)
-                    child.restart_at = time.monotonic() + self.policy.delay(child.num_consecutive)
+                with self._lock:  # `remove` waits for a check in progress
+                    if self._children.get(child.name) is not child:
+                        continue
+                    try:
+                        self.poll(child)
+                    except Exception:  # a failed start is retried with backoff, never ends supervision
+                        logger.exception("supervisor: restarting %s failed", child.name)
+                        child.restart_at = time.monotonic() + self.policy.delay(child.num_consecutive)
 
     def poll(self, child: _Child) -> None:
         """One check of one child: note a death (schedule its restart), or restart it when due."""

@@ -7,10 +7,11 @@ The module shares one cluster (Ray starts slowly), as `kvweave serve --launcher 
 in-process beside it: scaling the decode pool up adds an actor named `kvweave-decode-1` in the
 cluster's Ray namespace whose worker registers and serves through the router; scaling it down stops
 that worker (it deregisters, well before its lease would expire) and kills the actor. A separate
-`kvweave planner --connector ray --ray-address ...` process attaches to the same Ray cluster and
-counts the actors it finds there by name (`--once --dry-run`, so it changes nothing); what such a
-planner does with them (adopt, add with their engine settings, remove, leave them at its stop) is
-checked in-process last, as it takes the cluster's worker away.
+`kvweave planner --connector ray --ray-address ...` process attaches to the same Ray cluster, counts
+the actors it finds there by name and adds a prefill worker (`--once`): a detached actor that keeps
+serving after that process exits, and that a second planner process counts as its own (`--once
+--dry-run`). What such a planner does with the actors it adopts (add with their engine settings,
+remove, leave them at its stop) is checked in-process last, as it takes the cluster's worker away.
 """
 from __future__ import annotations
 
@@ -150,18 +151,36 @@ async def test_an_actor_ray_refuses_is_a_connector_error_and_leaves_no_trace(ray
     eventually(lambda: named_actors() == {"kvweave-decode-0"}, "the squatter's name is free")
 
 
-def test_a_separate_planner_process_attaches_to_the_ray_cluster_and_counts_its_actors(ray_cluster) -> None:
+def run_planner_once(cluster: LocalCluster, *extra: str) -> list[str]:
+    """`kvweave planner --connector ray --once` as its own process, attached to the cluster's Ray; its
+    decisions, sorted."""
     import ray
 
     argv = ["planner", "--connector", "ray", "--ray-address", ray.get_runtime_context().gcs_address,
-            "--ray-namespace", NAMESPACE, "--redis-url", ray_cluster.redis_url, "--model", ray_cluster.config.model,
-            "--min-replicas", "1", "--interval-s", "0.5", "--metrics-port", "-1", "--once", "--dry-run"]
+            "--ray-namespace", NAMESPACE, "--redis-url", cluster.redis_url, "--model", cluster.config.model,
+            "--min-replicas", "1", "--interval-s", "0.5", "--metrics-port", "-1", "--once", *extra]
     proc = subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(proc.stdout.splitlines())
-    assert [line.split(" (")[0] for line in lines] == ["decode: 1 -> 1", "prefill: 0 -> 1"], proc.stdout
-    assert ray_cluster.worker_ids == ["decode-0"] and named_actors() == {"kvweave-decode-0"}  # left running
+    return sorted(line.split(" (")[0] for line in proc.stdout.splitlines())
+
+
+def test_a_planner_process_adds_actors_that_outlive_it_and_a_new_planner_adopts_them(ray_cluster) -> None:
+    import ray
+
+    # it counts the cluster's decode worker and brings the empty prefill pool to its minimum, then exits
+    assert run_planner_once(ray_cluster) == ["decode: 1 -> 1", "prefill: 0 -> 1"]
+    [added] = named_actors() - {"kvweave-decode-0"}  # a detached actor: it stays
+    assert added.startswith("kvweave-prefill-0-")  # ids are made unique in a Redis the planner shares
+    asyncio.run(wait_for(lambda: _eq(registered(ray_cluster), {"decode-0", added.removeprefix("kvweave-")}),
+                         "the worker the planner started registers after the planner exited"))
+    assert run_planner_once(ray_cluster, "--dry-run") == ["decode: 1 -> 1", "prefill: 1 -> 1"]  # adopted
+    assert ray_cluster.worker_ids == ["decode-0"]  # the cluster's own launcher does not take it in
+    actor = ray.get_actor(added, namespace=NAMESPACE)
+    ray.get(actor.stop.remote(), timeout=60)  # as a planner scaling down would: it deregisters, then goes
+    ray.kill(actor)
+    eventually(lambda: named_actors() == {"kvweave-decode-0"}, "the prefill worker's actor is gone")
+    assert asyncio.run(registered(ray_cluster)) == {"decode-0"}
     assert served_by_sync(ray_cluster) == "decode-0"
 
 
