@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGUFReader
 
 from kvweave.defaults import DEFAULT_MODEL
-from kvweave.tokenizer import Tokenizer, gguf_field_value
+from kvweave.gguf_file import GGUFFile
+from kvweave.tokenizer import Tokenizer
 from kvweave.vision_prompt import VISION_MODEL_TYPES, VisionSpec
 
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
@@ -93,11 +93,11 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> LoadedTokenizer:
     name = model_name(name_or_path, path)
     if path.is_file():
         try:
-            reader = GGUFReader(path)
+            reader = GGUFFile(path)
         except (ValueError, OSError) as exc:
             raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from exc
-        arch = gguf_field_value(reader.fields, "general.architecture")
-        max_seq_len = int(gguf_field_value(reader.fields, f"{arch}.context_length", 2048))
+        arch = reader.fields.get("general.architecture")
+        max_seq_len = int(reader.fields.get(f"{arch}.context_length", 2048))
         return LoadedTokenizer(name, Tokenizer.from_gguf(reader.fields), max_seq_len)
     cfg = read_json(path / "config.json", required=True)
     vision = None

@@ -71,12 +71,6 @@ ChatPiece = tuple[str, bool]
 tokens; special-token text in message content is plain text."""
 
 
-def gguf_field_value(fields: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    """The decoded value of a GGUF metadata field (`GGUFReader.fields`), or `default`."""
-    field = fields.get(key)
-    return default if field is None else field.contents()
-
-
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the model's special ids and chat template."""
 
@@ -120,14 +114,14 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, fields: Mapping[str, Any]) -> "Tokenizer":
-        """Rebuild a byte-level BPE from GGUF metadata (`GGUFReader.fields`)."""
-        kind = gguf_field_value(fields, "tokenizer.ggml.model")
+        """Rebuild a byte-level BPE from GGUF metadata (`kvweave.gguf_file.GGUFFile.fields`)."""
+        kind = fields.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise TokenizerError(f"unsupported GGUF tokenizer model {kind!r} (supported: 'gpt2' byte-level BPE)")
-        tokens: list[str] = gguf_field_value(fields, "tokenizer.ggml.tokens") or []
-        merges: list[str] = gguf_field_value(fields, "tokenizer.ggml.merges") or []
-        token_types: list[int] = gguf_field_value(fields, "tokenizer.ggml.token_type") or [1] * len(tokens)
-        pre = gguf_field_value(fields, "tokenizer.ggml.pre", "default")
+        tokens: list[str] = fields.get("tokenizer.ggml.tokens") or []
+        merges: list[str] = fields.get("tokenizer.ggml.merges") or []
+        token_types: list[int] = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        pre = fields.get("tokenizer.ggml.pre", "default")
         if not tokens:
             raise TokenizerError("GGUF file has no tokenizer.ggml.tokens")
         vocab = {token: i for i, token in enumerate(tokens)}
@@ -137,17 +131,17 @@ class Tokenizer:
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens(_added(tokens, token_types, _TOKEN_TYPE_CONTROL, special=True))
         tok.add_tokens(_added(tokens, token_types, _TOKEN_TYPE_USER_DEFINED, special=False))
-        bos_id = gguf_field_value(fields, "tokenizer.ggml.bos_token_id")
-        add_bos = gguf_field_value(fields, "tokenizer.ggml.add_bos_token", False)
+        bos_id = fields.get("tokenizer.ggml.bos_token_id")
+        add_bos = fields.get("tokenizer.ggml.add_bos_token", False)
         tok.post_processor = _post_processor(tokens, bos_id if add_bos else None)
         eos_ids = [
-            gguf_field_value(fields, f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")
+            fields.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")
         ]
         return cls(
             tok,
             bos_token_id=None if bos_id is None else int(bos_id),
             eos_token_ids=[int(i) for i in eos_ids if i is not None],
-            chat_template=gguf_field_value(fields, "tokenizer.chat_template"),
+            chat_template=fields.get("tokenizer.chat_template"),
         )
 
     @property

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.torch import load_file
 
 from kvweave.defaults import DEFAULT_MODEL
 from kvweave.model_files import CheckpointError, load_hf_tokenizer, model_name, read_json, resolve_model
-from kvweave.tokenizer import Tokenizer, gguf_field_value
+from kvweave.gguf_file import GGUFFile
+from kvweave.tokenizer import Tokenizer
 from kvweave.vision_prompt import VisionSpec
 from worker.config import ModelArgs
 
@@ -238,10 +238,10 @@ def _as_id_list(value: int | list[int] | None) -> list[int]:
 
 def _load_gguf(path: Path, name: str) -> LoadedCheckpoint:
     try:
-        reader = GGUFReader(path)
+        reader = GGUFFile(path)
     except (ValueError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from exc
-    arch = gguf_field_value(reader.fields, "general.architecture")
+    arch = reader.fields.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHS:
         raise CheckpointError(
             f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_GGUF_ARCHS)})"
@@ -264,7 +264,7 @@ def _load_gguf(path: Path, name: str) -> LoadedCheckpoint:
 
 def _gguf_model_args(fields: dict[str, Any], arch: str, tensors: dict[str, Any], name: str) -> ModelArgs:
     def meta(key: str, default: Any = _REQUIRED) -> Any:
-        value = gguf_field_value(fields, f"{arch}.{key}", None if default is _REQUIRED else default)
+        value = fields.get(f"{arch}.{key}", None if default is _REQUIRED else default)
         if value is None and default is _REQUIRED:
             raise CheckpointError(f"GGUF metadata {arch}.{key} is missing")
         return value
@@ -279,9 +279,9 @@ def _gguf_model_args(fields: dict[str, Any], arch: str, tensors: dict[str, Any],
     rope_theta = float(meta("rope.freq_base", 10000.0))
     embed = tensors.get("token_embd.weight")
     tokens = fields.get("tokenizer.ggml.tokens")
-    vocab_size = meta("vocab_size", None) or (int(embed.shape[1]) if embed is not None else len(tokens.data))
-    eos_ids = [gguf_field_value(fields, f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
-    bos_id = gguf_field_value(fields, "tokenizer.ggml.bos_token_id")
+    vocab_size = meta("vocab_size", None) or (int(embed.shape[1]) if embed is not None else len(tokens))
+    eos_ids = [fields.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    bos_id = fields.get("tokenizer.ggml.bos_token_id")
     return ModelArgs(
         dim=dim,
         n_layers=int(meta("block_count")),
@@ -305,20 +305,19 @@ def _gguf_model_args(fields: dict[str, Any], arch: str, tensors: dict[str, Any],
 def _gguf_rope_scaling(
     fields: dict[str, Any], arch: str, tensors: dict[str, Any], head_dim: int, rope_theta: float
 ) -> dict | None:
-    original_ctx = gguf_field_value(fields, f"{arch}.rope.scaling.original_context_length")
+    original_ctx = fields.get(f"{arch}.rope.scaling.original_context_length")
     if "rope_freqs.weight" in tensors:
         factors = _dequantize(tensors["rope_freqs.weight"]).astype(np.float64)
         return llama3_scaling_from_factors(factors, head_dim, rope_theta, int(original_ctx or 8192))
-    kind = gguf_field_value(fields, f"{arch}.rope.scaling.type")
+    kind = fields.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
     for key in _GGUF_UNMAPPED_ROPE_KEYS:  # llama.cpp's own yarn knobs: no HF equivalent is derived
-        if gguf_field_value(fields, f"{arch}.rope.scaling.{key}") is not None:
+        if fields.get(f"{arch}.rope.scaling.{key}") is not None:
             raise CheckpointError(f"GGUF metadata {arch}.rope.scaling.{key} is not supported")
-    scaling = {"rope_type": kind, "factor": float(gguf_field_value(fields, f"{arch}.rope.scaling.factor", 1.0))}
+    scaling = {"rope_type": kind, "factor": float(fields.get(f"{arch}.rope.scaling.factor", 1.0))}
     if original_ctx or kind == "yarn":  # yarn's default, as transformers': the context length
-        scaling["original_max_position_embeddings"] = int(original_ctx or gguf_field_value(
-            fields, f"{arch}.context_length", 2048))
+        scaling["original_max_position_embeddings"] = int(original_ctx or fields.get(f"{arch}.context_length", 2048))
     return scaling  # ModelArgs rejects the types the model code does not implement
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gguf import GGUFReader
 
+from kvweave.gguf_file import GGUFFile
 from kvweave.tokenizer import (
     SUPPORTED_GGUF_PRES,
     IncrementalDetokenizer,
@@ -37,7 +37,7 @@ def hf_tokenizer(tiny_hf_model: Path) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def gguf_tokenizer(tiny_gguf_model: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(GGUFReader(tiny_gguf_model).fields)
+    return Tokenizer.from_gguf(GGUFFile(tiny_gguf_model).fields)
 
 
 @pytest.fixture(params=["hf", "gguf"])
@@ -67,32 +67,20 @@ def test_gguf_rebuild_keeps_specials_and_template(hf_tokenizer: Tokenizer, gguf_
 
 
 def test_gguf_add_bos_token_flag(tiny_gguf_model: Path) -> None:
-    class Field:  # stands in for a GGUF ReaderField holding a bool
-        def contents(self) -> bool:
-            return True
-
-    fields = dict(GGUFReader(tiny_gguf_model).fields) | {"tokenizer.ggml.add_bos_token": Field()}
+    fields = GGUFFile(tiny_gguf_model).fields | {"tokenizer.ggml.add_bos_token": True}
     tok = Tokenizer.from_gguf(fields)
     assert tok.encode("hi", add_special_tokens=True) == [1, *tok.encode("hi")]
 
 
 @pytest.mark.parametrize("pre", SUPPORTED_GGUF_PRES)
 def test_gguf_pre_tokenizers_build_and_round_trip(tiny_gguf_model: Path, pre: str) -> None:
-    class Field:
-        def contents(self) -> str:
-            return pre
-
-    tok = Tokenizer.from_gguf(dict(GGUFReader(tiny_gguf_model).fields) | {"tokenizer.ggml.pre": Field()})
+    tok = Tokenizer.from_gguf(GGUFFile(tiny_gguf_model).fields | {"tokenizer.ggml.pre": pre})
     text = "It's 2024: café 中文 🙂\n\n  x"
     assert tok.decode(tok.encode(text)) == text
 
 
 def test_gguf_unsupported_pre_tokenizer(tiny_gguf_model: Path) -> None:
-    class Field:
-        def contents(self) -> str:
-            return "no-such-pre"
-
-    fields = dict(GGUFReader(tiny_gguf_model).fields) | {"tokenizer.ggml.pre": Field()}
+    fields = GGUFFile(tiny_gguf_model).fields | {"tokenizer.ggml.pre": "no-such-pre"}
     with pytest.raises(TokenizerError, match="unsupported GGUF pre-tokenizer 'no-such-pre'.*smollm"):
         Tokenizer.from_gguf(fields)
 
