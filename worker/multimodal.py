@@ -164,7 +164,9 @@ def build_image_encoder(vision, dtype: torch.dtype, device: torch.device) -> Ima
         with torch.device("meta"):
             tower = VisionTower(args, dtype)
         tower.load_weights(vision.weights, device)
-    else:
-        tower = VisionTower(args, dtype).to(device)
+    else:  # the same random weights in every process (an encode worker's output is used by others)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            tower = VisionTower(args, dtype).to(device)
     tower.eval()
     return ImageEncoder(tower, vision.spec, vision.folder)
