@@ -135,16 +135,9 @@ class EmbeddingStager:
         layout = self.engine.connector.layout
         shapes = {i: self.encoder.embed_shape(images[i]) for i in missing}
         entries = {i: embedding_keys(keys[i], shapes[i], layout) for i in missing}
-        located = await self.index.locate([k for i in missing for k in entries[i]], list(peers), CHUNK_MEDIUMS)
         plan: dict[str, list[int]] = {}
-        at = 0
-        for i in missing:
-            held = set(peers)
-            for locs in located[at:at + len(entries[i])]:
-                held &= {loc.worker_id for loc in locs}
-            at += len(entries[i])
-            if held:
-                plan.setdefault(min(held), []).append(i)
+        for i, held in (await self.index.holders(entries, list(peers), CHUNK_MEDIUMS)).items():
+            plan.setdefault(min(held), []).append(i)
         got: dict[int, torch.Tensor] = {}
         results = await asyncio.gather(*(self._fetch(peers[w], w, chosen, entries, what) for w, chosen in plan.items()))
         for kv, chosen in zip(results, plan.values()):

@@ -341,16 +341,7 @@ class KVPrefetcher:
         for i in missing:
             s, n = req.chunk_spans[i]
             keys[i] = chunk_block_keys(chunk_hash(req.prompt_token_ids[s:s + n], req.cache_extra), n, bs)
-        located = await self.index.locate([k for i in missing for k in keys[i]], list(peers), CHUNK_MEDIUMS)
-        holders: dict[int, set[str]] = {}
-        at = 0
-        for i in missing:
-            held = set(peers)
-            for locs in located[at:at + len(keys[i])]:
-                held &= {loc.worker_id for loc in locs}
-            at += len(keys[i])
-            if held:
-                holders[i] = held
+        holders: dict[int, set[str]] = await self.index.holders(keys, list(peers), CHUNK_MEDIUMS)
         # Each chunk from the peer that holds the most of them: as few transfers as possible.
         count = {w: sum(w in h for h in holders.values()) for w in peers}
         plan: dict[str, list[int]] = {}
