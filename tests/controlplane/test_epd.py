@@ -9,7 +9,7 @@ import pytest
 
 from controlplane.router_types import GenerateInput
 from kvweave.sampling_params import SamplingParams
-from kvweave.v1 import worker_pb2, worker_pb2_grpc
+from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.controlplane.test_disagg_serving import ENGINE, ROUTER
 from tests.inprocess_cluster import InProcessCluster
 from tests.vlm_models import image_part, make_png
@@ -106,5 +106,31 @@ def test_without_encode_worker_the_worker_encodes(redis_server, tiny_vlm_model):
         assert _router_images(c, "local") == 1 and _router_images(c, "encoded") == 0
         usage = _generate(c, _messages(png))[-1].usage  # its in-memory cache (no host tier here)
         assert (usage.images_cached, usage.images_fetched, usage.images_encoded) == (1, 0, 0)
+    finally:
+        c.stop()
+
+
+def test_an_embedding_encoded_on_one_worker_is_fetched_by_another(redis_server, tiny_vlm_model):
+    """No encode worker: the embedding a colocated worker encoded (and published) is the cluster's."""
+    c = InProcessCluster(redis_server.url, tiny_vlm_model, 0, **ENGINE).start()
+    try:
+        w0, w1 = c.add_worker("w0", **HOST_TIER), c.add_worker("w1", **HOST_TIER)
+        c.add_router("chunk_aware")
+        png = make_png(40, 24, seed=35)
+
+        def send(worker, text: str) -> worker_pb2.WorkerGenerateResponse:
+            messages = [{"role": "user", "content": [{"type": "text", "text": text}, image_part(png)]}]
+            ids, _, images = c.routers[0].router.encode_prompt_images(GenerateInput(messages=messages))
+            request = worker_pb2.WorkerGenerateRequest(prompt_token_ids=ids, images=[img.data for img in images],
+                                                       sampling=common_pb2.SamplingParams(max_tokens=2))
+            with grpc.insecure_channel(worker.address) as channel:
+                return list(worker_pb2_grpc.WorkerStub(channel).Generate(request, timeout=60))[-1]
+
+        assert send(w0, "First ").usage.images_encoded == 1
+        c.run(w0.engine.flush_kv_events())  # its KV events in the index now (they go within ~0.6 s anyway)
+        c.run(w0.service.publish())
+        usage = send(w1, "Another text before the image ").usage
+        assert (usage.images_cached, usage.images_fetched, usage.images_encoded) == (0, 1, 0)
+        assert _worker_images(w1, "encoded") == 0
     finally:
         c.stop()
