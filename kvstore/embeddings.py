@@ -54,10 +54,5 @@ def store_embedding(store: TierManager, key: bytes, embeds: torch.Tensor, cost: 
 
 def load_embedding(store: TierManager, key: bytes, shape: tuple[int, int]) -> torch.Tensor | None:
     """The embedding [tokens, dim] from whichever tiers hold its entries, or None when any is missing."""
-    keys = embedding_keys(key, shape, store.layout)
-    if not all(store.contains(k) for k in keys):
-        return None
-    values = [value for value, _ in store.load_many(keys)]
-    if any(v is None for v in values):
-        return None
-    return unpack_embedding(values, shape)
+    values = store.load_all(embedding_keys(key, shape, store.layout))
+    return None if values is None else unpack_embedding(values, shape)
