@@ -7,6 +7,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from controlplane.openai_api import usage_json
 from controlplane.router_types import GenerateInput
 from kvweave.sampling_params import SamplingParams
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -59,6 +60,7 @@ def test_epd_output_equals_one_engine(epd, tiny_vlm_model, tiny_engine_factory):
     usage = deltas[-1].usage
     assert usage.disaggregation == "remote" and usage.prefill_worker_id == "p0" and deltas[-1].worker_id == "d0"
     assert (usage.images_cached, usage.images_fetched, usage.images_encoded) == (0, 1, 0)
+    assert usage_json(usage)["kvweave"]["images"] == {"cached": 0, "fetched": 1, "encoded": 0}
     assert _worker_images(e0, "encoded") >= 1 and _worker_images(p0, "encoded") == 0
 
 
