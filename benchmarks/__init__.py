@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from benchmarks import disagg, engine, kvstore, planner, rag, router_cli, serve, soak, tp
+    from benchmarks import disagg, engine, epd, kvstore, planner, rag, router_cli, serve, soak, tp
 
     p = sub.add_parser("bench", help="run a benchmark (reports ratios against a baseline from the same run)")
     bsub = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)
@@ -18,3 +18,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_parser(bsub)
     tp.add_parser(bsub)
     planner.add_parser(bsub)
+    epd.add_parser(bsub)

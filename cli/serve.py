@@ -2,7 +2,8 @@
 
 The workers are colocated unless --prefill-workers / --decode-workers ask for disaggregated pools;
 then --workers (colocated) defaults to none, so `--prefill-workers 1 --decode-workers 1` starts
-exactly those two, and `--workers N` adds N colocated workers beside them.
+exactly those two, and `--workers N` adds N colocated workers beside them. --encode-workers N adds
+N encode workers for a vision-language model (the router has them encode the requests' images).
 
 It composes the layers from the top: its flags come from ClusterConfig, the router's chunk
 separator and the engine's config; with --launcher ray it hands the control plane's Ray launcher
@@ -54,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "with --launcher ray) and the router; waits until all are ready, prints the endpoints, and "
                     "stops everything on Ctrl-C or SIGTERM. Engine flags are passed on to every worker. "
                     "By default one colocated worker; --prefill-workers and --decode-workers start "
-                    "disaggregated pools instead (--workers N adds N colocated workers beside them).")
+                    "disaggregated pools instead (--workers N adds N colocated workers beside them); "
+                    "--encode-workers adds encode workers for a vision-language model's images.")
     add_config_args(p, ClusterConfig, exclude=CLUSTER_FLAGS_EXCLUDED, defaults=SERVE_DEFAULTS,
                     default_texts=SERVE_DEFAULT_TEXTS, choices={"launcher": LAUNCHERS})
     add_config_args(p.add_argument_group("router"), RouterConfig, only=["chunk_separator", *ROUTER_ARGS])

@@ -369,7 +369,7 @@ class LocalWorkers:
                 "--worker-id", worker_id, "--role", self.roles[worker_id], "--metrics-port", str(metrics_port),
                 *(["--lease-s", str(c.lease_s), "--heartbeat-s", str(heartbeat_s(c.lease_s))] if c.lease_s else []),
                 *([] if c.peer_fetch else ["--peer-fetch", "false"]), "--max-waiting", str(c.max_waiting),
-                *field_flags(worker_engine_args(c.engine_args, worker_id))]
+                *field_flags(worker_engine_args(c.engine_args, worker_id, self.roles[worker_id]))]
         return cli_command(c, *args)
 
     def start(self) -> None:

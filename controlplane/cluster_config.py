@@ -1,9 +1,10 @@
 """What the cluster and its worker launchers share: the cluster's configuration, its error, and how
 one worker's id, role, settings and command line derive from them.
 
-A cluster has up to three pools (issue 13): colocated workers (`workers`, each prefills and decodes
-its own requests), prefill workers and decode workers; ids say the role (`worker-<i>`,
-`prefill-<i>`, `decode-<i>`). Whether a request is prefilled remotely is the router's decision
+A cluster has up to four pools (issues 13 and 20): colocated workers (`workers`, each prefills and
+decodes its own requests), prefill workers, decode workers and encode workers (images of
+vision-language requests); ids say the role (`worker-<i>`, `prefill-<i>`, `decode-<i>`,
+`encode-<i>`). Whether a request is prefilled remotely is the router's decision
 (controlplane/disagg.py).
 
 `controlplane.cluster.LocalCluster` composes Redis, the router and a launcher
@@ -26,8 +27,12 @@ from kvweave.config_flags import flag
 from kvweave.defaults import DEFAULT_MODEL
 
 LAUNCHERS = ("local", "ray")
-ID_PREFIXES = {"colocated": "worker", "prefill": "prefill", "decode": "decode"}
+ID_PREFIXES = {"colocated": "worker", "prefill": "prefill", "decode": "decode", "encode": "encode"}
 """Role -> the prefix of its workers' ids, for the roles a cluster starts."""
+
+
+ENCODE_DRAM_CACHE_GB = 1.0
+"""Host tier of an encode worker when the engine flags give none (its embeddings live there)."""
 
 
 class ClusterError(RuntimeError):
@@ -42,6 +47,10 @@ class ClusterConfig:
     """Number of prefill workers (they prefill requests the router hands on to a decode worker)."""
     decode_workers: int = field(default=0, metadata=flag(metavar="N"))
     """Number of decode workers (they decode requests prefilled elsewhere, and prefill the others themselves)."""
+    encode_workers: int = field(default=0, metadata=flag(metavar="N"))
+    """Number of encode workers (vision-language models: they encode the images of requests, and the
+    prefill or colocated workers fetch the embeddings; each gets a host tier of `ENCODE_DRAM_CACHE_GB`
+    unless the engine flags give one)."""
     model: str = DEFAULT_MODEL
     """Model of every worker and of the router's tokenizer."""
     host: str = LOCALHOST
@@ -118,15 +127,16 @@ class ClusterConfig:
 
     def _check_pools(self) -> None:
         counts = {"workers": self.workers, "prefill_workers": self.prefill_workers,
-                  "decode_workers": self.decode_workers}
+                  "decode_workers": self.decode_workers, "encode_workers": self.encode_workers}
         if negative := [f"{name}={n}" for name, n in counts.items() if n < 0]:
             raise ValueError(f"worker counts must be >= 0, got {', '.join(negative)}")
         if self.num_workers < 1:
             raise ValueError("a cluster needs at least one worker: workers, prefill_workers and decode_workers "
                              "are all 0")
-        if self.prefill_workers and not (self.workers or self.decode_workers):
-            raise ValueError(f"prefill_workers={self.prefill_workers} without a decode or colocated worker: "
-                             "nothing could decode their requests (add decode_workers or workers)")
+        for name in ("prefill_workers", "encode_workers"):
+            if getattr(self, name) and not (self.workers or self.decode_workers):
+                raise ValueError(f"{name}={getattr(self, name)} without a decode or colocated worker: "
+                                 "nothing could decode their requests (add decode_workers or workers)")
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -147,8 +157,10 @@ class ClusterConfig:
 
     @property
     def role_counts(self) -> dict[str, int]:
-        """Role -> number of workers, for the roles that have any (colocated, prefill, decode in that order)."""
-        counts = {"colocated": self.workers, "prefill": self.prefill_workers, "decode": self.decode_workers}
+        """Role -> number of workers, for the roles that have any (colocated, prefill, decode, encode in
+        that order)."""
+        counts = {"colocated": self.workers, "prefill": self.prefill_workers, "decode": self.decode_workers,
+                  "encode": self.encode_workers}
         return {role: n for role, n in counts.items() if n}
 
     @property
@@ -160,11 +172,11 @@ class ClusterConfig:
     @property
     def num_workers(self) -> int:
         """Workers of every role."""
-        return self.workers + self.prefill_workers + self.decode_workers
+        return self.workers + self.prefill_workers + self.decode_workers + self.encode_workers
 
 
 def worker_roles(config: ClusterConfig) -> dict[str, str]:
-    """Worker id -> role: `worker-<i>` (colocated), `prefill-<i>`, `decode-<i>`. With an external
+    """Worker id -> role: `worker-<i>` (colocated), `prefill-<i>`, `decode-<i>`, `encode-<i>`. With an external
     `redis_url` each id gets a random suffix, since other clusters' workers may register there."""
     return {new_worker_id(config, role, i): role for role, n in config.role_counts.items() for i in range(n)}
 
@@ -189,11 +201,14 @@ def heartbeat_s(lease_s: float) -> float:
     return min(1.0, lease_s / 3)
 
 
-def worker_engine_args(engine_args: dict[str, Any], worker_id: str) -> dict[str, Any]:
+def worker_engine_args(engine_args: dict[str, Any], worker_id: str, role: str = "colocated") -> dict[str, Any]:
     """One worker's engine settings: an SSD cache directory is split per worker (a slab file
-    belongs to one process)."""
+    belongs to one process); an encode worker without a host tier gets one (it keeps its
+    embeddings there for its peers)."""
     if engine_args.get("ssd_cache_dir"):
-        return {**engine_args, "ssd_cache_dir": str(Path(engine_args["ssd_cache_dir"]) / worker_id)}
+        engine_args = {**engine_args, "ssd_cache_dir": str(Path(engine_args["ssd_cache_dir"]) / worker_id)}
+    if role == "encode" and engine_args.get("dram_cache_gb") is None:
+        engine_args = {**engine_args, "dram_cache_gb": ENCODE_DRAM_CACHE_GB}
     return engine_args
 
 

@@ -81,6 +81,8 @@ class RoutedRequest:
     num_migrations: int = 0
     route: RoutePrediction | None = None
     """The policy's prediction for the worker it chose last (controlplane/explain.py)."""
+    images: list = field(default_factory=list)
+    """The prompt's images (`kvweave.images.ImageInput`), in prompt order."""
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -286,7 +288,8 @@ class Forwarder:
             num_prompt = u.prompt_tokens - req.num_carried
             delta.usage = Usage(num_prompt, u.completion_tokens + req.num_carried, min(p.cached_tokens, num_prompt),
                                 p.chunk_reused_tokens, p.recomputed_tokens, req.disaggregation, req.prefill_worker_id,
-                                req.num_migrations)
+                                req.num_migrations, images_cached=p.images_cached, images_fetched=p.images_fetched,
+                                images_encoded=p.images_encoded)
             if req.num_migrations:
                 logger.info("request %s finished after %d migration(s)", req.req_id, req.num_migrations)
             self._check_route(req, worker, delta.usage)

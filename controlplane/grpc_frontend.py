@@ -86,7 +86,8 @@ def delta_to_proto(delta: Delta) -> inference_pb2.GenerateResponse:
             msg.usage.CopyFrom(common_pb2.Usage(
                 prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
                 chunk_reused_tokens=u.chunk_reused_tokens, recomputed_tokens=u.recomputed_tokens,
-                disaggregation=u.disaggregation, prefill_worker_id=u.prefill_worker_id))
+                disaggregation=u.disaggregation, prefill_worker_id=u.prefill_worker_id, images_cached=u.images_cached,
+                images_fetched=u.images_fetched, images_encoded=u.images_encoded))
             if u.route is not None:
                 msg.usage.route.CopyFrom(route_to_proto(u.route, u.route_divergence))
     return msg

@@ -31,6 +31,9 @@ the decode worker; its first token ended the request; it failed before answering
 served colocated on the decode worker instead)."""
 
 
+IMAGE_PLACEMENTS = ("held", "encoded", "local")
+"""`placement` of kvweave_router_image_embeddings_total (controlplane/encode.py)."""
+
 REFUSED_REASONS = ("unauthenticated", "permission_denied", "rate_limited")
 """`reason` of kvweave_router_refused_total: no or an unknown API key, a request naming another
 tenant than its key's, a key past its rate limits."""
@@ -91,6 +94,12 @@ class RouterMetrics:
             self.disagg_decisions.labels(reason)
         for result in HANDOFF_RESULTS:
             self.handoffs.labels(result)
+        self.image_embeddings = Counter("kvweave_router_image_embeddings", "Images of requests, by where the "
+                                        "router found their embeddings (held: a worker holds them; encoded: an "
+                                        "encode worker made them; local: no encode worker up or it failed, the "
+                                        "request's worker encodes them)", ["placement"], registry=r)
+        for placement in IMAGE_PLACEMENTS:
+            self.image_embeddings.labels(placement)
         self.migrations = Counter("kvweave_router_migrations", "Requests moved to another worker mid-stream "
                                   "(their worker died or stalled after streaming tokens)", registry=r)
         self.breaker = Counter("kvweave_router_breaker_transitions", "Worker circuit breaker transitions: "

@@ -10,7 +10,8 @@ string `prompt`; chat messages mark documents with `"kvweave": {"document": true
 `{"type": "document", "text": ...}` (kvweave/segments.py). Usage adds `"kvweave": {"computed_tokens",
 "prefix_reused_tokens", "chunk_reused_tokens", "recomputed_tokens", "worker_id"}`, and with prefill
 workers in the cluster "disaggregation" (the router's decision) and "prefill_worker_id"; "migrations"
-when the request moved to another worker mid-stream (docs/resilience.md); "route": what the router
+when the request moved to another worker mid-stream (docs/resilience.md); "images": {"cached",
+"fetched", "encoded"} for a prompt with images (where its worker got their embeddings); "route": what the router
 predicted for the worker it chose (prefix and chunk tokens by source, its cost and the runner-up's),
 what the worker "delivered" (prefix-cached and chunk-reused tokens) and the "divergence" between them
 ("", "under" or "over": controlplane/explain.py).
@@ -292,6 +293,9 @@ def usage_json(usage: Usage | None, worker_id: str = "") -> dict | None:
         kvweave["prefill_worker_id"] = usage.prefill_worker_id
     if usage.num_migrations:
         kvweave["migrations"] = usage.num_migrations
+    if usage.images_cached or usage.images_fetched or usage.images_encoded:
+        kvweave["images"] = {"cached": usage.images_cached, "fetched": usage.images_fetched,
+                             "encoded": usage.images_encoded}
     if usage.route is not None:
         kvweave["route"] = prediction_json(usage.route) | {
             "delivered": {"prefix_tokens": usage.cached_tokens, "chunk_tokens": usage.chunk_reused_tokens},

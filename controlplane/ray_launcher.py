@@ -201,7 +201,7 @@ class RayWorkers:
             max_restarts = (c.max_restarts or -1) if c.restart else 0  # Ray: -1 restarts without end
             self._remote_cls = ray.remote(num_cpus=c.worker_cpus, num_gpus=c.gpus_per_worker,
                                           max_restarts=max_restarts)(self.actor_cls)
-        engine_args = worker_engine_args(self._engine_args, worker_id)
+        engine_args = worker_engine_args(self._engine_args, worker_id, self.roles[worker_id])
         lifetime = "detached" if self.detached else None
         actor = self._remote_cls.options(name=actor_name(worker_id), namespace=c.ray_namespace,
                                          lifetime=lifetime).remote(

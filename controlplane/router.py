@@ -21,6 +21,8 @@ prefill worker P by its cache-aware cost; `controlplane.disagg.decide` says whet
 log). Remote: P runs the prompt prefill-only; its early handle makes D start pulling the KV as P computes
 it (`PrefetchKV`), and its last answer is the complete handle (or the whole answer, when the first
 token ends the request), with which D continues, waiting only for the last blocks.
+Images, with encode workers up: those no worker holds are encoded on one first
+(controlplane/encode.py); the prefill or colocated worker then fetches their embeddings.
 P failing before it answers sends the request to D colocated; D failing before its first token is
 retried on another worker with the same handle (P holds the KV until released or its TTL).
 """
@@ -42,6 +44,7 @@ import grpc
 import redis.asyncio
 
 from controlplane.disagg import DisaggDecision, decide
+from controlplane.encode import EncodeDispatcher
 from controlplane.errors import (
     DeadlineExceededError, NoWorkerError, OverloadedError, UnknownModelError, WorkerFailedError, error_status,
 )
@@ -99,6 +102,7 @@ class Router:
         self._extra_cache = ExtraKeysCache(self.model.name, hash_salt())  # bounded LRU, keyed hashes
         self.image_fetcher = ImageFetcher(ImageFetchConfig(config.image_limits, config.image_url_timeout_s,
                                                            parse_domains(config.image_url_domains)))
+        self.encoders = EncodeDispatcher(self.pool, self.kv_index, self.metrics, self._extra_cache)
         self._active: dict[str, RoutedRequest] = {}
         self._background: set[asyncio.Future] = set()
         """Calls nobody awaits (early KV pulls)."""
@@ -267,7 +271,7 @@ class Router:
                                                    images=[img.data for img in images])
         deadline = time.monotonic() + (inp.timeout_s if inp.timeout_s is not None else self.config.request_timeout_s)
         return RoutedRequest(req_id, token_ids, inp.session_id, inp.tenant, params, message, arrival, deadline,
-                             chunk_spans=spans)
+                             chunk_spans=spans, images=images)
 
     def _candidates(self, req: RoutedRequest) -> list[PoolWorker]:
         workers = [w for w in self.pool.eligible() if w.info.max_model_len > len(req.token_ids)]
@@ -288,6 +292,7 @@ class Router:
 
     async def _dispatch(self, req: RoutedRequest) -> AsyncIterator[Delta]:
         workers = self._candidates(req)
+        await self.encoders.ensure(req)
         prefills = [w for w in self.pool.eligible(roles=PREFILL_ROLES) if w.info.max_model_len > len(req.token_ids)]
         t0 = time.perf_counter()
         hits = await self._lookup(req, workers + prefills)

@@ -53,6 +53,11 @@ class Usage:
     route: RoutePrediction | None = None
     """What the router predicted for the worker it chose (controlplane/explain.py); None when the
     request was not placed by a policy here."""
+    images_cached: int = 0
+    """Images of the prompt whose embeddings the (prefill) worker had cached, fetched from a peer (an
+    encode worker), or encoded itself."""
+    images_fetched: int = 0
+    images_encoded: int = 0
     route_divergence: str = ""
     """"under" or "over" when the tokens the worker reused diverged from the prediction (explain.py's
     `check_delivery`); "" when they agreed or were not compared (migrated or remotely prefilled)."""

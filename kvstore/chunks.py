@@ -48,10 +48,5 @@ def store_chunk(store: TierManager, key: bytes, kv: torch.Tensor, block_size: in
 def load_chunk(store: TierManager, key: bytes, num_tokens: int, block_size: int) -> torch.Tensor | None:
     """The chunk's KV [2, L, H, num_tokens, D] from whichever tiers hold its entries, or None when
     any entry is missing or damaged."""
-    keys = chunk_block_keys(key, num_tokens, block_size)
-    if not all(store.contains(k) for k in keys):
-        return None
-    values = [value for value, _ in store.load_many(keys)]
-    if any(v is None for v in values):
-        return None
-    return join_chunk(values, num_tokens)
+    values = store.load_all(chunk_block_keys(key, num_tokens, block_size))
+    return None if values is None else join_chunk(values, num_tokens)

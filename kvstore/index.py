@@ -9,7 +9,8 @@ holds KV bytes.
 
 Reads, each ONE round trip:
 - `locate`: for every key, the (worker, tier, nbytes, last access) that hold it (HMGET per
-  (worker, tier) in one pipeline);
+  (worker, tier) in one pipeline); `holders`: for groups of keys (a chunk-cache's or an image
+  embedding's entries), the workers that hold a whole group;
 - `leading_tiers` (the router's hot path, a Lua script): for the longest leading run of blocks
   that one worker holds (in any of its tiers), a string per worker with one code per block:
   b"1".. the index+1 of the fastest of `mediums` holding it, for the worker's own leading run,
@@ -240,6 +241,22 @@ class KVIndex:
         rank = {m: i for i, m in enumerate(MEDIUMS)}
         for holders in out:
             holders.sort(key=lambda loc: rank.get(loc.medium, len(rank)))
+        return out
+
+    async def holders(self, groups: Mapping, worker_ids: Sequence[str], mediums: Sequence[str] = MEDIUMS
+                      ) -> dict:
+        """For each group of keys (a chunk-cache's or an embedding's entries, by any id): the workers
+        that hold every key of it in one of `mediums`; groups nobody holds whole are left out. One
+        round trip."""
+        located = await self.locate([k for keys in groups.values() for k in keys], worker_ids, mediums)
+        out, at = {}, 0
+        for group, keys in groups.items():
+            held = set(worker_ids)
+            for locs in located[at:at + len(keys)]:
+                held &= {loc.worker_id for loc in locs}
+            at += len(keys)
+            if held:
+                out[group] = held
         return out
 
     async def lookup(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str],

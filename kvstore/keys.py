@@ -128,16 +128,33 @@ def chunk_block_keys(key: bytes, num_tokens: int, block_size: int) -> list[bytes
     return [hashlib.blake2b(key + i.to_bytes(4, "little"), digest_size=HASH_BYTES).digest() for i in range(n)]
 
 
-KINDS = ("block", "chunk")
+def embedding_key(image_hash: bytes, extra: bytes = b"") -> BlockHash:
+    """The key of an image's encoder output (its embeddings): the image's content hash, the extra
+    keys (model, namespace, cluster salt). Its own seed keeps it apart from every block and chunk key."""
+    h = hashlib.blake2b(b"kvweave-embedding", digest_size=HASH_BYTES)
+    h.update(image_hash)
+    if extra:
+        h.update(b"\x00")
+        h.update(extra)
+    return BlockHash(h.digest())
+
+
+def embedding_entry_keys(key: bytes, num_values: int, entry_values: int) -> list[bytes]:
+    """Keys of the entries holding an embedding of `num_values` values, `entry_values` per entry
+    (the same derivation as a chunk's entries, from a key no chunk can have)."""
+    return chunk_block_keys(key, num_values, entry_values)
+
+
+KINDS = ("block", "chunk", "embedding")
 
 
 @dataclass(frozen=True, slots=True)
 class KVKey:
-    """The identity of one stored KV entry: a prefix block or a reusable chunk.
+    """The identity of one stored entry: a prefix block, a reusable chunk or an image's embedding.
 
     `hash` already commits to the model and the namespace (they are the extra keys of the chain,
-    see `encode_extra_keys`) and to the kind (chunks hash with their own seed), so the 16-byte
-    `hash` alone is what tiers, the index and transfers use as the entry's id; the other fields
+    see `encode_extra_keys`) and to the kind (chunks and embeddings hash with their own seeds),
+    so the 16-byte `hash` alone is what tiers, the index and transfers use as the entry's id; the other fields
     name the entry for people and for checks. `str(key)` is the stable string form
     `<kind>:<model>:<namespace>:<hex hash>` (model and namespace percent-encoded).
     """

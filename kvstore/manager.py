@@ -184,6 +184,13 @@ class TierManager:
                     break
         return result
 
+    def load_all(self, keys: Sequence[bytes]) -> list[torch.Tensor] | None:
+        """Every entry of `keys` (a chunk-cache's, an embedding's), or None when any is missing or damaged."""
+        if not all(self.contains(k) for k in keys):
+            return None
+        values = [value for value, _ in self.load_many(keys)]
+        return None if any(v is None for v in values) else values
+
     def take_events(self) -> list:
         with self._lock:
             events, self._events = self._events, []

@@ -132,6 +132,11 @@ class Usage:
     (empty when the cluster has no prefill workers)."""
     prefill_worker_id: str = ""
     """The worker that prefilled the prompt, when "remote"."""
+    images_cached: int = 0
+    """Images of the prompt whose embeddings the (prefill) worker had cached, fetched from another
+    worker (an encode worker), or encoded itself."""
+    images_fetched: int = 0
+    images_encoded: int = 0
     route: RouteInfo | None = None
     """The router's prediction (None from a router that sends none)."""
 
@@ -363,7 +368,8 @@ def _usage_from_proto(u: common_pb2.Usage) -> Usage:
     return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                  cached_tokens=u.cached_tokens, chunk_reused_tokens=u.chunk_reused_tokens,
                  recomputed_tokens=u.recomputed_tokens, disaggregation=u.disaggregation,
-                 prefill_worker_id=u.prefill_worker_id, route=_route_from_proto(u.route) if u.HasField("route") else None)
+                 prefill_worker_id=u.prefill_worker_id, images_cached=u.images_cached,
+                 images_fetched=u.images_fetched, images_encoded=u.images_encoded, route=_route_from_proto(u.route) if u.HasField("route") else None)
 
 
 def _tier_tokens(t: common_pb2.TierTokens) -> dict[str, int]:

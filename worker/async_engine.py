@@ -86,7 +86,8 @@ class AsyncEngine:
         """Stream a request's outputs (each with the new delta); raises InvalidRequestError at once.
         `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks;
         `prefill_only` / `handoff`: the two halves of a disaggregated request (worker/kv_handoff.py);
-        `images`: the encoded images its placeholders name (encoded off the event loop)."""
+        `images`: the encoded images its placeholders name (their embeddings staged by `prefetch`,
+        else encoded in a thread; never on the event loop or the engine thread)."""
         make = functools.partial(self.engine.make_request, prompt, params, req_id, cache_namespace, chunk_spans,
                                  prefill_only=prefill_only, handoff=handoff, images=images)
         with_images = images or (isinstance(prompt, dict) and has_image_parts(prompt.get("messages")))
@@ -97,6 +98,8 @@ class AsyncEngine:
         self._streams[req.req_id] = stream
         finished = False
         try:
+            if req.images is not None and self.prefetch is None:  # encoded here, off the engine thread
+                await asyncio.to_thread(self.engine.embed_images, req)
             staged = await self.prefetch(req) if self.prefetch is not None else None
             self._commands.put(("add", (req, staged)))
             while not finished:
@@ -109,6 +112,13 @@ class AsyncEngine:
             self._streams.pop(req.req_id, None)
             if not finished:
                 self._commands.put(("abort", req.req_id))
+
+    async def flush_kv_events(self) -> None:
+        """Hand the KV events of every tier over to `take_kv_events` now (not after the engine
+        thread's next turn, up to half a second away when it is idle)."""
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("flush", future))
+        await future
 
     async def release_handoff(self, handoff_id: str) -> bool:
         """Free a handoff's blocks (a decode worker has its KV); False when unknown or expired."""
@@ -196,6 +206,9 @@ class AsyncEngine:
             self._kv_events.clear()
             self._kv_events_dropped = False
             _resolve(arg, self.engine.connector.snapshot())
+        elif cmd == "flush":  # hand over the KV events now (an Encode call publishes before it answers)
+            self._publish()
+            _resolve(arg, None)
         elif cmd == "release":
             handoff_id, future = arg
             _resolve(future, self.engine.release_handoff(handoff_id))

@@ -262,26 +262,27 @@ class LLMEngine:
         `prompt_logits`: also return the logits of the prompt's last positions (final output);
         `prefill_only`: hand the KV off after the first token (worker/kv_handoff.py); `handoff`:
         continue a request prefilled elsewhere from its first token; `images`: the encoded images
-        whose placeholders the token ids hold (a chat prompt may carry them in its messages instead).
-        A request with images is encoded here (worker/multimodal.py)."""
+        whose placeholders the token ids hold (a chat prompt may carry them in its messages instead),
+        checked against them here; their embeddings are staged before `submit`
+        (worker/embedding_stage.py), else encoded there."""
         params = params or SamplingParams()
         params.validate()
         token_ids, images = self.encode_prompt_images(prompt, images)
         self.validate_prompt(token_ids)
         if images and self.images is None:
             raise InvalidRequestError(f"model {self.args.name} does not take images (it is a text-only model)")
-        mm = self.images.prepare(token_ids, images) if self.images is not None else None
+        pending = self.images.check(token_ids, images) if self.images is not None else None
         spans = self.validate_chunk_spans(chunk_spans, len(token_ids))
-        if mm is not None and spans:  # a chunk-cache is computed from token ids alone
+        if pending is not None and spans:  # a chunk-cache is computed from token ids alone
             raise InvalidRequestError("reusable chunks cannot be combined with images in one request (yet)")
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
-        extra = encode_extra_keys((self.model_name, cache_namespace), hash_salt())
+        extra = self.cache_extra(cache_namespace)
         if not 0 <= prompt_logits <= len(token_ids):
             raise InvalidRequestError(f"prompt_logits must be in [0, {len(token_ids)}], got {prompt_logits}")
         if (prefill_only or handoff is not None) and prompt_logits:
             raise InvalidRequestError("prompt logits cannot be asked of a disaggregated request")
         req = Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic(),
-                      chunk_spans=spans, num_prompt_logits=prompt_logits, prefill_only=prefill_only, mm_inputs=mm)
+                      chunk_spans=spans, num_prompt_logits=prompt_logits, prefill_only=prefill_only, images=pending)
         if handoff is not None:
             if prefill_only:
                 raise InvalidRequestError("a request cannot be both prefill-only and continued from a handoff")
@@ -313,6 +314,8 @@ class LLMEngine:
         if req.req_id in self.scheduler.requests:
             raise InvalidRequestError(f"request id {req.req_id!r} is already in use")
         staged = staged or StagedKV()
+        if req.images is not None and req.mm_inputs is None:  # nothing staged them (a direct caller)
+            self.embed_images(req)
         if req.chunk_spans and not req.kv.chunks_looked_up:
             stage_local_chunks(self.store, req, staged, self.config.block_size)
         req.kv.staged_blocks = {h: source for h, (_, source) in staged.blocks.items()}
@@ -326,6 +329,15 @@ class LLMEngine:
             self.outputs.process_token(req, req.handoff.first_logprob)
         self.scheduler.add_request(req)
         return req.req_id
+
+    def cache_extra(self, cache_namespace: str) -> bytes:
+        """The extra keys of this worker's KV (and embedding) hashes in a namespace."""
+        return encode_extra_keys((self.model_name, cache_namespace), hash_salt())
+
+    def embed_images(self, req: Request) -> None:
+        """Encode a request's images here (no embedding stage ran for it)."""
+        req.mm_inputs = req.images.assemble([self.images.encode(img) for img in req.images.images])
+        req.image_sources = {"encoded": len(req.images.images)}
 
     def abort_request(self, req_id: str) -> RequestOutput | None:
         req = self.scheduler.finish(req_id, RequestStatus.FINISHED_ABORTED)

@@ -1,7 +1,8 @@
 """Stage a request's reusable KV before it enters the engine: from SSD, and from peer workers.
 
 Runs in the worker's event loop for each request, before the engine queues it (so the engine
-thread never waits on disk or network; other requests keep running meanwhile):
+thread never waits on disk or network; other requests keep running meanwhile), after the request's
+image embeddings are staged (worker/embedding_stage.py):
 1. the prompt's full blocks are hashed with the engine's chain; the leading run already on the
    device is skipped (read without a lock: at worst a block just evicted is recomputed);
 2. the following blocks held in the host tiers: those only on SSD are read in a thread and staged
@@ -39,6 +40,7 @@ from kvstore.chunks import join_chunk
 from kvstore.index import CHUNK_MEDIUMS, KVIndex
 from kvstore.keys import chunk_block_keys, chunk_hash, hash_blocks
 from kvstore.transfer_client import TransferClient, TransferError
+from worker.embedding_stage import EmbeddingStager
 from worker.engine import LLMEngine
 from worker.kv_connector_worker import StagedKV, stage_local_chunks
 from worker.kv_handoff import Handoff
@@ -102,11 +104,16 @@ class KVPrefetcher:
         self.timeout_s = timeout_s
         self.metrics = metrics
         self.stats = PrefetchStats()
+        self.embeddings = EmbeddingStager(engine, index, peers, self.client, timeout_s, metrics) \
+            if engine.images is not None else None
+        """Stages the embeddings of a request's images (worker/embedding_stage.py)."""
         self._releases: set[asyncio.Task] = set()
         self._pulls: dict[str, _Pull] = {}
         """Handoff id -> its early pull (started by `start_pull`), until a request claims it."""
 
     async def __call__(self, req: Request) -> StagedKV:
+        if req.images is not None:  # needed, unlike the KV: a failure here (a bad image) fails the request
+            await self.embeddings.stage(req)
         staged = StagedKV()
         try:
             await self._prefetch(req, staged)
@@ -334,16 +341,7 @@ class KVPrefetcher:
         for i in missing:
             s, n = req.chunk_spans[i]
             keys[i] = chunk_block_keys(chunk_hash(req.prompt_token_ids[s:s + n], req.cache_extra), n, bs)
-        located = await self.index.locate([k for i in missing for k in keys[i]], list(peers), CHUNK_MEDIUMS)
-        holders: dict[int, set[str]] = {}
-        at = 0
-        for i in missing:
-            held = set(peers)
-            for locs in located[at:at + len(keys[i])]:
-                held &= {loc.worker_id for loc in locs}
-            at += len(keys[i])
-            if held:
-                holders[i] = held
+        holders: dict[int, set[str]] = await self.index.holders(keys, list(peers), CHUNK_MEDIUMS)
         # Each chunk from the peer that holds the most of them: as few transfers as possible.
         count = {w: sum(w in h for h in holders.values()) for w in peers}
         plan: dict[str, list[int]] = {}

@@ -12,6 +12,8 @@ Where each figure is measured:
   (worker/step_profile.py);
 - KV transfers: `kv_transferred` once per fetch from a peer (worker/kv_prefetch.py) and per
   fetch served to a peer (kvstore/transfer.py, kvstore/tcp_transfer.py);
+- image embeddings: `image_embedded` once per image a request or an Encode call needed
+  (worker/embedding_stage.py);
 - prefill/decode handoffs: `handoff_pulled` once per handoff a decode worker pulls
   (worker/kv_prefetch.py); what a prefill worker holds, made, released and let expire is read
   from its engine at scrape time.
@@ -43,6 +45,9 @@ DIRECTIONS = ("in", "out")
 """KV transfer directions: in = fetched from peers, out = served to peers."""
 REFUSAL_PLANES = ("grpc", "kv_data")
 """`plane` of kvweave_worker_unauthenticated_calls_total: the worker's gRPC services, the TCP KV data plane."""
+IMAGE_SOURCES = ("cached", "fetched", "encoded")
+"""`source` of kvweave_worker_image_embeddings_total: this worker's caches, a peer's (through the KV
+transfer path), or encoded here."""
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -85,6 +90,14 @@ class WorkerMetrics:
         self.handoff_seconds = Histogram("kvweave_worker_handoff_seconds", "How long a handed-off request waited "
                                          "for its KV (blocks pulled during the prefill not counted)",
                                          buckets=TRANSFER_BUCKETS, registry=r)
+        self.image_embeddings = Counter("kvweave_worker_image_embeddings", "Images whose embeddings this worker "
+                                        "needed, by where they came from (cached here, fetched from a peer, "
+                                        "encoded here)", ["source"], registry=r)
+        self.encode_seconds = Histogram("kvweave_worker_image_encode_seconds", "Time to encode one image's "
+                                        "embeddings here (preprocessing and the vision tower)",
+                                        buckets=TRANSFER_BUCKETS, registry=r)
+        for source in IMAGE_SOURCES:
+            self.image_embeddings.labels(source)
         for result in HANDOFF_PULL_RESULTS:
             self.handoff_pulls.labels(result)
         for status in REQUEST_STATUSES:  # every series exists from the start (rates of 0, not missing)
@@ -114,6 +127,12 @@ class WorkerMetrics:
 
     def kv_transfer_failed(self) -> None:
         self.transfer_failures.inc()
+
+    def image_embedded(self, source: str, encode_seconds: float = 0.0) -> None:
+        """One image's embeddings were found (`IMAGE_SOURCES`); encoded ones with their time."""
+        self.image_embeddings.labels(source).inc()
+        if source == "encoded":
+            self.encode_seconds.observe(encode_seconds)
 
     def handoff_pulled(self, result: str, nbytes: int, seconds: float) -> None:
         """A decode worker pulled (or failed to pull) one prefill handoff's KV."""

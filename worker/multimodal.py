@@ -1,16 +1,18 @@
 """A request's images on the worker: check the placeholders, preprocess, encode, map back at forward.
 
-- `ImageEncoder.prepare(token_ids, images)` checks that the prompt's placeholder ids (ids >=
+- `ImageEncoder.check(token_ids, images)` checks that the prompt's placeholder ids (ids >=
   vocab_size) are exactly those of the request's images, in order (kvweave/vision_prompt.py:
-  a prompt cannot name an image it does not carry), then encodes every image and returns
-  `MultimodalInputs`: the embeddings of all placeholder positions in prompt order and, per prompt
-  position, the row of its embedding (-1 for text).
+  a prompt cannot name an image it does not carry), and returns `PendingImages`; once each image's
+  embeddings are known (worker/embedding_stage.py: this worker's caches, a peer, or `encode`),
+  `PendingImages.assemble` makes the `MultimodalInputs`: the embeddings of all placeholder positions
+  in prompt order and, per prompt position, the row of its embedding (-1 for text). `prepare` does
+  both with every image encoded here.
 - Preprocessing is Idefics3ImageProcessorPil from transformers (resize, tile split + global image,
   rescale, normalize), built from the checkpoint's preprocessor_config.json, so the pixels are
   exactly transformers'. transformers is imported only when a vision model is served.
 - Encoder outputs are kept per image content hash in a small LRU (`EMBEDDING_CACHE_IMAGES`): a
-  repeated image is not encoded again on this worker. The cluster-wide embedding cache and encode
-  workers of issue 20 key by the same hash.
+  repeated image is not encoded again on this worker. The cluster-wide embedding cache (the tiered
+  store, kvstore/embeddings.py) keys by the same hash.
 """
 from __future__ import annotations
 
@@ -45,6 +47,19 @@ class MultimodalInputs:
     """int64 [prompt length]: the row of `embeds` for each prompt position, -1 for text."""
 
 
+@dataclass(slots=True)
+class PendingImages:
+    """A request's images, checked against its placeholders, before their embeddings are known."""
+
+    images: list[ImageInput]
+    rows: np.ndarray
+    """int64 [prompt length]: the row of the images' concatenated embeddings per position, -1 for text."""
+
+    def assemble(self, embeds: list[torch.Tensor]) -> MultimodalInputs:
+        """The `MultimodalInputs` from each image's embeddings, in order."""
+        return MultimodalInputs(torch.cat(embeds), self.rows)
+
+
 class ImageEncoder:
     """Preprocess and encode a request's images with the checkpoint's processor and vision tower."""
 
@@ -58,8 +73,16 @@ class ImageEncoder:
             raise ValueError(f"image_seq_len {spec.image_seq_len} != the vision tower's {tower.args.image_seq_len}")
 
     def prepare(self, token_ids: list[int], images: list[bytes] | list[ImageInput]) -> MultimodalInputs | None:
-        """The request's `MultimodalInputs` (None without images); InvalidRequestError when its
-        placeholders and images do not match."""
+        """The request's `MultimodalInputs` (None without images), every image encoded here;
+        InvalidRequestError when its placeholders and images do not match."""
+        pending = self.check(token_ids, images)
+        if pending is None:
+            return None
+        return pending.assemble([self.encode(img) for img in pending.images])
+
+    def check(self, token_ids: list[int], images: list[bytes] | list[ImageInput]) -> PendingImages | None:
+        """Check that the prompt's placeholders are exactly those of its images (cheap: no pixel is
+        decoded); None without images. InvalidRequestError when they do not match."""
         ids = np.asarray(token_ids, dtype=np.int64)
         is_image = ids >= self.spec.vocab_size
         if not images:
@@ -76,20 +99,33 @@ class ImageEncoder:
                                       "order or tiles)")
         rows = np.full(len(ids), -1, dtype=np.int64)
         rows[is_image] = np.arange(len(expected))
-        return MultimodalInputs(torch.cat([self.encode(img) for img in checked]), rows)
+        return PendingImages(checked, rows)
 
-    def encode(self, image: ImageInput) -> torch.Tensor:
-        """[tiles * image_seq_len, dim] embeddings of one image (cached by its content hash)."""
+    def embed_shape(self, image: ImageInput) -> tuple[int, int]:
+        """[tokens, dim] of an image's embeddings."""
+        return num_tiles(self.spec, image) * self.spec.image_seq_len, self.tower.args.text_dim
+
+    def cached(self, image: ImageInput) -> torch.Tensor | None:
+        """The image's embeddings if this worker's LRU holds them."""
         with self._lock:
             cached = self._cache.get(image.hash)
             if cached is not None:
                 self._cache.move_to_end(image.hash)
-                return cached
-        embeds = self.tower.encode(self.pixel_values(image))  # outside the lock: a hit never waits for an encode
+            return cached
+
+    def remember(self, image: ImageInput, embeds: torch.Tensor) -> None:
         with self._lock:
             self._cache[image.hash] = embeds
             if len(self._cache) > EMBEDDING_CACHE_IMAGES:
                 self._cache.popitem(last=False)
+
+    def encode(self, image: ImageInput) -> torch.Tensor:
+        """[tiles * image_seq_len, dim] embeddings of one image (cached by its content hash)."""
+        cached = self.cached(image)
+        if cached is not None:
+            return cached
+        embeds = self.tower.encode(self.pixel_values(image))  # outside the lock: a hit never waits for an encode
+        self.remember(image, embeds)
         return embeds
 
     def pixel_values(self, image: ImageInput) -> torch.Tensor:
@@ -128,7 +164,9 @@ def build_image_encoder(vision, dtype: torch.dtype, device: torch.device) -> Ima
         with torch.device("meta"):
             tower = VisionTower(args, dtype)
         tower.load_weights(vision.weights, device)
-    else:
-        tower = VisionTower(args, dtype).to(device)
+    else:  # the same random weights in every process (an encode worker's output is used by others)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            tower = VisionTower(args, dtype).to(device)
     tower.eval()
     return ImageEncoder(tower, vision.spec, vision.folder)

@@ -31,6 +31,8 @@ class RequestOutput:
     num_chunk_reused_tokens: int = 0
     """Prompt tokens served from chunk-caches; `num_recomputed_tokens` of them were recomputed."""
     num_recomputed_tokens: int = 0
+    image_sources: dict[str, int] | None = None
+    """Images of the prompt by where their embeddings came from (`Request.image_sources`)."""
     handoff: Handoff | None = None
     """A prefill-only request handed off to a decode worker (finish reason "handoff"): the handle."""
     prompt_logits: torch.Tensor | None = None
@@ -122,7 +124,7 @@ class OutputProcessor:
             req.stop_reason, max(req.num_cached_tokens, 0),
             list(out.logprobs) if out.logprobs is not None else None,
             num_chunk_reused_tokens=req.chunks.num_reused_tokens,
-            num_recomputed_tokens=req.chunks.num_recomputed_tokens,
+            num_recomputed_tokens=req.chunks.num_recomputed_tokens, image_sources=req.image_sources,
             handoff=req.handoff if req.status == RequestStatus.FINISHED_HANDOFF else None, error=req.error)
         st.num_emitted = end
         out.new_token_ids = []

@@ -110,6 +110,11 @@ class Request:
     """The chunk blend in progress (worker.chunk_blend.BlendPlan) while its pieces run."""
     mm_inputs: Any = None
     """The embeddings of the prompt's image placeholders (worker.multimodal.MultimodalInputs), or None."""
+    images: Any = None
+    """The request's images (worker.multimodal.PendingImages) until `mm_inputs` is made from them."""
+    image_sources: dict[str, int] = field(default_factory=dict)
+    """Where its images' embeddings came from: "cached" (this worker's caches), "fetched" (a peer),
+    "encoded" (encoded here) -> how many images."""
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

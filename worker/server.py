@@ -16,6 +16,8 @@ reflection. With a Redis URL it also:
   `DataPort` call names (kvstore/transfer.py, kvstore/tcp_transfer.py), or over a torch.distributed
   pair per client process built through `DistConnect` (kvstore/dist_transfer.py). Which one it
   fetches with itself is `kv_transport`.
+An encode worker (role encode) loads the same model, answers `Encode` calls (image embeddings
+kept in its host tier and published, for prefill workers to fetch) and serves no generate request.
 Unless disabled (`metrics_port` -1), it serves its Prometheus metrics over HTTP (GET /metrics, GET
 /health; worker/metrics.py, docs/metrics.md) on a third port, named in its registry entry
 (`WorkerInfo.metrics_port`) so that the router can list it for Prometheus.
@@ -60,6 +62,7 @@ from kvstore.transfer_client import TRANSPORTS, TransferClient
 from kvweave.v1 import worker_pb2_grpc
 from worker.async_engine import AsyncEngine
 from worker.config import StoreConfigError
+from worker.embedding_stage import encoder_problem
 from worker.engine import EngineConfig, LLMEngine
 from worker.kv_prefetch import KVPrefetcher
 from worker.metrics import WorkerMetrics, start_metrics_server
@@ -172,6 +175,7 @@ class WorkerServer:
         self.failure: str | None = None
         self._tasks: list[asyncio.Task] = []
         self._need_snapshot = True
+        self._publish_lock = asyncio.Lock()
         self._peers: dict[str, str] = {}
         self._transfer_client: TransferClient | None = None
         self._data_server: KVDataServer | None = None
@@ -202,6 +206,9 @@ class WorkerServer:
                 raise WorkerStartError("peer KV fetches and prefill/decode roles with tensor parallelism on GPUs "
                                        "are not built (each rank's KV is on its own GPU and the connector moves "
                                        "only the leader's): use --peer-fetch false and --role colocated")
+            if self.options.role == "encode" and (problem := encoder_problem(llm)):
+                llm.close()
+                raise WorkerStartError(problem)
             self.engine = AsyncEngine(llm, enable_kv_events=self._redis is not None)
             loop = asyncio.get_running_loop()
             self.engine.on_fatal = lambda e: loop.call_soon_threadsafe(self._fail, e)
@@ -295,7 +302,8 @@ class WorkerServer:
             raise WorkerStartError(f"cannot listen on {o.host}:{o.port}")
         self.address = f"{o.advertise_host or _advertise_host(o.host)}:{port}"
         self.worker_id = self.worker_id or f"{socket.gethostname()}-{port}"
-        self.service = WorkerService(self.engine, self.worker_id, self.metrics, self.address, o.max_waiting)
+        self.service = WorkerService(self.engine, self.worker_id, self.metrics, self.address, o.max_waiting, o.role,
+                                     self._publish_once if self._index is not None else None)
         worker_pb2_grpc.add_WorkerServicer_to_server(self.service, self._server)
         served = partial(self.metrics.kv_transferred, "out")
         self._data_server = KVDataServer(self.engine, o.host, on_served=served, key=cluster_secret.derive("kv-data-plane"))  # the bulk KV data plane (raw TCP)
@@ -358,6 +366,10 @@ class WorkerServer:
 
     async def _publish_once(self) -> None:
         """Write the pending KV events (one pipeline), or a full snapshot when one is due."""
+        async with self._publish_lock:  # the periodic flush and an Encode call's: one at a time, in order
+            await self._publish()
+
+    async def _publish(self) -> None:
         try:
             entry_bytes = self.engine.engine.connector.layout.nbytes
             if self._need_snapshot:

@@ -21,6 +21,10 @@ reason "error": its sampling or output processing, worker/sampling.py) with INTE
 reason; anything else with INTERNAL and a fixed message (details only in the log: no exception
 text, shapes or paths reach the client). A client that cancels its stream aborts the request.
 
+Encode workers (role encode) answer `Encode`: the embeddings of the call's images, made sure to
+be held here (cached, else encoded: worker/embedding_stage.py), stored in the host tier and
+published to the KV index before the answer; they refuse `Generate` with FAILED_PRECONDITION.
+
 Admission: a call that arrives while `max_waiting` calls already wait for their first output ends
 at once with RESOURCE_EXHAUSTED (the router tries another worker), so a worker's queue, and its
 memory, stay bounded under overload.
@@ -34,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 import grpc
@@ -142,9 +146,11 @@ async def with_heartbeats(stream: AsyncIterator, interval_s: float) -> AsyncIter
 
 
 def _usage(out: RequestOutput) -> common_pb2.Usage:
+    images = out.image_sources or {}
     return common_pb2.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=len(out.token_ids),
                             cached_tokens=out.num_cached_tokens, chunk_reused_tokens=out.num_chunk_reused_tokens,
-                            recomputed_tokens=out.num_recomputed_tokens)
+                            recomputed_tokens=out.num_recomputed_tokens, images_cached=images.get("cached", 0),
+                            images_fetched=images.get("fetched", 0), images_encoded=images.get("encoded", 0))
 
 
 def _short(e: BaseException) -> str:
@@ -156,11 +162,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     """`kvweave.v1.Worker` over one AsyncEngine."""
 
     def __init__(self, engine: AsyncEngine, worker_id: str, metrics: WorkerMetrics | None = None,
-                 address: str = "", max_waiting: int = 0) -> None:
+                 address: str = "", max_waiting: int = 0, role: str = "colocated",
+                 publish: Callable[[], Awaitable[None]] | None = None) -> None:
         """`metrics`: where calls are counted (default: a registry of its own); `address`: this
         worker's advertised gRPC address (named in the handoffs it makes); `max_waiting`: calls
-        waiting for their first output beyond which new ones are refused (0: no limit)."""
+        waiting for their first output beyond which new ones are refused (0: no limit); `role`: an
+        encode worker serves `Encode` and refuses `Generate`; `publish`: writes the pending KV
+        events to the index (an `Encode` call answers after it)."""
         self.engine = engine
+        self.role, self.publish = role, publish
         self.worker_id = worker_id
         self.address = address
         self.metrics = metrics or WorkerMetrics()
@@ -171,6 +181,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """Calls admitted that have not streamed an output yet."""
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext):
+        if self.role == "encode":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is an encode worker: "
+                                "it encodes images (Encode) and serves no generate requests")
         chunk_spans = [(c.start, c.length) for c in request.chunks]
         measured = self.metrics.request(len(request.prompt_token_ids), sum(n for _, n in chunk_spans))
         if self.max_waiting and self.num_waiting >= self.max_waiting:
@@ -231,6 +244,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             return worker_pb2.PrefetchKVResponse(started=False)
         started = prefetch.start_pull(handoff_from_proto(request.kv_handoff), request.first_block)
         return worker_pb2.PrefetchKVResponse(started=started)
+
+    async def Encode(self, request: worker_pb2.EncodeRequest, context) -> worker_pb2.EncodeResponse:
+        stager = self.engine.prefetch.embeddings if self.engine.prefetch is not None else None
+        if stager is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker's model takes no images")
+        try:
+            check_id("cache_namespace", request.cache_namespace)
+            images = stager.check_images(list(request.images))
+            _, sources = await stager.embed(images, stager.cache_extra(request.cache_namespace), "Encode",
+                                            from_peers=False)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _short(e))
+        except Exception:
+            logger.exception("Encode failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the worker (see its log)")
+        await self.engine.flush_kv_events()
+        if self.publish is not None:
+            await self.publish()
+        return worker_pb2.EncodeResponse(sources=sources)
 
     async def GetLoad(self, request: worker_pb2.GetLoadRequest, context) -> worker_pb2.GetLoadResponse:
         return worker_pb2.GetLoadResponse(worker_id=self.worker_id, load=load_to_proto(self.engine.get_load()))

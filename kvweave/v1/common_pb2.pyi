@@ -97,7 +97,7 @@ class ChunkSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "chunk_reused_tokens", "recomputed_tokens", "disaggregation", "prefill_worker_id", "route")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "chunk_reused_tokens", "recomputed_tokens", "disaggregation", "prefill_worker_id", "route", "images_cached", "images_fetched", "images_encoded")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,9 @@ class Usage(_message.Message):
     DISAGGREGATION_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_CACHED_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_ENCODED_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -114,7 +117,10 @@ class Usage(_message.Message):
     disaggregation: str
     prefill_worker_id: str
     route: RoutePrediction
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., chunk_reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., disaggregation: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., route: _Optional[_Union[RoutePrediction, _Mapping]] = ...) -> None: ...
+    images_cached: int
+    images_fetched: int
+    images_encoded: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., chunk_reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., disaggregation: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., route: _Optional[_Union[RoutePrediction, _Mapping]] = ..., images_cached: _Optional[int] = ..., images_fetched: _Optional[int] = ..., images_encoded: _Optional[int] = ...) -> None: ...
 
 class TierTokens(_message.Message):
     __slots__ = ("device", "dram", "ssd", "peer")

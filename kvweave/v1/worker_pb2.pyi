@@ -7,6 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EncodeRequest(_message.Message):
+    __slots__ = ("images", "cache_namespace")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    cache_namespace: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., cache_namespace: _Optional[str] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("sources",)
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sources: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class PrefetchKVRequest(_message.Message):
     __slots__ = ("kv_handoff", "first_block")
     KV_HANDOFF_FIELD_NUMBER: _ClassVar[int]

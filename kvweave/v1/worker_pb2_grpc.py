@@ -55,6 +55,11 @@ class WorkerStub:
                 request_serializer=kvweave_dot_v1_dot_worker__pb2.PrefetchKVRequest.SerializeToString,
                 response_deserializer=kvweave_dot_v1_dot_worker__pb2.PrefetchKVResponse.FromString,
                 _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/kvweave.v1.Worker/Encode',
+                request_serializer=kvweave_dot_v1_dot_worker__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=kvweave_dot_v1_dot_worker__pb2.EncodeResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -88,6 +93,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Encode(self, request, context):
+        """Encode workers (role encode): make sure this worker holds the embeddings of these images (those
+        it lacks are encoded), stored in its host tier and published to the KV index before it answers,
+        so a prefill worker fetches them through KVTransfer. A bad image is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.PrefetchKV,
                     request_deserializer=kvweave_dot_v1_dot_worker__pb2.PrefetchKVRequest.FromString,
                     response_serializer=kvweave_dot_v1_dot_worker__pb2.PrefetchKVResponse.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=kvweave_dot_v1_dot_worker__pb2.EncodeRequest.FromString,
+                    response_serializer=kvweave_dot_v1_dot_worker__pb2.EncodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +239,33 @@ class Worker:
             '/kvweave.v1.Worker/PrefetchKV',
             kvweave_dot_v1_dot_worker__pb2.PrefetchKVRequest.SerializeToString,
             kvweave_dot_v1_dot_worker__pb2.PrefetchKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvweave.v1.Worker/Encode',
+            kvweave_dot_v1_dot_worker__pb2.EncodeRequest.SerializeToString,
+            kvweave_dot_v1_dot_worker__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,7 +21,7 @@ import pytest
 
 import kvweave
 from controlplane.cluster import LocalCluster, LocalWorkers, run_sync
-from controlplane.cluster_config import ClusterConfig, ClusterError, worker_roles
+from controlplane.cluster_config import ENCODE_DRAM_CACHE_GB, ClusterConfig, ClusterError, worker_roles
 from controlplane.procs import descendants, pid_alive
 
 ENGINE_ARGS = {"dtype": "float32", "num_blocks": 64, "num_threads": 1}
@@ -197,6 +197,8 @@ def test_serve_passes_peer_fetch_to_its_workers(tmp_path) -> None:
     ({"workers": -1, "decode_workers": 1}, "worker counts must be >= 0, got workers=-1"),
     ({"workers": 1, "prefill_workers": -1}, "got prefill_workers=-1"),
     ({"workers": 0, "prefill_workers": 2}, "prefill_workers=2 without a decode or colocated worker"),
+    ({"workers": 0, "encode_workers": 1}, "encode_workers=1 without a decode or colocated worker"),
+    ({"workers": 1, "encode_workers": -1}, "got encode_workers=-1"),
 ])
 def test_bad_worker_pools_are_config_errors(counts, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -249,6 +251,27 @@ def test_worker_ids_and_role_flags_per_role(tmp_path) -> None:
     shared = worker_roles(ClusterConfig(workers=1, decode_workers=1, redis_url="redis://127.0.0.1:1/0"))
     assert sorted(shared.values()) == ["colocated", "decode"]  # a random suffix: other clusters share the Redis
     assert {i.rsplit("-", 1)[0]: r for i, r in shared.items()} == {"worker-0": "colocated", "decode-0": "decode"}
+
+
+def test_encode_workers_get_their_role_and_a_host_tier(tmp_path) -> None:
+    from cli.main import build_parser
+    from cli.serve import config_from_args, describe_pools
+
+    parser = build_parser("all")
+    config = config_from_args(parser.parse_args(["serve", "--encode-workers", "2"]))
+    assert config.role_counts == {"colocated": 1, "encode": 2} and config.num_workers == 3
+    assert describe_pools(config) == "1 colocated + 2 encode worker(s)"
+    roles = worker_roles(config)
+    assert roles == {"worker-0": "colocated", "encode-0": "encode", "encode-1": "encode"}
+    workers = LocalWorkers(config, roles, "redis://127.0.0.1:1/0", tmp_path, {})
+    for worker_id, role, dram in (("worker-0", "colocated", None), ("encode-1", "encode", ENCODE_DRAM_CACHE_GB)):
+        command = workers._command(worker_id, 1234, 1235)
+        args = parser.parse_args(command[command.index("cli") + 1:])
+        assert (args.role, args.dram_cache_gb) == (role, dram)
+    given = config_from_args(parser.parse_args(["serve", "--encode-workers", "1", "--dram-cache-gb", "0.5"]))
+    command = LocalWorkers(given, {"encode-0": "encode"}, "redis://127.0.0.1:1/0", tmp_path, {})._command(
+        "encode-0", 1234, 1235)
+    assert parser.parse_args(command[command.index("cli") + 1:]).dram_cache_gb == 0.5
 
 
 def test_prefill_and_decode_pools_register_their_roles(tiny_hf_model) -> None:
