@@ -11,8 +11,7 @@ import time
 import pytest
 
 from tests.controlplane.test_http_frontend import assert_openai_error, post
-from tests.controlplane.test_vlm_http import body
-from tests.inprocess_cluster import InProcessCluster
+from tests.controlplane.test_vlm_http import body, vlm_cluster  # noqa: F401 (the module's cluster fixture)
 from tests.vlm_models import make_png
 
 MAX_BYTES = 8192
@@ -68,15 +67,8 @@ def image_server():
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_server, tiny_vlm_model):
-    c = InProcessCluster(redis_server.url, tiny_vlm_model, num_workers=1).start()
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-def router(cluster):
-    return cluster.add_router(router_config={"allow_image_urls": True, "max_image_bytes": MAX_BYTES,
+def router(vlm_cluster):
+    return vlm_cluster.add_router(router_config={"allow_image_urls": True, "max_image_bytes": MAX_BYTES,
                                              "image_url_timeout_s": 1.0})
 
 
@@ -109,15 +101,15 @@ def test_every_failed_fetch_is_a_400(router, image_server, path, message):
     assert_openai_error(resp, 400, message)
 
 
-def test_unreachable_hosts_and_other_domains_are_400s(cluster, router, image_server):
+def test_unreachable_hosts_and_other_domains_are_400s(vlm_cluster, router, image_server):
     dead = "http://127.0.0.1:9/img.png"  # the discard port: nothing listens
     assert_openai_error(post(router, "/v1/chat/completions", body("See ", url_part(dead))), 400, "cannot fetch")
-    only = cluster.add_router(router_config={"allow_image_urls": True, "image_url_domains": "images.example.com"})
+    only = vlm_cluster.add_router(router_config={"allow_image_urls": True, "image_url_domains": "images.example.com"})
     resp = post(only, "/v1/chat/completions", body("See ", url_part(image_server + "/img.png")))
     assert_openai_error(resp, 400, "image URLs from 127.0.0.1 are not allowed")
 
 
-def test_image_urls_are_refused_unless_allowed(cluster, image_server):
-    default = cluster.add_router()
+def test_image_urls_are_refused_unless_allowed(vlm_cluster, image_server):
+    default = vlm_cluster.add_router()
     resp = post(default, "/v1/chat/completions", body("See ", url_part(image_server + "/img.png")))
     assert_openai_error(resp, 400, "http(s) image URLs are disabled")
