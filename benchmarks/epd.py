@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.report import Result, median, percentile, render, write_json
+from kvweave.defaults import REGISTRY_LEASE_S
 
 
 @dataclass
@@ -156,8 +157,12 @@ async def burst_run(cluster, config: EPDBenchConfig) -> dict:
 
 def run_cluster(config: EPDBenchConfig, model: str, pools: dict, runs) -> list[dict]:
     from controlplane.cluster import LocalCluster
+    from controlplane.cluster_config import heartbeat_s
 
     with LocalCluster(model=model, engine_args=config.engine_args(), startup_timeout=900, **pools) as cluster:
+        # A worker lists its peers at each heartbeat: until then, one that registered after it (the
+        # encode worker) is not a peer it fetches from, and its images would be encoded where served.
+        time.sleep(2 * heartbeat_s(cluster.config.lease_s or REGISTRY_LEASE_S))
         return [asyncio.run(run(cluster, config)) for run in runs]
 
 
