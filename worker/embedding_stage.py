@@ -88,7 +88,8 @@ class EmbeddingStager:
                 logger.exception("%s: fetching image embeddings from peers failed; encoding them here", what)
         todo = [i for i, e in enumerate(embeds) if e is None]
         if todo:
-            for i, e in zip(todo, await asyncio.to_thread(self._encode, [images[i] for i in todo])):
+            for i, e in zip(todo, await asyncio.to_thread(self._encode, [images[i] for i in todo],
+                                                          [keys[i] for i in todo])):
                 embeds[i], sources[i] = e, "encoded"
         keep = [i for i, s in enumerate(sources) if s != "stored"]
         if keep:
@@ -102,7 +103,7 @@ class EmbeddingStager:
         for img, key in zip(images, keys):
             e = load_embedding(store, key, self.encoder.embed_shape(img)) if store is not None else None
             source = "stored" if e is not None else ""
-            if e is None and (e := self.encoder.cached(img)) is not None:
+            if e is None and (e := self.encoder.cached(key)) is not None:
                 source = "lru"
             embeds.append(None if e is None else e.to(self.engine.device))
             sources.append(source)
@@ -110,11 +111,11 @@ class EmbeddingStager:
                 self.metrics.image_embedded("cached")
         return embeds, sources
 
-    def _encode(self, images: list[ImageInput]) -> list[torch.Tensor]:
+    def _encode(self, images: list[ImageInput], keys: list[bytes]) -> list[torch.Tensor]:
         out = []
-        for img in images:
+        for img, key in zip(images, keys):
             t0 = time.perf_counter()
-            out.append(self.encoder.encode(img))
+            out.append(self.encoder.encode(img, key))
             if self.metrics is not None:
                 self.metrics.image_embedded("encoded", time.perf_counter() - t0)
         return out
@@ -122,7 +123,7 @@ class EmbeddingStager:
     def _keep(self, images: list[ImageInput], keys: list[bytes], embeds: list[torch.Tensor]) -> None:
         """Remember embeddings in the LRU and the host tier (whose KV events publish them)."""
         for img, key, e in zip(images, keys, embeds):
-            self.encoder.remember(img, e)
+            self.encoder.remember(key, e)
             if self.engine.store is not None and not store_embedding(self.engine.store, key, e.to(self.engine.dtype)):
                 logger.debug("image %s: its embeddings do not fit the host tier", img.hash.hex()[:12])
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 import torch
 
-from kvstore.keys import encode_extra_keys
+from kvstore.keys import embedding_key, encode_extra_keys
 from kvstore.manager import TierManager
 from kvstore.tier import TierConfigError
 from kvweave.cluster_secret import hash_salt
@@ -336,7 +336,8 @@ class LLMEngine:
 
     def embed_images(self, req: Request) -> None:
         """Encode a request's images here (no embedding stage ran for it)."""
-        req.mm_inputs = req.images.assemble([self.images.encode(img) for img in req.images.images])
+        req.mm_inputs = req.images.assemble([self.images.encode(img, embedding_key(img.hash, req.cache_extra))
+                                             for img in req.images.images])
         req.image_sources = {"encoded": len(req.images.images)}
 
     def abort_request(self, req_id: str) -> RequestOutput | None:

@@ -105,27 +105,28 @@ class ImageEncoder:
         """[tokens, dim] of an image's embeddings."""
         return num_tiles(self.spec, image) * self.spec.image_seq_len, self.tower.args.text_dim
 
-    def cached(self, image: ImageInput) -> torch.Tensor | None:
-        """The image's embeddings if this worker's LRU holds them."""
+    def cached(self, key: bytes) -> torch.Tensor | None:
+        """The embeddings under `key` (`kvstore.keys.embedding_key`: the image and the tenant's
+        namespace, so one tenant's request never hits, or times, another's) if this worker's LRU holds them."""
         with self._lock:
-            cached = self._cache.get(image.hash)
+            cached = self._cache.get(key)
             if cached is not None:
-                self._cache.move_to_end(image.hash)
+                self._cache.move_to_end(key)
             return cached
 
-    def remember(self, image: ImageInput, embeds: torch.Tensor) -> None:
+    def remember(self, key: bytes, embeds: torch.Tensor) -> None:
         with self._lock:
-            self._cache[image.hash] = embeds
+            self._cache[key] = embeds
             if len(self._cache) > EMBEDDING_CACHE_IMAGES:
                 self._cache.popitem(last=False)
 
-    def encode(self, image: ImageInput) -> torch.Tensor:
-        """[tiles * image_seq_len, dim] embeddings of one image (cached by its content hash)."""
-        cached = self.cached(image)
+    def encode(self, image: ImageInput, key: bytes) -> torch.Tensor:
+        """[tiles * image_seq_len, dim] embeddings of one image (in the LRU under its embedding `key`)."""
+        cached = self.cached(key)
         if cached is not None:
             return cached
         embeds = self.tower.encode(self.pixel_values(image))  # outside the lock: a hit never waits for an encode
-        self.remember(image, embeds)
+        self.remember(key, embeds)
         return embeds
 
     def pixel_values(self, image: ImageInput) -> torch.Tensor:

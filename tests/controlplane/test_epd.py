@@ -108,6 +108,12 @@ def test_without_encode_worker_the_worker_encodes(redis_server, tiny_vlm_model):
         assert _router_images(c, "local") == 1 and _router_images(c, "encoded") == 0
         usage = _generate(c, _messages(png))[-1].usage  # its in-memory cache (no host tier here)
         assert (usage.images_cached, usage.images_fetched, usage.images_encoded) == (1, 0, 0)
+        # Another tenant's request for the same image: tenants share no cache, the in-memory one included.
+        async def other_tenant():
+            inp = GenerateInput(messages=_messages(png), params=PARAMS, tenant="other")
+            return [d async for d in c.routers[0].router.generate(inp)]
+        usage = c.run(other_tenant())[-1].usage
+        assert (usage.images_cached, usage.images_fetched, usage.images_encoded) == (0, 0, 1)
     finally:
         c.stop()
 
