@@ -46,6 +46,7 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass
 
 from benchmarks.report import Result, percentile, render, write_json
+from controlplane.procs import cpu_seconds
 from kvweave.defaults import DEFAULT_MODEL
 
 TARGET_INTERVALS = 2
@@ -168,16 +169,6 @@ async def load_step(cluster, config: PlannerBenchConfig) -> StepRecord:
     finally:
         await redis.aclose()
     return record
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def machine_busy_seconds() -> float:

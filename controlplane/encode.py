@@ -63,8 +63,8 @@ class EncodeDispatcher:
             await self._encode(req, self._least_loaded(encoders), missing)
 
     def _least_loaded(self, encoders: list[PoolWorker]) -> PoolWorker:
-        turn = next(self._turn)
-        return min(encoders, key=lambda w: (w.num_local_waiting, (encoders.index(w) - turn) % len(encoders)))
+        turn, n = next(self._turn), len(encoders)
+        return min(enumerate(encoders), key=lambda iw: (iw[1].num_local_waiting, (iw[0] - turn) % n))[1]
 
     async def _encode(self, req: RoutedRequest, encoder: PoolWorker, images: list) -> None:
         message = worker_pb2.EncodeRequest(images=[img.data for img in images], cache_namespace=req.tenant)
