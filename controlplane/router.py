@@ -66,6 +66,7 @@ from kvweave.v1 import common_pb2, worker_pb2
 from kvweave.errors import InvalidRequestError
 from kvweave.limits import check_prompt_size
 from kvweave.model_files import LoadedTokenizer, load_tokenizer
+from kvweave.redis_pipe import connect_pipelined
 from kvweave.sampling_params import SamplingParams
 from kvweave.segments import encode_chat_documents, encode_segments, split_on_separator
 from kvweave.vision_prompt import encode_chat_with_images, has_image_parts, message_images
@@ -88,7 +89,8 @@ class Router:
         self.tokenizer = self.model.tokenizer
         self.metrics = RouterMetrics()
         self.redis = redis.asyncio.Redis.from_url(config.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
-        self.kv_index = KVIndex(self.redis)
+        self.index_reads = connect_pipelined(config.redis_url, connect_timeout_s=2.0, timeout_s=2.0)
+        self.kv_index = KVIndex(self.redis, pipelined=self.index_reads)
         self.pool = WorkerPool(Registry(self.redis, config.lease_s), self.model.name, config.refresh_s,
                                self.metrics.set_workers)
         self.pool.probe_s, self.pool.min_open_s = config.breaker_probe_s, config.breaker_min_open_s
@@ -121,6 +123,8 @@ class Router:
         await self.replicas.close()
         await self.image_fetcher.close()
         await self.pool.close()
+        if self.index_reads is not None:
+            await self.index_reads.close()
         await self.redis.aclose()
 
     @property
