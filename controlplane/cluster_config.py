@@ -83,7 +83,8 @@ class ClusterConfig:
     lease_s: float | None = None
     """Registry lease of the workers and the router, seconds (None: their default)."""
     peer_fetch: bool = True
-    """Workers fetch the KV they lack from peers that hold it (`kvweave worker --peer-fetch`)."""
+    """Workers fetch the KV and image embeddings they lack from peers the KV index lists (`kvweave worker
+    --peer-fetch`); off, they still pull prefill handoffs and the embeddings whose holder the router names."""
     max_waiting: int = 256
     """Per worker: requests waiting for their first token beyond which new ones are refused with
     RESOURCE_EXHAUSTED (`kvweave worker --max-waiting`; 0: no limit)."""

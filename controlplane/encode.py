@@ -5,11 +5,15 @@ workers up: the entries of every image's embedding (`kvstore.keys.embedding_key`
 content hash, model, tenant namespace, cluster salt) are looked up in the KV index, ONE round trip
 (the first entry of each: a worker stores an embedding's entries together); the images that no
 worker holds go in one `Encode` call to the encode worker with the fewest Encode calls in flight
-from this router. The encode worker answers once the embeddings are stored and published, so the
-prefill (or colocated) worker then finds them in the index and fetches them through the KV
-transfer path (worker/embedding_stage.py). Nothing is lost when this fails: with no encode worker
-up, a failed lookup or a failed call, the request goes on and its worker encodes the images itself
-(each case counted in `kvweave_router_image_embeddings_total`). An image the encode worker cannot
+from this router. The encode worker answers once the embeddings are stored and published. The
+request then names, per image, the worker that holds its embedding (`embedding_holders`: the first
+holder the index lists, fastest tier first, else the encode worker), and the prefill (or
+colocated) worker fetches it from there through the KV transfer path (worker/embedding_stage.py),
+even before its own peer list has the encode worker and even with `--peer-fetch false`; without a
+holder named it looks the image up in the index among its peers. Nothing is lost when this fails:
+with no encode worker up, a failed lookup or a failed call, the request goes on (with no holder
+named for those images) and its worker encodes the images itself (each case counted in
+`kvweave_router_image_embeddings_total`). An image the encode worker cannot
 decode is the client's error (InvalidRequestError), as it would be on the prefill worker.
 """
 from __future__ import annotations
@@ -40,7 +44,8 @@ class EncodeDispatcher:
         self._turn = itertools.count()
 
     async def ensure(self, req: RoutedRequest) -> None:
-        """Have an encode worker encode the request's images that no worker holds (see above)."""
+        """Have an encode worker encode the request's images that no worker holds, and name each
+        image's holder in `req.message.embedding_holders` (see above)."""
         if not req.images:
             return
         encoders = self.pool.eligible(roles=ENCODE_ROLES)
@@ -49,24 +54,33 @@ class EncodeDispatcher:
             return
         extra = self.extra.get(req.tenant)
         first = [embedding_entry_keys(embedding_key(img.hash, extra), 1, 1)[0] for img in req.images]
-        holders = [w.worker_id for w in self.pool.eligible(roles=ROLES)]
+        workers = {w.worker_id: w for w in self.pool.eligible(roles=ROLES)}
         try:
-            located = await self.index.locate(first, holders, CHUNK_MEDIUMS)
+            located = await self.index.locate(first, list(workers), CHUNK_MEDIUMS)
         except (redis.RedisError, OSError) as e:
             logger.warning("request %s: embedding lookup failed (%s); its worker encodes its images", req.req_id, e)
             self.metrics.count_degraded("index_lookup")
             self.metrics.image_embeddings.labels("local").inc(len(req.images))
             return
-        missing = [img for img, locs in zip(req.images, located) if not locs]
+        holders = [workers[locs[0].worker_id] if locs else None for locs in located]  # the fastest tier's
+        missing = [k for k, w in enumerate(holders) if w is None]
         self.metrics.image_embeddings.labels("held").inc(len(req.images) - len(missing))
         if missing:
-            await self._encode(req, self._least_loaded(encoders), missing)
+            encoder = self._least_loaded(encoders)
+            if await self._encode(req, encoder, [req.images[k] for k in missing]):
+                for k in missing:
+                    holders[k] = encoder
+        if any(w is not None for w in holders):
+            req.message.embedding_holders.extend(
+                worker_pb2.EmbeddingHolder(worker_id=w.worker_id, address=w.info.address) if w is not None
+                else worker_pb2.EmbeddingHolder() for w in holders)
 
     def _least_loaded(self, encoders: list[PoolWorker]) -> PoolWorker:
         turn, n = next(self._turn), len(encoders)
         return min(enumerate(encoders), key=lambda iw: (iw[1].num_local_waiting, (iw[0] - turn) % n))[1]
 
-    async def _encode(self, req: RoutedRequest, encoder: PoolWorker, images: list) -> None:
+    async def _encode(self, req: RoutedRequest, encoder: PoolWorker, images: list) -> bool:
+        """Whether `encoder` now holds the images' embeddings."""
         message = worker_pb2.EncodeRequest(images=[img.data for img in images], cache_namespace=req.tenant)
         encoder.num_local_waiting += 1
         try:
@@ -77,8 +91,9 @@ class EncodeDispatcher:
             logger.warning("request %s: encode worker %s failed (%s: %s); its worker encodes its images",
                            req.req_id, encoder.worker_id, e.code().name, e.details())
             self.metrics.image_embeddings.labels("local").inc(len(images))
-            return
+            return False
         finally:
             encoder.num_local_waiting -= 1
         self.metrics.image_embeddings.labels("encoded").inc(len(images))
         logger.debug("request %s: %d images encoded on %s", req.req_id, len(images), encoder.worker_id)
+        return True

@@ -53,10 +53,10 @@ class InProcessCluster:
             self.add_worker(f"w{i}")
         return self
 
-    def add_worker(self, worker_id: str, role: str = "colocated", kv_transport: str = "auto",
+    def add_worker(self, worker_id: str, role: str = "colocated", kv_transport: str = "auto", peer_fetch: bool = True,
                    **engine_config) -> WorkerServer:
         options = WorkerOptions(redis_url=self.redis_url, worker_id=worker_id, lease_s=self.lease_s, heartbeat_s=0.2,
-                                grace_s=0.5, role=role, kv_transport=kv_transport)
+                                grace_s=0.5, role=role, kv_transport=kv_transport, peer_fetch=peer_fetch)
         server = WorkerServer(EngineConfig(model=str(self.model), **(self.engine_config | engine_config)), options)
         self.run(server.start())
         self.workers.append(server)

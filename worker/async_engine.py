@@ -81,15 +81,17 @@ class AsyncEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
                        cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = (),
-                       prefill_only: bool = False, handoff: Handoff | None = None, images: Sequence[bytes] = ()
-                       ) -> AsyncIterator[RequestOutput]:
+                       prefill_only: bool = False, handoff: Handoff | None = None, images: Sequence[bytes] = (),
+                       embedding_holders: Sequence[tuple[str, str]] = ()) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (each with the new delta); raises InvalidRequestError at once.
         `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks;
         `prefill_only` / `handoff`: the two halves of a disaggregated request (worker/kv_handoff.py);
         `images`: the encoded images its placeholders name (their embeddings staged by `prefetch`,
-        else encoded in a thread; never on the event loop or the engine thread)."""
+        else encoded in a thread; never on the event loop or the engine thread), and
+        `embedding_holders` where the router says their embeddings are held."""
         make = functools.partial(self.engine.make_request, prompt, params, req_id, cache_namespace, chunk_spans,
-                                 prefill_only=prefill_only, handoff=handoff, images=images)
+                                 prefill_only=prefill_only, handoff=handoff, images=images,
+                                 embedding_holders=embedding_holders)
         with_images = images or (isinstance(prompt, dict) and has_image_parts(prompt.get("messages")))
         req = await asyncio.to_thread(make) if with_images else make()
         if req.req_id in self._streams:

@@ -5,11 +5,16 @@ before the KV is staged), so the engine thread never encodes. For each image, by
 (`kvstore.keys.embedding_key`: the image's content hash, model, namespace, cluster salt):
 1. this worker's caches: the host tier's entries (kvstore/embeddings.py), then the encoder's
    in-memory LRU (worker/multimodal.py);
-2. the images still missing: the KV index says which peers hold every entry of one (one Redis
-   round trip for all of them); each chosen peer sends the entries of the images it serves in one
-   transfer (kvstore/transfer_client.py: the same path as blocks and chunk-caches) — an encode
-   worker's output arrives this way;
-3. the rest is encoded here, in a thread.
+2. the images whose holder the router named (`Request.embedding_holders`: the encode worker that
+   just made the embedding, or a worker the KV index lists): each holder sends the entries of the
+   images it holds in one transfer (kvstore/transfer_client.py: the same path as blocks and
+   chunk-caches), even a holder not yet in this worker's peer list (refreshed each heartbeat) and
+   with peer fetches off (`--peer-fetch false`), as a prefill handoff is pulled from where the
+   router says;
+3. the images still missing, when this worker fetches from peers: the KV index says which peers
+   hold every entry of one (one Redis round trip for all of them); each chosen peer sends its
+   images' entries in one transfer;
+4. the rest is encoded here, in a thread.
 Whatever did not come from the host tier is stored there (the worker's KV events then publish it
 to the index), so an embedding computed or fetched anywhere is found by every worker after it.
 A lookup or transfer that fails only means the image is encoded here; an image that cannot be
@@ -22,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -70,22 +75,22 @@ class EmbeddingStager:
     async def stage(self, req: Request) -> None:
         """Set the request's `mm_inputs` (and `image_sources`) from its pending images."""
         pending = req.images
-        embeds, sources = await self.embed(pending.images, req.cache_extra, req.req_id)
+        embeds, sources = await self.embed(pending.images, req.cache_extra, req.req_id,
+                                           holders=req.embedding_holders)
         req.mm_inputs = pending.assemble(embeds)
         req.image_sources = dict(Counter(sources))
 
-    async def embed(self, images: list[ImageInput], extra: bytes, what: str = "",
-                    from_peers: bool = True) -> tuple[list[torch.Tensor], list[str]]:
-        """Each image's embeddings and where they came from ("cached", "fetched", "encoded")."""
+    async def embed(self, images: list[ImageInput], extra: bytes, what: str = "", from_peers: bool = True,
+                    holders: Sequence[tuple[str, str]] = ()) -> tuple[list[torch.Tensor], list[str]]:
+        """Each image's embeddings and where they came from ("cached", "fetched", "encoded").
+        `holders`: none, or per image the (worker id, address) the router says holds it (see
+        `_from_holders`); `from_peers`: also look in the KV index for peers that hold them."""
         keys = [embedding_key(img.hash, extra) for img in images]
         embeds, sources = await asyncio.to_thread(self._local, images, keys)
-        missing = [i for i, e in enumerate(embeds) if e is None]
-        if missing and from_peers and self.index is not None and self.peers is not None:
-            try:
-                for i, e in (await self._from_peers(images, keys, missing, what)).items():
-                    embeds[i], sources[i] = e, "fetched"
-            except Exception:  # a lookup that fails only means the images are encoded here
-                logger.exception("%s: fetching image embeddings from peers failed; encoding them here", what)
+        if holders:
+            await self._fetch_missing(embeds, sources, what, self._from_holders, images, keys, holders)
+        if from_peers and self.index is not None and self.peers is not None:
+            await self._fetch_missing(embeds, sources, what, self._from_peers, images, keys)
         todo = [i for i, e in enumerate(embeds) if e is None]
         if todo:
             for i, e in zip(todo, await asyncio.to_thread(self._encode, [images[i] for i in todo],
@@ -96,6 +101,18 @@ class EmbeddingStager:
             await asyncio.to_thread(self._keep, [images[i] for i in keep], [keys[i] for i in keep],
                                     [embeds[i] for i in keep])
         return embeds, ["cached" if s in ("stored", "lru") else s for s in sources]
+
+    async def _fetch_missing(self, embeds: list, sources: list[str], what: str, fetch, images: list[ImageInput],
+                             keys: list[bytes], *args) -> None:
+        """Fill the images still missing from `fetch(images, keys, missing, *args, what)`."""
+        missing = [i for i, e in enumerate(embeds) if e is None]
+        if not missing:
+            return
+        try:
+            for i, e in (await fetch(images, keys, missing, *args, what)).items():
+                embeds[i], sources[i] = e, "fetched"
+        except Exception:  # a lookup that fails only means the images are encoded here
+            logger.exception("%s: fetching image embeddings from peers failed; encoding them here", what)
 
     def _local(self, images: list[ImageInput], keys: list[bytes]) -> tuple[list, list[str]]:
         """(embeddings or None, "stored" | "lru" | "") from the host tier, then the LRU."""
@@ -127,27 +144,59 @@ class EmbeddingStager:
             if self.engine.store is not None and not store_embedding(self.engine.store, key, e.to(self.engine.dtype)):
                 logger.debug("image %s: its embeddings do not fit the host tier", img.hash.hex()[:12])
 
+    async def _from_holders(self, images: list[ImageInput], keys: list[bytes], missing: list[int],
+                            holders: Sequence[tuple[str, str]], what: str) -> dict[int, torch.Tensor]:
+        """The embeddings of `missing` images from the holders the router named, one transfer per
+        holder, whether or not this worker lists it as a peer yet (its peer list is refreshed each
+        heartbeat) and whether or not it fetches from peers itself.
+
+        Trust: only a caller holding the cluster secret's token reaches `Generate` (the router), and
+        that caller already names the address a decode worker pulls a handoff's KV from
+        (`KVHandoff.source_address`, dialled as given, not checked against the registry). A holder
+        address is trusted the same way and adds no reach: it is dialled with this worker's
+        transfer client (the cluster token, the data plane's challenge-response), only the entries
+        of these embeddings' keys are asked for, in this worker's layout, every byte verified; a
+        holder that lacks them or cannot be reached only sends the image on to the next step."""
+        plan: dict[tuple[str, str], list[int]] = {}
+        for i in missing:
+            worker, address = holders[i]
+            if address:
+                plan.setdefault((worker, address), []).append(i)
+        return await self._fetch_plan(images, keys, plan, what)
+
     async def _from_peers(self, images: list[ImageInput], keys: list[bytes], missing: list[int],
                           what: str) -> dict[int, torch.Tensor]:
-        """The embeddings of `missing` images that peers hold in full, one transfer per peer."""
+        """The embeddings of `missing` images that peers hold in full (per the KV index), one
+        transfer per peer."""
         peers = self.peers()
         if not peers:
             return {}
-        layout = self.engine.connector.layout
-        shapes = {i: self.encoder.embed_shape(images[i]) for i in missing}
-        entries = {i: embedding_keys(keys[i], shapes[i], layout) for i in missing}
-        plan: dict[str, list[int]] = {}
+        entries = self._entries(images, keys, missing)
+        plan: dict[tuple[str, str], list[int]] = {}
         for i, held in (await self.index.holders(entries, list(peers), CHUNK_MEDIUMS)).items():
-            plan.setdefault(min(held), []).append(i)
+            worker = min(held)
+            plan.setdefault((worker, peers[worker]), []).append(i)
+        return await self._fetch_plan(images, keys, plan, what)
+
+    def _entries(self, images: list[ImageInput], keys: list[bytes], chosen: list[int]) -> dict[int, list[bytes]]:
+        """Each chosen image's entry keys in the tiers' layout."""
+        layout = self.engine.connector.layout
+        return {i: embedding_keys(keys[i], self.encoder.embed_shape(images[i]), layout) for i in chosen}
+
+    async def _fetch_plan(self, images: list[ImageInput], keys: list[bytes],
+                          plan: dict[tuple[str, str], list[int]], what: str) -> dict[int, torch.Tensor]:
+        """Fetch each (worker, address)'s images of `plan` in one transfer; the embeddings that came whole."""
+        entries = self._entries(images, keys, [i for chosen in plan.values() for i in chosen])
+        results = await asyncio.gather(*(self._fetch(address, worker, chosen, entries, what)
+                                         for (worker, address), chosen in plan.items()))
         got: dict[int, torch.Tensor] = {}
-        results = await asyncio.gather(*(self._fetch(peers[w], w, chosen, entries, what) for w, chosen in plan.items()))
         for kv, chosen in zip(results, plan.values()):
             at = 0
             for i in chosen:
                 m = len(entries[i])
-                if kv is None or at + m > kv.shape[0]:  # the peer no longer holds all of it
+                if kv is None or at + m > kv.shape[0]:  # the holder no longer holds all of it
                     break
-                got[i] = unpack_embedding(kv[at:at + m], shapes[i]).to(self.engine.device)
+                got[i] = unpack_embedding(kv[at:at + m], self.encoder.embed_shape(images[i])).to(self.engine.device)
                 at += m
                 if self.metrics is not None:
                     self.metrics.image_embedded("fetched")

@@ -256,7 +256,7 @@ class LLMEngine:
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None, req_id: str | None = None,
                      cache_namespace: str = "", chunk_spans: Sequence[tuple[int, int]] = (),
                      prompt_logits: int = 0, prefill_only: bool = False, handoff: Handoff | None = None,
-                     images: Sequence[bytes] = ()) -> Request:
+                     images: Sequence[bytes] = (), embedding_holders: Sequence[tuple[str, str]] = ()) -> Request:
         """Tokenize and validate a request without touching engine state (safe from any thread).
         `chunk_spans`: (start, length) token spans of the prompt that are reusable chunks;
         `prompt_logits`: also return the logits of the prompt's last positions (final output);
@@ -264,7 +264,8 @@ class LLMEngine:
         continue a request prefilled elsewhere from its first token; `images`: the encoded images
         whose placeholders the token ids hold (a chat prompt may carry them in its messages instead),
         checked against them here; their embeddings are staged before `submit`
-        (worker/embedding_stage.py), else encoded there."""
+        (worker/embedding_stage.py), else encoded there; `embedding_holders`: none, or per image
+        (worker id, address) of a worker that holds its embedding ("" when none is known)."""
         params = params or SamplingParams()
         params.validate()
         token_ids, images = self.encode_prompt_images(prompt, images)
@@ -272,6 +273,9 @@ class LLMEngine:
         if images and self.images is None:
             raise InvalidRequestError(f"model {self.args.name} does not take images (it is a text-only model)")
         pending = self.images.check(token_ids, images) if self.images is not None else None
+        if embedding_holders and len(embedding_holders) != len(images):
+            raise InvalidRequestError(f"{len(embedding_holders)} embedding holders for {len(images)} image(s): give "
+                                      "one per image, or none")
         spans = self.validate_chunk_spans(chunk_spans, len(token_ids))
         if pending is not None and spans:  # a chunk-cache is computed from token ids alone
             raise InvalidRequestError("reusable chunks cannot be combined with images in one request (yet)")
@@ -282,7 +286,8 @@ class LLMEngine:
         if (prefill_only or handoff is not None) and prompt_logits:
             raise InvalidRequestError("prompt logits cannot be asked of a disaggregated request")
         req = Request(req_id, token_ids, params, cache_extra=extra, arrival_time=time.monotonic(),
-                      chunk_spans=spans, num_prompt_logits=prompt_logits, prefill_only=prefill_only, images=pending)
+                      chunk_spans=spans, num_prompt_logits=prompt_logits, prefill_only=prefill_only, images=pending,
+                      embedding_holders=list(embedding_holders))
         if handoff is not None:
             if prefill_only:
                 raise InvalidRequestError("a request cannot be both prefill-only and continued from a handoff")

@@ -112,6 +112,9 @@ class Request:
     """The embeddings of the prompt's image placeholders (worker.multimodal.MultimodalInputs), or None."""
     images: Any = None
     """The request's images (worker.multimodal.PendingImages) until `mm_inputs` is made from them."""
+    embedding_holders: list[tuple[str, str]] = field(default_factory=list)
+    """Empty, or per image (worker id, address) of a worker the router says holds its embedding
+    ("" when it knows none): fetched from there first."""
     image_sources: dict[str, int] = field(default_factory=dict)
     """Where its images' embeddings came from: "cached" (this worker's caches), "fetched" (a peer),
     "encoded" (encoded here) -> how many images."""

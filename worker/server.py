@@ -103,7 +103,7 @@ class WorkerOptions:
     grace_s: float = 5.0
     """How long calls in flight may take to finish at shutdown."""
     peer_fetch: bool = True
-    """Fetch prefix blocks from peers that hold them (needs a Redis URL)."""
+    """Fetch what a request lacks from peers the KV index lists (needs Redis); off, only from where the router says."""
     kv_transfer_timeout_s: float = 5.0
     """Deadline of one fetch from a peer; past it the blocks are computed instead."""
     kv_transport: str = "auto"

@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import replace
 
 import grpc
@@ -98,6 +98,13 @@ def handoff_from_proto(msg: worker_pb2.KVHandoff) -> Handoff:
     return Handoff(msg.handoff_id, tuple(msg.block_keys), msg.num_tokens, msg.block_size, msg.first_token_id,
                    logprob, bytes(msg.sampler_state), msg.ttl_s, msg.source_address, msg.source_worker_id,
                    msg.complete)
+
+
+def holders_from_proto(msgs: Iterable[worker_pb2.EmbeddingHolder]) -> list[tuple[str, str]]:
+    """The router's `embedding_holders`: (worker id, address) per image; InvalidRequestError when
+    one is not an id-like string."""
+    return [(check_id("embedding_holders.worker_id", h.worker_id), check_id("embedding_holders.address", h.address))
+            for h in msgs]
 
 
 def output_to_proto(out: RequestOutput, source: tuple[str, str] = ("", "")) -> worker_pb2.WorkerGenerateResponse:
@@ -201,7 +208,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             handoff = handoff_from_proto(request.kv_handoff) if request.HasField("kv_handoff") else None
             stream = self.engine.generate(list(request.prompt_token_ids), params, req_id, request.cache_namespace,
                                           chunk_spans, prefill_only=request.prefill_only, handoff=handoff,
-                                          images=list(request.images))
+                                          images=list(request.images),
+                                          embedding_holders=holders_from_proto(request.embedding_holders))
             async with contextlib.aclosing(stream):
                 async for out in with_heartbeats(stream, self.heartbeat_s):
                     if out is None:  # still waiting for the first output

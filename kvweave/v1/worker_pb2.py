@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvweave.v1 import common_pb2 as kvweave_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvweave/v1/worker.proto\x12\nkvweave.v1\x1a\x17kvweave/v1/common.proto\"8\n\rEncodeRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x17\n\x0f\x63\x61\x63he_namespace\x18\x02 \x01(\t\"!\n\x0e\x45ncodeResponse\x12\x0f\n\x07sources\x18\x01 \x03(\t\"S\n\x11PrefetchKVRequest\x12)\n\nkv_handoff\x18\x01 \x01(\x0b\x32\x15.kvweave.v1.KVHandoff\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\"%\n\x12PrefetchKVResponse\x12\x0f\n\x07started\x18\x01 \x01(\x08\"\xa7\x02\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvweave.v1.SamplingParams\x12\x17\n\x0f\x63\x61\x63he_namespace\x18\x04 \x01(\t\x12%\n\x06\x63hunks\x18\x05 \x03(\x0b\x32\x15.kvweave.v1.ChunkSpan\x12\x14\n\x0cprefill_only\x18\n \x01(\x08\x12)\n\nkv_handoff\x18\x0b \x01(\x0b\x32\x15.kvweave.v1.KVHandoff\x12\x0e\n\x06images\x18\x14 \x03(\x0cJ\x04\x08\x0c\x10\x14R\x0bkv_transferR\x0eremote_prefill\"\x8e\x02\n\tKVHandoff\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\x12\x16\n\x0esource_address\x18\x02 \x01(\t\x12\x18\n\x10source_worker_id\x18\x03 \x01(\t\x12\x12\n\nblock_keys\x18\x04 \x03(\x0c\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x07 \x01(\r\x12/\n\rfirst_logprob\x18\x08 \x01(\x0b\x32\x18.kvweave.v1.TokenLogprob\x12\x15\n\rsampler_state\x18\t \x01(\x0c\x12\r\n\x05ttl_s\x18\n \x01(\x02\x12\x10\n\x08\x63omplete\x18\x0b \x01(\x08\"\x8a\x02\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.kvweave.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.kvweave.v1.Usage\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.kvweave.v1.TokenLogprob\x12)\n\nkv_handoff\x18\x08 \x01(\x0b\x32\x15.kvweave.v1.KVHandoff\"\x10\n\x0eGetLoadRequest\"\x8a\x03\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12!\n\x19num_queued_prefill_tokens\x18\x03 \x01(\x04\x12\x1a\n\x12num_kv_blocks_used\x18\x04 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x05 \x01(\r\x12\x1b\n\x13prefix_query_tokens\x18\x06 \x01(\x04\x12@\n\x11prefix_hit_tokens\x18\x07 \x03(\x0b\x32%.kvweave.v1.Load.PrefixHitTokensEntry\x12\x33\n\nkv_entries\x18\x08 \x03(\x0b\x32\x1f.kvweave.v1.Load.KvEntriesEntry\x1a\x36\n\x14PrefixHitTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x30\n\x0eKvEntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"D\n\x0fGetLoadResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1e\n\x04load\x18\x02 \x01(\x0b\x32\x10.kvweave.v1.Load2\xed\x02\n\x06Worker\x12S\n\x08Generate\x12!.kvweave.v1.WorkerGenerateRequest\x1a\".kvweave.v1.WorkerGenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.kvweave.v1.AbortRequest\x1a\x19.kvweave.v1.AbortResponse\x12\x42\n\x07GetLoad\x12\x1a.kvweave.v1.GetLoadRequest\x1a\x1b.kvweave.v1.GetLoadResponse\x12K\n\nPrefetchKV\x12\x1d.kvweave.v1.PrefetchKVRequest\x1a\x1e.kvweave.v1.PrefetchKVResponse\x12?\n\x06\x45ncode\x12\x19.kvweave.v1.EncodeRequest\x1a\x1a.kvweave.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvweave/v1/worker.proto\x12\nkvweave.v1\x1a\x17kvweave/v1/common.proto\"8\n\rEncodeRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x17\n\x0f\x63\x61\x63he_namespace\x18\x02 \x01(\t\"!\n\x0e\x45ncodeResponse\x12\x0f\n\x07sources\x18\x01 \x03(\t\"S\n\x11PrefetchKVRequest\x12)\n\nkv_handoff\x18\x01 \x01(\x0b\x32\x15.kvweave.v1.KVHandoff\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\"%\n\x12PrefetchKVResponse\x12\x0f\n\x07started\x18\x01 \x01(\x08\"\xdf\x02\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvweave.v1.SamplingParams\x12\x17\n\x0f\x63\x61\x63he_namespace\x18\x04 \x01(\t\x12%\n\x06\x63hunks\x18\x05 \x03(\x0b\x32\x15.kvweave.v1.ChunkSpan\x12\x14\n\x0cprefill_only\x18\n \x01(\x08\x12)\n\nkv_handoff\x18\x0b \x01(\x0b\x32\x15.kvweave.v1.KVHandoff\x12\x0e\n\x06images\x18\x14 \x03(\x0c\x12\x36\n\x11\x65mbedding_holders\x18\x15 \x03(\x0b\x32\x1b.kvweave.v1.EmbeddingHolderJ\x04\x08\x0c\x10\x14R\x0bkv_transferR\x0eremote_prefill\"5\n\x0f\x45mbeddingHolder\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x8e\x02\n\tKVHandoff\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\x12\x16\n\x0esource_address\x18\x02 \x01(\t\x12\x18\n\x10source_worker_id\x18\x03 \x01(\t\x12\x12\n\nblock_keys\x18\x04 \x03(\x0c\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x07 \x01(\r\x12/\n\rfirst_logprob\x18\x08 \x01(\x0b\x32\x18.kvweave.v1.TokenLogprob\x12\x15\n\rsampler_state\x18\t \x01(\x0c\x12\r\n\x05ttl_s\x18\n \x01(\x02\x12\x10\n\x08\x63omplete\x18\x0b \x01(\x08\"\x8a\x02\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.kvweave.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.kvweave.v1.Usage\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.kvweave.v1.TokenLogprob\x12)\n\nkv_handoff\x18\x08 \x01(\x0b\x32\x15.kvweave.v1.KVHandoff\"\x10\n\x0eGetLoadRequest\"\x8a\x03\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12!\n\x19num_queued_prefill_tokens\x18\x03 \x01(\x04\x12\x1a\n\x12num_kv_blocks_used\x18\x04 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x05 \x01(\r\x12\x1b\n\x13prefix_query_tokens\x18\x06 \x01(\x04\x12@\n\x11prefix_hit_tokens\x18\x07 \x03(\x0b\x32%.kvweave.v1.Load.PrefixHitTokensEntry\x12\x33\n\nkv_entries\x18\x08 \x03(\x0b\x32\x1f.kvweave.v1.Load.KvEntriesEntry\x1a\x36\n\x14PrefixHitTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x30\n\x0eKvEntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"D\n\x0fGetLoadResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1e\n\x04load\x18\x02 \x01(\x0b\x32\x10.kvweave.v1.Load2\xed\x02\n\x06Worker\x12S\n\x08Generate\x12!.kvweave.v1.WorkerGenerateRequest\x1a\".kvweave.v1.WorkerGenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.kvweave.v1.AbortRequest\x1a\x19.kvweave.v1.AbortResponse\x12\x42\n\x07GetLoad\x12\x1a.kvweave.v1.GetLoadRequest\x1a\x1b.kvweave.v1.GetLoadResponse\x12K\n\nPrefetchKV\x12\x1d.kvweave.v1.PrefetchKVRequest\x1a\x1e.kvweave.v1.PrefetchKVResponse\x12?\n\x06\x45ncode\x12\x19.kvweave.v1.EncodeRequest\x1a\x1a.kvweave.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,21 +45,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFETCHKVRESPONSE']._serialized_start=242
   _globals['_PREFETCHKVRESPONSE']._serialized_end=279
   _globals['_WORKERGENERATEREQUEST']._serialized_start=282
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=577
-  _globals['_KVHANDOFF']._serialized_start=580
-  _globals['_KVHANDOFF']._serialized_end=850
-  _globals['_WORKERGENERATERESPONSE']._serialized_start=853
-  _globals['_WORKERGENERATERESPONSE']._serialized_end=1119
-  _globals['_GETLOADREQUEST']._serialized_start=1121
-  _globals['_GETLOADREQUEST']._serialized_end=1137
-  _globals['_LOAD']._serialized_start=1140
-  _globals['_LOAD']._serialized_end=1534
-  _globals['_LOAD_PREFIXHITTOKENSENTRY']._serialized_start=1430
-  _globals['_LOAD_PREFIXHITTOKENSENTRY']._serialized_end=1484
-  _globals['_LOAD_KVENTRIESENTRY']._serialized_start=1486
-  _globals['_LOAD_KVENTRIESENTRY']._serialized_end=1534
-  _globals['_GETLOADRESPONSE']._serialized_start=1536
-  _globals['_GETLOADRESPONSE']._serialized_end=1604
-  _globals['_WORKER']._serialized_start=1607
-  _globals['_WORKER']._serialized_end=1972
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=633
+  _globals['_EMBEDDINGHOLDER']._serialized_start=635
+  _globals['_EMBEDDINGHOLDER']._serialized_end=688
+  _globals['_KVHANDOFF']._serialized_start=691
+  _globals['_KVHANDOFF']._serialized_end=961
+  _globals['_WORKERGENERATERESPONSE']._serialized_start=964
+  _globals['_WORKERGENERATERESPONSE']._serialized_end=1230
+  _globals['_GETLOADREQUEST']._serialized_start=1232
+  _globals['_GETLOADREQUEST']._serialized_end=1248
+  _globals['_LOAD']._serialized_start=1251
+  _globals['_LOAD']._serialized_end=1645
+  _globals['_LOAD_PREFIXHITTOKENSENTRY']._serialized_start=1541
+  _globals['_LOAD_PREFIXHITTOKENSENTRY']._serialized_end=1595
+  _globals['_LOAD_KVENTRIESENTRY']._serialized_start=1597
+  _globals['_LOAD_KVENTRIESENTRY']._serialized_end=1645
+  _globals['_GETLOADRESPONSE']._serialized_start=1647
+  _globals['_GETLOADRESPONSE']._serialized_end=1715
+  _globals['_WORKER']._serialized_start=1718
+  _globals['_WORKER']._serialized_end=2083
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,7 @@ class PrefetchKVResponse(_message.Message):
     def __init__(self, started: _Optional[bool] = ...) -> None: ...
 
 class WorkerGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "cache_namespace", "chunks", "prefill_only", "kv_handoff", "images")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "cache_namespace", "chunks", "prefill_only", "kv_handoff", "images", "embedding_holders")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class WorkerGenerateRequest(_message.Message):
     PREFILL_ONLY_FIELD_NUMBER: _ClassVar[int]
     KV_HANDOFF_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_HOLDERS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -53,7 +54,16 @@ class WorkerGenerateRequest(_message.Message):
     prefill_only: bool
     kv_handoff: KVHandoff
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., cache_namespace: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.ChunkSpan, _Mapping]]] = ..., prefill_only: _Optional[bool] = ..., kv_handoff: _Optional[_Union[KVHandoff, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    embedding_holders: _containers.RepeatedCompositeFieldContainer[EmbeddingHolder]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., cache_namespace: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.ChunkSpan, _Mapping]]] = ..., prefill_only: _Optional[bool] = ..., kv_handoff: _Optional[_Union[KVHandoff, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., embedding_holders: _Optional[_Iterable[_Union[EmbeddingHolder, _Mapping]]] = ...) -> None: ...
+
+class EmbeddingHolder(_message.Message):
+    __slots__ = ("worker_id", "address")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class KVHandoff(_message.Message):
     __slots__ = ("handoff_id", "source_address", "source_worker_id", "block_keys", "num_tokens", "block_size", "first_token_id", "first_logprob", "sampler_state", "ttl_s", "complete")
