@@ -9,7 +9,11 @@ capacity, 8 workers, and DRAM and SSD tiers below them with `--sim-tiers`). A ro
 hit rate, baseline = sglang's (with tiers, each hit block counted at its tier's weight,
 `cluster_sim.TIER_WEIGHTS`; `any_tier_hit_rate` counts them whole), ratio = hit_rate_vs_sglang; each side's request
 imbalance (max / mean requests per worker) and skipped share (prompt blocks some worker held that
-the chosen one did not) are in the row. The summary row averages the ratio over the held-out rows
+the chosen one did not) are in the row, and so is the ceiling: `unbounded_hit_rate`, the hit rate
+of one cache that never evicts (every block seen before in the window is a device hit: no
+placement of any router can do better), and `ceiling_ratio` = that / sglang's hit rate, the most
+any router could reach over sglang on the window (the summary's `ceiling_mean_ratio` is its mean:
+where it is below the mean target, the target cannot be met by any placement on those windows). The summary row averages the ratio over the held-out rows
 (those not overlapping `mooncake_sim.TUNING_WINDOW`, where prefix_aware's defaults were chosen).
 """
 from __future__ import annotations
@@ -48,6 +52,7 @@ def compare_window(trace: str | Path, requests: Sequence[MooncakeRecord], offset
     run = replay(requests, cfg, peer, texts=PromptTexts(cfg.block_size))
     theirs = score_choices(requests, run.choices, cfg, hashes, "sglang")
     shared = simulate_shared(requests, cfg.combined_blocks, hashes)
+    unbounded = simulate_shared(requests, None, hashes, "unbounded").hit_rate
     ratio = ours.weighted_hit_rate / theirs.weighted_hit_rate if theirs.weighted_hit_rate else float("inf")
     log(f"vs sglang: {Path(str(trace)).name} requests {offset}-{offset + len(requests) - 1}, capacity "
         f"{cfg.capacity_blocks}{tiers_label(cfg)}: kvweave {ours.weighted_hit_rate:.4f} (imbalance "
@@ -61,7 +66,9 @@ def compare_window(trace: str | Path, requests: Sequence[MooncakeRecord], offset
         "imbalance": round(ours.imbalance, 3), "sglang_imbalance": round(theirs.imbalance, 3),
         "skipped_share": round(ours.skipped_share, 4), "sglang_skipped_share": round(theirs.skipped_share, 4),
         "requests_per_worker": ours.requests_per_worker, "sglang_requests_per_worker": theirs.requests_per_worker,
-        "shared_lru_hit_rate": round(shared.hit_rate, 4), "sglang_version": run.version,
+        "shared_lru_hit_rate": round(shared.hit_rate, 4), "unbounded_hit_rate": round(unbounded, 4),
+        "ceiling_ratio": round(unbounded / theirs.weighted_hit_rate, 3) if theirs.weighted_hit_rate else None,
+        "sglang_version": run.version,
         "sglang_policy": peer.policy, "sglang_router_args": list(peer.router_args) or "defaults",
         "speedup": peer.speedup, "sglang_wall_s": run.wall_s, "send_lateness_trace_ms": run.lateness_ms,
         "arrivals_out_of_send_order": run.reordered,
@@ -87,8 +94,10 @@ def held_out(rows: Sequence[Result]) -> tuple[list[Result], float, dict] | None:
     if not held:
         return None
     ratios = [r.ratio for r in held]
+    ceilings = [r.extra["ceiling_ratio"] or float("inf") for r in held]
     return held, sum(ratios) / len(ratios), {
         "num_rows": len(held), "min_ratio": round(min(ratios), 3),
+        "ceiling_mean_ratio": round(sum(ceilings) / len(ceilings), 3),
         "max_imbalance": max(r.extra["imbalance"] for r in held),
         "max_sglang_imbalance": max(r.extra["sglang_imbalance"] for r in held)}
 

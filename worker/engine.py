@@ -151,10 +151,6 @@ class LLMEngine:
         if self.device.type == "cuda" and config.store_config.enabled:
             raise ConfigError("host KV tiers with tensor parallelism on GPUs are not built: each rank's KV is "
                               "on its own GPU and the KV connector moves only the leader's")
-        kv_cache = handle = None
-        if self.device.type == "cpu":  # one cache in shared memory, each rank on its own heads of it
-            shape = kv_cache_shape(a.n_layers, num_blocks, config.block_size, a.n_kv_heads, a.head_dim)
-            kv_cache, handle = shared_tensor(shape, self.dtype)
         shm = config.tp_allreduce != "gloo" and shm_all_reduce.available(self.device)
         if config.tp_allreduce == "shm" and not shm:
             raise ConfigError(f"tp_allreduce shm needs CPU ranks on x86; this is {self.device} on {platform.machine()}")
@@ -164,6 +160,10 @@ class LLMEngine:
         min_tokens = config.tp_overlap_min_tokens or TP_OVERLAP_MIN_TOKENS[kind]
         if not config.tp_overlap:
             min_tokens = None
+        kv_cache = handle = None
+        if self.device.type == "cpu":  # one cache in shared memory, each rank on its own heads of it
+            shape = kv_cache_shape(a.n_layers, num_blocks, config.block_size, a.n_kv_heads, a.head_dim)
+            kv_cache, handle = shared_tensor(shape, self.dtype)
         self.tp = TPExecutor(dict(model=config.model, dtype=self.dtype, load_format=config.load_format,
                                   device=str(self.device), max_model_len=self.max_model_len, num_blocks=num_blocks,
                                   block_size=config.block_size, max_num_seqs=config.max_num_seqs, size=size,

@@ -29,6 +29,7 @@ import datetime
 import logging
 import os
 import pickle
+import secrets
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kvstore.ipc_share import SHM_DIR
 from worker import shm_all_reduce
 from worker.kv_connector import KVConnectorMetadata
 from worker.scheduler_output import SchedulerOutput
@@ -77,22 +79,39 @@ class RankSpec:
 
 
 def shared_tensor(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
-    """A zeroed tensor in a shared-memory file (the group's KV cache, the all-reduce region), and
-    what another process opens it with (`open_shared_tensor`): torch's file_system sharing (its
-    shared-memory manager unlinks the file once every rank's process has dropped it)."""
+    """A zeroed tensor in a fresh shared-memory file (the group's KV cache, the all-reduce region),
+    and what another process maps it with (`open_shared_tensor`). The file is the worker's own
+    (mode 0600, in /dev/shm, `kvweave-tp-<random>`), not torch's file_system sharing, whose
+    shared-memory manager daemon can fail to answer on a loaded machine; the leader unlinks it
+    (`unlink_shared`) once every rank has mapped it, so nothing is left behind whatever exits how."""
     numel = 1
     for d in shape:
         numel *= d
-    storage = torch.UntypedStorage._new_using_filename_cpu(numel * dtype.itemsize)  # a fresh file reads as zeros
-    cache = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-    manager, name, size = storage._share_filename_cpu_()
-    return cache, (manager, name, size, tuple(shape), dtype)
+    nbytes = max(numel * dtype.itemsize, 1)
+    path = SHM_DIR / f"kvweave-tp-{secrets.token_hex(16)}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)  # a fresh file reads as zeros
+    finally:
+        os.close(fd)
+    handle = (str(path), nbytes, tuple(shape), dtype)
+    try:
+        return open_shared_tensor(handle), handle
+    except BaseException:
+        unlink_shared(handle)
+        raise
 
 
 def open_shared_tensor(handle: tuple) -> torch.Tensor:
-    manager, name, size, shape, dtype = handle
-    storage = torch.UntypedStorage._new_shared_filename_cpu(manager, name, size)
+    path, nbytes, shape, dtype = handle
+    storage = torch.UntypedStorage.from_file(path, True, nbytes)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def unlink_shared(handle: tuple | None) -> None:
+    """Remove a `shared_tensor`'s file (the mappings made stay valid until their owners drop them)."""
+    if handle is not None:
+        Path(handle[0]).unlink(missing_ok=True)
 
 
 def broadcast_object(group, rank: int, obj=None):
@@ -137,16 +156,29 @@ class TPExecutor:
 
     def __init__(self, spec_fields: dict, kv_cache_handle: tuple | None) -> None:
         """`spec_fields`: RankSpec's fields but `store_port`; `kv_cache_handle`: the group's shared
-        cache (`shared_kv_cache`, CPU), None on GPUs (each rank allocates its own)."""
+        cache (`shared_tensor`, CPU), None on GPUs (each rank allocates its own). Every shared file
+        is unlinked once the ranks have joined (each maps its files before joining), or failed to."""
         self.size = spec_fields["size"]
         self.device = torch.device(spec_fields["device"])
+        handles = [kv_cache_handle]
+        try:
+            self._start(spec_fields, kv_cache_handle, handles)
+        finally:
+            for handle in handles:
+                unlink_shared(handle)
+        self._sampled: dict[str, int] = {}
+        self.closed = False
+
+    def _start(self, spec_fields: dict, kv_cache_handle: tuple | None, handles: list) -> None:
         self._store = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=JOIN_TIMEOUT_S),
                                     wait_for_workers=False)
         region = data = flags = None
         if spec_fields["allreduce_numel"]:
             data, data_handle = shared_tensor(shm_all_reduce.region_shape(self.size, spec_fields["allreduce_numel"]),
                                               spec_fields["dtype"])
+            handles.append(data_handle)
             flags, flags_handle = shared_tensor((shm_all_reduce.flags_numel(self.size),), torch.int64)
+            handles.append(flags_handle)
             region = (data_handle, flags_handle)
         spec = RankSpec(**spec_fields, store_port=self._store.port, allreduce_region=region)
         root = str(Path(__file__).resolve().parents[1])
@@ -167,8 +199,6 @@ class TPExecutor:
         except RuntimeError as e:
             self._kill()
             raise TPGroupError(f"the tensor-parallel ranks did not join: {e}") from e
-        self._sampled: dict[str, int] = {}
-        self.closed = False
 
     def execute(self, runner, out: SchedulerOutput):
         """Run `out` on every rank; the leader's RunnerOutput. TPGroupError when a rank is gone."""
@@ -218,6 +248,7 @@ def follower_main(spec: RankSpec, rank: int, kv_cache_handle: tuple | None) -> N
     """A follower rank: build its shard, join the group, run every step the leader sends until it
     sends None or the group breaks."""
     kv_cache = open_shared_tensor(kv_cache_handle) if kv_cache_handle is not None else None
+    region = [open_shared_tensor(h) for h in spec.allreduce_region or ()]  # mapped before joining: see TPExecutor
     leader = os.getppid()
     logging.basicConfig(level=os.environ.get("KVWEAVE_LOG_LEVEL", "WARNING"),
                         format=f"%(asctime)s tp-rank{rank} %(levelname)s %(name)s: %(message)s")
@@ -239,8 +270,8 @@ def follower_main(spec: RankSpec, rank: int, kv_cache_handle: tuple | None) -> N
     group = new_group(store, rank, spec.size, device, timeout_s=JOIN_TIMEOUT_S)
     control = group if device.type == "cpu" else new_group(store, rank, spec.size, torch.device("cpu"),
                                                            timeout_s=JOIN_TIMEOUT_S)
-    if spec.allreduce_region is not None:
-        data, flags = (open_shared_tensor(h) for h in spec.allreduce_region)
+    if region:
+        data, flags = region
         group = shm_all_reduce.ShmAllReduce(rank, spec.size, data, flags, fallback=control,
                                             alive=lambda: os.getppid() == leader)
     install_all_reduce(model, group)

@@ -99,8 +99,12 @@ def test_bench_router_vs_sglang_rows(tmp_path):
     for r in rows:
         assert sum(r["requests_per_worker"]) == sum(r["sglang_requests_per_worker"]) == 60
         assert r["imbalance"] >= 1.0 and r["sglang_imbalance"] >= 1.0 and r["sglang_version"] == "0.3.2"
+        # No placement beats a cache that never evicts: the ceiling bounds both routers.
+        assert r["value"] <= r["unbounded_hit_rate"] + 1e-4 and r["baseline_value"] <= r["unbounded_hit_rate"] + 1e-4
+        assert r["ceiling_ratio"] == pytest.approx(r["unbounded_hit_rate"] / r["baseline_value"], rel=1e-2)
     summary, = [r for r in doc["results"] if r["metric"] == "hit_rate_vs_sglang_heldout_mean"]
     assert summary["num_rows"] == 1 and summary["value"] == pytest.approx(rows[1]["ratio"], abs=1e-3)
+    assert summary["ceiling_mean_ratio"] == rows[1]["ceiling_ratio"]
 
 
 def test_vs_sglang_says_why_when_sglang_router_is_missing(monkeypatch):

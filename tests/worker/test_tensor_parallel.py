@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from kvstore.ipc_share import SHM_DIR
 from kvweave.sampling_params import SamplingParams
 from worker.config import ConfigError, ModelArgs
 from worker.engine import EngineConfig, LLMEngine
@@ -121,8 +122,11 @@ def test_two_ranks_generate_what_one_does(tiny_gqa, one_rank, overlap):
     """Chunked prefill (a 64-token budget: chunks after cached context, cut in two by the split)
     with decodes in the same steps."""
     prompts, (want_tokens, want_lps) = one_rank
+    before = set(SHM_DIR.glob("kvweave-tp-*"))
     engine = _engine(tiny_gqa, 2, block_size=4, num_blocks=256, max_num_batched_tokens=64, **overlap)
     try:
+        # The shared cache (and all-reduce region) files are unlinked once both ranks mapped them.
+        assert set(SHM_DIR.glob("kvweave-tp-*")) <= before
         assert engine.runner.attn_cache.shape[2] == 1 and engine.runner.kv_cache.shape[2] == 2
         tokens, lps = _generate(engine, prompts, 12)
         assert tokens == want_tokens
