@@ -1,4 +1,4 @@
-"""The router's gRPC face: `kvweave.v1.Inference` (Generate, Abort, ListModels), grpc.health.v1 and
+"""The router's gRPC face: `kvweave.v1.Inference` (Generate, Abort, ListModels, Explain), grpc.health.v1 and
 server reflection. Protobuf stops here: requests become `GenerateInput`, `Delta`s become
 `GenerateResponse`s. Errors end the call with the status of `controlplane.errors.error_status` and
 a message, never a traceback.
@@ -6,7 +6,7 @@ a message, never a traceback.
 With API keys (controlplane/auth.py) the Inference methods need `authorization: Bearer KEY`
 metadata (UNAUTHENTICATED), a request's `tenant` must be empty or the key's (PERMISSION_DENIED),
 its cache namespace is the key's, the key's rate limits apply to Generate (RESOURCE_EXHAUSTED with
-`retry-after` trailing metadata, in seconds), and Abort finds only the caller's own requests.
+`retry-after` trailing metadata, in seconds) and Explain, and Abort finds only the caller's own requests.
 Health and reflection stay open.
 
 Health (`RouterHealth`): the service `kvweave.v1.Inference` answers SERVING while the process serves
@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controlplane.auth import Gate, Tenant
 from controlplane.errors import RateLimitedError, RouterError, error_status, public_message
-from controlplane.explain import RoutePrediction
+from controlplane.explain import Explanation, RoutePrediction
 from controlplane.router import Delta, GenerateInput, Router
 from kvweave.convert import finish_reason_to_proto, sampling_from_proto
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -105,6 +105,14 @@ def route_to_proto(p: RoutePrediction, divergence: str = "") -> common_pb2.Route
     return msg
 
 
+def explanation_to_proto(e: Explanation) -> inference_pb2.ExplainResponse:
+    return inference_pb2.ExplainResponse(
+        num_prompt_tokens=e.num_prompt_tokens, num_chunks=e.num_chunks, chosen=route_to_proto(e.chosen),
+        candidates=[inference_pb2.RouteCandidate(
+            prediction=route_to_proto(c.prediction), num_running=c.num_running, num_waiting=c.num_waiting,
+            num_queued_prefill_tokens=c.num_queued_prefill_tokens, kv_usage=c.kv_usage) for c in e.candidates])
+
+
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
 
@@ -170,6 +178,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if tenant is not None and self._owners.get(request.request_id) != tenant.name:
             return common_pb2.AbortResponse(found=False)  # another tenant's request, or none
         return common_pb2.AbortResponse(found=self.router.abort(request.request_id))
+
+    async def Explain(self, request: inference_pb2.GenerateRequest, context) -> inference_pb2.ExplainResponse:
+        """The router's placement of `request` now, without sending it (rate limited as a request)."""
+        tenant = await self._authenticate(context)
+        try:
+            inp = input_from_proto(request)
+            inp.tenant = self.gate.admit(tenant, inp.tenant).namespace
+            return explanation_to_proto(await self.router.explain(inp))
+        except InvalidRequestError as e:
+            self.router.metrics.count_invalid()
+            await _abort(context, e)
+        except RouterError as e:
+            await _abort(context, e)
 
     async def ListModels(self, request: inference_pb2.ListModelsRequest, context) -> inference_pb2.ListModelsResponse:
         await self._authenticate(context)

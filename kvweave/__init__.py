@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 _CLIENTS = ("AsyncClient", "Client")
 _CLIENT_TYPES = ("Completion", "GenerateDelta", "InvalidRequest", "KVWeaveError", "ModelInfo", "Overloaded",
-                 "PermissionDenied", "RouteInfo", "Segment", "Timeout", "TokenLogprob", "Unauthenticated", "Unavailable", "Usage")
+                 "PermissionDenied", "RouteCandidate", "RouteExplanation", "RouteInfo", "Segment", "Timeout",
+                 "TokenLogprob", "Unauthenticated", "Unavailable", "Usage")
 
 __all__ = sorted([*_CLIENTS, *_CLIENT_TYPES])
 
 if TYPE_CHECKING:
     from kvweave.client import AsyncClient, Client
     from kvweave.client_types import (Completion, GenerateDelta, InvalidRequest, KVWeaveError, ModelInfo, Overloaded,
-                                      PermissionDenied, RouteInfo, Segment, Timeout, TokenLogprob, Unauthenticated, Unavailable,
-                                      Usage)
+                                      PermissionDenied, RouteCandidate, RouteExplanation, RouteInfo, Segment, Timeout,
+                                      TokenLogprob, Unauthenticated, Unavailable, Usage)
 
 
 def __getattr__(name: str) -> Any:

@@ -22,8 +22,9 @@ from typing import Any
 
 import grpc
 
-from kvweave.client_types import (CompletionBuilder, Completion, GenerateDelta, KVWeaveError, ModelInfo, Segment,
-                                  Timeout, build_request, delta_from_proto, error_from_rpc, models_from_proto)
+from kvweave.client_types import (CompletionBuilder, Completion, GenerateDelta, KVWeaveError, ModelInfo,
+                                  RouteExplanation, Segment, Timeout, build_request, delta_from_proto, error_from_rpc,
+                                  explanation_from_proto, models_from_proto)
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 Metadata = Mapping[str, str] | Sequence[tuple[str, str]]
@@ -192,6 +193,15 @@ class Client(_ClientBase):
         """The models the cluster serves, with their context length and number of live workers."""
         return models_from_proto(self._unary(self._stub.ListModels, inference_pb2.ListModelsRequest()))
 
+    def explain(self, prompt: str | None = None, *, messages: Sequence | None = None,
+                token_ids: Sequence[int] | None = None, segments: PromptSegments | None = None,
+                session_id: str | None = None, tenant: str | None = None, model: str | None = None
+                ) -> RouteExplanation:
+        """Where the router would place this prompt now (prompt forms as `generate`), and every
+        candidate's predicted hits by tier, load and cost, without sending it."""
+        req = self._request(prompt, messages, token_ids, segments, session_id, tenant, None, model)
+        return explanation_from_proto(self._unary(self._stub.Explain, req))
+
     def _unary(self, method, request):
         deadline, attempt = _Deadline(self.timeout), 0
         while True:
@@ -285,6 +295,14 @@ class AsyncClient(_ClientBase):
     async def list_models(self) -> list[ModelInfo]:
         """The models the cluster serves, with their context length and number of live workers."""
         return models_from_proto(await self._unary("ListModels", inference_pb2.ListModelsRequest()))
+
+    async def explain(self, prompt: str | None = None, *, messages: Sequence | None = None,
+                      token_ids: Sequence[int] | None = None, segments: PromptSegments | None = None,
+                      session_id: str | None = None, tenant: str | None = None, model: str | None = None
+                      ) -> RouteExplanation:
+        """Where the router would place this prompt now, without sending it (see `Client.explain`)."""
+        req = self._request(prompt, messages, token_ids, segments, session_id, tenant, None, model)
+        return explanation_from_proto(await self._unary("Explain", req))
 
     async def _unary(self, name: str, request):
         deadline, attempt = _Deadline(self.timeout), 0

@@ -183,6 +183,27 @@ class Completion:
 
 
 @dataclass(slots=True)
+class RouteCandidate:
+    """One eligible worker as the router's policy saw it (`RouteExplanation.candidates`)."""
+    route: RouteInfo
+    """Its predicted tokens by source and its cost."""
+    num_running: int
+    num_waiting: int
+    num_queued_prefill_tokens: int
+    kv_usage: float
+
+
+@dataclass(slots=True)
+class RouteExplanation:
+    """Where the router would place a request now, and why (`Client.explain`)."""
+    num_prompt_tokens: int
+    num_chunks: int
+    chosen: RouteInfo
+    """The worker it would choose, with the runner-up."""
+    candidates: list[RouteCandidate]
+
+
+@dataclass(slots=True)
 class ModelInfo:
     id: str
     max_model_len: int
@@ -393,3 +414,9 @@ def delta_from_proto(msg: inference_pb2.GenerateResponse) -> GenerateDelta:
 
 def models_from_proto(msg: inference_pb2.ListModelsResponse) -> list[ModelInfo]:
     return [ModelInfo(m.id, m.max_model_len, m.num_workers) for m in msg.models]
+
+
+def explanation_from_proto(msg: inference_pb2.ExplainResponse) -> RouteExplanation:
+    return RouteExplanation(msg.num_prompt_tokens, msg.num_chunks, _route_from_proto(msg.chosen), [
+        RouteCandidate(_route_from_proto(c.prediction), c.num_running, c.num_waiting, c.num_queued_prefill_tokens,
+                       c.kv_usage) for c in msg.candidates])

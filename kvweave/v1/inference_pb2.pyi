@@ -70,3 +70,29 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
+
+class RouteCandidate(_message.Message):
+    __slots__ = ("prediction", "num_running", "num_waiting", "num_queued_prefill_tokens", "kv_usage")
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    prediction: _common_pb2.RoutePrediction
+    num_running: int
+    num_waiting: int
+    num_queued_prefill_tokens: int
+    kv_usage: float
+    def __init__(self, prediction: _Optional[_Union[_common_pb2.RoutePrediction, _Mapping]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("num_prompt_tokens", "num_chunks", "chosen", "candidates")
+    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    num_prompt_tokens: int
+    num_chunks: int
+    chosen: _common_pb2.RoutePrediction
+    candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
+    def __init__(self, num_prompt_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., chosen: _Optional[_Union[_common_pb2.RoutePrediction, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ...) -> None: ...

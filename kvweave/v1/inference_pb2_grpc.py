@@ -50,6 +50,11 @@ class InferenceStub:
                 request_serializer=kvweave_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=kvweave_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/kvweave.v1.Inference/Explain',
+                request_serializer=kvweave_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=kvweave_dot_v1_dot_inference__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -74,6 +79,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Where the router would place the request now, and why, without sending it (as the HTTP
+        POST /v1/route/explain): the chosen worker's prediction and every candidate's. The sampling
+        parameters are not used; nothing is generated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +105,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=kvweave_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=kvweave_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=kvweave_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=kvweave_dot_v1_dot_inference__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +193,33 @@ class Inference:
             '/kvweave.v1.Inference/ListModels',
             kvweave_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             kvweave_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvweave.v1.Inference/Explain',
+            kvweave_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            kvweave_dot_v1_dot_inference__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,8 +4,10 @@ gRPC), the router counts the two per worker and flags divergence (a stale index,
 events), and `POST /v1/route/explain` / `kvweave route explain` show a decision without sending it."""
 from __future__ import annotations
 
+import asyncio
 import json
 
+import grpc
 import pytest
 import redis
 
@@ -14,7 +16,7 @@ import kvweave
 from cli.main import main as kvweave_main
 from kvstore.index import index_key
 from kvstore.keys import encode_extra_keys, hash_blocks
-from kvweave.v1 import common_pb2
+from kvweave.v1 import common_pb2, inference_pb2
 from tests.controlplane.test_auth import http, write_keys
 from tests.controlplane.test_router import MODEL, generate, prompt_ids, stub_for, token_prompt, wait_indexed
 from tests.controlplane.test_router_metrics import scrape
@@ -127,6 +129,23 @@ def test_route_explain_shows_the_decision_without_sending(cluster, capsys):
     assert {"num_running", "num_waiting", "num_queued_prefill_tokens", "kv_usage"} <= candidates[other].keys()
     assert (cluster.num_worker_requests(), route_samples(router)) == before  # nothing was sent
 
+    # The same over gRPC, through the SDK (blocking and asyncio).
+    with kvweave.Client(router.grpc_address, timeout=60) as client:
+        got = client.explain(token_ids=prefix + [8, 9])
+    assert (got.num_prompt_tokens, got.num_chunks) == (162, 0)
+    assert (got.chosen.worker_id, got.chosen.policy, got.chosen.runner_up_worker_id) == (holder, "chunk_aware", other)
+    by_worker = {c.route.worker_id: c for c in got.candidates}
+    assert by_worker[holder].route.prefix_tokens == {"device": 160} and by_worker[other].route.prefix_tokens == {"peer": 160}
+    assert by_worker[holder].route.cost == got.chosen.cost < by_worker[other].route.cost
+    assert all(0.0 <= c.kv_usage <= 1.0 and c.num_running >= 0 for c in got.candidates)
+
+    async def explain_async():
+        async with kvweave.AsyncClient(router.grpc_address, timeout=60) as client:
+            return await client.explain(messages=[{"role": "user", "content": "Hello there"}])
+
+    assert asyncio.run(explain_async()).chosen.worker_id in ("w0", "w1")
+    assert (cluster.num_worker_requests(), route_samples(router)) == before  # still nothing sent
+
     # Chat messages and reusable chunks, as the completion and chat bodies carry them.
     status, body, _ = http(f"{router.http_url}/v1/route/explain", "POST",
                            {"messages": [{"role": "user", "content": "Hello there"}]})
@@ -157,6 +176,18 @@ def test_route_explain_rejects_bad_input(cluster, body, status, message):
     assert got == status and message in answer["error"]["message"], answer
 
 
+def test_grpc_explain_rejects_bad_input(cluster):
+    router = cluster.routers[0] if cluster.routers else cluster.add_router("chunk_aware")
+    with pytest.raises(grpc.RpcError) as e:  # the raw stub: no SDK check in between
+        stub_for(router).Explain(inference_pb2.GenerateRequest(), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no prompt" in e.value.details()
+    with kvweave.Client(router.grpc_address, timeout=60) as client:
+        with pytest.raises(kvweave.InvalidRequest, match="nope"):
+            client.explain("hi", model="nope")
+        with pytest.raises(kvweave.InvalidRequest, match="empty"):
+            client.explain("")
+
+
 def test_route_explain_command_errors(cluster, capsys, tmp_path):
     router = cluster.routers[0] if cluster.routers else cluster.add_router("chunk_aware")
     assert kvweave_main(["route", "explain", "--url", router.http_url, "--messages", "[not json"]) == 2
@@ -180,3 +211,8 @@ def test_route_explain_needs_an_api_key_like_every_call(cluster, tmp_path, capsy
     assert kvweave_main(["route", "explain", "--url", router.http_url, "--prompt", "hi"]) == 1
     assert "401" in capsys.readouterr().err
     assert kvweave_main(["route", "explain", "--url", router.http_url, "--prompt", "hi", "--api-key", "sk-alpha"]) == 0
+    with kvweave.Client(router.grpc_address, timeout=60) as client:
+        with pytest.raises(kvweave.Unauthenticated):
+            client.explain("hi")
+    with kvweave.Client(router.grpc_address, timeout=60, api_key="sk-alpha") as client:
+        assert client.explain("hi").chosen.worker_id in ("w0", "w1")
