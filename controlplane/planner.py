@@ -144,9 +144,10 @@ class PlannerParams:
             raise ValueError(f"hysteresis must be in [0, 1), got {self.hysteresis}")
         if not (0 < self.smoothing <= 1 and 0 <= self.min_utilization <= 1):
             raise ValueError("smoothing must be in (0, 1], min_utilization in [0, 1]")
-        if not (0 <= self.min_gain <= 1 and self.load_tolerance >= 0):
-            raise ValueError(f"min_gain must be in [0, 1] and load_tolerance >= 0, got {self.min_gain}, "
-                             f"{self.load_tolerance}")
+        if not 0 <= self.min_gain <= 1:
+            raise ValueError(f"min_gain must be in [0, 1], got {self.min_gain}")
+        if not self.load_tolerance >= 0:
+            raise ValueError(f"load_tolerance must be >= 0, got {self.load_tolerance}")
 
 
 def predict_next(history: list[float]) -> float:
