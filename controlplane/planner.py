@@ -131,8 +131,10 @@ class PlannerParams:
     correction: bool = True
     """Learn the correction factor (False: the nominal capacities alone decide, as Dynamo's
     planner without correction)."""
-    min_gain: float = 0.5
-    """Share of its predicted latency fall a scale-up must bring; less marks it futile (0: none is)."""
+    min_gain: float = 0.25
+    """Share of its predicted latency fall a scale-up must bring; less marks it futile (0: none is).
+    SmolLM2-135M on 2 CPU cores, 16 streams, 1 -> 2 decode workers (predicted: -50%): ITL p99 fell
+    0-8% with short prompts (futile), 20% with a 1,720-token shared context (a real gain)."""
     load_tolerance: float = 0.25
     """Relative load change within which a scale-up is judged, and a futile hold kept."""
 

@@ -201,3 +201,22 @@ def test_a_scale_up_that_helps_is_not_futile():
     assert planner.states["decode"].correction_factor == pytest.approx(2.0, rel=0.05)
     with pytest.raises(ValueError, match="min_gain"):
         PlannerParams(min_gain=1.5)
+
+
+@pytest.mark.parametrize("itl_after, futile", [(90.0, True), (80.0, False)])
+def test_a_scale_up_is_futile_below_min_gain_of_its_predicted_fall(itl_after, futile):
+    """1 -> 2 replicas at ITL 100 ms predicts 50 ms: a fall to 90 is 0.2 of the predicted fall (under
+    min_gain 0.25: the pool holds, the factor is back at its value before the scale-up), to 80 is
+    0.4 (a gain: the factor learns from it and the pool scales further)."""
+    planner = Planner({"decode": PoolPolicy(ITL_TARGET_MS, 16, max_replicas=4)}, PlannerParams(grace_intervals=1))
+    [d] = planner.decide([PoolObservation("decode", 1, num_running=16, itl_ms=100.0)])
+    assert (d.target_replicas, d.reason) == (2, "scale_up")
+    [d] = planner.decide([PoolObservation("decode", 2, num_running=16, itl_ms=itl_after)])
+    assert d.reason == "grace"
+    [d] = planner.decide([PoolObservation("decode", 2, num_running=16, itl_ms=itl_after)])
+    state = planner.states["decode"]
+    if futile:
+        assert (d.target_replicas, d.reason, state.correction_factor) == (2, "steady", 1.5)
+        assert state.flat is not None
+    else:
+        assert d.reason == "scale_up" and d.target_replicas > 2 and state.flat is None
