@@ -36,9 +36,9 @@ The algorithm follows NVIDIA Dynamo's SLA planner, per pool:
   the load is still within `load_tolerance` of the load it was made at: if the latency is still
   over target and fell by less than `min_gain` of the fall the model predicted (latency x old / new
   replicas), the pool's latency is flat there. The factor goes back to its value before the
-  scale-up (what it learned since came from the flat relation), stops learning, and the pool holds
-  its replicas (reason `futile`) instead of adding more, until the load leaves that band or the
-  replicas change (scale-downs go on as usual): then the planner learns and scales as before.
+  scale-up (what it learned since came from the flat relation) and stops learning, and the pool
+  adds no replicas (reason `futile` where the load asks for more) until the load leaves that band
+  or the replicas change (scale-downs go on as usual): then the planner learns and scales as before.
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ class ScaleUp:
     load: float
     latency_ms: float
     correction_factor: float
-    """The factor before the scale-up."""
+    """The factor that chose the scale-up."""
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ class Planner:
         policy, state = self.policies[obs.role], self.states[obs.role]
         load = self.load_of(obs)
         state.loads.append(load)
-        if state.grace_left == 0 and state.last_up is not None and self.params.min_gain > 0:
+        if state.grace_left == 0 and state.last_up is not None:
             self._judge_scale_up(obs, load, policy, state)
         if state.flat and (obs.num_replicas != state.flat.replicas or not self._near(load, state.flat.load)):
             state.flat = None  # the load or the pool changed: scale and learn as before
@@ -252,23 +252,21 @@ class Planner:
         if up > n and state.flat:
             return decision(n, "futile")
         if up > n:
-            latency = self.latency_of(obs)
-            if latency is not None and latency > policy.target_ms:
-                state.last_up = ScaleUp(n, up, load, latency, state.correction_factor)
-            return self._changed(decision(up, "scale_up"), keep_last_up=True)
+            d, latency = self._changed(decision(up, "scale_up")), self.latency_of(obs)
+            if self.params.min_gain > 0 and latency is not None and latency > policy.target_ms:
+                state.last_up = ScaleUp(n, up, load, latency, state.correction_factor)  # judged after grace
+            return d
         calm = max(predicted, sum(state.loads) / len(state.loads))  # down on the mean: a drop must last
         down = max(policy.min_replicas, math.ceil(calm / (capacity * (1 - self.params.hysteresis)) - 1e-9))
         if down < n:
             return self._changed(decision(down, "scale_down"))
         return decision(n, "steady")
 
-    def _changed(self, d: Decision, keep_last_up: bool = False) -> Decision:
+    def _changed(self, d: Decision) -> Decision:
         state = self.states[d.role]
         state.grace_left = self.params.grace_intervals
         state.loads.clear()  # the trend that led to this change must not lead to a second one
-        state.flat = None
-        if not keep_last_up:
-            state.last_up = None
+        state.flat, state.last_up = None, None
         return d
 
     def _near(self, load: float, reference: float) -> bool:

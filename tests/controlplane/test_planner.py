@@ -4,6 +4,8 @@ A trace is a list of per-interval loads; `replay` feeds it to the planner throug
 a pool whose true capacity per replica differs from the planner's nominal figure (latency
 proportional to the load per replica, plus seeded noise), applies each decision at once, and
 returns the replica count after every interval: the timeline the tests compare exactly.
+`replay_flat` does the same for a pool whose latency does not fall with its replicas (a CPU decode
+step that reads all the weights whatever the batch), where scale-ups must stop.
 """
 from __future__ import annotations
 
