@@ -24,6 +24,17 @@ Results (BENCHMARKS.md's format):
 - `itl_p99_after_recovery`: the ITL p99 over the intervals from B's recovery (from interval 3 when B
   did not recover) to the step's end, B against A over the same intervals (ratio A / B);
 - `decode_tokens_per_s`: tokens streamed per second over the whole step, B against A.
+Prompts: a short sentence per stream, or with `--context-tokens N` one shared document of N token
+ids and a question of CONTEXT_QUESTION_TOKENS of each stream's own (loadgen's prefix-repetition
+shape with one prefix; the prefix cache prefills the document once). Each stream sends the same
+prompt every time; the unloaded phase sends the first stream's, so the target is measured on the
+same prompt shape. With a document the router balances by load (`--policy`, default least_loaded
+then: the default policy's cache affinity would keep every stream on the worker that holds it).
+Why a document: on a CPU a decode step of a small model reads all its weights whatever the batch,
+so with short prompts it grows little with the batch and splitting the batch hardly lowers ITL;
+with long contexts each stream's attention reads its own KV and the step grows with the batch.
+Measured in-process (SmolLM2-135M, 1 thread, AMD EPYC, median step): 39 / 89 / 114 ms at 1 / 8 /
+16 short streams (16 vs 8: 1.29x), 49 / 140 / 226 ms on a ~1,720-token document (1.62x).
 `config.run` holds the unloaded ITL, the target, each run's interval timeline (ITL p50/p99, tokens
 per worker, replicas at the interval's end), B's planner decisions and replica changes (times from
 the step's start: when the planner scaled up, when the added worker registered), and the changes
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -46,6 +58,7 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass
 
 from benchmarks.report import Result, percentile, render, write_json
+from controlplane.policies import LeastLoadedPolicy, make_policy
 from controlplane.procs import cpu_seconds
 from kvweave.defaults import DEFAULT_MODEL
 
@@ -53,6 +66,8 @@ TARGET_INTERVALS = 2
 """Intervals within which ITL p99 must be back under its target after the step (the planner's goal)."""
 REPLICAS_POLL_S = 0.25
 PROMPT = "Request {i}: write a long story about a lighthouse keeper and the sea."
+CONTEXT_QUESTION_TOKENS = 16
+"""Tokens of each stream's own after the shared document (with --context-tokens)."""
 
 
 @dataclass
@@ -74,6 +89,13 @@ class PlannerBenchConfig:
     max_replicas: int = 2
     decode_running: float | None = None
     """The planner's first estimate of requests per decode worker (None: `concurrency`)."""
+    context_tokens: int = 0
+    """Tokens of one document every prompt starts with, before the stream's own question (0: a short
+    prompt per stream)."""
+    policy: str | None = None
+    """The router's policy (None: least_loaded with a document, else the router's default). The
+    default's cache affinity keeps streams that share a document on the worker that holds it (8 such
+    streams over 2 workers all went to one), so a worker the planner adds would get no load."""
 
 
 @dataclass
@@ -92,12 +114,31 @@ class StepRecord:
         return next((started, registered) for at, started, registered in reversed(self.replicas) if at <= t)
 
 
-async def _stream(client, i: int, max_tokens: int, stop: asyncio.Event, record: StepRecord | None,
+def stream_prompts(config: PlannerBenchConfig) -> list[dict]:
+    """Each stream's prompt, as `generate` keyword arguments (see the module header)."""
+    if not config.context_tokens:
+        return [{"prompt": PROMPT.format(i=i)} for i in range(config.concurrency)]
+    from benchmarks.mixed_load import vocab_token_range
+    from kvweave.model_files import load_tokenizer
+    from loadgen.workloads import PrefixRepetitionWorkload
+
+    max_len = load_tokenizer(config.model).max_seq_len
+    if config.context_tokens + CONTEXT_QUESTION_TOKENS + config.max_tokens > max_len:
+        raise ValueError(f"--context-tokens {config.context_tokens} + {CONTEXT_QUESTION_TOKENS} question tokens + "
+                         f"--max-tokens {config.max_tokens} exceed the model's context of {max_len} tokens")
+    workload = PrefixRepetitionWorkload(prefix_len=config.context_tokens, suffix_len=CONTEXT_QUESTION_TOKENS,
+                                        num_prefixes=1, output_len=config.max_tokens,
+                                        token_range=vocab_token_range(config.model))
+    sessions = itertools.islice(workload.sessions(), config.concurrency)
+    return [{"token_ids": list(session.turns[0].token_ids)} for session in sessions]
+
+
+async def _stream(client, prompt: dict, max_tokens: int, stop: asyncio.Event, record: StepRecord | None,
                   gaps: list[float]) -> None:
     """Generation after generation until `stop`, recording each delta's gap from the previous one."""
     while not stop.is_set():
         last = None
-        async with aclosing(client.generate(PROMPT.format(i=i), max_tokens=max_tokens, ignore_eos=True)) as deltas:
+        async with aclosing(client.generate(**prompt, max_tokens=max_tokens, ignore_eos=True)) as deltas:
             async for delta in deltas:  # leaving it cancels the request
                 now = time.monotonic()
                 if stop.is_set():
@@ -113,23 +154,23 @@ async def _stream(client, i: int, max_tokens: int, stop: asyncio.Event, record: 
                 last = now
 
 
-async def unloaded_itl(target: str, seconds: float, max_tokens: int) -> list[float]:
-    """Client-side ITL (s) of one stream at a time for `seconds`."""
+async def unloaded_itl(target: str, seconds: float, max_tokens: int, prompt: dict) -> list[float]:
+    """Client-side ITL (s) of one stream at a time, sending `prompt`, for `seconds`."""
     import kvweave
 
     gaps: list[float] = []
     stop = asyncio.Event()
     async with kvweave.AsyncClient(target, timeout=600) as client:
-        task = asyncio.create_task(_stream(client, 0, max_tokens, stop, None, gaps))
+        task = asyncio.create_task(_stream(client, prompt, max_tokens, stop, None, gaps))
         await asyncio.sleep(seconds)
         stop.set()
         await task
     return gaps
 
 
-async def load_step(cluster, config: PlannerBenchConfig) -> StepRecord:
-    """`concurrency` streams for `step_intervals` intervals, noting every change of the decode workers
-    started and registered (read every REPLICAS_POLL_S)."""
+async def load_step(cluster, config: PlannerBenchConfig, prompts: list[dict]) -> StepRecord:
+    """`concurrency` streams (one per prompt) for `step_intervals` intervals, noting every change of
+    the decode workers started and registered (read every REPLICAS_POLL_S)."""
     import redis.asyncio as aioredis
 
     import kvweave
@@ -157,8 +198,8 @@ async def load_step(cluster, config: PlannerBenchConfig) -> StepRecord:
         record.replicas.append((record.start, *counts))
         async with kvweave.AsyncClient(cluster.grpc_target, timeout=600) as client:
             tasks = [asyncio.create_task(watch_replicas())]
-            tasks += [asyncio.create_task(_stream(client, i, config.max_tokens, stop, record, []))
-                      for i in range(config.concurrency)]
+            tasks += [asyncio.create_task(_stream(client, prompt, config.max_tokens, stop, record, []))
+                      for prompt in prompts]
             await asyncio.sleep(max(0.0, record.start + config.step_intervals * config.interval_s - time.monotonic()))
             cpu_end, seconds = cluster_cpu_seconds(cluster), time.monotonic() - record.start
             cores = {name: (cpu - cpu_start.get(name, 0.0)) / seconds for name, cpu in cpu_end.items()}
@@ -242,22 +283,23 @@ def engine_args(config: PlannerBenchConfig) -> dict:
             **({"num_blocks": config.num_blocks} if config.num_blocks else {})}
 
 
-def run_bench(config: PlannerBenchConfig, log=print) -> tuple[list[Result], dict]:
+def run_bench(config: PlannerBenchConfig, prompts: list[dict], log=print) -> tuple[list[Result], dict]:
     from controlplane.cluster import LocalCluster
     from controlplane.serve_planner import ServePlanner, serve_planner_config
 
     loadavg_start = round(os.getloadavg()[0], 2)
     with LocalCluster(model=config.model, workers=0, decode_workers=1, insecure=True, startup_timeout=900,
-                      engine_args=engine_args(config)) as cluster:
-        asyncio.run(unloaded_itl(cluster.grpc_target, min(2.0, config.unloaded_s), config.max_tokens))  # warm-up
-        unloaded = asyncio.run(unloaded_itl(cluster.grpc_target, config.unloaded_s, config.max_tokens))
+                      engine_args=engine_args(config), policy=config.policy) as cluster:
+        warm_up = min(2.0, config.unloaded_s)  # with a document: its prefill, then in the prefix cache
+        asyncio.run(unloaded_itl(cluster.grpc_target, warm_up, config.max_tokens, prompts[0]))
+        unloaded = asyncio.run(unloaded_itl(cluster.grpc_target, config.unloaded_s, config.max_tokens, prompts[0]))
         unloaded_p99 = _ms(percentile(unloaded, 99))
         target_ms = config.target_factor * unloaded_p99
         log(f"unloaded ITL p50 {_ms(percentile(unloaded, 50)):.1f} ms, p99 {unloaded_p99:.1f} ms: "
             f"target {target_ms:.1f} ms")
         log(f"run A: static pool of 1, {config.concurrency} streams for {config.step_intervals} x "
             f"{config.interval_s:g} s")
-        step_a = asyncio.run(load_step(cluster, config))
+        step_a = asyncio.run(load_step(cluster, config, prompts))
         time.sleep(2.0)  # the aborted generations drain
         planner = ServePlanner(cluster, serve_planner_config(
             cluster.config, itl_target_ms=target_ms, quantile=0.99, min_replicas=1,
@@ -266,7 +308,7 @@ def run_bench(config: PlannerBenchConfig, log=print) -> tuple[list[Result], dict
         try:
             time.sleep(config.idle_intervals * config.interval_s)
             log("run B: the same step with the planner")
-            step_b = asyncio.run(load_step(cluster, config))
+            step_b = asyncio.run(load_step(cluster, config, prompts))
         finally:
             planner.stop()
         decisions = [{"t_s": round(t - step_b.start, 2), "pool": d.role, "from": d.current_replicas,
@@ -331,6 +373,11 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-replicas", type=int, default=d.max_replicas)
     p.add_argument("--decode-running", type=float, default=None,
                    help="the planner's first estimate of requests per decode worker (default: --concurrency)")
+    p.add_argument("--context-tokens", type=int, default=d.context_tokens, metavar="N",
+                   help="start every prompt with one shared document of N tokens (then each stream's own "
+                        f"{CONTEXT_QUESTION_TOKENS}), so a decode step grows with the batch; 0: short prompts")
+    p.add_argument("--policy", default=None, help="the router's policy (default: least_loaded with "
+                                                  "--context-tokens, else the router's default)")
     p.set_defaults(func=run)
 
 
@@ -345,12 +392,21 @@ def run(args: argparse.Namespace) -> int:
     if (config.concurrency < 1 or config.max_tokens < 2 or not config.interval_s > 0 or config.step_intervals < 1
             or config.idle_intervals < 0 or not config.unloaded_s > 0 or not config.target_factor > 0
             or config.max_replicas < 1 or config.threads_per_worker < 1 or (config.num_blocks or 1) < 1
-            or (config.decode_running is not None and not config.decode_running > 0)):
+            or (config.decode_running is not None and not config.decode_running > 0) or config.context_tokens < 0):
         print("error: --concurrency, --step-intervals, --max-replicas, --threads-per-worker and --num-blocks must be >= 1, "
-              "--max-tokens >= 2, --idle-intervals >= 0, --interval-s, --unloaded-s, --target-factor and "
-              "--decode-running > 0", file=sys.stderr)
+              "--max-tokens >= 2, --idle-intervals and --context-tokens >= 0, --interval-s, --unloaded-s, "
+              "--target-factor and --decode-running > 0", file=sys.stderr)
         return 2
-    results, details = run_bench(config, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if config.policy is None and config.context_tokens:
+        config.policy = LeastLoadedPolicy.name
+    try:
+        if config.policy is not None:
+            make_policy(config.policy)  # PolicyError naming the valid ones
+        prompts = stream_prompts(config)
+    except ValueError as e:  # an unknown policy, a context longer than the model's, a model not found
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results, details = run_bench(config, prompts, log=lambda m: print(m, file=sys.stderr, flush=True))
     cfg = asdict(config)
     print(render("planner", cfg, results))
     print(json.dumps({k: v for k, v in details.items() if not k.startswith("timeline")}, indent=1))

@@ -99,6 +99,9 @@ class PlannerConfig:
     """Scale down only to replicas loaded at most (1 - hysteresis) of their capacity."""
     correction: bool = True
     """Correct the capacity estimates by observed / predicted latency (false: the first estimates decide)."""
+    min_gain: float = PlannerParams.min_gain
+    """Share of the latency fall a scale-up predicts (latency x old / new replicas) that it must bring,
+    at about the same load; less holds the pool there (reason futile) until the load changes (0: off)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """The cluster's Redis (its registry of workers)."""
     model: str | None = None
@@ -130,7 +133,7 @@ class PlannerConfig:
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics-port must be in [0, 65535], or -1 for none; got {self.metrics_port}")
         self.policies()  # validates the bounds
-        self.params()  # validates window, grace and hysteresis
+        self.params()  # validates window, grace, hysteresis and min-gain
 
     @property
     def deployments(self) -> dict[str, str]:
@@ -149,7 +152,7 @@ class PlannerConfig:
 
     def params(self) -> PlannerParams:
         return PlannerParams(self.interval_s, self.window, self.grace_intervals, self.hysteresis,
-                             correction=self.correction)
+                             correction=self.correction, min_gain=self.min_gain)
 
 
 def model_id(model: str | None) -> str | None:

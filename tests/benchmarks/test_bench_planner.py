@@ -69,3 +69,28 @@ def test_bench_planner_quick_reports_consistent_timelines(tiny_hf_model, tmp_pat
     if run["added_worker_registered_at_s"] is not None:
         assert [e for e in events if e["registered"] > 1][0]["t_s"] == run["added_worker_registered_at_s"]
     assert "itl_recovery_intervals" in capsys.readouterr().out
+
+
+def test_context_prompts_share_one_document_and_differ_after_it():
+    from benchmarks.mixed_load import vocab_token_range
+    from benchmarks.planner import CONTEXT_QUESTION_TOKENS, PROMPT, PlannerBenchConfig, stream_prompts
+
+    assert stream_prompts(PlannerBenchConfig(concurrency=3)) == [{"prompt": PROMPT.format(i=i)} for i in range(3)]
+    config = PlannerBenchConfig(concurrency=4, context_tokens=100)
+    prompts = [p["token_ids"] for p in stream_prompts(config)]
+    lo, hi = vocab_token_range(config.model)
+    assert [len(p) for p in prompts] == [100 + CONTEXT_QUESTION_TOKENS] * 4
+    assert all(p[:100] == prompts[0][:100] for p in prompts)
+    assert len({tuple(p[100:]) for p in prompts}) == 4
+    assert all(lo <= t < hi for p in prompts for t in p)
+    assert stream_prompts(config) == [{"token_ids": p} for p in prompts]  # the same every run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--context-tokens", "-1"], "--idle-intervals and --context-tokens >= 0"),
+    (["--context-tokens", "9000"], "exceed the model's context of 8192 tokens"),
+    (["--policy", "nearest"], "unknown routing policy 'nearest'; valid: chunk_aware"),
+])
+def test_bad_settings_are_refused_before_anything_starts(argv, message, capsys):
+    assert main(["bench", "planner", *argv]) == 2
+    assert message in capsys.readouterr().err

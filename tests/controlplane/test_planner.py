@@ -4,6 +4,8 @@ A trace is a list of per-interval loads; `replay` feeds it to the planner throug
 a pool whose true capacity per replica differs from the planner's nominal figure (latency
 proportional to the load per replica, plus seeded noise), applies each decision at once, and
 returns the replica count after every interval: the timeline the tests compare exactly.
+`replay_flat` does the same for a pool whose latency does not fall with its replicas (a CPU decode
+step that reads all the weights whatever the batch), where scale-ups must stop.
 """
 from __future__ import annotations
 
@@ -139,3 +141,84 @@ def test_without_correction_the_nominal_capacity_decides():
     planner = decode_planner(correction=False)
     timeline, _ = replay(planner, [24] * 6, true_capacity=4)
     assert timeline == [3] * 6 and planner.states["decode"].correction_factor == 1.0
+
+
+def flat_obs(num_running: float, replicas: int, true_capacity: float) -> PoolObservation:
+    """A decode pool whose step costs the same whatever its batch (a small model on a CPU): its ITL
+    is that of the whole load on one replica, however many share it."""
+    return decode_obs(num_running, 1, true_capacity) if num_running else PoolObservation("decode", replicas)
+
+
+def replay_flat(planner: Planner, trace: list[float], true_capacity: float, start: int = 1
+                ) -> tuple[list[int], list[str], list[float]]:
+    replicas, timeline, reasons, factors = start, [], [], []
+    for load in trace:
+        obs = flat_obs(load, replicas, true_capacity)
+        obs.num_replicas = replicas
+        [d] = planner.decide([obs])
+        assert d.reason in REASONS and d.detail
+        replicas = d.target_replicas
+        timeline.append(replicas)
+        reasons.append(d.reason)
+        factors.append(d.correction_factor)
+    return timeline, reasons, factors
+
+
+def test_scale_ups_that_do_not_lower_the_latency_stop_at_the_first_useless_replica():
+    """Flat pool (true capacity 8 on one replica, as nominal): load 16 gives ITL 100 ms on any number
+    of replicas. Interval 1: factor 1, the pool goes to 2. In grace the ITL stays at 100 (predicted
+    50 at 2 replicas: the factor climbs to 1.75). The first interval after grace (load 18, within
+    25% of 16) judges the scale-up futile (the ITL rose where a fall of 50 ms was predicted): the
+    factor goes back to 1 and stays there, and the pool holds at 2 while the load stays near 16,
+    where the load asks for a 3rd (`futile`). Without the rule (min_gain 0) the factor climbs to 6
+    and the pool to its maximum."""
+    trace = [16] * 3 + [18, 19, 16, 17, 16, 18] * 3
+    timeline, reasons, factors = replay_flat(decode_planner(), trace, true_capacity=8)
+    assert timeline == [2] * len(trace)
+    assert reasons[:4] == ["scale_up", "grace", "grace", "futile"]
+    assert set(reasons[3:]) == {"steady", "futile"}
+    assert factors[:3] == [1.0, 1.5, 1.75] and factors[3:] == [1.0] * (len(trace) - 3)
+
+    without, _, factors = replay_flat(decode_planner(min_gain=0.0), trace, true_capacity=8)
+    assert without[-1] == 6 and factors[-1] > 5
+
+
+def test_a_flat_pool_still_scales_for_a_real_load_step_and_a_drop():
+    """After the hold at 2 replicas (load 16), a step to 40 leaves the band: the planner learns again
+    (factor 1.5 from the ITL of 250 ms at 2 replicas) and scales up to its maximum of 6, judges that
+    futile too (factor back to 1.5), and scales down to 1 when the load goes."""
+    trace = [16] * 6 + [40] * 8 + [2] * 10
+    timeline, reasons, factors = replay_flat(decode_planner(), trace, true_capacity=8)
+    assert timeline == [2] * 6 + [6] * 10 + [5, 5, 5] + [1] * 5
+    assert reasons[6] == "scale_up" and reasons[16] == "scale_down"
+    assert max(factors) < MAX_FACTOR and factors[9:] == [1.5] * (len(trace) - 9)
+
+
+def test_a_scale_up_that_helps_is_not_futile():
+    """The proportional pool of the other timelines: ITL falls by the replicas' ratio, so the
+    planner never holds (reason `futile` never appears) and the factor still learns its 2."""
+    planner = decode_planner()
+    _, reasons = replay(planner, [24] * 14, true_capacity=4)
+    assert "futile" not in reasons and planner.states["decode"].flat is None
+    assert planner.states["decode"].correction_factor == pytest.approx(2.0, rel=0.05)
+    with pytest.raises(ValueError, match="min_gain"):
+        PlannerParams(min_gain=1.5)
+
+
+@pytest.mark.parametrize("itl_after, futile", [(90.0, True), (80.0, False)])
+def test_a_scale_up_is_futile_below_min_gain_of_its_predicted_fall(itl_after, futile):
+    """1 -> 2 replicas at ITL 100 ms predicts 50 ms: a fall to 90 is 0.2 of the predicted fall (under
+    min_gain 0.25: the pool holds, the factor is back at its value before the scale-up), to 80 is
+    0.4 (a gain: the factor learns from it and the pool scales further)."""
+    planner = Planner({"decode": PoolPolicy(ITL_TARGET_MS, 16, max_replicas=4)}, PlannerParams(grace_intervals=1))
+    [d] = planner.decide([PoolObservation("decode", 1, num_running=16, itl_ms=100.0)])
+    assert (d.target_replicas, d.reason) == (2, "scale_up")
+    [d] = planner.decide([PoolObservation("decode", 2, num_running=16, itl_ms=itl_after)])
+    assert d.reason == "grace"
+    [d] = planner.decide([PoolObservation("decode", 2, num_running=16, itl_ms=itl_after)])
+    state = planner.states["decode"]
+    if futile:
+        assert (d.target_replicas, d.reason, state.correction_factor) == (2, "steady", 1.5)
+        assert state.flat is not None
+    else:
+        assert d.reason == "scale_up" and d.target_replicas > 2 and state.flat is None

@@ -59,10 +59,13 @@ def test_the_planner_adds_and_stops_the_clusters_own_workers(tiny_hf_model) -> N
 
 def test_serve_planner_flags_are_the_planners() -> None:
     args = build_parser("all").parse_args(["serve", "--decode-workers", "1", "--planner", "--min-replicas", "2",
-                                           "--itl-target-ms", "80", "--interval-s", "0.5", "--correction", "false"])
+                                           "--itl-target-ms", "80", "--interval-s", "0.5", "--correction", "false",
+                                           "--min-gain", "0.3"])
     config = planner_config(args, config_from_args(args))
     assert (config.connector, config.model, config.min_replicas, config.itl_target_ms, config.interval_s,
-            config.correction, config.metrics_port) == ("local", args.model, 2, 80.0, 0.5, False, -1)
+            config.correction, config.min_gain, config.metrics_port) == ("local", args.model, 2, 80.0, 0.5, False,
+                                                                          0.3, -1)
+    assert config.params().min_gain == 0.3
     args = build_parser("all").parse_args(["serve", "--decode-workers", "1"])
     assert planner_config(args, config_from_args(args)) is None
 
@@ -73,6 +76,7 @@ def test_serve_planner_flags_are_the_planners() -> None:
     (["--decode-workers", "1", "--min-replicas", "3", "--max-replicas", "2"],
      "need 0 <= min-replicas <= max-replicas and max-replicas >= 1, got 3 and 2"),
     (["--decode-workers", "1", "--itl-target-ms", "0"], "itl-target-ms must be > 0"),
+    (["--decode-workers", "1", "--min-gain", "2"], "min_gain must be in [0, 1], got 2.0"),
 ])
 def test_bad_planner_settings_are_refused_before_anything_starts(argv, message, capsys) -> None:
     assert main(["serve", "--planner", *argv]) == 2
