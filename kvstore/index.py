@@ -189,6 +189,7 @@ class KVIndex:
         self.lease_ms = int(lease_s * 1000)
         self._leading_tiers = (redis.register_script(_LEADING_TIERS_LUA) if pipelined is None
                                else PipelinedScript(pipelined, _LEADING_TIERS_LUA))
+        self._keys_cache: dict[tuple, tuple[list[str], str, str]] = {}
 
     async def apply_events(self, worker_id: str, events: Iterable, entry_bytes: int = 0) -> None:
         """Apply KV events in one pipeline: BlockStored / BlockTouched set the entry (size
@@ -290,7 +291,7 @@ class KVIndex:
         if not hashes or not worker_ids:
             return {}
         tiers = worker_ids if isinstance(worker_ids, Mapping) else dict.fromkeys(worker_ids, mediums)
-        keys, counts, codes = _script_keys(tiers)
+        keys, counts, codes = self._script_keys(tiers)
         replies = await self._leading_tiers(keys=keys, args=[counts, b"".join(hashes), HASH_BYTES, codes])
         return dict(zip(tiers, replies))
 
@@ -306,7 +307,7 @@ class KVIndex:
             return {}, {}
         if not chunks:
             return await self.leading_tiers(hashes, worker_tiers), dict.fromkeys(worker_tiers, b"")
-        keys, counts, codes = _script_keys(worker_tiers)
+        keys, counts, codes = self._script_keys(worker_tiers)
         mask = "".join("1" if m in chunk_mediums else "0" for ms in worker_tiers.values() for m in ms)
         entries = b"".join(k for chunk in chunks for k in chunk)
         sizes = " ".join(str(len(chunk)) for chunk in chunks)
@@ -314,6 +315,17 @@ class KVIndex:
                                                              entries, sizes, mask])
         n = len(worker_tiers)
         return dict(zip(worker_tiers, replies[:n])), dict(zip(worker_tiers, replies[n:]))
+
+    def _script_keys(self, tiers: Mapping[str, Sequence[str]]) -> tuple[list[str], str, str]:
+        """`_script_keys`, remembered per (worker, tiers) set: the same few sets come back for every
+        request between changes of the pool."""
+        pairs = tuple((w, tuple(ms)) for w, ms in tiers.items())
+        found = self._keys_cache.get(pairs)
+        if found is None:
+            if len(self._keys_cache) >= 64:
+                self._keys_cache.clear()
+            found = self._keys_cache[pairs] = _script_keys(tiers)
+        return found
 
     async def leading_hits(self, hashes: Sequence[BlockHash], worker_ids: Sequence[str],
                            mediums: Sequence[str] = ("device",)) -> dict[str, int]:
