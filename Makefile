@@ -54,7 +54,7 @@ run: setup
 	$(PY) examples/demo.py
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: setup
 	$(VENV)/bin/kvweave bench engine

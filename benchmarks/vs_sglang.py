@@ -94,10 +94,10 @@ def held_out(rows: Sequence[Result]) -> tuple[list[Result], float, dict] | None:
     if not held:
         return None
     ratios = [r.ratio for r in held]
-    ceilings = [r.extra["ceiling_ratio"] or float("inf") for r in held]
+    ceilings = [r.extra["ceiling_ratio"] or float("inf") for r in held if "ceiling_ratio" in r.extra]
     return held, sum(ratios) / len(ratios), {
         "num_rows": len(held), "min_ratio": round(min(ratios), 3),
-        "ceiling_mean_ratio": round(sum(ceilings) / len(ceilings), 3),
+        **({"ceiling_mean_ratio": round(sum(ceilings) / len(ceilings), 3)} if ceilings else {}),
         "max_imbalance": max(r.extra["imbalance"] for r in held),
         "max_sglang_imbalance": max(r.extra["sglang_imbalance"] for r in held)}
 

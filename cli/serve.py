@@ -75,6 +75,9 @@ def add_planner_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--planner", action="store_true", help="scale the prefill and decode pools toward the TTFT and "
                        "ITL targets (adds and stops local worker processes; docs/deployment.md)")
     add_config_args(group, PlannerConfig, only=SERVE_PLANNER_FIELDS)
+    group.add_argument("--planner-metrics-port", type=int, default=0, metavar="PORT",
+                       help="port of the planner's Prometheus metrics (kvweave_planner_*) on --host; 0: a free "
+                            "port, -1: none (default: 0)")
 
 
 def planner_config(args: argparse.Namespace, config: ClusterConfig):
@@ -84,7 +87,8 @@ def planner_config(args: argparse.Namespace, config: ClusterConfig):
 
     if not args.planner:
         return None
-    return serve_planner_config(config, **config_kwargs(PlannerConfig, args, only=SERVE_PLANNER_FIELDS))
+    return serve_planner_config(config, metrics_port=args.planner_metrics_port,
+                                **config_kwargs(PlannerConfig, args, only=SERVE_PLANNER_FIELDS))
 
 
 def changed_engine_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,7 +123,7 @@ def describe_pools(config: ClusterConfig) -> str:
     return " + ".join(f"{n} {role}" for role, n in counts.items()) + " worker(s)"
 
 
-def format_endpoints(cluster: LocalCluster) -> str:
+def format_endpoints(cluster: LocalCluster, planner_metrics: str | None = None) -> str:
     c = cluster.config
     lines = [f"kvweave cluster ready: {describe_pools(c)} ({c.launcher}), model {c.model}",
              f"  grpc    {cluster.grpc_target}",
@@ -129,6 +133,8 @@ def format_endpoints(cluster: LocalCluster) -> str:
     lines += [f"  worker  {worker_id} {address} {roles[worker_id]}"
               for worker_id, address in cluster.worker_addresses.items()]
     lines += [f"  metrics {name} {url}" for name, url in cluster.metrics_urls.items()]
+    if planner_metrics:
+        lines.append(f"  metrics planner {planner_metrics}")
     lines.append(f"  logs    {cluster.log_dir}")
     return "\n".join(lines)
 
@@ -196,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             from controlplane.serve_planner import ServePlanner
 
             planner = ServePlanner(cluster, planning).start()
-        print(format_endpoints(cluster), flush=True)
+        print(format_endpoints(cluster, planner.metrics_url if planner is not None else None), flush=True)
         return _supervise(cluster)
     except (_Terminated, KeyboardInterrupt):
         return 0

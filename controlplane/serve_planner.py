@@ -17,9 +17,10 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
+from controlplane.cluster_config import ClusterError
 from controlplane.planner import POOL_ROLES
 from controlplane.planner_connectors import LauncherConnector
-from controlplane.planner_main import PlannerConfig, PlannerLoop, model_id
+from controlplane.planner_main import PlannerConfig, PlannerLoop, model_id, start_metrics_server
 from controlplane.planner_observer import LoadObserver
 
 if TYPE_CHECKING:
@@ -47,11 +48,13 @@ def scaled_pools(cluster: ClusterConfig) -> tuple[str, ...]:
     return pools
 
 
-def serve_planner_config(cluster: ClusterConfig, **planner_args) -> PlannerConfig:
+def serve_planner_config(cluster: ClusterConfig, metrics_port: int = 0, **planner_args) -> PlannerConfig:
     """The planner settings of a serve cluster (`planner_args`: SERVE_PLANNER_FIELDS); ValueError
-    for bad ones. Its Redis is filled in when the cluster runs (`ServePlanner`)."""
+    for bad ones. Its Redis is filled in when the cluster runs (`ServePlanner`). `metrics_port`: where
+    it serves its Prometheus metrics on the cluster's host (0: a free port, -1: none)."""
     scaled_pools(cluster)
-    return PlannerConfig(connector="local", model=cluster.model, metrics_port=-1, **planner_args)
+    return PlannerConfig(connector="local", model=cluster.model, host=cluster.host, metrics_port=metrics_port,
+                         **planner_args)
 
 
 class ClusterWorkers:
@@ -89,11 +92,18 @@ class ServePlanner:
         self._started = threading.Event()
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._failure: Exception | None = None
+        self.metrics_url: str | None = None
+        """Where the planner's `kvweave_planner_*` metrics are served (set once started; None: not served)."""
 
     def start(self) -> "ServePlanner":
         self._thread = threading.Thread(target=asyncio.run, args=(self._run(),), name="kvweave-planner", daemon=True)
         self._thread.start()
         self._started.wait()
+        if self.loop is None or self._stop is None:  # it failed to start (its error is logged)
+            self._thread.join()
+            self._thread = None
+            raise ClusterError(f"the planner did not start: {self._failure or 'see the log'}")
         logger.info("planner: scaling the %s pool(s) every %.1f s", ", ".join(self.connector.roles),
                     self.config.interval_s)
         return self
@@ -105,15 +115,25 @@ class ServePlanner:
 
         secret = self.cluster.secret
         client = aioredis.Redis.from_url(self.config.redis_url)
+        runner = None
         try:
             registry = Registry(client, key=secret.derive("registry") if secret else None)
             observer = LoadObserver(registry, model_id(self.config.model), self.config.quantile)
             self.loop = PlannerLoop(self.config, observer, self.connector)
+            if self.config.metrics_port >= 0:
+                runner, port = await start_metrics_server(self.loop.metrics, self.config.host, self.config.metrics_port)
+                self.metrics_url = f"http://{self.config.host}:{port}/metrics"
             self._event_loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
             self._started.set()
             await self.loop.run(self._stop)
+        except Exception as e:
+            self._failure = e
+            if self._stop is not None:
+                raise
         finally:
             self._started.set()
+            if runner is not None:
+                await runner.cleanup()
             await client.aclose()
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 
 import pytest
 import redis.asyncio as aioredis
@@ -45,6 +46,10 @@ def test_the_planner_adds_and_stops_the_clusters_own_workers(tiny_hf_model) -> N
             assert time.monotonic() < deadline, (cluster.worker_roles, cluster.workers.logs())
             time.sleep(0.3)
         assert cluster.worker_roles == expected
+        # Its decisions are on its own metrics port, as `kvweave planner` serves them.
+        with urllib.request.urlopen(planner.metrics_url, timeout=10) as resp:
+            text = resp.read().decode()
+        assert 'kvweave_planner_decisions_total{pool="prefill",reason="bounds"}' in text, text
         decisions = {(d.role, d.current_replicas, d.target_replicas, d.reason) for _, d in planner.loop.decisions}
         assert {("prefill", 1, 2, "bounds"), ("decode", 3, 2, "bounds")} <= decisions
         assert not [d for _, d in planner.loop.decisions if d.changed and d.reason != "bounds"]
@@ -64,8 +69,10 @@ def test_serve_planner_flags_are_the_planners() -> None:
     config = planner_config(args, config_from_args(args))
     assert (config.connector, config.model, config.min_replicas, config.itl_target_ms, config.interval_s,
             config.correction, config.min_gain, config.metrics_port) == ("local", args.model, 2, 80.0, 0.5, False,
-                                                                          0.3, -1)
+                                                                          0.3, 0)
     assert config.params().min_gain == 0.3
+    args = build_parser("all").parse_args(["serve", "--decode-workers", "1", "--planner", "--planner-metrics-port", "-1"])
+    assert planner_config(args, config_from_args(args)).metrics_port == -1
     args = build_parser("all").parse_args(["serve", "--decode-workers", "1"])
     assert planner_config(args, config_from_args(args)) is None
 
