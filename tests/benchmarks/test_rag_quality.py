@@ -28,7 +28,9 @@ def test_default_reuse_stays_close_to_full_prefill(default_model_path, tiny_engi
         pytest.skip(f"{DEFAULT_DATASET} is absent (it lives next to the repository, in ../shared/data)")
     with open(DEFAULT_DATASET) as f:
         items = json.load(f)
-    make = lambda **c: tiny_engine_factory(default_model_path, dtype="bfloat16", num_blocks=512,  # noqa: E731
+    # The engine's default dtype: bf16 where the CPU computes it natively, else fp32 (bf16 emulated
+    # on an AVX2-only CPU made this test take 7 minutes).
+    make = lambda **c: tiny_engine_factory(default_model_path, dtype="auto", num_blocks=512,  # noqa: E731
                                            num_threads=None, max_num_batched_tokens=4096, dram_cache_gb=0.25, **c)
     engine, naive = make(), make(chunk_recompute_ratio=0.0, chunk_correction=False)
     kvweave, plain = [0.0, 0.0], [0.0, 0.0]
