@@ -47,6 +47,9 @@ from kvweave import cluster_secret
 
 logger = logging.getLogger(__name__)
 
+ROUTER_REBINDS = 3
+"""Times the cluster starts its router on fresh ports after losing the picked ones (`_rebind_router`)."""
+
 def run_sync(coro) -> Any:
     """Run a coroutine to completion, also when called from inside a running event loop."""
     try:
@@ -74,6 +77,7 @@ class LocalCluster:
         self._log_dir: Path | None = None
         self._own_log_dir = False
         self._worker_metrics_urls: dict[str, str] = {}
+        self._router_rebinds = 0
         self._secret_dir: str | None = None
         self.security_env: dict[str, str] = {}
         """KVWEAVE_CLUSTER_SECRET_FILE / KVWEAVE_REDIS_PASSWORD_FILE -> the files the children use."""
@@ -278,6 +282,8 @@ class LocalCluster:
             registry, wanted = Registry(client, key=key), set(self.workers.worker_ids)
             while True:
                 if (failure := self.check()) is not None:
+                    if self._rebind_router(failure):
+                        continue
                     raise ClusterError(failure)
                 live = {w.worker_id: w for w in await registry.list_workers()}
                 if wanted <= live.keys() and self.router_ready():
@@ -290,6 +296,19 @@ class LocalCluster:
                 await asyncio.sleep(0.2)
         finally:
             await client.aclose()
+
+    def _rebind_router(self, failure: str) -> bool:
+        """Whether the router was started again on fresh ports: it lost a port picked free to another
+        process before binding it (Ray's processes take ports as they start). Not when the ports
+        were given, and at most ROUTER_REBINDS times."""
+        if (not failure.startswith("router exited") or "address already in use" not in failure
+                or self.config.port or self.config.http_port or self._router_rebinds >= ROUTER_REBINDS):
+            return False
+        self._router_rebinds += 1
+        logger.warning("the router's port was taken before it bound it; starting it on other ports")
+        self.port, self.http_port = free_port(), free_port()
+        self._start_router()
+        return True
 
     def _probe_tls(self) -> ssl.SSLContext | None:
         """TLS of the readiness probe of our own child on loopback: encrypted, its certificate not checked

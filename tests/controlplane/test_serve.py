@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -128,6 +129,35 @@ def test_startup_failure_names_the_worker_and_cleans_up(tiny_hf_model) -> None:
     with pytest.raises(ClusterError, match=r"(?s)worker worker-0 exited with 2.*unknown dtype 'float7'"):
         LocalCluster(workers=1, model=str(tiny_hf_model), engine_args=ENGINE_ARGS | {"dtype": "float7"}).start()
     assert descendants(os.getpid()) <= before
+
+
+def test_a_router_whose_picked_port_was_taken_starts_on_other_ports(tiny_hf_model) -> None:
+    """Another process (Ray's, in the wild) binds the port the cluster picked for its router before the
+    router does: the cluster starts the router again on fresh ports instead of failing."""
+    cluster = LocalCluster(workers=1, model=str(tiny_hf_model), engine_args=ENGINE_ARGS, insecure=True)
+    taken = cluster.http_port
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", taken))
+    squatter.listen()
+    try:
+        cluster.start()
+        try:
+            assert cluster.http_port != taken
+            with urllib.request.urlopen(f"{cluster.http_url}/v1/models", timeout=30) as resp:
+                assert json.load(resp)["data"][0]["id"]
+        finally:
+            cluster.stop()
+    finally:
+        squatter.close()
+    given = LocalCluster(workers=1, model=str(tiny_hf_model), engine_args=ENGINE_ARGS, insecure=True, http_port=taken)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", taken))
+    squatter.listen()
+    try:  # a port the user chose is not swapped for another
+        with pytest.raises(ClusterError, match="address already in use"):
+            given.start()
+    finally:
+        squatter.close()
 
 
 def read_lines(stream, lines: queue.Queue) -> None:
