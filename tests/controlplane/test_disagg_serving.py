@@ -6,6 +6,7 @@ before the decode worker pulled it, and a decode worker that fails before its fi
 lose the request; every block comes back."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -141,14 +142,18 @@ def test_handoff_slower_than_recompute_stays_on_the_decode_worker(pd, reference,
         d0.info.kv_costs_ms = {**(d0.info.kv_costs_ms or {}), "peer": 1.0, "recompute": 0.5}
 
     real_refresh = pool.refresh
+    patched_refresh_ran = threading.Event()
 
     async def refresh():  # a registry refresh replaces the worker's info: the costs it reports stay slow
         await real_refresh()
         slow_network()
+        patched_refresh_ran.set()
 
     monkeypatch.setattr(pool, "refresh", refresh)
     try:
-        slow_network()
+        # A refresh already in flight when the patch lands would still put the fast costs back: once
+        # this one has run, every later refresh (they run one after another) is the patched one.
+        assert patched_refresh_ran.wait(timeout=10 * router.config.refresh_s + 5)
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
         prompt = _prompt(90, 77)
         tokens, last = _generate(pd, prompt, params)
