@@ -41,6 +41,7 @@ The command line and the run of these metrics are in benchmarks/router_cli.py.
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib.util
 import json
 import os
@@ -280,16 +281,23 @@ class RouterBench:
         return router._pick(req, workers, hits)[0].worker_id
 
     async def decision_samples(self, n: int) -> tuple[list[float], list[float], dict[str, int]]:
-        """(prepare seconds, decision seconds, picks per worker) of `n` text requests."""
+        """(prepare seconds, decision seconds, picks per worker) of `n` text requests. They decide
+        on a copy of the router's policy (its churn and traffic memories), as `Router.explain` does:
+        the requests sent through the router after them find the policy as those before left it."""
         prepare, decision, picks = [], [], {}
-        for _ in range(n):
-            t0 = time.perf_counter()
-            req = self.router._prepare(self.text_input, t0)
-            t1 = time.perf_counter()
-            worker_id = await self.decide(req)
-            decision.append(time.perf_counter() - t1)
-            prepare.append(t1 - t0)
-            picks[worker_id] = picks.get(worker_id, 0) + 1
+        router = self.router
+        policy, router.policy = router.policy, copy.deepcopy(router.policy)
+        try:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                req = router._prepare(self.text_input, t0)
+                t1 = time.perf_counter()
+                worker_id = await self.decide(req)
+                decision.append(time.perf_counter() - t1)
+                prepare.append(t1 - t0)
+                picks[worker_id] = picks.get(worker_id, 0) + 1
+        finally:
+            router.policy = policy
         return prepare, decision, picks
 
     async def decision_rate(self, seconds: float, with_redis: bool, concurrency: int = 1) -> float:

@@ -9,9 +9,17 @@ KV-index lookup when the policy's `needs_index` is set, and skips the lookup oth
             + num_queued_prefill_tokens(w)
             + decode_weight * num_running(w)
             + churn_weight * churn(w)
+            + traffic_weight * prefill_weight * mean_prompt_tokens * traffic(w)
 churn(w) is the prefill work this policy sent to w recently (each decision fades it by
 0.5 ** (1 / churn_half_life)): a worker that took many new prefixes evicts sooner, so a new prefix
-lasts longer elsewhere. SGLang's router gets the same effect by sending a prompt it has no match
+lasts longer elsewhere. traffic(w) is the number of requests this policy sent to w recently, faded
+alike, and mean_prompt_tokens the recent requests' mean prompt length (faded alike): one recent
+request costs the prefill of traffic_weight (1.2%) of a typical prompt, whatever the workload's
+prompt lengths. A worker whose cached sessions keep coming back takes few new tokens (little churn)
+but many requests, and without this term new sessions piled onto it (request imbalance up to 1.83
+on the agent trace's tuning window); a prefix only this worker holds outweighs it unless the
+traffic gap is large, so it steers mostly what nobody holds, and what a peer holds (a peer's copy is
+nearly as cheap as one's own, so a hot prefix spreads to the other workers by peer fetches). SGLang's router gets the same effect by sending a prompt it has no match
 for to the worker with the smallest tree; without it, new prefixes placed by load alone crowded
 some caches and kvweave's exact index fell behind sglang-router's approximate tree.
 The defaults (prefill 64, decode 256, churn 2 with a half life of 138 decisions) were chosen on
@@ -19,7 +27,11 @@ requests 0-1999 of the Mooncake conversation trace against sglang-router 0.3.2 r
 window (`kvweave bench router --metrics hit_rate_vs_sglang --trace-offset 0 --sim-capacity 500,1000`,
 8 simulated workers): 0.99x/1.03x sglang's hit rate at 500/1000 blocks per worker, imbalance
 1.14/1.10, where the earlier 8/512 without churn reached 0.95x/0.96x. Held-out windows:
-docs/benchmarks/router-vs-sglang-2026-12-06.json. The queued-token term keeps weight 1: with a
+docs/benchmarks/router-vs-sglang-2026-12-06.json. The traffic weight (0.012) was chosen on the same
+window of both traces (Mooncake and synthetic:agent, requests 0-1999, 500 and 1000 blocks, with and
+without DRAM and SSD tiers of 2x and 4x): the smallest weight tried (0.006 / 0.008 / 0.012 / 0.016 /
+0.024) that kept every row's request imbalance within 1.2 (it was up to 1.83 without the term); it
+cost the tiered rows at most 0.1% of hit rate. The queued-token term keeps weight 1: with a
 prefill weight of 8 (the queue eight times heavier) the same window lost up to 5%.
 prefill_work(w), in tokens of recompute, is tier-aware when the index gave the worker's per-block
 tier codes (`WorkerState.hit_tiers`, from `KVIndex.leading_tiers`): a prompt token found in tier
@@ -68,7 +80,10 @@ DEFAULT_DECODE_WEIGHT = 256.0
 DEFAULT_CHURN_WEIGHT = 2.0
 """prefix_aware's and chunk_aware's cost of one uncached prompt token recently sent to a worker."""
 DEFAULT_CHURN_HALF_LIFE = 138.0
-"""Decisions after which a worker's recent uncached tokens count half (0.995 a decision)."""
+"""Decisions after which a worker's recent uncached tokens and requests count half (0.995 a decision)."""
+DEFAULT_TRAFFIC_WEIGHT = 0.012
+"""prefix_aware's and chunk_aware's cost of one request recently sent to a worker, as a share of the
+prefill of the recent requests' mean prompt."""
 
 
 class PolicyError(ValueError):
@@ -199,13 +214,15 @@ class PrefixAwarePolicy(Policy):
 
     def __init__(self, prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,
                  balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5,
-                 churn_weight: float = DEFAULT_CHURN_WEIGHT, churn_half_life: float = DEFAULT_CHURN_HALF_LIFE) -> None:
+                 churn_weight: float = DEFAULT_CHURN_WEIGHT, churn_half_life: float = DEFAULT_CHURN_HALF_LIFE,
+                 traffic_weight: float = DEFAULT_TRAFFIC_WEIGHT) -> None:
         """prefill_weight: cost per uncached prompt token; decode_weight: cost of one running
         request in prefill-token units; the thresholds trigger the least-loaded fallback;
-        churn_weight: cost per uncached token this policy sent to the worker, fading with a half
-        life of churn_half_life decisions (0 turns the term off)."""
-        if prefill_weight < 0 or decode_weight < 0 or churn_weight < 0:
-            raise PolicyError("prefill_weight, decode_weight and churn_weight must be >= 0")
+        churn_weight: cost per uncached token this policy sent to the worker, traffic_weight: cost
+        per request it sent there (as a share of a recent mean prompt's prefill), both fading with
+        a half life of churn_half_life decisions (0 turns a term off)."""
+        if prefill_weight < 0 or decode_weight < 0 or churn_weight < 0 or traffic_weight < 0:
+            raise PolicyError("prefill_weight, decode_weight, churn_weight and traffic_weight must be >= 0")
         if balance_abs_threshold < 0 or balance_rel_threshold < 1.0:
             raise PolicyError("balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1")
         if churn_half_life <= 0:
@@ -216,10 +233,16 @@ class PrefixAwarePolicy(Policy):
         self.balance_rel_threshold = balance_rel_threshold
         self.churn_weight = churn_weight
         self.churn_half_life = churn_half_life
+        self.traffic_weight = traffic_weight
         self._churn_decay = 0.5 ** (1.0 / churn_half_life)
         self._churn: dict[str, float] = {}
+        self._traffic: dict[str, float] = {}
+        self._mean_prompt_tokens = 0.0
 
     def pick(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
+        if self.traffic_weight:
+            n, mean = request.num_prompt_tokens, self._mean_prompt_tokens
+            self._mean_prompt_tokens = n if not mean else mean * self._churn_decay + n * (1.0 - self._churn_decay)
         if self._imbalanced(workers):
             w = min(workers, key=lambda w: (*_load_key(w), tie_rank(request, w.worker_id)))
             decision = Decision(w.worker_id, self.name, "imbalance")
@@ -233,7 +256,12 @@ class PrefixAwarePolicy(Policy):
     def cost(self, request: RouteRequest, w: WorkerState) -> float:
         return (self.prefill_weight * self.prefill_work(request, w) + w.num_queued_prefill_tokens
                 + self.decode_weight * w.num_running
-                + self.churn_weight * (self._churn.get(w.worker_id, 0.0) + self.stored_tokens(request, w)))
+                + self.churn_weight * (self._churn.get(w.worker_id, 0.0) + self.stored_tokens(request, w))
+                + self.traffic_cost(w.worker_id))
+
+    def traffic_cost(self, worker_id: str) -> float:
+        """The traffic term of `worker_id`'s cost (see the module docstring)."""
+        return self.traffic_weight * self.prefill_weight * self._mean_prompt_tokens * self._traffic.get(worker_id, 0.0)
 
     def stored_tokens(self, request: RouteRequest, w: WorkerState) -> int:
         """Prompt tokens `w` would add to its cache (all but its own leading run)."""
@@ -243,14 +271,23 @@ class PrefixAwarePolicy(Policy):
         """Prompt tokens this policy recently made `worker_id` store, faded (see `churn_half_life`)."""
         return self._churn.get(worker_id, 0.0)
 
+    def get_traffic(self, worker_id: str) -> float:
+        """Requests this policy recently sent to `worker_id`, faded (see `churn_half_life`)."""
+        return self._traffic.get(worker_id, 0.0)
+
     def _record_churn(self, request: RouteRequest, workers: Sequence[WorkerState], chosen: WorkerState) -> None:
-        """Fade every worker's churn by one decision and add the tokens the chosen one stores: new
-        blocks evict old ones, so a worker taking many new prefixes keeps each of them for less time."""
-        if not self.churn_weight:
-            return
-        decay, churn = self._churn_decay, self._churn
-        self._churn = {w.worker_id: churn.get(w.worker_id, 0.0) * decay for w in workers}  # drops departed workers
-        self._churn[chosen.worker_id] += self.stored_tokens(request, chosen)
+        """Fade every worker's churn and traffic by one decision and add the tokens the chosen one
+        stores and its request: new blocks evict old ones, so a worker taking many new prefixes keeps
+        each of them for less time; one taking many requests is the busier, cached or not."""
+        decay = self._churn_decay
+        if self.churn_weight:
+            churn = self._churn
+            self._churn = {w.worker_id: churn.get(w.worker_id, 0.0) * decay for w in workers}  # drops departed workers
+            self._churn[chosen.worker_id] += self.stored_tokens(request, chosen)
+        if self.traffic_weight:
+            traffic = self._traffic
+            self._traffic = {w.worker_id: traffic.get(w.worker_id, 0.0) * decay for w in workers}
+            self._traffic[chosen.worker_id] += 1.0
 
     def prefill_work(self, request: RouteRequest, w: WorkerState) -> float:
         return prefill_work(request.num_prompt_tokens, w)
@@ -270,10 +307,10 @@ class ChunkAwarePolicy(PrefixAwarePolicy):
     def __init__(self, prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,
                  balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5,
                  recompute_ratio: float = CHUNK_RECOMPUTE_RATIO, churn_weight: float = DEFAULT_CHURN_WEIGHT,
-                 churn_half_life: float = DEFAULT_CHURN_HALF_LIFE) -> None:
+                 churn_half_life: float = DEFAULT_CHURN_HALF_LIFE, traffic_weight: float = DEFAULT_TRAFFIC_WEIGHT) -> None:
         """recompute_ratio: share of a reused chunk's tokens the worker recomputes (CacheBlend's budget)."""
         super().__init__(prefill_weight, decode_weight, balance_abs_threshold, balance_rel_threshold, churn_weight,
-                         churn_half_life)
+                         churn_half_life, traffic_weight)
         if not 0.0 <= recompute_ratio <= 1.0:
             raise PolicyError(f"recompute_ratio must be in [0, 1], got {recompute_ratio}")
         self.recompute_ratio = recompute_ratio

@@ -129,10 +129,15 @@ def test_bench_router_cluster_metrics_report(tmp_path):
     for r in results.values():
         assert r["value"] > 0 and r["baseline_value"] > 0
     overhead = results["router_overhead_p99"]
-    assert overhead["picks"] == {"w0": overhead["num_samples"]}  # the worker holding the prompt's blocks
+    # Most go to the worker holding the prompt's blocks. The others could fetch them from it (a peer
+    # is cheap next to a recompute), so once it took more of the recent requests than they did, the
+    # traffic term sends some of this one hot prompt to them.
+    for picks, n in ((overhead["picks"], overhead["num_samples"]),
+                     (results["router_overhead_p99_grpc"]["chosen_workers"], None)):
+        assert set(picks) <= {"w0", "w1", "w2", "w3"} and (n is None or sum(picks.values()) == n)
+        assert all(picks["w0"] > n for w, n in picks.items() if w != "w0"), picks
     assert overhead["index_blocks"] == 4 * 1000 + overhead["prompt_blocks"]
     assert {"tokenize", "hash", "index_lookup", "scoring"} <= set(overhead["stages"])
-    assert set(results["router_overhead_p99_grpc"]["chosen_workers"]) == {"w0"}
 
 
 # ---------------------------------------------------------------------- trace windows and weights

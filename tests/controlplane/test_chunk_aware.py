@@ -146,9 +146,11 @@ async def _route(redis_url: str, model) -> None:
                                        num_threads=1), WorkerOptions())  # no Redis: its registry entries are ours
     await worker.start()
     # The index here never learns of the routed requests' own blocks, so repeated routes would
-    # count the same prompt as new work each time: the churn term is off (test_policies.py tests it).
+    # count the same prompt as new work each time, and the small chunk alone would not outweigh the
+    # requests already sent to its holder: the churn and traffic terms are off (test_policies.py tests them).
     router = Router(RouterConfig(redis_url=redis_url, model=str(model), refresh_s=0.1,
-                                 policy_config={"churn_weight": 0.0}), load_tokenizer(str(model)))
+                                 policy_config={"churn_weight": 0.0, "traffic_weight": 0.0}),
+                    load_tokenizer(str(model)))
     try:
         # Three workers at that one address, all with DRAM and SSD tiers holding something.
         registry = Registry(router.redis, lease_s=3600)

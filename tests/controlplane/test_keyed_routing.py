@@ -56,7 +56,7 @@ def wait_indexed(cluster, router, hashes, worker_id: str) -> None:
 
 
 def test_prefix_aware_routing_follows_the_keyed_cache(cluster, secret_env):
-    router = cluster.add_router("prefix_aware")
+    router = cluster.add_router("prefix_aware", traffic_weight=0.0)  # the holder's cache alone decides
     model = router.router.model.name
     prefix = prompt_ids(2, 160)  # 10 full blocks
     holder = generate(router, prefix + [7, 8, 9]).worker_id

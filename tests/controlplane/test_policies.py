@@ -68,9 +68,11 @@ def test_prefix_aware_spreads_unrelated_requests():
 def test_prefix_aware_tie_prefers_emptier_cache():
     states = workers({"num_kv_blocks_used": 90, "num_kv_blocks_total": 100},
                      {"num_kv_blocks_used": 10, "num_kv_blocks_total": 100})
-    assert picks(make_policy("prefix_aware", churn_weight=0), REQ, states, 2) == ["w1", "w1"]
-    # With the churn term (the default) the first pick's new tokens count against w1 next time.
-    assert picks(make_policy("prefix_aware"), REQ, states, 2) == ["w1", "w0"]
+    assert picks(make_policy("prefix_aware", churn_weight=0, traffic_weight=0), REQ, states, 2) == ["w1", "w1"]
+    # With the churn term the first pick's new tokens count against w1 next time, and so does the
+    # request itself with the traffic term (both are on by default).
+    assert picks(make_policy("prefix_aware", traffic_weight=0), REQ, states, 2) == ["w1", "w0"]
+    assert picks(make_policy("prefix_aware", churn_weight=0), REQ, states, 2) == ["w1", "w0"]
 
 
 def test_prefix_aware_churn_fades_with_its_half_life():
@@ -85,6 +87,32 @@ def test_prefix_aware_churn_fades_with_its_half_life():
     # A worker that left is forgotten.
     policy.pick(REQ, [WorkerState("w1")])
     assert policy.get_churn("w0") == 0.0
+
+
+def test_prefix_aware_traffic_spreads_returning_sessions():
+    # Each worker holds one session's prefix; the sessions on w0 come back far more often. A
+    # returning request stores nothing new (no churn), so only the traffic term keeps new sessions
+    # (no hit anywhere) off the worker that already takes most requests.
+    policy = make_policy("prefix_aware", churn_weight=0)
+    held = workers({"num_hit_blocks": 16}, {})
+    for _ in range(6):
+        assert policy.pick(REQ, held).worker_id == "w0"  # its cached prefix outweighs the traffic
+    assert policy.get_traffic("w0") == pytest.approx(sum(policy._churn_decay ** i for i in range(6)))
+    assert policy.get_traffic("w1") == 0.0
+    assert policy.pick(REQ, workers({}, {})).worker_id == "w1"
+    # The two terms fade alike, with churn_half_life.
+    policy = make_policy("prefix_aware", churn_half_life=1)
+    policy.pick(REQ, workers({"num_hit_blocks": 16}, {}))
+    policy.pick(REQ, workers({}, {}))
+    assert policy.get_traffic("w0") == pytest.approx(0.5) and policy.get_traffic("w1") == 1.0
+    # Off, new sessions break the tie by the prompt's first block alone.
+    off = make_policy("prefix_aware", churn_weight=0, traffic_weight=0)
+    for _ in range(6):
+        off.pick(REQ, held)
+    assert off.pick(REQ, workers({}, {})).worker_id == make_policy("prefix_aware", churn_weight=0,
+                                                                    traffic_weight=0).pick(REQ, workers({}, {})).worker_id
+    with pytest.raises(PolicyError, match="traffic_weight"):
+        make_policy("prefix_aware", traffic_weight=-1)
 
 
 def test_prefix_aware_churn_spreads_new_prefixes_by_their_size():

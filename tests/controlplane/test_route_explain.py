@@ -43,7 +43,7 @@ def route_samples(router) -> dict[str, dict]:
 
 
 def test_usage_says_what_was_predicted_and_delivered(cluster):
-    router = cluster.add_router("chunk_aware")
+    router = cluster.add_router("chunk_aware", traffic_weight=0.0)  # the holder's cache alone decides
     stub = stub_for(router)
     prefix = prompt_ids(31, 160)  # 10 full blocks
     _, _, first = generate(stub, token_prompt(prefix + [7, 8, 9], max_tokens=2))

@@ -94,7 +94,9 @@ def test_chat_prompt_equals_the_engine(cluster, tiny_engine_factory, tiny_model_
 
 
 def test_prefix_aware_follows_the_cache_and_spreads_unrelated(cluster):
-    router = cluster.add_router("prefix_aware")
+    # The holder's cache alone: with the traffic term (the default) this hot prefix would spread to
+    # the other worker by peer fetches (the next test).
+    router = cluster.add_router("prefix_aware", traffic_weight=0.0)
     stub = stub_for(router)
     prefix = prompt_ids(2, 160)  # 10 full blocks
     _, _, first = generate(stub, token_prompt(prefix + [7, 8, 9], max_tokens=2))
@@ -108,6 +110,21 @@ def test_prefix_aware_follows_the_cache_and_spreads_unrelated(cluster):
     # the holder stored ~240), then to both.
     unrelated = [generate(stub, token_prompt(prompt_ids(200 + i, 40), max_tokens=2))[2].worker_id for i in range(8)]
     assert unrelated[0] != holder and set(unrelated) == {"w0", "w1"}
+
+
+def test_hot_prefix_spreads_to_the_peer_that_fetches_it(cluster):
+    # A prefix a peer holds costs the other worker a fetch, nearly nothing next to a recompute, so
+    # the traffic term sends it some of a hot prefix's requests: it fetches the blocks, not recompute them.
+    router = cluster.add_router("prefix_aware")
+    stub = stub_for(router)
+    prefix = prompt_ids(3, 160)  # 10 full blocks
+    holder = generate(stub, token_prompt(prefix + [7, 8, 9], max_tokens=1))[2].worker_id
+    wait_indexed(cluster, router, prefix, holder)
+    served = [generate(stub, token_prompt(prefix + prompt_ids(300 + i, 20), max_tokens=1))[2] for i in range(6)]
+    assert served[0].worker_id == holder and {r.worker_id for r in served} == {"w0", "w1"}
+    moved = next(r for r in served if r.worker_id != holder)
+    assert moved.usage.route.prefix_tokens.peer == 160 and moved.usage.cached_tokens >= 160
+    assert moved.usage.route.divergence == ""
 
 
 def test_tenants_never_share_cache(cluster):

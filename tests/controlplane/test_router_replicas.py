@@ -71,7 +71,7 @@ def test_replicas_decide_alike_and_see_each_others_load(replicas):
     wait_until(indexed)
 
     # The same prompt, through each replica: the same decision, and the same worker serves it. The
-    # costs differ by each replica's own churn memory (replica 0 placed the first request), which
+    # costs differ by each replica's own churn and traffic memory (replica 0 placed the first request), which
     # the router bench's hit_rate_replicas measures the effect of.
     decisions = [explain(url, prefix + [9])["chosen"] for _, url in routers]
     assert {d["worker_id"] for d in decisions} == {holder}
@@ -121,9 +121,10 @@ async def _cold_decisions(redis_url: str, model) -> None:
                           WorkerOptions())  # no Redis: its registry entries are ours
     await worker.start()
     tokenizer = load_tokenizer(str(model))
-    # The churn memory is each replica's own (what it placed itself): off, so that only the tie-break
-    # decides among workers that hold nothing of these prompts and carry the same load.
-    routers = [Router(RouterConfig(redis_url=redis_url, model=str(model), policy_config={"churn_weight": 0.0}),
+    # The churn and traffic memories are each replica's own (what it placed itself): off, so that only
+    # the tie-break decides among workers that hold nothing of these prompts and carry the same load.
+    routers = [Router(RouterConfig(redis_url=redis_url, model=str(model),
+                                   policy_config={"churn_weight": 0.0, "traffic_weight": 0.0}),
                       tokenizer) for _ in range(3)]
     try:
         registry = Registry(routers[0].redis, lease_s=3600)
