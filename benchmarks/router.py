@@ -94,6 +94,8 @@ class BenchConfig:
     """hit_rate_vs_sglang's per-worker capacities (empty: `sim_capacity_blocks` alone)."""
     peer_speedup: float = 20.0
     """Trace time / wall time of sglang-router's replay."""
+    peer_replays: int = 1
+    """sglang-router replays per hit_rate_vs_sglang row (`PeerConfig.replays`)."""
     sim_tiers: tuple[float, float] = (0.0, 0.0)
     """Each simulated worker's DRAM and SSD tiers, in multiples of its device capacity (0: none)."""
     rag_requests: int = 2000

@@ -117,7 +117,7 @@ def _vs_sglang(cfg: BenchConfig, traces: list, config: dict, log) -> list[Result
     rows, why = bench_vs_sglang(traces, cfg.trace_requests, cfg.trace_offsets or (cfg.trace_offset,),
                                 cfg.sim_capacities or (cfg.sim_capacity_blocks,),
                                 _sim_config(cfg, cfg.sim_capacity_blocks),
-                                PeerConfig(speedup=cfg.peer_speedup), weights, log)
+                                PeerConfig(speedup=cfg.peer_speedup, replays=cfg.peer_replays), weights, log)
     if why:
         config["hit_rate_vs_sglang_unavailable"] = why
     return rows
@@ -151,6 +151,9 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--peer-speedup", type=float, default=None,
                    help="sglang-router's replay runs the trace this many times faster than recorded; its fake "
                         "workers hold each answer (uncached prompt + output tokens) x 1 ms / speedup (default: 20)")
+    p.add_argument("--peer-replays", type=int, default=None,
+                   help="hit_rate_vs_sglang: replay sglang-router this many times per row (its choices depend on "
+                        "the replay's timing) and compare with the mean of its hit rates (default: 1)")
     p.add_argument("--sim-tiers", type=_tiers, default=None, metavar="DRAM,SSD",
                    help="give every replay's simulated workers a DRAM and an SSD tier of DRAM and SSD times the "
                         "device capacity (e.g. 2,4); hits from them count at their load cost (default: 0,0, none)")
@@ -223,10 +226,11 @@ def run(args: argparse.Namespace) -> int:
     capacities, offsets = args.sim_capacity or (), args.trace_offset or ()
     overrides = {"trace_requests": args.trace_requests, "sim_capacity_blocks": capacities[0] if capacities else None,
                  "index_blocks_per_worker": args.index_blocks, "repeats": args.repeats,
-                 "peer_speedup": args.peer_speedup, "rag_requests": args.rag_requests}
+                 "peer_speedup": args.peer_speedup, "peer_replays": args.peer_replays,
+                 "rag_requests": args.rag_requests}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if any(v <= 0 for v in (*overrides.values(), *capacities, *(args.rag_capacity or ()))):
-        _stderr("error: counts, capacities and --peer-speedup must be positive")
+        _stderr("error: counts, capacities, --peer-speedup and --peer-replays must be positive")
         return 2
     if any(x < 0 for x in (*offsets, *(args.rag_offset or ()))):
         _stderr("error: --trace-offset and --rag-offset must be >= 0")

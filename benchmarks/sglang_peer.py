@@ -62,10 +62,14 @@ class PeerConfig:
     router_args: tuple[str, ...] = ()
     """More sglang-router flags (its defaults otherwise)."""
     startup_timeout_s: float = 60.0
+    replays: int = 1
+    """Replays per row (hit_rate_vs_sglang): sglang-router's choices depend on the replay's timing
+    (its load counts), so its hit rate on one window moves by up to a few percent between replays;
+    the row's baseline is their mean."""
 
     def __post_init__(self) -> None:
-        if self.speedup <= 0:
-            raise ValueError("speedup must be positive")
+        if self.speedup <= 0 or self.replays < 1:
+            raise ValueError("speedup and replays must be positive")
 
 
 @dataclass

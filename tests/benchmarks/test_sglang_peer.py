@@ -90,13 +90,17 @@ def test_sglang_router_replays_a_tiny_window_and_records_a_choice_per_request(tm
 def test_bench_router_vs_sglang_rows(tmp_path):
     path = tmp_path / "router.json"
     rc = main(["bench", "router", "--metrics", "hit_rate_vs_sglang", "--trace-requests", "60", "--trace-offset",
-               "0,2000", "--sim-capacity", "500", "--peer-speedup", "100", "--json", str(path)])
+               "0,2000", "--sim-capacity", "500", "--peer-speedup", "100", "--peer-replays", "2",
+               "--json", str(path)])
     assert rc == 0
     doc = json.loads(path.read_text())
     rows = [r for r in doc["results"] if r["metric"] == "hit_rate_vs_sglang"]
     assert [(r["first_request"], r["capacity_blocks"], r["held_out"]) for r in rows] == [(0, 500, False),
                                                                                           (2000, 500, True)]
     for r in rows:
+        # Two replays of sglang-router: the baseline is their mean.
+        assert r["sglang_replays"] == 2 and len(r["sglang_replay_imbalances"]) == 2
+        assert r["baseline_value"] == pytest.approx(sum(r["sglang_replay_hit_rates"]) / 2, abs=1e-4)
         assert sum(r["requests_per_worker"]) == sum(r["sglang_requests_per_worker"]) == 60
         assert r["imbalance"] >= 1.0 and r["sglang_imbalance"] >= 1.0 and r["sglang_version"] == "0.3.2"
         # No placement beats a cache that never evicts: the ceiling bounds both routers.
@@ -105,6 +109,11 @@ def test_bench_router_vs_sglang_rows(tmp_path):
     summary, = [r for r in doc["results"] if r["metric"] == "hit_rate_vs_sglang_heldout_mean"]
     assert summary["num_rows"] == 1 and summary["value"] == pytest.approx(rows[1]["ratio"], abs=1e-3)
     assert summary["ceiling_mean_ratio"] == rows[1]["ceiling_ratio"]
+
+
+def test_peer_replays_must_be_positive(capsys):
+    assert main(["bench", "router", "--metrics", "hit_rate_vs_sglang", "--peer-replays", "0"]) == 2
+    assert "--peer-replays must be positive" in capsys.readouterr().err
 
 
 def test_vs_sglang_says_why_when_sglang_router_is_missing(monkeypatch):
