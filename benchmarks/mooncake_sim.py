@@ -12,7 +12,8 @@ the ids are already prefix-unique, so the chain keeps their sharing exactly.
   cache (every block seen before is kept) bounds every policy's hit rate from above.
 - Windows: a replay covers `num_requests` requests from request number `offset` on, each window
   starting cold (empty caches, idle workers). prefix_aware's default weights were chosen on
-  `TUNING_WINDOW` of the conversation trace, so the benchmark reports on a later window.
+  `TUNING_WINDOW` of the conversation trace (the traffic weight on that window of the synthetic
+  agent trace too), so the benchmark reports on later windows.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.agent_trace import PREFIX, is_synthetic, parse_name
 from benchmarks.cluster_sim import LRUBlockCache, SimConfig, SimRequest, SimResult, replay
 from benchmarks.report import Result
 from controlplane.policies import Policy, make_policy
@@ -29,9 +31,11 @@ from loadgen.traces import MooncakeRecord, read_mooncake
 from loadgen.types import WorkloadError
 
 TUNING_TRACE = "mooncake_conversation.jsonl"
+TUNING_TRACES = (TUNING_TRACE, "synthetic:agent")
 TUNING_WINDOW = (0, 2000)
-"""Requests [first, end) of `TUNING_TRACE` on which prefix_aware's default weights were chosen
-(controlplane/policies.py); a figure from a window that overlaps it is in-sample."""
+"""Requests [first, end) of `TUNING_TRACES` on which prefix_aware's default weights were chosen
+(controlplane/policies.py: the traffic weight on both traces, the others on the conversation
+trace); a figure from a window that overlaps it is in-sample."""
 
 
 def load_trace(path: str | Path, limit: int | None = None, offset: int = 0) -> list[MooncakeRecord]:
@@ -46,9 +50,14 @@ def load_trace(path: str | Path, limit: int | None = None, offset: int = 0) -> l
 
 
 def in_sample(trace: str | Path, offset: int, num_requests: int) -> bool:
-    """Whether requests [offset, offset + num_requests) of `trace` overlap `TUNING_WINDOW`."""
+    """Whether requests [offset, offset + num_requests) of `trace` overlap `TUNING_WINDOW` of one of
+    `TUNING_TRACES` (a synthetic trace with another seed is another trace)."""
     first, end = TUNING_WINDOW
-    return Path(trace).name == TUNING_TRACE and offset < end and offset + num_requests > first
+    name = str(trace) if is_synthetic(trace) else Path(trace).name
+    if is_synthetic(name):
+        kind, seed = parse_name(name)
+        name = f"{PREFIX}{kind}" if seed == 0 else name
+    return name in TUNING_TRACES and offset < end and offset + num_requests > first
 
 
 def chain_hashes(hash_ids: Sequence[int]) -> list[BlockHash]:

@@ -195,6 +195,9 @@ def test_in_sample_is_an_overlap_with_the_tuning_window():
     first, end = TUNING_WINDOW
     assert in_sample(DEFAULT_TRACE, first, 1) and in_sample(DEFAULT_TRACE, end - 1, 500)
     assert not in_sample(DEFAULT_TRACE, end, 2000) and not in_sample("other.jsonl", first, 2000)
+    # The traffic weight was chosen on the synthetic agent trace's window too; another seed is another trace.
+    assert in_sample("synthetic:agent", first, 10) and in_sample("synthetic:agent:0", first, 10)
+    assert not in_sample("synthetic:agent", end, 10) and not in_sample("synthetic:agent:1", first, 10)
     assert BenchConfig().trace_offset >= end and QUICK.trace_offset >= end
 
 
