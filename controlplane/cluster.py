@@ -44,6 +44,7 @@ from controlplane.procs import (LOCALHOST, RedisServer, child_env, free_port, sp
 from controlplane.gpu_placement import assign_gpus, gpus_for_new_worker, visible_gpus
 from controlplane.supervisor import Supervisor
 from kvweave import cluster_secret
+from kvweave.cpu_affinity import CoreSlots, available_cores, format_cores
 
 logger = logging.getLogger(__name__)
 
@@ -375,6 +376,11 @@ class LocalWorkers:
         self._visible_gpus = visible_gpus(config.gpus, env)
         self.gpus = assign_gpus(self.worker_ids, self._visible_gpus, config.worker_gpus)
         """worker id -> its CUDA_VISIBLE_DEVICES (empty: no GPU here)."""
+        threads = config.engine_args.get("num_threads") or len(available_cores()) // max(1, len(self.worker_ids))
+        bind = config.cpu_bind and not self._visible_gpus and not config.engine_args.get("cpu_cores")
+        self._slots = CoreSlots(threads, len(self.worker_ids)) if bind else None
+        self.cores: dict[str, list[int]] = {}
+        """worker id -> the CPU cores it runs on (none: any core)."""
         self.procs: list[subprocess.Popen] = []
         self.addresses: dict[str, str] = {}
         self._ports: dict[str, tuple[int, int]] = {}
@@ -388,14 +394,21 @@ class LocalWorkers:
                 "--worker-id", worker_id, "--role", self.roles[worker_id], "--metrics-port", str(metrics_port),
                 *(["--lease-s", str(c.lease_s), "--heartbeat-s", str(heartbeat_s(c.lease_s))] if c.lease_s else []),
                 *([] if c.peer_fetch else ["--peer-fetch", "false"]), "--max-waiting", str(c.max_waiting),
-                *field_flags(worker_engine_args(c.engine_args, worker_id, self.roles[worker_id]))]
+                *field_flags(worker_engine_args(c.engine_args, worker_id, self.roles[worker_id])),
+                *(["--cpu-cores", format_cores(self.cores[worker_id])] if worker_id in self.cores else [])]
         return cli_command(c, *args)
 
     def start(self) -> None:
         for worker_id in self.worker_ids:
             self._ports[worker_id] = free_port(self.config.host), free_port(self.config.host)
+            self._bind(worker_id)
             self.procs.append(self._spawn(worker_id))
             self.addresses[worker_id] = f"{self.config.host}:{self._ports[worker_id][0]}"
+
+    def _bind(self, worker_id: str) -> None:
+        cores = self._slots.take() if self._slots is not None else None
+        if cores is not None:
+            self.cores[worker_id] = cores
 
     def _spawn(self, worker_id: str) -> subprocess.Popen:
         env = {**self.env, "CUDA_VISIBLE_DEVICES": self.gpus[worker_id]} if worker_id in self.gpus else self.env
@@ -423,6 +436,7 @@ class LocalWorkers:
             self.roles[worker_id] = role
             self.worker_ids.append(worker_id)
             self._ports[worker_id] = free_port(self.config.host), free_port(self.config.host)
+            self._bind(worker_id)
             self.procs.append(self._spawn(worker_id))
             self.addresses[worker_id] = f"{self.config.host}:{self._ports[worker_id][0]}"
         return worker_id
@@ -439,6 +453,8 @@ class LocalWorkers:
                 self.worker_ids.remove(worker_id)
                 for table in (self.roles, self.addresses, self._ports, self.gpus):
                     table.pop(worker_id, None)
+                if worker_id in self.cores:
+                    self._slots.release(self.cores.pop(worker_id))
 
     def check(self) -> str | None:
         with self._lock:

@@ -80,6 +80,10 @@ class ClusterConfig:
     else every /dev/nvidiaN of this machine); "" for none."""
     cpus_per_worker: float = 1.0
     """CPUs each Ray worker actor reserves."""
+    cpu_bind: bool = True
+    """Give each local worker its own CPU cores (`--cpu-cores`, as many as its threads: `num_threads`,
+    else this machine's cores / the workers) when the workers fit and have no GPU; the router, Redis
+    and clients run on any core. Off, or when they do not fit, the scheduler places them."""
     lease_s: float | None = None
     """Registry lease of the workers and the router, seconds (None: their default)."""
     peer_fetch: bool = True

@@ -21,6 +21,7 @@ from kvstore.keys import embedding_key, encode_extra_keys
 from kvstore.manager import TierManager
 from kvstore.tier import TierConfigError
 from kvweave.cluster_secret import hash_salt
+from kvweave.cpu_affinity import bind_process, parse_cores
 from kvweave.errors import InvalidRequestError
 from kvweave.limits import check_prompt_size
 from kvweave.sampling_params import SamplingParams
@@ -72,7 +73,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         torch.set_flush_denormal(True)  # denormals made this model's CPU forward up to 20x slower
-        if config.num_threads:
+        if config.cpu_cores:
+            cores = parse_cores(config.cpu_cores)
+            bind_process(cores)
+            torch.set_num_threads(config.num_threads or len(cores))
+        elif config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)

@@ -21,7 +21,9 @@ HELP = {
     "enable_chunked_prefill": "split long prompts across steps (stall-free batching)",
     "enable_prefix_caching": "reuse the KV of cached prompt prefixes",
     "max_model_len": "context length (default: the model's)",
-    "num_threads": "torch CPU threads (default: all cores)",
+    "num_threads": "torch CPU threads (default: all cores; one per core of --cpu-cores when given)",
+    "cpu_cores": "CPU cores the worker process runs on, e.g. 0-3 or 0,2 (default: any; kvweave serve gives each "
+                 "local worker its own when they fit)",
     "attention_cost_len": "context length at which a prefill token's attention costs as much as the rest of "
                           "its forward; deep prefill chunks are shortened by it (default: from the model; 0: off)",
     "dram_cache_gb": "host-memory KV tier behind the device cache, GiB (default: none)",

@@ -8,6 +8,7 @@ import torch
 
 from kvstore.manager import StoreConfig
 from kvstore.tier import TierConfigError
+from kvweave.cpu_affinity import parse_cores
 from kvweave.defaults import BLOCK_SIZE, CHUNK_RECOMPUTE_RATIO, DEFAULT_MODEL, MAX_CHUNKS_PER_REQUEST
 from worker.chunk_blend import CHUNK_CACHE_MODES, CHUNK_SELECTIONS
 from worker.config import ConfigError, StoreConfigError
@@ -51,7 +52,10 @@ class EngineConfig:
     max_model_len: int | None = None
     """Context length; defaults to the model's."""
     num_threads: int | None = None
-    """torch intra-op threads (default: torch's choice)."""
+    """torch intra-op threads (default: torch's choice; one per core of `cpu_cores` when given)."""
+    cpu_cores: str | None = None
+    """CPU cores the engine's process runs on, e.g. "0-3" or "0,2" (kvweave/cpu_affinity.py; default:
+    wherever the scheduler puts it). `kvweave serve` gives each local worker its own cores."""
     attention_cost_len: int | None = None
     """Context length at which a prefill token's attention costs as much as the rest of its forward,
     used to shorten deep prefill chunks (None: derived from the model; 0: count tokens only)."""
@@ -119,6 +123,13 @@ class EngineConfig:
             raise ConfigError(f"handoff_ttl_s must be positive, got {self.handoff_ttl_s}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.cpu_cores is not None:
+            try:
+                parse_cores(self.cpu_cores)
+            except ValueError as e:
+                raise ConfigError(f"cpu_cores: {e}") from e
+            if self.tensor_parallel_size > 1:
+                raise ConfigError("cpu_cores with tensor parallelism is not built: the ranks would share the cores")
         if self.tp_allreduce not in TP_ALLREDUCES:
             raise ConfigError(f"unknown tp_allreduce {self.tp_allreduce!r}; valid: {', '.join(TP_ALLREDUCES)}")
         if self.tp_overlap_min_tokens is not None and self.tp_overlap_min_tokens < 2:

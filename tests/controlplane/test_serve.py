@@ -100,6 +100,25 @@ def test_workers_run_with_tcmalloc_preloaded_where_it_is_installed(cluster) -> N
             assert "libtcmalloc" in f.read()  # really loaded, not just named
 
 
+def test_each_worker_runs_on_its_own_cores(cluster) -> None:
+    """One thread each (ENGINE_ARGS): with two cores or more, each worker process, every thread of it,
+    runs on a core of its own; the scheduler keeps moving neither onto the other's core."""
+    from kvweave.cpu_affinity import available_cores, parse_cores
+
+    if len(available_cores()) < 2:
+        assert cluster.workers.cores == {}  # the two do not fit: left to the scheduler
+        return
+    seen = []
+    for worker_id, proc in zip(cluster.workers.worker_ids, cluster.workers.procs):
+        lists = set()
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{tid}/status") as f:
+                lists.add(next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list")))
+        assert len(lists) == 1 and parse_cores(lists.pop()) == cluster.workers.cores[worker_id]
+        seen.append(cluster.workers.cores[worker_id])
+    assert all(len(c) == 1 for c in seen) and seen[0] != seen[1]
+
+
 def test_sigkilled_worker_leaves_the_registry_and_the_cluster_keeps_serving(cluster) -> None:
     victim_id, survivor_id = cluster.worker_ids
     victim = cluster.workers.procs[0]

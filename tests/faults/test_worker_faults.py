@@ -104,7 +104,7 @@ def test_sigstop_a_worker_past_the_deadline_every_request_ends_and_it_serves_aga
     with a long one the stall timeout finds it, and its circuit breaker closes after SIGCONT."""
     model = str(tiny_model_variant("gqa"))
     want = reference_outputs(model)
-    deadline_s, stall_s, margin_s = 15.0, 5.0, 5.0
+    deadline_s, stall_s, margin_s = 10.0, 4.0, 5.0
     router_args = {"request_timeout_s": deadline_s, "stall_timeout_s": stall_s, "breaker_probe_s": 0.2}
     with LocalCluster(workers=2, model=model, engine_args=ENGINE, policy="round_robin", lease_s=lease_s,
                       router_args=router_args, startup_timeout=120) as cluster:
