@@ -48,8 +48,9 @@ from kvweave.cpu_affinity import CoreSlots, available_cores, format_cores
 
 logger = logging.getLogger(__name__)
 
-ROUTER_REBINDS = 3
-"""Times the cluster starts its router on fresh ports after losing the picked ones (`_rebind_router`)."""
+PORT_REBINDS = 3
+"""Times the cluster starts its router, and its local workers, on fresh ports after losing the picked
+ones while starting (`_rebind_router`, `_rebind_worker`)."""
 
 def run_sync(coro) -> Any:
     """Run a coroutine to completion, also when called from inside a running event loop."""
@@ -78,7 +79,7 @@ class LocalCluster:
         self._log_dir: Path | None = None
         self._own_log_dir = False
         self._worker_metrics_urls: dict[str, str] = {}
-        self._router_rebinds = 0
+        self._router_rebinds = self._worker_rebinds = 0
         self._secret_dir: str | None = None
         self.security_env: dict[str, str] = {}
         """KVWEAVE_CLUSTER_SECRET_FILE / KVWEAVE_REDIS_PASSWORD_FILE -> the files the children use."""
@@ -283,7 +284,7 @@ class LocalCluster:
             registry, wanted = Registry(client, key=key), set(self.workers.worker_ids)
             while True:
                 if (failure := self.check()) is not None:
-                    if self._rebind_router(failure):
+                    if self._rebind_router(failure) or self._rebind_worker(failure):
                         continue
                     raise ClusterError(failure)
                 live = {w.worker_id: w for w in await registry.list_workers()}
@@ -301,14 +302,27 @@ class LocalCluster:
     def _rebind_router(self, failure: str) -> bool:
         """Whether the router was started again on fresh ports: it lost a port picked free to another
         process before binding it (Ray's processes take ports as they start). Not when the ports
-        were given, and at most ROUTER_REBINDS times."""
+        were given, and at most PORT_REBINDS times."""
         if (not failure.startswith("router exited") or "address already in use" not in failure
-                or self.config.port or self.config.http_port or self._router_rebinds >= ROUTER_REBINDS):
+                or self.config.port or self.config.http_port or self._router_rebinds >= PORT_REBINDS):
             return False
         self._router_rebinds += 1
         logger.warning("the router's port was taken before it bound it; starting it on other ports")
         self.port, self.http_port = free_port(), free_port()
         self._start_router()
+        return True
+
+    def _rebind_worker(self, failure: str) -> bool:
+        """Whether a local worker that lost a port picked free to another process before binding it
+        was started again on fresh ports (at most PORT_REBINDS times in all)."""
+        words = failure.split(maxsplit=2)
+        if (len(words) < 2 or words[0] != "worker" or "address already in use" not in failure.lower()
+                or not isinstance(self.workers, LocalWorkers) or words[1] not in self.workers.worker_ids
+                or self._worker_rebinds >= PORT_REBINDS):
+            return False
+        self._worker_rebinds += 1
+        logger.warning("worker %s's port was taken before it bound it; starting it on other ports", words[1])
+        self.workers.rebind(words[1])
         return True
 
     def _probe_tls(self) -> ssl.SSLContext | None:
@@ -417,6 +431,13 @@ class LocalWorkers:
     def proc(self, worker_id: str) -> subprocess.Popen:
         with self._lock:
             return self.procs[self.worker_ids.index(worker_id)]
+
+    def rebind(self, worker_id: str) -> None:
+        """Start `worker_id` again on fresh ports (another process took one before it bound it)."""
+        with self._lock:
+            self._ports[worker_id] = free_port(self.config.host), free_port(self.config.host)
+            self.procs[self.worker_ids.index(worker_id)] = self._spawn(worker_id)
+            self.addresses[worker_id] = f"{self.config.host}:{self._ports[worker_id][0]}"
 
     def start_one(self, worker_id: str) -> subprocess.Popen:
         """(Re)start one worker with its id and ports (after it died); returns its process."""

@@ -179,6 +179,32 @@ def test_a_router_whose_picked_port_was_taken_starts_on_other_ports(tiny_hf_mode
         squatter.close()
 
 
+def test_a_worker_whose_picked_port_was_taken_starts_on_other_ports(tiny_hf_model, monkeypatch) -> None:
+    """As for the router: another process binds the port picked for a worker before the worker does
+    (the CI failure), and the cluster starts that worker again on fresh ports."""
+    import controlplane.cluster as cluster_module
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    cluster = LocalCluster(workers=1, model=str(tiny_hf_model), engine_args=ENGINE_ARGS, insecure=True)
+    picks = iter([taken])
+    real_free_port = cluster_module.free_port
+    monkeypatch.setattr(cluster_module, "free_port", lambda *a: next(picks, None) or real_free_port(*a))
+    try:
+        cluster.start()  # the worker's first gRPC port is the squatter's
+        try:
+            port = int(cluster.workers.addresses["worker-0"].rsplit(":", 1)[1])
+            assert port != taken and cluster._worker_rebinds == 1
+            with urllib.request.urlopen(f"{cluster.http_url}/v1/models", timeout=30) as resp:
+                assert json.load(resp)["data"][0]["id"]
+        finally:
+            cluster.stop()
+    finally:
+        squatter.close()
+
+
 def read_lines(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line)
