@@ -7,6 +7,7 @@ of one prefill and one decode worker.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -150,33 +151,40 @@ def test_startup_failure_names_the_worker_and_cleans_up(tiny_hf_model) -> None:
     assert descendants(os.getpid()) <= before
 
 
+@contextlib.contextmanager
+def squatting(port: int = 0):
+    """A socket listening on 127.0.0.1:`port` (0: a free one) for the block; yields its port."""
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    try:
+        yield squatter.getsockname()[1]
+    finally:
+        squatter.close()
+
+
+def start_and_ask_models(cluster: LocalCluster) -> None:
+    """Start `cluster`, check its router answers /v1/models, stop it."""
+    cluster.start()
+    try:
+        with urllib.request.urlopen(f"{cluster.http_url}/v1/models", timeout=30) as resp:
+            assert json.load(resp)["data"][0]["id"]
+    finally:
+        cluster.stop()
+
+
 def test_a_router_whose_picked_port_was_taken_starts_on_other_ports(tiny_hf_model) -> None:
     """Another process (Ray's, in the wild) binds the port the cluster picked for its router before the
     router does: the cluster starts the router again on fresh ports instead of failing."""
     cluster = LocalCluster(workers=1, model=str(tiny_hf_model), engine_args=ENGINE_ARGS, insecure=True)
     taken = cluster.http_port
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", taken))
-    squatter.listen()
-    try:
-        cluster.start()
-        try:
-            assert cluster.http_port != taken
-            with urllib.request.urlopen(f"{cluster.http_url}/v1/models", timeout=30) as resp:
-                assert json.load(resp)["data"][0]["id"]
-        finally:
-            cluster.stop()
-    finally:
-        squatter.close()
+    with squatting(taken):
+        start_and_ask_models(cluster)
+        assert cluster.http_port != taken
     given = LocalCluster(workers=1, model=str(tiny_hf_model), engine_args=ENGINE_ARGS, insecure=True, http_port=taken)
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", taken))
-    squatter.listen()
-    try:  # a port the user chose is not swapped for another
+    with squatting(taken):  # a port the user chose is not swapped for another
         with pytest.raises(ClusterError, match="address already in use"):
             given.start()
-    finally:
-        squatter.close()
 
 
 def test_a_worker_whose_picked_port_was_taken_starts_on_other_ports(tiny_hf_model, monkeypatch) -> None:
@@ -184,25 +192,22 @@ def test_a_worker_whose_picked_port_was_taken_starts_on_other_ports(tiny_hf_mode
     (the CI failure), and the cluster starts that worker again on fresh ports."""
     import controlplane.cluster as cluster_module
 
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", 0))
-    squatter.listen()
-    taken = squatter.getsockname()[1]
     cluster = LocalCluster(workers=1, model=str(tiny_hf_model), engine_args=ENGINE_ARGS, insecure=True)
-    picks = iter([taken])
-    real_free_port = cluster_module.free_port
-    monkeypatch.setattr(cluster_module, "free_port", lambda *a: next(picks, None) or real_free_port(*a))
-    try:
-        cluster.start()  # the worker's first gRPC port is the squatter's
-        try:
-            port = int(cluster.workers.addresses["worker-0"].rsplit(":", 1)[1])
-            assert port != taken and cluster._worker_rebinds == 1
-            with urllib.request.urlopen(f"{cluster.http_url}/v1/models", timeout=30) as resp:
-                assert json.load(resp)["data"][0]["id"]
-        finally:
-            cluster.stop()
-    finally:
-        squatter.close()
+    ports = []
+    real_rebind = LocalWorkers.rebind
+
+    def rebind(workers, worker_id):  # the worker's ports when it failed, then after the rebind
+        ports.append(workers._ports[worker_id][0])
+        real_rebind(workers, worker_id)
+        ports.append(workers._ports[worker_id][0])
+
+    monkeypatch.setattr(LocalWorkers, "rebind", rebind)
+    with squatting() as taken:
+        picks = iter([taken])
+        real_free_port = cluster_module.free_port
+        monkeypatch.setattr(cluster_module, "free_port", lambda *a: next(picks, None) or real_free_port(*a))
+        start_and_ask_models(cluster)  # the worker's first gRPC port is the squatter's
+    assert cluster._worker_rebinds == 1 and ports[0] == taken and ports[1] != taken
 
 
 def read_lines(stream, lines: queue.Queue) -> None:
