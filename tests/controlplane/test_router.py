@@ -107,8 +107,10 @@ def test_prefix_aware_follows_the_cache_and_spreads_unrelated(cluster):
         assert last.worker_id == holder
         assert last.usage.cached_tokens >= 160
     # Unrelated prompts go first where fewer new tokens were stored lately (the policy's churn term:
-    # the holder stored ~240), then to both.
-    unrelated = [generate(stub, token_prompt(prompt_ids(200 + i, 40), max_tokens=2))[2].worker_id for i in range(8)]
+    # the holder stored ~255), then to both. The other worker passes the holder's churn after ~7 of
+    # these 40-token prompts; the rest leave room for a heartbeat that still shows a finished
+    # request running (one running request weighs as much as ~3 of them).
+    unrelated = [generate(stub, token_prompt(prompt_ids(200 + i, 40), max_tokens=2))[2].worker_id for i in range(16)]
     assert unrelated[0] != holder and set(unrelated) == {"w0", "w1"}
 
 
