@@ -13,7 +13,11 @@ there). Reported, each with its baseline from the same run:
 - `text_ttft_p99_image_burst`: text-only requests at a steady rate while bursts of image requests
   (new images) arrive, the same seeded schedule on two clusters of two worker processes each: 1
   encode + 1 colocated worker (images encoded in the encode pool) against 2 colocated workers (each
-  encodes the images of its own requests). The p99 of the text requests' TTFT.
+  encodes the images of its own requests). The p99 of the text requests' TTFT. With
+  `--long-prefill-token-threshold N` every worker of both clusters caps long prompts at N tokens a
+  step and admits short ones past them (worker/scheduler.py): once a burst's embeddings are in, its
+  image prompts otherwise fill whole steps of the serving worker, and a text prompt arriving then
+  waits for all of them.
 `--quick` runs a few requests of each kind (the test runs it end to end for the structure only).
 """
 from __future__ import annotations
@@ -52,11 +56,13 @@ class EPDBenchConfig:
     dtype: str = "auto"
     dram_cache_gb: float = 0.5
     num_blocks: int = 1024
+    long_prefill_token_threshold: int = 0
+    """Every worker's --long-prefill-token-threshold (0: off, the engine's default)."""
     seed: int = 0
 
     def engine_args(self) -> dict:
         args = {"num_threads": self.threads_per_worker, "dtype": self.dtype, "dram_cache_gb": self.dram_cache_gb,
-                "num_blocks": self.num_blocks}
+                "num_blocks": self.num_blocks, "long_prefill_token_threshold": self.long_prefill_token_threshold}
         return args | ({} if self.model else {"load_format": "dummy"})
 
 
@@ -201,7 +207,7 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="an Idefics3 folder (default: SmolVLM-256M's shape, random weights)")
     p.add_argument("--quick", action="store_true", help="a few requests of each kind (checks the structure)")
     for name in ("reps", "text_requests", "bursts", "burst_images", "max_tokens", "threads_per_worker", "num_blocks",
-                 "seed"):
+                 "long_prefill_token_threshold", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     p.add_argument("--text-interval-s", type=float, default=d.text_interval_s)
     p.add_argument("--dram-cache-gb", type=float, default=d.dram_cache_gb)

@@ -19,6 +19,9 @@ HELP = {
     "max_num_seqs": "cap on running requests",
     "max_num_batched_tokens": "token budget of one engine step (decodes + prefill chunks)",
     "enable_chunked_prefill": "split long prompts across steps (stall-free batching)",
+    "long_prefill_token_threshold": "a prompt with more tokens than this left to compute gets at most this many "
+                                    "a step, and shorter prompts queued behind it go first (0: off)",
+    "max_long_partial_prefills": "long prompts (see --long-prefill-token-threshold) that get a chunk in one step",
     "enable_prefix_caching": "reuse the KV of cached prompt prefixes",
     "max_model_len": "context length (default: the model's)",
     "num_threads": "torch CPU threads (default: all cores; one per core of --cpu-cores when given)",

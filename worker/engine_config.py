@@ -48,6 +48,12 @@ class EngineConfig:
     with 512 (fewer, larger chunks: matrix products and attention run at higher rates), 32 random
     ones 1.06x; a running decode waits longer behind a full chunk (lower it for tighter ITL)."""
     enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0
+    """A prompt with more tokens than this left to compute is long: it gets at most this many tokens
+    a step, and short prompts behind it in the queue are admitted while it waits (worker/scheduler.py;
+    vLLM's flag of that name). 0: off, prompts are admitted first come, first served."""
+    max_long_partial_prefills: int = 1
+    """Long prompts (see long_prefill_token_threshold) that get a prefill chunk in one step."""
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
     """Context length; defaults to the model's."""
@@ -121,6 +127,10 @@ class EngineConfig:
             raise ConfigError(f"max_chunks_per_request must be positive, got {self.max_chunks_per_request}")
         if not self.handoff_ttl_s > 0:
             raise ConfigError(f"handoff_ttl_s must be positive, got {self.handoff_ttl_s}")
+        if self.long_prefill_token_threshold < 0:
+            raise ConfigError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
+        if self.max_long_partial_prefills < 1:
+            raise ConfigError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.cpu_cores is not None:

@@ -10,7 +10,12 @@ long as the first, which is what bounds inter-token latency. A waiting request w
 block a running request is still computing waits for it, unless that request completes the block
 in the step being built: then the block is shared like a cache hit within the step (requests
 arriving together with one prefix compute it once, `_blocks_being_computed`, and fill the first
-step rather than wait a step for it). When blocks run out, the most recently
+step rather than wait a step for it). With `long_prefill_token_threshold` T (vLLM's flag of that
+name, with its partial prefills), a prompt with more than T tokens left to compute is long: it gets
+at most T tokens a step, at most `max_long_partial_prefills` long prompts get a chunk in one step,
+and a waiting long prompt beyond that keeps its place at the head of the queue while the short ones
+behind it are admitted. A short prompt arriving behind long ones (a chat turn behind image or
+document prompts) then waits for one short step, not for all of theirs. When blocks run out, the most recently
 admitted running request is preempted by recompute (its blocks freed, its progress reset; the
 prefix cache usually gives most of it back when it resumes).
 
@@ -55,12 +60,21 @@ class SchedulerConfig:
     num_layers: int = 0
     """The model's layers, to charge a partial pass (a blend's scoring pass) for the layers it runs
     (0: charge full tokens)."""
+    long_prefill_token_threshold: int = 0
+    """A prompt with more tokens than this left to compute is long: at most this many of its tokens
+    a step (0: no prompt is long)."""
+    max_long_partial_prefills: int = 1
+    """Long prompts that get a prefill chunk in one step (with a threshold)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
             raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens <= 0:
             raise ConfigError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.long_prefill_token_threshold < 0:
+            raise ConfigError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
+        if self.max_long_partial_prefills < 1:
+            raise ConfigError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
         if not self.enable_chunked_prefill:
             # Without chunking a whole prompt must fit in one step.
             self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
@@ -73,6 +87,8 @@ class _Batch:
         self.budget = self.full_budget = budget
         self.items: list[tuple[Request, int, BlendPiece | None]] = []
         self.preempted: list[str] = []
+        self.num_long = 0
+        """Long prompts (see long_prefill_token_threshold) with a chunk in this step."""
 
     def add(self, req: Request, num_tokens: int, cost: int, piece: BlendPiece | None = None) -> None:
         self.items.append((req, num_tokens, piece))
@@ -136,7 +152,10 @@ class Scheduler:
                     if cost <= batch.budget or not batch.items:
                         batch.add(req, len(piece.positions), cost, piece)
                 continue
-            num_new, cost = self._chunk(req.num_computed_tokens, req.num_tokens - req.num_computed_tokens, batch.budget)
+            num_left = self._long_cap(req.num_tokens - req.num_computed_tokens, batch)
+            if num_left == 0:
+                continue
+            num_new, cost = self._chunk(req.num_computed_tokens, num_left, batch.budget)
             if num_new == 0:
                 continue
             while not self.block_manager.allocate_slots(req.req_id, req.num_computed_tokens + num_new):
@@ -156,6 +175,7 @@ class Scheduler:
                 if piece is None:
                     in_step.update(self._blocks_computed_in_step(r, r.num_computed_tokens, n))
         deferred: list[Request] = []
+        skipped: list[Request] = []
         while self.waiting and batch.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit_tokens = bm.get_computed_blocks(req.req_id, req.all_token_ids, req.cache_extra,
@@ -183,6 +203,12 @@ class Scheduler:
             num_new = req.num_tokens - num_cached
             if num_new > batch.budget and not self.config.enable_chunked_prefill and plan is None:
                 break
+            if plan is None and not num_ext:
+                num_left = self._long_cap(num_new, batch)
+                if num_left == 0:  # long, and the step has its long prompts: the shorter ones first
+                    skipped.append(self.waiting.popleft())
+                    continue
+                num_new = num_left
             num_new, cost = self._chunk(num_cached, num_new, batch.budget)
             if num_new == 0:
                 break
@@ -205,6 +231,7 @@ class Scheduler:
                 computing.update(self._prompt_hashes(req)[num_cached // bm.block_size:])
                 in_step.update(self._blocks_computed_in_step(req, num_cached, num_new))
         self.waiting.extendleft(reversed(deferred))
+        self.waiting.extendleft(reversed(skipped))  # they keep their places at the head
 
     def _prompt_hashes(self, req: Request) -> list:
         """Hashes of the request's full prompt blocks."""
@@ -241,6 +268,18 @@ class Scheduler:
         if piece.score_layer is None or not layers:
             return n
         return math.ceil(n * (piece.score_layer + 1) / layers)
+
+    def _long_cap(self, num_left: int, batch: _Batch) -> int:
+        """The tokens a prompt with `num_left` to compute may take this step: all of them when it is
+        short, `long_prefill_token_threshold` when it is long and the step has room for another long
+        prompt (then counted in the step), else 0."""
+        threshold = self.config.long_prefill_token_threshold
+        if not threshold or num_left <= threshold or not self.config.enable_chunked_prefill:
+            return num_left
+        if batch.num_long >= self.config.max_long_partial_prefills:
+            return 0
+        batch.num_long += 1
+        return threshold
 
     def _chunk(self, start: int, num_left: int, budget: int) -> tuple[int, int]:
         """Tokens to compute from `start` within `budget`, and the budget they use."""

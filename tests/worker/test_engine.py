@@ -90,6 +90,22 @@ def test_chunked_prefill_mixed_with_decodes(engine_case) -> None:
         assert first_step[out.req_id] - added + 1 >= math.ceil(len(prompt) / 8)
 
 
+def test_short_prompts_overtake_long_ones_with_the_same_tokens(engine_case) -> None:
+    """With a long-prefill threshold the long prompts prefill 8 tokens a step, one at a time, and
+    the short ones that arrive behind them get their first token first; every output is still the
+    reference's."""
+    engine = engine_case(max_num_batched_tokens=64, long_prefill_token_threshold=8)
+    prompts = random_prompts([30, 41, 5, 3], engine.args.vocab_size, seed=12)
+    arrivals = [(0, prompts[0], greedy(4)), (0, prompts[1], greedy(4)), (0, prompts[2], greedy(6)),
+                (1, prompts[3], greedy(6))]
+    outs, _, first_step = serve(engine, arrivals)
+    for (_, prompt, params), out in zip(arrivals, outs):
+        assert_matches_reference(engine, prompt, out, params.max_tokens)
+    steps = [first_step[o.req_id] for o in outs]
+    assert steps[2] == 0 and steps[3] == 1  # the short ones at once
+    assert steps[0] == 3 and steps[1] == 3 + 5  # 30 = 8+8+8+6; 41 starts when 6 are left of the first
+
+
 def test_preemption_when_blocks_run_out(engine_case) -> None:
     probe = engine_case()
     block_size = probe.config.block_size

@@ -173,6 +173,40 @@ def test_chunked_prefill_splits_a_long_prompt_across_steps(make_request) -> None
     assert sched.block_manager.num_free_blocks == 64
 
 
+def test_long_prompts_take_threshold_chunks_and_short_ones_overtake_them(make_request) -> None:
+    """With long_prefill_token_threshold 8 and one long partial prefill a step: the first long prompt
+    gets 8 tokens a step, the second long one waits at the head of the queue while the short prompts
+    that arrived after both are admitted in full, and every request still gets its own tokens."""
+    sched = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=8)
+    img_a, img_b = make_request("a", prompt(20), max_tokens=2), make_request("b", prompt(18, 100), max_tokens=2)
+    text = make_request("t", prompt(6, 200), max_tokens=2)
+    for r in (img_a, img_b, text):
+        sched.add_request(r)
+    assert summary(step(sched)) == [("a", 0, 8, False), ("t", 0, 6, True)]
+    assert [r.req_id for r in sched.waiting] == ["b"]
+    later = make_request("u", prompt(5, 300), max_tokens=1)
+    sched.add_request(later)
+    # a's 12 left are still long; u (short) is admitted past b; t decodes first.
+    assert summary(step(sched)) == [("t", 6, 1, True), ("a", 8, 8, False), ("u", 0, 5, True)]
+    # a's last 4 are short: b, long, gets its first 8 in the same step.
+    assert summary(step(sched)) == [("a", 16, 4, True), ("b", 0, 8, False)]
+    run_to_completion(sched)
+    for r, p in ((img_a, prompt(20)), (img_b, prompt(18, 100)), (text, prompt(6, 200)), (later, prompt(5, 300))):
+        assert r.output_token_ids == fake_greedy(p, r.params.max_tokens)
+
+
+def test_max_long_partial_prefills_lets_several_long_prompts_share_a_step(make_request) -> None:
+    sched = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=8, max_long_partial_prefills=2)
+    for i in range(3):
+        sched.add_request(make_request(f"l{i}", prompt(30, 100 * i), max_tokens=1))
+    assert summary(step(sched)) == [("l0", 0, 8, False), ("l1", 0, 8, False)]
+    assert summary(step(sched)) == [("l0", 8, 8, False), ("l1", 8, 8, False)]
+    with pytest.raises(ConfigError, match="long_prefill_token_threshold"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
+    with pytest.raises(ConfigError, match="max_long_partial_prefills"):
+        SchedulerConfig(max_long_partial_prefills=0)
+
+
 def test_without_chunking_a_prompt_is_scheduled_whole(make_request) -> None:
     sched = make_scheduler(max_num_batched_tokens=8, enable_chunked_prefill=False, max_model_len=64)
     a, b = make_request("a", prompt(20), max_tokens=3), make_request("b", prompt(50, 40), max_tokens=2)
