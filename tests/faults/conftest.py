@@ -15,7 +15,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -58,16 +58,19 @@ def count(records: list[RequestRecord]) -> LoadCounts:
     return LoadCounts(len(records), len(ok), len(failed), len(hung), Counter(r.error for r in failed), records)
 
 
-def drive(cluster: LocalCluster, *, fault: Callable[[], None] | None = None, backend: str = "grpc",
-          duration: float = 10.0, request_rate: float = 8.0, max_concurrency: int = 16, input_len: int = 48,
-          output_len: int = 8, request_timeout: float = 30.0, seed: int = 0) -> LoadCounts:
+def drive(cluster: LocalCluster, *, backend: str = "grpc", **load) -> LoadCounts:
+    """`drive_each` through one backend."""
+    return drive_each(cluster, (backend,), **load)[backend]
+
+
+def drive_each(cluster: LocalCluster, backends: Sequence[str], *, fault: Callable[[], None] | None = None,
+               duration: float = 10.0, request_rate: float = 8.0, max_concurrency: int = 16, input_len: int = 48,
+               output_len: int = 8, request_timeout: float = 30.0, seed: int = 0) -> dict[str, LoadCounts]:
     """Send a random workload for `duration` seconds (Poisson at `request_rate`; math.inf: a closed
-    loop of `max_concurrency` users) while `fault()` runs in a thread; wait for the fault and every
-    request; return the counts. A request gets `request_timeout` seconds: past that it counts as hung."""
-    url = cluster.grpc_target if backend == "grpc" else cluster.http_url
-    workload = RandomWorkload(input_len=input_len, output_len=output_len, token_range=TOKEN_RANGE, seed=seed)
-    config = RunConfig(request_rate=request_rate, max_concurrency=max_concurrency, num_requests=None,
-                       duration=duration, seed=seed, progress=False)
+    loop of `max_concurrency` users), split evenly over `backends` ("grpc", "openai") sending at the
+    same time, while `fault()` runs in a thread; wait for the fault and every request; return each
+    backend's counts. A request gets `request_timeout` seconds: past that it counts as hung."""
+    n = len(backends)
     errors: list[BaseException] = []
 
     def run_fault() -> None:
@@ -76,7 +79,11 @@ def drive(cluster: LocalCluster, *, fault: Callable[[], None] | None = None, bac
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(e)
 
-    async def main() -> list[RequestRecord]:
+    async def send(i: int, backend: str) -> list[RequestRecord]:
+        url = cluster.grpc_target if backend == "grpc" else cluster.http_url
+        workload = RandomWorkload(input_len=input_len, output_len=output_len, token_range=TOKEN_RANGE, seed=seed + i)
+        config = RunConfig(request_rate=request_rate / n, max_concurrency=max(1, max_concurrency // n),
+                           num_requests=None, duration=duration, seed=seed + i, progress=False)
         client = make_backend(backend, url, options=SendOptions(request_timeout=request_timeout))
         try:
             await client.connect()
@@ -84,6 +91,9 @@ def drive(cluster: LocalCluster, *, fault: Callable[[], None] | None = None, bac
         finally:
             await client.close()
         return result.records
+
+    async def main() -> list[list[RequestRecord]]:
+        return await asyncio.gather(*(send(i, b) for i, b in enumerate(backends)))
 
     thread = threading.Thread(target=run_fault, name="fault") if fault is not None else None
     if thread is not None:
@@ -95,7 +105,7 @@ def drive(cluster: LocalCluster, *, fault: Callable[[], None] | None = None, bac
             thread.join(120)
     if errors:
         raise errors[0]
-    return count(records)
+    return {b: count(r) for b, r in zip(backends, records)}
 
 
 def wait_until(what: str, condition: Callable[[], bool], timeout: float, step: float = 0.05) -> float:
