@@ -11,15 +11,16 @@ import pytest
 
 from benchmarks.rag import DEFAULT_DATASET, Question, build_standalone, kl_and_agreement, serve
 
-QUESTIONS = (50, 51)
-"""Questions the defaults were not chosen on."""
+QUESTIONS = (50,)
+"""A question the defaults were not chosen on (one: each costs ~20 s of the suite on a 2-core CPU)."""
 DOCS = 3
 ANSWER_TOKENS = 16
 MIN_AGREEMENT = 0.85
 MAX_KL = 0.08
-"""Bounds for these questions with all 3 passages reused (measured on AMD EPYC, bf16: agreement 0.91,
-KL 0.063-0.066; reusing the caches uncorrected and without recomputation: agreement 0.84, KL 0.096,
-which fails them)."""
+"""Bounds with all 3 passages reused. Measured: questions 50 and 51 together on AMD EPYC, bf16:
+agreement 0.91, KL 0.063-0.066, and reusing the caches uncorrected and without recomputation 0.84
+and 0.096, which fails them. Question 50 alone on AMD EPYC Zen 3, fp32: 0.94 and 0.027, uncorrected
+0.81 and 0.072 (question 51: 0.94 / 0.057 against 0.94 / 0.062; 52: 0.94 / 0.013 against 0.94 / 0.063)."""
 
 
 @pytest.mark.slow
