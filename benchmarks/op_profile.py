@@ -17,8 +17,8 @@ from __future__ import annotations
 import random
 import time
 
-PANEL_LINEAR = "kvweave::bf16_linear"
-"""A linear layer in the compiled kernels' panels; its range is named with the layer's (out, in)
+PANEL_LINEARS = ("kvweave::bf16_linear", "kvweave::f32_linear")
+"""Linear layers in the compiled kernels' panels; a range is named with the layer's (out, in)
 features (worker.kernels.profiled_kernels)."""
 LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm")
 CATEGORIES = {
@@ -90,8 +90,8 @@ def decode_op_profile(eng, batch: int, prompt_len: int, steps: int = 5, seed: in
         if e.name in LINEAR_OPS:  # the layer's whole time (a plain linear's matmul is a child op)
             shape = tuple(e.input_shapes[1]) if len(e.input_shapes) > 1 else ()
             cat, t = names.get(shape, "linear_other"), e.cpu_time_total
-        elif e.name.startswith(PANEL_LINEAR):  # kvweave::bf16_linear(out, in)
-            shape = tuple(int(v) for v in e.name[len(PANEL_LINEAR):].strip("()").split(","))
+        elif e.name.startswith(PANEL_LINEARS):  # kvweave::bf16_linear(out, in)
+            shape = tuple(int(v) for v in e.name.split("(", 1)[1].strip("()").split(","))
             cat, t = names.get(shape, "linear_other"), e.cpu_time_total
         else:
             cat, t = CATEGORIES.get(e.name, "other_ops"), e.self_cpu_time_total

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp", "decode_forward.cpp",
-                                               "bf16_gemm.cpp", "prefill_attention.cpp")]
+                                               "bf16_gemm.cpp", "f32_gemm.cpp", "prefill_attention.cpp")]
 _CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 """-fopenmp: at::parallel_for runs serially in code built without it. The extension links
 libgomp.so.1, the soname torch already loaded, so the kernels share torch's OpenMP threads."""
@@ -65,7 +65,7 @@ class _Profiled:
 
         def call(*args, **kwargs):
             label = f"kvweave::{name}"
-            if name == "bf16_linear":  # the layer's (out, in) features, as a linear op's shapes tell them
+            if name in ("bf16_linear", "f32_linear"):  # (out, in) features, as a linear op's shapes tell them
                 label += f"({args[3]}, {args[0].shape[-1]})"
             with torch.profiler.record_function(label):
                 return fn(*args, **kwargs)

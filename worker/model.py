@@ -10,8 +10,10 @@ On the CPU in bfloat16, every linear layer's weight is packed once at load time 
 into the compiled kernels' panels where they are built with AVX512-BF16 (worker/csrc/bf16_gemm.cpp:
 1.1-2.5x oneDNN's time at the 1-64 rows of decode steps, the same at prefill sizes), else into
 oneDNN's blocked layout (torch's plain `linear` reorders the weight on every call, which made the
-matmuls of a decode step 1.4x to 2.4x slower). `KVWEAVE_PACKED_LINEAR=0` turns packing off,
-`KVWEAVE_PACKED_LINEAR=onednn` keeps oneDNN's layout.
+matmuls of a decode step 1.4x to 2.4x slower). In float32 (CPUs without bf16 instructions) they are
+packed into the kernels' fp32 panels where built with AVX2 and FMA (worker/csrc/f32_gemm.cpp).
+`KVWEAVE_PACKED_LINEAR=0` turns packing off, `KVWEAVE_PACKED_LINEAR=onednn` keeps oneDNN's layout
+(bfloat16) or the plain weights (float32).
 
 A forward whose every token decodes over the paged cache runs all its layers in one compiled call
 where the backend offers it (`fused_decode`: the same ops in the same order, without Python's
@@ -127,11 +129,14 @@ def rope_cos_sin(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Ten
 
 
 class PackedLinear(nn.Module):
-    """A bias-optional linear layer whose weight is held packed (CPU bfloat16): in the compiled
-    kernels' panels (`PANELS`) or oneDNN's blocked layout (`ONEDNN`)."""
+    """A bias-optional linear layer whose weight is held packed: in the compiled kernels' bf16
+    panels (`PANELS`) or oneDNN's blocked layout (`ONEDNN`) in bfloat16, in the kernels' fp32 panels
+    (`F32_PANELS`) in float32."""
 
-    ONEDNN, PANELS = 1, 2
+    ONEDNN, PANELS, F32_PANELS = 1, 2, 3
     """Layouts, numbered as the fused decode kernel takes them (0 there: plain weights)."""
+    PANEL_WIDTH = {PANELS: 32, F32_PANELS: 16}
+    """Output features per panel: a decoder layer's outputs must fill whole panels (`pack_linears`)."""
     PACK_BATCH = 16
     """The batch size oneDNN's layout is chosen for (it serves every batch size; decode batches are small)."""
 
@@ -141,6 +146,8 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach()
         if layout == self.PANELS:
             self.packed = cpu_kernels().pack_bf16_weight(weight)
+        elif layout == self.F32_PANELS:
+            self.packed = cpu_kernels().pack_f32_weight(weight)
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_BATCH)
         self.bias = linear.bias
@@ -150,6 +157,8 @@ class PackedLinear(nn.Module):
         # the kernels are looked up per call: a profiler's wrapper may stand in (profiled_kernels)
         if self.layout == self.PANELS:
             return cpu_kernels().bf16_linear(x, self.packed, self._bias(), self.out_features)
+        if self.layout == self.F32_PANELS:
+            return cpu_kernels().f32_linear(x, self.packed, self._bias(), self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def forward_float(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,10 +173,16 @@ class PackedLinear(nn.Module):
 
 def linear_layout(device: torch.device, dtype: torch.dtype) -> int:
     """How the linear layers of this device and dtype are held: 0 plain, else a `PackedLinear`
-    layout (CPU bfloat16: the kernels' panels where built with AVX512-BF16, else oneDNN's)."""
+    layout (CPU bfloat16: the kernels' panels where built with AVX512-BF16, else oneDNN's; CPU float32:
+    the kernels' fp32 panels where built with AVX2 and FMA)."""
     mode = os.environ.get("KVWEAVE_PACKED_LINEAR", "1")
-    if (device.type != "cpu" or dtype != torch.bfloat16 or mode == "0" or not torch.backends.mkldnn.is_available()
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if device.type != "cpu" or mode == "0":
+        return 0
+    if dtype == torch.float32:
+        kernels = cpu_kernels() if mode != "onednn" else None
+        return PackedLinear.F32_PANELS if kernels is not None and kernels.f32_gemm_available() else 0
+    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() \
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return 0
     kernels = cpu_kernels() if mode != "onednn" else None
     return PackedLinear.PANELS if kernels is not None and kernels.bf16_gemm_available() else PackedLinear.ONEDNN
@@ -327,11 +342,15 @@ class Transformer(nn.Module):
     def pack_linears(self, layout: int) -> None:
         """Replace every linear layer by a PackedLinear in `layout` (its plain weight is freed unless
         shared, as a tied vocabulary projection shares the embedding's). The fused decode kernel
-        takes the panels' output size from their count, so a decoder layer whose output size is not
-        a multiple of 32 keeps oneDNN's layout, every layer then."""
-        if layout == PackedLinear.PANELS and any(m.out_features % 32 for layer in self.layers for m in layer.modules()
-                                                 if type(m) is nn.Linear):
-            layout = PackedLinear.ONEDNN
+        takes the panels' output size from their count, so where a decoder layer's output size is not
+        a multiple of the panel width, every layer keeps oneDNN's layout (bfloat16) or its plain
+        weight (float32)."""
+        width = PackedLinear.PANEL_WIDTH.get(layout)
+        if width and any(m.out_features % width for layer in self.layers for m in layer.modules()
+                         if type(m) is nn.Linear):
+            layout = PackedLinear.ONEDNN if layout == PackedLinear.PANELS else 0
+        if not layout:
+            return
         for parent in self.modules():
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:

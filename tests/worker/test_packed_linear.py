@@ -1,7 +1,7 @@
 """Linear layers packed at load time (CPU, bfloat16): oneDNN's blocked layout computes exactly what
 torch's plain `linear` computes; the compiled kernels' panels (AVX512-BF16) compute the fp32 sum
 of the bf16 products, rounded once, for every batch size and shape; a whole model's logits stay
-as accurate as torch's bf16 path; float32 is left alone."""
+as accurate as torch's bf16 path. (float32's panels: test_f32_panels.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -85,11 +85,12 @@ def _logit_error(model: Transformer, ids: torch.Tensor, ref: torch.Tensor) -> fl
 def test_a_bf16_model_is_packed_and_its_logits_stay_as_accurate(tiny_hf_model, monkeypatch):
     ckpt = load_checkpoint(str(tiny_hf_model))
     ids = torch.tensor([(i * 37) % 200 + 3 for i in range(40)])
-    fp32 = Transformer(ckpt.args, torch.float32)
+    monkeypatch.setenv("KVWEAVE_PACKED_LINEAR", "0")
+    fp32 = Transformer(ckpt.args, torch.float32)  # the reference: torch's fp32 linear
     fp32.load_weights(ckpt.weights)
-    assert not any(type(m) is PackedLinear for m in fp32.modules())  # fp32 keeps torch's linear
     with torch.inference_mode():
         ref = fp32.forward_reference(ids)
+    monkeypatch.delenv("KVWEAVE_PACKED_LINEAR")
 
     packed = Transformer(ckpt.args, torch.bfloat16)
     packed.load_weights(ckpt.weights)

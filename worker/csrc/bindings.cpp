@@ -17,6 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_bf16_weight", &pack_bf16_weight, "a [N, K] bf16 weight in bf16_linear's panels", nogil());
   m.def("bf16_linear", &bf16_linear, "x @ W.T + bias with a pack_bf16_weight weight", nogil(), py::arg("x"),
         py::arg("packed"), py::arg("bias"), py::arg("out_features"), py::arg("out_fp32") = false);
+  m.def("f32_gemm_available", &f32_gemm_available, "whether f32_linear is built (AVX2 and FMA)");
+  m.def("pack_f32_weight", &pack_f32_weight, "a [N, K] float32 weight in f32_linear's panels", nogil());
+  m.def("f32_linear", &f32_linear, "x @ W.T + bias with a pack_f32_weight weight", nogil(), py::arg("x"),
+        py::arg("packed"), py::arg("bias"), py::arg("out_features"));
   m.def("prefill_attention_applies", &prefill_attention_applies, "whether prefill_attention takes these queries");
   m.def("prefill_attention", &prefill_attention, "causal prefill attention over cached keys (AVX512-BF16)", nogil(),
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("key_slots"), py::arg("positions"),

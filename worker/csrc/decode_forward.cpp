@@ -26,7 +26,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w, cons
                  c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
-enum LinearLayout : int64_t { kPlain = 0, kOneDnn = 1, kPanels = 2 };  // PackedLinear's numbering
+enum LinearLayout : int64_t { kPlain = 0, kOneDnn = 1, kPanels = 2, kF32Panels = 3 };  // PackedLinear's numbering
 
 }  // namespace
 
@@ -34,8 +34,8 @@ enum LinearLayout : int64_t { kPlain = 0, kOneDnn = 1, kPanels = 2 };  // Packed
 // qkv bias (an empty tensor when none), output projection, post-attention norm, gate/up weight, down
 // weight; then the final norm. cos/sin [B, hd/2] float32 at the tokens' positions. kv_cache
 // [2, n_layers, n_kv_heads, slots, hd]. linear_layout: how the linear weights are held (plain,
-// oneDNN-packed, or panels whose count times 32 is the output size). Returns the final normed hidden
-// states [B, dim].
+// oneDNN-packed, or panels whose count times their width, 32 in bf16 and 16 in fp32, is the output
+// size). Returns the final normed hidden states [B, dim].
 torch::Tensor decode_forward(torch::Tensor x, const std::vector<torch::Tensor>& weights, int64_t linear_layout,
                              torch::Tensor cos, torch::Tensor sin, torch::Tensor kv_cache,
                              torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor context_lens,
@@ -47,9 +47,10 @@ torch::Tensor decode_forward(torch::Tensor x, const std::vector<torch::Tensor>& 
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be contiguous [B, dim]");
   const int64_t B = x.size(0), dim = x.size(1), hd = kv_cache.size(4);
   const int64_t q_size = n_heads * hd, kv_size = n_kv_heads * hd;
-  TORCH_CHECK(linear_layout >= kPlain && linear_layout <= kPanels, "unknown linear_layout ", linear_layout);
+  TORCH_CHECK(linear_layout >= kPlain && linear_layout <= kF32Panels, "unknown linear_layout ", linear_layout);
   auto linear = [linear_layout](const torch::Tensor& in, const torch::Tensor& w, const torch::Tensor& b) {
     if (linear_layout == kPanels) return bf16_linear(in, w, b, w.size(0) * w.size(2), false);
+    if (linear_layout == kF32Panels) return f32_linear(in, w, b, w.size(0) * w.size(2));
     return linear_layout == kOneDnn ? packed_linear(in, w, b) : at::linear(in, w, bias(b));
   };
   const torch::Tensor none = torch::empty({0}, x.options());

@@ -27,6 +27,9 @@ bool bf16_gemm_available();
 torch::Tensor pack_bf16_weight(torch::Tensor weight);
 torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias, int64_t out_features,
                           bool out_fp32);
+bool f32_gemm_available();
+torch::Tensor pack_f32_weight(torch::Tensor weight);
+torch::Tensor f32_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias, int64_t out_features);
 bool prefill_attention_applies(const torch::Tensor& q, int64_t head_dim);
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor key_slots,
                                 torch::Tensor positions, int64_t start_pos, double scale);
