@@ -27,6 +27,26 @@ _DB = itertools.count(1)  # each cluster gets its own Redis database
 LEASE_S = 1.0
 
 
+def pin_kv_costs(server: RouterServer, monkeypatch, costs) -> None:
+    """From now on every registry refresh of `server`'s pool gives each worker `costs(worker_id)`
+    (ms per token by source, as a worker measures them), whatever the workers publish: the tiny test
+    model recomputes so fast that its measured costs would not be a real model's. Returns once a
+    patched refresh has run (a refresh already in flight would still put the published costs back;
+    refreshes run one after another, so every later one is the patched one)."""
+    pool = server.router.pool
+    real_refresh = pool.refresh
+    ran = threading.Event()
+
+    async def refresh():
+        await real_refresh()
+        for w in pool.workers.values():
+            w.info.kv_costs_ms = {**(w.info.kv_costs_ms or {}), **costs(w.worker_id)}
+        ran.set()
+
+    monkeypatch.setattr(pool, "refresh", refresh)
+    assert ran.wait(timeout=10 * server.router.config.refresh_s + 5), "no registry refresh ran"
+
+
 class InProcessCluster:
     def __init__(self, redis_base_url: str, model: Path, num_workers: int = 2, lease_s: float = LEASE_S,
                  **engine_config) -> None:

@@ -136,6 +136,9 @@ class PackedLinear(nn.Module):
     ONEDNN, PANELS, F32_PANELS = 1, 2, 3
     """Layouts, numbered as the fused decode kernel takes them (0 there: plain weights)."""
     PANEL_WIDTH = {PANELS: 32, F32_PANELS: 16}
+    F32_MIN_DIM = 256
+    """Models narrower than this keep torch's fp32 linear: their matrices are so small that a call's
+    fixed cost outweighs the weight stream (the test suite's tiny models ran slower in panels)."""
     """Output features per panel: a decoder layer's outputs must fill whole panels (`pack_linears`)."""
     PACK_BATCH = 16
     """The batch size oneDNN's layout is chosen for (it serves every batch size; decode batches are small)."""
@@ -336,6 +339,8 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
         self._decode_weights = None
         layout = linear_layout(device, self.dtype)
+        if layout == PackedLinear.F32_PANELS and self.args.dim < PackedLinear.F32_MIN_DIM:
+            layout = 0
         if layout:
             self.pack_linears(layout)
 

@@ -13,7 +13,7 @@ import pytest
 
 from controlplane.router_types import GenerateInput
 from kvweave.sampling_params import SamplingParams
-from tests.inprocess_cluster import InProcessCluster
+from tests.inprocess_cluster import InProcessCluster, pin_kv_costs
 
 BS = 16
 ENGINE = {"dtype": "float32", "num_blocks": 256, "block_size": BS, "num_threads": 1, "max_num_batched_tokens": 64}
@@ -135,25 +135,9 @@ def test_short_uncached_prompts_stay_on_the_decode_worker(pd, reference):
 def test_handoff_slower_than_recompute_stays_on_the_decode_worker(pd, reference, monkeypatch):
     router = pd.routers[0].router
     margin, router.config.disagg.handoff_margin = router.config.disagg.handoff_margin, 1.0
-    pool = router.pool
-
-    def slow_network():  # as measured by a worker on a slow network
-        d0 = next(w for w in pool.workers.values() if w.worker_id == "d0")
-        d0.info.kv_costs_ms = {**(d0.info.kv_costs_ms or {}), "peer": 1.0, "recompute": 0.5}
-
-    real_refresh = pool.refresh
-    patched_refresh_ran = threading.Event()
-
-    async def refresh():  # a registry refresh replaces the worker's info: the costs it reports stay slow
-        await real_refresh()
-        slow_network()
-        patched_refresh_ran.set()
-
-    monkeypatch.setattr(pool, "refresh", refresh)
     try:
-        # A refresh already in flight when the patch lands would still put the fast costs back: once
-        # this one has run, every later refresh (they run one after another) is the patched one.
-        assert patched_refresh_ran.wait(timeout=10 * router.config.refresh_s + 5)
+        # d0 on a slow network, as it would measure it
+        pin_kv_costs(pd.routers[0], monkeypatch, lambda w: {"peer": 1.0, "recompute": 0.5} if w == "d0" else {})
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
         prompt = _prompt(90, 77)
         tokens, last = _generate(pd, prompt, params)
@@ -212,7 +196,6 @@ def test_decode_worker_failure_before_its_first_token_is_retried_with_the_handof
 def test_decode_worker_pulls_blocks_while_the_prefill_runs(make_pd, reference):
     """The prefill engine pauses (between steps, still answering KV fetches) once 4 blocks are computed,
     until the decode worker has pulled them: the early handle made it pull during the prefill."""
-    import threading
 
     c, p0, (d0,) = make_pd(prefill={"max_num_batched_tokens": 32})
     engine, paused, resume = p0.engine.engine, threading.Event(), threading.Event()

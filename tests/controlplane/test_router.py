@@ -15,6 +15,7 @@ from kvstore.index import KVIndex
 from kvstore.keys import encode_extra_keys, hash_blocks
 from kvweave.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from kvweave.sampling_params import SamplingParams
+from tests.inprocess_cluster import pin_kv_costs
 
 MODEL = "tiny-gqa"
 
@@ -114,10 +115,12 @@ def test_prefix_aware_follows_the_cache_and_spreads_unrelated(cluster):
     assert unrelated[0] != holder and set(unrelated) == {"w0", "w1"}
 
 
-def test_hot_prefix_spreads_to_the_peer_that_fetches_it(cluster):
-    # A prefix a peer holds costs the other worker a fetch, nearly nothing next to a recompute, so
-    # the traffic term sends it some of a hot prefix's requests: it fetches the blocks, not recompute them.
+def test_hot_prefix_spreads_to_the_peer_that_fetches_it(cluster, monkeypatch):
+    # A prefix a peer holds costs the other worker a fetch, nearly nothing next to a recompute (a
+    # real model's costs: the tiny one recomputes about as fast as it fetches), so the traffic term
+    # sends it some of a hot prefix's requests: it fetches the blocks, not recompute them.
     router = cluster.add_router("prefix_aware")
+    pin_kv_costs(router, monkeypatch, lambda w: {"peer": 0.03, "recompute": 1.0})
     stub = stub_for(router)
     prefix = prompt_ids(3, 160)  # 10 full blocks
     holder = generate(stub, token_prompt(prefix + [7, 8, 9], max_tokens=1))[2].worker_id

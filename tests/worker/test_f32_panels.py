@@ -66,9 +66,11 @@ def test_panels_take_strided_and_batched_inputs_and_refuse_mismatched_ones():
 def test_a_float32_model_is_packed_and_computes_what_the_plain_one_does(tiny_hf_model, monkeypatch):
     ckpt = load_checkpoint(str(tiny_hf_model))
     ids = torch.tensor([(i * 37) % 200 + 3 for i in range(40)])
+    assert linear_layout(torch.device("cpu"), torch.float32) == PackedLinear.F32_PANELS
     packed = Transformer(ckpt.args, torch.float32)
     packed.load_weights(ckpt.weights)
-    assert linear_layout(torch.device("cpu"), torch.float32) == PackedLinear.F32_PANELS
+    assert ckpt.args.dim < PackedLinear.F32_MIN_DIM and packed.linear_layout == 0  # too narrow to pay
+    packed.pack_linears(PackedLinear.F32_PANELS)
     assert packed.linear_layout == PackedLinear.F32_PANELS
     assert all(type(m) is not nn.Linear for m in packed.modules())
     assert sum(type(m) is PackedLinear for m in packed.modules()) == 4 * ckpt.args.n_layers + 1
