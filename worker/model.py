@@ -128,6 +128,12 @@ def rope_cos_sin(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Ten
     return (freqs.cos() * scale).float(), (freqs.sin() * scale).float()
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding table left uninitialized, for the checkpoint's weights to replace: its random init
+    (`normal_`) under a meta-device build imports torch._dynamo, ~1.7 s of every worker's start."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class PackedLinear(nn.Module):
     """A bias-optional linear layer whose weight is held packed: in the compiled kernels' bf16
     panels (`PANELS`) or oneDNN's blocked layout (`ONEDNN`) in bfloat16, in the kernels' fp32 panels
@@ -136,10 +142,10 @@ class PackedLinear(nn.Module):
     ONEDNN, PANELS, F32_PANELS = 1, 2, 3
     """Layouts, numbered as the fused decode kernel takes them (0 there: plain weights)."""
     PANEL_WIDTH = {PANELS: 32, F32_PANELS: 16}
+    """Output features per panel: a decoder layer's outputs must fill whole panels (`pack_linears`)."""
     F32_MIN_DIM = 256
     """Models narrower than this keep torch's fp32 linear: their matrices are so small that a call's
     fixed cost outweighs the weight stream (the test suite's tiny models ran slower in panels)."""
-    """Output features per panel: a decoder layer's outputs must fill whole panels (`pack_linears`)."""
     PACK_BATCH = 16
     """The batch size oneDNN's layout is chosen for (it serves every batch size; decode batches are small)."""
 
@@ -154,24 +160,30 @@ class PackedLinear(nn.Module):
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_BATCH)
         self.bias = linear.bias
-        self._no_bias = torch.empty(0, dtype=weight.dtype)
+        self.kernel_bias = torch.empty(0, dtype=weight.dtype)
+        """The bias as the kernel takes it (empty: none); the panels' kernels take it in float32,
+        padded to whole panels, here once rather than on every call."""
+        if self.bias is not None:
+            self.kernel_bias = self.bias.detach()
+            if layout in self.PANEL_WIDTH:
+                width = self.PANEL_WIDTH[layout]
+                padded = -(-self.out_features // width) * width
+                self.kernel_bias = torch.zeros(padded, dtype=torch.float32)
+                self.kernel_bias[: self.out_features] = self.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the kernels are looked up per call: a profiler's wrapper may stand in (profiled_kernels)
         if self.layout == self.PANELS:
-            return cpu_kernels().bf16_linear(x, self.packed, self._bias(), self.out_features)
+            return cpu_kernels().bf16_linear(x, self.packed, self.kernel_bias, self.out_features)
         if self.layout == self.F32_PANELS:
-            return cpu_kernels().f32_linear(x, self.packed, self._bias(), self.out_features)
+            return cpu_kernels().f32_linear(x, self.packed, self.kernel_bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def forward_float(self, x: torch.Tensor) -> torch.Tensor:
         """The output in float32 (logits): the panels' kernel keeps its fp32 sums unrounded."""
         if self.layout == self.PANELS:
-            return cpu_kernels().bf16_linear(x, self.packed, self._bias(), self.out_features, out_fp32=True)
+            return cpu_kernels().bf16_linear(x, self.packed, self.kernel_bias, self.out_features, out_fp32=True)
         return self(x).float()
-
-    def _bias(self) -> torch.Tensor:
-        return self.bias if self.bias is not None else self._no_bias
 
 
 def linear_layout(device: torch.device, dtype: torch.dtype) -> int:
@@ -250,7 +262,7 @@ class Transformer(nn.Module):
         """Build under `with torch.device("meta"):` to allocate nothing until `load_weights`."""
         super().__init__()
         self.args, self.dtype = args, dtype
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.embed_tokens = embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -293,7 +305,10 @@ class Transformer(nn.Module):
             flat = []
             for layer in self.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                bias = attn.qkv_proj.bias if attn.qkv_proj.bias is not None else none
+                if isinstance(attn.qkv_proj, PackedLinear):
+                    bias = attn.qkv_proj.kernel_bias
+                else:
+                    bias = attn.qkv_proj.bias if attn.qkv_proj.bias is not None else none
                 flat += [layer.input_layernorm.weight, w(attn.qkv_proj), bias, w(attn.o_proj),
                          layer.post_attention_layernorm.weight, w(mlp.gate_up_proj), w(mlp.down_proj)]
             self._decode_weights = [t.detach() for t in flat] + [self.norm.weight.detach()]

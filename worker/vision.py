@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.config import ConfigError
+from worker.model import embedding
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class VisionTower(nn.Module):
         self.args, self.dtype = args, dtype
         d = args.hidden_size
         self.patch_embedding = nn.Conv2d(args.num_channels, d, kernel_size=args.patch_size, stride=args.patch_size)
-        self.position_embedding = nn.Embedding(args.patches_per_side**2, d)
+        self.position_embedding = embedding(args.patches_per_side**2, d)
         self.layers = nn.ModuleList(VisionBlock(args) for _ in range(args.n_layers))
         self.post_layernorm = nn.LayerNorm(d, eps=args.layer_norm_eps)
         self.proj = nn.Linear(d * args.scale_factor**2, args.text_dim, bias=False)

@@ -61,14 +61,8 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor b
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(k == 2 * k_pairs || k == 2 * k_pairs - 1, "bf16_linear: in_features ", k, " does not match the weight");
   if (k % 2 || x.stride(1) != 1 || x.stride(0) % 2) x = at::constant_pad_nd(x, {0, 2 * k_pairs - k}).contiguous();
-  const float* b = nullptr;
-  torch::Tensor bias_f;
-  if (bias.numel()) {
-    TORCH_CHECK(bias.numel() == out_features, "bf16_linear: bias has ", bias.numel(), " elements");
-    bias_f = torch::zeros({panels * kPanel}, bias.options().dtype(torch::kFloat32));
-    bias_f.narrow(0, 0, out_features).copy_(bias.reshape({-1}));
-    b = bias_f.data_ptr<float>();
-  }
+  const torch::Tensor bias_f = panel_bias("bf16_linear", bias, panels, kPanel, out_features);
+  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto out = torch::empty({m, out_features}, x.options().dtype(out_fp32 ? torch::kFloat32 : torch::kBFloat16));
   if (m == 0) return out.view(shape);
 #if defined(__AVX512BF16__)

@@ -13,7 +13,8 @@
 // (kept in L2) meets every block of rows: the weight is streamed once. Past that (prefill chunks), as
 // a GEMM blocks its operands: KC inputs of a panel (16 KB, in L1) meet every 6-row block of MC rows
 // of x (in L2), the partial sums kept in the output between input blocks (exactly: the chain of FMAs
-// is the same, so are the bits), threads splitting the panels of each (KC, MC) block.
+// is the same, so are the bits). Threads take tiles of MC rows by a group of panels, each tile
+// running through all of its input blocks.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -119,12 +120,7 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bi
   x = x.reshape({-1, k});
   if (x.stride(1) != 1) x = x.contiguous();
   const int64_t m = x.size(0);
-  torch::Tensor bias_p;
-  if (bias.numel()) {
-    TORCH_CHECK(bias.numel() == out_features, "f32_linear: bias has ", bias.numel(), " elements");
-    bias_p = torch::zeros({panels * kF32Panel}, bias.options().dtype(torch::kFloat));
-    bias_p.narrow(0, 0, out_features).copy_(bias.reshape({-1}));
-  }
+  const torch::Tensor bias_p = panel_bias("f32_linear", bias, panels, kF32Panel, out_features);
   if (m == 0) return torch::empty({0, out_features}, x.options()).view(shape);
 #if defined(__AVX2__) && defined(__FMA__)
   const float* xp = x.data_ptr<float>();
@@ -134,18 +130,18 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bi
   if (m <= kF32StreamRows) {
     auto out = torch::empty({m, out_features}, x.options());
     float* op = out.data_ptr<float>();
-    const int64_t group = std::max<int64_t>(1, kF32GroupBytes / (panel_elems * 4));
-    const int64_t grain = panels >= 4 * at::get_num_threads() * group ? group : 1;
-    at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; g += group) {
-        const int64_t g_end = std::min(end, g + group);
-        for (int64_t r = 0; r < m; r += kF32MaxRows) {
-          const int64_t rows = std::min(kF32MaxRows, m - r);
-          for (int64_t pn = g; pn < g_end; ++pn) {
-            const int64_t col = pn * kF32Panel, cols = std::min(kF32Panel, out_features - col);
-            kF32Blocks[rows](xp + r * ldx, ldx, k, wp + pn * panel_elems, bp ? bp + col : nullptr,
-                             op + r * out_features + col, out_features, cols, false);
-          }
+    // a tile: a group of panels (in L2) against every block of rows, or one panel where there are
+    // too few groups to keep the threads busy
+    int64_t group = std::max<int64_t>(1, kF32GroupBytes / (panel_elems * 4));
+    if (panels < 4 * at::get_num_threads() * group) group = 1;
+    parallel_tiles((panels + group - 1) / group, [&](int64_t tile) {
+      const int64_t g = tile * group, g_end = std::min(panels, g + group);
+      for (int64_t r = 0; r < m; r += kF32MaxRows) {
+        const int64_t rows = std::min(kF32MaxRows, m - r);
+        for (int64_t pn = g; pn < g_end; ++pn) {
+          const int64_t col = pn * kF32Panel, cols = std::min(kF32Panel, out_features - col);
+          kF32Blocks[rows](xp + r * ldx, ldx, k, wp + pn * panel_elems, bp ? bp + col : nullptr,
+                           op + r * out_features + col, out_features, cols, false);
         }
       }
     });
@@ -155,23 +151,27 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bi
   const int64_t ldo = panels * kF32Panel;
   auto wide = torch::empty({m, ldo}, x.options());
   float* op = wide.data_ptr<float>();
-  for (int64_t kb = 0; kb < k; kb += kF32KC) {
-    const int64_t kc = std::min(kF32KC, k - kb);
-    const float* bias_here = kb + kc == k ? bp : nullptr;
-    for (int64_t mb = 0; mb < m; mb += kF32MC) {
-      const int64_t mc = std::min(kF32MC, m - mb);
-      at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t pn = begin; pn < end; ++pn) {
-          const float* panel = wp + pn * panel_elems + kb * kF32Panel;
-          for (int64_t r = mb; r < mb + mc; r += kF32MaxRows) {
-            const int64_t rows = std::min(kF32MaxRows, mb + mc - r);
-            kF32Blocks[rows](xp + r * ldx + kb, ldx, kc, panel, bias_here ? bias_here + pn * kF32Panel : nullptr,
-                             op + r * ldo + pn * kF32Panel, ldo, kF32Panel, kb > 0);
-          }
+  // A tile is a block of rows against a group of panels, and runs all of its input blocks itself:
+  // no thread waits for another between input blocks.
+  const int64_t row_blocks = (m + kF32MC - 1) / kF32MC;
+  const int64_t groups = std::min(panels, std::max<int64_t>(1, (4 * at::get_num_threads() + row_blocks - 1) / row_blocks));
+  const int64_t group = (panels + groups - 1) / groups;
+  parallel_tiles(row_blocks * groups, [&](int64_t tile) {
+    const int64_t mb = (tile / groups) * kF32MC, mc = std::min(kF32MC, m - mb);
+    const int64_t p0 = (tile % groups) * group, p1 = std::min(panels, p0 + group);
+    for (int64_t kb = 0; kb < k; kb += kF32KC) {
+      const int64_t kc = std::min(kF32KC, k - kb);
+      const float* bias_here = kb + kc == k ? bp : nullptr;
+      for (int64_t pn = p0; pn < p1; ++pn) {
+        const float* panel = wp + pn * panel_elems + kb * kF32Panel;
+        for (int64_t r = mb; r < mb + mc; r += kF32MaxRows) {
+          const int64_t rows = std::min(kF32MaxRows, mb + mc - r);
+          kF32Blocks[rows](xp + r * ldx + kb, ldx, kc, panel, bias_here ? bias_here + pn * kF32Panel : nullptr,
+                           op + r * ldo + pn * kF32Panel, ldo, kF32Panel, kb > 0);
         }
-      });
+      }
     }
-  }
+  });
   return (ldo == out_features ? wide : wide.narrow(1, 0, out_features).contiguous()).view(shape);
 #else
   return torch::empty({m, out_features}, x.options()).view(shape);
