@@ -60,7 +60,7 @@ def test_silu_and_mul_and_add_rms_norm_match_torch(dtype, no_kernels):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group,hd", [(1, 8), (3, 8), (3, 64), (5, 64), (8, 128)])
 def test_decode_attention_matches_torch(dtype, group, hd, no_kernels):
-    """head_dim 64 and 128 take the vectorized path where the CPU has AVX-512 (query rows in
+    """head_dim 64 and 128 take the vectorized path where the CPU has AVX-512 or AVX2 (query rows in
     chunks of at most 4: groups of 5 and 8 take two), others the portable one."""
     g = torch.Generator().manual_seed(2)
     n_kv, bs, num_blocks = 2, 4, 32

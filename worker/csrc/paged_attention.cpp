@@ -6,8 +6,9 @@
 // weighted sum of V. The context is walked block by block (a block's slots are contiguous), so no
 // slot is computed per token. Where the compiler targets AVX-512 and head_dim is 64 or 128, the
 // dot products and the weighted sum run on 16-wide fp32 vectors held in registers (bf16 widened on
-// load), and the next block is prefetched (scattered blocks defeat the hardware prefetcher);
-// elsewhere plain C++ loops that the compiler vectorizes compute the same thing.
+// load), and the next block is prefetched (scattered blocks defeat the hardware prefetcher); with
+// AVX2 and FMA, on 8-wide vectors the same way (and a vectorized exp: the compiler's loops called
+// the scalar one); elsewhere plain C++ loops that the compiler vectorizes compute the same thing.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -17,6 +18,10 @@
 
 #include "common.h"
 #include "kernels.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -74,7 +79,9 @@ void task_portable(const Task& a, const T* q, const T* kh, const T* vh, T* out, 
   for (int64_t i = 0; i < G * D; ++i) store(out, i, acc[i]);
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+constexpr bool kVectorized = true;
+
 // Ask for the `n` elements at `p` ahead of their use: the blocks of a context are scattered over
 // the cache, so the hardware prefetcher stops at every block boundary.
 template <int Hint, typename T>
@@ -83,6 +90,11 @@ inline void prefetch(const T* p, int64_t n) {
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64)
     _mm_prefetch(c + off, static_cast<_mm_hint>(Hint));
 }
+#else
+constexpr bool kVectorized = false;
+#endif
+
+#if defined(__AVX512F__)
 
 // 16 vectors -> one: lane i is the sum of v[i]'s lanes (a tree of in-lane unpacks, then 128-bit
 // lane shuffles: 45 instructions where 16 horizontal sums take ~130).
@@ -211,6 +223,174 @@ void task_vec16(const Task& a, const T* q, const T* kh, const T* vh, T* out, flo
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// The same two passes on 8-wide vectors (AVX2 without AVX-512: the engine runs fp32 there). Query
+// rows are read from L1 rather than held in registers (16 of them, not 32); the weighted sum of V
+// runs one query row at a time over a block (its values stay in L1 for the group's other rows).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 8 vectors -> one: lane i is the sum of v[i]'s lanes.
+inline __m256 sum8x8(const __m256 v[8]) {
+  const __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+// exp(x) as exp512 (common.h), 2^n built from n's bits.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+void softmax_rows_vec8(float* scores, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = scores + r * n;
+    const int64_t whole = n / 8 * 8;
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < whole; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sr + t));
+    float m = hmax8(vmax);
+    for (int64_t t = whole; t < n; ++t) m = std::max(m, sr[t]);
+    const __m256 mx = _mm256_set1_ps(m);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < whole; t += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + t), mx));
+      _mm256_storeu_ps(sr + t, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum8(vsum);
+    for (int64_t t = whole; t < n; ++t) {
+      sr[t] = std::exp(sr[t] - m);
+      sum += sr[t];
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (int64_t t = 0; t < whole; t += 8) _mm256_storeu_ps(sr + t, _mm256_mul_ps(_mm256_loadu_ps(sr + t), inv));
+    for (int64_t t = whole; t < n; ++t) sr[t] *= 1.f / sum;
+  }
+}
+
+// Scores of R query rows (R <= 4) of head_dim NV * 8, 8 keys at a time: each key's products stay
+// a vector, and one tree sums 8 of them.
+template <int R, int NV, typename T>
+void scores_vec8(const Task& a, const float* qf, const T* kh, float* scores) {
+  constexpr int64_t D = NV * 8;
+  const int64_t bs = a.block_size, ctx = a.ctx;
+  alignas(32) __m256 part[R][8];
+  int64_t pending = 0;  // keys in `part` not yet summed, the first at t - pending
+  auto flush = [&](int64_t end) {
+    for (int r = 0; r < R; ++r) {
+      for (int64_t i = pending; i < 8; ++i) part[r][i] = _mm256_setzero_ps();
+      alignas(32) float s[8];
+      _mm256_store_ps(s, sum8x8(part[r]));
+      std::copy(s, s + pending, scores + r * ctx + end - pending);
+    }
+    pending = 0;
+  };
+  for (int64_t t0 = 0, blk = 0; t0 < ctx; t0 += bs, ++blk) {
+    const int64_t n = std::min(bs, ctx - t0);
+    const T* kb = kh + a.block_table[blk] * bs * D;
+    if (t0 + bs < ctx) prefetch<_MM_HINT_T0>(kh + a.block_table[blk + 1] * bs * D, std::min(bs, ctx - t0 - bs) * D);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* kr = kb + i * D;
+      __m256 s0[R], s1[R];  // two chains per row
+      for (int r = 0; r < R; ++r) s0[r] = s1[r] = _mm256_setzero_ps();
+      for (int c = 0; c < NV; c += 2) {
+        const __m256 k0 = load8(kr + 8 * c), k1 = load8(kr + 8 * c + 8);
+        for (int r = 0; r < R; ++r) {
+          s0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + 8 * c), k0, s0[r]);
+          s1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + 8 * c + 8), k1, s1[r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) part[r][pending] = _mm256_add_ps(s0[r], s1[r]);
+      if (++pending == 8) flush(t0 + i + 1);
+    }
+  }
+  if (pending) flush(ctx);
+}
+
+// acc[r] = sum_t scores[r, t] V[t] for every row of the group, a block of V at a time.
+template <int NV, typename T>
+void values_vec8(const Task& a, const float* scores, const T* vh, float* acc) {
+  constexpr int64_t D = NV * 8;
+  const int64_t bs = a.block_size, ctx = a.ctx;
+  std::fill(acc, acc + a.group * D, 0.f);
+  for (int64_t t0 = 0, blk = 0; t0 < ctx; t0 += bs, ++blk) {
+    const int64_t n = std::min(bs, ctx - t0);
+    const T* vb = vh + a.block_table[blk] * bs * D;
+    if (t0 + bs < ctx) prefetch<_MM_HINT_T0>(vh + a.block_table[blk + 1] * bs * D, std::min(bs, ctx - t0 - bs) * D);
+    for (int64_t r = 0; r < a.group; ++r) {
+      const float* p = scores + r * ctx + t0;
+      for (int h = 0; h < NV; h += 8) {  // 8 accumulators at a time
+        __m256 av[8];
+        for (int c = 0; c < 8; ++c) av[c] = _mm256_loadu_ps(acc + r * D + 8 * (h + c));
+        for (int64_t i = 0; i < n; ++i) {
+          const __m256 pi = _mm256_set1_ps(p[i]);
+          for (int c = 0; c < 8; ++c) av[c] = _mm256_fmadd_ps(pi, load8(vb + i * D + 8 * (h + c)), av[c]);
+        }
+        for (int c = 0; c < 8; ++c) _mm256_storeu_ps(acc + r * D + 8 * (h + c), av[c]);
+      }
+    }
+  }
+}
+
+template <int NV, typename T>
+void group_vec8(const Task& a, const float* qf, const T* kh, const T* vh, float* scores, float* acc) {
+  constexpr int64_t D = NV * 8;
+  for (int64_t r0 = 0; r0 < a.group; r0 += 4) {  // rows in chunks of at most 4
+    const float* q = qf + r0 * D;
+    float* s = scores + r0 * a.ctx;
+    switch (std::min<int64_t>(4, a.group - r0)) {
+      case 1: scores_vec8<1, NV>(a, q, kh, s); break;
+      case 2: scores_vec8<2, NV>(a, q, kh, s); break;
+      case 3: scores_vec8<3, NV>(a, q, kh, s); break;
+      default: scores_vec8<4, NV>(a, q, kh, s); break;
+    }
+  }
+  softmax_rows_vec8(scores, a.group, a.ctx);
+  values_vec8<NV>(a, scores, vh, acc);
+}
+
+// The vectorized task for head_dim 64 or 128.
+template <typename T>
+void task_vec8(const Task& a, const T* q, const T* kh, const T* vh, T* out, float* qf, float* scores,
+               float* acc) {
+  const int64_t G = a.group, D = a.head_dim;
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = load(q, i) * a.scale;
+  if (D == 64) group_vec8<8>(a, qf, kh, vh, scores, acc);
+  else group_vec8<16>(a, qf, kh, vh, scores, acc);
+  for (int64_t i = 0; i < G * D; ++i) store(out, i, acc[i]);
+}
+#endif
+
 template <typename T>
 void decode_attention_impl(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, T* out,
                            const int64_t* block_tables, const int64_t* context_lens,
@@ -232,6 +412,11 @@ void decode_attention_impl(const T* q, int64_t q_stride, const T* k_cache, const
 #if defined(__AVX512F__)
       if (vectorized) {
         task_vec16(a, qg, kh, vh, out + row, qf.data(), scores.data(), acc.data());
+        continue;
+      }
+#elif defined(__AVX2__) && defined(__FMA__)
+      if (vectorized) {
+        task_vec8(a, qg, kh, vh, out + row, qf.data(), scores.data(), acc.data());
         continue;
       }
 #endif
@@ -261,7 +446,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   auto out = torch::empty({B, H, D}, q.options());
   TORCH_CHECK(H % KVH == 0 && k_cache.size(2) == D, "shape mismatch");
   TORCH_CHECK(bt.size(0) == B && cl.size(0) == B, "one block table and context length per sequence");
-  const bool vectorized = kHaveVec16 && !portable && (D == 64 || D == 128);
+  const bool vectorized = kVectorized && !portable && (D == 64 || D == 128);
   if (q.scalar_type() == torch::kFloat) {
     decode_attention_impl<float>(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<float>(),
                                  v_cache.data_ptr<float>(), out.data_ptr<float>(), bt.data_ptr<int64_t>(),
