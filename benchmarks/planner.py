@@ -1,7 +1,8 @@
 """`kvweave bench planner`: the SLA planner under a load step, against a static pool in the same run.
 
 An embedded cluster (controlplane.cluster.LocalCluster: a redis-server, the router, one decode
-worker process with `--threads-per-worker` threads) first serves one stream at a time for
+worker process with `--threads-per-worker` threads, and with `--prefill-workers N` a prefill pool
+that prefills every prompt and hands its KV to the decode worker) first serves one stream at a time for
 `--unloaded-s` seconds: the client-side ITL p99 of that unloaded phase times `--target-factor` is
 the ITL target of the run (so the target means the same on any CPU). Then the same load step twice:
 `--concurrency` long generations kept in flight (each `--max-tokens` tokens, ignore_eos; a new one
@@ -92,6 +93,13 @@ class PlannerBenchConfig:
     context_tokens: int = 0
     """Tokens of one document every prompt starts with, before the stream's own question (0: a short
     prompt per stream)."""
+    prefill_workers: int = 0
+    """Workers of a prefill pool, which the planner keeps toward its TTFT target (0: none, the decode
+    workers prefill their own prompts). With a pool, the router hands every prompt's prefill to it
+    (DISAGG_ROUTER_ARGS) and the decode workers pull its KV past the blocks they already hold: their
+    steps are decode steps only, as in the disaggregated serving Dynamo's planner scales. Without
+    one, a prompt's prefill runs inside a decode worker's step, and that step delays every stream
+    the worker serves."""
     policy: str | None = None
     """The router's policy (None: least_loaded with a document, else the router's default). The
     default's cache affinity keeps streams that share a document on the worker that holds it (8 such
@@ -278,6 +286,11 @@ def flaps(events: list[dict]) -> int:
     return max(0, sum(1 for a, b in zip(started, started[1:]) if a != b) - 1)
 
 
+DISAGG_ROUTER_ARGS = {"disagg_threshold_tokens": 1, "disagg_handoff_margin": 1e6}
+"""With a prefill pool: every prompt with an uncached token is prefilled there, whatever a local
+prefill would cost (the router's estimate counts the prefill alone, not the decode steps it delays)."""
+
+
 def engine_args(config: PlannerBenchConfig) -> dict:
     return {"num_threads": config.threads_per_worker,
             **({"num_blocks": config.num_blocks} if config.num_blocks else {})}
@@ -288,8 +301,9 @@ def run_bench(config: PlannerBenchConfig, prompts: list[dict], log=print) -> tup
     from controlplane.serve_planner import ServePlanner, serve_planner_config
 
     loadavg_start = round(os.getloadavg()[0], 2)
-    with LocalCluster(model=config.model, workers=0, decode_workers=1, insecure=True, startup_timeout=900,
-                      engine_args=engine_args(config), policy=config.policy) as cluster:
+    with LocalCluster(model=config.model, workers=0, decode_workers=1, prefill_workers=config.prefill_workers,
+                      insecure=True, startup_timeout=900, engine_args=engine_args(config), policy=config.policy,
+                      router_args=DISAGG_ROUTER_ARGS if config.prefill_workers else {}) as cluster:
         warm_up = min(2.0, config.unloaded_s)  # with a document: its prefill, then in the prefix cache
         asyncio.run(unloaded_itl(cluster.grpc_target, warm_up, config.max_tokens, prompts[0]))
         unloaded = asyncio.run(unloaded_itl(cluster.grpc_target, config.unloaded_s, config.max_tokens, prompts[0]))
@@ -324,7 +338,7 @@ def report(config: PlannerBenchConfig, unloaded: list[float], target_ms: float, 
     recovered_a, recovered_b = recovery_interval(rows_a, target_ms), recovery_interval(rows_b, target_ms)
     first = recovered_b or TARGET_INTERVALS + 1
     first = min(first, config.step_intervals)
-    up = next((d for d in decisions if d["reason"] == "scale_up"), None)
+    up = next((d for d in decisions if d["pool"] == "decode" and d["reason"] == "scale_up"), None)
     events = [{"t_s": round(t - step_b.start, 2), "started": started, "registered": registered}
               for t, started, registered in step_b.replicas]
     registered_at = next((e["t_s"] for e in events if e["registered"] > events[0]["registered"]), None)
@@ -376,6 +390,9 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-tokens", type=int, default=d.context_tokens, metavar="N",
                    help="start every prompt with one shared document of N tokens (then each stream's own "
                         f"{CONTEXT_QUESTION_TOKENS}), so a decode step grows with the batch; 0: short prompts")
+    p.add_argument("--prefill-workers", type=int, default=d.prefill_workers, metavar="N",
+                   help="a prefill pool of N workers that prefills every prompt (its KV handed to the decode "
+                        "workers); 0: the decode workers prefill their own")
     p.add_argument("--policy", default=None, help="the router's policy (default: least_loaded with "
                                                   "--context-tokens, else the router's default)")
     p.set_defaults(func=run)
@@ -392,9 +409,10 @@ def run(args: argparse.Namespace) -> int:
     if (config.concurrency < 1 or config.max_tokens < 2 or not config.interval_s > 0 or config.step_intervals < 1
             or config.idle_intervals < 0 or not config.unloaded_s > 0 or not config.target_factor > 0
             or config.max_replicas < 1 or config.threads_per_worker < 1 or (config.num_blocks or 1) < 1
-            or (config.decode_running is not None and not config.decode_running > 0) or config.context_tokens < 0):
+            or (config.decode_running is not None and not config.decode_running > 0) or config.context_tokens < 0
+            or config.prefill_workers < 0):
         print("error: --concurrency, --step-intervals, --max-replicas, --threads-per-worker and --num-blocks must be >= 1, "
-              "--max-tokens >= 2, --idle-intervals and --context-tokens >= 0, --interval-s, --unloaded-s, "
+              "--max-tokens >= 2, --idle-intervals, --context-tokens and --prefill-workers >= 0, --interval-s, --unloaded-s, "
               "--target-factor and --decode-running > 0", file=sys.stderr)
         return 2
     if config.policy is None and config.context_tokens:

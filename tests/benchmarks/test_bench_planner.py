@@ -1,7 +1,9 @@
 """`kvweave bench planner --quick` end to end on a tiny model (a real cluster of processes, the
 planner of `kvweave serve --planner`): the JSON holds every figure the report names, and its
 figures agree with each other and with the timelines they come from. Whether the planner scaled,
-and how fast ITL recovered, is the benchmark's finding on the machine that runs it, not asserted."""
+and how fast ITL recovered, is the benchmark's finding on the machine that runs it, not asserted.
+It runs with a prefill pool (`--prefill-workers 1`): the cluster and the planner of the default
+(no pool) plus the handoff of every prompt, so the decode workers stream every token."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,7 @@ from cli.main import main
 def test_bench_planner_quick_reports_consistent_timelines(tiny_hf_model, tmp_path, capsys):
     out = tmp_path / "planner.json"
     rc = main(["bench", "planner", "--quick", "--model", str(tiny_hf_model), "--num-blocks", "256",
-               "--json", str(out)])
+               "--prefill-workers", "1", "--json", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "planner" and doc["environment"]["cpu_model"]
@@ -57,11 +59,12 @@ def test_bench_planner_quick_reports_consistent_timelines(tiny_hf_model, tmp_pat
         served_by = {w for r in rows for w in r["tokens_by_worker"]}  # every worker that served has a figure
         cores = run[name]
         assert {"router", "redis", "bench_process", "machine", "other_processes"} | served_by <= cores.keys()
-        assert all(v >= 0 for v in cores.values()) and cores["decode-0"] > 0
+        assert all(v >= 0 for v in cores.values()) and cores["decode-0"] > 0 and cores["prefill-0"] > 0
         ours = sum(v for k, v in cores.items() if k not in ("machine", "other_processes"))
         assert cores["other_processes"] == pytest.approx(max(0.0, cores["machine"] - ours), abs=0.01)
-    decisions = run["decisions_b"]
-    assert decisions and all(d["pool"] == "decode" and 1 <= d["to"] <= config["max_replicas"] for d in decisions)
+    assert {d["pool"] for d in run["decisions_b"]} == {"prefill", "decode"}  # the planner sees both pools
+    decisions = [d for d in run["decisions_b"] if d["pool"] == "decode"]
+    assert decisions and all(1 <= d["to"] <= config["max_replicas"] for d in decisions)
     ups = [d for d in decisions if d["reason"] == "scale_up"]
     assert run["scale_up_at_s"] == (ups[0]["t_s"] if ups else None)
     if max(counts) > 1:  # a second worker was started only by a decision to scale up, and before it registered
@@ -87,7 +90,8 @@ def test_context_prompts_share_one_document_and_differ_after_it():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--context-tokens", "-1"], "--idle-intervals and --context-tokens >= 0"),
+    (["--context-tokens", "-1"], "--idle-intervals, --context-tokens and --prefill-workers >= 0"),
+    (["--prefill-workers", "-1"], "--idle-intervals, --context-tokens and --prefill-workers >= 0"),
     (["--context-tokens", "9000"], "exceed the model's context of 8192 tokens"),
     (["--policy", "nearest"], "unknown routing policy 'nearest'; valid: chunk_aware"),
 ])
