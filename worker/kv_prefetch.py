@@ -224,6 +224,9 @@ class KVPrefetcher:
             if pull is not None:
                 pull.task.cancel()
             pull = _Pull(h, first)
+        elif pull.next < first:  # an early pull from before the run this worker holds: skip to its end
+            pull.task.cancel()
+            pull.task, pull.first, pull.next = None, first, first
         pull.complete = True
         self.stats.handoff_early_blocks += pull.next - pull.first
         if pull.task is None or pull.task.done():  # none yet, or it stopped early: go on from where it got
