@@ -156,10 +156,16 @@ def test_least_loaded_avoids_the_busy_worker(cluster):
     stub = stub_for(router)
     long_stream = stub.Generate(token_prompt(prompt_ids(4, 20), max_tokens=2000, request_id="long-1"), timeout=60)
     busy = next(long_stream).worker_id
+    # The busy worker's engine stops stepping (its request stays running): the tiny model would
+    # otherwise finish it (512 tokens of context at most) while the others are placed, on a slow machine.
+    engine = next(w for w in cluster.workers if w.worker_id == busy).engine.engine
+    step = engine.step
+    engine.step = lambda: time.sleep(0.005) or []
     try:
         for i in range(3):
             assert generate(stub, token_prompt(prompt_ids(300 + i, 20), max_tokens=2))[2].worker_id != busy
     finally:
+        engine.step = step
         long_stream.cancel()
     wait_until(lambda: cluster.num_worker_requests() == 0)  # the client's cancel reached the worker
 
