@@ -99,7 +99,9 @@ class PlannerBenchConfig:
     (DISAGG_ROUTER_ARGS) and the decode workers pull its KV past the blocks they already hold: their
     steps are decode steps only, as in the disaggregated serving Dynamo's planner scales. Without
     one, a prompt's prefill runs inside a decode worker's step, and that step delays every stream
-    the worker serves."""
+    the worker serves. The planner holds the prefill pool at N (its bounds: min = max = N) and scales
+    the decode pool alone: the load step is a decode load, and on a small machine another prefill
+    worker would take cores from the decode pool."""
     policy: str | None = None
     """The router's policy (None: least_loaded with a document, else the router's default). The
     default's cache affinity keeps streams that share a document on the worker that holds it (8 such
@@ -318,6 +320,7 @@ def run_bench(config: PlannerBenchConfig, prompts: list[dict], log=print) -> tup
         planner = ServePlanner(cluster, serve_planner_config(
             cluster.config, itl_target_ms=target_ms, quantile=0.99, min_replicas=1,
             max_replicas=config.max_replicas, interval_s=config.interval_s,
+            prefill_min_replicas=config.prefill_workers or None, prefill_max_replicas=config.prefill_workers or None,
             decode_running=config.decode_running or float(config.concurrency))).start()
         try:
             time.sleep(config.idle_intervals * config.interval_s)
@@ -392,7 +395,8 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
                         f"{CONTEXT_QUESTION_TOKENS}), so a decode step grows with the batch; 0: short prompts")
     p.add_argument("--prefill-workers", type=int, default=d.prefill_workers, metavar="N",
                    help="a prefill pool of N workers that prefills every prompt (its KV handed to the decode "
-                        "workers); 0: the decode workers prefill their own")
+                        "workers), held at N while the planner scales the decode pool; 0: the decode "
+                        "workers prefill their own")
     p.add_argument("--policy", default=None, help="the router's policy (default: least_loaded with "
                                                   "--context-tokens, else the router's default)")
     p.set_defaults(func=run)

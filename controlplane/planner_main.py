@@ -83,6 +83,14 @@ class PlannerConfig:
     """Fewest workers of each pool."""
     max_replicas: int = 8
     """Most workers of each pool."""
+    prefill_min_replicas: int | None = None
+    """Fewest prefill workers (None: --min-replicas)."""
+    prefill_max_replicas: int | None = None
+    """Most prefill workers (None: --max-replicas); equal to --prefill-min-replicas, the pool keeps its size."""
+    decode_min_replicas: int | None = None
+    """Fewest decode workers (None: --min-replicas)."""
+    decode_max_replicas: int | None = None
+    """Most decode workers (None: --max-replicas)."""
     prefill_tokens_per_s: float = 4096.0
     """First estimate of the prompt tokens per second one prefill worker prefills within the TTFT
     target; the correction factor adjusts it to what is observed."""
@@ -141,14 +149,22 @@ class PlannerConfig:
         names = {"prefill": self.prefill_deployment, "decode": self.decode_deployment}
         return {role: name for role, name in names.items() if name}
 
+    def bounds(self, role: str) -> tuple[int, int]:
+        """(fewest, most) workers of the pool `role`: its own bounds where given, else the common ones."""
+        low, high = getattr(self, f"{role}_min_replicas"), getattr(self, f"{role}_max_replicas")
+        return (self.min_replicas if low is None else low), (self.max_replicas if high is None else high)
+
     def policies(self) -> dict[str, PoolPolicy]:
-        bounds = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas}
-        try:
-            return {"prefill": PoolPolicy(self.ttft_target_ms, self.prefill_tokens_per_s, **bounds),
-                    "decode": PoolPolicy(self.itl_target_ms, self.decode_running, **bounds)}
-        except ValueError:
-            raise ValueError(f"need 0 <= min-replicas <= max-replicas and max-replicas >= 1, got "
-                             f"{self.min_replicas} and {self.max_replicas}") from None
+        policies = {}
+        for role, target, capacity in (("prefill", self.ttft_target_ms, self.prefill_tokens_per_s),
+                                       ("decode", self.itl_target_ms, self.decode_running)):
+            low, high = self.bounds(role)
+            try:
+                policies[role] = PoolPolicy(target, capacity, min_replicas=low, max_replicas=high)
+            except ValueError:
+                raise ValueError(f"{role} pool: need 0 <= min-replicas <= max-replicas and max-replicas >= 1, "
+                                 f"got {low} and {high}") from None
+        return policies
 
     def params(self) -> PlannerParams:
         return PlannerParams(self.interval_s, self.window, self.grace_intervals, self.hysteresis,
@@ -263,7 +279,7 @@ def _cluster_config(config: PlannerConfig, **options) -> ClusterConfig:
     from controlplane.cluster_config import ClusterConfig
 
     # `workers` only sizes a local Ray cluster: room for every pool at its most
-    return ClusterConfig(workers=len(POOL_ROLES) * config.max_replicas, model=config.model,
+    return ClusterConfig(workers=sum(config.bounds(role)[1] for role in POOL_ROLES), model=config.model,
                          redis_url=config.redis_url, **options)
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVE_PLANNER_FIELDS = ("ttft_target_ms", "itl_target_ms", "quantile", "min_replicas", "max_replicas",
+                        "prefill_min_replicas", "prefill_max_replicas", "decode_min_replicas", "decode_max_replicas",
                         "prefill_tokens_per_s", "decode_running", "interval_s", "window", "grace_intervals",
                         "hysteresis", "correction", "min_gain")
 """PlannerConfig fields `kvweave serve --planner` takes as flags (the same flags as `kvweave planner`)."""

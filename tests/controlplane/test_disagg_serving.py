@@ -6,6 +6,7 @@ before the decode worker pulled it, and a decode worker that fails before its fi
 lose the request; every block comes back."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -228,6 +229,40 @@ def test_decode_worker_pulls_blocks_while_the_prefill_runs(make_pd, reference):
     assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
     assert paused.is_set() and d0.prefetcher.stats.handoff_early_blocks >= 4
     assert d0.prefetcher.stats.handoff_blocks == 13
+    _idle_blocks_back(c)
+
+
+def test_pull_that_began_before_the_cached_run_skips_it(make_pd, reference):
+    """The decode worker holds a prompt's first blocks (from an earlier handoff) and the next request's
+    early pull is held back until that request comes: whatever block the early handle started it at,
+    the blocks the decode worker holds are never fetched again, and the output is unchanged."""
+    c, _, (d0,) = make_pd()
+    prefetcher, fetched, early_starts = d0.prefetcher, [], []
+    fetch_kv, pull = prefetcher.client.fetch_kv, prefetcher._pull
+
+    async def recording_fetch(address, keys, *args):
+        fetched.extend(keys)
+        return await fetch_kv(address, keys, *args)
+
+    async def held_pull(p):
+        if not p.complete:  # an early pull: nothing arrives before its request does
+            early_starts.append(p.first)
+            while not p.complete:
+                await asyncio.sleep(0.005)
+        await pull(p)
+    prefetcher.client.fetch_kv, prefetcher._pull = recording_fetch, held_pull
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    document = _prompt(6 * BS, 80)
+    for i, question in enumerate((_prompt(20, 81), _prompt(40, 82))):
+        prompt = document + question
+        tokens, last = _generate(c, prompt, params)
+        assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
+        if i == 0:
+            held, fetched[:] = fetched[:6], []
+            assert len(held) == 6
+    assert len(early_starts) == 2, "the router sent no early handle"
+    assert early_starts == [0, 0]  # the router's index has not seen the blocks the decode worker loaded
+    assert len(fetched) == -(-len(prompt) // BS) - 6 and not set(fetched) & set(held)
     _idle_blocks_back(c)
 
 

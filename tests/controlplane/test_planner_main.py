@@ -30,6 +30,8 @@ current-context: x
     (["--connector", "kubernetes"], "the kubernetes connector needs --prefill-deployment or --decode-deployment"),
     (["--decode-deployment", "d", "--min-replicas", "5", "--max-replicas", "2"],
      "need 0 <= min-replicas <= max-replicas and max-replicas >= 1, got 5 and 2"),
+    (["--decode-deployment", "d", "--max-replicas", "4", "--prefill-min-replicas", "5"],
+     "prefill pool: need 0 <= min-replicas <= max-replicas and max-replicas >= 1, got 5 and 4"),
     (["--decode-deployment", "d", "--itl-target-ms", "0"], "itl-target-ms must be > 0, got 0.0"),
     (["--decode-deployment", "d", "--quantile", "1.5"], "quantile must be in (0, 1), got 1.5"),
     (["--decode-deployment", "d", "--hysteresis", "1"], "hysteresis must be in [0, 1), got 1.0"),
@@ -62,6 +64,10 @@ def test_the_config_holds_what_the_flags_say():
     assert config.deployments == {"prefill": "p", "decode": "d"}
     assert {r: (p.min_replicas, p.max_replicas) for r, p in config.policies().items()} == {
         "prefill": (0, 3), "decode": (0, 3)}
+    config = PlannerConfig(decode_deployment="d", max_replicas=4, prefill_min_replicas=2, prefill_max_replicas=2,
+                           decode_max_replicas=6)
+    assert {r: (p.min_replicas, p.max_replicas) for r, p in config.policies().items()} == {
+        "prefill": (2, 2), "decode": (1, 6)}
 
 
 async def run_planner(*args: str) -> tuple[int, str, str]:

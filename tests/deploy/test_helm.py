@@ -363,6 +363,7 @@ def test_planner_rbac_allows_scaling_only_the_prefill_and_decode_pools(rendered)
     args = flags(c)
     assert (args["ttft-target-ms"], args["itl-target-ms"], args["min-replicas"], args["max-replicas"]) == (
         "400", "40", "1", "8")
+    assert args["prefill-max-replicas"] == "4" and "decode-max-replicas" not in args and "prefill-min-replicas" not in args
     assert not by_kind(rendered["default"], "Role")  # planner.enabled is false by default
 
 
@@ -417,6 +418,8 @@ def test_notes_tell_how_to_reach_the_api(tmp_path):
     (["redis.externalUrl=http://redis:6379"], "redis.externalUrl: Does not match pattern"),
     (["workers.colocated.engineArgs.MaxSeqs=2"], "workers.colocated.engineArgs: Does not match pattern"),
     (["planner.ttftTargetMs=0"], "planner.ttftTargetMs: Must be greater than 0"),
+    (["planner.pools.encode.minReplicas=1"], "planner.pools: Additional property encode is not allowed"),
+    (["planner.pools.prefill.maxReplicas=0"], "planner.pools.prefill.maxReplicas: Must be greater than or equal to 1"),
 ])
 def test_schema_refuses_unknown_keys_and_wrong_types(sets, message):
     error = refused(*sets)
@@ -433,6 +436,8 @@ def test_schema_refuses_unknown_keys_and_wrong_types(sets, message):
     (["model.volume.claimName=models"], "model.volume is set but model.path is empty"),
     (["workers.decode.enabled=true", "planner.enabled=true", "planner.minReplicas=5", "planner.maxReplicas=2"],
      "planner.minReplicas (5) is above planner.maxReplicas (2)"),
+    (["workers.decode.enabled=true", "planner.enabled=true", "planner.pools.decode.minReplicas=9"],
+     "planner.pools.decode: its minReplicas (9) is above its maxReplicas (8)"),
     (["planner.enabled=true"], "planner.enabled needs workers.prefill or workers.decode enabled"),
     (["workers.colocated.ssdCache.hostPath=/mnt/nvme"], "workers.colocated.ssdCache.hostPath is set but ssdCache.sizeGb is 0"),
 ])

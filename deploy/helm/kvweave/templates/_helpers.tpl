@@ -181,6 +181,15 @@ Include with (dict "root" $ "name" SECRET_NAME "key" KEY "length" N).
 {{- if and .Values.planner.enabled (gt (int .Values.planner.minReplicas) (int .Values.planner.maxReplicas)) -}}
 {{- fail (printf "planner.minReplicas (%v) is above planner.maxReplicas (%v)" .Values.planner.minReplicas .Values.planner.maxReplicas) -}}
 {{- end -}}
+{{- if .Values.planner.enabled -}}
+{{- range $role, $bounds := (.Values.planner.pools | default dict) -}}
+{{- $min := ternary $bounds.minReplicas $.Values.planner.minReplicas (hasKey $bounds "minReplicas") -}}
+{{- $max := ternary $bounds.maxReplicas $.Values.planner.maxReplicas (hasKey $bounds "maxReplicas") -}}
+{{- if gt (int $min) (int $max) -}}
+{{- fail (printf "planner.pools.%s: its minReplicas (%v) is above its maxReplicas (%v)" $role $min $max) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The model's id (what /v1/models lists): the built-in name, or the checkpoint's folder or file name without .gguf. */}}
