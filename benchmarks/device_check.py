@@ -43,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.device_context import BF16_LOGIT_TOL, LLAMA_8B, SMOL, Context, Skip, greedy, prompts
+from benchmarks.device_context import (BF16_LOGIT_TOL, LLAMA_8B, SMOKE_CACHE_GB, SMOL, Context, Skip, greedy,
+                                       prompts)
 from benchmarks.device_kv_checks import check_ipc_handoff, check_onboard_overlap, check_tier_offload, ipc_peer_main
 from benchmarks.report import Result, render, write_json
 
@@ -110,7 +111,7 @@ def check_greedy_vs_hf(ctx: Context) -> list[Result]:
             want.append(out[0, len(p):].tolist())
         ref_logits = [hf(torch.tensor([p], device=ctx.device)).logits[0, -1].float() for p in ps[:8]]
     del hf
-    engine = ctx.engine(folder, "float32", kv_cache_gb=1.0)
+    engine = ctx.engine(folder, "float32", kv_cache_gb=SMOKE_CACHE_GB if ctx.smoke else 1.0)
     got = [o.token_ids for o in engine.generate(ps, greedy(new))]
     del engine
     matches = sum(g == w for g, w in zip(got, want))
@@ -118,7 +119,7 @@ def check_greedy_vs_hf(ctx: Context) -> list[Result]:
                   for i, (g, w) in enumerate(zip(got, want)) if g != w), None)
     results = [Result("greedy_match_vs_hf", matches / n, "fraction", "transformers LlamaForCausalLM fp32", 1.0,
                       extra={"prompts": n, "new_tokens": new, "first_mismatch": first})]
-    engine = ctx.engine(folder, "bfloat16", kv_cache_gb=1.0)
+    engine = ctx.engine(folder, "bfloat16", kv_cache_gb=SMOKE_CACHE_GB if ctx.smoke else 1.0)
     diffs = []
     for p, ref in zip(ps[:8], ref_logits):
         req = engine.make_request(p, greedy(1), prompt_logits=1)
@@ -163,7 +164,7 @@ def decode_steps(engine, batch: int, prompt_len: int, steps: int, seed: int = 3)
 def check_decode_roofline(ctx: Context) -> list[Result]:
     shape = ctx.shape(LLAMA_8B)
     engine = ctx.engine(ctx.model_folder("llama-8b-shape", shape), "bfloat16", load_format="dummy",
-                        kv_cache_gb=0.25 if ctx.smoke else 4.0, max_num_seqs=16)
+                        kv_cache_gb=SMOKE_CACHE_GB if ctx.smoke else 4.0, max_num_seqs=16)
     prompt_len, steps = (32, 4) if ctx.smoke else (512, 64)
     from worker.loader import expected_weight_shapes
 
@@ -206,7 +207,7 @@ def check_throughput_vs_hf(ctx: Context) -> list[Result]:
     folder = ctx.model_folder("smol-bf16", ctx.shape(SMOL), torch.bfloat16, seed=4)
     n, plen, new = (4, 32, 8) if ctx.smoke else (64, 512, 128)
     ps = prompts(n, plen, 49152, seed=5)
-    engine = ctx.engine(folder, "bfloat16", kv_cache_gb=0.25 if ctx.smoke else 8.0, max_num_seqs=n,
+    engine = ctx.engine(folder, "bfloat16", kv_cache_gb=SMOKE_CACHE_GB if ctx.smoke else 8.0, max_num_seqs=n,
                         max_num_batched_tokens=8192)
     engine.generate(ps[:2], greedy(4))  # warm-up: compiles, graph captures
     t = time.perf_counter()

@@ -20,6 +20,9 @@ LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers"
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 49152, "rope_theta": 10000.0, "tie_word_embeddings": True}
 """--smoke: every check's code on the CPU in seconds."""
+SMOKE_CACHE_GB = 0.02
+"""--smoke: each engine's device KV cache and DRAM tier (thousands of TINY blocks; a GiB would take
+seconds to allocate and index on the CPU)."""
 BF16_LOGIT_TOL = 0.05
 """The bf16 engine's logits may differ from the fp32 reference by this fraction of the largest logit."""
 class Skip(Exception):

@@ -9,12 +9,13 @@ import time
 
 import torch
 
-from benchmarks.device_context import LLAMA_8B, SMOL, TINY, Context, greedy, prompts
+from benchmarks.device_context import LLAMA_8B, SMOKE_CACHE_GB, SMOL, TINY, Context, greedy, prompts
 from benchmarks.report import Result
 
 def check_tier_offload(ctx: Context) -> list[Result]:
     engine = ctx.engine(ctx.model_folder("smol-shape", ctx.shape(SMOL)), "bfloat16", load_format="dummy",
-                        kv_cache_gb=0.25 if ctx.smoke else 2.0, dram_cache_gb=0.25 if ctx.smoke else 4.0)
+                        kv_cache_gb=SMOKE_CACHE_GB if ctx.smoke else 2.0,
+                        dram_cache_gb=SMOKE_CACHE_GB if ctx.smoke else 4.0)
     n, rounds = (16, 2) if ctx.smoke else (256, 5)
     store = engine.store
     values = [engine.connector.device.view(b) for b in range(n)]
@@ -40,7 +41,8 @@ def check_onboard_overlap(ctx: Context) -> list[Result]:
 
     blocks = 16 if ctx.smoke else 256
     engine = ctx.engine(ctx.model_folder("smol-shape", ctx.shape(SMOL)), "bfloat16", load_format="dummy",
-                        kv_cache_gb=0.25 if ctx.smoke else 2.0, dram_cache_gb=0.25 if ctx.smoke else 4.0)
+                        kv_cache_gb=SMOKE_CACHE_GB if ctx.smoke else 2.0,
+                        dram_cache_gb=SMOKE_CACHE_GB if ctx.smoke else 4.0)
     store, device = engine.store, engine.connector.device
     top = engine.block_manager.num_blocks
     targets = [device.view(b) for b in range(top - blocks, top)]  # blocks the decode batch never gets
