@@ -78,6 +78,10 @@ class RagConfig:
     """Reuses over which building a standalone chunk-cache is amortised."""
     ratio: float | None = None
     """kvweave's recompute share (None: the engine's default)."""
+    kv_cache_gb: float = 0.25
+    """Each engine's device KV cache."""
+    dram_cache_gb: float = 0.5
+    """Each engine's DRAM tier (it holds the standalone chunk-caches)."""
 
 
 @dataclass(frozen=True)
@@ -267,9 +271,9 @@ def make_engines(cfg: RagConfig) -> dict[str, object]:
             overrides.setdefault("chunk_recompute_ratio", cfg.ratio)
         key = tuple(sorted(overrides.items()))
         if key not in engines:
-            engines[key] = LLMEngine(EngineConfig(model=cfg.model, dtype=cfg.dtype, kv_cache_gb=0.25,
+            engines[key] = LLMEngine(EngineConfig(model=cfg.model, dtype=cfg.dtype, kv_cache_gb=cfg.kv_cache_gb,
                                                   num_threads=cfg.threads, max_num_batched_tokens=16384,
-                                                  dram_cache_gb=0.5, **overrides))
+                                                  dram_cache_gb=cfg.dram_cache_gb, **overrides))
         by_arm[arm.name] = engines[key]
     return by_arm
 
