@@ -9,9 +9,9 @@ from cli.main import main
 
 def test_bench_soak_reports_rss_of_every_process_and_every_request(tiny_model_variant, tmp_path, capsys):
     out = tmp_path / "soak.json"
-    rc = main(["bench", "soak", "--model", str(tiny_model_variant("gqa")), "--duration-s", "6", "--warmup-s", "0",
+    rc = main(["bench", "soak", "--model", str(tiny_model_variant("gqa")), "--duration-s", "3", "--warmup-s", "0",
                "--rate", "4", "--long-input-len", "100:200", "--short-input-len", "8:16", "--short-output-len", "4",
-               "--sample-s", "1", "--json", str(out)])
+               "--sample-s", "0.5", "--json", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())
     results = {r["metric"]: r for r in doc["results"]}
