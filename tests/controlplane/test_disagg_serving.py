@@ -11,8 +11,10 @@ import threading
 import time
 
 import pytest
+import redis.asyncio as aioredis
 
 from controlplane.router_types import GenerateInput
+from kvstore.index import KVIndex, index_key
 from kvweave.sampling_params import SamplingParams
 from tests.inprocess_cluster import InProcessCluster, pin_kv_costs
 
@@ -233,9 +235,10 @@ def test_decode_worker_pulls_blocks_while_the_prefill_runs(make_pd, reference):
 
 
 def test_pull_that_began_before_the_cached_run_skips_it(make_pd, reference):
-    """The decode worker holds a prompt's first blocks (from an earlier handoff) and the next request's
-    early pull is held back until that request comes: whatever block the early handle started it at,
-    the blocks the decode worker holds are never fetched again, and the output is unchanged."""
+    """The decode worker holds a prompt's first blocks (from an earlier handoff), the router's index
+    has lost them (as after a Redis restart), so the next request's early handle starts its pull at
+    block 0, and that pull is held back until its request comes: the blocks the decode worker holds
+    are not fetched again, and the output is unchanged."""
     c, _, (d0,) = make_pd()
     prefetcher, fetched, early_starts = d0.prefetcher, [], []
     fetch_kv, pull = prefetcher.client.fetch_kv, prefetcher._pull
@@ -260,10 +263,24 @@ def test_pull_that_began_before_the_cached_run_skips_it(make_pd, reference):
         if i == 0:
             held, fetched[:] = fetched[:6], []
             assert len(held) == 6
+            c.run(_drop_from_index(c.redis_url, "d0", len(held)))
     assert len(early_starts) == 2, "the router sent no early handle"
-    assert early_starts == [0, 0]  # the router's index has not seen the blocks the decode worker loaded
+    assert early_starts == [0, 0]
     assert len(fetched) == -(-len(prompt) // BS) - 6 and not set(fetched) & set(held)
     _idle_blocks_back(c)
+
+
+async def _drop_from_index(redis_url: str, worker_id: str, num_blocks: int) -> None:
+    """Once the index lists `num_blocks` blocks on `worker_id`'s device, delete all its entries."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 30
+        while await client.hlen(index_key(worker_id, "device")) < num_blocks:
+            assert time.monotonic() < deadline, f"{worker_id} never published its blocks"
+            await asyncio.sleep(0.02)
+        await KVIndex(client).clear(worker_id)
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize("transport", ["grpc", "dist", "ipc"])
