@@ -90,7 +90,7 @@ def test_sglang_router_replays_a_tiny_window_and_records_a_choice_per_request(tm
 def test_bench_router_vs_sglang_rows(tmp_path):
     path = tmp_path / "router.json"
     rc = main(["bench", "router", "--metrics", "hit_rate_vs_sglang", "--trace-requests", "60", "--trace-offset",
-               "0,2000", "--sim-capacity", "500", "--peer-speedup", "100", "--peer-replays", "2",
+               "0,2000", "--sim-capacity", "500", "--peer-speedup", "300", "--peer-replays", "2",
                "--json", str(path)])
     assert rc == 0
     doc = json.loads(path.read_text())
