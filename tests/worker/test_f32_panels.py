@@ -37,6 +37,14 @@ def test_panels_compute_the_fp32_sum(in_features, out_features, bias):
         assert torch.equal(packed.forward_float(x), got)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_packed_layout_is_panels_of_16_rows_zero_padded(transposed):
+    w = torch.randn(70, 37).T if transposed else torch.randn(37, 70)  # [37, 70], strided or not
+    want = torch.zeros(48, 70)
+    want[:37] = w
+    assert torch.equal(cpu_kernels().pack_f32_weight(w), want.view(3, 16, 70).permute(0, 2, 1))
+
+
 def test_a_row_gets_the_same_bits_in_any_batch():
     torch.manual_seed(1)
     packed = PackedLinear(nn.Linear(64, 48), PackedLinear.F32_PANELS)

@@ -7,12 +7,13 @@ from dataclasses import fields
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
 from worker.config import ConfigError, ModelArgs
 from kvweave.model_files import BUILTIN_MODELS, CheckpointError, ModelNotFoundError, resolve_model
-from worker.loader import LoadedCheckpoint, expected_weight_shapes, load_checkpoint
+from worker.loader import _BLOCK_DEQUANT, LoadedCheckpoint, expected_weight_shapes, load_checkpoint
 
 SHARED_ARGS = [f.name for f in fields(ModelArgs) if f.name not in ("norm_eps", "name")]
 
@@ -37,6 +38,20 @@ def assert_same_args(a: ModelArgs, b: ModelArgs) -> None:
     for name in SHARED_ARGS:
         assert getattr(a, name) == getattr(b, name), name
     assert a.norm_eps == pytest.approx(b.norm_eps, rel=1e-6)  # GGUF stores it as float32
+
+
+@pytest.mark.parametrize("qtype", sorted(_BLOCK_DEQUANT, key=lambda t: t.name))
+def test_block_dequantizers_equal_gguf_py(qtype) -> None:
+    """Random blocks (every nibble and int8 value, scales of both signs and of tiny and large
+    magnitude): the loader's whole-tensor dequantizers give gguf-py's values bit for bit."""
+    rng = np.random.default_rng(0)
+    block_bytes, scale_bytes = {gguf.GGMLQuantizationType.Q8_0: (34, 2), gguf.GGMLQuantizationType.Q4_1: (20, 4)}[qtype]
+    raw = rng.integers(0, 256, (4096, block_bytes), dtype=np.uint8)
+    scales = (rng.standard_normal((4096, scale_bytes // 2)) * 10.0 ** rng.integers(-6, 3, (4096, 1)))
+    raw[:, :scale_bytes] = scales.astype(np.float16).view(np.uint8)
+    want = gguf.quants.dequantize(raw.reshape(-1), qtype)
+    got = _BLOCK_DEQUANT[qtype](raw.reshape(-1))
+    assert got.dtype == np.float32 and np.array_equal(got.reshape(-1), want.reshape(-1).astype(np.float32))
 
 
 def test_hf_folder_names_shapes_and_args(hf_ckpt: LoadedCheckpoint) -> None:

@@ -99,9 +99,29 @@ torch::Tensor pack_f32_weight(torch::Tensor weight) {
   check_cpu("pack_f32_weight", {&weight});
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat, "pack_f32_weight: a [N, K] float32 weight");
   const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kF32Panel - 1) / kF32Panel;
-  auto padded = torch::zeros({panels * kF32Panel, k}, weight.options());
-  padded.narrow(0, 0, n).copy_(weight);
-  return padded.view({panels, kF32Panel, k}).permute({0, 2, 1}).contiguous();  // [panels, K, 16]
+  weight = weight.contiguous();
+  auto packed = torch::empty({panels, k, kF32Panel}, weight.options());  // [panels, K, 16]
+  const float* w = weight.data_ptr<float>();
+  float* out = packed.data_ptr<float>();
+  // one pass (a model's weights are packed at every load): panel p's column kk holds rows
+  // 16p..16p+15 of input kk, zeros past the last row; K is walked in steps of 64 so that the 16 rows
+  // read stay in L1 while their part of the panel is written
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t rows = std::min<int64_t>(kF32Panel, n - p * kF32Panel);
+      float* panel = out + p * k * kF32Panel;
+      for (int64_t k0 = 0; k0 < k; k0 += 64) {
+        const int64_t k1 = std::min<int64_t>(k, k0 + 64);
+        for (int64_t j = 0; j < rows; ++j) {
+          const float* row = w + (p * kF32Panel + j) * k;
+          for (int64_t kk = k0; kk < k1; ++kk) panel[kk * kF32Panel + j] = row[kk];
+        }
+        for (int64_t j = rows; j < kF32Panel; ++j)
+          for (int64_t kk = k0; kk < k1; ++kk) panel[kk * kF32Panel + j] = 0.0f;
+      }
+    }
+  });
+  return packed;
 }
 
 torch::Tensor f32_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias, int64_t out_features) {
