@@ -172,8 +172,8 @@ def kl(logits: torch.Tensor, reference: torch.Tensor) -> float:
 def test_correction_moves_first_token_toward_full_prefill(tiny_engine_factory, default_model_path):
     """On SmolLM2-135M with real documents: a 10% recompute with the correction is closer to the
     full prefill than the same recompute without it, and than reusing the caches as they are."""
-    probe = tiny_engine_factory(default_model_path, num_blocks=4)
-    tok, dram_gb = probe.tokenizer, 128 * probe.connector.layout.nbytes / 2**30
+    reference = tiny_engine_factory(default_model_path, num_blocks=128)
+    tok, dram_gb = reference.tokenizer, 128 * reference.connector.layout.nbytes / 2**30
     enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
     doc_a = enc(" The Amazon rainforest covers much of the Amazon basin of South America. This basin encompasses "
                 "seven million square kilometres, of which five and a half million square kilometres are covered "
@@ -185,7 +185,7 @@ def test_correction_moves_first_token_toward_full_prefill(tiny_engine_factory, d
                   enc("\nQuestion: how large is the rainforest?\nAnswer:"))
     prompt, spans = build(enc("You are a helpful assistant. Use the context below.\n"), (doc_b,), (doc_a,),
                           enc("\nQuestion: who designed the Eiffel Tower?\nAnswer:"))
-    full, _ = first_token_logits(tiny_engine_factory(default_model_path, num_blocks=128), prompt)
+    full, _ = first_token_logits(reference, prompt)
     divergence = {}
     for ratio, correct in [(0.0, True), (0.1, False), (0.1, True)]:
         engine = tiny_engine_factory(default_model_path, num_blocks=128, dram_cache_gb=dram_gb,
