@@ -18,6 +18,7 @@ the ids are already prefix-unique, so the chain keeps their sharing exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +39,26 @@ TUNING_WINDOW = (0, 2000)
 trace); a figure from a window that overlaps it is in-sample."""
 
 
+@functools.lru_cache(maxsize=2)
+def _parsed_trace(path: str, mtime_ns: int, size: int) -> tuple[MooncakeRecord, ...]:
+    """The trace's records, parsed once per version of the file (a run loads several windows of it)."""
+    return tuple(read_mooncake(path))
+
+
 def load_trace(path: str | Path, limit: int | None = None, offset: int = 0) -> list[MooncakeRecord]:
     """`limit` requests of a Mooncake JSONL trace (all the rest when None, fewer where the trace
     ends), from request number `offset` on (parsed and checked by `loadgen.traces.read_mooncake`).
     Raises WorkloadError when `offset` is negative or past the trace's last request."""
-    records = read_mooncake(path)
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        records = read_mooncake(path)  # its WorkloadError says why
+    else:
+        records = _parsed_trace(str(path), stat.st_mtime_ns, stat.st_size)
     if not 0 <= offset < len(records):
         raise WorkloadError(f"Mooncake trace {path} holds {len(records)} requests (numbered 0 to "
                             f"{len(records) - 1}): offset {offset} is outside it")
-    return records[offset:None if limit is None else offset + limit]
+    return list(records[offset:None if limit is None else offset + limit])
 
 
 def in_sample(trace: str | Path, offset: int, num_requests: int) -> bool:
