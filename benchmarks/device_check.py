@@ -289,11 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.ipc_peer:
         ipc_peer_main(args.smoke, args.ipc_peer)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.log = logging.getLogger("device_check")
     chosen = [c.strip() for c in args.checks.split(",") if c.strip()]
     if bad := [c for c in chosen if c not in CHECKS]:
         p.error(f"unknown checks {bad}; valid: {', '.join(CHECKS)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.log = logging.getLogger("device_check")
     ctx = Context(args)
     results: list[Result] = []
     outcomes: dict[str, str] = {}
