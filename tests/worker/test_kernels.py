@@ -210,16 +210,30 @@ def test_prefill_kernel_refuses_bad_inputs():
 def test_a_build_killed_midway_does_not_hang_later_loads():
     """torch's build lock is a plain file: a build killed midway leaves it, and every later load
     waited for it forever (workers hung on their first request). A fresh process loads the kernels
-    with such a file in the build folder."""
-    stale = kernel_build_dir() / "lock"
+    with such a file in the build folder (and without the mark of a load that succeeded), and marks
+    the folder ready again."""
+    stale, ready = kernel_build_dir() / "lock", kernel_build_dir() / "ready"
     stale.write_text("")
+    ready.unlink(missing_ok=True)
     try:
-        code = "from worker.kernels import cpu_kernels; import sys; sys.exit(cpu_kernels() is None)"
-        done = subprocess.run([sys.executable, "-c", code], timeout=300, cwd=Path(__file__).parents[2])
+        done = subprocess.run([sys.executable, "-c", LOAD], timeout=300, cwd=Path(__file__).parents[2])
         assert done.returncode == 0
-        assert not stale.exists()
+        assert not stale.exists() and ready.is_file()
     finally:
         stale.unlink(missing_ok=True)
+
+
+LOAD = "from worker.kernels import cpu_kernels; import sys; sys.exit(cpu_kernels() is None)"
+
+
+def test_a_ready_build_is_imported_without_the_build_tools():
+    """Once a load of a build folder succeeded, later processes import its library as it is: torch's
+    loader (which runs ninja to check the build, ~0.2 s of every worker's start) is not imported."""
+    cpu_kernels()  # this process built or loaded it: the folder is ready
+    assert (kernel_build_dir() / "ready").is_file()
+    code = LOAD.replace("sys.exit(", "sys.exit('torch.utils.cpp_extension' in sys.modules or ")
+    done = subprocess.run([sys.executable, "-c", code], timeout=300, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0
 
 
 def test_kernels_refuse_tensors_on_another_device() -> None:
