@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
-from typing import NoReturn
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("cli.generate", "generate completions offline (JSONL batch or one prompt)"),
@@ -69,17 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         code = 130
     if from_command_line and getattr(args, "skip_teardown", False):
+        from kvweave.serving import exit_now
+
         exit_now(code)
     return code
-
-
-def exit_now(code: int) -> NoReturn:
-    """End the process without the interpreter's teardown (a command whose state is all closed when
-    it returns: collecting torch's modules is ~1.5 s)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":
