@@ -27,6 +27,8 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q")
+"""A string's byte count."""
 _PLAIN_TYPES = {GGMLQuantizationType.F16: np.float16, GGMLQuantizationType.F32: np.float32,
                 GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
                 GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
@@ -105,6 +107,21 @@ class GGUFFile:
         self._pos += n
         return text
 
+    def _strings(self, count: int) -> list[str]:
+        buf, pos, end, out = self._map, self._pos, len(self._map), []
+        length = _LENGTH.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                raise ValueError("the GGUF header is truncated")
+            (n,) = length(buf, pos)
+            pos += 8
+            if pos + n > end:
+                raise ValueError("the GGUF header is truncated")
+            out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        self._pos = pos
+        return out
+
     def _value(self, kind: int) -> Any:
         if kind == _STRING:
             return self._string()
@@ -112,9 +129,13 @@ class GGUFFile:
             elem, count = self._scalar("<I"), self._scalar("<Q")
             if elem in _NUMPY:  # numbers: one read for the whole array
                 dtype = np.dtype(_NUMPY[elem]).newbyteorder("<")
+                if self._pos + count * dtype.itemsize > len(self._map):
+                    raise ValueError("the GGUF header is truncated")
                 values = np.frombuffer(self._map, dtype, count, self._pos)
                 self._pos += count * dtype.itemsize
                 return values.tolist()
+            if elem == _STRING:  # a vocabulary or merges: one tight loop over tens of thousands
+                return self._strings(count)
             return [self._value(elem) for _ in range(count)]
         fmt = _SCALARS.get(kind)
         if fmt is None:

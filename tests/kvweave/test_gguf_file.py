@@ -42,3 +42,8 @@ def test_damaged_files_are_value_errors(tiny_gguf_model: Path, tmp_path: Path) -
         path.write_bytes(content)
         with pytest.raises(ValueError, match=messages[name]):
             GGUFFile(path)
+    for cut in range(24, min(len(data), 40_000), 397):  # inside every kind of field, the vocabulary's strings too
+        path = tmp_path / "cut.gguf"
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="truncated|past the end of the file"):
+            GGUFFile(path)
