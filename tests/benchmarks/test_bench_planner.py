@@ -63,6 +63,7 @@ def test_bench_planner_quick_reports_consistent_timelines(tiny_hf_model, tmp_pat
         ours = sum(v for k, v in cores.items() if k not in ("machine", "other_processes"))
         assert cores["other_processes"] == pytest.approx(max(0.0, cores["machine"] - ours), abs=0.01)
     assert {d["pool"] for d in run["decisions_b"]} == {"prefill", "decode"}  # the planner sees both pools
+    assert all(d["to"] == 1 for d in run["decisions_b"] if d["pool"] == "prefill")  # held at --prefill-workers
     decisions = [d for d in run["decisions_b"] if d["pool"] == "decode"]
     assert decisions and all(1 <= d["to"] <= config["max_replicas"] for d in decisions)
     ups = [d for d in decisions if d["reason"] == "scale_up"]

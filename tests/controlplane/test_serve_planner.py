@@ -71,6 +71,11 @@ def test_serve_planner_flags_are_the_planners() -> None:
             config.correction, config.min_gain, config.metrics_port) == ("local", args.model, 2, 80.0, 0.5, False,
                                                                           0.3, 0)
     assert config.params().min_gain == 0.3
+    args = build_parser("all").parse_args(["serve", "--prefill-workers", "1", "--decode-workers", "1", "--planner",
+                                           "--max-replicas", "4", "--prefill-min-replicas", "1",
+                                           "--prefill-max-replicas", "1"])
+    policies = planner_config(args, config_from_args(args)).policies()
+    assert {r: (p.min_replicas, p.max_replicas) for r, p in policies.items()} == {"prefill": (1, 1), "decode": (1, 4)}
     args = build_parser("all").parse_args(["serve", "--decode-workers", "1", "--planner", "--planner-metrics-port", "-1"])
     assert planner_config(args, config_from_args(args)).metrics_port == -1
     args = build_parser("all").parse_args(["serve", "--decode-workers", "1"])
