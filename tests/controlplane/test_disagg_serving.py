@@ -239,7 +239,7 @@ def test_pull_that_began_before_the_cached_run_skips_it(make_pd, reference):
     has lost them (as after a Redis restart), so the next request's early handle starts its pull at
     block 0, and that pull is held back until its request comes: the blocks the decode worker holds
     are not fetched again, and the output is unchanged."""
-    c, _, (d0,) = make_pd()
+    c, p0, (d0,) = make_pd()
     prefetcher, fetched, early_starts = d0.prefetcher, [], []
     fetch_kv, pull = prefetcher.client.fetch_kv, prefetcher._pull
 
@@ -254,18 +254,32 @@ def test_pull_that_began_before_the_cached_run_skips_it(make_pd, reference):
                 await asyncio.sleep(0.005)
         await pull(p)
     prefetcher.client.fetch_kv, prefetcher._pull = recording_fetch, held_pull
+    # The prefill worker steps on only once the decode worker's early pull began: its early handle is
+    # never overtaken by the complete one (100 uncached tokens take it two steps at least).
+    engine, deadline = p0.engine.engine, [0.0]
+    step = engine.step
+
+    def waiting_step():  # the first step sends the early handle (and computes 64 tokens), then it waits
+        if len(early_starts) < 2 and time.monotonic() < deadline[0] and any(
+                r.num_computed_tokens for r in engine.scheduler.requests.values()):
+            time.sleep(0.005)
+            return []
+        return step()
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     document = _prompt(6 * BS, 80)
-    for i, question in enumerate((_prompt(20, 81), _prompt(40, 82))):
+    for i, question in enumerate((_prompt(20, 81), _prompt(100, 82))):
         prompt = document + question
+        if i == 1:
+            deadline[0] = time.monotonic() + 30
         tokens, last = _generate(c, prompt, params)
         assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
         if i == 0:
             held, fetched[:] = fetched[:6], []
             assert len(held) == 6
             c.run(_drop_from_index(c.redis_url, "d0", len(held)))
-    assert len(early_starts) == 2, "the router sent no early handle"
-    assert early_starts == [0, 0]
+            engine.step = waiting_step
+    engine.step = step
+    assert early_starts == [0, 0], "the router sent no early handle"
     assert len(fetched) == -(-len(prompt) // BS) - 6 and not set(fetched) & set(held)
     _idle_blocks_back(c)
 

@@ -154,18 +154,30 @@ def test_round_robin_alternates(cluster):
 def test_least_loaded_avoids_the_busy_worker(cluster):
     router = cluster.add_router("least_loaded")
     stub = stub_for(router)
-    long_stream = stub.Generate(token_prompt(prompt_ids(4, 20), max_tokens=2000, request_id="long-1"), timeout=60)
-    busy = next(long_stream).worker_id
-    # The busy worker's engine stops stepping (its request stays running): the tiny model would
-    # otherwise finish it (512 tokens of context at most) while the others are placed, on a slow machine.
-    engine = next(w for w in cluster.workers if w.worker_id == busy).engine.engine
-    step = engine.step
-    engine.step = lambda: time.sleep(0.005) or []
+    long_prompt = prompt_ids(4, 20)
+    # Whichever worker takes the long request stops stepping once it has a token: the request stays
+    # running there (the tiny model would otherwise finish it, 512 tokens of context at most, while
+    # the others are placed on a slow machine). Patched before it is sent: it cannot end first.
+    steps = {}
+    for w in cluster.workers:
+        engine = w.engine.engine
+        steps[engine] = engine.step
+
+        def holding_step(engine=engine, step=engine.step):
+            if any(r.prompt_token_ids == long_prompt and r.output_token_ids
+                   for r in engine.scheduler.requests.values()):
+                time.sleep(0.005)
+                return []
+            return step()
+        engine.step = holding_step
+    long_stream = stub.Generate(token_prompt(long_prompt, max_tokens=2000, request_id="long-1"), timeout=60)
     try:
+        busy = next(long_stream).worker_id
         for i in range(3):
             assert generate(stub, token_prompt(prompt_ids(300 + i, 20), max_tokens=2))[2].worker_id != busy
     finally:
-        engine.step = step
+        for engine, step in steps.items():
+            engine.step = step
         long_stream.cancel()
     wait_until(lambda: cluster.num_worker_requests() == 0)  # the client's cancel reached the worker
 
