@@ -6,15 +6,12 @@ before the decode worker pulled it, and a decode worker that fails before its fi
 lose the request; every block comes back."""
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
 import pytest
-import redis.asyncio as aioredis
 
 from controlplane.router_types import GenerateInput
-from kvstore.index import KVIndex, index_key
 from kvweave.sampling_params import SamplingParams
 from tests.inprocess_cluster import InProcessCluster, pin_kv_costs
 
@@ -232,69 +229,6 @@ def test_decode_worker_pulls_blocks_while_the_prefill_runs(make_pd, reference):
     assert paused.is_set() and d0.prefetcher.stats.handoff_early_blocks >= 4
     assert d0.prefetcher.stats.handoff_blocks == 13
     _idle_blocks_back(c)
-
-
-def test_pull_that_began_before_the_cached_run_skips_it(make_pd, reference):
-    """The decode worker holds a prompt's first blocks (from an earlier handoff), the router's index
-    has lost them (as after a Redis restart), so the next request's early handle starts its pull at
-    block 0, and that pull is held back until its request comes: the blocks the decode worker holds
-    are not fetched again, and the output is unchanged."""
-    c, p0, (d0,) = make_pd()
-    prefetcher, fetched, early_starts = d0.prefetcher, [], []
-    fetch_kv, pull = prefetcher.client.fetch_kv, prefetcher._pull
-
-    async def recording_fetch(address, keys, *args):
-        fetched.extend(keys)
-        return await fetch_kv(address, keys, *args)
-
-    async def held_pull(p):
-        if not p.complete:  # an early pull: nothing arrives before its request does
-            early_starts.append(p.first)
-            while not p.complete:
-                await asyncio.sleep(0.005)
-        await pull(p)
-    prefetcher.client.fetch_kv, prefetcher._pull = recording_fetch, held_pull
-    # The prefill worker steps on only once the decode worker's early pull began: its early handle is
-    # never overtaken by the complete one (100 uncached tokens take it two steps at least).
-    engine, deadline = p0.engine.engine, [0.0]
-    step = engine.step
-
-    def waiting_step():  # the first step sends the early handle (and computes 64 tokens), then it waits
-        if len(early_starts) < 2 and time.monotonic() < deadline[0] and any(
-                r.num_computed_tokens for r in engine.scheduler.requests.values()):
-            time.sleep(0.005)
-            return []
-        return step()
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    document = _prompt(6 * BS, 80)
-    for i, question in enumerate((_prompt(20, 81), _prompt(100, 82))):
-        prompt = document + question
-        if i == 1:
-            deadline[0] = time.monotonic() + 30
-        tokens, last = _generate(c, prompt, params)
-        assert tokens == reference(prompt, params).token_ids and last.usage.disaggregation == "remote"
-        if i == 0:
-            held, fetched[:] = fetched[:6], []
-            assert len(held) == 6
-            c.run(_drop_from_index(c.redis_url, "d0", len(held)))
-            engine.step = waiting_step
-    engine.step = step
-    assert early_starts == [0, 0], "the router sent no early handle"
-    assert len(fetched) == -(-len(prompt) // BS) - 6 and not set(fetched) & set(held)
-    _idle_blocks_back(c)
-
-
-async def _drop_from_index(redis_url: str, worker_id: str, num_blocks: int) -> None:
-    """Once the index lists `num_blocks` blocks on `worker_id`'s device, delete all its entries."""
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        deadline = time.monotonic() + 30
-        while await client.hlen(index_key(worker_id, "device")) < num_blocks:
-            assert time.monotonic() < deadline, f"{worker_id} never published its blocks"
-            await asyncio.sleep(0.02)
-        await KVIndex(client).clear(worker_id)
-    finally:
-        await client.aclose()
 
 
 @pytest.mark.parametrize("transport", ["grpc", "dist", "ipc"])
