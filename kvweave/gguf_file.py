@@ -100,14 +100,10 @@ class GGUFFile:
         return value
 
     def _string(self) -> str:
-        n = self._scalar("<Q")
-        if self._pos + n > len(self._map):
-            raise ValueError("the GGUF header is truncated")
-        text = bytes(self._map[self._pos:self._pos + n]).decode("utf-8", errors="replace")
-        self._pos += n
-        return text
+        return self._strings(1)[0]
 
     def _strings(self, count: int) -> list[str]:
+        """`count` length-prefixed UTF-8 strings (a vocabulary or merges: one tight loop)."""
         buf, pos, end, out = self._map, self._pos, len(self._map), []
         length = _LENGTH.unpack_from
         for _ in range(count):
@@ -134,7 +130,7 @@ class GGUFFile:
                 values = np.frombuffer(self._map, dtype, count, self._pos)
                 self._pos += count * dtype.itemsize
                 return values.tolist()
-            if elem == _STRING:  # a vocabulary or merges: one tight loop over tens of thousands
+            if elem == _STRING:
                 return self._strings(count)
             return [self._value(elem) for _ in range(count)]
         fmt = _SCALARS.get(kind)
