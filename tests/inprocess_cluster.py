@@ -24,7 +24,11 @@ from worker.server import WorkerOptions, WorkerServer
 logger = logging.getLogger(__name__)
 
 _DB = itertools.count(1)  # each cluster gets its own Redis database
-LEASE_S = 1.0
+# A worker whose heartbeats (every 0.2 s, from the loop it shares with every other worker and router
+# here) stop for this long leaves the registry. Long enough that a loaded 2-core CI machine stalling
+# this process for a second does not drop a healthy worker; tests that crash workers and wait for the
+# lease to run out give a shorter one (`make_cluster`).
+LEASE_S = 3.0
 
 
 def pin_kv_costs(server: RouterServer, monkeypatch, costs) -> None:

@@ -16,11 +16,13 @@ def cluster(redis_server, tiny_model_variant):
 
 @pytest.fixture
 def make_cluster(redis_server, tiny_model_variant):
-    """`make(num_workers=2)` -> a fresh InProcessCluster for tests that break things; stopped afterwards."""
+    """`make(num_workers=2)` -> a fresh InProcessCluster for tests that break things (a 1-s lease, so a
+    crashed worker leaves the registry soon); stopped afterwards."""
     made: list[InProcessCluster] = []
 
     def make(num_workers: int = 2, **engine_config) -> InProcessCluster:
-        made.append(InProcessCluster(redis_server.url, tiny_model_variant("gqa"), num_workers, **engine_config).start())
+        made.append(InProcessCluster(redis_server.url, tiny_model_variant("gqa"), num_workers, lease_s=1.0,
+                                     **engine_config).start())
         return made[-1]
 
     yield make
