@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from benchmarks.rag import DEFAULT_DATASET, Question, build_standalone, kl_and_agreement, serve
+from benchmarks.rag import DEFAULT_DATASET, Question, build_standalone, copy_chunks, kl_and_agreement, serve
 
 QUESTIONS = (50,)
 """A question the defaults were not chosen on (one: each costs ~20 s of the suite on a 2-core CPU)."""
@@ -41,8 +41,9 @@ def test_default_reuse_stays_close_to_full_prefill(default_model_path, tiny_engi
         forced = q.tokens + list(out.token_ids)[:-1]
         _, out = serve(engine, forced, f"full-{qi}", prompt_logits=ANSWER_TOKENS)
         full = out.prompt_logits
+        build_standalone(engine, q, f"q{qi}")
+        copy_chunks(engine, naive, q, f"q{qi}")  # the same chunk-caches, as a peer would hand them over
         for eng, sums in ((engine, kvweave), (naive, plain)):
-            build_standalone(eng, q, f"q{qi}")
             _, out = serve(eng, forced, f"q{qi}", q.spans, prompt_logits=ANSWER_TOKENS)
             assert out.num_chunk_reused_tokens > 0  # the chunks really were reused
             agree, kl = kl_and_agreement(full, out.prompt_logits)

@@ -205,6 +205,19 @@ def test_preemption_without_prefix_caching(tiny_model_variant, tiny_engine_facto
         assert_matches_reference(engine, prompt, out, 10)
 
 
+def test_the_references_guess_gives_the_plain_loops_result(tiny_model_variant, tiny_engine_factory) -> None:
+    """reference_greedy checking a guess in one forward gives what its token-by-token loop gives, for a
+    right guess, one wrong from its fourth token on, and a short one."""
+    engine = tiny_engine_factory(tiny_model_variant("gqa"))
+    prompt = random_prompts([13], engine.args.vocab_size, seed=11)[0]
+    plain_tokens, plain_rows = reference_greedy(engine, prompt, 8)
+    wrong = plain_tokens[:3] + [(t + 1) % engine.args.vocab_size for t in plain_tokens[3:]]
+    for guess in (plain_tokens, wrong, plain_tokens[:5]):
+        tokens, rows = reference_greedy(engine, prompt, 8, guess)
+        assert tokens == plain_tokens
+        torch.testing.assert_close(torch.stack(rows), torch.stack(plain_rows), atol=LOGPROB_TOL, rtol=0)
+
+
 def test_logprobs_with_alternatives(tiny_model_variant, tiny_engine_factory) -> None:
     engine = tiny_engine_factory(tiny_model_variant("untied"), block_size=4)
     prompts = random_prompts([9, 22], engine.args.vocab_size, seed=7)
@@ -375,7 +388,7 @@ def test_default_model_greedy_matches_reference(default_model_path) -> None:
     outs = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0))
     for prompt, out in zip(prompts, outs):
         prompt_ids = engine.encode_prompt(prompt)
-        ref_tokens, ref_rows = reference_greedy(engine, prompt_ids, 16)
+        ref_tokens, ref_rows = reference_greedy(engine, prompt_ids, 16, out.token_ids)
         assert out.token_ids == ref_tokens
         # 30 layers: summation-order differences reach ~2e-5 here, hence 1e-3.
         assert [lp for lp, _ in out.logprobs] == pytest.approx(
