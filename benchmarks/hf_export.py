@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from kvweave.model_files import resolve_model
+from kvweave.model_files import resolve_model, write_config_json, write_tokenizer_files
 from worker.loader import LoadedCheckpoint, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -74,23 +74,8 @@ def write_hf_files(ckpt: LoadedCheckpoint, folder: Path, dtype: torch.dtype) -> 
     config.save_pretrained(folder)
     save_file({k: v.to(dtype).contiguous() for k, v in ckpt.weights.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
-    write_tokenizer_files(ckpt, folder)
-    _write_json(folder / "generation_config.json", {"bos_token_id": args.bos_token_id, "eos_token_id": eos})
-
-
-def write_tokenizer_files(ckpt: LoadedCheckpoint, folder: Path) -> None:
-    """tokenizer.json and tokenizer_config.json of `ckpt` in `folder`."""
-    args, tok = ckpt.args, ckpt.tokenizer
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.hf_tokenizer.save(str(folder / "tokenizer.json"))
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token,
-                        "eos_token": tok.eos_token, "chat_template": tok.chat_template,
-                        "model_max_length": args.max_seq_len, "clean_up_tokenization_spaces": False}
-    _write_json(folder / "tokenizer_config.json", {k: v for k, v in tokenizer_config.items() if v is not None})
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_tokenizer_files(ckpt.tokenizer, args.max_seq_len, folder)
+    write_config_json(folder / "generation_config.json", {"bos_token_id": args.bos_token_id, "eos_token_id": eos})
 
 
 def _read_stamp(folder: Path) -> dict | None:

