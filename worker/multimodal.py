@@ -7,9 +7,9 @@
   `PendingImages.assemble` makes the `MultimodalInputs`: the embeddings of all placeholder positions
   in prompt order and, per prompt position, the row of its embedding (-1 for text). `prepare` does
   both with every image encoded here.
-- Preprocessing is Idefics3ImageProcessorPil from transformers (resize, tile split + global image,
-  rescale, normalize), built from the checkpoint's preprocessor_config.json, so the pixels are
-  exactly transformers'. transformers is imported only when a vision model is served.
+- Preprocessing (resize, tile split + global image, rescale, normalize) is worker/image_processor.py,
+  built from the checkpoint's preprocessor_config.json: the pixels of transformers'
+  Idefics3ImageProcessorPil, without importing transformers.
 - Encoder outputs are kept per image content hash in a small LRU (`EMBEDDING_CACHE_IMAGES`): a
   repeated image is not encoded again on this worker. The cluster-wide embedding cache (the tiered
   store, kvstore/embeddings.py) keys by the same hash.
@@ -27,8 +27,10 @@ import numpy as np
 import torch
 
 from kvweave.errors import InvalidRequestError
+from kvweave.model_files import read_json
 from kvweave.images import HARD_LIMITS, ImageInput, ImageLimits, inspect_image
-from kvweave.vision_prompt import VisionSpec, num_tiles, placeholder_id, tile_grid
+from kvweave.vision_prompt import VisionSpec, num_tiles, placeholder_id
+from worker.image_processor import ImageProcessor
 from worker.vision import VisionArgs, VisionTower
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class ImageEncoder:
     def __init__(self, tower: VisionTower, spec: VisionSpec, folder: Path, limits: ImageLimits | None = None) -> None:
         self.tower, self.spec = tower, spec
         self.limits = limits or HARD_LIMITS
-        self.processor = _image_processor(folder)
+        self.processor = ImageProcessor.from_config(spec, read_json(Path(folder) / "preprocessor_config.json"))
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()  # requests are made (and their images encoded) on any thread
         if tower.args.image_seq_len != spec.image_seq_len:
@@ -136,25 +138,14 @@ class ImageEncoder:
         try:
             with Image.open(io.BytesIO(image.data)) as img:
                 img.load()
-                out = self.processor(images=[[img]], return_tensors="pt", return_row_col_info=True)
+                size = img.size
+                pixels, _, _ = self.processor(img)
         except (OSError, ValueError, SyntaxError) as e:
             raise InvalidRequestError(f"the image cannot be decoded: {str(e)[:100]}") from None
-        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
-        if (rows, cols) != tile_grid(self.spec, image.width, image.height):  # the router's arithmetic is wrong
-            raise AssertionError(f"tile grid {(rows, cols)} != kvweave.vision_prompt's "
-                                 f"{tile_grid(self.spec, image.width, image.height)}")
-        return out["pixel_values"][0, :rows * cols + 1].float()
-
-
-def _image_processor(folder: Path):
-    try:
-        from transformers import Idefics3ImageProcessorPil
-    except ImportError as e:
-        raise ImportError("serving a vision-language model needs transformers>=5 (its Idefics3 image processor): "
-                          "pip install 'kvweave[vision]'") from e
-    if (folder / "preprocessor_config.json").is_file():
-        return Idefics3ImageProcessorPil.from_pretrained(str(folder))
-    return Idefics3ImageProcessorPil()
+        if size != (image.width, image.height):  # the prompt's tiles were counted from the header's size
+            raise InvalidRequestError(f"the image decodes as {size[0]}x{size[1]}, its header says "
+                                      f"{image.width}x{image.height}")
+        return torch.from_numpy(pixels)
 
 
 def build_image_encoder(vision, dtype: torch.dtype, device: torch.device) -> ImageEncoder:
