@@ -1,4 +1,5 @@
-"""Fuzzing the edges: thousands of generated requests against a real in-process cluster (tiny model).
+"""Fuzzing the edges: thousands of generated requests (400 a test) against a real in-process cluster
+(tiny model).
 
 HTTP: bodies of the OpenAI endpoints' shapes (and vLLM's /tokenize, /detokenize) whose fields take
 wrong types, huge, negative and non-finite numbers, odd strings (special-token text, control and
@@ -10,8 +11,9 @@ handles), and undecodable bytes. Every request must end (a per-request timeout i
 succeeds on every server and the engine threads are alive.
 
 Floats are drawn without subnormals: the engine flushes denormals to zero on the threads it runs
-on (torch.set_flush_denormal), which may include this test's. Generation is kept cheap: `max_tokens` is always given, either invalid or at most 2, so a request
-that happens to be valid generates at most two tokens. Derandomized, so CI runs the same examples.
+on (torch.set_flush_denormal), which may include this test's. Generation is kept cheap:
+`max_tokens` is always given, either invalid or at most 2, so a request that happens to be valid
+generates at most two tokens. Derandomized, so CI runs the same examples.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ CONTEXT = 512
 BAD_GRPC_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
                   grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DEADLINE_EXCEEDED}
 """gRPC's 5xx: a server fault, a dead server, or a hang."""
-FUZZ = settings(max_examples=600, deadline=None, derandomize=True, database=None, print_blob=True,
+FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 
