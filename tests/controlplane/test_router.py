@@ -173,7 +173,12 @@ def test_least_loaded_avoids_the_busy_worker(cluster):
     long_stream = stub.Generate(token_prompt(long_prompt, max_tokens=2000, request_id="long-1"), timeout=60)
     try:
         busy = next(long_stream).worker_id
+        pool = router.router.pool
         for i in range(3):
+            # Until the router counts the last short request as ended, and the worker that served it
+            # reports no request, that worker ties with the busy one (whose engine is held: a tie
+            # broken toward it would never end).
+            wait_until(lambda: all(w.state().num_requests == 0 for w in pool.workers.values() if w.worker_id != busy))
             assert generate(stub, token_prompt(prompt_ids(300 + i, 20), max_tokens=2))[2].worker_id != busy
     finally:
         for engine, step in steps.items():
