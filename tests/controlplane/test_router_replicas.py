@@ -65,10 +65,19 @@ def test_replicas_decide_alike_and_see_each_others_load(replicas):
     prefix = prompt_ids(61, 160)  # 10 full blocks
     holder = generate(stubs[0], token_prompt(prefix + [7], max_tokens=1))[2].worker_id
 
-    def indexed() -> bool:  # every replica reads the one index: once one sees the blocks, all do
-        return all({c["worker_id"]: c for c in explain(url, prefix + [8])["candidates"]}[holder]["prefix_tokens"]
-                   == {"device": 160} for _, url in routers)
-    wait_until(indexed)
+    def settled() -> bool:
+        """Every replica sees the blocks in the one index, and the same idle workers: until the
+        workers' next heartbeats, one replica may still see the first request running where another
+        does not, and price it."""
+        views = []
+        for _, url in routers:
+            candidates = explain(url, prefix + [8])["candidates"]
+            if {c["worker_id"]: c for c in candidates}[holder]["prefix_tokens"] != {"device": 160}:
+                return False
+            views.append(sorted((c["worker_id"], c["num_running"] + c["num_waiting"], c["num_queued_prefill_tokens"],
+                                 c["kv_usage"]) for c in candidates))
+        return all(v == views[0] for v in views) and all(busy == queued == 0 for _, busy, queued, _ in views[0])
+    wait_until(settled)
 
     # The same prompt, through each replica: the same decision, and the same worker serves it. The
     # costs differ by each replica's own churn and traffic memory (replica 0 placed the first request), which
