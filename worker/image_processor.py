@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from kvweave.vision_prompt import VisionSpec, resized_sizes
+from kvweave.vision_prompt import VisionSpec, resized_sizes, tile_grid
 
 __all__ = ["ImageProcessor"]
 
@@ -56,21 +56,18 @@ class ImageProcessor:
         """(pixel values [tiles + 1, 3, S, S] float32, rows, cols): the tiles row by row, then the
         global image; (rows, cols) is (0, 0) when there is only the global image."""
         image, t = _rgb(image), self.spec.tile_size
-        frames, rows, cols = [], 0, 0
-        if self.spec.do_image_splitting:
-            first, (height, width) = resized_sizes(self.spec, *image.size)
-            if self.spec.do_resize:
-                image = self._resize(image, first)
-            image = self._resize(image, (height, width))
-            if height > t or width > t:
-                rows, cols = (height - t) // t + 1, (width - t) // t + 1
+        (first, tiled), (rows, cols) = resized_sizes(self.spec, *image.size), tile_grid(self.spec, *image.size)
+        frames = []
+        if self.spec.do_resize:
+            image = self._resize(image, first)
+        if not self.spec.do_image_splitting:
+            image = self._resize(image, (t, t))
+        else:
+            image = self._resize(image, tiled)
+            if rows:  # more than one tile: the tiles, then the whole image as one tile
                 pixels = np.asarray(image)
                 frames = [pixels[r * t:(r + 1) * t, c * t:(c + 1) * t] for r in range(rows) for c in range(cols)]
                 image = self._resize(image, (t, t))
-        else:
-            if self.spec.do_resize:
-                image = self._resize(image, resized_sizes(self.spec, *image.size)[0])
-            image = self._resize(image, (t, t))
         frames.append(np.asarray(image))
         values = np.stack(frames).transpose(0, 3, 1, 2)  # [frames, 3, S, S] uint8
         if self.do_rescale:
