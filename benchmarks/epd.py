@@ -17,7 +17,9 @@ there). Reported, each with its baseline from the same run:
   `--long-prefill-token-threshold N` every worker of both clusters caps long prompts at N tokens a
   step and admits short ones past them (worker/scheduler.py): once a burst's embeddings are in, its
   image prompts otherwise fill whole steps of the serving worker, and a text prompt arriving then
-  waits for all of them.
+  waits for all of them. `--long-prefill-chunk-tokens` and `--prioritize-short-prefills` shorten
+  the steps a text prompt waits for and its own (docs/engine-performance.md); the engine's
+  defaults (all off) are the benchmark's.
 `--quick` runs a few requests of each kind (the test runs it end to end for the structure only).
 """
 from __future__ import annotations
@@ -58,11 +60,17 @@ class EPDBenchConfig:
     num_blocks: int = 1024
     long_prefill_token_threshold: int = 0
     """Every worker's --long-prefill-token-threshold (0: off, the engine's default)."""
+    long_prefill_chunk_tokens: int = 0
+    """Every worker's --long-prefill-chunk-tokens (with a threshold; 0: the threshold)."""
+    prioritize_short_prefills: bool = False
+    """Every worker's --prioritize-short-prefills (with a threshold)."""
     seed: int = 0
 
     def engine_args(self) -> dict:
         args = {"num_threads": self.threads_per_worker, "dtype": self.dtype, "dram_cache_gb": self.dram_cache_gb,
-                "num_blocks": self.num_blocks, "long_prefill_token_threshold": self.long_prefill_token_threshold}
+                "num_blocks": self.num_blocks, "long_prefill_token_threshold": self.long_prefill_token_threshold,
+                "long_prefill_chunk_tokens": self.long_prefill_chunk_tokens,
+                "prioritize_short_prefills": self.prioritize_short_prefills}
         return args | ({} if self.model else {"load_format": "dummy"})
 
 
@@ -207,11 +215,13 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="an Idefics3 folder (default: SmolVLM-256M's shape, random weights)")
     p.add_argument("--quick", action="store_true", help="a few requests of each kind (checks the structure)")
     for name in ("reps", "text_requests", "bursts", "burst_images", "max_tokens", "threads_per_worker", "num_blocks",
-                 "long_prefill_token_threshold", "seed"):
+                 "long_prefill_token_threshold", "long_prefill_chunk_tokens", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     p.add_argument("--text-interval-s", type=float, default=d.text_interval_s)
     p.add_argument("--dram-cache-gb", type=float, default=d.dram_cache_gb)
     p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--prioritize-short-prefills", action="store_true",
+                   help="every worker's --prioritize-short-prefills (with --long-prefill-token-threshold)")
     p.set_defaults(func=run)
 
 
@@ -224,6 +234,15 @@ def run(args: argparse.Namespace) -> int:
             or not config.text_interval_s > 0:
         print("error: --reps, --text-requests, --bursts, --burst-images and --max-tokens must be >= 1, "
               "--text-interval-s > 0", file=sys.stderr)
+        return 2
+    from worker.config import ConfigError
+    from worker.scheduler import check_long_prefill
+
+    try:
+        check_long_prefill(config.long_prefill_token_threshold, 1, config.long_prefill_chunk_tokens,
+                           config.prioritize_short_prefills)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     results, details = run_bench(config, log=lambda m: print(m, file=sys.stderr, flush=True))
     cfg = asdict(config)

@@ -114,7 +114,8 @@ class LLMEngine:
             cost_len = attention_cost_len(self.args)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                     config.enable_chunked_prefill, self.max_model_len, cost_len, self.args.n_layers,
-                                    config.long_prefill_token_threshold, config.max_long_partial_prefills)
+                                    config.long_prefill_token_threshold, config.max_long_partial_prefills,
+                                    config.long_prefill_chunk_tokens, config.prioritize_short_prefills)
         self.eos_token_ids = frozenset(self.args.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.profile = StepProfile()
         """Where the steps' time goes, by phase (worker/step_profile.py)."""

@@ -22,6 +22,10 @@ HELP = {
     "long_prefill_token_threshold": "a prompt with more tokens than this left to compute gets at most this many "
                                     "a step, and shorter prompts queued behind it go first (0: off)",
     "max_long_partial_prefills": "long prompts (see --long-prefill-token-threshold) that get a chunk in one step",
+    "long_prefill_chunk_tokens": "with --long-prefill-token-threshold: most tokens of a long prompt a step "
+                                 "(0: the threshold)",
+    "prioritize_short_prefills": "with --long-prefill-token-threshold T: a long prompt's chunk takes only what the "
+                                 "step's short prompts' prefill leaves of T (at least one token)",
     "enable_prefix_caching": "reuse the KV of cached prompt prefixes",
     "max_model_len": "context length (default: the model's)",
     "num_threads": "torch CPU threads (default: all cores; one per core of --cpu-cores when given)",

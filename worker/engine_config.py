@@ -14,6 +14,7 @@ from worker.chunk_blend import CHUNK_CACHE_MODES, CHUNK_SELECTIONS
 from worker.config import ConfigError, StoreConfigError
 from worker.kv_handoff import DEFAULT_HANDOFF_TTL_S
 from worker.loader import LOAD_FORMATS
+from worker.scheduler import check_long_prefill
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TP_ALLREDUCES = ("auto", "shm", "gloo")
@@ -54,6 +55,14 @@ class EngineConfig:
     vLLM's flag of that name). 0: off, prompts are admitted first come, first served."""
     max_long_partial_prefills: int = 1
     """Long prompts (see long_prefill_token_threshold) that get a prefill chunk in one step."""
+    long_prefill_chunk_tokens: int = 0
+    """With long_prefill_token_threshold: at most this many tokens of a long prompt a step (0: the
+    threshold). Smaller chunks shorten the steps that a short prompt arriving behind long ones
+    waits for (each step also streams all the weights, so long prompts take more steps and longer)."""
+    prioritize_short_prefills: bool = False
+    """With long_prefill_token_threshold T: a step's short prompts are scheduled before its long
+    ones, and a long prompt's chunk takes only what their prefill tokens leave of T (at least one
+    token), so the step that prefills a short prompt is about as long as the short prompt alone."""
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
     """Context length; defaults to the model's."""
@@ -127,10 +136,8 @@ class EngineConfig:
             raise ConfigError(f"max_chunks_per_request must be positive, got {self.max_chunks_per_request}")
         if not self.handoff_ttl_s > 0:
             raise ConfigError(f"handoff_ttl_s must be positive, got {self.handoff_ttl_s}")
-        if self.long_prefill_token_threshold < 0:
-            raise ConfigError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
-        if self.max_long_partial_prefills < 1:
-            raise ConfigError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
+        check_long_prefill(self.long_prefill_token_threshold, self.max_long_partial_prefills,
+                           self.long_prefill_chunk_tokens, self.prioritize_short_prefills)
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.cpu_cores is not None:

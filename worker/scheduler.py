@@ -15,7 +15,12 @@ name, with its partial prefills), a prompt with more than T tokens left to compu
 at most T tokens a step, at most `max_long_partial_prefills` long prompts get a chunk in one step,
 and a waiting long prompt beyond that keeps its place at the head of the queue while the short ones
 behind it are admitted. A short prompt arriving behind long ones (a chat turn behind image or
-document prompts) then waits for one short step, not for all of theirs. When blocks run out, the most recently
+document prompts) then waits for one short step, not for all of theirs. Two more settings keep
+that wait short: `long_prefill_chunk_tokens` C < T makes a long prompt's chunks C tokens (the step a
+short prompt arrives during is shorter), and with `prioritize_short_prefills` a step's short prompts
+are scheduled before its long ones, each long one taking only what their prefill tokens leave of T
+(at least one token), so the step that prefills a short prompt is about as long as the short prompt
+alone. When blocks run out, the most recently
 admitted running request is preempted by recompute (its blocks freed, its progress reset; the
 prefix cache usually gives most of it back when it resumes).
 
@@ -65,39 +70,65 @@ class SchedulerConfig:
     a step (0: no prompt is long)."""
     max_long_partial_prefills: int = 1
     """Long prompts that get a prefill chunk in one step (with a threshold)."""
+    long_prefill_chunk_tokens: int = 0
+    """With a threshold: at most this many tokens of a long prompt a step (0: the threshold)."""
+    prioritize_short_prefills: bool = False
+    """With a threshold: a long prompt's chunk takes only what the step's short prompts' prefill
+    tokens leave of the threshold (at least one token)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
             raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens <= 0:
             raise ConfigError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
-        if self.long_prefill_token_threshold < 0:
-            raise ConfigError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
-        if self.max_long_partial_prefills < 1:
-            raise ConfigError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
+        check_long_prefill(self.long_prefill_token_threshold, self.max_long_partial_prefills,
+                           self.long_prefill_chunk_tokens, self.prioritize_short_prefills)
         if not self.enable_chunked_prefill:
             # Without chunking a whole prompt must fit in one step.
             self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
 
 
+def check_long_prefill(threshold: int, max_partial: int, chunk_tokens: int, prioritize: bool) -> None:
+    """ConfigError naming the first bad long-prefill setting (the engine's flags and the scheduler's)."""
+    if threshold < 0:
+        raise ConfigError(f"long_prefill_token_threshold must be >= 0, got {threshold}")
+    if max_partial < 1:
+        raise ConfigError(f"max_long_partial_prefills must be >= 1, got {max_partial}")
+    if chunk_tokens < 0 or (threshold and chunk_tokens > threshold):
+        raise ConfigError(f"long_prefill_chunk_tokens must be in [0, long_prefill_token_threshold = {threshold}], "
+                          f"got {chunk_tokens}")
+    if not threshold and (chunk_tokens or prioritize):
+        raise ConfigError("long_prefill_chunk_tokens and prioritize_short_prefills need a "
+                          "long_prefill_token_threshold (which prompts are long)")
+
+
 class _Batch:
     """The step being built: tokens per request (and blend pieces), in scheduling order."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, hold_long: bool = False) -> None:
         self.budget = self.full_budget = budget
         self.items: list[tuple[Request, int, BlendPiece | None]] = []
+        self.scheduled: set[str] = set()
         self.preempted: list[str] = []
         self.num_long = 0
         """Long prompts (see long_prefill_token_threshold) with a chunk in this step."""
+        self.hold_long = hold_long
+        """Long prompts get no chunk yet: the short ones are being scheduled first."""
+        self.short_prefill = 0
+        """Prefill tokens of the short prompts scheduled while long ones were held."""
 
     def add(self, req: Request, num_tokens: int, cost: int, piece: BlendPiece | None = None) -> None:
         self.items.append((req, num_tokens, piece))
+        self.scheduled.add(req.req_id)
         self.budget -= cost
+        if self.hold_long and num_tokens > 1 and piece is None:
+            self.short_prefill += num_tokens
 
     def drop(self, req: Request) -> int:
         """Unschedule a request; returns the budget it used (tokens)."""
         given = sum(n for r, n, _ in self.items if r is req)
         self.items = [it for it in self.items if it[0] is not req]
+        self.scheduled.discard(req.req_id)
         return given
 
 
@@ -131,10 +162,17 @@ class Scheduler:
     # ------------------------------------------------------------------ schedule
 
     def schedule(self) -> SchedulerOutput:
-        batch = _Batch(self.config.max_num_batched_tokens)
+        cfg = self.config
+        batch = _Batch(cfg.max_num_batched_tokens, hold_long=cfg.prioritize_short_prefills
+                       and cfg.long_prefill_token_threshold > 0 and cfg.enable_chunked_prefill)
         self._schedule_running(batch)
         if not batch.preempted:
             self._schedule_waiting(batch)
+        if batch.hold_long:  # the short prompts are in: now the long ones, running first
+            batch.hold_long = False
+            self._schedule_running(batch)
+            if not batch.preempted:
+                self._schedule_waiting(batch)
         return self._build_output(batch)
 
     def _schedule_running(self, batch: _Batch) -> None:
@@ -143,8 +181,8 @@ class Scheduler:
         for req in order:
             if batch.budget <= 0:
                 break
-            if req.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop, or waiting for its KV
+            if req.status != RequestStatus.RUNNING or req.req_id in batch.scheduled:
+                continue  # preempted earlier in this loop, waiting for its KV, or in the step already
             if req.blend is not None:  # its slots were allocated at admission
                 piece = next_piece(req.blend, batch.budget, alone=not batch.items)
                 if piece is not None:
@@ -271,15 +309,16 @@ class Scheduler:
 
     def _long_cap(self, num_left: int, batch: _Batch) -> int:
         """The tokens a prompt with `num_left` to compute may take this step: all of them when it is
-        short, `long_prefill_token_threshold` when it is long and the step has room for another long
-        prompt (then counted in the step), else 0."""
+        short; when it is long and the step has room for another long prompt (then counted in the
+        step), `long_prefill_chunk_tokens` (or the threshold), and at most what the short prompts'
+        prefill tokens leave of the threshold with `prioritize_short_prefills` (at least one); else 0."""
         threshold = self.config.long_prefill_token_threshold
         if not threshold or num_left <= threshold or not self.config.enable_chunked_prefill:
             return num_left
-        if batch.num_long >= self.config.max_long_partial_prefills:
+        if batch.hold_long or batch.num_long >= self.config.max_long_partial_prefills:
             return 0
         batch.num_long += 1
-        return threshold
+        return max(1, min(self.config.long_prefill_chunk_tokens or threshold, threshold - batch.short_prefill))
 
     def _chunk(self, start: int, num_left: int, budget: int) -> tuple[int, int]:
         """Tokens to compute from `start` within `budget`, and the budget they use."""

@@ -106,6 +106,20 @@ def test_short_prompts_overtake_long_ones_with_the_same_tokens(engine_case) -> N
     assert steps[0] == 3 and steps[1] == 3 + 5  # 30 = 8+8+8+6; 41 starts when 6 are left of the first
 
 
+def test_prioritized_short_prompts_shorten_the_long_ones_chunks(engine_case) -> None:
+    """With prioritize_short_prefills the long prompt's chunk shrinks by the short prompts' prefill
+    tokens in its step (the engine flag reaches the scheduler), and the outputs are the reference's."""
+    engine = engine_case(max_num_batched_tokens=64, long_prefill_token_threshold=8, prioritize_short_prefills=True)
+    prompts = random_prompts([30, 41, 5, 4], engine.args.vocab_size, seed=12)
+    arrivals = [(0, p, greedy(4)) for p in prompts]
+    outs, _, first_step = serve(engine, arrivals)
+    for (_, prompt, params), out in zip(arrivals, outs):
+        assert_matches_reference(engine, prompt, out, params.max_tokens)
+    # The 30: 1 token at step 0 (the short ones prefill 9, more than 8), then 8, 8, 8, its last 5
+    # (short) at step 4. The 41: 8 - 5 at step 4, then 8 a step, its last 6 at step 9.
+    assert [first_step[o.req_id] for o in outs] == [4, 9, 0, 0]
+
+
 def test_preemption_when_blocks_run_out(engine_case) -> None:
     probe = engine_case()
     block_size = probe.config.block_size
