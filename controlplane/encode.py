@@ -4,16 +4,17 @@ Before a request with images is placed (colocated or prefill/decode), when the m
 workers up: the entries of every image's embedding (`kvstore.keys.embedding_key`: the image's
 content hash, model, tenant namespace, cluster salt) are looked up in the KV index, ONE round trip
 (the first entry of each: a worker stores an embedding's entries together); the images that no
-worker holds go in one `Encode` call to the encode worker with the fewest Encode calls in flight
-from this router. The encode worker answers once the embeddings are stored and published. The
-request then names, per image, the worker that holds its embedding (`embedding_holders`: the first
-holder the index lists, fastest tier first, else the encode worker), and the prefill (or
-colocated) worker fetches it from there through the KV transfer path (worker/embedding_stage.py),
-even before its own peer list has the encode worker and even with `--peer-fetch false`; without a
-holder named it looks the image up in the index among its peers. Nothing is lost when this fails:
-with no encode worker up, a failed lookup or a failed call, the request goes on (with no holder
-named for those images) and its worker encodes the images itself (each case counted in
-`kvweave_router_image_embeddings_total`). An image the encode worker cannot
+worker holds go in one `Encode` call to the encode worker with the fewest images in flight: the
+larger of what it last reported (every router's calls, `WorkerLoad.num_waiting`) and this router's
+own calls to it (sent since, or before its report). The encode worker answers once the embeddings
+are stored and published. The request then names, per image, the worker that holds its embedding
+(`embedding_holders`: the first holder the index lists, fastest tier first, else the encode worker),
+and the prefill (or colocated) worker fetches it from there through the KV transfer path
+(worker/embedding_stage.py), even before its own peer list has the encode worker and even with
+`--peer-fetch false`; without a holder named it looks the image up in the index among its peers.
+Nothing is lost when this fails: with no encode worker up, a failed lookup or a failed call, the
+request goes on (with no holder named for those images) and its worker encodes the images itself
+(each case counted in `kvweave_router_image_embeddings_total`). An image the encode worker cannot
 decode is the client's error (InvalidRequestError), as it would be on the prefill worker.
 """
 from __future__ import annotations
@@ -77,12 +78,13 @@ class EncodeDispatcher:
 
     def _least_loaded(self, encoders: list[PoolWorker]) -> PoolWorker:
         turn, n = next(self._turn), len(encoders)
-        return min(enumerate(encoders), key=lambda iw: (iw[1].num_local_waiting, (iw[0] - turn) % n))[1]
+        return min(enumerate(encoders),
+                   key=lambda iw: (max(iw[1].info.load.num_waiting, iw[1].num_local_waiting), (iw[0] - turn) % n))[1]
 
     async def _encode(self, req: RoutedRequest, encoder: PoolWorker, images: list) -> bool:
         """Whether `encoder` now holds the images' embeddings."""
         message = worker_pb2.EncodeRequest(images=[img.data for img in images], cache_namespace=req.tenant)
-        encoder.num_local_waiting += 1
+        encoder.num_local_waiting += len(images)
         try:
             await encoder.stub.Encode(message, timeout=max(0.001, req.remaining_s()))
         except grpc.aio.AioRpcError as e:
@@ -93,7 +95,7 @@ class EncodeDispatcher:
             self.metrics.image_embeddings.labels("local").inc(len(images))
             return False
         finally:
-            encoder.num_local_waiting -= 1
+            encoder.num_local_waiting -= len(images)
         self.metrics.image_embeddings.labels("encoded").inc(len(images))
         logger.debug("request %s: %d images encoded on %s", req.req_id, len(images), encoder.worker_id)
         return True

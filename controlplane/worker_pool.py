@@ -52,7 +52,8 @@ class PoolWorker:
     channel: grpc.aio.Channel
     stub: worker_pb2_grpc.WorkerStub
     num_local_waiting: int = 0
-    """Requests this router sent here that have not streamed a token yet."""
+    """Requests this router sent here that have not streamed a token yet (an encode worker: the images
+    of this router's Encode calls to it in flight)."""
     num_local_running: int = 0
     num_local_prefill_tokens: int = 0
     num_remote_waiting: int = 0

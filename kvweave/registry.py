@@ -45,6 +45,7 @@ def worker_key(worker_id: str) -> str:
 class WorkerLoad:
     num_running: int = 0
     num_waiting: int = 0
+    """Requests not yet running; an encode worker's: the images its Encode calls are encoding."""
     num_queued_prefill_tokens: int = 0
     num_kv_blocks_used: int = 0
     num_kv_blocks_total: int = 0

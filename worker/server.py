@@ -342,7 +342,8 @@ class WorkerServer:
                           role=self.options.role, max_num_seqs=cfg.max_num_seqs,
                           max_model_len=llm.max_model_len, max_num_batched_tokens=cfg.max_num_batched_tokens,
                           block_size=cfg.block_size, metrics_port=self.metrics_port,
-                          kv_costs_ms=dict(llm.connector.costs_ms), load=self.engine.get_load())
+                          kv_costs_ms=dict(llm.connector.costs_ms),
+                          load=self.service.load() if self.service is not None else self.engine.get_load())
 
     async def _heartbeat_once(self) -> None:
         """Renew the lease; a missing entry (first registration, lapsed lease) asks for a snapshot."""

@@ -186,6 +186,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """Interval of the empty responses sent while a call waits for its first output."""
         self.num_waiting = 0
         """Calls admitted that have not streamed an output yet."""
+        self.num_encoding = 0
+        """Images that this worker's Encode calls in flight are encoding."""
+
+    def load(self) -> WorkerLoad:
+        """What the heartbeat and GetLoad report: the engine's load; an encode worker's `num_waiting`
+        is the images it is encoding (the routers pick the encoder with the fewest)."""
+        load = self.engine.get_load()
+        return replace(load, num_waiting=self.num_encoding) if self.role == "encode" else load
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext):
         if self.role == "encode":
@@ -257,9 +265,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         stager = self.engine.prefetch.embeddings if self.engine.prefetch is not None else None
         if stager is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker's model takes no images")
+        images: list = []
         try:
             check_id("cache_namespace", request.cache_namespace)
             images = stager.check_images(list(request.images))
+            self.num_encoding += len(images)
             _, sources = await stager.embed(images, stager.cache_extra(request.cache_namespace), "Encode",
                                             from_peers=False)
         except InvalidRequestError as e:
@@ -267,10 +277,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except Exception:
             logger.exception("Encode failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the worker (see its log)")
+        finally:
+            self.num_encoding -= len(images)
         await self.engine.flush_kv_events()
         if self.publish is not None:
             await self.publish()
         return worker_pb2.EncodeResponse(sources=sources)
 
     async def GetLoad(self, request: worker_pb2.GetLoadRequest, context) -> worker_pb2.GetLoadResponse:
-        return worker_pb2.GetLoadResponse(worker_id=self.worker_id, load=load_to_proto(self.engine.get_load()))
+        return worker_pb2.GetLoadResponse(worker_id=self.worker_id, load=load_to_proto(self.load()))

@@ -6,8 +6,11 @@ image's holder in the request, so a worker fetches from it before it lists the e
 peer, and with peer fetches off; an encode call that fails leaves the images to the worker."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -15,7 +18,7 @@ import redis.asyncio as aioredis
 
 from controlplane.openai_api import usage_json
 from controlplane.router_types import GenerateInput
-from kvweave.registry import Registry, WorkerInfo
+from kvweave.registry import Registry, WorkerInfo, WorkerLoad
 from kvweave.sampling_params import SamplingParams
 from kvweave.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.controlplane.test_disagg_serving import ENGINE, ROUTER
@@ -127,6 +130,43 @@ def test_a_worker_without_peer_fetch_fetches_what_the_router_names(redis_server,
         c.stop()
 
 
+def test_an_encode_worker_reports_the_images_it_is_encoding(epd, monkeypatch):
+    """While an Encode call of 2 images is in flight, the encode worker's GetLoad and its heartbeat's
+    entry say 2 images waiting; 0 once it has answered."""
+    e0 = epd.workers[0]
+    stager = e0.prefetcher.embeddings
+    embed, gate = stager.embed, epd.run(_make_event())
+
+    async def held_embed(*args, **kwargs):
+        await gate.wait()
+        return await embed(*args, **kwargs)
+
+    monkeypatch.setattr(stager, "embed", held_embed)
+
+    def waiting() -> tuple[int, int]:
+        with grpc.insecure_channel(e0.address) as channel:
+            answer = worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=30)
+        return answer.load.num_waiting, e0._info().load.num_waiting
+
+    pngs = [make_png(24, 24, seed=s) for s in (42, 43)]
+    with grpc.insecure_channel(e0.address) as channel, ThreadPoolExecutor(1) as pool:
+        call = pool.submit(worker_pb2_grpc.WorkerStub(channel).Encode, worker_pb2.EncodeRequest(images=pngs),
+                           timeout=60)
+        try:
+            deadline = time.monotonic() + 30
+            while waiting() != (2, 2):
+                assert time.monotonic() < deadline, f"the encode worker reports {waiting()} images waiting, not 2"
+                time.sleep(0.05)
+        finally:
+            epd.loop.call_soon_threadsafe(gate.set)
+        assert list(call.result(timeout=60).sources) == ["encoded", "encoded"]
+    assert waiting() == (0, 0)
+
+
+async def _make_event() -> asyncio.Event:
+    return asyncio.Event()
+
+
 def test_encode_worker_refuses_generate_and_bad_images(epd):
     e0 = epd.workers[0]
     with grpc.insecure_channel(e0.address) as channel:
@@ -192,40 +232,63 @@ def _wait_for_encoders(c: InProcessCluster, want: list[str]) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def failing_encoders(c: InProcessCluster, images_in_flight: dict[str, int]):
+    """A `_FailingEncoder` per worker id, registered as an encode worker of the cluster's model that
+    reports that many images in flight; yields them by id, deregistered at the end."""
+    model = c.workers[0].engine.engine.model_name
+    encoders = {worker_id: _FailingEncoder() for worker_id in images_in_flight}
+
+    async def start() -> tuple[list[grpc.aio.Server], aioredis.Redis]:
+        servers, client = [], aioredis.Redis.from_url(c.redis_url)
+        for worker_id, encoder in encoders.items():
+            servers.append(grpc.aio.server())
+            worker_pb2_grpc.add_WorkerServicer_to_server(encoder, servers[-1])
+            port = servers[-1].add_insecure_port("127.0.0.1:0")
+            await servers[-1].start()
+            load = WorkerLoad(num_waiting=images_in_flight[worker_id])
+            await Registry(client, lease_s=60).heartbeat(WorkerInfo(worker_id, f"127.0.0.1:{port}", model,
+                                                                    role="encode", load=load))
+        return servers, client
+
+    async def stop() -> None:
+        for worker_id in encoders:
+            await Registry(client).deregister(worker_id)
+        await client.aclose()
+        for server in servers:
+            await server.stop(None)
+
+    servers, client = c.run(start())
+    try:
+        _wait_for_encoders(c, sorted(encoders))
+        yield encoders
+    finally:
+        c.run(stop())
+        _wait_for_encoders(c, [])
+
+
 def test_a_failed_encode_call_leaves_the_images_to_the_worker(colocated):
     """A registered encode worker answers Encode with UNAVAILABLE: the request still succeeds, its
     worker encodes the image, and the router counts it `local` (not `encoded`)."""
     c = colocated
-    model, encoder = c.workers[0].engine.engine.model_name, _FailingEncoder()
-
-    async def start() -> tuple[grpc.aio.Server, aioredis.Redis]:
-        server = grpc.aio.server()
-        worker_pb2_grpc.add_WorkerServicer_to_server(encoder, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        client = aioredis.Redis.from_url(c.redis_url)
-        await Registry(client, lease_s=60).heartbeat(WorkerInfo("e-failing", f"127.0.0.1:{port}", model,
-                                                                role="encode"))
-        return server, client
-
-    async def stop() -> None:
-        await Registry(client).deregister("e-failing")
-        await client.aclose()
-        await server.stop(None)
-
-    server, client = c.run(start())
-    try:
-        _wait_for_encoders(c, ["e-failing"])
+    with failing_encoders(c, {"e-failing": 0}) as encoders:
         local, made = _router_images(c, "local"), _router_images(c, "encoded")
         deltas = _generate(c, _messages(make_png(40, 24, seed=39)))
         usage = deltas[-1].usage
         assert deltas[-1].finish_reason == "length" and sum(len(d.token_ids) for d in deltas) == PARAMS.max_tokens
         assert (usage.images_cached, usage.images_fetched, usage.images_encoded) == (0, 0, 1)
-        assert encoder.num_calls == 1
+        assert encoders["e-failing"].num_calls == 1
         assert _router_images(c, "local") == local + 1 and _router_images(c, "encoded") == made
-    finally:
-        c.run(stop())
-        _wait_for_encoders(c, [])
+
+
+def test_the_router_sends_images_to_the_encoder_with_the_fewest_in_flight(colocated):
+    """Two encode workers, one reporting 5 images in flight (other routers' calls): both requests'
+    images go to the other (with equal loads the router alternates). Their calls fail, so each
+    image is encoded by the serving worker."""
+    with failing_encoders(colocated, {"e-busy": 5, "e-idle": 0}) as encoders:
+        for seed in (40, 41):
+            assert _generate(colocated, _messages(make_png(40, 24, seed=seed)))[-1].usage.images_encoded == 1
+        assert (encoders["e-busy"].num_calls, encoders["e-idle"].num_calls) == (0, 2)
 
 
 @pytest.fixture(scope="module")
